@@ -1,0 +1,28 @@
+"""fusedae: fused SIMD CPU kernels for small MLPs and autoencoders.
+
+``import fusedae`` never imports torch; the PyTorch front end lives in ``fusedae.torch``.
+"""
+
+from fusedae import _native
+from fusedae._native import get_num_threads, set_num_threads
+from fusedae.mlp import MLP
+
+__version__: str = _native.__version__
+
+__all__ = ["MLP", "__version__", "get_num_threads", "info", "set_num_threads"]
+
+
+def info() -> dict[str, object]:
+    """Version, the kernel ISA in use, the ISAs this CPU supports, threads and build profile.
+
+    Raises ``ValueError`` / ``RuntimeError`` if ``FUSEDAE_ISA`` names an unknown ISA or one this
+    CPU lacks.
+    """
+    return {
+        "version": __version__,
+        "isa": _native.selected_isa(),
+        "available_isas": _native.available_isas(),
+        "threads": _native.get_num_threads(),
+        "build_profile": _native.build_profile,
+        "target_arch": _native.target_arch,
+    }

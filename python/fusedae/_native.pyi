@@ -1,0 +1,48 @@
+"""Type stubs for the Rust extension module (``rust/python.rs``)."""
+
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+
+__version__: str
+build_profile: Literal["debug", "release"]
+target_arch: str
+
+class Chain:
+    """A chain of Linear layers packed once for the fused kernels.
+
+    ``weights[i]`` has shape ``(out_i, in_i)`` (PyTorch layout), ``biases[i]`` shape ``(out_i,)``
+    or ``None``; all float32 or all float64, C-contiguous. ``activations[i]`` is ``"relu"`` or
+    ``"identity"``, applied to layer ``i``'s outputs. ``isa`` forces a kernel (for tests).
+    """
+
+    def __init__(
+        self,
+        weights: list[npt.NDArray[np.floating]],
+        biases: list[npt.NDArray[np.floating] | None],
+        activations: list[str],
+        isa: str | None = None,
+    ) -> None: ...
+    def forward(
+        self, x: npt.NDArray[np.floating], out: npt.NDArray[np.floating] | None = None
+    ) -> npt.NDArray[np.floating]:
+        """``(rows, in_features)`` C-contiguous array of the chain's dtype -> ``(rows, out_features)``.
+
+        Writes into ``out`` when given (same dtype, C-contiguous, not overlapping ``x``).
+        """
+    @property
+    def dtype(self) -> Literal["float32", "float64"]: ...
+    @property
+    def isa(self) -> Literal["avx512", "avx2", "scalar"]: ...
+    @property
+    def in_features(self) -> int: ...
+    @property
+    def out_features(self) -> int: ...
+    @property
+    def flops_per_row(self) -> int: ...
+
+def selected_isa() -> Literal["avx512", "avx2", "scalar"]: ...
+def available_isas() -> list[str]: ...
+def set_num_threads(threads: int) -> None: ...
+def get_num_threads() -> int: ...

@@ -1,0 +1,169 @@
+"""``MLP``: the fused kernels on numpy arrays, no PyTorch needed."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from fusedae import _native
+
+ACTIVATIONS = ("relu", "identity")
+FloatArray = npt.NDArray[np.floating]
+
+
+def _float_dtype(dtype: npt.DTypeLike) -> np.dtype:
+    resolved = np.dtype(dtype)
+    if resolved not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise TypeError(f"dtype must be float32 or float64, got {resolved}")
+    return resolved
+
+
+def check_input(x: object, dtype: np.dtype, in_features: int) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Validates ``x`` of shape ``(*, in_features)``; returns it as an aligned C-contiguous 2-D
+    array of ``dtype`` (copied only if it must be) and the leading shape."""
+    array = x if isinstance(x, np.ndarray) else np.asarray(x, dtype=dtype)
+    if array.dtype.kind != "f" or array.dtype.itemsize != dtype.itemsize:
+        raise TypeError(f"expected a {dtype} array, got {array.dtype}")
+    if array.ndim == 0:
+        raise ValueError(f"expected an array of shape (*, {in_features}), got a 0-D array")
+    if array.shape[-1] != in_features:
+        raise ValueError(
+            f"expected an array of shape (*, {in_features}), got shape {tuple(array.shape)}"
+        )
+    lead = tuple(array.shape[:-1])
+    rows = int(np.prod(lead, dtype=object)) if lead else 1
+    return np.require(array.reshape(rows, in_features), dtype, ["C", "A"]), lead
+
+
+def check_output_size(rows: int, out_features: int, dtype: np.dtype) -> None:
+    """Refuses a batch whose output could not even be addressed, before anything is allocated."""
+    if rows * out_features * dtype.itemsize > sys.maxsize:
+        raise ValueError(
+            f"an output of {rows} x {out_features} {dtype} values is larger than memory can address"
+        )
+
+
+class MLP:
+    """A chain of Linear layers run by fusedae's fused SIMD kernels, on numpy arrays.
+
+    ``layers`` holds ``(weight, bias)`` pairs in PyTorch layout: ``weight`` of shape
+    ``(out, in)``, ``bias`` of shape ``(out,)`` or ``None``. ``activations`` gives one of
+    ``"relu"`` / ``"identity"`` per layer, applied to its outputs (default: ReLU after every layer
+    but the last). The weights are packed once, in ``dtype`` (default: float64 if the first weight
+    is float64, else float32); the MLP keeps no reference to the arrays passed in.
+
+    Calling it on an array of shape ``(*, in_features)`` and the MLP's dtype returns a new array
+    of shape ``(*, out_features)``; ``out=`` takes a preallocated C-contiguous array instead.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[tuple[npt.ArrayLike, npt.ArrayLike | None]],
+        activations: Sequence[str] | None = None,
+        *,
+        dtype: npt.DTypeLike = None,
+        isa: str | None = None,
+    ) -> None:
+        layers = list(layers)
+        if not layers:
+            raise ValueError("an MLP needs at least one layer, got 0")
+        if dtype is None:
+            first = np.asarray(layers[0][0])
+            dtype = np.float64 if first.dtype == np.float64 else np.float32
+        self._dtype = _float_dtype(dtype)
+        if activations is None:
+            activations = ["relu"] * (len(layers) - 1) + ["identity"]
+        activations = list(activations)
+        if len(activations) != len(layers):
+            raise ValueError(
+                f"need one activation per layer: got {len(activations)} for {len(layers)} layers"
+            )
+        for index, name in enumerate(activations):
+            if name not in ACTIVATIONS:
+                raise ValueError(
+                    f"layer {index}: activation must be 'relu' or 'identity', got {name!r}"
+                )
+        weights: list[np.ndarray] = []
+        biases: list[np.ndarray | None] = []
+        for index, pair in enumerate(layers):
+            if len(pair) != 2:
+                raise ValueError(f"layer {index}: expected a (weight, bias) pair, got {pair!r}")
+            weight, bias = pair
+            weight = self._as_parameter(weight, f"layer {index} weight", ndim=2)
+            if bias is not None:
+                bias = self._as_parameter(bias, f"layer {index} bias", ndim=1)
+            weights.append(weight)
+            biases.append(bias)
+        self._activations = tuple(activations)
+        self._weights = weights
+        self._biases = biases
+        self._chain = _native.Chain(weights, biases, list(activations), isa)
+
+    def _as_parameter(self, value: npt.ArrayLike, what: str, ndim: int) -> np.ndarray:
+        array = np.asarray(value)
+        if array.dtype.kind not in "fiu":
+            raise TypeError(f"{what}: expected a real numeric array, got dtype {array.dtype}")
+        if array.ndim != ndim:
+            raise ValueError(f"{what}: expected {ndim} dimensions, got shape {array.shape}")
+        return np.array(array, dtype=self._dtype, order="C", copy=True)
+
+    def __call__(self, x: npt.ArrayLike, out: FloatArray | None = None) -> FloatArray:
+        """``(*, in_features)`` -> ``(*, out_features)``, in the MLP's dtype."""
+        x2, lead = check_input(x, self._dtype, self.in_features)
+        check_output_size(x2.shape[0], self.out_features, self._dtype)
+        if out is None:
+            result = self._chain.forward(x2)
+            return result.reshape((*lead, self.out_features))
+        expected = (*lead, self.out_features)
+        if not isinstance(out, np.ndarray) or out.shape != expected or out.dtype != self._dtype:
+            got = (
+                f"{out.dtype} array of shape {out.shape}"
+                if isinstance(out, np.ndarray)
+                else type(out).__name__
+            )
+            raise ValueError(f"out must be a {self._dtype} array of shape {expected}, got {got}")
+        if not (out.flags.c_contiguous and out.flags.aligned and out.flags.writeable):
+            raise ValueError("out must be C-contiguous, aligned and writeable")
+        self._chain.forward(x2, out.reshape(x2.shape[0], self.out_features))
+        return out
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._dtype
+
+    @property
+    def in_features(self) -> int:
+        return self._chain.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self._chain.out_features
+
+    @property
+    def isa(self) -> str:
+        """The kernel this MLP runs on (``avx512``, ``avx2`` or ``scalar``)."""
+        return self._chain.isa
+
+    @property
+    def activations(self) -> tuple[str, ...]:
+        return self._activations
+
+    @property
+    def layers(self) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """Copies of the ``(weight, bias)`` pairs, in the MLP's dtype."""
+        return [
+            (w.copy(), None if b is None else b.copy())
+            for w, b in zip(self._weights, self._biases, strict=True)
+        ]
+
+    @property
+    def flops_per_row(self) -> int:
+        return self._chain.flops_per_row
+
+    def __repr__(self) -> str:
+        widths = [self.in_features] + [w.shape[0] for w in self._weights]
+        chain = " -> ".join(str(w) for w in widths)
+        return f"MLP({chain}, activations={list(self._activations)}, dtype={self._dtype}, isa={self.isa})"

@@ -1,0 +1,147 @@
+//! AVX2+FMA kernel: 6 rows x up to 2 ymm registers of outputs (12 accumulators of 16 registers).
+
+use std::arch::x86_64::*;
+
+use super::{forward_rows, Kernel, LayerView, SimdVec, TileShape};
+
+#[derive(Clone, Copy, Debug)]
+struct F32x8(__m256);
+
+#[derive(Clone, Copy, Debug)]
+struct F64x4(__m256d);
+
+impl SimdVec for F32x8 {
+    type Elem = f32;
+    const LANES: usize = 8;
+
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        // SAFETY: the caller guarantees AVX2 and FMA.
+        F32x8(unsafe { _mm256_setzero_ps() })
+    }
+
+    #[inline(always)]
+    unsafe fn splat(ptr: *const f32) -> Self {
+        // SAFETY: the caller guarantees `ptr` is readable and AVX2 and FMA.
+        F32x8(unsafe { _mm256_set1_ps(*ptr) })
+    }
+
+    #[inline(always)]
+    unsafe fn load(ptr: *const f32) -> Self {
+        // SAFETY: the caller guarantees 8 readable values and AVX2 and FMA.
+        F32x8(unsafe { _mm256_loadu_ps(ptr) })
+    }
+
+    #[inline(always)]
+    unsafe fn store(self, ptr: *mut f32) {
+        // SAFETY: the caller guarantees 8 writable values and AVX2 and FMA.
+        unsafe { _mm256_storeu_ps(ptr, self.0) }
+    }
+
+    #[inline(always)]
+    unsafe fn mul_add(self, b: Self, acc: Self) -> Self {
+        // SAFETY: the caller guarantees AVX2 and FMA.
+        F32x8(unsafe { _mm256_fmadd_ps(self.0, b.0, acc.0) })
+    }
+
+    #[inline(always)]
+    unsafe fn relu(self) -> Self {
+        // MAXPS returns its second operand when either is NaN, so NaN survives as in torch.relu.
+        // SAFETY: the caller guarantees AVX2 and FMA.
+        F32x8(unsafe { _mm256_max_ps(_mm256_setzero_ps(), self.0) })
+    }
+}
+
+impl SimdVec for F64x4 {
+    type Elem = f64;
+    const LANES: usize = 4;
+
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        // SAFETY: the caller guarantees AVX2 and FMA.
+        F64x4(unsafe { _mm256_setzero_pd() })
+    }
+
+    #[inline(always)]
+    unsafe fn splat(ptr: *const f64) -> Self {
+        // SAFETY: the caller guarantees `ptr` is readable and AVX2 and FMA.
+        F64x4(unsafe { _mm256_set1_pd(*ptr) })
+    }
+
+    #[inline(always)]
+    unsafe fn load(ptr: *const f64) -> Self {
+        // SAFETY: the caller guarantees 4 readable values and AVX2 and FMA.
+        F64x4(unsafe { _mm256_loadu_pd(ptr) })
+    }
+
+    #[inline(always)]
+    unsafe fn store(self, ptr: *mut f64) {
+        // SAFETY: the caller guarantees 4 writable values and AVX2 and FMA.
+        unsafe { _mm256_storeu_pd(ptr, self.0) }
+    }
+
+    #[inline(always)]
+    unsafe fn mul_add(self, b: Self, acc: Self) -> Self {
+        // SAFETY: the caller guarantees AVX2 and FMA.
+        F64x4(unsafe { _mm256_fmadd_pd(self.0, b.0, acc.0) })
+    }
+
+    #[inline(always)]
+    unsafe fn relu(self) -> Self {
+        // MAXPD returns its second operand when either is NaN, so NaN survives.
+        // SAFETY: the caller guarantees AVX2 and FMA.
+        F64x4(unsafe { _mm256_max_pd(_mm256_setzero_pd(), self.0) })
+    }
+}
+
+const MR: usize = 6;
+const NV_MAX: usize = 2;
+
+fn shape(lanes: usize) -> TileShape {
+    TileShape {
+        lanes,
+        mr: MR,
+        nv_max: NV_MAX,
+        block_rows: 8 * MR,
+    }
+}
+
+/// # Safety
+/// The CPU supports AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn forward_f32(
+    layers: &[LayerView<'_, f32>],
+    input: &[f32],
+    output: &mut [f32],
+    scratch: &mut [f32],
+) {
+    // SAFETY: the caller guarantees AVX2 and FMA; the shape matches `F32x8`.
+    unsafe { forward_rows::<F32x8, MR, NV_MAX>(&shape(8), layers, input, output, scratch) }
+}
+
+/// # Safety
+/// The CPU supports AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn forward_f64(
+    layers: &[LayerView<'_, f64>],
+    input: &[f64],
+    output: &mut [f64],
+    scratch: &mut [f64],
+) {
+    // SAFETY: the caller guarantees AVX2 and FMA; the shape matches `F64x4`.
+    unsafe { forward_rows::<F64x4, MR, NV_MAX>(&shape(4), layers, input, output, scratch) }
+}
+
+pub fn kernel_f32() -> Kernel<f32> {
+    Kernel {
+        shape: shape(8),
+        forward: forward_f32,
+    }
+}
+
+pub fn kernel_f64() -> Kernel<f64> {
+    Kernel {
+        shape: shape(4),
+        forward: forward_f64,
+    }
+}

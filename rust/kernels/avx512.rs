@@ -1,0 +1,147 @@
+//! AVX-512F kernel: 8 rows x up to 3 zmm registers of outputs (24 accumulators of 32 registers).
+
+use std::arch::x86_64::*;
+
+use super::{forward_rows, Kernel, LayerView, SimdVec, TileShape};
+
+#[derive(Clone, Copy, Debug)]
+struct F32x16(__m512);
+
+#[derive(Clone, Copy, Debug)]
+struct F64x8(__m512d);
+
+impl SimdVec for F32x16 {
+    type Elem = f32;
+    const LANES: usize = 16;
+
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        // SAFETY: the caller guarantees AVX-512F.
+        F32x16(unsafe { _mm512_setzero_ps() })
+    }
+
+    #[inline(always)]
+    unsafe fn splat(ptr: *const f32) -> Self {
+        // SAFETY: the caller guarantees `ptr` is readable and AVX-512F.
+        F32x16(unsafe { _mm512_set1_ps(*ptr) })
+    }
+
+    #[inline(always)]
+    unsafe fn load(ptr: *const f32) -> Self {
+        // SAFETY: the caller guarantees 16 readable values and AVX-512F.
+        F32x16(unsafe { _mm512_loadu_ps(ptr) })
+    }
+
+    #[inline(always)]
+    unsafe fn store(self, ptr: *mut f32) {
+        // SAFETY: the caller guarantees 16 writable values and AVX-512F.
+        unsafe { _mm512_storeu_ps(ptr, self.0) }
+    }
+
+    #[inline(always)]
+    unsafe fn mul_add(self, b: Self, acc: Self) -> Self {
+        // SAFETY: the caller guarantees AVX-512F.
+        F32x16(unsafe { _mm512_fmadd_ps(self.0, b.0, acc.0) })
+    }
+
+    #[inline(always)]
+    unsafe fn relu(self) -> Self {
+        // MAXPS returns its second operand when either is NaN, so NaN survives as in torch.relu.
+        // SAFETY: the caller guarantees AVX-512F.
+        F32x16(unsafe { _mm512_max_ps(_mm512_setzero_ps(), self.0) })
+    }
+}
+
+impl SimdVec for F64x8 {
+    type Elem = f64;
+    const LANES: usize = 8;
+
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        // SAFETY: the caller guarantees AVX-512F.
+        F64x8(unsafe { _mm512_setzero_pd() })
+    }
+
+    #[inline(always)]
+    unsafe fn splat(ptr: *const f64) -> Self {
+        // SAFETY: the caller guarantees `ptr` is readable and AVX-512F.
+        F64x8(unsafe { _mm512_set1_pd(*ptr) })
+    }
+
+    #[inline(always)]
+    unsafe fn load(ptr: *const f64) -> Self {
+        // SAFETY: the caller guarantees 8 readable values and AVX-512F.
+        F64x8(unsafe { _mm512_loadu_pd(ptr) })
+    }
+
+    #[inline(always)]
+    unsafe fn store(self, ptr: *mut f64) {
+        // SAFETY: the caller guarantees 8 writable values and AVX-512F.
+        unsafe { _mm512_storeu_pd(ptr, self.0) }
+    }
+
+    #[inline(always)]
+    unsafe fn mul_add(self, b: Self, acc: Self) -> Self {
+        // SAFETY: the caller guarantees AVX-512F.
+        F64x8(unsafe { _mm512_fmadd_pd(self.0, b.0, acc.0) })
+    }
+
+    #[inline(always)]
+    unsafe fn relu(self) -> Self {
+        // MAXPD returns its second operand when either is NaN, so NaN survives.
+        // SAFETY: the caller guarantees AVX-512F.
+        F64x8(unsafe { _mm512_max_pd(_mm512_setzero_pd(), self.0) })
+    }
+}
+
+const MR: usize = 8;
+const NV_MAX: usize = 3;
+
+fn shape(lanes: usize) -> TileShape {
+    TileShape {
+        lanes,
+        mr: MR,
+        nv_max: NV_MAX,
+        block_rows: 8 * MR,
+    }
+}
+
+/// # Safety
+/// The CPU supports AVX-512F.
+#[target_feature(enable = "avx512f")]
+unsafe fn forward_f32(
+    layers: &[LayerView<'_, f32>],
+    input: &[f32],
+    output: &mut [f32],
+    scratch: &mut [f32],
+) {
+    // SAFETY: the caller guarantees AVX-512F; the shape matches `F32x16`.
+    unsafe { forward_rows::<F32x16, MR, NV_MAX>(&shape(16), layers, input, output, scratch) }
+}
+
+/// # Safety
+/// The CPU supports AVX-512F.
+#[target_feature(enable = "avx512f")]
+unsafe fn forward_f64(
+    layers: &[LayerView<'_, f64>],
+    input: &[f64],
+    output: &mut [f64],
+    scratch: &mut [f64],
+) {
+    // SAFETY: the caller guarantees AVX-512F; the shape matches `F64x8`.
+    unsafe { forward_rows::<F64x8, MR, NV_MAX>(&shape(8), layers, input, output, scratch) }
+}
+
+pub fn kernel_f32() -> Kernel<f32> {
+    Kernel {
+        shape: shape(16),
+        forward: forward_f32,
+    }
+}
+
+pub fn kernel_f64() -> Kernel<f64> {
+    Kernel {
+        shape: shape(8),
+        forward: forward_f64,
+    }
+}

@@ -1,0 +1,382 @@
+//! Microkernels for a fused chain of Linear layers: the only place with `unsafe` SIMD.
+//!
+//! # Contract
+//!
+//! Each ISA file (`scalar.rs`, `avx2.rs`, `avx512.rs`) exports `kernel_f32()` and `kernel_f64()`,
+//! returning a [`Kernel`]: a [`TileShape`] that says how weights must be packed for it, and a
+//! [`ChainKernel`] function that runs the whole chain for a contiguous run of rows.
+//!
+//! Weights of a layer `[out, in]` are packed into column panels of at most `nv_max * lanes`
+//! outputs (the last panel may be narrower, always a multiple of `lanes`): panel `p` starts at
+//! output column `c0 = p * nv_max * lanes`, at offset `c0 * in` in the packed buffer, and stores
+//! its `width` columns k-major (`in` rows of `width` values). Outputs are padded with zero weights
+//! and zero bias up to `padded_out`, a multiple of `lanes`. The bias is padded the same way.
+//!
+//! The ISA files only implement [`SimdVec`] and wrap [`forward_rows`] in a thin
+//! `#[target_feature]` function; the loop nest lives once, here.
+
+pub mod scalar;
+
+#[cfg(target_arch = "x86_64")]
+pub mod avx2;
+#[cfg(target_arch = "x86_64")]
+pub mod avx512;
+
+use std::fmt::Debug;
+use std::ops::{Add, Mul};
+
+/// The float types the kernels compute in.
+pub trait Element:
+    Copy
+    + Default
+    + Debug
+    + Send
+    + Sync
+    + PartialOrd
+    + Add<Output = Self>
+    + Mul<Output = Self>
+    + 'static
+{
+    const ZERO: Self;
+    /// `"float32"` or `"float64"`, as numpy names it.
+    const NAME: &'static str;
+}
+
+impl Element for f32 {
+    const ZERO: Self = 0.0;
+    const NAME: &'static str = "float32";
+}
+
+impl Element for f64 {
+    const ZERO: Self = 0.0;
+    const NAME: &'static str = "float64";
+}
+
+/// One SIMD register of `LANES` elements. Every method is only called from inside a
+/// `#[target_feature]` wrapper whose features cover the instructions it uses.
+pub trait SimdVec: Copy {
+    type Elem: Element;
+    const LANES: usize;
+
+    /// # Safety
+    /// The CPU supports the ISA of the implementation.
+    unsafe fn zero() -> Self;
+    /// Broadcast `*ptr` to every lane.
+    ///
+    /// # Safety
+    /// `ptr` is valid for one read; the CPU supports the ISA.
+    unsafe fn splat(ptr: *const Self::Elem) -> Self;
+    /// # Safety
+    /// `ptr` is valid for `LANES` reads (no alignment needed); the CPU supports the ISA.
+    unsafe fn load(ptr: *const Self::Elem) -> Self;
+    /// # Safety
+    /// `ptr` is valid for `LANES` writes (no alignment needed); the CPU supports the ISA.
+    unsafe fn store(self, ptr: *mut Self::Elem);
+    /// `self * b + acc`.
+    ///
+    /// # Safety
+    /// The CPU supports the ISA.
+    unsafe fn mul_add(self, b: Self, acc: Self) -> Self;
+    /// `max(0, x)` that keeps NaN as NaN, like `torch.relu`.
+    ///
+    /// # Safety
+    /// The CPU supports the ISA.
+    unsafe fn relu(self) -> Self;
+}
+
+/// How a kernel tiles its work; packing follows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TileShape {
+    /// Elements per SIMD register.
+    pub lanes: usize,
+    /// Batch rows per register tile.
+    pub mr: usize,
+    /// Most registers of outputs per register tile (a panel is `nv_max * lanes` outputs wide).
+    pub nv_max: usize,
+    /// Rows run through the whole chain before the next block starts (a multiple of `mr`).
+    pub block_rows: usize,
+}
+
+impl TileShape {
+    pub fn panel_width(&self) -> usize {
+        self.nv_max * self.lanes
+    }
+
+    pub fn padded(&self, width: usize) -> usize {
+        width.div_ceil(self.lanes) * self.lanes
+    }
+}
+
+/// One packed layer, as the kernels read it (see the module docs for the layout).
+#[derive(Clone, Copy, Debug)]
+pub struct LayerView<'a, T> {
+    pub in_features: usize,
+    pub out_features: usize,
+    pub padded_out: usize,
+    pub weights: &'a [T],
+    pub bias: &'a [T],
+    pub relu: bool,
+}
+
+/// Runs the chain on `input` (`rows x layers[0].in_features`, row-major) into `output`
+/// (`rows x last.out_features`), using `scratch` (at least [`scratch_len`] elements).
+///
+/// # Safety
+/// The CPU supports the kernel's ISA, and the layers were packed for the kernel's [`TileShape`].
+/// (Shapes and lengths are checked, with a panic on mismatch.)
+pub type ChainKernel<T> = unsafe fn(&[LayerView<'_, T>], &[T], &mut [T], &mut [T]);
+
+#[derive(Clone, Copy, Debug)]
+pub struct Kernel<T: 'static> {
+    pub shape: TileShape,
+    pub forward: ChainKernel<T>,
+}
+
+/// Scratch elements a kernel of `shape` needs to run `rows` rows through `layers`.
+pub fn scratch_len<T>(shape: &TileShape, layers: &[LayerView<'_, T>], rows: usize) -> usize {
+    let widest = layers.iter().map(|l| l.padded_out).max().unwrap_or(0);
+    2 * rows.min(shape.block_rows) * widest
+}
+
+/// Panics unless the chain, buffers and packing agree; after it, every pointer the loop nest
+/// forms stays inside its slice.
+fn check_chain<T>(
+    shape: &TileShape,
+    layers: &[LayerView<'_, T>],
+    input: &[T],
+    output: &[T],
+    scratch: &[T],
+) -> usize {
+    let first = layers.first().expect("a chain has at least one layer");
+    let last = layers.last().expect("a chain has at least one layer");
+    assert!(first.in_features > 0, "layers have at least one input");
+    assert!(input.len().is_multiple_of(first.in_features), "input is whole rows");
+    let rows = input.len() / first.in_features;
+    assert_eq!(
+        output.len(),
+        rows * last.out_features,
+        "output matches the input rows"
+    );
+    for pair in layers.windows(2) {
+        assert_eq!(pair[0].out_features, pair[1].in_features, "layers chain");
+    }
+    for layer in layers {
+        assert_eq!(
+            layer.padded_out,
+            shape.padded(layer.out_features),
+            "packed for this ISA"
+        );
+        assert_eq!(
+            layer.weights.len(),
+            layer.in_features * layer.padded_out,
+            "packed weights"
+        );
+        assert_eq!(layer.bias.len(), layer.padded_out, "packed bias");
+    }
+    assert!(
+        scratch.len() >= scratch_len(shape, layers, rows),
+        "scratch is large enough"
+    );
+    rows
+}
+
+/// The fused loop nest, generic over the register type; ISA files wrap it in `#[target_feature]`.
+///
+/// Per block of rows, each layer runs panel by panel, and within a panel register tile by
+/// register tile, so a weight panel stays in cache while every tile of the block uses it. Hidden
+/// activations go to `scratch` (two ping-pong buffers that stay in L1/L2), never to the caller.
+///
+/// # Safety
+/// The CPU supports `V`'s ISA, and `shape.lanes == V::LANES`, `shape.mr == MR`,
+/// `shape.nv_max == NV_MAX`.
+#[inline(always)]
+pub unsafe fn forward_rows<V: SimdVec, const MR: usize, const NV_MAX: usize>(
+    shape: &TileShape,
+    layers: &[LayerView<'_, V::Elem>],
+    input: &[V::Elem],
+    output: &mut [V::Elem],
+    scratch: &mut [V::Elem],
+) {
+    assert!(shape.lanes == V::LANES && shape.mr == MR && shape.nv_max == NV_MAX);
+    assert!(MR <= 8 && NV_MAX <= 4 && shape.block_rows.is_multiple_of(MR));
+    let rows = check_chain(shape, layers, input, output, scratch);
+    if rows == 0 {
+        return;
+    }
+    let last_index = layers.len() - 1;
+    let block_rows = rows.min(shape.block_rows);
+    let widest = layers.iter().map(|l| l.padded_out).max().unwrap_or(0);
+    let (ping, rest) = scratch.split_at_mut(block_rows * widest);
+    let pong = &mut rest[..block_rows * widest];
+    let out_features = layers[last_index].out_features;
+
+    for block_start in (0..rows).step_by(block_rows) {
+        let block = block_rows.min(rows - block_start);
+        let block_input =
+            &input[block_start * layers[0].in_features..][..block * layers[0].in_features];
+        let mut src: *const V::Elem = block_input.as_ptr();
+        let mut src_stride = layers[0].in_features;
+        let mut into_ping = true;
+        for (index, layer) in layers.iter().enumerate() {
+            let is_last = index == last_index;
+            let direct = is_last && layer.padded_out == layer.out_features;
+            let (dst, dst_stride): (*mut V::Elem, usize) = if direct {
+                let block_output =
+                    &mut output[block_start * out_features..][..block * out_features];
+                (block_output.as_mut_ptr(), out_features)
+            } else if into_ping {
+                (ping.as_mut_ptr(), layer.padded_out)
+            } else {
+                (pong.as_mut_ptr(), layer.padded_out)
+            };
+            // SAFETY: `check_chain` proved the packed sizes; `src` holds `block` rows of at least
+            // `layer.in_features` values at `src_stride`, `dst` has room for `block` rows of
+            // `layer.padded_out` values at `dst_stride` (or exactly `out_features` when direct,
+            // which then equals `padded_out`); the caller guarantees the ISA.
+            unsafe { layer_block::<V, MR, NV_MAX>(layer, block, src, src_stride, dst, dst_stride) };
+            if is_last && !direct {
+                let hidden = if into_ping { &ping[..] } else { &pong[..] };
+                let block_output =
+                    &mut output[block_start * out_features..][..block * out_features];
+                for (out_row, row) in block_output
+                    .chunks_exact_mut(out_features)
+                    .zip(hidden.chunks_exact(layer.padded_out))
+                {
+                    out_row.copy_from_slice(&row[..out_features]);
+                }
+            }
+            src = dst;
+            src_stride = dst_stride;
+            into_ping = !into_ping;
+        }
+    }
+}
+
+/// One layer for `rows` rows: every panel, every register tile.
+///
+/// # Safety
+/// As at the call in [`forward_rows`].
+#[inline(always)]
+unsafe fn layer_block<V: SimdVec, const MR: usize, const NV_MAX: usize>(
+    layer: &LayerView<'_, V::Elem>,
+    rows: usize,
+    src: *const V::Elem,
+    src_stride: usize,
+    dst: *mut V::Elem,
+    dst_stride: usize,
+) {
+    let panel_width = NV_MAX * V::LANES;
+    for col in (0..layer.padded_out).step_by(panel_width) {
+        let width = panel_width.min(layer.padded_out - col);
+        for row in (0..rows).step_by(MR) {
+            // SAFETY: `col < padded_out` and `row < rows`, so every offset stays inside the
+            // buffers described in `forward_rows`.
+            unsafe {
+                let tile = Tile {
+                    a: src.add(row * src_stride),
+                    lda: src_stride,
+                    k: layer.in_features,
+                    panel: layer.weights.as_ptr().add(col * layer.in_features),
+                    bias: layer.bias.as_ptr().add(col),
+                    relu: layer.relu,
+                    out: dst.add(row * dst_stride + col),
+                    ldo: dst_stride,
+                };
+                tile_rows::<V>((rows - row).min(MR), width / V::LANES, &tile);
+            }
+        }
+    }
+}
+
+/// Pointers for one register tile: `rows x (nv * LANES)` outputs from `rows x k` inputs.
+struct Tile<T> {
+    a: *const T,
+    lda: usize,
+    k: usize,
+    panel: *const T,
+    bias: *const T,
+    relu: bool,
+    out: *mut T,
+    ldo: usize,
+}
+
+/// Picks the register tile for a run-time row count (`1..=8`) and width (`1..=4` registers).
+///
+/// # Safety
+/// `tile` points at `rows` valid input rows, a panel `nv * LANES` wide, and room for the outputs.
+#[inline(always)]
+unsafe fn tile_rows<V: SimdVec>(rows: usize, nv: usize, tile: &Tile<V::Elem>) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match nv {
+            1 => tile_width::<V, 1>(rows, tile),
+            2 => tile_width::<V, 2>(rows, tile),
+            3 => tile_width::<V, 3>(rows, tile),
+            4 => tile_width::<V, 4>(rows, tile),
+            _ => unreachable!("panels are at most 4 registers wide"),
+        }
+    }
+}
+
+/// # Safety
+/// As for [`tile_rows`].
+#[inline(always)]
+unsafe fn tile_width<V: SimdVec, const NV: usize>(rows: usize, tile: &Tile<V::Elem>) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match rows {
+            1 => register_tile::<V, 1, NV>(tile),
+            2 => register_tile::<V, 2, NV>(tile),
+            3 => register_tile::<V, 3, NV>(tile),
+            4 => register_tile::<V, 4, NV>(tile),
+            5 => register_tile::<V, 5, NV>(tile),
+            6 => register_tile::<V, 6, NV>(tile),
+            7 => register_tile::<V, 7, NV>(tile),
+            8 => register_tile::<V, 8, NV>(tile),
+            _ => unreachable!("register tiles are at most 8 rows"),
+        }
+    }
+}
+
+/// The microkernel: `R x NV` registers of accumulators seeded with the bias, one broadcast of an
+/// input value and `NV` panel loads per step of `k`, ReLU applied in registers.
+///
+/// # Safety
+/// As for [`tile_rows`], with `rows == R` and `nv == NV`.
+#[inline(always)]
+unsafe fn register_tile<V: SimdVec, const R: usize, const NV: usize>(tile: &Tile<V::Elem>) {
+    let lanes = V::LANES;
+    // SAFETY: the caller guarantees the ISA and that `R` rows of `k` inputs, `k` panel rows of
+    // `NV * LANES` values, `NV * LANES` bias values and `R` output rows are in bounds.
+    unsafe {
+        let mut acc = [[V::zero(); NV]; R];
+        for v in 0..NV {
+            let bias = V::load(tile.bias.add(v * lanes));
+            for row in acc.iter_mut() {
+                row[v] = bias;
+            }
+        }
+        let mut a = tile.a;
+        let mut panel = tile.panel;
+        for _ in 0..tile.k {
+            let mut b = [V::zero(); NV];
+            for (v, reg) in b.iter_mut().enumerate() {
+                *reg = V::load(panel.add(v * lanes));
+            }
+            for (r, row) in acc.iter_mut().enumerate() {
+                let x = V::splat(a.add(r * tile.lda));
+                for v in 0..NV {
+                    row[v] = x.mul_add(b[v], row[v]);
+                }
+            }
+            a = a.add(1);
+            panel = panel.add(NV * lanes);
+        }
+        for (r, row) in acc.iter().enumerate() {
+            for (v, &value) in row.iter().enumerate() {
+                let value = if tile.relu { value.relu() } else { value };
+                value.store(tile.out.add(r * tile.ldo + v * lanes));
+            }
+        }
+    }
+}

@@ -1,0 +1,478 @@
+//! The safe API: a chain of Linear layers packed once, run on row-major slices. Shapes are
+//! checked here; threads split the batch into contiguous row chunks, each running the whole chain.
+
+use std::fmt;
+
+use rayon::prelude::*;
+
+use crate::dispatch::{Float, Isa, IsaError};
+use crate::kernels::{scratch_len, Kernel, LayerView};
+use crate::pack::{Activation, PackedLayer};
+use crate::threads;
+
+/// One Linear layer in PyTorch layout, borrowed for packing.
+#[derive(Clone, Copy, Debug)]
+pub struct LayerSpec<'a, T> {
+    /// `out_features x in_features`, row-major (as `nn.Linear.weight`).
+    pub weight: &'a [T],
+    /// `out_features` values, or none for `bias=False`.
+    pub bias: Option<&'a [T]>,
+    pub out_features: usize,
+    pub in_features: usize,
+    /// Applied to this layer's outputs.
+    pub activation: Activation,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Error {
+    /// A shape is wrong; the message names what was expected and what was given.
+    Shape(String),
+    Isa(IsaError),
+    Threads(String),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Shape(message) | Error::Threads(message) => f.write_str(message),
+            Error::Isa(error) => error.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<IsaError> for Error {
+    fn from(error: IsaError) -> Self {
+        Error::Isa(error)
+    }
+}
+
+fn shape_error<T>(message: String) -> Result<T, Error> {
+    Err(Error::Shape(message))
+}
+
+/// Below this much work a call stays on the calling thread: waking the pool costs more.
+const PARALLEL_MIN_FLOPS: usize = 20_000_000;
+/// Row chunks per thread, so a thread slowed by a noisy neighbour does not hold up the call.
+const CHUNKS_PER_THREAD: usize = 4;
+
+/// A chain of Linear layers packed for one ISA.
+#[derive(Debug)]
+pub struct Mlp<T: Float> {
+    isa: Isa,
+    kernel: Kernel<T>,
+    layers: Vec<PackedLayer<T>>,
+    flops_per_row: usize,
+}
+
+impl<T: Float> Mlp<T> {
+    /// Checks that the layers chain and packs them for `isa`.
+    pub fn new(specs: &[LayerSpec<'_, T>], isa: Isa) -> Result<Self, Error> {
+        let isa = crate::dispatch::require(isa)?;
+        if specs.is_empty() {
+            return shape_error("an MLP needs at least one layer, got 0".to_owned());
+        }
+        let kernel = T::kernel(isa);
+        let mut flops_per_row: usize = 0;
+        for (index, spec) in specs.iter().enumerate() {
+            if spec.out_features == 0 || spec.in_features == 0 {
+                return shape_error(format!(
+                    "layer {index}: widths must be at least 1, got weight shape ({}, {})",
+                    spec.out_features, spec.in_features
+                ));
+            }
+            let weight_len = spec.out_features.checked_mul(spec.in_features);
+            if weight_len != Some(spec.weight.len()) {
+                return shape_error(format!(
+                    "layer {index}: weight of shape ({}, {}) needs {} values, got {}",
+                    spec.out_features,
+                    spec.in_features,
+                    weight_len.map_or("too many".to_owned(), |n| n.to_string()),
+                    spec.weight.len()
+                ));
+            }
+            if let Some(bias) = spec.bias {
+                if bias.len() != spec.out_features {
+                    return shape_error(format!(
+                        "layer {index}: bias must have {} values (the weight's rows), got {}",
+                        spec.out_features,
+                        bias.len()
+                    ));
+                }
+            }
+            if index > 0 && specs[index - 1].out_features != spec.in_features {
+                return shape_error(format!(
+                    "layer {index}: takes {} inputs but layer {} gives {} outputs",
+                    spec.in_features,
+                    index - 1,
+                    specs[index - 1].out_features
+                ));
+            }
+            flops_per_row = flops_per_row.saturating_add(2 * spec.weight.len());
+        }
+        let layers = specs
+            .iter()
+            .map(|spec| {
+                PackedLayer::pack(
+                    &kernel.shape,
+                    spec.weight,
+                    spec.bias,
+                    spec.out_features,
+                    spec.in_features,
+                    spec.activation,
+                )
+            })
+            .collect();
+        Ok(Mlp {
+            isa,
+            kernel,
+            layers,
+            flops_per_row,
+        })
+    }
+
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.layers[0].in_features
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.layers[self.layers.len() - 1].out_features
+    }
+
+    /// `(out_features, in_features, activation)` of each layer.
+    pub fn layer_shapes(&self) -> Vec<(usize, usize, Activation)> {
+        self.layers
+            .iter()
+            .map(|l| (l.out_features, l.in_features, l.activation))
+            .collect()
+    }
+
+    /// Floating-point operations per input row (2 per multiply-add).
+    pub fn flops_per_row(&self) -> usize {
+        self.flops_per_row
+    }
+
+    /// Runs the chain: `input` is `rows x in_features`, `output` is `rows x out_features`, both
+    /// row-major. Large batches are split across fusedae's thread pool.
+    pub fn forward(&self, input: &[T], output: &mut [T]) -> Result<(), Error> {
+        let (in_features, out_features) = (self.in_features(), self.out_features());
+        if !input.len().is_multiple_of(in_features) {
+            return shape_error(format!(
+                "input must be whole rows of {in_features} features, got {} values",
+                input.len()
+            ));
+        }
+        let rows = input.len() / in_features;
+        if rows.checked_mul(out_features) != Some(output.len()) {
+            return shape_error(format!(
+                "output for {rows} rows must have {rows} x {out_features} values, got {}",
+                output.len()
+            ));
+        }
+        let threads = threads::num_threads();
+        let mr = self.kernel.shape.mr;
+        let work = rows.saturating_mul(self.flops_per_row);
+        if threads <= 1 || rows < 2 * mr || work < PARALLEL_MIN_FLOPS {
+            self.forward_on_this_thread(input, output);
+            return Ok(());
+        }
+        let chunks = threads * CHUNKS_PER_THREAD;
+        let chunk_rows = rows
+            .div_ceil(chunks)
+            .max(self.kernel.shape.block_rows)
+            .next_multiple_of(mr);
+        let pool = threads::pool().map_err(Error::Threads)?;
+        pool.install(|| {
+            input
+                .par_chunks(chunk_rows * in_features)
+                .zip(output.par_chunks_mut(chunk_rows * out_features))
+                .for_each(|(input, output)| self.forward_on_this_thread(input, output));
+        });
+        Ok(())
+    }
+
+    fn forward_on_this_thread(&self, input: &[T], output: &mut [T]) {
+        let views: Vec<LayerView<'_, T>> = self.layers.iter().map(PackedLayer::view).collect();
+        let rows = input.len() / self.in_features();
+        let mut scratch = vec![T::ZERO; scratch_len(&self.kernel.shape, &views, rows)];
+        // SAFETY: `Mlp::new` packed the layers with `self.kernel.shape` and checked through
+        // `dispatch::require` that this CPU supports `self.isa`, the kernel's ISA.
+        unsafe { (self.kernel.forward)(&views, input, output, &mut scratch) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::rngs::SmallRng;
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+    use crate::dispatch;
+
+    struct OwnedLayer<T> {
+        weight: Vec<T>,
+        bias: Option<Vec<T>>,
+        out_features: usize,
+        in_features: usize,
+        activation: Activation,
+    }
+
+    impl<T> OwnedLayer<T> {
+        fn spec(&self) -> LayerSpec<'_, T> {
+            LayerSpec {
+                weight: &self.weight,
+                bias: self.bias.as_deref(),
+                out_features: self.out_features,
+                in_features: self.in_features,
+                activation: self.activation,
+            }
+        }
+    }
+
+    fn random_chain(rng: &mut SmallRng, widths: &[usize], relu_last: bool) -> Vec<OwnedLayer<f64>> {
+        (0..widths.len() - 1)
+            .map(|i| {
+                let (fan_in, fan_out) = (widths[i], widths[i + 1]);
+                let scale = 1.0 / (fan_in as f64).sqrt();
+                OwnedLayer {
+                    weight: (0..fan_in * fan_out)
+                        .map(|_| rng.random_range(-scale..scale))
+                        .collect(),
+                    bias: (i % 3 != 2).then(|| {
+                        (0..fan_out)
+                            .map(|_| rng.random_range(-scale..scale))
+                            .collect()
+                    }),
+                    out_features: fan_out,
+                    in_features: fan_in,
+                    activation: if i + 2 < widths.len() || relu_last {
+                        if i % 4 == 1 {
+                            Activation::Identity
+                        } else {
+                            Activation::Relu
+                        }
+                    } else {
+                        Activation::Identity
+                    },
+                }
+            })
+            .collect()
+    }
+
+    fn to_f32(layers: &[OwnedLayer<f64>]) -> Vec<OwnedLayer<f32>> {
+        layers
+            .iter()
+            .map(|l| OwnedLayer {
+                weight: l.weight.iter().map(|&v| v as f32).collect(),
+                bias: l
+                    .bias
+                    .as_ref()
+                    .map(|b| b.iter().map(|&v| v as f32).collect()),
+                out_features: l.out_features,
+                in_features: l.in_features,
+                activation: l.activation,
+            })
+            .collect()
+    }
+
+    /// The oracle: one dot product at a time, in f64.
+    fn reference(layers: &[OwnedLayer<f64>], input: &[f64]) -> Vec<f64> {
+        let rows = input.len() / layers[0].in_features;
+        let mut current = input.to_vec();
+        for layer in layers {
+            let mut next = vec![0.0; rows * layer.out_features];
+            for r in 0..rows {
+                for o in 0..layer.out_features {
+                    let x = &current[r * layer.in_features..][..layer.in_features];
+                    let w = &layer.weight[o * layer.in_features..][..layer.in_features];
+                    let mut sum = layer.bias.as_ref().map_or(0.0, |b| b[o]);
+                    sum += x.iter().zip(w).map(|(a, b)| a * b).sum::<f64>();
+                    next[r * layer.out_features + o] = match layer.activation {
+                        Activation::Relu if sum < 0.0 => 0.0,
+                        _ => sum,
+                    };
+                }
+            }
+            current = next;
+        }
+        current
+    }
+
+    fn run<T: Float>(layers: &[OwnedLayer<T>], isa: Isa, input: &[T]) -> Vec<T> {
+        let specs: Vec<_> = layers.iter().map(OwnedLayer::spec).collect();
+        let mlp = Mlp::new(&specs, isa).unwrap();
+        let rows = input.len() / mlp.in_features();
+        let mut output = vec![T::ZERO; rows * mlp.out_features()];
+        mlp.forward(input, &mut output).unwrap();
+        output
+    }
+
+    /// Largest |got - want| relative to the size of the values compared.
+    fn max_relative_error(got: impl Iterator<Item = f64>, want: &[f64]) -> f64 {
+        let scale = want.iter().fold(1e-30_f64, |m, v| m.max(v.abs()));
+        got.zip(want)
+            .fold(0.0, |m, (g, w)| m.max((g - w).abs() / scale))
+    }
+
+    const CHAINS: &[&[usize]] = &[
+        &[784, 42, 16],
+        &[784, 42, 16, 42, 784],
+        &[64, 42, 2],
+        &[1, 1],
+        &[17, 1, 17],
+        &[42, 64, 42, 17, 1],
+        &[3, 100, 5],
+        &[130, 97, 33, 256],
+    ];
+    const BATCHES: &[usize] = &[0, 1, 2, 7, 9, 64, 1000];
+
+    #[test]
+    fn every_isa_matches_the_reference_and_the_scalar_kernel() {
+        let mut rng = SmallRng::seed_from_u64(7);
+        for widths in CHAINS {
+            for relu_last in [false, true] {
+                let layers = random_chain(&mut rng, widths, relu_last);
+                let layers32 = to_f32(&layers);
+                for &rows in BATCHES {
+                    let input: Vec<f64> = (0..rows * widths[0])
+                        .map(|_| rng.random_range(-2.0..2.0))
+                        .collect();
+                    let input32: Vec<f32> = input.iter().map(|&v| v as f32).collect();
+                    let want = reference(&layers, &input);
+                    let scalar64 = run(&layers, Isa::Scalar, &input);
+                    let scalar32 = run(&layers32, Isa::Scalar, &input32);
+                    for isa in dispatch::available() {
+                        let got64 = run(&layers, isa, &input);
+                        let got32 = run(&layers32, isa, &input32);
+                        let context = format!("{isa} {widths:?} rows={rows}");
+                        assert!(
+                            max_relative_error(got64.iter().copied(), &want) < 1e-12,
+                            "{context}"
+                        );
+                        assert!(
+                            max_relative_error(got64.iter().copied(), &scalar64) < 1e-13,
+                            "{context}"
+                        );
+                        let as64 = |v: &Vec<f32>| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+                        let got32_64 = as64(&got32);
+                        assert!(
+                            max_relative_error(got32_64.iter().copied(), &want) < 1e-5,
+                            "{context}"
+                        );
+                        assert!(
+                            max_relative_error(got32_64.iter().copied(), &as64(&scalar32)) < 1e-5,
+                            "{context}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn nan_and_inf_propagate_per_row() {
+        let mut rng = SmallRng::seed_from_u64(3);
+        let layers = to_f32(&random_chain(&mut rng, &[20, 42, 16], false));
+        let mut input: Vec<f32> = (0..3 * 20).map(|_| rng.random_range(-1.0..1.0)).collect();
+        input[20 + 5] = f32::NAN;
+        input[40 + 2] = f32::INFINITY;
+        let clean = run(&layers, Isa::Scalar, &input);
+        for isa in dispatch::available() {
+            let got = run(&layers, isa, &input);
+            assert!(
+                got[..16].iter().all(|v| v.is_finite()),
+                "{isa}: row 0 untouched"
+            );
+            assert!(
+                got[16..32].iter().all(|v| v.is_nan()),
+                "{isa}: NaN reaches every output"
+            );
+            assert!(
+                got[32..].iter().all(|v| !v.is_finite() || v.is_nan()),
+                "{isa}: Inf propagates"
+            );
+            assert!(
+                max_relative_error(
+                    got[..16].iter().map(|&v| v as f64),
+                    &clean[..16].iter().map(|&v| v as f64).collect::<Vec<_>>()
+                ) < 1e-5
+            );
+        }
+    }
+
+    #[test]
+    fn threads_give_the_same_bits_as_one_thread() {
+        let mut rng = SmallRng::seed_from_u64(11);
+        let layers = to_f32(&random_chain(&mut rng, &[784, 42, 16], false));
+        let input: Vec<f32> = (0..5000 * 784)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        threads::set_num_threads(1).unwrap();
+        let single = run(&layers, Isa::detect(), &input);
+        threads::set_num_threads(3).unwrap();
+        let multi = run(&layers, Isa::detect(), &input);
+        threads::set_num_threads(2).unwrap();
+        assert_eq!(single, multi);
+        assert_eq!(
+            threads::set_num_threads(0),
+            Err("the number of threads must be at least 1, got 0".into())
+        );
+    }
+
+    #[test]
+    fn bad_shapes_are_errors_naming_both_sides() {
+        let weight = vec![0.0f32; 6];
+        let spec = |out, inp, bias| LayerSpec {
+            weight: &weight,
+            bias,
+            out_features: out,
+            in_features: inp,
+            activation: Activation::Relu,
+        };
+        let message = |r: Result<Mlp<f32>, Error>| r.unwrap_err().to_string();
+        assert!(message(Mlp::new(&[], Isa::Scalar)).contains("at least one layer"));
+        assert!(
+            message(Mlp::new(&[spec(2, 4, None)], Isa::Scalar)).contains("needs 8 values, got 6")
+        );
+        assert!(
+            message(Mlp::new(&[spec(2, 3, Some(&[0.0; 3]))], Isa::Scalar))
+                .contains("bias must have 2 values")
+        );
+        assert!(message(Mlp::new(
+            &[spec(2, 3, None), spec(3, 2, None), spec(3, 2, None)],
+            Isa::Scalar
+        ))
+        .contains("layer 2: takes 2 inputs but layer 1 gives 3 outputs"));
+        assert!(message(Mlp::new(&[spec(usize::MAX, 2, None)], Isa::Scalar)).contains("too many"));
+        let mlp = Mlp::new(&[spec(2, 3, None)], Isa::Scalar).unwrap();
+        let mut out = vec![0.0; 4];
+        assert!(mlp
+            .forward(&[0.0; 7], &mut out)
+            .unwrap_err()
+            .to_string()
+            .contains("whole rows of 3"));
+        assert!(mlp
+            .forward(&[0.0; 9], &mut out)
+            .unwrap_err()
+            .to_string()
+            .contains("3 x 2 values, got 4"));
+    }
+
+    #[test]
+    fn isa_names_round_trip_and_unknown_names_are_errors() {
+        for isa in Isa::ALL {
+            assert_eq!(Isa::parse(isa.name()), Ok(isa));
+        }
+        assert!(Isa::parse("sse9")
+            .unwrap_err()
+            .to_string()
+            .contains("expected one of"));
+        assert!(dispatch::available().contains(&Isa::Scalar));
+        assert!(dispatch::available().contains(&Isa::detect()));
+    }
+}

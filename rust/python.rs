@@ -1,0 +1,308 @@
+//! The PyO3 bindings: the only file that knows about Python. Arrays in, arrays out, shapes and
+//! dtypes checked with messages that name what was expected and what was given, and the GIL
+//! released around every kernel call.
+
+use numpy::{PyArray1, PyArray2, PyArrayMethods, PyUntypedArrayMethods};
+use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+
+use crate::dispatch::{self, Float, Isa, IsaError};
+use crate::kernels::Element;
+use crate::mlp::{Error, LayerSpec, Mlp};
+use crate::pack::Activation;
+use crate::threads;
+
+fn to_py_err(error: Error) -> PyErr {
+    match error {
+        Error::Shape(message) => PyValueError::new_err(message),
+        Error::Isa(error @ IsaError::Unknown(_)) => PyValueError::new_err(error.to_string()),
+        Error::Isa(error) => PyRuntimeError::new_err(error.to_string()),
+        Error::Threads(message) => PyRuntimeError::new_err(message),
+    }
+}
+
+/// "a 3-D float64 array" or "a list": what the caller passed, for error messages.
+fn describe(value: &Bound<'_, PyAny>) -> String {
+    let attr = |name: &str| {
+        value
+            .getattr(name)
+            .and_then(|v| v.str().map(|s| s.to_string()))
+    };
+    match (attr("ndim"), attr("dtype")) {
+        (Ok(ndim), Ok(dtype)) => format!("a {ndim}-D {dtype} array"),
+        _ => value.get_type().name().map_or_else(
+            |_| "an unknown object".to_owned(),
+            |name| format!("a {name}"),
+        ),
+    }
+}
+
+fn cast_matrix<'a, 'py, T: Float + numpy::Element>(
+    value: &'a Bound<'py, PyAny>,
+    what: &str,
+) -> PyResult<&'a Bound<'py, PyArray2<T>>> {
+    value.cast::<PyArray2<T>>().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "{what}: expected a 2-D {} numpy array, got {}",
+            T::NAME,
+            describe(value)
+        ))
+    })
+}
+
+fn contiguous<'a, T>(slice: Result<&'a [T], numpy::AsSliceError>, what: &str) -> PyResult<&'a [T]> {
+    slice.map_err(|_| PyValueError::new_err(format!("{what} must be C-contiguous and aligned")))
+}
+
+fn parse_activation(name: &str, index: usize) -> PyResult<Activation> {
+    match name {
+        "relu" => Ok(Activation::Relu),
+        "identity" => Ok(Activation::Identity),
+        other => Err(PyValueError::new_err(format!(
+            "layer {index}: activation must be 'relu' or 'identity', got {other:?}"
+        ))),
+    }
+}
+
+fn build<T: Float + numpy::Element>(
+    weights: &[Bound<'_, PyAny>],
+    biases: &[Option<Bound<'_, PyAny>>],
+    activations: &[String],
+    isa: Isa,
+) -> PyResult<Mlp<T>> {
+    if biases.len() != weights.len() || activations.len() != weights.len() {
+        return Err(PyValueError::new_err(format!(
+            "need one bias and one activation per weight: got {} weights, {} biases, {} activations",
+            weights.len(),
+            biases.len(),
+            activations.len()
+        )));
+    }
+    let mut weight_arrays = Vec::with_capacity(weights.len());
+    let mut bias_arrays = Vec::with_capacity(weights.len());
+    for (index, (weight, bias)) in weights.iter().zip(biases).enumerate() {
+        let what = format!("layer {index} weight");
+        weight_arrays.push(cast_matrix::<T>(weight, &what)?.readonly());
+        bias_arrays.push(match bias {
+            None => None,
+            Some(bias) => Some(
+                bias.cast::<PyArray1<T>>()
+                    .map_err(|_| {
+                        PyTypeError::new_err(format!(
+                            "layer {index} bias: expected a 1-D {} numpy array or None, got {}",
+                            T::NAME,
+                            describe(bias)
+                        ))
+                    })?
+                    .readonly(),
+            ),
+        });
+    }
+    let mut specs = Vec::with_capacity(weights.len());
+    for (index, ((weight, bias), activation)) in weight_arrays
+        .iter()
+        .zip(&bias_arrays)
+        .zip(activations)
+        .enumerate()
+    {
+        let shape = weight.shape();
+        specs.push(LayerSpec {
+            weight: contiguous(weight.as_slice(), &format!("layer {index} weight"))?,
+            bias: match bias {
+                Some(bias) => Some(contiguous(bias.as_slice(), &format!("layer {index} bias"))?),
+                None => None,
+            },
+            out_features: shape[0],
+            in_features: shape[1],
+            activation: parse_activation(activation, index)?,
+        });
+    }
+    Mlp::new(&specs, isa).map_err(to_py_err)
+}
+
+fn run<'py, T: Float + numpy::Element>(
+    py: Python<'py>,
+    mlp: &Mlp<T>,
+    x: &Bound<'py, PyAny>,
+    out: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let x = cast_matrix::<T>(x, "x")?;
+    let (rows, in_features) = (x.shape()[0], x.shape()[1]);
+    if in_features != mlp.in_features() {
+        return Err(PyValueError::new_err(format!(
+            "x has {in_features} features per row, but the first layer takes {}",
+            mlp.in_features()
+        )));
+    }
+    let out_features = mlp.out_features();
+    let output = match out {
+        Some(out) => {
+            let array = cast_matrix::<T>(out, "out")?;
+            if array.shape() != [rows, out_features] {
+                return Err(PyValueError::new_err(format!(
+                    "out must have shape ({rows}, {out_features}), got {:?}",
+                    array.shape()
+                )));
+            }
+            array.clone()
+        }
+        // SAFETY: the kernel writes every element of the new array before Python can see it.
+        None => unsafe { PyArray2::<T>::new(py, [rows, out_features], false) },
+    };
+    {
+        let input = x
+            .try_readonly()
+            .map_err(|e| PyValueError::new_err(format!("x: {e}")))?;
+        let mut result = output.try_readwrite().map_err(|e| {
+            PyValueError::new_err(format!(
+                "out must be writeable and must not overlap x ({e})"
+            ))
+        })?;
+        let input = contiguous(input.as_slice(), "x")?;
+        let result = result
+            .as_slice_mut()
+            .map_err(|_| PyValueError::new_err("out must be C-contiguous and aligned"))?;
+        py.detach(|| mlp.forward(input, result))
+            .map_err(to_py_err)?;
+    }
+    Ok(output.into_any())
+}
+
+enum TypedMlp {
+    F32(Mlp<f32>),
+    F64(Mlp<f64>),
+}
+
+/// A chain of Linear layers packed for the fused kernels.
+#[pyclass(frozen, module = "fusedae._native")]
+struct Chain {
+    mlp: TypedMlp,
+}
+
+#[pymethods]
+impl Chain {
+    #[new]
+    #[pyo3(signature = (weights, biases, activations, isa=None))]
+    fn new(
+        weights: Vec<Bound<'_, PyAny>>,
+        biases: Vec<Option<Bound<'_, PyAny>>>,
+        activations: Vec<String>,
+        isa: Option<&str>,
+    ) -> PyResult<Self> {
+        let isa = match isa {
+            Some(name) => Isa::parse(name),
+            None => dispatch::selected(),
+        }
+        .map_err(|e| to_py_err(Error::Isa(e)))?;
+        let first = weights
+            .first()
+            .ok_or_else(|| PyValueError::new_err("an MLP needs at least one layer, got 0"))?;
+        let mlp = if first.cast::<PyArray2<f64>>().is_ok() {
+            TypedMlp::F64(build(&weights, &biases, &activations, isa)?)
+        } else {
+            TypedMlp::F32(build(&weights, &biases, &activations, isa)?)
+        };
+        Ok(Chain { mlp })
+    }
+
+    /// Runs the chain on a C-contiguous `(rows, in_features)` array of the chain's dtype.
+    #[pyo3(signature = (x, out=None))]
+    fn forward<'py>(
+        &self,
+        py: Python<'py>,
+        x: &Bound<'py, PyAny>,
+        out: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        match &self.mlp {
+            TypedMlp::F32(mlp) => run(py, mlp, x, out),
+            TypedMlp::F64(mlp) => run(py, mlp, x, out),
+        }
+    }
+
+    #[getter]
+    fn dtype(&self) -> &'static str {
+        match &self.mlp {
+            TypedMlp::F32(_) => f32::NAME,
+            TypedMlp::F64(_) => f64::NAME,
+        }
+    }
+
+    #[getter]
+    fn isa(&self) -> &'static str {
+        match &self.mlp {
+            TypedMlp::F32(mlp) => mlp.isa().name(),
+            TypedMlp::F64(mlp) => mlp.isa().name(),
+        }
+    }
+
+    #[getter]
+    fn in_features(&self) -> usize {
+        match &self.mlp {
+            TypedMlp::F32(mlp) => mlp.in_features(),
+            TypedMlp::F64(mlp) => mlp.in_features(),
+        }
+    }
+
+    #[getter]
+    fn out_features(&self) -> usize {
+        match &self.mlp {
+            TypedMlp::F32(mlp) => mlp.out_features(),
+            TypedMlp::F64(mlp) => mlp.out_features(),
+        }
+    }
+
+    #[getter]
+    fn flops_per_row(&self) -> usize {
+        match &self.mlp {
+            TypedMlp::F32(mlp) => mlp.flops_per_row(),
+            TypedMlp::F64(mlp) => mlp.flops_per_row(),
+        }
+    }
+}
+
+/// The ISA new chains use (`FUSEDAE_ISA` or the best detected); raises if the forced one is
+/// unknown or unsupported here.
+#[pyfunction]
+fn selected_isa() -> PyResult<&'static str> {
+    dispatch::selected()
+        .map(Isa::name)
+        .map_err(|e| to_py_err(Error::Isa(e)))
+}
+
+/// Every ISA this CPU can run, best first.
+#[pyfunction]
+fn available_isas() -> Vec<&'static str> {
+    dispatch::available().into_iter().map(Isa::name).collect()
+}
+
+#[pyfunction]
+fn set_num_threads(threads: i64) -> PyResult<()> {
+    let count = usize::try_from(threads).unwrap_or(0);
+    threads::set_num_threads(count)
+        .map_err(|_| PyValueError::new_err(format!("threads must be at least 1, got {threads}")))
+}
+
+#[pyfunction]
+fn get_num_threads() -> usize {
+    threads::num_threads()
+}
+
+#[pymodule]
+fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
+    module.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    module.add(
+        "build_profile",
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        },
+    )?;
+    module.add("target_arch", std::env::consts::ARCH)?;
+    module.add_class::<Chain>()?;
+    module.add_function(wrap_pyfunction!(selected_isa, module)?)?;
+    module.add_function(wrap_pyfunction!(available_isas, module)?)?;
+    module.add_function(wrap_pyfunction!(set_num_threads, module)?)?;
+    module.add_function(wrap_pyfunction!(get_num_threads, module)?)?;
+    Ok(())
+}
