@@ -206,6 +206,28 @@ impl<T: Float> Mlp<T> {
     }
 }
 
+/// Measures the FMA ceiling of one thread for `isa` in `T`: runs register-only multiply-adds
+/// for about `seconds` and returns GFLOP/s (the best of several rounds).
+pub fn fma_peak_gflops<T: Float>(isa: Isa, seconds: f64) -> Result<f64, Error> {
+    let isa = crate::dispatch::require(isa)?;
+    let kernel = T::kernel(isa);
+    let lanes = kernel.shape.lanes;
+    let seed: Vec<T> = vec![T::ZERO; lanes];
+    let iterations = 100_000;
+    let flops = crate::kernels::fma_loop_flops(iterations, lanes) as f64;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs_f64(seconds.max(0.0));
+    let mut best = 0.0_f64;
+    loop {
+        let start = std::time::Instant::now();
+        // SAFETY: `require` checked that this CPU supports the kernel's ISA.
+        std::hint::black_box(unsafe { (kernel.peak)(iterations, std::hint::black_box(&seed)) });
+        best = best.max(flops / start.elapsed().as_secs_f64() / 1e9);
+        if std::time::Instant::now() >= deadline {
+            return Ok(best);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use rand::rngs::SmallRng;
@@ -461,6 +483,14 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("3 x 2 values, got 4"));
+    }
+
+    #[test]
+    fn fma_peak_is_measured_for_every_isa() {
+        for isa in dispatch::available() {
+            let gflops = fma_peak_gflops::<f32>(isa, 0.01).unwrap();
+            assert!(gflops.is_finite() && gflops > 0.1, "{isa}: {gflops}");
+        }
     }
 
     #[test]

@@ -120,12 +120,12 @@ fn build<T: Float + numpy::Element>(
     Mlp::new(&specs, isa).map_err(to_py_err)
 }
 
-fn run<'py, T: Float + numpy::Element>(
-    py: Python<'py>,
+fn run<T: Float + numpy::Element>(
+    py: Python<'_>,
     mlp: &Mlp<T>,
-    x: &Bound<'py, PyAny>,
-    out: Option<&Bound<'py, PyAny>>,
-) -> PyResult<Bound<'py, PyAny>> {
+    x: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+) -> PyResult<()> {
     let x = cast_matrix::<T>(x, "x")?;
     let (rows, in_features) = (x.shape()[0], x.shape()[1]);
     if in_features != mlp.in_features() {
@@ -134,38 +134,27 @@ fn run<'py, T: Float + numpy::Element>(
             mlp.in_features()
         )));
     }
-    let out_features = mlp.out_features();
-    let output = match out {
-        Some(out) => {
-            let array = cast_matrix::<T>(out, "out")?;
-            if array.shape() != [rows, out_features] {
-                return Err(PyValueError::new_err(format!(
-                    "out must have shape ({rows}, {out_features}), got {:?}",
-                    array.shape()
-                )));
-            }
-            array.clone()
-        }
-        // SAFETY: the kernel writes every element of the new array before Python can see it.
-        None => unsafe { PyArray2::<T>::new(py, [rows, out_features], false) },
-    };
-    {
-        let input = x
-            .try_readonly()
-            .map_err(|e| PyValueError::new_err(format!("x: {e}")))?;
-        let mut result = output.try_readwrite().map_err(|e| {
-            PyValueError::new_err(format!(
-                "out must be writeable and must not overlap x ({e})"
-            ))
-        })?;
-        let input = contiguous(input.as_slice(), "x")?;
-        let result = result
-            .as_slice_mut()
-            .map_err(|_| PyValueError::new_err("out must be C-contiguous and aligned"))?;
-        py.detach(|| mlp.forward(input, result))
-            .map_err(to_py_err)?;
+    let out = cast_matrix::<T>(out, "out")?;
+    if out.shape() != [rows, mlp.out_features()] {
+        return Err(PyValueError::new_err(format!(
+            "out must have shape ({rows}, {}), got {:?}",
+            mlp.out_features(),
+            out.shape()
+        )));
     }
-    Ok(output.into_any())
+    let input = x
+        .try_readonly()
+        .map_err(|e| PyValueError::new_err(format!("x: {e}")))?;
+    let mut output = out.try_readwrite().map_err(|e| {
+        PyValueError::new_err(format!(
+            "out must be writeable and must not overlap x ({e})"
+        ))
+    })?;
+    let input = contiguous(input.as_slice(), "x")?;
+    let output = output
+        .as_slice_mut()
+        .map_err(|_| PyValueError::new_err("out must be C-contiguous and aligned"))?;
+    py.detach(|| mlp.forward(input, output)).map_err(to_py_err)
 }
 
 enum TypedMlp {
@@ -205,14 +194,15 @@ impl Chain {
         Ok(Chain { mlp })
     }
 
-    /// Runs the chain on a C-contiguous `(rows, in_features)` array of the chain's dtype.
-    #[pyo3(signature = (x, out=None))]
-    fn forward<'py>(
+    /// Runs the chain on a C-contiguous `(rows, in_features)` array of the chain's dtype, into
+    /// `out` (`(rows, out_features)`, C-contiguous; allocated by the caller, where an allocation
+    /// failure is a clean MemoryError).
+    fn forward(
         &self,
-        py: Python<'py>,
-        x: &Bound<'py, PyAny>,
-        out: Option<&Bound<'py, PyAny>>,
-    ) -> PyResult<Bound<'py, PyAny>> {
+        py: Python<'_>,
+        x: &Bound<'_, PyAny>,
+        out: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
         match &self.mlp {
             TypedMlp::F32(mlp) => run(py, mlp, x, out),
             TypedMlp::F64(mlp) => run(py, mlp, x, out),
@@ -287,6 +277,28 @@ fn get_num_threads() -> usize {
     threads::num_threads()
 }
 
+/// GFLOP/s of one thread running register-only FMAs for about `seconds` (`dtype` "float32" or
+/// "float64"; `isa` defaults to the selected one): the ceiling to quote kernel speed against.
+#[pyfunction]
+#[pyo3(signature = (seconds=0.2, dtype="float32", isa=None))]
+fn fma_peak_gflops(py: Python<'_>, seconds: f64, dtype: &str, isa: Option<&str>) -> PyResult<f64> {
+    let isa = match isa {
+        Some(name) => Isa::parse(name),
+        None => dispatch::selected(),
+    }
+    .map_err(|e| to_py_err(Error::Isa(e)))?;
+    let result = match dtype {
+        "float32" => py.detach(|| crate::mlp::fma_peak_gflops::<f32>(isa, seconds)),
+        "float64" => py.detach(|| crate::mlp::fma_peak_gflops::<f64>(isa, seconds)),
+        other => {
+            return Err(PyTypeError::new_err(format!(
+                "dtype must be 'float32' or 'float64', got {other:?}"
+            )))
+        }
+    };
+    result.map_err(to_py_err)
+}
+
 #[pymodule]
 fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -304,5 +316,6 @@ fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(available_isas, module)?)?;
     module.add_function(wrap_pyfunction!(set_num_threads, module)?)?;
     module.add_function(wrap_pyfunction!(get_num_threads, module)?)?;
+    module.add_function(wrap_pyfunction!(fma_peak_gflops, module)?)?;
     Ok(())
 }

@@ -24,13 +24,9 @@ class Chain:
         activations: list[str],
         isa: str | None = None,
     ) -> None: ...
-    def forward(
-        self, x: npt.NDArray[np.floating], out: npt.NDArray[np.floating] | None = None
-    ) -> npt.NDArray[np.floating]:
-        """``(rows, in_features)`` C-contiguous array of the chain's dtype -> ``(rows, out_features)``.
-
-        Writes into ``out`` when given (same dtype, C-contiguous, not overlapping ``x``).
-        """
+    def forward(self, x: npt.NDArray[np.floating], out: npt.NDArray[np.floating]) -> None:
+        """Runs the chain on ``x`` (``(rows, in_features)``, C-contiguous, the chain's dtype) into
+        ``out`` (``(rows, out_features)``, same dtype, C-contiguous, not overlapping ``x``)."""
     @property
     def dtype(self) -> Literal["float32", "float64"]: ...
     @property
@@ -46,3 +42,5 @@ def selected_isa() -> Literal["avx512", "avx2", "scalar"]: ...
 def available_isas() -> list[str]: ...
 def set_num_threads(threads: int) -> None: ...
 def get_num_threads() -> int: ...
+def fma_peak_gflops(seconds: float = 0.2, dtype: str = "float32", isa: str | None = None) -> float:
+    """GFLOP/s of one thread running register-only FMAs: the ceiling for kernel speed."""

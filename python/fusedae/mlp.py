@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Sequence
 
@@ -25,25 +26,28 @@ def check_input(x: object, dtype: np.dtype, in_features: int) -> tuple[np.ndarra
     """Validates ``x`` of shape ``(*, in_features)``; returns it as an aligned C-contiguous 2-D
     array of ``dtype`` (copied only if it must be) and the leading shape."""
     array = x if isinstance(x, np.ndarray) else np.asarray(x, dtype=dtype)
-    if array.dtype.kind != "f" or array.dtype.itemsize != dtype.itemsize:
+    if array.dtype != dtype and (array.dtype.kind != "f" or array.dtype.itemsize != dtype.itemsize):
         raise TypeError(f"expected a {dtype} array, got {array.dtype}")
-    if array.ndim == 0:
-        raise ValueError(f"expected an array of shape (*, {in_features}), got a 0-D array")
-    if array.shape[-1] != in_features:
-        raise ValueError(
-            f"expected an array of shape (*, {in_features}), got shape {tuple(array.shape)}"
-        )
-    lead = tuple(array.shape[:-1])
-    rows = int(np.prod(lead, dtype=object)) if lead else 1
-    return np.require(array.reshape(rows, in_features), dtype, ["C", "A"]), lead
+    shape = array.shape
+    if not shape or shape[-1] != in_features:
+        raise ValueError(f"expected an array of shape (*, {in_features}), got shape {shape}")
+    lead = shape[:-1]
+    if len(shape) != 2:
+        array = array.reshape(math.prod(lead), in_features)
+    flags = array.flags
+    if not (flags.c_contiguous and flags.aligned) or array.dtype != dtype:
+        array = np.require(array, dtype, ["C", "A"])
+    return array, lead
 
 
-def check_output_size(rows: int, out_features: int, dtype: np.dtype) -> None:
-    """Refuses a batch whose output could not even be addressed, before anything is allocated."""
+def new_output(rows: int, out_features: int, dtype: np.dtype) -> np.ndarray:
+    """An uninitialised ``(rows, out_features)`` array; a size that could not even be addressed
+    is a ValueError before anything is allocated."""
     if rows * out_features * dtype.itemsize > sys.maxsize:
         raise ValueError(
             f"an output of {rows} x {out_features} {dtype} values is larger than memory can address"
         )
+    return np.empty((rows, out_features), dtype)
 
 
 class MLP:
@@ -112,11 +116,11 @@ class MLP:
 
     def __call__(self, x: npt.ArrayLike, out: FloatArray | None = None) -> FloatArray:
         """``(*, in_features)`` -> ``(*, out_features)``, in the MLP's dtype."""
-        x2, lead = check_input(x, self._dtype, self.in_features)
-        check_output_size(x2.shape[0], self.out_features, self._dtype)
+        x2, lead = check_input(x, self._dtype, self._chain.in_features)
         if out is None:
-            result = self._chain.forward(x2)
-            return result.reshape((*lead, self.out_features))
+            result = new_output(x2.shape[0], self._chain.out_features, self._dtype)
+            self._chain.forward(x2, result)
+            return result if len(lead) == 1 else result.reshape((*lead, self.out_features))
         expected = (*lead, self.out_features)
         if not isinstance(out, np.ndarray) or out.shape != expected or out.dtype != self._dtype:
             got = (
@@ -166,4 +170,5 @@ class MLP:
     def __repr__(self) -> str:
         widths = [self.in_features] + [w.shape[0] for w in self._weights]
         chain = " -> ".join(str(w) for w in widths)
-        return f"MLP({chain}, activations={list(self._activations)}, dtype={self._dtype}, isa={self.isa})"
+        activations = list(self._activations)
+        return f"MLP({chain}, activations={activations}, dtype={self._dtype}, isa={self.isa})"

@@ -2,7 +2,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{forward_rows, Kernel, LayerView, SimdVec, TileShape};
+use super::{fma_loop, forward_rows, Kernel, LayerView, SimdVec, TileShape};
 
 #[derive(Clone, Copy, Debug)]
 struct F32x8(__m256);
@@ -132,16 +132,34 @@ unsafe fn forward_f64(
     unsafe { forward_rows::<F64x4, MR, NV_MAX>(&shape(4), layers, input, output, scratch) }
 }
 
+/// # Safety
+/// The CPU supports AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn peak_f32(iterations: usize, seed: &[f32]) -> f32 {
+    // SAFETY: the caller guarantees AVX2 and FMA.
+    unsafe { fma_loop::<F32x8>(iterations, seed) }
+}
+
 pub fn kernel_f32() -> Kernel<f32> {
     Kernel {
         shape: shape(8),
         forward: forward_f32,
+        peak: peak_f32,
     }
+}
+
+/// # Safety
+/// The CPU supports AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn peak_f64(iterations: usize, seed: &[f64]) -> f64 {
+    // SAFETY: the caller guarantees AVX2 and FMA.
+    unsafe { fma_loop::<F64x4>(iterations, seed) }
 }
 
 pub fn kernel_f64() -> Kernel<f64> {
     Kernel {
         shape: shape(4),
         forward: forward_f64,
+        peak: peak_f64,
     }
 }

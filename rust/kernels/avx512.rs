@@ -2,7 +2,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{forward_rows, Kernel, LayerView, SimdVec, TileShape};
+use super::{fma_loop, forward_rows, Kernel, LayerView, SimdVec, TileShape};
 
 #[derive(Clone, Copy, Debug)]
 struct F32x16(__m512);
@@ -132,16 +132,34 @@ unsafe fn forward_f64(
     unsafe { forward_rows::<F64x8, MR, NV_MAX>(&shape(8), layers, input, output, scratch) }
 }
 
+/// # Safety
+/// The CPU supports AVX-512F.
+#[target_feature(enable = "avx512f")]
+unsafe fn peak_f32(iterations: usize, seed: &[f32]) -> f32 {
+    // SAFETY: the caller guarantees AVX-512F.
+    unsafe { fma_loop::<F32x16>(iterations, seed) }
+}
+
 pub fn kernel_f32() -> Kernel<f32> {
     Kernel {
         shape: shape(16),
         forward: forward_f32,
+        peak: peak_f32,
     }
+}
+
+/// # Safety
+/// The CPU supports AVX-512F.
+#[target_feature(enable = "avx512f")]
+unsafe fn peak_f64(iterations: usize, seed: &[f64]) -> f64 {
+    // SAFETY: the caller guarantees AVX-512F.
+    unsafe { fma_loop::<F64x8>(iterations, seed) }
 }
 
 pub fn kernel_f64() -> Kernel<f64> {
     Kernel {
         shape: shape(8),
         forward: forward_f64,
+        peak: peak_f64,
     }
 }

@@ -118,6 +118,41 @@ pub struct LayerView<'a, T> {
     pub relu: bool,
 }
 
+/// Independent multiply-add chains in [`fma_loop`]: enough to cover FMA latency x issue width.
+const PEAK_CHAINS: usize = 12;
+
+/// The FMA-throughput ceiling: `iterations x PEAK_CHAINS` independent register FMAs and nothing
+/// else. Returns a value that depends on every FMA, so none is optimised away.
+///
+/// # Safety
+/// The CPU supports `V`'s ISA.
+#[inline(always)]
+pub unsafe fn fma_loop<V: SimdVec>(iterations: usize, seed: &[V::Elem]) -> V::Elem {
+    assert!(seed.len() >= V::LANES);
+    // SAFETY: `seed` holds at least `LANES` values; the caller guarantees the ISA.
+    unsafe {
+        let x = V::load(seed.as_ptr());
+        let mut acc = [x; PEAK_CHAINS];
+        for _ in 0..iterations {
+            for a in acc.iter_mut() {
+                *a = a.mul_add(x, x);
+            }
+        }
+        let mut sum = V::zero();
+        for a in acc {
+            sum = a.mul_add(x, sum);
+        }
+        let mut lanes = vec![V::Elem::ZERO; V::LANES];
+        sum.store(lanes.as_mut_ptr());
+        lanes[0]
+    }
+}
+
+/// Floating-point operations one call of [`fma_loop`] performs.
+pub fn fma_loop_flops(iterations: usize, lanes: usize) -> usize {
+    2 * lanes * PEAK_CHAINS * (iterations + 1)
+}
+
 /// Runs the chain on `input` (`rows x layers[0].in_features`, row-major) into `output`
 /// (`rows x last.out_features`), using `scratch` (at least [`scratch_len`] elements).
 ///
@@ -126,10 +161,17 @@ pub struct LayerView<'a, T> {
 /// (Shapes and lengths are checked, with a panic on mismatch.)
 pub type ChainKernel<T> = unsafe fn(&[LayerView<'_, T>], &[T], &mut [T], &mut [T]);
 
+/// Runs [`fma_loop`] for an ISA: `(iterations, seed) -> value`.
+///
+/// # Safety
+/// The CPU supports the kernel's ISA.
+pub type PeakLoop<T> = unsafe fn(usize, &[T]) -> T;
+
 #[derive(Clone, Copy, Debug)]
 pub struct Kernel<T: 'static> {
     pub shape: TileShape,
     pub forward: ChainKernel<T>,
+    pub peak: PeakLoop<T>,
 }
 
 /// Scratch elements a kernel of `shape` needs to run `rows` rows through `layers`.
@@ -150,7 +192,10 @@ fn check_chain<T>(
     let first = layers.first().expect("a chain has at least one layer");
     let last = layers.last().expect("a chain has at least one layer");
     assert!(first.in_features > 0, "layers have at least one input");
-    assert!(input.len().is_multiple_of(first.in_features), "input is whole rows");
+    assert!(
+        input.len().is_multiple_of(first.in_features),
+        "input is whole rows"
+    );
     let rows = input.len() / first.in_features;
     assert_eq!(
         output.len(),

@@ -2,7 +2,7 @@
 //! oracle the SIMD kernels are tested against. Its multiply-add rounds twice (no FMA), so SIMD
 //! results differ from it by float rounding only.
 
-use super::{forward_rows, Element, Kernel, LayerView, SimdVec, TileShape};
+use super::{fma_loop, forward_rows, Element, Kernel, LayerView, SimdVec, TileShape};
 
 #[derive(Clone, Copy, Debug)]
 struct Lane<T>(T);
@@ -71,10 +71,18 @@ unsafe fn forward<T: Element>(
     unsafe { forward_rows::<Lane<T>, MR, NV_MAX>(&SHAPE, layers, input, output, scratch) }
 }
 
+/// # Safety
+/// Always safe to call.
+unsafe fn peak<T: Element>(iterations: usize, seed: &[T]) -> T {
+    // SAFETY: plain Rust arithmetic needs no CPU feature.
+    unsafe { fma_loop::<Lane<T>>(iterations, seed) }
+}
+
 pub fn kernel_f32() -> Kernel<f32> {
     Kernel {
         shape: SHAPE,
         forward: forward::<f32>,
+        peak: peak::<f32>,
     }
 }
 
@@ -82,5 +90,6 @@ pub fn kernel_f64() -> Kernel<f64> {
     Kernel {
         shape: SHAPE,
         forward: forward::<f64>,
+        peak: peak::<f64>,
     }
 }

@@ -1,0 +1,291 @@
+"""PyTorch front end: the fused kernels behind ``nn.Module``s that are drop-in for the seed's.
+
+* ``FusedMLPFunction``: a ``torch.autograd.Function`` running a chain of Linear layers through
+  the fused CPU kernel, with a backward in torch ops.
+* ``FusedMLP``: an ``nn.Sequential`` of ``nn.Linear`` / ``nn.ReLU`` / ``nn.Identity`` with the
+  same children, ``state_dict`` keys and printout, fused on CPU for float32/float64, plain
+  PyTorch everywhere else (CUDA, other dtypes, ``torch.compile`` tracing).
+* ``AE``: the seed's autoencoder, encoder and decoder run as one fused call on CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+from fusedae import _native
+from fusedae.mlp import new_output
+
+__all__ = ["AE", "FusedMLP", "FusedMLPFunction", "pack_chain"]
+
+_FUSED_DTYPES = (torch.float32, torch.float64)
+_NUMPY_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
+
+# A chain as the kernels see it: each Linear with the activation applied to its outputs.
+Layers = tuple[tuple[nn.Linear, str], ...]
+
+
+def _chain_layers(modules: Iterable[nn.Module]) -> Layers | None:
+    """The Linear layers and activations of a chain, or None if it holds anything else
+    (a subclass of nn.Linear may compute something else, so only exact types qualify)."""
+    layers: list[tuple[nn.Linear, str]] = []
+    for module in modules:
+        kind = type(module)
+        if kind is nn.Linear:
+            layers.append((module, "identity"))
+        elif kind is nn.ReLU and layers:
+            layers[-1] = (layers[-1][0], "relu")
+        elif kind is not nn.Identity:
+            return None
+    return tuple(layers) if layers else None
+
+
+def _parameters(layers: Layers) -> list[torch.Tensor | None]:
+    """``[w0, b0, w1, b1, ...]``, read straight from each Linear's parameter dict (a hot path:
+    ``linear.weight`` goes through ``nn.Module.__getattr__``)."""
+    flat: list[torch.Tensor | None] = []
+    for linear, _ in layers:
+        params = linear._parameters
+        flat.append(params["weight"])
+        flat.append(params["bias"])
+    return flat
+
+
+def pack_chain(
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor | None],
+    activations: Sequence[str],
+) -> _native.Chain:
+    """Packs CPU float32/float64 tensors (``weights[i]`` of shape ``(out, in)``) for the kernels."""
+
+    def as_array(tensor: torch.Tensor) -> np.ndarray:
+        return np.ascontiguousarray(tensor.detach().resolve_conj().resolve_neg().numpy())
+
+    return _native.Chain(
+        [as_array(w) for w in weights],
+        [None if b is None else as_array(b) for b in biases],
+        list(activations),
+    )
+
+
+def _run(chain: _native.Chain, x: torch.Tensor) -> torch.Tensor:
+    """The kernel on ``x`` of shape ``(*, in_features)``; no autograd."""
+    flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    if flat.requires_grad:
+        flat = flat.detach()
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    out = new_output(flat.shape[0], chain.out_features, _NUMPY_DTYPES[x.dtype])
+    chain.forward(flat.numpy(), out)
+    result = torch.from_numpy(out)
+    return result if x.dim() == 2 else result.reshape(*x.shape[:-1], chain.out_features)
+
+
+class FusedMLPFunction(torch.autograd.Function):
+    """``y = chain(x)`` through the fused CPU kernel, differentiable in ``x`` and the parameters.
+
+    ``apply(x, chain, activations, w0, b0, w1, b1, ...)``: ``x`` of shape ``(*, in_features)``,
+    ``chain`` packed from exactly these weights and biases (``pack_chain``), ``b_i`` may be
+    None. The backward recomputes the hidden activations with torch ops, so gradients are
+    PyTorch's own.
+    """
+
+    @staticmethod
+    def forward(
+        x: torch.Tensor, chain: _native.Chain, activations: tuple[str, ...], *params: Any
+    ) -> torch.Tensor:
+        return _run(chain, x)
+
+    @staticmethod
+    def setup_context(ctx: FunctionCtx, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        x, _chain, activations, *params = inputs
+        ctx.activations = activations  # type: ignore[attr-defined]
+        ctx.save_for_backward(x, *params)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, *params = ctx.saved_tensors
+        weights, biases = params[0::2], params[1::2]
+        activations: tuple[str, ...] = ctx.activations
+        inputs = [x.reshape(-1, x.shape[-1])]
+        outputs = []
+        for weight, bias, activation in zip(weights, biases, activations, strict=True):
+            hidden = torch.nn.functional.linear(inputs[-1], weight, bias)
+            if activation == "relu":
+                hidden = torch.relu(hidden)
+            outputs.append(hidden)
+            inputs.append(hidden)
+        needs = ctx.needs_input_grad
+        grad = grad_output.reshape(-1, grad_output.shape[-1])
+        grads: list[torch.Tensor | None] = [None] * len(params)
+        for index in reversed(range(len(weights))):
+            if activations[index] == "relu":
+                grad = torch.ops.aten.threshold_backward(grad, outputs[index], 0)
+            if needs[3 + 2 * index]:
+                grads[2 * index] = grad.t().mm(inputs[index])
+            if biases[index] is not None and needs[4 + 2 * index]:
+                grads[2 * index + 1] = grad.sum(0)
+            if index == 0 and not needs[0]:
+                break
+            grad = grad.mm(weights[index])
+        grad_x = grad.reshape(x.shape) if needs[0] else None
+        return (grad_x, None, None, *grads)
+
+
+class _ChainState:
+    """Which chain a module's children form, and the packed form of its parameters, reused while
+    none of them changed.
+
+    A change is seen through each parameter's identity, storage address and version counter,
+    which every in-place op bumps (optimizer steps, ``load_state_dict``, ``copy_`` under
+    ``no_grad``); ``.to()`` and ``.data = ...`` move the storage. The packed tensors are kept
+    alive so their addresses cannot be reused. Edits through ``.data`` bypass the version
+    counter, as they bypass autograd: call the module's ``invalidate()`` after those.
+    """
+
+    def __init__(self) -> None:
+        self.modules: tuple[nn.Module, ...] = ()
+        self.layers: Layers | None = None
+        self.invalidate()
+
+    def invalidate(self) -> None:
+        self.key: list[tuple[int, int, int]] | None = None
+        self.dtype: torch.dtype | None = None
+        self.chain: _native.Chain | None = None
+        self.pinned: list[torch.Tensor | None] = []
+
+    def set_modules(self, modules: tuple[nn.Module, ...]) -> Layers | None:
+        if modules != self.modules:
+            self.modules, self.layers = modules, _chain_layers(modules)
+            self.invalidate()
+        return self.layers
+
+    def chain_for(self, layers: Layers, dtype: torch.dtype) -> _native.Chain | None:
+        """The packed chain for inputs of ``dtype``, or None if the parameters do not allow it
+        (another device or dtype)."""
+        params = _parameters(layers)
+        try:
+            key = [(id(p), p.data_ptr(), p._version) for p in params if p is not None]
+        except RuntimeError:  # inference tensors have no version counter: pack every time
+            key = None
+        if key is not None and key == self.key and dtype == self.dtype:
+            return self.chain
+        usable = all(
+            p is None or (p.device.type == "cpu" and p.dtype == dtype and p.layout == torch.strided)
+            for p in params
+        )
+        self.chain = (
+            pack_chain(params[0::2], params[1::2], [activation for _, activation in layers])
+            if usable
+            else None
+        )
+        self.key, self.dtype = key, dtype
+        self.pinned = [None if p is None else p.detach() for p in params]
+        return self.chain
+
+
+def _check_features(layers: Layers, x: torch.Tensor) -> None:
+    in_features = layers[0][0].in_features
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"expected input of shape (*, {in_features}), got shape {tuple(x.shape)}")
+
+
+def _fused_forward(state: _ChainState, layers: Layers, x: torch.Tensor) -> torch.Tensor | None:
+    """The fused forward of ``layers`` on ``x``, or None where only plain PyTorch computes what
+    PyTorch would (CUDA, other dtypes, tensor subclasses, ``torch.compile`` tracing)."""
+    if (
+        type(x) is not torch.Tensor
+        or x.dtype not in _FUSED_DTYPES
+        or not x.is_cpu
+        or x.layout != torch.strided
+        or torch.compiler.is_compiling()
+    ):
+        return None
+    _check_features(layers, x)
+    chain = state.chain_for(layers, x.dtype)
+    if chain is None:
+        return None
+    if torch.is_grad_enabled():
+        params = _parameters(layers)
+        if x.requires_grad or any(p is not None and p.requires_grad for p in params):
+            activations = tuple(activation for _, activation in layers)
+            return FusedMLPFunction.apply(x, chain, activations, *params)
+    return _run(chain, x)
+
+
+class FusedMLP(nn.Sequential):
+    """An ``nn.Sequential`` of ``nn.Linear`` with ``nn.ReLU`` / ``nn.Identity`` between them,
+    run by the fused kernel on CPU.
+
+    Same constructor, children, ``state_dict`` keys and printout as ``nn.Sequential``; input of
+    shape ``(*, in_features)``. CPU float32/float64 input runs fused (autograd through
+    ``FusedMLPFunction`` when a gradient is needed); anything else (CUDA, half precision, a
+    chain holding other modules) runs as plain ``nn.Sequential``.
+    """
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self._fused = _ChainState()
+
+    @classmethod
+    def from_sequential(cls, sequential: nn.Sequential) -> FusedMLP:
+        """A FusedMLP holding the same child modules (and so the same parameters)."""
+        fused = cls(sequential._modules)
+        fused.train(sequential.training)
+        return fused
+
+    def _get_name(self) -> str:
+        return "Sequential"  # prints exactly like the nn.Sequential it replaces
+
+    def fused_layers(self) -> Layers | None:
+        """The chain the kernel runs, as ``(linear, activation)`` pairs; None if a child is not
+        ``nn.Linear`` / ``nn.ReLU`` / ``nn.Identity`` (then it runs as plain nn.Sequential)."""
+        return self._fused.set_modules(tuple(self._modules.values()))  # type: ignore[arg-type]
+
+    def invalidate(self) -> None:
+        """Forget the packed weights (only needed after edits through ``.data``)."""
+        self._fused.invalidate()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layers = self.fused_layers()
+        result = None if layers is None else _fused_forward(self._fused, layers, x)
+        return super().forward(x) if result is None else result
+
+
+# Containers whose forward is exactly "apply the children in order".
+_SEQUENTIALS = (nn.Sequential, FusedMLP)
+
+
+class AE(nn.Module):
+    """The seed's autoencoder: ``encoder`` = Linear(x, h), ReLU, Linear(h, z); ``decoder`` =
+    Linear(z, h), ReLU, Linear(h, x). Same constructor and ``state_dict`` keys as the seed's
+    class, so its checkpoints load unchanged. On CPU, ``forward`` runs encoder and decoder as one
+    fused call (identity at the bottleneck); ``encoder(x)`` alone gives the codes.
+    """
+
+    def __init__(self, x_dim: int, z_dim: int, h_dim: int = 42) -> None:
+        super().__init__()
+        self.encoder = FusedMLP(nn.Linear(x_dim, h_dim), nn.ReLU(), nn.Linear(h_dim, z_dim))
+        self.decoder = FusedMLP(nn.Linear(z_dim, h_dim), nn.ReLU(), nn.Linear(h_dim, x_dim))
+        self._fused = _ChainState()
+
+    def invalidate(self) -> None:
+        """Forget the packed weights (only needed after edits through ``.data``)."""
+        self._fused.invalidate()
+        self.encoder.invalidate()
+        self.decoder.invalidate()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(*, x_dim)`` -> reconstruction of shape ``(*, x_dim)``."""
+        result = None
+        if type(self.encoder) in _SEQUENTIALS and type(self.decoder) in _SEQUENTIALS:
+            modules = (*self.encoder._modules.values(), *self.decoder._modules.values())
+            layers = self._fused.set_modules(modules)
+            result = None if layers is None else _fused_forward(self._fused, layers, x)
+        return self.decoder(self.encoder(x)) if result is None else result
