@@ -50,8 +50,16 @@ fn cast_matrix<'a, 'py, T: Float + numpy::Element>(
     })
 }
 
-fn contiguous<'a, T>(slice: Result<&'a [T], numpy::AsSliceError>, what: &str) -> PyResult<&'a [T]> {
-    slice.map_err(|_| PyValueError::new_err(format!("{what} must be C-contiguous and aligned")))
+/// The array's elements in memory order, which is row order only for a C-contiguous array
+/// (`as_slice` also accepts Fortran order).
+fn c_order<'a, T: numpy::Element, D: numpy::ndarray::Dimension>(
+    array: &'a numpy::PyReadonlyArray<'_, T, D>,
+    what: &str,
+) -> PyResult<&'a [T]> {
+    match array.as_slice() {
+        Ok(slice) if array.is_c_contiguous() => Ok(slice),
+        _ => Err(PyValueError::new_err(format!("{what} must be C-contiguous and aligned"))),
+    }
 }
 
 fn parse_activation(name: &str, index: usize) -> PyResult<Activation> {
@@ -107,9 +115,9 @@ fn build<T: Float + numpy::Element>(
     {
         let shape = weight.shape();
         specs.push(LayerSpec {
-            weight: contiguous(weight.as_slice(), &format!("layer {index} weight"))?,
+            weight: c_order(weight, &format!("layer {index} weight"))?,
             bias: match bias {
-                Some(bias) => Some(contiguous(bias.as_slice(), &format!("layer {index} bias"))?),
+                Some(bias) => Some(c_order(bias, &format!("layer {index} bias"))?),
                 None => None,
             },
             out_features: shape[0],
@@ -150,10 +158,12 @@ fn run<T: Float + numpy::Element>(
             "out must be writeable and must not overlap x ({e})"
         ))
     })?;
-    let input = contiguous(input.as_slice(), "x")?;
-    let output = output
-        .as_slice_mut()
-        .map_err(|_| PyValueError::new_err("out must be C-contiguous and aligned"))?;
+    let input = c_order(&input, "x")?;
+    let c_contiguous_out = output.is_c_contiguous();
+    let output = match output.as_slice_mut() {
+        Ok(slice) if c_contiguous_out => slice,
+        _ => return Err(PyValueError::new_err("out must be C-contiguous and aligned")),
+    };
     py.detach(|| mlp.forward(input, output)).map_err(to_py_err)
 }
 

@@ -23,7 +23,8 @@ def forward(
     h = x64.reshape(-1, x64.shape[-1])
     outputs = []
     for (weight, bias), activation in zip(layers, activations, strict=True):
-        h = h @ np.asarray(weight, dtype=np.float64).T
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf inputs are allowed
+            h = h @ np.asarray(weight, dtype=np.float64).T
         if bias is not None:
             h = h + np.asarray(bias, dtype=np.float64)
         if activation == "relu":

@@ -22,7 +22,17 @@ def _float_dtype(dtype: npt.DTypeLike) -> np.dtype:
     return resolved
 
 
-def check_input(x: object, dtype: np.dtype, in_features: int) -> tuple[np.ndarray, tuple[int, ...]]:
+def check_output_size(rows: int, out_features: int, dtype: np.dtype) -> None:
+    """Refuses a batch whose output could not even be addressed, before anything is allocated."""
+    if rows * out_features * dtype.itemsize > sys.maxsize:
+        raise ValueError(
+            f"an output of {rows} x {out_features} {dtype} values is larger than memory can address"
+        )
+
+
+def check_input(
+    x: object, dtype: np.dtype, in_features: int, out_features: int
+) -> tuple[np.ndarray, tuple[int, ...]]:
     """Validates ``x`` of shape ``(*, in_features)``; returns it as an aligned C-contiguous 2-D
     array of ``dtype`` (copied only if it must be) and the leading shape."""
     array = x if isinstance(x, np.ndarray) else np.asarray(x, dtype=dtype)
@@ -32,22 +42,14 @@ def check_input(x: object, dtype: np.dtype, in_features: int) -> tuple[np.ndarra
     if not shape or shape[-1] != in_features:
         raise ValueError(f"expected an array of shape (*, {in_features}), got shape {shape}")
     lead = shape[:-1]
+    rows = math.prod(lead)
+    check_output_size(rows, out_features, dtype)
     if len(shape) != 2:
-        array = array.reshape(math.prod(lead), in_features)
+        array = array.reshape(rows, in_features)
     flags = array.flags
     if not (flags.c_contiguous and flags.aligned) or array.dtype != dtype:
         array = np.require(array, dtype, ["C", "A"])
     return array, lead
-
-
-def new_output(rows: int, out_features: int, dtype: np.dtype) -> np.ndarray:
-    """An uninitialised ``(rows, out_features)`` array; a size that could not even be addressed
-    is a ValueError before anything is allocated."""
-    if rows * out_features * dtype.itemsize > sys.maxsize:
-        raise ValueError(
-            f"an output of {rows} x {out_features} {dtype} values is larger than memory can address"
-        )
-    return np.empty((rows, out_features), dtype)
 
 
 class MLP:
@@ -116,9 +118,9 @@ class MLP:
 
     def __call__(self, x: npt.ArrayLike, out: FloatArray | None = None) -> FloatArray:
         """``(*, in_features)`` -> ``(*, out_features)``, in the MLP's dtype."""
-        x2, lead = check_input(x, self._dtype, self._chain.in_features)
+        x2, lead = check_input(x, self._dtype, self._chain.in_features, self._chain.out_features)
         if out is None:
-            result = new_output(x2.shape[0], self._chain.out_features, self._dtype)
+            result = np.empty((x2.shape[0], self._chain.out_features), self._dtype)
             self._chain.forward(x2, result)
             return result if len(lead) == 1 else result.reshape((*lead, self.out_features))
         expected = (*lead, self.out_features)

@@ -19,7 +19,7 @@ from torch import nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from fusedae import _native
-from fusedae.mlp import new_output
+from fusedae.mlp import check_output_size
 
 __all__ = ["AE", "FusedMLP", "FusedMLPFunction", "pack_chain"]
 
@@ -76,11 +76,13 @@ def pack_chain(
 def _run(chain: _native.Chain, x: torch.Tensor) -> torch.Tensor:
     """The kernel on ``x`` of shape ``(*, in_features)``; no autograd."""
     flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    dtype = _NUMPY_DTYPES[x.dtype]
+    check_output_size(flat.shape[0], chain.out_features, dtype)
     if flat.requires_grad:
         flat = flat.detach()
     if not flat.is_contiguous():
         flat = flat.contiguous()
-    out = new_output(flat.shape[0], chain.out_features, _NUMPY_DTYPES[x.dtype])
+    out = np.empty((flat.shape[0], chain.out_features), dtype)
     chain.forward(flat.numpy(), out)
     result = torch.from_numpy(out)
     return result if x.dim() == 2 else result.reshape(*x.shape[:-1], chain.out_features)
@@ -201,13 +203,19 @@ def _fused_forward(state: _ChainState, layers: Layers, x: torch.Tensor) -> torch
     PyTorch would (CUDA, other dtypes, tensor subclasses, ``torch.compile`` tracing)."""
     if (
         type(x) is not torch.Tensor
-        or x.dtype not in _FUSED_DTYPES
         or not x.is_cpu
         or x.layout != torch.strided
         or torch.compiler.is_compiling()
     ):
         return None
     _check_features(layers, x)
+    weight_dtype = layers[0][0]._parameters["weight"].dtype
+    if x.dtype != weight_dtype:
+        raise TypeError(
+            f"expected input of dtype {weight_dtype} (the parameters' dtype), got {x.dtype}"
+        )
+    if x.dtype not in _FUSED_DTYPES:
+        return None
     chain = state.chain_for(layers, x.dtype)
     if chain is None:
         return None

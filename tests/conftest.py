@@ -1,0 +1,36 @@
+"""Shared fixtures: fresh random generators and the ISAs this CPU can run."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+import fusedae
+from fusedae import _native
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    """A generator seeded from the OS: every run draws fresh inputs (the seed is printed on
+    failure through pytest's -ra summary of the test id and this repr)."""
+    return np.random.default_rng()
+
+
+def selected_isas() -> list[str]:
+    """Every ISA to test in this process: all the CPU supports, or only the forced one."""
+    forced = os.environ.get("FUSEDAE_ISA")
+    return [forced] if forced else _native.available_isas()
+
+
+@pytest.fixture(params=selected_isas())
+def isa(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    threads = fusedae.get_num_threads()
+    yield
+    fusedae.set_num_threads(threads)

@@ -1,0 +1,322 @@
+"""The numpy API against the float64 reference, on every ISA this CPU runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fusedae
+from fusedae import _native, _reference
+
+WIDTHS = [1, 17, 42, 64, 784]
+BATCHES = [0, 1, 2, 7, 64, 1000]
+TOLERANCE = {np.float32: 1e-5, np.float64: 1e-12}
+
+
+def random_layers(rng: np.random.Generator, widths: list[int], dtype=np.float32, bias=True):
+    layers = []
+    for fan_in, fan_out in zip(widths[:-1], widths[1:], strict=True):
+        bound = 1 / np.sqrt(fan_in)
+        weight = rng.uniform(-bound, bound, (fan_out, fan_in)).astype(dtype)
+        layers.append((weight, rng.uniform(-bound, bound, fan_out).astype(dtype) if bias else None))
+    return layers
+
+
+def relative_error(got: np.ndarray, want: np.ndarray) -> float:
+    if want.size == 0:
+        return 0.0
+    scale = max(float(np.max(np.abs(want))), 1e-30)
+    return float(np.max(np.abs(got.astype(np.float64) - want))) / scale
+
+
+def check_against_reference(mlp: fusedae.MLP, layers, x: np.ndarray) -> None:
+    want, _ = _reference.forward(layers, mlp.activations, x)
+    got = mlp(x)
+    assert got.dtype == mlp.dtype
+    assert got.shape == (*x.shape[:-1], mlp.out_features)
+    assert relative_error(got, want) <= TOLERANCE[mlp.dtype.type]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("width", WIDTHS)
+def test_encoder_matches_reference_for_every_width_and_batch(rng, isa, dtype, width):
+    for widths in ([784, 42, width], [width, 42, 16], [width, width]):
+        layers = random_layers(rng, widths, dtype)
+        mlp = fusedae.MLP(layers, isa=isa)
+        assert mlp.isa == isa
+        for batch in BATCHES:
+            check_against_reference(
+                mlp, layers, rng.standard_normal((batch, widths[0])).astype(dtype)
+            )
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_whole_autoencoder_is_one_chain_with_identity_at_the_bottleneck(rng, isa, dtype):
+    layers = random_layers(rng, [784, 42, 16, 42, 784], dtype)
+    mlp = fusedae.MLP(layers, ["relu", "identity", "relu", "identity"], isa=isa)
+    for batch in BATCHES:
+        check_against_reference(mlp, layers, rng.standard_normal((batch, 784)).astype(dtype))
+
+
+def test_asymmetric_deep_chain_without_biases_and_relu_last(rng, isa):
+    layers = random_layers(rng, [100, 300, 64, 42, 2, 42, 100], bias=False)
+    activations = ["relu", "relu", "identity", "relu", "relu", "relu"]
+    mlp = fusedae.MLP(layers, activations, isa=isa)
+    check_against_reference(mlp, layers, rng.standard_normal((257, 100)).astype(np.float32))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    widths=st.lists(st.integers(1, 80), min_size=2, max_size=5),
+    batch=st.integers(0, 40),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    relu_mask=st.integers(0, 31),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_any_chain_matches_reference(widths, batch, dtype, relu_mask, seed):
+    rng = np.random.default_rng(seed)
+    layers = random_layers(rng, widths, dtype)
+    activations = ["relu" if relu_mask >> i & 1 else "identity" for i in range(len(layers))]
+    for isa in fusedae.info()["available_isas"]:
+        mlp = fusedae.MLP(layers, activations, isa=isa)
+        check_against_reference(mlp, layers, rng.standard_normal((batch, widths[0])).astype(dtype))
+
+
+def test_inputs_of_any_rank_layout_alignment_and_byte_order(rng, isa):
+    layers = random_layers(rng, [42, 17, 5])
+    mlp = fusedae.MLP(layers, isa=isa)
+    base = rng.standard_normal((6, 84)).astype(np.float32)
+    read_only = base[:, :42].copy()
+    read_only.flags.writeable = False
+    raw = np.zeros(6 * 42 * 4 + 1, np.uint8)[1:]
+    unaligned = raw.view(np.float32).reshape(6, 42)
+    unaligned[:] = base[:, :42]
+    cases = {
+        "1-D": base[0, :42],
+        "3-D": base.reshape(2, 3, 84)[:, :, :42],
+        "strided columns": base[:, ::2],
+        "strided rows": base[::2, :42],
+        "fortran": np.asfortranarray(base[:, :42]),
+        "read-only": read_only,
+        "unaligned": unaligned,
+        "big-endian": base[:, :42].astype(">f4"),
+        "list": base[:2, :42].tolist(),
+    }
+    assert not unaligned.flags.aligned
+    for name, x in cases.items():
+        want, _ = _reference.forward(layers, mlp.activations, np.asarray(x, np.float64))
+        got = mlp(x)
+        assert got.shape == want.shape, name
+        assert relative_error(got, want) <= 1e-5, name
+
+
+def test_out_receives_the_result(rng, isa):
+    layers = random_layers(rng, [30, 42, 7])
+    mlp = fusedae.MLP(layers, isa=isa)
+    x = rng.standard_normal((2, 5, 30)).astype(np.float32)
+    out = np.full((2, 5, 7), np.nan, np.float32)
+    assert mlp(x, out=out) is out
+    np.testing.assert_array_equal(out, mlp(x))
+
+
+def test_nan_and_inf_propagate_like_pytorch(rng, isa):
+    layers = random_layers(rng, [20, 42, 16])
+    mlp = fusedae.MLP(layers, isa=isa)
+    x = rng.standard_normal((3, 20)).astype(np.float32)
+    x[1, 4] = np.nan
+    x[2, 0] = np.inf
+    got = mlp(x)
+    want, _ = _reference.forward(layers, mlp.activations, x)
+    assert np.all(np.isfinite(got[0]))
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+    assert relative_error(got[0], want[0]) <= 1e-5
+
+
+def test_threads_give_identical_results_and_are_configurable(rng):
+    layers = random_layers(rng, [784, 42, 16])
+    mlp = fusedae.MLP(layers)
+    x = rng.standard_normal((3000, 784)).astype(np.float32)
+    fusedae.set_num_threads(1)
+    assert fusedae.get_num_threads() == 1
+    single = mlp(x)
+    fusedae.set_num_threads(2)
+    assert fusedae.info()["threads"] == 2
+    np.testing.assert_array_equal(mlp(x), single)
+    with pytest.raises(ValueError, match="at least 1, got 0"):
+        fusedae.set_num_threads(0)
+    with pytest.raises(ValueError, match="at least 1, got -3"):
+        fusedae.set_num_threads(-3)
+
+
+def test_four_python_threads_calling_at_once_get_their_own_results(rng):
+    layers = random_layers(rng, [784, 42, 16, 42, 784])
+    mlp = fusedae.MLP(layers, ["relu", "identity", "relu", "identity"])
+    inputs = [rng.standard_normal((n, 784)).astype(np.float32) for n in (1, 33, 700, 2500)]
+    wants = [_reference.forward(layers, mlp.activations, x)[0] for x in inputs]
+    errors: list[str] = []
+    barrier = threading.Barrier(len(inputs))
+
+    def work(index: int) -> None:
+        barrier.wait()
+        for _ in range(5):
+            if relative_error(mlp(inputs[index]), wants[index]) > 1e-5:
+                errors.append(f"thread {index}")
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+
+
+class TestBadInput:
+    @pytest.fixture
+    def mlp(self, rng):
+        return fusedae.MLP(random_layers(rng, [8, 42, 3]))
+
+    @pytest.mark.parametrize("dtype", [np.int64, np.float16, np.complex64, np.float64, bool])
+    def test_wrong_dtype_is_a_type_error_naming_both(self, mlp, dtype):
+        with pytest.raises(TypeError, match=f"expected a float32 array, got {np.dtype(dtype)}"):
+            mlp(np.zeros((2, 8), dtype))
+
+    def test_zero_dimensional_input(self, mlp):
+        with pytest.raises(ValueError, match=r"shape \(\*, 8\), got shape \(\)"):
+            mlp(np.float32(1.0))
+
+    def test_feature_size_mismatch_names_both(self, mlp):
+        with pytest.raises(
+            ValueError, match=r"expected an array of shape \(\*, 8\), got shape \(4, 9\)"
+        ):
+            mlp(np.zeros((4, 9), np.float32))
+
+    def test_batch_zero_gives_an_empty_output(self, mlp):
+        assert mlp(np.zeros((0, 8), np.float32)).shape == (0, 3)
+        assert mlp(np.zeros((2, 0, 8), np.float32)).shape == (2, 0, 3)
+
+    def test_inconsistent_weights_and_biases(self, rng):
+        w1, w2 = np.zeros((42, 8), np.float32), np.zeros((3, 41), np.float32)
+        with pytest.raises(ValueError, match="layer 1: takes 41 inputs but layer 0 gives 42"):
+            fusedae.MLP([(w1, None), (w2, None)])
+        with pytest.raises(ValueError, match="bias must have 42 values"):
+            fusedae.MLP([(w1, np.zeros(41, np.float32))])
+        with pytest.raises(ValueError, match=r"expected 2 dimensions, got shape \(8,\)"):
+            fusedae.MLP([(np.zeros(8, np.float32), None)])
+        with pytest.raises(ValueError, match="at least one layer"):
+            fusedae.MLP([])
+        with pytest.raises(ValueError, match="one activation per layer"):
+            fusedae.MLP([(w1, None)], ["relu", "relu"])
+        with pytest.raises(ValueError, match="'relu' or 'identity', got 'tanh'"):
+            fusedae.MLP([(w1, None)], ["tanh"])
+        with pytest.raises(ValueError, match="widths must be at least 1"):
+            fusedae.MLP([(np.zeros((0, 8), np.float32), None)])
+        with pytest.raises(TypeError, match="dtype must be float32 or float64, got float16"):
+            fusedae.MLP([(w1, None)], dtype=np.float16)
+
+    def test_sizes_that_would_overflow(self, rng):
+        widening = fusedae.MLP(random_layers(rng, [1, 64]))
+        huge = np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), (2**58, 1), (0, 0))
+        with pytest.raises(ValueError, match="larger than memory can address"):
+            widening(huge)
+
+    def test_bad_out(self, mlp):
+        x = np.zeros((4, 8), np.float32)
+        with pytest.raises(
+            ValueError, match=r"shape \(4, 3\), got float32 array of shape \(4, 2\)"
+        ):
+            mlp(x, out=np.zeros((4, 2), np.float32))
+        with pytest.raises(ValueError, match="float32 array of shape"):
+            mlp(x, out=np.zeros((4, 3), np.float64))
+        with pytest.raises(ValueError, match="C-contiguous"):
+            mlp(x, out=np.zeros((3, 4), np.float32).T)
+        read_only = np.zeros((4, 3), np.float32)
+        read_only.flags.writeable = False
+        with pytest.raises(ValueError, match="writeable"):
+            mlp(x, out=read_only)
+
+    def test_out_overlapping_the_input(self, rng):
+        square = fusedae.MLP(random_layers(rng, [4, 4]))
+        x = np.ones((3, 4), np.float32)
+        with pytest.raises(ValueError, match="must not overlap x"):
+            square(x, out=x)
+
+    def test_native_chain_checks_its_own_arguments(self, mlp):
+        chain = mlp._chain
+        with pytest.raises(
+            TypeError, match="expected a 2-D float32 numpy array, got a 3-D float32"
+        ):
+            chain.forward(np.zeros((1, 1, 8), np.float32), np.zeros((1, 3), np.float32))
+        with pytest.raises(TypeError, match="got a list"):
+            chain.forward([[0.0] * 8], np.zeros((1, 3), np.float32))
+        with pytest.raises(
+            ValueError, match="x has 7 features per row, but the first layer takes 8"
+        ):
+            chain.forward(np.zeros((1, 7), np.float32), np.zeros((1, 3), np.float32))
+        with pytest.raises(ValueError, match="x must be C-contiguous"):
+            chain.forward(np.zeros((8, 2), np.float32).T, np.zeros((2, 3), np.float32))
+        with pytest.raises(ValueError, match="out must be C-contiguous"):
+            chain.forward(np.zeros((2, 8), np.float32), np.zeros((3, 2), np.float32).T)
+        fortran_weight = np.zeros((8, 42), np.float32).T
+        with pytest.raises(ValueError, match="layer 0 weight must be C-contiguous"):
+            _native.Chain([fortran_weight], [None], ["relu"])
+        with pytest.raises(ValueError, match="one bias and one activation per weight"):
+            _native.Chain([np.zeros((2, 2), np.float32)], [], ["relu"])
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=120,
+        check=False,
+    )
+
+
+def test_import_needs_no_torch_and_info_reports_the_isa():
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import fusedae, numpy as np\n"
+        "info = fusedae.info()\n"
+        "m = fusedae.MLP([(np.eye(3, dtype=np.float32), None)])\n"
+        "assert (m(np.ones((1, 3), np.float32)) == 1).all()\n"
+        "print(info['isa'], info['build_profile'], info['threads'])\n"
+    )
+    result = run_python(code, FUSEDAE_ISA="")
+    assert result.returncode == 0, result.stderr
+    isa, profile, threads = result.stdout.split()
+    assert isa == fusedae.info()["available_isas"][0]
+    assert profile == "release"
+    assert int(threads) >= 1
+    untouched = run_python("import sys, fusedae; print('torch' in sys.modules)")
+    assert untouched.stdout.strip() == "False"
+
+
+def test_forcing_each_supported_isa():
+    for isa in fusedae.info()["available_isas"]:
+        result = run_python("import fusedae; print(fusedae.info()['isa'])", FUSEDAE_ISA=isa)
+        assert result.stdout.strip() == isa, result.stderr
+
+
+def test_unknown_or_unsupported_isa_is_a_clear_error():
+    result = run_python("import fusedae; fusedae.info()", FUSEDAE_ISA="sse9")
+    assert result.returncode != 0
+    assert 'ValueError: unknown ISA "sse9": expected one of avx512, avx2, scalar' in result.stderr
+    missing = [i for i in ("avx512", "avx2") if i not in fusedae.info()["available_isas"]]
+    for isa in missing:
+        result = run_python("import fusedae; fusedae.info()", FUSEDAE_ISA=isa)
+        assert (
+            f"RuntimeError: ISA {isa} was requested but this CPU does not support it"
+            in result.stderr
+        )
+    with pytest.raises(ValueError, match="unknown ISA"):
+        fusedae.MLP([(np.eye(2, dtype=np.float32), None)], isa="sse9")
