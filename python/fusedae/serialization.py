@@ -1,0 +1,321 @@
+"""A chain of Linear layers in one ``.safetensors`` file, read and written with numpy alone.
+
+The file holds tensors ``layers.{i}.weight`` (shape ``(out_i, in_i)``, PyTorch layout) and,
+where layer ``i`` has one, ``layers.{i}.bias`` (shape ``(out_i,)``), all float32 or all float64.
+Its ``__metadata__`` records the structure the tensors cannot:
+
+* ``format``: ``"fusedae.chain"``, ``format_version``: ``"1"``;
+* ``activations``: a JSON list, ``"relu"`` or ``"identity"`` per layer, applied to its outputs;
+* ``encoder_layers``: how many leading layers form the encoder (``0`` to the layer count); the
+  layers after them are the decoder, and all of them together reconstruct.
+
+``write`` picks ``encoder_layers`` when not told (``default_encoder_layers``): a chain whose
+output is as wide as its input is read as an autoencoder whose encoder ends at its narrowest
+inner layer; any other chain is all encoder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+FORMAT = "fusedae.chain"
+FORMAT_VERSION = "1"
+Part = Literal["all", "encoder", "decoder"]
+PARTS: tuple[Part, ...] = ("all", "encoder", "decoder")
+LayerArrays = tuple[np.ndarray, np.ndarray | None]
+
+_DTYPES = {"F32": np.dtype("<f4"), "F64": np.dtype("<f8")}
+_MAX_HEADER = 100_000_000  # the limit the reference implementation enforces
+_NAME = re.compile(r"layers\.(\d+)\.(weight|bias)")
+_STATE_KEY = re.compile(r"(?:(.*)\.)?(\d+)\.(weight|bias)")
+
+
+@dataclass(frozen=True)
+class ChainSpec:
+    """A chain of Linear layers: ``(weight, bias)`` pairs with weight ``(out, in)`` and bias
+    ``(out,)`` or None, one activation per layer, and how many leading layers are the encoder."""
+
+    layers: tuple[LayerArrays, ...]
+    activations: tuple[str, ...]
+    encoder_layers: int
+
+    def part(self, part: Part) -> tuple[list[LayerArrays], list[str]]:
+        """The layers and activations of ``"encoder"``, ``"decoder"`` or ``"all"``; a part
+        without layers is a ValueError."""
+        bounds = {
+            "all": (0, len(self.layers)),
+            "encoder": (0, self.encoder_layers),
+            "decoder": (self.encoder_layers, len(self.layers)),
+        }
+        if part not in bounds:
+            raise ValueError(f"part must be one of {', '.join(PARTS)}, got {part!r}")
+        start, stop = bounds[part]
+        if start == stop:
+            raise ValueError(
+                f"this model has no {part}: its encoder is {self.encoder_layers} of its "
+                f"{len(self.layers)} layers"
+            )
+        return list(self.layers[start:stop]), list(self.activations[start:stop])
+
+
+def default_encoder_layers(widths: Sequence[int]) -> int:
+    """Where the encoder ends in a chain of ``widths`` (input, then each layer's output): at the
+    first narrowest inner layer if the output is as wide as the input, else at the end."""
+    layers = len(widths) - 1
+    if layers < 2 or widths[-1] != widths[0]:
+        return layers
+    inner = widths[1:-1]
+    return inner.index(min(inner)) + 1
+
+
+def _check_chain(
+    layers: Sequence[LayerArrays], activations: Sequence[str], encoder_layers: int
+) -> None:
+    if not layers:
+        raise ValueError("a chain needs at least one layer, got 0")
+    if len(activations) != len(layers):
+        raise ValueError(
+            f"need one activation per layer: got {len(activations)} for {len(layers)} layers"
+        )
+    for index, (activation, (weight, bias)) in enumerate(zip(activations, layers, strict=True)):
+        if activation not in ("relu", "identity"):
+            raise ValueError(
+                f"layer {index}: activation must be 'relu' or 'identity', got {activation!r}"
+            )
+        if weight.ndim != 2:
+            raise ValueError(f"layer {index}: weight must be 2-D, got shape {weight.shape}")
+        if bias is not None and bias.shape != weight.shape[:1]:
+            raise ValueError(
+                f"layer {index}: bias must have shape ({weight.shape[0]},), got {bias.shape}"
+            )
+        if index and weight.shape[1] != layers[index - 1][0].shape[0]:
+            raise ValueError(
+                f"layer {index} takes {weight.shape[1]} features, but layer {index - 1} "
+                f"gives {layers[index - 1][0].shape[0]}"
+            )
+    if not 0 <= encoder_layers <= len(layers):
+        raise ValueError(
+            f"encoder_layers must be between 0 and {len(layers)}, got {encoder_layers}"
+        )
+
+
+def write(
+    path: str | os.PathLike[str],
+    layers: Sequence[tuple[np.ndarray, np.ndarray | None]],
+    activations: Sequence[str],
+    encoder_layers: int | None = None,
+) -> None:
+    """Writes a chain to ``path`` (float32, or float64 if the first weight is float64), through
+    a temporary file renamed at the end."""
+    if not layers:
+        raise ValueError("a chain needs at least one layer, got 0")
+    dtype = np.dtype("<f8" if np.asarray(layers[0][0]).dtype == np.float64 else "<f4")
+    arrays = [
+        (
+            np.ascontiguousarray(weight, dtype=dtype),
+            None if bias is None else np.ascontiguousarray(bias, dtype=dtype),
+        )
+        for weight, bias in layers
+    ]
+    _check_chain(arrays, activations, encoder_layers or 0)
+    if encoder_layers is None:
+        widths = [arrays[0][0].shape[1], *(weight.shape[0] for weight, _ in arrays)]
+        encoder_layers = default_encoder_layers(widths)
+    tensors: list[tuple[str, np.ndarray]] = []
+    for index, (weight, bias) in enumerate(arrays):
+        tensors.append((f"layers.{index}.weight", weight))
+        if bias is not None:
+            tensors.append((f"layers.{index}.bias", bias))
+    header: dict[str, object] = {
+        "__metadata__": {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "activations": json.dumps(list(activations)),
+            "encoder_layers": str(encoder_layers),
+        }
+    }
+    offset = 0
+    for name, array in tensors:
+        header[name] = {
+            "dtype": "F64" if dtype.itemsize == 8 else "F32",
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + array.nbytes],
+        }
+        offset += array.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # tensor data starts 8-byte aligned
+    temporary = f"{os.fspath(path)}.{os.getpid()}.tmp"
+    try:
+        with open(temporary, "wb") as file:
+            file.write(struct.pack("<Q", len(encoded)))
+            file.write(encoded)
+            for _, array in tensors:
+                file.write(array.tobytes())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def read(path: str | os.PathLike[str]) -> ChainSpec:
+    """Reads a chain written by ``write``; a file that is not one, or is cut short, is a
+    ValueError naming the file and what is wrong with it."""
+    with open(path, "rb") as file:
+        data = file.read()
+    try:
+        return _parse(data)
+    except ValueError as error:
+        raise ValueError(f"{os.fspath(path)}: not a valid fusedae model file: {error}") from None
+
+
+def _parse(data: bytes) -> ChainSpec:
+    if len(data) < 8:
+        raise ValueError(f"{len(data)} bytes is too short for a safetensors file")
+    (header_size,) = struct.unpack("<Q", data[:8])
+    if header_size > min(_MAX_HEADER, len(data) - 8):
+        raise ValueError(
+            f"the header claims {header_size} bytes, but the file holds {len(data) - 8} after "
+            "the size field (truncated, or not a safetensors file)"
+        )
+    try:
+        header = json.loads(data[8 : 8 + header_size])
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"the header is not valid JSON ({error})") from None
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    metadata = header.pop("__metadata__", None)
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+        raise ValueError(
+            f"no {FORMAT!r} metadata (write the file with fusedae.torch.save or MLP.save)"
+        )
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"format_version {metadata.get('format_version')!r} is not supported "
+            f"(this fusedae reads {FORMAT_VERSION!r})"
+        )
+    try:
+        activations = json.loads(metadata["activations"])
+        encoder_layers = int(metadata["encoder_layers"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"bad activations or encoder_layers metadata ({error!r})") from None
+    if not isinstance(activations, list):
+        raise ValueError("the activations metadata is not a JSON list")
+    body = memoryview(data)[8 + header_size :]
+    tensors: dict[str, np.ndarray] = {}
+    end = 0
+    for begin, stop, name, entry in sorted(_entries(header)):
+        if begin != end:
+            raise ValueError(f"tensor {name!r} starts at byte {begin} of the data, not at {end}")
+        tensors[name] = _tensor(name, entry, body[begin:stop])
+        end = stop
+    if end != len(body):
+        raise ValueError(
+            f"the tensors take {end} bytes, but the file holds {len(body)} after the header"
+            + (" (truncated)" if end > len(body) else "")
+        )
+    layers: list[LayerArrays] = []
+    for index in range(len(activations)):
+        weight = tensors.pop(f"layers.{index}.weight", None)
+        if weight is None:
+            raise ValueError(f"tensor 'layers.{index}.weight' is missing")
+        layers.append((weight, tensors.pop(f"layers.{index}.bias", None)))
+    if tensors:
+        raise ValueError(f"unexpected tensors {sorted(tensors)}")
+    _check_chain(layers, activations, encoder_layers)
+    return ChainSpec(tuple(layers), tuple(activations), encoder_layers)
+
+
+def _entries(header: dict[str, object]) -> list[tuple[int, int, str, dict[str, object]]]:
+    """``(begin, end, name, entry)`` for each tensor in a safetensors header."""
+    entries = []
+    for name, entry in header.items():
+        if not _NAME.fullmatch(name):
+            raise ValueError(f"unexpected tensor {name!r}")
+        if not isinstance(entry, dict):
+            raise ValueError(f"tensor {name!r}: expected a JSON object, got {entry!r}")
+        offsets = entry.get("data_offsets")
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(type(n) is int for n in offsets)
+            and 0 <= offsets[0] <= offsets[1]
+        ):
+            raise ValueError(f"tensor {name!r}: bad data_offsets in {entry!r}")
+        entries.append((offsets[0], offsets[1], name, entry))
+    return entries
+
+
+def _tensor(name: str, entry: dict[str, object], data: memoryview) -> np.ndarray:
+    """The tensor ``entry`` describes, copied out of ``data`` (its bytes, possibly cut short)."""
+    dtype = _DTYPES.get(str(entry.get("dtype")))
+    shape = entry.get("shape")
+    if dtype is None:
+        raise ValueError(f"tensor {name!r}: dtype must be F32 or F64, got {entry.get('dtype')!r}")
+    if not (isinstance(shape, list) and all(type(n) is int and n >= 0 for n in shape)):
+        raise ValueError(f"tensor {name!r}: bad shape {shape!r}")
+    size = math.prod(shape) * dtype.itemsize
+    if size != len(data):
+        raise ValueError(
+            f"tensor {name!r}: shape {tuple(shape)} of {dtype.name} needs {size} bytes, "
+            f"but {len(data)} are there (truncated?)"
+        )
+    return np.frombuffer(data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def from_state_dict(state: Mapping[str, np.ndarray]) -> ChainSpec:
+    """The chain in a PyTorch ``state_dict`` of ``nn.Sequential``s of Linear layers (as numpy
+    arrays), such as the seed's ``AE`` (``encoder.0``, ``encoder.2``, ``decoder.0``, ...) or its
+    single-Sequential form.
+
+    A state_dict does not record activations, so: one module between two Linear layers of the
+    same Sequential is read as a ReLU (the seed's layout), none as identity, more is an error;
+    the last Linear of each Sequential is followed by identity. Sequentials chain in the order of
+    the state_dict. Modules ``encoder`` and ``decoder`` set where the encoder ends; otherwise
+    ``default_encoder_layers`` does.
+    """
+    groups: dict[str, dict[int, dict[str, np.ndarray]]] = {}
+    for key, value in state.items():
+        match = _STATE_KEY.fullmatch(key)
+        if match is None:
+            raise ValueError(
+                f"unsupported checkpoint: {key!r} is not the weight or bias of a Linear layer "
+                "in an nn.Sequential"
+            )
+        prefix, index, kind = match.group(1) or "", int(match.group(2)), match.group(3)
+        groups.setdefault(prefix, {}).setdefault(index, {})[kind] = np.asarray(value)
+    if not groups:
+        raise ValueError("unsupported checkpoint: it holds no layers")
+    layers: list[LayerArrays] = []
+    activations: list[str] = []
+    for prefix, modules in groups.items():
+        indices = sorted(modules)
+        for position, index in enumerate(indices):
+            where = f"{prefix}.{index}" if prefix else str(index)
+            if "weight" not in modules[index]:
+                raise ValueError(f"unsupported checkpoint: {where} has a bias but no weight")
+            layers.append((modules[index]["weight"], modules[index].get("bias")))
+            gap = indices[position + 1] - index - 1 if position + 1 < len(indices) else 0
+            if gap > 1:
+                raise ValueError(
+                    f"unsupported checkpoint: {gap} modules between {where} and the next Linear "
+                    "layer (only one ReLU, or nothing, can be read from a state_dict)"
+                )
+            activations.append("relu" if gap else "identity")
+    _check_chain(layers, activations, 0)
+    names = [prefix.rsplit(".", 1)[-1] for prefix in groups]
+    if names == ["encoder", "decoder"]:
+        encoder_layers = len(next(iter(groups.values())))
+    else:
+        widths = [layers[0][0].shape[1], *(weight.shape[0] for weight, _ in layers)]
+        encoder_layers = default_encoder_layers(widths)
+    return ChainSpec(tuple(layers), tuple(activations), encoder_layers)
