@@ -1,0 +1,334 @@
+"""The PyTorch front end against plain PyTorch and the seed's own class."""
+
+from __future__ import annotations
+
+import copy
+import os
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+import fusedae
+from _seed import AE as SeedAE
+from fusedae.torch import AE, FusedMLP, FusedMLPFunction, pack_chain
+
+TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12}
+FORCED_ISA = os.environ.get("FUSEDAE_ISA")
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    if want.numel() == 0:
+        return 0.0
+    got64, want64 = got.detach().double(), want.detach().double()
+    return float((got64 - want64).abs().max() / want64.abs().max().clamp_min(1e-30))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed():
+    torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
+
+
+def seed_and_fused(x_dim=784, z_dim=16, h_dim=42, dtype=torch.float32):
+    seed = SeedAE(x_dim, z_dim, h_dim).to(dtype)
+    fused = AE(x_dim, z_dim, h_dim).to(dtype)
+    fused.load_state_dict(seed.state_dict())
+    return seed, fused
+
+
+def test_ae_has_the_seed_constructor_keys_and_printout():
+    seed, fused = seed_and_fused(30, 2, 7)
+    assert list(fused.state_dict()) == list(seed.state_dict())
+    assert next(iter(fused.state_dict())) == "encoder.0.weight"
+    assert repr(fused) == repr(seed)
+    assert isinstance(fused.encoder, nn.Sequential)
+    assert AE(5, 3).encoder[0].out_features == 42  # h_dim defaults to 42
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch", [0, 1, 2, 7, 64, 1000])
+def test_seed_state_dict_gives_the_same_outputs_and_gradients(dtype, batch):
+    seed, fused = seed_and_fused(dtype=dtype)
+    x = torch.randn(batch, 784, dtype=dtype)
+    with torch.no_grad():
+        assert relative_error(fused(x), seed(x)) <= TOLERANCE[dtype]
+        assert relative_error(fused.encoder(x), seed.encoder(x)) <= TOLERANCE[dtype]
+    x_seed, x_fused = x.clone().requires_grad_(), x.clone().requires_grad_()
+    grad_out = torch.randn(batch, 784, dtype=dtype)
+    (seed(x_seed) * grad_out).sum().backward()
+    out = fused(x_fused)
+    assert "FusedMLPFunction" in type(out.grad_fn).__name__
+    (out * grad_out).sum().backward()
+    assert relative_error(x_fused.grad, x_seed.grad) <= TOLERANCE[dtype]
+    for (name, p_seed), p_fused in zip(seed.named_parameters(), fused.parameters(), strict=True):
+        assert relative_error(p_fused.grad, p_seed.grad) <= TOLERANCE[dtype], name
+
+
+def test_ae_forward_on_cpu_is_one_fused_call(monkeypatch):
+    seed, fused = seed_and_fused()
+    calls = []
+    real_run = fusedae.torch._run
+
+    def counting_run(chain, x):
+        calls.append((chain.in_features, chain.out_features))
+        return real_run(chain, x)
+
+    monkeypatch.setattr(fusedae.torch, "_run", counting_run)
+    x = torch.randn(5, 784)
+    with torch.inference_mode():
+        y = fused(x)
+    assert calls == [(784, 784)]
+    assert relative_error(y, seed(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("shape", [(784,), (3, 784), (2, 3, 784), (0, 784), (4, 0, 784), (1, 784)])
+def test_input_of_any_leading_shape(shape):
+    seed, fused = seed_and_fused()
+    x = torch.randn(shape)
+    with torch.inference_mode():
+        got, want = fused.encoder(x), seed.encoder(x)
+        assert got.shape == want.shape == (*shape[:-1], 16)
+        assert relative_error(got, want) <= 1e-5
+        assert fused(x).shape == shape
+
+
+def test_non_contiguous_and_expanded_input():
+    seed, fused = seed_and_fused()
+    base = torch.randn(10, 1568)
+    for x in (base[:, ::2], base[::2, :784], base.t()[:784].t(), torch.randn(784).expand(6, 784)):
+        with torch.no_grad():
+            assert relative_error(fused(x), seed(x)) <= 1e-5
+
+
+def test_no_grad_and_inference_mode_bypass_autograd():
+    _, fused = seed_and_fused()
+    x = torch.randn(3, 784)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            y = fused(x)
+        assert y.grad_fn is None
+        assert not y.requires_grad
+    y = fused(x)
+    assert y.requires_grad
+
+
+class TestNeverStale:
+    """The packed weights follow every change of the parameters."""
+
+    def check(self, fused: nn.Module, plain: nn.Module, dtype=torch.float32):
+        x = torch.randn(4, plain.encoder[0].in_features, dtype=dtype)
+        with torch.inference_mode():
+            assert relative_error(fused(x), plain(x)) <= TOLERANCE[dtype]
+            assert relative_error(fused.encoder(x), plain.encoder(x)) <= TOLERANCE[dtype]
+
+    def test_optimizer_steps(self):
+        seed, fused = seed_and_fused(20, 3, 8)
+        self.check(fused, seed)  # packs
+        optimizer = torch.optim.SGD(fused.parameters(), lr=0.5)
+        x = torch.randn(16, 20)
+        for _ in range(3):
+            optimizer.zero_grad()
+            ((fused(x) - x) ** 2).mean().backward()
+            optimizer.step()
+            seed.load_state_dict(fused.state_dict())
+            self.check(fused, seed)
+
+    def test_adam_foreach_and_fused_steps(self):
+        for options in ({"foreach": True}, {"foreach": False}):
+            seed, fused = seed_and_fused(20, 3, 8)
+            self.check(fused, seed)
+            optimizer = torch.optim.Adam(fused.parameters(), lr=0.1, **options)
+            ((fused(torch.randn(8, 20))) ** 2).mean().backward()
+            optimizer.step()
+            seed.load_state_dict(fused.state_dict())
+            self.check(fused, seed)
+
+    def test_load_state_dict_and_in_place_edits(self):
+        seed, fused = seed_and_fused(20, 3, 8)
+        self.check(fused, seed)
+        other = SeedAE(20, 3, 8)
+        fused.load_state_dict(other.state_dict())
+        self.check(fused, other)
+        with torch.no_grad():
+            fused.encoder[0].weight.mul_(-2)
+            fused.decoder[2].bias.add_(1)
+            other.encoder[0].weight.mul_(-2)
+            other.decoder[2].bias.add_(1)
+        self.check(fused, other)
+
+    def test_replaced_parameters_and_dtype_moves(self):
+        seed, fused = seed_and_fused(20, 3, 8)
+        self.check(fused, seed)
+        fused.encoder[0].weight = nn.Parameter(torch.randn(8, 20))
+        seed.encoder[0].weight = nn.Parameter(fused.encoder[0].weight.detach().clone())
+        self.check(fused, seed)
+        fused.double()
+        seed.double()
+        self.check(fused, seed, torch.float64)
+        fused.float()
+        seed.float()
+        self.check(fused, seed)
+        for _ in range(3):  # .data swaps may reuse freed addresses; the cache pins its tensors
+            new = torch.randn(8, 20)
+            fused.encoder[0].weight.data = new.clone()
+            seed.encoder[0].weight.data = new.clone()
+            self.check(fused, seed)
+
+    def test_edits_through_data_need_invalidate(self):
+        seed, fused = seed_and_fused(20, 3, 8)
+        self.check(fused, seed)
+        fused.encoder[0].weight.data.mul_(
+            3
+        )  # bypasses the version counter, as it bypasses autograd
+        seed.encoder[0].weight.data.mul_(3)
+        fused.invalidate()
+        self.check(fused, seed)
+
+
+class TestFusedMLP:
+    def test_is_a_drop_in_sequential(self):
+        plain = nn.Sequential(nn.Linear(10, 42), nn.ReLU(), nn.Linear(42, 4))
+        fused = FusedMLP.from_sequential(plain)
+        assert isinstance(fused, nn.Sequential)
+        assert repr(fused) == repr(plain)
+        assert list(fused.state_dict()) == list(plain.state_dict())
+        assert fused[0] is plain[0]
+        assert fused[0].weight is plain[0].weight
+        assert len(fused) == 3
+        assert isinstance(fused[1:], FusedMLP)
+        fresh = FusedMLP(nn.Linear(10, 42), nn.ReLU(), nn.Linear(42, 4))
+        fresh.load_state_dict(plain.state_dict())
+        x = torch.randn(5, 10)
+        with torch.no_grad():
+            assert relative_error(fresh(x), plain(x)) <= 1e-5
+            tail = torch.randn(5, 42)
+            assert torch.equal(fused[1:](tail), plain[2](torch.relu(tail)))
+
+    def test_deep_asymmetric_chain_with_identity_and_no_bias(self):
+        plain = nn.Sequential(
+            nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 42, bias=False), nn.Identity(),
+            nn.Linear(42, 2), nn.Linear(2, 42), nn.ReLU(), nn.Linear(42, 64), nn.ReLU(),
+        )  # fmt: skip
+        fused = FusedMLP.from_sequential(copy.deepcopy(plain))
+        assert fused.fused_layers() is not None
+        x = torch.randn(33, 64, requires_grad=True)
+        x2 = x.detach().clone().requires_grad_()
+        assert relative_error(fused(x), plain(x2)) <= 1e-5
+        fused(x).sum().backward()
+        plain(x2).sum().backward()
+        assert relative_error(x.grad, x2.grad) <= 1e-5
+        for p_fused, p_plain in zip(fused.parameters(), plain.parameters(), strict=True):
+            assert relative_error(p_fused.grad, p_plain.grad) <= 1e-5
+
+    def test_other_modules_and_dtypes_run_as_plain_sequential(self):
+        with_tanh = FusedMLP(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 2))
+        assert with_tanh.fused_layers() is None
+        x = torch.randn(3, 6)
+        want = with_tanh[2](torch.tanh(with_tanh[0](x)))
+        assert torch.equal(with_tanh(x), want)
+        relu_first = FusedMLP(nn.ReLU(), nn.Linear(6, 2))
+        assert relu_first.fused_layers() is None
+        for dtype in (torch.bfloat16, torch.float16):
+            half = FusedMLP(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2)).to(dtype)
+            plain = nn.Sequential(*half)
+            x = torch.randn(3, 6, dtype=dtype)
+            assert torch.equal(half(x), plain(x))
+
+    def test_gradcheck_through_the_function(self):
+        layers = [nn.Linear(7, 42), nn.Linear(42, 5), nn.Linear(5, 3)]
+        params = [
+            p.detach().double().requires_grad_() for layer in layers for p in layer.parameters()
+        ]
+        activations = ("relu", "identity", "relu")
+
+        def chain(x, *params):
+            packed = pack_chain(params[0::2], params[1::2], activations)
+            return FusedMLPFunction.apply(x, packed, activations, *params)
+
+        x = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(chain, (x, *params))
+
+
+class TestBadInput:
+    def test_feature_size_mismatch(self):
+        _, fused = seed_and_fused(20, 3, 8)
+        with pytest.raises(
+            ValueError, match=r"expected input of shape \(\*, 20\), got shape \(4, 19\)"
+        ):
+            fused(torch.randn(4, 19))
+        with pytest.raises(ValueError, match=r"got shape \(\)"):
+            fused.encoder(torch.tensor(1.0))
+
+    @pytest.mark.parametrize("dtype", [torch.int64, torch.float64, torch.float16, torch.bool])
+    def test_wrong_dtype(self, dtype):
+        _, fused = seed_and_fused(20, 3, 8)
+        with pytest.raises(TypeError, match=f"expected input of dtype torch.float32.*got {dtype}"):
+            fused(torch.zeros(4, 20, dtype=dtype))
+
+    def test_nan_and_inf_propagate_like_pytorch(self):
+        seed, fused = seed_and_fused(20, 3, 8)
+        x = torch.randn(3, 20)
+        x[1, 2], x[2, 5] = float("nan"), float("inf")
+        with torch.no_grad():
+            got, want = fused(x), seed(x)
+        assert torch.equal(got.isnan(), want.isnan())
+        assert relative_error(got[0], want[0]) <= 1e-5
+
+    def test_sizes_that_would_overflow(self):
+        fused = FusedMLP(nn.Linear(1, 64))
+        huge = torch.zeros(1).expand(2**58, 1)
+        with torch.no_grad(), pytest.raises(ValueError, match="larger than memory can address"):
+            fused(huge)
+
+
+def test_four_python_threads_share_one_module():
+    seed, fused = seed_and_fused()
+    inputs = [torch.randn(n, 784) for n in (1, 17, 300, 2000)]
+    with torch.no_grad():
+        wants = [seed(x) for x in inputs]
+    errors: list[int] = []
+    barrier = threading.Barrier(len(inputs))
+
+    def work(index: int) -> None:
+        barrier.wait()
+        with torch.inference_mode():
+            for _ in range(5):
+                if relative_error(fused(inputs[index]), wants[index]) > 1e-5:
+                    errors.append(index)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_runs_plain_pytorch_and_trains():
+    seed, fused = seed_and_fused(64, 2)
+    seed, fused = seed.cuda(), fused.cuda()
+    x = torch.randn(256, 64, device="cuda")
+    with torch.no_grad():
+        assert relative_error(fused(x), seed(x)) <= 1e-5
+    optimizer = torch.optim.Adam(fused.parameters(), lr=1e-2)
+    for _ in range(20):
+        optimizer.zero_grad()
+        loss = ((fused(x) - x) ** 2).mean()
+        loss.backward()
+        optimizer.step()
+    assert fused.encoder[0].weight.device.type == "cuda"
+    cpu = fused.cpu()
+    seed.load_state_dict(cpu.state_dict())
+    seed = seed.cpu()
+    with torch.inference_mode():
+        assert relative_error(cpu(x.cpu()), seed(x.cpu())) <= 1e-5
+
+
+def test_forced_isa_is_the_one_running():
+    expected = FORCED_ISA or fusedae.info()["available_isas"][0]
+    _, fused = seed_and_fused(20, 3, 8)
+    assert (
+        fused.encoder._fused.chain_for(fused.encoder.fused_layers(), torch.float32).isa == expected
+    )
