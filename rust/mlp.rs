@@ -6,22 +6,10 @@ use std::fmt;
 use rayon::prelude::*;
 
 use crate::dispatch::{Float, Isa, IsaError};
-use crate::kernels::{scratch_len, Kernel, LayerView};
-use crate::pack::{Activation, PackedLayer};
+use crate::kernels::{scratch_len, Kernel};
+pub use crate::pack::LayerSpec;
+use crate::pack::{Activation, PackedChain};
 use crate::threads;
-
-/// One Linear layer in PyTorch layout, borrowed for packing.
-#[derive(Clone, Copy, Debug)]
-pub struct LayerSpec<'a, T> {
-    /// `out_features x in_features`, row-major (as `nn.Linear.weight`).
-    pub weight: &'a [T],
-    /// `out_features` values, or none for `bias=False`.
-    pub bias: Option<&'a [T]>,
-    pub out_features: usize,
-    pub in_features: usize,
-    /// Applied to this layer's outputs.
-    pub activation: Activation,
-}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Error {
@@ -62,7 +50,7 @@ const CHUNKS_PER_THREAD: usize = 4;
 pub struct Mlp<T: Float> {
     isa: Isa,
     kernel: Kernel<T>,
-    layers: Vec<PackedLayer<T>>,
+    packed: PackedChain<T>,
     flops_per_row: usize,
 }
 
@@ -111,23 +99,11 @@ impl<T: Float> Mlp<T> {
             }
             flops_per_row = flops_per_row.saturating_add(2 * spec.weight.len());
         }
-        let layers = specs
-            .iter()
-            .map(|spec| {
-                PackedLayer::pack(
-                    &kernel.shape,
-                    spec.weight,
-                    spec.bias,
-                    spec.out_features,
-                    spec.in_features,
-                    spec.activation,
-                )
-            })
-            .collect();
+        let packed = PackedChain::pack(&kernel.shape, specs);
         Ok(Mlp {
             isa,
             kernel,
-            layers,
+            packed,
             flops_per_row,
         })
     }
@@ -137,18 +113,26 @@ impl<T: Float> Mlp<T> {
     }
 
     pub fn in_features(&self) -> usize {
-        self.layers[0].in_features
+        self.packed.layers()[0].in_features
     }
 
     pub fn out_features(&self) -> usize {
-        self.layers[self.layers.len() - 1].out_features
+        self.packed.layers()[self.packed.layers().len() - 1].out_features
     }
 
     /// `(out_features, in_features, activation)` of each layer.
     pub fn layer_shapes(&self) -> Vec<(usize, usize, Activation)> {
-        self.layers
+        let activation = |relu| {
+            if relu {
+                Activation::Relu
+            } else {
+                Activation::Identity
+            }
+        };
+        self.packed
+            .layers()
             .iter()
-            .map(|l| (l.out_features, l.in_features, l.activation))
+            .map(|l| (l.out_features, l.in_features, activation(l.relu)))
             .collect()
     }
 
@@ -174,10 +158,15 @@ impl<T: Float> Mlp<T> {
                 output.len()
             ));
         }
-        let threads = threads::num_threads();
         let mr = self.kernel.shape.mr;
         let work = rows.saturating_mul(self.flops_per_row);
-        if threads <= 1 || rows < 2 * mr || work < PARALLEL_MIN_FLOPS {
+        // The thread count is read last: it takes a lock, which small batches should not pay.
+        let threads = if rows < 2 * mr || work < PARALLEL_MIN_FLOPS {
+            1
+        } else {
+            threads::num_threads()
+        };
+        if threads <= 1 {
             self.forward_on_this_thread(input, output);
             return Ok(());
         }
@@ -197,12 +186,12 @@ impl<T: Float> Mlp<T> {
     }
 
     fn forward_on_this_thread(&self, input: &[T], output: &mut [T]) {
-        let views: Vec<LayerView<'_, T>> = self.layers.iter().map(PackedLayer::view).collect();
         let rows = input.len() / self.in_features();
-        let mut scratch = vec![T::ZERO; scratch_len(&self.kernel.shape, &views, rows)];
+        let mut scratch =
+            vec![T::ZERO; scratch_len(&self.kernel.shape, self.packed.layers(), rows)];
         // SAFETY: `Mlp::new` packed the layers with `self.kernel.shape` and checked through
         // `dispatch::require` that this CPU supports `self.isa`, the kernel's ISA.
-        unsafe { (self.kernel.forward)(&views, input, output, &mut scratch) }
+        unsafe { (self.kernel.forward)(self.packed.view(), input, output, &mut scratch) }
     }
 }
 

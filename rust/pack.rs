@@ -1,7 +1,7 @@
 //! Weights in PyTorch layout (`[out, in]` row-major) -> the panel layout the kernels read.
 //! Runs once per weight version; see `kernels/mod.rs` for the layout.
 
-use crate::kernels::{Element, LayerView, TileShape};
+use crate::kernels::{Element, LayerDesc, Packed, TileShape};
 
 /// A zero-initialised buffer whose first element sits on a 64-byte (cache-line) boundary, so no
 /// SIMD load of a panel row straddles two lines.
@@ -42,72 +42,93 @@ pub enum Activation {
     Relu,
 }
 
-/// A layer packed for one [`TileShape`].
-#[derive(Clone, Debug)]
-pub struct PackedLayer<T> {
-    pub in_features: usize,
+/// One Linear layer in PyTorch layout, borrowed for packing.
+#[derive(Clone, Copy, Debug)]
+pub struct LayerSpec<'a, T> {
+    /// `out_features x in_features`, row-major (as `nn.Linear.weight`).
+    pub weight: &'a [T],
+    /// `out_features` values, or none for `bias=False`.
+    pub bias: Option<&'a [T]>,
     pub out_features: usize,
-    pub padded_out: usize,
+    pub in_features: usize,
+    /// Applied to this layer's outputs.
     pub activation: Activation,
-    weights: AlignedBuf<T>,
-    bias: AlignedBuf<T>,
 }
 
-impl<T: Element> PackedLayer<T> {
-    /// Packs `weight` (`out_features x in_features`, row-major) and `bias` (`out_features`, or
-    /// zeros when absent). The caller has checked the lengths.
-    pub fn pack(
-        shape: &TileShape,
-        weight: &[T],
-        bias: Option<&[T]>,
-        out_features: usize,
-        in_features: usize,
-        activation: Activation,
-    ) -> Self {
-        assert_eq!(
-            weight.len(),
-            out_features * in_features,
-            "weight is out x in"
-        );
-        let padded_out = shape.padded(out_features);
-        let mut packed = AlignedBuf::zeros(in_features * padded_out);
-        let panels = packed.as_mut_slice();
-        let panel_width = shape.panel_width();
-        for col in (0..padded_out).step_by(panel_width) {
-            let width = panel_width.min(padded_out - col);
-            let panel = &mut panels[col * in_features..][..width * in_features];
-            for (k, panel_row) in panel.chunks_exact_mut(width).enumerate() {
-                for (j, value) in panel_row.iter_mut().enumerate() {
-                    let out = col + j;
-                    if out < out_features {
-                        *value = weight[out * in_features + k];
-                    }
-                }
+/// A whole chain packed for one [`TileShape`] into a single cache-line aligned buffer.
+#[derive(Clone, Debug)]
+pub struct PackedChain<T> {
+    layers: Vec<LayerDesc>,
+    data: AlignedBuf<T>,
+}
+
+impl<T: Element> PackedChain<T> {
+    /// Packs every layer; the caller has checked that the lengths match the shapes.
+    pub fn pack(shape: &TileShape, specs: &[LayerSpec<'_, T>]) -> Self {
+        // Each layer's panels and bias start on a cache line.
+        let line = ALIGN_BYTES / std::mem::size_of::<T>();
+        let mut layers = Vec::with_capacity(specs.len());
+        let mut len = 0;
+        for spec in specs {
+            let padded_out = shape.padded(spec.out_features);
+            let weights_at = len;
+            let bias_at = (weights_at + spec.in_features * padded_out).next_multiple_of(line);
+            len = (bias_at + padded_out).next_multiple_of(line);
+            layers.push(LayerDesc {
+                in_features: spec.in_features,
+                out_features: spec.out_features,
+                padded_out,
+                weights_at,
+                bias_at,
+                relu: spec.activation == Activation::Relu,
+            });
+        }
+        let mut data = AlignedBuf::zeros(len);
+        let buffer = data.as_mut_slice();
+        for (spec, layer) in specs.iter().zip(&layers) {
+            pack_panels(shape, spec, layer, buffer);
+            if let Some(bias) = spec.bias {
+                buffer[layer.bias_at..][..spec.out_features].copy_from_slice(bias);
             }
         }
-        let mut padded_bias = AlignedBuf::zeros(padded_out);
-        if let Some(bias) = bias {
-            assert_eq!(bias.len(), out_features, "bias has out_features values");
-            padded_bias.as_mut_slice()[..out_features].copy_from_slice(bias);
-        }
-        PackedLayer {
-            in_features,
-            out_features,
-            padded_out,
-            activation,
-            weights: packed,
-            bias: padded_bias,
-        }
+        PackedChain { layers, data }
     }
 
-    pub fn view(&self) -> LayerView<'_, T> {
-        LayerView {
-            in_features: self.in_features,
-            out_features: self.out_features,
-            padded_out: self.padded_out,
-            weights: self.weights.as_slice(),
-            bias: self.bias.as_slice(),
-            relu: self.activation == Activation::Relu,
+    pub fn layers(&self) -> &[LayerDesc] {
+        &self.layers
+    }
+
+    pub fn view(&self) -> Packed<'_, T> {
+        Packed {
+            layers: &self.layers,
+            data: self.data.as_slice(),
+        }
+    }
+}
+
+/// Writes `spec`'s weights as k-major panels at `layer.weights_at`, leaving padding at zero.
+fn pack_panels<T: Element>(
+    shape: &TileShape,
+    spec: &LayerSpec<'_, T>,
+    layer: &LayerDesc,
+    buffer: &mut [T],
+) {
+    assert_eq!(
+        spec.weight.len(),
+        spec.out_features * spec.in_features,
+        "weight is out x in"
+    );
+    let k = spec.in_features;
+    let panel_width = shape.panel_width();
+    for col in (0..layer.padded_out).step_by(panel_width) {
+        let width = panel_width.min(layer.padded_out - col);
+        let panel = &mut buffer[layer.weights_at + col * k..][..width * k];
+        for (row, panel_row) in panel.chunks_exact_mut(width).enumerate() {
+            for (j, value) in panel_row.iter_mut().enumerate() {
+                if col + j < spec.out_features {
+                    *value = spec.weight[(col + j) * k + row];
+                }
+            }
         }
     }
 }
@@ -135,12 +156,30 @@ mod tests {
         };
         // 5 outputs x 2 inputs -> padded to 6: one panel of 4 columns, one of 2.
         let weight: Vec<f32> = (0..10).map(|v| v as f32).collect();
-        let layer = PackedLayer::pack(&shape, &weight, Some(&[1.0; 5]), 5, 2, Activation::Relu);
-        let view = layer.view();
-        assert_eq!(view.padded_out, 6);
+        let spec = LayerSpec {
+            weight: &weight,
+            bias: Some(&[1.0; 5]),
+            out_features: 5,
+            in_features: 2,
+            activation: Activation::Relu,
+        };
+        let chain = PackedChain::pack(&shape, &[spec, spec]);
+        let view = chain.view();
+        let first = view.layers[0];
+        assert_eq!(
+            (
+                first.padded_out,
+                first.weights_at,
+                first.bias_at,
+                first.relu
+            ),
+            (6, 0, 16, true)
+        );
+        assert_eq!(view.layers[1].weights_at, 32);
         // Panel 0, k=0: W[0..4, 0]; k=1: W[0..4, 1]. Panel 1, k=0: W[4, 0], pad; k=1: W[4, 1], pad.
         let expected = [0., 2., 4., 6., 1., 3., 5., 7., 8., 0., 9., 0.];
-        assert_eq!(view.weights, &expected);
-        assert_eq!(view.bias, &[1., 1., 1., 1., 1., 0.]);
+        assert_eq!(&view.data[..12], &expected);
+        assert_eq!(&view.data[16..22], &[1., 1., 1., 1., 1., 0.]);
+        assert_eq!(view.data.as_ptr() as usize % ALIGN_BYTES, 0);
     }
 }

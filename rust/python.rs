@@ -58,7 +58,9 @@ fn c_order<'a, T: numpy::Element, D: numpy::ndarray::Dimension>(
 ) -> PyResult<&'a [T]> {
     match array.as_slice() {
         Ok(slice) if array.is_c_contiguous() => Ok(slice),
-        _ => Err(PyValueError::new_err(format!("{what} must be C-contiguous and aligned"))),
+        _ => Err(PyValueError::new_err(format!(
+            "{what} must be C-contiguous and aligned"
+        ))),
     }
 }
 
@@ -162,7 +164,11 @@ fn run<T: Float + numpy::Element>(
     let c_contiguous_out = output.is_c_contiguous();
     let output = match output.as_slice_mut() {
         Ok(slice) if c_contiguous_out => slice,
-        _ => return Err(PyValueError::new_err("out must be C-contiguous and aligned")),
+        _ => {
+            return Err(PyValueError::new_err(
+                "out must be C-contiguous and aligned",
+            ))
+        }
     };
     py.detach(|| mlp.forward(input, output)).map_err(to_py_err)
 }

@@ -2,7 +2,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{fma_loop, forward_rows, Kernel, LayerView, SimdVec, TileShape};
+use super::{fma_loop, forward_rows, Kernel, Packed, SimdVec, TileShape};
 
 #[derive(Clone, Copy, Debug)]
 struct F32x8(__m256);
@@ -50,6 +50,12 @@ impl SimdVec for F32x8 {
         // SAFETY: the caller guarantees AVX2 and FMA.
         F32x8(unsafe { _mm256_max_ps(_mm256_setzero_ps(), self.0) })
     }
+
+    #[inline(always)]
+    unsafe fn add(self, b: Self) -> Self {
+        // SAFETY: the caller guarantees AVX2 and FMA.
+        F32x8(unsafe { _mm256_add_ps(self.0, b.0) })
+    }
 }
 
 impl SimdVec for F64x4 {
@@ -92,6 +98,12 @@ impl SimdVec for F64x4 {
         // SAFETY: the caller guarantees AVX2 and FMA.
         F64x4(unsafe { _mm256_max_pd(_mm256_setzero_pd(), self.0) })
     }
+
+    #[inline(always)]
+    unsafe fn add(self, b: Self) -> Self {
+        // SAFETY: the caller guarantees AVX2 and FMA.
+        F64x4(unsafe { _mm256_add_pd(self.0, b.0) })
+    }
 }
 
 const MR: usize = 6;
@@ -110,26 +122,26 @@ fn shape(lanes: usize) -> TileShape {
 /// The CPU supports AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
 unsafe fn forward_f32(
-    layers: &[LayerView<'_, f32>],
+    chain: Packed<'_, f32>,
     input: &[f32],
     output: &mut [f32],
     scratch: &mut [f32],
 ) {
     // SAFETY: the caller guarantees AVX2 and FMA; the shape matches `F32x8`.
-    unsafe { forward_rows::<F32x8, MR, NV_MAX>(&shape(8), layers, input, output, scratch) }
+    unsafe { forward_rows::<F32x8, MR, NV_MAX>(&shape(8), chain, input, output, scratch) }
 }
 
 /// # Safety
 /// The CPU supports AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
 unsafe fn forward_f64(
-    layers: &[LayerView<'_, f64>],
+    chain: Packed<'_, f64>,
     input: &[f64],
     output: &mut [f64],
     scratch: &mut [f64],
 ) {
     // SAFETY: the caller guarantees AVX2 and FMA; the shape matches `F64x4`.
-    unsafe { forward_rows::<F64x4, MR, NV_MAX>(&shape(4), layers, input, output, scratch) }
+    unsafe { forward_rows::<F64x4, MR, NV_MAX>(&shape(4), chain, input, output, scratch) }
 }
 
 /// # Safety

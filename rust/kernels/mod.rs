@@ -6,11 +6,12 @@
 //! returning a [`Kernel`]: a [`TileShape`] that says how weights must be packed for it, and a
 //! [`ChainKernel`] function that runs the whole chain for a contiguous run of rows.
 //!
+//! All layers of a chain live in one packed buffer; a [`LayerDesc`] says where each one sits.
 //! Weights of a layer `[out, in]` are packed into column panels of at most `nv_max * lanes`
 //! outputs (the last panel may be narrower, always a multiple of `lanes`): panel `p` starts at
-//! output column `c0 = p * nv_max * lanes`, at offset `c0 * in` in the packed buffer, and stores
-//! its `width` columns k-major (`in` rows of `width` values). Outputs are padded with zero weights
-//! and zero bias up to `padded_out`, a multiple of `lanes`. The bias is padded the same way.
+//! output column `c0 = p * nv_max * lanes`, at `weights_at + c0 * in`, and stores its `width`
+//! columns k-major (`in` rows of `width` values). Outputs are padded with zero weights and zero
+//! bias up to `padded_out`, a multiple of `lanes`; the bias (`padded_out` values) is at `bias_at`.
 //!
 //! The ISA files only implement [`SimdVec`] and wrap [`forward_rows`] in a thin
 //! `#[target_feature]` function; the loop nest lives once, here.
@@ -77,6 +78,9 @@ pub trait SimdVec: Copy {
     /// # Safety
     /// The CPU supports the ISA.
     unsafe fn mul_add(self, b: Self, acc: Self) -> Self;
+    /// # Safety
+    /// The CPU supports the ISA.
+    unsafe fn add(self, b: Self) -> Self;
     /// `max(0, x)` that keeps NaN as NaN, like `torch.relu`.
     ///
     /// # Safety
@@ -107,15 +111,22 @@ impl TileShape {
     }
 }
 
-/// One packed layer, as the kernels read it (see the module docs for the layout).
-#[derive(Clone, Copy, Debug)]
-pub struct LayerView<'a, T> {
+/// Where one packed layer sits in its chain's buffer (see the module docs for the layout).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LayerDesc {
     pub in_features: usize,
     pub out_features: usize,
     pub padded_out: usize,
-    pub weights: &'a [T],
-    pub bias: &'a [T],
+    pub weights_at: usize,
+    pub bias_at: usize,
     pub relu: bool,
+}
+
+/// A packed chain: its layers and the buffer they point into.
+#[derive(Clone, Copy, Debug)]
+pub struct Packed<'a, T> {
+    pub layers: &'a [LayerDesc],
+    pub data: &'a [T],
 }
 
 /// Independent multiply-add chains in [`fma_loop`]: enough to cover FMA latency x issue width.
@@ -159,7 +170,7 @@ pub fn fma_loop_flops(iterations: usize, lanes: usize) -> usize {
 /// # Safety
 /// The CPU supports the kernel's ISA, and the layers were packed for the kernel's [`TileShape`].
 /// (Shapes and lengths are checked, with a panic on mismatch.)
-pub type ChainKernel<T> = unsafe fn(&[LayerView<'_, T>], &[T], &mut [T], &mut [T]);
+pub type ChainKernel<T> = unsafe fn(Packed<'_, T>, &[T], &mut [T], &mut [T]);
 
 /// Runs [`fma_loop`] for an ISA: `(iterations, seed) -> value`.
 ///
@@ -175,7 +186,7 @@ pub struct Kernel<T: 'static> {
 }
 
 /// Scratch elements a kernel of `shape` needs to run `rows` rows through `layers`.
-pub fn scratch_len<T>(shape: &TileShape, layers: &[LayerView<'_, T>], rows: usize) -> usize {
+pub fn scratch_len(shape: &TileShape, layers: &[LayerDesc], rows: usize) -> usize {
     let widest = layers.iter().map(|l| l.padded_out).max().unwrap_or(0);
     2 * rows.min(shape.block_rows) * widest
 }
@@ -184,11 +195,12 @@ pub fn scratch_len<T>(shape: &TileShape, layers: &[LayerView<'_, T>], rows: usiz
 /// forms stays inside its slice.
 fn check_chain<T>(
     shape: &TileShape,
-    layers: &[LayerView<'_, T>],
+    chain: &Packed<'_, T>,
     input: &[T],
     output: &[T],
     scratch: &[T],
 ) -> usize {
+    let layers = chain.layers;
     let first = layers.first().expect("a chain has at least one layer");
     let last = layers.last().expect("a chain has at least one layer");
     assert!(first.in_features > 0, "layers have at least one input");
@@ -211,12 +223,15 @@ fn check_chain<T>(
             shape.padded(layer.out_features),
             "packed for this ISA"
         );
-        assert_eq!(
-            layer.weights.len(),
-            layer.in_features * layer.padded_out,
-            "packed weights"
+        let weights_end = layer.weights_at + layer.in_features * layer.padded_out;
+        assert!(
+            weights_end <= chain.data.len(),
+            "packed weights in the buffer"
         );
-        assert_eq!(layer.bias.len(), layer.padded_out, "packed bias");
+        assert!(
+            layer.bias_at + layer.padded_out <= chain.data.len(),
+            "packed bias in the buffer"
+        );
     }
     assert!(
         scratch.len() >= scratch_len(shape, layers, rows),
@@ -237,14 +252,15 @@ fn check_chain<T>(
 #[inline(always)]
 pub unsafe fn forward_rows<V: SimdVec, const MR: usize, const NV_MAX: usize>(
     shape: &TileShape,
-    layers: &[LayerView<'_, V::Elem>],
+    chain: Packed<'_, V::Elem>,
     input: &[V::Elem],
     output: &mut [V::Elem],
     scratch: &mut [V::Elem],
 ) {
     assert!(shape.lanes == V::LANES && shape.mr == MR && shape.nv_max == NV_MAX);
     assert!(MR <= 8 && NV_MAX <= 4 && shape.block_rows.is_multiple_of(MR));
-    let rows = check_chain(shape, layers, input, output, scratch);
+    let rows = check_chain(shape, &chain, input, output, scratch);
+    let layers = chain.layers;
     if rows == 0 {
         return;
     }
@@ -278,7 +294,11 @@ pub unsafe fn forward_rows<V: SimdVec, const MR: usize, const NV_MAX: usize>(
             // `layer.in_features` values at `src_stride`, `dst` has room for `block` rows of
             // `layer.padded_out` values at `dst_stride` (or exactly `out_features` when direct,
             // which then equals `padded_out`); the caller guarantees the ISA.
-            unsafe { layer_block::<V, MR, NV_MAX>(layer, block, src, src_stride, dst, dst_stride) };
+            unsafe {
+                layer_block::<V, MR, NV_MAX>(
+                    layer, chain.data, block, src, src_stride, dst, dst_stride,
+                )
+            };
             if is_last && !direct {
                 let hidden = if into_ping { &ping[..] } else { &pong[..] };
                 let block_output =
@@ -303,7 +323,8 @@ pub unsafe fn forward_rows<V: SimdVec, const MR: usize, const NV_MAX: usize>(
 /// As at the call in [`forward_rows`].
 #[inline(always)]
 unsafe fn layer_block<V: SimdVec, const MR: usize, const NV_MAX: usize>(
-    layer: &LayerView<'_, V::Elem>,
+    layer: &LayerDesc,
+    data: &[V::Elem],
     rows: usize,
     src: *const V::Elem,
     src_stride: usize,
@@ -321,8 +342,10 @@ unsafe fn layer_block<V: SimdVec, const MR: usize, const NV_MAX: usize>(
                     a: src.add(row * src_stride),
                     lda: src_stride,
                     k: layer.in_features,
-                    panel: layer.weights.as_ptr().add(col * layer.in_features),
-                    bias: layer.bias.as_ptr().add(col),
+                    panel: data
+                        .as_ptr()
+                        .add(layer.weights_at + col * layer.in_features),
+                    bias: data.as_ptr().add(layer.bias_at + col),
                     relu: layer.relu,
                     out: dst.add(row * dst_stride + col),
                     ldo: dst_stride,
@@ -369,55 +392,86 @@ unsafe fn tile_rows<V: SimdVec>(rows: usize, nv: usize, tile: &Tile<V::Elem>) {
 unsafe fn tile_width<V: SimdVec, const NV: usize>(rows: usize, tile: &Tile<V::Elem>) {
     // SAFETY: forwarded from the caller.
     unsafe {
+        // Few rows give few independent accumulators, too few to hide the FMA latency: split
+        // `k` across extra accumulator sets (summed at the end) so batch 1 runs at throughput.
         match rows {
-            1 => register_tile::<V, 1, NV>(tile),
-            2 => register_tile::<V, 2, NV>(tile),
-            3 => register_tile::<V, 3, NV>(tile),
-            4 => register_tile::<V, 4, NV>(tile),
-            5 => register_tile::<V, 5, NV>(tile),
-            6 => register_tile::<V, 6, NV>(tile),
-            7 => register_tile::<V, 7, NV>(tile),
-            8 => register_tile::<V, 8, NV>(tile),
+            1 => register_tile::<V, 1, NV, 4>(tile),
+            2 => register_tile::<V, 2, NV, 2>(tile),
+            3 => register_tile::<V, 3, NV, 1>(tile),
+            4 => register_tile::<V, 4, NV, 1>(tile),
+            5 => register_tile::<V, 5, NV, 1>(tile),
+            6 => register_tile::<V, 6, NV, 1>(tile),
+            7 => register_tile::<V, 7, NV, 1>(tile),
+            8 => register_tile::<V, 8, NV, 1>(tile),
             _ => unreachable!("register tiles are at most 8 rows"),
         }
     }
 }
 
 /// The microkernel: `R x NV` registers of accumulators seeded with the bias, one broadcast of an
-/// input value and `NV` panel loads per step of `k`, ReLU applied in registers.
+/// input value and `NV` panel loads per step of `k`, ReLU applied in registers. With `KS > 1`,
+/// consecutive steps of `k` go to `KS` separate accumulator sets, added up before the ReLU.
 ///
 /// # Safety
 /// As for [`tile_rows`], with `rows == R` and `nv == NV`.
 #[inline(always)]
-unsafe fn register_tile<V: SimdVec, const R: usize, const NV: usize>(tile: &Tile<V::Elem>) {
+unsafe fn register_tile<V: SimdVec, const R: usize, const NV: usize, const KS: usize>(
+    tile: &Tile<V::Elem>,
+) {
     let lanes = V::LANES;
+    let step = NV * lanes;
     // SAFETY: the caller guarantees the ISA and that `R` rows of `k` inputs, `k` panel rows of
-    // `NV * LANES` values, `NV * LANES` bias values and `R` output rows are in bounds.
+    // `NV * LANES` values, `NV * LANES` bias values and `R` output rows are in bounds; the split
+    // loop reads steps `0..k / KS * KS` and the tail loop the rest, so every `k` index is `< k`.
     unsafe {
-        let mut acc = [[V::zero(); NV]; R];
+        let mut acc = [[[V::zero(); NV]; R]; KS];
         for v in 0..NV {
             let bias = V::load(tile.bias.add(v * lanes));
-            for row in acc.iter_mut() {
+            for row in acc[0].iter_mut() {
                 row[v] = bias;
             }
         }
         let mut a = tile.a;
         let mut panel = tile.panel;
-        for _ in 0..tile.k {
+        for _ in 0..tile.k / KS {
+            for (s, set) in acc.iter_mut().enumerate() {
+                let mut b = [V::zero(); NV];
+                for (v, reg) in b.iter_mut().enumerate() {
+                    *reg = V::load(panel.add(s * step + v * lanes));
+                }
+                for (r, row) in set.iter_mut().enumerate() {
+                    let x = V::splat(a.add(r * tile.lda + s));
+                    for v in 0..NV {
+                        row[v] = x.mul_add(b[v], row[v]);
+                    }
+                }
+            }
+            a = a.add(KS);
+            panel = panel.add(KS * step);
+        }
+        for _ in 0..tile.k % KS {
             let mut b = [V::zero(); NV];
             for (v, reg) in b.iter_mut().enumerate() {
                 *reg = V::load(panel.add(v * lanes));
             }
-            for (r, row) in acc.iter_mut().enumerate() {
+            for (r, row) in acc[0].iter_mut().enumerate() {
                 let x = V::splat(a.add(r * tile.lda));
                 for v in 0..NV {
                     row[v] = x.mul_add(b[v], row[v]);
                 }
             }
             a = a.add(1);
-            panel = panel.add(NV * lanes);
+            panel = panel.add(step);
         }
-        for (r, row) in acc.iter().enumerate() {
+        let (total, rest) = acc.split_at_mut(1);
+        for set in rest.iter() {
+            for (sum_row, row) in total[0].iter_mut().zip(set) {
+                for (sum, &value) in sum_row.iter_mut().zip(row) {
+                    *sum = sum.add(value);
+                }
+            }
+        }
+        for (r, row) in total[0].iter().enumerate() {
             for (v, &value) in row.iter().enumerate() {
                 let value = if tile.relu { value.relu() } else { value };
                 value.store(tile.out.add(r * tile.ldo + v * lanes));

@@ -2,7 +2,7 @@
 //! oracle the SIMD kernels are tested against. Its multiply-add rounds twice (no FMA), so SIMD
 //! results differ from it by float rounding only.
 
-use super::{fma_loop, forward_rows, Element, Kernel, LayerView, SimdVec, TileShape};
+use super::{fma_loop, forward_rows, Element, Kernel, Packed, SimdVec, TileShape};
 
 #[derive(Clone, Copy, Debug)]
 struct Lane<T>(T);
@@ -40,6 +40,11 @@ impl<T: Element> SimdVec for Lane<T> {
     }
 
     #[inline(always)]
+    unsafe fn add(self, b: Self) -> Self {
+        Lane(self.0 + b.0)
+    }
+
+    #[inline(always)]
     unsafe fn relu(self) -> Self {
         // `NaN < 0` is false, so NaN passes through as in torch.relu.
         if self.0 < T::ZERO {
@@ -62,13 +67,13 @@ const SHAPE: TileShape = TileShape {
 /// # Safety
 /// Always safe to call: the layers are checked against `SHAPE` before any pointer is formed.
 unsafe fn forward<T: Element>(
-    layers: &[LayerView<'_, T>],
+    chain: Packed<'_, T>,
     input: &[T],
     output: &mut [T],
     scratch: &mut [T],
 ) {
     // SAFETY: plain Rust arithmetic needs no CPU feature; `SHAPE` matches `Lane<T>`.
-    unsafe { forward_rows::<Lane<T>, MR, NV_MAX>(&SHAPE, layers, input, output, scratch) }
+    unsafe { forward_rows::<Lane<T>, MR, NV_MAX>(&SHAPE, chain, input, output, scratch) }
 }
 
 /// # Safety
