@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+import os
 import sys
 from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
 
-from fusedae import _native
+from fusedae import _native, serialization
 
 ACTIVATIONS = ("relu", "identity")
 FloatArray = npt.NDArray[np.floating]
@@ -118,7 +119,18 @@ class MLP:
 
     def __call__(self, x: npt.ArrayLike, out: FloatArray | None = None) -> FloatArray:
         """``(*, in_features)`` -> ``(*, out_features)``, in the MLP's dtype."""
-        x2, lead = check_input(x, self._dtype, self._chain.in_features, self._chain.out_features)
+        chain = self._chain
+        if out is None and type(x) is np.ndarray and x.ndim == 2:
+            # Fast path for the common case (batch-1 latency is mostly Python): the native call
+            # checks dtype, shape and layout itself; anything it refuses takes the general path,
+            # which converts what it can and words the error otherwise.
+            try:
+                result = np.empty((x.shape[0], chain.out_features), self._dtype)
+                chain.forward(x, result)
+                return result
+            except (TypeError, ValueError):
+                pass
+        x2, lead = check_input(x, self._dtype, chain.in_features, chain.out_features)
         if out is None:
             result = np.empty((x2.shape[0], self._chain.out_features), self._dtype)
             self._chain.forward(x2, result)
@@ -174,3 +186,30 @@ class MLP:
         chain = " -> ".join(str(w) for w in widths)
         activations = list(self._activations)
         return f"MLP({chain}, activations={activations}, dtype={self._dtype}, isa={self.isa})"
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        part: serialization.Part = "all",
+        *,
+        dtype: npt.DTypeLike | None = None,
+        isa: str | None = None,
+    ) -> MLP:
+        """The chain in a ``.safetensors`` file from ``fusedae.torch.save`` or ``MLP.save``,
+        read with numpy alone.
+
+        ``part``: ``"all"`` (every layer: an autoencoder's reconstruction), ``"encoder"`` (the
+        layers up to the bottleneck the file records) or ``"decoder"`` (the layers after it).
+        ``dtype`` defaults to the file's. A file that is not such a model, or is truncated, is a
+        ValueError; a part with no layers is one too.
+        """
+        layers, activations = serialization.read(path).part(part)
+        return cls(layers, activations, dtype=dtype, isa=isa)
+
+    def save(self, path: str | os.PathLike[str], *, encoder_layers: int | None = None) -> None:
+        """Writes the chain to a ``.safetensors`` file that ``MLP.load`` reads. ``encoder_layers``:
+        how many leading layers ``MLP.load(path, "encoder")`` gives (default: up to the
+        narrowest inner layer if the output is as wide as the input, else all of them)."""
+        pairs = list(zip(self._weights, self._biases, strict=True))
+        serialization.write(path, pairs, self._activations, encoder_layers)
