@@ -1,7 +1,9 @@
 //! Picks the kernel for this CPU: detected once, cached, overridable with `FUSEDAE_ISA`.
 
+use std::cell::RefCell;
 use std::fmt;
 use std::sync::OnceLock;
+use std::thread::LocalKey;
 
 use crate::kernels::{self, Element, Kernel};
 
@@ -123,6 +125,13 @@ pub fn selected() -> Result<Isa, IsaError> {
 pub trait Float: Element {
     /// The kernel for `isa`; the caller has checked `isa.is_supported()`.
     fn kernel(isa: Isa) -> Kernel<Self>;
+    /// This thread's reusable scratch buffer for the kernels.
+    fn scratch() -> &'static LocalKey<RefCell<Vec<Self>>>;
+}
+
+thread_local! {
+    static SCRATCH_F32: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static SCRATCH_F64: RefCell<Vec<f64>> = const { RefCell::new(Vec::new()) };
 }
 
 impl Float for f32 {
@@ -135,6 +144,10 @@ impl Float for f32 {
             _ => kernels::scalar::kernel_f32(),
         }
     }
+
+    fn scratch() -> &'static LocalKey<RefCell<Vec<f32>>> {
+        &SCRATCH_F32
+    }
 }
 
 impl Float for f64 {
@@ -146,5 +159,9 @@ impl Float for f64 {
             Isa::Avx2 => kernels::avx2::kernel_f64(),
             _ => kernels::scalar::kernel_f64(),
         }
+    }
+
+    fn scratch() -> &'static LocalKey<RefCell<Vec<f64>>> {
+        &SCRATCH_F64
     }
 }

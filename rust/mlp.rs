@@ -42,6 +42,8 @@ fn shape_error<T>(message: String) -> Result<T, Error> {
 
 /// Below this much work a call stays on the calling thread: waking the pool costs more.
 const PARALLEL_MIN_FLOPS: usize = 20_000_000;
+/// Largest scratch buffer a thread keeps between calls.
+const SCRATCH_KEEP_BYTES: usize = 8 << 20;
 /// Row chunks per thread, so a thread slowed by a noisy neighbour does not hold up the call.
 const CHUNKS_PER_THREAD: usize = 4;
 
@@ -187,11 +189,26 @@ impl<T: Float> Mlp<T> {
 
     fn forward_on_this_thread(&self, input: &[T], output: &mut [T]) {
         let rows = input.len() / self.in_features();
-        let mut scratch =
-            vec![T::ZERO; scratch_len(&self.kernel.shape, self.packed.layers(), rows)];
-        // SAFETY: `Mlp::new` packed the layers with `self.kernel.shape` and checked through
-        // `dispatch::require` that this CPU supports `self.isa`, the kernel's ISA.
-        unsafe { (self.kernel.forward)(self.packed.view(), input, output, &mut scratch) }
+        let len = scratch_len(&self.kernel.shape, self.packed.layers(), rows);
+        let mut run = |scratch: &mut [T]| {
+            // SAFETY: `Mlp::new` packed the layers with `self.kernel.shape` and checked through
+            // `dispatch::require` that this CPU supports `self.isa`, the kernel's ISA.
+            unsafe { (self.kernel.forward)(self.packed.view(), input, output, scratch) }
+        };
+        // Reusing this thread's buffer saves an allocation (and, for wide layers, fresh pages
+        // faulted in) on every call; an oversized one is not kept.
+        if len * std::mem::size_of::<T>() > SCRATCH_KEEP_BYTES {
+            return run(&mut vec![T::ZERO; len]);
+        }
+        T::scratch().with(|cell| match cell.try_borrow_mut() {
+            Ok(mut buffer) => {
+                if buffer.len() < len {
+                    buffer.resize(len, T::ZERO);
+                }
+                run(&mut buffer[..len]);
+            }
+            Err(_) => run(&mut vec![T::ZERO; len]),
+        });
     }
 }
 
