@@ -26,8 +26,13 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 @pytest.fixture(autouse=True)
-def _fresh_seed():
+def _fresh_seed_and_one_torch_thread():
+    # PyTorch's OpenMP threads beside fusedae's on a 2-core machine slow tiny ops 10-100x.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
+    yield
+    torch.set_num_threads(threads)
 
 
 def seed_and_fused(x_dim=784, z_dim=16, h_dim=42, dtype=torch.float32):
@@ -234,6 +239,21 @@ class TestFusedMLP:
             plain = nn.Sequential(*half)
             x = torch.randn(3, 6, dtype=dtype)
             assert torch.equal(half(x), plain(x))
+
+    def test_hooks_on_children_still_run(self):
+        fused = FusedMLP(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2))
+        seen = []
+        handle = fused[0].register_forward_hook(lambda module, args, out: seen.append(out.shape))
+        x = torch.randn(3, 6)
+        with torch.no_grad():
+            want = fused[2](torch.relu(fused[0](x)))
+            seen.clear()
+            assert torch.equal(fused(x), want)
+        assert seen == [(3, 5)]
+        handle.remove()
+        with torch.no_grad():
+            assert relative_error(fused(x), want) <= 1e-5
+        assert seen == [(3, 5)]
 
     def test_gradcheck_through_the_function(self):
         layers = [nn.Linear(7, 42), nn.Linear(42, 5), nn.Linear(5, 3)]

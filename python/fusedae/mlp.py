@@ -71,7 +71,7 @@ class MLP:
         layers: Sequence[tuple[npt.ArrayLike, npt.ArrayLike | None]],
         activations: Sequence[str] | None = None,
         *,
-        dtype: npt.DTypeLike = None,
+        dtype: npt.DTypeLike | None = None,
         isa: str | None = None,
     ) -> None:
         layers = list(layers)

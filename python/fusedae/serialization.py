@@ -33,7 +33,7 @@ Part = Literal["all", "encoder", "decoder"]
 PARTS: tuple[Part, ...] = ("all", "encoder", "decoder")
 LayerArrays = tuple[np.ndarray, np.ndarray | None]
 
-_DTYPES = {"F32": np.dtype("<f4"), "F64": np.dtype("<f8")}
+_DTYPES: dict[str, np.dtype] = {"F32": np.dtype("<f4"), "F64": np.dtype("<f8")}
 _MAX_HEADER = 100_000_000  # the limit the reference implementation enforces
 _NAME = re.compile(r"layers\.(\d+)\.(weight|bias)")
 _STATE_KEY = re.compile(r"(?:(.*)\.)?(\d+)\.(weight|bias)")
@@ -216,13 +216,15 @@ def _parse(data: bytes) -> ChainSpec:
     for begin, stop, name, entry in sorted(_entries(header)):
         if begin != end:
             raise ValueError(f"tensor {name!r} starts at byte {begin} of the data, not at {end}")
+        if stop > len(body):
+            raise ValueError(
+                f"the file is truncated: tensor {name!r} ends at byte {stop} of the data, but "
+                f"the file holds {len(body)}"
+            )
         tensors[name] = _tensor(name, entry, body[begin:stop])
         end = stop
     if end != len(body):
-        raise ValueError(
-            f"the tensors take {end} bytes, but the file holds {len(body)} after the header"
-            + (" (truncated)" if end > len(body) else "")
-        )
+        raise ValueError(f"the tensors take {end} bytes, but the file holds {len(body)}")
     layers: list[LayerArrays] = []
     for index in range(len(activations)):
         weight = tensors.pop(f"layers.{index}.weight", None)
@@ -256,7 +258,7 @@ def _entries(header: dict[str, object]) -> list[tuple[int, int, str, dict[str, o
 
 
 def _tensor(name: str, entry: dict[str, object], data: memoryview) -> np.ndarray:
-    """The tensor ``entry`` describes, copied out of ``data`` (its bytes, possibly cut short)."""
+    """The tensor ``entry`` describes, copied out of ``data`` (the bytes its offsets span)."""
     dtype = _DTYPES.get(str(entry.get("dtype")))
     shape = entry.get("shape")
     if dtype is None:
@@ -267,7 +269,7 @@ def _tensor(name: str, entry: dict[str, object], data: memoryview) -> np.ndarray
     if size != len(data):
         raise ValueError(
             f"tensor {name!r}: shape {tuple(shape)} of {dtype.name} needs {size} bytes, "
-            f"but {len(data)} are there (truncated?)"
+            f"but its data_offsets span {len(data)}"
         )
     return np.frombuffer(data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
 

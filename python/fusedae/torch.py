@@ -10,7 +10,10 @@
 
 from __future__ import annotations
 
+import os
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -18,13 +21,24 @@ import torch
 from torch import nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from fusedae import _native
+from fusedae import _native, serialization
 from fusedae.mlp import check_output_size
 
-__all__ = ["AE", "FusedMLP", "FusedMLPFunction", "pack_chain"]
+__all__ = [
+    "AE",
+    "AccelerateReport",
+    "FusedMLP",
+    "FusedMLPFunction",
+    "accelerate",
+    "pack_chain",
+    "save",
+]
 
 _FUSED_DTYPES = (torch.float32, torch.float64)
-_NUMPY_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
+_NUMPY_DTYPES: dict[torch.dtype, np.dtype] = {
+    torch.float32: np.dtype(np.float32),
+    torch.float64: np.dtype(np.float64),
+}
 
 # A chain as the kernels see it: each Linear with the activation applied to its outputs.
 Layers = tuple[tuple[nn.Linear, str], ...]
@@ -36,7 +50,7 @@ def _chain_layers(modules: Iterable[nn.Module]) -> Layers | None:
     layers: list[tuple[nn.Linear, str]] = []
     for module in modules:
         kind = type(module)
-        if kind is nn.Linear:
+        if isinstance(module, nn.Linear) and kind is nn.Linear:
             layers.append((module, "identity"))
         elif kind is nn.ReLU and layers:
             layers[-1] = (layers[-1][0], "relu")
@@ -183,13 +197,34 @@ class _ChainState:
             for p in params
         )
         self.chain = (
-            pack_chain(params[0::2], params[1::2], [activation for _, activation in layers])
+            pack_chain(
+                [linear.weight for linear, _ in layers],
+                params[1::2],
+                [activation for _, activation in layers],
+            )
             if usable
             else None
         )
         self.key, self.dtype = key, dtype
         self.pinned = [None if p is None else p.detach() for p in params]
         return self.chain
+
+
+def _has_hooks(modules: Iterable[nn.Module]) -> bool:
+    """Whether running these modules one by one would call a hook, global or their own (which a
+    fused call, running no child's ``forward``, would skip)."""
+    global_hooks = nn.modules.module
+    if (
+        global_hooks._global_forward_hooks
+        or global_hooks._global_forward_pre_hooks
+        or global_hooks._global_backward_hooks
+        or global_hooks._global_backward_pre_hooks
+    ):
+        return True
+    return any(
+        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+        for m in modules
+    )
 
 
 def _check_features(layers: Layers, x: torch.Tensor) -> None:
@@ -208,8 +243,10 @@ def _fused_forward(state: _ChainState, layers: Layers, x: torch.Tensor) -> torch
         or torch.compiler.is_compiling()
     ):
         return None
+    if _has_hooks(state.modules):
+        return None
     _check_features(layers, x)
-    weight_dtype = layers[0][0]._parameters["weight"].dtype
+    weight_dtype = layers[0][0].weight.dtype
     if x.dtype != weight_dtype:
         raise TypeError(
             f"expected input of dtype {weight_dtype} (the parameters' dtype), got {x.dtype}"
@@ -244,7 +281,7 @@ class FusedMLP(nn.Sequential):
     @classmethod
     def from_sequential(cls, sequential: nn.Sequential) -> FusedMLP:
         """A FusedMLP holding the same child modules (and so the same parameters)."""
-        fused = cls(sequential._modules)
+        fused = cls(OrderedDict(sequential._modules))  # a plain dict would be read as one module
         fused.train(sequential.training)
         return fused
 
@@ -297,3 +334,128 @@ class AE(nn.Module):
             layers = self._fused.set_modules(modules)
             result = None if layers is None else _fused_forward(self._fused, layers, x)
         return self.decoder(self.encoder(x)) if result is None else result
+
+
+def _describe(layers: Layers) -> str:
+    """``"Linear 64->42, ReLU, Linear 42->2"``."""
+    parts = []
+    for linear, activation in layers:
+        parts.append(f"Linear {linear.in_features}->{linear.out_features}")
+        if activation == "relu":
+            parts.append("ReLU")
+    return ", ".join(parts)
+
+
+@dataclass
+class AccelerateReport:
+    """What ``accelerate`` did, by qualified module name (``""`` is the model itself).
+
+    ``replaced``: ``(name, layers)`` for each ``nn.Sequential`` turned into a ``FusedMLP``;
+    ``already_fused``: ``FusedMLP``s found; ``kept``: ``(name, reason)`` for each
+    ``nn.Sequential`` left as it was. ``str(report)`` is a readable account.
+    """
+
+    replaced: list[tuple[str, str]] = field(default_factory=list)
+    already_fused: list[str] = field(default_factory=list)
+    kept: list[tuple[str, str]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        def label(name: str) -> str:
+            return name or "(the model itself)"
+
+        lines = [f"replaced {len(self.replaced)} nn.Sequential with FusedMLP"]
+        lines += [f"  {label(name)}: {layers}" for name, layers in self.replaced]
+        if self.already_fused:
+            lines.append(f"already fused: {', '.join(map(label, self.already_fused))}")
+        if self.kept:
+            lines.append(f"kept {len(self.kept)} nn.Sequential unchanged")
+            lines += [f"  {label(name)}: {reason}" for name, reason in self.kept]
+        return "\n".join(lines)
+
+
+def accelerate(model: nn.Module) -> tuple[nn.Module, AccelerateReport]:
+    """Replaces, in place, every ``nn.Sequential`` in ``model`` that is a chain of ``nn.Linear``
+    with ``nn.ReLU`` / ``nn.Identity`` between them by a ``FusedMLP`` holding the same child
+    modules, and so the same parameter objects: an optimizer built before keeps working, and
+    ``state_dict`` keys and printout do not change.
+
+    Every other module is left alone, as is a chain with forward or backward hooks on it or its
+    layers (the fused call would skip them). Calling it again changes nothing. A Sequential
+    reachable from several parents is replaced by one FusedMLP everywhere; references held
+    outside the module tree (plain attributes, lists) still see the old one.
+
+    Returns the model (a new ``FusedMLP`` if ``model`` is itself such a chain: use the returned
+    one) and an ``AccelerateReport``; ``print`` it for a readable account.
+    """
+    report = AccelerateReport()
+    done: dict[int, nn.Module] = {}
+
+    def visit(module: nn.Module, name: str) -> nn.Module:
+        if id(module) in done:
+            return done[id(module)]
+        result = module
+        if type(module) is nn.Sequential:
+            layers = _chain_layers(module._modules.values())  # type: ignore[arg-type]
+            if layers is None:
+                kinds = ", ".join(type(child).__name__ for child in module)
+                report.kept.append((name, f"not a Linear/ReLU/Identity chain ({kinds})"))
+            elif _has_hooks(module.modules()):
+                report.kept.append((name, "has hooks, which the fused call would skip"))
+            else:
+                result = FusedMLP.from_sequential(module)
+                report.replaced.append((name, _describe(layers)))
+        elif isinstance(module, FusedMLP):
+            report.already_fused.append(name)
+        done[id(module)] = result
+        if result is module:
+            for key, child in list(module._modules.items()):
+                if child is not None:
+                    module._modules[key] = visit(child, f"{name}.{key}" if name else key)
+        return result
+
+    return visit(model, ""), report
+
+
+def save(
+    module: nn.Module, path: str | os.PathLike[str], *, encoder_layers: int | None = None
+) -> None:
+    """Writes ``module``'s weights and layer structure to one ``.safetensors`` file, which
+    ``fusedae.MLP.load(path)`` reads with numpy alone (no PyTorch).
+
+    ``module`` is either a chain (``nn.Sequential`` or ``FusedMLP`` of ``nn.Linear`` with
+    ``nn.ReLU`` / ``nn.Identity`` between, such as an AE's ``encoder`` alone), or a module whose
+    only children are two such chains ``encoder`` and ``decoder`` and whose forward is
+    ``decoder(encoder(x))`` (the seed's ``AE``, ``fusedae.torch.AE``): then the file holds one
+    chain and records the encoder's length as ``encoder_layers``. Otherwise ``encoder_layers``
+    defaults to the narrowest inner layer if the chain's output is as wide as its input (an
+    autoencoder), else to all layers. Parameters are saved as float64 if the first weight is
+    float64, else as float32.
+    """
+    if isinstance(module, nn.Sequential):
+        chains: list[tuple[str, nn.Module | None]] = [("module", module)]
+    elif list(module._modules) == ["encoder", "decoder"] and not module._parameters:
+        chains = list(module._modules.items())
+    else:
+        raise TypeError(
+            "save takes an nn.Sequential of Linear/ReLU/Identity layers, or a module whose only "
+            f"children are such chains 'encoder' and 'decoder'; got {type(module).__name__} "
+            f"with children {list(module._modules)}"
+        )
+    layers: list[tuple[nn.Linear, str]] = []
+    for name, chain in chains:
+        found = _chain_layers(chain) if type(chain) in _SEQUENTIALS else None  # type: ignore[arg-type]
+        if found is None:
+            raise TypeError(f"{name} is not an nn.Sequential of Linear/ReLU/Identity: {chain}")
+        if encoder_layers is None and name == "decoder":
+            encoder_layers = len(layers)
+        layers.extend(found)
+    dtype = torch.float64 if layers[0][0].weight.dtype == torch.float64 else torch.float32
+
+    def as_array(tensor: torch.Tensor) -> np.ndarray:
+        return tensor.detach().to("cpu", dtype).numpy()
+
+    arrays = [
+        (as_array(linear.weight), None if linear.bias is None else as_array(linear.bias))
+        for linear, _ in layers
+    ]
+    serialization.write(path, arrays, [activation for _, activation in layers], encoder_layers)

@@ -1,0 +1,651 @@
+"""The ``fusedae`` command: ``demo``, ``encode``, ``bench`` and ``info``.
+
+``info`` and ``encode`` with a ``.safetensors`` model need numpy only; torch, scikit-learn and
+matplotlib are imported inside the subcommands that use them, when they run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import mmap
+import os
+import signal
+import statistics
+import sys
+import time
+import zipfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import numpy as np
+
+import fusedae
+from fusedae import _native, _reference, serialization
+from fusedae.mlp import MLP
+
+CHUNK_BYTES = 16 << 20  # input bytes per chunk when --batch-size is not given
+
+ENCODE_HELP = """\
+Runs a model over every row of INPUT and writes the results to OUTPUT (.npy).
+
+MODEL is a .safetensors file written by fusedae.torch.save or fusedae.MLP.save, or (any other
+name) a PyTorch state_dict of the seed's AE or of an nn.Sequential of Linear layers, which
+needs torch; a state_dict does not record activations, so one module between two Linear
+layers of a Sequential is read as a ReLU.
+
+A model is one chain of layers with a mark where its encoder ends: after the AE's encoder, or,
+for a single chain, at its narrowest layer if its output is as wide as its input, else at its
+end. By default the command runs the encoder (rows -> codes); --decode runs the layers after
+the mark (codes -> outputs); --reconstruct runs them all.
+
+INPUT is a .npy file (memory-mapped and streamed, so it may be larger than memory) or a .npz
+file (--key picks an array), of float32 or float64 rows, shape (..., in_features); OUTPUT has
+the input's dtype and shape (..., out_features). It is written to a temporary file in the same
+directory and renamed at the end: an interrupted run leaves nothing under OUTPUT.
+"""
+
+
+class CommandError(Exception):
+    """A failure reported as one line on stderr, with exit status 1."""
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def widths_list(text: str) -> list[int]:
+    """``"784,42,16"`` -> ``[784, 42, 16]``."""
+    try:
+        widths = [positive_int(part) for part in text.split(",")]
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(
+            f"expected positive integers separated by commas, got {text!r}"
+        ) from None
+    if len(widths) < 2:
+        raise argparse.ArgumentTypeError(f"need at least two widths (in,out), got {text!r}")
+    return widths
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fusedae",
+        description="Fused SIMD CPU kernels for small MLPs and autoencoders.",
+    )
+    parser.add_argument("--version", action="version", version=f"fusedae {fusedae.__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser(
+        "demo",
+        help="train the seed's autoencoder on handwritten digits and compare encoders",
+        description=(
+            "Trains the seed's AE (64 -> 42 -> 2 -> 42 -> 64) on scikit-learn's bundled 8x8 "
+            "handwritten digits (1797 images, no download) with PyTorch, on CUDA when present; "
+            "saves it; encodes the dataset with the fused kernels and with PyTorch; prints the "
+            "timings and the largest difference; and draws the 2-D codes and some "
+            "reconstructions. Needs torch, scikit-learn and matplotlib (pip install "
+            "'fusedae[demo]')."
+        ),
+    )
+    demo.add_argument(
+        "--out-dir",
+        type=Path,
+        default=Path("demo-out"),
+        help="where files go (default: %(default)s)",
+    )
+    demo.add_argument("--epochs", type=positive_int, default=200, help="default: %(default)s")
+    demo.add_argument("--seed", type=int, default=0, help="default: %(default)s")
+    demo.add_argument(
+        "--device", choices=("cpu", "cuda"), help="training device (default: cuda if available)"
+    )
+    demo.set_defaults(run=run_demo)
+
+    encode = commands.add_parser(
+        "encode",
+        help="run a saved model over a .npy/.npz file",
+        description=ENCODE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    encode.add_argument("model", metavar="MODEL", type=Path, help=".safetensors or state_dict")
+    encode.add_argument("input", metavar="INPUT", type=Path, help=".npy or .npz")
+    encode.add_argument("-o", "--output", required=True, type=Path, help="the .npy to write")
+    part = encode.add_mutually_exclusive_group()
+    part.add_argument("--decode", action="store_true", help="run the layers after the encoder")
+    part.add_argument("--reconstruct", action="store_true", help="run every layer")
+    encode.add_argument(
+        "--batch-size",
+        type=positive_int,
+        help=f"rows per chunk (default: about {CHUNK_BYTES >> 20} MiB of input)",
+    )
+    encode.add_argument(
+        "--threads", type=positive_int, help="kernel threads (default: the CPUs available)"
+    )
+    encode.add_argument("--key", help="the array to read from a .npz holding several")
+    encode.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
+    encode.set_defaults(run=run_encode)
+
+    bench = commands.add_parser(
+        "bench",
+        help="time fusedae against PyTorch eager (and ONNX Runtime) on one shape",
+        description=(
+            "Times one forward pass of a random Linear chain (ReLU between layers, none after "
+            "the last) on a random batch: fusedae, PyTorch eager when torch is installed, ONNX "
+            "Runtime when onnx and onnxruntime are. Rounds alternate between them; the median "
+            "is reported, with the error against a float64 numpy reference."
+        ),
+    )
+    bench.add_argument(
+        "--widths",
+        type=widths_list,
+        default=[784, 42, 16],
+        help="input width, then each layer's output width (default: 784,42,16)",
+    )
+    bench.add_argument("--batch", type=positive_int, default=4096, help="default: %(default)s")
+    bench.add_argument(
+        "--threads", type=positive_int, help="threads for every backend (default: fusedae's)"
+    )
+    bench.add_argument(
+        "--dtype", choices=("float32", "float64"), default="float32", help="default: %(default)s"
+    )
+    bench.add_argument("--rounds", type=positive_int, default=15, help="default: %(default)s")
+    bench.set_defaults(run=run_bench)
+
+    info = commands.add_parser(
+        "info",
+        help="version, kernel ISA, threads and build",
+        description="Prints fusedae.info(): version, ISA in use, ISAs available, threads, build.",
+    )
+    info.set_defaults(run=run_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (CommandError, OSError) as error:
+        print(f"fusedae {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"fusedae {args.command}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> None:
+    for key, value in fusedae.info().items():
+        text = ", ".join(value) if isinstance(value, list) else value
+        print(f"{key + ':':16} {text}")
+
+
+# --- encode -----------------------------------------------------------------------------------
+
+
+def load_model(path: Path) -> serialization.ChainSpec:
+    """The chain in a ``.safetensors`` file, or in a PyTorch state_dict (imports torch)."""
+    if path.suffix == ".safetensors":
+        try:
+            return serialization.read(path)
+        except ValueError as error:
+            raise CommandError(str(error)) from None
+    try:
+        import torch
+    except ImportError:
+        raise CommandError(
+            f"{path} is not a .safetensors file, so it is read as a PyTorch checkpoint, which "
+            "needs torch; install it, or convert the model once with fusedae.torch.save"
+        ) from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch.load raises many kinds, all meaning "not a checkpoint"
+        raise CommandError(f"{path}: not a PyTorch checkpoint torch can load ({error})") from None
+    if not isinstance(state, Mapping) or not all(
+        isinstance(value, torch.Tensor) for value in state.values()
+    ):
+        raise CommandError(
+            f"{path}: expected a state_dict (parameter names -> tensors), got "
+            f"{type(state).__name__}"
+        )
+    arrays = {
+        key: value.detach()
+        .to(torch.float64 if value.dtype == torch.float64 else torch.float32)
+        .numpy()
+        for key, value in state.items()
+    }
+    try:
+        return serialization.from_state_dict(arrays)
+    except ValueError as error:
+        raise CommandError(f"{path}: {error}") from None
+
+
+def check_float(path: Path, dtype: np.dtype) -> None:
+    if dtype.kind != "f" or dtype.itemsize not in (4, 8):
+        raise CommandError(
+            f"{path} holds {dtype} values; encode takes float32 or float64 "
+            "(convert with x.astype(np.float32))"
+        )
+
+
+def open_npy(path: Path) -> tuple[np.ndarray, Callable[[int], None]]:
+    """The array in a C-order ``.npy`` file, memory-mapped read-only, and a function that tells
+    the kernel it may drop the pages of the first ``rows`` rows (flattened to 2-D) from this
+    process's memory, so that resident memory stays bounded while the file is streamed."""
+    with open(path, "rb") as file:
+        try:
+            version = np.lib.format.read_magic(file)
+            if version == (1, 0):
+                shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(file)
+            elif version == (2, 0):
+                shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(file)
+            else:
+                raise ValueError(f"version {version} is not supported")
+        except ValueError as error:
+            raise CommandError(f"{path} is not a .npy file numpy can read ({error})") from None
+        check_float(path, dtype)
+        if fortran_order and len(shape) > 1:
+            raise CommandError(
+                f"{path} is stored in Fortran order; encode streams rows, so save it in C order "
+                "(np.save(path, np.ascontiguousarray(x)))"
+            )
+        offset = file.tell()
+        nbytes = math.prod(shape) * dtype.itemsize
+        size = os.fstat(file.fileno()).st_size
+        if size < offset + nbytes:
+            raise CommandError(
+                f"{path} is truncated: its header promises {shape} {dtype} ({nbytes} bytes) "
+                f"but it holds {size - offset} bytes of data"
+            )
+        mapping = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+    array = np.ndarray(shape, dtype, buffer=mapping, offset=offset)
+    row_bytes = shape[-1] * dtype.itemsize if shape else 0
+    released = 0
+
+    def release(rows: int) -> None:
+        nonlocal released
+        end = (offset + rows * row_bytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        if end > released and hasattr(mmap, "MADV_DONTNEED"):
+            mapping.madvise(mmap.MADV_DONTNEED, released, end - released)
+            released = end
+
+    return array, release
+
+
+def open_npz(path: Path, key: str | None) -> np.ndarray:
+    """One array of a ``.npz`` file (read into memory)."""
+    try:
+        archive = np.load(path)
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise CommandError(f"{path} is not a .npz archive")
+        with archive:
+            names = list(archive.files)
+            if key is None and len(names) != 1:
+                raise CommandError(f"{path} holds arrays {names}; pick one with --key")
+            if key is not None and key not in names:
+                raise CommandError(f"{path} has no array {key!r}; it holds {names}")
+            array = archive[key or names[0]]
+    except (ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise CommandError(f"{path} is not a .npz file numpy can read ({error})") from None
+    check_float(path, array.dtype)
+    return array
+
+
+def write_rows(
+    mlp: MLP,
+    x: np.ndarray,
+    output: Path,
+    batch_size: int,
+    release: Callable[[int], None] | None = None,
+) -> None:
+    """Writes ``mlp`` applied to ``x`` (``(..., in_features)``) to ``output`` as a ``.npy`` of
+    shape ``(..., out_features)``, ``batch_size`` rows at a time, through a temporary file in the
+    same directory that replaces ``output`` only once complete. ``release(rows)``, if given, is
+    called after each chunk with the rows done so far."""
+    from tqdm import tqdm
+
+    rows = math.prod(x.shape[:-1])
+    flat = x.reshape(rows, x.shape[-1])
+    buffer = np.empty((min(batch_size, rows), mlp.out_features), mlp.dtype)
+    header = {
+        "descr": np.lib.format.dtype_to_descr(mlp.dtype),
+        "fortran_order": False,
+        "shape": (*x.shape[:-1], mlp.out_features),
+    }
+    temporary = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "xb") as file, tqdm(total=rows, unit="row", unit_scale=True) as bar:
+            np.lib.format.write_array_header_1_0(file, header)
+            for start in range(0, rows, batch_size):
+                stop = min(start + batch_size, rows)
+                result = buffer[: stop - start]
+                mlp(flat[start:stop], out=result)
+                file.write(result.data)
+                if release is not None:
+                    release(stop)
+                bar.update(stop - start)
+        os.replace(temporary, output)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # unwinds like Ctrl-C, so the temporary file is removed
+
+
+def run_encode(args: argparse.Namespace) -> None:
+    output: Path = args.output
+    if output.suffix != ".npy":
+        raise CommandError(f"OUTPUT must end in .npy, got {output}")
+    if output.exists() and not args.force:
+        raise CommandError(f"{output} exists; pass --force to overwrite it")
+    if not output.parent.is_dir():
+        raise CommandError(f"the directory of {output} does not exist")
+    part: serialization.Part = (
+        "decoder" if args.decode else "all" if args.reconstruct else "encoder"
+    )
+    spec = load_model(args.model)
+    release = None
+    if args.input.suffix == ".npy":
+        x, release = open_npy(args.input)
+    elif args.input.suffix == ".npz":
+        x = open_npz(args.input, args.key)
+    else:
+        raise CommandError(f"INPUT must be a .npy or .npz file, got {args.input}")
+    try:
+        layers, activations = spec.part(part)
+    except ValueError as error:
+        raise CommandError(f"{args.model}: {error}") from None
+    mlp = MLP(layers, activations, dtype=f"f{x.dtype.itemsize}")
+    widths = " -> ".join(str(n) for n in (mlp.in_features, *(w.shape[0] for w, _ in layers)))
+    if x.ndim == 0 or x.shape[-1] != mlp.in_features:
+        raise CommandError(
+            f"{args.input} has shape {x.shape}, but the model's {part} ({widths}) takes rows of "
+            f"{mlp.in_features} values: shape (..., {mlp.in_features})"
+        )
+    if args.threads:
+        fusedae.set_num_threads(args.threads)
+    batch_size = args.batch_size or max(1, CHUNK_BYTES // (x.shape[-1] * x.dtype.itemsize))
+    signal.signal(signal.SIGTERM, _terminate)
+    write_rows(mlp, x, output, batch_size, release)
+    out_shape = (*x.shape[:-1], mlp.out_features)
+    print(f"wrote {output}: {out_shape} {mlp.dtype} from {x.shape}, {part} {widths}")
+
+
+# --- timing, shared by bench and demo ---------------------------------------------------------
+
+
+def time_interleaved(
+    functions: Mapping[str, Callable[[], object]], rounds: int, min_seconds: float = 0.02
+) -> dict[str, float]:
+    """Median seconds per call of each function, timed in alternating rounds (A B A B ...) of
+    enough calls to last about ``min_seconds`` each, so machine noise hits all alike."""
+    calls = {}
+    for name, function in functions.items():
+        function()  # warm up
+        start = time.perf_counter()
+        function()
+        calls[name] = max(1, math.ceil(min_seconds / max(time.perf_counter() - start, 1e-9)))
+    samples: dict[str, list[float]] = {name: [] for name in functions}
+    for _ in range(rounds):
+        for name, function in functions.items():
+            start = time.perf_counter()
+            for _ in range(calls[name]):
+                function()
+            samples[name].append((time.perf_counter() - start) / calls[name])
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """Left-aligns the first column, right-aligns the others."""
+    widths = [max(len(row[i]) for row in [headers, *rows]) for i in range(len(headers))]
+    for row in [headers, *rows]:
+        cells = [cell.rjust(width) for cell, width in zip(row, widths, strict=True)]
+        cells[0] = row[0].ljust(widths[0])
+        print("  ".join(cells))
+
+
+# --- bench ------------------------------------------------------------------------------------
+
+
+def onnx_session(layers: Sequence[tuple[np.ndarray, np.ndarray]], threads: int) -> Any:
+    """An ONNX Runtime session running the chain (Gemm, Relu between), input ``"x"``."""
+    import onnx
+    import onnxruntime
+    from onnx import helper, numpy_helper
+
+    elem = helper.np_dtype_to_tensor_dtype(layers[0][0].dtype)
+    nodes, initializers, name = [], [], "x"
+    for index, (weight, bias) in enumerate(layers):
+        initializers += [
+            numpy_helper.from_array(weight, f"w{index}"),
+            numpy_helper.from_array(bias, f"b{index}"),
+        ]
+        nodes.append(
+            helper.make_node("Gemm", [name, f"w{index}", f"b{index}"], [f"h{index}"], transB=1)
+        )
+        name = f"h{index}"
+        if index + 1 < len(layers):
+            nodes.append(helper.make_node("Relu", [name], [f"r{index}"]))
+            name = f"r{index}"
+    graph = helper.make_graph(
+        nodes,
+        "chain",
+        [helper.make_tensor_value_info("x", elem, ["batch", layers[0][0].shape[1]])],
+        [helper.make_tensor_value_info(name, elem, ["batch", layers[-1][0].shape[0]])],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return onnxruntime.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+
+
+def run_bench(args: argparse.Namespace) -> None:
+    widths, batch, dtype = args.widths, args.batch, np.dtype(args.dtype)
+    if args.threads:
+        fusedae.set_num_threads(args.threads)
+    threads = fusedae.get_num_threads()
+    rng = np.random.default_rng(0)
+    layers = [
+        (
+            (rng.standard_normal((n_out, n_in)) / math.sqrt(n_in)).astype(dtype),
+            (0.1 * rng.standard_normal(n_out)).astype(dtype),
+        )
+        for n_in, n_out in itertools.pairwise(widths)
+    ]
+    activations = ["relu"] * (len(layers) - 1) + ["identity"]
+    x = rng.standard_normal((batch, widths[0])).astype(dtype)
+    mlp = MLP(layers, activations)
+    out = np.empty((batch, widths[-1]), dtype)
+    backends: dict[str, Callable[[], Any]] = {"fusedae": lambda: mlp(x, out=out)}
+    missing = []
+    try:
+        import torch
+    except ImportError:
+        missing.append("PyTorch (pip install torch)")
+    else:
+        torch.set_num_threads(threads)
+        model = torch.nn.Sequential()
+        for (weight, bias), activation in zip(layers, activations, strict=True):
+            linear = torch.nn.Linear(
+                weight.shape[1], weight.shape[0], dtype=getattr(torch, dtype.name)
+            )
+            with torch.no_grad():
+                linear.weight.copy_(torch.from_numpy(weight))
+                linear.bias.copy_(torch.from_numpy(bias))
+            model.append(linear)
+            if activation == "relu":
+                model.append(torch.nn.ReLU())
+        x_torch = torch.from_numpy(x)
+
+        def run_torch() -> np.ndarray:
+            with torch.inference_mode():
+                return model(x_torch).numpy()
+
+        backends["PyTorch eager"] = run_torch
+    try:
+        session = onnx_session(layers, threads)
+    except ImportError:
+        missing.append("ONNX Runtime (pip install onnx onnxruntime)")
+    else:
+        backends["ONNX Runtime"] = lambda: session.run(None, {"x": x})[0]
+    on_threads = f"{threads} thread{'s' * (threads > 1)}"
+    print(f"{' -> '.join(map(str, widths))}, batch {batch}, {dtype}, {on_threads}, ISA {mlp.isa}")
+    peak = _native.fma_peak_gflops(dtype=dtype.name) * threads
+    print(f"FMA peak measured now: {peak:.0f} GFLOP/s on {on_threads}")
+    expected, _ = _reference.forward(layers, activations, x)
+    errors = {name: float(np.abs(run() - expected).max()) for name, run in backends.items()}
+    seconds = time_interleaved(backends, args.rounds)
+    flops = mlp.flops_per_row * batch
+    baseline = seconds.get("PyTorch eager")
+    rows = [
+        [
+            name,
+            f"{1e3 * t:.3f}",
+            f"{batch / t / 1e6:.2f}",
+            f"{flops / t / 1e9:.1f}",
+            f"{100 * flops / t / 1e9 / peak:.0f}%",
+            "-" if baseline is None else f"{baseline / t:.2f}x",
+            f"{errors[name]:.1e}",
+        ]
+        for name, t in seconds.items()
+    ]
+    print_table(
+        ["backend", "ms/batch", "Mrows/s", "GFLOP/s", "of peak", "vs PyTorch", "max |err|"], rows
+    )
+    for name in missing:
+        print(f"not timed: {name} is not installed")
+
+
+# --- demo -------------------------------------------------------------------------------------
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    try:
+        import matplotlib
+        import torch
+        from sklearn.datasets import load_digits
+    except ImportError as error:
+        raise CommandError(
+            f"the demo needs torch, scikit-learn and matplotlib: pip install 'fusedae[demo]' "
+            f"({error})"
+        ) from None
+    matplotlib.use("Agg")
+    from tqdm import tqdm
+
+    from fusedae.torch import AE, save
+
+    out_dir: Path = args.out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    digits = load_digits()
+    x = (digits.data / 16).astype(np.float32)  # (1797, 64), pixels in [0, 1]
+    labels = digits.target
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(args.seed)
+    model = AE(x.shape[1], 2).to(device)
+    data = torch.from_numpy(x).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    with tqdm(range(args.epochs), desc=f"training on {device}", unit="epoch") as bar:
+        for _ in bar:
+            total = torch.zeros((), device=device)
+            for index in torch.randperm(len(data), device=device).split(64):
+                batch = data[index]
+                loss = torch.nn.functional.mse_loss(model(batch), batch, reduction="sum")
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                total += loss.detach()
+            bar.set_postfix(mse=f"{total.item() / data.numel():.4f}")
+    model = model.cpu().eval()
+
+    model_path = out_dir / "digits-ae.safetensors"
+    save(model, model_path)
+    torch.save(model.state_dict(), out_dir / "digits-ae.pt")
+    np.save(out_dir / "digits.npy", x)
+    encoder, autoencoder = MLP.load(model_path, "encoder"), MLP.load(model_path)
+    plain_encoder = torch.nn.Sequential(*model.encoder)  # PyTorch's own modules, not fused
+    plain_autoencoder = torch.nn.Sequential(*model.encoder, *model.decoder)
+    tiled = np.tile(x, (100, 1))
+    rows, codes, reconstructions = [], encoder(x), autoencoder(x)
+    for task, mlp, plain, inputs in [
+        ("encode", encoder, plain_encoder, x),
+        ("reconstruct", autoencoder, plain_autoencoder, x),
+        ("encode", encoder, plain_encoder, tiled),
+        ("reconstruct", autoencoder, plain_autoencoder, tiled),
+    ]:
+        inputs_torch = torch.from_numpy(inputs)
+
+        def run_torch(module: torch.nn.Module = plain, t: torch.Tensor = inputs_torch) -> Any:
+            with torch.inference_mode():
+                return module(t).numpy()
+
+        def run_fused(mlp: MLP = mlp, a: np.ndarray = inputs) -> np.ndarray:
+            return mlp(a)
+
+        seconds = time_interleaved({"fused": run_fused, "torch": run_torch}, rounds=9)
+        difference = float(np.abs(run_fused() - run_torch()).max())
+        rows.append(
+            [
+                task,
+                str(len(inputs)),
+                f"{1e3 * seconds['fused']:.3f}",
+                f"{1e3 * seconds['torch']:.3f}",
+                f"{seconds['torch'] / seconds['fused']:.1f}x",
+                f"{difference:.1e}",
+            ]
+        )
+    print(f"\nCPU timings, {fusedae.get_num_threads()} threads, ISA {encoder.isa} (median):")
+    print_table(["task", "rows", "fusedae ms", "PyTorch ms", "speedup", "max |diff|"], rows)
+    figures = [
+        plot_codes(codes, labels, out_dir / "codes.png"),
+        plot_reconstructions(x, reconstructions, labels, out_dir / "reconstructions.png"),
+    ]
+    print(f"\nwrote {model_path} (and digits-ae.pt, digits.npy), {', '.join(map(str, figures))}")
+    print(f"try: fusedae encode {model_path} {out_dir / 'digits.npy'} -o {out_dir / 'codes.npy'}")
+
+
+def plot_codes(codes: np.ndarray, labels: np.ndarray, path: Path) -> Path:
+    """Scatter of ``codes`` ``(n, 2)`` coloured by digit ``labels`` ``(n,)``."""
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6.4, 5.6), layout="constrained")
+    for digit in range(10):
+        chosen = codes[labels == digit]
+        axes.scatter(chosen[:, 0], chosen[:, 1], s=6, color=plt.cm.tab10(digit), label=str(digit))
+    axes.legend(title="digit", markerscale=3, loc="best", fontsize="small")
+    axes.set(title="Digits encoded to 2-D by the fused encoder", xlabel="z[0]", ylabel="z[1]")
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def plot_reconstructions(
+    x: np.ndarray, reconstructions: np.ndarray, labels: np.ndarray, path: Path
+) -> Path:
+    """The first image of each digit (``x`` rows of 64 pixels) above its reconstruction."""
+    import matplotlib.pyplot as plt
+
+    figure, grid = plt.subplots(2, 10, figsize=(10, 2.4), layout="constrained")
+    for digit in range(10):
+        index = int(np.flatnonzero(labels == digit)[0])
+        for row, images in enumerate((x, reconstructions)):
+            axes = grid[row, digit]
+            axes.imshow(images[index].reshape(8, 8), cmap="gray_r", vmin=0, vmax=1)
+            axes.set(xticks=[], yticks=[])
+    grid[0, 0].set_ylabel("original")
+    grid[1, 0].set_ylabel("reconstructed")
+    figure.suptitle("Digits and their reconstructions through a 2-D code")
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path

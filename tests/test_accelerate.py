@@ -1,0 +1,209 @@
+"""``fusedae.torch.accelerate``: chains become FusedMLP in place, holding the same parameters,
+with outputs, gradients and optimizer steps unchanged against an untouched copy."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+import fusedae.torch as ft
+from _seed import AE, AENetwork
+from fusedae.torch import FusedMLP, accelerate
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """These matrices are tiny; PyTorch's OpenMP workers, spinning beside fusedae's own threads,
+    only slow the tests down (by 10x to 100x on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Asymmetric(nn.Module):
+    """A deep encoder, a one-layer decoder."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(
+            nn.Linear(100, 64),
+            nn.ReLU(),
+            nn.Linear(64, 32),
+            nn.ReLU(),
+            nn.Identity(),
+            nn.Linear(32, 8),
+        )
+        self.decoder = nn.Sequential(nn.Linear(8, 100, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(x))
+
+
+class Mixed(nn.Module):
+    """Chains nested in containers that are not chains, beside modules that must stay."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(
+            nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 20)),
+            nn.Tanh(),
+            nn.ModuleList([nn.Sequential(nn.Linear(20, 10), nn.ReLU())]),
+        )
+        self.head = nn.Linear(10, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.blocks[1](self.blocks[0](x))
+        return self.head(self.blocks[2][0](hidden))
+
+
+def root_sequential() -> nn.Module:
+    return nn.Sequential(nn.Linear(12, 5), nn.ReLU(), nn.Linear(5, 2), nn.Linear(2, 12))
+
+
+MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], list[str]]] = {
+    # name: (builder, input shape, names of the Sequentials replaced)
+    "seed AE": (lambda: AE(64, 2), (33, 64), ["encoder", "decoder"]),
+    "seed single Sequential": (lambda: AENetwork(64, 2), (33, 64), ["network"]),
+    "root Sequential": (root_sequential, (7, 12), [""]),
+    "deep asymmetric, 3-D input": (Asymmetric, (3, 11, 100), ["encoder", "decoder"]),
+    "nested": (Mixed, (9, 20), ["blocks.0", "blocks.2.0"]),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", MODELS)
+def test_outputs_gradients_and_optimizer_unchanged(name: str, dtype: torch.dtype) -> None:
+    build, shape, replaced = MODELS[name]
+    torch.manual_seed(0)
+    model = build().to(dtype)
+    reference = copy.deepcopy(model)
+    parameters = list(model.parameters())
+    keys = list(model.state_dict())
+    printout = repr(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)  # built before
+    reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9)
+
+    model, report = accelerate(model)
+
+    assert [name for name, _ in report.replaced] == replaced
+    fused = [module for module in model.modules() if isinstance(module, FusedMLP)]
+    assert len(fused) == len(replaced)
+    assert all(a is b for a, b in zip(model.parameters(), parameters, strict=True))
+    assert list(model.state_dict()) == keys
+    assert repr(model) == printout
+    # float32 rounding differs between the kernels and PyTorch, and optimizer steps amplify it:
+    # several steps are compared in float64 only.
+    tolerance = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {}
+    for _ in range(3 if dtype == torch.float64 else 1):
+        x = torch.randn(shape, dtype=dtype)
+        weights = torch.randn_like(reference(x))
+        results = []
+        for module, opt in ((model, optimizer), (reference, reference_optimizer)):
+            opt.zero_grad()
+            leaf = x.clone().requires_grad_()
+            out = module(leaf)
+            (out * weights).sum().backward()
+            opt.step()
+            results.append((out.detach(), leaf.grad, [p.grad for p in module.parameters()]))
+        (out, grad_x, grads), (out_ref, grad_x_ref, grads_ref) = results
+        torch.testing.assert_close(out, out_ref, **tolerance)
+        torch.testing.assert_close(grad_x, grad_x_ref, **tolerance)
+        for grad, grad_ref in zip(grads, grads_ref, strict=True):
+            torch.testing.assert_close(grad, grad_ref, **tolerance)
+    for param, param_ref in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(param, param_ref, **tolerance)
+
+
+def test_seed_ae_in_place_and_report() -> None:
+    model = AE(64, 2)
+    model.eval()
+    linear = model.encoder[0]
+    same, report = accelerate(model)
+    assert same is model
+    assert type(model.encoder) is FusedMLP
+    assert type(model.decoder) is FusedMLP
+    assert model.encoder[0] is linear
+    assert not model.encoder.training
+    assert str(report) == (
+        "replaced 2 nn.Sequential with FusedMLP\n"
+        "  encoder: Linear 64->42, ReLU, Linear 42->2\n"
+        "  decoder: Linear 2->42, ReLU, Linear 42->64"
+    )
+
+
+def test_root_sequential_is_replaced_by_a_new_module() -> None:
+    model = root_sequential()
+    children = list(model)
+    fused, report = accelerate(model)
+    assert type(fused) is FusedMLP
+    assert list(fused) == children
+    assert report.replaced == [("", "Linear 12->5, ReLU, Linear 5->2, Linear 2->12")]
+    assert "(the model itself): Linear 12->5" in str(report)
+
+
+def test_idempotent() -> None:
+    model, _ = accelerate(AE(16, 3))
+    encoder, decoder = model.encoder, model.decoder
+    again, report = accelerate(model)
+    assert again is model
+    assert model.encoder is encoder
+    assert model.decoder is decoder
+    assert report.replaced == []
+    assert report.already_fused == ["encoder", "decoder"]
+    root, _ = accelerate(root_sequential())
+    assert accelerate(root)[0] is root
+
+
+def test_fusedae_ae_needs_nothing() -> None:
+    model = ft.AE(16, 3)
+    _, report = accelerate(model)
+    assert report.replaced == []
+    assert report.already_fused == ["encoder", "decoder"]
+
+
+def test_other_modules_left_alone() -> None:
+    class MyLinear(nn.Linear):
+        pass
+
+    class MySequential(nn.Sequential):
+        pass
+
+    hooked = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    hooked[0].register_forward_hook(lambda module, args, out: None)
+    model = nn.Module()
+    model.tanh = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
+    model.subclass_layer = nn.Sequential(MyLinear(4, 4), nn.ReLU())
+    model.subclass = MySequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    model.leading_relu = nn.Sequential(nn.ReLU(), nn.Linear(4, 4))
+    model.hooked = hooked
+    model.empty = nn.Sequential()
+    before = dict(model.named_children())
+
+    _, report = accelerate(model)
+
+    assert dict(model.named_children()) == before
+    assert all(type(child) is not FusedMLP for child in model.modules())
+    assert report.replaced == []
+    reasons = dict(report.kept)
+    assert reasons["tanh"] == "not a Linear/ReLU/Identity chain (Linear, Tanh, Linear)"
+    assert reasons["subclass_layer"] == "not a Linear/ReLU/Identity chain (MyLinear, ReLU)"
+    assert reasons["hooked"] == "has hooks, which the fused call would skip"
+    assert set(reasons) == {"tanh", "subclass_layer", "leading_relu", "hooked", "empty"}
+    assert "kept 5 nn.Sequential unchanged" in str(report)
+
+
+def test_shared_sequential_becomes_one_fused_module() -> None:
+    shared = nn.Sequential(nn.Linear(6, 3), nn.ReLU(), nn.Linear(3, 6))
+    model = nn.Module()
+    model.first = shared
+    model.second = nn.Sequential(shared, nn.Tanh())
+    _, report = accelerate(model)
+    assert type(model.first) is FusedMLP
+    assert model.second[0] is model.first
+    assert [name for name, _ in report.replaced] == ["first"]
+    assert [name for name, _ in report.kept] == ["second"]
