@@ -1,0 +1,259 @@
+"""Forward-pass speed of fusedae against its peers, one pytest-benchmark group per
+(model, batch, threads).
+
+Every group holds: the FMA-peak probe (the ceiling, measured in the same run), ours through the
+numpy ``MLP`` and through the torch module (``FusedMLP`` / ``AE``), PyTorch eager,
+``torch.compile`` of the eager module, and ONNX Runtime on a graph built from the same weights.
+Each peer's output is checked against plain PyTorch, so the smoke run (benchmarks disabled) is a
+real test. ``benchmark.extra_info`` holds what ``report.py`` needs (FLOPs per call, peer, ...).
+
+    make bench        # or: pytest benches --benchmark-enable --benchmark-only \\
+                      #         --benchmark-json=benches/results.json && \\
+                      #     python benches/report.py benches/results.json
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from statistics import median
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import fusedae
+from fusedae import _native
+
+# Rows per call when benchmarks are disabled (the smoke run): enough to cross the kernels' row
+# tiles and thread split, few enough to keep `make test` quick.
+SMOKE_MAX_ROWS = 256
+# The FMA-peak probe: seconds per probe, probes per group.
+PEAK_SECONDS = 0.1
+PEAK_ROUNDS = 5
+
+
+@dataclass(frozen=True)
+class Model:
+    """A chain of Linear layers, ``widths`` from input to output; ReLU after each layer but the
+    last (for the autoencoder: but the bottleneck and the last)."""
+
+    key: str
+    label: str
+    widths: tuple[int, ...]
+    batches: tuple[int, ...] = (1, 64, 4096)
+    autoencoder: bool = False
+
+    @property
+    def activations(self) -> list[str]:
+        if self.autoencoder:  # Linear, ReLU, Linear | Linear, ReLU, Linear
+            return ["relu", "identity"] * ((len(self.widths) - 1) // 2)
+        return ["relu"] * (len(self.widths) - 2) + ["identity"]
+
+    @property
+    def flops_per_row(self) -> int:
+        """2 x sum(in x out): multiply-adds only, as the issue counts them."""
+        return 2 * sum(a * b for a, b in zip(self.widths, self.widths[1:], strict=False))
+
+
+MODELS = (
+    Model("enc784", "encoder 784-42-16", (784, 42, 16), batches=(1, 64, 4096, 65536)),
+    Model("ae784", "AE 784-42-16-42-784", (784, 42, 16, 42, 784), autoencoder=True),
+    Model("digits", "encoder 64-42-2", (64, 42, 2)),
+    Model("enc1024", "encoder 1024-256-32", (1024, 256, 32)),
+)
+THREADS = (1, 2)
+# Order within a group; peers of one group run back to back.
+PEERS = (
+    "fma-peak",
+    "fusedae-numpy",
+    "fusedae-torch",
+    "torch-eager",
+    "torch-compile",
+    "onnxruntime",
+)
+
+MODEL_BY_KEY = {model.key: model for model in MODELS}
+
+CASES = [
+    pytest.param(model.key, batch, threads, peer, id=f"{model.key}-b{batch}-t{threads}-{peer}")
+    for model in MODELS
+    for batch in model.batches
+    for threads in THREADS
+    for peer in PEERS
+]
+
+
+def group_name(model: Model, batch: int, threads: int) -> str:
+    return f"{model.label} | batch {batch} | {threads} thread{'s' if threads > 1 else ''}"
+
+
+def onnx_model(layers: list[tuple[np.ndarray, np.ndarray, str]]) -> bytes:
+    """The chain as an ONNX graph: ``Gemm(transB=1)`` per layer, ``Relu`` where the model has
+    one; dynamic batch dimension."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes, initializers = [], []
+    current = "x"
+    for index, (weight, bias, activation) in enumerate(layers):
+        initializers += [
+            numpy_helper.from_array(weight, f"w{index}"),
+            numpy_helper.from_array(bias, f"b{index}"),
+        ]
+        gemm = f"gemm{index}"
+        nodes.append(
+            helper.make_node("Gemm", [current, f"w{index}", f"b{index}"], [gemm], transB=1)
+        )
+        current = gemm
+        if activation == "relu":
+            nodes.append(helper.make_node("Relu", [gemm], [f"relu{index}"]))
+            current = f"relu{index}"
+    nodes.append(helper.make_node("Identity", [current], ["y"]))
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", layers[0][0].shape[1]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", layers[-1][0].shape[0]])],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def _fusedae_numpy(zoo: Any, model: Model, x: np.ndarray, threads: int) -> Callable[[], Any]:
+    layers = zoo.layers(model)
+    mlp = fusedae.MLP([(w, b) for w, b, _ in layers], activations=[a for _, _, a in layers])
+    assert mlp.flops_per_row == model.flops_per_row
+    return lambda: mlp(x)
+
+
+def _fusedae_torch(zoo: Any, model: Model, x: np.ndarray, threads: int) -> Callable[[], Any]:
+    from fusedae.torch import AE, FusedMLP
+
+    eager = zoo.eager(model)
+    module: torch.nn.Module
+    if model.autoencoder:
+        x_dim, h_dim, z_dim = model.widths[:3]
+        module = AE(x_dim, z_dim, h_dim)
+        module.load_state_dict(eager.state_dict())
+    else:
+        module = FusedMLP.from_sequential(eager)
+    module.eval()
+    xt = torch.from_numpy(x)
+    return lambda: module(xt)
+
+
+def _torch_eager(zoo: Any, model: Model, x: np.ndarray, threads: int) -> Callable[[], Any]:
+    eager = zoo.eager(model)
+    xt = torch.from_numpy(x)
+    return lambda: eager(xt)
+
+
+def _torch_compile(zoo: Any, model: Model, x: np.ndarray, threads: int) -> Callable[[], Any]:
+    torch._dynamo.reset()  # compile afresh for this batch size and thread count
+    compiled = torch.compile(zoo.eager(model))
+    xt = torch.from_numpy(x)
+    try:
+        with torch.inference_mode():
+            compiled(xt)
+    except Exception as exc:  # no C++ compiler, unsupported platform, ...
+        pytest.skip(f"torch.compile failed: {type(exc).__name__}: {exc}")
+    return lambda: compiled(xt)
+
+
+def _onnxruntime(zoo: Any, model: Model, x: np.ndarray, threads: int) -> Callable[[], Any]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()  # default graph optimizations
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(
+        onnx_model(zoo.layers(model)), options, providers=["CPUExecutionProvider"]
+    )
+    feed = {"x": x}
+    return lambda: session.run(None, feed)[0]
+
+
+BUILDERS = {
+    "fusedae-numpy": _fusedae_numpy,
+    "fusedae-torch": _fusedae_torch,
+    "torch-eager": _torch_eager,
+    "torch-compile": _torch_compile,
+    "onnxruntime": _onnxruntime,
+}
+
+
+def _as_numpy(out: Any) -> np.ndarray:
+    return out.numpy() if isinstance(out, torch.Tensor) else np.asarray(out)
+
+
+@pytest.mark.parametrize(("model_key", "batch", "threads", "peer"), CASES)
+def test_forward(
+    benchmark: Any,
+    measure: Callable[[Callable[[], Any]], None],
+    zoo: Any,
+    pin_threads: Any,
+    fma_peak: Callable[[int, float], float],
+    model_key: str,
+    batch: int,
+    threads: int,
+    peer: str,
+) -> None:
+    """One peer of one (model, batch, threads) group: checked against plain PyTorch, then
+    timed; ``rows`` < ``batch`` only in the smoke run."""
+    model = MODEL_BY_KEY[model_key]
+    rows = batch if benchmark.enabled else min(batch, SMOKE_MAX_ROWS)
+    benchmark.group = group_name(model, batch, threads)
+    benchmark.extra_info.update(
+        model=model.label,
+        model_key=model.key,
+        widths=list(model.widths),
+        batch=batch,
+        rows=rows,
+        threads=threads,
+        peer=peer,
+        flops=model.flops_per_row * rows,
+        load_average=os.getloadavg()[0],  # others' work on the cores skews the numbers
+    )
+    with pin_threads(threads):
+        if peer == "fma-peak":
+            _peak(benchmark, fma_peak, threads)
+            return
+        if peer == "torch-compile" and benchmark.disabled:
+            pytest.skip("torch.compile is only run when benchmarking (it takes seconds)")
+        x = zoo.inputs(model, rows)
+        expected = zoo.reference(model, rows)
+        # Modules are built outside inference_mode, as a user's would be (parameters made
+        # inside it are inference tensors, which FusedMLP cannot cache its packing for).
+        target = BUILDERS[peer](zoo, model, x, threads)
+        with torch.inference_mode():
+            got = _as_numpy(target())
+            scale = float(np.abs(expected).max())
+            np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * scale)
+            measure(target)
+
+
+def _peak(benchmark: Any, fma_peak: Callable[[int, float], float], threads: int) -> None:
+    """The group's ceiling: ``threads`` FMA probes at once, median of ``PEAK_ROUNDS``."""
+    seconds = PEAK_SECONDS if benchmark.enabled else 0.005
+    runs: list[float] = []
+    if benchmark.enabled:
+        benchmark.pedantic(
+            lambda: runs.append(fma_peak(threads, seconds)), rounds=PEAK_ROUNDS, iterations=1
+        )
+    else:
+        benchmark(lambda: runs.append(fma_peak(threads, seconds)))
+    single = _native.fma_peak_gflops(seconds)
+    benchmark.extra_info.update(
+        flops=0,
+        peak_gflops=median(runs),
+        peak_gflops_runs=runs,
+        peak_gflops_one_thread=single,
+    )
+    assert median(runs) > 0
+    assert single > 0

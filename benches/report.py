@@ -1,0 +1,319 @@
+"""Renders the pytest-benchmark JSON of ``benches/bench_models.py`` as a report.
+
+    python benches/report.py benches/results.json [--out-dir benches]
+
+Writes ``report.md`` (a summary table, then one table per (model, batch, threads) group: median
+time, spread, GFLOP/s, % of the FMA peak measured in the same group, and how many times faster
+ours is than each peer) and ``throughput.png`` (GFLOP/s against batch size, one line per peer,
+one panel per model and thread count) to ``--out-dir``, and prints the markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PEAK = "fma-peak"
+PEERS = ("fusedae-numpy", "fusedae-torch", "torch-eager", "torch-compile", "onnxruntime")
+OURS = ("fusedae-numpy", "fusedae-torch")
+LABELS = {
+    "fusedae-numpy": "fusedae MLP (numpy)",
+    "fusedae-torch": "fusedae module (torch)",
+    "torch-eager": "PyTorch eager",
+    "torch-compile": "torch.compile",
+    "onnxruntime": "ONNX Runtime",
+    PEAK: "FMA peak",
+}
+SHORT = {
+    "fusedae-numpy": "MLP",
+    "fusedae-torch": "module",
+    "torch-eager": "eager",
+    "torch-compile": "compile",
+    "onnxruntime": "ORT",
+}
+COLORS = {
+    "fusedae-numpy": "tab:red",
+    "fusedae-torch": "tab:orange",
+    "torch-eager": "tab:blue",
+    "torch-compile": "tab:cyan",
+    "onnxruntime": "tab:green",
+    PEAK: "gray",
+}
+
+
+@dataclass
+class Entry:
+    peer: str
+    median_s: float
+    min_s: float
+    iqr_s: float
+    rounds: int
+    flops: int
+
+    @property
+    def gflops(self) -> float:
+        return self.flops / self.median_s / 1e9
+
+
+@dataclass
+class Group:
+    model_key: str
+    model: str
+    batch: int
+    threads: int
+    peak_gflops: float | None = None
+    peak_one_thread: float | None = None
+    load_average: float | None = None
+    entries: dict[str, Entry] = field(default_factory=dict)
+
+    @property
+    def title(self) -> str:
+        return f"{self.model} · batch {self.batch} · {_threads(self.threads)}"
+
+    def percent_of_peak(self, entry: Entry) -> float | None:
+        return 100 * entry.gflops / self.peak_gflops if self.peak_gflops else None
+
+
+def _threads(count: int) -> str:
+    return f"{count} thread{'s' if count != 1 else ''}"
+
+
+def load(path: Path) -> tuple[dict[str, Any], list[Group]]:
+    """The JSON's metadata and its groups, in the order they ran."""
+    data = json.loads(path.read_text())
+    groups: dict[tuple[str, int, int], Group] = {}
+    for bench in data["benchmarks"]:
+        info = bench.get("extra_info", {})
+        if "peer" not in info:
+            continue  # not one of bench_models.py's
+        key = (info["model_key"], info["batch"], info["threads"])
+        group = groups.setdefault(key, Group(key[0], info["model"], key[1], key[2]))
+        if info["peer"] == PEAK:
+            group.peak_gflops = info["peak_gflops"]
+            group.peak_one_thread = info.get("peak_gflops_one_thread")
+            group.load_average = info.get("load_average")
+            continue
+        stats = bench["stats"]
+        group.entries[info["peer"]] = Entry(
+            info["peer"],
+            stats["median"],
+            stats["min"],
+            stats["iqr"],
+            stats["rounds"],
+            info["flops"],
+        )
+    meta = {k: data.get(k) for k in ("machine_info", "commit_info", "datetime", "version")}
+    return meta, list(groups.values())
+
+
+def format_time(seconds: float) -> str:
+    unit, scale = next(
+        ((u, s) for u, s in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)) if seconds >= s),
+        ("ns", 1e-9),
+    )
+    value = seconds / scale
+    return f"{value:.3g} {unit}" if value < 100 else f"{value:.0f} {unit}"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}%"
+
+
+def _speedup(ours: Entry | None, peer: Entry | None) -> str:
+    if ours is None or peer is None:
+        return "-"
+    return f"{peer.median_s / ours.median_s:.2f}x"
+
+
+def describe_machine(meta: dict[str, Any]) -> list[str]:
+    machine = meta.get("machine_info") or {}
+    cpu = machine.get("cpu") or {}
+    commit = meta.get("commit_info") or {}
+    native = machine.get("fusedae")
+    if native is None:  # results from an older conftest: ask the installed package
+        try:
+            import fusedae
+
+            native = fusedae.info()
+        except ImportError:
+            native = {}
+    versions = machine.get("versions") or {}
+    lines = [
+        f"- Machine: {cpu.get('brand_raw', machine.get('processor') or '?')}, "
+        f"{cpu.get('count', '?')} logical CPUs, {machine.get('machine', '?')}, "
+        f"{machine.get('system', '?')} {machine.get('release', '')}".rstrip(),
+        f"- fusedae {native.get('version', '?')}: ISA `{native.get('isa', '?')}` "
+        f"(available: {', '.join(native.get('available_isas', [])) or '?'}), "
+        f"{native.get('build_profile', '?')} build",
+        "- Peers: "
+        + ", ".join(f"{name} {version}" for name, version in versions.items() if name != "fusedae")
+        + f"; Python {machine.get('python_version', '?')}",
+        f"- Date: {meta.get('datetime', '?')}; commit `{str(commit.get('id', '?'))[:10]}`"
+        + (" (dirty tree)" if commit.get("dirty") else ""),
+    ]
+    return lines
+
+
+def render_markdown(meta: dict[str, Any], groups: list[Group]) -> str:
+    threads = sorted({g.threads for g in groups})
+    out = ["# fusedae benchmark report", ""]
+    out += describe_machine(meta)
+    out += [
+        f"- Threads per group: {', '.join(map(str, threads))}, pinned for every peer "
+        "(fusedae, torch, torch.compile's generated code, ONNX Runtime intra-op; inter-op 1)",
+        "- fp32, all peers run the same weights on the same inputs; FLOPs = 2 x batch x "
+        "sum(in x out). Times are medians over rounds; IQR is the interquartile range of "
+        "the rounds as a % of the median (a noisy number has a large IQR); min is the "
+        "fastest round.",
+        "- % of peak: against the FMA peak probed in the same group (`threads` register-only "
+        "FMA loops at once). Speedup = peer median / ours median (> 1: ours is faster).",
+        "",
+        "## Summary",
+        "",
+        "Median time per call and % of the group's FMA peak.",
+        "",
+    ]
+    header = ["model", "batch", "threads", "peak GFLOP/s"] + [LABELS[p] for p in PEERS]
+    header += ["MLP vs ORT", "MLP vs eager", "module vs eager"]
+    out += ["| " + " | ".join(header) + " |", "|" + "---|" * 3 + "---:|" * (len(header) - 3)]
+    for g in groups:
+        cells = [g.model, str(g.batch), str(g.threads), _fmt_gflops(g.peak_gflops)]
+        for peer in PEERS:
+            entry = g.entries.get(peer)
+            cells.append(
+                "-"
+                if entry is None
+                else f"{format_time(entry.median_s)} ({_pct(g.percent_of_peak(entry))})"
+            )
+        numpy_mlp, module = g.entries.get("fusedae-numpy"), g.entries.get("fusedae-torch")
+        cells += [
+            _speedup(numpy_mlp, g.entries.get("onnxruntime")),
+            _speedup(numpy_mlp, g.entries.get("torch-eager")),
+            _speedup(module, g.entries.get("torch-eager")),
+        ]
+        out.append("| " + " | ".join(cells) + " |")
+    out += ["", "## Groups", ""]
+    for g in groups:
+        out += [f"### {g.title}", ""]
+        peak = f"FMA peak {_fmt_gflops(g.peak_gflops)} GFLOP/s with {_threads(g.threads)}"
+        if g.peak_one_thread:
+            peak += f" (one thread alone: {_fmt_gflops(g.peak_one_thread)})"
+        if g.load_average is not None:
+            peak += f"; 1-minute load average {g.load_average:.2f} when the group began"
+        out += [peak + ".", ""]
+        head = ["peer", "median", "IQR", "min", "rounds", "GFLOP/s", "% of peak"]
+        head += [f"{SHORT[o]} speedup" for o in OURS]
+        out += ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+        for peer in PEERS:
+            entry = g.entries.get(peer)
+            if entry is None:
+                out.append(f"| {LABELS[peer]} | not run (skipped or failed) |" + " |" * 7)
+                continue
+            cells = [
+                LABELS[peer],
+                format_time(entry.median_s),
+                f"{100 * entry.iqr_s / entry.median_s:.0f}%",
+                format_time(entry.min_s),
+                str(entry.rounds),
+                f"{entry.gflops:.1f}",
+                _pct(g.percent_of_peak(entry)),
+            ]
+            cells += [_speedup(g.entries.get(o), entry) for o in OURS]
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _fmt_gflops(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def render_chart(meta: dict[str, Any], groups: list[Group], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys((g.model_key, g.model) for g in groups))
+    threads = sorted({g.threads for g in groups})
+    fig, axes = plt.subplots(
+        len(models),
+        len(threads),
+        figsize=(5.2 * len(threads), 3.4 * len(models)),
+        squeeze=False,
+        sharex=True,
+    )
+    batches = sorted({g.batch for g in groups})
+    for row, (model_key, label) in enumerate(models):
+        for col, count in enumerate(threads):
+            ax = axes[row][col]
+            panel = sorted(
+                (g for g in groups if g.model_key == model_key and g.threads == count),
+                key=lambda g: g.batch,
+            )
+            peaks = [(g.batch, g.peak_gflops) for g in panel if g.peak_gflops]
+            if peaks:
+                xs, ys = zip(*peaks, strict=True)
+                ax.plot(xs, ys, "--", color=COLORS[PEAK], label=LABELS[PEAK])
+            for peer in PEERS:
+                points = [(g.batch, g.entries[peer].gflops) for g in panel if peer in g.entries]
+                if points:
+                    xs, ys = zip(*points, strict=True)
+                    style = "-o" if peer in OURS else "-s"
+                    ax.plot(xs, ys, style, color=COLORS[peer], label=LABELS[peer], ms=4, lw=1.5)
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(batches, [str(b) for b in batches])
+            ax.set_ylim(bottom=0)
+            ax.grid(True, alpha=0.3)
+            ax.set_title(f"{label}, {_threads(count)}", fontsize=10)
+            if col == 0:
+                ax.set_ylabel("GFLOP/s")
+            if row == len(models) - 1:
+                ax.set_xlabel("batch size (rows)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(
+        handles,
+        labels,
+        loc="upper center",
+        bbox_to_anchor=(0.5, 0.972),
+        ncol=len(labels),
+        fontsize=9,
+        frameon=False,
+    )
+    machine = meta.get("machine_info") or {}
+    cpu = (machine.get("cpu") or {}).get("brand_raw", "?")
+    isa = (machine.get("fusedae") or {}).get("isa", "?")
+    date = str(meta.get("datetime", "?"))[:16].replace("T", " ")
+    fig.suptitle(f"fp32 forward throughput: {cpu}, ISA {isa}, {date} UTC", y=0.995, fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path, help="pytest-benchmark JSON (--benchmark-json)")
+    parser.add_argument(
+        "--out-dir",
+        type=Path,
+        default=Path(__file__).resolve().parent,
+        help="where report.md and throughput.png go (default: benches/)",
+    )
+    args = parser.parse_args(argv)
+    meta, groups = load(args.results)
+    if not groups:
+        parser.error(f"{args.results} holds no bench_models.py results (was it a timed run?)")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    markdown = render_markdown(meta, groups)
+    (args.out_dir / "report.md").write_text(markdown + "\n")
+    render_chart(meta, groups, args.out_dir / "throughput.png")
+    print(markdown)
+    print(f"\nwrote {args.out_dir / 'report.md'} and {args.out_dir / 'throughput.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
