@@ -40,8 +40,9 @@ fn shape_error<T>(message: String) -> Result<T, Error> {
     Err(Error::Shape(message))
 }
 
-/// Below this much work a call stays on the calling thread: waking the pool costs more.
-const PARALLEL_MIN_FLOPS: usize = 20_000_000;
+/// Below this much work (about 100 us on one core) a call stays on the calling thread: waking
+/// the pool costs more than it saves.
+const PARALLEL_MIN_FLOPS: usize = 10_000_000;
 /// Largest scratch buffer a thread keeps between calls.
 const SCRATCH_KEEP_BYTES: usize = 8 << 20;
 /// Row chunks per thread, so a thread slowed by a noisy neighbour does not hold up the call.
@@ -172,11 +173,15 @@ impl<T: Float> Mlp<T> {
             self.forward_on_this_thread(input, output);
             return Ok(());
         }
-        let chunks = threads * CHUNKS_PER_THREAD;
-        let chunk_rows = rows
-            .div_ceil(chunks)
-            .max(self.kernel.shape.block_rows)
-            .next_multiple_of(mr);
+        // Several chunks per thread balance a noisy machine, once each chunk is still a few
+        // blocks of work; a smaller batch is split evenly, one chunk per thread.
+        let block_rows = self.kernel.shape.block_rows;
+        let chunks = if rows >= threads * CHUNKS_PER_THREAD * block_rows {
+            threads * CHUNKS_PER_THREAD
+        } else {
+            threads
+        };
+        let chunk_rows = rows.div_ceil(chunks).next_multiple_of(mr);
         let pool = threads::pool().map_err(Error::Threads)?;
         pool.install(|| {
             input
