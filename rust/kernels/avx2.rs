@@ -45,6 +45,12 @@ impl SimdVec for F32x8 {
     }
 
     #[inline(always)]
+    unsafe fn prefetch(ptr: *const f32) {
+        // SAFETY: a prefetch is a hint that never faults; SSE is part of x86-64.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(ptr.cast()) }
+    }
+
+    #[inline(always)]
     unsafe fn relu(self) -> Self {
         // MAXPS returns its second operand when either is NaN, so NaN survives as in torch.relu.
         // SAFETY: the caller guarantees AVX2 and FMA.
@@ -90,6 +96,12 @@ impl SimdVec for F64x4 {
     unsafe fn mul_add(self, b: Self, acc: Self) -> Self {
         // SAFETY: the caller guarantees AVX2 and FMA.
         F64x4(unsafe { _mm256_fmadd_pd(self.0, b.0, acc.0) })
+    }
+
+    #[inline(always)]
+    unsafe fn prefetch(ptr: *const f64) {
+        // SAFETY: a prefetch is a hint that never faults; SSE is part of x86-64.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(ptr.cast()) }
     }
 
     #[inline(always)]

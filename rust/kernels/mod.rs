@@ -81,6 +81,11 @@ pub trait SimdVec: Copy {
     /// # Safety
     /// The CPU supports the ISA.
     unsafe fn add(self, b: Self) -> Self;
+    /// Hints that `ptr` will be read soon; never faults, whatever the address.
+    ///
+    /// # Safety
+    /// The CPU supports the ISA.
+    unsafe fn prefetch(ptr: *const Self::Elem);
     /// `max(0, x)` that keeps NaN as NaN, like `torch.relu`.
     ///
     /// # Safety
@@ -332,29 +337,83 @@ unsafe fn layer_block<V: SimdVec, const MR: usize, const NV_MAX: usize>(
     dst_stride: usize,
 ) {
     let panel_width = NV_MAX * V::LANES;
-    for col in (0..layer.padded_out).step_by(panel_width) {
-        let width = panel_width.min(layer.padded_out - col);
+    let panel_bytes = layer.in_features * panel_width * std::mem::size_of::<V::Elem>();
+    let at = Placement {
+        layer,
+        data,
+        rows,
+        src,
+        src_stride,
+        dst,
+        dst_stride,
+    };
+    if panel_bytes <= L1_PANEL_BYTES {
+        // The panels stay in L1 whatever the order: go row tile by row tile, so each output row
+        // is written left to right in one pass, a stream the prefetcher follows.
         for row in (0..rows).step_by(MR) {
-            // SAFETY: `col < padded_out` and `row < rows`, so every offset stays inside the
-            // buffers described in `forward_rows`.
-            unsafe {
-                let tile = Tile {
-                    a: src.add(row * src_stride),
-                    lda: src_stride,
-                    k: layer.in_features,
-                    panel: data
-                        .as_ptr()
-                        .add(layer.weights_at + col * layer.in_features),
-                    bias: data.as_ptr().add(layer.bias_at + col),
-                    relu: layer.relu,
-                    out: dst.add(row * dst_stride + col),
-                    ldo: dst_stride,
-                };
-                tile_rows::<V>((rows - row).min(MR), width / V::LANES, &tile);
+            for col in (0..layer.padded_out).step_by(panel_width) {
+                // SAFETY: `row < rows` and `col < padded_out`, as `tile_at` requires.
+                unsafe { tile_at::<V, MR, NV_MAX>(&at, row, col) };
+            }
+        }
+    } else {
+        // Keep a large panel hot: every row tile of the block runs against it before the next.
+        for col in (0..layer.padded_out).step_by(panel_width) {
+            for row in (0..rows).step_by(MR) {
+                // SAFETY: `row < rows` and `col < padded_out`, as `tile_at` requires.
+                unsafe { tile_at::<V, MR, NV_MAX>(&at, row, col) };
             }
         }
     }
 }
+
+/// One layer's operands for a block of rows, as [`layer_block`] received them.
+struct Placement<'a, T> {
+    layer: &'a LayerDesc,
+    data: &'a [T],
+    rows: usize,
+    src: *const T,
+    src_stride: usize,
+    dst: *mut T,
+    dst_stride: usize,
+}
+
+/// The register tile at row `row` and output column `col` of a layer block.
+///
+/// # Safety
+/// As at the call in [`forward_rows`], with `row < at.rows` and `col < at.layer.padded_out`, so
+/// every offset stays inside the buffers described there.
+#[inline(always)]
+unsafe fn tile_at<V: SimdVec, const MR: usize, const NV_MAX: usize>(
+    at: &Placement<'_, V::Elem>,
+    row: usize,
+    col: usize,
+) {
+    let layer = at.layer;
+    let width = (NV_MAX * V::LANES).min(layer.padded_out - col);
+    // SAFETY: see the function's contract.
+    unsafe {
+        let tile = Tile {
+            a: at.src.add(row * at.src_stride),
+            lda: at.src_stride,
+            k: layer.in_features,
+            panel: at
+                .data
+                .as_ptr()
+                .add(layer.weights_at + col * layer.in_features),
+            bias: at.data.as_ptr().add(layer.bias_at + col),
+            relu: layer.relu,
+            out: at.dst.add(row * at.dst_stride + col),
+            ldo: at.dst_stride,
+        };
+        tile_rows::<V>((at.rows - row).min(MR), width / V::LANES, &tile);
+    }
+}
+
+/// Panels up to this size are reloaded per row tile rather than kept hot (half of a 32 KiB L1).
+const L1_PANEL_BYTES: usize = 16 << 10;
+/// How far ahead of the current input value each row is prefetched.
+const PREFETCH_AHEAD_BYTES: usize = 512;
 
 /// Pointers for one register tile: `rows x (nv * LANES)` outputs from `rows x k` inputs.
 struct Tile<T> {
@@ -433,7 +492,16 @@ unsafe fn register_tile<V: SimdVec, const R: usize, const NV: usize, const KS: u
         }
         let mut a = tile.a;
         let mut panel = tile.panel;
-        for _ in 0..tile.k / KS {
+        let line = 64 / std::mem::size_of::<V::Elem>();
+        let ahead = PREFETCH_AHEAD_BYTES / std::mem::size_of::<V::Elem>();
+        for step in 0..tile.k / KS {
+            if (step * KS).is_multiple_of(line) {
+                // Once per cache line of each input row: large inputs stream from memory, one
+                // stream per row of the tile, more than the hardware prefetcher keeps ahead of.
+                for r in 0..R {
+                    V::prefetch(a.wrapping_add(r * tile.lda + ahead));
+                }
+            }
             for (s, set) in acc.iter_mut().enumerate() {
                 let mut b = [V::zero(); NV];
                 for (v, reg) in b.iter_mut().enumerate() {

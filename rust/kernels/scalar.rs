@@ -45,6 +45,9 @@ impl<T: Element> SimdVec for Lane<T> {
     }
 
     #[inline(always)]
+    unsafe fn prefetch(_ptr: *const T) {}
+
+    #[inline(always)]
     unsafe fn relu(self) -> Self {
         // `NaN < 0` is false, so NaN passes through as in torch.relu.
         if self.0 < T::ZERO {
