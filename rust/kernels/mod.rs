@@ -494,8 +494,8 @@ unsafe fn register_tile<V: SimdVec, const R: usize, const NV: usize, const KS: u
         let mut panel = tile.panel;
         let line = 64 / std::mem::size_of::<V::Elem>();
         let ahead = PREFETCH_AHEAD_BYTES / std::mem::size_of::<V::Elem>();
-        for step in 0..tile.k / KS {
-            if (step * KS).is_multiple_of(line) {
+        for iteration in 0..tile.k / KS {
+            if (iteration * KS).is_multiple_of(line) {
                 // Once per cache line of each input row: large inputs stream from memory, one
                 // stream per row of the tile, more than the hardware prefetcher keeps ahead of.
                 for r in 0..R {
