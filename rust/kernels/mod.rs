@@ -413,7 +413,7 @@ unsafe fn tile_at<V: SimdVec, const MR: usize, const NV_MAX: usize>(
 /// Panels up to this size are reloaded per row tile rather than kept hot (half of a 32 KiB L1).
 const L1_PANEL_BYTES: usize = 16 << 10;
 /// How far ahead of the current input value each row is prefetched.
-const PREFETCH_AHEAD_BYTES: usize = 512;
+const PREFETCH_AHEAD_BYTES: usize = 1024;
 
 /// Pointers for one register tile: `rows x (nv * LANES)` outputs from `rows x k` inputs.
 struct Tile<T> {
