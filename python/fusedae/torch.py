@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.nn.modules import module as _torch_module
 
 from fusedae import _native, serialization
 from fusedae.mlp import check_output_size
@@ -171,7 +172,7 @@ class _ChainState:
         self.invalidate()
 
     def invalidate(self) -> None:
-        self.key: list[tuple[int, int, int]] | None = None
+        self.snapshot: list[tuple[torch.Tensor | None, int, int]] | None = None
         self.dtype: torch.dtype | None = None
         self.chain: _native.Chain | None = None
         self.pinned: list[torch.Tensor | None] = []
@@ -186,12 +187,21 @@ class _ChainState:
         """The packed chain for inputs of ``dtype``, or None if the parameters do not allow it
         (another device or dtype)."""
         params = _parameters(layers)
+        snapshot = self.snapshot
+        if snapshot is not None and dtype == self.dtype and len(snapshot) == len(params):
+            for (cached, address, version), p in zip(snapshot, params, strict=True):
+                if p is not cached or (
+                    p is not None and (p._version != version or p.data_ptr() != address)
+                ):
+                    break
+            else:
+                return self.chain
         try:
-            key = [(id(p), p.data_ptr(), p._version) for p in params if p is not None]
+            self.snapshot = [
+                (p, 0, 0) if p is None else (p, p.data_ptr(), p._version) for p in params
+            ]
         except RuntimeError:  # inference tensors have no version counter: pack every time
-            key = None
-        if key is not None and key == self.key and dtype == self.dtype:
-            return self.chain
+            self.snapshot = None
         usable = all(
             p is None or (p.device.type == "cpu" and p.dtype == dtype and p.layout == torch.strided)
             for p in params
@@ -205,7 +215,7 @@ class _ChainState:
             if usable
             else None
         )
-        self.key, self.dtype = key, dtype
+        self.dtype = dtype
         self.pinned = [None if p is None else p.detach() for p in params]
         return self.chain
 
@@ -213,18 +223,17 @@ class _ChainState:
 def _has_hooks(modules: Iterable[nn.Module]) -> bool:
     """Whether running these modules one by one would call a hook, global or their own (which a
     fused call, running no child's ``forward``, would skip)."""
-    global_hooks = nn.modules.module
     if (
-        global_hooks._global_forward_hooks
-        or global_hooks._global_forward_pre_hooks
-        or global_hooks._global_backward_hooks
-        or global_hooks._global_backward_pre_hooks
+        _torch_module._global_forward_hooks
+        or _torch_module._global_forward_pre_hooks
+        or _torch_module._global_backward_hooks
+        or _torch_module._global_backward_pre_hooks
     ):
         return True
-    return any(
-        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-        for m in modules
-    )
+    for m in modules:  # a plain loop: this runs on every call
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+            return True
+    return False
 
 
 def _check_features(layers: Layers, x: torch.Tensor) -> None:
@@ -246,7 +255,8 @@ def _fused_forward(state: _ChainState, layers: Layers, x: torch.Tensor) -> torch
     if _has_hooks(state.modules):
         return None
     _check_features(layers, x)
-    weight_dtype = layers[0][0].weight.dtype
+    weight = layers[0][0]._parameters["weight"]
+    weight_dtype = x.dtype if weight is None else weight.dtype
     if x.dtype != weight_dtype:
         raise TypeError(
             f"expected input of dtype {weight_dtype} (the parameters' dtype), got {x.dtype}"
