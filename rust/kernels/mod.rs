@@ -412,8 +412,6 @@ unsafe fn tile_at<V: SimdVec, const MR: usize, const NV_MAX: usize>(
 
 /// Panels up to this size are reloaded per row tile rather than kept hot (half of a 32 KiB L1).
 const L1_PANEL_BYTES: usize = 16 << 10;
-/// How far ahead of the current input value each row is prefetched.
-const PREFETCH_AHEAD_BYTES: usize = 1024;
 
 /// Pointers for one register tile: `rows x (nv * LANES)` outputs from `rows x k` inputs.
 struct Tile<T> {
@@ -493,13 +491,13 @@ unsafe fn register_tile<V: SimdVec, const R: usize, const NV: usize, const KS: u
         let mut a = tile.a;
         let mut panel = tile.panel;
         let line = 64 / std::mem::size_of::<V::Elem>();
-        let ahead = PREFETCH_AHEAD_BYTES / std::mem::size_of::<V::Elem>();
         for iteration in 0..tile.k / KS {
             if (iteration * KS).is_multiple_of(line) {
-                // Once per cache line of each input row: large inputs stream from memory, one
-                // stream per row of the tile, more than the hardware prefetcher keeps ahead of.
+                // Once per cache line: fetch the same columns of the next tile's rows, so a large
+                // input streaming from memory is in cache one tile ahead (the hardware prefetcher
+                // alone misses the start of every row).
                 for r in 0..R {
-                    V::prefetch(a.wrapping_add(r * tile.lda + ahead));
+                    V::prefetch(a.wrapping_add((R + r) * tile.lda));
                 }
             }
             for (s, set) in acc.iter_mut().enumerate() {
