@@ -6,7 +6,6 @@ import itertools
 import os
 import subprocess
 import sys
-import threading
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fusedae
+from conftest import run_at_once
 from fusedae import _native, _reference
 
 WIDTHS = [1, 17, 42, 64, 784]
@@ -174,21 +174,11 @@ def test_four_python_threads_calling_at_once_get_their_own_results(rng):
     mlp = fusedae.MLP(layers, ["relu", "identity", "relu", "identity"])
     inputs = [rng.standard_normal((n, 784)).astype(np.float32) for n in (1, 33, 700, 2500)]
     wants = [_reference.forward(layers, mlp.activations, x)[0] for x in inputs]
-    errors: list[str] = []
-    barrier = threading.Barrier(len(inputs))
 
-    def work(index: int) -> None:
-        barrier.wait()
-        for _ in range(5):
-            if relative_error(mlp(inputs[index]), wants[index]) > 1e-5:
-                errors.append(f"thread {index}")
+    def check(index: int) -> bool:
+        return all(relative_error(mlp(inputs[index]), wants[index]) <= 1e-5 for _ in range(5))
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert errors == []
+    assert run_at_once(check, len(inputs)) == []
 
 
 class TestBadInput:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import os
-import threading
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ from torch import nn
 
 import fusedae
 from _seed import AE as SeedAE
+from conftest import run_at_once
 from fusedae.torch import AE, FusedMLP, FusedMLPFunction, pack_chain
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12}
@@ -307,22 +307,12 @@ def test_four_python_threads_share_one_module():
     inputs = [torch.randn(n, 784) for n in (1, 17, 300, 2000)]
     with torch.no_grad():
         wants = [seed(x) for x in inputs]
-    errors: list[int] = []
-    barrier = threading.Barrier(len(inputs))
 
-    def work(index: int) -> None:
-        barrier.wait()
+    def check(index: int) -> bool:
         with torch.inference_mode():
-            for _ in range(5):
-                if relative_error(fused(inputs[index]), wants[index]) > 1e-5:
-                    errors.append(index)
+            return all(relative_error(fused(inputs[index]), wants[index]) <= 1e-5 for _ in range(5))
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert errors == []
+    assert run_at_once(check, len(inputs)) == []
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
