@@ -58,8 +58,9 @@ fmt: $(VENV)/.deps
 	$(BIN)/ruff format python tests benches
 	$(BIN)/ruff check --fix python tests benches
 
+# One compile thread: no idle worker processes beside the timed code.
 bench: build
-	$(PY) -m pytest benches --benchmark-enable --benchmark-only --benchmark-json=benches/results.json -q
+	TORCHINDUCTOR_COMPILE_THREADS=1 $(PY) -m pytest benches --benchmark-enable --benchmark-only --benchmark-json=benches/results.json -q
 	$(PY) benches/report.py benches/results.json
 
 clean:
