@@ -8,7 +8,7 @@ use rayon::prelude::*;
 use crate::dispatch::{Float, Isa, IsaError};
 use crate::kernels::{scratch_len, Kernel};
 pub use crate::pack::LayerSpec;
-use crate::pack::{Activation, PackedChain};
+use crate::pack::PackedChain;
 use crate::threads;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -123,22 +123,6 @@ impl<T: Float> Mlp<T> {
         self.packed.layers()[self.packed.layers().len() - 1].out_features
     }
 
-    /// `(out_features, in_features, activation)` of each layer.
-    pub fn layer_shapes(&self) -> Vec<(usize, usize, Activation)> {
-        let activation = |relu| {
-            if relu {
-                Activation::Relu
-            } else {
-                Activation::Identity
-            }
-        };
-        self.packed
-            .layers()
-            .iter()
-            .map(|l| (l.out_features, l.in_features, activation(l.relu)))
-            .collect()
-    }
-
     /// Floating-point operations per input row (2 per multiply-add).
     pub fn flops_per_row(&self) -> usize {
         self.flops_per_row
@@ -246,6 +230,7 @@ mod tests {
 
     use super::*;
     use crate::dispatch;
+    use crate::pack::Activation;
 
     struct OwnedLayer<T> {
         weight: Vec<T>,
