@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fusedae
-from conftest import run_at_once
+from _threads import run_at_once
 from fusedae import _native, _reference
 
 WIDTHS = [1, 17, 42, 64, 784]

@@ -11,7 +11,7 @@ from torch import nn
 
 import fusedae
 from _seed import AE as SeedAE
-from conftest import run_at_once
+from _threads import run_at_once
 from fusedae.torch import AE, FusedMLP, FusedMLPFunction, pack_chain
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12}
