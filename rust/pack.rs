@@ -70,9 +70,16 @@ impl<T: Element> PackedChain<T> {
         let mut layers = Vec::with_capacity(specs.len());
         let mut len = 0;
         for spec in specs {
-            let padded_out = shape.padded(spec.out_features);
+            let dot = shape.dot_form(spec.in_features, spec.out_features);
+            let (padded_out, weights_len) = if dot {
+                let padded_in = shape.padded(spec.in_features);
+                (spec.out_features, spec.out_features * padded_in)
+            } else {
+                let padded_out = shape.padded(spec.out_features);
+                (padded_out, spec.in_features * padded_out)
+            };
             let weights_at = len;
-            let bias_at = (weights_at + spec.in_features * padded_out).next_multiple_of(line);
+            let bias_at = (weights_at + weights_len).next_multiple_of(line);
             len = (bias_at + padded_out).next_multiple_of(line);
             layers.push(LayerDesc {
                 in_features: spec.in_features,
@@ -81,12 +88,17 @@ impl<T: Element> PackedChain<T> {
                 weights_at,
                 bias_at,
                 relu: spec.activation == Activation::Relu,
+                dot,
             });
         }
         let mut data = AlignedBuf::zeros(len);
         let buffer = data.as_mut_slice();
         for (spec, layer) in specs.iter().zip(&layers) {
-            pack_panels(shape, spec, layer, buffer);
+            if layer.dot {
+                pack_rows(shape, spec, layer, buffer);
+            } else {
+                pack_panels(shape, spec, layer, buffer);
+            }
             if let Some(bias) = spec.bias {
                 buffer[layer.bias_at..][..spec.out_features].copy_from_slice(bias);
             }
@@ -103,6 +115,25 @@ impl<T: Element> PackedChain<T> {
             layers: &self.layers,
             data: self.data.as_slice(),
         }
+    }
+}
+
+/// Writes `spec`'s weights row by row at `layer.weights_at`, each row padded with zeros to whole
+/// registers: the dot-product form.
+fn pack_rows<T: Element>(
+    shape: &TileShape,
+    spec: &LayerSpec<'_, T>,
+    layer: &LayerDesc,
+    buffer: &mut [T],
+) {
+    let k = spec.in_features;
+    let padded_in = shape.padded(k);
+    let rows = &mut buffer[layer.weights_at..][..spec.out_features * padded_in];
+    for (packed, row) in rows
+        .chunks_exact_mut(padded_in)
+        .zip(spec.weight.chunks_exact(k))
+    {
+        packed[..k].copy_from_slice(row);
     }
 }
 

@@ -45,6 +45,34 @@ impl SimdVec for F32x8 {
     }
 
     #[inline(always)]
+    unsafe fn load_partial(ptr: *const f32, count: usize) -> Self {
+        // SAFETY: the caller guarantees `count` readable values and AVX2 and FMA; masked-off lanes
+        // are not read (no fault past the end).
+        F32x8(unsafe {
+            _mm256_maskload_ps(
+                ptr,
+                _mm256_cmpgt_epi32(
+                    _mm256_set1_epi32(count as i32),
+                    _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                ),
+            )
+        })
+    }
+
+    #[inline(always)]
+    unsafe fn sum(self) -> f32 {
+        // SAFETY: the caller guarantees AVX2 and FMA.
+        unsafe {
+            let half = _mm_add_ps(
+                _mm256_castps256_ps128(self.0),
+                _mm256_extractf128_ps::<1>(self.0),
+            );
+            let pairs = _mm_hadd_ps(half, half);
+            _mm_cvtss_f32(_mm_hadd_ps(pairs, pairs))
+        }
+    }
+
+    #[inline(always)]
     unsafe fn prefetch(ptr: *const f32) {
         // SAFETY: a prefetch is a hint that never faults; SSE is part of x86-64.
         unsafe { _mm_prefetch::<_MM_HINT_T0>(ptr.cast()) }
@@ -96,6 +124,33 @@ impl SimdVec for F64x4 {
     unsafe fn mul_add(self, b: Self, acc: Self) -> Self {
         // SAFETY: the caller guarantees AVX2 and FMA.
         F64x4(unsafe { _mm256_fmadd_pd(self.0, b.0, acc.0) })
+    }
+
+    #[inline(always)]
+    unsafe fn load_partial(ptr: *const f64, count: usize) -> Self {
+        // SAFETY: the caller guarantees `count` readable values and AVX2 and FMA; masked-off lanes
+        // are not read (no fault past the end).
+        F64x4(unsafe {
+            _mm256_maskload_pd(
+                ptr,
+                _mm256_cmpgt_epi64(
+                    _mm256_set1_epi64x(count as i64),
+                    _mm256_setr_epi64x(0, 1, 2, 3),
+                ),
+            )
+        })
+    }
+
+    #[inline(always)]
+    unsafe fn sum(self) -> f64 {
+        // SAFETY: the caller guarantees AVX2 and FMA.
+        unsafe {
+            let half = _mm_add_pd(
+                _mm256_castpd256_pd128(self.0),
+                _mm256_extractf128_pd::<1>(self.0),
+            );
+            _mm_cvtsd_f64(_mm_hadd_pd(half, half))
+        }
     }
 
     #[inline(always)]

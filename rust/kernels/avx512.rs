@@ -45,6 +45,19 @@ impl SimdVec for F32x16 {
     }
 
     #[inline(always)]
+    unsafe fn load_partial(ptr: *const f32, count: usize) -> Self {
+        // SAFETY: the caller guarantees `count` readable values and AVX-512F; masked-off lanes
+        // are not read (no fault past the end).
+        F32x16(unsafe { _mm512_maskz_loadu_ps(((1u32 << count) - 1) as __mmask16, ptr) })
+    }
+
+    #[inline(always)]
+    unsafe fn sum(self) -> f32 {
+        // SAFETY: the caller guarantees AVX-512F.
+        unsafe { _mm512_reduce_add_ps(self.0) }
+    }
+
+    #[inline(always)]
     unsafe fn prefetch(ptr: *const f32) {
         // SAFETY: a prefetch is a hint that never faults; SSE is part of x86-64.
         unsafe { _mm_prefetch::<_MM_HINT_T0>(ptr.cast()) }
@@ -96,6 +109,19 @@ impl SimdVec for F64x8 {
     unsafe fn mul_add(self, b: Self, acc: Self) -> Self {
         // SAFETY: the caller guarantees AVX-512F.
         F64x8(unsafe { _mm512_fmadd_pd(self.0, b.0, acc.0) })
+    }
+
+    #[inline(always)]
+    unsafe fn load_partial(ptr: *const f64, count: usize) -> Self {
+        // SAFETY: the caller guarantees `count` readable values and AVX-512F; masked-off lanes
+        // are not read (no fault past the end).
+        F64x8(unsafe { _mm512_maskz_loadu_pd(((1u32 << count) - 1) as __mmask8, ptr) })
+    }
+
+    #[inline(always)]
+    unsafe fn sum(self) -> f64 {
+        // SAFETY: the caller guarantees AVX-512F.
+        unsafe { _mm512_reduce_add_pd(self.0) }
     }
 
     #[inline(always)]

@@ -13,6 +13,11 @@
 //! columns k-major (`in` rows of `width` values). Outputs are padded with zero weights and zero
 //! bias up to `padded_out`, a multiple of `lanes`; the bias (`padded_out` values) is at `bias_at`.
 //!
+//! A layer of very few outputs (see [`TileShape::dot_form`]) is instead packed in dot-product
+//! form: its weights stay row-major, `out` rows of `in` values padded with zeros to whole
+//! registers ([`padded`]), no output padding (`padded_out == out`), and each output is a
+//! horizontal sum of lane-wise products.
+//!
 //! The ISA files only implement [`SimdVec`] and wrap [`forward_rows`] in a thin
 //! `#[target_feature]` function; the loop nest lives once, here.
 
@@ -81,6 +86,16 @@ pub trait SimdVec: Copy {
     /// # Safety
     /// The CPU supports the ISA.
     unsafe fn add(self, b: Self) -> Self;
+    /// Loads the first `count < LANES` values at `ptr`, zeros in the other lanes.
+    ///
+    /// # Safety
+    /// `ptr` is valid for `count` reads; the CPU supports the ISA.
+    unsafe fn load_partial(ptr: *const Self::Elem, count: usize) -> Self;
+    /// The sum of the lanes.
+    ///
+    /// # Safety
+    /// The CPU supports the ISA.
+    unsafe fn sum(self) -> Self::Elem;
     /// Hints that `ptr` will be read soon; never faults, whatever the address.
     ///
     /// # Safety
@@ -112,8 +127,25 @@ impl TileShape {
     }
 
     pub fn padded(&self, width: usize) -> usize {
-        width.div_ceil(self.lanes) * self.lanes
+        padded(width, self.lanes)
     }
+
+    /// Whether a layer runs in dot-product form: when it has so few outputs that padding them to
+    /// whole registers would cost at least twice the multiply-adds of summing along `k` (a
+    /// 2-wide bottleneck costs 42 FMAs per row padded, 6 plus two sums in dot form).
+    pub fn dot_form(&self, in_features: usize, out_features: usize) -> bool {
+        let broadcast = in_features * self.padded(out_features) / self.lanes;
+        let dot = out_features * (self.padded(in_features) / self.lanes + DOT_SUM_COST);
+        2 * dot <= broadcast
+    }
+}
+
+/// A horizontal sum, counted in multiply-adds, for [`TileShape::dot_form`].
+const DOT_SUM_COST: usize = 2;
+
+/// `width` rounded up to whole registers of `lanes`.
+pub fn padded(width: usize, lanes: usize) -> usize {
+    width.div_ceil(lanes) * lanes
 }
 
 /// Where one packed layer sits in its chain's buffer (see the module docs for the layout).
@@ -125,6 +157,8 @@ pub struct LayerDesc {
     pub weights_at: usize,
     pub bias_at: usize,
     pub relu: bool,
+    /// Packed in dot-product form (see the module docs).
+    pub dot: bool,
 }
 
 /// A packed chain: its layers and the buffer they point into.
@@ -223,12 +257,15 @@ fn check_chain<T>(
         assert_eq!(pair[0].out_features, pair[1].in_features, "layers chain");
     }
     for layer in layers {
-        assert_eq!(
-            layer.padded_out,
-            shape.padded(layer.out_features),
-            "packed for this ISA"
-        );
-        let weights_end = layer.weights_at + layer.in_features * layer.padded_out;
+        let (padded_out, weights_len) = if layer.dot {
+            let padded_in = shape.padded(layer.in_features);
+            (layer.out_features, layer.out_features * padded_in)
+        } else {
+            let padded_out = shape.padded(layer.out_features);
+            (padded_out, layer.in_features * padded_out)
+        };
+        assert_eq!(layer.padded_out, padded_out, "packed for this ISA");
+        let weights_end = layer.weights_at + weights_len;
         assert!(
             weights_end <= chain.data.len(),
             "packed weights in the buffer"
@@ -300,9 +337,15 @@ pub unsafe fn forward_rows<V: SimdVec, const MR: usize, const NV_MAX: usize>(
             // `layer.padded_out` values at `dst_stride` (or exactly `out_features` when direct,
             // which then equals `padded_out`); the caller guarantees the ISA.
             unsafe {
-                layer_block::<V, MR, NV_MAX>(
-                    layer, chain.data, block, src, src_stride, dst, dst_stride,
-                )
+                if layer.dot {
+                    dot_layer_block::<V>(
+                        layer, chain.data, block, src, src_stride, dst, dst_stride,
+                    );
+                } else {
+                    layer_block::<V, MR, NV_MAX>(
+                        layer, chain.data, block, src, src_stride, dst, dst_stride,
+                    );
+                }
             };
             if is_last && !direct {
                 let hidden = if into_ping { &ping[..] } else { &pong[..] };
@@ -362,6 +405,58 @@ unsafe fn layer_block<V: SimdVec, const MR: usize, const NV_MAX: usize>(
             for row in (0..rows).step_by(MR) {
                 // SAFETY: `row < rows` and `col < padded_out`, as `tile_at` requires.
                 unsafe { tile_at::<V, MR, NV_MAX>(&at, row, col) };
+            }
+        }
+    }
+}
+
+/// A layer in dot-product form for `rows` rows: each output is the lane-wise product of an
+/// input row with a weight row, summed; the input's tail is loaded masked, so nothing past
+/// `in_features` is read (the weights' padding is zeros).
+///
+/// # Safety
+/// As at the call in [`forward_rows`], for a layer packed in dot-product form.
+#[inline(always)]
+unsafe fn dot_layer_block<V: SimdVec>(
+    layer: &LayerDesc,
+    data: &[V::Elem],
+    rows: usize,
+    src: *const V::Elem,
+    src_stride: usize,
+    dst: *mut V::Elem,
+    dst_stride: usize,
+) {
+    let lanes = V::LANES;
+    let k = layer.in_features;
+    let (full, tail) = (k / lanes, k % lanes);
+    let padded_in = k.div_ceil(lanes) * lanes;
+    // SAFETY: `check_chain` proved that `out_features` weight rows of `padded_in` values and
+    // `out_features` biases lie in `data`; `src` holds `rows` rows of `k` readable values at
+    // `src_stride` (the tail load reads only `tail` of them), `dst` has room for `rows` rows of
+    // `out_features` values at `dst_stride`; the caller guarantees the ISA.
+    unsafe {
+        let weights = data.as_ptr().add(layer.weights_at);
+        let bias = data.as_ptr().add(layer.bias_at);
+        for row in 0..rows {
+            let x = src.add(row * src_stride);
+            for out in 0..layer.out_features {
+                let w = weights.add(out * padded_in);
+                let mut acc = V::zero();
+                for chunk in 0..full {
+                    acc = V::load(x.add(chunk * lanes)).mul_add(V::load(w.add(chunk * lanes)), acc);
+                }
+                if tail > 0 {
+                    let x_tail = V::load_partial(x.add(full * lanes), tail);
+                    acc = x_tail.mul_add(V::load(w.add(full * lanes)), acc);
+                }
+                let value = acc.sum() + *bias.add(out);
+                // `NaN < 0` is false: NaN passes through as in torch.relu.
+                let value = if layer.relu && value < V::Elem::ZERO {
+                    V::Elem::ZERO
+                } else {
+                    value
+                };
+                *dst.add(row * dst_stride + out) = value;
             }
         }
     }

@@ -45,6 +45,17 @@ impl<T: Element> SimdVec for Lane<T> {
     }
 
     #[inline(always)]
+    unsafe fn load_partial(_ptr: *const T, _count: usize) -> Self {
+        // One lane: a partial load reads nothing.
+        Lane(T::ZERO)
+    }
+
+    #[inline(always)]
+    unsafe fn sum(self) -> T {
+        self.0
+    }
+
+    #[inline(always)]
     unsafe fn prefetch(_ptr: *const T) {}
 
     #[inline(always)]
