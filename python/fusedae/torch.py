@@ -14,7 +14,7 @@ import os
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -51,8 +51,8 @@ def _chain_layers(modules: Iterable[nn.Module]) -> Layers | None:
     layers: list[tuple[nn.Linear, str]] = []
     for module in modules:
         kind = type(module)
-        if isinstance(module, nn.Linear) and kind is nn.Linear:
-            layers.append((module, "identity"))
+        if kind is nn.Linear:
+            layers.append((cast(nn.Linear, module), "identity"))
         elif kind is nn.ReLU and layers:
             layers[-1] = (layers[-1][0], "relu")
         elif kind is not nn.Identity:

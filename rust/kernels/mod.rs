@@ -332,19 +332,24 @@ pub unsafe fn forward_rows<V: SimdVec, const MR: usize, const NV_MAX: usize>(
             } else {
                 (pong.as_mut_ptr(), layer.padded_out)
             };
+            let at = Placement {
+                layer,
+                data: chain.data,
+                rows: block,
+                src,
+                src_stride,
+                dst,
+                dst_stride,
+            };
             // SAFETY: `check_chain` proved the packed sizes; `src` holds `block` rows of at least
             // `layer.in_features` values at `src_stride`, `dst` has room for `block` rows of
             // `layer.padded_out` values at `dst_stride` (or exactly `out_features` when direct,
             // which then equals `padded_out`); the caller guarantees the ISA.
             unsafe {
                 if layer.dot {
-                    dot_layer_block::<V>(
-                        layer, chain.data, block, src, src_stride, dst, dst_stride,
-                    );
+                    dot_layer_block::<V>(&at);
                 } else {
-                    layer_block::<V, MR, NV_MAX>(
-                        layer, chain.data, block, src, src_stride, dst, dst_stride,
-                    );
+                    layer_block::<V, MR, NV_MAX>(&at);
                 }
             };
             if is_last && !direct {
@@ -371,32 +376,18 @@ pub unsafe fn forward_rows<V: SimdVec, const MR: usize, const NV_MAX: usize>(
 /// As at the call in [`forward_rows`].
 #[inline(always)]
 unsafe fn layer_block<V: SimdVec, const MR: usize, const NV_MAX: usize>(
-    layer: &LayerDesc,
-    data: &[V::Elem],
-    rows: usize,
-    src: *const V::Elem,
-    src_stride: usize,
-    dst: *mut V::Elem,
-    dst_stride: usize,
+    at: &Placement<'_, V::Elem>,
 ) {
+    let (layer, rows) = (at.layer, at.rows);
     let panel_width = NV_MAX * V::LANES;
     let panel_bytes = layer.in_features * panel_width * std::mem::size_of::<V::Elem>();
-    let at = Placement {
-        layer,
-        data,
-        rows,
-        src,
-        src_stride,
-        dst,
-        dst_stride,
-    };
     if panel_bytes <= L1_PANEL_BYTES {
         // The panels stay in L1 whatever the order: go row tile by row tile, so each output row
         // is written left to right in one pass, a stream the prefetcher follows.
         for row in (0..rows).step_by(MR) {
             for col in (0..layer.padded_out).step_by(panel_width) {
                 // SAFETY: `row < rows` and `col < padded_out`, as `tile_at` requires.
-                unsafe { tile_at::<V, MR, NV_MAX>(&at, row, col) };
+                unsafe { tile_at::<V, MR, NV_MAX>(at, row, col) };
             }
         }
     } else {
@@ -404,7 +395,7 @@ unsafe fn layer_block<V: SimdVec, const MR: usize, const NV_MAX: usize>(
         for col in (0..layer.padded_out).step_by(panel_width) {
             for row in (0..rows).step_by(MR) {
                 // SAFETY: `row < rows` and `col < padded_out`, as `tile_at` requires.
-                unsafe { tile_at::<V, MR, NV_MAX>(&at, row, col) };
+                unsafe { tile_at::<V, MR, NV_MAX>(at, row, col) };
             }
         }
     }
@@ -417,19 +408,20 @@ unsafe fn layer_block<V: SimdVec, const MR: usize, const NV_MAX: usize>(
 /// # Safety
 /// As at the call in [`forward_rows`], for a layer packed in dot-product form.
 #[inline(always)]
-unsafe fn dot_layer_block<V: SimdVec>(
-    layer: &LayerDesc,
-    data: &[V::Elem],
-    rows: usize,
-    src: *const V::Elem,
-    src_stride: usize,
-    dst: *mut V::Elem,
-    dst_stride: usize,
-) {
+unsafe fn dot_layer_block<V: SimdVec>(at: &Placement<'_, V::Elem>) {
+    let Placement {
+        layer,
+        data,
+        rows,
+        src,
+        src_stride,
+        dst,
+        dst_stride,
+    } = *at;
     let lanes = V::LANES;
     let k = layer.in_features;
     let (full, tail) = (k / lanes, k % lanes);
-    let padded_in = k.div_ceil(lanes) * lanes;
+    let padded_in = padded(k, lanes);
     // SAFETY: `check_chain` proved that `out_features` weight rows of `padded_in` values and
     // `out_features` biases lie in `data`; `src` holds `rows` rows of `k` readable values at
     // `src_stride` (the tail load reads only `tail` of them), `dst` has room for `rows` rows of
@@ -462,7 +454,8 @@ unsafe fn dot_layer_block<V: SimdVec>(
     }
 }
 
-/// One layer's operands for a block of rows, as [`layer_block`] received them.
+/// One layer's operands for a block of rows: where its inputs, packed weights and outputs are.
+#[derive(Clone, Copy)]
 struct Placement<'a, T> {
     layer: &'a LayerDesc,
     data: &'a [T],
