@@ -76,7 +76,7 @@ impl<T: Element> PackedChain<T> {
                 (spec.out_features, spec.out_features * padded_in)
             } else {
                 let padded_out = shape.padded(spec.out_features);
-                (padded_out, spec.in_features * padded_out)
+                (padded_out, spec.in_features * spec.out_features)
             };
             let weights_at = len;
             let bias_at = (weights_at + weights_len).next_multiple_of(line);
@@ -137,7 +137,8 @@ fn pack_rows<T: Element>(
     }
 }
 
-/// Writes `spec`'s weights as k-major panels at `layer.weights_at`, leaving padding at zero.
+/// Writes `spec`'s weights as k-major panels at `layer.weights_at`, each as wide as its
+/// outputs (no padding columns: a batch-1 call streams every packed byte from L2).
 fn pack_panels<T: Element>(
     shape: &TileShape,
     spec: &LayerSpec<'_, T>,
@@ -151,14 +152,12 @@ fn pack_panels<T: Element>(
     );
     let k = spec.in_features;
     let panel_width = shape.panel_width();
-    for col in (0..layer.padded_out).step_by(panel_width) {
-        let width = panel_width.min(layer.padded_out - col);
+    for col in (0..spec.out_features).step_by(panel_width) {
+        let width = panel_width.min(spec.out_features - col);
         let panel = &mut buffer[layer.weights_at + col * k..][..width * k];
         for (row, panel_row) in panel.chunks_exact_mut(width).enumerate() {
             for (j, value) in panel_row.iter_mut().enumerate() {
-                if col + j < spec.out_features {
-                    *value = spec.weight[(col + j) * k + row];
-                }
+                *value = spec.weight[(col + j) * k + row];
             }
         }
     }
@@ -178,14 +177,14 @@ mod tests {
     }
 
     #[test]
-    fn packs_panels_k_major_with_zero_padding() {
+    fn packs_panels_k_major_without_padding_columns() {
         let shape = TileShape {
             lanes: 2,
             mr: 1,
             nv_max: 2,
             block_rows: 1,
         };
-        // 5 outputs x 2 inputs -> padded to 6: one panel of 4 columns, one of 2.
+        // 5 outputs x 2 inputs (bias padded to 6): one panel of 4 columns, one of 1.
         let weight: Vec<f32> = (0..10).map(|v| v as f32).collect();
         let spec = LayerSpec {
             weight: &weight,
@@ -207,9 +206,9 @@ mod tests {
             (6, 0, 16, true)
         );
         assert_eq!(view.layers[1].weights_at, 32);
-        // Panel 0, k=0: W[0..4, 0]; k=1: W[0..4, 1]. Panel 1, k=0: W[4, 0], pad; k=1: W[4, 1], pad.
-        let expected = [0., 2., 4., 6., 1., 3., 5., 7., 8., 0., 9., 0.];
-        assert_eq!(&view.data[..12], &expected);
+        // Panel 0, k=0: W[0..4, 0]; k=1: W[0..4, 1]. Panel 1, k=0: W[4, 0]; k=1: W[4, 1].
+        let expected = [0., 2., 4., 6., 1., 3., 5., 7., 8., 9.];
+        assert_eq!(&view.data[..10], &expected);
         assert_eq!(&view.data[16..22], &[1., 1., 1., 1., 1., 0.]);
         assert_eq!(view.data.as_ptr() as usize % ALIGN_BYTES, 0);
     }

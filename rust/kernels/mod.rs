@@ -8,10 +8,12 @@
 //!
 //! All layers of a chain live in one packed buffer; a [`LayerDesc`] says where each one sits.
 //! Weights of a layer `[out, in]` are packed into column panels of at most `nv_max * lanes`
-//! outputs (the last panel may be narrower, always a multiple of `lanes`): panel `p` starts at
-//! output column `c0 = p * nv_max * lanes`, at `weights_at + c0 * in`, and stores its `width`
-//! columns k-major (`in` rows of `width` values). Outputs are padded with zero weights and zero
-//! bias up to `padded_out`, a multiple of `lanes`; the bias (`padded_out` values) is at `bias_at`.
+//! outputs (the last panel may be narrower, and need not be a multiple of `lanes`): panel `p`
+//! starts at output column `c0 = p * nv_max * lanes`, at `weights_at + c0 * in`, and stores its
+//! `width` columns k-major (`in` rows of `width` values). A panel's last register is loaded
+//! masked when `width` is not a multiple of `lanes`, so the outputs are computed up to
+//! `padded_out`, a multiple of `lanes`, with zeros past `out`; the bias (`padded_out` values,
+//! zero-padded) is at `bias_at`.
 //!
 //! A layer of very few outputs (see [`TileShape::dot_form`]) is instead packed in dot-product
 //! form: its weights stay row-major, `out` rows of `in` values padded with zeros to whole
@@ -262,7 +264,7 @@ fn check_chain<T>(
             (layer.out_features, layer.out_features * padded_in)
         } else {
             let padded_out = shape.padded(layer.out_features);
-            (padded_out, layer.in_features * padded_out)
+            (padded_out, layer.in_features * layer.out_features)
         };
         assert_eq!(layer.padded_out, padded_out, "packed for this ISA");
         let weights_end = layer.weights_at + weights_len;
@@ -478,7 +480,8 @@ unsafe fn tile_at<V: SimdVec, const MR: usize, const NV_MAX: usize>(
     col: usize,
 ) {
     let layer = at.layer;
-    let width = (NV_MAX * V::LANES).min(layer.padded_out - col);
+    let width = (NV_MAX * V::LANES).min(layer.out_features - col);
+    let nv = width.div_ceil(V::LANES);
     // SAFETY: see the function's contract.
     unsafe {
         let tile = Tile {
@@ -489,12 +492,14 @@ unsafe fn tile_at<V: SimdVec, const MR: usize, const NV_MAX: usize>(
                 .data
                 .as_ptr()
                 .add(layer.weights_at + col * layer.in_features),
+            panel_width: width,
+            last_lanes: width - (nv - 1) * V::LANES,
             bias: at.data.as_ptr().add(layer.bias_at + col),
             relu: layer.relu,
             out: at.dst.add(row * at.dst_stride + col),
             ldo: at.dst_stride,
         };
-        tile_rows::<V>((at.rows - row).min(MR), width / V::LANES, &tile);
+        tile_rows::<V>((at.rows - row).min(MR), nv, &tile);
     }
 }
 
@@ -507,6 +512,10 @@ struct Tile<T> {
     lda: usize,
     k: usize,
     panel: *const T,
+    /// Values per panel row: the outputs this tile computes from real weights.
+    panel_width: usize,
+    /// Lanes of the last register that have weights (`1..=LANES`); the rest load as zeros.
+    last_lanes: usize,
     bias: *const T,
     relu: bool,
     out: *mut T,
@@ -516,7 +525,8 @@ struct Tile<T> {
 /// Picks the register tile for a run-time row count (`1..=8`) and width (`1..=4` registers).
 ///
 /// # Safety
-/// `tile` points at `rows` valid input rows, a panel `nv * LANES` wide, and room for the outputs.
+/// `tile` points at `rows` valid input rows, a panel of `k` rows of `panel_width` values (which
+/// `nv` registers cover), `nv * LANES` bias values, and room for the outputs.
 #[inline(always)]
 unsafe fn tile_rows<V: SimdVec>(rows: usize, nv: usize, tile: &Tile<V::Elem>) {
     // SAFETY: forwarded from the caller.
@@ -564,10 +574,11 @@ unsafe fn register_tile<V: SimdVec, const R: usize, const NV: usize, const KS: u
     tile: &Tile<V::Elem>,
 ) {
     let lanes = V::LANES;
-    let step = NV * lanes;
+    let step = tile.panel_width;
     // SAFETY: the caller guarantees the ISA and that `R` rows of `k` inputs, `k` panel rows of
-    // `NV * LANES` values, `NV * LANES` bias values and `R` output rows are in bounds; the split
-    // loop reads steps `0..k / KS * KS` and the tail loop the rest, so every `k` index is `< k`.
+    // `panel_width` values, `NV * LANES` bias values and `R` output rows are in bounds; the split
+    // loop reads steps `0..k / KS * KS` and the tail loop the rest, so every `k` index is `< k`;
+    // `panel_row` reads only `panel_width` values of a panel row.
     unsafe {
         let mut acc = [[[V::zero(); NV]; R]; KS];
         for v in 0..NV {
@@ -589,10 +600,7 @@ unsafe fn register_tile<V: SimdVec, const R: usize, const NV: usize, const KS: u
                 }
             }
             for (s, set) in acc.iter_mut().enumerate() {
-                let mut b = [V::zero(); NV];
-                for (v, reg) in b.iter_mut().enumerate() {
-                    *reg = V::load(panel.add(s * step + v * lanes));
-                }
+                let b = panel_row::<V, NV>(panel.add(s * step), tile.last_lanes);
                 for (r, row) in set.iter_mut().enumerate() {
                     let x = V::splat(a.add(r * tile.lda + s));
                     for v in 0..NV {
@@ -604,10 +612,7 @@ unsafe fn register_tile<V: SimdVec, const R: usize, const NV: usize, const KS: u
             panel = panel.add(KS * step);
         }
         for _ in 0..tile.k % KS {
-            let mut b = [V::zero(); NV];
-            for (v, reg) in b.iter_mut().enumerate() {
-                *reg = V::load(panel.add(v * lanes));
-            }
+            let b = panel_row::<V, NV>(panel, tile.last_lanes);
             for (r, row) in acc[0].iter_mut().enumerate() {
                 let x = V::splat(a.add(r * tile.lda));
                 for v in 0..NV {
@@ -631,5 +636,30 @@ unsafe fn register_tile<V: SimdVec, const R: usize, const NV: usize, const KS: u
                 value.store(tile.out.add(r * tile.ldo + v * lanes));
             }
         }
+    }
+}
+
+/// One panel row as `NV` registers, the last holding `last_lanes` values and zeros after them.
+///
+/// # Safety
+/// `row` is valid for `(NV - 1) * LANES + last_lanes` reads; the CPU supports `V`'s ISA.
+#[inline(always)]
+unsafe fn panel_row<V: SimdVec, const NV: usize>(
+    row: *const V::Elem,
+    last_lanes: usize,
+) -> [V; NV] {
+    // SAFETY: forwarded from the caller; the last load reads `last_lanes` values only.
+    unsafe {
+        let mut b = [V::zero(); NV];
+        for (v, reg) in b.iter_mut().enumerate().take(NV - 1) {
+            *reg = V::load(row.add(v * V::LANES));
+        }
+        let last = row.add((NV - 1) * V::LANES);
+        b[NV - 1] = if last_lanes == V::LANES {
+            V::load(last)
+        } else {
+            V::load_partial(last, last_lanes)
+        };
+        b
     }
 }
