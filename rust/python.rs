@@ -2,7 +2,7 @@
 //! dtypes checked with messages that name what was expected and what was given, and the GIL
 //! released around every kernel call.
 
-use numpy::{PyArray1, PyArray2, PyArrayMethods, PyUntypedArrayMethods};
+use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
@@ -130,20 +130,31 @@ fn build<T: Float + numpy::Element>(
     Mlp::new(&specs, isa).map_err(to_py_err)
 }
 
-fn run<T: Float + numpy::Element>(
-    py: Python<'_>,
+/// `x` checked as a `(rows, in_features)` array of the chain's dtype, borrowed for reading.
+fn checked_input<'py, T: Float + numpy::Element>(
     mlp: &Mlp<T>,
-    x: &Bound<'_, PyAny>,
-    out: &Bound<'_, PyAny>,
-) -> PyResult<()> {
+    x: &Bound<'py, PyAny>,
+) -> PyResult<PyReadonlyArray2<'py, T>> {
     let x = cast_matrix::<T>(x, "x")?;
-    let (rows, in_features) = (x.shape()[0], x.shape()[1]);
+    let in_features = x.shape()[1];
     if in_features != mlp.in_features() {
         return Err(PyValueError::new_err(format!(
             "x has {in_features} features per row, but the first layer takes {}",
             mlp.in_features()
         )));
     }
+    x.try_readonly()
+        .map_err(|e| PyValueError::new_err(format!("x: {e}")))
+}
+
+fn run_into<T: Float + numpy::Element>(
+    py: Python<'_>,
+    mlp: &Mlp<T>,
+    x: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let input = checked_input(mlp, x)?;
+    let rows = input.shape()[0];
     let out = cast_matrix::<T>(out, "out")?;
     if out.shape() != [rows, mlp.out_features()] {
         return Err(PyValueError::new_err(format!(
@@ -152,9 +163,6 @@ fn run<T: Float + numpy::Element>(
             out.shape()
         )));
     }
-    let input = x
-        .try_readonly()
-        .map_err(|e| PyValueError::new_err(format!("x: {e}")))?;
     let mut output = out.try_readwrite().map_err(|e| {
         PyValueError::new_err(format!(
             "out must be writeable and must not overlap x ({e})"
@@ -171,6 +179,43 @@ fn run<T: Float + numpy::Element>(
         }
     };
     py.detach(|| mlp.forward(input, output)).map_err(to_py_err)
+}
+
+/// Largest output allocated through numpy's C API, which reports an allocation failure only as
+/// a panic; larger ones go through `numpy.empty`, where it is a MemoryError.
+const DIRECT_ALLOC_MAX_BYTES: usize = 1 << 20;
+
+/// The chain on `x` into a new array: one native call for the common case, where batch-1
+/// latency is mostly call overhead.
+fn run_new<'py, T: Float + numpy::Element>(
+    py: Python<'py>,
+    mlp: &Mlp<T>,
+    x: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let input = checked_input(mlp, x)?;
+    let rows = input.shape()[0];
+    let input = c_order(&input, "x")?;
+    let bytes = rows
+        .checked_mul(mlp.out_features())
+        .and_then(|n| n.checked_mul(std::mem::size_of::<T>()));
+    let out = match bytes {
+        Some(bytes) if bytes <= DIRECT_ALLOC_MAX_BYTES => {
+            PyArray2::<T>::zeros(py, [rows, mlp.out_features()], false)
+        }
+        _ => {
+            let empty = py.import("numpy")?.getattr("empty")?;
+            let out = empty.call1(((rows, mlp.out_features()), T::NAME))?;
+            out.cast_into::<PyArray2<T>>()?
+        }
+    };
+    // SAFETY: `out` was created above as a C-contiguous array and no other reference to it
+    // exists yet, so nothing else reads or writes it while the kernel fills it. (The borrow
+    // tracking of `readwrite` would cost a sixth of a batch-1 call.)
+    let output = unsafe { out.as_slice_mut() }
+        .map_err(|e| PyRuntimeError::new_err(format!("new output array: {e}")))?;
+    py.detach(|| mlp.forward(input, output))
+        .map_err(to_py_err)?;
+    Ok(out.into_any())
 }
 
 enum TypedMlp {
@@ -220,8 +265,17 @@ impl Chain {
         out: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
         match &self.mlp {
-            TypedMlp::F32(mlp) => run(py, mlp, x, out),
-            TypedMlp::F64(mlp) => run(py, mlp, x, out),
+            TypedMlp::F32(mlp) => run_into(py, mlp, x, out),
+            TypedMlp::F64(mlp) => run_into(py, mlp, x, out),
+        }
+    }
+
+    /// The chain on a C-contiguous `(rows, in_features)` array of the chain's dtype, into a new
+    /// `(rows, out_features)` array.
+    fn __call__<'py>(&self, py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+        match &self.mlp {
+            TypedMlp::F32(mlp) => run_new(py, mlp, x),
+            TypedMlp::F64(mlp) => run_new(py, mlp, x),
         }
     }
 

@@ -24,6 +24,9 @@ class Chain:
         activations: list[str],
         isa: str | None = None,
     ) -> None: ...
+    def __call__(self, x: npt.NDArray[np.floating]) -> npt.NDArray[np.floating]:
+        """Runs the chain on ``x`` (``(rows, in_features)``, C-contiguous, the chain's dtype) into a
+        new ``(rows, out_features)`` array."""
     def forward(self, x: npt.NDArray[np.floating], out: npt.NDArray[np.floating]) -> None:
         """Runs the chain on ``x`` (``(rows, in_features)``, C-contiguous, the chain's dtype) into
         ``out`` (``(rows, out_features)``, same dtype, C-contiguous, not overlapping ``x``)."""

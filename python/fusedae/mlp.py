@@ -120,20 +120,17 @@ class MLP:
     def __call__(self, x: npt.ArrayLike, out: FloatArray | None = None) -> FloatArray:
         """``(*, in_features)`` -> ``(*, out_features)``, in the MLP's dtype."""
         chain = self._chain
-        if out is None and type(x) is np.ndarray and x.ndim == 2:
-            # Fast path for the common case (batch-1 latency is mostly Python): the native call
-            # checks dtype, shape and layout itself; anything it refuses takes the general path,
-            # which converts what it can and words the error otherwise.
+        if out is None and type(x) is np.ndarray:
+            # Fast path for the common case (batch-1 latency is mostly call overhead): the native
+            # call checks dtype, shape and layout itself; anything it refuses takes the general
+            # path, which converts what it can and words the error otherwise.
             try:
-                result = np.empty((x.shape[0], chain.out_features), self._dtype)
-                chain.forward(x, result)
-                return result
+                return chain(x)
             except (TypeError, ValueError):
                 pass
         x2, lead = check_input(x, self._dtype, chain.in_features, chain.out_features)
         if out is None:
-            result = np.empty((x2.shape[0], self._chain.out_features), self._dtype)
-            self._chain.forward(x2, result)
+            result = chain(x2)
             return result if len(lead) == 1 else result.reshape((*lead, self.out_features))
         expected = (*lead, self.out_features)
         if not isinstance(out, np.ndarray) or out.shape != expected or out.dtype != self._dtype:
