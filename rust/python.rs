@@ -202,10 +202,17 @@ fn run_new<'py, T: Float + numpy::Element>(
         Some(bytes) if bytes <= DIRECT_ALLOC_MAX_BYTES => {
             PyArray2::<T>::zeros(py, [rows, mlp.out_features()], false)
         }
-        _ => {
+        Some(bytes) if bytes <= isize::MAX as usize => {
             let empty = py.import("numpy")?.getattr("empty")?;
             let out = empty.call1(((rows, mlp.out_features()), T::NAME))?;
             out.cast_into::<PyArray2<T>>()?
+        }
+        _ => {
+            return Err(PyValueError::new_err(format!(
+                "an output of {rows} x {} {} values is larger than memory can address",
+                mlp.out_features(),
+                T::NAME
+            )))
         }
     };
     // SAFETY: `out` was created above as a C-contiguous array and no other reference to it

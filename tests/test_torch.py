@@ -255,6 +255,22 @@ class TestFusedMLP:
             assert relative_error(fused(x), want) <= 1e-5
         assert seen == [(3, 5)]
 
+    def test_hooks_added_after_a_fused_call_still_run(self):
+        fused = FusedMLP(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2))
+        x = torch.randn(3, 6)
+        calls = []
+        with torch.no_grad():
+            want = fused(x)  # fused, with the chain and its hook registries cached
+            for register in (
+                fused[1].register_forward_pre_hook,
+                nn.modules.module.register_module_forward_hook,
+            ):
+                handle = register(lambda module, *args: calls.append(type(module).__name__))
+                assert relative_error(fused(x), want) <= 1e-5
+                handle.remove()
+        # The pre-hook runs on the ReLU; the global hook on each child and on the container.
+        assert calls == ["ReLU", "Linear", "ReLU", "Linear", "FusedMLP"]
+
     def test_gradcheck_through_the_function(self):
         layers = [nn.Linear(7, 42), nn.Linear(42, 5), nn.Linear(5, 3)]
         params = [

@@ -36,10 +36,6 @@ __all__ = [
 ]
 
 _FUSED_DTYPES = (torch.float32, torch.float64)
-_NUMPY_DTYPES: dict[torch.dtype, np.dtype] = {
-    torch.float32: np.dtype(np.float32),
-    torch.float64: np.dtype(np.float64),
-}
 
 # A chain as the kernels see it: each Linear with the activation applied to its outputs.
 Layers = tuple[tuple[nn.Linear, str], ...]
@@ -91,15 +87,14 @@ def pack_chain(
 def _run(chain: _native.Chain, x: torch.Tensor) -> torch.Tensor:
     """The kernel on ``x`` of shape ``(*, in_features)``; no autograd."""
     flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    dtype = _NUMPY_DTYPES[x.dtype]
-    check_output_size(flat.shape[0], chain.out_features, dtype)
     if flat.requires_grad:
         flat = flat.detach()
     if not flat.is_contiguous():
+        # A strided view (an expand) may stand for more rows than a copy or output could hold.
+        rows, width = flat.shape[0], max(flat.shape[1], chain.out_features)
+        check_output_size(rows, width, flat.numpy().dtype)
         flat = flat.contiguous()
-    out = np.empty((flat.shape[0], chain.out_features), dtype)
-    chain.forward(flat.numpy(), out)
-    result = torch.from_numpy(out)
+    result = torch.from_numpy(chain(flat.numpy()))
     return result if x.dim() == 2 else result.reshape(*x.shape[:-1], chain.out_features)
 
 
@@ -169,17 +164,20 @@ class _ChainState:
     def __init__(self) -> None:
         self.modules: tuple[nn.Module, ...] = ()
         self.layers: Layers | None = None
+        self.hook_registries = _hook_registries(())
         self.invalidate()
 
     def invalidate(self) -> None:
-        self.snapshot: list[tuple[torch.Tensor | None, int, int]] | None = None
+        self.key: list[tuple[int, int, int] | None] | None = None
         self.dtype: torch.dtype | None = None
         self.chain: _native.Chain | None = None
+        self.params: list[torch.Tensor | None] = []
         self.pinned: list[torch.Tensor | None] = []
 
     def set_modules(self, modules: tuple[nn.Module, ...]) -> Layers | None:
         if modules != self.modules:
             self.modules, self.layers = modules, _chain_layers(modules)
+            self.hook_registries = _hook_registries(modules)
             self.invalidate()
         return self.layers
 
@@ -187,21 +185,13 @@ class _ChainState:
         """The packed chain for inputs of ``dtype``, or None if the parameters do not allow it
         (another device or dtype)."""
         params = _parameters(layers)
-        snapshot = self.snapshot
-        if snapshot is not None and dtype == self.dtype and len(snapshot) == len(params):
-            for (cached, address, version), p in zip(snapshot, params, strict=True):
-                if p is not cached or (
-                    p is not None and (p._version != version or p.data_ptr() != address)
-                ):
-                    break
-            else:
-                return self.chain
         try:
-            self.snapshot = [
-                (p, 0, 0) if p is None else (p, p.data_ptr(), p._version) for p in params
-            ]
+            # `id` stands for identity: `self.params` holds the parameters the key describes.
+            key = [None if p is None else (id(p), p._version, p.data_ptr()) for p in params]
         except RuntimeError:  # inference tensors have no version counter: pack every time
-            self.snapshot = None
+            key = None
+        if key is not None and key == self.key and dtype == self.dtype:
+            return self.chain
         usable = all(
             p is None or (p.device.type == "cpu" and p.dtype == dtype and p.layout == torch.strided)
             for p in params
@@ -215,62 +205,67 @@ class _ChainState:
             if usable
             else None
         )
-        self.dtype = dtype
+        self.key, self.dtype, self.params = key, dtype, params
         self.pinned = [None if p is None else p.detach() for p in params]
         return self.chain
 
 
+def _hook_registries(modules: Iterable[nn.Module]) -> list[dict[int, Any]]:
+    """The hook dicts, global and these modules' own, whose hooks running the modules one by one
+    would call and a fused call (running no child's ``forward``) would skip. PyTorch adds and
+    removes hooks in place in these same dict objects."""
+    registries = [
+        _torch_module._global_forward_hooks,
+        _torch_module._global_forward_pre_hooks,
+        _torch_module._global_backward_hooks,
+        _torch_module._global_backward_pre_hooks,
+    ]
+    for m in modules:
+        registries += (
+            m._forward_hooks,
+            m._forward_pre_hooks,
+            m._backward_hooks,
+            m._backward_pre_hooks,
+        )
+    return registries
+
+
 def _has_hooks(modules: Iterable[nn.Module]) -> bool:
-    """Whether running these modules one by one would call a hook, global or their own (which a
-    fused call, running no child's ``forward``, would skip)."""
-    if (
-        _torch_module._global_forward_hooks
-        or _torch_module._global_forward_pre_hooks
-        or _torch_module._global_backward_hooks
-        or _torch_module._global_backward_pre_hooks
-    ):
-        return True
-    for m in modules:  # a plain loop: this runs on every call
-        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
-            return True
-    return False
-
-
-def _check_features(layers: Layers, x: torch.Tensor) -> None:
-    in_features = layers[0][0].in_features
-    if x.dim() == 0 or x.shape[-1] != in_features:
-        raise ValueError(f"expected input of shape (*, {in_features}), got shape {tuple(x.shape)}")
+    return any(_hook_registries(modules))
 
 
 def _fused_forward(state: _ChainState, layers: Layers, x: torch.Tensor) -> torch.Tensor | None:
     """The fused forward of ``layers`` on ``x``, or None where only plain PyTorch computes what
-    PyTorch would (CUDA, other dtypes, tensor subclasses, ``torch.compile`` tracing)."""
+    PyTorch would (CUDA, other dtypes, tensor subclasses, ``torch.compile`` tracing, hooks).
+    Every check here runs on each call, so they are ordered and written for speed."""
     if (
         type(x) is not torch.Tensor
+        or any(state.hook_registries)
+        or torch.compiler.is_compiling()
         or not x.is_cpu
         or x.layout != torch.strided
-        or torch.compiler.is_compiling()
     ):
         return None
-    if _has_hooks(state.modules):
-        return None
-    _check_features(layers, x)
-    weight = layers[0][0]._parameters["weight"]
-    weight_dtype = x.dtype if weight is None else weight.dtype
-    if x.dtype != weight_dtype:
-        raise TypeError(
-            f"expected input of dtype {weight_dtype} (the parameters' dtype), got {x.dtype}"
+    first = layers[0][0]
+    shape = x.shape
+    if not shape or shape[-1] != first.in_features:
+        raise ValueError(
+            f"expected input of shape (*, {first.in_features}), got shape {tuple(shape)}"
         )
-    if x.dtype not in _FUSED_DTYPES:
+    dtype = x.dtype
+    chain = state.chain_for(layers, dtype) if dtype in _FUSED_DTYPES else None
+    if chain is None:  # parameters elsewhere or of another dtype, or a dtype we do not fuse
+        weight = first._parameters["weight"]
+        if weight is not None and weight.dtype != dtype:
+            raise TypeError(
+                f"expected input of dtype {weight.dtype} (the parameters' dtype), got {dtype}"
+            )
         return None
-    chain = state.chain_for(layers, x.dtype)
-    if chain is None:
-        return None
-    if torch.is_grad_enabled():
-        params = _parameters(layers)
-        if x.requires_grad or any(p is not None and p.requires_grad for p in params):
-            activations = tuple(activation for _, activation in layers)
-            return FusedMLPFunction.apply(x, chain, activations, *params)
+    if torch.is_grad_enabled() and (
+        x.requires_grad or any(p is not None and p.requires_grad for p in state.params)
+    ):
+        activations = tuple(activation for _, activation in layers)
+        return FusedMLPFunction.apply(x, chain, activations, *state.params)
     return _run(chain, x)
 
 
