@@ -2,8 +2,8 @@
 //! checked here; threads split the batch into contiguous row chunks, each running the whole chain.
 
 use std::fmt;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, PoisonError};
+
+use rayon::prelude::*;
 
 use crate::dispatch::{Float, Isa, IsaError};
 use crate::kernels::{scratch_len, Kernel};
@@ -47,9 +47,6 @@ const PARALLEL_MIN_FLOPS: usize = 10_000_000;
 const SCRATCH_KEEP_BYTES: usize = 8 << 20;
 /// Row chunks per thread, so a thread slowed by a noisy neighbour does not hold up the call.
 const CHUNKS_PER_THREAD: usize = 4;
-
-/// A run of input rows and the output rows they fill.
-type RowChunk<'a, T> = (&'a [T], &'a mut [T]);
 
 /// A chain of Linear layers packed for one ISA.
 #[derive(Debug)]
@@ -170,28 +167,11 @@ impl<T: Float> Mlp<T> {
         };
         let chunk_rows = rows.div_ceil(chunks).next_multiple_of(mr);
         let pool = threads::pool().map_err(Error::Threads)?;
-        // Each chunk is taken once, by whichever thread gets to it first.
-        let pending: Vec<Mutex<Option<RowChunk<'_, T>>>> = input
-            .chunks(chunk_rows * in_features)
-            .zip(output.chunks_mut(chunk_rows * out_features))
-            .map(|chunk| Mutex::new(Some(chunk)))
-            .collect();
-        let next = AtomicUsize::new(0);
-        let work = || {
-            while let Some(slot) = pending.get(next.fetch_add(1, Ordering::Relaxed)) {
-                let chunk = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
-                if let Some((input, output)) = chunk {
-                    self.forward_on_this_thread(input, output);
-                }
-            }
-        };
-        // The calling thread works too, from the first moment: only `threads - 1` pool threads
-        // need waking, and a call never waits for all of them to wake.
-        pool.in_place_scope(|scope| {
-            for _ in 1..threads {
-                scope.spawn(|_| work());
-            }
-            work();
+        pool.install(|| {
+            input
+                .par_chunks(chunk_rows * in_features)
+                .zip(output.par_chunks_mut(chunk_rows * out_features))
+                .for_each(|(input, output)| self.forward_on_this_thread(input, output));
         });
         Ok(())
     }
