@@ -70,35 +70,29 @@ impl<T: Element> PackedChain<T> {
         let mut layers = Vec::with_capacity(specs.len());
         let mut len = 0;
         for spec in specs {
-            let dot = shape.dot_form(spec.in_features, spec.out_features);
-            let (padded_out, weights_len) = if dot {
-                let padded_in = shape.padded(spec.in_features);
-                (spec.out_features, spec.out_features * padded_in)
-            } else {
-                let padded_out = shape.padded(spec.out_features);
-                (padded_out, spec.in_features * spec.out_features)
-            };
+            let (k, out) = (spec.in_features, spec.out_features);
+            let dot_from = shape.dot_from(k, out);
             let weights_at = len;
-            let bias_at = (weights_at + weights_len).next_multiple_of(line);
+            let dot_at = weights_at + k * dot_from;
+            let bias_at = (weights_at + shape.weights_len(k, out)).next_multiple_of(line);
+            let padded_out = shape.padded_out(k, out);
             len = (bias_at + padded_out).next_multiple_of(line);
             layers.push(LayerDesc {
-                in_features: spec.in_features,
-                out_features: spec.out_features,
+                in_features: k,
+                out_features: out,
                 padded_out,
                 weights_at,
                 bias_at,
                 relu: spec.activation == Activation::Relu,
-                dot,
+                dot_from,
+                dot_at,
             });
         }
         let mut data = AlignedBuf::zeros(len);
         let buffer = data.as_mut_slice();
         for (spec, layer) in specs.iter().zip(&layers) {
-            if layer.dot {
-                pack_rows(shape, spec, layer, buffer);
-            } else {
-                pack_panels(shape, spec, layer, buffer);
-            }
+            pack_panels(shape, spec, layer, buffer);
+            pack_rows(shape, spec, layer, buffer);
             if let Some(bias) = spec.bias {
                 buffer[layer.bias_at..][..spec.out_features].copy_from_slice(bias);
             }
@@ -118,8 +112,8 @@ impl<T: Element> PackedChain<T> {
     }
 }
 
-/// Writes `spec`'s weights row by row at `layer.weights_at`, each row padded with zeros to whole
-/// registers: the dot-product form.
+/// Writes the weight rows of `spec`'s dot-form outputs (`dot_from..out`) at `layer.dot_at`, each
+/// padded with zeros to whole registers.
 fn pack_rows<T: Element>(
     shape: &TileShape,
     spec: &LayerSpec<'_, T>,
@@ -128,17 +122,19 @@ fn pack_rows<T: Element>(
 ) {
     let k = spec.in_features;
     let padded_in = shape.padded(k);
-    let rows = &mut buffer[layer.weights_at..][..spec.out_features * padded_in];
+    let dot_outs = spec.out_features - layer.dot_from;
+    let rows = &mut buffer[layer.dot_at..][..dot_outs * padded_in];
     for (packed, row) in rows
         .chunks_exact_mut(padded_in)
-        .zip(spec.weight.chunks_exact(k))
+        .zip(spec.weight[layer.dot_from * k..].chunks_exact(k))
     {
         packed[..k].copy_from_slice(row);
     }
 }
 
-/// Writes `spec`'s weights as k-major panels at `layer.weights_at`, each as wide as its
-/// outputs (no padding columns: a batch-1 call streams every packed byte from L2).
+/// Writes the weights of `spec`'s panel outputs (`0..dot_from`) as k-major panels at
+/// `layer.weights_at`, each as wide as its outputs (no padding columns: a batch-1 call streams
+/// every packed byte from L2).
 fn pack_panels<T: Element>(
     shape: &TileShape,
     spec: &LayerSpec<'_, T>,
@@ -152,8 +148,8 @@ fn pack_panels<T: Element>(
     );
     let k = spec.in_features;
     let panel_width = shape.panel_width();
-    for col in (0..spec.out_features).step_by(panel_width) {
-        let width = panel_width.min(spec.out_features - col);
+    for col in (0..layer.dot_from).step_by(panel_width) {
+        let width = panel_width.min(layer.dot_from - col);
         let panel = &mut buffer[layer.weights_at + col * k..][..width * k];
         for (row, panel_row) in panel.chunks_exact_mut(width).enumerate() {
             for (j, value) in panel_row.iter_mut().enumerate() {
@@ -211,5 +207,35 @@ mod tests {
         assert_eq!(&view.data[..10], &expected);
         assert_eq!(&view.data[16..22], &[1., 1., 1., 1., 1., 0.]);
         assert_eq!(view.data.as_ptr() as usize % ALIGN_BYTES, 0);
+    }
+
+    #[test]
+    fn splits_a_short_tail_into_dot_form_rows() {
+        let shape = TileShape {
+            lanes: 4,
+            mr: 1,
+            nv_max: 1,
+            block_rows: 1,
+        };
+        // 5 outputs x 50 inputs: outputs 0..4 in one panel, output 4 as a row padded to 52.
+        let weight: Vec<f32> = (0..250).map(|v| v as f32).collect();
+        let spec = LayerSpec {
+            weight: &weight,
+            bias: None,
+            out_features: 5,
+            in_features: 50,
+            activation: Activation::Identity,
+        };
+        let chain = PackedChain::pack(&shape, &[spec]);
+        let view = chain.view();
+        let layer = view.layers[0];
+        assert_eq!(
+            (layer.dot_from, layer.dot_at, layer.padded_out),
+            (4, 200, 5)
+        );
+        assert_eq!(&view.data[..5], &[0., 50., 100., 150., 1.]);
+        assert_eq!(&view.data[200..202], &[200., 201.]);
+        assert_eq!(&view.data[249..252], &[249., 0., 0.]);
+        assert!(layer.bias_at >= 252);
     }
 }

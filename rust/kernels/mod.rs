@@ -15,10 +15,12 @@
 //! `padded_out`, a multiple of `lanes`, with zeros past `out`; the bias (`padded_out` values,
 //! zero-padded) is at `bias_at`.
 //!
-//! A layer of very few outputs (see [`TileShape::dot_form`]) is instead packed in dot-product
-//! form: its weights stay row-major, `out` rows of `in` values padded with zeros to whole
-//! registers ([`padded`]), no output padding (`padded_out == out`), and each output is a
-//! horizontal sum of lane-wise products.
+//! A layer's last outputs may instead be in dot-product form (see [`TileShape::dot_from`]):
+//! outputs `dot_from..out` keep their weights row-major at `dot_at`, rows of `in` values padded
+//! with zeros to whole registers ([`padded`]), and each is a horizontal sum of lane-wise products.
+//! Panels then cover only the outputs before `dot_from`, a multiple of `lanes`, and nothing is
+//! padded (`padded_out == out`). A layer of very few outputs is all dot form (`dot_from == 0`);
+//! a wide one with a short tail and few inputs per output may be split (130 -> 97: 96 + 1).
 //!
 //! The ISA files only implement [`SimdVec`] and wrap [`forward_rows`] in a thin
 //! `#[target_feature]` function; the loop nest lives once, here.
@@ -132,18 +134,44 @@ impl TileShape {
         padded(width, self.lanes)
     }
 
-    /// Whether a layer runs in dot-product form: when it has so few outputs that padding them to
-    /// whole registers would cost at least twice the multiply-adds of summing along `k` (a
-    /// 2-wide bottleneck costs 42 FMAs per row padded, 6 plus two sums in dot form).
-    pub fn dot_form(&self, in_features: usize, out_features: usize) -> bool {
-        let broadcast = in_features * self.padded(out_features) / self.lanes;
-        let dot = out_features * (self.padded(in_features) / self.lanes + DOT_SUM_COST);
-        2 * dot <= broadcast
+    /// The first output computed in dot-product form (`out_features` if none is): the outputs
+    /// past the last whole register go to dot form when that costs less than padding them to a
+    /// register for every `k`, in FMA-cycles per row. Measured on Zen 4, a dot-form multiply-add
+    /// costs about three padded ones (two loads each, and the input rows reread per output
+    /// tile), plus a horizontal sum: 42 -> 2 is 2 x (3 x 3 + 8) = 34 against 42 padded, so dot
+    /// form; 784 -> 42 is 10 x (3 x 49 + 8) = 1550 against 784, so one padded register.
+    pub fn dot_from(&self, in_features: usize, out_features: usize) -> usize {
+        let split = out_features / self.lanes * self.lanes;
+        let tail = out_features - split;
+        let chunks = self.padded(in_features) / self.lanes;
+        let dot = tail * (DOT_FMA_COST * chunks + DOT_SUM_COST);
+        if tail > 0 && dot < in_features {
+            split
+        } else {
+            out_features
+        }
+    }
+
+    /// Values a packed layer occupies before its bias: panels, then dot-form rows.
+    pub fn weights_len(&self, in_features: usize, out_features: usize) -> usize {
+        let dot_from = self.dot_from(in_features, out_features);
+        in_features * dot_from + (out_features - dot_from) * self.padded(in_features)
+    }
+
+    /// Row stride of a layer's outputs: whole registers, unless part of it is in dot form.
+    pub fn padded_out(&self, in_features: usize, out_features: usize) -> usize {
+        if self.dot_from(in_features, out_features) < out_features {
+            out_features
+        } else {
+            self.padded(out_features)
+        }
     }
 }
 
-/// A horizontal sum, counted in multiply-adds, for [`TileShape::dot_form`].
-const DOT_SUM_COST: usize = 2;
+/// A dot-form multiply-add and a horizontal sum, in padded multiply-adds, for
+/// [`TileShape::dot_from`].
+const DOT_FMA_COST: usize = 3;
+const DOT_SUM_COST: usize = 8;
 
 /// `width` rounded up to whole registers of `lanes`.
 pub fn padded(width: usize, lanes: usize) -> usize {
@@ -159,8 +187,10 @@ pub struct LayerDesc {
     pub weights_at: usize,
     pub bias_at: usize,
     pub relu: bool,
-    /// Packed in dot-product form (see the module docs).
-    pub dot: bool,
+    /// Outputs from here on are in dot-product form (see the module docs).
+    pub dot_from: usize,
+    /// Where the dot-form weight rows start.
+    pub dot_at: usize,
 }
 
 /// A packed chain: its layers and the buffer they point into.
@@ -259,17 +289,15 @@ fn check_chain<T>(
         assert_eq!(pair[0].out_features, pair[1].in_features, "layers chain");
     }
     for layer in layers {
-        let (padded_out, weights_len) = if layer.dot {
-            let padded_in = shape.padded(layer.in_features);
-            (layer.out_features, layer.out_features * padded_in)
-        } else {
-            let padded_out = shape.padded(layer.out_features);
-            (padded_out, layer.in_features * layer.out_features)
-        };
-        assert_eq!(layer.padded_out, padded_out, "packed for this ISA");
-        let weights_end = layer.weights_at + weights_len;
+        let (k, out) = (layer.in_features, layer.out_features);
+        let dot_from = shape.dot_from(k, out);
         assert!(
-            weights_end <= chain.data.len(),
+            layer.padded_out == shape.padded_out(k, out) && layer.dot_from == dot_from,
+            "packed for this ISA"
+        );
+        assert!(
+            layer.weights_at + k * dot_from <= chain.data.len()
+                && layer.dot_at + (out - dot_from) * shape.padded(k) <= chain.data.len(),
             "packed weights in the buffer"
         );
         assert!(
@@ -348,11 +376,8 @@ pub unsafe fn forward_rows<V: SimdVec, const MR: usize, const NV_MAX: usize>(
             // `layer.padded_out` values at `dst_stride` (or exactly `out_features` when direct,
             // which then equals `padded_out`); the caller guarantees the ISA.
             unsafe {
-                if layer.dot {
-                    dot_layer_block::<V>(&at);
-                } else {
-                    layer_block::<V, MR, NV_MAX>(&at);
-                }
+                layer_block::<V, MR, NV_MAX>(&at);
+                dot_layer_block::<V>(&at);
             };
             if is_last && !direct {
                 let hidden = if into_ping { &ping[..] } else { &pong[..] };
@@ -372,7 +397,8 @@ pub unsafe fn forward_rows<V: SimdVec, const MR: usize, const NV_MAX: usize>(
     }
 }
 
-/// One layer for `rows` rows: every panel, every register tile.
+/// One layer's panel outputs (those before `dot_from`) for `rows` rows: every panel, every
+/// register tile.
 ///
 /// # Safety
 /// As at the call in [`forward_rows`].
@@ -387,70 +413,156 @@ unsafe fn layer_block<V: SimdVec, const MR: usize, const NV_MAX: usize>(
         // The panels stay in L1 whatever the order: go row tile by row tile, so each output row
         // is written left to right in one pass, a stream the prefetcher follows.
         for row in (0..rows).step_by(MR) {
-            for col in (0..layer.padded_out).step_by(panel_width) {
-                // SAFETY: `row < rows` and `col < padded_out`, as `tile_at` requires.
+            for col in (0..layer.dot_from).step_by(panel_width) {
+                // SAFETY: `row < rows` and `col < dot_from`, as `tile_at` requires.
                 unsafe { tile_at::<V, MR, NV_MAX>(at, row, col) };
             }
         }
     } else {
         // Keep a large panel hot: every row tile of the block runs against it before the next.
-        for col in (0..layer.padded_out).step_by(panel_width) {
+        for col in (0..layer.dot_from).step_by(panel_width) {
             for row in (0..rows).step_by(MR) {
-                // SAFETY: `row < rows` and `col < padded_out`, as `tile_at` requires.
+                // SAFETY: `row < rows` and `col < dot_from`, as `tile_at` requires.
                 unsafe { tile_at::<V, MR, NV_MAX>(at, row, col) };
             }
         }
     }
 }
 
-/// A layer in dot-product form for `rows` rows: each output is the lane-wise product of an
-/// input row with a weight row, summed; the input's tail is loaded masked, so nothing past
-/// `in_features` is read (the weights' padding is zeros).
+/// A layer's dot-form outputs (`dot_from..out`) for `rows` rows, register tile by register
+/// tile: each output is the lane-wise product of an input row with a weight row, summed.
 ///
 /// # Safety
-/// As at the call in [`forward_rows`], for a layer packed in dot-product form.
+/// As at the call in [`forward_rows`].
 #[inline(always)]
 unsafe fn dot_layer_block<V: SimdVec>(at: &Placement<'_, V::Elem>) {
-    let Placement {
-        layer,
-        data,
-        rows,
-        src,
-        src_stride,
-        dst,
-        dst_stride,
-    } = *at;
-    let lanes = V::LANES;
-    let k = layer.in_features;
-    let (full, tail) = (k / lanes, k % lanes);
-    let padded_in = padded(k, lanes);
-    // SAFETY: `check_chain` proved that `out_features` weight rows of `padded_in` values and
-    // `out_features` biases lie in `data`; `src` holds `rows` rows of `k` readable values at
-    // `src_stride` (the tail load reads only `tail` of them), `dst` has room for `rows` rows of
-    // `out_features` values at `dst_stride`; the caller guarantees the ISA.
+    let layer = at.layer;
+    let padded_in = padded(layer.in_features, V::LANES);
+    for row in (0..at.rows).step_by(DOT_ROWS) {
+        for out in (layer.dot_from..layer.out_features).step_by(DOT_OUTS) {
+            // SAFETY: `row < rows` and `dot_from <= out < out_features`: the tile's input rows,
+            // weight rows (`check_chain` proved the dot rows in bounds), biases and outputs are
+            // inside the buffers described at the call in `forward_rows`.
+            unsafe {
+                let tile = DotTile {
+                    x: at.src.add(row * at.src_stride),
+                    ldx: at.src_stride,
+                    k: layer.in_features,
+                    w: at
+                        .data
+                        .as_ptr()
+                        .add(layer.dot_at + (out - layer.dot_from) * padded_in),
+                    ldw: padded_in,
+                    bias: at.data.as_ptr().add(layer.bias_at + out),
+                    relu: layer.relu,
+                    out: at.dst.add(row * at.dst_stride + out),
+                    ldo: at.dst_stride,
+                };
+                let rows = (at.rows - row).min(DOT_ROWS);
+                dot_tile_rows::<V>(rows, (layer.out_features - out).min(DOT_OUTS), &tile);
+            }
+        }
+    }
+}
+
+/// Most rows and outputs of a dot-form register tile: 16 independent accumulators, enough to
+/// keep the FMA units busy, and 4 + 4 loads per 16 FMAs.
+const DOT_ROWS: usize = 4;
+const DOT_OUTS: usize = 4;
+
+/// Pointers for one dot-form register tile: `rows x outs` outputs from `rows x k` inputs and
+/// `outs` weight rows of `ldw` values (zeros past `k`).
+struct DotTile<T> {
+    x: *const T,
+    ldx: usize,
+    k: usize,
+    w: *const T,
+    ldw: usize,
+    bias: *const T,
+    relu: bool,
+    out: *mut T,
+    ldo: usize,
+}
+
+/// Picks the dot-form register tile for a run-time row count and output count (`1..=4` each).
+///
+/// # Safety
+/// `tile` points at `rows` input rows of `k` readable values, `outs` weight rows of `ldw >=
+/// padded(k)` values, `outs` biases and room for `rows x outs` outputs; the CPU supports the ISA.
+#[inline(always)]
+unsafe fn dot_tile_rows<V: SimdVec>(rows: usize, outs: usize, tile: &DotTile<V::Elem>) {
+    // SAFETY: forwarded from the caller.
     unsafe {
-        let weights = data.as_ptr().add(layer.weights_at);
-        let bias = data.as_ptr().add(layer.bias_at);
-        for row in 0..rows {
-            let x = src.add(row * src_stride);
-            for out in 0..layer.out_features {
-                let w = weights.add(out * padded_in);
-                let mut acc = V::zero();
-                for chunk in 0..full {
-                    acc = V::load(x.add(chunk * lanes)).mul_add(V::load(w.add(chunk * lanes)), acc);
+        match rows {
+            1 => dot_tile_outs::<V, 1>(outs, tile),
+            2 => dot_tile_outs::<V, 2>(outs, tile),
+            3 => dot_tile_outs::<V, 3>(outs, tile),
+            4 => dot_tile_outs::<V, 4>(outs, tile),
+            _ => unreachable!("dot tiles are at most 4 rows"),
+        }
+    }
+}
+
+/// # Safety
+/// As for [`dot_tile_rows`].
+#[inline(always)]
+unsafe fn dot_tile_outs<V: SimdVec, const R: usize>(outs: usize, tile: &DotTile<V::Elem>) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match outs {
+            1 => dot_tile::<V, R, 1>(tile),
+            2 => dot_tile::<V, R, 2>(tile),
+            3 => dot_tile::<V, R, 3>(tile),
+            4 => dot_tile::<V, R, 4>(tile),
+            _ => unreachable!("dot tiles are at most 4 outputs"),
+        }
+    }
+}
+
+/// The dot-form microkernel: `R x C` accumulators along `k`, the input's tail loaded masked (so
+/// nothing past `k` is read; the weights' padding is zeros), then one horizontal sum each, the
+/// bias and the ReLU.
+///
+/// # Safety
+/// As for [`dot_tile_rows`], with `rows == R` and `outs == C`.
+#[inline(always)]
+unsafe fn dot_tile<V: SimdVec, const R: usize, const C: usize>(tile: &DotTile<V::Elem>) {
+    let lanes = V::LANES;
+    let (full, tail) = (tile.k / lanes, tile.k % lanes);
+    // SAFETY: the caller guarantees the ISA, `R` rows of `k` readable inputs (chunks `0..full`
+    // are whole, the tail load reads `tail` values), `C` weight rows of at least
+    // `(full + 1) * lanes` values when `tail > 0` (else `full * lanes`), `C` biases and room for
+    // `R x C` outputs.
+    unsafe {
+        let mut acc = [[V::zero(); C]; R];
+        for chunk in 0..full + usize::from(tail > 0) {
+            let at = chunk * lanes;
+            let mut xs = [V::zero(); R];
+            for (r, x) in xs.iter_mut().enumerate() {
+                let row = tile.x.add(r * tile.ldx + at);
+                *x = if chunk < full {
+                    V::load(row)
+                } else {
+                    V::load_partial(row, tail)
+                };
+            }
+            for c in 0..C {
+                let w = V::load(tile.w.add(c * tile.ldw + at));
+                for (row, x) in acc.iter_mut().zip(&xs) {
+                    row[c] = x.mul_add(w, row[c]);
                 }
-                if tail > 0 {
-                    let x_tail = V::load_partial(x.add(full * lanes), tail);
-                    acc = x_tail.mul_add(V::load(w.add(full * lanes)), acc);
-                }
-                let value = acc.sum() + *bias.add(out);
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            for (c, value) in row.iter().enumerate() {
+                let value = value.sum() + *tile.bias.add(c);
                 // `NaN < 0` is false: NaN passes through as in torch.relu.
-                let value = if layer.relu && value < V::Elem::ZERO {
+                let value = if tile.relu && value < V::Elem::ZERO {
                     V::Elem::ZERO
                 } else {
                     value
                 };
-                *dst.add(row * dst_stride + out) = value;
+                *tile.out.add(r * tile.ldo + c) = value;
             }
         }
     }
@@ -471,7 +583,7 @@ struct Placement<'a, T> {
 /// The register tile at row `row` and output column `col` of a layer block.
 ///
 /// # Safety
-/// As at the call in [`forward_rows`], with `row < at.rows` and `col < at.layer.padded_out`, so
+/// As at the call in [`forward_rows`], with `row < at.rows` and `col < at.layer.dot_from`, so
 /// every offset stays inside the buffers described there.
 #[inline(always)]
 unsafe fn tile_at<V: SimdVec, const MR: usize, const NV_MAX: usize>(
@@ -480,7 +592,7 @@ unsafe fn tile_at<V: SimdVec, const MR: usize, const NV_MAX: usize>(
     col: usize,
 ) {
     let layer = at.layer;
-    let width = (NV_MAX * V::LANES).min(layer.out_features - col);
+    let width = (NV_MAX * V::LANES).min(layer.dot_from - col);
     let nv = width.div_ceil(V::LANES);
     // SAFETY: see the function's contract.
     unsafe {
