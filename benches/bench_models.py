@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from statistics import median
 from typing import Any
 
 import numpy as np
@@ -239,7 +238,8 @@ def test_forward(
 
 
 def _peak(benchmark: Any, fma_peak: Callable[[int, float], float], threads: int) -> None:
-    """The group's ceiling: ``threads`` FMA probes at once, median of ``PEAK_ROUNDS``."""
+    """The group's ceiling: ``threads`` FMA probes at once, the best of ``PEAK_ROUNDS`` (a
+    neighbour on the host can only slow a probe down, never speed it up)."""
     seconds = PEAK_SECONDS if benchmark.enabled else 0.005
     runs: list[float] = []
     if benchmark.enabled:
@@ -251,9 +251,9 @@ def _peak(benchmark: Any, fma_peak: Callable[[int, float], float], threads: int)
     single = _native.fma_peak_gflops(seconds)
     benchmark.extra_info.update(
         flops=0,
-        peak_gflops=median(runs),
+        peak_gflops=max(runs),
         peak_gflops_runs=runs,
         peak_gflops_one_thread=single,
     )
-    assert median(runs) > 0
+    assert min(runs) > 0
     assert single > 0

@@ -169,7 +169,8 @@ def render_markdown(meta: dict[str, Any], groups: list[Group]) -> str:
         "the rounds as a % of the median (a noisy number has a large IQR); min is the "
         "fastest round.",
         "- % of peak: against the FMA peak probed in the same group (`threads` register-only "
-        "FMA loops at once). Speedup = peer median / ours median (> 1: ours is faster).",
+        "FMA loops at once, the best of 5 probes). Speedup = peer median / ours median "
+        "(> 1: ours is faster).",
         "",
         "## Summary",
         "",
