@@ -165,7 +165,14 @@ impl<T: Float> Mlp<T> {
         } else {
             threads
         };
-        let chunk_rows = rows.div_ceil(chunks).next_multiple_of(mr);
+        // Chunks of whole rows-in-lanes blocks where the chain has that packing, so no chunk
+        // leaves a tail to the slower path.
+        let granule = if self.packed.view().lanes_layers.is_empty() {
+            mr
+        } else {
+            self.kernel.shape.panel_width()
+        };
+        let chunk_rows = rows.div_ceil(chunks).next_multiple_of(granule);
         let pool = threads::pool().map_err(Error::Threads)?;
         pool.install(|| {
             input
@@ -178,7 +185,7 @@ impl<T: Float> Mlp<T> {
 
     fn forward_on_this_thread(&self, input: &[T], output: &mut [T]) {
         let rows = input.len() / self.in_features();
-        let len = scratch_len(&self.kernel.shape, self.packed.layers(), rows);
+        let len = scratch_len(&self.kernel.shape, &self.packed.view(), rows);
         let mut run = |scratch: &mut [T]| {
             // SAFETY: `Mlp::new` packed the layers with `self.kernel.shape` and checked through
             // `dispatch::require` that this CPU supports `self.isa`, the kernel's ISA.

@@ -59,6 +59,8 @@ pub struct LayerSpec<'a, T> {
 #[derive(Clone, Debug)]
 pub struct PackedChain<T> {
     layers: Vec<LayerDesc>,
+    /// The chain again for rows in the lanes, or empty (see [`TileShape::rows_in_lanes`]).
+    lanes_layers: Vec<LayerDesc>,
     data: AlignedBuf<T>,
 }
 
@@ -67,17 +69,26 @@ impl<T: Element> PackedChain<T> {
     pub fn pack(shape: &TileShape, specs: &[LayerSpec<'_, T>]) -> Self {
         // Each layer's panels and bias start on a cache line.
         let line = ALIGN_BYTES / std::mem::size_of::<T>();
-        let mut layers = Vec::with_capacity(specs.len());
         let mut len = 0;
-        for spec in specs {
+        let widths: Vec<usize> = specs
+            .iter()
+            .map(|spec| spec.in_features)
+            .chain(specs.last().map(|spec| spec.out_features))
+            .collect();
+        let mut lay_out = |spec: &LayerSpec<'_, T>, rows_in_lanes: bool| {
             let (k, out) = (spec.in_features, spec.out_features);
-            let dot_from = shape.dot_from(k, out);
+            // Rows in the lanes: the weights as rows (the dot-form layout), nothing padded.
+            let (dot_from, padded_out) = if rows_in_lanes {
+                (0, out)
+            } else {
+                (shape.dot_from(k, out), shape.padded_out(k, out))
+            };
             let weights_at = len;
             let dot_at = weights_at + k * dot_from;
-            let bias_at = (weights_at + shape.weights_len(k, out)).next_multiple_of(line);
-            let padded_out = shape.padded_out(k, out);
+            let weights_len = k * dot_from + (out - dot_from) * shape.padded(k);
+            let bias_at = (weights_at + weights_len).next_multiple_of(line);
             len = (bias_at + padded_out).next_multiple_of(line);
-            layers.push(LayerDesc {
+            LayerDesc {
                 in_features: k,
                 out_features: out,
                 padded_out,
@@ -86,18 +97,33 @@ impl<T: Element> PackedChain<T> {
                 relu: spec.activation == Activation::Relu,
                 dot_from,
                 dot_at,
-            });
-        }
+            }
+        };
+        let layers: Vec<LayerDesc> = specs.iter().map(|spec| lay_out(spec, false)).collect();
+        let lanes_layers: Vec<LayerDesc> = if shape.rows_in_lanes(&widths) {
+            specs.iter().map(|spec| lay_out(spec, true)).collect()
+        } else {
+            Vec::new()
+        };
         let mut data = AlignedBuf::zeros(len);
         let buffer = data.as_mut_slice();
-        for (spec, layer) in specs.iter().zip(&layers) {
+        let lanes_specs = specs.iter().take(lanes_layers.len());
+        for (spec, layer) in specs
+            .iter()
+            .zip(&layers)
+            .chain(lanes_specs.zip(&lanes_layers))
+        {
             pack_panels(shape, spec, layer, buffer);
             pack_rows(shape, spec, layer, buffer);
             if let Some(bias) = spec.bias {
                 buffer[layer.bias_at..][..spec.out_features].copy_from_slice(bias);
             }
         }
-        PackedChain { layers, data }
+        PackedChain {
+            layers,
+            lanes_layers,
+            data,
+        }
     }
 
     pub fn layers(&self) -> &[LayerDesc] {
@@ -108,6 +134,7 @@ impl<T: Element> PackedChain<T> {
         Packed {
             layers: &self.layers,
             data: self.data.as_slice(),
+            lanes_layers: &self.lanes_layers,
         }
     }
 }
@@ -179,6 +206,7 @@ mod tests {
             mr: 1,
             nv_max: 2,
             block_rows: 1,
+            fast_transpose: false,
         };
         // 5 outputs x 2 inputs (bias padded to 6): one panel of 4 columns, one of 1.
         let weight: Vec<f32> = (0..10).map(|v| v as f32).collect();
@@ -216,6 +244,7 @@ mod tests {
             mr: 1,
             nv_max: 1,
             block_rows: 1,
+            fast_transpose: false,
         };
         // 5 outputs x 50 inputs: outputs 0..4 in one panel, output 4 as a row padded to 52.
         let weight: Vec<f32> = (0..250).map(|v| v as f32).collect();

@@ -176,12 +176,13 @@ impl SimdVec for F64x4 {
 const MR: usize = 6;
 const NV_MAX: usize = 2;
 
-fn shape(lanes: usize) -> TileShape {
+fn shape<V: SimdVec>() -> TileShape {
     TileShape {
-        lanes,
+        lanes: V::LANES,
         mr: MR,
         nv_max: NV_MAX,
         block_rows: 8 * MR,
+        fast_transpose: V::FAST_TRANSPOSE,
     }
 }
 
@@ -195,7 +196,7 @@ unsafe fn forward_f32(
     scratch: &mut [f32],
 ) {
     // SAFETY: the caller guarantees AVX2 and FMA; the shape matches `F32x8`.
-    unsafe { forward_rows::<F32x8, MR, NV_MAX>(&shape(8), chain, input, output, scratch) }
+    unsafe { forward_rows::<F32x8, MR, NV_MAX>(&shape::<F32x8>(), chain, input, output, scratch) }
 }
 
 /// # Safety
@@ -208,7 +209,7 @@ unsafe fn forward_f64(
     scratch: &mut [f64],
 ) {
     // SAFETY: the caller guarantees AVX2 and FMA; the shape matches `F64x4`.
-    unsafe { forward_rows::<F64x4, MR, NV_MAX>(&shape(4), chain, input, output, scratch) }
+    unsafe { forward_rows::<F64x4, MR, NV_MAX>(&shape::<F64x4>(), chain, input, output, scratch) }
 }
 
 /// # Safety
@@ -221,7 +222,7 @@ unsafe fn peak_f32(iterations: usize, seed: &[f32]) -> f32 {
 
 pub fn kernel_f32() -> Kernel<f32> {
     Kernel {
-        shape: shape(8),
+        shape: shape::<F32x8>(),
         forward: forward_f32,
         peak: peak_f32,
     }
@@ -237,7 +238,7 @@ unsafe fn peak_f64(iterations: usize, seed: &[f64]) -> f64 {
 
 pub fn kernel_f64() -> Kernel<f64> {
     Kernel {
-        shape: shape(4),
+        shape: shape::<F64x4>(),
         forward: forward_f64,
         peak: peak_f64,
     }

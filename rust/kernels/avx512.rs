@@ -13,6 +13,7 @@ struct F64x8(__m512d);
 impl SimdVec for F32x16 {
     type Elem = f32;
     const LANES: usize = 16;
+    const FAST_TRANSPOSE: bool = true;
 
     #[inline(always)]
     unsafe fn zero() -> Self {
@@ -74,6 +75,55 @@ impl SimdVec for F32x16 {
     unsafe fn add(self, b: Self) -> Self {
         // SAFETY: the caller guarantees AVX-512F.
         F32x16(unsafe { _mm512_add_ps(self.0, b.0) })
+    }
+
+    #[inline(always)]
+    unsafe fn transpose_square(src: *const f32, lds: usize, dst: *mut f32, ldd: usize) {
+        // SAFETY: the caller guarantees 16 readable rows of 16 values at `src`, 16 writable
+        // rows at `dst`, and AVX-512F.
+        unsafe {
+            let mut rows = [_mm512_setzero_ps(); 16];
+            for (r, row) in rows.iter_mut().enumerate() {
+                *row = _mm512_loadu_ps(src.add(r * lds));
+            }
+            // Pairs of rows interleaved, then pairs of pairs: `quads[4q + c]` holds, in 128-bit
+            // lane `l`, column `4l + c` of rows `4q..4q + 4`.
+            let mut quads = [_mm512_setzero_ps(); 16];
+            for q in 0..4 {
+                let [a, b, c, d] = [
+                    rows[4 * q],
+                    rows[4 * q + 1],
+                    rows[4 * q + 2],
+                    rows[4 * q + 3],
+                ];
+                let ab_lo = _mm512_castps_pd(_mm512_unpacklo_ps(a, b));
+                let ab_hi = _mm512_castps_pd(_mm512_unpackhi_ps(a, b));
+                let cd_lo = _mm512_castps_pd(_mm512_unpacklo_ps(c, d));
+                let cd_hi = _mm512_castps_pd(_mm512_unpackhi_ps(c, d));
+                quads[4 * q] = _mm512_castpd_ps(_mm512_unpacklo_pd(ab_lo, cd_lo));
+                quads[4 * q + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(ab_lo, cd_lo));
+                quads[4 * q + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(ab_hi, cd_hi));
+                quads[4 * q + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(ab_hi, cd_hi));
+            }
+            // Gather the four 128-bit lanes holding each column: 0x88 takes lanes 0 and 2 of
+            // each operand, 0xdd lanes 1 and 3.
+            for c in 0..4 {
+                let (q0, q1, q2, q3) = (quads[c], quads[4 + c], quads[8 + c], quads[12 + c]);
+                let low_even = _mm512_shuffle_f32x4::<0x88>(q0, q1);
+                let low_odd = _mm512_shuffle_f32x4::<0xdd>(q0, q1);
+                let high_even = _mm512_shuffle_f32x4::<0x88>(q2, q3);
+                let high_odd = _mm512_shuffle_f32x4::<0xdd>(q2, q3);
+                let columns = [
+                    (c, _mm512_shuffle_f32x4::<0x88>(low_even, high_even)),
+                    (c + 8, _mm512_shuffle_f32x4::<0xdd>(low_even, high_even)),
+                    (c + 4, _mm512_shuffle_f32x4::<0x88>(low_odd, high_odd)),
+                    (c + 12, _mm512_shuffle_f32x4::<0xdd>(low_odd, high_odd)),
+                ];
+                for (column, value) in columns {
+                    _mm512_storeu_ps(dst.add(column * ldd), value);
+                }
+            }
+        }
     }
 }
 
@@ -147,12 +197,13 @@ impl SimdVec for F64x8 {
 const MR: usize = 8;
 const NV_MAX: usize = 3;
 
-fn shape(lanes: usize) -> TileShape {
+fn shape<V: SimdVec>() -> TileShape {
     TileShape {
-        lanes,
+        lanes: V::LANES,
         mr: MR,
         nv_max: NV_MAX,
         block_rows: 8 * MR,
+        fast_transpose: V::FAST_TRANSPOSE,
     }
 }
 
@@ -166,7 +217,7 @@ unsafe fn forward_f32(
     scratch: &mut [f32],
 ) {
     // SAFETY: the caller guarantees AVX-512F; the shape matches `F32x16`.
-    unsafe { forward_rows::<F32x16, MR, NV_MAX>(&shape(16), chain, input, output, scratch) }
+    unsafe { forward_rows::<F32x16, MR, NV_MAX>(&shape::<F32x16>(), chain, input, output, scratch) }
 }
 
 /// # Safety
@@ -179,7 +230,7 @@ unsafe fn forward_f64(
     scratch: &mut [f64],
 ) {
     // SAFETY: the caller guarantees AVX-512F; the shape matches `F64x8`.
-    unsafe { forward_rows::<F64x8, MR, NV_MAX>(&shape(8), chain, input, output, scratch) }
+    unsafe { forward_rows::<F64x8, MR, NV_MAX>(&shape::<F64x8>(), chain, input, output, scratch) }
 }
 
 /// # Safety
@@ -192,7 +243,7 @@ unsafe fn peak_f32(iterations: usize, seed: &[f32]) -> f32 {
 
 pub fn kernel_f32() -> Kernel<f32> {
     Kernel {
-        shape: shape(16),
+        shape: shape::<F32x16>(),
         forward: forward_f32,
         peak: peak_f32,
     }
@@ -208,7 +259,7 @@ unsafe fn peak_f64(iterations: usize, seed: &[f64]) -> f64 {
 
 pub fn kernel_f64() -> Kernel<f64> {
     Kernel {
-        shape: shape(8),
+        shape: shape::<F64x8>(),
         forward: forward_f64,
         peak: peak_f64,
     }

@@ -22,6 +22,12 @@
 //! padded (`padded_out == out`). A layer of very few outputs is all dot form (`dot_from == 0`);
 //! a wide one with a short tail and few inputs per output may be split (130 -> 97: 96 + 1).
 //!
+//! A chain of narrow layers on an ISA with a register transpose may also be packed a second
+//! time, every layer as rows ([`Packed::lanes_layers`], see [`TileShape::rows_in_lanes`]): whole
+//! blocks of `nv_max * lanes` batch rows then run with the rows in the lanes, so no output is
+//! padded (64 -> 42 -> 2 at 4096 rows: 75% -> 85% of the FMA peak); the other rows, and every
+//! small batch, run as above.
+//!
 //! The ISA files only implement [`SimdVec`] and wrap [`forward_rows`] in a thin
 //! `#[target_feature]` function; the loop nest lives once, here.
 
@@ -110,6 +116,31 @@ pub trait SimdVec: Copy {
     /// # Safety
     /// The CPU supports the ISA.
     unsafe fn relu(self) -> Self;
+
+    /// Whether [`SimdVec::transpose_square`] works in registers, fast enough for a chain to run
+    /// with batch rows in the lanes (see [`TileShape::rows_in_lanes`]).
+    const FAST_TRANSPOSE: bool = false;
+
+    /// `dst[c * ldd + r] = src[r * lds + c]` for `r, c < LANES`.
+    ///
+    /// # Safety
+    /// `src` is valid for reading `LANES` rows of `LANES` values `lds` apart, `dst` for writing
+    /// `LANES` rows of `LANES` values `ldd` apart, and they do not overlap; the CPU supports
+    /// the ISA.
+    #[inline(always)]
+    unsafe fn transpose_square(
+        src: *const Self::Elem,
+        lds: usize,
+        dst: *mut Self::Elem,
+        ldd: usize,
+    ) {
+        for r in 0..Self::LANES {
+            for c in 0..Self::LANES {
+                // SAFETY: `r, c < LANES`, inside both blocks as the caller guarantees.
+                unsafe { *dst.add(c * ldd + r) = *src.add(r * lds + c) };
+            }
+        }
+    }
 }
 
 /// How a kernel tiles its work; packing follows it.
@@ -123,6 +154,8 @@ pub struct TileShape {
     pub nv_max: usize,
     /// Rows run through the whole chain before the next block starts (a multiple of `mr`).
     pub block_rows: usize,
+    /// The register type's [`SimdVec::FAST_TRANSPOSE`].
+    pub fast_transpose: bool,
 }
 
 impl TileShape {
@@ -152,12 +185,6 @@ impl TileShape {
         }
     }
 
-    /// Values a packed layer occupies before its bias: panels, then dot-form rows.
-    pub fn weights_len(&self, in_features: usize, out_features: usize) -> usize {
-        let dot_from = self.dot_from(in_features, out_features);
-        in_features * dot_from + (out_features - dot_from) * self.padded(in_features)
-    }
-
     /// Row stride of a layer's outputs: whole registers, unless part of it is in dot form.
     pub fn padded_out(&self, in_features: usize, out_features: usize) -> usize {
         if self.dot_from(in_features, out_features) < out_features {
@@ -166,12 +193,43 @@ impl TileShape {
             self.padded(out_features)
         }
     }
+
+    /// Whether a chain of these widths runs with batch rows in the lanes: the input block
+    /// transposed to `in x rows`, each layer computing `out x rows` from row-major weights
+    /// broadcast one at a time, the output transposed back. No output is padded to a whole
+    /// register (a 42-wide layer does 42/48 of the multiply-adds), at the price of the two
+    /// transposes, so only where that saves more than it costs, counted in multiply-adds of
+    /// one lane per row.
+    pub fn rows_in_lanes(&self, widths: &[usize]) -> bool {
+        // A block's activations (`width x panel_width` values) must stay in L1: streaming them
+        // from L2 for every tile of outputs loses more than the padding costs (784 -> 42 did).
+        let fits_l1 = |width: usize| width * self.panel_width() <= L1_BLOCK_VALUES;
+        if !self.fast_transpose || widths.len() < 2 || !widths.iter().all(|&w| fits_l1(w)) {
+            return false;
+        }
+        let mut saved = 0;
+        for pair in widths.windows(2) {
+            let (k, out) = (pair[0], pair[1]);
+            let dot_from = self.dot_from(k, out);
+            let dot_cost = (out - dot_from)
+                * self.lanes
+                * (DOT_FMA_COST * self.padded(k) / self.lanes + DOT_SUM_COST);
+            let now = k * self.padded(dot_from) + dot_cost;
+            saved += now.saturating_sub(k * out);
+        }
+        let transposed = widths[0] + widths[widths.len() - 1];
+        saved > transposed * TRANSPOSE_COST
+    }
 }
 
 /// A dot-form multiply-add and a horizontal sum, in padded multiply-adds, for
 /// [`TileShape::dot_from`].
 const DOT_FMA_COST: usize = 3;
 const DOT_SUM_COST: usize = 8;
+/// Transposing one value, in multiply-adds of one lane, for [`TileShape::rows_in_lanes`].
+const TRANSPOSE_COST: usize = 3;
+/// Most values of a rows-in-lanes block of activations: 16 KiB of `f32`, half of L1.
+const L1_BLOCK_VALUES: usize = 4096;
 
 /// `width` rounded up to whole registers of `lanes`.
 pub fn padded(width: usize, lanes: usize) -> usize {
@@ -198,6 +256,9 @@ pub struct LayerDesc {
 pub struct Packed<'a, T> {
     pub layers: &'a [LayerDesc],
     pub data: &'a [T],
+    /// The same layers packed again for batch rows in the lanes ([`TileShape::rows_in_lanes`]),
+    /// each as dot-form rows (`dot_from == 0`, `padded_out == out`); empty if not worth it.
+    pub lanes_layers: &'a [LayerDesc],
 }
 
 /// Independent multiply-add chains in [`fma_loop`]: enough to cover FMA latency x issue width.
@@ -256,10 +317,18 @@ pub struct Kernel<T: 'static> {
     pub peak: PeakLoop<T>,
 }
 
-/// Scratch elements a kernel of `shape` needs to run `rows` rows through `layers`.
-pub fn scratch_len(shape: &TileShape, layers: &[LayerDesc], rows: usize) -> usize {
-    let widest = layers.iter().map(|l| l.padded_out).max().unwrap_or(0);
-    2 * rows.min(shape.block_rows) * widest
+/// Scratch elements a kernel of `shape` needs to run `rows` rows through `chain`.
+pub fn scratch_len<T>(shape: &TileShape, chain: &Packed<'_, T>, rows: usize) -> usize {
+    let widest = chain.layers.iter().map(|l| l.padded_out).max().unwrap_or(0);
+    let in_registers_of_outputs = 2 * rows.min(shape.block_rows) * widest;
+    match chain.lanes_layers.first() {
+        Some(first) => {
+            let widest = chain.lanes_layers.iter().map(|l| l.out_features).max();
+            let in_lanes = shape.panel_width() * (first.in_features + 2 * widest.unwrap_or(0));
+            in_lanes.max(in_registers_of_outputs)
+        }
+        None => in_registers_of_outputs,
+    }
 }
 
 /// Panics unless the chain, buffers and packing agree; after it, every pointer the loop nest
@@ -288,11 +357,27 @@ fn check_chain<T>(
     for pair in layers.windows(2) {
         assert_eq!(pair[0].out_features, pair[1].in_features, "layers chain");
     }
-    for layer in layers {
+    if !chain.lanes_layers.is_empty() {
+        assert_eq!(
+            chain.lanes_layers.len(),
+            layers.len(),
+            "both packings hold every layer"
+        );
+    }
+    for (index, layer) in layers.iter().chain(chain.lanes_layers).enumerate() {
         let (k, out) = (layer.in_features, layer.out_features);
-        let dot_from = shape.dot_from(k, out);
+        let (dot_from, padded_out) = if index >= layers.len() {
+            let twin = &layers[index - layers.len()];
+            assert!(
+                twin.in_features == k && twin.out_features == out,
+                "same layers"
+            );
+            (0, out)
+        } else {
+            (shape.dot_from(k, out), shape.padded_out(k, out))
+        };
         assert!(
-            layer.padded_out == shape.padded_out(k, out) && layer.dot_from == dot_from,
+            layer.padded_out == padded_out && layer.dot_from == dot_from,
             "packed for this ISA"
         );
         assert!(
@@ -306,7 +391,7 @@ fn check_chain<T>(
         );
     }
     assert!(
-        scratch.len() >= scratch_len(shape, layers, rows),
+        scratch.len() >= scratch_len(shape, chain, rows),
         "scratch is large enough"
     );
     rows
@@ -336,12 +421,38 @@ pub unsafe fn forward_rows<V: SimdVec, const MR: usize, const NV_MAX: usize>(
     if rows == 0 {
         return;
     }
+    // Whole blocks of rows-in-lanes rows where that packing exists; the rest (a small batch, the
+    // last rows) in registers of outputs.
+    let lanes_block = NV_MAX * V::LANES;
+    let lanes_rows = if chain.lanes_layers.is_empty() {
+        0
+    } else {
+        rows / lanes_block * lanes_block
+    };
+    let out_features = layers[layers.len() - 1].out_features;
+    let (lanes_input, input) = input.split_at(lanes_rows * layers[0].in_features);
+    let (lanes_output, output) = output.split_at_mut(lanes_rows * out_features);
+    if lanes_rows > 0 {
+        // SAFETY: as for this function; `check_chain` proved the sizes of both packings.
+        unsafe {
+            forward_rows_in_lanes::<V, MR, NV_MAX>(
+                &chain,
+                lanes_rows,
+                lanes_input,
+                lanes_output,
+                scratch,
+            )
+        };
+    }
+    let rows = rows - lanes_rows;
+    if rows == 0 {
+        return;
+    }
     let last_index = layers.len() - 1;
     let block_rows = rows.min(shape.block_rows);
     let widest = layers.iter().map(|l| l.padded_out).max().unwrap_or(0);
     let (ping, rest) = scratch.split_at_mut(block_rows * widest);
     let pong = &mut rest[..block_rows * widest];
-    let out_features = layers[last_index].out_features;
 
     for block_start in (0..rows).step_by(block_rows) {
         let block = block_rows.min(rows - block_start);
@@ -393,6 +504,128 @@ pub unsafe fn forward_rows<V: SimdVec, const MR: usize, const NV_MAX: usize>(
             src = dst;
             src_stride = dst_stride;
             into_ping = !into_ping;
+        }
+    }
+}
+
+/// The chain with batch rows in the lanes, one block of `NV_MAX * LANES` rows at a time: the
+/// block's input transposed into scratch, each layer's `out x rows` computed by the same register
+/// tiles with the roles swapped (a weight broadcast per tile row, a register of rows per
+/// column), the last layer's transposed back into the output rows.
+///
+/// # Safety
+/// As for [`forward_rows`], for a chain with `lanes_layers`, after `check_chain`.
+#[inline(always)]
+unsafe fn forward_rows_in_lanes<V: SimdVec, const MR: usize, const NV_MAX: usize>(
+    chain: &Packed<'_, V::Elem>,
+    rows: usize,
+    input: &[V::Elem],
+    output: &mut [V::Elem],
+    scratch: &mut [V::Elem],
+) {
+    let layers = chain.lanes_layers;
+    let block = NV_MAX * V::LANES;
+    let first_in = layers[0].in_features;
+    let out_features = layers[layers.len() - 1].out_features;
+    let widest = layers.iter().map(|l| l.out_features).max().unwrap_or(0);
+    let (transposed_input, rest) = scratch.split_at_mut(block * first_in);
+    let (ping, rest) = rest.split_at_mut(block * widest);
+    let pong = &mut rest[..block * widest];
+    for block_start in (0..rows).step_by(block) {
+        let block_rows = block.min(rows - block_start);
+        // SAFETY: the input holds `rows` rows of `first_in` values and `transposed_input` has
+        // `first_in` rows of `block >= block_rows` values; in the layer loop, `src` holds
+        // `in_features` rows of `block` values and `dst` room for `out_features` such rows,
+        // the packed rows and biases are in bounds (`check_chain`), and every tile covers
+        // `NV_MAX` registers = `block` columns; the output has `block_rows` rows of
+        // `out_features` values from `block_start`. Columns past `block_rows` in a last,
+        // partial block hold stale values and are never written back.
+        unsafe {
+            transpose::<V>(
+                input.as_ptr().add(block_start * first_in),
+                first_in,
+                block_rows,
+                first_in,
+                transposed_input.as_mut_ptr(),
+                block,
+            );
+            let mut src: *const V::Elem = transposed_input.as_ptr();
+            let mut into_ping = true;
+            for layer in layers {
+                let dst = if into_ping {
+                    ping.as_mut_ptr()
+                } else {
+                    pong.as_mut_ptr()
+                };
+                let out = layer.out_features;
+                // Even tiles: 42 outputs as 6 tiles of 7, not 5 of 8 and one of 2.
+                let tile_outs = out.div_ceil(out.div_ceil(MR));
+                let weights = chain.data.as_ptr().add(layer.dot_at);
+                let lda = padded(layer.in_features, V::LANES);
+                for first in (0..out).step_by(tile_outs) {
+                    let tile = Tile {
+                        a: weights.add(first * lda),
+                        lda,
+                        k: layer.in_features,
+                        panel: src,
+                        panel_width: block,
+                        last_lanes: V::LANES,
+                        bias: chain.data.as_ptr().add(layer.bias_at + first),
+                        bias_per_row: true,
+                        relu: layer.relu,
+                        out: dst.add(first * block),
+                        ldo: block,
+                    };
+                    tile_rows::<V>(tile_outs.min(out - first), NV_MAX, &tile);
+                }
+                src = dst;
+                into_ping = !into_ping;
+            }
+            transpose::<V>(
+                src,
+                block,
+                out_features,
+                block_rows,
+                output.as_mut_ptr().add(block_start * out_features),
+                out_features,
+            );
+        }
+    }
+}
+
+/// `dst[c * ldd + r] = src[r * lds + c]` for `r < rows`, `c < cols`: whole `LANES x LANES`
+/// squares through [`SimdVec::transpose_square`], the edges one value at a time.
+///
+/// # Safety
+/// `src` is valid for reading `rows` rows of `cols` values `lds` apart, `dst` for writing `cols`
+/// rows of `rows` values `ldd` apart, not overlapping `src`; the CPU supports the ISA.
+#[inline(always)]
+unsafe fn transpose<V: SimdVec>(
+    src: *const V::Elem,
+    lds: usize,
+    rows: usize,
+    cols: usize,
+    dst: *mut V::Elem,
+    ldd: usize,
+) {
+    let lanes = V::LANES;
+    let (whole_rows, whole_cols) = (rows / lanes * lanes, cols / lanes * lanes);
+    // SAFETY: every index is below `rows` / `cols`, as the caller guarantees valid.
+    unsafe {
+        for r in (0..whole_rows).step_by(lanes) {
+            for c in (0..whole_cols).step_by(lanes) {
+                V::transpose_square(src.add(r * lds + c), lds, dst.add(c * ldd + r), ldd);
+            }
+            for c in whole_cols..cols {
+                for i in r..r + lanes {
+                    *dst.add(c * ldd + i) = *src.add(i * lds + c);
+                }
+            }
+        }
+        for r in whole_rows..rows {
+            for c in 0..cols {
+                *dst.add(c * ldd + r) = *src.add(r * lds + c);
+            }
         }
     }
 }
@@ -607,6 +840,7 @@ unsafe fn tile_at<V: SimdVec, const MR: usize, const NV_MAX: usize>(
             panel_width: width,
             last_lanes: width - (nv - 1) * V::LANES,
             bias: at.data.as_ptr().add(layer.bias_at + col),
+            bias_per_row: false,
             relu: layer.relu,
             out: at.dst.add(row * at.dst_stride + col),
             ldo: at.dst_stride,
@@ -629,6 +863,8 @@ struct Tile<T> {
     /// Lanes of the last register that have weights (`1..=LANES`); the rest load as zeros.
     last_lanes: usize,
     bias: *const T,
+    /// One bias value per tile row (broadcast along it), rather than one per output column.
+    bias_per_row: bool,
     relu: bool,
     out: *mut T,
     ldo: usize,
@@ -693,10 +929,16 @@ unsafe fn register_tile<V: SimdVec, const R: usize, const NV: usize, const KS: u
     // `panel_row` reads only `panel_width` values of a panel row.
     unsafe {
         let mut acc = [[[V::zero(); NV]; R]; KS];
-        for v in 0..NV {
-            let bias = V::load(tile.bias.add(v * lanes));
-            for row in acc[0].iter_mut() {
-                row[v] = bias;
+        if tile.bias_per_row {
+            for (r, row) in acc[0].iter_mut().enumerate() {
+                *row = [V::splat(tile.bias.add(r)); NV];
+            }
+        } else {
+            for v in 0..NV {
+                let bias = V::load(tile.bias.add(v * lanes));
+                for row in acc[0].iter_mut() {
+                    row[v] = bias;
+                }
             }
         }
         let mut a = tile.a;

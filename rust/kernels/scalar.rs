@@ -76,6 +76,7 @@ const SHAPE: TileShape = TileShape {
     mr: MR,
     nv_max: NV_MAX,
     block_rows: 8 * MR,
+    fast_transpose: false,
 };
 
 /// # Safety
