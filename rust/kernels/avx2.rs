@@ -13,6 +13,7 @@ struct F64x4(__m256d);
 impl SimdVec for F32x8 {
     type Elem = f32;
     const LANES: usize = 8;
+    const FAST_TRANSPOSE: bool = true;
 
     #[inline(always)]
     unsafe fn zero() -> Self {
@@ -89,6 +90,41 @@ impl SimdVec for F32x8 {
     unsafe fn add(self, b: Self) -> Self {
         // SAFETY: the caller guarantees AVX2 and FMA.
         F32x8(unsafe { _mm256_add_ps(self.0, b.0) })
+    }
+
+    #[inline(always)]
+    unsafe fn transpose_square(src: *const f32, lds: usize, dst: *mut f32, ldd: usize) {
+        // SAFETY: the caller guarantees 8 readable rows of 8 values at `src`, 8 writable rows
+        // at `dst`, and AVX2.
+        unsafe {
+            let mut rows = [_mm256_setzero_ps(); 8];
+            for (r, row) in rows.iter_mut().enumerate() {
+                *row = _mm256_loadu_ps(src.add(r * lds));
+            }
+            // `quads[4h + c]` holds, in 128-bit half `l`, column `4l + c` of rows `4h..4h + 4`.
+            let mut quads = [_mm256_setzero_ps(); 8];
+            for h in 0..2 {
+                let [a, b, c, d] = [
+                    rows[4 * h],
+                    rows[4 * h + 1],
+                    rows[4 * h + 2],
+                    rows[4 * h + 3],
+                ];
+                let (ab_lo, ab_hi) = (_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
+                let (cd_lo, cd_hi) = (_mm256_unpacklo_ps(c, d), _mm256_unpackhi_ps(c, d));
+                quads[4 * h] = _mm256_shuffle_ps::<0x44>(ab_lo, cd_lo);
+                quads[4 * h + 1] = _mm256_shuffle_ps::<0xee>(ab_lo, cd_lo);
+                quads[4 * h + 2] = _mm256_shuffle_ps::<0x44>(ab_hi, cd_hi);
+                quads[4 * h + 3] = _mm256_shuffle_ps::<0xee>(ab_hi, cd_hi);
+            }
+            for c in 0..4 {
+                let (low, high) = (quads[c], quads[4 + c]);
+                let first = _mm256_permute2f128_ps::<0x20>(low, high);
+                let second = _mm256_permute2f128_ps::<0x31>(low, high);
+                _mm256_storeu_ps(dst.add(c * ldd), first);
+                _mm256_storeu_ps(dst.add((c + 4) * ldd), second);
+            }
+        }
     }
 }
 
