@@ -403,7 +403,8 @@ mod tests {
 
     #[test]
     fn nan_and_inf_propagate_per_row() {
-        // 16 outputs run in broadcast form, 3 (on SIMD ISAs) in dot-product form.
+        // 16 outputs run in panel form, 3 (on SIMD ISAs) in dot-product form; with 99 rows, the
+        // first 96 run with rows in the lanes where the ISA has it, where a row is one lane.
         for out in [16, 3] {
             nan_and_inf_propagate_through(out);
         }
@@ -412,27 +413,72 @@ mod tests {
     fn nan_and_inf_propagate_through(out: usize) {
         let mut rng = SmallRng::seed_from_u64(3);
         let layers = to_f32(&random_chain(&mut rng, &[20, 42, out], false));
-        let mut input: Vec<f32> = (0..3 * 20).map(|_| rng.random_range(-1.0..1.0)).collect();
-        input[20 + 5] = f32::NAN;
-        input[40 + 2] = f32::INFINITY;
-        let clean = run(&layers, Isa::Scalar, &input);
-        let (row0, row1, row2) = (0..out, out..2 * out, 2 * out..3 * out);
+        let rows = 99;
+        let mut input: Vec<f32> = (0..rows * 20)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        let (nan_rows, inf_rows) = ([1, 60], [2, 97]);
+        for row in nan_rows {
+            input[row * 20 + 5] = f32::NAN;
+        }
+        for row in inf_rows {
+            input[row * 20 + 2] = f32::INFINITY;
+        }
+        let scalar = run(&layers, Isa::Scalar, &input);
         for isa in dispatch::available() {
             let got = run(&layers, isa, &input);
-            assert!(
-                got[row0.clone()].iter().all(|v| v.is_finite()),
-                "{isa}: row 0 untouched"
-            );
-            assert!(
-                got[row1.clone()].iter().all(|v| v.is_nan()),
-                "{isa}: NaN reaches every output"
-            );
-            assert!(
-                got[row2.clone()].iter().all(|v| !v.is_finite()),
-                "{isa}: Inf propagates"
-            );
-            let want: Vec<f64> = clean[row0.clone()].iter().map(|&v| v as f64).collect();
-            assert!(max_relative_error(got[row0.clone()].iter().map(|&v| v as f64), &want) < 1e-5);
+            for (row, values) in got.chunks_exact(out).enumerate() {
+                if nan_rows.contains(&row) {
+                    assert!(values.iter().all(|v| v.is_nan()), "{isa}: NaN row {row}");
+                } else if inf_rows.contains(&row) {
+                    assert!(
+                        values.iter().all(|v| !v.is_finite()),
+                        "{isa}: Inf row {row}"
+                    );
+                } else {
+                    assert!(
+                        values.iter().all(|v| v.is_finite()),
+                        "{isa}: row {row} clean"
+                    );
+                    let want: Vec<f64> = scalar[row * out..][..out]
+                        .iter()
+                        .map(|&v| v as f64)
+                        .collect();
+                    let got = values.iter().map(|&v| v as f64);
+                    assert!(max_relative_error(got, &want) < 1e-5, "{isa}: row {row}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn each_chain_gets_the_form_its_cost_model_picks() {
+        let mut rng = SmallRng::seed_from_u64(5);
+        for isa in dispatch::available() {
+            let simd = isa != Isa::Scalar;
+            let mut mlp = |widths: &[usize]| {
+                let layers = to_f32(&random_chain(&mut rng, widths, false));
+                let specs: Vec<_> = layers.iter().map(OwnedLayer::spec).collect();
+                Mlp::new(&specs, isa).unwrap()
+            };
+            // The 784-wide encoder and the whole AE keep the panel form (measured faster);
+            // the digits encoder also gets rows in the lanes.
+            for (widths, in_lanes) in [
+                (&[784, 42, 16][..], false),
+                (&[784, 42, 16, 42, 784][..], false),
+                (&[64, 42, 2][..], simd),
+            ] {
+                let chain = mlp(widths);
+                let lanes_layers = chain.packed.view().lanes_layers;
+                assert_eq!(!lanes_layers.is_empty(), in_lanes, "{isa} {widths:?}");
+            }
+            // On 16 lanes, 784 -> 42 stays padded (a dot-form tail of 10 measured slower), a
+            // 2-wide output is all dot form, and 130 -> 97 splits off its last output.
+            if isa == Isa::Avx512 {
+                assert_eq!(mlp(&[784, 42]).packed.view().layers[0].dot_from, 42);
+                assert_eq!(mlp(&[42, 2]).packed.view().layers[0].dot_from, 0);
+                assert_eq!(mlp(&[130, 97]).packed.view().layers[0].dot_from, 96);
+            }
         }
     }
 
