@@ -25,6 +25,7 @@ import torch
 
 import fusedae
 from fusedae import _native
+from fusedae.cli import onnx_session
 
 # Rows per call when benchmarks are disabled (the smoke run): enough to cross the kernels' row
 # tiles and thread split, few enough to keep `make test` quick.
@@ -102,41 +103,6 @@ def group_name(model: Model, batch: int, threads: int) -> str:
     return f"{model.label} | batch {batch} | {threads} thread{'s' if threads > 1 else ''}"
 
 
-def onnx_model(layers: list[tuple[np.ndarray, np.ndarray, str]]) -> bytes:
-    """The chain as an ONNX graph: ``Gemm(transB=1)`` per layer, ``Relu`` where the model has
-    one; dynamic batch dimension."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    nodes, initializers = [], []
-    current = "x"
-    for index, (weight, bias, activation) in enumerate(layers):
-        initializers += [
-            numpy_helper.from_array(weight, f"w{index}"),
-            numpy_helper.from_array(bias, f"b{index}"),
-        ]
-        gemm = f"gemm{index}"
-        nodes.append(
-            helper.make_node("Gemm", [current, f"w{index}", f"b{index}"], [gemm], transB=1)
-        )
-        current = gemm
-        if activation == "relu":
-            nodes.append(helper.make_node("Relu", [gemm], [f"relu{index}"]))
-            current = f"relu{index}"
-    nodes.append(helper.make_node("Identity", [current], ["y"]))
-    graph = helper.make_graph(
-        nodes,
-        "mlp",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", layers[0][0].shape[1]])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", layers[-1][0].shape[0]])],
-        initializers,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model.SerializeToString()
-
-
 def _fusedae_numpy(zoo: Any, model: Model, x: np.ndarray, threads: int) -> Callable[[], Any]:
     layers = zoo.layers(model)
     mlp = fusedae.MLP([(w, b) for w, b, _ in layers], activations=[a for _, _, a in layers])
@@ -179,13 +145,9 @@ def _torch_compile(zoo: Any, model: Model, x: np.ndarray, threads: int) -> Calla
 
 
 def _onnxruntime(zoo: Any, model: Model, x: np.ndarray, threads: int) -> Callable[[], Any]:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()  # default graph optimizations
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(
-        onnx_model(zoo.layers(model)), options, providers=["CPUExecutionProvider"]
+    layers = zoo.layers(model)
+    session = onnx_session(
+        [(weight, bias) for weight, bias, _ in layers], [act for *_, act in layers], threads
     )
     feed = {"x": x}
     return lambda: session.run(None, feed)[0]

@@ -414,15 +414,19 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
 # --- bench ------------------------------------------------------------------------------------
 
 
-def onnx_session(layers: Sequence[tuple[np.ndarray, np.ndarray]], threads: int) -> Any:
-    """An ONNX Runtime session running the chain (Gemm, Relu between), input ``"x"``."""
+def onnx_session(
+    layers: Sequence[tuple[np.ndarray, np.ndarray]], activations: Sequence[str], threads: int
+) -> Any:
+    """An ONNX Runtime session (default graph optimizations, ``threads`` intra-op, one inter-op)
+    running the chain: ``Gemm(transB=1)`` per layer, ``Relu`` where ``activations`` says;
+    input ``"x"`` with a dynamic batch dimension."""
     import onnx
     import onnxruntime
     from onnx import helper, numpy_helper
 
     elem = helper.np_dtype_to_tensor_dtype(layers[0][0].dtype)
     nodes, initializers, name = [], [], "x"
-    for index, (weight, bias) in enumerate(layers):
+    for index, ((weight, bias), activation) in enumerate(zip(layers, activations, strict=True)):
         initializers += [
             numpy_helper.from_array(weight, f"w{index}"),
             numpy_helper.from_array(bias, f"b{index}"),
@@ -431,7 +435,7 @@ def onnx_session(layers: Sequence[tuple[np.ndarray, np.ndarray]], threads: int) 
             helper.make_node("Gemm", [name, f"w{index}", f"b{index}"], [f"h{index}"], transB=1)
         )
         name = f"h{index}"
-        if index + 1 < len(layers):
+        if activation == "relu":
             nodes.append(helper.make_node("Relu", [name], [f"r{index}"]))
             name = f"r{index}"
     graph = helper.make_graph(
@@ -495,7 +499,7 @@ def run_bench(args: argparse.Namespace) -> None:
 
         backends["PyTorch eager"] = run_torch
     try:
-        session = onnx_session(layers, threads)
+        session = onnx_session(layers, activations, threads)
     except ImportError:
         missing.append("ONNX Runtime (pip install onnx onnxruntime)")
     else:
