@@ -138,14 +138,7 @@ def describe_machine(meta: dict[str, Any]) -> list[str]:
     machine = meta.get("machine_info") or {}
     cpu = machine.get("cpu") or {}
     commit = meta.get("commit_info") or {}
-    native = machine.get("fusedae")
-    if native is None:  # results from an older conftest: ask the installed package
-        try:
-            import fusedae
-
-            native = fusedae.info()
-        except ImportError:
-            native = {}
+    native = machine.get("fusedae") or {}
     versions = machine.get("versions") or {}
     lines = [
         f"- Machine: {cpu.get('brand_raw', machine.get('processor') or '?')}, "

@@ -120,12 +120,17 @@ class MLP:
     def __call__(self, x: npt.ArrayLike, out: FloatArray | None = None) -> FloatArray:
         """``(*, in_features)`` -> ``(*, out_features)``, in the MLP's dtype."""
         chain = self._chain
-        if out is None and type(x) is np.ndarray:
+        if type(x) is np.ndarray and x.ndim == 2:
             # Fast path for the common case (batch-1 latency is mostly call overhead): the native
-            # call checks dtype, shape and layout itself; anything it refuses takes the general
-            # path, which converts what it can and words the error otherwise.
+            # call checks dtype, shape, layout and `out` itself, and raises before writing
+            # anything; what it refuses takes the general path, which converts what it can and
+            # words the error otherwise.
             try:
-                return chain(x)
+                if out is None:
+                    return chain(x)
+                if type(out) is np.ndarray:
+                    chain.forward(x, out)
+                    return out
             except (TypeError, ValueError):
                 pass
         x2, lead = check_input(x, self._dtype, chain.in_features, chain.out_features)

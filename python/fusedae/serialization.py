@@ -67,6 +67,11 @@ class ChainSpec:
         return list(self.layers[start:stop]), list(self.activations[start:stop])
 
 
+def _widths(layers: Sequence[LayerArrays]) -> list[int]:
+    """The chain's input width, then each layer's output width."""
+    return [layers[0][0].shape[1], *(weight.shape[0] for weight, _ in layers)]
+
+
 def default_encoder_layers(widths: Sequence[int]) -> int:
     """Where the encoder ends in a chain of ``widths`` (input, then each layer's output): at the
     first narrowest inner layer if the output is as wide as the input, else at the end."""
@@ -128,8 +133,7 @@ def write(
     ]
     _check_chain(arrays, activations, encoder_layers or 0)
     if encoder_layers is None:
-        widths = [arrays[0][0].shape[1], *(weight.shape[0] for weight, _ in arrays)]
-        encoder_layers = default_encoder_layers(widths)
+        encoder_layers = default_encoder_layers(_widths(arrays))
     tensors: list[tuple[str, np.ndarray]] = []
     for index, (weight, bias) in enumerate(arrays):
         tensors.append((f"layers.{index}.weight", weight))
@@ -318,6 +322,5 @@ def from_state_dict(state: Mapping[str, np.ndarray]) -> ChainSpec:
     if names == ["encoder", "decoder"]:
         encoder_layers = len(next(iter(groups.values())))
     else:
-        widths = [layers[0][0].shape[1], *(weight.shape[0] for weight, _ in layers)]
-        encoder_layers = default_encoder_layers(widths)
+        encoder_layers = default_encoder_layers(_widths(layers))
     return ChainSpec(tuple(layers), tuple(activations), encoder_layers)

@@ -165,6 +165,7 @@ class _ChainState:
         self.modules: tuple[nn.Module, ...] = ()
         self.layers: Layers | None = None
         self.hook_registries = _hook_registries(())
+        self.activations: tuple[str, ...] = ()
         self.invalidate()
 
     def invalidate(self) -> None:
@@ -178,6 +179,7 @@ class _ChainState:
         if modules != self.modules:
             self.modules, self.layers = modules, _chain_layers(modules)
             self.hook_registries = _hook_registries(modules)
+            self.activations = tuple(activation for _, activation in self.layers or ())
             self.invalidate()
         return self.layers
 
@@ -198,7 +200,7 @@ class _ChainState:
         )
         self.chain = (
             pack_chain(
-                [linear.weight for linear, _ in layers],
+                params[0::2],  # type: ignore[arg-type]  # an nn.Linear always has a weight
                 params[1::2],
                 [activation for _, activation in layers],
             )
@@ -264,8 +266,7 @@ def _fused_forward(state: _ChainState, layers: Layers, x: torch.Tensor) -> torch
     if torch.is_grad_enabled() and (
         x.requires_grad or any(p is not None and p.requires_grad for p in state.params)
     ):
-        activations = tuple(activation for _, activation in layers)
-        return FusedMLPFunction.apply(x, chain, activations, *state.params)
+        return FusedMLPFunction.apply(x, chain, state.activations, *state.params)
     return _run(chain, x)
 
 
@@ -333,12 +334,16 @@ class AE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(*, x_dim)`` -> reconstruction of shape ``(*, x_dim)``."""
+        # Children read from the module dict directly: `self.encoder` goes through
+        # `nn.Module.__getattr__`, slow on a per-call path.
+        encoder = cast(nn.Sequential, self._modules["encoder"])
+        decoder = cast(nn.Sequential, self._modules["decoder"])
         result = None
-        if type(self.encoder) in _SEQUENTIALS and type(self.decoder) in _SEQUENTIALS:
-            modules = (*self.encoder._modules.values(), *self.decoder._modules.values())
+        if type(encoder) in _SEQUENTIALS and type(decoder) in _SEQUENTIALS:
+            modules = (*encoder._modules.values(), *decoder._modules.values())
             layers = self._fused.set_modules(modules)
             result = None if layers is None else _fused_forward(self._fused, layers, x)
-        return self.decoder(self.encoder(x)) if result is None else result
+        return decoder(encoder(x)) if result is None else result
 
 
 def _describe(layers: Layers) -> str:
