@@ -170,7 +170,7 @@ impl<T: Float> Mlp<T> {
         let granule = if self.packed.view().lanes_layers.is_empty() {
             mr
         } else {
-            self.kernel.shape.panel_width()
+            self.kernel.shape.lanes_block()
         };
         let chunk_rows = rows.div_ceil(chunks).next_multiple_of(granule);
         let pool = threads::pool().map_err(Error::Threads)?;

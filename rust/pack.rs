@@ -77,12 +77,7 @@ impl<T: Element> PackedChain<T> {
             .collect();
         let mut lay_out = |spec: &LayerSpec<'_, T>, rows_in_lanes: bool| {
             let (k, out) = (spec.in_features, spec.out_features);
-            // Rows in the lanes: the weights as rows (the dot-form layout), nothing padded.
-            let (dot_from, padded_out) = if rows_in_lanes {
-                (0, out)
-            } else {
-                (shape.dot_from(k, out), shape.padded_out(k, out))
-            };
+            let (dot_from, padded_out) = shape.form(k, out, rows_in_lanes);
             let weights_at = len;
             let dot_at = weights_at + k * dot_from;
             let weights_len = k * dot_from + (out - dot_from) * shape.padded(k);
@@ -100,7 +95,8 @@ impl<T: Element> PackedChain<T> {
             }
         };
         let layers: Vec<LayerDesc> = specs.iter().map(|spec| lay_out(spec, false)).collect();
-        let lanes_layers: Vec<LayerDesc> = if shape.rows_in_lanes(&widths) {
+        let lanes_layers: Vec<LayerDesc> = if shape.rows_in_lanes(&widths, std::mem::size_of::<T>())
+        {
             specs.iter().map(|spec| lay_out(spec, true)).collect()
         } else {
             Vec::new()
@@ -199,15 +195,20 @@ mod tests {
         }
     }
 
-    #[test]
-    fn packs_panels_k_major_without_padding_columns() {
-        let shape = TileShape {
-            lanes: 2,
+    /// A one-row tile shape without rows in the lanes: packing only looks at lanes and panels.
+    fn shape(lanes: usize, nv_max: usize) -> TileShape {
+        TileShape {
+            lanes,
             mr: 1,
-            nv_max: 2,
+            nv_max,
             block_rows: 1,
             fast_transpose: false,
-        };
+        }
+    }
+
+    #[test]
+    fn packs_panels_k_major_without_padding_columns() {
+        let shape = shape(2, 2);
         // 5 outputs x 2 inputs (bias padded to 6): one panel of 4 columns, one of 1.
         let weight: Vec<f32> = (0..10).map(|v| v as f32).collect();
         let spec = LayerSpec {
@@ -239,13 +240,7 @@ mod tests {
 
     #[test]
     fn splits_a_short_tail_into_dot_form_rows() {
-        let shape = TileShape {
-            lanes: 4,
-            mr: 1,
-            nv_max: 1,
-            block_rows: 1,
-            fast_transpose: false,
-        };
+        let shape = shape(4, 1);
         // 5 outputs x 50 inputs: outputs 0..4 in one panel, output 4 as a row padded to 52.
         let weight: Vec<f32> = (0..250).map(|v| v as f32).collect();
         let spec = LayerSpec {

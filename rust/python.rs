@@ -64,6 +64,12 @@ fn c_order<'a, T: numpy::Element, D: numpy::ndarray::Dimension>(
     }
 }
 
+/// The ISA `name`d, or the one new chains use; an error if unknown or unsupported here.
+fn isa_or_selected(name: Option<&str>) -> PyResult<Isa> {
+    name.map_or_else(dispatch::selected, Isa::parse)
+        .map_err(|e| to_py_err(Error::Isa(e)))
+}
+
 fn parse_activation(name: &str, index: usize) -> PyResult<Activation> {
     match name {
         "relu" => Ok(Activation::Relu),
@@ -199,9 +205,11 @@ fn run_new<'py, T: Float + numpy::Element>(
         .checked_mul(mlp.out_features())
         .and_then(|n| n.checked_mul(std::mem::size_of::<T>()));
     let out = match bytes {
-        Some(bytes) if bytes <= DIRECT_ALLOC_MAX_BYTES => {
-            PyArray2::<T>::zeros(py, [rows, mlp.out_features()], false)
-        }
+        // SAFETY: the array is left uninitialised only until the kernel below writes every
+        // element; if the kernel fails, it is dropped here, never seen by Python.
+        Some(bytes) if bytes <= DIRECT_ALLOC_MAX_BYTES => unsafe {
+            PyArray2::<T>::new(py, [rows, mlp.out_features()], false)
+        },
         Some(bytes) if bytes <= isize::MAX as usize => {
             let empty = py.import("numpy")?.getattr("empty")?;
             let out = empty.call1(((rows, mlp.out_features()), T::NAME))?;
@@ -246,11 +254,7 @@ impl Chain {
         activations: Vec<String>,
         isa: Option<&str>,
     ) -> PyResult<Self> {
-        let isa = match isa {
-            Some(name) => Isa::parse(name),
-            None => dispatch::selected(),
-        }
-        .map_err(|e| to_py_err(Error::Isa(e)))?;
+        let isa = isa_or_selected(isa)?;
         let first = weights
             .first()
             .ok_or_else(|| PyValueError::new_err("an MLP needs at least one layer, got 0"))?;
@@ -359,11 +363,7 @@ fn get_num_threads() -> usize {
 #[pyfunction]
 #[pyo3(signature = (seconds=0.2, dtype="float32", isa=None))]
 fn fma_peak_gflops(py: Python<'_>, seconds: f64, dtype: &str, isa: Option<&str>) -> PyResult<f64> {
-    let isa = match isa {
-        Some(name) => Isa::parse(name),
-        None => dispatch::selected(),
-    }
-    .map_err(|e| to_py_err(Error::Isa(e)))?;
+    let isa = isa_or_selected(isa)?;
     let result = match dtype {
         "float32" => py.detach(|| crate::mlp::fma_peak_gflops::<f32>(isa, seconds)),
         "float64" => py.detach(|| crate::mlp::fma_peak_gflops::<f64>(isa, seconds)),

@@ -176,22 +176,41 @@ impl TileShape {
     pub fn dot_from(&self, in_features: usize, out_features: usize) -> usize {
         let split = out_features / self.lanes * self.lanes;
         let tail = out_features - split;
-        let chunks = self.padded(in_features) / self.lanes;
-        let dot = tail * (DOT_FMA_COST * chunks + DOT_SUM_COST);
-        if tail > 0 && dot < in_features {
+        if tail > 0 && tail * self.dot_output_cost(in_features) < in_features {
             split
         } else {
             out_features
         }
     }
 
-    /// Row stride of a layer's outputs: whole registers, unless part of it is in dot form.
-    pub fn padded_out(&self, in_features: usize, out_features: usize) -> usize {
-        if self.dot_from(in_features, out_features) < out_features {
-            out_features
-        } else {
-            self.padded(out_features)
+    /// One dot-form output of `in_features` inputs, in padded multiply-adds (see `dot_from`).
+    fn dot_output_cost(&self, in_features: usize) -> usize {
+        DOT_FMA_COST * self.padded(in_features) / self.lanes + DOT_SUM_COST
+    }
+
+    /// A layer's `(dot_from, padded_out)`: where its dot-form outputs start, and the row stride
+    /// of its outputs (whole registers, unless part of it is in dot form). With rows in the lanes
+    /// every layer is packed as dot-form rows and nothing is padded.
+    pub fn form(
+        &self,
+        in_features: usize,
+        out_features: usize,
+        rows_in_lanes: bool,
+    ) -> (usize, usize) {
+        if rows_in_lanes {
+            return (0, out_features);
         }
+        let dot_from = self.dot_from(in_features, out_features);
+        if dot_from < out_features {
+            (dot_from, out_features)
+        } else {
+            (dot_from, self.padded(out_features))
+        }
+    }
+
+    /// Batch rows in one rows-in-lanes block: a register tile's width.
+    pub fn lanes_block(&self) -> usize {
+        self.panel_width()
     }
 
     /// Whether a chain of these widths runs with batch rows in the lanes: the input block
@@ -200,10 +219,10 @@ impl TileShape {
     /// register (a 42-wide layer does 42/48 of the multiply-adds), at the price of the two
     /// transposes, so only where that saves more than it costs, counted in multiply-adds of
     /// one lane per row.
-    pub fn rows_in_lanes(&self, widths: &[usize]) -> bool {
-        // A block's activations (`width x panel_width` values) must stay in L1: streaming them
+    pub fn rows_in_lanes(&self, widths: &[usize], value_bytes: usize) -> bool {
+        // A block's activations (`width x lanes_block` values) must stay in L1: streaming them
         // from L2 for every tile of outputs loses more than the padding costs (784 -> 42 did).
-        let fits_l1 = |width: usize| width * self.panel_width() <= L1_BLOCK_VALUES;
+        let fits_l1 = |width: usize| width * self.lanes_block() * value_bytes <= L1_HALF_BYTES;
         if !self.fast_transpose || widths.len() < 2 || !widths.iter().all(|&w| fits_l1(w)) {
             return false;
         }
@@ -211,9 +230,7 @@ impl TileShape {
         for pair in widths.windows(2) {
             let (k, out) = (pair[0], pair[1]);
             let dot_from = self.dot_from(k, out);
-            let dot_cost = (out - dot_from)
-                * self.lanes
-                * (DOT_FMA_COST * self.padded(k) / self.lanes + DOT_SUM_COST);
+            let dot_cost = (out - dot_from) * self.lanes * self.dot_output_cost(k);
             let now = k * self.padded(dot_from) + dot_cost;
             saved += now.saturating_sub(k * out);
         }
@@ -228,8 +245,9 @@ const DOT_FMA_COST: usize = 3;
 const DOT_SUM_COST: usize = 8;
 /// Transposing one value, in multiply-adds of one lane, for [`TileShape::rows_in_lanes`].
 const TRANSPOSE_COST: usize = 3;
-/// Most values of a rows-in-lanes block of activations: 16 KiB of `f32`, half of L1.
-const L1_BLOCK_VALUES: usize = 4096;
+/// Half of a 32 KiB L1: the most a weight panel kept per row tile, or a rows-in-lanes block of
+/// activations, may take.
+const L1_HALF_BYTES: usize = 16 << 10;
 
 /// `width` rounded up to whole registers of `lanes`.
 pub fn padded(width: usize, lanes: usize) -> usize {
@@ -285,9 +303,7 @@ pub unsafe fn fma_loop<V: SimdVec>(iterations: usize, seed: &[V::Elem]) -> V::El
         for a in acc {
             sum = a.mul_add(x, sum);
         }
-        let mut lanes = vec![V::Elem::ZERO; V::LANES];
-        sum.store(lanes.as_mut_ptr());
-        lanes[0]
+        sum.sum()
     }
 }
 
@@ -324,7 +340,7 @@ pub fn scratch_len<T>(shape: &TileShape, chain: &Packed<'_, T>, rows: usize) -> 
     match chain.lanes_layers.first() {
         Some(first) => {
             let widest = chain.lanes_layers.iter().map(|l| l.out_features).max();
-            let in_lanes = shape.panel_width() * (first.in_features + 2 * widest.unwrap_or(0));
+            let in_lanes = shape.lanes_block() * (first.in_features + 2 * widest.unwrap_or(0));
             in_lanes.max(in_registers_of_outputs)
         }
         None => in_registers_of_outputs,
@@ -363,19 +379,18 @@ fn check_chain<T>(
             layers.len(),
             "both packings hold every layer"
         );
-    }
-    for (index, layer) in layers.iter().chain(chain.lanes_layers).enumerate() {
-        let (k, out) = (layer.in_features, layer.out_features);
-        let (dot_from, padded_out) = if index >= layers.len() {
-            let twin = &layers[index - layers.len()];
+        for (lanes_layer, layer) in chain.lanes_layers.iter().zip(layers) {
             assert!(
-                twin.in_features == k && twin.out_features == out,
+                (lanes_layer.in_features, lanes_layer.out_features)
+                    == (layer.in_features, layer.out_features),
                 "same layers"
             );
-            (0, out)
-        } else {
-            (shape.dot_from(k, out), shape.padded_out(k, out))
-        };
+        }
+    }
+    let in_lanes = layers.iter().map(|layer| (layer, false));
+    for (layer, rows_in_lanes) in in_lanes.chain(chain.lanes_layers.iter().map(|l| (l, true))) {
+        let (k, out) = (layer.in_features, layer.out_features);
+        let (dot_from, padded_out) = shape.form(k, out, rows_in_lanes);
         assert!(
             layer.padded_out == padded_out && layer.dot_from == dot_from,
             "packed for this ISA"
@@ -399,9 +414,11 @@ fn check_chain<T>(
 
 /// The fused loop nest, generic over the register type; ISA files wrap it in `#[target_feature]`.
 ///
-/// Per block of rows, each layer runs panel by panel, and within a panel register tile by
-/// register tile, so a weight panel stays in cache while every tile of the block uses it. Hidden
-/// activations go to `scratch` (two ping-pong buffers that stay in L1/L2), never to the caller.
+/// Whole blocks of rows go through [`forward_rows_in_lanes`] where the chain has that packing;
+/// the other rows run block by block, each layer's panel outputs register tile by register tile
+/// (panel by panel, so a large panel stays in cache while every tile of the block uses it, or
+/// row tile by row tile when the panels fit L1), then its dot-form outputs. Hidden activations
+/// go to `scratch` (two ping-pong buffers that stay in L1/L2), never to the caller.
 ///
 /// # Safety
 /// The CPU supports `V`'s ISA, and `shape.lanes == V::LANES`, `shape.mr == MR`,
@@ -423,7 +440,7 @@ pub unsafe fn forward_rows<V: SimdVec, const MR: usize, const NV_MAX: usize>(
     }
     // Whole blocks of rows-in-lanes rows where that packing exists; the rest (a small batch, the
     // last rows) in registers of outputs.
-    let lanes_block = NV_MAX * V::LANES;
+    let lanes_block = shape.lanes_block();
     let lanes_rows = if chain.lanes_layers.is_empty() {
         0
     } else {
@@ -437,6 +454,7 @@ pub unsafe fn forward_rows<V: SimdVec, const MR: usize, const NV_MAX: usize>(
         unsafe {
             forward_rows_in_lanes::<V, MR, NV_MAX>(
                 &chain,
+                lanes_block,
                 lanes_rows,
                 lanes_input,
                 lanes_output,
@@ -518,13 +536,14 @@ pub unsafe fn forward_rows<V: SimdVec, const MR: usize, const NV_MAX: usize>(
 #[inline(always)]
 unsafe fn forward_rows_in_lanes<V: SimdVec, const MR: usize, const NV_MAX: usize>(
     chain: &Packed<'_, V::Elem>,
+    block: usize,
     rows: usize,
     input: &[V::Elem],
     output: &mut [V::Elem],
     scratch: &mut [V::Elem],
 ) {
+    debug_assert!(block == NV_MAX * V::LANES && rows.is_multiple_of(block));
     let layers = chain.lanes_layers;
-    let block = NV_MAX * V::LANES;
     let first_in = layers[0].in_features;
     let out_features = layers[layers.len() - 1].out_features;
     let widest = layers.iter().map(|l| l.out_features).max().unwrap_or(0);
@@ -532,19 +551,17 @@ unsafe fn forward_rows_in_lanes<V: SimdVec, const MR: usize, const NV_MAX: usize
     let (ping, rest) = rest.split_at_mut(block * widest);
     let pong = &mut rest[..block * widest];
     for block_start in (0..rows).step_by(block) {
-        let block_rows = block.min(rows - block_start);
-        // SAFETY: the input holds `rows` rows of `first_in` values and `transposed_input` has
-        // `first_in` rows of `block >= block_rows` values; in the layer loop, `src` holds
-        // `in_features` rows of `block` values and `dst` room for `out_features` such rows,
-        // the packed rows and biases are in bounds (`check_chain`), and every tile covers
-        // `NV_MAX` registers = `block` columns; the output has `block_rows` rows of
-        // `out_features` values from `block_start`. Columns past `block_rows` in a last,
-        // partial block hold stale values and are never written back.
+        // SAFETY: the input holds `rows` (whole blocks of) rows of `first_in` values and
+        // `transposed_input` has `first_in` rows of `block` values; in the layer loop, `src`
+        // holds `in_features` rows of `block` values and `dst` room for `out_features` such
+        // rows, the packed rows and biases are in bounds (`check_chain`), and every tile covers
+        // `NV_MAX` registers = `block` columns; the output has `block` rows of `out_features`
+        // values from `block_start`.
         unsafe {
             transpose::<V>(
                 input.as_ptr().add(block_start * first_in),
                 first_in,
-                block_rows,
+                block,
                 first_in,
                 transposed_input.as_mut_ptr(),
                 block,
@@ -585,7 +602,7 @@ unsafe fn forward_rows_in_lanes<V: SimdVec, const MR: usize, const NV_MAX: usize
                 src,
                 block,
                 out_features,
-                block_rows,
+                block,
                 output.as_mut_ptr().add(block_start * out_features),
                 out_features,
             );
@@ -642,7 +659,7 @@ unsafe fn layer_block<V: SimdVec, const MR: usize, const NV_MAX: usize>(
     let (layer, rows) = (at.layer, at.rows);
     let panel_width = NV_MAX * V::LANES;
     let panel_bytes = layer.in_features * panel_width * std::mem::size_of::<V::Elem>();
-    if panel_bytes <= L1_PANEL_BYTES {
+    if panel_bytes <= L1_HALF_BYTES {
         // The panels stay in L1 whatever the order: go row tile by row tile, so each output row
         // is written left to right in one pass, a stream the prefetcher follows.
         for row in (0..rows).step_by(MR) {
@@ -849,9 +866,6 @@ unsafe fn tile_at<V: SimdVec, const MR: usize, const NV_MAX: usize>(
     }
 }
 
-/// Panels up to this size are reloaded per row tile rather than kept hot (half of a 32 KiB L1).
-const L1_PANEL_BYTES: usize = 16 << 10;
-
 /// Pointers for one register tile: `rows x (nv * LANES)` outputs from `rows x k` inputs.
 struct Tile<T> {
     a: *const T,
@@ -874,7 +888,8 @@ struct Tile<T> {
 ///
 /// # Safety
 /// `tile` points at `rows` valid input rows, a panel of `k` rows of `panel_width` values (which
-/// `nv` registers cover), `nv * LANES` bias values, and room for the outputs.
+/// `nv` registers cover), `nv * LANES` bias values (`rows` with `bias_per_row`), and room for
+/// the outputs.
 #[inline(always)]
 unsafe fn tile_rows<V: SimdVec>(rows: usize, nv: usize, tile: &Tile<V::Elem>) {
     // SAFETY: forwarded from the caller.
@@ -924,9 +939,9 @@ unsafe fn register_tile<V: SimdVec, const R: usize, const NV: usize, const KS: u
     let lanes = V::LANES;
     let step = tile.panel_width;
     // SAFETY: the caller guarantees the ISA and that `R` rows of `k` inputs, `k` panel rows of
-    // `panel_width` values, `NV * LANES` bias values and `R` output rows are in bounds; the split
-    // loop reads steps `0..k / KS * KS` and the tail loop the rest, so every `k` index is `< k`;
-    // `panel_row` reads only `panel_width` values of a panel row.
+    // `panel_width` values, `NV * LANES` bias values (`R` per row) and `R` output rows are in
+    // bounds; the split loop reads steps `0..k / KS * KS` and the tail loop the rest, so every
+    // `k` index is `< k`; `panel_row` reads only `panel_width` values of a panel row.
     unsafe {
         let mut acc = [[[V::zero(); NV]; R]; KS];
         if tile.bias_per_row {
