@@ -4,10 +4,10 @@
 
 use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::intern;
 use pyo3::prelude::*;
 
 use crate::dispatch::{self, Float, Isa, IsaError};
-use crate::kernels::Element;
 use crate::mlp::{Error, LayerSpec, Mlp};
 use crate::pack::Activation;
 use crate::threads;
@@ -184,7 +184,27 @@ fn run_into<T: Float + numpy::Element>(
             ))
         }
     };
-    py.detach(|| mlp.forward(input, output)).map_err(to_py_err)
+    run_kernel(py, mlp, input, output)
+}
+
+/// Work below this many FLOPs (a few microseconds) runs with the GIL held: releasing and
+/// re-taking it would cost more than other Python threads could do in that time (numpy draws
+/// the same line for small arrays).
+const GIL_RELEASE_MIN_FLOPS: usize = 1 << 20;
+
+fn run_kernel<T: Float>(
+    py: Python<'_>,
+    mlp: &Mlp<T>,
+    input: &[T],
+    output: &mut [T],
+) -> PyResult<()> {
+    let rows = input.len() / mlp.in_features();
+    if rows.saturating_mul(mlp.flops_per_row()) < GIL_RELEASE_MIN_FLOPS {
+        mlp.forward(input, output)
+    } else {
+        py.detach(|| mlp.forward(input, output))
+    }
+    .map_err(to_py_err)
 }
 
 /// Largest output allocated through numpy's C API, which reports an allocation failure only as
@@ -228,8 +248,7 @@ fn run_new<'py, T: Float + numpy::Element>(
     // tracking of `readwrite` would cost a sixth of a batch-1 call.)
     let output = unsafe { out.as_slice_mut() }
         .map_err(|e| PyRuntimeError::new_err(format!("new output array: {e}")))?;
-    py.detach(|| mlp.forward(input, output))
-        .map_err(to_py_err)?;
+    run_kernel(py, mlp, input, output)?;
     Ok(out.into_any())
 }
 
@@ -239,9 +258,30 @@ enum TypedMlp {
 }
 
 /// A chain of Linear layers packed for the fused kernels.
-#[pyclass(frozen, module = "fusedae._native")]
+///
+/// Calling it takes the common case natively (batch-1 latency is mostly call overhead): a
+/// C-contiguous `(rows, in_features)` array of the chain's dtype, into a new array or `out`.
+/// What that refuses goes to the subclass's `_call_general(x, out)` if it has one
+/// (`fusedae.MLP` converts other input there and words the errors), else raises.
+#[pyclass(frozen, subclass, module = "fusedae._native")]
 struct Chain {
     mlp: TypedMlp,
+}
+
+impl Chain {
+    fn run<'py>(
+        &self,
+        py: Python<'py>,
+        x: &Bound<'py, PyAny>,
+        out: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        match (&self.mlp, out) {
+            (TypedMlp::F32(mlp), None) => run_new(py, mlp, x),
+            (TypedMlp::F64(mlp), None) => run_new(py, mlp, x),
+            (TypedMlp::F32(mlp), Some(out)) => run_into(py, mlp, x, out).map(|()| out.clone()),
+            (TypedMlp::F64(mlp), Some(out)) => run_into(py, mlp, x, out).map(|()| out.clone()),
+        }
+    }
 }
 
 #[pymethods]
@@ -266,35 +306,37 @@ impl Chain {
         Ok(Chain { mlp })
     }
 
-    /// Runs the chain on a C-contiguous `(rows, in_features)` array of the chain's dtype, into
-    /// `out` (`(rows, out_features)`, C-contiguous; allocated by the caller, where an allocation
-    /// failure is a clean MemoryError).
-    fn forward(
+    /// The chain on `x` into a new `(rows, out_features)` array, or into `out` (returned); raises
+    /// on anything but the common case above, whatever the subclass.
+    #[pyo3(signature = (x, out=None))]
+    fn forward<'py>(
         &self,
-        py: Python<'_>,
-        x: &Bound<'_, PyAny>,
-        out: &Bound<'_, PyAny>,
-    ) -> PyResult<()> {
-        match &self.mlp {
-            TypedMlp::F32(mlp) => run_into(py, mlp, x, out),
-            TypedMlp::F64(mlp) => run_into(py, mlp, x, out),
-        }
+        py: Python<'py>,
+        x: &Bound<'py, PyAny>,
+        out: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        self.run(py, x, out)
     }
 
-    /// The chain on a C-contiguous `(rows, in_features)` array of the chain's dtype, into a new
-    /// `(rows, out_features)` array.
-    fn __call__<'py>(&self, py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
-        match &self.mlp {
-            TypedMlp::F32(mlp) => run_new(py, mlp, x),
-            TypedMlp::F64(mlp) => run_new(py, mlp, x),
-        }
-    }
-
-    #[getter]
-    fn dtype(&self) -> &'static str {
-        match &self.mlp {
-            TypedMlp::F32(_) => f32::NAME,
-            TypedMlp::F64(_) => f64::NAME,
+    /// `forward`, or the subclass's `_call_general` for what `forward` refuses.
+    #[pyo3(signature = (x, out=None))]
+    fn __call__<'py>(
+        slf: &Bound<'py, Self>,
+        x: &Bound<'py, PyAny>,
+        out: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let py = slf.py();
+        match slf.get().run(py, x, out) {
+            Err(refused)
+                if refused.is_instance_of::<PyTypeError>(py)
+                    || refused.is_instance_of::<PyValueError>(py) =>
+            {
+                match slf.getattr(intern!(py, "_call_general")) {
+                    Ok(general) => general.call1((x, out)),
+                    Err(_) => Err(refused),
+                }
+            }
+            result => result,
         }
     }
 

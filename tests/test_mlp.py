@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import os
+import pickle
 import subprocess
 import sys
 
@@ -137,6 +139,18 @@ def test_out_receives_the_result(rng, isa):
     out = np.full((2, 5, 7), np.nan, np.float32)
     assert mlp(x, out=out) is out
     np.testing.assert_array_equal(out, mlp(x))
+    flat_out = np.full((10, 7), np.nan, np.float32)  # 2-D: the native call fills it itself
+    assert mlp(x.reshape(10, 30), flat_out) is flat_out
+    np.testing.assert_array_equal(flat_out, out.reshape(10, 7))
+
+
+def test_pickle_and_copy_rebuild_the_same_mlp(rng):
+    for dtype in (np.float32, np.float64):
+        mlp = fusedae.MLP(random_layers(rng, [12, 42, 3], dtype), ["relu", "relu"])
+        x = rng.standard_normal((5, 12)).astype(dtype)
+        for clone in (pickle.loads(pickle.dumps(mlp)), copy.deepcopy(mlp)):
+            assert repr(clone) == repr(mlp)
+            np.testing.assert_array_equal(clone(x), mlp(x))
 
 
 def test_nan_and_inf_propagate_like_pytorch(rng, isa):
@@ -252,21 +266,22 @@ class TestBadInput:
             square(x, out=x)
 
     def test_native_chain_checks_its_own_arguments(self, mlp):
-        chain = mlp._chain
+        weights, biases = zip(*mlp.layers, strict=True)
+        chain = _native.Chain(list(weights), list(biases), list(mlp.activations))
         with pytest.raises(
             TypeError, match="expected a 2-D float32 numpy array, got a 3-D float32"
         ):
-            chain.forward(np.zeros((1, 1, 8), np.float32), np.zeros((1, 3), np.float32))
+            chain(np.zeros((1, 1, 8), np.float32), np.zeros((1, 3), np.float32))
         with pytest.raises(TypeError, match="got a list"):
-            chain.forward([[0.0] * 8], np.zeros((1, 3), np.float32))
+            chain([[0.0] * 8], np.zeros((1, 3), np.float32))
         with pytest.raises(
             ValueError, match="x has 7 features per row, but the first layer takes 8"
         ):
-            chain.forward(np.zeros((1, 7), np.float32), np.zeros((1, 3), np.float32))
+            chain(np.zeros((1, 7), np.float32), np.zeros((1, 3), np.float32))
         with pytest.raises(ValueError, match="x must be C-contiguous"):
-            chain.forward(np.zeros((8, 2), np.float32).T, np.zeros((2, 3), np.float32))
+            chain(np.zeros((8, 2), np.float32).T, np.zeros((2, 3), np.float32))
         with pytest.raises(ValueError, match="out must be C-contiguous"):
-            chain.forward(np.zeros((2, 8), np.float32), np.zeros((3, 2), np.float32).T)
+            chain(np.zeros((2, 8), np.float32), np.zeros((3, 2), np.float32).T)
         fortran_weight = np.zeros((8, 42), np.float32).T
         with pytest.raises(ValueError, match="layer 0 weight must be C-contiguous"):
             _native.Chain([fortran_weight], [None], ["relu"])

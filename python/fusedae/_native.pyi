@@ -4,6 +4,7 @@ from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
+from typing_extensions import Self
 
 __version__: str
 build_profile: Literal["debug", "release"]
@@ -17,21 +18,24 @@ class Chain:
     ``"identity"``, applied to layer ``i``'s outputs. ``isa`` forces a kernel (for tests).
     """
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         weights: list[npt.NDArray[np.floating]],
         biases: list[npt.NDArray[np.floating] | None],
         activations: list[str],
         isa: str | None = None,
-    ) -> None: ...
-    def __call__(self, x: npt.NDArray[np.floating]) -> npt.NDArray[np.floating]:
-        """Runs the chain on ``x`` (``(rows, in_features)``, C-contiguous, the chain's dtype) into a
-        new ``(rows, out_features)`` array."""
-    def forward(self, x: npt.NDArray[np.floating], out: npt.NDArray[np.floating]) -> None:
+    ) -> Self: ...
+    def forward(
+        self, x: npt.NDArray[np.floating], out: npt.NDArray[np.floating] | None = None
+    ) -> npt.NDArray[np.floating]:
         """Runs the chain on ``x`` (``(rows, in_features)``, C-contiguous, the chain's dtype) into
-        ``out`` (``(rows, out_features)``, same dtype, C-contiguous, not overlapping ``x``)."""
-    @property
-    def dtype(self) -> Literal["float32", "float64"]: ...
+        a new ``(rows, out_features)`` array, or into ``out`` (same shape and dtype, C-contiguous,
+        not overlapping ``x``), which it returns. Raises on any other input."""
+    def __call__(
+        self, x: npt.NDArray[np.floating], out: npt.NDArray[np.floating] | None = None
+    ) -> npt.NDArray[np.floating]:
+        """``forward``, or, for input ``forward`` refuses, the subclass's ``_call_general(x, out)``
+        where it has one."""
     @property
     def isa(self) -> Literal["avx512", "avx2", "scalar"]: ...
     @property

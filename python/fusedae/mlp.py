@@ -6,6 +6,7 @@ import math
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -21,6 +22,15 @@ def _float_dtype(dtype: npt.DTypeLike) -> np.dtype:
     if resolved not in (np.dtype(np.float32), np.dtype(np.float64)):
         raise TypeError(f"dtype must be float32 or float64, got {resolved}")
     return resolved
+
+
+def _as_parameter(value: npt.ArrayLike, what: str, ndim: int, dtype: np.dtype) -> np.ndarray:
+    array = np.asarray(value)
+    if array.dtype.kind not in "fiu":
+        raise TypeError(f"{what}: expected a real numeric array, got dtype {array.dtype}")
+    if array.ndim != ndim:
+        raise ValueError(f"{what}: expected {ndim} dimensions, got shape {array.shape}")
+    return np.array(array, dtype=dtype, order="C", copy=True)
 
 
 def check_output_size(rows: int, out_features: int, dtype: np.dtype) -> None:
@@ -53,7 +63,7 @@ def check_input(
     return array, lead
 
 
-class MLP:
+class MLP(_native.Chain):
     """A chain of Linear layers run by fusedae's fused SIMD kernels, on numpy arrays.
 
     ``layers`` holds ``(weight, bias)`` pairs in PyTorch layout: ``weight`` of shape
@@ -64,23 +74,31 @@ class MLP:
 
     Calling it on an array of shape ``(*, in_features)`` and the MLP's dtype returns a new array
     of shape ``(*, out_features)``; ``out=`` takes a preallocated C-contiguous array instead.
+    The call itself is native (``_native.Chain``): a 2-D C-contiguous array of the MLP's dtype
+    goes straight to the kernel, and anything else comes back to ``_call_general``.
     """
 
-    def __init__(
-        self,
+    __slots__ = ("_activations", "_biases", "_dtype", "_weights")
+    _dtype: np.dtype
+    _activations: tuple[str, ...]
+    _weights: list[np.ndarray]
+    _biases: list[np.ndarray | None]
+
+    def __new__(
+        cls,
         layers: Sequence[tuple[npt.ArrayLike, npt.ArrayLike | None]],
         activations: Sequence[str] | None = None,
         *,
         dtype: npt.DTypeLike | None = None,
         isa: str | None = None,
-    ) -> None:
+    ) -> MLP:
         layers = list(layers)
         if not layers:
             raise ValueError("an MLP needs at least one layer, got 0")
         if dtype is None:
             first = np.asarray(layers[0][0])
             dtype = np.float64 if first.dtype == np.float64 else np.float32
-        self._dtype = _float_dtype(dtype)
+        dtype = _float_dtype(dtype)
         if activations is None:
             activations = ["relu"] * (len(layers) - 1) + ["identity"]
         activations = list(activations)
@@ -99,43 +117,29 @@ class MLP:
             if len(pair) != 2:
                 raise ValueError(f"layer {index}: expected a (weight, bias) pair, got {pair!r}")
             weight, bias = pair
-            weight = self._as_parameter(weight, f"layer {index} weight", ndim=2)
+            weight = _as_parameter(weight, f"layer {index} weight", 2, dtype)
             if bias is not None:
-                bias = self._as_parameter(bias, f"layer {index} bias", ndim=1)
+                bias = _as_parameter(bias, f"layer {index} bias", 1, dtype)
             weights.append(weight)
             biases.append(bias)
+        self = super().__new__(cls, weights, biases, list(activations), isa)
+        self._dtype = dtype
         self._activations = tuple(activations)
         self._weights = weights
         self._biases = biases
-        self._chain = _native.Chain(weights, biases, list(activations), isa)
+        return self
 
-    def _as_parameter(self, value: npt.ArrayLike, what: str, ndim: int) -> np.ndarray:
-        array = np.asarray(value)
-        if array.dtype.kind not in "fiu":
-            raise TypeError(f"{what}: expected a real numeric array, got dtype {array.dtype}")
-        if array.ndim != ndim:
-            raise ValueError(f"{what}: expected {ndim} dimensions, got shape {array.shape}")
-        return np.array(array, dtype=self._dtype, order="C", copy=True)
+    if TYPE_CHECKING:  # the native call, which takes more than `_native.Chain` promises
 
-    def __call__(self, x: npt.ArrayLike, out: FloatArray | None = None) -> FloatArray:
-        """``(*, in_features)`` -> ``(*, out_features)``, in the MLP's dtype."""
-        chain = self._chain
-        if type(x) is np.ndarray and x.ndim == 2:
-            # Fast path for the common case (batch-1 latency is mostly call overhead): the native
-            # call checks dtype, shape, layout and `out` itself, and raises before writing
-            # anything; what it refuses takes the general path, which converts what it can and
-            # words the error otherwise.
-            try:
-                if out is None:
-                    return chain(x)
-                if type(out) is np.ndarray:
-                    chain.forward(x, out)
-                    return out
-            except (TypeError, ValueError):
-                pass
-        x2, lead = check_input(x, self._dtype, chain.in_features, chain.out_features)
+        def __call__(self, x: npt.ArrayLike, out: FloatArray | None = None) -> FloatArray:
+            """``(*, in_features)`` -> ``(*, out_features)``, in the MLP's dtype."""
+
+    def _call_general(self, x: npt.ArrayLike, out: FloatArray | None) -> FloatArray:
+        """What the native call refused: input converted if it can be (other float dtypes, any
+        leading shape, non-contiguous, lists), or an error that says what was wrong."""
+        x2, lead = check_input(x, self._dtype, self.in_features, self.out_features)
         if out is None:
-            result = chain(x2)
+            result = self.forward(x2)
             return result if len(lead) == 1 else result.reshape((*lead, self.out_features))
         expected = (*lead, self.out_features)
         if not isinstance(out, np.ndarray) or out.shape != expected or out.dtype != self._dtype:
@@ -147,25 +151,17 @@ class MLP:
             raise ValueError(f"out must be a {self._dtype} array of shape {expected}, got {got}")
         if not (out.flags.c_contiguous and out.flags.aligned and out.flags.writeable):
             raise ValueError("out must be C-contiguous, aligned and writeable")
-        self._chain.forward(x2, out.reshape(x2.shape[0], self.out_features))
+        self.forward(x2, out.reshape(x2.shape[0], self.out_features))
         return out
+
+    def __reduce__(self) -> tuple[type[MLP], tuple[object, ...]]:
+        # The packed form is rebuilt where it is unpickled (that CPU's kernel); the layers keep
+        # the dtype, which follows from the first weight.
+        return type(self), (self.layers, self._activations)
 
     @property
     def dtype(self) -> np.dtype:
         return self._dtype
-
-    @property
-    def in_features(self) -> int:
-        return self._chain.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self._chain.out_features
-
-    @property
-    def isa(self) -> str:
-        """The kernel this MLP runs on (``avx512``, ``avx2`` or ``scalar``)."""
-        return self._chain.isa
 
     @property
     def activations(self) -> tuple[str, ...]:
@@ -178,10 +174,6 @@ class MLP:
             (w.copy(), None if b is None else b.copy())
             for w, b in zip(self._weights, self._biases, strict=True)
         ]
-
-    @property
-    def flops_per_row(self) -> int:
-        return self._chain.flops_per_row
 
     def __repr__(self) -> str:
         widths = [self.in_features] + [w.shape[0] for w in self._weights]
