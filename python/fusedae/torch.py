@@ -56,17 +56,6 @@ def _chain_layers(modules: Iterable[nn.Module]) -> Layers | None:
     return tuple(layers) if layers else None
 
 
-def _parameters(layers: Layers) -> list[torch.Tensor | None]:
-    """``[w0, b0, w1, b1, ...]``, read straight from each Linear's parameter dict (a hot path:
-    ``linear.weight`` goes through ``nn.Module.__getattr__``)."""
-    flat: list[torch.Tensor | None] = []
-    for linear, _ in layers:
-        params = linear._parameters
-        flat.append(params["weight"])
-        flat.append(params["bias"])
-    return flat
-
-
 def pack_chain(
     weights: Sequence[torch.Tensor],
     biases: Sequence[torch.Tensor | None],
@@ -166,6 +155,7 @@ class _ChainState:
         self.layers: Layers | None = None
         self.hook_registries = _hook_registries(())
         self.activations: tuple[str, ...] = ()
+        self.parameter_dicts: list[dict[str, Any]] = []
         self.invalidate()
 
     def invalidate(self) -> None:
@@ -180,19 +170,22 @@ class _ChainState:
             self.modules, self.layers = modules, _chain_layers(modules)
             self.hook_registries = _hook_registries(modules)
             self.activations = tuple(activation for _, activation in self.layers or ())
+            self.parameter_dicts = [linear._parameters for linear, _ in self.layers or ()]
             self.invalidate()
         return self.layers
 
-    def chain_for(self, layers: Layers, dtype: torch.dtype) -> _native.Chain | None:
+    def chain_for(self, dtype: torch.dtype) -> _native.Chain | None:
         """The packed chain for inputs of ``dtype``, or None if the parameters do not allow it
         (another device or dtype)."""
-        params = _parameters(layers)
+        # Read straight from each Linear's parameter dict: `linear.weight` goes through
+        # `nn.Module.__getattr__`, slow on a per-call path.
+        params = [p for d in self.parameter_dicts for p in (d["weight"], d["bias"])]
         try:
             # `id` stands for identity: `self.params` holds the parameters the key describes.
             key = [None if p is None else (id(p), p._version, p.data_ptr()) for p in params]
         except RuntimeError:  # inference tensors have no version counter: pack every time
             key = None
-        if key is not None and key == self.key and dtype == self.dtype:
+        if key is not None and key == self.key and dtype is self.dtype:
             return self.chain
         usable = all(
             p is None or (p.device.type == "cpu" and p.dtype == dtype and p.layout == torch.strided)
@@ -202,7 +195,7 @@ class _ChainState:
             pack_chain(
                 params[0::2],  # type: ignore[arg-type]  # an nn.Linear always has a weight
                 params[1::2],
-                [activation for _, activation in layers],
+                self.activations,
             )
             if usable
             else None
@@ -210,6 +203,40 @@ class _ChainState:
         self.key, self.dtype, self.params = key, dtype, params
         self.pinned = [None if p is None else p.detach() for p in params]
         return self.chain
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The fused forward of the chain (``set_modules`` found one) on ``x``, or None where only
+        plain PyTorch computes what PyTorch would (CUDA, other dtypes, tensor subclasses,
+        ``torch.compile`` tracing, hooks). Every check here runs on each call, so they are
+        ordered and written for speed."""
+        if (
+            type(x) is not torch.Tensor
+            or any(self.hook_registries)
+            or torch.compiler.is_compiling()
+            or not x.is_cpu
+            or x.layout != torch.strided
+        ):
+            return None
+        in_features = self.layers[0][0].in_features  # type: ignore[index]
+        shape = x.shape
+        if not shape or shape[-1] != in_features:
+            raise ValueError(f"expected input of shape (*, {in_features}), got shape {tuple(shape)}")
+        dtype = x.dtype
+        chain = self.chain_for(dtype) if dtype in _FUSED_DTYPES else None
+        if chain is None:  # parameters elsewhere or of another dtype, or a dtype we do not fuse
+            weight = self.parameter_dicts[0]["weight"]
+            if weight is not None and weight.dtype != dtype:
+                raise TypeError(
+                    f"expected input of dtype {weight.dtype} (the parameters' dtype), got {dtype}"
+                )
+            return None
+        if torch.is_grad_enabled() and (
+            x.requires_grad or any(p is not None and p.requires_grad for p in self.params)
+        ):
+            return FusedMLPFunction.apply(x, chain, self.activations, *self.params)
+        if len(shape) == 2 and not x.requires_grad and x.is_contiguous():
+            return torch.from_numpy(chain(x.numpy()))  # `_run`'s common case, inlined
+        return _run(chain, x)
 
 
 def _hook_registries(modules: Iterable[nn.Module]) -> list[dict[int, Any]]:
@@ -234,40 +261,6 @@ def _hook_registries(modules: Iterable[nn.Module]) -> list[dict[int, Any]]:
 
 def _has_hooks(modules: Iterable[nn.Module]) -> bool:
     return any(_hook_registries(modules))
-
-
-def _fused_forward(state: _ChainState, layers: Layers, x: torch.Tensor) -> torch.Tensor | None:
-    """The fused forward of ``layers`` on ``x``, or None where only plain PyTorch computes what
-    PyTorch would (CUDA, other dtypes, tensor subclasses, ``torch.compile`` tracing, hooks).
-    Every check here runs on each call, so they are ordered and written for speed."""
-    if (
-        type(x) is not torch.Tensor
-        or any(state.hook_registries)
-        or torch.compiler.is_compiling()
-        or not x.is_cpu
-        or x.layout != torch.strided
-    ):
-        return None
-    first = layers[0][0]
-    shape = x.shape
-    if not shape or shape[-1] != first.in_features:
-        raise ValueError(
-            f"expected input of shape (*, {first.in_features}), got shape {tuple(shape)}"
-        )
-    dtype = x.dtype
-    chain = state.chain_for(layers, dtype) if dtype in _FUSED_DTYPES else None
-    if chain is None:  # parameters elsewhere or of another dtype, or a dtype we do not fuse
-        weight = first._parameters["weight"]
-        if weight is not None and weight.dtype != dtype:
-            raise TypeError(
-                f"expected input of dtype {weight.dtype} (the parameters' dtype), got {dtype}"
-            )
-        return None
-    if torch.is_grad_enabled() and (
-        x.requires_grad or any(p is not None and p.requires_grad for p in state.params)
-    ):
-        return FusedMLPFunction.apply(x, chain, state.activations, *state.params)
-    return _run(chain, x)
 
 
 class FusedMLP(nn.Sequential):
@@ -303,9 +296,33 @@ class FusedMLP(nn.Sequential):
         """Forget the packed weights (only needed after edits through ``.data``)."""
         self._fused.invalidate()
 
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # `nn.Module.__call__` costs about as much as the fused kernel on one row. Where it would
+        # do nothing but call `forward` (no hooks on this module: global ones are the chain's to
+        # check; not compiled by `.compile()`; not traced by `torch.jit`), the fused call skips
+        # it. Anything else takes the usual path.
+        if (
+            len(args) == 1
+            and not kwargs
+            and not (
+                self._forward_hooks
+                or self._forward_pre_hooks
+                or self._backward_hooks
+                or self._backward_pre_hooks
+            )
+            and self._compiled_call_impl is None
+            and torch._C._get_tracing_state() is None
+        ):
+            state = self._fused
+            modules = tuple(self._modules.values())
+            if modules == state.modules or state.set_modules(modules) is not None:
+                result = None if state.layers is None else state.forward(args[0])
+                if result is not None:
+                    return result
+        return super().__call__(*args, **kwargs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        layers = self.fused_layers()
-        result = None if layers is None else _fused_forward(self._fused, layers, x)
+        result = None if self.fused_layers() is None else self._fused.forward(x)
         return super().forward(x) if result is None else result
 
 
@@ -341,8 +358,8 @@ class AE(nn.Module):
         result = None
         if type(encoder) in _SEQUENTIALS and type(decoder) in _SEQUENTIALS:
             modules = (*encoder._modules.values(), *decoder._modules.values())
-            layers = self._fused.set_modules(modules)
-            result = None if layers is None else _fused_forward(self._fused, layers, x)
+            if self._fused.set_modules(modules) is not None:
+                result = self._fused.forward(x)
         return decoder(encoder(x)) if result is None else result
 
 
