@@ -60,7 +60,7 @@ fmt: $(VENV)/.deps
 
 # One compile thread: no idle worker processes beside the timed code.
 bench: build
-	FUSEDAE_BENCH_PASSES=2 TORCHINDUCTOR_COMPILE_THREADS=1 $(PY) -m pytest benches --benchmark-enable --benchmark-only --benchmark-json=benches/results.json -q
+	FUSEDAE_BENCH_PASSES=4 TORCHINDUCTOR_COMPILE_THREADS=1 $(PY) -m pytest benches --benchmark-enable --benchmark-only --bench-seconds=0.5 --benchmark-json=benches/results.json -q
 	$(PY) benches/report.py benches/results.json
 
 clean:

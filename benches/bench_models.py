@@ -77,7 +77,7 @@ PEERS = (
 
 MODEL_BY_KEY = {model.key: model for model in MODELS}
 
-# Passes over every group, minutes apart (`make bench` asks for 2): a neighbour on the host that
+# Passes over every group, minutes apart (`make bench` asks for 4): a neighbour on the host that
 # slows one peer's timing for a while is unlikely to hit the same peer in every pass, and the
 # report keeps each peer's fastest pass. The smoke run needs one.
 PASSES = int(os.environ.get("FUSEDAE_BENCH_PASSES", "1"))
