@@ -233,11 +233,14 @@ impl Drop for Pool {
 struct PoolState {
     threads: usize,
     pool: Option<Arc<Pool>>,
+    /// The process that started the pool's threads: a child forked from it has none of them.
+    pool_process: u32,
 }
 
 static STATE: Mutex<PoolState> = Mutex::new(PoolState {
     threads: 0,
     pool: None,
+    pool_process: 0,
 });
 
 fn default_threads() -> usize {
@@ -265,20 +268,35 @@ pub fn set_num_threads(threads: usize) -> Result<(), String> {
     let mut state = STATE.lock().unwrap_or_else(PoisonError::into_inner);
     if state.threads != threads {
         state.threads = threads;
+        drop(own_pool(&mut state));
         state.pool = None;
     }
     Ok(())
 }
 
-/// The pool for the current thread count, built on first use.
+/// The pool in `state` if this process started it. One inherited through fork is leaked: its
+/// threads exist only in the parent, so it can be neither used nor dropped (dropping joins them).
+fn own_pool(state: &mut PoolState) -> Option<Arc<Pool>> {
+    let pool = state.pool.take()?;
+    if state.pool_process == std::process::id() {
+        state.pool = Some(Arc::clone(&pool));
+        Some(pool)
+    } else {
+        std::mem::forget(pool);
+        None
+    }
+}
+
+/// The pool for the current thread count, built on first use (and again in a forked child).
 pub fn pool() -> Result<Arc<Pool>, String> {
     let mut state = STATE.lock().unwrap_or_else(PoisonError::into_inner);
     let threads = resolved_threads(&mut state);
-    if let Some(pool) = &state.pool {
-        return Ok(Arc::clone(pool));
+    if let Some(pool) = own_pool(&mut state) {
+        return Ok(pool);
     }
     let pool = Arc::new(Pool::new(threads)?);
     state.pool = Some(Arc::clone(&pool));
+    state.pool_process = std::process::id();
     Ok(pool)
 }
 

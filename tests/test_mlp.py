@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import multiprocessing
 import os
 import pickle
 import subprocess
@@ -181,6 +182,27 @@ def test_threads_give_identical_results_and_are_configurable(rng):
         fusedae.set_num_threads(0)
     with pytest.raises(ValueError, match="at least 1, got -3"):
         fusedae.set_num_threads(-3)
+
+
+def _encode_in_child(mlp: fusedae.MLP, x: np.ndarray) -> tuple[np.ndarray, int]:
+    """The codes, and how many threads the call started in this process."""
+    before = len(os.listdir("/proc/self/task"))
+    codes = mlp(x)
+    return codes, len(os.listdir("/proc/self/task")) - before
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fork start method")
+def test_a_forked_child_gets_its_own_threads(rng):
+    # The parent's pool threads do not exist in a fork; the child must start its own, not wait
+    # on the parent's or fall back to one thread.
+    mlp = fusedae.MLP(random_layers(rng, [784, 42, 16]))
+    x = rng.standard_normal((3000, 784)).astype(np.float32)
+    fusedae.set_num_threads(2)
+    want = mlp(x)  # the pool is running in the parent now
+    with multiprocessing.get_context("fork").Pool(1) as children:
+        got, started = children.apply_async(_encode_in_child, (mlp, x)).get(timeout=60)
+    np.testing.assert_array_equal(got, want)
+    assert started == 1  # the second of two threads (the caller is the first)
 
 
 def test_four_python_threads_calling_at_once_get_their_own_results(rng):
