@@ -358,4 +358,5 @@ def test_forced_isa_is_the_one_running():
     _, fused = seed_and_fused(20, 3, 8)
     assert fused.encoder.fused_layers() is not None
     chain = fused.encoder._fused.chain_for(torch.float32)
-    assert chain is not None and chain.isa == expected
+    assert chain is not None
+    assert chain.isa == expected

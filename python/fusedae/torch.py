@@ -220,7 +220,9 @@ class _ChainState:
         in_features = self.layers[0][0].in_features  # type: ignore[index]
         shape = x.shape
         if not shape or shape[-1] != in_features:
-            raise ValueError(f"expected input of shape (*, {in_features}), got shape {tuple(shape)}")
+            raise ValueError(
+                f"expected input of shape (*, {in_features}), got shape {tuple(shape)}"
+            )
         dtype = x.dtype
         chain = self.chain_for(dtype) if dtype in _FUSED_DTYPES else None
         if chain is None:  # parameters elsewhere or of another dtype, or a dtype we do not fuse
