@@ -272,6 +272,24 @@ class TestFusedMLP:
         # The pre-hook runs on the ReLU; the global hook on each child and on the container.
         assert calls == ["ReLU", "Linear", "ReLU", "Linear", "FusedMLP"]
 
+    @pytest.mark.filterwarnings("ignore:`torch.jit.trace:FutureWarning")
+    def test_tracers_and_compilers_see_plain_pytorch(self):
+        # Each records the chain's torch ops, not a constant computed by the kernel.
+        plain = nn.Sequential(nn.Linear(6, 42), nn.ReLU(), nn.Linear(42, 3))
+        fused = FusedMLP.from_sequential(plain)
+        x, other = torch.randn(4, 6), torch.randn(4, 6)
+        with torch.no_grad():
+            traced = torch.jit.trace(fused, x)
+            assert relative_error(traced(other), plain(other)) <= 1e-5
+            graph = torch.fx.symbolic_trace(fused)
+            assert relative_error(graph(other), plain(other)) <= 1e-5
+            assert sum(node.op == "call_module" for node in graph.graph.nodes) == 3
+            compiled = torch.compile(fused, backend="eager", fullgraph=True)
+            assert relative_error(compiled(other), plain(other)) <= 1e-5
+            _, ae = seed_and_fused(6, 2, 5)
+            traced_ae = torch.jit.trace(ae, x)
+            assert relative_error(traced_ae(other), ae.decoder(ae.encoder(other))) <= 1e-5
+
     def test_gradcheck_through_the_function(self):
         layers = [nn.Linear(7, 42), nn.Linear(42, 5), nn.Linear(5, 3)]
         params = [

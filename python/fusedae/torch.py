@@ -207,12 +207,13 @@ class _ChainState:
     def forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """The fused forward of the chain (``set_modules`` found one) on ``x``, or None where only
         plain PyTorch computes what PyTorch would (CUDA, other dtypes, tensor subclasses,
-        ``torch.compile`` tracing, hooks). Every check here runs on each call, so they are
-        ordered and written for speed."""
+        ``torch.compile`` or ``torch.jit.trace`` tracing, hooks). Every check here runs on each
+        call, so they are ordered and written for speed."""
         if (
             type(x) is not torch.Tensor
             or any(self.hook_registries)
             or torch.compiler.is_compiling()
+            or torch._C._get_tracing_state() is not None
             or not x.is_cpu
             or x.layout != torch.strided
         ):
@@ -301,8 +302,8 @@ class FusedMLP(nn.Sequential):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         # `nn.Module.__call__` costs about as much as the fused kernel on one row. Where it would
         # do nothing but call `forward` (no hooks on this module: global ones are the chain's to
-        # check; not compiled by `.compile()`; not traced by `torch.jit`), the fused call skips
-        # it. Anything else takes the usual path.
+        # check; not compiled by `.compile()`; `torch.jit.trace` is the chain's to check too),
+        # the fused call skips it. Anything else takes the usual path.
         if (
             len(args) == 1
             and not kwargs
@@ -313,7 +314,6 @@ class FusedMLP(nn.Sequential):
                 or self._backward_pre_hooks
             )
             and self._compiled_call_impl is None
-            and torch._C._get_tracing_state() is None
         ):
             state = self._fused
             modules = tuple(self._modules.values())
