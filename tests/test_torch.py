@@ -290,6 +290,25 @@ class TestFusedMLP:
             traced_ae = torch.jit.trace(ae, x)
             assert relative_error(traced_ae(other), ae.decoder(ae.encoder(other))) <= 1e-5
 
+    def test_torch_func_transforms_run_plain_pytorch(self):
+        plain = nn.Sequential(nn.Linear(6, 42), nn.ReLU(), nn.Linear(42, 3))
+        fused = FusedMLP.from_sequential(plain)
+        x = torch.randn(5, 6)
+        with torch.no_grad():
+            fused(x)  # packed before the transforms run
+            assert relative_error(torch.func.vmap(fused)(x), plain(x)) <= 1e-5
+
+        def per_sample_grads(module: nn.Module) -> dict[str, torch.Tensor]:
+            def loss(params: dict[str, torch.Tensor], row: torch.Tensor) -> torch.Tensor:
+                return torch.func.functional_call(module, params, (row[None],)).sum()
+
+            params = {name: p.detach() for name, p in module.named_parameters()}
+            return torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+
+        want = per_sample_grads(plain)
+        for name, grad in per_sample_grads(fused).items():
+            assert relative_error(grad, want[name]) <= 1e-5, name
+
     def test_gradcheck_through_the_function(self):
         layers = [nn.Linear(7, 42), nn.Linear(42, 5), nn.Linear(5, 3)]
         params = [

@@ -207,13 +207,14 @@ class _ChainState:
     def forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """The fused forward of the chain (``set_modules`` found one) on ``x``, or None where only
         plain PyTorch computes what PyTorch would (CUDA, other dtypes, tensor subclasses,
-        ``torch.compile`` or ``torch.jit.trace`` tracing, hooks). Every check here runs on each
-        call, so they are ordered and written for speed."""
+        ``torch.compile`` or ``torch.jit.trace`` tracing, ``torch.func`` transforms, hooks).
+        Every check here runs on each call, so they are ordered and written for speed."""
         if (
             type(x) is not torch.Tensor
             or any(self.hook_registries)
             or torch.compiler.is_compiling()
             or torch._C._get_tracing_state() is not None
+            or torch._C._are_functorch_transforms_active()
             or not x.is_cpu
             or x.layout != torch.strided
         ):
