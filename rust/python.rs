@@ -268,22 +268,6 @@ struct Chain {
     mlp: TypedMlp,
 }
 
-impl Chain {
-    fn run<'py>(
-        &self,
-        py: Python<'py>,
-        x: &Bound<'py, PyAny>,
-        out: Option<&Bound<'py, PyAny>>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        match (&self.mlp, out) {
-            (TypedMlp::F32(mlp), None) => run_new(py, mlp, x),
-            (TypedMlp::F64(mlp), None) => run_new(py, mlp, x),
-            (TypedMlp::F32(mlp), Some(out)) => run_into(py, mlp, x, out).map(|()| out.clone()),
-            (TypedMlp::F64(mlp), Some(out)) => run_into(py, mlp, x, out).map(|()| out.clone()),
-        }
-    }
-}
-
 #[pymethods]
 impl Chain {
     #[new]
@@ -315,7 +299,12 @@ impl Chain {
         x: &Bound<'py, PyAny>,
         out: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        self.run(py, x, out)
+        match (&self.mlp, out) {
+            (TypedMlp::F32(mlp), None) => run_new(py, mlp, x),
+            (TypedMlp::F64(mlp), None) => run_new(py, mlp, x),
+            (TypedMlp::F32(mlp), Some(out)) => run_into(py, mlp, x, out).map(|()| out.clone()),
+            (TypedMlp::F64(mlp), Some(out)) => run_into(py, mlp, x, out).map(|()| out.clone()),
+        }
     }
 
     /// `forward`, or the subclass's `_call_general` for what `forward` refuses.
@@ -326,7 +315,7 @@ impl Chain {
         out: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let py = slf.py();
-        match slf.get().run(py, x, out) {
+        match slf.get().forward(py, x, out) {
             Err(refused)
                 if refused.is_instance_of::<PyTypeError>(py)
                     || refused.is_instance_of::<PyValueError>(py) =>
