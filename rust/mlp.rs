@@ -160,7 +160,7 @@ impl<T: Float> Mlp<T> {
         // Several chunks per thread balance a noisy machine, once each chunk is still a few
         // blocks of work; a smaller batch is split evenly, one chunk per thread.
         let block_rows = self.kernel.shape.block_rows;
-        let chunks = if rows >= threads * CHUNKS_PER_THREAD * block_rows {
+        let chunks = if rows >= threads.saturating_mul(CHUNKS_PER_THREAD * block_rows) {
             threads * CHUNKS_PER_THREAD
         } else {
             threads
@@ -173,20 +173,19 @@ impl<T: Float> Mlp<T> {
             self.kernel.shape.lanes_block()
         };
         let chunk_rows = rows.div_ceil(chunks).next_multiple_of(granule);
-        let pool = threads::pool().map_err(Error::Threads)?;
         let inputs: Vec<&[T]> = input.chunks(chunk_rows * in_features).collect();
         // One lock per chunk hands each task its own part of `output`; none is ever contended.
         let outputs: Vec<Mutex<&mut [T]>> = output
             .chunks_mut(chunk_rows * out_features)
             .map(Mutex::new)
             .collect();
-        pool.run(inputs.len(), &|chunk| {
+        threads::run(inputs.len(), &|chunk| {
             let mut output = outputs[chunk]
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
             self.forward_on_this_thread(inputs[chunk], &mut output);
-        });
-        Ok(())
+        })
+        .map_err(Error::Threads)
     }
 
     fn forward_on_this_thread(&self, input: &[T], output: &mut [T]) {
@@ -503,8 +502,10 @@ mod tests {
         assert_eq!(single, multi);
         assert_eq!(
             threads::set_num_threads(0),
-            Err("the number of threads must be at least 1, got 0".into())
+            Err("the number of threads must be between 1 and 1024, got 0".into())
         );
+        assert!(threads::set_num_threads(threads::MAX_THREADS + 1).is_err());
+        assert_eq!(threads::num_threads(), 2);
     }
 
     #[test]

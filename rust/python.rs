@@ -380,8 +380,12 @@ fn available_isas() -> Vec<&'static str> {
 #[pyfunction]
 fn set_num_threads(threads: i64) -> PyResult<()> {
     let count = usize::try_from(threads).unwrap_or(0);
-    threads::set_num_threads(count)
-        .map_err(|_| PyValueError::new_err(format!("threads must be at least 1, got {threads}")))
+    threads::set_num_threads(count).map_err(|_| {
+        PyValueError::new_err(format!(
+            "threads must be between 1 and {}, got {threads}",
+            threads::MAX_THREADS
+        ))
+    })
 }
 
 #[pyfunction]

@@ -28,16 +28,18 @@ struct Job<'a> {
 }
 
 impl Job<'_> {
-    /// Runs tasks until none is left; a panicking task is recorded, not propagated, so the
-    /// thread still reports that it left the job.
+    /// Runs tasks until none is left. A panicking task is recorded, never propagated: this
+    /// never unwinds, so every thread reports that it left the job. (The payload is leaked, as
+    /// its own `drop` could panic again.)
     fn work(&self) {
         loop {
             let index = self.next.fetch_add(1, Ordering::Relaxed);
             if index >= self.tasks {
                 return;
             }
-            if catch_unwind(AssertUnwindSafe(|| (self.task)(index))).is_err() {
+            if let Err(payload) = catch_unwind(AssertUnwindSafe(|| (self.task)(index))) {
                 self.panicked.store(true, Ordering::Relaxed);
+                std::mem::forget(payload);
             }
         }
     }
@@ -68,9 +70,9 @@ impl Shared {
             self.busy.fetch_add(1, Ordering::SeqCst);
             let job = self.job.load(Ordering::SeqCst);
             // SAFETY: a non-null `job` points to the caller's `Job`, which stays alive until
-            // `busy` drops to 0 after the caller reset `job` to null (see `Pool::run`).
+            // `busy` drops to 0 after the caller reset `job` to null (see `Retire`).
             if let Some(job) = unsafe { job.as_ref() } {
-                job.work();
+                job.work(); // never unwinds
             }
             self.busy.fetch_sub(1, Ordering::SeqCst);
         }
@@ -126,7 +128,7 @@ impl Shared {
 
 /// A fixed set of threads that, with the calling thread, run the tasks of one job at a time.
 #[derive(Debug)]
-pub struct Pool {
+struct Pool {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
     /// Held by the caller whose job the pool runs.
@@ -162,14 +164,14 @@ impl Pool {
     }
 
     /// Threads working on a job, the caller included.
-    pub fn threads(&self) -> usize {
+    fn threads(&self) -> usize {
         self.threads.len() + 1
     }
 
     /// Runs `task(i)` for every `i` in `0..tasks`, spread over the pool and the calling thread,
     /// and returns when all have run. If another caller holds the pool, this one runs its tasks
     /// alone rather than wait. Panics if a task panicked.
-    pub fn run(&self, tasks: usize, task: &(dyn Fn(usize) + Sync)) {
+    fn run(&self, tasks: usize, task: &(dyn Fn(usize) + Sync)) {
         let job = Job {
             task,
             tasks,
@@ -186,21 +188,12 @@ impl Pool {
         };
         let erased = ptr::from_ref(&job).cast::<Job<'static>>().cast_mut();
         self.shared.job.store(erased, Ordering::SeqCst);
+        // Declared after `job`, so dropped before it, on return or unwinding alike.
+        let retire = Retire(&self.shared);
         self.shared.generation.fetch_add(1, Ordering::SeqCst);
         self.shared.wake_sleepers();
         job.work();
-        // Retire the job, then wait for every thread that may have taken it: after this, no
-        // thread holds or can take a pointer to `job`, which is dropped on return.
-        self.shared.job.store(ptr::null_mut(), Ordering::SeqCst);
-        let mut spins = 0u32;
-        while self.shared.busy.load(Ordering::SeqCst) != 0 {
-            spins = spins.wrapping_add(1);
-            if spins.is_multiple_of(SPINS_PER_CHECK) {
-                std::thread::yield_now();
-            } else {
-                std::hint::spin_loop();
-            }
-        }
+        drop(retire);
         drop(submit);
         Self::finish(&job);
     }
@@ -210,6 +203,25 @@ impl Pool {
             !job.panicked.load(Ordering::Relaxed),
             "a fusedae worker task panicked"
         );
+    }
+}
+
+/// Retires the published job when dropped: resets `job` to null, then waits for every thread
+/// that may have taken it. After that no thread holds or can take a pointer to the job.
+struct Retire<'a>(&'a Shared);
+
+impl Drop for Retire<'_> {
+    fn drop(&mut self) {
+        self.0.job.store(ptr::null_mut(), Ordering::SeqCst);
+        let mut spins = 0u32;
+        while self.0.busy.load(Ordering::SeqCst) != 0 {
+            spins = spins.wrapping_add(1);
+            if spins.is_multiple_of(SPINS_PER_CHECK) {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
     }
 }
 
@@ -230,74 +242,89 @@ impl Drop for Pool {
     }
 }
 
-struct PoolState {
-    threads: usize,
-    pool: Option<Arc<Pool>>,
-    /// The process that started the pool's threads: a child forked from it has none of them.
-    pool_process: u32,
-}
+/// Most threads `set_num_threads` accepts: far beyond any CPU this runs on, low enough that a
+/// typo cannot start a million threads.
+pub const MAX_THREADS: usize = 1024;
 
-static STATE: Mutex<PoolState> = Mutex::new(PoolState {
-    threads: 0,
-    pool: None,
-    pool_process: 0,
-});
+/// Threads a large batch is split across; 0 until first asked (or set).
+static THREADS: AtomicUsize = AtomicUsize::new(0);
 
-fn default_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
-}
+/// The pool, with the process that started its threads: a child forked from that process has
+/// none of them. Only ever locked briefly (never while a job runs or threads are joined), and
+/// only with `try_lock` on the calling path, so a child forked while another thread held it
+/// runs its calls on one thread rather than hang.
+static POOL: Mutex<Option<(Arc<Pool>, u32)>> = Mutex::new(None);
 
 /// Threads a large batch is split across (the CPUs this process may use, unless set).
 pub fn num_threads() -> usize {
-    resolved_threads(&mut STATE.lock().unwrap_or_else(PoisonError::into_inner))
-}
-
-fn resolved_threads(state: &mut PoolState) -> usize {
-    if state.threads == 0 {
-        // Asked once: finding the CPU quota reads cgroup files, far slower than a small batch.
-        state.threads = default_threads();
+    match THREADS.load(Ordering::Relaxed) {
+        0 => {
+            // Asked once: finding the CPU quota reads cgroup files, far slower than a small batch.
+            let default = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let threads = default.min(MAX_THREADS);
+            match THREADS.compare_exchange(0, threads, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => threads,
+                Err(set_meanwhile) => set_meanwhile,
+            }
+        }
+        threads => threads,
     }
-    state.threads
 }
 
 /// Sets the thread count for later calls; calls already running keep their pool.
 pub fn set_num_threads(threads: usize) -> Result<(), String> {
-    if threads == 0 {
-        return Err("the number of threads must be at least 1, got 0".to_owned());
+    if !(1..=MAX_THREADS).contains(&threads) {
+        return Err(format!(
+            "the number of threads must be between 1 and {MAX_THREADS}, got {threads}"
+        ));
     }
-    let mut state = STATE.lock().unwrap_or_else(PoisonError::into_inner);
-    if state.threads != threads {
-        state.threads = threads;
-        drop(own_pool(&mut state));
-        state.pool = None;
+    THREADS.store(threads, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Runs `task(i)` for every `i` in `0..tasks` on `num_threads()` threads, the caller included,
+/// and returns when all have run. Panics if a task panicked.
+pub fn run(tasks: usize, task: &(dyn Fn(usize) + Sync)) -> Result<(), String> {
+    let threads = num_threads();
+    if threads == 1 {
+        (0..tasks).for_each(task);
+        return Ok(());
+    }
+    match current_pool(threads)? {
+        Some(pool) => pool.run(tasks, task),
+        None => (0..tasks).for_each(task),
     }
     Ok(())
 }
 
-/// The pool in `state` if this process started it. One inherited through fork is leaked: its
-/// threads exist only in the parent, so it can be neither used nor dropped (dropping joins them).
-fn own_pool(state: &mut PoolState) -> Option<Arc<Pool>> {
-    let pool = state.pool.take()?;
-    if state.pool_process == std::process::id() {
-        state.pool = Some(Arc::clone(&pool));
-        Some(pool)
-    } else {
-        std::mem::forget(pool);
-        None
+/// The pool of `threads` threads for this process, started if need be; None if the slot is
+/// locked by another thread (for an instant) or, in a forked child, by one that no longer
+/// exists.
+fn current_pool(threads: usize) -> Result<Option<Arc<Pool>>, String> {
+    let process = std::process::id();
+    let mut slot = match POOL.try_lock() {
+        Ok(slot) => slot,
+        Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+        Err(TryLockError::WouldBlock) => return Ok(None),
+    };
+    if let Some((pool, owner)) = slot.as_ref() {
+        if *owner == process && pool.threads() == threads {
+            return Ok(Some(Arc::clone(pool)));
+        }
     }
-}
-
-/// The pool for the current thread count, built on first use (and again in a forked child).
-pub fn pool() -> Result<Arc<Pool>, String> {
-    let mut state = STATE.lock().unwrap_or_else(PoisonError::into_inner);
-    let threads = resolved_threads(&mut state);
-    if let Some(pool) = own_pool(&mut state) {
-        return Ok(pool);
+    let fresh = Arc::new(Pool::new(threads)?);
+    let stale = slot.replace((Arc::clone(&fresh), process));
+    drop(slot);
+    if let Some((pool, owner)) = stale {
+        if owner == process {
+            drop(pool); // joins its threads once calls still running on it are done
+        } else {
+            // Inherited through fork: its threads exist only in the parent, so it can be
+            // neither used nor dropped (dropping joins them).
+            std::mem::forget(pool);
+        }
     }
-    let pool = Arc::new(Pool::new(threads)?);
-    state.pool = Some(Arc::clone(&pool));
-    state.pool_process = std::process::id();
-    Ok(pool)
+    Ok(Some(fresh))
 }
 
 #[cfg(test)]
@@ -344,9 +371,28 @@ mod tests {
     }
 
     #[test]
-    #[should_panic(expected = "worker task panicked")]
-    fn a_panicking_task_panics_the_caller_after_the_others_finish() {
+    fn a_panicking_task_is_reported_after_every_thread_left_the_job() {
+        struct PanicsWhenDropped;
+        impl Drop for PanicsWhenDropped {
+            fn drop(&mut self) {
+                panic!("a payload that panics again when dropped");
+            }
+        }
         let pool = Pool::new(2).unwrap();
-        pool.run(8, &|i| assert_ne!(i, 5));
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            pool.run(8, &|i| {
+                if i == 5 {
+                    std::panic::panic_any(PanicsWhenDropped);
+                }
+            });
+        }));
+        assert!(outcome.is_err());
+        assert_eq!(pool.shared.busy.load(Ordering::SeqCst), 0);
+        assert!(pool.shared.job.load(Ordering::SeqCst).is_null());
+        let ran = AtomicUsize::new(0);
+        pool.run(4, &|_| {
+            ran.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(ran.load(Ordering::Relaxed), 4);
     }
 }
