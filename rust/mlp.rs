@@ -46,7 +46,10 @@ const PARALLEL_MIN_FLOPS: usize = 1_000_000;
 /// Largest scratch buffer a thread keeps between calls.
 const SCRATCH_KEEP_BYTES: usize = 8 << 20;
 /// Row chunks per thread, so a thread slowed by a noisy neighbour does not hold up the call.
-const CHUNKS_PER_THREAD: usize = 4;
+/// Handing out a chunk costs an atomic add, so they can be small: at 4096 rows on 2 threads, 8
+/// per thread ran the digits encoder 3% faster than 4 (the last chunk is shorter, and balances
+/// better when small); the 784-wide models were unchanged.
+const CHUNKS_PER_THREAD: usize = 8;
 
 /// A chain of Linear layers packed for one ISA.
 #[derive(Debug)]
