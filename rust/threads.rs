@@ -3,9 +3,9 @@
 //!
 //! The calling thread works too, and the pool's threads keep spinning for a short while after a
 //! job before they sleep. Waking a sleeping thread takes 20-60 us on a virtual machine (the
-//! other vCPU is halted), as much as a whole 4096-row call of a small model; calls that follow
-//! one another (encoding a dataset, serving requests) then find the threads awake. ONNX Runtime
-//! and OpenMP runtimes spin between parallel regions for the same reason.
+//! other vCPU is halted), a quarter to a half of a 4096-row call of a small model on two threads;
+//! calls that follow one another (encoding a dataset, serving requests) then find the threads
+//! awake. ONNX Runtime and OpenMP runtimes spin between parallel regions for the same reason.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr;
