@@ -272,6 +272,21 @@ class TestFusedMLP:
         # The pre-hook runs on the ReLU; the global hook on each child and on the container.
         assert calls == ["ReLU", "Linear", "ReLU", "Linear", "FusedMLP"]
 
+    def test_deep_copies_and_pickles_of_a_used_module_pack_their_own_weights(self, tmp_path):
+        seed, fused = seed_and_fused(20, 3, 8)
+        x = torch.randn(5, 20)
+        with torch.no_grad():
+            want = fused(x)  # packed: the cache holds a native chain
+            clone = copy.deepcopy(fused)
+            torch.save(fused, tmp_path / "ae.pt")
+            loaded = torch.load(tmp_path / "ae.pt", weights_only=False)
+            assert relative_error(clone(x), want) <= 1e-5
+            assert relative_error(loaded(x), want) <= 1e-5
+            assert relative_error(copy.deepcopy(fused.encoder)(x), seed.encoder(x)) <= 1e-5
+            clone.encoder[0].weight.mul_(2)  # the copy's own parameters, not the original's
+            assert torch.equal(fused(x), want)
+            assert not torch.equal(clone(x), want)
+
     @pytest.mark.filterwarnings("ignore:`torch.jit.trace:FutureWarning")
     def test_tracers_and_compilers_see_plain_pytorch(self):
         # Each records the chain's torch ops, not a constant computed by the kernel.
@@ -286,6 +301,9 @@ class TestFusedMLP:
             assert sum(node.op == "call_module" for node in graph.graph.nodes) == 3
             compiled = torch.compile(fused, backend="eager", fullgraph=True)
             assert relative_error(compiled(other), plain(other)) <= 1e-5
+            in_place = copy.deepcopy(fused)
+            in_place.compile(backend="eager", fullgraph=True)  # `__call__` must defer to it
+            assert relative_error(in_place(other), plain(other)) <= 1e-5
             _, ae = seed_and_fused(6, 2, 5)
             traced_ae = torch.jit.trace(ae, x)
             assert relative_error(traced_ae(other), ae.decoder(ae.encoder(other))) <= 1e-5

@@ -158,6 +158,14 @@ class _ChainState:
         self.parameter_dicts: list[dict[str, Any]] = []
         self.invalidate()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Everything here is a cache, the packed chain a native one: a deep copy or a pickled
+        # module starts empty and packs its own parameters on its first call.
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__()  # type: ignore[misc]
+
     def invalidate(self) -> None:
         self.key: list[tuple[int, int, int] | None] | None = None
         self.dtype: torch.dtype | None = None
@@ -314,7 +322,7 @@ class FusedMLP(nn.Sequential):
                 or self._backward_hooks
                 or self._backward_pre_hooks
             )
-            and self._compiled_call_impl is None
+            and self.__dict__.get("_compiled_call_impl") is None  # set by `.compile()`, torch 2.2+
         ):
             state = self._fused
             modules = tuple(self._modules.values())
