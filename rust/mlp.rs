@@ -42,7 +42,7 @@ fn shape_error<T>(message: String) -> Result<T, Error> {
 /// Below this much work (about 10 us on one core) a call stays on the calling thread: handing
 /// out chunks costs more than it saves. Above it, 16 rows of the 784-42-16 encoder already run
 /// 1.8x faster on two threads than on one (the pool's threads spin between calls).
-const PARALLEL_MIN_FLOPS: usize = 1_000_000;
+const SMALL_CALL_FLOPS: usize = 1_000_000;
 /// Largest scratch buffer a thread keeps between calls.
 const SCRATCH_KEEP_BYTES: usize = 8 << 20;
 /// Row chunks per thread, so a thread slowed by a noisy neighbour does not hold up the call.
@@ -149,9 +149,7 @@ impl<T: Float> Mlp<T> {
             ));
         }
         let mr = self.kernel.shape.mr;
-        let work = rows.saturating_mul(self.flops_per_row);
-        // The thread count is read last: it takes a lock, which small batches should not pay.
-        let threads = if rows < 2 * mr || work < PARALLEL_MIN_FLOPS {
+        let threads = if rows < 2 * mr || self.is_small(rows) {
             1
         } else {
             threads::num_threads()
@@ -182,13 +180,19 @@ impl<T: Float> Mlp<T> {
             .chunks_mut(chunk_rows * out_features)
             .map(Mutex::new)
             .collect();
-        threads::run(inputs.len(), &|chunk| {
+        threads::run(threads, inputs.len(), &|chunk| {
             let mut output = outputs[chunk]
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
             self.forward_on_this_thread(inputs[chunk], &mut output);
         })
         .map_err(Error::Threads)
+    }
+
+    /// Whether `rows` rows are too little work to share out: such a call runs on the calling
+    /// thread (and the Python binding keeps the GIL for it).
+    pub fn is_small(&self, rows: usize) -> bool {
+        rows.saturating_mul(self.flops_per_row) < SMALL_CALL_FLOPS
     }
 
     fn forward_on_this_thread(&self, input: &[T], output: &mut [T]) {

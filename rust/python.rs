@@ -1,6 +1,6 @@
 //! The PyO3 bindings: the only file that knows about Python. Arrays in, arrays out, shapes and
 //! dtypes checked with messages that name what was expected and what was given, and the GIL
-//! released around every kernel call.
+//! released around every kernel call but the smallest.
 
 use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
@@ -187,19 +187,15 @@ fn run_into<T: Float + numpy::Element>(
     run_kernel(py, mlp, input, output)
 }
 
-/// Work below this many FLOPs (a few microseconds) runs with the GIL held: releasing and
-/// re-taking it would cost more than other Python threads could do in that time (numpy draws
-/// the same line for small arrays).
-const GIL_RELEASE_MIN_FLOPS: usize = 1 << 20;
-
 fn run_kernel<T: Float>(
     py: Python<'_>,
     mlp: &Mlp<T>,
     input: &[T],
     output: &mut [T],
 ) -> PyResult<()> {
-    let rows = input.len() / mlp.in_features();
-    if rows.saturating_mul(mlp.flops_per_row()) < GIL_RELEASE_MIN_FLOPS {
+    // A small call (a few microseconds) keeps the GIL: releasing and re-taking it would cost
+    // more than other Python threads could do meanwhile (numpy draws the same line).
+    if mlp.is_small(input.len() / mlp.in_features()) {
         mlp.forward(input, output)
     } else {
         py.detach(|| mlp.forward(input, output))

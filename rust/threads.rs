@@ -282,11 +282,10 @@ pub fn set_num_threads(threads: usize) -> Result<(), String> {
     Ok(())
 }
 
-/// Runs `task(i)` for every `i` in `0..tasks` on `num_threads()` threads, the caller included,
-/// and returns when all have run. Panics if a task panicked.
-pub fn run(tasks: usize, task: &(dyn Fn(usize) + Sync)) -> Result<(), String> {
-    let threads = num_threads();
-    if threads == 1 {
+/// Runs `task(i)` for every `i` in `0..tasks` on `threads` threads, the caller included, and
+/// returns when all have run. Panics if a task panicked.
+pub fn run(threads: usize, tasks: usize, task: &(dyn Fn(usize) + Sync)) -> Result<(), String> {
+    if threads <= 1 {
         (0..tasks).for_each(task);
         return Ok(());
     }

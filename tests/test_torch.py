@@ -256,6 +256,18 @@ class TestFusedMLP:
             assert relative_error(fused(x), want) <= 1e-5
         assert seen == [(3, 5)]
 
+    def test_hooks_on_the_ae_encoder_and_decoder_still_run(self):
+        seed, fused = seed_and_fused(20, 3, 8)
+        x = torch.randn(4, 20)
+        seen = []
+        with torch.no_grad():
+            fused(x)  # fused, with the chain and its hook registries cached
+            for part in (fused.encoder, fused.decoder):
+                handle = part.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+                assert relative_error(fused(x), seed(x)) <= 1e-5
+                handle.remove()
+        assert seen == [(4, 3), (4, 20)]
+
     def test_hooks_added_after_a_fused_call_still_run(self):
         fused = FusedMLP(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2))
         x = torch.randn(3, 6)

@@ -152,6 +152,7 @@ class _ChainState:
 
     def __init__(self) -> None:
         self.modules: tuple[nn.Module, ...] = ()
+        self.containers: tuple[nn.Module, ...] = ()
         self.layers: Layers | None = None
         self.hook_registries = _hook_registries(())
         self.activations: tuple[str, ...] = ()
@@ -173,10 +174,16 @@ class _ChainState:
         self.params: list[torch.Tensor | None] = []
         self.pinned: list[torch.Tensor | None] = []
 
-    def set_modules(self, modules: tuple[nn.Module, ...]) -> Layers | None:
-        if modules != self.modules:
+    def set_modules(
+        self, modules: tuple[nn.Module, ...], containers: tuple[nn.Module, ...] = ()
+    ) -> Layers | None:
+        """The chain ``modules`` form (None if they are not one). ``containers``: modules whose
+        ``forward`` the fused call also skips (the AE's encoder and decoder), so their hooks too
+        make it run plain PyTorch."""
+        if modules != self.modules or containers != self.containers:
             self.modules, self.layers = modules, _chain_layers(modules)
-            self.hook_registries = _hook_registries(modules)
+            self.containers = containers
+            self.hook_registries = _hook_registries((*containers, *modules))
             self.activations = tuple(activation for _, activation in self.layers or ())
             self.parameter_dicts = [linear._parameters for linear, _ in self.layers or ()]
             self.invalidate()
@@ -324,16 +331,16 @@ class FusedMLP(nn.Sequential):
             )
             and self.__dict__.get("_compiled_call_impl") is None  # set by `.compile()`, torch 2.2+
         ):
-            state = self._fused
-            modules = tuple(self._modules.values())
-            if modules == state.modules or state.set_modules(modules) is not None:
-                result = None if state.layers is None else state.forward(args[0])
-                if result is not None:
-                    return result
+            result = self._fused_forward(args[0])
+            if result is not None:
+                return result
         return super().__call__(*args, **kwargs)
 
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        return None if self.fused_layers() is None else self._fused.forward(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = None if self.fused_layers() is None else self._fused.forward(x)
+        result = self._fused_forward(x)
         return super().forward(x) if result is None else result
 
 
@@ -369,7 +376,7 @@ class AE(nn.Module):
         result = None
         if type(encoder) in _SEQUENTIALS and type(decoder) in _SEQUENTIALS:
             modules = (*encoder._modules.values(), *decoder._modules.values())
-            if self._fused.set_modules(modules) is not None:
+            if self._fused.set_modules(modules, (encoder, decoder)) is not None:
                 result = self._fused.forward(x)
         return decoder(encoder(x)) if result is None else result
 
