@@ -64,10 +64,14 @@ impl<T: Float> Mlp<T> {
     /// Checks that the layers chain and packs them for `isa`.
     pub fn new(specs: &[LayerSpec<'_, T>], isa: Isa) -> Result<Self, Error> {
         let isa = crate::dispatch::require(isa)?;
+        Self::with_kernel(specs, isa, T::kernel(isa))
+    }
+
+    /// [`Mlp::new`] with `isa`'s kernel given (tests vary its shape's `half_lanes`).
+    fn with_kernel(specs: &[LayerSpec<'_, T>], isa: Isa, kernel: Kernel<T>) -> Result<Self, Error> {
         if specs.is_empty() {
             return shape_error("an MLP needs at least one layer, got 0".to_owned());
         }
-        let kernel = T::kernel(isa);
         let mut flops_per_row: usize = 0;
         for (index, spec) in specs.iter().enumerate() {
             if spec.out_features == 0 || spec.in_features == 0 {
@@ -201,7 +205,15 @@ impl<T: Float> Mlp<T> {
         let mut run = |scratch: &mut [T]| {
             // SAFETY: `Mlp::new` packed the layers with `self.kernel.shape` and checked through
             // `dispatch::require` that this CPU supports `self.isa`, the kernel's ISA.
-            unsafe { (self.kernel.forward)(self.packed.view(), input, output, scratch) }
+            unsafe {
+                (self.kernel.forward)(
+                    &self.kernel.shape,
+                    self.packed.view(),
+                    input,
+                    output,
+                    scratch,
+                )
+            }
         };
         // Reusing this thread's buffer saves an allocation (and, for wide layers, fresh pages
         // faulted in) on every call; an oversized one is not kept.
@@ -249,6 +261,7 @@ mod tests {
 
     use super::*;
     use crate::dispatch;
+    use crate::kernels::TileShape;
     use crate::pack::Activation;
 
     struct OwnedLayer<T> {
@@ -341,8 +354,17 @@ mod tests {
     }
 
     fn run<T: Float>(layers: &[OwnedLayer<T>], isa: Isa, input: &[T]) -> Vec<T> {
+        run_with(layers, isa, T::kernel(isa), input)
+    }
+
+    fn run_with<T: Float>(
+        layers: &[OwnedLayer<T>],
+        isa: Isa,
+        kernel: Kernel<T>,
+        input: &[T],
+    ) -> Vec<T> {
         let specs: Vec<_> = layers.iter().map(OwnedLayer::spec).collect();
-        let mlp = Mlp::new(&specs, isa).unwrap();
+        let mlp = Mlp::with_kernel(&specs, isa, kernel).unwrap();
         let rows = input.len() / mlp.in_features();
         let mut output = vec![T::ZERO; rows * mlp.out_features()];
         mlp.forward(input, &mut output).unwrap();
@@ -370,6 +392,32 @@ mod tests {
     ];
     const BATCHES: &[usize] = &[0, 1, 2, 7, 9, 64, 1000];
 
+    /// Every ISA this CPU runs, AVX-512 both with and without the cheaper half registers (the
+    /// forms packing picks on Zen 4 and on CPUs with two 512-bit FMA units).
+    fn isa_forms() -> Vec<(Isa, bool)> {
+        let mut forms = Vec::new();
+        for isa in dispatch::available() {
+            forms.push((isa, false));
+            if isa == Isa::Avx512 {
+                forms.push((isa, true));
+            }
+        }
+        forms
+    }
+
+    /// `isa`'s kernel with the half registers counted as cheaper (`half`) or not.
+    fn with_half<T: Float>(isa: Isa, half: bool) -> Kernel<T> {
+        let kernel = T::kernel(isa);
+        let half_lanes = if half { kernel.shape.lanes / 2 } else { 0 };
+        Kernel {
+            shape: TileShape {
+                half_lanes,
+                ..kernel.shape
+            },
+            ..kernel
+        }
+    }
+
     #[test]
     fn every_isa_matches_the_reference_and_the_scalar_kernel() {
         let mut rng = SmallRng::seed_from_u64(7);
@@ -385,10 +433,10 @@ mod tests {
                     let want = reference(&layers, &input);
                     let scalar64 = run(&layers, Isa::Scalar, &input);
                     let scalar32 = run(&layers32, Isa::Scalar, &input32);
-                    for isa in dispatch::available() {
-                        let got64 = run(&layers, isa, &input);
-                        let got32 = run(&layers32, isa, &input32);
-                        let context = format!("{isa} {widths:?} rows={rows}");
+                    for (isa, half) in isa_forms() {
+                        let got64 = run_with(&layers, isa, with_half(isa, half), &input);
+                        let got32 = run_with(&layers32, isa, with_half(isa, half), &input32);
+                        let context = format!("{isa} half={half} {widths:?} rows={rows}");
                         assert!(
                             max_relative_error(got64.iter().copied(), &want) < 1e-12,
                             "{context}"
@@ -484,12 +532,24 @@ mod tests {
                 let lanes_layers = chain.packed.view().lanes_layers;
                 assert_eq!(!lanes_layers.is_empty(), in_lanes, "{isa} {widths:?}");
             }
-            // On 16 lanes, 784 -> 42 stays padded (a dot-form tail of 10 measured slower), a
-            // 2-wide output is all dot form, and 130 -> 97 splits off its last output.
-            if isa == Isa::Avx512 {
-                assert_eq!(mlp(&[784, 42]).packed.view().layers[0].dot_from, 42);
-                assert_eq!(mlp(&[42, 2]).packed.view().layers[0].dot_from, 0);
-                assert_eq!(mlp(&[130, 97]).packed.view().layers[0].dot_from, 96);
+        }
+        // On 16 lanes, 784 -> 42 stays padded (a dot-form tail of 10 measured slower) unless a
+        // half register costs half: then 40 in panels (2.5 registers) and 2 in dot form. A
+        // 2-wide output is all dot form, and 130 -> 97 splits off its last output.
+        if dispatch::available().contains(&Isa::Avx512) {
+            for half in [false, true] {
+                let mut form = |widths: &[usize]| {
+                    let layers = to_f32(&random_chain(&mut rng, widths, false));
+                    let specs: Vec<_> = layers.iter().map(OwnedLayer::spec).collect();
+                    let kernel = with_half(Isa::Avx512, half);
+                    let mlp = Mlp::with_kernel(&specs, Isa::Avx512, kernel).unwrap();
+                    let layer = mlp.packed.view().layers[0];
+                    (layer.dot_from, layer.padded_out)
+                };
+                let padded = if half { (40, 42) } else { (42, 48) };
+                assert_eq!(form(&[784, 42]), padded, "half={half}");
+                assert_eq!(form(&[42, 2]), (0, 2), "half={half}");
+                assert_eq!(form(&[130, 97]), (96, 97), "half={half}");
             }
         }
     }

@@ -203,6 +203,7 @@ mod tests {
             nv_max,
             block_rows: 1,
             fast_transpose: false,
+            half_lanes: 0,
         }
     }
 

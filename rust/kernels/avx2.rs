@@ -219,6 +219,7 @@ fn shape<V: SimdVec>() -> TileShape {
         nv_max: NV_MAX,
         block_rows: 8 * MR,
         fast_transpose: V::FAST_TRANSPOSE,
+        half_lanes: 0,
     }
 }
 
@@ -226,26 +227,28 @@ fn shape<V: SimdVec>() -> TileShape {
 /// The CPU supports AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
 unsafe fn forward_f32(
+    shape: &TileShape,
     chain: Packed<'_, f32>,
     input: &[f32],
     output: &mut [f32],
     scratch: &mut [f32],
 ) {
-    // SAFETY: the caller guarantees AVX2 and FMA; the shape matches `F32x8`.
-    unsafe { forward_rows::<F32x8, MR, NV_MAX>(&shape::<F32x8>(), chain, input, output, scratch) }
+    // SAFETY: the caller guarantees AVX2 and FMA; `forward_rows` checks the shape.
+    unsafe { forward_rows::<F32x8, MR, NV_MAX>(shape, chain, input, output, scratch) }
 }
 
 /// # Safety
 /// The CPU supports AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
 unsafe fn forward_f64(
+    shape: &TileShape,
     chain: Packed<'_, f64>,
     input: &[f64],
     output: &mut [f64],
     scratch: &mut [f64],
 ) {
-    // SAFETY: the caller guarantees AVX2 and FMA; the shape matches `F64x4`.
-    unsafe { forward_rows::<F64x4, MR, NV_MAX>(&shape::<F64x4>(), chain, input, output, scratch) }
+    // SAFETY: the caller guarantees AVX2 and FMA; `forward_rows` checks the shape.
+    unsafe { forward_rows::<F64x4, MR, NV_MAX>(shape, chain, input, output, scratch) }
 }
 
 /// # Safety

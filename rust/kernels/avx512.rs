@@ -2,7 +2,11 @@
 
 use std::arch::x86_64::*;
 
-use super::{fma_loop, forward_rows, Kernel, Packed, SimdVec, TileShape};
+use std::sync::OnceLock;
+
+use super::{
+    fma_loop, fma_loop_half, forward_rows, half_is_cheaper, Kernel, Packed, SimdVec, TileShape,
+};
 
 #[derive(Clone, Copy, Debug)]
 struct F32x16(__m512);
@@ -14,6 +18,26 @@ impl SimdVec for F32x16 {
     type Elem = f32;
     const LANES: usize = 16;
     const FAST_TRANSPOSE: bool = true;
+    const HALF_LANES: usize = 8;
+
+    #[inline(always)]
+    unsafe fn mul_add_half(self, b: Self, acc: Self) -> Self {
+        // SAFETY: the caller guarantees AVX-512F (which implies AVX2 and FMA).
+        unsafe {
+            let half = _mm256_fmadd_ps(
+                _mm512_castps512_ps256(self.0),
+                _mm512_castps512_ps256(b.0),
+                _mm512_castps512_ps256(acc.0),
+            );
+            F32x16(_mm512_castps256_ps512(half))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn store_half(self, ptr: *mut f32) {
+        // SAFETY: the caller guarantees 8 writable values and AVX-512F.
+        unsafe { _mm256_storeu_ps(ptr, _mm512_castps512_ps256(self.0)) }
+    }
 
     #[inline(always)]
     unsafe fn zero() -> Self {
@@ -130,6 +154,26 @@ impl SimdVec for F32x16 {
 impl SimdVec for F64x8 {
     type Elem = f64;
     const LANES: usize = 8;
+    const HALF_LANES: usize = 4;
+
+    #[inline(always)]
+    unsafe fn mul_add_half(self, b: Self, acc: Self) -> Self {
+        // SAFETY: the caller guarantees AVX-512F (which implies AVX2 and FMA).
+        unsafe {
+            let half = _mm256_fmadd_pd(
+                _mm512_castpd512_pd256(self.0),
+                _mm512_castpd512_pd256(b.0),
+                _mm512_castpd512_pd256(acc.0),
+            );
+            F64x8(_mm512_castpd256_pd512(half))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn store_half(self, ptr: *mut f64) {
+        // SAFETY: the caller guarantees 4 writable values and AVX-512F.
+        unsafe { _mm256_storeu_pd(ptr, _mm512_castpd512_pd256(self.0)) }
+    }
 
     #[inline(always)]
     unsafe fn zero() -> Self {
@@ -204,33 +248,51 @@ fn shape<V: SimdVec>() -> TileShape {
         nv_max: NV_MAX,
         block_rows: 8 * MR,
         fast_transpose: V::FAST_TRANSPOSE,
+        half_lanes: if half_is_cheaper_here() {
+            V::HALF_LANES
+        } else {
+            0
+        },
     }
+}
+
+/// Whether this CPU runs a ymm FMA at half the cost of a zmm one (Zen 4 does, server Intel cores
+/// with two 512-bit FMA units do not), measured on first use.
+fn half_is_cheaper_here() -> bool {
+    static CHEAPER: OnceLock<bool> = OnceLock::new();
+    *CHEAPER.get_or_init(|| {
+        // SAFETY: both loops need AVX-512F, checked first.
+        is_x86_feature_detected!("avx512f")
+            && unsafe { half_is_cheaper(peak_f32, peak_half_f32, &[1.0; 16]) }
+    })
 }
 
 /// # Safety
 /// The CPU supports AVX-512F.
 #[target_feature(enable = "avx512f")]
 unsafe fn forward_f32(
+    shape: &TileShape,
     chain: Packed<'_, f32>,
     input: &[f32],
     output: &mut [f32],
     scratch: &mut [f32],
 ) {
-    // SAFETY: the caller guarantees AVX-512F; the shape matches `F32x16`.
-    unsafe { forward_rows::<F32x16, MR, NV_MAX>(&shape::<F32x16>(), chain, input, output, scratch) }
+    // SAFETY: the caller guarantees AVX-512F; `forward_rows` checks the shape.
+    unsafe { forward_rows::<F32x16, MR, NV_MAX>(shape, chain, input, output, scratch) }
 }
 
 /// # Safety
 /// The CPU supports AVX-512F.
 #[target_feature(enable = "avx512f")]
 unsafe fn forward_f64(
+    shape: &TileShape,
     chain: Packed<'_, f64>,
     input: &[f64],
     output: &mut [f64],
     scratch: &mut [f64],
 ) {
-    // SAFETY: the caller guarantees AVX-512F; the shape matches `F64x8`.
-    unsafe { forward_rows::<F64x8, MR, NV_MAX>(&shape::<F64x8>(), chain, input, output, scratch) }
+    // SAFETY: the caller guarantees AVX-512F; `forward_rows` checks the shape.
+    unsafe { forward_rows::<F64x8, MR, NV_MAX>(shape, chain, input, output, scratch) }
 }
 
 /// # Safety
@@ -239,6 +301,14 @@ unsafe fn forward_f64(
 unsafe fn peak_f32(iterations: usize, seed: &[f32]) -> f32 {
     // SAFETY: the caller guarantees AVX-512F.
     unsafe { fma_loop::<F32x16>(iterations, seed) }
+}
+
+/// # Safety
+/// The CPU supports AVX-512F.
+#[target_feature(enable = "avx512f")]
+unsafe fn peak_half_f32(iterations: usize, seed: &[f32]) -> f32 {
+    // SAFETY: the caller guarantees AVX-512F.
+    unsafe { fma_loop_half::<F32x16>(iterations, seed) }
 }
 
 pub fn kernel_f32() -> Kernel<f32> {

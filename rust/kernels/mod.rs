@@ -18,9 +18,13 @@
 //! A layer's last outputs may instead be in dot-product form (see [`TileShape::dot_from`]):
 //! outputs `dot_from..out` keep their weights row-major at `dot_at`, rows of `in` values padded
 //! with zeros to whole registers ([`padded`]), and each is a horizontal sum of lane-wise products.
-//! Panels then cover only the outputs before `dot_from`, a multiple of `lanes`, and nothing is
-//! padded (`padded_out == out`). A layer of very few outputs is all dot form (`dot_from == 0`);
-//! a wide one with a short tail and few inputs per output may be split (130 -> 97: 96 + 1).
+//! Panels then cover only the outputs before `dot_from`, a multiple of `lanes` (or, where half a
+//! register costs half, of [`TileShape::half_lanes`]), and nothing is padded (`padded_out ==
+//! out`). A layer of very few outputs is all dot form (`dot_from == 0`); a wide one with a short
+//! tail and few inputs per output may be split (130 -> 97: 96 + 1; on Zen 4, 784 -> 42: 40 + 2).
+//!
+//! A register tile's last register runs in its low half ([`SimdVec::HALF_LANES`]) when its
+//! outputs fit there: multiply-adds, bias and stores all cover that half only.
 //!
 //! A chain of narrow layers on an ISA with a register transpose may also be packed a second
 //! time, every layer as rows ([`Packed::lanes_layers`], see [`TileShape::rows_in_lanes`]): whole
@@ -117,6 +121,40 @@ pub trait SimdVec: Copy {
     /// The CPU supports the ISA.
     unsafe fn relu(self) -> Self;
 
+    /// Lanes of the register's low half where the ISA has a narrower register for it (AVX-512:
+    /// a ymm), 0 where it has none. A tile's last register uses the half when its outputs fit:
+    /// never slower, and on CPUs that run a 512-bit FMA as two 256-bit halves (Zen 4) it costs
+    /// half as much (see [`TileShape::half_lanes`]).
+    const HALF_LANES: usize = 0;
+
+    /// `self * b + acc` in the low [`SimdVec::HALF_LANES`] lanes; the other lanes of the result
+    /// are unspecified.
+    ///
+    /// # Safety
+    /// The CPU supports the ISA; only called where `HALF_LANES > 0`.
+    #[inline(always)]
+    unsafe fn mul_add_half(self, b: Self, acc: Self) -> Self {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.mul_add(b, acc) }
+    }
+
+    /// Stores the low [`SimdVec::HALF_LANES`] lanes.
+    ///
+    /// # Safety
+    /// `ptr` is valid for `HALF_LANES` writes; the CPU supports the ISA; only called where
+    /// `HALF_LANES > 0`.
+    #[inline(always)]
+    unsafe fn store_half(self, ptr: *mut Self::Elem) {
+        debug_assert!(Self::HALF_LANES > 0, "only types with a half register");
+        let mut lanes = [Self::Elem::ZERO; 64];
+        // SAFETY: `LANES <= 64` values fit `lanes`; the caller guarantees the ISA and room for
+        // the `HALF_LANES < LANES` values copied to `ptr`.
+        unsafe {
+            self.store(lanes.as_mut_ptr());
+            std::ptr::copy_nonoverlapping(lanes.as_ptr(), ptr, Self::HALF_LANES);
+        }
+    }
+
     /// Whether [`SimdVec::transpose_square`] works in registers, fast enough for a chain to run
     /// with batch rows in the lanes (see [`TileShape::rows_in_lanes`]).
     const FAST_TRANSPOSE: bool = false;
@@ -156,6 +194,10 @@ pub struct TileShape {
     pub block_rows: usize,
     /// The register type's [`SimdVec::FAST_TRANSPOSE`].
     pub fast_transpose: bool,
+    /// The register type's [`SimdVec::HALF_LANES`] where a multiply-add on the half costs half
+    /// as much as on the whole register (measured: Zen 4 runs a 512-bit FMA as two 256-bit
+    /// ones), else 0. Only the choice of forms depends on it, never a result's correctness.
+    pub half_lanes: usize,
 }
 
 impl TileShape {
@@ -168,22 +210,41 @@ impl TileShape {
     }
 
     /// The first output computed in dot-product form (`out_features` if none is): the outputs
-    /// past the last whole register go to dot form when that costs less than padding them to a
-    /// register for every `k`, in FMA-cycles per row. Measured on Zen 4, a dot-form multiply-add
-    /// costs about three padded ones (two loads each, and the input rows reread per output
-    /// tile), plus a horizontal sum: 42 -> 2 is 2 x (3 x 3 + 8) = 34 against 42 padded, so dot
-    /// form; 784 -> 42 is 10 x (3 x 49 + 8) = 1550 against 784, so one padded register.
+    /// past the last whole register (or, with a cheaper [`TileShape::half_lanes`], past the last
+    /// half register) go to dot form when that costs less than computing them in a padded
+    /// register for every `k` (see [`TileShape::panel_cost`]). 784 -> 42 on Zen 4: 40 in panels
+    /// (the last register a half) and 2 in dot form; 42 -> 2: a half register.
     pub fn dot_from(&self, in_features: usize, out_features: usize) -> usize {
-        let split = out_features / self.lanes * self.lanes;
-        let tail = out_features - split;
-        if tail > 0 && tail * self.dot_output_cost(in_features) < in_features {
-            split
-        } else {
-            out_features
-        }
+        let whole = out_features / self.lanes * self.lanes;
+        let after_half = whole + self.half_lanes;
+        [out_features, whole, after_half]
+            .into_iter()
+            .filter(|&split| split <= out_features)
+            .min_by_key(|&split| {
+                let dot_cost =
+                    (out_features - split) * self.lanes * self.dot_output_cost(in_features);
+                self.panel_cost(in_features, split) + dot_cost
+            })
+            .expect("at least one split")
     }
 
-    /// One dot-form output of `in_features` inputs, in padded multiply-adds (see `dot_from`).
+    /// Multiply-adds of one lane, per row, for `width` outputs of `in_features` inputs in
+    /// panels: whole registers, the last one a half where it fits in one and that is cheaper.
+    /// A half register alone counts whole: its input broadcasts, not its multiply-adds, bound
+    /// it (42 -> 2 at 40 rows: 0.58 us, against 0.27 us in dot form).
+    fn panel_cost(&self, in_features: usize, width: usize) -> usize {
+        let whole = width / self.lanes * self.lanes;
+        let last = match width - whole {
+            0 => 0,
+            tail if tail <= self.half_lanes && whole > 0 => self.half_lanes,
+            _ => self.lanes,
+        };
+        in_features * (whole + last)
+    }
+
+    /// One dot-form output of `in_features` inputs, in padded multiply-adds: measured on Zen 4,
+    /// a dot-form multiply-add costs about three padded ones (two loads each, and the input rows
+    /// reread per output tile), plus a horizontal sum.
     fn dot_output_cost(&self, in_features: usize) -> usize {
         DOT_FMA_COST * self.padded(in_features) / self.lanes + DOT_SUM_COST
     }
@@ -231,7 +292,7 @@ impl TileShape {
             let (k, out) = (pair[0], pair[1]);
             let dot_from = self.dot_from(k, out);
             let dot_cost = (out - dot_from) * self.lanes * self.dot_output_cost(k);
-            let now = k * self.padded(dot_from) + dot_cost;
+            let now = self.panel_cost(k, dot_from) + dot_cost;
             saved += now.saturating_sub(k * out);
         }
         let transposed = widths[0] + widths[widths.len() - 1];
@@ -307,18 +368,78 @@ pub unsafe fn fma_loop<V: SimdVec>(iterations: usize, seed: &[V::Elem]) -> V::El
     }
 }
 
+/// [`fma_loop`] with every third chain in the registers' low half ([`SimdVec::mul_add_half`]):
+/// as fast as `fma_loop` where a half costs as much as a whole register, 5/6 of its time
+/// where it costs half (see [`half_is_cheaper`]).
+///
+/// # Safety
+/// The CPU supports `V`'s ISA, and `V::HALF_LANES > 0`.
+#[inline(always)]
+pub unsafe fn fma_loop_half<V: SimdVec>(iterations: usize, seed: &[V::Elem]) -> V::Elem {
+    assert!(seed.len() >= V::LANES && V::HALF_LANES > 0);
+    // SAFETY: `seed` holds at least `LANES` values; the caller guarantees the ISA.
+    unsafe {
+        let x = V::load(seed.as_ptr());
+        let mut acc = [x; PEAK_CHAINS];
+        for _ in 0..iterations {
+            for (chain, a) in acc.iter_mut().enumerate() {
+                *a = if chain % 3 == 2 {
+                    a.mul_add_half(x, x)
+                } else {
+                    a.mul_add(x, x)
+                };
+            }
+        }
+        let mut sum = V::zero();
+        for a in acc {
+            sum = a.mul_add_half(x, sum);
+        }
+        sum.sum()
+    }
+}
+
+/// Whether a multiply-add on half a register costs half as much as on a whole one, timed
+/// with `full` ([`fma_loop`]) against `half` ([`fma_loop_half`]) for the same ISA: alternating
+/// runs of a few microseconds, the fastest of each kept, so a preempted run does not decide.
+///
+/// # Safety
+/// The CPU supports the ISA of both loops.
+pub unsafe fn half_is_cheaper<T: Element>(
+    full: PeakLoop<T>,
+    half: PeakLoop<T>,
+    seed: &[T],
+) -> bool {
+    const ITERATIONS: usize = 4096;
+    const ROUNDS: usize = 7;
+    let time = |run: PeakLoop<T>| {
+        let start = std::time::Instant::now();
+        // SAFETY: the caller guarantees the ISA.
+        std::hint::black_box(unsafe { run(ITERATIONS, seed) });
+        start.elapsed()
+    };
+    let (mut best_full, mut best_half) = (std::time::Duration::MAX, std::time::Duration::MAX);
+    for _ in 0..ROUNDS {
+        best_full = best_full.min(time(full));
+        best_half = best_half.min(time(half));
+    }
+    // 5/6 expected where the half is cheaper, 1 where it is not.
+    best_half.as_secs_f64() < 0.92 * best_full.as_secs_f64()
+}
+
 /// Floating-point operations one call of [`fma_loop`] performs.
 pub fn fma_loop_flops(iterations: usize, lanes: usize) -> usize {
     2 * lanes * PEAK_CHAINS * (iterations + 1)
 }
 
 /// Runs the chain on `input` (`rows x layers[0].in_features`, row-major) into `output`
-/// (`rows x last.out_features`), using `scratch` (at least [`scratch_len`] elements).
+/// (`rows x last.out_features`), using `scratch` (at least [`scratch_len`] elements). The
+/// shape is the kernel's own ([`Kernel::shape`]), or that with another `half_lanes` (0 or the
+/// register's half): the packing follows it, the register tiles do not depend on it.
 ///
 /// # Safety
-/// The CPU supports the kernel's ISA, and the layers were packed for the kernel's [`TileShape`].
-/// (Shapes and lengths are checked, with a panic on mismatch.)
-pub type ChainKernel<T> = unsafe fn(Packed<'_, T>, &[T], &mut [T], &mut [T]);
+/// The CPU supports the kernel's ISA. (The shape, the packing, the shapes and the lengths are
+/// checked, with a panic on mismatch.)
+pub type ChainKernel<T> = unsafe fn(&TileShape, Packed<'_, T>, &[T], &mut [T], &mut [T]);
 
 /// Runs [`fma_loop`] for an ISA: `(iterations, seed) -> value`.
 ///
@@ -432,6 +553,7 @@ pub unsafe fn forward_rows<V: SimdVec, const MR: usize, const NV_MAX: usize>(
     scratch: &mut [V::Elem],
 ) {
     assert!(shape.lanes == V::LANES && shape.mr == MR && shape.nv_max == NV_MAX);
+    assert!(shape.half_lanes == 0 || shape.half_lanes == V::HALF_LANES);
     assert!(MR <= 8 && NV_MAX <= 4 && shape.block_rows.is_multiple_of(MR));
     let rows = check_chain(shape, &chain, input, output, scratch);
     let layers = chain.layers;
@@ -899,35 +1021,47 @@ struct Tile<T> {
 /// the outputs.
 #[inline(always)]
 unsafe fn tile_rows<V: SimdVec>(rows: usize, nv: usize, tile: &Tile<V::Elem>) {
+    // The last register in its half where its outputs fit (`tile_width`'s `HALF`).
+    let half = V::HALF_LANES > 0 && tile.last_lanes <= V::HALF_LANES && !tile.bias_per_row;
     // SAFETY: forwarded from the caller.
     unsafe {
-        match nv {
-            1 => tile_width::<V, 1>(rows, tile),
-            2 => tile_width::<V, 2>(rows, tile),
-            3 => tile_width::<V, 3>(rows, tile),
-            4 => tile_width::<V, 4>(rows, tile),
+        match (nv, half) {
+            (1, false) => tile_width::<V, 1, false>(rows, tile),
+            (2, false) => tile_width::<V, 2, false>(rows, tile),
+            (3, false) => tile_width::<V, 3, false>(rows, tile),
+            (4, false) => tile_width::<V, 4, false>(rows, tile),
+            (1, true) => tile_width::<V, 1, true>(rows, tile),
+            (2, true) => tile_width::<V, 2, true>(rows, tile),
+            (3, true) => tile_width::<V, 3, true>(rows, tile),
+            (4, true) => tile_width::<V, 4, true>(rows, tile),
             _ => unreachable!("panels are at most 4 registers wide"),
         }
     }
 }
 
+/// With `HALF`, the last register's multiply-adds, bias and stores cover only its low
+/// [`SimdVec::HALF_LANES`] lanes (`last_lanes` fits them).
+///
 /// # Safety
 /// As for [`tile_rows`].
 #[inline(always)]
-unsafe fn tile_width<V: SimdVec, const NV: usize>(rows: usize, tile: &Tile<V::Elem>) {
+unsafe fn tile_width<V: SimdVec, const NV: usize, const HALF: bool>(
+    rows: usize,
+    tile: &Tile<V::Elem>,
+) {
     // SAFETY: forwarded from the caller.
     unsafe {
         // Few rows give few independent accumulators, too few to hide the FMA latency: split
         // `k` across extra accumulator sets (summed at the end) so batch 1 runs at throughput.
         match rows {
-            1 => register_tile::<V, 1, NV, 4>(tile),
-            2 => register_tile::<V, 2, NV, 2>(tile),
-            3 => register_tile::<V, 3, NV, 1>(tile),
-            4 => register_tile::<V, 4, NV, 1>(tile),
-            5 => register_tile::<V, 5, NV, 1>(tile),
-            6 => register_tile::<V, 6, NV, 1>(tile),
-            7 => register_tile::<V, 7, NV, 1>(tile),
-            8 => register_tile::<V, 8, NV, 1>(tile),
+            1 => register_tile::<V, 1, NV, 4, HALF>(tile),
+            2 => register_tile::<V, 2, NV, 2, HALF>(tile),
+            3 => register_tile::<V, 3, NV, 1, HALF>(tile),
+            4 => register_tile::<V, 4, NV, 1, HALF>(tile),
+            5 => register_tile::<V, 5, NV, 1, HALF>(tile),
+            6 => register_tile::<V, 6, NV, 1, HALF>(tile),
+            7 => register_tile::<V, 7, NV, 1, HALF>(tile),
+            8 => register_tile::<V, 8, NV, 1, HALF>(tile),
             _ => unreachable!("register tiles are at most 8 rows"),
         }
     }
@@ -940,7 +1074,13 @@ unsafe fn tile_width<V: SimdVec, const NV: usize>(rows: usize, tile: &Tile<V::El
 /// # Safety
 /// As for [`tile_rows`], with `rows == R` and `nv == NV`.
 #[inline(always)]
-unsafe fn register_tile<V: SimdVec, const R: usize, const NV: usize, const KS: usize>(
+unsafe fn register_tile<
+    V: SimdVec,
+    const R: usize,
+    const NV: usize,
+    const KS: usize,
+    const HALF: bool,
+>(
     tile: &Tile<V::Elem>,
 ) {
     let lanes = V::LANES;
@@ -957,7 +1097,11 @@ unsafe fn register_tile<V: SimdVec, const R: usize, const NV: usize, const KS: u
             }
         } else {
             for v in 0..NV {
-                let bias = V::load(tile.bias.add(v * lanes));
+                let bias = if HALF && v == NV - 1 {
+                    V::load_partial(tile.bias.add(v * lanes), tile.last_lanes)
+                } else {
+                    V::load(tile.bias.add(v * lanes))
+                };
                 for row in acc[0].iter_mut() {
                     row[v] = bias;
                 }
@@ -989,9 +1133,7 @@ unsafe fn register_tile<V: SimdVec, const R: usize, const NV: usize, const KS: u
                 let b = panel_row::<V, NV>(panel.add(s * step), tile.last_lanes);
                 for (r, row) in set.iter_mut().enumerate() {
                     let x = V::splat(a.add(r * tile.lda + s));
-                    for v in 0..NV {
-                        row[v] = x.mul_add(b[v], row[v]);
-                    }
+                    multiply_add_row::<V, NV, HALF>(x, &b, row);
                 }
             }
             a = a.add(KS);
@@ -1001,9 +1143,7 @@ unsafe fn register_tile<V: SimdVec, const R: usize, const NV: usize, const KS: u
             let b = panel_row::<V, NV>(panel, tile.last_lanes);
             for (r, row) in acc[0].iter_mut().enumerate() {
                 let x = V::splat(a.add(r * tile.lda));
-                for v in 0..NV {
-                    row[v] = x.mul_add(b[v], row[v]);
-                }
+                multiply_add_row::<V, NV, HALF>(x, &b, row);
             }
             a = a.add(1);
             panel = panel.add(step);
@@ -1019,8 +1159,35 @@ unsafe fn register_tile<V: SimdVec, const R: usize, const NV: usize, const KS: u
         for (r, row) in total[0].iter().enumerate() {
             for (v, &value) in row.iter().enumerate() {
                 let value = if tile.relu { value.relu() } else { value };
-                value.store(tile.out.add(r * tile.ldo + v * lanes));
+                let out = tile.out.add(r * tile.ldo + v * lanes);
+                if HALF && v == NV - 1 {
+                    value.store_half(out);
+                } else {
+                    value.store(out);
+                }
             }
+        }
+    }
+}
+
+/// `row[v] += x * b[v]`, the last register in its half with `HALF`.
+///
+/// # Safety
+/// The CPU supports `V`'s ISA; `HALF` only where `V::HALF_LANES > 0`.
+#[inline(always)]
+unsafe fn multiply_add_row<V: SimdVec, const NV: usize, const HALF: bool>(
+    x: V,
+    b: &[V; NV],
+    row: &mut [V; NV],
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        for v in 0..NV {
+            row[v] = if HALF && v == NV - 1 {
+                x.mul_add_half(b[v], row[v])
+            } else {
+                x.mul_add(b[v], row[v])
+            };
         }
     }
 }

@@ -77,18 +77,20 @@ const SHAPE: TileShape = TileShape {
     nv_max: NV_MAX,
     block_rows: 8 * MR,
     fast_transpose: false,
+    half_lanes: 0,
 };
 
 /// # Safety
-/// Always safe to call: the layers are checked against `SHAPE` before any pointer is formed.
+/// Always safe to call: the shape and layers are checked before any pointer is formed.
 unsafe fn forward<T: Element>(
+    shape: &TileShape,
     chain: Packed<'_, T>,
     input: &[T],
     output: &mut [T],
     scratch: &mut [T],
 ) {
-    // SAFETY: plain Rust arithmetic needs no CPU feature; `SHAPE` matches `Lane<T>`.
-    unsafe { forward_rows::<Lane<T>, MR, NV_MAX>(&SHAPE, chain, input, output, scratch) }
+    // SAFETY: plain Rust arithmetic needs no CPU feature; `forward_rows` checks the shape.
+    unsafe { forward_rows::<Lane<T>, MR, NV_MAX>(shape, chain, input, output, scratch) }
 }
 
 /// # Safety
