@@ -156,6 +156,7 @@ class _ChainState:
         self.layers: Layers | None = None
         self.hook_registries = _hook_registries(())
         self.activations: tuple[str, ...] = ()
+        self.in_features = 0
         self.parameter_dicts: list[dict[str, Any]] = []
         self.invalidate()
 
@@ -185,6 +186,7 @@ class _ChainState:
             self.containers = containers
             self.hook_registries = _hook_registries((*containers, *modules))
             self.activations = tuple(activation for _, activation in self.layers or ())
+            self.in_features = self.layers[0][0].in_features if self.layers else 0
             self.parameter_dicts = [linear._parameters for linear, _ in self.layers or ()]
             self.invalidate()
         return self.layers
@@ -193,15 +195,20 @@ class _ChainState:
         """The packed chain for inputs of ``dtype``, or None if the parameters do not allow it
         (another device or dtype)."""
         # Read straight from each Linear's parameter dict: `linear.weight` goes through
-        # `nn.Module.__getattr__`, slow on a per-call path.
-        params = [p for d in self.parameter_dicts for p in (d["weight"], d["bias"])]
+        # `nn.Module.__getattr__`, slow on a per-call path (as is a second pass over them).
+        dicts = self.parameter_dicts
         try:
             # `id` stands for identity: `self.params` holds the parameters the key describes.
-            key = [None if p is None else (id(p), p._version, p.data_ptr()) for p in params]
+            key = [
+                None if p is None else (id(p), p._version, p.data_ptr())
+                for d in dicts
+                for p in (d["weight"], d["bias"])
+            ]
         except RuntimeError:  # inference tensors have no version counter: pack every time
             key = None
         if key is not None and key == self.key and dtype is self.dtype:
             return self.chain
+        params = [p for d in dicts for p in (d["weight"], d["bias"])]
         usable = all(
             p is None or (p.device.type == "cpu" and p.dtype == dtype and p.layout == torch.strided)
             for p in params
@@ -234,7 +241,7 @@ class _ChainState:
             or x.layout != torch.strided
         ):
             return None
-        in_features = self.layers[0][0].in_features  # type: ignore[index]
+        in_features = self.in_features
         shape = x.shape
         if not shape or shape[-1] != in_features:
             raise ValueError(
