@@ -146,6 +146,7 @@ def describe_machine(meta: dict[str, Any]) -> list[str]:
         f"{machine.get('system', '?')} {machine.get('release', '')}".rstrip(),
         f"- fusedae {native.get('version', '?')}: ISA `{native.get('isa', '?')}` "
         f"(available: {', '.join(native.get('available_isas', [])) or '?'}), "
+        f"half registers {'cheaper' if native.get('half_registers') else 'not cheaper'}, "
         f"{native.get('build_profile', '?')} build",
         "- Peers: "
         + ", ".join(f"{name} {version}" for name, version in versions.items() if name != "fusedae")

@@ -121,6 +121,13 @@ pub fn selected() -> Result<Isa, IsaError> {
         .clone()
 }
 
+/// Whether `isa`'s kernels count a half register as half the cost of a whole one (measured once;
+/// see `TileShape::half_lanes`), which changes the forms packing picks. The caller has checked
+/// `isa.is_supported()`.
+pub fn half_registers_cheaper(isa: Isa) -> bool {
+    f32::kernel(isa).shape.half_lanes > 0
+}
+
 /// Float types with a kernel per ISA.
 pub trait Float: Element {
     /// The kernel for `isa`; the caller has checked `isa.is_supported()`.

@@ -367,6 +367,14 @@ fn selected_isa() -> PyResult<&'static str> {
         .map_err(|e| to_py_err(Error::Isa(e)))
 }
 
+/// Whether the selected ISA's kernels found half a register to cost half (Zen 4's AVX-512).
+#[pyfunction]
+fn half_registers_cheaper() -> PyResult<bool> {
+    dispatch::selected()
+        .map(dispatch::half_registers_cheaper)
+        .map_err(|e| to_py_err(Error::Isa(e)))
+}
+
 /// Every ISA this CPU can run, best first.
 #[pyfunction]
 fn available_isas() -> Vec<&'static str> {
@@ -422,6 +430,7 @@ fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<Chain>()?;
     module.add_function(wrap_pyfunction!(selected_isa, module)?)?;
     module.add_function(wrap_pyfunction!(available_isas, module)?)?;
+    module.add_function(wrap_pyfunction!(half_registers_cheaper, module)?)?;
     module.add_function(wrap_pyfunction!(set_num_threads, module)?)?;
     module.add_function(wrap_pyfunction!(get_num_threads, module)?)?;
     module.add_function(wrap_pyfunction!(fma_peak_gflops, module)?)?;

@@ -329,14 +329,16 @@ def test_import_needs_no_torch_and_info_reports_the_isa():
         "info = fusedae.info()\n"
         "m = fusedae.MLP([(np.eye(3, dtype=np.float32), None)])\n"
         "assert (m(np.ones((1, 3), np.float32)) == 1).all()\n"
-        "print(info['isa'], info['build_profile'], info['threads'])\n"
+        "print(info['isa'], info['build_profile'], info['threads'], info['half_registers'])\n"
     )
     result = run_python(code, FUSEDAE_ISA="")
     assert result.returncode == 0, result.stderr
-    isa, profile, threads = result.stdout.split()
+    isa, profile, threads, half = result.stdout.split()
     assert isa == fusedae.info()["available_isas"][0]
     assert profile == "release"
     assert int(threads) >= 1
+    # Only AVX-512 has half registers that can cost less (a measured property of the CPU).
+    assert half in (("True", "False") if isa == "avx512" else ("False",))
     untouched = run_python("import sys, fusedae; print('torch' in sys.modules)")
     assert untouched.stdout.strip() == "False"
 
