@@ -138,22 +138,12 @@ pub trait SimdVec: Copy {
         unsafe { self.mul_add(b, acc) }
     }
 
-    /// Stores the low [`SimdVec::HALF_LANES`] lanes.
+    /// Stores the low [`SimdVec::HALF_LANES`] lanes (none where there is no half).
     ///
     /// # Safety
-    /// `ptr` is valid for `HALF_LANES` writes; the CPU supports the ISA; only called where
-    /// `HALF_LANES > 0`.
+    /// `ptr` is valid for `HALF_LANES` writes; the CPU supports the ISA.
     #[inline(always)]
-    unsafe fn store_half(self, ptr: *mut Self::Elem) {
-        debug_assert!(Self::HALF_LANES > 0, "only types with a half register");
-        let mut lanes = [Self::Elem::ZERO; 64];
-        // SAFETY: `LANES <= 64` values fit `lanes`; the caller guarantees the ISA and room for
-        // the `HALF_LANES < LANES` values copied to `ptr`.
-        unsafe {
-            self.store(lanes.as_mut_ptr());
-            std::ptr::copy_nonoverlapping(lanes.as_ptr(), ptr, Self::HALF_LANES);
-        }
-    }
+    unsafe fn store_half(self, _ptr: *mut Self::Elem) {}
 
     /// Whether [`SimdVec::transpose_square`] works in registers, fast enough for a chain to run
     /// with batch rows in the lanes (see [`TileShape::rows_in_lanes`]).
@@ -213,7 +203,7 @@ impl TileShape {
     /// past the last whole register (or, with a cheaper [`TileShape::half_lanes`], past the last
     /// half register) go to dot form when that costs less than computing them in a padded
     /// register for every `k` (see [`TileShape::panel_cost`]). 784 -> 42 on Zen 4: 40 in panels
-    /// (the last register a half) and 2 in dot form; 42 -> 2: a half register.
+    /// (the last register a half) and 2 in dot form; 42 -> 2: all dot form.
     pub fn dot_from(&self, in_features: usize, out_features: usize) -> usize {
         let whole = out_features / self.lanes * self.lanes;
         let after_half = whole + self.half_lanes;
@@ -1021,7 +1011,10 @@ struct Tile<T> {
 /// the outputs.
 #[inline(always)]
 unsafe fn tile_rows<V: SimdVec>(rows: usize, nv: usize, tile: &Tile<V::Elem>) {
-    // The last register in its half where its outputs fit (`tile_width`'s `HALF`).
+    // The last register in its half where its outputs fit (`tile_width`'s `HALF`). Its stores
+    // then write `HALF_LANES` values, which the row has room for: packing pads the row to whole
+    // registers, or ends the panels at a multiple of `half_lanes` (`TileShape::dot_from`), and
+    // rows-in-lanes tiles (one bias per row) are always whole registers.
     let half = V::HALF_LANES > 0 && tile.last_lanes <= V::HALF_LANES && !tile.bias_per_row;
     // SAFETY: forwarded from the caller.
     unsafe {
