@@ -130,7 +130,7 @@ pub fn half_registers_cheaper(isa: Isa) -> bool {
 
 /// Float types with a kernel per ISA.
 pub trait Float: Element {
-    /// The kernel for `isa`; the caller has checked `isa.is_supported()`.
+    /// The kernel for `isa` (running it needs `isa.is_supported()`).
     fn kernel(isa: Isa) -> Kernel<Self>;
     /// This thread's reusable scratch buffer for the kernels.
     fn scratch() -> &'static LocalKey<RefCell<Vec<Self>>>;

@@ -63,12 +63,12 @@ pub struct Mlp<T: Float> {
 impl<T: Float> Mlp<T> {
     /// Checks that the layers chain and packs them for `isa`.
     pub fn new(specs: &[LayerSpec<'_, T>], isa: Isa) -> Result<Self, Error> {
-        let isa = crate::dispatch::require(isa)?;
         Self::with_kernel(specs, isa, T::kernel(isa))
     }
 
-    /// [`Mlp::new`] with `isa`'s kernel given (tests vary its shape's `half_lanes`).
+    /// [`Mlp::new`] with `kernel`, which must be `isa`'s (tests vary its shape's `half_lanes`).
     fn with_kernel(specs: &[LayerSpec<'_, T>], isa: Isa, kernel: Kernel<T>) -> Result<Self, Error> {
+        let isa = crate::dispatch::require(isa)?;
         if specs.is_empty() {
             return shape_error("an MLP needs at least one layer, got 0".to_owned());
         }
@@ -389,6 +389,9 @@ mod tests {
         &[42, 64, 42, 17, 1],
         &[3, 100, 5],
         &[130, 97, 33, 256],
+        // f64 130 -> 45 as 44 + 1 with half registers (a split after a half); 784 -> 42 last,
+        // so a half register (f32: 40 + 2) writes straight into the caller's output.
+        &[130, 45, 784, 42],
     ];
     const BATCHES: &[usize] = &[0, 1, 2, 7, 9, 64, 1000];
 
@@ -535,23 +538,34 @@ mod tests {
         }
         // On 16 lanes, 784 -> 42 stays padded (a dot-form tail of 10 measured slower) unless a
         // half register costs half: then 40 in panels (2.5 registers) and 2 in dot form. A
-        // 2-wide output is all dot form, and 130 -> 97 splits off its last output.
+        // 2-wide output is all dot form, 130 -> 97 splits off its last output, and 784 -> 58
+        // pads (a half register alone in its panel counts whole). On 8 lanes (f64) the half
+        // split goes the other way for 784 -> 42 and takes 130 -> 45 to 44 + 1.
         if dispatch::available().contains(&Isa::Avx512) {
             for half in [false, true] {
-                let mut form = |widths: &[usize]| {
-                    let layers = to_f32(&random_chain(&mut rng, widths, false));
-                    let specs: Vec<_> = layers.iter().map(OwnedLayer::spec).collect();
-                    let kernel = with_half(Isa::Avx512, half);
-                    let mlp = Mlp::with_kernel(&specs, Isa::Avx512, kernel).unwrap();
-                    let layer = mlp.packed.view().layers[0];
-                    (layer.dot_from, layer.padded_out)
-                };
+                let mut form32 =
+                    |widths: &[usize]| form(&to_f32(&random_chain(&mut rng, widths, false)), half);
                 let padded = if half { (40, 42) } else { (42, 48) };
-                assert_eq!(form(&[784, 42]), padded, "half={half}");
-                assert_eq!(form(&[42, 2]), (0, 2), "half={half}");
-                assert_eq!(form(&[130, 97]), (96, 97), "half={half}");
+                assert_eq!(form32(&[784, 42]), padded, "half={half}");
+                assert_eq!(form32(&[42, 2]), (0, 2), "half={half}");
+                assert_eq!(form32(&[130, 97]), (96, 97), "half={half}");
+                assert_eq!(form32(&[784, 58]), (58, 64), "half={half}");
+                let mut form64 =
+                    |widths: &[usize]| form(&random_chain(&mut rng, widths, false), half);
+                let padded = if half { (42, 48) } else { (40, 42) };
+                assert_eq!(form64(&[784, 42]), padded, "half={half}");
+                let padded = if half { (44, 45) } else { (45, 48) };
+                assert_eq!(form64(&[130, 45]), padded, "half={half}");
             }
         }
+    }
+
+    /// The first layer's `(dot_from, padded_out)` on AVX-512, half registers cheaper or not.
+    fn form<T: Float>(layers: &[OwnedLayer<T>], half: bool) -> (usize, usize) {
+        let specs: Vec<_> = layers.iter().map(OwnedLayer::spec).collect();
+        let mlp = Mlp::with_kernel(&specs, Isa::Avx512, with_half(Isa::Avx512, half)).unwrap();
+        let layer = mlp.packed.view().layers[0];
+        (layer.dot_from, layer.padded_out)
     }
 
     #[test]

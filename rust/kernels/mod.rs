@@ -12,8 +12,9 @@
 //! starts at output column `c0 = p * nv_max * lanes`, at `weights_at + c0 * in`, and stores its
 //! `width` columns k-major (`in` rows of `width` values). A panel's last register is loaded
 //! masked when `width` is not a multiple of `lanes`, so the outputs are computed up to
-//! `padded_out`, a multiple of `lanes`, with zeros past `out`; the bias (`padded_out` values,
-//! zero-padded) is at `bias_at`.
+//! `padded_out`, a multiple of `lanes`, with zeros past `out` (or only up to the end of a half
+//! register, see below: the rest of such a row is never written, and never read); the bias
+//! (`padded_out` values, zero-padded) is at `bias_at`.
 //!
 //! A layer's last outputs may instead be in dot-product form (see [`TileShape::dot_from`]):
 //! outputs `dot_from..out` keep their weights row-major at `dot_at`, rows of `in` values padded
@@ -138,12 +139,17 @@ pub trait SimdVec: Copy {
         unsafe { self.mul_add(b, acc) }
     }
 
-    /// Stores the low [`SimdVec::HALF_LANES`] lanes (none where there is no half).
+    /// Stores the low [`SimdVec::HALF_LANES`] lanes.
     ///
     /// # Safety
     /// `ptr` is valid for `HALF_LANES` writes; the CPU supports the ISA.
     #[inline(always)]
-    unsafe fn store_half(self, _ptr: *mut Self::Elem) {}
+    unsafe fn store_half(self, _ptr: *mut Self::Elem) {
+        assert!(
+            Self::HALF_LANES == 0,
+            "a type with a half register implements store_half"
+        );
+    }
 
     /// Whether [`SimdVec::transpose_square`] works in registers, fast enough for a chain to run
     /// with batch rows in the lanes (see [`TileShape::rows_in_lanes`]).
@@ -202,8 +208,9 @@ impl TileShape {
     /// The first output computed in dot-product form (`out_features` if none is): the outputs
     /// past the last whole register (or, with a cheaper [`TileShape::half_lanes`], past the last
     /// half register) go to dot form when that costs less than computing them in a padded
-    /// register for every `k` (see [`TileShape::panel_cost`]). 784 -> 42 on Zen 4: 40 in panels
-    /// (the last register a half) and 2 in dot form; 42 -> 2: all dot form.
+    /// register for every `k` (see `panel_cost`; a tie keeps the padding, then the split at
+    /// whole registers). 784 -> 42 on Zen 4: 40 in panels (the last register a half) and 2 in
+    /// dot form; 42 -> 2: all dot form.
     pub fn dot_from(&self, in_features: usize, out_features: usize) -> usize {
         let whole = out_features / self.lanes * self.lanes;
         let after_half = whole + self.half_lanes;
@@ -220,13 +227,14 @@ impl TileShape {
 
     /// Multiply-adds of one lane, per row, for `width` outputs of `in_features` inputs in
     /// panels: whole registers, the last one a half where it fits in one and that is cheaper.
-    /// A half register alone counts whole: its input broadcasts, not its multiply-adds, bound
-    /// it (42 -> 2 at 40 rows: 0.58 us, against 0.27 us in dot form).
+    /// A half register alone in its panel counts whole: its input broadcasts, not its
+    /// multiply-adds, bound it (42 -> 2 at 40 rows: 0.58 us, against 0.27 us in dot form).
     fn panel_cost(&self, in_features: usize, width: usize) -> usize {
         let whole = width / self.lanes * self.lanes;
+        let last_panel = width - width.saturating_sub(1) / self.panel_width() * self.panel_width();
         let last = match width - whole {
             0 => 0,
-            tail if tail <= self.half_lanes && whole > 0 => self.half_lanes,
+            tail if tail <= self.half_lanes && last_panel > self.lanes => self.half_lanes,
             _ => self.lanes,
         };
         in_features * (whole + last)
@@ -525,7 +533,7 @@ fn check_chain<T>(
 
 /// The fused loop nest, generic over the register type; ISA files wrap it in `#[target_feature]`.
 ///
-/// Whole blocks of rows go through [`forward_rows_in_lanes`] where the chain has that packing;
+/// Whole blocks of rows go through `forward_rows_in_lanes` where the chain has that packing;
 /// the other rows run block by block, each layer's panel outputs register tile by register tile
 /// (panel by panel, so a large panel stays in cache while every tile of the block uses it, or
 /// row tile by row tile when the panels fit L1), then its dot-form outputs. Hidden activations
@@ -1007,14 +1015,17 @@ struct Tile<T> {
 ///
 /// # Safety
 /// `tile` points at `rows` valid input rows, a panel of `k` rows of `panel_width` values (which
-/// `nv` registers cover), `nv * LANES` bias values (`rows` with `bias_per_row`), and room for
+/// `nv` registers cover), `nv * LANES` bias values (only `panel_width` where the last register
+/// runs in its half; `rows` with `bias_per_row`), and room for
 /// the outputs.
 #[inline(always)]
 unsafe fn tile_rows<V: SimdVec>(rows: usize, nv: usize, tile: &Tile<V::Elem>) {
     // The last register in its half where its outputs fit (`tile_width`'s `HALF`). Its stores
     // then write `HALF_LANES` values, which the row has room for: packing pads the row to whole
-    // registers, or ends the panels at a multiple of `half_lanes` (`TileShape::dot_from`), and
-    // rows-in-lanes tiles (one bias per row) are always whole registers.
+    // registers, or ends the panels at a whole register or at one plus `V::HALF_LANES`
+    // (`TileShape::dot_from`, with `forward_rows` asserting `half_lanes` is 0 or
+    // `V::HALF_LANES`, and `check_chain` that the packing follows the shape); rows-in-lanes
+    // tiles (one bias per row) are always whole registers.
     let half = V::HALF_LANES > 0 && tile.last_lanes <= V::HALF_LANES && !tile.bias_per_row;
     // SAFETY: forwarded from the caller.
     unsafe {
@@ -1079,7 +1090,8 @@ unsafe fn register_tile<
     let lanes = V::LANES;
     let step = tile.panel_width;
     // SAFETY: the caller guarantees the ISA and that `R` rows of `k` inputs, `k` panel rows of
-    // `panel_width` values, `NV * LANES` bias values (`R` per row) and `R` output rows are in
+    // `panel_width` values, `NV * LANES` bias values (`panel_width` with `HALF`; `R` per row)
+    // and `R` output rows are in
     // bounds; the split loop reads steps `0..k / KS * KS` and the tail loop the rest, so every
     // `k` index is `< k`; `panel_row` reads only `panel_width` values of a panel row.
     unsafe {
