@@ -122,8 +122,7 @@ pub fn selected() -> Result<Isa, IsaError> {
 }
 
 /// Whether `isa`'s kernels count a half register as half the cost of a whole one (measured once;
-/// see `TileShape::half_lanes`), which changes the forms packing picks. The caller has checked
-/// `isa.is_supported()`.
+/// see `TileShape::half_lanes`), which changes the forms packing picks.
 pub fn half_registers_cheaper(isa: Isa) -> bool {
     f32::kernel(isa).shape.half_lanes > 0
 }

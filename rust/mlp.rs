@@ -203,8 +203,8 @@ impl<T: Float> Mlp<T> {
         let rows = input.len() / self.in_features();
         let len = scratch_len(&self.kernel.shape, &self.packed.view(), rows);
         let mut run = |scratch: &mut [T]| {
-            // SAFETY: `Mlp::new` packed the layers with `self.kernel.shape` and checked through
-            // `dispatch::require` that this CPU supports `self.isa`, the kernel's ISA.
+            // SAFETY: `Mlp::with_kernel` packed the layers with `self.kernel.shape` and checked
+            // through `dispatch::require` that this CPU supports `self.isa`, the kernel's ISA.
             unsafe {
                 (self.kernel.forward)(
                     &self.kernel.shape,

@@ -256,7 +256,7 @@ unsafe fn forward_f64(
 #[target_feature(enable = "avx2,fma")]
 unsafe fn peak_f32(iterations: usize, seed: &[f32]) -> f32 {
     // SAFETY: the caller guarantees AVX2 and FMA.
-    unsafe { fma_loop::<F32x8>(iterations, seed) }
+    unsafe { fma_loop::<F32x8, false>(iterations, seed) }
 }
 
 pub fn kernel_f32() -> Kernel<f32> {
@@ -272,7 +272,7 @@ pub fn kernel_f32() -> Kernel<f32> {
 #[target_feature(enable = "avx2,fma")]
 unsafe fn peak_f64(iterations: usize, seed: &[f64]) -> f64 {
     // SAFETY: the caller guarantees AVX2 and FMA.
-    unsafe { fma_loop::<F64x4>(iterations, seed) }
+    unsafe { fma_loop::<F64x4, false>(iterations, seed) }
 }
 
 pub fn kernel_f64() -> Kernel<f64> {

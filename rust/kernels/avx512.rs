@@ -4,9 +4,7 @@ use std::arch::x86_64::*;
 
 use std::sync::OnceLock;
 
-use super::{
-    fma_loop, fma_loop_half, forward_rows, half_is_cheaper, Kernel, Packed, SimdVec, TileShape,
-};
+use super::{fma_loop, forward_rows, half_is_cheaper, Kernel, Packed, SimdVec, TileShape};
 
 #[derive(Clone, Copy, Debug)]
 struct F32x16(__m512);
@@ -300,7 +298,7 @@ unsafe fn forward_f64(
 #[target_feature(enable = "avx512f")]
 unsafe fn peak_f32(iterations: usize, seed: &[f32]) -> f32 {
     // SAFETY: the caller guarantees AVX-512F.
-    unsafe { fma_loop::<F32x16>(iterations, seed) }
+    unsafe { fma_loop::<F32x16, false>(iterations, seed) }
 }
 
 /// # Safety
@@ -308,7 +306,7 @@ unsafe fn peak_f32(iterations: usize, seed: &[f32]) -> f32 {
 #[target_feature(enable = "avx512f")]
 unsafe fn peak_half_f32(iterations: usize, seed: &[f32]) -> f32 {
     // SAFETY: the caller guarantees AVX-512F.
-    unsafe { fma_loop_half::<F32x16>(iterations, seed) }
+    unsafe { fma_loop::<F32x16, true>(iterations, seed) }
 }
 
 pub fn kernel_f32() -> Kernel<f32> {
@@ -324,7 +322,7 @@ pub fn kernel_f32() -> Kernel<f32> {
 #[target_feature(enable = "avx512f")]
 unsafe fn peak_f64(iterations: usize, seed: &[f64]) -> f64 {
     // SAFETY: the caller guarantees AVX-512F.
-    unsafe { fma_loop::<F64x8>(iterations, seed) }
+    unsafe { fma_loop::<F64x8, false>(iterations, seed) }
 }
 
 pub fn kernel_f64() -> Kernel<f64> {

@@ -342,20 +342,30 @@ pub struct Packed<'a, T> {
 const PEAK_CHAINS: usize = 12;
 
 /// The FMA-throughput ceiling: `iterations x PEAK_CHAINS` independent register FMAs and nothing
-/// else. Returns a value that depends on every FMA, so none is optimised away.
+/// else. Returns a value that depends on every FMA, so none is optimised away. With
+/// `HALF_CHAINS`, every third chain runs in the registers' low half ([`SimdVec::mul_add_half`]):
+/// as fast as without where a half costs as much as a whole register, 5/6 of the time where it
+/// costs half (see [`half_is_cheaper`]).
 ///
 /// # Safety
-/// The CPU supports `V`'s ISA.
+/// The CPU supports `V`'s ISA; `HALF_CHAINS` only where `V::HALF_LANES > 0`.
 #[inline(always)]
-pub unsafe fn fma_loop<V: SimdVec>(iterations: usize, seed: &[V::Elem]) -> V::Elem {
-    assert!(seed.len() >= V::LANES);
+pub unsafe fn fma_loop<V: SimdVec, const HALF_CHAINS: bool>(
+    iterations: usize,
+    seed: &[V::Elem],
+) -> V::Elem {
+    assert!(seed.len() >= V::LANES && (!HALF_CHAINS || V::HALF_LANES > 0));
     // SAFETY: `seed` holds at least `LANES` values; the caller guarantees the ISA.
     unsafe {
         let x = V::load(seed.as_ptr());
         let mut acc = [x; PEAK_CHAINS];
         for _ in 0..iterations {
-            for a in acc.iter_mut() {
-                *a = a.mul_add(x, x);
+            for (chain, a) in acc.iter_mut().enumerate() {
+                *a = if HALF_CHAINS && chain % 3 == 2 {
+                    a.mul_add_half(x, x)
+                } else {
+                    a.mul_add(x, x)
+                };
             }
         }
         let mut sum = V::zero();
@@ -366,38 +376,8 @@ pub unsafe fn fma_loop<V: SimdVec>(iterations: usize, seed: &[V::Elem]) -> V::El
     }
 }
 
-/// [`fma_loop`] with every third chain in the registers' low half ([`SimdVec::mul_add_half`]):
-/// as fast as `fma_loop` where a half costs as much as a whole register, 5/6 of its time
-/// where it costs half (see [`half_is_cheaper`]).
-///
-/// # Safety
-/// The CPU supports `V`'s ISA, and `V::HALF_LANES > 0`.
-#[inline(always)]
-pub unsafe fn fma_loop_half<V: SimdVec>(iterations: usize, seed: &[V::Elem]) -> V::Elem {
-    assert!(seed.len() >= V::LANES && V::HALF_LANES > 0);
-    // SAFETY: `seed` holds at least `LANES` values; the caller guarantees the ISA.
-    unsafe {
-        let x = V::load(seed.as_ptr());
-        let mut acc = [x; PEAK_CHAINS];
-        for _ in 0..iterations {
-            for (chain, a) in acc.iter_mut().enumerate() {
-                *a = if chain % 3 == 2 {
-                    a.mul_add_half(x, x)
-                } else {
-                    a.mul_add(x, x)
-                };
-            }
-        }
-        let mut sum = V::zero();
-        for a in acc {
-            sum = a.mul_add_half(x, sum);
-        }
-        sum.sum()
-    }
-}
-
 /// Whether a multiply-add on half a register costs half as much as on a whole one, timed
-/// with `full` ([`fma_loop`]) against `half` ([`fma_loop_half`]) for the same ISA: alternating
+/// with `full` ([`fma_loop`]) against `half` (the same with `HALF_CHAINS`) for the same ISA: alternating
 /// runs of a few microseconds, the fastest of each kept, so a preempted run does not decide.
 ///
 /// # Safety

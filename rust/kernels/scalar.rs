@@ -97,7 +97,7 @@ unsafe fn forward<T: Element>(
 /// Always safe to call.
 unsafe fn peak<T: Element>(iterations: usize, seed: &[T]) -> T {
     // SAFETY: plain Rust arithmetic needs no CPU feature.
-    unsafe { fma_loop::<Lane<T>>(iterations, seed) }
+    unsafe { fma_loop::<Lane<T>, false>(iterations, seed) }
 }
 
 pub fn kernel_f32() -> Kernel<f32> {
