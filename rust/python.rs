@@ -207,6 +207,55 @@ fn run_kernel<T: Float>(
 /// a panic; larger ones go through `numpy.empty`, where it is a MemoryError.
 const DIRECT_ALLOC_MAX_BYTES: usize = 1 << 20;
 
+/// A new uninitialised `(rows, out_features)` array for the kernel to fill.
+///
+/// # Safety
+/// The caller writes every element before Python can see the array.
+unsafe fn new_output<'py, T: Float + numpy::Element>(
+    py: Python<'py>,
+    mlp: &Mlp<T>,
+    rows: usize,
+) -> PyResult<Bound<'py, PyArray2<T>>> {
+    let bytes = rows
+        .checked_mul(mlp.out_features())
+        .and_then(|n| n.checked_mul(std::mem::size_of::<T>()));
+    match bytes {
+        Some(bytes) if bytes <= DIRECT_ALLOC_MAX_BYTES => {
+            // SAFETY: left uninitialised for the caller to fill, as the contract says.
+            Ok(unsafe { PyArray2::<T>::new(py, [rows, mlp.out_features()], false) })
+        }
+        Some(bytes) if bytes <= isize::MAX as usize => {
+            let empty = py.import("numpy")?.getattr("empty")?;
+            let out = empty.call1(((rows, mlp.out_features()), T::NAME))?;
+            Ok(out.cast_into::<PyArray2<T>>()?)
+        }
+        _ => Err(PyValueError::new_err(format!(
+            "an output of {rows} x {} {} values is larger than memory can address",
+            mlp.out_features(),
+            T::NAME
+        ))),
+    }
+}
+
+/// Runs the chain on `input` into a new array.
+fn run_new_from<'py, T: Float + numpy::Element>(
+    py: Python<'py>,
+    mlp: &Mlp<T>,
+    input: &[T],
+    rows: usize,
+) -> PyResult<Bound<'py, PyAny>> {
+    // SAFETY: the kernel below writes every element; if it fails, the array is dropped here,
+    // never seen by Python.
+    let out = unsafe { new_output(py, mlp, rows) }?;
+    // SAFETY: `out` was created above as a C-contiguous array and no other reference to it
+    // exists yet, so nothing else reads or writes it while the kernel fills it. (The borrow
+    // tracking of `readwrite` would cost a sixth of a batch-1 call.)
+    let output = unsafe { out.as_slice_mut() }
+        .map_err(|e| PyRuntimeError::new_err(format!("new output array: {e}")))?;
+    run_kernel(py, mlp, input, output)?;
+    Ok(out.into_any())
+}
+
 /// The chain on `x` into a new array: one native call for the common case, where batch-1
 /// latency is mostly call overhead.
 fn run_new<'py, T: Float + numpy::Element>(
@@ -216,36 +265,41 @@ fn run_new<'py, T: Float + numpy::Element>(
 ) -> PyResult<Bound<'py, PyAny>> {
     let input = checked_input(mlp, x)?;
     let rows = input.shape()[0];
-    let input = c_order(&input, "x")?;
-    let bytes = rows
-        .checked_mul(mlp.out_features())
-        .and_then(|n| n.checked_mul(std::mem::size_of::<T>()));
-    let out = match bytes {
-        // SAFETY: the array is left uninitialised only until the kernel below writes every
-        // element; if the kernel fails, it is dropped here, never seen by Python.
-        Some(bytes) if bytes <= DIRECT_ALLOC_MAX_BYTES => unsafe {
-            PyArray2::<T>::new(py, [rows, mlp.out_features()], false)
-        },
-        Some(bytes) if bytes <= isize::MAX as usize => {
-            let empty = py.import("numpy")?.getattr("empty")?;
-            let out = empty.call1(((rows, mlp.out_features()), T::NAME))?;
-            out.cast_into::<PyArray2<T>>()?
-        }
-        _ => {
-            return Err(PyValueError::new_err(format!(
-                "an output of {rows} x {} {} values is larger than memory can address",
-                mlp.out_features(),
-                T::NAME
-            )))
-        }
+    run_new_from(py, mlp, c_order(&input, "x")?, rows)
+}
+
+/// The chain on `rows` rows at `address` into a new array (see `Chain._forward_from_address`).
+///
+/// # Safety
+/// `address` is that of `rows x in_features` values of type `T` in row order, readable and
+/// written by nothing else until this returns.
+unsafe fn run_new_from_address<'py, T: Float + numpy::Element>(
+    py: Python<'py>,
+    mlp: &Mlp<T>,
+    address: usize,
+    rows: usize,
+) -> PyResult<Bound<'py, PyAny>> {
+    let len = rows
+        .checked_mul(mlp.in_features())
+        .filter(|&len| {
+            len.checked_mul(std::mem::size_of::<T>())
+                .is_some_and(|b| b <= isize::MAX as usize)
+        })
+        .ok_or_else(|| PyValueError::new_err(format!("{rows} rows are more than memory holds")))?;
+    if len > 0 && (address == 0 || !address.is_multiple_of(std::mem::align_of::<T>())) {
+        return Err(PyValueError::new_err(format!(
+            "address {address:#x} is not that of {} values",
+            T::NAME
+        )));
+    }
+    let input = if len == 0 {
+        &[]
+    } else {
+        // SAFETY: non-null and aligned (checked above), `len` values that stay readable and
+        // unwritten for the call (the caller's contract), a size that fits an `isize`.
+        unsafe { std::slice::from_raw_parts(address as *const T, len) }
     };
-    // SAFETY: `out` was created above as a C-contiguous array and no other reference to it
-    // exists yet, so nothing else reads or writes it while the kernel fills it. (The borrow
-    // tracking of `readwrite` would cost a sixth of a batch-1 call.)
-    let output = unsafe { out.as_slice_mut() }
-        .map_err(|e| PyRuntimeError::new_err(format!("new output array: {e}")))?;
-    run_kernel(py, mlp, input, output)?;
-    Ok(out.into_any())
+    run_new_from(py, mlp, input, rows)
 }
 
 enum TypedMlp {
@@ -322,6 +376,30 @@ impl Chain {
                 }
             }
             result => result,
+        }
+    }
+
+    /// The chain on `rows` rows of `in_features` values of the chain's dtype, stored in row
+    /// order at memory `address`, into a new array.
+    ///
+    /// Private to `fusedae.torch`, which passes a checked contiguous CPU tensor's `data_ptr()`
+    /// (`Tensor.numpy()` would add 0.6 us to a 5.4 us one-row call). Nothing here can check the
+    /// address holds that many values: a wrong one reads arbitrary memory, as with `ctypes`.
+    /// The tensor must stay alive and unresized for the call; like `numpy`, larger calls release
+    /// the GIL, so another thread changing it meanwhile is a data race, as for any array.
+    fn _forward_from_address<'py>(
+        &self,
+        py: Python<'py>,
+        address: usize,
+        rows: usize,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        // SAFETY: the Python caller's contract above (a private method, used by `fusedae.torch`
+        // after checking the tensor it reads).
+        unsafe {
+            match &self.mlp {
+                TypedMlp::F32(mlp) => run_new_from_address(py, mlp, address, rows),
+                TypedMlp::F64(mlp) => run_new_from_address(py, mlp, address, rows),
+            }
         }
     }
 

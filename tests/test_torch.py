@@ -107,6 +107,19 @@ def test_non_contiguous_and_expanded_input():
             assert relative_error(fused(x), seed(x)) <= 1e-5
 
 
+def test_input_with_the_negative_bit_set():
+    """A lazily negated view (`conj().imag` of a complex tensor) holds the values un-negated:
+    the fused call must read what the tensor means, not what its memory holds."""
+    seed, fused = seed_and_fused()
+    strided = torch.randn(3, 784, dtype=torch.complex64).conj().imag
+    contiguous = torch._neg_view(torch.randn(3, 784))
+    for x in (strided, contiguous, contiguous[:1]):
+        assert x.is_neg()
+        with torch.inference_mode():
+            assert relative_error(fused(x), seed(x)) <= 1e-5
+            assert relative_error(fused.encoder(x), seed.encoder(x)) <= 1e-5
+
+
 def test_no_grad_and_inference_mode_bypass_autograd():
     _, fused = seed_and_fused()
     x = torch.randn(3, 784)

@@ -36,6 +36,10 @@ class Chain:
     ) -> npt.NDArray[np.floating]:
         """``forward``, or, for input ``forward`` refuses, the subclass's ``_call_general(x, out)``
         where it has one."""
+    def _forward_from_address(self, address: int, rows: int) -> npt.NDArray[np.floating]:
+        """The chain on ``rows`` rows of ``in_features`` values of the chain's dtype stored in row
+        order at memory ``address`` (a checked contiguous CPU tensor's ``data_ptr()``), into a
+        new array. Private to ``fusedae.torch``: a wrong address reads arbitrary memory."""
     @property
     def isa(self) -> Literal["avx512", "avx2", "scalar"]: ...
     @property

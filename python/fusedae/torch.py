@@ -75,7 +75,7 @@ def pack_chain(
 
 def _run(chain: _native.Chain, x: torch.Tensor) -> torch.Tensor:
     """The kernel on ``x`` of shape ``(*, in_features)``; no autograd."""
-    flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    flat = (x if x.dim() == 2 else x.reshape(-1, x.shape[-1])).resolve_neg()
     if flat.requires_grad:
         flat = flat.detach()
     if not flat.is_contiguous():
@@ -169,10 +169,13 @@ class _ChainState:
         self.__init__()  # type: ignore[misc]
 
     def invalidate(self) -> None:
-        self.key: list[tuple[int, int, int] | None] | None = None
         self.dtype: torch.dtype | None = None
         self.chain: _native.Chain | None = None
+        # The parameters packed, with their version counters and addresses at packing time
+        # (versions None: inference tensors, which have no counter; packed again each call).
         self.params: list[torch.Tensor | None] = []
+        self.versions: list[int | None] | None = None
+        self.addresses: list[int] = []
         self.pinned: list[torch.Tensor | None] = []
 
     def set_modules(
@@ -191,24 +194,39 @@ class _ChainState:
             self.invalidate()
         return self.layers
 
+    def unchanged(self) -> bool:
+        """Whether every parameter is still the one packed, at the same address and version."""
+        # Read straight from each Linear's parameter dict (`linear.weight` goes through
+        # `nn.Module.__getattr__`) in one unrolled pass: this runs on every call.
+        versions = self.versions
+        if versions is None:
+            return False
+        params, addresses = self.params, self.addresses
+        index = 0
+        for parameters in self.parameter_dicts:
+            weight: torch.Tensor = parameters["weight"]  # an nn.Linear always has a weight
+            bias: torch.Tensor | None = parameters["bias"]
+            if (
+                weight is not params[index]
+                or weight._version != versions[index]
+                or weight.data_ptr() != addresses[index]
+            ):
+                return False
+            index += 1
+            if bias is not params[index] or (
+                bias is not None
+                and (bias._version != versions[index] or bias.data_ptr() != addresses[index])
+            ):
+                return False
+            index += 1
+        return True
+
     def chain_for(self, dtype: torch.dtype) -> _native.Chain | None:
         """The packed chain for inputs of ``dtype``, or None if the parameters do not allow it
         (another device or dtype)."""
-        # Read straight from each Linear's parameter dict: `linear.weight` goes through
-        # `nn.Module.__getattr__`, slow on a per-call path (as is a second pass over them).
-        dicts = self.parameter_dicts
-        try:
-            # `id` stands for identity: `self.params` holds the parameters the key describes.
-            key = [
-                None if p is None else (id(p), p._version, p.data_ptr())
-                for d in dicts
-                for p in (d["weight"], d["bias"])
-            ]
-        except RuntimeError:  # inference tensors have no version counter: pack every time
-            key = None
-        if key is not None and key == self.key and dtype is self.dtype:
+        if dtype is self.dtype and self.unchanged():
             return self.chain
-        params = [p for d in dicts for p in (d["weight"], d["bias"])]
+        params = [p for d in self.parameter_dicts for p in (d["weight"], d["bias"])]
         usable = all(
             p is None or (p.device.type == "cpu" and p.dtype == dtype and p.layout == torch.strided)
             for p in params
@@ -222,7 +240,12 @@ class _ChainState:
             if usable
             else None
         )
-        self.key, self.dtype, self.params = key, dtype, params
+        try:
+            self.versions = [None if p is None else p._version for p in params]
+        except RuntimeError:  # inference tensors have no version counter: pack every time
+            self.versions = None
+        self.addresses = [0 if p is None else p.data_ptr() for p in params]
+        self.dtype, self.params = dtype, params
         self.pinned = [None if p is None else p.detach() for p in params]
         return self.chain
 
@@ -238,7 +261,7 @@ class _ChainState:
             or torch._C._get_tracing_state() is not None
             or torch._C._are_functorch_transforms_active()
             or not x.is_cpu
-            or x.layout != torch.strided
+            or x.layout is not torch.strided
         ):
             return None
         in_features = self.in_features
@@ -260,8 +283,10 @@ class _ChainState:
             x.requires_grad or any(p is not None and p.requires_grad for p in self.params)
         ):
             return FusedMLPFunction.apply(x, chain, self.activations, *self.params)
-        if len(shape) == 2 and not x.requires_grad and x.is_contiguous():
-            return torch.from_numpy(chain(x.numpy()))  # `_run`'s common case, inlined
+        if len(shape) == 2 and not x.requires_grad and x.is_contiguous() and not x.is_neg():
+            # `_run`'s common case: the kernel reads the tensor checked above where it lies
+            # (`x.numpy()` would cost a third of a one-row call).
+            return torch.from_numpy(chain._forward_from_address(x.data_ptr(), shape[0]))
         return _run(chain, x)
 
 
@@ -326,21 +351,28 @@ class FusedMLP(nn.Sequential):
         # `nn.Module.__call__` costs about as much as the fused kernel on one row. Where it would
         # do nothing but call `forward` (no hooks on this module: global ones are the chain's to
         # check; not compiled by `.compile()`; `torch.jit.trace` is the chain's to check too),
-        # the fused call skips it. Anything else takes the usual path.
+        # the fused call skips it. Anything else takes the usual path. Attributes are read from
+        # the instance dict, which `nn.Module` keeps them in (a third faster than `self.name`).
+        attributes = self.__dict__
         if (
             len(args) == 1
             and not kwargs
             and not (
-                self._forward_hooks
-                or self._forward_pre_hooks
-                or self._backward_hooks
-                or self._backward_pre_hooks
+                attributes["_forward_hooks"]
+                or attributes["_forward_pre_hooks"]
+                or attributes["_backward_hooks"]
+                or attributes["_backward_pre_hooks"]
             )
-            and self.__dict__.get("_compiled_call_impl") is None  # set by `.compile()`, torch 2.2+
+            and attributes.get("_compiled_call_impl") is None  # set by `.compile()`, torch 2.2+
         ):
-            result = self._fused_forward(args[0])
-            if result is not None:
-                return result
+            state = attributes["_fused"]  # `_fused_forward` inlined: this is the batch-1 path
+            modules = tuple(attributes["_modules"].values())
+            if modules != state.modules:
+                state.set_modules(modules)
+            if state.layers is not None:
+                result = state.forward(args[0])
+                if result is not None:
+                    return result
         return super().__call__(*args, **kwargs)
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
