@@ -182,6 +182,11 @@ class TestNeverStale:
         fused.encoder[0].weight = nn.Parameter(torch.randn(8, 20))
         seed.encoder[0].weight = nn.Parameter(fused.encoder[0].weight.detach().clone())
         self.check(fused, seed)
+        fused.decoder[2].bias = nn.Parameter(torch.randn(20))
+        seed.decoder[2].bias = nn.Parameter(fused.decoder[2].bias.detach().clone())
+        self.check(fused, seed)
+        fused.encoder[2].bias = seed.encoder[2].bias = None
+        self.check(fused, seed)
         fused.double()
         seed.double()
         self.check(fused, seed, torch.float64)

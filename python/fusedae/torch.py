@@ -39,6 +39,8 @@ _FUSED_DTYPES = (torch.float32, torch.float64)
 
 # A chain as the kernels see it: each Linear with the activation applied to its outputs.
 Layers = tuple[tuple[nn.Linear, str], ...]
+# A layer's parameter dict, weight, weight version, weight address, bias, bias version, address.
+_PackedLayer = tuple[dict[str, Any], torch.Tensor, int, int, torch.Tensor | None, int, int]
 
 
 def _chain_layers(modules: Iterable[nn.Module]) -> Layers | None:
@@ -171,11 +173,11 @@ class _ChainState:
     def invalidate(self) -> None:
         self.dtype: torch.dtype | None = None
         self.chain: _native.Chain | None = None
-        # The parameters packed, with their version counters and addresses at packing time
-        # (versions None: inference tensors, which have no counter; packed again each call).
         self.params: list[torch.Tensor | None] = []
-        self.versions: list[int | None] | None = None
-        self.addresses: list[int] = []
+        # Per layer, what was packed: its parameter dict, then the weight and the bias, each
+        # with its version counter and address at packing time (None: inference tensors, which
+        # have no version counter; packed again on each call).
+        self.packed: list[_PackedLayer] | None = None
         self.pinned: list[torch.Tensor | None] = []
 
     def set_modules(
@@ -197,28 +199,29 @@ class _ChainState:
     def unchanged(self) -> bool:
         """Whether every parameter is still the one packed, at the same address and version."""
         # Read straight from each Linear's parameter dict (`linear.weight` goes through
-        # `nn.Module.__getattr__`) in one unrolled pass: this runs on every call.
-        versions = self.versions
-        if versions is None:
+        # `nn.Module.__getattr__`) in one pass: this runs on every call.
+        if self.packed is None:
             return False
-        params, addresses = self.params, self.addresses
-        index = 0
-        for parameters in self.parameter_dicts:
-            weight: torch.Tensor = parameters["weight"]  # an nn.Linear always has a weight
-            bias: torch.Tensor | None = parameters["bias"]
+        for (
+            parameters,
+            weight,
+            weight_version,
+            weight_address,
+            bias,
+            bias_version,
+            bias_address,
+        ) in self.packed:
             if (
-                weight is not params[index]
-                or weight._version != versions[index]
-                or weight.data_ptr() != addresses[index]
+                parameters["weight"] is not weight
+                or weight._version != weight_version
+                or weight.data_ptr() != weight_address
+                or parameters["bias"] is not bias
             ):
                 return False
-            index += 1
-            if bias is not params[index] or (
-                bias is not None
-                and (bias._version != versions[index] or bias.data_ptr() != addresses[index])
+            if bias is not None and (
+                bias._version != bias_version or bias.data_ptr() != bias_address
             ):
                 return False
-            index += 1
         return True
 
     def chain_for(self, dtype: torch.dtype) -> _native.Chain | None:
@@ -241,10 +244,18 @@ class _ChainState:
             else None
         )
         try:
-            self.versions = [None if p is None else p._version for p in params]
+            packed = []
+            for parameters, weight, bias in zip(
+                self.parameter_dicts, params[0::2], params[1::2], strict=True
+            ):
+                assert weight is not None  # an nn.Linear always has a weight
+                weight_version, weight_address = _state(weight)
+                bias_version, bias_address = (0, 0) if bias is None else _state(bias)
+                layer = (parameters, weight, weight_version, weight_address, bias)
+                packed.append((*layer, bias_version, bias_address))
+            self.packed = packed
         except RuntimeError:  # inference tensors have no version counter: pack every time
-            self.versions = None
-        self.addresses = [0 if p is None else p.data_ptr() for p in params]
+            self.packed = None
         self.dtype, self.params = dtype, params
         self.pinned = [None if p is None else p.detach() for p in params]
         return self.chain
@@ -288,6 +299,12 @@ class _ChainState:
             # (`x.numpy()` would cost a third of a one-row call).
             return torch.from_numpy(chain._forward_from_address(x.data_ptr(), shape[0]))
         return _run(chain, x)
+
+
+def _state(tensor: torch.Tensor) -> tuple[int, int]:
+    """A tensor's version counter and address: an in-place op changes the one, `.data = ...`
+    the other."""
+    return tensor._version, tensor.data_ptr()
 
 
 def _hook_registries(modules: Iterable[nn.Module]) -> list[dict[int, Any]]:
