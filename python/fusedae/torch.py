@@ -36,7 +36,10 @@ __all__ = [
 ]
 
 _FUSED_DTYPES = (torch.float32, torch.float64)
-_NUMPY_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
+_NUMPY_DTYPES: dict[torch.dtype, np.dtype] = {
+    torch.float32: np.dtype(np.float32),
+    torch.float64: np.dtype(np.float64),
+}
 
 # A chain as the kernels see it: each Linear with the activation applied to its outputs.
 Layers = tuple[tuple[nn.Linear, str], ...]
