@@ -291,6 +291,26 @@ class TestFusedMLP:
                 handle.remove()
         assert seen == [(4, 3), (4, 20)]
 
+    def test_hooks_on_the_module_itself_run_around_the_fused_call(self, monkeypatch):
+        seed, fused = seed_and_fused(20, 3, 8)
+        x = torch.randn(4, 20)
+        packs = []
+        real_chain_for = fusedae.torch._ChainState.chain_for
+        monkeypatch.setattr(
+            fusedae.torch._ChainState,
+            "chain_for",
+            lambda state, dtype: packs.append(dtype) or real_chain_for(state, dtype),
+        )
+        for module, reference in ((fused, seed), (fused.encoder, seed.encoder)):
+            packs.clear()
+            pre = module.register_forward_pre_hook(lambda m, args: (args[0] * 2,))
+            post = module.register_forward_hook(lambda m, args, out: out + 1)
+            with torch.no_grad():
+                assert relative_error(module(x), reference(x * 2) + 1) <= 1e-5
+            assert packs  # the forward between the hooks still ran fused
+            pre.remove()
+            post.remove()
+
     def test_hooks_added_after_a_fused_call_still_run(self):
         fused = FusedMLP(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2))
         x = torch.randn(3, 6)

@@ -338,6 +338,28 @@ def _has_hooks(modules: Iterable[nn.Module]) -> bool:
     return any(_hook_registries(modules))
 
 
+def _only_forward(
+    attributes: dict[str, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> bool:
+    """Whether ``nn.Module.__call__`` on the module with instance dict ``attributes`` would do
+    nothing but call ``forward(*args)``: one argument, no hooks on the module, not compiled by
+    ``.compile()``. Global hooks, the children's and ``torch.jit.trace`` are the fused call's to
+    check. Where this holds, FusedMLP and AE skip ``nn.Module.__call__``, which costs about as
+    much as the fused kernel on one row. Attributes are read from the instance dict, where
+    ``nn.Module`` keeps them (a third faster than ``module.name``)."""
+    return (
+        len(args) == 1
+        and not kwargs
+        and not (
+            attributes["_forward_hooks"]
+            or attributes["_forward_pre_hooks"]
+            or attributes["_backward_hooks"]
+            or attributes["_backward_pre_hooks"]
+        )
+        and attributes.get("_compiled_call_impl") is None  # set by `.compile()`, torch 2.2+
+    )
+
+
 class FusedMLP(nn.Sequential):
     """An ``nn.Sequential`` of ``nn.Linear`` with ``nn.ReLU`` / ``nn.Identity`` between them,
     run by the fused kernel on CPU.
@@ -372,23 +394,8 @@ class FusedMLP(nn.Sequential):
         self._fused.invalidate()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        # `nn.Module.__call__` costs about as much as the fused kernel on one row. Where it would
-        # do nothing but call `forward` (no hooks on this module: global ones are the chain's to
-        # check; not compiled by `.compile()`; `torch.jit.trace` is the chain's to check too),
-        # the fused call skips it. Anything else takes the usual path. Attributes are read from
-        # the instance dict, which `nn.Module` keeps them in (a third faster than `self.name`).
         attributes = self.__dict__
-        if (
-            len(args) == 1
-            and not kwargs
-            and not (
-                attributes["_forward_hooks"]
-                or attributes["_forward_pre_hooks"]
-                or attributes["_backward_hooks"]
-                or attributes["_backward_pre_hooks"]
-            )
-            and attributes.get("_compiled_call_impl") is None  # set by `.compile()`, torch 2.2+
-        ):
+        if _only_forward(attributes, args, kwargs):
             state = attributes["_fused"]  # `_fused_forward` inlined: this is the batch-1 path
             modules = tuple(attributes["_modules"].values())
             if modules != state.modules:
@@ -430,18 +437,33 @@ class AE(nn.Module):
         self.encoder.invalidate()
         self.decoder.invalidate()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(*, x_dim)`` -> reconstruction of shape ``(*, x_dim)``."""
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if _only_forward(self.__dict__, args, kwargs):
+            result = self._fused_forward(args[0])
+            if result is not None:
+                return result
+        return super().__call__(*args, **kwargs)
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The whole chain as one fused call on ``x``, or None where plain PyTorch must run it."""
         # Children read from the module dict directly: `self.encoder` goes through
         # `nn.Module.__getattr__`, slow on a per-call path.
         encoder = cast(nn.Sequential, self._modules["encoder"])
         decoder = cast(nn.Sequential, self._modules["decoder"])
-        result = None
         if type(encoder) in _SEQUENTIALS and type(decoder) in _SEQUENTIALS:
             modules = (*encoder._modules.values(), *decoder._modules.values())
             if self._fused.set_modules(modules, (encoder, decoder)) is not None:
-                result = self._fused.forward(x)
-        return decoder(encoder(x)) if result is None else result
+                return self._fused.forward(x)
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(*, x_dim)`` -> reconstruction of shape ``(*, x_dim)``."""
+        result = self._fused_forward(x)
+        if result is None:
+            encoder = cast(nn.Module, self._modules["encoder"])
+            decoder = cast(nn.Module, self._modules["decoder"])
+            result = decoder(encoder(x))
+        return result
 
 
 def _describe(layers: Layers) -> str:
