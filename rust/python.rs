@@ -2,7 +2,9 @@
 //! dtypes checked with messages that name what was expected and what was given, and the GIL
 //! released around every kernel call but the smallest.
 
-use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray2, PyUntypedArrayMethods};
+use numpy::{
+    PyArray1, PyArray2, PyArrayDescr, PyArrayMethods, PyReadonlyArray2, PyUntypedArrayMethods,
+};
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
@@ -400,6 +402,15 @@ impl Chain {
                 TypedMlp::F32(mlp) => run_new_from_address(py, mlp, address, rows),
                 TypedMlp::F64(mlp) => run_new_from_address(py, mlp, address, rows),
             }
+        }
+    }
+
+    /// The numpy dtype of the chain's values (float32 or float64).
+    #[getter]
+    fn dtype<'py>(&self, py: Python<'py>) -> Bound<'py, PyArrayDescr> {
+        match &self.mlp {
+            TypedMlp::F32(_) => numpy::dtype::<f32>(py),
+            TypedMlp::F64(_) => numpy::dtype::<f64>(py),
         }
     }
 

@@ -311,6 +311,31 @@ class TestFusedMLP:
             pre.remove()
             post.remove()
 
+    def test_a_forward_overridden_or_replaced_is_the_one_called(self):
+        class Doubled(FusedMLP):
+            def forward(self, x):
+                return 2 * super().forward(x)
+
+        class Shifted(AE):
+            def forward(self, x):
+                return super().forward(x) + 1
+
+        _, ae = seed_and_fused(20, 3, 8)
+        doubled = Doubled(*ae.encoder)
+        shifted = Shifted(20, 3, 8)
+        shifted.load_state_dict(ae.state_dict())
+        x = torch.randn(4, 20)
+        with torch.no_grad():
+            for _ in range(2):  # before and after the packed chain is cached
+                assert relative_error(doubled(x), 2 * ae.encoder(x)) <= 1e-5
+                assert relative_error(shifted(x), ae(x) + 1) <= 1e-5
+            for module in (ae, ae.encoder):
+                want = module(x)
+                module.forward = lambda x, forward=module.forward: forward(x) - 1
+                assert relative_error(module(x), want - 1) <= 1e-5
+                del module.forward
+                assert relative_error(module(x), want) <= 1e-5
+
     def test_hooks_added_after_a_fused_call_still_run(self):
         fused = FusedMLP(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2))
         x = torch.randn(3, 6)
@@ -362,6 +387,12 @@ class TestFusedMLP:
             _, ae = seed_and_fused(6, 2, 5)
             traced_ae = torch.jit.trace(ae, x)
             assert relative_error(traced_ae(other), ae.decoder(ae.encoder(other))) <= 1e-5
+        for strict in (True, False):  # TorchDynamo, then fake tensors through plain Python
+            for module in (fused, ae):
+                exported = torch.export.export(module, (x,), strict=strict).module()
+                with torch.no_grad():
+                    want = plain(other) if module is fused else ae.decoder(ae.encoder(other))
+                    assert relative_error(exported(other), want) <= 1e-5
 
     def test_torch_func_transforms_run_plain_pytorch(self):
         plain = nn.Sequential(nn.Linear(6, 42), nn.ReLU(), nn.Linear(42, 3))
@@ -395,6 +426,26 @@ class TestFusedMLP:
 
         x = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
         assert torch.autograd.gradcheck(chain, (x, *params))
+
+    def test_the_function_checks_its_input(self):
+        """`FusedMLPFunction` is public: what the kernel would misread is an error."""
+        weights = [torch.randn(5, 7, dtype=torch.float64)]
+        packed = pack_chain(weights, [None], ["relu"])
+        bad = [
+            (torch.randn(4, 7), TypeError, "dtype float64 .* got torch.float32"),
+            (torch.randn(4, 7).to(torch.float16), TypeError, "got torch.float16"),
+            (torch.randn(4, 6, dtype=torch.float64), ValueError, r"\(\*, 7\), got shape \(4, 6\)"),
+            (torch.tensor(1.0, dtype=torch.float64), ValueError, r"got shape \(\)"),
+            (torch.randn(4, 7, dtype=torch.float64, device="meta"), ValueError, "on meta"),
+            (torch.randn(4, 7, dtype=torch.float64).to_sparse(), ValueError, "sparse_coo"),
+        ]
+        for x, error, message in bad:
+            with pytest.raises(error, match=message):
+                FusedMLPFunction.apply(x, packed, ("relu",), *weights, None)
+        x = torch.randn(2, 3, 7, dtype=torch.float64)
+        want = torch.relu(x @ weights[0].T)
+        got = FusedMLPFunction.apply(x, packed, ("relu",), *weights, None)
+        assert relative_error(got, want) <= 1e-12
 
 
 class TestBadInput:

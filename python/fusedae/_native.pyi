@@ -41,6 +41,9 @@ class Chain:
         order at memory ``address`` (a checked contiguous CPU tensor's ``data_ptr()``), into a
         new array. Private to ``fusedae.torch``: a wrong address reads arbitrary memory."""
     @property
+    def dtype(self) -> np.dtype:
+        """float32 or float64: the chain's values, and what it takes and gives."""
+    @property
     def isa(self) -> Literal["avx512", "avx2", "scalar"]: ...
     @property
     def in_features(self) -> int: ...

@@ -160,10 +160,6 @@ class MLP(_native.Chain):
         return type(self), (self.layers, self._activations)
 
     @property
-    def dtype(self) -> np.dtype:
-        return self._dtype
-
-    @property
     def activations(self) -> tuple[str, ...]:
         return self._activations
 
