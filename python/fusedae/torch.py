@@ -36,10 +36,18 @@ __all__ = [
 ]
 
 _FUSED_DTYPES = (torch.float32, torch.float64)
-# True while TorchDynamo traces (torch.compile, torch.export): one trivial call, where
-# `torch.compiler.is_compiling` makes two (torch 2.3+; older ones have only the latter).
-# Non-strict export and AOTAutograd trace fake tensors, which the exact type check turns away.
+# What the per-call path uses from torch, bound once: each `torch.name` lookup costs ~25 ns.
+# `is_dynamo_compiling` is True while TorchDynamo traces (torch.compile, strict torch.export) in
+# one trivial call where `torch.compiler.is_compiling` makes two (torch 2.3+; older ones have
+# only the latter); non-strict export and AOTAutograd trace fake tensors, which the exact type
+# check turns away.
 _is_dynamo_compiling = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)
+_tracing_state = torch._C._get_tracing_state
+_functorch_transforms_active = torch._C._are_functorch_transforms_active
+_is_grad_enabled = torch.is_grad_enabled
+_from_numpy = torch.from_numpy
+_Tensor = torch.Tensor
+_STRIDED = torch.strided
 _NUMPY_DTYPES: dict[torch.dtype, np.dtype] = {
     torch.float32: np.dtype(np.float32),
     torch.float64: np.dtype(np.float64),
@@ -297,13 +305,13 @@ class _ChainState:
         ``torch.compile`` or ``torch.jit.trace`` tracing, ``torch.func`` transforms, hooks).
         Every check here runs on each call, so they are ordered and written for speed."""
         if (
-            type(x) is not torch.Tensor
+            type(x) is not _Tensor
             or any(self.hook_registries)
             or _is_dynamo_compiling()
-            or torch._C._get_tracing_state() is not None
-            or torch._C._are_functorch_transforms_active()
+            or _tracing_state() is not None
+            or _functorch_transforms_active()
             or not x.is_cpu
-            or x.layout is not torch.strided
+            or x.layout is not _STRIDED
         ):
             return None
         in_features = self.in_features
@@ -324,13 +332,13 @@ class _ChainState:
                     f"expected input of dtype {weight.dtype} (the parameters' dtype), got {dtype}"
                 )
             return None
-        if torch.is_grad_enabled() and (
+        if _is_grad_enabled() and (
             x.requires_grad or any(p is not None and p.requires_grad for p in self.params)
         ):
             return FusedMLPFunction.apply(x, chain, self.activations, *self.params)
         if len(shape) == 2 and not x.requires_grad and x.is_contiguous() and not x.is_neg():
             # `_run`'s common case, inlined: the tensor checked above, read where it lies.
-            return torch.from_numpy(chain._forward_from_address(x.data_ptr(), shape[0]))
+            return _from_numpy(chain._forward_from_address(x.data_ptr(), shape[0]))
         return _run(chain, x)
 
 
@@ -425,9 +433,21 @@ class FusedMLP(nn.Sequential):
         self._fused.invalidate()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if _only_forward(self, FusedMLP.forward, args, kwargs):
-            attributes = self.__dict__
-            state = attributes["_fused"]  # `_fused_forward` inlined: this is the batch-1 path
+        attributes = self.__dict__
+        if (  # `_only_forward(self, FusedMLP.forward, args, kwargs)` inlined: the batch-1 path
+            len(args) == 1
+            and not kwargs
+            and type(self).forward is FusedMLP.forward
+            and "forward" not in attributes
+            and not (
+                attributes["_forward_hooks"]
+                or attributes["_forward_pre_hooks"]
+                or attributes["_backward_hooks"]
+                or attributes["_backward_pre_hooks"]
+            )
+            and attributes.get("_compiled_call_impl") is None
+        ):
+            state = attributes["_fused"]  # `_fused_forward` inlined too
             modules = tuple(attributes["_modules"].values())
             if modules != state.modules:
                 state.set_modules(modules)
