@@ -73,14 +73,14 @@ def test_seed_state_dict_gives_the_same_outputs_and_gradients(dtype, batch):
 def test_ae_forward_on_cpu_is_one_fused_call(monkeypatch):
     seed, fused = seed_and_fused()
     calls = []
-    real_chain_for = fusedae.torch._ChainState.chain_for
+    real_pack = fusedae.torch._ChainState.pack
 
-    def counting_chain_for(state, dtype):
-        chain = real_chain_for(state, dtype)
+    def counting_pack(state, dtype):
+        chain = real_pack(state, dtype)
         calls.append((chain.in_features, chain.out_features))
         return chain
 
-    monkeypatch.setattr(fusedae.torch._ChainState, "chain_for", counting_chain_for)
+    monkeypatch.setattr(fusedae.torch._ChainState, "pack", counting_pack)
     x = torch.randn(5, 784)
     with torch.inference_mode():
         y = fused(x)
@@ -295,11 +295,11 @@ class TestFusedMLP:
         seed, fused = seed_and_fused(20, 3, 8)
         x = torch.randn(4, 20)
         packs = []
-        real_chain_for = fusedae.torch._ChainState.chain_for
+        real_pack = fusedae.torch._ChainState.pack
         monkeypatch.setattr(
             fusedae.torch._ChainState,
-            "chain_for",
-            lambda state, dtype: packs.append(dtype) or real_chain_for(state, dtype),
+            "pack",
+            lambda state, dtype: packs.append(dtype) or real_pack(state, dtype),
         )
         for module, reference in ((fused, seed), (fused.encoder, seed.encoder)):
             packs.clear()
@@ -518,6 +518,6 @@ def test_forced_isa_is_the_one_running():
     expected = FORCED_ISA or fusedae.info()["available_isas"][0]
     _, fused = seed_and_fused(20, 3, 8)
     assert fused.encoder.fused_layers() is not None
-    chain = fused.encoder._fused.chain_for(torch.float32)
+    chain = fused.encoder._fused.pack(torch.float32)
     assert chain is not None
     assert chain.isa == expected

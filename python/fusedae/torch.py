@@ -104,9 +104,11 @@ def _check_input(chain: _native.Chain, x: torch.Tensor) -> None:
     if as_numpy is None or as_numpy != chain.dtype:  # (numpy reads None as float64)
         raise TypeError(f"expected input of dtype {chain.dtype} (the chain's), got {x.dtype}")
     if x.dim() == 0 or x.shape[-1] != chain.in_features:
-        raise ValueError(
-            f"expected input of shape (*, {chain.in_features}), got shape {tuple(x.shape)}"
-        )
+        raise _shape_error(chain.in_features, x.shape)
+
+
+def _shape_error(in_features: int, shape: torch.Size) -> ValueError:
+    return ValueError(f"expected input of shape (*, {in_features}), got shape {tuple(shape)}")
 
 
 def _run(chain: _native.Chain, x: torch.Tensor) -> torch.Tensor:
@@ -263,11 +265,10 @@ class _ChainState:
                 return False
         return True
 
-    def chain_for(self, dtype: torch.dtype) -> _native.Chain | None:
-        """The packed chain for inputs of ``dtype``, or None if the parameters do not allow it
+    def pack(self, dtype: torch.dtype) -> _native.Chain | None:
+        """Packs the parameters for inputs of ``dtype`` (the caller found the packed chain stale,
+        see `unchanged`) and returns the chain, or None if the parameters do not allow it
         (another device or dtype)."""
-        if dtype is self.dtype and self.unchanged():
-            return self.chain
         params = [p for d in self.parameter_dicts for p in (d["weight"], d["bias"])]
         usable = all(
             p is None or (p.device.type == "cpu" and p.dtype == dtype and p.layout == torch.strided)
@@ -317,14 +318,12 @@ class _ChainState:
         in_features = self.in_features
         shape = x.shape
         if not shape or shape[-1] != in_features:
-            raise ValueError(
-                f"expected input of shape (*, {in_features}), got shape {tuple(shape)}"
-            )
+            raise _shape_error(in_features, shape)
         dtype = x.dtype
-        if dtype is self.dtype and self.unchanged():  # `chain_for`'s first step, inlined
+        if dtype is self.dtype and self.unchanged():
             chain = self.chain
         else:
-            chain = self.chain_for(dtype) if dtype in _FUSED_DTYPES else None
+            chain = self.pack(dtype) if dtype in _FUSED_DTYPES else None
         if chain is None:  # parameters elsewhere or of another dtype, or a dtype we do not fuse
             weight = self.parameter_dicts[0]["weight"]
             if weight is not None and weight.dtype != dtype:
