@@ -14,8 +14,10 @@ real test. ``benchmark.extra_info`` holds what ``report.py`` needs (FLOPs per ca
 
 from __future__ import annotations
 
+import functools
+import itertools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +32,9 @@ from fusedae.cli import onnx_session
 # Rows per call when benchmarks are disabled (the smoke run): enough to cross the kernels' row
 # tiles and thread split, few enough to keep `make test` quick.
 SMOKE_MAX_ROWS = 256
+# A streamed group's inputs: at least this much, 8x the 32 MB last-level cache here, so every
+# call's rows come from memory, as when a large dataset is encoded batch after batch.
+STREAM_BYTES = 256 << 20
 # The FMA-peak probe: seconds per probe, probes per group.
 PEAK_SECONDS = 0.1
 PEAK_ROUNDS = 5
@@ -38,13 +43,16 @@ PEAK_ROUNDS = 5
 @dataclass(frozen=True)
 class Model:
     """A chain of Linear layers, ``widths`` from input to output; ReLU after each layer but the
-    last (for the autoencoder: but the bottleneck and the last)."""
+    last (for the autoencoder: but the bottleneck and the last). ``streamed``: batches also run
+    as a stream (each call on the next rows of ``STREAM_BYTES`` of input), not only on one batch
+    that stays in cache."""
 
     key: str
     label: str
     widths: tuple[int, ...]
     batches: tuple[int, ...] = (1, 64, 4096)
     autoencoder: bool = False
+    streamed: tuple[int, ...] = (4096,)
 
     @property
     def activations(self) -> list[str]:
@@ -62,7 +70,7 @@ MODELS = (
     Model("enc784", "encoder 784-42-16", (784, 42, 16), batches=(1, 64, 4096, 65536)),
     Model("ae784", "AE 784-42-16-42-784", (784, 42, 16, 42, 784), autoencoder=True),
     Model("digits", "encoder 64-42-2", (64, 42, 2)),
-    Model("enc1024", "encoder 1024-256-32", (1024, 256, 32)),
+    Model("enc1024", "encoder 1024-256-32", (1024, 256, 32), streamed=()),
 )
 THREADS = (1, 2)
 # Order within a group; peers of one group run back to back.
@@ -87,30 +95,43 @@ CASES = [
         pass_index,
         model.key,
         batch,
+        streamed,
         threads,
         peer,
-        id=f"{model.key}-b{batch}-t{threads}-{peer}" + (f"-pass{pass_index}" if PASSES > 1 else ""),
+        id=f"{model.key}-b{batch}{'-streamed' if streamed else ''}-t{threads}-{peer}"
+        + (f"-pass{pass_index}" if PASSES > 1 else ""),
     )
     for pass_index in range(PASSES)
     for model in MODELS
     for batch in model.batches
+    for streamed in (False, True)[: 2 if batch in model.streamed else 1]
     for threads in THREADS
     for peer in PEERS
 ]
 
 
-def group_name(model: Model, batch: int, threads: int) -> str:
-    return f"{model.label} | batch {batch} | {threads} thread{'s' if threads > 1 else ''}"
+def group_name(model: Model, batch: int, streamed: bool, threads: int) -> str:
+    stream = " streamed" if streamed else ""
+    return f"{model.label} | batch {batch}{stream} | {threads} thread{'s' if threads > 1 else ''}"
 
 
-def _fusedae_numpy(zoo: Any, model: Model, x: np.ndarray, threads: int) -> Callable[[], Any]:
+def _on_inputs(inputs: Sequence[Any], call: Callable[[Any], Any]) -> Callable[[], Any]:
+    """A target that runs ``call`` on the one input, or on the next one of a stream each time
+    (the same few tens of nanoseconds of Python for every peer)."""
+    if len(inputs) == 1:
+        return functools.partial(call, inputs[0])
+    stream = itertools.cycle(inputs)
+    return lambda: call(next(stream))
+
+
+def _fusedae_numpy(zoo: Any, model: Model, xs: list[np.ndarray], threads: int) -> Callable[[], Any]:
     layers = zoo.layers(model)
     mlp = fusedae.MLP([(w, b) for w, b, _ in layers], activations=[a for _, _, a in layers])
     assert mlp.flops_per_row == model.flops_per_row
-    return lambda: mlp(x)
+    return _on_inputs(xs, mlp)
 
 
-def _fusedae_torch(zoo: Any, model: Model, x: np.ndarray, threads: int) -> Callable[[], Any]:
+def _fusedae_torch(zoo: Any, model: Model, xs: list[np.ndarray], threads: int) -> Callable[[], Any]:
     from fusedae.torch import AE, FusedMLP
 
     eager = zoo.eager(model)
@@ -122,35 +143,31 @@ def _fusedae_torch(zoo: Any, model: Model, x: np.ndarray, threads: int) -> Calla
     else:
         module = FusedMLP.from_sequential(eager)
     module.eval()
-    xt = torch.from_numpy(x)
-    return lambda: module(xt)
+    return _on_inputs([torch.from_numpy(x) for x in xs], module)
 
 
-def _torch_eager(zoo: Any, model: Model, x: np.ndarray, threads: int) -> Callable[[], Any]:
-    eager = zoo.eager(model)
-    xt = torch.from_numpy(x)
-    return lambda: eager(xt)
+def _torch_eager(zoo: Any, model: Model, xs: list[np.ndarray], threads: int) -> Callable[[], Any]:
+    return _on_inputs([torch.from_numpy(x) for x in xs], zoo.eager(model))
 
 
-def _torch_compile(zoo: Any, model: Model, x: np.ndarray, threads: int) -> Callable[[], Any]:
+def _torch_compile(zoo: Any, model: Model, xs: list[np.ndarray], threads: int) -> Callable[[], Any]:
     torch._dynamo.reset()  # compile afresh for this batch size and thread count
     compiled = torch.compile(zoo.eager(model))
-    xt = torch.from_numpy(x)
+    xts = [torch.from_numpy(x) for x in xs]
     try:
         with torch.inference_mode():
-            compiled(xt)
+            compiled(xts[0])
     except Exception as exc:  # no C++ compiler, unsupported platform, ...
         pytest.skip(f"torch.compile failed: {type(exc).__name__}: {exc}")
-    return lambda: compiled(xt)
+    return _on_inputs(xts, compiled)
 
 
-def _onnxruntime(zoo: Any, model: Model, x: np.ndarray, threads: int) -> Callable[[], Any]:
+def _onnxruntime(zoo: Any, model: Model, xs: list[np.ndarray], threads: int) -> Callable[[], Any]:
     layers = zoo.layers(model)
     session = onnx_session(
         [(weight, bias) for weight, bias, _ in layers], [act for *_, act in layers], threads
     )
-    feed = {"x": x}
-    return lambda: session.run(None, feed)[0]
+    return _on_inputs([{"x": x} for x in xs], lambda feed: session.run(None, feed)[0])
 
 
 BUILDERS = {
@@ -166,7 +183,7 @@ def _as_numpy(out: Any) -> np.ndarray:
     return out.numpy() if isinstance(out, torch.Tensor) else np.asarray(out)
 
 
-@pytest.mark.parametrize(("pass_index", "model_key", "batch", "threads", "peer"), CASES)
+@pytest.mark.parametrize(("pass_index", "model_key", "batch", "streamed", "threads", "peer"), CASES)
 def test_forward(
     benchmark: Any,
     measure: Callable[[Callable[[], Any]], None],
@@ -176,19 +193,22 @@ def test_forward(
     pass_index: int,
     model_key: str,
     batch: int,
+    streamed: bool,
     threads: int,
     peer: str,
 ) -> None:
-    """One peer of one (model, batch, threads) group: checked against plain PyTorch, then
-    timed; ``rows`` < ``batch`` only in the smoke run."""
+    """One peer of one (model, batch, input, threads) group: checked against plain PyTorch on
+    the first input, then timed; ``rows`` < ``batch``, and a stream of two batches, only in the
+    smoke run."""
     model = MODEL_BY_KEY[model_key]
     rows = batch if benchmark.enabled else min(batch, SMOKE_MAX_ROWS)
-    benchmark.group = group_name(model, batch, threads)
+    benchmark.group = group_name(model, batch, streamed, threads)
     benchmark.extra_info.update(
         model=model.label,
         model_key=model.key,
         widths=list(model.widths),
         batch=batch,
+        streamed=streamed,
         rows=rows,
         threads=threads,
         peer=peer,
@@ -202,11 +222,16 @@ def test_forward(
             return
         if peer == "torch-compile" and benchmark.disabled:
             pytest.skip("torch.compile is only run when benchmarking (it takes seconds)")
-        x = zoo.inputs(model, rows)
+        xs = [zoo.inputs(model, rows)]
+        if streamed:
+            batch_bytes = rows * model.widths[0] * xs[0].itemsize
+            xs = zoo.stream(
+                model, rows, -(-STREAM_BYTES // batch_bytes) if benchmark.enabled else 2
+            )
         expected = zoo.reference(model, rows)
         # Modules are built outside inference_mode, as a user's would be (parameters made
         # inside it are inference tensors, which FusedMLP cannot cache its packing for).
-        target = BUILDERS[peer](zoo, model, x, threads)
+        target = BUILDERS[peer](zoo, model, xs, threads)
         with torch.inference_mode():
             got = _as_numpy(target())
             scale = float(np.abs(expected).max())

@@ -80,6 +80,7 @@ class Zoo:
     def __init__(self) -> None:
         self._eager: dict[str, nn.Module] = {}
         self._inputs: dict[tuple[int, int], np.ndarray] = {}
+        self._streams: dict[tuple[int, int, int], list[np.ndarray]] = {}
         self._references: dict[tuple[str, int], np.ndarray] = {}
 
     def eager(self, model: ModelSpec) -> nn.Module:
@@ -118,6 +119,16 @@ class Zoo:
             rng = np.random.default_rng(rows)
             self._inputs[key] = rng.random((rows, model.widths[0]), dtype=np.float32)
         return self._inputs[key]
+
+    def stream(self, model: ModelSpec, rows: int, batches: int) -> list[np.ndarray]:
+        """``batches`` distinct inputs of ``rows`` rows, ``inputs(model, rows)`` first."""
+        key = (model.widths[0], rows, batches)
+        if key not in self._streams:
+            rng = np.random.default_rng([rows, batches])
+            more = rng.random((batches - 1, rows, model.widths[0]), dtype=np.float32)
+            self._streams.clear()  # one stream at a time: each is hundreds of MB
+            self._streams[key] = [self.inputs(model, rows), *more]
+        return self._streams[key]
 
     def reference(self, model: ModelSpec, rows: int) -> np.ndarray:
         """Plain PyTorch's output on ``inputs(model, rows)``."""
