@@ -87,6 +87,12 @@ impl SimdVec for F32x16 {
     }
 
     #[inline(always)]
+    unsafe fn prefetch_to_l2(ptr: *const f32) {
+        // SAFETY: a prefetch is a hint that never faults; SSE is part of x86-64.
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(ptr.cast()) }
+    }
+
+    #[inline(always)]
     unsafe fn relu(self) -> Self {
         // MAXPS returns its second operand when either is NaN, so NaN survives as in torch.relu.
         // SAFETY: the caller guarantees AVX-512F.
@@ -220,6 +226,12 @@ impl SimdVec for F64x8 {
     unsafe fn prefetch(ptr: *const f64) {
         // SAFETY: a prefetch is a hint that never faults; SSE is part of x86-64.
         unsafe { _mm_prefetch::<_MM_HINT_T0>(ptr.cast()) }
+    }
+
+    #[inline(always)]
+    unsafe fn prefetch_to_l2(ptr: *const f64) {
+        // SAFETY: a prefetch is a hint that never faults; SSE is part of x86-64.
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(ptr.cast()) }
     }
 
     #[inline(always)]

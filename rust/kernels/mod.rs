@@ -116,6 +116,12 @@ pub trait SimdVec: Copy {
     /// # Safety
     /// The CPU supports the ISA.
     unsafe fn prefetch(ptr: *const Self::Elem);
+    /// Hints that `ptr` will be read later: fetched into L2 only, so it does not evict what L1
+    /// holds now; never faults, whatever the address.
+    ///
+    /// # Safety
+    /// The CPU supports the ISA.
+    unsafe fn prefetch_to_l2(ptr: *const Self::Elem);
     /// `max(0, x)` that keeps NaN as NaN, like `torch.relu`.
     ///
     /// # Safety
@@ -668,10 +674,11 @@ unsafe fn forward_rows_in_lanes<V: SimdVec, const MR: usize, const NV_MAX: usize
                 transposed_input.as_mut_ptr(),
                 block,
             );
-            // The next block's input lines, fetched a few per tile of the first layer, so they
-            // are in cache when its transpose reads them: on a batch streaming from memory the
-            // transposes' strided reads stall on every line (digits at 4096 rows from 256 MB:
-            // 354 -> 272 us; all at once, or two blocks ahead, fetched less in time).
+            // The next block's input lines, fetched into L2 a few per tile of the first layer,
+            // so they are in cache when its transpose reads them: on a batch streaming from
+            // memory the transposes' strided reads stall on every line (digits at 4096 rows
+            // from 256 MB: 354 -> 260 us). Into L1 they evicted this block's working set (272
+            // us); all at once came later (335 us); two blocks ahead gained nothing.
             let next_rows = rows - block_start - block;
             let next = input
                 .as_ptr()
@@ -694,7 +701,7 @@ unsafe fn forward_rows_in_lanes<V: SimdVec, const MR: usize, const NV_MAX: usize
                 for (t, first) in (0..out).step_by(tile_outs).enumerate() {
                     if index == 0 {
                         for l in t * lines / tiles..(t + 1) * lines / tiles {
-                            V::prefetch(next.wrapping_add(l * line));
+                            V::prefetch_to_l2(next.wrapping_add(l * line));
                         }
                     }
                     let tile = Tile {

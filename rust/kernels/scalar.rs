@@ -59,6 +59,9 @@ impl<T: Element> SimdVec for Lane<T> {
     unsafe fn prefetch(_ptr: *const T) {}
 
     #[inline(always)]
+    unsafe fn prefetch_to_l2(_ptr: *const T) {}
+
+    #[inline(always)]
     unsafe fn relu(self) -> Self {
         // `NaN < 0` is false, so NaN passes through as in torch.relu.
         if self.0 < T::ZERO {
