@@ -284,15 +284,11 @@ class _ChainState:
             else None
         )
         try:
-            packed = []
-            for parameters, weight, bias in zip(
-                self.parameter_dicts, params[0::2], params[1::2], strict=True
-            ):
-                assert weight is not None  # an nn.Linear always has a weight
-                weight_version, weight_address = _state(weight)
-                bias_version, bias_address = (0, 0) if bias is None else _state(bias)
-                layer = (parameters, weight, weight_version, weight_address, bias)
-                packed.append((*layer, bias_version, bias_address))
+            packed: list[_PackedLayer] = []
+            for parameters in self.parameter_dicts:
+                weight, bias = parameters["weight"], parameters["bias"]
+                bias_state = (0, 0) if bias is None else _state(bias)
+                packed.append((parameters, weight, *_state(weight), bias, *bias_state))
             self.packed = packed
         except RuntimeError:  # inference tensors have no version counter: pack every time
             self.packed = None
