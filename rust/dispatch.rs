@@ -1,9 +1,7 @@
 //! Picks the kernel for this CPU: detected once, cached, overridable with `FUSEDAE_ISA`.
 
-use std::cell::RefCell;
 use std::fmt;
 use std::sync::OnceLock;
-use std::thread::LocalKey;
 
 use crate::kernels::{self, Element, Kernel};
 
@@ -121,27 +119,124 @@ pub fn selected() -> Result<Isa, IsaError> {
         .clone()
 }
 
-/// Whether `isa`'s kernels count a half register as half the cost of a whole one (measured once;
-/// see `TileShape::half_lanes`), which changes the forms packing picks.
+/// How `FUSEDAE_HALF_REGISTERS` may set whether half registers count as cheaper.
+const HALF_REGISTERS_VALUES: &str = "on, off or probe";
+
+/// Whether `isa`'s kernels count a multiply-add on half a register as half the cost of a whole
+/// one, which changes the forms packing picks (784 -> 42 as 40 + 2 outputs rather than padded
+/// to 48), and so the order of some sums. Decided once per process from the CPU's identity, so
+/// two processes on one machine compute the same bits whatever the load: true for AVX-512 on
+/// AMD family 19h (Zen 4, which runs a 512-bit FMA as two 256-bit halves), false elsewhere
+/// (Intel server cores and Zen 5 have full-width 512-bit units). `FUSEDAE_HALF_REGISTERS=on|off`
+/// forces it; `=probe` times it instead (load-dependent: for experiments only).
 pub fn half_registers_cheaper(isa: Isa) -> bool {
-    f32::kernel(isa).shape.half_lanes > 0
+    static SETTING: OnceLock<HalfRegisters> = OnceLock::new();
+    static PROBED: OnceLock<bool> = OnceLock::new();
+    if f32::isa_kernel(isa).half_register_lanes == 0 {
+        return false;
+    }
+    match SETTING.get_or_init(HalfRegisters::from_env) {
+        HalfRegisters::On => true,
+        HalfRegisters::Off => false,
+        HalfRegisters::Probe => *PROBED.get_or_init(|| crate::probe::half_is_cheaper(isa)),
+        HalfRegisters::ByCpu => cpu::splits_512_bit_fma(),
+    }
+}
+
+/// Where [`half_registers_cheaper`] comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum HalfRegisters {
+    On,
+    Off,
+    Probe,
+    ByCpu,
+}
+
+impl HalfRegisters {
+    /// `FUSEDAE_HALF_REGISTERS`; an unknown value is ignored with a warning on stderr (read where
+    /// no error can be returned: the first kernel built).
+    fn from_env() -> HalfRegisters {
+        match std::env::var("FUSEDAE_HALF_REGISTERS") {
+            Err(_) => HalfRegisters::ByCpu,
+            Ok(value) => match value.trim().to_ascii_lowercase().as_str() {
+                "" => HalfRegisters::ByCpu,
+                "on" | "1" => HalfRegisters::On,
+                "off" | "0" => HalfRegisters::Off,
+                "probe" => HalfRegisters::Probe,
+                other => {
+                    eprintln!(
+                        "fusedae: FUSEDAE_HALF_REGISTERS={other:?} ignored (expected \
+                         {HALF_REGISTERS_VALUES}); deciding from the CPU"
+                    );
+                    HalfRegisters::ByCpu
+                }
+            },
+        }
+    }
+}
+
+/// The CPU's identity, from CPUID.
+mod cpu {
+    /// Whether this CPU runs a 512-bit FMA as two 256-bit halves: AMD family 19h (Zen 4).
+    #[cfg(target_arch = "x86_64")]
+    pub fn splits_512_bit_fma() -> bool {
+        use std::arch::x86_64::__cpuid;
+        let (vendor, signature) = (__cpuid(0), __cpuid(1));
+        let is_amd = [vendor.ebx, vendor.edx, vendor.ecx]
+            .iter()
+            .flat_map(|word| word.to_le_bytes())
+            .eq(*b"AuthenticAMD");
+        let base_family = (signature.eax >> 8) & 0xf;
+        let family = if base_family == 0xf {
+            base_family + ((signature.eax >> 20) & 0xff)
+        } else {
+            base_family
+        };
+        is_amd && family == 0x19
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    pub fn splits_512_bit_fma() -> bool {
+        false
+    }
+}
+
+/// The values a chain takes and gives. Today they are also the type it computes in and stores
+/// its weights in; a lower-precision chain will keep these as its I/O type and choose its
+/// weights' type when it is packed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    F64,
+}
+
+impl DType {
+    /// As numpy names it.
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => f32::NAME,
+            DType::F64 => f64::NAME,
+        }
+    }
 }
 
 /// Float types with a kernel per ISA.
 pub trait Float: Element {
-    /// The kernel for `isa` (running it needs `isa.is_supported()`).
-    fn kernel(isa: Isa) -> Kernel<Self>;
-    /// This thread's reusable scratch buffer for the kernels.
-    fn scratch() -> &'static LocalKey<RefCell<Vec<Self>>>;
-}
+    const DTYPE: DType;
 
-thread_local! {
-    static SCRATCH_F32: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-    static SCRATCH_F64: RefCell<Vec<f64>> = const { RefCell::new(Vec::new()) };
+    /// The kernel `isa`'s file builds (running it needs `isa.is_supported()`), half registers
+    /// not chosen.
+    fn isa_kernel(isa: Isa) -> Kernel<Self>;
+
+    /// The kernel for `isa`, with half registers chosen for this CPU.
+    fn kernel(isa: Isa) -> Kernel<Self> {
+        Self::isa_kernel(isa).with_half_registers(half_registers_cheaper(isa))
+    }
 }
 
 impl Float for f32 {
-    fn kernel(isa: Isa) -> Kernel<f32> {
+    const DTYPE: DType = DType::F32;
+    fn isa_kernel(isa: Isa) -> Kernel<f32> {
         match isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => kernels::avx512::kernel_f32(),
@@ -150,14 +245,11 @@ impl Float for f32 {
             _ => kernels::scalar::kernel_f32(),
         }
     }
-
-    fn scratch() -> &'static LocalKey<RefCell<Vec<f32>>> {
-        &SCRATCH_F32
-    }
 }
 
 impl Float for f64 {
-    fn kernel(isa: Isa) -> Kernel<f64> {
+    const DTYPE: DType = DType::F64;
+    fn isa_kernel(isa: Isa) -> Kernel<f64> {
         match isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => kernels::avx512::kernel_f64(),
@@ -165,9 +257,5 @@ impl Float for f64 {
             Isa::Avx2 => kernels::avx2::kernel_f64(),
             _ => kernels::scalar::kernel_f64(),
         }
-    }
-
-    fn scratch() -> &'static LocalKey<RefCell<Vec<f64>>> {
-        &SCRATCH_F64
     }
 }

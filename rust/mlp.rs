@@ -1,11 +1,13 @@
 //! The safe API: a chain of Linear layers packed once, run on row-major slices. Shapes are
 //! checked here; threads split the batch into contiguous row chunks, each running the whole chain.
 
+use std::cell::RefCell;
 use std::fmt;
 use std::sync::{Mutex, PoisonError};
 
+pub use crate::dispatch::DType;
 use crate::dispatch::{Float, Isa, IsaError};
-use crate::kernels::{scratch_len, Kernel};
+use crate::kernels::{saved_width, scratch_len, Element, Kernel};
 pub use crate::pack::LayerSpec;
 use crate::pack::PackedChain;
 use crate::threads;
@@ -15,6 +17,7 @@ pub enum Error {
     /// A shape is wrong; the message names what was expected and what was given.
     Shape(String),
     Isa(IsaError),
+    /// The thread pool could not start, or a task panicked (a bug in fusedae).
     Threads(String),
 }
 
@@ -51,13 +54,42 @@ const SCRATCH_KEEP_BYTES: usize = 8 << 20;
 /// better when small); the 784-wide models were unchanged.
 const CHUNKS_PER_THREAD: usize = 8;
 
+/// What a chain is, whatever its element type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChainInfo {
+    pub dtype: DType,
+    pub isa: Isa,
+    pub in_features: usize,
+    pub out_features: usize,
+    /// Floating-point operations per input row (2 per multiply-add).
+    pub flops_per_row: usize,
+    /// Outputs of every layer but the last, per row (see [`Mlp::forward_saving`]).
+    pub saved_width: usize,
+}
+
+/// A chain of any element type: the one place the type is matched on (the Python binding holds
+/// one and dispatches each call from it).
+#[derive(Debug)]
+pub enum AnyMlp {
+    F32(Mlp<f32>),
+    F64(Mlp<f64>),
+}
+
+impl AnyMlp {
+    pub fn info(&self) -> &ChainInfo {
+        match self {
+            AnyMlp::F32(mlp) => &mlp.info,
+            AnyMlp::F64(mlp) => &mlp.info,
+        }
+    }
+}
+
 /// A chain of Linear layers packed for one ISA.
 #[derive(Debug)]
 pub struct Mlp<T: Float> {
-    isa: Isa,
+    info: ChainInfo,
     kernel: Kernel<T>,
     packed: PackedChain<T>,
-    flops_per_row: usize,
 }
 
 impl<T: Float> Mlp<T> {
@@ -110,34 +142,62 @@ impl<T: Float> Mlp<T> {
             flops_per_row = flops_per_row.saturating_add(2 * spec.weight.len());
         }
         let packed = PackedChain::pack(&kernel.shape, specs);
-        Ok(Mlp {
+        let layers = packed.layers();
+        let info = ChainInfo {
+            dtype: T::DTYPE,
             isa,
+            in_features: layers[0].in_features,
+            out_features: layers[layers.len() - 1].out_features,
+            flops_per_row,
+            saved_width: saved_width(layers),
+        };
+        Ok(Mlp {
+            info,
             kernel,
             packed,
-            flops_per_row,
         })
     }
 
+    pub fn info(&self) -> &ChainInfo {
+        &self.info
+    }
+
     pub fn isa(&self) -> Isa {
-        self.isa
+        self.info.isa
     }
 
     pub fn in_features(&self) -> usize {
-        self.packed.layers()[0].in_features
+        self.info.in_features
     }
 
     pub fn out_features(&self) -> usize {
-        self.packed.layers()[self.packed.layers().len() - 1].out_features
+        self.info.out_features
     }
 
     /// Floating-point operations per input row (2 per multiply-add).
     pub fn flops_per_row(&self) -> usize {
-        self.flops_per_row
+        self.info.flops_per_row
     }
 
     /// Runs the chain: `input` is `rows x in_features`, `output` is `rows x out_features`, both
     /// row-major. Large batches are split across fusedae's thread pool.
     pub fn forward(&self, input: &[T], output: &mut [T]) -> Result<(), Error> {
+        self.run(input, output, None)
+    }
+
+    /// [`Mlp::forward`] that also writes, for each row, every layer's outputs but the last's
+    /// (after its post-op), one layer after another, into `saved` (`rows x` [`ChainInfo::
+    /// saved_width`]): what a backward needs.
+    pub fn forward_saving(
+        &self,
+        input: &[T],
+        output: &mut [T],
+        saved: &mut [T],
+    ) -> Result<(), Error> {
+        self.run(input, output, Some(saved))
+    }
+
+    fn run(&self, input: &[T], output: &mut [T], saved: Option<&mut [T]>) -> Result<(), Error> {
         let (in_features, out_features) = (self.in_features(), self.out_features());
         if !input.len().is_multiple_of(in_features) {
             return shape_error(format!(
@@ -152,6 +212,16 @@ impl<T: Float> Mlp<T> {
                 output.len()
             ));
         }
+        let saved_width = self.info.saved_width;
+        if let Some(saved) = &saved {
+            if rows.checked_mul(saved_width) != Some(saved.len()) {
+                return shape_error(format!(
+                    "saved activations for {rows} rows must have {rows} x {saved_width} values, \
+                     got {}",
+                    saved.len()
+                ));
+            }
+        }
         let mr = self.kernel.shape.mr;
         let threads = if rows < 2 * mr || self.is_small(rows) {
             1
@@ -159,8 +229,8 @@ impl<T: Float> Mlp<T> {
             threads::num_threads()
         };
         if threads <= 1 {
-            self.forward_on_this_thread(input, output);
-            return Ok(());
+            return threads::run_caught(|| self.run_on_this_thread(input, output, saved))
+                .map_err(Error::Threads);
         }
         // Several chunks per thread balance a noisy machine, once each chunk is still a few
         // blocks of work; a smaller batch is split evenly, one chunk per thread.
@@ -172,23 +242,38 @@ impl<T: Float> Mlp<T> {
         };
         // Chunks of whole rows-in-lanes blocks where the chain has that packing, so no chunk
         // leaves a tail to the slower path.
-        let granule = if self.packed.view().lanes_layers.is_empty() {
+        let granule = if self.packed.view().lanes_layers.is_empty() || saved.is_some() {
             mr
         } else {
             self.kernel.shape.lanes_block()
         };
         let chunk_rows = rows.div_ceil(chunks).next_multiple_of(granule);
         let inputs: Vec<&[T]> = input.chunks(chunk_rows * in_features).collect();
-        // One lock per chunk hands each task its own part of `output`; none is ever contended.
+        // One lock per chunk hands each task its own part of `output` (and `saved`); none is
+        // ever contended.
         let outputs: Vec<Mutex<&mut [T]>> = output
             .chunks_mut(chunk_rows * out_features)
             .map(Mutex::new)
             .collect();
+        let saved: Vec<Mutex<&mut [T]>> = match saved {
+            Some(saved) if saved_width > 0 => saved
+                .chunks_mut(chunk_rows * saved_width)
+                .map(Mutex::new)
+                .collect(),
+            _ => Vec::new(),
+        };
         threads::run(threads, inputs.len(), &|chunk| {
             let mut output = outputs[chunk]
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            self.forward_on_this_thread(inputs[chunk], &mut output);
+            let mut saved = saved
+                .get(chunk)
+                .map(|s| s.lock().unwrap_or_else(PoisonError::into_inner));
+            self.run_on_this_thread(
+                inputs[chunk],
+                &mut output,
+                saved.as_deref_mut().map(|s| &mut **s),
+            );
         })
         .map_err(Error::Threads)
     }
@@ -196,13 +281,13 @@ impl<T: Float> Mlp<T> {
     /// Whether `rows` rows are too little work to share out: such a call runs on the calling
     /// thread (and the Python binding keeps the GIL for it).
     pub fn is_small(&self, rows: usize) -> bool {
-        rows.saturating_mul(self.flops_per_row) < SMALL_CALL_FLOPS
+        rows.saturating_mul(self.info.flops_per_row) < SMALL_CALL_FLOPS
     }
 
-    fn forward_on_this_thread(&self, input: &[T], output: &mut [T]) {
+    fn run_on_this_thread(&self, input: &[T], output: &mut [T], saved: Option<&mut [T]>) {
         let rows = input.len() / self.in_features();
         let len = scratch_len(&self.kernel.shape, &self.packed.view(), rows);
-        let mut run = |scratch: &mut [T]| {
+        with_scratch(len, |scratch: &mut [T]| {
             // SAFETY: `Mlp::with_kernel` packed the layers with `self.kernel.shape` and checked
             // through `dispatch::require` that this CPU supports `self.isa`, the kernel's ISA.
             unsafe {
@@ -212,46 +297,36 @@ impl<T: Float> Mlp<T> {
                     input,
                     output,
                     scratch,
+                    saved,
                 )
             }
-        };
-        // Reusing this thread's buffer saves an allocation (and, for wide layers, fresh pages
-        // faulted in) on every call; an oversized one is not kept.
-        if len * std::mem::size_of::<T>() > SCRATCH_KEEP_BYTES {
-            return run(&mut vec![T::ZERO; len]);
-        }
-        T::scratch().with(|cell| match cell.try_borrow_mut() {
-            Ok(mut buffer) => {
-                if buffer.len() < len {
-                    buffer.resize(len, T::ZERO);
-                }
-                run(&mut buffer[..len]);
-            }
-            Err(_) => run(&mut vec![T::ZERO; len]),
         });
     }
 }
 
-/// Measures the FMA ceiling of one thread for `isa` in `T`: runs register-only multiply-adds
-/// for about `seconds` and returns GFLOP/s (the best of several rounds).
-pub fn fma_peak_gflops<T: Float>(isa: Isa, seconds: f64) -> Result<f64, Error> {
-    let isa = crate::dispatch::require(isa)?;
-    let kernel = T::kernel(isa);
-    let lanes = kernel.shape.lanes;
-    let seed: Vec<T> = vec![T::ZERO; lanes];
-    let iterations = 100_000;
-    let flops = crate::kernels::fma_loop_flops(iterations, lanes) as f64;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs_f64(seconds.max(0.0));
-    let mut best = 0.0_f64;
-    loop {
-        let start = std::time::Instant::now();
-        // SAFETY: `require` checked that this CPU supports the kernel's ISA.
-        std::hint::black_box(unsafe { (kernel.peak)(iterations, std::hint::black_box(&seed)) });
-        best = best.max(flops / start.elapsed().as_secs_f64() / 1e9);
-        if std::time::Instant::now() >= deadline {
-            return Ok(best);
-        }
+thread_local! {
+    /// This thread's scratch, in bytes (as 8-byte words): one buffer whatever the element type.
+    static SCRATCH: RefCell<Vec<u64>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `run` on `len` elements of scratch: this thread's buffer, reused between calls (it saves
+/// an allocation, and for wide layers fresh pages faulted in, on every call), or a new one if
+/// it is in use (a re-entrant call) or would be oversized.
+fn with_scratch<T: Element>(len: usize, run: impl FnOnce(&mut [T])) {
+    let words = (len * std::mem::size_of::<T>()).div_ceil(8);
+    let fresh = || vec![0u64; words];
+    if words * 8 > SCRATCH_KEEP_BYTES {
+        return run(&mut bytemuck::cast_slice_mut(&mut fresh())[..len]);
     }
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buffer) => {
+            if buffer.len() < words {
+                buffer.resize(words, 0);
+            }
+            run(&mut bytemuck::cast_slice_mut(&mut buffer[..words])[..len]);
+        }
+        Err(_) => run(&mut bytemuck::cast_slice_mut(&mut fresh())[..len]),
+    });
 }
 
 #[cfg(test)]
@@ -262,14 +337,14 @@ mod tests {
     use super::*;
     use crate::dispatch;
     use crate::kernels::TileShape;
-    use crate::pack::Activation;
+    use crate::ops::PostOp;
 
     struct OwnedLayer<T> {
         weight: Vec<T>,
         bias: Option<Vec<T>>,
         out_features: usize,
         in_features: usize,
-        activation: Activation,
+        post_op: PostOp,
     }
 
     impl<T> OwnedLayer<T> {
@@ -279,7 +354,7 @@ mod tests {
                 bias: self.bias.as_deref(),
                 out_features: self.out_features,
                 in_features: self.in_features,
-                activation: self.activation,
+                post_op: self.post_op,
             }
         }
     }
@@ -300,14 +375,14 @@ mod tests {
                     }),
                     out_features: fan_out,
                     in_features: fan_in,
-                    activation: if i + 2 < widths.len() || relu_last {
+                    post_op: if i + 2 < widths.len() || relu_last {
                         if i % 4 == 1 {
-                            Activation::Identity
+                            PostOp::Identity
                         } else {
-                            Activation::Relu
+                            PostOp::Relu
                         }
                     } else {
-                        Activation::Identity
+                        PostOp::Identity
                     },
                 }
             })
@@ -325,15 +400,21 @@ mod tests {
                     .map(|b| b.iter().map(|&v| v as f32).collect()),
                 out_features: l.out_features,
                 in_features: l.in_features,
-                activation: l.activation,
+                post_op: l.post_op,
             })
             .collect()
     }
 
     /// The oracle: one dot product at a time, in f64.
     fn reference(layers: &[OwnedLayer<f64>], input: &[f64]) -> Vec<f64> {
+        reference_layers(layers, input).pop().expect("a layer")
+    }
+
+    /// Every layer's outputs, row-major, from the oracle.
+    fn reference_layers(layers: &[OwnedLayer<f64>], input: &[f64]) -> Vec<Vec<f64>> {
         let rows = input.len() / layers[0].in_features;
         let mut current = input.to_vec();
+        let mut outputs = Vec::new();
         for layer in layers {
             let mut next = vec![0.0; rows * layer.out_features];
             for r in 0..rows {
@@ -342,15 +423,16 @@ mod tests {
                     let w = &layer.weight[o * layer.in_features..][..layer.in_features];
                     let mut sum = layer.bias.as_ref().map_or(0.0, |b| b[o]);
                     sum += x.iter().zip(w).map(|(a, b)| a * b).sum::<f64>();
-                    next[r * layer.out_features + o] = match layer.activation {
-                        Activation::Relu if sum < 0.0 => 0.0,
-                        _ => sum,
+                    next[r * layer.out_features + o] = match layer.post_op {
+                        PostOp::Relu if sum < 0.0 => 0.0,
+                        PostOp::Relu | PostOp::Identity => sum,
                     };
                 }
             }
+            outputs.push(next.clone());
             current = next;
         }
-        current
+        outputs
     }
 
     fn run<T: Float>(layers: &[OwnedLayer<T>], isa: Isa, input: &[T]) -> Vec<T> {
@@ -462,6 +544,74 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn saved_activations_are_every_hidden_layer_on_every_isa() {
+        let mut rng = SmallRng::seed_from_u64(13);
+        for widths in [
+            &[784, 42, 16, 42, 784][..],
+            &[64, 42, 2],
+            &[17, 1, 17],
+            &[5, 3],
+        ] {
+            let layers = random_chain(&mut rng, widths, true);
+            let layers32 = to_f32(&layers);
+            for rows in [0, 1, 9, 100, 1000] {
+                let input: Vec<f64> = (0..rows * widths[0])
+                    .map(|_| rng.random_range(-2.0..2.0))
+                    .collect();
+                let input32: Vec<f32> = input.iter().map(|&v| v as f32).collect();
+                let want = reference_layers(&layers, &input);
+                let mut want_saved = Vec::new();
+                for r in 0..rows {
+                    for (layer, outputs) in layers.iter().zip(&want).take(layers.len() - 1) {
+                        let out = layer.out_features;
+                        want_saved.extend_from_slice(&outputs[r * out..][..out]);
+                    }
+                }
+                for (isa, half) in isa_forms() {
+                    let context = format!("{isa} half={half} {widths:?} rows={rows}");
+                    let (got, saved) = run_saving(&layers, isa, half, &input);
+                    assert!(max_relative_error(got.into_iter(), &want[want.len() - 1]) < 1e-12);
+                    assert!(
+                        max_relative_error(saved.into_iter(), &want_saved) < 1e-12,
+                        "{context}"
+                    );
+                    let (got, saved) = run_saving(&layers32, isa, half, &input32);
+                    let got = got.into_iter().map(f64::from);
+                    assert!(
+                        max_relative_error(got, &want[want.len() - 1]) < 1e-5,
+                        "{context}"
+                    );
+                    let saved = saved.into_iter().map(f64::from);
+                    assert!(max_relative_error(saved, &want_saved) < 1e-5, "{context}");
+                }
+            }
+        }
+    }
+
+    /// The chain's output and saved activations for `input`.
+    fn run_saving<T: Float>(
+        layers: &[OwnedLayer<T>],
+        isa: Isa,
+        half: bool,
+        input: &[T],
+    ) -> (Vec<T>, Vec<T>) {
+        let specs: Vec<_> = layers.iter().map(OwnedLayer::spec).collect();
+        let mlp = Mlp::with_kernel(&specs, isa, with_half(isa, half)).unwrap();
+        let rows = input.len() / mlp.in_features();
+        let mut output = vec![T::ZERO; rows * mlp.out_features()];
+        let mut saved = vec![T::ZERO; rows * mlp.info().saved_width];
+        mlp.forward_saving(input, &mut output, &mut saved).unwrap();
+        let mut short = vec![T::ZERO; saved.len().saturating_sub(1)];
+        if !saved.is_empty() {
+            let error = mlp
+                .forward_saving(input, &mut output, &mut short)
+                .unwrap_err();
+            assert!(error.to_string().contains("saved activations"), "{error}");
+        }
+        (output, saved)
     }
 
     #[test]
@@ -597,7 +747,7 @@ mod tests {
             bias,
             out_features: out,
             in_features: inp,
-            activation: Activation::Relu,
+            post_op: PostOp::Relu,
         };
         let message = |r: Result<Mlp<f32>, Error>| r.unwrap_err().to_string();
         assert!(message(Mlp::new(&[], Isa::Scalar)).contains("at least one layer"));
@@ -631,7 +781,7 @@ mod tests {
     #[test]
     fn fma_peak_is_measured_for_every_isa() {
         for isa in dispatch::available() {
-            let gflops = fma_peak_gflops::<f32>(isa, 0.01).unwrap();
+            let gflops = crate::probe::fma_peak_gflops::<f32>(isa, 0.01).unwrap();
             assert!(gflops.is_finite() && gflops > 0.1, "{isa}: {gflops}");
         }
     }

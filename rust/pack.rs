@@ -2,6 +2,7 @@
 //! Runs once per weight version; see `kernels/mod.rs` for the layout.
 
 use crate::kernels::{Element, LayerDesc, Packed, TileShape};
+use crate::ops::PostOp;
 
 /// A zero-initialised buffer whose first element sits on a 64-byte (cache-line) boundary, so no
 /// SIMD load of a panel row straddles two lines.
@@ -35,13 +36,6 @@ impl<T: Element> AlignedBuf<T> {
     }
 }
 
-/// Whether a layer's outputs go through ReLU.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Activation {
-    Identity,
-    Relu,
-}
-
 /// One Linear layer in PyTorch layout, borrowed for packing.
 #[derive(Clone, Copy, Debug)]
 pub struct LayerSpec<'a, T> {
@@ -52,7 +46,7 @@ pub struct LayerSpec<'a, T> {
     pub out_features: usize,
     pub in_features: usize,
     /// Applied to this layer's outputs.
-    pub activation: Activation,
+    pub post_op: PostOp,
 }
 
 /// A whole chain packed for one [`TileShape`] into a single cache-line aligned buffer.
@@ -89,7 +83,7 @@ impl<T: Element> PackedChain<T> {
                 padded_out,
                 weights_at,
                 bias_at,
-                relu: spec.activation == Activation::Relu,
+                post_op: spec.post_op,
                 dot_from,
                 dot_at,
             }
@@ -217,7 +211,7 @@ mod tests {
             bias: Some(&[1.0; 5]),
             out_features: 5,
             in_features: 2,
-            activation: Activation::Relu,
+            post_op: PostOp::Relu,
         };
         let chain = PackedChain::pack(&shape, &[spec, spec]);
         let view = chain.view();
@@ -227,9 +221,9 @@ mod tests {
                 first.padded_out,
                 first.weights_at,
                 first.bias_at,
-                first.relu
+                first.post_op
             ),
-            (6, 0, 16, true)
+            (6, 0, 16, PostOp::Relu)
         );
         assert_eq!(view.layers[1].weights_at, 32);
         // Panel 0, k=0: W[0..4, 0]; k=1: W[0..4, 1]. Panel 1, k=0: W[4, 0]; k=1: W[4, 1].
@@ -249,7 +243,7 @@ mod tests {
             bias: None,
             out_features: 5,
             in_features: 50,
-            activation: Activation::Identity,
+            post_op: PostOp::Identity,
         };
         let chain = PackedChain::pack(&shape, &[spec]);
         let view = chain.view();

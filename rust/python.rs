@@ -8,10 +8,11 @@ use numpy::{
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
+use pyo3::types::{PyCapsule, PyString, PyTuple};
 
 use crate::dispatch::{self, Float, Isa, IsaError};
-use crate::mlp::{Error, LayerSpec, Mlp};
-use crate::pack::Activation;
+use crate::mlp::{AnyMlp, Error, LayerSpec, Mlp};
+use crate::ops::PostOp;
 use crate::threads;
 
 fn to_py_err(error: Error) -> PyErr {
@@ -72,28 +73,42 @@ fn isa_or_selected(name: Option<&str>) -> PyResult<Isa> {
         .map_err(|e| to_py_err(Error::Isa(e)))
 }
 
-fn parse_activation(name: &str, index: usize) -> PyResult<Activation> {
-    match name {
-        "relu" => Ok(Activation::Relu),
-        "identity" => Ok(Activation::Identity),
-        other => Err(PyValueError::new_err(format!(
-            "layer {index}: activation must be 'relu' or 'identity', got {other:?}"
-        ))),
-    }
+/// Layer `index`'s post-op: a name (`"relu"`), or a tuple of a name and its parameters.
+fn parse_post_op(value: &Bound<'_, PyAny>, index: usize) -> PyResult<PostOp> {
+    let parsed = if let Ok(name) = value.cast::<PyString>() {
+        PostOp::parse(name.to_str()?, &[])
+    } else if let Ok(tuple) = value.cast::<PyTuple>() {
+        let name: String = tuple
+            .get_item(0)
+            .and_then(|name| name.extract())
+            .map_err(|_| {
+                PyTypeError::new_err(format!(
+                    "layer {index}: a post-op tuple starts with the op's name, got {tuple}"
+                ))
+            })?;
+        let params: Vec<f64> = tuple.get_slice(1, tuple.len()).extract()?;
+        PostOp::parse(&name, &params)
+    } else {
+        return Err(PyTypeError::new_err(format!(
+            "layer {index}: a post-op is a name or a (name, *parameters) tuple, got {}",
+            describe(value)
+        )));
+    };
+    parsed.map_err(|message| PyValueError::new_err(format!("layer {index}: {message}")))
 }
 
 fn build<T: Float + numpy::Element>(
     weights: &[Bound<'_, PyAny>],
     biases: &[Option<Bound<'_, PyAny>>],
-    activations: &[String],
+    post_ops: &[Bound<'_, PyAny>],
     isa: Isa,
 ) -> PyResult<Mlp<T>> {
-    if biases.len() != weights.len() || activations.len() != weights.len() {
+    if biases.len() != weights.len() || post_ops.len() != weights.len() {
         return Err(PyValueError::new_err(format!(
-            "need one bias and one activation per weight: got {} weights, {} biases, {} activations",
+            "need one bias and one post-op per weight: got {} weights, {} biases, {} post-ops",
             weights.len(),
             biases.len(),
-            activations.len()
+            post_ops.len()
         )));
     }
     let mut weight_arrays = Vec::with_capacity(weights.len());
@@ -117,10 +132,10 @@ fn build<T: Float + numpy::Element>(
         });
     }
     let mut specs = Vec::with_capacity(weights.len());
-    for (index, ((weight, bias), activation)) in weight_arrays
+    for (index, ((weight, bias), post_op)) in weight_arrays
         .iter()
         .zip(&bias_arrays)
-        .zip(activations)
+        .zip(post_ops)
         .enumerate()
     {
         let shape = weight.shape();
@@ -132,7 +147,7 @@ fn build<T: Float + numpy::Element>(
             },
             out_features: shape[0],
             in_features: shape[1],
-            activation: parse_activation(activation, index)?,
+            post_op: parse_post_op(post_op, index)?,
         });
     }
     Mlp::new(&specs, isa).map_err(to_py_err)
@@ -270,43 +285,182 @@ fn run_new<'py, T: Float + numpy::Element>(
     run_new_from(py, mlp, c_order(&input, "x")?, rows)
 }
 
-/// The chain on `rows` rows at `address` into a new array (see `Chain._forward_from_address`).
-///
-/// # Safety
-/// `address` is that of `rows x in_features` values of type `T` in row order, readable and
-/// written by nothing else until this returns.
-unsafe fn run_new_from_address<'py, T: Float + numpy::Element>(
-    py: Python<'py>,
-    mlp: &Mlp<T>,
-    address: usize,
-    rows: usize,
-) -> PyResult<Bound<'py, PyAny>> {
-    let len = rows
-        .checked_mul(mlp.in_features())
-        .filter(|&len| {
-            len.checked_mul(std::mem::size_of::<T>())
+/// DLPack's structs (`dlpack.h`, unversioned ABI), as far as a consumer reads them.
+mod dlpack {
+    use std::ffi::c_void;
+
+    /// `kDLCPU`.
+    pub const CPU: i32 = 1;
+    /// `kDLFloat`.
+    pub const FLOAT: u8 = 2;
+    /// A capsule holding an unconsumed [`ManagedTensor`].
+    pub const CAPSULE_NAME: &std::ffi::CStr = c"dltensor";
+
+    #[repr(C)]
+    pub struct Device {
+        pub device_type: i32,
+        pub device_id: i32,
+    }
+
+    #[repr(C)]
+    pub struct DataType {
+        pub code: u8,
+        pub bits: u8,
+        pub lanes: u16,
+    }
+
+    #[repr(C)]
+    pub struct Tensor {
+        pub data: *mut c_void,
+        pub device: Device,
+        pub ndim: i32,
+        pub dtype: DataType,
+        pub shape: *const i64,
+        /// Null: compact row-major.
+        pub strides: *const i64,
+        pub byte_offset: u64,
+    }
+
+    #[repr(C)]
+    pub struct ManagedTensor {
+        pub dl_tensor: Tensor,
+        pub manager_ctx: *mut c_void,
+        pub deleter: Option<unsafe extern "C" fn(*mut ManagedTensor)>,
+    }
+}
+
+/// The `(rows, in_features)` values of the tensor in a DLPack capsule (`torch.utils.dlpack.
+/// to_dlpack(x)`), read where they lie: a CPU tensor of `T`, C-contiguous, of shape
+/// `(*, in_features)`. Everything the kernel will read is derived from the capsule's own
+/// description of the tensor, never from a number the caller chose. The values stay valid while
+/// `capsule` is alive and the GIL is held: the capsule owns a reference to the tensor, and no
+/// other Python thread can resize it meanwhile.
+fn dlpack_rows<'a, T: Float>(
+    capsule: &'a Bound<'_, PyAny>,
+    in_features: usize,
+) -> PyResult<(&'a [T], usize)> {
+    let capsule = capsule.cast::<PyCapsule>().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "expected a DLPack capsule, got {}",
+            describe(capsule)
+        ))
+    })?;
+    let managed = capsule
+        .pointer_checked(Some(dlpack::CAPSULE_NAME))
+        .map_err(|_| PyValueError::new_err("expected an unconsumed 'dltensor' DLPack capsule"))?;
+    // SAFETY: by the DLPack protocol, a capsule named "dltensor" holds a valid `ManagedTensor`
+    // that lives at least as long as the capsule, which `capsule` keeps alive for 'a.
+    let tensor = unsafe { &managed.cast::<dlpack::ManagedTensor>().as_ref().dl_tensor };
+    let dtype = &tensor.dtype;
+    if tensor.device.device_type != dlpack::CPU {
+        return Err(PyValueError::new_err(format!(
+            "the fused kernel takes CPU tensors, got DLPack device type {}",
+            tensor.device.device_type
+        )));
+    }
+    if (dtype.code, usize::from(dtype.bits), dtype.lanes) != (dlpack::FLOAT, 8 * size_of::<T>(), 1)
+    {
+        return Err(PyTypeError::new_err(format!(
+            "expected {} values, got DLPack type code {} of {} bits x {} lanes",
+            T::NAME,
+            dtype.code,
+            dtype.bits,
+            dtype.lanes
+        )));
+    }
+    let ndim = usize::try_from(tensor.ndim).unwrap_or(0);
+    let shape: &[i64] = if ndim == 0 {
+        &[]
+    } else {
+        // SAFETY: DLPack's `shape` points to `ndim` values.
+        unsafe { std::slice::from_raw_parts(tensor.shape, ndim) }
+    };
+    let dims: Option<Vec<usize>> = shape.iter().map(|&d| usize::try_from(d).ok()).collect();
+    let dims = dims.unwrap_or_default();
+    if dims.len() != ndim || dims.last() != Some(&in_features) {
+        return Err(PyValueError::new_err(format!(
+            "expected a tensor of shape (*, {in_features}), got shape {shape:?}"
+        )));
+    }
+    let too_large = || PyValueError::new_err(format!("a tensor of shape {shape:?} is too large"));
+    let len = dims
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .filter(|n| {
+            n.checked_mul(size_of::<T>())
                 .is_some_and(|b| b <= isize::MAX as usize)
         })
-        .ok_or_else(|| PyValueError::new_err(format!("{rows} rows are more than memory holds")))?;
-    if len > 0 && (address == 0 || !address.is_multiple_of(std::mem::align_of::<T>())) {
+        .ok_or_else(too_large)?;
+    let rows = len / in_features;
+    if len == 0 {
+        return Ok((&[], rows));
+    }
+    if !tensor.strides.is_null() {
+        // SAFETY: DLPack's `strides`, where not null, points to `ndim` values.
+        let strides = unsafe { std::slice::from_raw_parts(tensor.strides, ndim) };
+        let mut expected: i64 = 1;
+        for (&dim, &stride) in shape.iter().zip(strides).rev() {
+            if dim > 1 && stride != expected {
+                return Err(PyValueError::new_err(
+                    "the fused kernel reads C-contiguous tensors",
+                ));
+            }
+            expected = expected.saturating_mul(dim);
+        }
+    }
+    let offset = usize::try_from(tensor.byte_offset).map_err(|_| too_large())?;
+    let data = tensor.data.cast::<u8>().wrapping_add(offset).cast::<T>();
+    if data.is_null() || !data.is_aligned() {
         return Err(PyValueError::new_err(format!(
-            "address {address:#x} is not that of {} values",
+            "the tensor's data is not that of aligned {} values",
             T::NAME
         )));
     }
-    let input = if len == 0 {
-        &[]
-    } else {
-        // SAFETY: non-null and aligned (checked above), `len` values that stay readable and
-        // unwritten for the call (the caller's contract), a size that fits an `isize`.
-        unsafe { std::slice::from_raw_parts(address as *const T, len) }
-    };
-    run_new_from(py, mlp, input, rows)
+    // SAFETY: a CPU tensor's `data + byte_offset` holds its `len` values, C-contiguous (checked
+    // above), non-null and aligned; they stay alive (the capsule) and unresized (the GIL, which
+    // the caller holds for as long as it uses the slice) for 'a.
+    Ok((unsafe { std::slice::from_raw_parts(data, len) }, rows))
 }
 
-enum TypedMlp {
-    F32(Mlp<f32>),
-    F64(Mlp<f64>),
+/// The chain on the tensor in a DLPack capsule, into a new `(rows, out_features)` array. The GIL
+/// stays held (see `dlpack_rows`), also for a large call: PyTorch could otherwise free the
+/// tensor's memory under the kernel if another thread resized it.
+fn run_new_from_dlpack<'py, T: Float + numpy::Element>(
+    py: Python<'py>,
+    mlp: &Mlp<T>,
+    capsule: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let (input, rows) = dlpack_rows::<T>(capsule, mlp.in_features())?;
+    // SAFETY: the kernel below writes every element; if it fails, the array is dropped here,
+    // never seen by Python.
+    let out = unsafe { new_output(py, mlp, rows) }?;
+    // SAFETY: as in `run_new_from`: a new C-contiguous array no one else references yet.
+    let output = unsafe { out.as_slice_mut() }
+        .map_err(|e| PyRuntimeError::new_err(format!("new output array: {e}")))?;
+    mlp.forward(input, output).map_err(to_py_err)?;
+    Ok(out.into_any())
+}
+
+/// What a call reads.
+#[derive(Clone, Copy)]
+enum Input<'a, 'py> {
+    /// A numpy array, and where to write (a new array if none).
+    Array(&'a Bound<'py, PyAny>, Option<&'a Bound<'py, PyAny>>),
+    /// A DLPack capsule (a torch tensor's), into a new array.
+    DLPack(&'a Bound<'py, PyAny>),
+}
+
+/// Runs `mlp` on `input`: the one function every call goes through, whatever the dtype.
+fn call<'py, T: Float + numpy::Element>(
+    py: Python<'py>,
+    mlp: &Mlp<T>,
+    input: Input<'_, 'py>,
+) -> PyResult<Bound<'py, PyAny>> {
+    match input {
+        Input::Array(x, None) => run_new(py, mlp, x),
+        Input::Array(x, Some(out)) => run_into(py, mlp, x, out).map(|()| out.clone()),
+        Input::DLPack(capsule) => run_new_from_dlpack(py, mlp, capsule),
+    }
 }
 
 /// A chain of Linear layers packed for the fused kernels.
@@ -317,17 +471,27 @@ enum TypedMlp {
 /// (`fusedae.MLP` converts other input there and words the errors), else raises.
 #[pyclass(frozen, subclass, module = "fusedae._native")]
 struct Chain {
-    mlp: TypedMlp,
+    mlp: AnyMlp,
+}
+
+impl Chain {
+    /// The one place a call is dispatched on the chain's dtype.
+    fn call<'py>(&self, py: Python<'py>, input: Input<'_, 'py>) -> PyResult<Bound<'py, PyAny>> {
+        match &self.mlp {
+            AnyMlp::F32(mlp) => call(py, mlp, input),
+            AnyMlp::F64(mlp) => call(py, mlp, input),
+        }
+    }
 }
 
 #[pymethods]
 impl Chain {
     #[new]
-    #[pyo3(signature = (weights, biases, activations, isa=None))]
+    #[pyo3(signature = (weights, biases, post_ops, isa=None))]
     fn new(
         weights: Vec<Bound<'_, PyAny>>,
         biases: Vec<Option<Bound<'_, PyAny>>>,
-        activations: Vec<String>,
+        post_ops: Vec<Bound<'_, PyAny>>,
         isa: Option<&str>,
     ) -> PyResult<Self> {
         let isa = isa_or_selected(isa)?;
@@ -335,9 +499,9 @@ impl Chain {
             .first()
             .ok_or_else(|| PyValueError::new_err("an MLP needs at least one layer, got 0"))?;
         let mlp = if first.cast::<PyArray2<f64>>().is_ok() {
-            TypedMlp::F64(build(&weights, &biases, &activations, isa)?)
+            AnyMlp::F64(build(&weights, &biases, &post_ops, isa)?)
         } else {
-            TypedMlp::F32(build(&weights, &biases, &activations, isa)?)
+            AnyMlp::F32(build(&weights, &biases, &post_ops, isa)?)
         };
         Ok(Chain { mlp })
     }
@@ -351,12 +515,7 @@ impl Chain {
         x: &Bound<'py, PyAny>,
         out: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        match (&self.mlp, out) {
-            (TypedMlp::F32(mlp), None) => run_new(py, mlp, x),
-            (TypedMlp::F64(mlp), None) => run_new(py, mlp, x),
-            (TypedMlp::F32(mlp), Some(out)) => run_into(py, mlp, x, out).map(|()| out.clone()),
-            (TypedMlp::F64(mlp), Some(out)) => run_into(py, mlp, x, out).map(|()| out.clone()),
-        }
+        self.call(py, Input::Array(x, out))
     }
 
     /// `forward`, or the subclass's `_call_general` for what `forward` refuses.
@@ -381,69 +540,43 @@ impl Chain {
         }
     }
 
-    /// The chain on `rows` rows of `in_features` values of the chain's dtype, stored in row
-    /// order at memory `address`, into a new array.
-    ///
-    /// Private to `fusedae.torch`, which passes a checked contiguous CPU tensor's `data_ptr()`
-    /// (`Tensor.numpy()` would add 0.6 us to a 5.4 us one-row call). Nothing here can check the
-    /// address holds that many values: a wrong one reads arbitrary memory, as with `ctypes`.
-    /// The tensor must stay alive and unresized for the call; like `numpy`, larger calls release
-    /// the GIL, so another thread changing it meanwhile is a data race, as for any array.
-    fn _forward_from_address<'py>(
+    /// The chain on the tensor in a DLPack `capsule` (`torch.utils.dlpack.to_dlpack(x)` of a
+    /// C-contiguous CPU tensor of the chain's dtype and shape `(*, in_features)`), into a new
+    /// `(rows, out_features)` array. Private to `fusedae.torch`, which reads a tensor where it
+    /// lies through it (`Tensor.numpy()` costs more on a one-row call). The GIL stays held for the
+    /// call, so another Python thread resizing the tensor waits until it is done.
+    fn _forward_dlpack<'py>(
         &self,
         py: Python<'py>,
-        address: usize,
-        rows: usize,
+        capsule: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        // SAFETY: the Python caller's contract above (a private method, used by `fusedae.torch`
-        // after checking the tensor it reads).
-        unsafe {
-            match &self.mlp {
-                TypedMlp::F32(mlp) => run_new_from_address(py, mlp, address, rows),
-                TypedMlp::F64(mlp) => run_new_from_address(py, mlp, address, rows),
-            }
-        }
+        self.call(py, Input::DLPack(capsule))
     }
 
     /// The numpy dtype of the chain's values (float32 or float64).
     #[getter]
-    fn dtype<'py>(&self, py: Python<'py>) -> Bound<'py, PyArrayDescr> {
-        match &self.mlp {
-            TypedMlp::F32(_) => numpy::dtype::<f32>(py),
-            TypedMlp::F64(_) => numpy::dtype::<f64>(py),
-        }
+    fn dtype<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArrayDescr>> {
+        PyArrayDescr::new(py, self.mlp.info().dtype.name())
     }
 
     #[getter]
     fn isa(&self) -> &'static str {
-        match &self.mlp {
-            TypedMlp::F32(mlp) => mlp.isa().name(),
-            TypedMlp::F64(mlp) => mlp.isa().name(),
-        }
+        self.mlp.info().isa.name()
     }
 
     #[getter]
     fn in_features(&self) -> usize {
-        match &self.mlp {
-            TypedMlp::F32(mlp) => mlp.in_features(),
-            TypedMlp::F64(mlp) => mlp.in_features(),
-        }
+        self.mlp.info().in_features
     }
 
     #[getter]
     fn out_features(&self) -> usize {
-        match &self.mlp {
-            TypedMlp::F32(mlp) => mlp.out_features(),
-            TypedMlp::F64(mlp) => mlp.out_features(),
-        }
+        self.mlp.info().out_features
     }
 
     #[getter]
     fn flops_per_row(&self) -> usize {
-        match &self.mlp {
-            TypedMlp::F32(mlp) => mlp.flops_per_row(),
-            TypedMlp::F64(mlp) => mlp.flops_per_row(),
-        }
+        self.mlp.info().flops_per_row
     }
 }
 
@@ -493,8 +626,8 @@ fn get_num_threads() -> usize {
 fn fma_peak_gflops(py: Python<'_>, seconds: f64, dtype: &str, isa: Option<&str>) -> PyResult<f64> {
     let isa = isa_or_selected(isa)?;
     let result = match dtype {
-        "float32" => py.detach(|| crate::mlp::fma_peak_gflops::<f32>(isa, seconds)),
-        "float64" => py.detach(|| crate::mlp::fma_peak_gflops::<f64>(isa, seconds)),
+        "float32" => py.detach(|| crate::probe::fma_peak_gflops::<f32>(isa, seconds)),
+        "float64" => py.detach(|| crate::probe::fma_peak_gflops::<f64>(isa, seconds)),
         other => {
             return Err(PyTypeError::new_err(format!(
                 "dtype must be 'float32' or 'float64', got {other:?}"
@@ -516,6 +649,7 @@ fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
         },
     )?;
     module.add("target_arch", std::env::consts::ARCH)?;
+    module.add("POST_OPS", PyTuple::new(module.py(), PostOp::NAMES)?)?;
     module.add_class::<Chain>()?;
     module.add_function(wrap_pyfunction!(selected_isa, module)?)?;
     module.add_function(wrap_pyfunction!(available_isas, module)?)?;

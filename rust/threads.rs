@@ -24,25 +24,53 @@ struct Job<'a> {
     task: &'a (dyn Fn(usize) + Sync),
     tasks: usize,
     next: AtomicUsize,
-    panicked: AtomicBool,
+    /// What the first task that panicked said.
+    panic: Mutex<Option<String>>,
 }
 
 impl Job<'_> {
     /// Runs tasks until none is left. A panicking task is recorded, never propagated: this
-    /// never unwinds, so every thread reports that it left the job. (The payload is leaked, as
-    /// its own `drop` could panic again.)
+    /// never unwinds, so every thread reports that it left the job.
     fn work(&self) {
         loop {
             let index = self.next.fetch_add(1, Ordering::Relaxed);
             if index >= self.tasks {
                 return;
             }
-            if let Err(payload) = catch_unwind(AssertUnwindSafe(|| (self.task)(index))) {
-                self.panicked.store(true, Ordering::Relaxed);
-                std::mem::forget(payload);
+            if let Err(message) = run_caught(|| (self.task)(index)) {
+                let mut panic = self.panic.lock().unwrap_or_else(PoisonError::into_inner);
+                panic.get_or_insert(message);
             }
         }
     }
+
+    /// The job's outcome once every thread has left it: an error if a task panicked.
+    fn finish(&self) -> Result<(), String> {
+        match self
+            .panic
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            Some(message) => Err(message),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Runs `work`, turning a panic into an error that quotes it (a bug in fusedae, reported as an
+/// error rather than unwinding into the caller: Python sees a RuntimeError). The payload is
+/// leaked, never dropped, as its own `drop` could panic again.
+pub fn run_caught(work: impl FnOnce()) -> Result<(), String> {
+    catch_unwind(AssertUnwindSafe(work)).map_err(|payload| {
+        let said = payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".to_owned());
+        std::mem::forget(payload);
+        format!("a fusedae kernel task panicked (a bug, please report it): {said}")
+    })
 }
 
 /// What the caller and the pool threads share.
@@ -170,20 +198,20 @@ impl Pool {
 
     /// Runs `task(i)` for every `i` in `0..tasks`, spread over the pool and the calling thread,
     /// and returns when all have run. If another caller holds the pool, this one runs its tasks
-    /// alone rather than wait. Panics if a task panicked.
-    fn run(&self, tasks: usize, task: &(dyn Fn(usize) + Sync)) {
+    /// alone rather than wait. An error if a task panicked.
+    fn run(&self, tasks: usize, task: &(dyn Fn(usize) + Sync)) -> Result<(), String> {
         let job = Job {
             task,
             tasks,
             next: AtomicUsize::new(0),
-            panicked: AtomicBool::new(false),
+            panic: Mutex::new(None),
         };
         let submit = match self.submit.try_lock() {
             Ok(guard) => guard,
             Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
             Err(TryLockError::WouldBlock) => {
                 job.work();
-                return Self::finish(&job);
+                return job.finish();
             }
         };
         let erased = ptr::from_ref(&job).cast::<Job<'static>>().cast_mut();
@@ -195,14 +223,7 @@ impl Pool {
         job.work();
         drop(retire);
         drop(submit);
-        Self::finish(&job);
-    }
-
-    fn finish(job: &Job<'_>) {
-        assert!(
-            !job.panicked.load(Ordering::Relaxed),
-            "a fusedae worker task panicked"
-        );
+        job.finish()
     }
 }
 
@@ -283,17 +304,50 @@ pub fn set_num_threads(threads: usize) -> Result<(), String> {
 }
 
 /// Runs `task(i)` for every `i` in `0..tasks` on `threads` threads, the caller included, and
-/// returns when all have run. Panics if a task panicked.
+/// returns when all have run. An error if the pool could not start or a task panicked.
 pub fn run(threads: usize, tasks: usize, task: &(dyn Fn(usize) + Sync)) -> Result<(), String> {
-    if threads <= 1 {
-        (0..tasks).for_each(task);
-        return Ok(());
-    }
-    match current_pool(threads)? {
+    let pool = if threads <= 1 {
+        None
+    } else {
+        current_pool(threads)?
+    };
+    match pool {
         Some(pool) => pool.run(tasks, task),
-        None => (0..tasks).for_each(task),
+        None => run_caught(|| (0..tasks).for_each(task)),
     }
-    Ok(())
+}
+
+/// Runs `task(accumulator, i)` for every `i` in `0..tasks` on `threads` threads and returns one
+/// accumulator per share of the tasks, in order, for the caller to reduce: share `s` starts
+/// from `init()` and runs a contiguous range of tasks, in order. Which tasks go into which
+/// accumulator depends only on `tasks` and `threads`, so a reduction in the order returned gives
+/// the same bits on every call with the same thread count (weight gradients summed over row
+/// blocks, say).
+pub fn run_reduce<A: Send>(
+    threads: usize,
+    tasks: usize,
+    init: &(dyn Fn() -> A + Sync),
+    task: &(dyn Fn(&mut A, usize) + Sync),
+) -> Result<Vec<A>, String> {
+    let shares = threads.clamp(1, tasks.max(1));
+    let accumulators: Vec<Mutex<Option<A>>> = (0..shares).map(|_| Mutex::new(None)).collect();
+    run(threads, shares, &|share| {
+        let mut accumulator = init();
+        for index in tasks * share / shares..tasks * (share + 1) / shares {
+            task(&mut accumulator, index);
+        }
+        *accumulators[share]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(accumulator);
+    })?;
+    Ok(accumulators
+        .into_iter()
+        .map(|slot| {
+            slot.into_inner()
+                .unwrap_or_else(PoisonError::into_inner)
+                .expect("every share ran")
+        })
+        .collect())
 }
 
 /// The pool of `threads` threads for this process, started if need be; None if the slot is
@@ -342,7 +396,8 @@ mod tests {
                             (0..tasks).map(|_| AtomicUsize::new(0)).collect();
                         pool.run(tasks, &|i| {
                             counts[i].fetch_add(1, Ordering::Relaxed);
-                        });
+                        })
+                        .unwrap();
                         assert!(counts.iter().all(|c| c.load(Ordering::Relaxed) == 1));
                     }
                 })
@@ -365,7 +420,8 @@ mod tests {
             if std::thread::current().id() != caller {
                 ran_elsewhere.store(true, Ordering::Relaxed);
             }
-        });
+        })
+        .unwrap();
         assert!(ran_elsewhere.load(Ordering::Relaxed));
     }
 
@@ -378,20 +434,46 @@ mod tests {
             }
         }
         let pool = Pool::new(2).unwrap();
-        let outcome = catch_unwind(AssertUnwindSafe(|| {
-            pool.run(8, &|i| {
-                if i == 5 {
-                    std::panic::panic_any(PanicsWhenDropped);
-                }
-            });
-        }));
-        assert!(outcome.is_err());
+        let outcome = pool.run(8, &|i| {
+            if i == 5 {
+                std::panic::panic_any(PanicsWhenDropped);
+            }
+            if i == 6 {
+                panic!("task {i} failed");
+            }
+        });
+        assert!(outcome.unwrap_err().contains("panicked"));
         assert_eq!(pool.shared.busy.load(Ordering::SeqCst), 0);
         assert!(pool.shared.job.load(Ordering::SeqCst).is_null());
         let ran = AtomicUsize::new(0);
         pool.run(4, &|_| {
             ran.fetch_add(1, Ordering::Relaxed);
-        });
+        })
+        .unwrap();
         assert_eq!(ran.load(Ordering::Relaxed), 4);
+    }
+
+    #[test]
+    fn a_panic_on_the_calling_thread_is_an_error_that_quotes_it() {
+        let error = run(1, 3, &|i| assert!(i < 2, "index {i} too large")).unwrap_err();
+        assert!(error.contains("index 2 too large"), "{error}");
+    }
+
+    #[test]
+    fn run_reduce_gives_the_same_shares_on_every_call() {
+        for (threads, tasks) in [(1, 0), (1, 5), (2, 1), (2, 9), (3, 64), (5, 3)] {
+            let sums = |_: ()| {
+                run_reduce(threads, tasks, &Vec::new, &|seen: &mut Vec<usize>, i| {
+                    seen.push(i)
+                })
+                .unwrap()
+            };
+            let first = sums(());
+            assert_eq!(first.len(), threads.min(tasks).max(1));
+            assert_eq!(first.concat(), (0..tasks).collect::<Vec<_>>());
+            for _ in 0..5 {
+                assert_eq!(sums(()), first, "{threads} threads, {tasks} tasks");
+            }
+        }
     }
 }

@@ -307,31 +307,8 @@ class TestBadInput:
         fortran_weight = np.zeros((8, 42), np.float32).T
         with pytest.raises(ValueError, match="layer 0 weight must be C-contiguous"):
             _native.Chain([fortran_weight], [None], ["relu"])
-        with pytest.raises(ValueError, match="one bias and one activation per weight"):
+        with pytest.raises(ValueError, match="one bias and one post-op per weight"):
             _native.Chain([np.zeros((2, 2), np.float32)], [], ["relu"])
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_native_chain_from_an_address(rng, dtype):
-    """The entry `fusedae.torch` uses for a tensor's memory: the same numbers as the array call,
-    and a clear error for what it can check (null, misaligned, a size past memory)."""
-    layers = random_layers(rng, [8, 42, 3], dtype)
-    weights, biases = zip(*layers, strict=True)
-    chain = _native.Chain(list(weights), list(biases), ["relu", "identity"])
-    for rows in (0, 1, 5, 300):
-        x = rng.standard_normal((rows, 8)).astype(dtype)
-        got = chain._forward_from_address(x.ctypes.data, rows)
-        assert got.dtype == dtype
-        assert got.shape == (rows, 3)
-        np.testing.assert_array_equal(got, chain(x))
-    assert chain._forward_from_address(0, 0).shape == (0, 3)
-    with pytest.raises(ValueError, match="is not that of"):
-        chain._forward_from_address(0, 1)
-    x = np.zeros(17, dtype)
-    with pytest.raises(ValueError, match="is not that of"):
-        chain._forward_from_address(x.ctypes.data + 1, 2)
-    with pytest.raises(ValueError, match="more than memory holds"):
-        chain._forward_from_address(x.ctypes.data, 2**62)
 
 
 def run_python(code: str, **env: str) -> subprocess.CompletedProcess[str]:

@@ -9,20 +9,23 @@ from typing_extensions import Self
 __version__: str
 build_profile: Literal["debug", "release"]
 target_arch: str
+POST_OPS: tuple[str, ...]
+"""The post-ops the kernels apply to a layer's outputs, by name, in the Rust enum's order."""
 
 class Chain:
     """A chain of Linear layers packed once for the fused kernels.
 
     ``weights[i]`` has shape ``(out_i, in_i)`` (PyTorch layout), ``biases[i]`` shape ``(out_i,)``
-    or ``None``; all float32 or all float64, C-contiguous. ``activations[i]`` is ``"relu"`` or
-    ``"identity"``, applied to layer ``i``'s outputs. ``isa`` forces a kernel (for tests).
+    or ``None``; all float32 or all float64, C-contiguous. ``post_ops[i]``, applied to layer
+    ``i``'s outputs, is a name in ``POST_OPS`` or a ``(name, *parameters)`` tuple; an unknown
+    name is a ValueError. ``isa`` forces a kernel (for tests).
     """
 
     def __new__(
         cls,
         weights: list[npt.NDArray[np.floating]],
         biases: list[npt.NDArray[np.floating] | None],
-        activations: list[str],
+        post_ops: list[str | tuple[str | float, ...]],
         isa: str | None = None,
     ) -> Self: ...
     def forward(
@@ -36,10 +39,11 @@ class Chain:
     ) -> npt.NDArray[np.floating]:
         """``forward``, or, for input ``forward`` refuses, the subclass's ``_call_general(x, out)``
         where it has one."""
-    def _forward_from_address(self, address: int, rows: int) -> npt.NDArray[np.floating]:
-        """The chain on ``rows`` rows of ``in_features`` values of the chain's dtype stored in row
-        order at memory ``address`` (a checked contiguous CPU tensor's ``data_ptr()``), into a
-        new array. Private to ``fusedae.torch``: a wrong address reads arbitrary memory."""
+    def _forward_dlpack(self, capsule: object) -> npt.NDArray[np.floating]:
+        """The chain on the tensor in a DLPack ``capsule`` (``torch.utils.dlpack.to_dlpack(x)``
+        of a C-contiguous CPU tensor of the chain's dtype, shape ``(*, in_features)``), into a
+        new ``(rows, out_features)`` array, read where the tensor lies; the GIL stays held, so no
+        other thread resizes it meanwhile. Private to ``fusedae.torch``."""
     @property
     def dtype(self) -> np.dtype:
         """float32 or float64: the chain's values, and what it takes and gives."""

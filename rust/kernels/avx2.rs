@@ -2,7 +2,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{fma_loop, forward_rows, Kernel, Packed, SimdVec, TileShape};
+use super::SimdVec;
 
 #[derive(Clone, Copy, Debug)]
 struct F32x8(__m256);
@@ -90,6 +90,12 @@ impl SimdVec for F32x8 {
         // MAXPS returns its second operand when either is NaN, so NaN survives as in torch.relu.
         // SAFETY: the caller guarantees AVX2 and FMA.
         F32x8(unsafe { _mm256_max_ps(_mm256_setzero_ps(), self.0) })
+    }
+
+    #[inline(always)]
+    unsafe fn first(self) -> Self::Elem {
+        // SAFETY: the caller guarantees the ISA.
+        unsafe { _mm256_cvtss_f32(self.0) }
     }
 
     #[inline(always)]
@@ -215,82 +221,22 @@ impl SimdVec for F64x4 {
     }
 
     #[inline(always)]
+    unsafe fn first(self) -> Self::Elem {
+        // SAFETY: the caller guarantees the ISA.
+        unsafe { _mm256_cvtsd_f64(self.0) }
+    }
+
+    #[inline(always)]
     unsafe fn add(self, b: Self) -> Self {
         // SAFETY: the caller guarantees AVX2 and FMA.
         F64x4(unsafe { _mm256_add_pd(self.0, b.0) })
     }
 }
 
-const MR: usize = 6;
-const NV_MAX: usize = 2;
-
-fn shape<V: SimdVec>() -> TileShape {
-    TileShape {
-        lanes: V::LANES,
-        mr: MR,
-        nv_max: NV_MAX,
-        block_rows: 8 * MR,
-        fast_transpose: V::FAST_TRANSPOSE,
-        half_lanes: 0,
-    }
-}
-
-/// # Safety
-/// The CPU supports AVX2 and FMA.
-#[target_feature(enable = "avx2,fma")]
-unsafe fn forward_f32(
-    shape: &TileShape,
-    chain: Packed<'_, f32>,
-    input: &[f32],
-    output: &mut [f32],
-    scratch: &mut [f32],
-) {
-    // SAFETY: the caller guarantees AVX2 and FMA; `forward_rows` checks the shape.
-    unsafe { forward_rows::<F32x8, MR, NV_MAX>(shape, chain, input, output, scratch) }
-}
-
-/// # Safety
-/// The CPU supports AVX2 and FMA.
-#[target_feature(enable = "avx2,fma")]
-unsafe fn forward_f64(
-    shape: &TileShape,
-    chain: Packed<'_, f64>,
-    input: &[f64],
-    output: &mut [f64],
-    scratch: &mut [f64],
-) {
-    // SAFETY: the caller guarantees AVX2 and FMA; `forward_rows` checks the shape.
-    unsafe { forward_rows::<F64x4, MR, NV_MAX>(shape, chain, input, output, scratch) }
-}
-
-/// # Safety
-/// The CPU supports AVX2 and FMA.
-#[target_feature(enable = "avx2,fma")]
-unsafe fn peak_f32(iterations: usize, seed: &[f32]) -> f32 {
-    // SAFETY: the caller guarantees AVX2 and FMA.
-    unsafe { fma_loop::<F32x8, false>(iterations, seed) }
-}
-
-pub fn kernel_f32() -> Kernel<f32> {
-    Kernel {
-        shape: shape::<F32x8>(),
-        forward: forward_f32,
-        peak: peak_f32,
-    }
-}
-
-/// # Safety
-/// The CPU supports AVX2 and FMA.
-#[target_feature(enable = "avx2,fma")]
-unsafe fn peak_f64(iterations: usize, seed: &[f64]) -> f64 {
-    // SAFETY: the caller guarantees AVX2 and FMA.
-    unsafe { fma_loop::<F64x4, false>(iterations, seed) }
-}
-
-pub fn kernel_f64() -> Kernel<f64> {
-    Kernel {
-        shape: shape::<F64x4>(),
-        forward: forward_f64,
-        peak: peak_f64,
-    }
-}
+target_kernels!(
+    features = "avx2,fma",
+    mr = 6,
+    nv_max = 2,
+    kernel_f32: F32x8 => f32,
+    kernel_f64: F64x4 => f64,
+);

@@ -2,9 +2,7 @@
 
 use std::arch::x86_64::*;
 
-use std::sync::OnceLock;
-
-use super::{fma_loop, forward_rows, half_is_cheaper, Kernel, Packed, SimdVec, TileShape};
+use super::SimdVec;
 
 #[derive(Clone, Copy, Debug)]
 struct F32x16(__m512);
@@ -97,6 +95,12 @@ impl SimdVec for F32x16 {
         // MAXPS returns its second operand when either is NaN, so NaN survives as in torch.relu.
         // SAFETY: the caller guarantees AVX-512F.
         F32x16(unsafe { _mm512_max_ps(_mm512_setzero_ps(), self.0) })
+    }
+
+    #[inline(always)]
+    unsafe fn first(self) -> Self::Elem {
+        // SAFETY: the caller guarantees the ISA.
+        unsafe { _mm512_cvtss_f32(self.0) }
     }
 
     #[inline(always)]
@@ -242,105 +246,22 @@ impl SimdVec for F64x8 {
     }
 
     #[inline(always)]
+    unsafe fn first(self) -> Self::Elem {
+        // SAFETY: the caller guarantees the ISA.
+        unsafe { _mm512_cvtsd_f64(self.0) }
+    }
+
+    #[inline(always)]
     unsafe fn add(self, b: Self) -> Self {
         // SAFETY: the caller guarantees AVX-512F.
         F64x8(unsafe { _mm512_add_pd(self.0, b.0) })
     }
 }
 
-const MR: usize = 8;
-const NV_MAX: usize = 3;
-
-fn shape<V: SimdVec>() -> TileShape {
-    TileShape {
-        lanes: V::LANES,
-        mr: MR,
-        nv_max: NV_MAX,
-        block_rows: 8 * MR,
-        fast_transpose: V::FAST_TRANSPOSE,
-        half_lanes: if half_is_cheaper_here() {
-            V::HALF_LANES
-        } else {
-            0
-        },
-    }
-}
-
-/// Whether this CPU runs a ymm FMA at half the cost of a zmm one (Zen 4 does, server Intel cores
-/// with two 512-bit FMA units do not), measured on first use.
-fn half_is_cheaper_here() -> bool {
-    static CHEAPER: OnceLock<bool> = OnceLock::new();
-    *CHEAPER.get_or_init(|| {
-        // SAFETY: both loops need AVX-512F, checked first.
-        is_x86_feature_detected!("avx512f")
-            && unsafe { half_is_cheaper(peak_f32, peak_half_f32, &[1.0; 16]) }
-    })
-}
-
-/// # Safety
-/// The CPU supports AVX-512F.
-#[target_feature(enable = "avx512f")]
-unsafe fn forward_f32(
-    shape: &TileShape,
-    chain: Packed<'_, f32>,
-    input: &[f32],
-    output: &mut [f32],
-    scratch: &mut [f32],
-) {
-    // SAFETY: the caller guarantees AVX-512F; `forward_rows` checks the shape.
-    unsafe { forward_rows::<F32x16, MR, NV_MAX>(shape, chain, input, output, scratch) }
-}
-
-/// # Safety
-/// The CPU supports AVX-512F.
-#[target_feature(enable = "avx512f")]
-unsafe fn forward_f64(
-    shape: &TileShape,
-    chain: Packed<'_, f64>,
-    input: &[f64],
-    output: &mut [f64],
-    scratch: &mut [f64],
-) {
-    // SAFETY: the caller guarantees AVX-512F; `forward_rows` checks the shape.
-    unsafe { forward_rows::<F64x8, MR, NV_MAX>(shape, chain, input, output, scratch) }
-}
-
-/// # Safety
-/// The CPU supports AVX-512F.
-#[target_feature(enable = "avx512f")]
-unsafe fn peak_f32(iterations: usize, seed: &[f32]) -> f32 {
-    // SAFETY: the caller guarantees AVX-512F.
-    unsafe { fma_loop::<F32x16, false>(iterations, seed) }
-}
-
-/// # Safety
-/// The CPU supports AVX-512F.
-#[target_feature(enable = "avx512f")]
-unsafe fn peak_half_f32(iterations: usize, seed: &[f32]) -> f32 {
-    // SAFETY: the caller guarantees AVX-512F.
-    unsafe { fma_loop::<F32x16, true>(iterations, seed) }
-}
-
-pub fn kernel_f32() -> Kernel<f32> {
-    Kernel {
-        shape: shape::<F32x16>(),
-        forward: forward_f32,
-        peak: peak_f32,
-    }
-}
-
-/// # Safety
-/// The CPU supports AVX-512F.
-#[target_feature(enable = "avx512f")]
-unsafe fn peak_f64(iterations: usize, seed: &[f64]) -> f64 {
-    // SAFETY: the caller guarantees AVX-512F.
-    unsafe { fma_loop::<F64x8, false>(iterations, seed) }
-}
-
-pub fn kernel_f64() -> Kernel<f64> {
-    Kernel {
-        shape: shape::<F64x8>(),
-        forward: forward_f64,
-        peak: peak_f64,
-    }
-}
+target_kernels!(
+    features = "avx512f",
+    mr = 8,
+    nv_max = 3,
+    kernel_f32: F32x16 => f32,
+    kernel_f64: F64x8 => f64,
+);

@@ -1,0 +1,501 @@
+//! The loop nests: a chain run block of rows by block of rows, each layer's outputs register
+//! tile by register tile, hidden activations kept in scratch that stays in L1/L2. Generic over
+//! [`SimdVec`], written once; the ISA files only wrap [`forward_rows`].
+
+use super::microkernel::{dot_tile_rows, tile_rows, DotTile, Tile, DOT_OUTS, DOT_ROWS};
+use super::{padded, LayerDesc, Packed, SimdVec, TileShape, L1_HALF_BYTES};
+
+/// Scratch elements a kernel of `shape` needs to run `rows` rows through `chain`.
+pub fn scratch_len<T>(shape: &TileShape, chain: &Packed<'_, T>, rows: usize) -> usize {
+    let widest = chain.layers.iter().map(|l| l.padded_out).max().unwrap_or(0);
+    let in_registers_of_outputs = 2 * rows.min(shape.block_rows) * widest;
+    match chain.lanes_layers.first() {
+        Some(first) => {
+            let widest = chain.lanes_layers.iter().map(|l| l.out_features).max();
+            let in_lanes = shape.lanes_block() * (first.in_features + 2 * widest.unwrap_or(0));
+            in_lanes.max(in_registers_of_outputs)
+        }
+        None => in_registers_of_outputs,
+    }
+}
+
+/// Outputs of every layer but the last, per row: the width of the `saved` buffer of
+/// [`forward_rows`].
+pub fn saved_width(layers: &[LayerDesc]) -> usize {
+    let hidden = &layers[..layers.len().saturating_sub(1)];
+    hidden.iter().map(|layer| layer.out_features).sum()
+}
+
+/// Panics unless the chain, buffers and packing agree; after it, every pointer the loop nest
+/// forms stays inside its slice. Which form each layer takes is the cost model's business; what
+/// is checked here is only what the register tiles rely on.
+fn check_chain<T>(
+    shape: &TileShape,
+    chain: &Packed<'_, T>,
+    input: &[T],
+    output: &[T],
+    scratch: &[T],
+    saved: Option<&[T]>,
+) -> usize {
+    let layers = chain.layers;
+    let first = layers.first().expect("a chain has at least one layer");
+    let last = layers.last().expect("a chain has at least one layer");
+    assert!(first.in_features > 0, "layers have at least one input");
+    assert!(
+        input.len().is_multiple_of(first.in_features),
+        "input is whole rows"
+    );
+    let rows = input.len() / first.in_features;
+    assert_eq!(
+        output.len(),
+        rows * last.out_features,
+        "output matches the input rows"
+    );
+    if let Some(saved) = saved {
+        assert_eq!(
+            saved.len(),
+            rows * saved_width(layers),
+            "saved matches the rows"
+        );
+    }
+    for pair in layers.windows(2) {
+        assert_eq!(pair[0].out_features, pair[1].in_features, "layers chain");
+    }
+    if !chain.lanes_layers.is_empty() {
+        assert_eq!(
+            chain.lanes_layers.len(),
+            layers.len(),
+            "both packings hold every layer"
+        );
+        for (lanes_layer, layer) in chain.lanes_layers.iter().zip(layers) {
+            assert!(
+                (lanes_layer.in_features, lanes_layer.out_features)
+                    == (layer.in_features, layer.out_features),
+                "same layers"
+            );
+        }
+    }
+    let in_lanes = layers.iter().map(|layer| (layer, false));
+    for (layer, rows_in_lanes) in in_lanes.chain(chain.lanes_layers.iter().map(|l| (l, true))) {
+        let (k, out, dot_from) = (layer.in_features, layer.out_features, layer.dot_from);
+        assert!(dot_from <= out, "dot form starts inside the outputs");
+        // A tile's stores end at a whole register, or at a half one where packing split there,
+        // so they stay inside the row: padded to whole registers, or as long as the outputs.
+        let split_at = dot_from % shape.lanes;
+        let rows_fit = if rows_in_lanes {
+            dot_from == 0 && layer.padded_out == out
+        } else if dot_from < out {
+            layer.padded_out == out
+                && (split_at == 0 || (shape.half_lanes > 0 && split_at == shape.half_lanes))
+        } else {
+            layer.padded_out == shape.padded(out)
+        };
+        assert!(rows_fit, "packed for this tile shape");
+        assert!(
+            layer.weights_at + k * dot_from <= chain.data.len()
+                && layer.dot_at + (out - dot_from) * shape.padded(k) <= chain.data.len(),
+            "packed weights in the buffer"
+        );
+        assert!(
+            layer.bias_at + layer.padded_out <= chain.data.len(),
+            "packed bias in the buffer"
+        );
+    }
+    assert!(
+        scratch.len() >= scratch_len(shape, chain, rows),
+        "scratch is large enough"
+    );
+    rows
+}
+
+/// The fused loop nest, generic over the register type; ISA files wrap it in `#[target_feature]`.
+///
+/// Whole blocks of rows go through `forward_rows_in_lanes` where the chain has that packing;
+/// the other rows run block by block, each layer's panel outputs register tile by register tile
+/// (panel by panel, so a large panel stays in cache while every tile of the block uses it, or
+/// row tile by row tile when the panels fit L1), then its dot-form outputs. Hidden activations
+/// go to `scratch` (two ping-pong buffers that stay in L1/L2), never to the caller.
+///
+/// With `saved` (`rows x` [`saved_width`]), each row also keeps every layer's outputs but the
+/// last's, after the post-op, layer after layer, for a backward; such a call runs every row in
+/// registers of outputs (rows in the lanes would leave them transposed).
+///
+/// # Safety
+/// The CPU supports `V`'s ISA, and `shape.lanes == V::LANES`, `shape.mr == MR`,
+/// `shape.nv_max == NV_MAX`.
+#[inline(always)]
+pub unsafe fn forward_rows<V: SimdVec, const MR: usize, const NV_MAX: usize>(
+    shape: &TileShape,
+    chain: Packed<'_, V::Elem>,
+    input: &[V::Elem],
+    output: &mut [V::Elem],
+    scratch: &mut [V::Elem],
+    mut saved: Option<&mut [V::Elem]>,
+) {
+    assert!(shape.lanes == V::LANES && shape.mr == MR && shape.nv_max == NV_MAX);
+    assert!(shape.half_lanes == 0 || shape.half_lanes == V::HALF_LANES);
+    assert!(MR <= 8 && NV_MAX <= 4 && shape.block_rows.is_multiple_of(MR));
+    let rows = check_chain(shape, &chain, input, output, scratch, saved.as_deref());
+    let layers = chain.layers;
+    if rows == 0 {
+        return;
+    }
+    // Whole blocks of rows-in-lanes rows where that packing exists; the rest (a small batch, the
+    // last rows) in registers of outputs.
+    let lanes_block = shape.lanes_block();
+    let lanes_rows = if chain.lanes_layers.is_empty() || saved.is_some() {
+        0
+    } else {
+        rows / lanes_block * lanes_block
+    };
+    let out_features = layers[layers.len() - 1].out_features;
+    let (lanes_input, input) = input.split_at(lanes_rows * layers[0].in_features);
+    let (lanes_output, output) = output.split_at_mut(lanes_rows * out_features);
+    if lanes_rows > 0 {
+        // SAFETY: as for this function; `check_chain` proved the sizes of both packings.
+        unsafe {
+            forward_rows_in_lanes::<V, MR, NV_MAX>(
+                &chain,
+                lanes_block,
+                lanes_rows,
+                lanes_input,
+                lanes_output,
+                scratch,
+            )
+        };
+    }
+    let rows = rows - lanes_rows;
+    if rows == 0 {
+        return;
+    }
+    let last_index = layers.len() - 1;
+    let block_rows = rows.min(shape.block_rows);
+    let widest = layers.iter().map(|l| l.padded_out).max().unwrap_or(0);
+    let (ping, rest) = scratch.split_at_mut(block_rows * widest);
+    let pong = &mut rest[..block_rows * widest];
+    let saved_width = saved_width(layers);
+
+    for block_start in (0..rows).step_by(block_rows) {
+        let block = block_rows.min(rows - block_start);
+        let block_input =
+            &input[block_start * layers[0].in_features..][..block * layers[0].in_features];
+        let mut src: *const V::Elem = block_input.as_ptr();
+        let mut src_stride = layers[0].in_features;
+        let mut into_ping = true;
+        let mut saved_at = 0;
+        for (index, layer) in layers.iter().enumerate() {
+            let is_last = index == last_index;
+            let direct = is_last && layer.padded_out == layer.out_features;
+            let (dst, dst_stride): (*mut V::Elem, usize) = if direct {
+                let block_output =
+                    &mut output[block_start * out_features..][..block * out_features];
+                (block_output.as_mut_ptr(), out_features)
+            } else if into_ping {
+                (ping.as_mut_ptr(), layer.padded_out)
+            } else {
+                (pong.as_mut_ptr(), layer.padded_out)
+            };
+            let at = Placement {
+                layer,
+                data: chain.data,
+                rows: block,
+                src,
+                src_stride,
+                dst,
+                dst_stride,
+                dst_is_output: direct,
+            };
+            // SAFETY: `check_chain` proved the packed sizes; `src` holds `block` rows of at least
+            // `layer.in_features` values at `src_stride`, `dst` has room for `block` rows of
+            // `layer.padded_out` values at `dst_stride` (or exactly `out_features` when direct,
+            // which then equals `padded_out`); the caller guarantees the ISA.
+            unsafe {
+                layer_block::<V, MR, NV_MAX>(&at);
+                dot_layer_block::<V>(&at);
+            };
+            if let (Some(saved), false) = (saved.as_deref_mut(), is_last) {
+                let hidden = if into_ping { &ping[..] } else { &pong[..] };
+                let out = layer.out_features;
+                let block_saved = &mut saved[block_start * saved_width..][..block * saved_width];
+                for (saved_row, row) in block_saved
+                    .chunks_exact_mut(saved_width)
+                    .zip(hidden.chunks_exact(layer.padded_out))
+                {
+                    saved_row[saved_at..][..out].copy_from_slice(&row[..out]);
+                }
+                saved_at += out;
+            }
+            if is_last && !direct {
+                let hidden = if into_ping { &ping[..] } else { &pong[..] };
+                let block_output =
+                    &mut output[block_start * out_features..][..block * out_features];
+                for (out_row, row) in block_output
+                    .chunks_exact_mut(out_features)
+                    .zip(hidden.chunks_exact(layer.padded_out))
+                {
+                    out_row.copy_from_slice(&row[..out_features]);
+                }
+            }
+            src = dst;
+            src_stride = dst_stride;
+            into_ping = !into_ping;
+        }
+    }
+}
+
+/// The chain with batch rows in the lanes, one block of `NV_MAX * LANES` rows at a time: the
+/// block's input transposed into scratch, each layer's `out x rows` computed by the same register
+/// tiles with the roles swapped (a weight broadcast per tile row, a register of rows per
+/// column), the last layer's transposed back into the output rows.
+///
+/// # Safety
+/// As for [`forward_rows`], for a chain with `lanes_layers`, after `check_chain`.
+#[inline(always)]
+unsafe fn forward_rows_in_lanes<V: SimdVec, const MR: usize, const NV_MAX: usize>(
+    chain: &Packed<'_, V::Elem>,
+    block: usize,
+    rows: usize,
+    input: &[V::Elem],
+    output: &mut [V::Elem],
+    scratch: &mut [V::Elem],
+) {
+    debug_assert!(block == NV_MAX * V::LANES && rows.is_multiple_of(block));
+    let layers = chain.lanes_layers;
+    let first_in = layers[0].in_features;
+    let out_features = layers[layers.len() - 1].out_features;
+    let widest = layers.iter().map(|l| l.out_features).max().unwrap_or(0);
+    let (transposed_input, rest) = scratch.split_at_mut(block * first_in);
+    let (ping, rest) = rest.split_at_mut(block * widest);
+    let pong = &mut rest[..block * widest];
+    let line = 64 / std::mem::size_of::<V::Elem>();
+    for block_start in (0..rows).step_by(block) {
+        // SAFETY: the input holds `rows` (whole blocks of) rows of `first_in` values and
+        // `transposed_input` has `first_in` rows of `block` values; in the layer loop, `src`
+        // holds `in_features` rows of `block` values and `dst` room for `out_features` such
+        // rows, the packed rows and biases are in bounds (`check_chain`), and every tile covers
+        // `NV_MAX` registers = `block` columns; the output has `block` rows of `out_features`
+        // values from `block_start`.
+        unsafe {
+            transpose::<V>(
+                input.as_ptr().add(block_start * first_in),
+                first_in,
+                block,
+                first_in,
+                transposed_input.as_mut_ptr(),
+                block,
+            );
+            // The next block's input lines, fetched into L2 a few per tile of the first layer,
+            // so they are in cache when its transpose reads them: on a batch streaming from
+            // memory the transposes' strided reads stall on every line (digits at 4096 rows
+            // from 256 MB: 354 -> 260 us). Into L1 they evicted this block's working set (272
+            // us); all at once came later (335 us); two blocks ahead gained nothing.
+            let next_rows = rows - block_start - block;
+            let next = input
+                .as_ptr()
+                .wrapping_add((block_start + block) * first_in);
+            let lines = (next_rows.min(block) * first_in).div_ceil(line);
+            let mut src: *const V::Elem = transposed_input.as_ptr();
+            let mut into_ping = true;
+            for (index, layer) in layers.iter().enumerate() {
+                let dst = if into_ping {
+                    ping.as_mut_ptr()
+                } else {
+                    pong.as_mut_ptr()
+                };
+                let out = layer.out_features;
+                // Even tiles: 42 outputs as 6 tiles of 7, not 5 of 8 and one of 2.
+                let tile_outs = out.div_ceil(out.div_ceil(MR));
+                let weights = chain.data.as_ptr().add(layer.dot_at);
+                let lda = padded(layer.in_features, V::LANES);
+                let tiles = out.div_ceil(tile_outs);
+                for (t, first) in (0..out).step_by(tile_outs).enumerate() {
+                    if index == 0 {
+                        for l in t * lines / tiles..(t + 1) * lines / tiles {
+                            V::prefetch_to_l2(next.wrapping_add(l * line));
+                        }
+                    }
+                    let tile = Tile {
+                        a: weights.add(first * lda),
+                        lda,
+                        k: layer.in_features,
+                        panel: src,
+                        panel_width: block,
+                        last_lanes: V::LANES,
+                        bias: chain.data.as_ptr().add(layer.bias_at + first),
+                        bias_per_row: true,
+                        post_op: layer.post_op,
+                        out: dst.add(first * block),
+                        ldo: block,
+                        prefetch_out: false,
+                    };
+                    tile_rows::<V>(tile_outs.min(out - first), NV_MAX, &tile);
+                }
+                src = dst;
+                into_ping = !into_ping;
+            }
+            transpose::<V>(
+                src,
+                block,
+                out_features,
+                block,
+                output.as_mut_ptr().add(block_start * out_features),
+                out_features,
+            );
+        }
+    }
+}
+
+/// `dst[c * ldd + r] = src[r * lds + c]` for `r < rows`, `c < cols`: whole `LANES x LANES`
+/// squares through [`SimdVec::transpose_square`], the edges one value at a time.
+///
+/// # Safety
+/// `src` is valid for reading `rows` rows of `cols` values `lds` apart, `dst` for writing `cols`
+/// rows of `rows` values `ldd` apart, not overlapping `src`; the CPU supports the ISA.
+#[inline(always)]
+unsafe fn transpose<V: SimdVec>(
+    src: *const V::Elem,
+    lds: usize,
+    rows: usize,
+    cols: usize,
+    dst: *mut V::Elem,
+    ldd: usize,
+) {
+    let lanes = V::LANES;
+    let (whole_rows, whole_cols) = (rows / lanes * lanes, cols / lanes * lanes);
+    // SAFETY: every index is below `rows` / `cols`, as the caller guarantees valid.
+    unsafe {
+        for r in (0..whole_rows).step_by(lanes) {
+            for c in (0..whole_cols).step_by(lanes) {
+                V::transpose_square(src.add(r * lds + c), lds, dst.add(c * ldd + r), ldd);
+            }
+            for c in whole_cols..cols {
+                for i in r..r + lanes {
+                    *dst.add(c * ldd + i) = *src.add(i * lds + c);
+                }
+            }
+        }
+        for r in whole_rows..rows {
+            for c in 0..cols {
+                *dst.add(c * ldd + r) = *src.add(r * lds + c);
+            }
+        }
+    }
+}
+
+/// One layer's panel outputs (those before `dot_from`) for `rows` rows: every panel, every
+/// register tile.
+///
+/// # Safety
+/// As at the call in [`forward_rows`].
+#[inline(always)]
+unsafe fn layer_block<V: SimdVec, const MR: usize, const NV_MAX: usize>(
+    at: &Placement<'_, V::Elem>,
+) {
+    let (layer, rows) = (at.layer, at.rows);
+    let panel_width = NV_MAX * V::LANES;
+    let panel_bytes = layer.in_features * panel_width * std::mem::size_of::<V::Elem>();
+    if panel_bytes <= L1_HALF_BYTES {
+        // The panels stay in L1 whatever the order: go row tile by row tile, so each output row
+        // is written left to right in one pass, a stream the prefetcher follows.
+        for row in (0..rows).step_by(MR) {
+            for col in (0..layer.dot_from).step_by(panel_width) {
+                // SAFETY: `row < rows` and `col < dot_from`, as `tile_at` requires.
+                unsafe { tile_at::<V, MR, NV_MAX>(at, row, col) };
+            }
+        }
+    } else {
+        // Keep a large panel hot: every row tile of the block runs against it before the next.
+        for col in (0..layer.dot_from).step_by(panel_width) {
+            for row in (0..rows).step_by(MR) {
+                // SAFETY: `row < rows` and `col < dot_from`, as `tile_at` requires.
+                unsafe { tile_at::<V, MR, NV_MAX>(at, row, col) };
+            }
+        }
+    }
+}
+
+/// A layer's dot-form outputs (`dot_from..out`) for `rows` rows, register tile by register
+/// tile: each output is the lane-wise product of an input row with a weight row, summed.
+///
+/// # Safety
+/// As at the call in [`forward_rows`].
+#[inline(always)]
+unsafe fn dot_layer_block<V: SimdVec>(at: &Placement<'_, V::Elem>) {
+    let layer = at.layer;
+    let padded_in = padded(layer.in_features, V::LANES);
+    for row in (0..at.rows).step_by(DOT_ROWS) {
+        for out in (layer.dot_from..layer.out_features).step_by(DOT_OUTS) {
+            // SAFETY: `row < rows` and `dot_from <= out < out_features`: the tile's input rows,
+            // weight rows (`check_chain` proved the dot rows in bounds), biases and outputs are
+            // inside the buffers described at the call in `forward_rows`.
+            unsafe {
+                let tile = DotTile {
+                    x: at.src.add(row * at.src_stride),
+                    ldx: at.src_stride,
+                    k: layer.in_features,
+                    w: at
+                        .data
+                        .as_ptr()
+                        .add(layer.dot_at + (out - layer.dot_from) * padded_in),
+                    ldw: padded_in,
+                    bias: at.data.as_ptr().add(layer.bias_at + out),
+                    post_op: layer.post_op,
+                    out: at.dst.add(row * at.dst_stride + out),
+                    ldo: at.dst_stride,
+                };
+                let rows = (at.rows - row).min(DOT_ROWS);
+                dot_tile_rows::<V>(rows, (layer.out_features - out).min(DOT_OUTS), &tile);
+            }
+        }
+    }
+}
+/// One layer's operands for a block of rows: where its inputs, packed weights and outputs are.
+#[derive(Clone, Copy)]
+struct Placement<'a, T> {
+    layer: &'a LayerDesc,
+    data: &'a [T],
+    rows: usize,
+    src: *const T,
+    src_stride: usize,
+    dst: *mut T,
+    dst_stride: usize,
+    /// `dst` is the caller's output, possibly far from cache (not the L1/L2 scratch).
+    dst_is_output: bool,
+}
+
+/// The register tile at row `row` and output column `col` of a layer block.
+///
+/// # Safety
+/// As at the call in [`forward_rows`], with `row < at.rows` and `col < at.layer.dot_from`, so
+/// every offset stays inside the buffers described there.
+#[inline(always)]
+unsafe fn tile_at<V: SimdVec, const MR: usize, const NV_MAX: usize>(
+    at: &Placement<'_, V::Elem>,
+    row: usize,
+    col: usize,
+) {
+    let layer = at.layer;
+    let width = (NV_MAX * V::LANES).min(layer.dot_from - col);
+    let nv = width.div_ceil(V::LANES);
+    // SAFETY: see the function's contract.
+    unsafe {
+        let tile = Tile {
+            a: at.src.add(row * at.src_stride),
+            lda: at.src_stride,
+            k: layer.in_features,
+            panel: at
+                .data
+                .as_ptr()
+                .add(layer.weights_at + col * layer.in_features),
+            panel_width: width,
+            last_lanes: width - (nv - 1) * V::LANES,
+            bias: at.data.as_ptr().add(layer.bias_at + col),
+            bias_per_row: false,
+            post_op: layer.post_op,
+            out: at.dst.add(row * at.dst_stride + col),
+            ldo: at.dst_stride,
+            prefetch_out: at.dst_is_output,
+        };
+        tile_rows::<V>((at.rows - row).min(MR), nv, &tile);
+    }
+}

@@ -1,0 +1,72 @@
+//! [`target_kernels!`]: every ISA's entry points written from one list, so adding one (a
+//! backward, another precision) means adding it here once, not to each ISA file.
+
+/// Defines, for each `name: RegisterType => Elem`, a `pub fn name() -> Kernel<Elem>` whose entry points
+/// are thin wrappers, compiled with `#[target_feature(enable = $features)]` (none for the
+/// portable kernel), around the generic loop nest ([`forward_rows`](super::forward_rows)) and
+/// FMA loop ([`fma_loop`](super::fma_loop)) for that register type, with `mr` rows and up to
+/// `nv_max` registers per tile. The SIMD bodies stay written out per ISA in its [`SimdVec`]
+/// (super::SimdVec) implementation.
+macro_rules! target_kernels {
+    (
+        features = $features:literal,
+        mr = $mr:expr,
+        nv_max = $nv_max:expr,
+        $($name:ident: $register:ty => $elem:ty),+ $(,)?
+    ) => {
+        $(target_kernels!(@one [target_feature(enable = $features)] $mr, $nv_max, $name, $register, $elem);)+
+    };
+    (mr = $mr:expr, nv_max = $nv_max:expr, $($name:ident: $register:ty => $elem:ty),+ $(,)?) => {
+        $(target_kernels!(@one [] $mr, $nv_max, $name, $register, $elem);)+
+    };
+    (@one [$($attribute:meta)?] $mr:expr, $nv_max:expr, $name:ident, $register:ty, $elem:ty) => {
+        pub fn $name() -> $crate::kernels::Kernel<$elem> {
+            use $crate::kernels::{fma_loop, forward_rows, Kernel, Packed, SimdVec, TileShape};
+            type Elem = <$register as SimdVec>::Elem;
+
+            /// # Safety
+            /// The CPU supports the ISA's features; `forward_rows` checks everything else.
+            $(#[$attribute])?
+            unsafe fn forward(
+                shape: &TileShape,
+                chain: Packed<'_, Elem>,
+                input: &[Elem],
+                output: &mut [Elem],
+                scratch: &mut [Elem],
+                saved: Option<&mut [Elem]>,
+            ) {
+                // SAFETY: the caller guarantees the features; `forward_rows` checks the rest.
+                unsafe {
+                    forward_rows::<$register, { $mr }, { $nv_max }>(
+                        shape, chain, input, output, scratch, saved,
+                    )
+                }
+            }
+
+            /// # Safety
+            /// The CPU supports the ISA's features.
+            $(#[$attribute])?
+            unsafe fn peak(iterations: usize, seed: &[Elem]) -> Elem {
+                // SAFETY: the caller guarantees the features.
+                unsafe { fma_loop::<$register, false>(iterations, seed) }
+            }
+
+            /// # Safety
+            /// The CPU supports the ISA's features, and the register type has a half register.
+            $(#[$attribute])?
+            unsafe fn peak_half(iterations: usize, seed: &[Elem]) -> Elem {
+                // SAFETY: the caller guarantees the features and the half register.
+                unsafe { fma_loop::<$register, true>(iterations, seed) }
+            }
+
+            let half_register_lanes = <$register as SimdVec>::HALF_LANES;
+            Kernel {
+                shape: TileShape::for_register::<$register>($mr, $nv_max),
+                forward,
+                peak,
+                peak_half: (half_register_lanes > 0).then_some(peak_half as _),
+                half_register_lanes,
+            }
+        }
+    };
+}

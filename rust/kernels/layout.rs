@@ -1,0 +1,87 @@
+//! What packing and the kernels agree on: the tile shape a kernel wants, and where each packed
+//! layer sits (see the module docs of `kernels` for the layout).
+
+use super::{PostOp, SimdVec};
+
+/// How a kernel tiles its work; packing follows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TileShape {
+    /// Elements per SIMD register.
+    pub lanes: usize,
+    /// Batch rows per register tile.
+    pub mr: usize,
+    /// Most registers of outputs per register tile (a panel is `nv_max * lanes` outputs wide).
+    pub nv_max: usize,
+    /// Rows run through the whole chain before the next block starts (a multiple of `mr`).
+    pub block_rows: usize,
+    /// The register type's [`SimdVec::FAST_TRANSPOSE`].
+    pub fast_transpose: bool,
+    /// The register type's [`SimdVec::HALF_LANES`] where a multiply-add on the half costs half
+    /// as much as on the whole register (Zen 4 runs a 512-bit FMA as two 256-bit ones; see
+    /// `dispatch::half_registers_cheaper`), else 0. Only the choice of forms depends on it,
+    /// never a result's correctness.
+    pub half_lanes: usize,
+}
+
+impl TileShape {
+    /// The shape of a kernel on register type `V` with `mr` rows and up to `nv_max` registers
+    /// of outputs per tile, half registers not (yet) chosen.
+    pub fn for_register<V: SimdVec>(mr: usize, nv_max: usize) -> TileShape {
+        TileShape {
+            lanes: V::LANES,
+            mr,
+            nv_max,
+            block_rows: 8 * mr,
+            fast_transpose: V::FAST_TRANSPOSE,
+            half_lanes: 0,
+        }
+    }
+
+    pub fn panel_width(&self) -> usize {
+        self.nv_max * self.lanes
+    }
+
+    pub fn padded(&self, width: usize) -> usize {
+        padded(width, self.lanes)
+    }
+
+    /// Batch rows in one rows-in-lanes block: a register tile's width.
+    pub fn lanes_block(&self) -> usize {
+        self.panel_width()
+    }
+}
+
+/// Half of a 32 KiB L1: the most a weight panel kept per row tile, or a rows-in-lanes block of
+/// activations, may take.
+pub const L1_HALF_BYTES: usize = 16 << 10;
+
+/// `width` rounded up to whole registers of `lanes`.
+pub fn padded(width: usize, lanes: usize) -> usize {
+    width.div_ceil(lanes) * lanes
+}
+
+/// Where one packed layer sits in its chain's buffer (see the module docs for the layout).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LayerDesc {
+    pub in_features: usize,
+    pub out_features: usize,
+    pub padded_out: usize,
+    pub weights_at: usize,
+    pub bias_at: usize,
+    /// Applied to every output in the epilogue.
+    pub post_op: PostOp,
+    /// Outputs from here on are in dot-product form (see the module docs).
+    pub dot_from: usize,
+    /// Where the dot-form weight rows start.
+    pub dot_at: usize,
+}
+
+/// A packed chain: its layers and the buffer they point into.
+#[derive(Clone, Copy, Debug)]
+pub struct Packed<'a, T> {
+    pub layers: &'a [LayerDesc],
+    pub data: &'a [T],
+    /// The same layers packed again for batch rows in the lanes ([`TileShape::rows_in_lanes`]),
+    /// each as dot-form rows (`dot_from == 0`, `padded_out == out`); empty if not worth it.
+    pub lanes_layers: &'a [LayerDesc],
+}

@@ -1,0 +1,334 @@
+//! The register tiles: panels (a broadcast input times registers of weights, `MR` rows by `NV`
+//! registers of accumulators) and dot form (lane-wise products summed across the register).
+//! Each ends in the epilogue: bias, post-op, store.
+
+use super::{epilogue, PostOp, SimdVec};
+
+/// Most rows and outputs of a dot-form register tile: 16 independent accumulators, enough to
+/// keep the FMA units busy, and 4 + 4 loads per 16 FMAs.
+pub(super) const DOT_ROWS: usize = 4;
+pub(super) const DOT_OUTS: usize = 4;
+
+/// Pointers for one dot-form register tile: `rows x outs` outputs from `rows x k` inputs and
+/// `outs` weight rows of `ldw` values (zeros past `k`).
+pub(super) struct DotTile<T> {
+    pub(super) x: *const T,
+    pub(super) ldx: usize,
+    pub(super) k: usize,
+    pub(super) w: *const T,
+    pub(super) ldw: usize,
+    pub(super) bias: *const T,
+    /// Applied to every output.
+    pub(super) post_op: PostOp,
+    pub(super) out: *mut T,
+    pub(super) ldo: usize,
+}
+
+/// Picks the dot-form register tile for a run-time row count and output count (`1..=4` each).
+///
+/// # Safety
+/// `tile` points at `rows` input rows of `k` readable values, `outs` weight rows of `ldw >=
+/// padded(k)` values, `outs` biases and room for `rows x outs` outputs; the CPU supports the ISA.
+#[inline(always)]
+pub(super) unsafe fn dot_tile_rows<V: SimdVec>(rows: usize, outs: usize, tile: &DotTile<V::Elem>) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match rows {
+            1 => dot_tile_outs::<V, 1>(outs, tile),
+            2 => dot_tile_outs::<V, 2>(outs, tile),
+            3 => dot_tile_outs::<V, 3>(outs, tile),
+            4 => dot_tile_outs::<V, 4>(outs, tile),
+            _ => unreachable!("dot tiles are at most 4 rows"),
+        }
+    }
+}
+
+/// # Safety
+/// As for [`dot_tile_rows`].
+#[inline(always)]
+unsafe fn dot_tile_outs<V: SimdVec, const R: usize>(outs: usize, tile: &DotTile<V::Elem>) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match outs {
+            1 => dot_tile::<V, R, 1>(tile),
+            2 => dot_tile::<V, R, 2>(tile),
+            3 => dot_tile::<V, R, 3>(tile),
+            4 => dot_tile::<V, R, 4>(tile),
+            _ => unreachable!("dot tiles are at most 4 outputs"),
+        }
+    }
+}
+
+/// The dot-form microkernel: `R x C` accumulators along `k`, the input's tail loaded masked (so
+/// nothing past `k` is read; the weights' padding is zeros), then one horizontal sum each, the
+/// bias and the post-op.
+///
+/// # Safety
+/// As for [`dot_tile_rows`], with `rows == R` and `outs == C`.
+#[inline(always)]
+unsafe fn dot_tile<V: SimdVec, const R: usize, const C: usize>(tile: &DotTile<V::Elem>) {
+    let lanes = V::LANES;
+    let (full, tail) = (tile.k / lanes, tile.k % lanes);
+    // SAFETY: the caller guarantees the ISA, `R` rows of `k` readable inputs (chunks `0..full`
+    // are whole, the tail load reads `tail` values), `C` weight rows of at least
+    // `(full + 1) * lanes` values when `tail > 0` (else `full * lanes`), `C` biases and room for
+    // `R x C` outputs.
+    unsafe {
+        let mut acc = [[V::zero(); C]; R];
+        for chunk in 0..full + usize::from(tail > 0) {
+            let at = chunk * lanes;
+            let mut xs = [V::zero(); R];
+            for (r, x) in xs.iter_mut().enumerate() {
+                let row = tile.x.add(r * tile.ldx + at);
+                *x = if chunk < full {
+                    V::load(row)
+                } else {
+                    V::load_partial(row, tail)
+                };
+            }
+            for c in 0..C {
+                let w = V::load(tile.w.add(c * tile.ldw + at));
+                for (row, x) in acc.iter_mut().zip(&xs) {
+                    row[c] = x.mul_add(w, row[c]);
+                }
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            for (c, value) in row.iter().enumerate() {
+                let value = value.sum() + *tile.bias.add(c);
+                *tile.out.add(r * tile.ldo + c) = epilogue::apply_one::<V>(tile.post_op, value);
+            }
+        }
+    }
+}
+/// Pointers for one register tile: `rows x (nv * LANES)` outputs from `rows x k` inputs.
+pub(super) struct Tile<T> {
+    pub(super) a: *const T,
+    pub(super) lda: usize,
+    pub(super) k: usize,
+    pub(super) panel: *const T,
+    /// Values per panel row: the outputs this tile computes from real weights.
+    pub(super) panel_width: usize,
+    /// Lanes of the last register that have weights (`1..=LANES`); the rest load as zeros.
+    pub(super) last_lanes: usize,
+    pub(super) bias: *const T,
+    /// One bias value per tile row (broadcast along it), rather than one per output column.
+    pub(super) bias_per_row: bool,
+    /// Applied to every output.
+    pub(super) post_op: PostOp,
+    pub(super) out: *mut T,
+    pub(super) ldo: usize,
+    /// Fetch the output lines before the multiply-adds (see `register_tile`).
+    pub(super) prefetch_out: bool,
+}
+
+/// Picks the register tile for a run-time row count (`1..=8`) and width (`1..=4` registers).
+///
+/// # Safety
+/// `tile` points at `rows` valid input rows, a panel of `k` rows of `panel_width` values (which
+/// `nv` registers cover), `nv * LANES` bias values (only `panel_width` where the last register
+/// runs in its half; `rows` with `bias_per_row`), and room for
+/// the outputs.
+#[inline(always)]
+pub(super) unsafe fn tile_rows<V: SimdVec>(rows: usize, nv: usize, tile: &Tile<V::Elem>) {
+    // The last register in its half where its outputs fit (`tile_width`'s `HALF`). Its stores
+    // then write `HALF_LANES` values, which the row has room for: packing pads the row to whole
+    // registers, or ends the panels at a whole register or at one plus `V::HALF_LANES`
+    // (`TileShape::dot_from`, with `forward_rows` asserting `half_lanes` is 0 or
+    // `V::HALF_LANES`, and `check_chain` that the packing follows the shape); rows-in-lanes
+    // tiles (one bias per row) are always whole registers.
+    let half = V::HALF_LANES > 0 && tile.last_lanes <= V::HALF_LANES && !tile.bias_per_row;
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match (nv, half) {
+            (1, false) => tile_width::<V, 1, false>(rows, tile),
+            (2, false) => tile_width::<V, 2, false>(rows, tile),
+            (3, false) => tile_width::<V, 3, false>(rows, tile),
+            (4, false) => tile_width::<V, 4, false>(rows, tile),
+            (1, true) => tile_width::<V, 1, true>(rows, tile),
+            (2, true) => tile_width::<V, 2, true>(rows, tile),
+            (3, true) => tile_width::<V, 3, true>(rows, tile),
+            (4, true) => tile_width::<V, 4, true>(rows, tile),
+            _ => unreachable!("panels are at most 4 registers wide"),
+        }
+    }
+}
+
+/// With `HALF`, the last register's multiply-adds, bias and stores cover only its low
+/// [`SimdVec::HALF_LANES`] lanes (`last_lanes` fits them).
+///
+/// # Safety
+/// As for [`tile_rows`].
+#[inline(always)]
+unsafe fn tile_width<V: SimdVec, const NV: usize, const HALF: bool>(
+    rows: usize,
+    tile: &Tile<V::Elem>,
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        // Few rows give few independent accumulators, too few to hide the FMA latency: split
+        // `k` across extra accumulator sets (summed at the end) so batch 1 runs at throughput.
+        match rows {
+            1 => register_tile::<V, 1, NV, 4, HALF>(tile),
+            2 => register_tile::<V, 2, NV, 2, HALF>(tile),
+            3 => register_tile::<V, 3, NV, 1, HALF>(tile),
+            4 => register_tile::<V, 4, NV, 1, HALF>(tile),
+            5 => register_tile::<V, 5, NV, 1, HALF>(tile),
+            6 => register_tile::<V, 6, NV, 1, HALF>(tile),
+            7 => register_tile::<V, 7, NV, 1, HALF>(tile),
+            8 => register_tile::<V, 8, NV, 1, HALF>(tile),
+            _ => unreachable!("register tiles are at most 8 rows"),
+        }
+    }
+}
+
+/// The microkernel: `R x NV` registers of accumulators seeded with the bias, one broadcast of an
+/// input value and `NV` panel loads per step of `k`, the post-op applied in registers. With `KS > 1`,
+/// consecutive steps of `k` go to `KS` separate accumulator sets, added up before the post-op.
+///
+/// # Safety
+/// As for [`tile_rows`], with `rows == R` and `nv == NV`.
+#[inline(always)]
+unsafe fn register_tile<
+    V: SimdVec,
+    const R: usize,
+    const NV: usize,
+    const KS: usize,
+    const HALF: bool,
+>(
+    tile: &Tile<V::Elem>,
+) {
+    let lanes = V::LANES;
+    let step = tile.panel_width;
+    // SAFETY: the caller guarantees the ISA and that `R` rows of `k` inputs, `k` panel rows of
+    // `panel_width` values, `NV * LANES` bias values (`panel_width` with `HALF`; `R` per row)
+    // and `R` output rows are in
+    // bounds; the split loop reads steps `0..k / KS * KS` and the tail loop the rest, so every
+    // `k` index is `< k`; `panel_row` reads only `panel_width` values of a panel row.
+    unsafe {
+        let mut acc = [[[V::zero(); NV]; R]; KS];
+        if tile.bias_per_row {
+            for (r, row) in acc[0].iter_mut().enumerate() {
+                *row = [V::splat(tile.bias.add(r)); NV];
+            }
+        } else {
+            for v in 0..NV {
+                let bias = if HALF && v == NV - 1 {
+                    V::load_partial(tile.bias.add(v * lanes), tile.last_lanes)
+                } else {
+                    V::load(tile.bias.add(v * lanes))
+                };
+                for row in acc[0].iter_mut() {
+                    row[v] = bias;
+                }
+            }
+        }
+        if tile.prefetch_out {
+            // A wide last layer writing a large batch stores to memory far from cache (42 ->
+            // 784 at 4096 rows: 12.8 MB): fetch the lines now, a whole tile of multiply-adds
+            // before the stores need them (that layer alone: a few percent faster).
+            for r in 0..R {
+                for v in 0..NV {
+                    V::prefetch(tile.out.add(r * tile.ldo + v * lanes));
+                }
+            }
+        }
+        let mut a = tile.a;
+        let mut panel = tile.panel;
+        let line = 64 / std::mem::size_of::<V::Elem>();
+        for iteration in 0..tile.k / KS {
+            if (iteration * KS).is_multiple_of(line) {
+                // Once per cache line: fetch the same columns of the next tile's rows, so a large
+                // input streaming from memory is in cache one tile ahead (the hardware prefetcher
+                // alone misses the start of every row).
+                for r in 0..R {
+                    V::prefetch(a.wrapping_add((R + r) * tile.lda));
+                }
+            }
+            for (s, set) in acc.iter_mut().enumerate() {
+                let b = panel_row::<V, NV>(panel.add(s * step), tile.last_lanes);
+                for (r, row) in set.iter_mut().enumerate() {
+                    let x = V::splat(a.add(r * tile.lda + s));
+                    multiply_add_row::<V, NV, HALF>(x, &b, row);
+                }
+            }
+            a = a.add(KS);
+            panel = panel.add(KS * step);
+        }
+        for _ in 0..tile.k % KS {
+            let b = panel_row::<V, NV>(panel, tile.last_lanes);
+            for (r, row) in acc[0].iter_mut().enumerate() {
+                let x = V::splat(a.add(r * tile.lda));
+                multiply_add_row::<V, NV, HALF>(x, &b, row);
+            }
+            a = a.add(1);
+            panel = panel.add(step);
+        }
+        let (total, rest) = acc.split_at_mut(1);
+        for set in rest.iter() {
+            for (sum_row, row) in total[0].iter_mut().zip(set) {
+                for (sum, &value) in sum_row.iter_mut().zip(row) {
+                    *sum = sum.add(value);
+                }
+            }
+        }
+        for (r, row) in total[0].iter().enumerate() {
+            for (v, &value) in row.iter().enumerate() {
+                let value = epilogue::apply(tile.post_op, value);
+                let out = tile.out.add(r * tile.ldo + v * lanes);
+                if HALF && v == NV - 1 {
+                    value.store_half(out);
+                } else {
+                    value.store(out);
+                }
+            }
+        }
+    }
+}
+
+/// `row[v] += x * b[v]`, the last register in its half with `HALF`.
+///
+/// # Safety
+/// The CPU supports `V`'s ISA; `HALF` only where `V::HALF_LANES > 0`.
+#[inline(always)]
+unsafe fn multiply_add_row<V: SimdVec, const NV: usize, const HALF: bool>(
+    x: V,
+    b: &[V; NV],
+    row: &mut [V; NV],
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        for v in 0..NV {
+            row[v] = if HALF && v == NV - 1 {
+                x.mul_add_half(b[v], row[v])
+            } else {
+                x.mul_add(b[v], row[v])
+            };
+        }
+    }
+}
+
+/// One panel row as `NV` registers, the last holding `last_lanes` values and zeros after them.
+///
+/// # Safety
+/// `row` is valid for `(NV - 1) * LANES + last_lanes` reads; the CPU supports `V`'s ISA.
+#[inline(always)]
+unsafe fn panel_row<V: SimdVec, const NV: usize>(
+    row: *const V::Elem,
+    last_lanes: usize,
+) -> [V; NV] {
+    // SAFETY: forwarded from the caller; the last load reads `last_lanes` values only.
+    unsafe {
+        let mut b = [V::zero(); NV];
+        for (v, reg) in b.iter_mut().enumerate().take(NV - 1) {
+            *reg = V::load(row.add(v * V::LANES));
+        }
+        let last = row.add((NV - 1) * V::LANES);
+        b[NV - 1] = if last_lanes == V::LANES {
+            V::load(last)
+        } else {
+            V::load_partial(last, last_lanes)
+        };
+        b
+    }
+}
