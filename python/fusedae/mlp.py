@@ -12,7 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fusedae import _native, serialization
-from fusedae._ops import PostOp
+from fusedae._ops import IDENTITY, RELU, PostOp
 from fusedae.chain import ChainSpec, Layer
 
 FloatArray = npt.NDArray[np.floating]
@@ -100,11 +100,7 @@ class MLP(_native.Chain):
             dtype = np.float64 if first.dtype == np.float64 else np.float32
         dtype = _float_dtype(dtype)
         if activations is None:
-            activations = ["relu"] * (len(layers) - 1) + ["identity"]
-        if len(activations) != len(layers):
-            raise ValueError(
-                f"need one activation per layer: got {len(activations)} for {len(layers)} layers"
-            )
+            activations = [RELU] * (len(layers) - 1) + [IDENTITY]
         pairs: list[tuple[np.ndarray, np.ndarray | None]] = []
         for index, pair in enumerate(layers):
             if len(pair) != 2:

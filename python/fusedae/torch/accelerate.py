@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 from torch import nn
 
@@ -60,7 +61,7 @@ def accelerate(model: nn.Module) -> tuple[nn.Module, AccelerateReport]:
             return done[id(module)]
         result = module
         if type(module) is nn.Sequential:
-            lowered = lower(module._modules.values())  # type: ignore[arg-type]
+            lowered = lower(cast(nn.Sequential, module))
             if lowered is None:
                 kinds = ", ".join(type(child).__name__ for child in module)
                 report.kept.append((name, f"not a Linear/ReLU/Identity chain ({kinds})"))

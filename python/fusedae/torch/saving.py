@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+from typing import cast
 
 import torch
 from torch import nn
 
 from fusedae import serialization
-from fusedae.chain import ChainSpec, Layer
+from fusedae.chain import ChainSpec, Layer, default_encoder_layers
 from fusedae.torch.lower import lower
 from fusedae.torch.modules import SEQUENTIALS
 
@@ -41,21 +42,17 @@ def save(
     layers: list[Layer] = []
     dtype: torch.dtype | None = None
     for name, chain in chains:
-        lowered = lower(chain._modules.values()) if type(chain) in SEQUENTIALS else None  # type: ignore[union-attr, arg-type]
+        lowered = lower(cast(nn.Sequential, chain)) if type(chain) in SEQUENTIALS else None
         if lowered is None:
             raise TypeError(f"{name} is not an nn.Sequential of Linear/ReLU/Identity: {chain}")
         if encoder_layers is None and name == "decoder":
             encoder_layers = len(layers)
-        tensors = lowered.tensors()
         if dtype is None:
-            first = tensors[0]
-            dtype = (
-                torch.float64
-                if first is not None and first.dtype == torch.float64
-                else torch.float32
-            )
-        copies = [None if t is None else t.detach().to("cpu", dtype) for t in tensors]
-        layers.extend(lowered.spec(copies).layers)
-    pairs = [(layer.weight, layer.bias) for layer in layers]
-    spec = ChainSpec.from_pairs(pairs, [layer.post_op for layer in layers], encoder_layers)
-    serialization.write_spec(path, spec)
+            first = lowered.layers[0][0].weight.dtype
+            dtype = torch.float64 if first == torch.float64 else torch.float32
+        tensors = [None if t is None else t.detach().to("cpu", dtype) for t in lowered.tensors()]
+        layers.extend(lowered.spec(tensors).layers)
+    if encoder_layers is None:
+        widths = [layers[0].in_features, *(layer.out_features for layer in layers)]
+        encoder_layers = default_encoder_layers(widths)
+    serialization.write_spec(path, ChainSpec(tuple(layers), encoder_layers))
