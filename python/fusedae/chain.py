@@ -180,13 +180,16 @@ class ChainSpec:
 
     def native_arguments(
         self,
-    ) -> tuple[list[np.ndarray], list[np.ndarray | None], list[str]]:
+    ) -> tuple[list[np.ndarray], list[np.ndarray | None], list[str | tuple[str | float, ...]]]:
         """What ``_native.Chain`` takes: C-contiguous weights and biases (copied only where they
-        are not), and each layer's post-op by name (no op the kernels know has parameters yet;
-        the one that does will pass them here)."""
+        are not), and each layer's post-op: its name, or ``(name, *params)`` for an op with
+        parameters."""
         weights = [np.ascontiguousarray(layer.weight) for layer in self.layers]
         biases = [
             None if layer.bias is None else np.ascontiguousarray(layer.bias)
             for layer in self.layers
         ]
-        return weights, biases, list(self.activations)
+        post_ops: list[str | tuple[str | float, ...]] = [
+            (op.name, *op.params) if op.params else op.name for op in self.post_ops
+        ]
+        return weights, biases, post_ops

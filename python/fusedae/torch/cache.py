@@ -13,7 +13,7 @@ from torch.nn.modules import module as _torch_module
 
 from fusedae import _native
 from fusedae._ops import PostOp
-from fusedae.torch.function import FusedMLPFunction, pack_spec, run, shape_error
+from fusedae.torch.function import FusedMLPFunction, pack_spec, run, shape_error, to_dlpack
 from fusedae.torch.lower import LoweredChain, TensorSlot, lower
 
 _FUSED_DTYPES = (torch.float32, torch.float64)
@@ -165,8 +165,9 @@ class ChainCache:
         ):
             return FusedMLPFunction.apply(x, chain, self.post_ops, *self.tensors)
         if len(shape) == 2 and not x.requires_grad and x.is_contiguous() and not x.is_neg():
-            # `run`'s common case, inlined: the tensor checked above, read where it lies.
-            return _from_numpy(chain._forward_from_address(x.data_ptr(), shape[0]))
+            # `run`'s common case, inlined: a contiguous 2-D tensor without the negative bit
+            # (DLPack would hand over a negated view's raw memory), read where it lies.
+            return _from_numpy(chain._forward_dlpack(to_dlpack(x)))
         return run(chain, x)
 
 
