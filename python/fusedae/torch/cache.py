@@ -92,22 +92,9 @@ class ChainCache:
             self.invalidate()
         return self.lowered
 
-    def unchanged(self) -> bool:
-        """Whether every tensor is still the one packed, at the same address and version."""
-        # Read straight from each slot's dict (`linear.weight` goes through
-        # `nn.Module.__getattr__`) in one pass: this runs on every call.
-        if self.packed is None:
-            return False
-        for owner, key, tensor, version, address in self.packed:
-            if owner[key] is not tensor:
-                return False
-            if tensor is not None and (tensor._version != version or tensor.data_ptr() != address):
-                return False
-        return True
-
     def pack(self, dtype: torch.dtype) -> _native.Chain | None:
-        """Packs the tensors for inputs of ``dtype`` (the caller found the packed chain stale,
-        see `unchanged`) and returns the chain, or None if the tensors do not allow it (another
+        """Packs the tensors for inputs of ``dtype`` (the caller found the packed chain stale)
+        and returns the chain, or None if the tensors do not allow it (another
         device or dtype)."""
         assert self.lowered is not None  # `set_modules` found a chain
         tensors = self.lowered.tensors()
@@ -148,10 +135,24 @@ class ChainCache:
         if not shape or shape[-1] != in_features:
             raise shape_error(in_features, shape)
         dtype = x.dtype
-        if dtype is self.dtype and self.unchanged():
+        # Still the packed chain if every tensor is the one packed, at the same address and
+        # version; read straight from each slot's dict (`linear.weight` goes through
+        # `nn.Module.__getattr__`) in one pass, inlined: this runs on every call.
+        packed = self.packed if dtype is self.dtype else None
+        if packed is not None:
+            for owner, key, tensor, version, address in packed:
+                if owner[key] is not tensor or (
+                    tensor is not None
+                    and (tensor._version != version or tensor.data_ptr() != address)
+                ):
+                    packed = None
+                    break
+        if packed is not None:
             chain = self.chain
+        elif dtype in _FUSED_DTYPES:
+            chain = self.pack(dtype)
         else:
-            chain = self.pack(dtype) if dtype in _FUSED_DTYPES else None
+            chain = None
         if chain is None:  # parameters elsewhere or of another dtype, or a dtype we do not fuse
             assert self.lowered is not None
             weight = self.lowered.layers[0][0].weight
