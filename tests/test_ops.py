@@ -237,6 +237,24 @@ class TestChainSpec:
         assert repr(clone) == repr(mlp)
 
 
+def test_parameters_are_refused_where_they_would_be_lost(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
+    """An op with parameters (a later issue adds them) must not reach a file that stores names
+    only; until then, a stand-in op shows the table carries them."""
+    relu = OPS["relu"]
+    monkeypatch.setitem(
+        OPS, "scaled", dataclasses.replace(relu, name="scaled", params=(("scale", 1.0),))
+    )
+    scaled = post_op("scaled")
+    assert scaled.params == (1.0,)
+    assert str(PostOp("scaled", (0.5,))) == "scaled(scale=0.5)"
+    spec = ChainSpec.from_pairs([(np.ones((2, 3)), None)], [PostOp("scaled", (0.5,))])
+    assert spec.native_arguments()[2] == [("scaled", 0.5)]
+    with pytest.raises(ValueError, match=r"layer 0: format_version 1 .* got scaled\(scale=0.5\)"):
+        serialization.write_spec(tmp_path / "model.safetensors", spec)
+
+
 def test_post_op_text():
     assert str(RELU) == "relu"
     assert _ops.IDENTITY.keyword_params() == {}

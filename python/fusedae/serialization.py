@@ -77,6 +77,12 @@ def write_spec(path: str | os.PathLike[str], spec: ChainSpec) -> None:
     """Writes ``spec`` to ``path`` (float32, or float64 if the first weight is float64), through
     a temporary file renamed at the end."""
     spec.check_shapes()
+    for index, op in enumerate(spec.post_ops):
+        if op.params:  # the file records names only: a parameter would be lost
+            raise ValueError(
+                f"layer {index}: format_version {FORMAT_VERSION} stores post-ops by name, "
+                f"without parameters, got {op}"
+            )
     dtype = np.dtype("<f8" if spec.layers[0].weight.dtype == np.float64 else "<f4")
     tensors: list[tuple[str, np.ndarray]] = []
     for index, layer in enumerate(spec.layers):
