@@ -27,6 +27,7 @@ import torch
 
 import fusedae
 from fusedae import _native
+from fusedae._ops import IDENTITY, RELU, PostOp
 from fusedae.cli import onnx_session
 
 # Rows per call when benchmarks are disabled (the smoke run): enough to cross the kernels' row
@@ -55,10 +56,10 @@ class Model:
     streamed: tuple[int, ...] = (4096,)
 
     @property
-    def activations(self) -> list[str]:
+    def activations(self) -> list[PostOp]:
         if self.autoencoder:  # Linear, ReLU, Linear | Linear, ReLU, Linear
-            return ["relu", "identity"] * ((len(self.widths) - 1) // 2)
-        return ["relu"] * (len(self.widths) - 2) + ["identity"]
+            return [RELU, IDENTITY] * ((len(self.widths) - 1) // 2)
+        return [RELU] * (len(self.widths) - 2) + [IDENTITY]
 
     @property
     def flops_per_row(self) -> int:

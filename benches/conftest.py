@@ -22,6 +22,8 @@ from torch import nn
 
 import fusedae
 from fusedae import _native
+from fusedae._ops import IDENTITY, PostOp
+from fusedae.torch.lower import post_op_module
 
 # Shortest round of repeated calls: shorter rounds measure the timer more than the call.
 MIN_ROUND_SECONDS = 2e-3
@@ -57,7 +59,7 @@ class ModelSpec(Protocol):
     autoencoder: bool
 
     @property
-    def activations(self) -> list[str]: ...
+    def activations(self) -> list[PostOp]: ...
 
 
 class SeedAE(nn.Module):
@@ -98,14 +100,14 @@ class Zoo:
             return SeedAE(x_dim, z_dim, h_dim).eval()
         children: list[nn.Module] = []
         pairs = zip(model.widths, model.widths[1:], strict=False)
-        for (fan_in, fan_out), activation in zip(pairs, model.activations, strict=True):
+        for (fan_in, fan_out), post_op in zip(pairs, model.activations, strict=True):
             children.append(nn.Linear(fan_in, fan_out))
-            if activation == "relu":
-                children.append(nn.ReLU())
+            if post_op != IDENTITY:
+                children.append(post_op_module(post_op))
         return nn.Sequential(*children).eval()
 
-    def layers(self, model: ModelSpec) -> list[tuple[np.ndarray, np.ndarray, str]]:
-        """``(weight (out, in), bias, activation)`` per layer, float32 copies."""
+    def layers(self, model: ModelSpec) -> list[tuple[np.ndarray, np.ndarray, PostOp]]:
+        """``(weight (out, in), bias, post-op)`` per layer, float32 copies."""
         linears = [m for m in self.eager(model).modules() if type(m) is nn.Linear]
         return [
             (lin.weight.detach().numpy().copy(), lin.bias.detach().numpy().copy(), activation)

@@ -13,6 +13,7 @@ import fusedae
 from _seed import AE as SeedAE
 from _threads import run_at_once
 from fusedae.torch import AE, FusedMLP, FusedMLPFunction, pack_chain
+from fusedae.torch.cache import ChainCache
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12}
 FORCED_ISA = os.environ.get("FUSEDAE_ISA")
@@ -73,14 +74,14 @@ def test_seed_state_dict_gives_the_same_outputs_and_gradients(dtype, batch):
 def test_ae_forward_on_cpu_is_one_fused_call(monkeypatch):
     seed, fused = seed_and_fused()
     calls = []
-    real_pack = fusedae.torch._ChainState.pack
+    real_pack = ChainCache.pack
 
     def counting_pack(state, dtype):
         chain = real_pack(state, dtype)
         calls.append((chain.in_features, chain.out_features))
         return chain
 
-    monkeypatch.setattr(fusedae.torch._ChainState, "pack", counting_pack)
+    monkeypatch.setattr(ChainCache, "pack", counting_pack)
     x = torch.randn(5, 784)
     with torch.inference_mode():
         y = fused(x)
@@ -295,9 +296,9 @@ class TestFusedMLP:
         seed, fused = seed_and_fused(20, 3, 8)
         x = torch.randn(4, 20)
         packs = []
-        real_pack = fusedae.torch._ChainState.pack
+        real_pack = ChainCache.pack
         monkeypatch.setattr(
-            fusedae.torch._ChainState,
+            ChainCache,
             "pack",
             lambda state, dtype: packs.append(dtype) or real_pack(state, dtype),
         )
@@ -521,3 +522,69 @@ def test_forced_isa_is_the_one_running():
     chain = fused.encoder._fused.pack(torch.float32)
     assert chain is not None
     assert chain.isa == expected
+
+
+class TestCacheKeys:
+    """The packed chain is keyed on every tensor its spec reads: a change to any one repacks."""
+
+    def test_repacks_when_any_tensor_it_reads_changes(self, monkeypatch):
+        packs = []
+        real_pack = ChainCache.pack
+        monkeypatch.setattr(
+            ChainCache, "pack", lambda state, dtype: packs.append(dtype) or real_pack(state, dtype)
+        )
+        fused = FusedMLP(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+        plain = nn.Sequential(*fused)  # the same modules, run by PyTorch
+        x = torch.randn(4, 6)
+
+        def check(repacked: bool) -> None:
+            packs.clear()
+            with torch.no_grad():
+                assert relative_error(fused(x), plain(x)) <= 1e-5
+            assert len(packs) == repacked
+
+        check(True)
+        check(False)
+        slots = fused._fused.lowered.slots
+        tensors = {id(t) for t in fused._fused.lowered.tensors()}
+        assert tensors == {id(t) for t in (*fused.parameters(), *fused.buffers())}
+        for owner, key in slots:
+            with torch.no_grad():
+                owner[key].mul_(-1.5)  # in place: the version counter moves
+            check(True)
+            check(False)
+            owner[key] = nn.Parameter(torch.randn_like(owner[key]))  # `linear.<key> = ...`
+            check(True)
+            check(False)
+            owner[key].data = torch.randn_like(owner[key])  # the storage moves
+            check(True)
+            check(False)
+        fused[2].bias = None
+        check(True)
+        check(False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("grad", [False, True])
+def test_autocast_computes_what_nn_linear_computes(dtype, grad):
+    """Under CPU autocast a Linear runs in the lower precision: so do the modules, with or
+    without a gradient (where they would otherwise go through FusedMLPFunction)."""
+    seed, fused = seed_and_fused(20, 3, 8)
+    x = torch.randn(5, 20)
+    for module, plain in ((fused, seed), (fused.encoder, seed.encoder)):
+        inputs = [x.clone().requires_grad_(grad) for _ in range(2)]
+        with torch.autocast("cpu", dtype=dtype), torch.set_grad_enabled(grad):
+            got, want = module(inputs[0]), plain(inputs[1])
+        assert want.dtype == dtype
+        assert got.dtype == dtype
+        assert torch.equal(got, want)
+        if grad:
+            assert "FusedMLPFunction" not in type(got.grad_fn).__name__
+            got.float().sum().backward()
+            want.float().sum().backward()
+            assert torch.equal(inputs[0].grad, inputs[1].grad)
+            for p_fused, p_seed in zip(module.parameters(), plain.parameters(), strict=True):
+                assert torch.equal(p_fused.grad, p_seed.grad)
+                p_fused.grad = p_seed.grad = None
+    with torch.autocast("cpu", dtype=dtype, enabled=False), torch.no_grad():
+        assert fused(x).dtype == torch.float32

@@ -25,6 +25,8 @@ import numpy as np
 
 import fusedae
 from fusedae import _native, _reference, serialization
+from fusedae._ops import IDENTITY, RELU, PostOp, post_ops
+from fusedae.chain import ChainSpec
 from fusedae.mlp import MLP
 
 CHUNK_BYTES = 16 << 20  # input bytes per chunk when --batch-size is not given
@@ -359,11 +361,11 @@ def run_encode(args: argparse.Namespace) -> None:
     else:
         raise CommandError(f"INPUT must be a .npy or .npz file, got {args.input}")
     try:
-        layers, activations = spec.part(part)
+        selected = spec.select(part)
     except ValueError as error:
         raise CommandError(f"{args.model}: {error}") from None
-    mlp = MLP(layers, activations, dtype=f"f{x.dtype.itemsize}")
-    widths = " -> ".join(str(n) for n in (mlp.in_features, *(w.shape[0] for w, _ in layers)))
+    mlp = MLP.from_spec(selected, dtype=f"f{x.dtype.itemsize}")
+    widths = " -> ".join(str(n) for n in selected.widths)
     if x.ndim == 0 or x.shape[-1] != mlp.in_features:
         raise CommandError(
             f"{args.input} has shape {x.shape}, but the model's {part} ({widths}) takes rows of "
@@ -415,18 +417,22 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
 
 
 def onnx_session(
-    layers: Sequence[tuple[np.ndarray, np.ndarray]], activations: Sequence[str], threads: int
+    layers: Sequence[tuple[np.ndarray, np.ndarray]],
+    activations: Sequence[str | PostOp],
+    threads: int,
 ) -> Any:
     """An ONNX Runtime session (default graph optimizations, ``threads`` intra-op, one inter-op)
-    running the chain: ``Gemm(transB=1)`` per layer, ``Relu`` where ``activations`` says;
-    input ``"x"`` with a dynamic batch dimension."""
+    running the chain: ``Gemm(transB=1)`` per layer, then each post-op's ONNX operator from the
+    op table (none for identity); input ``"x"`` with a dynamic batch dimension."""
     import onnx
     import onnxruntime
     from onnx import helper, numpy_helper
 
     elem = helper.np_dtype_to_tensor_dtype(layers[0][0].dtype)
     nodes, initializers, name = [], [], "x"
-    for index, ((weight, bias), activation) in enumerate(zip(layers, activations, strict=True)):
+    for index, ((weight, bias), post_op) in enumerate(
+        zip(layers, post_ops(activations), strict=True)
+    ):
         initializers += [
             numpy_helper.from_array(weight, f"w{index}"),
             numpy_helper.from_array(bias, f"b{index}"),
@@ -435,8 +441,14 @@ def onnx_session(
             helper.make_node("Gemm", [name, f"w{index}", f"b{index}"], [f"h{index}"], transB=1)
         )
         name = f"h{index}"
-        if activation == "relu":
-            nodes.append(helper.make_node("Relu", [name], [f"r{index}"]))
+        op = post_op.op
+        if op.onnx_op is not None:
+            node = helper.make_node(op.onnx_op, [name], [f"r{index}"])
+            node.attribute.extend(
+                helper.make_attribute(attribute, value)
+                for attribute, value in zip(op.onnx_attributes, post_op.params, strict=True)
+            )
+            nodes.append(node)
             name = f"r{index}"
     graph = helper.make_graph(
         nodes,
@@ -468,9 +480,9 @@ def run_bench(args: argparse.Namespace) -> None:
         )
         for n_in, n_out in itertools.pairwise(widths)
     ]
-    activations = ["relu"] * (len(layers) - 1) + ["identity"]
+    spec = ChainSpec.from_pairs(layers, [RELU] * (len(layers) - 1) + [IDENTITY])
     x = rng.standard_normal((batch, widths[0])).astype(dtype)
-    mlp = MLP(layers, activations)
+    mlp = MLP.from_spec(spec)
     out = np.empty((batch, widths[-1]), dtype)
     backends: dict[str, Callable[[], Any]] = {"fusedae": lambda: mlp(x, out=out)}
     missing = []
@@ -479,18 +491,10 @@ def run_bench(args: argparse.Namespace) -> None:
     except ImportError:
         missing.append("PyTorch (pip install torch)")
     else:
+        from fusedae.torch.lower import to_sequential
+
         torch.set_num_threads(threads)
-        model = torch.nn.Sequential()
-        for (weight, bias), activation in zip(layers, activations, strict=True):
-            linear = torch.nn.Linear(
-                weight.shape[1], weight.shape[0], dtype=getattr(torch, dtype.name)
-            )
-            with torch.no_grad():
-                linear.weight.copy_(torch.from_numpy(weight))
-                linear.bias.copy_(torch.from_numpy(bias))
-            model.append(linear)
-            if activation == "relu":
-                model.append(torch.nn.ReLU())
+        model = to_sequential(spec)
         x_torch = torch.from_numpy(x)
 
         def run_torch() -> np.ndarray:
@@ -499,7 +503,7 @@ def run_bench(args: argparse.Namespace) -> None:
 
         backends["PyTorch eager"] = run_torch
     try:
-        session = onnx_session(layers, activations, threads)
+        session = onnx_session(layers, spec.post_ops, threads)
     except ImportError:
         missing.append("ONNX Runtime (pip install onnx onnxruntime)")
     else:
@@ -508,7 +512,7 @@ def run_bench(args: argparse.Namespace) -> None:
     print(f"{' -> '.join(map(str, widths))}, batch {batch}, {dtype}, {on_threads}, ISA {mlp.isa}")
     peak = _native.fma_peak_gflops(dtype=dtype.name) * threads
     print(f"FMA peak measured now: {peak:.0f} GFLOP/s on {on_threads}")
-    expected, _ = _reference.forward(layers, activations, x)
+    expected, _ = _reference.forward(layers, spec.post_ops, x)
     errors = {name: float(np.abs(run() - expected).max()) for name, run in backends.items()}
     seconds = time_interleaved(backends, args.rounds)
     flops = mlp.flops_per_row * batch

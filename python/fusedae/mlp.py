@@ -12,8 +12,9 @@ import numpy as np
 import numpy.typing as npt
 
 from fusedae import _native, serialization
+from fusedae._ops import IDENTITY, RELU, PostOp
+from fusedae.chain import ChainSpec, Layer
 
-ACTIVATIONS = ("relu", "identity")
 FloatArray = npt.NDArray[np.floating]
 
 
@@ -67,10 +68,11 @@ class MLP(_native.Chain):
     """A chain of Linear layers run by fusedae's fused SIMD kernels, on numpy arrays.
 
     ``layers`` holds ``(weight, bias)`` pairs in PyTorch layout: ``weight`` of shape
-    ``(out, in)``, ``bias`` of shape ``(out,)`` or ``None``. ``activations`` gives one of
-    ``"relu"`` / ``"identity"`` per layer, applied to its outputs (default: ReLU after every layer
-    but the last). The weights are packed once, in ``dtype`` (default: float64 if the first weight
-    is float64, else float32); the MLP keeps no reference to the arrays passed in.
+    ``(out, in)``, ``bias`` of shape ``(out,)`` or ``None``. ``activations`` gives one post-op
+    per layer, applied to its outputs: a name (``"relu"``, ``"identity"``: ``fusedae._ops.OPS``)
+    or a ``PostOp`` (default: ReLU after every layer but the last); ``MLP.from_spec`` takes a
+    ``ChainSpec`` instead. The weights are packed once, in ``dtype`` (default: float64 if the
+    first weight is float64, else float32); the MLP keeps no reference to the arrays passed in.
 
     Calling it on an array of shape ``(*, in_features)`` and the MLP's dtype returns a new array
     of shape ``(*, out_features)``; ``out=`` takes a preallocated C-contiguous array instead.
@@ -78,16 +80,14 @@ class MLP(_native.Chain):
     goes straight to the kernel, and anything else comes back to ``_call_general``.
     """
 
-    __slots__ = ("_activations", "_biases", "_dtype", "_weights")
+    __slots__ = ("_dtype", "_spec")
     _dtype: np.dtype
-    _activations: tuple[str, ...]
-    _weights: list[np.ndarray]
-    _biases: list[np.ndarray | None]
+    _spec: ChainSpec
 
     def __new__(
         cls,
         layers: Sequence[tuple[npt.ArrayLike, npt.ArrayLike | None]],
-        activations: Sequence[str] | None = None,
+        activations: Sequence[str | PostOp] | None = None,
         *,
         dtype: npt.DTypeLike | None = None,
         isa: str | None = None,
@@ -100,19 +100,8 @@ class MLP(_native.Chain):
             dtype = np.float64 if first.dtype == np.float64 else np.float32
         dtype = _float_dtype(dtype)
         if activations is None:
-            activations = ["relu"] * (len(layers) - 1) + ["identity"]
-        activations = list(activations)
-        if len(activations) != len(layers):
-            raise ValueError(
-                f"need one activation per layer: got {len(activations)} for {len(layers)} layers"
-            )
-        for index, name in enumerate(activations):
-            if name not in ACTIVATIONS:
-                raise ValueError(
-                    f"layer {index}: activation must be 'relu' or 'identity', got {name!r}"
-                )
-        weights: list[np.ndarray] = []
-        biases: list[np.ndarray | None] = []
+            activations = [RELU] * (len(layers) - 1) + [IDENTITY]
+        pairs: list[tuple[np.ndarray, np.ndarray | None]] = []
         for index, pair in enumerate(layers):
             if len(pair) != 2:
                 raise ValueError(f"layer {index}: expected a (weight, bias) pair, got {pair!r}")
@@ -120,13 +109,35 @@ class MLP(_native.Chain):
             weight = _as_parameter(weight, f"layer {index} weight", 2, dtype)
             if bias is not None:
                 bias = _as_parameter(bias, f"layer {index} bias", 1, dtype)
-            weights.append(weight)
-            biases.append(bias)
-        self = super().__new__(cls, weights, biases, list(activations), isa)
+            pairs.append((weight, bias))
+        return cls._packed(ChainSpec.from_pairs(pairs, activations), dtype, isa)
+
+    @classmethod
+    def from_spec(
+        cls, spec: ChainSpec, *, dtype: npt.DTypeLike | None = None, isa: str | None = None
+    ) -> MLP:
+        """The MLP running ``spec`` (its weights copied, in ``dtype``: by default float64 if the
+        first weight is float64, else float32)."""
+        if dtype is None:
+            dtype = np.float64 if spec.layers[0].weight.dtype == np.float64 else np.float32
+        dtype = _float_dtype(dtype)
+        layers = []
+        for index, layer in enumerate(spec.layers):
+            weight = _as_parameter(layer.weight, f"layer {index} weight", 2, dtype)
+            bias = layer.bias
+            if bias is not None:
+                bias = _as_parameter(bias, f"layer {index} bias", 1, dtype)
+            layers.append(Layer(weight, bias, layer.post_op, layer.normalization))
+        return cls._packed(
+            ChainSpec(tuple(layers), spec.encoder_layers, spec.precision), dtype, isa
+        )
+
+    @classmethod
+    def _packed(cls, spec: ChainSpec, dtype: np.dtype, isa: str | None) -> MLP:
+        """Packs ``spec``, whose arrays are the MLP's own copies in ``dtype``."""
+        self = _native.Chain.__new__(cls, *spec.native_arguments(), isa)
         self._dtype = dtype
-        self._activations = tuple(activations)
-        self._weights = weights
-        self._biases = biases
+        self._spec = spec
         return self
 
     if TYPE_CHECKING:  # the native call, which takes more than `_native.Chain` promises
@@ -157,24 +168,29 @@ class MLP(_native.Chain):
     def __reduce__(self) -> tuple[type[MLP], tuple[object, ...]]:
         # The packed form is rebuilt where it is unpickled (that CPU's kernel); the layers keep
         # the dtype, which follows from the first weight.
-        return type(self), (self.layers, self._activations)
+        return type(self), (self.layers, self._spec.post_ops)
 
     @property
     def activations(self) -> tuple[str, ...]:
-        return self._activations
+        """Each layer's post-op name."""
+        return self._spec.activations
+
+    @property
+    def spec(self) -> ChainSpec:
+        """The chain this MLP runs (its arrays are the MLP's own: read them, do not write)."""
+        return self._spec
 
     @property
     def layers(self) -> list[tuple[np.ndarray, np.ndarray | None]]:
         """Copies of the ``(weight, bias)`` pairs, in the MLP's dtype."""
         return [
-            (w.copy(), None if b is None else b.copy())
-            for w, b in zip(self._weights, self._biases, strict=True)
+            (layer.weight.copy(), None if layer.bias is None else layer.bias.copy())
+            for layer in self._spec.layers
         ]
 
     def __repr__(self) -> str:
-        widths = [self.in_features] + [w.shape[0] for w in self._weights]
-        chain = " -> ".join(str(w) for w in widths)
-        activations = list(self._activations)
+        chain = " -> ".join(str(width) for width in self._spec.widths)
+        activations = [str(op) for op in self._spec.post_ops]
         return f"MLP({chain}, activations={activations}, dtype={self._dtype}, isa={self.isa})"
 
     @classmethod
@@ -194,12 +210,11 @@ class MLP(_native.Chain):
         ``dtype`` defaults to the file's. A file that is not such a model, or is truncated, is a
         ValueError; a part with no layers is one too.
         """
-        layers, activations = serialization.read(path).part(part)
-        return cls(layers, activations, dtype=dtype, isa=isa)
+        return cls.from_spec(serialization.read(path).select(part), dtype=dtype, isa=isa)
 
     def save(self, path: str | os.PathLike[str], *, encoder_layers: int | None = None) -> None:
         """Writes the chain to a ``.safetensors`` file that ``MLP.load`` reads. ``encoder_layers``:
         how many leading layers ``MLP.load(path, "encoder")`` gives (default: up to the
         narrowest inner layer if the output is as wide as the input, else all of them)."""
-        pairs = list(zip(self._weights, self._biases, strict=True))
-        serialization.write(path, pairs, self._activations, encoder_layers)
+        pairs = [(layer.weight, layer.bias) for layer in self._spec.layers]
+        serialization.write(path, pairs, self._spec.post_ops, encoder_layers)

@@ -5,13 +5,14 @@ where layer ``i`` has one, ``layers.{i}.bias`` (shape ``(out_i,)``), all float32
 Its ``__metadata__`` records the structure the tensors cannot:
 
 * ``format``: ``"fusedae.chain"``, ``format_version``: ``"1"``;
-* ``activations``: a JSON list, ``"relu"`` or ``"identity"`` per layer, applied to its outputs;
+* ``activations``: a JSON list of names (``"relu"``, ``"identity"``: the post-ops of
+  ``fusedae._ops.OPS``), one per layer, applied to its outputs;
 * ``encoder_layers``: how many leading layers form the encoder (``0`` to the layer count); the
   layers after them are the decoder, and all of them together reconstruct.
 
 ``write`` picks ``encoder_layers`` when not told (``default_encoder_layers``): a chain whose
 output is as wide as its input is read as an autoencoder whose encoder ends at its narrowest
-inner layer; any other chain is all encoder.
+inner layer; any other chain is all encoder. Both directions go through ``ChainSpec``.
 """
 
 from __future__ import annotations
@@ -22,16 +23,35 @@ import os
 import re
 import struct
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 
+from fusedae._ops import IDENTITY, RELU, PostOp
+from fusedae.chain import (
+    PARTS,
+    ChainSpec,
+    Layer,
+    LayerArrays,
+    Part,
+    default_encoder_layers,
+)
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "PARTS",
+    "ChainSpec",
+    "LayerArrays",
+    "Part",
+    "default_encoder_layers",
+    "from_state_dict",
+    "read",
+    "write",
+    "write_spec",
+]
+
 FORMAT = "fusedae.chain"
 FORMAT_VERSION = "1"
-Part = Literal["all", "encoder", "decoder"]
-PARTS: tuple[Part, ...] = ("all", "encoder", "decoder")
-LayerArrays = tuple[np.ndarray, np.ndarray | None]
 
 _DTYPES: dict[str, np.dtype] = {"F32": np.dtype("<f4"), "F64": np.dtype("<f8")}
 _MAX_HEADER = 100_000_000  # the limit the reference implementation enforces
@@ -39,103 +59,35 @@ _NAME = re.compile(r"layers\.(\d+)\.(weight|bias)")
 _STATE_KEY = re.compile(r"(?:(.*)\.)?(\d+)\.(weight|bias)")
 
 
-@dataclass(frozen=True)
-class ChainSpec:
-    """A chain of Linear layers: ``(weight, bias)`` pairs with weight ``(out, in)`` and bias
-    ``(out,)`` or None, one activation per layer, and how many leading layers are the encoder."""
-
-    layers: tuple[LayerArrays, ...]
-    activations: tuple[str, ...]
-    encoder_layers: int
-
-    def part(self, part: Part) -> tuple[list[LayerArrays], list[str]]:
-        """The layers and activations of ``"encoder"``, ``"decoder"`` or ``"all"``; a part
-        without layers is a ValueError."""
-        bounds = {
-            "all": (0, len(self.layers)),
-            "encoder": (0, self.encoder_layers),
-            "decoder": (self.encoder_layers, len(self.layers)),
-        }
-        if part not in bounds:
-            raise ValueError(f"part must be one of {', '.join(PARTS)}, got {part!r}")
-        start, stop = bounds[part]
-        if start == stop:
-            raise ValueError(
-                f"this model has no {part}: its encoder is {self.encoder_layers} of its "
-                f"{len(self.layers)} layers"
-            )
-        return list(self.layers[start:stop]), list(self.activations[start:stop])
-
-
-def _widths(layers: Sequence[LayerArrays]) -> list[int]:
-    """The chain's input width, then each layer's output width."""
-    return [layers[0][0].shape[1], *(weight.shape[0] for weight, _ in layers)]
-
-
-def default_encoder_layers(widths: Sequence[int]) -> int:
-    """Where the encoder ends in a chain of ``widths`` (input, then each layer's output): at the
-    first narrowest inner layer if the output is as wide as the input, else at the end."""
-    layers = len(widths) - 1
-    if layers < 2 or widths[-1] != widths[0]:
-        return layers
-    inner = widths[1:-1]
-    return inner.index(min(inner)) + 1
-
-
-def _check_chain(
-    layers: Sequence[LayerArrays], activations: Sequence[str], encoder_layers: int
-) -> None:
-    if not layers:
-        raise ValueError("a chain needs at least one layer, got 0")
-    if len(activations) != len(layers):
-        raise ValueError(
-            f"need one activation per layer: got {len(activations)} for {len(layers)} layers"
-        )
-    for index, (activation, (weight, bias)) in enumerate(zip(activations, layers, strict=True)):
-        if activation not in ("relu", "identity"):
-            raise ValueError(
-                f"layer {index}: activation must be 'relu' or 'identity', got {activation!r}"
-            )
-        if weight.ndim != 2:
-            raise ValueError(f"layer {index}: weight must be 2-D, got shape {weight.shape}")
-        if bias is not None and bias.shape != weight.shape[:1]:
-            raise ValueError(
-                f"layer {index}: bias must have shape ({weight.shape[0]},), got {bias.shape}"
-            )
-        if index and weight.shape[1] != layers[index - 1][0].shape[0]:
-            raise ValueError(
-                f"layer {index} takes {weight.shape[1]} features, but layer {index - 1} "
-                f"gives {layers[index - 1][0].shape[0]}"
-            )
-    if not 0 <= encoder_layers <= len(layers):
-        raise ValueError(
-            f"encoder_layers must be between 0 and {len(layers)}, got {encoder_layers}"
-        )
-
-
 def write(
     path: str | os.PathLike[str],
     layers: Sequence[tuple[np.ndarray, np.ndarray | None]],
-    activations: Sequence[str],
+    activations: Sequence[str | PostOp],
     encoder_layers: int | None = None,
 ) -> None:
-    """Writes a chain to ``path`` (float32, or float64 if the first weight is float64), through
-    a temporary file renamed at the end."""
-    if not layers:
-        raise ValueError("a chain needs at least one layer, got 0")
-    dtype = np.dtype("<f8" if np.asarray(layers[0][0]).dtype == np.float64 else "<f4")
+    """Writes the chain of ``(weight, bias)`` pairs and activations to ``path``: ``write_spec``
+    of ``ChainSpec.from_pairs``."""
     arrays = [
-        (
-            np.ascontiguousarray(weight, dtype=dtype),
-            None if bias is None else np.ascontiguousarray(bias, dtype=dtype),
-        )
-        for weight, bias in layers
+        (np.asarray(weight), None if bias is None else np.asarray(bias)) for weight, bias in layers
     ]
-    _check_chain(arrays, activations, encoder_layers or 0)
-    if encoder_layers is None:
-        encoder_layers = default_encoder_layers(_widths(arrays))
+    write_spec(path, ChainSpec.from_pairs(arrays, activations, encoder_layers))
+
+
+def write_spec(path: str | os.PathLike[str], spec: ChainSpec) -> None:
+    """Writes ``spec`` to ``path`` (float32, or float64 if the first weight is float64), through
+    a temporary file renamed at the end."""
+    spec.check_shapes()
+    for index, op in enumerate(spec.post_ops):
+        if op.params:  # the file records names only: a parameter would be lost
+            raise ValueError(
+                f"layer {index}: format_version {FORMAT_VERSION} stores post-ops by name, "
+                f"without parameters, got {op}"
+            )
+    dtype = np.dtype("<f8" if spec.layers[0].weight.dtype == np.float64 else "<f4")
     tensors: list[tuple[str, np.ndarray]] = []
-    for index, (weight, bias) in enumerate(arrays):
+    for index, layer in enumerate(spec.layers):
+        weight = np.ascontiguousarray(layer.weight, dtype=dtype)
+        bias = None if layer.bias is None else np.ascontiguousarray(layer.bias, dtype=dtype)
         tensors.append((f"layers.{index}.weight", weight))
         if bias is not None:
             tensors.append((f"layers.{index}.bias", bias))
@@ -143,8 +95,8 @@ def write(
         "__metadata__": {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "activations": json.dumps(list(activations)),
-            "encoder_layers": str(encoder_layers),
+            "activations": json.dumps(list(spec.activations)),
+            "encoder_layers": str(spec.encoder_layers),
         }
     }
     offset = 0
@@ -212,8 +164,8 @@ def _parse(data: bytes) -> ChainSpec:
         encoder_layers = int(metadata["encoder_layers"])
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"bad activations or encoder_layers metadata ({error!r})") from None
-    if not isinstance(activations, list):
-        raise ValueError("the activations metadata is not a JSON list")
+    if not isinstance(activations, list) or not all(isinstance(name, str) for name in activations):
+        raise ValueError("the activations metadata is not a JSON list of names")
     body = memoryview(data)[8 + header_size :]
     tensors: dict[str, np.ndarray] = {}
     end = 0
@@ -237,8 +189,9 @@ def _parse(data: bytes) -> ChainSpec:
         layers.append((weight, tensors.pop(f"layers.{index}.bias", None)))
     if tensors:
         raise ValueError(f"unexpected tensors {sorted(tensors)}")
-    _check_chain(layers, activations, encoder_layers)
-    return ChainSpec(tuple(layers), tuple(activations), encoder_layers)
+    spec = ChainSpec.from_pairs(layers, activations, encoder_layers)
+    spec.check_shapes()
+    return spec
 
 
 def _entries(header: dict[str, object]) -> list[tuple[int, int, str, dict[str, object]]]:
@@ -301,26 +254,27 @@ def from_state_dict(state: Mapping[str, np.ndarray]) -> ChainSpec:
         groups.setdefault(prefix, {}).setdefault(index, {})[kind] = np.asarray(value)
     if not groups:
         raise ValueError("unsupported checkpoint: it holds no layers")
-    layers: list[LayerArrays] = []
-    activations: list[str] = []
+    layers: list[Layer] = []
     for prefix, modules in groups.items():
         indices = sorted(modules)
         for position, index in enumerate(indices):
             where = f"{prefix}.{index}" if prefix else str(index)
             if "weight" not in modules[index]:
                 raise ValueError(f"unsupported checkpoint: {where} has a bias but no weight")
-            layers.append((modules[index]["weight"], modules[index].get("bias")))
             gap = indices[position + 1] - index - 1 if position + 1 < len(indices) else 0
             if gap > 1:
                 raise ValueError(
                     f"unsupported checkpoint: {gap} modules between {where} and the next Linear "
                     "layer (only one ReLU, or nothing, can be read from a state_dict)"
                 )
-            activations.append("relu" if gap else "identity")
-    _check_chain(layers, activations, 0)
+            post_op = RELU if gap else IDENTITY
+            layers.append(Layer(modules[index]["weight"], modules[index].get("bias"), post_op))
     names = [prefix.rsplit(".", 1)[-1] for prefix in groups]
-    if names == ["encoder", "decoder"]:
-        encoder_layers = len(next(iter(groups.values())))
-    else:
-        encoder_layers = default_encoder_layers(_widths(layers))
-    return ChainSpec(tuple(layers), tuple(activations), encoder_layers)
+    encoder_layers = len(next(iter(groups.values()))) if names == ["encoder", "decoder"] else None
+    spec = ChainSpec.from_pairs(
+        [(layer.weight, layer.bias) for layer in layers],
+        [layer.post_op for layer in layers],
+        encoder_layers,
+    )
+    spec.check_shapes()
+    return spec

@@ -1,0 +1,195 @@
+"""``ChainSpec``: the one representation of a chain of Linear layers that every entry point lowers
+to (``MLP(...)``, ``.safetensors`` files, state_dicts, torch modules) before it is packed for the
+kernels or written to a file. numpy only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from fusedae._ops import IDENTITY, PostOp, post_ops
+
+Part = Literal["all", "encoder", "decoder"]
+PARTS: tuple[Part, ...] = ("all", "encoder", "decoder")
+# How the kernels compute: "full" is every product and sum in the chain's dtype (float32 or
+# float64), today's only kind; reduced-precision kernels (bf16, int8) will add theirs.
+Precision = Literal["full"]
+PRECISIONS: tuple[Precision, ...] = ("full",)
+LayerArrays = tuple[np.ndarray, np.ndarray | None]
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One Linear layer and what follows it: ``post_op(x @ weight.T + bias)`` for ``x`` of shape
+    ``(rows, in)``; ``weight`` of shape ``(out, in)``, ``bias`` ``(out,)`` or None.
+
+    ``normalization``: room for a BatchNorm folded into the layer; None, today's only kind.
+    Unpacks as its ``(weight, bias)`` pair, as the layers of ``serialization.ChainSpec`` did.
+    """
+
+    weight: np.ndarray
+    bias: np.ndarray | None
+    post_op: PostOp = IDENTITY
+    normalization: None = None
+
+    def __iter__(self) -> Iterator[np.ndarray | None]:
+        return iter((self.weight, self.bias))
+
+    @property
+    def in_features(self) -> int:
+        return int(self.weight.shape[1])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.weight.shape[0])
+
+
+def default_encoder_layers(widths: Sequence[int]) -> int:
+    """Where the encoder ends in a chain of ``widths`` (input, then each layer's output): at the
+    first narrowest inner layer if the output is as wide as the input, else at the end."""
+    layers = len(widths) - 1
+    if layers < 2 or widths[-1] != widths[0]:
+        return layers
+    inner = widths[1:-1]
+    return inner.index(min(inner)) + 1
+
+
+@dataclass(frozen=True)
+class ChainSpec:
+    """A chain of Linear layers: ``layers`` in order, each with its post-op; the first
+    ``encoder_layers`` of them form the encoder, the rest the decoder; ``precision`` the kernels
+    compute in. Input ``(rows, layers[0].in_features)``, output ``(rows, out_features)``.
+
+    Construction checks the structure (layers, post-ops, ``encoder_layers``, ``precision``);
+    ``check_shapes`` the widths, which the native chain checks on its own when packing.
+    """
+
+    layers: tuple[Layer, ...]
+    encoder_layers: int
+    precision: Precision = "full"
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            raise ValueError("a chain needs at least one layer, got 0")
+        for index, layer in enumerate(self.layers):
+            if not isinstance(layer.post_op, PostOp):
+                raise TypeError(f"layer {index}: post_op must be a PostOp, got {layer.post_op!r}")
+        if not 0 <= self.encoder_layers <= len(self.layers):
+            raise ValueError(
+                f"encoder_layers must be between 0 and {len(self.layers)}, "
+                f"got {self.encoder_layers}"
+            )
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+
+    @classmethod
+    def from_pairs(
+        cls,
+        pairs: Sequence[LayerArrays],
+        activations: Sequence[str | PostOp],
+        encoder_layers: int | None = None,
+    ) -> ChainSpec:
+        """The chain of ``(weight, bias)`` pairs with one activation (a name or a PostOp) per
+        layer; ``encoder_layers`` defaults to ``default_encoder_layers`` of the widths."""
+        if not pairs:
+            raise ValueError("a chain needs at least one layer, got 0")
+        if len(activations) != len(pairs):
+            raise ValueError(
+                f"need one activation per layer: got {len(activations)} for {len(pairs)} layers"
+            )
+        ops = post_ops(activations)
+        layers = tuple(
+            Layer(weight, bias, op) for (weight, bias), op in zip(pairs, ops, strict=True)
+        )
+        if encoder_layers is None:
+            # Weights that are not 2-D leave all layers to the encoder: `check_shapes` refuses them.
+            two_d = all(layer.weight.ndim == 2 for layer in layers)
+            widths = [layers[0].in_features, *(layer.out_features for layer in layers)]
+            encoder_layers = default_encoder_layers(widths) if two_d else len(layers)
+        return cls(layers, encoder_layers)
+
+    @property
+    def post_ops(self) -> tuple[PostOp, ...]:
+        return tuple(layer.post_op for layer in self.layers)
+
+    @property
+    def activations(self) -> tuple[str, ...]:
+        """Each layer's post-op name."""
+        return tuple(layer.post_op.name for layer in self.layers)
+
+    @property
+    def widths(self) -> list[int]:
+        """The input width, then each layer's output width."""
+        return [self.layers[0].in_features, *(layer.out_features for layer in self.layers)]
+
+    @property
+    def in_features(self) -> int:
+        return self.layers[0].in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.layers[-1].out_features
+
+    def select(self, part: Part) -> ChainSpec:
+        """The chain of ``"encoder"`` or ``"decoder"`` (all encoder), or ``"all"`` (this one); a
+        part without layers is a ValueError."""
+        bounds = {
+            "all": (0, len(self.layers)),
+            "encoder": (0, self.encoder_layers),
+            "decoder": (self.encoder_layers, len(self.layers)),
+        }
+        if part not in bounds:
+            raise ValueError(f"part must be one of {', '.join(PARTS)}, got {part!r}")
+        start, stop = bounds[part]
+        if start == stop:
+            raise ValueError(
+                f"this model has no {part}: its encoder is {self.encoder_layers} of its "
+                f"{len(self.layers)} layers"
+            )
+        if part == "all":
+            return self
+        return ChainSpec(self.layers[start:stop], stop - start, self.precision)
+
+    def part(self, part: Part) -> tuple[list[LayerArrays], list[str]]:
+        """The ``(weight, bias)`` pairs and activation names of ``select(part)``."""
+        selected = self.select(part)
+        return [(layer.weight, layer.bias) for layer in selected.layers], list(selected.activations)
+
+    def check_shapes(self) -> None:
+        """Raises ValueError unless each weight is 2-D, each bias matches its weight and each
+        layer takes what the previous one gives."""
+        previous: Layer | None = None
+        for index, layer in enumerate(self.layers):
+            weight, bias = layer.weight, layer.bias
+            if weight.ndim != 2:
+                raise ValueError(f"layer {index}: weight must be 2-D, got shape {weight.shape}")
+            if bias is not None and bias.shape != weight.shape[:1]:
+                raise ValueError(
+                    f"layer {index}: bias must have shape ({weight.shape[0]},), got {bias.shape}"
+                )
+            if previous is not None and layer.in_features != previous.out_features:
+                raise ValueError(
+                    f"layer {index} takes {layer.in_features} features, but layer {index - 1} "
+                    f"gives {previous.out_features}"
+                )
+            previous = layer
+
+    def native_arguments(
+        self,
+    ) -> tuple[list[np.ndarray], list[np.ndarray | None], list[str | tuple[str | float, ...]]]:
+        """What ``_native.Chain`` takes: C-contiguous weights and biases (copied only where they
+        are not), and each layer's post-op: its name, or ``(name, *params)`` for an op with
+        parameters."""
+        weights = [np.ascontiguousarray(layer.weight) for layer in self.layers]
+        biases = [
+            None if layer.bias is None else np.ascontiguousarray(layer.bias)
+            for layer in self.layers
+        ]
+        post_ops: list[str | tuple[str | float, ...]] = [
+            (op.name, *op.params) if op.params else op.name for op in self.post_ops
+        ]
+        return weights, biases, post_ops

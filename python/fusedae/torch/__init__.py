@@ -1,0 +1,27 @@
+"""PyTorch front end: the fused kernels behind ``nn.Module``s that are drop-in for the seed's.
+
+* ``FusedMLPFunction``: a ``torch.autograd.Function`` running a chain of Linear layers through
+  the fused CPU kernel, with a backward in torch ops (``function.py``).
+* ``FusedMLP``: an ``nn.Sequential`` of ``nn.Linear`` / ``nn.ReLU`` / ``nn.Identity`` with the
+  same children, ``state_dict`` keys and printout, fused on CPU for float32/float64, plain
+  PyTorch everywhere else (CUDA, other dtypes, autocast, ``torch.compile`` tracing).
+* ``AE``: the seed's autoencoder, encoder and decoder run as one fused call on CPU
+  (``modules.py``; the packed weights are cached in ``cache.py``).
+* ``accelerate`` turns a model's chains into ``FusedMLP``s; ``save`` writes one to a
+  ``.safetensors`` file. Modules become a ``ChainSpec`` through ``lower.py``.
+"""
+
+from fusedae.torch.accelerate import AccelerateReport, accelerate
+from fusedae.torch.function import FusedMLPFunction, pack_chain
+from fusedae.torch.modules import AE, FusedMLP
+from fusedae.torch.saving import save
+
+__all__ = [
+    "AE",
+    "AccelerateReport",
+    "FusedMLP",
+    "FusedMLPFunction",
+    "accelerate",
+    "pack_chain",
+    "save",
+]

@@ -1,0 +1,202 @@
+"""``ChainCache``: which chain a module's children form, and its packed native chain, reused
+while none of the tensors it was packed from changed; and the per-call gate of the fused
+forward (``ChainCache.forward``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules import module as _torch_module
+
+from fusedae import _native
+from fusedae._ops import PostOp
+from fusedae.torch.function import FusedMLPFunction, pack_spec, run, shape_error, to_dlpack
+from fusedae.torch.lower import LoweredChain, TensorSlot, lower
+
+_FUSED_DTYPES = (torch.float32, torch.float64)
+# What the per-call path uses from torch, bound once: each `torch.name` lookup costs ~25 ns.
+# `is_dynamo_compiling` is True while TorchDynamo traces (torch.compile, strict torch.export) in
+# one trivial call where `torch.compiler.is_compiling` makes two (torch 2.3+; older ones have
+# only the latter); non-strict export and AOTAutograd trace fake tensors, which the exact type
+# check turns away. Under autocast a Linear computes in its lower precision: any autocast
+# (torch 2.4+ has one flag for all devices; older ones, the CPU's) runs plain PyTorch.
+_is_dynamo_compiling = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)
+_is_autocast_enabled = getattr(torch._C, "_is_any_autocast_enabled", torch.is_autocast_cpu_enabled)
+_tracing_state = torch._C._get_tracing_state
+_functorch_transforms_active = torch._C._are_functorch_transforms_active
+_is_grad_enabled = torch.is_grad_enabled
+_from_numpy = torch.from_numpy
+_Tensor = torch.Tensor
+_STRIDED = torch.strided
+
+# Per tensor slot, what was packed: where it lives, the tensor, its version counter and address.
+_PackedTensor = tuple[dict[str, Any], str, torch.Tensor | None, int, int]
+
+
+class ChainCache:
+    """Which chain a module's children form, and the packed form of every tensor its
+    ``ChainSpec`` reads (``LoweredChain.slots``: today weights and biases), reused while none of
+    them changed.
+
+    A change is seen through each tensor's identity in its slot, storage address and version
+    counter, which every in-place op bumps (optimizer steps, ``load_state_dict``, ``copy_``
+    under ``no_grad``); ``.to()`` and ``.data = ...`` move the storage. The packed tensors are
+    kept alive so their addresses cannot be reused. Edits through ``.data`` bypass the version
+    counter, as they bypass autograd: call the module's ``invalidate()`` after those.
+    """
+
+    def __init__(self) -> None:
+        self.modules: tuple[nn.Module, ...] = ()
+        self.containers: tuple[nn.Module, ...] = ()
+        self.lowered: LoweredChain | None = None
+        self.hook_registries = hook_registries(())
+        self.post_ops: tuple[PostOp, ...] = ()
+        self.in_features = 0
+        self.slots: tuple[TensorSlot, ...] = ()
+        self.invalidate()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Everything here is a cache, the packed chain a native one: a deep copy or a pickled
+        # module starts empty and packs its own parameters on its first call.
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__()  # type: ignore[misc]
+
+    def invalidate(self) -> None:
+        self.dtype: torch.dtype | None = None
+        self.chain: _native.Chain | None = None
+        # The tensors packed, one per slot, in the order `FusedMLPFunction` takes them.
+        self.tensors: list[torch.Tensor | None] = []
+        # None: not packed, or packed from inference tensors, which have no version counter
+        # (packed again on each call).
+        self.packed: list[_PackedTensor] | None = None
+        self.pinned: list[torch.Tensor | None] = []
+
+    def set_modules(
+        self, modules: tuple[nn.Module, ...], containers: tuple[nn.Module, ...] = ()
+    ) -> LoweredChain | None:
+        """The chain ``modules`` form (None if they are not one). ``containers``: modules whose
+        ``forward`` the fused call also skips (the AE's encoder and decoder), so their hooks too
+        make it run plain PyTorch."""
+        if modules != self.modules or containers != self.containers:
+            self.modules, self.lowered = modules, lower(modules)
+            self.containers = containers
+            self.hook_registries = hook_registries((*containers, *modules))
+            self.post_ops = self.lowered.post_ops if self.lowered else ()
+            self.in_features = self.lowered.in_features if self.lowered else 0
+            self.slots = self.lowered.slots if self.lowered else ()
+            self.invalidate()
+        return self.lowered
+
+    def pack(self, dtype: torch.dtype) -> _native.Chain | None:
+        """Packs the tensors for inputs of ``dtype`` (the caller found the packed chain stale)
+        and returns the chain, or None if the tensors do not allow it (another
+        device or dtype)."""
+        assert self.lowered is not None  # `set_modules` found a chain
+        tensors = self.lowered.tensors()
+        usable = all(
+            t is None or (t.device.type == "cpu" and t.dtype == dtype and t.layout == torch.strided)
+            for t in tensors
+        )
+        self.chain = pack_spec(self.lowered.spec(tensors)) if usable else None
+        try:
+            self.packed = [
+                (owner, key, tensor, *((0, 0) if tensor is None else _state(tensor)))
+                for (owner, key), tensor in zip(self.slots, tensors, strict=True)
+            ]
+        except RuntimeError:  # inference tensors have no version counter: pack every time
+            self.packed = None
+        self.dtype, self.tensors = dtype, tensors
+        self.pinned = [None if t is None else t.detach() for t in tensors]
+        return self.chain
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The fused forward of the chain (``set_modules`` found one) on ``x``, or None where only
+        plain PyTorch computes what PyTorch would (CUDA, other dtypes, tensor subclasses,
+        autocast, ``torch.compile`` or ``torch.jit.trace`` tracing, ``torch.func`` transforms,
+        hooks). Every check here runs on each call, so they are ordered and written for speed."""
+        if (
+            type(x) is not _Tensor
+            or any(self.hook_registries)
+            or _is_dynamo_compiling()
+            or _tracing_state() is not None
+            or _functorch_transforms_active()
+            or _is_autocast_enabled()
+            or not x.is_cpu
+            or x.layout is not _STRIDED
+        ):
+            return None
+        in_features = self.in_features
+        shape = x.shape
+        if not shape or shape[-1] != in_features:
+            raise shape_error(in_features, shape)
+        dtype = x.dtype
+        # Still the packed chain if every tensor is the one packed, at the same address and
+        # version; read straight from each slot's dict (`linear.weight` goes through
+        # `nn.Module.__getattr__`) in one pass, inlined: this runs on every call.
+        packed = self.packed if dtype is self.dtype else None
+        if packed is not None:
+            for owner, key, tensor, version, address in packed:
+                if owner[key] is not tensor or (
+                    tensor is not None
+                    and (tensor._version != version or tensor.data_ptr() != address)
+                ):
+                    packed = None
+                    break
+        if packed is not None:
+            chain = self.chain
+        elif dtype in _FUSED_DTYPES:
+            chain = self.pack(dtype)
+        else:
+            chain = None
+        if chain is None:  # parameters elsewhere or of another dtype, or a dtype we do not fuse
+            assert self.lowered is not None
+            weight = self.lowered.layers[0][0].weight
+            if weight.dtype != dtype:
+                raise TypeError(
+                    f"expected input of dtype {weight.dtype} (the parameters' dtype), got {dtype}"
+                )
+            return None
+        if _is_grad_enabled() and (
+            x.requires_grad or any(t is not None and t.requires_grad for t in self.tensors)
+        ):
+            return FusedMLPFunction.apply(x, chain, self.post_ops, *self.tensors)
+        if len(shape) == 2 and not x.requires_grad and x.is_contiguous() and not x.is_neg():
+            # `run`'s common case, inlined: a contiguous 2-D tensor without the negative bit
+            # (DLPack would hand over a negated view's raw memory), read where it lies.
+            return _from_numpy(chain._forward_dlpack(to_dlpack(x)))
+        return run(chain, x)
+
+
+def _state(tensor: torch.Tensor) -> tuple[int, int]:
+    """A tensor's version counter and address: an in-place op changes the one, `.data = ...`
+    the other."""
+    return tensor._version, tensor.data_ptr()
+
+
+def hook_registries(modules: Iterable[nn.Module]) -> list[dict[int, Any]]:
+    """The hook dicts, global and these modules' own, whose hooks running the modules one by one
+    would call and a fused call (running no child's ``forward``) would skip. PyTorch adds and
+    removes hooks in place in these same dict objects."""
+    registries = [
+        _torch_module._global_forward_hooks,
+        _torch_module._global_forward_pre_hooks,
+        _torch_module._global_backward_hooks,
+        _torch_module._global_backward_pre_hooks,
+    ]
+    for m in modules:
+        registries += (
+            m._forward_hooks,
+            m._forward_pre_hooks,
+            m._backward_hooks,
+            m._backward_pre_hooks,
+        )
+    return registries
+
+
+def has_hooks(modules: Iterable[nn.Module]) -> bool:
+    return any(hook_registries(modules))

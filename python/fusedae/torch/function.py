@@ -1,0 +1,146 @@
+"""``FusedMLPFunction``: the fused forward as a ``torch.autograd.Function``, its backward in
+torch ops, each post-op's gradient from the op table; and the kernel call on a tensor."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+from fusedae import _native
+from fusedae._ops import PostOp, post_ops
+from fusedae.chain import ChainSpec
+from fusedae.mlp import check_output_size
+from fusedae.torch.lower import as_array
+
+# The kernel's way into a tensor's memory, bound once (it runs on every call; the same function
+# as `torch.utils.dlpack.to_dlpack`).
+to_dlpack = torch._C._to_dlpack
+NUMPY_DTYPES: dict[torch.dtype, np.dtype] = {
+    torch.float32: np.dtype(np.float32),
+    torch.float64: np.dtype(np.float64),
+}
+
+
+def pack_spec(spec: ChainSpec) -> _native.Chain:
+    """The native chain running ``spec``."""
+    return _native.Chain(*spec.native_arguments())
+
+
+def pack_chain(
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor | None],
+    activations: Sequence[str | PostOp],
+) -> _native.Chain:
+    """Packs CPU float32/float64 tensors (``weights[i]`` of shape ``(out, in)``, ``biases[i]``
+    ``(out,)`` or None) with one activation per layer (a name or a ``PostOp``) for the
+    kernels."""
+    pairs = [
+        (as_array(weight), None if bias is None else as_array(bias))
+        for weight, bias in zip(weights, biases, strict=True)
+    ]
+    return pack_spec(ChainSpec.from_pairs(pairs, activations))
+
+
+def shape_error(in_features: int, shape: torch.Size) -> ValueError:
+    return ValueError(f"expected input of shape (*, {in_features}), got shape {tuple(shape)}")
+
+
+def check_input(chain: _native.Chain, x: torch.Tensor) -> None:
+    """What `run` relies on, for callers of `FusedMLPFunction` (the modules check it on their
+    way there): a strided CPU tensor of the chain's dtype and shape ``(*, in_features)``."""
+    if x.device.type != "cpu" or x.layout != torch.strided or x.is_nested:
+        nested = "nested " if x.is_nested else ""
+        raise ValueError(
+            f"the fused kernel takes strided CPU tensors, got a {nested}{x.layout} tensor "
+            f"on {x.device}"
+        )
+    as_numpy = NUMPY_DTYPES.get(x.dtype)
+    if as_numpy is None or as_numpy != chain.dtype:  # (numpy reads None as float64)
+        raise TypeError(f"expected input of dtype {chain.dtype} (the chain's), got {x.dtype}")
+    if x.dim() == 0 or x.shape[-1] != chain.in_features:
+        raise shape_error(chain.in_features, x.shape)
+
+
+def run(chain: _native.Chain, x: torch.Tensor) -> torch.Tensor:
+    """The kernel on CPU ``x`` of shape ``(*, in_features)`` and the chain's dtype; no autograd."""
+    x = x.resolve_neg()  # the values the tensor stands for, not the negated memory
+    rows = x.numel() // chain.in_features
+    if not x.is_contiguous():
+        # A strided view (an expand) may stand for more rows than a copy or output could hold.
+        width = max(chain.in_features, chain.out_features)
+        check_output_size(rows, width, NUMPY_DTYPES[x.dtype])
+        x = x.contiguous()
+    # The kernel reads the tensor's memory where it lies, through a DLPack capsule that keeps it
+    # alive; the GIL, held for the call, keeps other threads from resizing it. DLPack has no
+    # negative bit: `x` holds its values as they are (resolved above).
+    result = chain._forward_dlpack(to_dlpack(x))
+    shape = x.shape
+    if len(shape) != 2:
+        result = result.reshape(*shape[:-1], chain.out_features)
+    return torch.from_numpy(result)
+
+
+class FusedMLPFunction(torch.autograd.Function):
+    """``y = chain(x)`` through the fused CPU kernel, differentiable in ``x`` and the parameters.
+
+    ``apply(x, chain, activations, w0, b0, w1, b1, ...)``: ``x`` of shape ``(*, in_features)``,
+    ``chain`` packed from exactly these weights and biases (``pack_chain``), ``b_i`` may be
+    None, ``activations`` one name or ``PostOp`` per layer (an unknown one is a ValueError). The
+    backward recomputes the hidden activations with torch ops and applies each post-op's
+    gradient from the op table, so gradients are PyTorch's own.
+    """
+
+    @staticmethod
+    def forward(
+        x: torch.Tensor,
+        chain: _native.Chain,
+        activations: Sequence[str | PostOp],
+        *params: torch.Tensor | None,
+    ) -> torch.Tensor:
+        ops = post_ops(activations)
+        if len(params) != 2 * len(ops):
+            raise ValueError(
+                f"expected a weight and a bias (or None) for each of the {len(ops)} layers, "
+                f"got {len(params)} tensors"
+            )
+        check_input(chain, x)
+        return run(chain, x)
+
+    @staticmethod
+    def setup_context(ctx: FunctionCtx, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        x, _chain, activations, *params = inputs
+        ctx.post_ops = post_ops(activations)  # type: ignore[attr-defined]
+        ctx.save_for_backward(x, *params)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, *params = ctx.saved_tensors
+        weights, biases = params[0::2], params[1::2]
+        ops: tuple[PostOp, ...] = ctx.post_ops
+        inputs = [x.reshape(-1, x.shape[-1])]
+        pres, posts = [], []
+        for weight, bias, op in zip(weights, biases, ops, strict=True):
+            pre = torch.nn.functional.linear(inputs[-1], weight, bias)
+            post = op.torch_function(pre)
+            pres.append(pre)
+            posts.append(post)
+            inputs.append(post)
+        needs = ctx.needs_input_grad
+        grad = grad_output.reshape(-1, grad_output.shape[-1])
+        grads: list[torch.Tensor | None] = [None] * len(params)
+        for index in reversed(range(len(weights))):
+            grad = ops[index].torch_gradient(grad, pres[index], posts[index])
+            if needs[3 + 2 * index]:
+                grads[2 * index] = grad.t().mm(inputs[index])
+            if biases[index] is not None and needs[4 + 2 * index]:
+                grads[2 * index + 1] = grad.sum(0)
+            if index == 0 and not needs[0]:
+                break
+            grad = grad.mm(weights[index])
+        grad_x = grad.reshape(x.shape) if needs[0] else None
+        return (grad_x, None, None, *grads)
