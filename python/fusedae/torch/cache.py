@@ -165,10 +165,15 @@ class ChainCache:
             x.requires_grad or any(t is not None and t.requires_grad for t in self.tensors)
         ):
             return FusedMLPFunction.apply(x, chain, self.post_ops, *self.tensors)
-        if len(shape) == 2 and not x.requires_grad and x.is_contiguous() and not x.is_neg():
-            # `run`'s common case, inlined: a contiguous 2-D tensor without the negative bit
-            # (DLPack would hand over a negated view's raw memory), read where it lies.
-            return _from_numpy(chain._forward_dlpack(to_dlpack(x)))
+        if len(shape) == 2 and not x.is_neg():
+            # `run`'s common case, inlined: a 2-D tensor without the negative bit (DLPack would
+            # hand over a negated view's raw memory), read where it lies; the kernel refuses a
+            # strided one, which `run` copies.
+            try:
+                return _from_numpy(chain._forward_dlpack(to_dlpack(x)))
+            except ValueError:
+                if x.is_contiguous():
+                    raise
         return run(chain, x)
 
 
