@@ -226,17 +226,17 @@ pub trait Float: Element {
 
     /// The kernel `isa`'s file builds (running it needs `isa.is_supported()`), half registers
     /// not chosen.
-    fn isa_kernel(isa: Isa) -> Kernel<Self>;
+    fn isa_kernel(isa: Isa) -> Kernel<Self, Self>;
 
     /// The kernel for `isa`, with half registers chosen for this CPU.
-    fn kernel(isa: Isa) -> Kernel<Self> {
+    fn kernel(isa: Isa) -> Kernel<Self, Self> {
         Self::isa_kernel(isa).with_half_registers(half_registers_cheaper(isa))
     }
 }
 
 impl Float for f32 {
     const DTYPE: DType = DType::F32;
-    fn isa_kernel(isa: Isa) -> Kernel<f32> {
+    fn isa_kernel(isa: Isa) -> Kernel<f32, f32> {
         match isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => kernels::avx512::kernel_f32(),
@@ -249,7 +249,7 @@ impl Float for f32 {
 
 impl Float for f64 {
     const DTYPE: DType = DType::F64;
-    fn isa_kernel(isa: Isa) -> Kernel<f64> {
+    fn isa_kernel(isa: Isa) -> Kernel<f64, f64> {
         match isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => kernels::avx512::kernel_f64(),

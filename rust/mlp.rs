@@ -88,8 +88,8 @@ impl AnyMlp {
 #[derive(Debug)]
 pub struct Mlp<T: Float> {
     info: ChainInfo,
-    kernel: Kernel<T>,
-    packed: PackedChain<T>,
+    kernel: Kernel<T, T>,
+    packed: PackedChain<T, T>,
 }
 
 impl<T: Float> Mlp<T> {
@@ -99,7 +99,11 @@ impl<T: Float> Mlp<T> {
     }
 
     /// [`Mlp::new`] with `kernel`, which must be `isa`'s (tests vary its shape's `half_lanes`).
-    fn with_kernel(specs: &[LayerSpec<'_, T>], isa: Isa, kernel: Kernel<T>) -> Result<Self, Error> {
+    fn with_kernel(
+        specs: &[LayerSpec<'_, T>],
+        isa: Isa,
+        kernel: Kernel<T, T>,
+    ) -> Result<Self, Error> {
         let isa = crate::dispatch::require(isa)?;
         if specs.is_empty() {
             return shape_error("an MLP needs at least one layer, got 0".to_owned());
@@ -442,7 +446,7 @@ mod tests {
     fn run_with<T: Float>(
         layers: &[OwnedLayer<T>],
         isa: Isa,
-        kernel: Kernel<T>,
+        kernel: Kernel<T, T>,
         input: &[T],
     ) -> Vec<T> {
         let specs: Vec<_> = layers.iter().map(OwnedLayer::spec).collect();
@@ -491,7 +495,7 @@ mod tests {
     }
 
     /// `isa`'s kernel with the half registers counted as cheaper (`half`) or not.
-    fn with_half<T: Float>(isa: Isa, half: bool) -> Kernel<T> {
+    fn with_half<T: Float>(isa: Isa, half: bool) -> Kernel<T, T> {
         let kernel = T::kernel(isa);
         let half_lanes = if half { kernel.shape.lanes / 2 } else { 0 };
         Kernel {

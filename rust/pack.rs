@@ -26,7 +26,9 @@ impl<T: Element> AlignedBuf<T> {
             len,
         }
     }
+}
 
+impl<T> AlignedBuf<T> {
     pub fn as_slice(&self) -> &[T] {
         &self.storage[self.offset..self.offset + self.len]
     }
@@ -49,21 +51,24 @@ pub struct LayerSpec<'a, T> {
     pub post_op: PostOp,
 }
 
-/// A whole chain packed for one [`TileShape`] into a single cache-line aligned buffer.
+/// A whole chain packed for one [`TileShape`]: every layer's weights, stored as `W`, in one
+/// cache-line aligned buffer, and their biases, in the compute type `T`, in another.
 #[derive(Clone, Debug)]
-pub struct PackedChain<T> {
+pub struct PackedChain<W, T> {
     layers: Vec<LayerDesc>,
     /// The chain again for rows in the lanes, or empty (see [`TileShape::rows_in_lanes`]).
     lanes_layers: Vec<LayerDesc>,
-    data: AlignedBuf<T>,
+    weights: AlignedBuf<W>,
+    biases: AlignedBuf<T>,
 }
 
-impl<T: Element> PackedChain<T> {
-    /// Packs every layer; the caller has checked that the lengths match the shapes.
+impl<T: Element> PackedChain<T, T> {
+    /// Packs every layer, its weights stored as they are; the caller has checked that the
+    /// lengths match the shapes.
     pub fn pack(shape: &TileShape, specs: &[LayerSpec<'_, T>]) -> Self {
         // Each layer's panels and bias start on a cache line.
         let line = ALIGN_BYTES / std::mem::size_of::<T>();
-        let mut len = 0;
+        let (mut weights_len, mut biases_len) = (0, 0);
         let widths: Vec<usize> = specs
             .iter()
             .map(|spec| spec.in_features)
@@ -72,11 +77,11 @@ impl<T: Element> PackedChain<T> {
         let mut lay_out = |spec: &LayerSpec<'_, T>, rows_in_lanes: bool| {
             let (k, out) = (spec.in_features, spec.out_features);
             let (dot_from, padded_out) = shape.form(k, out, rows_in_lanes);
-            let weights_at = len;
+            let weights_at = weights_len;
             let dot_at = weights_at + k * dot_from;
-            let weights_len = k * dot_from + (out - dot_from) * shape.padded(k);
-            let bias_at = (weights_at + weights_len).next_multiple_of(line);
-            len = (bias_at + padded_out).next_multiple_of(line);
+            weights_len = (dot_at + (out - dot_from) * shape.padded(k)).next_multiple_of(line);
+            let bias_at = biases_len;
+            biases_len = (bias_at + padded_out).next_multiple_of(line);
             LayerDesc {
                 in_features: k,
                 out_features: out,
@@ -95,35 +100,39 @@ impl<T: Element> PackedChain<T> {
         } else {
             Vec::new()
         };
-        let mut data = AlignedBuf::zeros(len);
-        let buffer = data.as_mut_slice();
+        let mut weights = AlignedBuf::zeros(weights_len);
+        let mut biases = AlignedBuf::zeros(biases_len);
         let lanes_specs = specs.iter().take(lanes_layers.len());
         for (spec, layer) in specs
             .iter()
             .zip(&layers)
             .chain(lanes_specs.zip(&lanes_layers))
         {
-            pack_panels(shape, spec, layer, buffer);
-            pack_rows(shape, spec, layer, buffer);
+            pack_panels(shape, spec, layer, weights.as_mut_slice());
+            pack_rows(shape, spec, layer, weights.as_mut_slice());
             if let Some(bias) = spec.bias {
-                buffer[layer.bias_at..][..spec.out_features].copy_from_slice(bias);
+                biases.as_mut_slice()[layer.bias_at..][..spec.out_features].copy_from_slice(bias);
             }
         }
         PackedChain {
             layers,
             lanes_layers,
-            data,
+            weights,
+            biases,
         }
     }
+}
 
+impl<W, T> PackedChain<W, T> {
     pub fn layers(&self) -> &[LayerDesc] {
         &self.layers
     }
 
-    pub fn view(&self) -> Packed<'_, T> {
+    pub fn view(&self) -> Packed<'_, W, T> {
         Packed {
             layers: &self.layers,
-            data: self.data.as_slice(),
+            weights: self.weights.as_slice(),
+            biases: self.biases.as_slice(),
             lanes_layers: &self.lanes_layers,
         }
     }
@@ -223,14 +232,18 @@ mod tests {
                 first.bias_at,
                 first.post_op
             ),
-            (6, 0, 16, PostOp::Relu)
+            (6, 0, 0, PostOp::Relu)
         );
-        assert_eq!(view.layers[1].weights_at, 32);
+        assert_eq!(
+            (view.layers[1].weights_at, view.layers[1].bias_at),
+            (16, 16)
+        );
         // Panel 0, k=0: W[0..4, 0]; k=1: W[0..4, 1]. Panel 1, k=0: W[4, 0]; k=1: W[4, 1].
         let expected = [0., 2., 4., 6., 1., 3., 5., 7., 8., 9.];
-        assert_eq!(&view.data[..10], &expected);
-        assert_eq!(&view.data[16..22], &[1., 1., 1., 1., 1., 0.]);
-        assert_eq!(view.data.as_ptr() as usize % ALIGN_BYTES, 0);
+        assert_eq!(&view.weights[..10], &expected);
+        assert_eq!(&view.biases[..6], &[1., 1., 1., 1., 1., 0.]);
+        assert_eq!(view.weights.as_ptr() as usize % ALIGN_BYTES, 0);
+        assert_eq!(view.biases.as_ptr() as usize % ALIGN_BYTES, 0);
     }
 
     #[test]
@@ -252,9 +265,10 @@ mod tests {
             (layer.dot_from, layer.dot_at, layer.padded_out),
             (4, 200, 5)
         );
-        assert_eq!(&view.data[..5], &[0., 50., 100., 150., 1.]);
-        assert_eq!(&view.data[200..202], &[200., 201.]);
-        assert_eq!(&view.data[249..252], &[249., 0., 0.]);
-        assert!(layer.bias_at >= 252);
+        assert_eq!(&view.weights[..5], &[0., 50., 100., 150., 1.]);
+        assert_eq!(&view.weights[200..202], &[200., 201.]);
+        assert_eq!(&view.weights[249..252], &[249., 0., 0.]);
+        assert_eq!(view.weights.len(), 256);
+        assert_eq!(view.biases, &[0.; 16]);
     }
 }

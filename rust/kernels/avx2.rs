@@ -237,6 +237,6 @@ target_kernels!(
     features = "avx2,fma",
     mr = 6,
     nv_max = 2,
-    kernel_f32: F32x8 => f32,
-    kernel_f64: F64x4 => f64,
+    kernel_f32: F32x8 => f32, f32;
+    kernel_f64: F64x4 => f64, f64;
 );

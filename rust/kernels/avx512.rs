@@ -262,6 +262,6 @@ target_kernels!(
     features = "avx512f",
     mr = 8,
     nv_max = 3,
-    kernel_f32: F32x16 => f32,
-    kernel_f64: F64x8 => f64,
+    kernel_f32: F32x16 => f32, f32;
+    kernel_f64: F64x8 => f64, f64;
 );

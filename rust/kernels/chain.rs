@@ -1,12 +1,13 @@
 //! The loop nests: a chain run block of rows by block of rows, each layer's outputs register
 //! tile by register tile, hidden activations kept in scratch that stays in L1/L2. Generic over
-//! [`SimdVec`], written once; the ISA files only wrap [`forward_rows`].
+//! [`SimdVec`] and the weights' storage type ([`LoadFrom`]), written once; the ISA files only wrap
+//! [`forward_rows`].
 
 use super::microkernel::{dot_tile_rows, tile_rows, DotTile, Tile, DOT_OUTS, DOT_ROWS};
-use super::{padded, LayerDesc, Packed, SimdVec, TileShape, L1_HALF_BYTES};
+use super::{padded, LayerDesc, LoadFrom, Packed, SimdVec, TileShape, L1_HALF_BYTES};
 
 /// Scratch elements a kernel of `shape` needs to run `rows` rows through `chain`.
-pub fn scratch_len<T>(shape: &TileShape, chain: &Packed<'_, T>, rows: usize) -> usize {
+pub fn scratch_len<W, T>(shape: &TileShape, chain: &Packed<'_, W, T>, rows: usize) -> usize {
     let widest = chain.layers.iter().map(|l| l.padded_out).max().unwrap_or(0);
     let in_registers_of_outputs = 2 * rows.min(shape.block_rows) * widest;
     match chain.lanes_layers.first() {
@@ -29,9 +30,9 @@ pub fn saved_width(layers: &[LayerDesc]) -> usize {
 /// Panics unless the chain, buffers and packing agree; after it, every pointer the loop nest
 /// forms stays inside its slice. Which form each layer takes is the cost model's business; what
 /// is checked here is only what the register tiles rely on.
-fn check_chain<T>(
+fn check_chain<W, T>(
     shape: &TileShape,
-    chain: &Packed<'_, T>,
+    chain: &Packed<'_, W, T>,
     input: &[T],
     output: &[T],
     scratch: &[T],
@@ -92,12 +93,12 @@ fn check_chain<T>(
         };
         assert!(rows_fit, "packed for this tile shape");
         assert!(
-            layer.weights_at + k * dot_from <= chain.data.len()
-                && layer.dot_at + (out - dot_from) * shape.padded(k) <= chain.data.len(),
+            layer.weights_at + k * dot_from <= chain.weights.len()
+                && layer.dot_at + (out - dot_from) * shape.padded(k) <= chain.weights.len(),
             "packed weights in the buffer"
         );
         assert!(
-            layer.bias_at + layer.padded_out <= chain.data.len(),
+            layer.bias_at + layer.padded_out <= chain.biases.len(),
             "packed bias in the buffer"
         );
     }
@@ -124,9 +125,9 @@ fn check_chain<T>(
 /// The CPU supports `V`'s ISA, and `shape.lanes == V::LANES`, `shape.mr == MR`,
 /// `shape.nv_max == NV_MAX`.
 #[inline(always)]
-pub unsafe fn forward_rows<V: SimdVec, const MR: usize, const NV_MAX: usize>(
+pub unsafe fn forward_rows<V: LoadFrom<W>, W, const MR: usize, const NV_MAX: usize>(
     shape: &TileShape,
-    chain: Packed<'_, V::Elem>,
+    chain: Packed<'_, W, V::Elem>,
     input: &[V::Elem],
     output: &mut [V::Elem],
     scratch: &mut [V::Elem],
@@ -154,7 +155,7 @@ pub unsafe fn forward_rows<V: SimdVec, const MR: usize, const NV_MAX: usize>(
     if lanes_rows > 0 {
         // SAFETY: as for this function; `check_chain` proved the sizes of both packings.
         unsafe {
-            forward_rows_in_lanes::<V, MR, NV_MAX>(
+            forward_rows_in_lanes::<V, W, MR, NV_MAX>(
                 &chain,
                 lanes_block,
                 lanes_rows,
@@ -197,7 +198,8 @@ pub unsafe fn forward_rows<V: SimdVec, const MR: usize, const NV_MAX: usize>(
             };
             let at = Placement {
                 layer,
-                data: chain.data,
+                weights: chain.weights,
+                biases: chain.biases,
                 rows: block,
                 src,
                 src_stride,
@@ -210,8 +212,8 @@ pub unsafe fn forward_rows<V: SimdVec, const MR: usize, const NV_MAX: usize>(
             // `layer.padded_out` values at `dst_stride` (or exactly `out_features` when direct,
             // which then equals `padded_out`); the caller guarantees the ISA.
             unsafe {
-                layer_block::<V, MR, NV_MAX>(&at);
-                dot_layer_block::<V>(&at);
+                layer_block::<V, W, MR, NV_MAX>(&at);
+                dot_layer_block::<V, W>(&at);
             };
             if let (Some(saved), false) = (saved.as_deref_mut(), is_last) {
                 let hidden = if into_ping { &ping[..] } else { &pong[..] };
@@ -251,8 +253,8 @@ pub unsafe fn forward_rows<V: SimdVec, const MR: usize, const NV_MAX: usize>(
 /// # Safety
 /// As for [`forward_rows`], for a chain with `lanes_layers`, after `check_chain`.
 #[inline(always)]
-unsafe fn forward_rows_in_lanes<V: SimdVec, const MR: usize, const NV_MAX: usize>(
-    chain: &Packed<'_, V::Elem>,
+unsafe fn forward_rows_in_lanes<V: LoadFrom<W>, W, const MR: usize, const NV_MAX: usize>(
+    chain: &Packed<'_, W, V::Elem>,
     block: usize,
     rows: usize,
     input: &[V::Elem],
@@ -305,7 +307,7 @@ unsafe fn forward_rows_in_lanes<V: SimdVec, const MR: usize, const NV_MAX: usize
                 let out = layer.out_features;
                 // Even tiles: 42 outputs as 6 tiles of 7, not 5 of 8 and one of 2.
                 let tile_outs = out.div_ceil(out.div_ceil(MR));
-                let weights = chain.data.as_ptr().add(layer.dot_at);
+                let weights = chain.weights.as_ptr().add(layer.dot_at);
                 let lda = padded(layer.in_features, V::LANES);
                 let tiles = out.div_ceil(tile_outs);
                 for (t, first) in (0..out).step_by(tile_outs).enumerate() {
@@ -321,14 +323,14 @@ unsafe fn forward_rows_in_lanes<V: SimdVec, const MR: usize, const NV_MAX: usize
                         panel: src,
                         panel_width: block,
                         last_lanes: V::LANES,
-                        bias: chain.data.as_ptr().add(layer.bias_at + first),
+                        bias: chain.biases.as_ptr().add(layer.bias_at + first),
                         bias_per_row: true,
                         post_op: layer.post_op,
                         out: dst.add(first * block),
                         ldo: block,
                         prefetch_out: false,
                     };
-                    tile_rows::<V>(tile_outs.min(out - first), NV_MAX, &tile);
+                    tile_rows::<V, W, V::Elem>(tile_outs.min(out - first), NV_MAX, &tile);
                 }
                 src = dst;
                 into_ping = !into_ping;
@@ -388,19 +390,19 @@ unsafe fn transpose<V: SimdVec>(
 /// # Safety
 /// As at the call in [`forward_rows`].
 #[inline(always)]
-unsafe fn layer_block<V: SimdVec, const MR: usize, const NV_MAX: usize>(
-    at: &Placement<'_, V::Elem>,
+unsafe fn layer_block<V: LoadFrom<W>, W, const MR: usize, const NV_MAX: usize>(
+    at: &Placement<'_, W, V::Elem>,
 ) {
     let (layer, rows) = (at.layer, at.rows);
     let panel_width = NV_MAX * V::LANES;
-    let panel_bytes = layer.in_features * panel_width * std::mem::size_of::<V::Elem>();
+    let panel_bytes = layer.in_features * panel_width * std::mem::size_of::<W>();
     if panel_bytes <= L1_HALF_BYTES {
         // The panels stay in L1 whatever the order: go row tile by row tile, so each output row
         // is written left to right in one pass, a stream the prefetcher follows.
         for row in (0..rows).step_by(MR) {
             for col in (0..layer.dot_from).step_by(panel_width) {
                 // SAFETY: `row < rows` and `col < dot_from`, as `tile_at` requires.
-                unsafe { tile_at::<V, MR, NV_MAX>(at, row, col) };
+                unsafe { tile_at::<V, W, MR, NV_MAX>(at, row, col) };
             }
         }
     } else {
@@ -408,7 +410,7 @@ unsafe fn layer_block<V: SimdVec, const MR: usize, const NV_MAX: usize>(
         for col in (0..layer.dot_from).step_by(panel_width) {
             for row in (0..rows).step_by(MR) {
                 // SAFETY: `row < rows` and `col < dot_from`, as `tile_at` requires.
-                unsafe { tile_at::<V, MR, NV_MAX>(at, row, col) };
+                unsafe { tile_at::<V, W, MR, NV_MAX>(at, row, col) };
             }
         }
     }
@@ -420,7 +422,7 @@ unsafe fn layer_block<V: SimdVec, const MR: usize, const NV_MAX: usize>(
 /// # Safety
 /// As at the call in [`forward_rows`].
 #[inline(always)]
-unsafe fn dot_layer_block<V: SimdVec>(at: &Placement<'_, V::Elem>) {
+unsafe fn dot_layer_block<V: LoadFrom<W>, W>(at: &Placement<'_, W, V::Elem>) {
     let layer = at.layer;
     let padded_in = padded(layer.in_features, V::LANES);
     for row in (0..at.rows).step_by(DOT_ROWS) {
@@ -434,26 +436,27 @@ unsafe fn dot_layer_block<V: SimdVec>(at: &Placement<'_, V::Elem>) {
                     ldx: at.src_stride,
                     k: layer.in_features,
                     w: at
-                        .data
+                        .weights
                         .as_ptr()
                         .add(layer.dot_at + (out - layer.dot_from) * padded_in),
                     ldw: padded_in,
-                    bias: at.data.as_ptr().add(layer.bias_at + out),
+                    bias: at.biases.as_ptr().add(layer.bias_at + out),
                     post_op: layer.post_op,
                     out: at.dst.add(row * at.dst_stride + out),
                     ldo: at.dst_stride,
                 };
                 let rows = (at.rows - row).min(DOT_ROWS);
-                dot_tile_rows::<V>(rows, (layer.out_features - out).min(DOT_OUTS), &tile);
+                dot_tile_rows::<V, W>(rows, (layer.out_features - out).min(DOT_OUTS), &tile);
             }
         }
     }
 }
 /// One layer's operands for a block of rows: where its inputs, packed weights and outputs are.
 #[derive(Clone, Copy)]
-struct Placement<'a, T> {
+struct Placement<'a, W, T> {
     layer: &'a LayerDesc,
-    data: &'a [T],
+    weights: &'a [W],
+    biases: &'a [T],
     rows: usize,
     src: *const T,
     src_stride: usize,
@@ -469,8 +472,8 @@ struct Placement<'a, T> {
 /// As at the call in [`forward_rows`], with `row < at.rows` and `col < at.layer.dot_from`, so
 /// every offset stays inside the buffers described there.
 #[inline(always)]
-unsafe fn tile_at<V: SimdVec, const MR: usize, const NV_MAX: usize>(
-    at: &Placement<'_, V::Elem>,
+unsafe fn tile_at<V: LoadFrom<W>, W, const MR: usize, const NV_MAX: usize>(
+    at: &Placement<'_, W, V::Elem>,
     row: usize,
     col: usize,
 ) {
@@ -484,18 +487,18 @@ unsafe fn tile_at<V: SimdVec, const MR: usize, const NV_MAX: usize>(
             lda: at.src_stride,
             k: layer.in_features,
             panel: at
-                .data
+                .weights
                 .as_ptr()
                 .add(layer.weights_at + col * layer.in_features),
             panel_width: width,
             last_lanes: width - (nv - 1) * V::LANES,
-            bias: at.data.as_ptr().add(layer.bias_at + col),
+            bias: at.biases.as_ptr().add(layer.bias_at + col),
             bias_per_row: false,
             post_op: layer.post_op,
             out: at.dst.add(row * at.dst_stride + col),
             ldo: at.dst_stride,
             prefetch_out: at.dst_is_output,
         };
-        tile_rows::<V>((at.rows - row).min(MR), nv, &tile);
+        tile_rows::<V, V::Elem, W>((at.rows - row).min(MR), nv, &tile);
     }
 }

@@ -1,7 +1,8 @@
 //! [`target_kernels!`]: every ISA's entry points written from one list, so adding one (a
 //! backward, another precision) means adding it here once, not to each ISA file.
 
-/// Defines, for each `name: RegisterType => Elem`, a `pub fn name() -> Kernel<Elem>` whose entry points
+/// Defines, for each `name: RegisterType => Weight, Elem`, a `pub fn name() -> Kernel<Weight, Elem>`
+/// (weights stored as `Weight`, computed in the register's `Elem`) whose entry points
 /// are thin wrappers, compiled with `#[target_feature(enable = $features)]` (none for the
 /// portable kernel), around the generic loop nest ([`forward_rows`](super::forward_rows)) and
 /// FMA loop ([`fma_loop`](super::fma_loop)) for that register type, with `mr` rows and up to
@@ -12,15 +13,15 @@ macro_rules! target_kernels {
         features = $features:literal,
         mr = $mr:expr,
         nv_max = $nv_max:expr,
-        $($name:ident: $register:ty => $elem:ty),+ $(,)?
+        $($name:ident: $register:ty => $weight:ty, $elem:ty);+ $(;)?
     ) => {
-        $(target_kernels!(@one [target_feature(enable = $features)] $mr, $nv_max, $name, $register, $elem);)+
+        $(target_kernels!(@one [target_feature(enable = $features)] $mr, $nv_max, $name, $register, $weight, $elem);)+
     };
-    (mr = $mr:expr, nv_max = $nv_max:expr, $($name:ident: $register:ty => $elem:ty),+ $(,)?) => {
-        $(target_kernels!(@one [] $mr, $nv_max, $name, $register, $elem);)+
+    (mr = $mr:expr, nv_max = $nv_max:expr, $($name:ident: $register:ty => $weight:ty, $elem:ty);+ $(;)?) => {
+        $(target_kernels!(@one [] $mr, $nv_max, $name, $register, $weight, $elem);)+
     };
-    (@one [$($attribute:meta)?] $mr:expr, $nv_max:expr, $name:ident, $register:ty, $elem:ty) => {
-        pub fn $name() -> $crate::kernels::Kernel<$elem> {
+    (@one [$($attribute:meta)?] $mr:expr, $nv_max:expr, $name:ident, $register:ty, $weight:ty, $elem:ty) => {
+        pub fn $name() -> $crate::kernels::Kernel<$weight, $elem> {
             use $crate::kernels::{fma_loop, forward_rows, Kernel, Packed, SimdVec, TileShape};
             type Elem = <$register as SimdVec>::Elem;
 
@@ -29,7 +30,7 @@ macro_rules! target_kernels {
             $(#[$attribute])?
             unsafe fn forward(
                 shape: &TileShape,
-                chain: Packed<'_, Elem>,
+                chain: Packed<'_, $weight, Elem>,
                 input: &[Elem],
                 output: &mut [Elem],
                 scratch: &mut [Elem],
@@ -37,7 +38,7 @@ macro_rules! target_kernels {
             ) {
                 // SAFETY: the caller guarantees the features; `forward_rows` checks the rest.
                 unsafe {
-                    forward_rows::<$register, { $mr }, { $nv_max }>(
+                    forward_rows::<$register, $weight, { $mr }, { $nv_max }>(
                         shape, chain, input, output, scratch, saved,
                     )
                 }

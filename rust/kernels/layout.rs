@@ -76,11 +76,16 @@ pub struct LayerDesc {
     pub dot_at: usize,
 }
 
-/// A packed chain: its layers and the buffer they point into.
+/// A packed chain: its layers and the buffers they point into, weights stored as `W`, biases in
+/// the compute type `T` (they seed the accumulators).
 #[derive(Clone, Copy, Debug)]
-pub struct Packed<'a, T> {
+pub struct Packed<'a, W, T> {
     pub layers: &'a [LayerDesc],
-    pub data: &'a [T],
+    /// Every layer's panels and dot-form rows, at [`LayerDesc::weights_at`] and
+    /// [`LayerDesc::dot_at`].
+    pub weights: &'a [W],
+    /// Every layer's bias, at [`LayerDesc::bias_at`].
+    pub biases: &'a [T],
     /// The same layers packed again for batch rows in the lanes ([`TileShape::rows_in_lanes`]),
     /// each as dot-form rows (`dot_from == 0`, `padded_out == out`); empty if not worth it.
     pub lanes_layers: &'a [LayerDesc],

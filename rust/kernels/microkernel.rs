@@ -2,7 +2,7 @@
 //! registers of accumulators) and dot form (lane-wise products summed across the register).
 //! Each ends in the epilogue: bias, post-op, store.
 
-use super::{epilogue, PostOp, SimdVec};
+use super::{epilogue, LoadFrom, PostOp, SimdVec};
 
 /// Most rows and outputs of a dot-form register tile: 16 independent accumulators, enough to
 /// keep the FMA units busy, and 4 + 4 loads per 16 FMAs.
@@ -10,12 +10,12 @@ pub(super) const DOT_ROWS: usize = 4;
 pub(super) const DOT_OUTS: usize = 4;
 
 /// Pointers for one dot-form register tile: `rows x outs` outputs from `rows x k` inputs and
-/// `outs` weight rows of `ldw` values (zeros past `k`).
-pub(super) struct DotTile<T> {
+/// `outs` weight rows of `ldw` values (zeros past `k`), stored as `W`, computed in `T`.
+pub(super) struct DotTile<W, T> {
     pub(super) x: *const T,
     pub(super) ldx: usize,
     pub(super) k: usize,
-    pub(super) w: *const T,
+    pub(super) w: *const W,
     pub(super) ldw: usize,
     pub(super) bias: *const T,
     /// Applied to every output.
@@ -30,14 +30,18 @@ pub(super) struct DotTile<T> {
 /// `tile` points at `rows` input rows of `k` readable values, `outs` weight rows of `ldw >=
 /// padded(k)` values, `outs` biases and room for `rows x outs` outputs; the CPU supports the ISA.
 #[inline(always)]
-pub(super) unsafe fn dot_tile_rows<V: SimdVec>(rows: usize, outs: usize, tile: &DotTile<V::Elem>) {
+pub(super) unsafe fn dot_tile_rows<V: LoadFrom<W>, W>(
+    rows: usize,
+    outs: usize,
+    tile: &DotTile<W, V::Elem>,
+) {
     // SAFETY: forwarded from the caller.
     unsafe {
         match rows {
-            1 => dot_tile_outs::<V, 1>(outs, tile),
-            2 => dot_tile_outs::<V, 2>(outs, tile),
-            3 => dot_tile_outs::<V, 3>(outs, tile),
-            4 => dot_tile_outs::<V, 4>(outs, tile),
+            1 => dot_tile_outs::<V, W, 1>(outs, tile),
+            2 => dot_tile_outs::<V, W, 2>(outs, tile),
+            3 => dot_tile_outs::<V, W, 3>(outs, tile),
+            4 => dot_tile_outs::<V, W, 4>(outs, tile),
             _ => unreachable!("dot tiles are at most 4 rows"),
         }
     }
@@ -46,14 +50,17 @@ pub(super) unsafe fn dot_tile_rows<V: SimdVec>(rows: usize, outs: usize, tile: &
 /// # Safety
 /// As for [`dot_tile_rows`].
 #[inline(always)]
-unsafe fn dot_tile_outs<V: SimdVec, const R: usize>(outs: usize, tile: &DotTile<V::Elem>) {
+unsafe fn dot_tile_outs<V: LoadFrom<W>, W, const R: usize>(
+    outs: usize,
+    tile: &DotTile<W, V::Elem>,
+) {
     // SAFETY: forwarded from the caller.
     unsafe {
         match outs {
-            1 => dot_tile::<V, R, 1>(tile),
-            2 => dot_tile::<V, R, 2>(tile),
-            3 => dot_tile::<V, R, 3>(tile),
-            4 => dot_tile::<V, R, 4>(tile),
+            1 => dot_tile::<V, W, R, 1>(tile),
+            2 => dot_tile::<V, W, R, 2>(tile),
+            3 => dot_tile::<V, W, R, 3>(tile),
+            4 => dot_tile::<V, W, R, 4>(tile),
             _ => unreachable!("dot tiles are at most 4 outputs"),
         }
     }
@@ -66,7 +73,7 @@ unsafe fn dot_tile_outs<V: SimdVec, const R: usize>(outs: usize, tile: &DotTile<
 /// # Safety
 /// As for [`dot_tile_rows`], with `rows == R` and `outs == C`.
 #[inline(always)]
-unsafe fn dot_tile<V: SimdVec, const R: usize, const C: usize>(tile: &DotTile<V::Elem>) {
+unsafe fn dot_tile<V: LoadFrom<W>, W, const R: usize, const C: usize>(tile: &DotTile<W, V::Elem>) {
     let lanes = V::LANES;
     let (full, tail) = (tile.k / lanes, tile.k % lanes);
     // SAFETY: the caller guarantees the ISA, `R` rows of `k` readable inputs (chunks `0..full`
@@ -87,7 +94,7 @@ unsafe fn dot_tile<V: SimdVec, const R: usize, const C: usize>(tile: &DotTile<V:
                 };
             }
             for c in 0..C {
-                let w = V::load(tile.w.add(c * tile.ldw + at));
+                let w = V::load_from(tile.w.add(c * tile.ldw + at));
                 for (row, x) in acc.iter_mut().zip(&xs) {
                     row[c] = x.mul_add(w, row[c]);
                 }
@@ -101,12 +108,15 @@ unsafe fn dot_tile<V: SimdVec, const R: usize, const C: usize>(tile: &DotTile<V:
         }
     }
 }
-/// Pointers for one register tile: `rows x (nv * LANES)` outputs from `rows x k` inputs.
-pub(super) struct Tile<T> {
-    pub(super) a: *const T,
+
+/// Pointers for one register tile: `rows x (nv * LANES)` outputs from `rows x k` values of `A`
+/// (each broadcast) and a panel of `k` rows of `B`, computed in `T`. In the panel form `A` is
+/// the activations and `B` the packed weights; with rows in the lanes, the other way round.
+pub(super) struct Tile<A, B, T> {
+    pub(super) a: *const A,
     pub(super) lda: usize,
     pub(super) k: usize,
-    pub(super) panel: *const T,
+    pub(super) panel: *const B,
     /// Values per panel row: the outputs this tile computes from real weights.
     pub(super) panel_width: usize,
     /// Lanes of the last register that have weights (`1..=LANES`); the rest load as zeros.
@@ -130,7 +140,11 @@ pub(super) struct Tile<T> {
 /// runs in its half; `rows` with `bias_per_row`), and room for
 /// the outputs.
 #[inline(always)]
-pub(super) unsafe fn tile_rows<V: SimdVec>(rows: usize, nv: usize, tile: &Tile<V::Elem>) {
+pub(super) unsafe fn tile_rows<V: LoadFrom<A> + LoadFrom<B>, A, B>(
+    rows: usize,
+    nv: usize,
+    tile: &Tile<A, B, V::Elem>,
+) {
     // The last register in its half where its outputs fit (`tile_width`'s `HALF`). Its stores
     // then write `HALF_LANES` values, which the row has room for: packing pads the row to whole
     // registers, or ends the panels at a whole register or at one plus `V::HALF_LANES`
@@ -141,14 +155,14 @@ pub(super) unsafe fn tile_rows<V: SimdVec>(rows: usize, nv: usize, tile: &Tile<V
     // SAFETY: forwarded from the caller.
     unsafe {
         match (nv, half) {
-            (1, false) => tile_width::<V, 1, false>(rows, tile),
-            (2, false) => tile_width::<V, 2, false>(rows, tile),
-            (3, false) => tile_width::<V, 3, false>(rows, tile),
-            (4, false) => tile_width::<V, 4, false>(rows, tile),
-            (1, true) => tile_width::<V, 1, true>(rows, tile),
-            (2, true) => tile_width::<V, 2, true>(rows, tile),
-            (3, true) => tile_width::<V, 3, true>(rows, tile),
-            (4, true) => tile_width::<V, 4, true>(rows, tile),
+            (1, false) => tile_width::<V, A, B, 1, false>(rows, tile),
+            (2, false) => tile_width::<V, A, B, 2, false>(rows, tile),
+            (3, false) => tile_width::<V, A, B, 3, false>(rows, tile),
+            (4, false) => tile_width::<V, A, B, 4, false>(rows, tile),
+            (1, true) => tile_width::<V, A, B, 1, true>(rows, tile),
+            (2, true) => tile_width::<V, A, B, 2, true>(rows, tile),
+            (3, true) => tile_width::<V, A, B, 3, true>(rows, tile),
+            (4, true) => tile_width::<V, A, B, 4, true>(rows, tile),
             _ => unreachable!("panels are at most 4 registers wide"),
         }
     }
@@ -160,43 +174,46 @@ pub(super) unsafe fn tile_rows<V: SimdVec>(rows: usize, nv: usize, tile: &Tile<V
 /// # Safety
 /// As for [`tile_rows`].
 #[inline(always)]
-unsafe fn tile_width<V: SimdVec, const NV: usize, const HALF: bool>(
+unsafe fn tile_width<V: LoadFrom<A> + LoadFrom<B>, A, B, const NV: usize, const HALF: bool>(
     rows: usize,
-    tile: &Tile<V::Elem>,
+    tile: &Tile<A, B, V::Elem>,
 ) {
     // SAFETY: forwarded from the caller.
     unsafe {
         // Few rows give few independent accumulators, too few to hide the FMA latency: split
         // `k` across extra accumulator sets (summed at the end) so batch 1 runs at throughput.
         match rows {
-            1 => register_tile::<V, 1, NV, 4, HALF>(tile),
-            2 => register_tile::<V, 2, NV, 2, HALF>(tile),
-            3 => register_tile::<V, 3, NV, 1, HALF>(tile),
-            4 => register_tile::<V, 4, NV, 1, HALF>(tile),
-            5 => register_tile::<V, 5, NV, 1, HALF>(tile),
-            6 => register_tile::<V, 6, NV, 1, HALF>(tile),
-            7 => register_tile::<V, 7, NV, 1, HALF>(tile),
-            8 => register_tile::<V, 8, NV, 1, HALF>(tile),
+            1 => register_tile::<V, A, B, 1, NV, 4, HALF>(tile),
+            2 => register_tile::<V, A, B, 2, NV, 2, HALF>(tile),
+            3 => register_tile::<V, A, B, 3, NV, 1, HALF>(tile),
+            4 => register_tile::<V, A, B, 4, NV, 1, HALF>(tile),
+            5 => register_tile::<V, A, B, 5, NV, 1, HALF>(tile),
+            6 => register_tile::<V, A, B, 6, NV, 1, HALF>(tile),
+            7 => register_tile::<V, A, B, 7, NV, 1, HALF>(tile),
+            8 => register_tile::<V, A, B, 8, NV, 1, HALF>(tile),
             _ => unreachable!("register tiles are at most 8 rows"),
         }
     }
 }
 
 /// The microkernel: `R x NV` registers of accumulators seeded with the bias, one broadcast of an
-/// input value and `NV` panel loads per step of `k`, the post-op applied in registers. With `KS > 1`,
-/// consecutive steps of `k` go to `KS` separate accumulator sets, added up before the post-op.
+/// input value and `NV` panel loads per step of `k`, the post-op applied in registers. With
+/// `KS > 1`, consecutive steps of `k` go to `KS` separate accumulator sets, added up before the
+/// post-op.
 ///
 /// # Safety
 /// As for [`tile_rows`], with `rows == R` and `nv == NV`.
 #[inline(always)]
 unsafe fn register_tile<
-    V: SimdVec,
+    V: LoadFrom<A> + LoadFrom<B>,
+    A,
+    B,
     const R: usize,
     const NV: usize,
     const KS: usize,
     const HALF: bool,
 >(
-    tile: &Tile<V::Elem>,
+    tile: &Tile<A, B, V::Elem>,
 ) {
     let lanes = V::LANES;
     let step = tile.panel_width;
@@ -235,20 +252,20 @@ unsafe fn register_tile<
         }
         let mut a = tile.a;
         let mut panel = tile.panel;
-        let line = 64 / std::mem::size_of::<V::Elem>();
+        let line = 64 / std::mem::size_of::<A>();
         for iteration in 0..tile.k / KS {
             if (iteration * KS).is_multiple_of(line) {
                 // Once per cache line: fetch the same columns of the next tile's rows, so a large
                 // input streaming from memory is in cache one tile ahead (the hardware prefetcher
                 // alone misses the start of every row).
                 for r in 0..R {
-                    V::prefetch(a.wrapping_add((R + r) * tile.lda));
+                    V::prefetch(a.wrapping_add((R + r) * tile.lda).cast());
                 }
             }
             for (s, set) in acc.iter_mut().enumerate() {
-                let b = panel_row::<V, NV>(panel.add(s * step), tile.last_lanes);
+                let b = panel_row::<V, B, NV>(panel.add(s * step), tile.last_lanes);
                 for (r, row) in set.iter_mut().enumerate() {
-                    let x = V::splat(a.add(r * tile.lda + s));
+                    let x = <V as LoadFrom<A>>::splat_from(a.add(r * tile.lda + s));
                     multiply_add_row::<V, NV, HALF>(x, &b, row);
                 }
             }
@@ -256,9 +273,9 @@ unsafe fn register_tile<
             panel = panel.add(KS * step);
         }
         for _ in 0..tile.k % KS {
-            let b = panel_row::<V, NV>(panel, tile.last_lanes);
+            let b = panel_row::<V, B, NV>(panel, tile.last_lanes);
             for (r, row) in acc[0].iter_mut().enumerate() {
-                let x = V::splat(a.add(r * tile.lda));
+                let x = <V as LoadFrom<A>>::splat_from(a.add(r * tile.lda));
                 multiply_add_row::<V, NV, HALF>(x, &b, row);
             }
             a = a.add(1);
@@ -313,21 +330,21 @@ unsafe fn multiply_add_row<V: SimdVec, const NV: usize, const HALF: bool>(
 /// # Safety
 /// `row` is valid for `(NV - 1) * LANES + last_lanes` reads; the CPU supports `V`'s ISA.
 #[inline(always)]
-unsafe fn panel_row<V: SimdVec, const NV: usize>(
-    row: *const V::Elem,
+unsafe fn panel_row<V: LoadFrom<B>, B, const NV: usize>(
+    row: *const B,
     last_lanes: usize,
 ) -> [V; NV] {
     // SAFETY: forwarded from the caller; the last load reads `last_lanes` values only.
     unsafe {
         let mut b = [V::zero(); NV];
         for (v, reg) in b.iter_mut().enumerate().take(NV - 1) {
-            *reg = V::load(row.add(v * V::LANES));
+            *reg = V::load_from(row.add(v * V::LANES));
         }
         let last = row.add((NV - 1) * V::LANES);
         b[NV - 1] = if last_lanes == V::LANES {
-            V::load(last)
+            V::load_from(last)
         } else {
-            V::load_partial(last, last_lanes)
+            V::load_partial_from(last, last_lanes)
         };
         b
     }

@@ -6,7 +6,10 @@
 //! returning a [`Kernel`]: a [`TileShape`] that says how weights must be packed for it, and a
 //! [`ChainKernel`] function that runs the whole chain for a contiguous run of rows.
 //!
-//! All layers of a chain live in one packed buffer; a [`LayerDesc`] says where each one sits.
+//! All layers' weights live in one packed buffer, stored as the kernel's weight type (read
+//! through [`LoadFrom`]), and their biases in another, in the compute type; a [`LayerDesc`]
+//! says where each layer sits in both.
+//!
 //! Weights of a layer `[out, in]` are packed into column panels of at most `nv_max * lanes`
 //! outputs (the last panel may be narrower, and need not be a multiple of `lanes`): panel `p`
 //! starts at output column `c0 = p * nv_max * lanes`, at `weights_at + c0 * in`, and stores its
@@ -14,7 +17,7 @@
 //! masked when `width` is not a multiple of `lanes`, so the outputs are computed up to
 //! `padded_out`, a multiple of `lanes`, with zeros past `out` (or only up to the end of a half
 //! register, see below: the rest of such a row is never written, and never read); the bias
-//! (`padded_out` values, zero-padded) is at `bias_at`.
+//! (`padded_out` values, zero-padded) is at `bias_at` in the biases.
 //!
 //! A layer's last outputs may instead be in dot-product form (see [`TileShape::dot_from`]):
 //! outputs `dot_from..out` keep their weights row-major at `dot_at`, rows of `in` values padded
@@ -38,7 +41,8 @@
 //!
 //! # Files
 //!
-//! - `mod.rs`: this contract ([`Element`], [`SimdVec`], [`Kernel`]) and [`target_kernels!`],
+//! - `mod.rs`: this contract ([`Element`], [`SimdVec`], [`LoadFrom`], [`Kernel`]) and
+//!   [`target_kernels!`],
 //!   which writes every ISA's thin `#[target_feature]` entry points from one list;
 //! - `layout.rs`: [`TileShape`], [`LayerDesc`], [`Packed`]: what packing and kernels agree on;
 //! - `chain.rs`: the loop nests (panels and dot form, rows in the lanes), generic over
@@ -214,7 +218,50 @@ pub trait SimdVec: Copy {
     }
 }
 
-/// Runs the chain on `input` (`rows x layers[0].in_features`, row-major) into `output`
+/// Registers that values stored as `S` load into, widened to the register's element type where
+/// `S` is narrower. The kernels read packed weights only through it, so weights stored in
+/// another type (bf16, say, with f32 compute) join by implementing it for the register types
+/// they widen into, without another loop nest. Every register type reads its own element type.
+pub trait LoadFrom<S>: SimdVec {
+    /// [`SimdVec::load`] from `S` values.
+    ///
+    /// # Safety
+    /// `ptr` is valid for `LANES` reads (no alignment needed); the CPU supports the ISA.
+    unsafe fn load_from(ptr: *const S) -> Self;
+    /// [`SimdVec::load_partial`] from `S` values.
+    ///
+    /// # Safety
+    /// `ptr` is valid for `count` reads; the CPU supports the ISA.
+    unsafe fn load_partial_from(ptr: *const S, count: usize) -> Self;
+    /// [`SimdVec::splat`] from an `S` value.
+    ///
+    /// # Safety
+    /// `ptr` is valid for one read; the CPU supports the ISA.
+    unsafe fn splat_from(ptr: *const S) -> Self;
+}
+
+impl<V: SimdVec> LoadFrom<V::Elem> for V {
+    #[inline(always)]
+    unsafe fn load_from(ptr: *const V::Elem) -> Self {
+        // SAFETY: forwarded from the caller.
+        unsafe { V::load(ptr) }
+    }
+
+    #[inline(always)]
+    unsafe fn load_partial_from(ptr: *const V::Elem, count: usize) -> Self {
+        // SAFETY: forwarded from the caller.
+        unsafe { V::load_partial(ptr, count) }
+    }
+
+    #[inline(always)]
+    unsafe fn splat_from(ptr: *const V::Elem) -> Self {
+        // SAFETY: forwarded from the caller.
+        unsafe { V::splat(ptr) }
+    }
+}
+
+/// Runs the chain, its weights stored as `W`, computed in `T`, on `input` (`rows x
+/// layers[0].in_features`, row-major) into `output`
 /// (`rows x last.out_features`), using `scratch` (at least [`scratch_len`] elements), and with
 /// `saved` (`rows x` [`saved_width`]) keeps every layer's outputs but the last's for a backward
 /// (see [`forward_rows`]). The
@@ -224,8 +271,8 @@ pub trait SimdVec: Copy {
 /// # Safety
 /// The CPU supports the kernel's ISA. (The shape, the packing, the shapes and the lengths are
 /// checked, with a panic on mismatch.)
-pub type ChainKernel<T> =
-    unsafe fn(&TileShape, Packed<'_, T>, &[T], &mut [T], &mut [T], Option<&mut [T]>);
+pub type ChainKernel<W, T> =
+    unsafe fn(&TileShape, Packed<'_, W, T>, &[T], &mut [T], &mut [T], Option<&mut [T]>);
 
 /// Runs [`fma_loop`] for an ISA: `(iterations, seed) -> value`.
 ///
@@ -233,11 +280,12 @@ pub type ChainKernel<T> =
 /// The CPU supports the kernel's ISA.
 pub type PeakLoop<T> = unsafe fn(usize, &[T]) -> T;
 
-/// One ISA's entry points for one element type, and the tile shape packing must follow.
+/// One ISA's entry points for weights stored as `W` and computed in `T` (its inputs, outputs
+/// and scratch), and the tile shape packing must follow.
 #[derive(Clone, Copy, Debug)]
-pub struct Kernel<T: 'static> {
+pub struct Kernel<W: 'static, T: 'static> {
     pub shape: TileShape,
-    pub forward: ChainKernel<T>,
+    pub forward: ChainKernel<W, T>,
     pub peak: PeakLoop<T>,
     /// [`fma_loop`] with every third chain in a half register, where the register type has one.
     pub peak_half: Option<PeakLoop<T>>,
@@ -245,7 +293,7 @@ pub struct Kernel<T: 'static> {
     pub half_register_lanes: usize,
 }
 
-impl<T> Kernel<T> {
+impl<W, T> Kernel<W, T> {
     /// This kernel with packing choosing half registers where they fit (`cheaper`: a multiply-add
     /// on one costs half; see [`TileShape::half_lanes`]) or never.
     pub fn with_half_registers(self, cheaper: bool) -> Self {

@@ -80,6 +80,6 @@ impl<T: Element> SimdVec for Lane<T> {
 target_kernels!(
     mr = 4,
     nv_max = 4,
-    kernel_f32: Lane<f32> => f32,
-    kernel_f64: Lane<f64> => f64,
+    kernel_f32: Lane<f32> => f32, f32;
+    kernel_f64: Lane<f64> => f64, f64;
 );
