@@ -1,9 +1,10 @@
 //! fusedae: fused CPU kernels for chains of Linear layers, each followed by a post-op.
 //!
-//! Layers, each using only those below it: `ops` (the post-ops), `kernels` (unsafe SIMD),
+//! Modules, from the bottom: `ops` (the post-ops), `kernels` (unsafe SIMD, using only `ops`),
 //! `plan` (the cost model: which form each layer takes), `dispatch` (which kernel; the CPU's
-//! identity), `probe` (timings, opt-in), `pack` (weights -> panels), `mlp` (the safe API,
-//! threads, scratch), `python` (the PyO3 bindings).
+//! identity) with `probe` (timings: the FMA ceiling, and the half-register probe `dispatch`
+//! runs only when asked), `pack` (weights -> panels), `mlp` (the safe API, threads, scratch),
+//! `python` (the PyO3 bindings, the only module that knows Python).
 
 pub mod dispatch;
 pub mod kernels;

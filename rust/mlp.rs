@@ -191,7 +191,10 @@ impl<T: Float> Mlp<T> {
 
     /// [`Mlp::forward`] that also writes, for each row, every layer's outputs but the last's
     /// (after its post-op), one layer after another, into `saved` (`rows x` [`ChainInfo::
-    /// saved_width`]): what a backward needs.
+    /// saved_width`]): what a backward needs. It runs every row in the panel form (rows in the
+    /// lanes would leave the activations transposed), so on a chain that has that form its output
+    /// can differ from [`Mlp::forward`]'s in the last bits; saved activations and output agree.
+    /// (The training issue is its first caller.)
     pub fn forward_saving(
         &self,
         input: &[T],

@@ -27,16 +27,15 @@ impl PostOp {
     /// The op `name`d with `params` (none for every op today); an unknown name, or parameters
     /// an op does not take, is an error that says what was expected.
     pub fn parse(name: &str, params: &[f64]) -> Result<PostOp, String> {
-        let op = match name {
-            "identity" => PostOp::Identity,
-            "relu" => PostOp::Relu,
-            other => {
-                return Err(format!(
-                    "unknown post-op {other:?}: expected one of {}",
+        let op = [PostOp::Identity, PostOp::Relu]
+            .into_iter()
+            .find(|op| op.name() == name)
+            .ok_or_else(|| {
+                format!(
+                    "unknown post-op {name:?}: expected one of {}",
                     Self::NAMES.join(", ")
-                ))
-            }
-        };
+                )
+            })?;
         if !params.is_empty() {
             return Err(format!(
                 "post-op {name:?} takes no parameters, got {}",

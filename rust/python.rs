@@ -1,6 +1,7 @@
 //! The PyO3 bindings: the only file that knows about Python. Arrays in, arrays out, shapes and
-//! dtypes checked with messages that name what was expected and what was given, and the GIL
-//! released around every kernel call but the smallest.
+//! dtypes checked with messages that name what was expected and what was given; the GIL released
+//! around every numpy call but the smallest, and held for a tensor read through DLPack (see
+//! `run_new_from_dlpack`).
 
 use numpy::{
     PyArray1, PyArray2, PyArrayDescr, PyArrayMethods, PyReadonlyArray2, PyUntypedArrayMethods,
@@ -333,8 +334,11 @@ mod dlpack {
 /// to_dlpack(x)`), read where they lie: a CPU tensor of `T`, C-contiguous, of shape
 /// `(*, in_features)`. Everything the kernel will read is derived from the capsule's own
 /// description of the tensor, never from a number the caller chose. The values stay valid while
-/// `capsule` is alive and the GIL is held: the capsule owns a reference to the tensor, and no
-/// other Python thread can resize it meanwhile.
+/// `capsule` is alive (it owns a reference to the tensor) and the tensor is not resized, which
+/// the GIL held for the call keeps any Python thread from starting; a resize already running in
+/// another thread (PyTorch releases the GIL inside `resize_`) races with every reader of the
+/// tensor, PyTorch's own ops included, and is the caller's to avoid. The pointer arithmetic
+/// here is that of reading a foreign struct, not of a kernel.
 fn dlpack_rows<'a, T: Float>(
     capsule: &'a Bound<'_, PyAny>,
     in_features: usize,
@@ -416,15 +420,18 @@ fn dlpack_rows<'a, T: Float>(
             T::NAME
         )));
     }
-    // SAFETY: a CPU tensor's `data + byte_offset` holds its `len` values, C-contiguous (checked
-    // above), non-null and aligned; they stay alive (the capsule) and unresized (the GIL, which
-    // the caller holds for as long as it uses the slice) for 'a.
+    // SAFETY: by DLPack, a CPU tensor's `data + byte_offset` holds its `len` values, here
+    // C-contiguous, non-null and aligned (checked above); the capsule borrowed for 'a keeps them
+    // alive, and the caller's GIL keeps Python threads from resizing the tensor; the contract
+    // above leaves a resize already running in another thread to the Python caller.
     Ok((unsafe { std::slice::from_raw_parts(data, len) }, rows))
 }
 
 /// The chain on the tensor in a DLPack capsule, into a new `(rows, out_features)` array. The GIL
-/// stays held (see `dlpack_rows`), also for a large call: PyTorch could otherwise free the
-/// tensor's memory under the kernel if another thread resized it.
+/// stays held (see `dlpack_rows`), also for a large call, unlike the numpy path: another Python
+/// thread could otherwise resize the tensor, and PyTorch free its memory, under the kernel. The
+/// price: other Python threads wait for a large torch call (fusedae's own threads still share
+/// its rows).
 fn run_new_from_dlpack<'py, T: Float + numpy::Element>(
     py: Python<'py>,
     mlp: &Mlp<T>,
@@ -589,7 +596,8 @@ fn selected_isa() -> PyResult<&'static str> {
         .map_err(|e| to_py_err(Error::Isa(e)))
 }
 
-/// Whether the selected ISA's kernels found half a register to cost half (Zen 4's AVX-512).
+/// Whether the selected ISA's kernels count half a register as half the cost of a whole one
+/// (decided from the CPU's identity: Zen 4's AVX-512; see `dispatch::half_registers_cheaper`).
 #[pyfunction]
 fn half_registers_cheaper() -> PyResult<bool> {
     dispatch::selected()

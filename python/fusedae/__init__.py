@@ -14,8 +14,9 @@ __all__ = ["MLP", "__version__", "get_num_threads", "info", "set_num_threads"]
 
 def info() -> dict[str, object]:
     """Version, the kernel ISA in use, the ISAs this CPU supports, threads and build profile.
-    ``half_registers``: the kernels found a multiply-add on half a register to cost half (AVX-512
-    on Zen 4), so layers such as 784 -> 42 run as 40 + 2 outputs rather than padded to 48.
+    ``half_registers``: the kernels count a multiply-add on half a register as half the cost of a
+    whole one (AVX-512 on AMD Zen 4, decided from the CPU's identity), so layers such as 784 -> 42
+    run as 40 + 2 outputs rather than padded to 48.
 
     Raises ``ValueError`` / ``RuntimeError`` if ``FUSEDAE_ISA`` names an unknown ISA or one this
     CPU lacks.

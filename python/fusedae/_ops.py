@@ -33,9 +33,9 @@ class Op:
     argument and attribute (``negative_slope`` for LeakyReLU). ``torch_modules``: the
     ``torch.nn`` classes it lowers from, by name (exact types only). The four functions take
     ``params`` last; the gradients map the gradient of a layer's output to that of its
-    pre-activation from the pre-activation and the output. ``onnx_op``: the ONNX operator (None:
-    no node), with ``onnx_attributes`` naming its attribute for each parameter. ``idempotent``:
-    applying it twice is applying it once (``Linear, ReLU, ReLU`` is one fused layer).
+    pre-activation from the pre-activation and the output. ``onnx_op``: the ONNX operator, with
+    ``onnx_attributes`` naming its attribute for each parameter. ``idempotent``: applying it
+    twice is applying it once (``Linear, ReLU, ReLU`` is one fused layer).
     """
 
     name: str
@@ -45,7 +45,7 @@ class Op:
     reference_gradient: Callable[[np.ndarray, np.ndarray, np.ndarray, Params], np.ndarray]
     torch_function: Callable[[torch.Tensor, Params], torch.Tensor]
     torch_gradient: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Params], torch.Tensor]
-    onnx_op: str | None
+    onnx_op: str
     onnx_attributes: tuple[str, ...] = ()
     idempotent: bool = False
 
@@ -77,7 +77,7 @@ def _relu(x: np.ndarray, params: Params) -> np.ndarray:
 def _relu_gradient(
     grad: np.ndarray, pre: np.ndarray, post: np.ndarray, params: Params
 ) -> np.ndarray:
-    return grad * (post > 0)
+    return np.where(post <= 0, 0.0, grad)  # NaN passes the gradient, as threshold_backward
 
 
 def _torch_relu(x: torch.Tensor, params: Params) -> torch.Tensor:
@@ -115,7 +115,7 @@ OPS: dict[str, Op] = {
             reference_gradient=_identity_gradient,
             torch_function=_torch_identity,
             torch_gradient=_torch_identity_gradient,
-            onnx_op=None,
+            onnx_op="Identity",
             idempotent=True,
         ),
     )

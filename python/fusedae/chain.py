@@ -11,7 +11,7 @@ from typing import Literal
 
 import numpy as np
 
-from fusedae._ops import IDENTITY, PostOp, post_ops
+from fusedae._ops import PostOp, post_ops
 
 Part = Literal["all", "encoder", "decoder"]
 PARTS: tuple[Part, ...] = ("all", "encoder", "decoder")
@@ -33,7 +33,7 @@ class Layer:
 
     weight: np.ndarray
     bias: np.ndarray | None
-    post_op: PostOp = IDENTITY
+    post_op: PostOp
     normalization: None = None
 
     def __iter__(self) -> Iterator[np.ndarray | None]:

@@ -8,12 +8,19 @@ use super::{padded, LayerDesc, LoadFrom, Packed, SimdVec, TileShape, L1_HALF_BYT
 
 /// Scratch elements a kernel of `shape` needs to run `rows` rows through `chain`.
 pub fn scratch_len<W, T>(shape: &TileShape, chain: &Packed<'_, W, T>, rows: usize) -> usize {
+    // Saturating: a chain too large for memory asks for more scratch than any buffer holds.
     let widest = chain.layers.iter().map(|l| l.padded_out).max().unwrap_or(0);
-    let in_registers_of_outputs = 2 * rows.min(shape.block_rows) * widest;
+    let in_registers_of_outputs = rows
+        .min(shape.block_rows)
+        .saturating_mul(widest)
+        .saturating_mul(2);
     match chain.lanes_layers.first() {
         Some(first) => {
             let widest = chain.lanes_layers.iter().map(|l| l.out_features).max();
-            let in_lanes = shape.lanes_block() * (first.in_features + 2 * widest.unwrap_or(0));
+            let values = widest.unwrap_or(0).saturating_mul(2);
+            let in_lanes = shape
+                .lanes_block()
+                .saturating_mul(first.in_features.saturating_add(values));
             in_lanes.max(in_registers_of_outputs)
         }
         None => in_registers_of_outputs,
@@ -24,7 +31,9 @@ pub fn scratch_len<W, T>(shape: &TileShape, chain: &Packed<'_, W, T>, rows: usiz
 /// [`forward_rows`].
 pub fn saved_width(layers: &[LayerDesc]) -> usize {
     let hidden = &layers[..layers.len().saturating_sub(1)];
-    hidden.iter().map(|layer| layer.out_features).sum()
+    hidden
+        .iter()
+        .fold(0, |width, layer| width.saturating_add(layer.out_features))
 }
 
 /// Panics unless the chain, buffers and packing agree; after it, every pointer the loop nest
@@ -48,14 +57,14 @@ fn check_chain<W, T>(
     );
     let rows = input.len() / first.in_features;
     assert_eq!(
-        output.len(),
-        rows * last.out_features,
+        Some(output.len()),
+        rows.checked_mul(last.out_features),
         "output matches the input rows"
     );
     if let Some(saved) = saved {
         assert_eq!(
-            saved.len(),
-            rows * saved_width(layers),
+            Some(saved.len()),
+            rows.checked_mul(saved_width(layers)),
             "saved matches the rows"
         );
     }
@@ -92,13 +101,26 @@ fn check_chain<W, T>(
             layer.padded_out == shape.padded(out)
         };
         assert!(rows_fit, "packed for this tile shape");
+        // Checked arithmetic: these types are public, and a wrapped sum would pass the test.
+        let ends_within = |at: usize, count: Option<usize>, len: usize| {
+            count
+                .and_then(|n| at.checked_add(n))
+                .is_some_and(|end| end <= len)
+        };
+        let dot_len = shape
+            .lanes
+            .checked_mul(k.div_ceil(shape.lanes))
+            .and_then(|padded_k| padded_k.checked_mul(out - dot_from));
         assert!(
-            layer.weights_at + k * dot_from <= chain.weights.len()
-                && layer.dot_at + (out - dot_from) * shape.padded(k) <= chain.weights.len(),
+            ends_within(
+                layer.weights_at,
+                k.checked_mul(dot_from),
+                chain.weights.len()
+            ) && ends_within(layer.dot_at, dot_len, chain.weights.len()),
             "packed weights in the buffer"
         );
         assert!(
-            layer.bias_at + layer.padded_out <= chain.biases.len(),
+            ends_within(layer.bias_at, Some(layer.padded_out), chain.biases.len()),
             "packed bias in the buffer"
         );
     }
@@ -451,6 +473,7 @@ unsafe fn dot_layer_block<V: LoadFrom<W>, W>(at: &Placement<'_, W, V::Elem>) {
         }
     }
 }
+
 /// One layer's operands for a block of rows: where its inputs, packed weights and outputs are.
 #[derive(Clone, Copy)]
 struct Placement<'a, W, T> {

@@ -51,8 +51,8 @@
 //!   that measures the ceiling;
 //! - `scalar.rs`, `avx2.rs`, `avx512.rs`: one [`SimdVec`] per register type, nothing else.
 //!
-//! Which form a layer takes is policy, not SIMD: the cost model is in `plan.rs` and the timing
-//! probe in `probe.rs`, outside this module.
+//! Which form a layer takes is policy, not SIMD: the cost model is in `plan.rs`, outside this
+//! module (and the timings, the FMA ceiling and the opt-in half-register probe, in `probe.rs`).
 
 #[macro_use]
 mod entry_points;
