@@ -83,3 +83,125 @@ target_kernels!(
     kernel_f32: Lane<f32> => f32, f32;
     kernel_f64: Lane<f64> => f64, f64;
 );
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::{forward_rows, scratch_len, LoadFrom, Packed};
+    use crate::ops::PostOp;
+    use crate::pack::{LayerSpec, PackedChain};
+
+    /// A bfloat16 value: the top half of an f32's bits, as a narrower storage type would be.
+    #[derive(Clone, Copy, Debug)]
+    struct Bf16(u16);
+
+    impl Bf16 {
+        /// Rounded to nearest, ties to even (finite inputs).
+        fn round(value: f32) -> Bf16 {
+            let bits = value.to_bits();
+            let rounded = bits + 0x7fff + ((bits >> 16) & 1);
+            Bf16((rounded >> 16) as u16)
+        }
+
+        fn widen(self) -> f32 {
+            f32::from_bits(u32::from(self.0) << 16)
+        }
+    }
+
+    impl LoadFrom<Bf16> for Lane<f32> {
+        unsafe fn load_from(ptr: *const Bf16) -> Self {
+            // SAFETY: the caller guarantees one readable value.
+            Lane(unsafe { *ptr }.widen())
+        }
+
+        unsafe fn load_partial_from(_ptr: *const Bf16, _count: usize) -> Self {
+            Lane(0.0) // one lane: a partial load reads nothing
+        }
+
+        unsafe fn splat_from(ptr: *const Bf16) -> Self {
+            // SAFETY: the caller guarantees one readable value.
+            Lane(unsafe { *ptr }.widen())
+        }
+    }
+
+    /// The loop nests run weights stored in another type than the one they compute in, with no
+    /// code but its `LoadFrom`: bf16 weights, f32 compute, against an f64 reference on the same
+    /// (widened) weights.
+    #[test]
+    fn weights_stored_narrower_than_the_compute_type_run_in_the_same_loop_nest() {
+        let shape = kernel_f32().shape;
+        let widths = [64, 42, 2];
+        let mut next = {
+            let mut state = 12345u32;
+            move || {
+                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (state >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+            }
+        };
+        let weights: Vec<Vec<f32>> = widths
+            .windows(2)
+            .map(|pair| (0..pair[0] * pair[1]).map(|_| next()).collect())
+            .collect();
+        let biases: Vec<Vec<f32>> = widths[1..]
+            .iter()
+            .map(|&out| (0..out).map(|_| next()).collect())
+            .collect();
+        let specs: Vec<LayerSpec<'_, f32>> = (0..2)
+            .map(|i| LayerSpec {
+                weight: &weights[i],
+                bias: Some(&biases[i]),
+                out_features: widths[i + 1],
+                in_features: widths[i],
+                post_op: [PostOp::Relu, PostOp::Identity][i],
+            })
+            .collect();
+        let packed = PackedChain::pack(&shape, &specs);
+        let view = packed.view();
+        let narrow: Vec<Bf16> = view.weights.iter().map(|&w| Bf16::round(w)).collect();
+        let chain = Packed {
+            layers: view.layers,
+            weights: &narrow,
+            biases: view.biases,
+            lanes_layers: view.lanes_layers,
+        };
+        let rows = 37;
+        let input: Vec<f32> = (0..rows * widths[0]).map(|_| next()).collect();
+        let mut output = vec![0.0; rows * widths[2]];
+        let mut scratch = vec![0.0; scratch_len(&shape, &chain, rows)];
+        // SAFETY: the portable kernel needs no CPU feature; `forward_rows` checks the rest.
+        unsafe {
+            forward_rows::<Lane<f32>, Bf16, 4, 4>(
+                &shape,
+                chain,
+                &input,
+                &mut output,
+                &mut scratch,
+                None,
+            )
+        };
+        let widened = |w: f32| f64::from(Bf16::round(w).widen());
+        for (row, got) in output.chunks_exact(widths[2]).enumerate() {
+            let x = &input[row * widths[0]..][..widths[0]];
+            let hidden: Vec<f64> = (0..widths[1])
+                .map(|o| {
+                    let w = &weights[0][o * widths[0]..][..widths[0]];
+                    let sum: f64 = x
+                        .iter()
+                        .zip(w)
+                        .map(|(&a, &b)| f64::from(a) * widened(b))
+                        .sum();
+                    (sum + f64::from(biases[0][o])).max(0.0)
+                })
+                .collect();
+            for (o, &value) in got.iter().enumerate() {
+                let w = &weights[1][o * widths[1]..][..widths[1]];
+                let sum: f64 = hidden.iter().zip(w).map(|(&a, &b)| a * widened(b)).sum();
+                let want = sum + f64::from(biases[1][o]);
+                assert!(
+                    (f64::from(value) - want).abs() < 1e-5,
+                    "row {row}: {value} vs {want}"
+                );
+            }
+        }
+    }
+}
