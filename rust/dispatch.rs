@@ -181,7 +181,11 @@ mod cpu {
     #[cfg(target_arch = "x86_64")]
     pub fn splits_512_bit_fma() -> bool {
         use std::arch::x86_64::__cpuid;
-        let (vendor, signature) = (__cpuid(0), __cpuid(1));
+        // `__cpuid` is safe in the Rust this was written with (1.95) and unsafe in older ones,
+        // which `rust-version` still admits.
+        #[allow(unused_unsafe)]
+        // SAFETY: CPUID exists on every x86-64 CPU; leaves 0 and 1 always do.
+        let (vendor, signature) = unsafe { (__cpuid(0), __cpuid(1)) };
         let is_amd = [vendor.ebx, vendor.edx, vendor.ecx]
             .iter()
             .flat_map(|word| word.to_le_bytes())
