@@ -12,7 +12,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyCapsule, PyString, PyTuple};
 
 use crate::dispatch::{self, Float, Isa, IsaError};
-use crate::mlp::{AnyMlp, Error, LayerSpec, Mlp};
+use crate::mlp::{AnyMlp, DType, Error, LayerSpec, Mlp};
 use crate::ops::PostOp;
 use crate::threads;
 
@@ -562,8 +562,12 @@ impl Chain {
 
     /// The numpy dtype of the chain's values (float32 or float64).
     #[getter]
-    fn dtype<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArrayDescr>> {
-        PyArrayDescr::new(py, self.mlp.info().dtype.name())
+    fn dtype<'py>(&self, py: Python<'py>) -> Bound<'py, PyArrayDescr> {
+        // numpy's own descriptors, not a name parsed on each call (300 ns, on the training path).
+        match self.mlp.info().dtype {
+            DType::F32 => numpy::dtype::<f32>(py),
+            DType::F64 => numpy::dtype::<f64>(py),
+        }
     }
 
     #[getter]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 
 # An op's parameter values, in the order of its `Op.params`.
 Params = tuple[float, ...]
+# A numpy array or a torch tensor: identity is the same function for both.
+Array = TypeVar("Array", "np.ndarray", "torch.Tensor")
 
 
 @dataclass(frozen=True)
@@ -50,23 +52,11 @@ class Op:
     idempotent: bool = False
 
 
-def _identity(x: np.ndarray, params: Params) -> np.ndarray:
+def _identity(x: Array, params: Params) -> Array:
     return x
 
 
-def _identity_gradient(
-    grad: np.ndarray, pre: np.ndarray, post: np.ndarray, params: Params
-) -> np.ndarray:
-    return grad
-
-
-def _torch_identity(x: torch.Tensor, params: Params) -> torch.Tensor:
-    return x
-
-
-def _torch_identity_gradient(
-    grad: torch.Tensor, pre: torch.Tensor, post: torch.Tensor, params: Params
-) -> torch.Tensor:
+def _identity_gradient(grad: Array, pre: Array, post: Array, params: Params) -> Array:
     return grad
 
 
@@ -113,8 +103,8 @@ OPS: dict[str, Op] = {
             torch_modules=("Identity",),
             reference=_identity,
             reference_gradient=_identity_gradient,
-            torch_function=_torch_identity,
-            torch_gradient=_torch_identity_gradient,
+            torch_function=_identity,
+            torch_gradient=_identity_gradient,
             onnx_op="Identity",
             idempotent=True,
         ),
