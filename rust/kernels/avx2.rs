@@ -105,6 +105,106 @@ impl SimdVec for F32x8 {
     }
 
     #[inline(always)]
+    unsafe fn sub(self, b: Self) -> Self {
+        // SAFETY: the caller guarantees AVX2 and FMA.
+        F32x8(unsafe { _mm256_sub_ps(self.0, b.0) })
+    }
+
+    #[inline(always)]
+    unsafe fn mul(self, b: Self) -> Self {
+        // SAFETY: the caller guarantees AVX2 and FMA.
+        F32x8(unsafe { _mm256_mul_ps(self.0, b.0) })
+    }
+
+    #[inline(always)]
+    unsafe fn div(self, b: Self) -> Self {
+        // SAFETY: the caller guarantees AVX2 and FMA.
+        F32x8(unsafe { _mm256_div_ps(self.0, b.0) })
+    }
+
+    #[inline(always)]
+    unsafe fn min(self, b: Self) -> Self {
+        // SAFETY: the caller guarantees AVX2. MINPS returns its second operand when either is NaN, as the contract says.
+        F32x8(unsafe { _mm256_min_ps(self.0, b.0) })
+    }
+
+    #[inline(always)]
+    unsafe fn max(self, b: Self) -> Self {
+        // SAFETY: the caller guarantees AVX2. MAXPS returns its second operand when either is NaN.
+        F32x8(unsafe { _mm256_max_ps(self.0, b.0) })
+    }
+
+    #[inline(always)]
+    unsafe fn abs(self) -> Self {
+        // SAFETY: the caller guarantees AVX2 and FMA.
+        F32x8(unsafe { _mm256_andnot_ps(_mm256_set1_ps(-0.0), self.0) })
+    }
+
+    #[inline(always)]
+    unsafe fn neg(self) -> Self {
+        // SAFETY: the caller guarantees AVX2 and FMA.
+        F32x8(unsafe { _mm256_xor_ps(self.0, _mm256_set1_ps(-0.0)) })
+    }
+
+    #[inline(always)]
+    unsafe fn copy_sign(self, sign: Self) -> Self {
+        // SAFETY: the caller guarantees AVX2 and FMA.
+        unsafe {
+            let sign_bit = _mm256_set1_ps(-0.0);
+            F32x8(_mm256_or_ps(
+                _mm256_andnot_ps(sign_bit, self.0),
+                _mm256_and_ps(sign_bit, sign.0),
+            ))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn select_lt(self, b: Self, if_less: Self, otherwise: Self) -> Self {
+        // SAFETY: the caller guarantees AVX2 and FMA.
+        unsafe {
+            let less = _mm256_cmp_ps::<_CMP_LT_OQ>(self.0, b.0);
+            F32x8(_mm256_blendv_ps(otherwise.0, if_less.0, less))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn round_even(self) -> Self {
+        // SAFETY: the caller guarantees AVX2 and FMA.
+        F32x8(unsafe {
+            _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(self.0)
+        })
+    }
+
+    #[inline(always)]
+    unsafe fn scale_pow2(self, n: Self) -> Self {
+        // SAFETY: the caller guarantees AVX2 and FMA.
+        unsafe {
+            // 2^n built in the exponent field: exact for the normal range the contract allows.
+            let biased = _mm256_add_epi32(_mm256_cvtps_epi32(n.0), _mm256_set1_epi32(127));
+            let power = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(biased));
+            F32x8(_mm256_mul_ps(self.0, power))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn split_exponent(self) -> (Self, Self) {
+        // SAFETY: the caller guarantees AVX2 and FMA. Positive lanes have a clear sign bit, so the shift leaves the biased exponent alone.
+        unsafe {
+            let bits = _mm256_castps_si256(self.0);
+            let biased = _mm256_srli_epi32::<23>(bits);
+            let exponent = _mm256_sub_epi32(biased, _mm256_set1_epi32(127));
+            let mantissa = _mm256_or_si256(
+                _mm256_and_si256(bits, _mm256_set1_epi32(0x007f_ffff)),
+                _mm256_set1_epi32(0x3f80_0000),
+            );
+            (
+                F32x8(_mm256_castsi256_ps(mantissa)),
+                F32x8(_mm256_cvtepi32_ps(exponent)),
+            )
+        }
+    }
+
+    #[inline(always)]
     unsafe fn transpose_square(src: *const f32, lds: usize, dst: *mut f32, ldd: usize) {
         // SAFETY: the caller guarantees 8 readable rows of 8 values at `src`, 8 writable rows
         // at `dst`, and AVX2.
@@ -230,6 +330,111 @@ impl SimdVec for F64x4 {
     unsafe fn add(self, b: Self) -> Self {
         // SAFETY: the caller guarantees AVX2 and FMA.
         F64x4(unsafe { _mm256_add_pd(self.0, b.0) })
+    }
+
+    #[inline(always)]
+    unsafe fn sub(self, b: Self) -> Self {
+        // SAFETY: the caller guarantees AVX2 and FMA.
+        F64x4(unsafe { _mm256_sub_pd(self.0, b.0) })
+    }
+
+    #[inline(always)]
+    unsafe fn mul(self, b: Self) -> Self {
+        // SAFETY: the caller guarantees AVX2 and FMA.
+        F64x4(unsafe { _mm256_mul_pd(self.0, b.0) })
+    }
+
+    #[inline(always)]
+    unsafe fn div(self, b: Self) -> Self {
+        // SAFETY: the caller guarantees AVX2 and FMA.
+        F64x4(unsafe { _mm256_div_pd(self.0, b.0) })
+    }
+
+    #[inline(always)]
+    unsafe fn min(self, b: Self) -> Self {
+        // SAFETY: the caller guarantees AVX2. MINPD returns its second operand when either is NaN, as the contract says.
+        F64x4(unsafe { _mm256_min_pd(self.0, b.0) })
+    }
+
+    #[inline(always)]
+    unsafe fn max(self, b: Self) -> Self {
+        // SAFETY: the caller guarantees AVX2. MAXPD returns its second operand when either is NaN.
+        F64x4(unsafe { _mm256_max_pd(self.0, b.0) })
+    }
+
+    #[inline(always)]
+    unsafe fn abs(self) -> Self {
+        // SAFETY: the caller guarantees AVX2 and FMA.
+        F64x4(unsafe { _mm256_andnot_pd(_mm256_set1_pd(-0.0), self.0) })
+    }
+
+    #[inline(always)]
+    unsafe fn neg(self) -> Self {
+        // SAFETY: the caller guarantees AVX2 and FMA.
+        F64x4(unsafe { _mm256_xor_pd(self.0, _mm256_set1_pd(-0.0)) })
+    }
+
+    #[inline(always)]
+    unsafe fn copy_sign(self, sign: Self) -> Self {
+        // SAFETY: the caller guarantees AVX2 and FMA.
+        unsafe {
+            let sign_bit = _mm256_set1_pd(-0.0);
+            F64x4(_mm256_or_pd(
+                _mm256_andnot_pd(sign_bit, self.0),
+                _mm256_and_pd(sign_bit, sign.0),
+            ))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn select_lt(self, b: Self, if_less: Self, otherwise: Self) -> Self {
+        // SAFETY: the caller guarantees AVX2 and FMA.
+        unsafe {
+            let less = _mm256_cmp_pd::<_CMP_LT_OQ>(self.0, b.0);
+            F64x4(_mm256_blendv_pd(otherwise.0, if_less.0, less))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn round_even(self) -> Self {
+        // SAFETY: the caller guarantees AVX2 and FMA.
+        F64x4(unsafe {
+            _mm256_round_pd::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(self.0)
+        })
+    }
+
+    #[inline(always)]
+    unsafe fn scale_pow2(self, n: Self) -> Self {
+        // SAFETY: the caller guarantees AVX2 and FMA.
+        unsafe {
+            // AVX2 has no f64 -> i64 conversion: `n + 1023 + 2^52` holds `n + 1023` in its low
+            // mantissa bits, which the shift moves into the exponent field (exact for the normal
+            // range the contract allows).
+            let shifted = _mm256_add_pd(n.0, _mm256_set1_pd(1023.0 + 4_503_599_627_370_496.0));
+            let power = _mm256_castsi256_pd(_mm256_slli_epi64::<52>(_mm256_castpd_si256(shifted)));
+            F64x4(_mm256_mul_pd(self.0, power))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn split_exponent(self) -> (Self, Self) {
+        // SAFETY: the caller guarantees AVX2 and FMA. Positive lanes have a clear sign bit, so the shift leaves the biased exponent alone.
+        unsafe {
+            // The biased exponent, put in the low mantissa bits of 2^52 and subtracted back out
+            // (AVX2 has no i64 -> f64 conversion).
+            let bits = _mm256_castpd_si256(self.0);
+            let biased = _mm256_srli_epi64::<52>(bits);
+            let two_52 = _mm256_set1_epi64x(0x4330_0000_0000_0000);
+            let exponent = _mm256_sub_pd(
+                _mm256_castsi256_pd(_mm256_or_si256(biased, two_52)),
+                _mm256_set1_pd(4_503_599_627_370_496.0 + 1023.0),
+            );
+            let mantissa = _mm256_or_si256(
+                _mm256_and_si256(bits, _mm256_set1_epi64x(0x000f_ffff_ffff_ffff)),
+                _mm256_set1_epi64x(0x3ff0_0000_0000_0000),
+            );
+            (F64x4(_mm256_castsi256_pd(mantissa)), F64x4(exponent))
+        }
     }
 }
 

@@ -110,6 +110,102 @@ impl SimdVec for F32x16 {
     }
 
     #[inline(always)]
+    unsafe fn sub(self, b: Self) -> Self {
+        // SAFETY: the caller guarantees AVX-512F.
+        F32x16(unsafe { _mm512_sub_ps(self.0, b.0) })
+    }
+
+    #[inline(always)]
+    unsafe fn mul(self, b: Self) -> Self {
+        // SAFETY: the caller guarantees AVX-512F.
+        F32x16(unsafe { _mm512_mul_ps(self.0, b.0) })
+    }
+
+    #[inline(always)]
+    unsafe fn div(self, b: Self) -> Self {
+        // SAFETY: the caller guarantees AVX-512F.
+        F32x16(unsafe { _mm512_div_ps(self.0, b.0) })
+    }
+
+    #[inline(always)]
+    unsafe fn min(self, b: Self) -> Self {
+        // SAFETY: the caller guarantees AVX-512F. VMINPS returns its second operand when either is NaN, as the contract says.
+        F32x16(unsafe { _mm512_min_ps(self.0, b.0) })
+    }
+
+    #[inline(always)]
+    unsafe fn max(self, b: Self) -> Self {
+        // SAFETY: the caller guarantees AVX-512F. VMAXPS returns its second operand when either is NaN.
+        F32x16(unsafe { _mm512_max_ps(self.0, b.0) })
+    }
+
+    #[inline(always)]
+    unsafe fn abs(self) -> Self {
+        // SAFETY: the caller guarantees AVX-512F.
+        F32x16(unsafe { _mm512_abs_ps(self.0) })
+    }
+
+    #[inline(always)]
+    unsafe fn neg(self) -> Self {
+        // SAFETY: the caller guarantees AVX-512F. (Integer xor: the float one needs AVX-512DQ.)
+        F32x16(unsafe {
+            _mm512_castsi512_ps(_mm512_xor_si512(
+                _mm512_castps_si512(self.0),
+                _mm512_set1_epi32(i32::MIN),
+            ))
+        })
+    }
+
+    #[inline(always)]
+    unsafe fn copy_sign(self, sign: Self) -> Self {
+        // SAFETY: the caller guarantees AVX-512F.
+        unsafe {
+            // Bitwise select: the sign bit from `sign`, the rest from `self`.
+            let sign_bit = _mm512_set1_epi32(i32::MIN);
+            F32x16(_mm512_castsi512_ps(_mm512_or_si512(
+                _mm512_andnot_si512(sign_bit, _mm512_castps_si512(self.0)),
+                _mm512_and_si512(sign_bit, _mm512_castps_si512(sign.0)),
+            )))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn select_lt(self, b: Self, if_less: Self, otherwise: Self) -> Self {
+        // SAFETY: the caller guarantees AVX-512F.
+        unsafe {
+            let less = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(self.0, b.0);
+            F32x16(_mm512_mask_blend_ps(less, otherwise.0, if_less.0))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn round_even(self) -> Self {
+        // SAFETY: the caller guarantees AVX-512F.
+        F32x16(unsafe {
+            _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(self.0)
+        })
+    }
+
+    #[inline(always)]
+    unsafe fn scale_pow2(self, n: Self) -> Self {
+        // SAFETY: the caller guarantees AVX-512F. VSCALEF rounds `self * 2^n` once, as a multiply by the exact power does.
+        F32x16(unsafe { _mm512_scalef_ps(self.0, n.0) })
+    }
+
+    #[inline(always)]
+    unsafe fn split_exponent(self) -> (Self, Self) {
+        // SAFETY: the caller guarantees AVX-512F.
+        unsafe {
+            (
+                F32x16(_mm512_getmant_ps::<_MM_MANT_NORM_1_2, _MM_MANT_SIGN_SRC>(
+                    self.0,
+                )),
+                F32x16(_mm512_getexp_ps(self.0)),
+            )
+        }
+    }
+
+    #[inline(always)]
     unsafe fn transpose_square(src: *const f32, lds: usize, dst: *mut f32, ldd: usize) {
         // SAFETY: the caller guarantees 16 readable rows of 16 values at `src`, 16 writable
         // rows at `dst`, and AVX-512F.
@@ -255,6 +351,102 @@ impl SimdVec for F64x8 {
     unsafe fn add(self, b: Self) -> Self {
         // SAFETY: the caller guarantees AVX-512F.
         F64x8(unsafe { _mm512_add_pd(self.0, b.0) })
+    }
+
+    #[inline(always)]
+    unsafe fn sub(self, b: Self) -> Self {
+        // SAFETY: the caller guarantees AVX-512F.
+        F64x8(unsafe { _mm512_sub_pd(self.0, b.0) })
+    }
+
+    #[inline(always)]
+    unsafe fn mul(self, b: Self) -> Self {
+        // SAFETY: the caller guarantees AVX-512F.
+        F64x8(unsafe { _mm512_mul_pd(self.0, b.0) })
+    }
+
+    #[inline(always)]
+    unsafe fn div(self, b: Self) -> Self {
+        // SAFETY: the caller guarantees AVX-512F.
+        F64x8(unsafe { _mm512_div_pd(self.0, b.0) })
+    }
+
+    #[inline(always)]
+    unsafe fn min(self, b: Self) -> Self {
+        // SAFETY: the caller guarantees AVX-512F. VMINPD returns its second operand when either is NaN, as the contract says.
+        F64x8(unsafe { _mm512_min_pd(self.0, b.0) })
+    }
+
+    #[inline(always)]
+    unsafe fn max(self, b: Self) -> Self {
+        // SAFETY: the caller guarantees AVX-512F. VMAXPD returns its second operand when either is NaN.
+        F64x8(unsafe { _mm512_max_pd(self.0, b.0) })
+    }
+
+    #[inline(always)]
+    unsafe fn abs(self) -> Self {
+        // SAFETY: the caller guarantees AVX-512F.
+        F64x8(unsafe { _mm512_abs_pd(self.0) })
+    }
+
+    #[inline(always)]
+    unsafe fn neg(self) -> Self {
+        // SAFETY: the caller guarantees AVX-512F. (Integer xor: the float one needs AVX-512DQ.)
+        F64x8(unsafe {
+            _mm512_castsi512_pd(_mm512_xor_si512(
+                _mm512_castpd_si512(self.0),
+                _mm512_set1_epi64(i64::MIN),
+            ))
+        })
+    }
+
+    #[inline(always)]
+    unsafe fn copy_sign(self, sign: Self) -> Self {
+        // SAFETY: the caller guarantees AVX-512F.
+        unsafe {
+            // Bitwise select: the sign bit from `sign`, the rest from `self`.
+            let sign_bit = _mm512_set1_epi64(i64::MIN);
+            F64x8(_mm512_castsi512_pd(_mm512_or_si512(
+                _mm512_andnot_si512(sign_bit, _mm512_castpd_si512(self.0)),
+                _mm512_and_si512(sign_bit, _mm512_castpd_si512(sign.0)),
+            )))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn select_lt(self, b: Self, if_less: Self, otherwise: Self) -> Self {
+        // SAFETY: the caller guarantees AVX-512F.
+        unsafe {
+            let less = _mm512_cmp_pd_mask::<_CMP_LT_OQ>(self.0, b.0);
+            F64x8(_mm512_mask_blend_pd(less, otherwise.0, if_less.0))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn round_even(self) -> Self {
+        // SAFETY: the caller guarantees AVX-512F.
+        F64x8(unsafe {
+            _mm512_roundscale_pd::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(self.0)
+        })
+    }
+
+    #[inline(always)]
+    unsafe fn scale_pow2(self, n: Self) -> Self {
+        // SAFETY: the caller guarantees AVX-512F. VSCALEF rounds `self * 2^n` once, as a multiply by the exact power does.
+        F64x8(unsafe { _mm512_scalef_pd(self.0, n.0) })
+    }
+
+    #[inline(always)]
+    unsafe fn split_exponent(self) -> (Self, Self) {
+        // SAFETY: the caller guarantees AVX-512F.
+        unsafe {
+            (
+                F64x8(_mm512_getmant_pd::<_MM_MANT_NORM_1_2, _MM_MANT_SIGN_SRC>(
+                    self.0,
+                )),
+                F64x8(_mm512_getexp_pd(self.0)),
+            )
+        }
     }
 }
 

@@ -71,7 +71,7 @@ pub mod avx2;
 pub mod avx512;
 
 use std::fmt::Debug;
-use std::ops::{Add, Mul};
+use std::ops::{Add, Div, Mul, Neg, Sub};
 
 pub use crate::ops::PostOp;
 pub use chain::{forward_rows, saved_width, scratch_len};
@@ -87,23 +87,93 @@ pub trait Element:
     + Sync
     + PartialOrd
     + Add<Output = Self>
+    + Sub<Output = Self>
     + Mul<Output = Self>
+    + Div<Output = Self>
+    + Neg<Output = Self>
     + bytemuck::Pod
     + 'static
 {
     const ZERO: Self;
     /// `"float32"` or `"float64"`, as numpy names it.
     const NAME: &'static str;
+    /// The largest and smallest binary exponents of a normal value (127 and -126 for f32).
+    const MAX_EXPONENT: i32;
+    const MIN_EXPONENT: i32;
+
+    /// The portable forms of [`SimdVec`]'s bit-level primitives, one value at a time.
+    fn abs(self) -> Self;
+    fn copy_sign(self, sign: Self) -> Self;
+    /// Rounded to the nearest integer, ties to even.
+    fn round_even(self) -> Self;
+    /// See [`SimdVec::scale_pow2`].
+    fn scale_pow2(self, n: Self) -> Self;
+    /// See [`SimdVec::split_exponent`].
+    fn split_exponent(self) -> (Self, Self);
 }
 
 impl Element for f32 {
     const ZERO: Self = 0.0;
     const NAME: &'static str = "float32";
+    const MAX_EXPONENT: i32 = 127;
+    const MIN_EXPONENT: i32 = -126;
+
+    fn abs(self) -> Self {
+        f32::abs(self)
+    }
+
+    fn copy_sign(self, sign: Self) -> Self {
+        f32::copysign(self, sign)
+    }
+
+    fn round_even(self) -> Self {
+        f32::round_ties_even(self)
+    }
+
+    fn scale_pow2(self, n: Self) -> Self {
+        self * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    }
+
+    fn split_exponent(self) -> (Self, Self) {
+        let bits = self.to_bits();
+        let exponent = ((bits >> 23) & 0xff) as i32 - 127;
+        (
+            f32::from_bits((bits & 0x007f_ffff) | 0x3f80_0000),
+            exponent as f32,
+        )
+    }
 }
 
 impl Element for f64 {
     const ZERO: Self = 0.0;
     const NAME: &'static str = "float64";
+    const MAX_EXPONENT: i32 = 1023;
+    const MIN_EXPONENT: i32 = -1022;
+
+    fn abs(self) -> Self {
+        f64::abs(self)
+    }
+
+    fn copy_sign(self, sign: Self) -> Self {
+        f64::copysign(self, sign)
+    }
+
+    fn round_even(self) -> Self {
+        f64::round_ties_even(self)
+    }
+
+    fn scale_pow2(self, n: Self) -> Self {
+        self * f64::from_bits(((n as i64 + 1023) as u64) << 52)
+    }
+
+    fn split_exponent(self) -> (Self, Self) {
+        let bits = self.to_bits();
+        let exponent = ((bits >> 52) & 0x7ff) as i64 - 1023;
+        (
+            f64::from_bits((bits & 0x000f_ffff_ffff_ffff) | 0x3ff0_0000_0000_0000),
+            exponent as f64,
+        )
+    }
 }
 
 /// One SIMD register of `LANES` elements. Every method is only called from inside a
@@ -165,6 +235,78 @@ pub trait SimdVec: Copy {
     /// # Safety
     /// The CPU supports the ISA.
     unsafe fn relu(self) -> Self;
+
+    // The primitives the activations (`math.rs`) are written in. Each is one instruction or a
+    // few on every ISA, and gives the same bits on every ISA for the inputs its doc allows.
+
+    /// A register with `value` in every lane.
+    ///
+    /// # Safety
+    /// The CPU supports the ISA.
+    #[inline(always)]
+    unsafe fn constant(value: Self::Elem) -> Self {
+        // SAFETY: `value` is a readable local; the caller guarantees the ISA.
+        unsafe { Self::splat(&value) }
+    }
+    /// # Safety
+    /// The CPU supports the ISA.
+    unsafe fn sub(self, b: Self) -> Self;
+    /// # Safety
+    /// The CPU supports the ISA.
+    unsafe fn mul(self, b: Self) -> Self;
+    /// Correctly rounded division.
+    ///
+    /// # Safety
+    /// The CPU supports the ISA.
+    unsafe fn div(self, b: Self) -> Self;
+    /// The smaller of each pair of lanes; `b` where either is NaN (x86's `MINPS` operand order,
+    /// so `x.min(limit)` returns `limit` for a NaN `x`, and `limit.min(x)` returns NaN).
+    ///
+    /// # Safety
+    /// The CPU supports the ISA.
+    unsafe fn min(self, b: Self) -> Self;
+    /// The larger of each pair of lanes; `b` where either is NaN (as [`SimdVec::min`]).
+    ///
+    /// # Safety
+    /// The CPU supports the ISA.
+    unsafe fn max(self, b: Self) -> Self;
+    /// `|x|` (the sign bit cleared: NaN stays NaN).
+    ///
+    /// # Safety
+    /// The CPU supports the ISA.
+    unsafe fn abs(self) -> Self;
+    /// `-x` (the sign bit flipped).
+    ///
+    /// # Safety
+    /// The CPU supports the ISA.
+    unsafe fn neg(self) -> Self;
+    /// `self` with the sign of `sign` (NaN signs included).
+    ///
+    /// # Safety
+    /// The CPU supports the ISA.
+    unsafe fn copy_sign(self, sign: Self) -> Self;
+    /// Per lane, `if_less` where `self < b`, else `otherwise` (a NaN compares false).
+    ///
+    /// # Safety
+    /// The CPU supports the ISA.
+    unsafe fn select_lt(self, b: Self, if_less: Self, otherwise: Self) -> Self;
+    /// Rounded to the nearest integer, ties to even (|x| < 2^22 for f32, 2^51 for f64).
+    ///
+    /// # Safety
+    /// The CPU supports the ISA.
+    unsafe fn round_even(self) -> Self;
+    /// `self * 2^n`, rounded once, for integral `n` with `2^n` normal (`MIN_EXPONENT <= n <=
+    /// MAX_EXPONENT` of [`Element`]); other `n` give unspecified results.
+    ///
+    /// # Safety
+    /// The CPU supports the ISA.
+    unsafe fn scale_pow2(self, n: Self) -> Self;
+    /// `(m, e)` with `self = m * 2^e`, `1 <= m < 2` and `e` integral, for positive normal
+    /// finite lanes; other lanes give unspecified results.
+    ///
+    /// # Safety
+    /// The CPU supports the ISA.
+    unsafe fn split_exponent(self) -> (Self, Self);
 
     /// Lanes of the register's low half where the ISA has a narrower register for it (AVX-512:
     /// a ymm), 0 where it has none. A tile's last register uses the half when its outputs fit:

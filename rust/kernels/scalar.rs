@@ -75,6 +75,79 @@ impl<T: Element> SimdVec for Lane<T> {
             self
         }
     }
+
+    #[inline(always)]
+    unsafe fn sub(self, b: Self) -> Self {
+        Lane(self.0 - b.0)
+    }
+
+    #[inline(always)]
+    unsafe fn mul(self, b: Self) -> Self {
+        Lane(self.0 * b.0)
+    }
+
+    #[inline(always)]
+    unsafe fn div(self, b: Self) -> Self {
+        Lane(self.0 / b.0)
+    }
+
+    #[inline(always)]
+    unsafe fn min(self, b: Self) -> Self {
+        if self.0 < b.0 {
+            self
+        } else {
+            b
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn max(self, b: Self) -> Self {
+        if self.0 > b.0 {
+            self
+        } else {
+            b
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn abs(self) -> Self {
+        Lane(self.0.abs())
+    }
+
+    #[inline(always)]
+    unsafe fn neg(self) -> Self {
+        Lane(-self.0)
+    }
+
+    #[inline(always)]
+    unsafe fn copy_sign(self, sign: Self) -> Self {
+        Lane(self.0.copy_sign(sign.0))
+    }
+
+    #[inline(always)]
+    unsafe fn select_lt(self, b: Self, if_less: Self, otherwise: Self) -> Self {
+        if self.0 < b.0 {
+            if_less
+        } else {
+            otherwise
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn round_even(self) -> Self {
+        Lane(self.0.round_even())
+    }
+
+    #[inline(always)]
+    unsafe fn scale_pow2(self, n: Self) -> Self {
+        Lane(self.0.scale_pow2(n.0))
+    }
+
+    #[inline(always)]
+    unsafe fn split_exponent(self) -> (Self, Self) {
+        let (mantissa, exponent) = self.0.split_exponent();
+        (Lane(mantissa), Lane(exponent))
+    }
 }
 
 target_kernels!(
