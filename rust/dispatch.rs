@@ -4,6 +4,7 @@ use std::fmt;
 use std::sync::OnceLock;
 
 use crate::kernels::{self, Element, Kernel};
+use crate::pack::Storage;
 
 /// The instruction sets fusedae has kernels for, best first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -205,9 +206,8 @@ mod cpu {
     }
 }
 
-/// The values a chain takes and gives. Today they are also the type it computes in and stores
-/// its weights in; a lower-precision chain will keep these as its I/O type and choose its
-/// weights' type when it is packed.
+/// The values a chain takes, gives and computes in. Its weights may be stored in a narrower type,
+/// chosen when it is packed (`Mlp`'s `W`, see [`Weights`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DType {
     F32,
@@ -235,6 +235,19 @@ pub trait Float: Element {
     /// The kernel for `isa`, with half registers chosen for this CPU.
     fn kernel(isa: Isa) -> Kernel<Self, Self> {
         Self::isa_kernel(isa).with_half_registers(half_registers_cheaper(isa))
+    }
+}
+
+/// The types a chain computing in `T` can store its weights as, each with a kernel per ISA that
+/// widens them on load. Every float type stores as itself; bf16 and int8 join here.
+pub trait Weights<T: Float>: Storage<T> {
+    /// The kernel for `isa`, with half registers chosen for this CPU.
+    fn kernel_for(isa: Isa) -> Kernel<Self, T>;
+}
+
+impl<T: Float> Weights<T> for T {
+    fn kernel_for(isa: Isa) -> Kernel<T, T> {
+        T::kernel(isa)
     }
 }
 

@@ -6,7 +6,7 @@ use std::fmt;
 use std::sync::{Mutex, PoisonError};
 
 pub use crate::dispatch::DType;
-use crate::dispatch::{Float, Isa, IsaError};
+use crate::dispatch::{Float, Isa, IsaError, Weights};
 use crate::kernels::{saved_width, scratch_len, Element, Kernel};
 pub use crate::pack::LayerSpec;
 use crate::pack::PackedChain;
@@ -84,25 +84,26 @@ impl AnyMlp {
     }
 }
 
-/// A chain of Linear layers packed for one ISA.
+/// A chain of Linear layers packed for one ISA, computing in `T` (its inputs and outputs too)
+/// with its weights stored as `W`.
 #[derive(Debug)]
-pub struct Mlp<T: Float> {
+pub struct Mlp<T: Float, W: Weights<T> = T> {
     info: ChainInfo,
-    kernel: Kernel<T, T>,
-    packed: PackedChain<T, T>,
+    kernel: Kernel<W, T>,
+    packed: PackedChain<W, T>,
 }
 
-impl<T: Float> Mlp<T> {
-    /// Checks that the layers chain and packs them for `isa`.
+impl<T: Float, W: Weights<T>> Mlp<T, W> {
+    /// Checks that the layers chain and packs them for `isa`, the weights rounded to `W`.
     pub fn new(specs: &[LayerSpec<'_, T>], isa: Isa) -> Result<Self, Error> {
-        Self::with_kernel(specs, isa, T::kernel(isa))
+        Self::with_kernel(specs, isa, W::kernel_for(isa))
     }
 
     /// [`Mlp::new`] with `kernel`, which must be `isa`'s (tests vary its shape's `half_lanes`).
     fn with_kernel(
         specs: &[LayerSpec<'_, T>],
         isa: Isa,
-        kernel: Kernel<T, T>,
+        kernel: Kernel<W, T>,
     ) -> Result<Self, Error> {
         let isa = crate::dispatch::require(isa)?;
         if specs.is_empty() {
@@ -679,7 +680,7 @@ mod tests {
             let mut mlp = |widths: &[usize]| {
                 let layers = to_f32(&random_chain(&mut rng, widths, false));
                 let specs: Vec<_> = layers.iter().map(OwnedLayer::spec).collect();
-                Mlp::new(&specs, isa).unwrap()
+                Mlp::<f32>::new(&specs, isa).unwrap()
             };
             // The 784-wide encoder and the whole AE keep the panel form (measured faster);
             // the digits encoder also gets rows in the lanes.
@@ -771,7 +772,7 @@ mod tests {
         ))
         .contains("layer 2: takes 2 inputs but layer 1 gives 3 outputs"));
         assert!(message(Mlp::new(&[spec(usize::MAX, 2, None)], Isa::Scalar)).contains("too many"));
-        let mlp = Mlp::new(&[spec(2, 3, None)], Isa::Scalar).unwrap();
+        let mlp = Mlp::<f32>::new(&[spec(2, 3, None)], Isa::Scalar).unwrap();
         let mut out = vec![0.0; 4];
         assert!(mlp
             .forward(&[0.0; 7], &mut out)

@@ -1,8 +1,25 @@
 //! Weights in PyTorch layout (`[out, in]` row-major) -> the panel layout the kernels read.
 //! Runs once per weight version; see `kernels/mod.rs` for the layout.
 
+use std::fmt::Debug;
+
 use crate::kernels::{Element, LayerDesc, Packed, TileShape};
 use crate::ops::PostOp;
+
+/// A type that weights computed in `T` can be stored as (the kernels widen it back on load,
+/// through [`crate::kernels::LoadFrom`]). Every compute type stores as itself; a narrower one
+/// (bf16, int8 with a scale) rounds in [`Storage::store`].
+pub trait Storage<T>: bytemuck::Pod + Send + Sync + Debug + 'static {
+    /// `value` rounded to this type.
+    fn store(value: T) -> Self;
+}
+
+impl<T: Element> Storage<T> for T {
+    #[inline(always)]
+    fn store(value: T) -> T {
+        value
+    }
+}
 
 /// A zero-initialised buffer whose first element sits on a 64-byte (cache-line) boundary, so no
 /// SIMD load of a panel row straddles two lines.
@@ -15,10 +32,10 @@ pub struct AlignedBuf<T> {
 
 const ALIGN_BYTES: usize = 64;
 
-impl<T: Element> AlignedBuf<T> {
+impl<T: bytemuck::Pod> AlignedBuf<T> {
     pub fn zeros(len: usize) -> Self {
         let slack = ALIGN_BYTES / std::mem::size_of::<T>();
-        let storage = vec![T::ZERO; len + slack];
+        let storage = vec![T::zeroed(); len + slack];
         let offset = storage.as_ptr().align_offset(ALIGN_BYTES).min(slack);
         AlignedBuf {
             storage,
@@ -62,12 +79,13 @@ pub struct PackedChain<W, T> {
     biases: AlignedBuf<T>,
 }
 
-impl<T: Element> PackedChain<T, T> {
-    /// Packs every layer, its weights stored as they are; the caller has checked that the
-    /// lengths match the shapes.
+impl<W: Storage<T>, T: Element> PackedChain<W, T> {
+    /// Packs every layer, its weights stored as `W` (rounded by [`Storage::store`]); the caller
+    /// has checked that the lengths match the shapes.
     pub fn pack(shape: &TileShape, specs: &[LayerSpec<'_, T>]) -> Self {
         // Each layer's panels and bias start on a cache line.
-        let line = ALIGN_BYTES / std::mem::size_of::<T>();
+        let weights_line = ALIGN_BYTES / std::mem::size_of::<W>();
+        let biases_line = ALIGN_BYTES / std::mem::size_of::<T>();
         let (mut weights_len, mut biases_len) = (0, 0);
         let widths: Vec<usize> = specs
             .iter()
@@ -79,9 +97,10 @@ impl<T: Element> PackedChain<T, T> {
             let (dot_from, padded_out) = shape.form(k, out, rows_in_lanes);
             let weights_at = weights_len;
             let dot_at = weights_at + k * dot_from;
-            weights_len = (dot_at + (out - dot_from) * shape.padded(k)).next_multiple_of(line);
+            weights_len =
+                (dot_at + (out - dot_from) * shape.padded(k)).next_multiple_of(weights_line);
             let bias_at = biases_len;
-            biases_len = (bias_at + padded_out).next_multiple_of(line);
+            biases_len = (bias_at + padded_out).next_multiple_of(biases_line);
             LayerDesc {
                 in_features: k,
                 out_features: out,
@@ -140,11 +159,11 @@ impl<W, T> PackedChain<W, T> {
 
 /// Writes the weight rows of `spec`'s dot-form outputs (`dot_from..out`) at `layer.dot_at`, each
 /// padded with zeros to whole registers.
-fn pack_rows<T: Element>(
+fn pack_rows<W: Storage<T>, T: Element>(
     shape: &TileShape,
     spec: &LayerSpec<'_, T>,
     layer: &LayerDesc,
-    buffer: &mut [T],
+    buffer: &mut [W],
 ) {
     let k = spec.in_features;
     let padded_in = shape.padded(k);
@@ -154,18 +173,20 @@ fn pack_rows<T: Element>(
         .chunks_exact_mut(padded_in)
         .zip(spec.weight[layer.dot_from * k..].chunks_exact(k))
     {
-        packed[..k].copy_from_slice(row);
+        for (stored, &value) in packed.iter_mut().zip(row) {
+            *stored = W::store(value);
+        }
     }
 }
 
 /// Writes the weights of `spec`'s panel outputs (`0..dot_from`) as k-major panels at
 /// `layer.weights_at`, each as wide as its outputs (no padding columns: a batch-1 call streams
 /// every packed byte from L2).
-fn pack_panels<T: Element>(
+fn pack_panels<W: Storage<T>, T: Element>(
     shape: &TileShape,
     spec: &LayerSpec<'_, T>,
     layer: &LayerDesc,
-    buffer: &mut [T],
+    buffer: &mut [W],
 ) {
     assert_eq!(
         spec.weight.len(),
@@ -179,7 +200,7 @@ fn pack_panels<T: Element>(
         let panel = &mut buffer[layer.weights_at + col * k..][..width * k];
         for (row, panel_row) in panel.chunks_exact_mut(width).enumerate() {
             for (j, value) in panel_row.iter_mut().enumerate() {
-                *value = spec.weight[(col + j) * k + row];
+                *value = W::store(spec.weight[(col + j) * k + row]);
             }
         }
     }
@@ -222,7 +243,7 @@ mod tests {
             in_features: 2,
             post_op: PostOp::Relu,
         };
-        let chain = PackedChain::pack(&shape, &[spec, spec]);
+        let chain = PackedChain::<f32, f32>::pack(&shape, &[spec, spec]);
         let view = chain.view();
         let first = view.layers[0];
         assert_eq!(
@@ -258,7 +279,7 @@ mod tests {
             in_features: 50,
             post_op: PostOp::Identity,
         };
-        let chain = PackedChain::pack(&shape, &[spec]);
+        let chain = PackedChain::<f32, f32>::pack(&shape, &[spec]);
         let view = chain.view();
         let layer = view.layers[0];
         assert_eq!(

@@ -160,13 +160,22 @@ target_kernels!(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::{forward_rows, scratch_len, LoadFrom, Packed};
+    use crate::dispatch::{Isa, Weights};
+    use crate::kernels::{Kernel, LoadFrom};
+    use crate::mlp::Mlp;
     use crate::ops::PostOp;
-    use crate::pack::{LayerSpec, PackedChain};
+    use crate::pack::{LayerSpec, Storage};
 
     /// A bfloat16 value: the top half of an f32's bits, as a narrower storage type would be.
-    #[derive(Clone, Copy, Debug)]
-    struct Bf16(u16);
+    #[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+    #[repr(transparent)]
+    pub struct Bf16(u16);
+
+    impl Storage<f32> for Bf16 {
+        fn store(value: f32) -> Self {
+            Bf16::round(value)
+        }
+    }
 
     impl Bf16 {
         /// Rounded to nearest, ties to even (finite inputs).
@@ -197,12 +206,19 @@ mod tests {
         }
     }
 
-    /// The loop nests run weights stored in another type than the one they compute in, with no
-    /// code but its `LoadFrom`: bf16 weights, f32 compute, against an f64 reference on the same
-    /// (widened) weights.
+    target_kernels!(mr = 4, nv_max = 4, kernel_bf16: Lane<f32> => Bf16, f32;);
+
+    impl Weights<f32> for Bf16 {
+        fn kernel_for(_isa: Isa) -> Kernel<Bf16, f32> {
+            kernel_bf16()
+        }
+    }
+
+    /// The safe API, packing and the loop nests take weights stored in another type than the
+    /// one they compute in, with no code but its `Storage`, `LoadFrom` and `Weights`: bf16
+    /// weights, f32 compute and I/O, against an f64 reference on the same (rounded) weights.
     #[test]
     fn weights_stored_narrower_than_the_compute_type_run_in_the_same_loop_nest() {
-        let shape = kernel_f32().shape;
         let widths = [64, 42, 2];
         let mut next = {
             let mut state = 12345u32;
@@ -228,30 +244,11 @@ mod tests {
                 post_op: [PostOp::Relu, PostOp::Identity][i],
             })
             .collect();
-        let packed = PackedChain::pack(&shape, &specs);
-        let view = packed.view();
-        let narrow: Vec<Bf16> = view.weights.iter().map(|&w| Bf16::round(w)).collect();
-        let chain = Packed {
-            layers: view.layers,
-            weights: &narrow,
-            biases: view.biases,
-            lanes_layers: view.lanes_layers,
-        };
+        let mlp = Mlp::<f32, Bf16>::new(&specs, Isa::Scalar).unwrap();
         let rows = 37;
         let input: Vec<f32> = (0..rows * widths[0]).map(|_| next()).collect();
         let mut output = vec![0.0; rows * widths[2]];
-        let mut scratch = vec![0.0; scratch_len(&shape, &chain, rows)];
-        // SAFETY: the portable kernel needs no CPU feature; `forward_rows` checks the rest.
-        unsafe {
-            forward_rows::<Lane<f32>, Bf16, 4, 4>(
-                &shape,
-                chain,
-                &input,
-                &mut output,
-                &mut scratch,
-                None,
-            )
-        };
+        mlp.forward(&input, &mut output).unwrap();
         let widened = |w: f32| f64::from(Bf16::round(w).widen());
         for (row, got) in output.chunks_exact(widths[2]).enumerate() {
             let x = &input[row * widths[0]..][..widths[0]];
