@@ -87,4 +87,3 @@ pub(super) const NORMAL_TAIL_F64: [f64; 21] = [
 ];
 
 pub(super) const NORMAL_TAIL_K_F64: f64 = 5.0;
-

@@ -262,9 +262,10 @@ pub(super) unsafe fn gelu_tanh<V: SimdVec>(x: V) -> V {
     let c = &V::Elem::MATH;
     // SAFETY: forwarded from the caller.
     unsafe {
-        let slope = x
-            .mul(x)
-            .mul_add(V::constant(c.gelu_tanh_cubic), V::constant(c.gelu_tanh_linear));
+        let slope = x.mul(x).mul_add(
+            V::constant(c.gelu_tanh_cubic),
+            V::constant(c.gelu_tanh_linear),
+        );
         let (numerator, denominator) = sigmoid_fraction(x.mul(slope));
         x.mul(numerator).div(denominator)
     }
