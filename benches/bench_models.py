@@ -43,10 +43,10 @@ PEAK_ROUNDS = 5
 
 @dataclass(frozen=True)
 class Model:
-    """A chain of Linear layers, ``widths`` from input to output; ReLU after each layer but the
-    last (for the autoencoder: but the bottleneck and the last). ``streamed``: batches also run
-    as a stream (each call on the next rows of ``STREAM_BYTES`` of input), not only on one batch
-    that stays in cache."""
+    """A chain of Linear layers, ``widths`` from input to output; ``hidden`` after each layer but
+    the last, ``last`` after the last (for the seed's autoencoder: ReLU but at the bottleneck and
+    the end). ``streamed``: batches also run as a stream (each call on the next rows of
+    ``STREAM_BYTES`` of input), not only on one batch that stays in cache."""
 
     key: str
     label: str
@@ -54,12 +54,14 @@ class Model:
     batches: tuple[int, ...] = (1, 64, 4096)
     autoencoder: bool = False
     streamed: tuple[int, ...] = (4096,)
+    hidden: PostOp = RELU
+    last: PostOp = IDENTITY
 
     @property
     def activations(self) -> list[PostOp]:
         if self.autoencoder:  # Linear, ReLU, Linear | Linear, ReLU, Linear
             return [RELU, IDENTITY] * ((len(self.widths) - 1) // 2)
-        return [RELU] * (len(self.widths) - 2) + [IDENTITY]
+        return [self.hidden] * (len(self.widths) - 2) + [self.last]
 
     @property
     def flops_per_row(self) -> int:
@@ -67,11 +69,31 @@ class Model:
         return 2 * sum(a * b for a, b in zip(self.widths, self.widths[1:], strict=False))
 
 
+MNIST_AE_WIDTHS = (784, 256, 64, 32, 64, 256, 784)
+SIGMOID = PostOp("sigmoid")
+GELU_TANH = PostOp("gelu_tanh")
+
 MODELS = (
     Model("enc784", "encoder 784-42-16", (784, 42, 16), batches=(1, 64, 4096, 65536)),
     Model("ae784", "AE 784-42-16-42-784", (784, 42, 16, 42, 784), autoencoder=True),
     Model("digits", "encoder 64-42-2", (64, 42, 2)),
     Model("enc1024", "encoder 1024-256-32", (1024, 256, 32), streamed=()),
+    # The MNIST autoencoders of public repositories: a deeper stack, a Sigmoid on the pixels.
+    Model(
+        "mnist-relu",
+        "AE 784-256-64-32-64-256-784 ReLU, Sigmoid",
+        MNIST_AE_WIDTHS,
+        streamed=(),
+        last=SIGMOID,
+    ),
+    Model(
+        "mnist-gelu",
+        "AE 784-256-64-32-64-256-784 GELU(tanh), Sigmoid",
+        MNIST_AE_WIDTHS,
+        streamed=(),
+        hidden=GELU_TANH,
+        last=SIGMOID,
+    ),
 )
 THREADS = (1, 2)
 # Order within a group; peers of one group run back to back.
