@@ -39,13 +39,15 @@ _PackedTensor = tuple[dict[str, Any], str, torch.Tensor | None, int, int]
 class ChainCache:
     """Which chain a module's children form, and the packed form of every tensor its
     ``ChainSpec`` reads (``LoweredChain.slots``: weights, biases, BatchNorm statistics and
-    affine parameters), reused while none of them changed.
+    affine parameters), reused while none of them (nor a BatchNorm's ``num_batches_tracked``,
+    ``LoweredChain.counters``) changed.
 
     A change is seen through each tensor's identity in its slot, storage address and version
     counter, which every in-place op bumps (optimizer steps, ``load_state_dict``, ``copy_``
-    under ``no_grad``); ``.to()`` and ``.data = ...`` move the storage. A call while a BatchNorm
-    is in training mode (which runs plain PyTorch and updates its running statistics) forgets
-    the packed chain. The packed tensors are kept alive so their addresses cannot be reused.
+    under ``no_grad``); ``.to()`` and ``.data = ...`` move the storage. A training-mode
+    BatchNorm updates its running statistics without bumping their version counters, but adds
+    1 to ``num_batches_tracked`` in place; and a call while one is in training mode forgets the
+    packed chain. The packed tensors are kept alive so their addresses cannot be reused.
     Edits through ``.data`` bypass the version counter, as they bypass autograd: call the
     module's ``invalidate()`` after those. A BatchNorm's ``eps`` is read when packing.
     """
@@ -115,10 +117,13 @@ class ChainCache:
             for t in tensors
         )
         self.chain = pack_spec(self.lowered.spec(tensors)) if usable else None
+        counters = self.lowered.counters
         try:
             self.packed = [
                 (owner, key, tensor, *((0, 0) if tensor is None else _state(tensor)))
-                for (owner, key), tensor in zip(self.slots, tensors, strict=True)
+                for (owner, key), tensor in zip(
+                    (*self.slots, *counters), (*tensors, *(o[k] for o, k in counters)), strict=True
+                )
             ]
         except RuntimeError:  # inference tensors have no version counter: pack every time
             self.packed = None
@@ -198,14 +203,14 @@ class ChainCache:
         """Whether a module of the chain is in training mode where that computes something else
         than eval mode: a BatchNorm (batch statistics, running statistics updated: the packed
         chain is forgotten) or a Dropout with ``p > 0``."""
+        differs = False
         for module in self.mode_dependent:
             if module.training:
                 if type(module) not in DROPOUTS:
                     self.packed = None
                     return True
-                if module.p > 0:  # type: ignore[operator]
-                    return True
-        return False
+                differs = differs or module.p > 0  # type: ignore[operator]
+        return differs
 
     def reshaped_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """``forward`` between the chain's ``nn.Flatten`` and ``nn.Unflatten`` (callers use it

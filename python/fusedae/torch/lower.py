@@ -65,7 +65,9 @@ class LoweredChain:
     order they apply. ``slots``: every tensor the chain's ``ChainSpec`` reads, in the order
     ``spec`` takes them: each layer's weight and bias (the order in which the modules hand them
     to ``FusedMLPFunction``), then each BatchNorm's running mean and variance, weight and bias.
-    ``mode_dependent``: the BatchNorm and Dropout modules, which compute something else in
+    ``counters``: each BatchNorm's ``num_batches_tracked``, which the spec does not read but a
+    training-mode forward (the only change to its running statistics that bumps no version
+    counter) increments in place. ``mode_dependent``: the BatchNorm and Dropout modules, which compute something else in
     training mode. ``flatten`` and ``unflatten``: an ``nn.Flatten`` that was the first module
     and an ``nn.Unflatten`` that was the last, reshapes around the fused call.
     """
@@ -73,6 +75,7 @@ class LoweredChain:
     layers: tuple[tuple[nn.Linear, PostOp], ...]
     slots: tuple[TensorSlot, ...]
     normalizations: tuple[tuple[tuple[Position, nn.BatchNorm1d], ...], ...] = ()
+    counters: tuple[TensorSlot, ...] = ()
     mode_dependent: tuple[nn.Module, ...] = ()
     flatten: nn.Flatten | None = None
     unflatten: nn.Unflatten | None = None
@@ -190,10 +193,14 @@ def lower(modules: Iterable[nn.Module]) -> LoweredChain | None:
         for _, norm in norms
         for owner, key in _NORMALIZATION_SLOTS
     ]
+    counters = tuple(
+        (norm._buffers, "num_batches_tracked") for norms in normalizations for _, norm in norms
+    )
     return LoweredChain(
         tuple(layers),
         tuple(slots),
         tuple(tuple(norms) for norms in normalizations),
+        counters,
         tuple(mode_dependent),
         flatten,
         unflatten,
