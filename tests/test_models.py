@@ -502,3 +502,26 @@ def test_modules_changed_after_accelerate_are_seen():
     model[2] = nn.Identity()
     assert model.fused_layers() is not None
     assert model.fused_runs() == [(0, 6)]
+
+
+def test_mlp_runs_and_pickles_a_spec_with_batch_norm():
+    import pickle
+
+    from fusedae import MLP, _reference
+
+    plain, _ = tabular_eval()
+    plain.double()
+    lowered = lower(plain.encoder)
+    assert lowered is not None
+    spec = lowered.spec(lowered.tensors())
+    mlp = MLP.from_spec(spec)
+    x = np.random.default_rng(0).standard_normal((7, 20))
+    folded = spec.folded()
+    assert all(layer.normalization == () for layer in folded.layers)
+    want, _ = _reference.forward(*folded.part("all"), x)
+    np.testing.assert_allclose(mlp(x), want, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():
+        np.testing.assert_allclose(mlp(x), plain.encoder(torch.from_numpy(x)), rtol=1e-10)
+    clone = pickle.loads(pickle.dumps(mlp))
+    assert [layer.normalization != () for layer in clone.spec.layers] == [True, False, True]
+    np.testing.assert_array_equal(clone(x), mlp(x))

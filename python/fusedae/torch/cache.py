@@ -5,7 +5,7 @@ forward (``ChainCache.forward``)."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -209,7 +209,7 @@ class ChainCache:
                 if type(module) not in DROPOUTS:
                     self.packed = None
                     return True
-                differs = differs or module.p > 0  # type: ignore[operator]
+                differs = differs or cast(nn.Dropout, module).p > 0
         return differs
 
     def reshaped_forward(self, x: torch.Tensor) -> torch.Tensor | None:

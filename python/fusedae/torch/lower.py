@@ -67,9 +67,10 @@ class LoweredChain:
     to ``FusedMLPFunction``), then each BatchNorm's running mean and variance, weight and bias.
     ``counters``: each BatchNorm's ``num_batches_tracked``, which the spec does not read but a
     training-mode forward (the only change to its running statistics that bumps no version
-    counter) increments in place. ``mode_dependent``: the BatchNorm and Dropout modules, which compute something else in
-    training mode. ``flatten`` and ``unflatten``: an ``nn.Flatten`` that was the first module
-    and an ``nn.Unflatten`` that was the last, reshapes around the fused call.
+    counter) increments in place. ``mode_dependent``: the BatchNorm and Dropout modules, which
+    compute something else in training mode. ``flatten`` and ``unflatten``: an ``nn.Flatten``
+    that was the first module and an ``nn.Unflatten`` that was the last, reshapes around the
+    fused call.
     """
 
     layers: tuple[tuple[nn.Linear, PostOp], ...]
