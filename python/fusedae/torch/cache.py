@@ -223,6 +223,8 @@ class ChainCache:
                 x = x.flatten(flatten.start_dim, flatten.end_dim)
             except (IndexError, RuntimeError):
                 return None
+            if not x.shape or x.shape[-1] != self.in_features:
+                return None  # not the shape the Linear takes: PyTorch's error, not ours
         y = self.forward(x)
         if y is None or unflatten is None:
             return y
