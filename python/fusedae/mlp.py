@@ -182,7 +182,8 @@ class MLP(_native.Chain):
 
     @property
     def layers(self) -> list[tuple[np.ndarray, np.ndarray | None]]:
-        """Copies of the ``(weight, bias)`` pairs, in the MLP's dtype."""
+        """Copies of the ``(weight, bias)`` pairs, in the MLP's dtype (as the spec holds them:
+        its normalizations are not folded in; ``spec.folded()`` has them folded)."""
         return [
             (layer.weight.copy(), None if layer.bias is None else layer.bias.copy())
             for layer in self._spec.layers
