@@ -445,7 +445,9 @@ def test_layer_norm_in_the_middle_splits_the_sequential():
         "replaced 1 nn.Sequential with FusedMLP\n"
         "  (the model itself): [Linear 10->16, ReLU], LayerNorm, [Linear 16->8, Tanh, "
         "Linear 8->4]\n"
-        "  ([...]: one fused call; other modules run as they are)"
+        "  ([...]: one fused call; other modules run as they are)\n"
+        "left 1 modules to PyTorch in them\n"
+        "  2: not a module the kernels run"
     )
 
 
@@ -462,6 +464,12 @@ def test_sequentials_without_a_linear_are_left_alone():
         "convolutions": "no Linear chain the kernels take (Conv1d, ReLU, Flatten)",
     }
     assert report.replaced == [("batch_statistics", "[Linear 4->4], BatchNorm1d")]
+    assert report.unfused == [
+        ("batch_statistics.1", "no running statistics: it normalizes each batch by its own")
+    ]
+    model.leading = nn.Sequential(nn.ReLU(), nn.Linear(4, 4))
+    _, report = accelerate(model)
+    assert report.unfused[-1] == ("leading.0", "not where a chain of Linear layers can take it")
 
 
 def test_report_notes_training_mode():

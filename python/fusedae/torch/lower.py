@@ -227,6 +227,16 @@ def split(modules: Sequence[nn.Module]) -> list[tuple[int, int, LoweredChain | N
     return pieces
 
 
+def why_not_fused(module: nn.Module) -> str:
+    """Why ``split`` left ``module`` out of every run."""
+    kind = type(module)
+    if kind is nn.BatchNorm1d and not _foldable(module):
+        return "no running statistics: it normalizes each batch by its own"
+    if kind in (nn.Linear, nn.BatchNorm1d, nn.Flatten, nn.Unflatten, *DROPOUTS) or _post_op(module):
+        return "not where a chain of Linear layers can take it"
+    return "not a module the kernels run"
+
+
 def describe(lowered: LoweredChain) -> str:
     """``"Linear 64->42, ReLU, Linear 42->2"``; BatchNorms, Flatten and Unflatten named too."""
     parts = ["Flatten"] if lowered.flatten is not None else []
