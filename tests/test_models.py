@@ -446,7 +446,7 @@ def test_layer_norm_in_the_middle_splits_the_sequential():
         "  (the model itself): [Linear 10->16, ReLU], LayerNorm, [Linear 16->8, Tanh, "
         "Linear 8->4]\n"
         "  ([...]: one fused call; other modules run as they are)\n"
-        "left 1 modules to PyTorch in them\n"
+        "not fused, in them: 1\n"
         "  2: not a module the kernels run"
     )
 

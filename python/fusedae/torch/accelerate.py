@@ -40,7 +40,7 @@ class AccelerateReport:
         lines += [f"  {label(name)}: {pieces}" for name, pieces in self.replaced]
         if self.unfused:
             lines.append("  ([...]: one fused call; other modules run as they are)")
-            lines.append(f"left {len(self.unfused)} modules to PyTorch in them")
+            lines.append(f"not fused, in them: {len(self.unfused)}")
             lines += [f"  {name}: {reason}" for name, reason in self.unfused]
         if self.already_fused:
             lines.append(f"already fused: {', '.join(map(label, self.already_fused))}")
