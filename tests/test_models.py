@@ -381,6 +381,37 @@ def test_batch_norm_trained_through_another_container_refolds():
         assert_close(encoder(x), plain.encoder(x))
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_eval_mode_batch_norm_trains_fused_with_pytorchs_gradients(bias: bool):
+    """With a gradient needed, the kernel runs the folded chain and autograd goes on through
+    the fold to the Linear's and the BatchNorms' parameters."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(
+        nn.BatchNorm1d(6), nn.Linear(6, 5, bias=bias), nn.BatchNorm1d(5), nn.ReLU(),
+        nn.BatchNorm1d(5, affine=False), nn.Linear(5, 3),
+    ).double()  # fmt: skip
+    with torch.no_grad():
+        plain.train()(torch.randn(64, 6, dtype=torch.float64) * 3 + 1)
+        for norm in (plain[0], plain[2]):
+            norm.weight.uniform_(0.5, 2)
+            norm.bias.normal_()
+    plain.eval()
+    fused = FusedMLP.from_sequential(copy.deepcopy(plain))
+    x = torch.randn(9, 6, dtype=torch.float64)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got = fused(x1)
+    assert type(got.grad_fn).__name__ == "FusedMLPFunctionBackward"
+    grad_out = torch.randn(9, 3, dtype=torch.float64)
+    got.backward(grad_out)
+    plain(x2).backward(grad_out)
+    assert_close(x1.grad, x2.grad)
+    for (name, got_param), want_param in zip(
+        fused.named_parameters(), plain.parameters(), strict=True
+    ):
+        assert got_param.grad is not None, name
+        assert_close(got_param.grad, want_param.grad)
+
+
 def test_training_mode_runs_plain_pytorch():
     plain, fused = tabular_eval()
     plain.train()

@@ -180,14 +180,17 @@ class ChainCache:
                     f"expected input of dtype {weight.dtype} (the parameters' dtype), got {dtype}"
                 )
             return None
+        if self.normalized and len(shape) != 2:
+            return None  # BatchNorm1d normalizes dimension 1, the features only in 2-D input
         if _is_grad_enabled() and (
             x.requires_grad or any(t is not None and t.requires_grad for t in self.tensors)
         ):
             if self.normalized:
-                return None  # the backward of folded BatchNorms is PyTorch's to compute
+                # The backward through the kernel's (float64-folded) weights goes on through
+                # the same fold in torch ops to the Linear's and the BatchNorms' parameters.
+                folded = self.lowered.folded(self.tensors)  # type: ignore[union-attr]
+                return FusedMLPFunction.apply(x, chain, self.post_ops, *folded)
             return FusedMLPFunction.apply(x, chain, self.post_ops, *self.tensors)
-        if self.normalized and len(shape) != 2:
-            return None  # BatchNorm1d normalizes dimension 1, the features only in 2-D input
         if len(shape) == 2 and not x.is_neg():
             # `run`'s common case, inlined: a 2-D tensor without the negative bit (DLPack would
             # hand over a negated view's raw memory), read where it lies; the kernel refuses a

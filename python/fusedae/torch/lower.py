@@ -123,6 +123,37 @@ class LoweredChain:
             layers.append(dataclasses.replace(layer, normalization=tuple(folded)))
         return ChainSpec(tuple(layers), spec.encoder_layers, spec.precision)
 
+    def folded(self, tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """Each layer's weight and bias with its BatchNorms folded in, computed in torch ops
+        from ``tensors`` (one per slot), so differentiable in the Linear's and the BatchNorms'
+        parameters; in the order ``FusedMLPFunction`` takes them."""
+        count = len(self.layers)
+        statistics = iter(tensors[2 * count :])
+        folded: list[torch.Tensor | None] = []
+        for index, norms in enumerate(self.normalizations):
+            weight, bias = cast(torch.Tensor, tensors[2 * index]), tensors[2 * index + 1]
+            if not norms:
+                folded += [weight, bias]
+                continue
+            maps = []
+            for position, norm in norms:
+                mean, var, scale, shift = (next(statistics) for _ in _NORMALIZATION_SLOTS)
+                inverse = torch.rsqrt(cast(torch.Tensor, var) + norm.eps)
+                scale = inverse if scale is None else inverse * scale
+                offset = -cast(torch.Tensor, mean) * scale
+                maps.append((position, scale, offset if shift is None else offset + shift))
+            total = weight.new_zeros(weight.shape[0]) if bias is None else bias
+            for position, scale, offset in reversed(maps):
+                if position == "before":
+                    total = total + weight @ offset
+                    weight = weight * scale
+            for position, scale, offset in maps:
+                if position == "after":
+                    weight = weight * scale[:, None]
+                    total = total * scale + offset
+            folded += [weight, total]
+        return folded
+
 
 def as_array(tensor: torch.Tensor) -> np.ndarray:
     """The values of a CPU ``tensor`` as numpy (sharing memory where the tensor holds them as
