@@ -590,3 +590,24 @@ def test_folded_float32_is_as_close_to_exact_as_pytorch_is():
         errors.append(((fused - exact).abs().max(), (plain - exact).abs().max()))
     fused_error, plain_error = torch.tensor(errors).mean(0)
     assert fused_error <= 1.5 * plain_error
+
+
+def test_split_sequential_copies_pickles_and_runs_hooks():
+    import pickle
+
+    torch.manual_seed(0)
+    model = FusedMLP(
+        nn.Linear(10, 16), nn.ReLU(), nn.LayerNorm(16), nn.Linear(16, 8), nn.ReLU(),
+        nn.Linear(8, 4),
+    )  # fmt: skip
+    plain = nn.Sequential(*model)
+    x = torch.randn(5, 10)
+    with torch.no_grad():
+        want = plain(x)
+        for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+            assert clone.fused_runs() == [(0, 2), (3, 6)]
+            assert_close(clone(x), want)
+        seen = []
+        model[3].register_forward_hook(lambda module, args, out: seen.append(out.shape))
+        assert_close(model(x), want)
+        assert seen == [(5, 8)]  # the run with a hooked module ran module by module
