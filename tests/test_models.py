@@ -484,6 +484,21 @@ def test_sequentials_without_a_linear_are_left_alone():
     assert report.unfused[-1] == ("leading.0", "not where a chain of Linear layers can take it")
 
 
+def test_report_names_activations_with_their_settings_where_not_the_defaults():
+    model = nn.Sequential(
+        nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 4), nn.GELU(approximate="tanh"),
+        nn.Linear(4, 4), nn.LeakyReLU(0.1), nn.Linear(4, 4), nn.Softplus(),
+    )  # fmt: skip
+    _, report = accelerate(model)
+    assert report.replaced == [
+        (
+            "",
+            "Linear 4->4, GELU, Linear 4->4, GELU(approximate='tanh'), Linear 4->4, "
+            "LeakyReLU(negative_slope=0.1), Linear 4->4, Softplus",
+        )
+    ]
+
+
 def test_report_notes_training_mode():
     model = Tabular()  # in training mode
     _, report = accelerate(model)
