@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -165,10 +165,10 @@ class MLP(_native.Chain):
         self.forward(x2, out.reshape(x2.shape[0], self.out_features))
         return out
 
-    def __reduce__(self) -> tuple[type[MLP], tuple[object, ...]]:
-        # The packed form is rebuilt where it is unpickled (that CPU's kernel); the layers keep
-        # the dtype, which follows from the first weight.
-        return type(self), (self.layers, self._spec.post_ops)
+    def __reduce__(self) -> tuple[Callable[..., MLP], tuple[object, ...]]:
+        # The packed form is rebuilt where it is unpickled (that CPU's kernel), from the spec
+        # with its normalizations; the arrays keep the dtype, which follows from the first weight.
+        return type(self).from_spec, (self._spec,)
 
     @property
     def activations(self) -> tuple[str, ...]:
@@ -182,7 +182,8 @@ class MLP(_native.Chain):
 
     @property
     def layers(self) -> list[tuple[np.ndarray, np.ndarray | None]]:
-        """Copies of the ``(weight, bias)`` pairs, in the MLP's dtype."""
+        """Copies of the ``(weight, bias)`` pairs, in the MLP's dtype (as the spec holds them:
+        its normalizations are not folded in; ``spec.folded()`` has them folded)."""
         return [
             (layer.weight.copy(), None if layer.bias is None else layer.bias.copy())
             for layer in self._spec.layers
