@@ -19,7 +19,7 @@ import fusedae
 from fusedae import _native, _ops, _reference, serialization
 from fusedae._ops import IDENTITY, OPS, RELU, PostOp, post_op, post_ops
 from fusedae.chain import ChainSpec, Layer
-from fusedae.torch import AE, FusedMLP, FusedMLPFunction, accelerate, pack_chain
+from fusedae.torch import AE, FusedMLP, FusedMLPFunction, pack_chain
 from fusedae.torch.lower import lower, post_op_module, to_sequential
 
 ALL_OPS = [post_op(name) for name in OPS]
@@ -43,14 +43,21 @@ def test_each_op_agrees_with_its_torch_module_in_value_and_gradient(op: PostOp):
     post = op.torch_function(pre)
     assert torch.equal(post, want.detach())
     assert torch.equal(op.torch_gradient(grad_out, pre, post), leaf.grad)
-    np.testing.assert_array_equal(op.reference(pre.numpy()), want.detach().numpy())
-    np.testing.assert_array_equal(
-        op.reference_gradient(grad_out.numpy(), pre.numpy(), post.numpy()), leaf.grad.numpy()
+    # numpy's exp and tanh (and math.erf) may round differently from PyTorch's vectorized ones.
+    exact = op.name in ("identity", "relu", "leaky_relu", "hardtanh")
+    tolerance = {"rtol": 0, "atol": 0} if exact else {"rtol": 1e-13, "atol": 1e-14}
+    np.testing.assert_allclose(op.reference(pre.numpy()), want.detach().numpy(), **tolerance)
+    np.testing.assert_allclose(
+        op.reference_gradient(grad_out.numpy(), pre.numpy(), post.numpy()),
+        leaf.grad.numpy(),
+        **tolerance,
     )
 
 
 @pytest.mark.parametrize("op", ALL_OPS, ids=str)
 def test_each_op_lowers_from_its_module_and_runs_fused(op: PostOp):
+    if op.name not in _native.POST_OPS:
+        pytest.skip("the kernels do not run it yet")
     torch.manual_seed(0)
     plain = nn.Sequential(nn.Linear(6, 5), post_op_module(op), nn.Linear(5, 3)).double()
     lowered = lower(plain)
@@ -78,19 +85,21 @@ def test_each_op_has_the_onnx_operator_of_its_reference(op: PostOp):
     pytest.importorskip("onnx")
     from fusedae.cli import onnx_session
 
+    # float32, which ONNX Runtime's CPU kernels all take (Erf, Elu, Softplus lack float64).
     rng = np.random.default_rng(0)
     layers = [(rng.standard_normal((5, 6)), rng.standard_normal(5)) for _ in range(1)]
-    x = rng.standard_normal((9, 6))
-    got = onnx_session(layers, [op], threads=1).run(None, {"x": x})[0]
-    want, _ = _reference.forward(layers, [op], x)
-    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    layers32 = [(w.astype(np.float32), b.astype(np.float32)) for w, b in layers]
+    x = (rng.standard_normal((64, 6)) * 4).astype(np.float32)
+    got = onnx_session(layers32, [op], threads=1).run(None, {"x": x})[0]
+    want, _ = _reference.forward(layers32, [op], x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 class TestUnknownOpsAreErrors:
     """A name that is not in the table is refused wherever it can enter, never read as
     identity."""
 
-    message = f"activation must be 'relu' or 'identity', got '{UNKNOWN}'"
+    message = f"activation must be {_ops._choices()}, got '{UNKNOWN}'"
 
     def layers(self):
         return [(np.ones((3, 4), np.float32), np.zeros(3, np.float32))]
@@ -148,11 +157,9 @@ class TestUnknownOpsAreErrors:
         class Relu(nn.ReLU):  # a subclass may compute anything
             pass
 
-        for unknown in (nn.Tanh(), Relu(), nn.Dropout()):
+        for unknown in (nn.Softsign(), Relu(), nn.LayerNorm(3)):
             plain = nn.Sequential(nn.Linear(4, 3), unknown, nn.Linear(3, 2))
             assert lower(plain) is None
-            _, report = accelerate(nn.Sequential(plain))
-            assert not report.replaced
         # Two post-ops in a row are one layer's only where they are the same idempotent op.
         assert lower([nn.Linear(4, 3), nn.ReLU(), nn.ReLU()]) is not None
         assert lower([nn.ReLU(), nn.Linear(4, 3)]) is None
@@ -204,7 +211,7 @@ class TestChainSpec:
             assert spec.encoder_layers == 2
             assert spec.widths == [12, 5, 2, 5, 12]
             assert spec.precision == "full"
-            assert all(layer.normalization is None for layer in spec.layers)
+            assert all(layer.normalization == () for layer in spec.layers)
             for layer, want in zip(spec.layers, from_state.layers, strict=True):
                 np.testing.assert_array_equal(layer.weight, want.weight)
                 np.testing.assert_array_equal(layer.bias, want.bias)

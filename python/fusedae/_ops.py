@@ -2,8 +2,8 @@
 
 ``OPS`` holds one ``Op`` per post-op: its parameters, the ``torch.nn`` modules it lowers from,
 its float64 numpy reference and gradient (the test oracle, ``_reference.py``), its torch
-function and gradient (``FusedMLPFunction.backward``) and its ONNX operator (the benches' and
-the CLI's ONNX Runtime graph). The Rust side exports its own list as ``_native.POST_OPS``; a
+function and gradient (``FusedMLPFunction.backward``) and its ONNX nodes (the benches' and the
+CLI's ONNX Runtime graph). The Rust side exports its own list as ``_native.POST_OPS``; a
 test keeps the two equal. A name not in ``OPS`` is an error everywhere, never identity.
 
 A ``PostOp`` is one use of an op: its name and parameter values. torch is imported only by the
@@ -12,19 +12,25 @@ torch functions, which only ``fusedae.torch`` calls.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 if TYPE_CHECKING:
+    import onnx
     import torch
 
 # An op's parameter values, in the order of its `Op.params`.
 Params = tuple[float, ...]
 # A numpy array or a torch tensor: identity is the same function for both.
 Array = TypeVar("Array", "np.ndarray", "torch.Tensor")
+# An op's ONNX nodes for opset 17: ``onnx(x, y, params, dtype)`` reads the tensor named ``x``
+# and writes ``y`` (intermediate names start with ``y``); constants are ``Constant`` nodes of the
+# graph's ``dtype``.
+OnnxBuilder = Callable[[str, str, Params, np.dtype], "list[onnx.NodeProto]"]
 
 
 @dataclass(frozen=True)
@@ -33,10 +39,12 @@ class Op:
 
     ``params``: ``(name, default)`` per parameter, named as the torch module's constructor
     argument and attribute (``negative_slope`` for LeakyReLU). ``torch_modules``: the
-    ``torch.nn`` classes it lowers from, by name (exact types only). The four functions take
-    ``params`` last; the gradients map the gradient of a layer's output to that of its
-    pre-activation from the pre-activation and the output. ``onnx_op``: the ONNX operator, with
-    ``onnx_attributes`` naming its attribute for each parameter. ``idempotent``: applying it
+    ``torch.nn`` classes it lowers from, by name (exact types only; the first is the one it
+    becomes); ``torch_settings``: attributes those modules must have, beside the parameters, to
+    compute this op (``nn.GELU``'s ``approximate`` tells ``gelu`` from ``gelu_tanh``). The four
+    functions take ``params`` last; the gradients map the gradient of a layer's output to that
+    of its pre-activation from the pre-activation and the output, by PyTorch's own autograd
+    formulas. ``onnx``: the ONNX nodes computing it (``onnx_nodes``). ``idempotent``: applying it
     twice is applying it once (``Linear, ReLU, ReLU`` is one fused layer).
     """
 
@@ -47,9 +55,96 @@ class Op:
     reference_gradient: Callable[[np.ndarray, np.ndarray, np.ndarray, Params], np.ndarray]
     torch_function: Callable[[torch.Tensor, Params], torch.Tensor]
     torch_gradient: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Params], torch.Tensor]
-    onnx_op: str
-    onnx_attributes: tuple[str, ...] = ()
+    onnx: OnnxBuilder
+    torch_settings: tuple[tuple[str, str], ...] = ()
     idempotent: bool = False
+
+
+# --- ONNX -------------------------------------------------------------------------------------
+# onnx is imported only here, where a graph is built.
+
+
+class _Graph:
+    """Nodes under construction, each named after the op's output ``y``."""
+
+    def __init__(self, y: str, dtype: np.dtype) -> None:
+        from onnx import helper, numpy_helper
+
+        self.helper, self.numpy_helper = helper, numpy_helper
+        self.y, self.dtype = y, dtype
+        self.nodes: list[onnx.NodeProto] = []
+
+    def node(self, op_type: str, *inputs: str, output: str | None = None, **attributes: Any) -> str:
+        output = output or f"{self.y}_{len(self.nodes)}"
+        self.nodes.append(self.helper.make_node(op_type, list(inputs), [output], **attributes))
+        return output
+
+    def constant(self, value: float) -> str:
+        array = np.array(value, dtype=self.dtype)
+        return self.node("Constant", value=self.numpy_helper.from_array(array))
+
+
+def _onnx_operator(op_type: str, *attributes: str) -> OnnxBuilder:
+    """One ONNX operator with an attribute for each parameter."""
+
+    def build(x: str, y: str, params: Params, dtype: np.dtype) -> list[onnx.NodeProto]:
+        graph = _Graph(y, dtype)
+        graph.node(op_type, x, output=y, **dict(zip(attributes, params, strict=True)))
+        return graph.nodes
+
+    return build
+
+
+def _onnx_hardtanh(x: str, y: str, params: Params, dtype: np.dtype) -> list[onnx.NodeProto]:
+    graph = _Graph(y, dtype)
+    low, high = params  # Clip's bounds are inputs since opset 11
+    graph.node("Clip", x, graph.constant(low), graph.constant(high), output=y)
+    return graph.nodes
+
+
+def _onnx_gelu(x: str, y: str, params: Params, dtype: np.dtype) -> list[onnx.NodeProto]:
+    # x * 0.5 * (1 + erf(x / sqrt 2)), the form ONNX Runtime fuses into its Gelu kernel (the
+    # Gelu operator needs opset 20).
+    graph = _Graph(y, dtype)
+    erf = graph.node("Erf", graph.node("Mul", x, graph.constant(math.sqrt(0.5))))
+    half_x = graph.node("Mul", x, graph.constant(0.5))
+    graph.node("Mul", half_x, graph.node("Add", erf, graph.constant(1.0)), output=y)
+    return graph.nodes
+
+
+def _onnx_gelu_tanh(x: str, y: str, params: Params, dtype: np.dtype) -> list[onnx.NodeProto]:
+    # x * 0.5 * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 x^3)))
+    graph = _Graph(y, dtype)
+    cube = graph.node("Mul", graph.node("Mul", x, x), x)
+    inner = graph.node("Add", x, graph.node("Mul", cube, graph.constant(_GELU_KAPPA)))
+    tanh = graph.node("Tanh", graph.node("Mul", inner, graph.constant(_GELU_BETA)))
+    half_x = graph.node("Mul", x, graph.constant(0.5))
+    graph.node("Mul", half_x, graph.node("Add", tanh, graph.constant(1.0)), output=y)
+    return graph.nodes
+
+
+def _onnx_silu(x: str, y: str, params: Params, dtype: np.dtype) -> list[onnx.NodeProto]:
+    graph = _Graph(y, dtype)
+    graph.node("Mul", x, graph.node("Sigmoid", x), output=y)
+    return graph.nodes
+
+
+def _onnx_softplus(x: str, y: str, params: Params, dtype: np.dtype) -> list[onnx.NodeProto]:
+    # PyTorch's: x where beta * x > threshold, else log(1 + exp(beta * x)) / beta.
+    graph = _Graph(y, dtype)
+    beta, threshold = params
+    scaled = x if beta == 1.0 else graph.node("Mul", x, graph.constant(beta))
+    softplus = graph.node("Softplus", scaled)
+    if beta != 1.0:
+        softplus = graph.node("Div", softplus, graph.constant(beta))
+    above = graph.node("Greater", scaled, graph.constant(threshold))
+    graph.node("Where", above, x, softplus, output=y)
+    return graph.nodes
+
+
+# --- the functions ----------------------------------------------------------------------------
+# Each numpy reference computes in float64 what PyTorch computes (NaN in, NaN out); each torch
+# gradient is the function PyTorch's autograd runs for the module.
 
 
 def _identity(x: Array, params: Params) -> Array:
@@ -77,9 +172,223 @@ def _torch_relu(x: torch.Tensor, params: Params) -> torch.Tensor:
 def _torch_relu_gradient(
     grad: torch.Tensor, pre: torch.Tensor, post: torch.Tensor, params: Params
 ) -> torch.Tensor:
+    return _aten().threshold_backward(grad, post, 0)  # what autograd runs for torch.relu
+
+
+def _leaky_relu(x: np.ndarray, params: Params) -> np.ndarray:
+    return np.where(x > 0, x, x * params[0])
+
+
+def _leaky_relu_gradient(
+    grad: np.ndarray, pre: np.ndarray, post: np.ndarray, params: Params
+) -> np.ndarray:
+    return np.where(pre > 0, grad, grad * params[0])
+
+
+def _torch_leaky_relu(x: torch.Tensor, params: Params) -> torch.Tensor:
+    return _functional().leaky_relu(x, params[0])
+
+
+def _torch_leaky_relu_gradient(
+    grad: torch.Tensor, pre: torch.Tensor, post: torch.Tensor, params: Params
+) -> torch.Tensor:
+    return _aten().leaky_relu_backward(grad, pre, params[0], False)
+
+
+def _sigmoid(x: np.ndarray, params: Params) -> np.ndarray:
+    with np.errstate(over="ignore"):  # exp(-x) is inf for x < -709: the sigmoid is 0
+        return 1.0 / (1.0 + np.exp(-x))
+
+
+def _sigmoid_gradient(
+    grad: np.ndarray, pre: np.ndarray, post: np.ndarray, params: Params
+) -> np.ndarray:
+    return grad * (1.0 - post) * post
+
+
+def _torch_sigmoid(x: torch.Tensor, params: Params) -> torch.Tensor:
+    return x.sigmoid()
+
+
+def _torch_sigmoid_gradient(
+    grad: torch.Tensor, pre: torch.Tensor, post: torch.Tensor, params: Params
+) -> torch.Tensor:
+    return _aten().sigmoid_backward(grad, post)
+
+
+def _tanh(x: np.ndarray, params: Params) -> np.ndarray:
+    return np.tanh(x)
+
+
+def _tanh_gradient(
+    grad: np.ndarray, pre: np.ndarray, post: np.ndarray, params: Params
+) -> np.ndarray:
+    return grad * (1.0 - post * post)
+
+
+def _torch_tanh(x: torch.Tensor, params: Params) -> torch.Tensor:
+    return x.tanh()
+
+
+def _torch_tanh_gradient(
+    grad: torch.Tensor, pre: torch.Tensor, post: torch.Tensor, params: Params
+) -> torch.Tensor:
+    return _aten().tanh_backward(grad, post)
+
+
+# numpy has no erf; math.erf is correctly rounded to within an ulp or so.
+_erf = np.vectorize(math.erf, otypes=[np.float64])
+_GELU_KAPPA = 0.044715
+_GELU_BETA = math.sqrt(2.0 / math.pi)
+
+
+def _gelu(x: np.ndarray, params: Params) -> np.ndarray:
+    return x * 0.5 * (1.0 + _erf(x * math.sqrt(0.5)))
+
+
+def _gelu_gradient(
+    grad: np.ndarray, pre: np.ndarray, post: np.ndarray, params: Params
+) -> np.ndarray:
+    cdf = 0.5 * (1.0 + _erf(pre * math.sqrt(0.5)))
+    pdf = np.exp(-0.5 * pre * pre) / math.sqrt(2.0 * math.pi)
+    return grad * (cdf + pre * pdf)
+
+
+def _torch_gelu(x: torch.Tensor, params: Params) -> torch.Tensor:
+    return _functional().gelu(x)
+
+
+def _torch_gelu_gradient(
+    grad: torch.Tensor, pre: torch.Tensor, post: torch.Tensor, params: Params
+) -> torch.Tensor:
+    return _aten().gelu_backward(grad, pre)
+
+
+def _gelu_tanh(x: np.ndarray, params: Params) -> np.ndarray:
+    return 0.5 * x * (1.0 + np.tanh(_GELU_BETA * (x + _GELU_KAPPA * x * x * x)))
+
+
+def _gelu_tanh_gradient(
+    grad: np.ndarray, pre: np.ndarray, post: np.ndarray, params: Params
+) -> np.ndarray:
+    squared = pre * pre
+    tanh = np.tanh(_GELU_BETA * (pre + _GELU_KAPPA * squared * pre))
+    inner_derivative = _GELU_BETA * (1.0 + 3.0 * _GELU_KAPPA * squared)
+    return grad * (0.5 * (1.0 + tanh) + 0.5 * pre * (1.0 - tanh * tanh) * inner_derivative)
+
+
+def _torch_gelu_tanh(x: torch.Tensor, params: Params) -> torch.Tensor:
+    return _functional().gelu(x, approximate="tanh")
+
+
+def _torch_gelu_tanh_gradient(
+    grad: torch.Tensor, pre: torch.Tensor, post: torch.Tensor, params: Params
+) -> torch.Tensor:
+    return _aten().gelu_backward(grad, pre, approximate="tanh")
+
+
+def _silu(x: np.ndarray, params: Params) -> np.ndarray:
+    return x * _sigmoid(x, ())
+
+
+def _silu_gradient(
+    grad: np.ndarray, pre: np.ndarray, post: np.ndarray, params: Params
+) -> np.ndarray:
+    sigmoid = _sigmoid(pre, ())
+    return grad * sigmoid * (1.0 + pre * (1.0 - sigmoid))
+
+
+def _torch_silu(x: torch.Tensor, params: Params) -> torch.Tensor:
+    return _functional().silu(x)
+
+
+def _torch_silu_gradient(
+    grad: torch.Tensor, pre: torch.Tensor, post: torch.Tensor, params: Params
+) -> torch.Tensor:
+    return _aten().silu_backward(grad, pre)
+
+
+def _elu(x: np.ndarray, params: Params) -> np.ndarray:
+    with np.errstate(over="ignore"):  # expm1 of a large x, which the where drops
+        return np.where(x > 0, x, params[0] * np.expm1(x))
+
+
+def _elu_gradient(
+    grad: np.ndarray, pre: np.ndarray, post: np.ndarray, params: Params
+) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        return np.where(pre <= 0, grad * params[0] * np.exp(pre), grad)
+
+
+def _torch_elu(x: torch.Tensor, params: Params) -> torch.Tensor:
+    return _functional().elu(x, params[0])
+
+
+def _torch_elu_gradient(
+    grad: torch.Tensor, pre: torch.Tensor, post: torch.Tensor, params: Params
+) -> torch.Tensor:
+    # (grad, alpha, scale, input_scale, is_result, self): nn.ELU is not in place, so autograd
+    # differentiates from the input.
+    return _aten().elu_backward(grad, params[0], 1.0, 1.0, False, pre)
+
+
+def _hardtanh(x: np.ndarray, params: Params) -> np.ndarray:
+    return np.minimum(np.maximum(x, params[0]), params[1])  # keeps NaN, as torch.clamp does
+
+
+def _hardtanh_gradient(
+    grad: np.ndarray, pre: np.ndarray, post: np.ndarray, params: Params
+) -> np.ndarray:
+    return np.where((pre <= params[0]) | (pre >= params[1]), 0.0, grad)
+
+
+def _torch_hardtanh(x: torch.Tensor, params: Params) -> torch.Tensor:
+    return _functional().hardtanh(x, params[0], params[1])
+
+
+def _torch_hardtanh_gradient(
+    grad: torch.Tensor, pre: torch.Tensor, post: torch.Tensor, params: Params
+) -> torch.Tensor:
+    return _aten().hardtanh_backward(grad, pre, params[0], params[1])
+
+
+def _softplus(x: np.ndarray, params: Params) -> np.ndarray:
+    beta, threshold = params
+    scaled = x * beta
+    with np.errstate(over="ignore"):  # exp of what is above the threshold, which the where drops
+        return np.where(scaled > threshold, x, np.log1p(np.exp(scaled)) / beta)
+
+
+def _softplus_gradient(
+    grad: np.ndarray, pre: np.ndarray, post: np.ndarray, params: Params
+) -> np.ndarray:
+    beta, threshold = params
+    scaled = pre * beta
+    with np.errstate(over="ignore", invalid="ignore"):  # inf / inf where the where drops it
+        exp = np.exp(scaled)
+        return np.where(scaled > threshold, grad, grad * exp / (exp + 1.0))
+
+
+def _torch_softplus(x: torch.Tensor, params: Params) -> torch.Tensor:
+    return _functional().softplus(x, params[0], params[1])
+
+
+def _torch_softplus_gradient(
+    grad: torch.Tensor, pre: torch.Tensor, post: torch.Tensor, params: Params
+) -> torch.Tensor:
+    return _aten().softplus_backward(grad, pre, params[0], params[1])
+
+
+def _aten() -> Any:
     import torch
 
-    return torch.ops.aten.threshold_backward(grad, post, 0)  # what autograd runs for torch.relu
+    return torch.ops.aten
+
+
+def _functional() -> Any:
+    import torch.nn.functional
+
+    return torch.nn.functional
 
 
 # The order error messages list them in.
@@ -94,7 +403,7 @@ OPS: dict[str, Op] = {
             reference_gradient=_relu_gradient,
             torch_function=_torch_relu,
             torch_gradient=_torch_relu_gradient,
-            onnx_op="Relu",
+            onnx=_onnx_operator("Relu"),
             idempotent=True,
         ),
         Op(
@@ -105,8 +414,101 @@ OPS: dict[str, Op] = {
             reference_gradient=_identity_gradient,
             torch_function=_identity,
             torch_gradient=_identity_gradient,
-            onnx_op="Identity",
+            onnx=_onnx_operator("Identity"),
             idempotent=True,
+        ),
+        Op(
+            name="leaky_relu",
+            params=(("negative_slope", 0.01),),
+            torch_modules=("LeakyReLU",),
+            reference=_leaky_relu,
+            reference_gradient=_leaky_relu_gradient,
+            torch_function=_torch_leaky_relu,
+            torch_gradient=_torch_leaky_relu_gradient,
+            onnx=_onnx_operator("LeakyRelu", "alpha"),
+        ),
+        Op(
+            name="sigmoid",
+            params=(),
+            torch_modules=("Sigmoid",),
+            reference=_sigmoid,
+            reference_gradient=_sigmoid_gradient,
+            torch_function=_torch_sigmoid,
+            torch_gradient=_torch_sigmoid_gradient,
+            onnx=_onnx_operator("Sigmoid"),
+        ),
+        Op(
+            name="tanh",
+            params=(),
+            torch_modules=("Tanh",),
+            reference=_tanh,
+            reference_gradient=_tanh_gradient,
+            torch_function=_torch_tanh,
+            torch_gradient=_torch_tanh_gradient,
+            onnx=_onnx_operator("Tanh"),
+        ),
+        Op(
+            name="gelu",
+            params=(),
+            torch_modules=("GELU",),
+            torch_settings=(("approximate", "none"),),
+            reference=_gelu,
+            reference_gradient=_gelu_gradient,
+            torch_function=_torch_gelu,
+            torch_gradient=_torch_gelu_gradient,
+            onnx=_onnx_gelu,
+        ),
+        Op(
+            name="gelu_tanh",
+            params=(),
+            torch_modules=("GELU",),
+            torch_settings=(("approximate", "tanh"),),
+            reference=_gelu_tanh,
+            reference_gradient=_gelu_tanh_gradient,
+            torch_function=_torch_gelu_tanh,
+            torch_gradient=_torch_gelu_tanh_gradient,
+            onnx=_onnx_gelu_tanh,
+        ),
+        Op(
+            name="silu",
+            params=(),
+            torch_modules=("SiLU",),
+            reference=_silu,
+            reference_gradient=_silu_gradient,
+            torch_function=_torch_silu,
+            torch_gradient=_torch_silu_gradient,
+            onnx=_onnx_silu,
+        ),
+        Op(
+            name="elu",
+            params=(("alpha", 1.0),),
+            torch_modules=("ELU",),
+            reference=_elu,
+            reference_gradient=_elu_gradient,
+            torch_function=_torch_elu,
+            torch_gradient=_torch_elu_gradient,
+            onnx=_onnx_operator("Elu", "alpha"),
+        ),
+        Op(
+            name="hardtanh",
+            params=(("min_val", -1.0), ("max_val", 1.0)),
+            torch_modules=("Hardtanh", "ReLU6"),  # nn.ReLU6 is Hardtanh(0, 6)
+            reference=_hardtanh,
+            reference_gradient=_hardtanh_gradient,
+            torch_function=_torch_hardtanh,
+            torch_gradient=_torch_hardtanh_gradient,
+            onnx=_onnx_hardtanh,
+            idempotent=True,
+        ),
+        Op(
+            name="softplus",
+            params=(("beta", 1.0), ("threshold", 20.0)),
+            torch_modules=("Softplus",),
+            reference=_softplus,
+            reference_gradient=_softplus_gradient,
+            torch_function=_torch_softplus,
+            torch_gradient=_torch_softplus_gradient,
+            onnx=_onnx_softplus,
         ),
     )
 }
@@ -154,6 +556,11 @@ class PostOp:
         self, grad: torch.Tensor, pre: torch.Tensor, post: torch.Tensor
     ) -> torch.Tensor:
         return self.op.torch_gradient(grad, pre, post, self.params)
+
+    def onnx_nodes(self, x: str, y: str, dtype: np.dtype) -> list[onnx.NodeProto]:
+        """The ONNX nodes (opset 17) computing ``y`` from ``x`` of ``dtype``; intermediate names
+        start with ``y``."""
+        return self.op.onnx(x, y, self.params, np.dtype(dtype))
 
     def keyword_params(self) -> dict[str, float]:
         """The parameters by name: the torch module's constructor arguments."""

@@ -20,6 +20,50 @@ PARTS: tuple[Part, ...] = ("all", "encoder", "decoder")
 Precision = Literal["full"]
 PRECISIONS: tuple[Precision, ...] = ("full",)
 LayerArrays = tuple[np.ndarray, np.ndarray | None]
+Position = Literal["before", "after"]
+POSITIONS: tuple[Position, ...] = ("before", "after")
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """An eval-mode BatchNorm1d: ``y = (x - mean) / sqrt(var + eps) * weight + bias`` per
+    feature (``weight``/``bias`` None when it is not affine).
+
+    ``position``: ``"before"`` normalizes the Linear's input, ``"after"`` its output (before the
+    post-op). The arrays are kept as they are, unfolded: ``ChainSpec.native_arguments`` folds
+    them into the Linear's weight and bias when packing, so a spec saves and rebuilds exactly.
+    """
+
+    position: Position
+    mean: np.ndarray
+    var: np.ndarray
+    eps: float
+    weight: np.ndarray | None = None
+    bias: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.position not in POSITIONS:
+            raise ValueError(f"position must be one of {POSITIONS}, got {self.position!r}")
+
+    def scale_and_shift(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(scale, shift)`` in float64 with ``y = x * scale + shift``."""
+        scale = 1.0 / np.sqrt(np.asarray(self.var, np.float64) + self.eps)
+        if self.weight is not None:
+            scale = scale * np.asarray(self.weight, np.float64)
+        shift = -np.asarray(self.mean, np.float64) * scale
+        if self.bias is not None:
+            shift = shift + np.asarray(self.bias, np.float64)
+        return scale, shift
+
+    def check_shape(self, features: int) -> None:
+        """Raises ValueError unless every array has shape ``(features,)``."""
+        for name in ("mean", "var", "weight", "bias"):
+            array = getattr(self, name)
+            if array is not None and array.shape != (features,):
+                raise ValueError(
+                    f"{self.position} normalization: {name} must have shape ({features},), "
+                    f"got {array.shape}"
+                )
 
 
 @dataclass(frozen=True)
@@ -27,14 +71,45 @@ class Layer:
     """One Linear layer and what follows it: ``post_op(x @ weight.T + bias)`` for ``x`` of shape
     ``(rows, in)``; ``weight`` of shape ``(out, in)``, ``bias`` ``(out,)`` or None.
 
-    ``normalization``: room for a BatchNorm folded into the layer; None, today's only kind.
-    Unpacks as its ``(weight, bias)`` pair, as the layers of ``serialization.ChainSpec`` did.
+    ``normalization``: BatchNorms around the Linear, in the order they apply (all ``"before"``
+    ones first): ``post_op(after(before(x) @ weight.T + bias))``. Unpacks as its ``(weight,
+    bias)`` pair, as the layers of ``serialization.ChainSpec`` did (unfolded: ``folded()`` gives
+    the pair that computes the same as the normalizations and the Linear together).
     """
 
     weight: np.ndarray
     bias: np.ndarray | None
     post_op: PostOp
-    normalization: None = None
+    normalization: tuple[Normalization, ...] = ()
+
+    def __post_init__(self) -> None:
+        positions = [norm.position for norm in self.normalization]
+        if positions != sorted(positions, key=POSITIONS.index):
+            raise ValueError(f"normalizations before the Linear come first, got {positions}")
+
+    def folded(self) -> LayerArrays:
+        """The ``(weight, bias)`` computing the normalizations and the Linear in one, folded in
+        float64 and rounded once to the weight's dtype; the layer's own arrays if it has no
+        normalization."""
+        if not self.normalization:
+            return self.weight, self.bias
+        weight = np.asarray(self.weight, np.float64)
+        rows = weight.shape[0]
+        bias = np.zeros(rows) if self.bias is None else np.asarray(self.bias, np.float64)
+        # x -> before[0] -> ... -> Linear -> after[0] -> ...: the Linear absorbs the nearest
+        # normalization first on each side.
+        for norm in reversed(self.normalization):
+            if norm.position == "before":
+                scale, shift = norm.scale_and_shift()
+                bias = bias + weight @ shift
+                weight = weight * scale
+        for norm in self.normalization:
+            if norm.position == "after":
+                scale, shift = norm.scale_and_shift()
+                weight = weight * scale[:, None]
+                bias = bias * scale + shift
+        dtype = self.weight.dtype
+        return weight.astype(dtype), bias.astype(dtype)
 
     def __iter__(self) -> Iterator[np.ndarray | None]:
         return iter((self.weight, self.bias))
@@ -155,7 +230,8 @@ class ChainSpec:
         return ChainSpec(self.layers[start:stop], stop - start, self.precision)
 
     def part(self, part: Part) -> tuple[list[LayerArrays], list[str]]:
-        """The ``(weight, bias)`` pairs and activation names of ``select(part)``."""
+        """The ``(weight, bias)`` pairs and activation names of ``select(part)`` (the layers' own
+        arrays, normalizations not folded in)."""
         selected = self.select(part)
         return [(layer.weight, layer.bias) for layer in selected.layers], list(selected.activations)
 
@@ -171,6 +247,12 @@ class ChainSpec:
                 raise ValueError(
                     f"layer {index}: bias must have shape ({weight.shape[0]},), got {bias.shape}"
                 )
+            for norm in layer.normalization:
+                features = layer.in_features if norm.position == "before" else layer.out_features
+                try:
+                    norm.check_shape(features)
+                except ValueError as error:
+                    raise ValueError(f"layer {index}: {error}") from None
             if previous is not None and layer.in_features != previous.out_features:
                 raise ValueError(
                     f"layer {index} takes {layer.in_features} features, but layer {index - 1} "
@@ -182,13 +264,13 @@ class ChainSpec:
         self,
     ) -> tuple[list[np.ndarray], list[np.ndarray | None], list[str | tuple[str | float, ...]]]:
         """What ``_native.Chain`` takes: C-contiguous weights and biases (copied only where they
-        are not), and each layer's post-op: its name, or ``(name, *params)`` for an op with
-        parameters."""
-        weights = [np.ascontiguousarray(layer.weight) for layer in self.layers]
-        biases = [
-            None if layer.bias is None else np.ascontiguousarray(layer.bias)
-            for layer in self.layers
-        ]
+        are not), normalizations folded in (``Layer.folded``), and each layer's post-op: its
+        name, or ``(name, *params)`` for an op with parameters."""
+        if any(layer.normalization for layer in self.layers):
+            self.check_shapes()  # folding multiplies arrays whose shapes must agree
+        pairs = [layer.folded() for layer in self.layers]
+        weights = [np.ascontiguousarray(weight) for weight, _ in pairs]
+        biases = [None if bias is None else np.ascontiguousarray(bias) for _, bias in pairs]
         post_ops: list[str | tuple[str | float, ...]] = [
             (op.name, *op.params) if op.params else op.name for op in self.post_ops
         ]

@@ -563,7 +563,7 @@ def onnx_session(
     threads: int,
 ) -> Any:
     """An ONNX Runtime session (default graph optimizations, ``threads`` intra-op, one inter-op)
-    running the chain: ``Gemm(transB=1)`` per layer, then each post-op's ONNX operator from the
+    running the chain: ``Gemm(transB=1)`` per layer, then each post-op's ONNX nodes from the
     op table (ONNX Runtime's graph optimizations drop an ``Identity``); input ``"x"`` with a
     dynamic batch dimension."""
     import onnx
@@ -583,13 +583,7 @@ def onnx_session(
             helper.make_node("Gemm", [name, f"w{index}", f"b{index}"], [f"h{index}"], transB=1)
         )
         name = f"h{index}"
-        op = post_op.op
-        node = helper.make_node(op.onnx_op, [name], [f"r{index}"])
-        node.attribute.extend(
-            helper.make_attribute(attribute, value)
-            for attribute, value in zip(op.onnx_attributes, post_op.params, strict=True)
-        )
-        nodes.append(node)
+        nodes += post_op.onnx_nodes(name, f"r{index}", layers[0][0].dtype)
         name = f"r{index}"
     graph = helper.make_graph(
         nodes,

@@ -1,4 +1,5 @@
-"""``accelerate``: every chain of Linear layers in a model becomes a ``FusedMLP`` in place."""
+"""``accelerate``: every ``nn.Sequential`` in a model holding a run of modules the kernels take
+becomes a ``FusedMLP`` in place."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import cast
 from torch import nn
 
 from fusedae.torch.cache import has_hooks
-from fusedae.torch.lower import describe, lower
+from fusedae.torch.lower import DROPOUTS, LoweredChain, describe, split
 from fusedae.torch.modules import FusedMLP
 
 
@@ -16,42 +17,67 @@ from fusedae.torch.modules import FusedMLP
 class AccelerateReport:
     """What ``accelerate`` did, by qualified module name (``""`` is the model itself).
 
-    ``replaced``: ``(name, layers)`` for each ``nn.Sequential`` turned into a ``FusedMLP``;
+    ``replaced``: ``(name, pieces)`` for each ``nn.Sequential`` turned into a ``FusedMLP``: its
+    children in order, each run that is one fused call in brackets (no brackets where the whole
+    Sequential is one), every other child by its type, which runs as the module it is.
     ``already_fused``: ``FusedMLP``s found; ``kept``: ``(name, reason)`` for each
-    ``nn.Sequential`` left as it was. ``str(report)`` is a readable account.
+    ``nn.Sequential`` left as it was; ``notes``: ``(name, note)`` on modules of fused runs that
+    run plain PyTorch in their present mode. ``str(report)`` is a readable account.
     """
 
     replaced: list[tuple[str, str]] = field(default_factory=list)
     already_fused: list[str] = field(default_factory=list)
     kept: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[tuple[str, str]] = field(default_factory=list)
 
     def __str__(self) -> str:
         def label(name: str) -> str:
             return name or "(the model itself)"
 
         lines = [f"replaced {len(self.replaced)} nn.Sequential with FusedMLP"]
-        lines += [f"  {label(name)}: {layers}" for name, layers in self.replaced]
+        lines += [f"  {label(name)}: {pieces}" for name, pieces in self.replaced]
+        if any("[" in pieces for _, pieces in self.replaced):
+            lines.append("  ([...]: one fused call; other modules run as they are)")
         if self.already_fused:
             lines.append(f"already fused: {', '.join(map(label, self.already_fused))}")
         if self.kept:
             lines.append(f"kept {len(self.kept)} nn.Sequential unchanged")
             lines += [f"  {label(name)}: {reason}" for name, reason in self.kept]
+        if self.notes:
+            lines.append("runs plain PyTorch for now")
+            lines += [f"  {label(name)}: {note}" for name, note in self.notes]
         return "\n".join(lines)
 
 
+def _mode_note(lowered: LoweredChain) -> str | None:
+    """Why the chain runs plain PyTorch in its modules' present mode, if it does."""
+    training = sorted(
+        {
+            type(module).__name__
+            for module in lowered.mode_dependent
+            if module.training and (type(module) not in DROPOUTS or module.p > 0)  # type: ignore[operator]
+        }
+    )
+    if not training:
+        return None
+    return f"{', '.join(training)} in training mode (fused in eval mode)"
+
+
 def accelerate(model: nn.Module) -> tuple[nn.Module, AccelerateReport]:
-    """Replaces, in place, every ``nn.Sequential`` in ``model`` that is a chain of ``nn.Linear``
-    with ``nn.ReLU`` / ``nn.Identity`` between them by a ``FusedMLP`` holding the same child
-    modules, and so the same parameter objects: an optimizer built before keeps working, and
-    ``state_dict`` keys and printout do not change.
+    """Replaces, in place, every ``nn.Sequential`` in ``model`` holding a run of modules the
+    kernels take (Linear layers with the op table's activations, eval-mode BatchNorm1d folded
+    in, Dropout, Identity, a leading Flatten and a trailing Unflatten) by a ``FusedMLP`` holding
+    the same child modules, and so the same parameter objects: an optimizer built before keeps
+    working, and ``state_dict`` keys and printout do not change. Each longest such run is one
+    fused call; the other children (a LayerNorm between two runs) run as they are.
 
-    Every other module is left alone, as is a chain with forward or backward hooks on it or its
-    layers (the fused call would skip them). Calling it again changes nothing. A Sequential
-    reachable from several parents is replaced by one FusedMLP everywhere; references held
-    outside the module tree (plain attributes, lists) still see the old one.
+    Every other module is left alone, as is a Sequential with forward or backward hooks on it or
+    its children (the fused call would skip them). Calling it again changes nothing. A
+    Sequential reachable from several parents is replaced by one FusedMLP everywhere;
+    references held outside the module tree (plain attributes, lists) still see the old one.
 
-    Returns the model (a new ``FusedMLP`` if ``model`` is itself such a chain: use the returned
-    one) and an ``AccelerateReport``; ``print`` it for a readable account.
+    Returns the model (a new ``FusedMLP`` if ``model`` is itself such a Sequential: use the
+    returned one) and an ``AccelerateReport``; ``print`` it for a readable account.
     """
     report = AccelerateReport()
     done: dict[int, nn.Module] = {}
@@ -61,22 +87,41 @@ def accelerate(model: nn.Module) -> tuple[nn.Module, AccelerateReport]:
             return done[id(module)]
         result = module
         if type(module) is nn.Sequential:
-            lowered = lower(cast(nn.Sequential, module))
-            if lowered is None:
-                kinds = ", ".join(type(child).__name__ for child in module)
-                report.kept.append((name, f"not a Linear/ReLU/Identity chain ({kinds})"))
+            children = tuple(cast(nn.Sequential, module))
+            pieces = split(children)
+            kinds = ", ".join(type(child).__name__ for child in children)
+            if not any(lowered for _, _, lowered in pieces):
+                report.kept.append((name, f"no Linear chain the kernels take ({kinds})"))
             elif has_hooks(module.modules()):
                 report.kept.append((name, "has hooks, which the fused call would skip"))
             else:
-                result = FusedMLP.from_sequential(module)
-                report.replaced.append((name, describe(lowered.layers)))
+                result = FusedMLP.from_sequential(cast(nn.Sequential, module))
+                report.replaced.append((name, _describe_pieces(children, pieces)))
+                for _, _, lowered in pieces:
+                    note = None if lowered is None else _mode_note(lowered)
+                    if note is not None:
+                        report.notes.append((name, note))
         elif isinstance(module, FusedMLP):
             report.already_fused.append(name)
         done[id(module)] = result
-        if result is module:
-            for key, child in list(module._modules.items()):
-                if child is not None:
-                    module._modules[key] = visit(child, f"{name}.{key}" if name else key)
+        for key, child in list(result._modules.items()):
+            if child is not None:
+                result._modules[key] = visit(child, f"{name}.{key}" if name else key)
         return result
 
     return visit(model, ""), report
+
+
+def _describe_pieces(
+    children: tuple[nn.Module, ...], pieces: list[tuple[int, int, LoweredChain | None]]
+) -> str:
+    """``"Linear 8->16, ReLU"`` for one chain, ``"[Linear 8->16, ReLU], LayerNorm, [...]"``
+    for runs and other modules."""
+    if len(pieces) == 1:
+        lowered = pieces[0][2]
+        assert lowered is not None
+        return describe(lowered)
+    return ", ".join(
+        type(children[start]).__name__ if lowered is None else f"[{describe(lowered)}]"
+        for start, _, lowered in pieces
+    )

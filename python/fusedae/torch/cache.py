@@ -14,7 +14,7 @@ from torch.nn.modules import module as _torch_module
 from fusedae import _native
 from fusedae._ops import PostOp
 from fusedae.torch.function import FusedMLPFunction, pack_spec, run, shape_error, to_dlpack
-from fusedae.torch.lower import LoweredChain, TensorSlot, lower
+from fusedae.torch.lower import DROPOUTS, LoweredChain, TensorSlot, lower, split
 
 _FUSED_DTYPES = (torch.float32, torch.float64)
 # What the per-call path uses from torch, bound once: each `torch.name` lookup costs ~25 ns.
@@ -38,14 +38,16 @@ _PackedTensor = tuple[dict[str, Any], str, torch.Tensor | None, int, int]
 
 class ChainCache:
     """Which chain a module's children form, and the packed form of every tensor its
-    ``ChainSpec`` reads (``LoweredChain.slots``: today weights and biases), reused while none of
-    them changed.
+    ``ChainSpec`` reads (``LoweredChain.slots``: weights, biases, BatchNorm statistics and
+    affine parameters), reused while none of them changed.
 
     A change is seen through each tensor's identity in its slot, storage address and version
     counter, which every in-place op bumps (optimizer steps, ``load_state_dict``, ``copy_``
-    under ``no_grad``); ``.to()`` and ``.data = ...`` move the storage. The packed tensors are
-    kept alive so their addresses cannot be reused. Edits through ``.data`` bypass the version
-    counter, as they bypass autograd: call the module's ``invalidate()`` after those.
+    under ``no_grad``); ``.to()`` and ``.data = ...`` move the storage. A call while a BatchNorm
+    is in training mode (which runs plain PyTorch and updates its running statistics) forgets
+    the packed chain. The packed tensors are kept alive so their addresses cannot be reused.
+    Edits through ``.data`` bypass the version counter, as they bypass autograd: call the
+    module's ``invalidate()`` after those. A BatchNorm's ``eps`` is read when packing.
     """
 
     def __init__(self) -> None:
@@ -56,6 +58,11 @@ class ChainCache:
         self.post_ops: tuple[PostOp, ...] = ()
         self.in_features = 0
         self.slots: tuple[TensorSlot, ...] = ()
+        self.mode_dependent: tuple[nn.Module, ...] = ()
+        self.normalized = False
+        # Whether the chain starts with nn.Flatten or ends with nn.Unflatten: then callers call
+        # `reshaped_forward`.
+        self.reshaped = False
         self.invalidate()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -89,6 +96,11 @@ class ChainCache:
             self.post_ops = self.lowered.post_ops if self.lowered else ()
             self.in_features = self.lowered.in_features if self.lowered else 0
             self.slots = self.lowered.slots if self.lowered else ()
+            self.mode_dependent = self.lowered.mode_dependent if self.lowered else ()
+            self.normalized = self.lowered.normalized if self.lowered else False
+            self.reshaped = self.lowered is not None and (
+                self.lowered.flatten is not None or self.lowered.unflatten is not None
+            )
             self.invalidate()
         return self.lowered
 
@@ -130,6 +142,8 @@ class ChainCache:
             or x.layout is not _STRIDED
         ):
             return None
+        if self.mode_dependent and self.training_differs():
+            return None
         in_features = self.in_features
         shape = x.shape
         if not shape or shape[-1] != in_features:
@@ -164,7 +178,11 @@ class ChainCache:
         if _is_grad_enabled() and (
             x.requires_grad or any(t is not None and t.requires_grad for t in self.tensors)
         ):
+            if self.normalized:
+                return None  # the backward of folded BatchNorms is PyTorch's to compute
             return FusedMLPFunction.apply(x, chain, self.post_ops, *self.tensors)
+        if self.normalized and len(shape) != 2:
+            return None  # BatchNorm1d normalizes dimension 1, the features only in 2-D input
         if len(shape) == 2 and not x.is_neg():
             # `run`'s common case, inlined: a 2-D tensor without the negative bit (DLPack would
             # hand over a negated view's raw memory), read where it lies; the kernel refuses a
@@ -175,6 +193,66 @@ class ChainCache:
                 if x.is_contiguous():
                     raise
         return run(chain, x)
+
+    def training_differs(self) -> bool:
+        """Whether a module of the chain is in training mode where that computes something else
+        than eval mode: a BatchNorm (batch statistics, running statistics updated: the packed
+        chain is forgotten) or a Dropout with ``p > 0``."""
+        for module in self.mode_dependent:
+            if module.training:
+                if type(module) not in DROPOUTS:
+                    self.packed = None
+                    return True
+                if module.p > 0:  # type: ignore[operator]
+                    return True
+        return False
+
+    def reshaped_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``forward`` between the chain's ``nn.Flatten`` and ``nn.Unflatten`` (callers use it
+        where ``reshaped``; ``forward`` does not check, on its per-call path); None where
+        PyTorch must run it, or raise its own error."""
+        assert self.lowered is not None
+        flatten, unflatten = self.lowered.flatten, self.lowered.unflatten
+        if flatten is not None:
+            try:
+                x = x.flatten(flatten.start_dim, flatten.end_dim)
+            except (IndexError, RuntimeError):
+                return None
+        y = self.forward(x)
+        if y is None or unflatten is None:
+            return y
+        return y.unflatten(unflatten.dim, unflatten.unflattened_size)
+
+
+class SplitCache:
+    """The pieces a container's children split into (``lower.split``): each run the kernels
+    take with its own ``ChainCache``, each other child alone (cache None). Recomputed when the
+    children change."""
+
+    def __init__(self) -> None:
+        self.modules: tuple[nn.Module, ...] = ()
+        self.pieces: tuple[tuple[tuple[nn.Module, ...], ChainCache | None], ...] = ()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}  # a cache, as ChainCache's
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__()  # type: ignore[misc]
+
+    def pieces_of(
+        self, modules: tuple[nn.Module, ...]
+    ) -> tuple[tuple[tuple[nn.Module, ...], ChainCache | None], ...]:
+        """``modules`` in pieces, each with the cache of its fused run (None if it is not one)."""
+        if modules != self.modules:
+            pieces = []
+            for start, stop, lowered in split(modules):
+                cache = None
+                if lowered is not None:
+                    cache = ChainCache()
+                    cache.set_modules(modules[start:stop])
+                pieces.append((modules[start:stop], cache))
+            self.modules, self.pieces = modules, tuple(pieces)
+        return self.pieces
 
 
 def _state(tensor: torch.Tensor) -> tuple[int, int]:

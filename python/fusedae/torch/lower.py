@@ -3,6 +3,7 @@ lives; and back, a ``ChainSpec`` as plain PyTorch modules."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -12,35 +13,69 @@ import torch
 from torch import nn
 
 from fusedae._ops import IDENTITY, OPS, Op, PostOp
-from fusedae.chain import ChainSpec
+from fusedae.chain import ChainSpec, Normalization, Position
 
 # Where a tensor lives: a module's `_parameters` (or `_buffers`) dict and its key there. A cache
 # reads the tensor through it on every call, so a parameter replaced on the module is seen.
 TensorSlot = tuple[dict[str, Any], str]
 
 
-# The op table's module names resolved (its entries name them: `import fusedae` imports no torch).
-_OPS_BY_MODULE_TYPE: dict[type[nn.Module], Op] = {
-    getattr(nn, name): op for op in OPS.values() for name in op.torch_modules
-}
+# The op table's module names resolved (its entries name them: `import fusedae` imports no torch);
+# one module type may stand for several ops (nn.GELU: gelu and gelu_tanh).
+_OPS_BY_MODULE_TYPE: dict[type[nn.Module], tuple[Op, ...]] = {}
+for _op in OPS.values():
+    for _module_type in (getattr(nn, name) for name in _op.torch_modules):
+        _OPS_BY_MODULE_TYPE[_module_type] = (*_OPS_BY_MODULE_TYPE.get(_module_type, ()), _op)
+# Identity in eval mode; in training mode they compute what the kernels do not, unless p == 0.
+DROPOUTS = (nn.Dropout, nn.AlphaDropout)
+# The tensors of a BatchNorm1d a Normalization reads, in the order it takes them.
+_NORMALIZATION_SLOTS = (
+    ("_buffers", "running_mean"),
+    ("_buffers", "running_var"),
+    ("_parameters", "weight"),
+    ("_parameters", "bias"),
+)
 
 
-def _post_op(module: nn.Module, op: Op) -> PostOp:
-    """The post-op ``module`` applies: ``op`` with the module's parameter attributes."""
-    return PostOp(op.name, tuple(float(getattr(module, name)) for name, _ in op.params))
+def _post_op(module: nn.Module) -> PostOp | None:
+    """The post-op ``module`` applies (an op of the table with the module's parameter
+    attributes), or None if it applies none."""
+    for op in _OPS_BY_MODULE_TYPE.get(type(module), ()):
+        if all(getattr(module, name, None) == value for name, value in op.torch_settings):
+            return PostOp(op.name, tuple(float(getattr(module, name)) for name, _ in op.params))
+    return None
+
+
+def _foldable(norm: nn.Module) -> bool:
+    """An exact ``nn.BatchNorm1d`` with running statistics: in eval mode, a fixed affine map."""
+    return (
+        type(norm) is nn.BatchNorm1d
+        and norm.track_running_stats
+        and norm.running_mean is not None
+        and norm.running_var is not None
+    )
 
 
 @dataclass(frozen=True)
 class LoweredChain:
-    """A chain of modules as the kernels see it.
+    """A run of modules as the kernels see it.
 
-    ``layers``: each ``nn.Linear`` with the post-op after it. ``slots``: every tensor the chain's
-    ``ChainSpec`` reads, in the order ``spec`` takes them (today each layer's weight and bias);
-    the same order in which the modules hand them to ``FusedMLPFunction``.
+    ``layers``: each ``nn.Linear`` with the post-op after it; ``normalizations``: for each layer,
+    the ``nn.BatchNorm1d`` modules folded into it, with their ``Normalization.position``, in the
+    order they apply. ``slots``: every tensor the chain's ``ChainSpec`` reads, in the order
+    ``spec`` takes them: each layer's weight and bias (the order in which the modules hand them
+    to ``FusedMLPFunction``), then each BatchNorm's running mean and variance, weight and bias.
+    ``mode_dependent``: the BatchNorm and Dropout modules, which compute something else in
+    training mode. ``flatten`` and ``unflatten``: an ``nn.Flatten`` that was the first module
+    and an ``nn.Unflatten`` that was the last, reshapes around the fused call.
     """
 
     layers: tuple[tuple[nn.Linear, PostOp], ...]
     slots: tuple[TensorSlot, ...]
+    normalizations: tuple[tuple[tuple[Position, nn.BatchNorm1d], ...], ...] = ()
+    mode_dependent: tuple[nn.Module, ...] = ()
+    flatten: nn.Flatten | None = None
+    unflatten: nn.Unflatten | None = None
 
     @property
     def in_features(self) -> int:
@@ -49,6 +84,11 @@ class LoweredChain:
     @property
     def post_ops(self) -> tuple[PostOp, ...]:
         return tuple(op for _, op in self.layers)
+
+    @property
+    def normalized(self) -> bool:
+        """Whether a BatchNorm is folded into a layer."""
+        return any(self.normalizations)
 
     def tensors(self) -> list[torch.Tensor | None]:
         """The tensors in ``slots`` now."""
@@ -59,12 +99,25 @@ class LoweredChain:
     ) -> ChainSpec:
         """The ChainSpec over ``tensors`` (CPU tensors numpy can read, one per slot), whose
         arrays share the tensors' memory where they can; ``encoder_layers`` defaults as in
-        ``ChainSpec.from_pairs``."""
+        ``ChainSpec.from_pairs``. BatchNorms become ``Normalization``s, not yet folded."""
         arrays = [None if tensor is None else as_array(tensor) for tensor in tensors]
-        pairs = [
-            (cast(np.ndarray, arrays[2 * i]), arrays[2 * i + 1]) for i in range(len(self.layers))
-        ]
-        return ChainSpec.from_pairs(pairs, self.post_ops, encoder_layers)
+        count = len(self.layers)
+        pairs = [(cast(np.ndarray, arrays[2 * i]), arrays[2 * i + 1]) for i in range(count)]
+        spec = ChainSpec.from_pairs(pairs, self.post_ops, encoder_layers)
+        if not self.normalized:
+            return spec
+        statistics = iter(arrays[2 * count :])
+        layers = []
+        for layer, norms in zip(spec.layers, self.normalizations, strict=True):
+            folded = []
+            for position, norm in norms:
+                mean, var, weight, bias = (next(statistics) for _ in _NORMALIZATION_SLOTS)
+                # `lower` took only BatchNorms with running statistics.
+                assert mean is not None
+                assert var is not None
+                folded.append(Normalization(position, mean, var, float(norm.eps), weight, bias))
+            layers.append(dataclasses.replace(layer, normalization=tuple(folded)))
+        return ChainSpec(tuple(layers), spec.encoder_layers, spec.precision)
 
 
 def as_array(tensor: torch.Tensor) -> np.ndarray:
@@ -76,56 +129,146 @@ def as_array(tensor: torch.Tensor) -> np.ndarray:
 def lower(modules: Iterable[nn.Module]) -> LoweredChain | None:
     """The chain ``modules`` form, in order, or None if they are not one: ``nn.Linear`` layers,
     each followed by at most one post-op module of the op table (``fusedae._ops.OPS``), or by
-    several applying one idempotent op; ``nn.Identity`` anywhere. Only exact types qualify (a
-    subclass may compute something else)."""
+    several applying one idempotent op; ``nn.BatchNorm1d`` with running statistics right before
+    or after a Linear (after: before its post-op), or after a post-op and before the next
+    Linear; ``nn.Identity``, ``nn.Dropout`` and ``nn.AlphaDropout`` anywhere; an ``nn.Flatten``
+    first and an ``nn.Unflatten`` last. Only exact types qualify (a subclass may compute
+    something else). Training mode is not read here: ``ChainCache.forward`` reads it on each
+    call."""
     layers: list[tuple[nn.Linear, PostOp]] = []
-    for module in modules:
+    normalizations: list[list[tuple[Position, nn.BatchNorm1d]]] = []
+    waiting: list[nn.BatchNorm1d] = []  # after a post-op: they normalize the next Linear's input
+    mode_dependent: list[nn.Module] = []
+    flatten: nn.Flatten | None = None
+    unflatten: nn.Unflatten | None = None
+    for index, module in enumerate(modules):
+        if unflatten is not None:
+            return None  # only last
         kind = type(module)
         if kind is nn.Linear:
             layers.append((cast(nn.Linear, module), IDENTITY))
-            continue
-        op = _OPS_BY_MODULE_TYPE.get(kind)
-        if op is None:
-            return None
-        post_op = _post_op(module, op)
-        if post_op == IDENTITY:
-            continue
-        if not layers:
-            return None  # a post-op before any Linear
-        linear, current = layers[-1]
-        if current == IDENTITY:
-            layers[-1] = (linear, post_op)
-        elif current != post_op or not op.idempotent:
-            return None  # two post-ops in a row that are not one
-    if not layers:
+            normalizations.append([("before", norm) for norm in waiting])
+            waiting = []
+        elif kind is nn.BatchNorm1d:
+            norm = cast(nn.BatchNorm1d, module)
+            if not _foldable(norm):
+                return None
+            mode_dependent.append(norm)
+            if layers and layers[-1][1] == IDENTITY and not waiting:
+                normalizations[-1].append(("after", norm))
+            else:
+                waiting.append(norm)
+        elif kind in DROPOUTS:
+            mode_dependent.append(module)
+        elif kind is nn.Flatten:
+            if index:
+                return None  # only first
+            flatten = cast(nn.Flatten, module)
+        elif kind is nn.Unflatten:
+            unflatten = cast(nn.Unflatten, module)
+        else:
+            post_op = _post_op(module)
+            if post_op is None:
+                return None
+            if post_op == IDENTITY:
+                continue
+            if not layers or waiting:
+                return None  # a post-op before any Linear, or after a normalized post-op
+            linear, current = layers[-1]
+            if current == IDENTITY:
+                layers[-1] = (linear, post_op)
+            elif current != post_op or not post_op.op.idempotent:
+                return None  # two post-ops in a row that are not one
+    if not layers or waiting:
         return None
-    slots = tuple((linear._parameters, key) for linear, _ in layers for key in ("weight", "bias"))
-    return LoweredChain(tuple(layers), slots)
+    slots: list[TensorSlot] = [
+        (linear._parameters, key) for linear, _ in layers for key in ("weight", "bias")
+    ]
+    slots += [
+        (getattr(norm, owner), key)
+        for norms in normalizations
+        for _, norm in norms
+        for owner, key in _NORMALIZATION_SLOTS
+    ]
+    return LoweredChain(
+        tuple(layers),
+        tuple(slots),
+        tuple(tuple(norms) for norms in normalizations),
+        tuple(mode_dependent),
+        flatten,
+        unflatten,
+    )
 
 
-def describe(layers: Sequence[tuple[nn.Linear, PostOp]]) -> str:
-    """``"Linear 64->42, ReLU, Linear 42->2"``."""
-    parts = []
-    for linear, post_op in layers:
+def split(modules: Sequence[nn.Module]) -> list[tuple[int, int, LoweredChain | None]]:
+    """``modules`` as consecutive ``(start, stop, chain)`` pieces covering them in order: each
+    longest run (from the left) that ``lower`` takes, and each module outside one alone with
+    chain None."""
+    pieces: list[tuple[int, int, LoweredChain | None]] = []
+    start = 0
+    while start < len(modules):
+        for stop in range(len(modules), start, -1):
+            lowered = lower(modules[start:stop])
+            if lowered is not None:
+                pieces.append((start, stop, lowered))
+                start = stop
+                break
+        else:
+            pieces.append((start, start + 1, None))
+            start += 1
+    return pieces
+
+
+def describe(lowered: LoweredChain) -> str:
+    """``"Linear 64->42, ReLU, Linear 42->2"``; BatchNorms, Flatten and Unflatten named too."""
+    parts = ["Flatten"] if lowered.flatten is not None else []
+    for (linear, post_op), norms in zip(
+        lowered.layers, lowered.normalizations or [()] * len(lowered.layers), strict=True
+    ):
+        parts += [f"BatchNorm1d({norm.num_features})" for p, norm in norms if p == "before"]
         parts.append(f"Linear {linear.in_features}->{linear.out_features}")
+        parts += [f"BatchNorm1d({norm.num_features})" for p, norm in norms if p == "after"]
         if post_op != IDENTITY:
             module = post_op_module(post_op)
-            parts.append(repr(module) if post_op.params else type(module).__name__)
+            parts.append(
+                repr(module)
+                if post_op.params or post_op.op.torch_settings
+                else type(module).__name__
+            )
+    if lowered.unflatten is not None:
+        parts.append("Unflatten")
     return ", ".join(parts)
 
 
 def post_op_module(post_op: PostOp) -> nn.Module:
     """The ``torch.nn`` module that applies ``post_op``."""
-    module_type: type[nn.Module] = getattr(nn, post_op.op.torch_modules[0])
-    return module_type(**post_op.keyword_params())
+    op = post_op.op
+    module_type: type[nn.Module] = getattr(nn, op.torch_modules[0])
+    return module_type(**post_op.keyword_params(), **dict(op.torch_settings))
+
+
+def _batch_norm(norm: Normalization, dtype: torch.dtype) -> nn.BatchNorm1d:
+    """``norm`` as an eval-mode ``nn.BatchNorm1d``."""
+    module = nn.BatchNorm1d(len(norm.mean), norm.eps, affine=norm.weight is not None, dtype=dtype)
+    with torch.no_grad():
+        for name in ("mean", "var"):
+            getattr(module, f"running_{name}").copy_(torch.from_numpy(getattr(norm, name)))
+        if norm.weight is not None and norm.bias is not None:
+            module.weight.copy_(torch.from_numpy(norm.weight))
+            module.bias.copy_(torch.from_numpy(norm.bias))
+    return module.eval()
 
 
 def to_sequential(spec: ChainSpec, dtype: torch.dtype | None = None) -> nn.Sequential:
     """``spec`` as plain PyTorch modules: ``nn.Linear`` (copies of the weights, in ``dtype``,
-    default the first weight's), each followed by its post-op's module unless it is identity."""
+    default the first weight's), each between its normalizations (eval-mode
+    ``nn.BatchNorm1d``) and followed by its post-op's module unless it is identity."""
     dtype = dtype or getattr(torch, spec.layers[0].weight.dtype.name)
     modules: list[nn.Module] = []
     for layer in spec.layers:
+        before = [n for n in layer.normalization if n.position == "before"]
+        after = [n for n in layer.normalization if n.position == "after"]
+        modules += [_batch_norm(norm, dtype) for norm in before]
         bias = layer.bias is not None
         linear = nn.Linear(layer.in_features, layer.out_features, bias, dtype=dtype)
         with torch.no_grad():
@@ -133,6 +276,7 @@ def to_sequential(spec: ChainSpec, dtype: torch.dtype | None = None) -> nn.Seque
             if layer.bias is not None:
                 cast(torch.Tensor, linear.bias).copy_(torch.tensor(layer.bias))
         modules.append(linear)
+        modules += [_batch_norm(norm, dtype) for norm in after]
         if layer.post_op != IDENTITY:
             modules.append(post_op_module(layer.post_op))
     return nn.Sequential(*modules)

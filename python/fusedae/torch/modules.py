@@ -9,7 +9,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from fusedae.torch.cache import ChainCache
+from fusedae.torch.cache import ChainCache, SplitCache
 
 # A chain as `FusedMLP.fused_layers` shows it: each Linear with its post-op's name.
 Layers = tuple[tuple[nn.Linear, str], ...]
@@ -59,18 +59,20 @@ class _FusedCall(nn.Module):
 
 
 class FusedMLP(_FusedCall, nn.Sequential):
-    """An ``nn.Sequential`` of ``nn.Linear``, each followed by a post-op module of the op table
-    (``nn.ReLU``) or none, ``nn.Identity`` anywhere, run by the fused kernel on CPU.
+    """An ``nn.Sequential`` whose runs of modules the kernels take (``lower.lower``: Linear
+    layers with post-ops, BatchNorm1d, Dropout, Identity, a leading Flatten and a trailing
+    Unflatten) each run as one fused call on CPU; every other child runs as the module it is.
 
-    Same constructor, children, ``state_dict`` keys and printout as ``nn.Sequential``; input of
-    shape ``(*, in_features)``. CPU float32/float64 input runs fused (autograd through
-    ``FusedMLPFunction`` when a gradient is needed); anything else (CUDA, half precision,
-    autocast, a chain holding other modules) runs as plain ``nn.Sequential``.
+    Same constructor, children, ``state_dict`` keys and printout as ``nn.Sequential``. CPU
+    float32/float64 input runs fused (autograd through ``FusedMLPFunction`` when a gradient is
+    needed); anything else (CUDA, half precision, autocast, BatchNorm in training mode) runs as
+    plain ``nn.Sequential``.
     """
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
-        self._fused = ChainCache()
+        self._fused = ChainCache()  # the whole Sequential, where it is one chain
+        self._pieces = SplitCache()  # where it is not
 
     @classmethod
     def from_sequential(cls, sequential: nn.Sequential) -> FusedMLP:
@@ -84,26 +86,56 @@ class FusedMLP(_FusedCall, nn.Sequential):
 
     def fused_layers(self) -> Layers | None:
         """The chain the kernel runs, as ``(linear, post-op name)`` pairs; None if the children
-        do not form one (then it runs as plain nn.Sequential)."""
+        do not form one chain (then ``fused_runs`` says which of them run fused)."""
         lowered = self._fused.set_modules(tuple(self._modules.values()))  # type: ignore[arg-type]
         return (
             None if lowered is None else tuple((linear, op.name) for linear, op in lowered.layers)
         )
 
+    def fused_runs(self) -> list[tuple[int, int]]:
+        """The ``(start, stop)`` child indices of each run of children called as one fused
+        call."""
+        modules: tuple[nn.Module, ...] = tuple(self._modules.values())  # type: ignore[arg-type]
+        runs, start = [], 0
+        for piece, cache in self._pieces.pieces_of(modules):
+            if cache is not None:
+                runs.append((start, start + len(piece)))
+            start += len(piece)
+        return runs
+
     def invalidate(self) -> None:
         """Forget the packed weights (only needed after edits through ``.data``)."""
         self._fused.invalidate()
+        for _, cache in self._pieces.pieces:
+            if cache is not None:
+                cache.invalidate()
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         state = self._fused
         modules = tuple(self._modules.values())
         if modules != state.modules:
             state.set_modules(modules)  # type: ignore[arg-type]
-        return None if state.lowered is None else state.forward(x)
+        if state.lowered is None:
+            return None
+        return state.reshaped_forward(x) if state.reshaped else state.forward(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self._fused_forward(x)
-        return super().forward(x) if result is None else result
+        if result is not None:
+            return result
+        if self._fused.lowered is not None:  # one chain, which PyTorch must run
+            return super().forward(x)
+        modules: tuple[nn.Module, ...] = tuple(self._modules.values())  # type: ignore[arg-type]
+        for piece, cache in self._pieces.pieces_of(modules):
+            fused = None
+            if cache is not None:
+                fused = cache.reshaped_forward(x) if cache.reshaped else cache.forward(x)
+            if fused is None:
+                for module in piece:
+                    x = module(x)
+            else:
+                x = fused
+        return x
 
     _gated_forward = forward
 
@@ -139,8 +171,9 @@ class AE(_FusedCall):
         decoder = cast(nn.Sequential, self._modules["decoder"])
         if type(encoder) in SEQUENTIALS and type(decoder) in SEQUENTIALS:
             modules = (*encoder._modules.values(), *decoder._modules.values())
-            if self._fused.set_modules(modules, (encoder, decoder)) is not None:  # type: ignore[arg-type]
-                return self._fused.forward(x)
+            state = self._fused
+            if state.set_modules(modules, (encoder, decoder)) is not None:  # type: ignore[arg-type]
+                return state.reshaped_forward(x) if state.reshaped else state.forward(x)
         return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
