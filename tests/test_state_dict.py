@@ -49,6 +49,7 @@ def test_parse_layers_grammar() -> None:
         ("linear,leaky_relu(0.1,2)", r"item 2 .*: takes at most 1 arguments \(negative_slope\)"),
         ("linear,leaky_relu(slope=0.1)", "no argument 'slope'; it takes negative_slope"),
         ("linear,hardtanh(0,min_val=1)", "min_val given twice"),
+        ("linear,relu(0)", r"item 2 \(relu\(0\)\): takes no arguments"),
         ("linear,elu(one)", "alpha must be a number, got 'one'"),
         ("linear,relu(", r"unbalanced '\('"),
         ("linear),relu", r"unbalanced '\)'"),

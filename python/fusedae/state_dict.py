@@ -41,7 +41,7 @@ __all__ = ["Item", "StateModule", "from_state_dict", "parse_layers", "state_modu
 ModuleKind = Literal["linear", "batchnorm"]
 # Each module kind's constructor arguments as the layers text takes them (the torch
 # constructor's, in its order), with defaults; None: required where given, checked.
-_MODULE_ARGUMENTS: dict[ModuleKind, tuple[tuple[str, float | None], ...]] = {
+_MODULE_ARGUMENTS: dict[str, tuple[tuple[str, float | None], ...]] = {
     "linear": (("in_features", None), ("out_features", None)),
     "batchnorm": (("num_features", None), ("eps", 1e-5)),
 }
@@ -96,16 +96,16 @@ def parse_layers(text: str) -> list[Item]:
     what it should be."""
     items = []
     for number, part in enumerate(_split(text), 1):
+        written = part.strip()
         match = _ITEM.fullmatch(part)
         if match is None:
             raise ValueError(
-                f"--layers item {number} ({part.strip()}): expected a name with optional "
+                f"--layers item {number} ({written}): expected a name with optional "
                 "arguments in parentheses, such as linear, relu or leaky_relu(0.2)"
             )
         kind, inside = match.group(1), match.group(2)
-        written = part.strip()
         if kind in _MODULE_ARGUMENTS:
-            parameters = _MODULE_ARGUMENTS[kind]  # type: ignore[index]
+            parameters = _MODULE_ARGUMENTS[kind]
         elif kind in OPS:
             parameters = OPS[kind].params
         else:
@@ -134,7 +134,11 @@ def _arguments(
             keyword = _KEYWORD.fullmatch(argument)
             name = keyword.group(1) if keyword else names[position] if position < len(names) else ""
             if not name:
-                raise ValueError(f"takes at most {len(names)} arguments ({', '.join(names)})")
+                raise ValueError(
+                    f"takes at most {len(names)} arguments ({', '.join(names)})"
+                    if names
+                    else "takes no arguments"
+                )
             if keyword and name not in names:
                 raise ValueError(f"no argument {name!r}; it takes {', '.join(names) or 'none'}")
             if name in given:
