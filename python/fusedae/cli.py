@@ -84,7 +84,7 @@ def encode_help() -> str:
 
 
 class CommandError(Exception):
-    """A failure reported as one line on stderr, with exit status 1."""
+    """A failure reported on stderr after ``fusedae COMMAND: error:``, with exit status 1."""
 
 
 def positive_int(text: str) -> int:
@@ -309,7 +309,7 @@ def load_checkpoint(path: Path, trust_pickle: bool) -> object:
             f"'{path.with_suffix('.safetensors').name}')"
         ) from None
     except Exception as error:  # torch.load raises many kinds, all meaning "cannot load it"
-        names = pickled_names(path) if not trust_pickle else None
+        names = [] if trust_pickle else pickled_names(path)
         if names:
             raise CommandError(
                 f"{path} pickles Python objects ({', '.join(names)}), such as a whole "
