@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -165,10 +165,10 @@ class MLP(_native.Chain):
         self.forward(x2, out.reshape(x2.shape[0], self.out_features))
         return out
 
-    def __reduce__(self) -> tuple[type[MLP], tuple[object, ...]]:
-        # The packed form is rebuilt where it is unpickled (that CPU's kernel); the layers keep
-        # the dtype, which follows from the first weight.
-        return type(self), (self.layers, self._spec.post_ops)
+    def __reduce__(self) -> tuple[Callable[[ChainSpec], MLP], tuple[ChainSpec]]:
+        # The packed form is rebuilt where it is unpickled (that CPU's kernel) from the spec,
+        # whose arrays keep the dtype and whose normalizations are not folded yet.
+        return type(self).from_spec, (self._spec,)
 
     @property
     def activations(self) -> tuple[str, ...]:
