@@ -197,7 +197,8 @@ LAYERED_MODELS = {
             torch.nn.BatchNorm1d(8, eps=1e-3, affine=False),
             torch.nn.Linear(8, 4),
         ),
-        "batchnorm(12),linear(12,16),batchnorm,relu,linear,relu,batchnorm(eps=0.001),linear",
+        "batchnorm(12),linear(12,16),batchnorm,relu,dropout(0.5),linear,relu,"
+        "batchnorm(eps=0.001),linear",
     ),
     "activations with parameters": (
         lambda: torch.nn.Sequential(

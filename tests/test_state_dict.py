@@ -45,7 +45,7 @@ def test_parse_layers_grammar() -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("linear,swish", r"item 2 \(swish\): unknown name 'swish'; items are linear, batchnorm"),
+        ("linear,swish", r"item 2 \(swish\): unknown name 'swish'; items are linear, batchnorm,"),
         ("linear,leaky_relu(0.1,2)", r"item 2 .*: takes at most 1 arguments \(negative_slope\)"),
         ("linear,leaky_relu(slope=0.1)", "no argument 'slope'; it takes negative_slope"),
         ("linear,hardtanh(0,min_val=1)", "min_val given twice"),

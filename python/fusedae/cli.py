@@ -58,9 +58,9 @@ nn.Sequential would list them:
 for example --layers 'linear,batchnorm,relu,linear,leaky_relu(0.2),linear,hardtanh(0,6)'.
 The state_dict's modules are taken in the order it stores them (the order they were
 registered, which is nn.Sequential's order); a module is a Linear if it holds weight (2-D)
-and bias, a BatchNorm1d if it holds running_mean and running_var. Modules without tensors and
-no effect in eval mode (Dropout) are left out. Each item is checked against the module it
-takes, and each Linear against the one before it.
+and bias, a BatchNorm1d if it holds running_mean and running_var. Each item is checked
+against the module it takes, and each Linear against the one before it. A dropout item (or
+none: Dropout holds no tensors) does nothing, as in eval mode.
 
 A model is one chain of layers with a mark where its encoder ends: after the modules named
 encoder (then decoder), or, for a single chain, at its narrowest layer if its output is as

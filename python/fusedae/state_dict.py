@@ -18,6 +18,7 @@ torch module's constructor takes them (positional in its order, or by keyword):
 * an activation of ``fusedae._ops.OPS`` (``relu``, ``leaky_relu(0.2)``, ``hardtanh(0, 6)``,
   ...): applied after the Linear before it (and its BatchNorm, if one follows the Linear);
   parameters not given take PyTorch's defaults. ``identity`` stands for no activation.
+* ``dropout`` / ``dropout(p)``: nothing, as ``nn.Dropout`` in eval mode (it holds no tensors).
 
 Linear and BatchNorm items take the state_dict's modules one by one, in order; a module is a
 Linear if its tensors are ``weight`` (2-D) and ``bias``, a BatchNorm if they include
@@ -45,6 +46,8 @@ _MODULE_ARGUMENTS: dict[str, tuple[tuple[str, float | None], ...]] = {
     "linear": (("in_features", None), ("out_features", None)),
     "batchnorm": (("num_features", None), ("eps", 1e-5)),
 }
+# Modules without tensors that compute nothing in eval mode, with their arguments.
+_NOTHING_IN_EVAL: dict[str, tuple[tuple[str, float | None], ...]] = {"dropout": (("p", 0.5),)}
 _LINEAR_TENSORS = {"weight", "bias"}
 _BATCHNORM_TENSORS = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
 _ITEM = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:\((.*)\))?\s*", re.DOTALL)
@@ -106,12 +109,14 @@ def parse_layers(text: str) -> list[Item]:
         kind, inside = match.group(1), match.group(2)
         if kind in _MODULE_ARGUMENTS:
             parameters = _MODULE_ARGUMENTS[kind]
+        elif kind in _NOTHING_IN_EVAL:
+            parameters = _NOTHING_IN_EVAL[kind]
         elif kind in OPS:
             parameters = OPS[kind].params
         else:
             raise ValueError(
                 f"--layers item {number} ({written}): unknown name {kind!r}; items are linear, "
-                f"batchnorm or an activation: {', '.join(OPS)}"
+                f"batchnorm, dropout or an activation: {', '.join(OPS)}"
             )
         try:
             arguments = _arguments(inside, parameters)
@@ -279,7 +284,7 @@ def from_state_dict(state: Mapping[str, np.ndarray], layers: str | Sequence[Item
                 current.paths.append(module.path)
             else:
                 pending.append((item, _normalization(item, module, "before")))
-        elif item.kind != "identity":
+        elif item.kind != "identity" and item.kind not in _NOTHING_IN_EVAL:
             if pending:
                 raise ValueError(
                     f"{item} follows {pending[-1][0]}, which normalizes the next Linear's "
