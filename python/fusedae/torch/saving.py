@@ -33,7 +33,10 @@ def chain_spec(module: nn.Module, *, encoder_layers: int | None = None) -> Chain
     then the spec is one chain whose ``encoder_layers`` is the encoder's length. Otherwise
     ``encoder_layers`` defaults to the narrowest inner layer if the chain's output is as wide
     as its input (an autoencoder), else to all layers. Arrays are float64 if the first weight
-    is float64, else float32. Any other module is a TypeError naming the modules in the way.
+    is float64, else float32. The chain is what the modules compute in eval mode (BatchNorm
+    with its running statistics, Dropout as nothing), whatever mode they are in, and on rows:
+    a leading ``nn.Flatten`` or trailing ``nn.Unflatten`` is left to the caller. Any other
+    module is a TypeError naming the modules in the way.
     """
     if isinstance(module, nn.Sequential):
         chains: list[tuple[str, nn.Module | None]] = [("", module)]
