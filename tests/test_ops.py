@@ -80,7 +80,16 @@ def test_each_op_lowers_from_its_module_and_runs_fused(op: PostOp):
         assert torch.equal(rebuilt(x), plain(x))
 
 
-@pytest.mark.parametrize("op", ALL_OPS, ids=str)
+# Beside the defaults: parameters that take other ONNX nodes (Softplus's scaling) or attributes.
+WITH_PARAMETERS = [
+    PostOp("leaky_relu", (0.2,)),
+    PostOp("elu", (0.5,)),
+    PostOp("hardtanh", (0.0, 6.0)),
+    PostOp("softplus", (2.0, 5.0)),
+]
+
+
+@pytest.mark.parametrize("op", ALL_OPS + WITH_PARAMETERS, ids=str)
 def test_each_op_has_the_onnx_operator_of_its_reference(op: PostOp):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")

@@ -260,17 +260,26 @@ class ChainSpec:
                 )
             previous = layer
 
+    def folded(self) -> ChainSpec:
+        """The chain computing the same with each layer's normalizations folded into its weight
+        and bias (``Layer.folded``); this one if it has none."""
+        if not any(layer.normalization for layer in self.layers):
+            return self
+        self.check_shapes()  # folding multiplies arrays whose shapes must agree
+        layers = tuple(Layer(*layer.folded(), layer.post_op) for layer in self.layers)
+        return ChainSpec(layers, self.encoder_layers, self.precision)
+
     def native_arguments(
         self,
     ) -> tuple[list[np.ndarray], list[np.ndarray | None], list[str | tuple[str | float, ...]]]:
         """What ``_native.Chain`` takes: C-contiguous weights and biases (copied only where they
-        are not), normalizations folded in (``Layer.folded``), and each layer's post-op: its
-        name, or ``(name, *params)`` for an op with parameters."""
-        if any(layer.normalization for layer in self.layers):
-            self.check_shapes()  # folding multiplies arrays whose shapes must agree
-        pairs = [layer.folded() for layer in self.layers]
-        weights = [np.ascontiguousarray(weight) for weight, _ in pairs]
-        biases = [None if bias is None else np.ascontiguousarray(bias) for _, bias in pairs]
+        are not) with normalizations folded in (``folded``), and each layer's post-op: its name,
+        or ``(name, *params)`` for an op with parameters."""
+        layers = self.folded().layers
+        weights = [np.ascontiguousarray(layer.weight) for layer in layers]
+        biases = [
+            None if layer.bias is None else np.ascontiguousarray(layer.bias) for layer in layers
+        ]
         post_ops: list[str | tuple[str | float, ...]] = [
             (op.name, *op.params) if op.params else op.name for op in self.post_ops
         ]

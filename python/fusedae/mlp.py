@@ -165,9 +165,9 @@ class MLP(_native.Chain):
         self.forward(x2, out.reshape(x2.shape[0], self.out_features))
         return out
 
-    def __reduce__(self) -> tuple[Callable[[ChainSpec], MLP], tuple[ChainSpec]]:
-        # The packed form is rebuilt where it is unpickled (that CPU's kernel) from the spec,
-        # whose arrays keep the dtype and whose normalizations are not folded yet.
+    def __reduce__(self) -> tuple[Callable[..., MLP], tuple[object, ...]]:
+        # The packed form is rebuilt where it is unpickled (that CPU's kernel), from the spec
+        # with its normalizations; the arrays keep the dtype, which follows from the first weight.
         return type(self).from_spec, (self._spec,)
 
     @property
@@ -182,7 +182,8 @@ class MLP(_native.Chain):
 
     @property
     def layers(self) -> list[tuple[np.ndarray, np.ndarray | None]]:
-        """Copies of the ``(weight, bias)`` pairs, in the MLP's dtype."""
+        """Copies of the ``(weight, bias)`` pairs, in the MLP's dtype (as the spec holds them:
+        its normalizations are not folded in; ``spec.folded()`` has them folded)."""
         return [
             (layer.weight.copy(), None if layer.bias is None else layer.bias.copy())
             for layer in self._spec.layers

@@ -2,13 +2,16 @@
 
 * ``FusedMLPFunction``: a ``torch.autograd.Function`` running a chain of Linear layers through
   the fused CPU kernel, with a backward in torch ops (``function.py``).
-* ``FusedMLP``: an ``nn.Sequential`` of ``nn.Linear`` / ``nn.ReLU`` / ``nn.Identity`` with the
-  same children, ``state_dict`` keys and printout, fused on CPU for float32/float64, plain
-  PyTorch everywhere else (CUDA, other dtypes, autocast, ``torch.compile`` tracing).
+* ``FusedMLP``: an ``nn.Sequential`` with the same children, ``state_dict`` keys and printout,
+  whose runs of ``nn.Linear`` with the op table's activations (and eval-mode ``nn.BatchNorm1d``
+  folded in, ``nn.Dropout``, a leading ``nn.Flatten``, a trailing ``nn.Unflatten``) run fused
+  on CPU for float32/float64, and everything else as plain PyTorch (other children, CUDA, other
+  dtypes, autocast, training-mode BatchNorm, ``torch.compile`` tracing).
 * ``AE``: the seed's autoencoder, encoder and decoder run as one fused call on CPU
   (``modules.py``; the packed weights are cached in ``cache.py``).
-* ``accelerate`` turns a model's chains into ``FusedMLP``s; ``save`` writes one to a
-  ``.safetensors`` file. Modules become a ``ChainSpec`` through ``lower.py``.
+* ``accelerate`` turns a model's ``nn.Sequential``s holding such runs into ``FusedMLP``s;
+  ``save`` writes one to a ``.safetensors`` file. Modules become a ``ChainSpec`` through
+  ``lower.py``.
 """
 
 from fusedae.torch.accelerate import AccelerateReport, accelerate

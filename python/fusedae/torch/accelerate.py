@@ -9,7 +9,7 @@ from typing import cast
 from torch import nn
 
 from fusedae.torch.cache import has_hooks
-from fusedae.torch.lower import DROPOUTS, LoweredChain, describe, split
+from fusedae.torch.lower import DROPOUTS, LoweredChain, describe, split, why_not_fused
 from fusedae.torch.modules import FusedMLP
 
 
@@ -21,13 +21,15 @@ class AccelerateReport:
     children in order, each run that is one fused call in brackets (no brackets where the whole
     Sequential is one), every other child by its type, which runs as the module it is.
     ``already_fused``: ``FusedMLP``s found; ``kept``: ``(name, reason)`` for each
-    ``nn.Sequential`` left as it was; ``notes``: ``(name, note)`` on modules of fused runs that
-    run plain PyTorch in their present mode. ``str(report)`` is a readable account.
+    ``nn.Sequential`` left as it was; ``unfused``: ``(name, reason)`` for each child of a
+    replaced Sequential that runs as a module; ``notes``: ``(name, note)`` on fused runs whose
+    modules run plain PyTorch in their present mode. ``str(report)`` is a readable account.
     """
 
     replaced: list[tuple[str, str]] = field(default_factory=list)
     already_fused: list[str] = field(default_factory=list)
     kept: list[tuple[str, str]] = field(default_factory=list)
+    unfused: list[tuple[str, str]] = field(default_factory=list)
     notes: list[tuple[str, str]] = field(default_factory=list)
 
     def __str__(self) -> str:
@@ -36,8 +38,10 @@ class AccelerateReport:
 
         lines = [f"replaced {len(self.replaced)} nn.Sequential with FusedMLP"]
         lines += [f"  {label(name)}: {pieces}" for name, pieces in self.replaced]
-        if any("[" in pieces for _, pieces in self.replaced):
+        if self.unfused:
             lines.append("  ([...]: one fused call; other modules run as they are)")
+            lines.append(f"not fused, in them: {len(self.unfused)}")
+            lines += [f"  {name}: {reason}" for name, reason in self.unfused]
         if self.already_fused:
             lines.append(f"already fused: {', '.join(map(label, self.already_fused))}")
         if self.kept:
@@ -97,9 +101,12 @@ def accelerate(model: nn.Module) -> tuple[nn.Module, AccelerateReport]:
             else:
                 result = FusedMLP.from_sequential(cast(nn.Sequential, module))
                 report.replaced.append((name, _describe_pieces(children, pieces)))
-                for _, _, lowered in pieces:
-                    note = None if lowered is None else _mode_note(lowered)
-                    if note is not None:
+                keys = list(module._modules)
+                for start, _, lowered in pieces:
+                    if lowered is None:
+                        qualified = f"{name}.{keys[start]}" if name else keys[start]
+                        report.unfused.append((qualified, why_not_fused(children[start])))
+                    elif (note := _mode_note(lowered)) is not None:
                         report.notes.append((name, note))
         elif isinstance(module, FusedMLP):
             report.already_fused.append(name)

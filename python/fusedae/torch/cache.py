@@ -5,7 +5,7 @@ forward (``ChainCache.forward``)."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -39,13 +39,15 @@ _PackedTensor = tuple[dict[str, Any], str, torch.Tensor | None, int, int]
 class ChainCache:
     """Which chain a module's children form, and the packed form of every tensor its
     ``ChainSpec`` reads (``LoweredChain.slots``: weights, biases, BatchNorm statistics and
-    affine parameters), reused while none of them changed.
+    affine parameters), reused while none of them (nor a BatchNorm's ``num_batches_tracked``,
+    ``LoweredChain.counters``) changed.
 
     A change is seen through each tensor's identity in its slot, storage address and version
     counter, which every in-place op bumps (optimizer steps, ``load_state_dict``, ``copy_``
-    under ``no_grad``); ``.to()`` and ``.data = ...`` move the storage. A call while a BatchNorm
-    is in training mode (which runs plain PyTorch and updates its running statistics) forgets
-    the packed chain. The packed tensors are kept alive so their addresses cannot be reused.
+    under ``no_grad``); ``.to()`` and ``.data = ...`` move the storage. A training-mode
+    BatchNorm updates its running statistics without bumping their version counters, but adds
+    1 to ``num_batches_tracked`` in place; and a call while one is in training mode forgets the
+    packed chain. The packed tensors are kept alive so their addresses cannot be reused.
     Edits through ``.data`` bypass the version counter, as they bypass autograd: call the
     module's ``invalidate()`` after those. A BatchNorm's ``eps`` is read when packing.
     """
@@ -115,10 +117,13 @@ class ChainCache:
             for t in tensors
         )
         self.chain = pack_spec(self.lowered.spec(tensors)) if usable else None
+        counters = self.lowered.counters
         try:
             self.packed = [
                 (owner, key, tensor, *((0, 0) if tensor is None else _state(tensor)))
-                for (owner, key), tensor in zip(self.slots, tensors, strict=True)
+                for (owner, key), tensor in zip(
+                    (*self.slots, *counters), (*tensors, *(o[k] for o, k in counters)), strict=True
+                )
             ]
         except RuntimeError:  # inference tensors have no version counter: pack every time
             self.packed = None
@@ -175,14 +180,17 @@ class ChainCache:
                     f"expected input of dtype {weight.dtype} (the parameters' dtype), got {dtype}"
                 )
             return None
+        if self.normalized and len(shape) != 2:
+            return None  # BatchNorm1d normalizes dimension 1, the features only in 2-D input
         if _is_grad_enabled() and (
             x.requires_grad or any(t is not None and t.requires_grad for t in self.tensors)
         ):
             if self.normalized:
-                return None  # the backward of folded BatchNorms is PyTorch's to compute
+                # The backward through the kernel's (float64-folded) weights goes on through
+                # the same fold in torch ops to the Linear's and the BatchNorms' parameters.
+                folded = self.lowered.folded(self.tensors)  # type: ignore[union-attr]
+                return FusedMLPFunction.apply(x, chain, self.post_ops, *folded)
             return FusedMLPFunction.apply(x, chain, self.post_ops, *self.tensors)
-        if self.normalized and len(shape) != 2:
-            return None  # BatchNorm1d normalizes dimension 1, the features only in 2-D input
         if len(shape) == 2 and not x.is_neg():
             # `run`'s common case, inlined: a 2-D tensor without the negative bit (DLPack would
             # hand over a negated view's raw memory), read where it lies; the kernel refuses a
@@ -198,14 +206,14 @@ class ChainCache:
         """Whether a module of the chain is in training mode where that computes something else
         than eval mode: a BatchNorm (batch statistics, running statistics updated: the packed
         chain is forgotten) or a Dropout with ``p > 0``."""
+        differs = False
         for module in self.mode_dependent:
             if module.training:
                 if type(module) not in DROPOUTS:
                     self.packed = None
                     return True
-                if module.p > 0:  # type: ignore[operator]
-                    return True
-        return False
+                differs = differs or cast(nn.Dropout, module).p > 0
+        return differs
 
     def reshaped_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """``forward`` between the chain's ``nn.Flatten`` and ``nn.Unflatten`` (callers use it
@@ -218,6 +226,8 @@ class ChainCache:
                 x = x.flatten(flatten.start_dim, flatten.end_dim)
             except (IndexError, RuntimeError):
                 return None
+            if not x.shape or x.shape[-1] != self.in_features:
+                return None  # not the shape the Linear takes: PyTorch's error, not ours
         y = self.forward(x)
         if y is None or unflatten is None:
             return y

@@ -65,14 +65,18 @@ class LoweredChain:
     order they apply. ``slots``: every tensor the chain's ``ChainSpec`` reads, in the order
     ``spec`` takes them: each layer's weight and bias (the order in which the modules hand them
     to ``FusedMLPFunction``), then each BatchNorm's running mean and variance, weight and bias.
-    ``mode_dependent``: the BatchNorm and Dropout modules, which compute something else in
-    training mode. ``flatten`` and ``unflatten``: an ``nn.Flatten`` that was the first module
-    and an ``nn.Unflatten`` that was the last, reshapes around the fused call.
+    ``counters``: each BatchNorm's ``num_batches_tracked``, which the spec does not read but a
+    training-mode forward (the only change to its running statistics that bumps no version
+    counter) increments in place. ``mode_dependent``: the BatchNorm and Dropout modules, which
+    compute something else in training mode. ``flatten`` and ``unflatten``: an ``nn.Flatten``
+    that was the first module and an ``nn.Unflatten`` that was the last, reshapes around the
+    fused call.
     """
 
     layers: tuple[tuple[nn.Linear, PostOp], ...]
     slots: tuple[TensorSlot, ...]
     normalizations: tuple[tuple[tuple[Position, nn.BatchNorm1d], ...], ...] = ()
+    counters: tuple[TensorSlot, ...] = ()
     mode_dependent: tuple[nn.Module, ...] = ()
     flatten: nn.Flatten | None = None
     unflatten: nn.Unflatten | None = None
@@ -118,6 +122,37 @@ class LoweredChain:
                 folded.append(Normalization(position, mean, var, float(norm.eps), weight, bias))
             layers.append(dataclasses.replace(layer, normalization=tuple(folded)))
         return ChainSpec(tuple(layers), spec.encoder_layers, spec.precision)
+
+    def folded(self, tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """Each layer's weight and bias with its BatchNorms folded in, computed in torch ops
+        from ``tensors`` (one per slot), so differentiable in the Linear's and the BatchNorms'
+        parameters; in the order ``FusedMLPFunction`` takes them."""
+        count = len(self.layers)
+        statistics = iter(tensors[2 * count :])
+        folded: list[torch.Tensor | None] = []
+        for index, norms in enumerate(self.normalizations):
+            weight, bias = cast(torch.Tensor, tensors[2 * index]), tensors[2 * index + 1]
+            if not norms:
+                folded += [weight, bias]
+                continue
+            maps = []
+            for position, norm in norms:
+                mean, var, scale, shift = (next(statistics) for _ in _NORMALIZATION_SLOTS)
+                inverse = torch.rsqrt(cast(torch.Tensor, var) + norm.eps)
+                scale = inverse if scale is None else inverse * scale
+                offset = -cast(torch.Tensor, mean) * scale
+                maps.append((position, scale, offset if shift is None else offset + shift))
+            total = weight.new_zeros(weight.shape[0]) if bias is None else bias
+            for position, scale, offset in reversed(maps):
+                if position == "before":
+                    total = total + weight @ offset
+                    weight = weight * scale
+            for position, scale, offset in maps:
+                if position == "after":
+                    weight = weight * scale[:, None]
+                    total = total * scale + offset
+            folded += [weight, total]
+        return folded
 
 
 def as_array(tensor: torch.Tensor) -> np.ndarray:
@@ -190,10 +225,14 @@ def lower(modules: Iterable[nn.Module]) -> LoweredChain | None:
         for _, norm in norms
         for owner, key in _NORMALIZATION_SLOTS
     ]
+    counters = tuple(
+        (norm._buffers, "num_batches_tracked") for norms in normalizations for _, norm in norms
+    )
     return LoweredChain(
         tuple(layers),
         tuple(slots),
         tuple(tuple(norms) for norms in normalizations),
+        counters,
         tuple(mode_dependent),
         flatten,
         unflatten,
@@ -217,6 +256,16 @@ def split(modules: Sequence[nn.Module]) -> list[tuple[int, int, LoweredChain | N
             pieces.append((start, start + 1, None))
             start += 1
     return pieces
+
+
+def why_not_fused(module: nn.Module) -> str:
+    """Why ``split`` left ``module`` out of every run."""
+    kind = type(module)
+    if kind is nn.BatchNorm1d and not _foldable(module):
+        return "no running statistics: it normalizes each batch by its own"
+    if kind in (nn.Linear, nn.BatchNorm1d, nn.Flatten, nn.Unflatten, *DROPOUTS) or _post_op(module):
+        return "not where a chain of Linear layers can take it"
+    return "not a module the kernels run"
 
 
 def describe(lowered: LoweredChain) -> str:
