@@ -212,3 +212,18 @@ def test_every_op_by_name() -> None:
     state = numpy_state(nn.Sequential(nn.Linear(4, 4)))
     for name in OPS:
         assert from_state_dict(state, f"linear,{name}").post_ops[0].name == name
+
+
+def test_a_batchnorm_across_the_encoder_boundary_is_refused() -> None:
+    model = nn.Module()
+    model.encoder = nn.Sequential(nn.Linear(6, 3), nn.ReLU(), nn.BatchNorm1d(3))
+    model.decoder = nn.Sequential(nn.Linear(3, 6))
+    with pytest.raises(
+        ValueError,
+        match=r"encoder.2 is folded into --layers item 4 \(linear\), decoder.0 \(Linear 3 -> 6\), "
+        "across the boundary between encoder and decoder",
+    ):
+        from_state_dict(numpy_state(model), "linear,relu,batchnorm,linear")
+    # Right after the Linear (no activation between), it folds into the encoder's layer.
+    spec = from_state_dict(numpy_state(model), "linear,batchnorm,linear")
+    assert spec.encoder_layers == 1
