@@ -46,6 +46,12 @@ impl SimdVec for F32x8 {
     }
 
     #[inline(always)]
+    unsafe fn fused_mul_add(self, b: Self, acc: Self) -> Self {
+        // SAFETY: the caller guarantees AVX2 and FMA.
+        F32x8(unsafe { _mm256_fmadd_ps(self.0, b.0, acc.0) })
+    }
+
+    #[inline(always)]
     unsafe fn load_partial(ptr: *const f32, count: usize) -> Self {
         // SAFETY: the caller guarantees `count` readable values and AVX2 and FMA; masked-off lanes
         // are not read (no fault past the end).
@@ -270,6 +276,12 @@ impl SimdVec for F64x4 {
 
     #[inline(always)]
     unsafe fn mul_add(self, b: Self, acc: Self) -> Self {
+        // SAFETY: the caller guarantees AVX2 and FMA.
+        F64x4(unsafe { _mm256_fmadd_pd(self.0, b.0, acc.0) })
+    }
+
+    #[inline(always)]
+    unsafe fn fused_mul_add(self, b: Self, acc: Self) -> Self {
         // SAFETY: the caller guarantees AVX2 and FMA.
         F64x4(unsafe { _mm256_fmadd_pd(self.0, b.0, acc.0) })
     }

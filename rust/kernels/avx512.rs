@@ -66,6 +66,12 @@ impl SimdVec for F32x16 {
     }
 
     #[inline(always)]
+    unsafe fn fused_mul_add(self, b: Self, acc: Self) -> Self {
+        // SAFETY: the caller guarantees AVX-512F.
+        F32x16(unsafe { _mm512_fmadd_ps(self.0, b.0, acc.0) })
+    }
+
+    #[inline(always)]
     unsafe fn load_partial(ptr: *const f32, count: usize) -> Self {
         // SAFETY: the caller guarantees `count` readable values and AVX-512F; masked-off lanes
         // are not read (no fault past the end).
@@ -305,6 +311,12 @@ impl SimdVec for F64x8 {
 
     #[inline(always)]
     unsafe fn mul_add(self, b: Self, acc: Self) -> Self {
+        // SAFETY: the caller guarantees AVX-512F.
+        F64x8(unsafe { _mm512_fmadd_pd(self.0, b.0, acc.0) })
+    }
+
+    #[inline(always)]
+    unsafe fn fused_mul_add(self, b: Self, acc: Self) -> Self {
         // SAFETY: the caller guarantees AVX-512F.
         F64x8(unsafe { _mm512_fmadd_pd(self.0, b.0, acc.0) })
     }

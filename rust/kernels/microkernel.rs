@@ -1,6 +1,7 @@
 //! The register tiles: panels (a broadcast input times registers of weights, `MR` rows by `NV`
 //! registers of accumulators) and dot form (lane-wise products summed across the register).
-//! Each ends in the epilogue: bias, post-op, store.
+//! Each ends in the epilogue: bias, post-op, store (or store, then the post-op over the stored
+//! tile, for the ops of tens of instructions: see `epilogue.rs`).
 
 use super::{epilogue, LoadFrom, PostOp, SimdVec};
 
@@ -44,6 +45,7 @@ pub(super) unsafe fn dot_tile_rows<V: LoadFrom<W>, W>(
             4 => dot_tile_outs::<V, W, 4>(outs, tile),
             _ => unreachable!("dot tiles are at most 4 rows"),
         }
+        epilogue::apply_to_stored_values::<V>(tile.post_op, tile.out, tile.ldo, rows, outs);
     }
 }
 
@@ -103,7 +105,7 @@ unsafe fn dot_tile<V: LoadFrom<W>, W, const R: usize, const C: usize>(tile: &Dot
         for (r, row) in acc.iter().enumerate() {
             for (c, value) in row.iter().enumerate() {
                 let value = value.sum() + *tile.bias.add(c);
-                *tile.out.add(r * tile.ldo + c) = epilogue::apply_one::<V>(tile.post_op, value);
+                *tile.out.add(r * tile.ldo + c) = epilogue::apply_one_on_accumulator::<V>(tile.post_op, value);
             }
         }
     }
@@ -165,6 +167,7 @@ pub(super) unsafe fn tile_rows<V: LoadFrom<A> + LoadFrom<B>, A, B>(
             (4, true) => tile_width::<V, A, B, 4, true>(rows, tile),
             _ => unreachable!("panels are at most 4 registers wide"),
         }
+        epilogue::apply_to_stored_tile::<V>(tile.post_op, tile.out, tile.ldo, rows, nv, half);
     }
 }
 
@@ -291,7 +294,7 @@ unsafe fn register_tile<
         }
         for (r, row) in total[0].iter().enumerate() {
             for (v, &value) in row.iter().enumerate() {
-                let value = epilogue::apply(tile.post_op, value);
+                let value = epilogue::apply_on_accumulators(tile.post_op, value);
                 let out = tile.out.add(r * tile.ldo + v * lanes);
                 if HALF && v == NV - 1 {
                     value.store_half(out);

@@ -47,8 +47,9 @@
 //! - `layout.rs`: [`TileShape`], [`LayerDesc`], [`Packed`]: what packing and kernels agree on;
 //! - `chain.rs`: the loop nests (panels and dot form, rows in the lanes), generic over
 //!   [`SimdVec`], written once;
-//! - `microkernel.rs`: the register tiles; `epilogue.rs`: the post-ops; `peak.rs`: the FMA loop
-//!   that measures the ceiling;
+//! - `microkernel.rs`: the register tiles; `epilogue.rs`: the post-ops, in the math of
+//!   `math.rs` (its polynomials in `coefficients.rs`); `peak.rs`: the FMA loop that measures the
+//!   ceiling;
 //! - `scalar.rs`, `avx2.rs`, `avx512.rs`: one [`SimdVec`] per register type, nothing else.
 //!
 //! Which form a layer takes is policy, not SIMD: the cost model is in `plan.rs`, outside this
@@ -58,8 +59,10 @@
 mod entry_points;
 
 mod chain;
+mod coefficients;
 mod epilogue;
 mod layout;
+mod math;
 mod microkernel;
 mod peak;
 
@@ -76,6 +79,7 @@ use std::ops::{Add, Div, Mul, Neg, Sub};
 pub use crate::ops::PostOp;
 pub use chain::{forward_rows, saved_width, scratch_len};
 pub use layout::{padded, LayerDesc, Packed, TileShape, L1_HALF_BYTES};
+pub use math::Constants;
 pub use peak::{fma_loop, fma_loop_flops};
 
 /// The float types the kernels compute in.
@@ -100,9 +104,17 @@ pub trait Element:
     /// The largest and smallest binary exponents of a normal value (127 and -126 for f32).
     const MAX_EXPONENT: i32;
     const MIN_EXPONENT: i32;
+    /// What the activations' math needs for this type (`math.rs`).
+    const MATH: Constants<Self>;
+
+    /// The nearest value of the type (an op's parameter, held as f64, rounded as PyTorch rounds
+    /// it for a tensor of this type).
+    fn from_f64(value: f64) -> Self;
 
     /// The portable forms of [`SimdVec`]'s bit-level primitives, one value at a time.
     fn abs(self) -> Self;
+    /// See [`SimdVec::fused_mul_add`].
+    fn fused_mul_add(self, b: Self, acc: Self) -> Self;
     fn copy_sign(self, sign: Self) -> Self;
     /// Rounded to the nearest integer, ties to even.
     fn round_even(self) -> Self;
@@ -117,9 +129,18 @@ impl Element for f32 {
     const NAME: &'static str = "float32";
     const MAX_EXPONENT: i32 = 127;
     const MIN_EXPONENT: i32 = -126;
+    const MATH: Constants<Self> = math::F32;
+
+    fn from_f64(value: f64) -> Self {
+        value as f32
+    }
 
     fn abs(self) -> Self {
         f32::abs(self)
+    }
+
+    fn fused_mul_add(self, b: Self, acc: Self) -> Self {
+        f32::mul_add(self, b, acc)
     }
 
     fn copy_sign(self, sign: Self) -> Self {
@@ -149,9 +170,18 @@ impl Element for f64 {
     const NAME: &'static str = "float64";
     const MAX_EXPONENT: i32 = 1023;
     const MIN_EXPONENT: i32 = -1022;
+    const MATH: Constants<Self> = math::F64;
+
+    fn from_f64(value: f64) -> Self {
+        value
+    }
 
     fn abs(self) -> Self {
         f64::abs(self)
+    }
+
+    fn fused_mul_add(self, b: Self, acc: Self) -> Self {
+        f64::mul_add(self, b, acc)
     }
 
     fn copy_sign(self, sign: Self) -> Self {
@@ -254,6 +284,13 @@ pub trait SimdVec: Copy {
     /// # Safety
     /// The CPU supports the ISA.
     unsafe fn mul(self, b: Self) -> Self;
+    /// `self * b + acc` rounded once, where [`SimdVec::mul_add`] may round twice (the portable
+    /// kernel's does): what error-free products (`a * b - round(a * b)`) need. The FMA
+    /// instruction on the SIMD ISAs; the portable kernel calls libm's `fma`.
+    ///
+    /// # Safety
+    /// The CPU supports the ISA.
+    unsafe fn fused_mul_add(self, b: Self, acc: Self) -> Self;
     /// Correctly rounded division.
     ///
     /// # Safety

@@ -87,6 +87,11 @@ impl<T: Element> SimdVec for Lane<T> {
     }
 
     #[inline(always)]
+    unsafe fn fused_mul_add(self, b: Self, acc: Self) -> Self {
+        Lane(self.0.fused_mul_add(b.0, acc.0))
+    }
+
+    #[inline(always)]
     unsafe fn div(self, b: Self) -> Self {
         Lane(self.0 / b.0)
     }
