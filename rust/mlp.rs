@@ -430,16 +430,197 @@ mod tests {
                     let w = &layer.weight[o * layer.in_features..][..layer.in_features];
                     let mut sum = layer.bias.as_ref().map_or(0.0, |b| b[o]);
                     sum += x.iter().zip(w).map(|(a, b)| a * b).sum::<f64>();
-                    next[r * layer.out_features + o] = match layer.post_op {
-                        PostOp::Relu if sum < 0.0 => 0.0,
-                        PostOp::Relu | PostOp::Identity => sum,
-                    };
+                    next[r * layer.out_features + o] = reference_op(layer.post_op, sum);
                 }
             }
             outputs.push(next.clone());
             current = next;
         }
         outputs
+    }
+
+    /// Every op, with parameters other than PyTorch's defaults where it has any.
+    const EVERY_OP: [PostOp; 11] = [
+        PostOp::Identity,
+        PostOp::Relu,
+        PostOp::LeakyRelu {
+            negative_slope: 0.1,
+        },
+        PostOp::Sigmoid,
+        PostOp::Tanh,
+        PostOp::Gelu,
+        PostOp::GeluTanh,
+        PostOp::Silu,
+        PostOp::Elu { alpha: 0.7 },
+        PostOp::Hardtanh {
+            min_val: -0.5,
+            max_val: 0.8,
+        },
+        PostOp::Softplus {
+            beta: 1.5,
+            threshold: 20.0,
+        },
+    ];
+
+    /// `op` in f64, each written to keep its accuracy over the whole range: the sigmoid forms
+    /// as `x / (1 + exp(-x))` (no `1 - ...`), the GELU's left tail through `erfc`, the tanh
+    /// GELU as `x sigmoid(2u)`.
+    fn reference_op(op: PostOp, x: f64) -> f64 {
+        let sigmoid = |v: f64| 1.0 / (1.0 + (-v).exp());
+        match op {
+            PostOp::Identity => x,
+            PostOp::Relu if x < 0.0 => 0.0,
+            PostOp::Relu => x,
+            PostOp::LeakyRelu { negative_slope } => {
+                if x > 0.0 {
+                    x
+                } else {
+                    negative_slope * x
+                }
+            }
+            PostOp::Sigmoid => sigmoid(x),
+            PostOp::Tanh => x.tanh(),
+            PostOp::Gelu => 0.5 * x * libm::erfc(-x / std::f64::consts::SQRT_2),
+            PostOp::GeluTanh => {
+                let u = (2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x);
+                x * sigmoid(2.0 * u)
+            }
+            PostOp::Silu => x * sigmoid(x),
+            PostOp::Elu { alpha } => {
+                if x > 0.0 {
+                    x
+                } else {
+                    alpha * x.exp_m1()
+                }
+            }
+            PostOp::Hardtanh { min_val, max_val } => max_val.min(min_val.max(x)),
+            PostOp::Softplus { beta, threshold } => {
+                if beta * x > threshold {
+                    x
+                } else {
+                    (beta * x).exp().ln_1p() / beta
+                }
+            }
+        }
+    }
+
+    /// `layers` with every post-op drawn from [`EVERY_OP`] (the last one too with `last`).
+    fn with_random_ops(
+        rng: &mut SmallRng,
+        mut layers: Vec<OwnedLayer<f64>>,
+        last: bool,
+    ) -> Vec<OwnedLayer<f64>> {
+        let count = layers.len();
+        for (i, layer) in layers.iter_mut().enumerate() {
+            if i + 1 < count || last {
+                layer.post_op = EVERY_OP[rng.random_range(0..EVERY_OP.len())];
+            }
+        }
+        layers
+    }
+
+    /// `op` with its parameters rounded to f32, as the f32 kernels (and PyTorch) use them.
+    fn with_f32_params(op: PostOp) -> PostOp {
+        let params: Vec<f64> = op.params().iter().map(|&p| f64::from(p as f32)).collect();
+        PostOp::parse(op.name(), &params).unwrap()
+    }
+
+    /// Runs `op` alone through every ISA (a 1 -> `width` layer of weights 1 and biases -0, so
+    /// each output is `op(input)`, signed zeros included: a dot-form output at width 1, panels
+    /// at 32) and checks every value against [`reference_op`] at the same input: NaN for NaN,
+    /// infinities and zeros with their signs, else within `relative` of the reference, or 1e-30
+    /// where the reference is below that.
+    fn check_op_alone<T: Float>(op: PostOp, inputs: &[T], relative: f64) -> f64
+    where
+        f64: From<T>,
+    {
+        let mut worst = 0.0_f64;
+        let reference = if std::mem::size_of::<T>() == 4 {
+            with_f32_params(op)
+        } else {
+            op
+        };
+        for width in [1, 32] {
+            let layer = OwnedLayer {
+                weight: vec![T::from_f64(1.0); width],
+                bias: Some(vec![T::from_f64(-0.0); width]),
+                out_features: width,
+                in_features: 1,
+                post_op: op,
+            };
+            for isa in dispatch::available() {
+                let got = run(std::slice::from_ref(&layer), isa, inputs);
+                for (row, &x) in inputs.iter().enumerate() {
+                    let x = f64::from(x);
+                    let mut want = reference_op(reference, x);
+                    if std::mem::size_of::<T>() == 4 {
+                        // What f32 can hold of it (beyond its range, infinity).
+                        want = (want as f32) as f64;
+                    }
+                    for &value in &got[row * width..][..width] {
+                        let value = f64::from(value);
+                        let context =
+                            format!("{op} {isa} width {width} at {x:e}: {value:e} vs {want:e}");
+                        if want.is_nan() || !want.is_finite() || want == 0.0 {
+                            let same = (want.is_nan() && value.is_nan())
+                                || (value == want
+                                    && value.is_sign_negative() == want.is_sign_negative())
+                                || (want == 0.0 && value.abs() < 1e-30);
+                            assert!(same, "{context}");
+                            continue;
+                        }
+                        let error = (value - want).abs();
+                        if want.abs() < 1e-30 {
+                            assert!(error < 1e-30, "{context}");
+                            continue;
+                        }
+                        worst = worst.max(error / want.abs());
+                        assert!(error <= relative * want.abs(), "{context}");
+                    }
+                }
+            }
+        }
+        worst
+    }
+
+    /// Inputs across the whole range: a dense grid where the ops bend, a geometric one out to
+    /// the largest values, and the special values.
+    fn activation_inputs(limit: f64, max: f64) -> Vec<f64> {
+        let mut inputs: Vec<f64> = (0..=20_000)
+            .map(|i| -limit + 2.0 * limit * i as f64 / 20_000.0)
+            .collect();
+        let mut magnitude = 1e-30;
+        while magnitude < max {
+            inputs.extend([magnitude, -magnitude]);
+            magnitude *= 1.37;
+        }
+        inputs.extend([
+            0.0,
+            -0.0,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            f64::NAN,
+            max,
+            -max,
+        ]);
+        inputs
+    }
+
+    #[test]
+    fn every_activation_matches_its_f64_reference_on_every_isa() {
+        let inputs64 = activation_inputs(40.0, f64::MAX);
+        let inputs32: Vec<f32> = activation_inputs(20.0, f64::from(f32::MAX))
+            .into_iter()
+            .map(|v| v as f32)
+            .collect();
+        for op in EVERY_OP {
+            // The tanh GELU's argument, x (1 + 0.044715 x^2) sqrt(8 / pi), is rounded in f32
+            // three times: where the result is exp(-70), that is 5e-6 of it (docs/activations.md).
+            let relative32 = if op == PostOp::GeluTanh { 2e-5 } else { 1e-6 };
+            let worst32 = check_op_alone(op, &inputs32, relative32);
+            let worst64 = check_op_alone(op, &inputs64, 1e-13);
+            println!("{op}: worst relative error f32 {worst32:.2e}, f64 {worst64:.2e}");
+        }
     }
 
     fn run<T: Float>(layers: &[OwnedLayer<T>], isa: Isa, input: &[T]) -> Vec<T> {
@@ -516,6 +697,7 @@ mod tests {
         for widths in CHAINS {
             for relu_last in [false, true] {
                 let layers = random_chain(&mut rng, widths, relu_last);
+                let layers = with_random_ops(&mut rng, layers, relu_last);
                 let layers32 = to_f32(&layers);
                 for &rows in BATCHES {
                     let input: Vec<f64> = (0..rows * widths[0])
@@ -563,6 +745,7 @@ mod tests {
             &[5, 3],
         ] {
             let layers = random_chain(&mut rng, widths, true);
+            let layers = with_random_ops(&mut rng, layers, true);
             let layers32 = to_f32(&layers);
             for rows in [0, 1, 9, 100, 1000] {
                 let input: Vec<f64> = (0..rows * widths[0])

@@ -13,7 +13,9 @@ pub enum PostOp {
     /// `max(0, x)`, NaN kept as NaN (as `torch.relu`).
     Relu,
     /// `x` where `x > 0`, else `negative_slope * x` (`nn.LeakyReLU`).
-    LeakyRelu { negative_slope: f64 },
+    LeakyRelu {
+        negative_slope: f64,
+    },
     /// `1 / (1 + exp(-x))` (`nn.Sigmoid`).
     Sigmoid,
     /// `nn.Tanh`.
@@ -25,11 +27,19 @@ pub enum PostOp {
     /// `x * sigmoid(x)` (`nn.SiLU`).
     Silu,
     /// `x` where `x > 0`, else `alpha * (exp(x) - 1)` (`nn.ELU`).
-    Elu { alpha: f64 },
+    Elu {
+        alpha: f64,
+    },
     /// `x` clamped to `[min_val, max_val]` (`nn.Hardtanh`; `nn.ReLU6` is `(0, 6)`).
-    Hardtanh { min_val: f64, max_val: f64 },
+    Hardtanh {
+        min_val: f64,
+        max_val: f64,
+    },
     /// `log(1 + exp(beta x)) / beta`, or `x` where `beta x > threshold` (`nn.Softplus`).
-    Softplus { beta: f64, threshold: f64 },
+    Softplus {
+        beta: f64,
+        threshold: f64,
+    },
 }
 
 impl PostOp {
@@ -134,7 +144,9 @@ impl PostOp {
             ));
         }
         if let Some(bad) = params.iter().find(|p| !p.is_finite()) {
-            return Err(format!("post-op {name:?}: parameters must be finite, got {bad}"));
+            return Err(format!(
+                "post-op {name:?}: parameters must be finite, got {bad}"
+            ));
         }
         let op = match default {
             PostOp::LeakyRelu { .. } => PostOp::LeakyRelu {
@@ -212,9 +224,7 @@ mod tests {
             }
         );
         assert_eq!(
-            PostOp::parse("softplus", &[2.0, 10.0])
-                .unwrap()
-                .to_string(),
+            PostOp::parse("softplus", &[2.0, 10.0]).unwrap().to_string(),
             "softplus(beta=2, threshold=10)"
         );
     }
@@ -222,7 +232,10 @@ mod tests {
     #[test]
     fn unknown_names_and_bad_parameters_are_errors() {
         let error = PostOp::parse("swish", &[]).unwrap_err();
-        assert!(error.contains("expected one of identity, relu, leaky_relu"), "{error}");
+        assert!(
+            error.contains("expected one of identity, relu, leaky_relu"),
+            "{error}"
+        );
         assert!(PostOp::parse("relu", &[0.1]).is_err());
         assert!(PostOp::parse("leaky_relu", &[0.1, 0.2]).is_err());
         assert!(PostOp::parse("elu", &[f64::NAN]).is_err());

@@ -74,7 +74,10 @@ def fit(
 
 def rust_array(name: str, kind: str, coefficients: list[mp.mpf]) -> str:
     if kind == "f32":
-        values = [repr(float(np.float32(float(c)))) for c in coefficients]
+        # The shortest decimal that reads back as the same f32.
+        values = [
+            np.format_float_positional(np.float32(float(c)), unique=True) for c in coefficients
+        ]
     else:
         values = [repr(float(c)) for c in coefficients]
     body = "".join(f"    {value}_{kind},\n" for value in values)
@@ -100,7 +103,9 @@ def main() -> None:
             TAIL_FIT_BOUND[kind],
         )
         print(rust_array("NORMAL_TAIL", kind, tail))
-        print(f"pub(super) const NORMAL_TAIL_K_{kind.upper()}: {kind} = {k!r};\n")
+        print(f"pub(super) const NORMAL_TAIL_K_{kind.upper()}: {kind} = {k!r};")
+        if kind == "f32":
+            print()
 
 
 if __name__ == "__main__":

@@ -56,11 +56,9 @@ unsafe fn apply<V: SimdVec>(op: PostOp, value: V) -> V {
             PostOp::Identity => value,
             PostOp::Relu => value.relu(),
             // `0 < NaN` is false, so NaN takes the other side, and stays NaN times the slope.
-            PostOp::LeakyRelu { negative_slope } => V::zero().select_lt(
-                value,
-                value,
-                value.mul(splat_f64(negative_slope)),
-            ),
+            PostOp::LeakyRelu { negative_slope } => {
+                V::zero().select_lt(value, value, value.mul(splat_f64(negative_slope)))
+            }
             PostOp::Sigmoid => math::sigmoid(value),
             PostOp::Tanh => math::tanh(value),
             PostOp::Gelu => math::gelu(value),

@@ -46,21 +46,21 @@ pub struct Constants<T: 'static> {
 
 pub(super) const F32: Constants<f32> = Constants {
     log2_e: std::f32::consts::LOG2_E,
-    ln2_hi: 0.693_145_751_953_125,
-    ln2_lo: 1.428_606_820_309_417_2e-6,
+    ln2_hi: 0.693_145_75,
+    ln2_lo: 1.428_606_8e-6,
     exp_lower: -87.0,
     expm1: &EXPM1_F32,
     log1p: &LOG1P_F32,
     normal_tail: &NORMAL_TAIL_F32,
     normal_tail_k: NORMAL_TAIL_K_F32,
-    gelu_tanh_linear: 1.595_769_1,
-    gelu_tanh_cubic: 0.071_354_82,
+    gelu_tanh_linear: 1.595_769_2,
+    gelu_tanh_cubic: 0.071_354_814,
 };
 
 pub(super) const F64: Constants<f64> = Constants {
     log2_e: std::f64::consts::LOG2_E,
-    ln2_hi: 6.931_471_803_691_238_164_9e-1,
-    ln2_lo: 1.908_214_929_270_587_700_02e-10,
+    ln2_hi: 6.931_471_803_691_238e-1,
+    ln2_lo: 1.908_214_929_270_587_7e-10,
     exp_lower: -708.0,
     expm1: &EXPM1_F64,
     log1p: &LOG1P_F64,
@@ -262,9 +262,10 @@ pub(super) unsafe fn gelu_tanh<V: SimdVec>(x: V) -> V {
     let c = &V::Elem::MATH;
     // SAFETY: forwarded from the caller.
     unsafe {
-        let slope = x
-            .mul(x)
-            .mul_add(V::constant(c.gelu_tanh_cubic), V::constant(c.gelu_tanh_linear));
+        let slope = x.mul(x).mul_add(
+            V::constant(c.gelu_tanh_cubic),
+            V::constant(c.gelu_tanh_linear),
+        );
         let (numerator, denominator) = sigmoid_fraction(x.mul(slope));
         x.mul(numerator).div(denominator)
     }
@@ -284,9 +285,9 @@ pub(super) unsafe fn elu<V: SimdVec>(x: V, alpha: V) -> V {
     }
 }
 
-/// `x` where `beta x > threshold`, else `log1p(exp(beta x)) / beta`, the latter as `(max(y, 0)
-/// + log1p(exp(-|y|))) / beta` with `y = beta x` (no overflow, no cancellation), and `y`'s
-/// rounding error carried into the exponential.
+/// `x` where `beta x > threshold`, else `log1p(exp(beta x)) / beta`, the latter as
+/// `(max(y, 0) + log1p(exp(-|y|))) / beta` with `y = beta x` (no overflow, no cancellation),
+/// and `y`'s rounding error carried into the exponential.
 ///
 /// # Safety
 /// The CPU supports `V`'s ISA.

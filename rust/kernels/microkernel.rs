@@ -105,7 +105,8 @@ unsafe fn dot_tile<V: LoadFrom<W>, W, const R: usize, const C: usize>(tile: &Dot
         for (r, row) in acc.iter().enumerate() {
             for (c, value) in row.iter().enumerate() {
                 let value = value.sum() + *tile.bias.add(c);
-                *tile.out.add(r * tile.ldo + c) = epilogue::apply_one_on_accumulator::<V>(tile.post_op, value);
+                *tile.out.add(r * tile.ldo + c) =
+                    epilogue::apply_one_on_accumulator::<V>(tile.post_op, value);
             }
         }
     }
