@@ -27,14 +27,26 @@ def chain_and_input(rng: np.random.Generator, dtype, rows: int, widths=(8, 42, 3
 
 
 def test_post_ops_are_named_once_and_unknown_names_are_errors(rng):
-    assert _native.POST_OPS == ("identity", "relu")
+    assert _native.POST_OPS == (
+        "identity",
+        "relu",
+        "leaky_relu",
+        "sigmoid",
+        "tanh",
+        "gelu",
+        "gelu_tanh",
+        "silu",
+        "elu",
+        "hardtanh",
+        "softplus",
+    )
     weight = np.ones((2, 3), np.float32)
     x = np.array([[-1.0, 0.0, -2.0]], np.float32)
     for spelled in ("relu", ("relu",)):
         assert (_native.Chain([weight], [None], [spelled])(x) == 0).all()
-    with pytest.raises(ValueError, match='layer 0: unknown post-op "gelu": expected one of'):
-        _native.Chain([weight], [None], ["gelu"])
-    with pytest.raises(ValueError, match="takes no parameters"):
+    with pytest.raises(ValueError, match='layer 0: unknown post-op "swish": expected one of'):
+        _native.Chain([weight], [None], ["swish"])
+    with pytest.raises(ValueError, match="takes 0 parameters"):
         _native.Chain([weight], [None], [("relu", 0.5)])
     with pytest.raises(TypeError, match="a post-op is a name"):
         _native.Chain([weight], [None], [None])
