@@ -12,7 +12,6 @@ import pytest
 import torch
 from torch import nn
 
-from fusedae import _native
 from fusedae._ops import OPS, PostOp, post_op
 from fusedae.chain import ChainSpec, Layer, Normalization
 from fusedae.torch import FusedMLP, FusedMLPFunction, accelerate, pack_chain
@@ -58,16 +57,6 @@ WANT: dict[str, PostOp] = {
 }
 
 
-def kernel_runs(*ops: PostOp) -> bool:
-    return all(op.name in _native.POST_OPS for op in ops)
-
-
-def needs_kernels(*ops: PostOp) -> pytest.MarkDecorator:
-    """Until the kernels' epilogue has the op (branch ``act``), a fused call with it is a
-    ValueError."""
-    return pytest.mark.skipif(not kernel_runs(*ops), reason="the kernels do not run it yet")
-
-
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
     """PyTorch's OpenMP workers only slow these tiny matrices down."""
@@ -103,9 +92,6 @@ def test_gelu_with_another_approximation_is_not_lowered():
 
 @pytest.mark.parametrize("name", ACTIVATIONS)
 def test_each_activation_forward_and_gradients_match_pytorch(name: str):
-    op = WANT[name]
-    if not kernel_runs(op):
-        pytest.skip("the kernels do not run it yet")
     torch.manual_seed(0)
     plain = nn.Sequential(nn.Linear(6, 5), ACTIVATIONS[name](), nn.Linear(5, 4)).double()
     fused = FusedMLP.from_sequential(copy.deepcopy(plain))
@@ -123,8 +109,6 @@ def test_each_activation_forward_and_gradients_match_pytorch(name: str):
 
 @pytest.mark.parametrize("op", [post_op(name) for name in OPS], ids=str)
 def test_gradcheck_through_the_function(op: PostOp):
-    if not kernel_runs(op):
-        pytest.skip("the kernels do not run it yet")
     torch.manual_seed(1)
     weights = [torch.randn(5, 4, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)]
     biases = [torch.randn(5, dtype=torch.float64), torch.randn(3, dtype=torch.float64)]
@@ -209,37 +193,37 @@ def with_layer_norm() -> nn.Module:
     )  # fmt: skip
 
 
-MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], list[PostOp]]] = {
-    # name: (builder, input shape, the ops its fused runs need)
-    "MNIST AE, sigmoid output": (
-        lambda: mnist_ae(nn.Sigmoid()),
-        (9, 1, 28, 28),
-        [post_op("relu"), post_op("sigmoid")],
-    ),
-    "MNIST AE, tanh output": (
-        lambda: mnist_ae(nn.Tanh()),
-        (3, 1, 28, 28),
-        [post_op("relu"), post_op("tanh")],
-    ),
+MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    # name: (builder, input shape)
+    "MNIST AE, sigmoid output": (lambda: mnist_ae(nn.Sigmoid()), (9, 1, 28, 28)),
+    "MNIST AE, tanh output": (lambda: mnist_ae(nn.Tanh()), (3, 1, 28, 28)),
     "LeakyReLU MLP": (
         lambda: nn.Sequential(nn.Linear(12, 24), nn.LeakyReLU(0.1), nn.Linear(24, 3)),
         (7, 12),
-        [PostOp("leaky_relu", (0.1,))],
     ),
-    "tabular AE with BatchNorm and Dropout": (Tabular, (11, 20), [post_op("relu")]),
-    "x.view(-1, 784) with GELU": (
-        Viewed,
-        (5, 28, 28),
-        [post_op(name) for name in ("gelu", "silu", "sigmoid")],
+    "ReLU6, ELU, Softplus MLP": (
+        lambda: nn.Sequential(
+            nn.Linear(12, 24),
+            nn.ReLU6(),
+            nn.Linear(24, 16),
+            nn.ELU(),
+            nn.Linear(16, 8),
+            nn.Softplus(),
+            nn.Linear(8, 3),
+            nn.GELU(approximate="tanh"),
+        ),
+        (7, 12),
     ),
-    "LayerNorm in the middle": (with_layer_norm, (6, 10), [post_op("relu"), post_op("tanh")]),
+    "tabular AE with BatchNorm and Dropout": (Tabular, (11, 20)),
+    "x.view(-1, 784) with GELU": (Viewed, (5, 28, 28)),
+    "LayerNorm in the middle": (with_layer_norm, (6, 10)),
 }
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("name", MODELS)
 def test_models_match_eval_mode_pytorch(name: str, dtype: torch.dtype):
-    build, shape, ops = MODELS[name]
+    build, shape = MODELS[name]
     torch.manual_seed(0)
     model = build().to(dtype)
     with torch.no_grad():  # BatchNorm statistics that are not the identity
@@ -256,8 +240,6 @@ def test_models_match_eval_mode_pytorch(name: str, dtype: torch.dtype):
     assert all(a is b for a, b in zip(model.parameters(), parameters, strict=True))
     assert list(model.state_dict()) == keys
     assert repr(model) == printout
-    if not kernel_runs(*ops):
-        return
     x = torch.randn(shape, dtype=dtype)
     with torch.no_grad():
         got, want = model(x), reference(x)
@@ -433,7 +415,6 @@ def test_training_mode_runs_plain_pytorch():
         assert_close(chain(x), plain_chain(x))
 
 
-@needs_kernels(RELU)
 def test_batch_norm_needs_two_dimensional_input():
     """BatchNorm1d on (N, C, L) normalizes C, not the last dimension the Linear reads."""
     torch.manual_seed(0)
@@ -503,6 +484,21 @@ def test_sequentials_without_a_linear_are_left_alone():
     assert report.unfused[-1] == ("leading.0", "not where a chain of Linear layers can take it")
 
 
+def test_report_names_activations_with_their_settings_where_not_the_defaults():
+    model = nn.Sequential(
+        nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 4), nn.GELU(approximate="tanh"),
+        nn.Linear(4, 4), nn.LeakyReLU(0.1), nn.Linear(4, 4), nn.Softplus(),
+    )  # fmt: skip
+    _, report = accelerate(model)
+    assert report.replaced == [
+        (
+            "",
+            "Linear 4->4, GELU, Linear 4->4, GELU(approximate='tanh'), Linear 4->4, "
+            "LeakyReLU(negative_slope=0.1), Linear 4->4, Softplus",
+        )
+    ]
+
+
 def test_report_notes_training_mode():
     model = Tabular()  # in training mode
     _, report = accelerate(model)
@@ -518,7 +514,6 @@ def test_report_notes_training_mode():
     )
 
 
-@needs_kernels(RELU, post_op("sigmoid"))
 def test_flatten_and_unflatten_around_the_fused_call():
     torch.manual_seed(0)
     model = mnist_ae(nn.Sigmoid())
@@ -590,3 +585,24 @@ def test_folded_float32_is_as_close_to_exact_as_pytorch_is():
         errors.append(((fused - exact).abs().max(), (plain - exact).abs().max()))
     fused_error, plain_error = torch.tensor(errors).mean(0)
     assert fused_error <= 1.5 * plain_error
+
+
+def test_split_sequential_copies_pickles_and_runs_hooks():
+    import pickle
+
+    torch.manual_seed(0)
+    model = FusedMLP(
+        nn.Linear(10, 16), nn.ReLU(), nn.LayerNorm(16), nn.Linear(16, 8), nn.ReLU(),
+        nn.Linear(8, 4),
+    )  # fmt: skip
+    plain = nn.Sequential(*model)
+    x = torch.randn(5, 10)
+    with torch.no_grad():
+        want = plain(x)
+        for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+            assert clone.fused_runs() == [(0, 2), (3, 6)]
+            assert_close(clone(x), want)
+        seen = []
+        model[3].register_forward_hook(lambda module, args, out: seen.append(out.shape))
+        assert_close(model(x), want)
+        assert seen == [(5, 8)]  # the run with a hooked module ran module by module

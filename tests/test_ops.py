@@ -57,8 +57,6 @@ def test_each_op_agrees_with_its_torch_module_in_value_and_gradient(op: PostOp):
 
 @pytest.mark.parametrize("op", ALL_OPS, ids=str)
 def test_each_op_lowers_from_its_module_and_runs_fused(op: PostOp):
-    if op.name not in _native.POST_OPS:
-        pytest.skip("the kernels do not run it yet")
     torch.manual_seed(0)
     plain = nn.Sequential(nn.Linear(6, 5), post_op_module(op), nn.Linear(5, 3)).double()
     lowered = lower(plain)

@@ -103,17 +103,18 @@ def _onnx_hardtanh(x: str, y: str, params: Params, dtype: np.dtype) -> list[onnx
 
 
 def _onnx_gelu(x: str, y: str, params: Params, dtype: np.dtype) -> list[onnx.NodeProto]:
-    # x * 0.5 * (1 + erf(x / sqrt 2)), the form ONNX Runtime fuses into its Gelu kernel (the
-    # Gelu operator needs opset 20).
+    # (x * (1 + erf(x / sqrt 2))) * 0.5: ONNX Runtime's graph optimizations fuse this form (with
+    # Div, not Mul by 1 / sqrt 2) into its Gelu kernel (the Gelu operator needs opset 20).
     graph = _Graph(y, dtype)
-    erf = graph.node("Erf", graph.node("Mul", x, graph.constant(math.sqrt(0.5))))
-    half_x = graph.node("Mul", x, graph.constant(0.5))
-    graph.node("Mul", half_x, graph.node("Add", erf, graph.constant(1.0)), output=y)
+    erf = graph.node("Erf", graph.node("Div", x, graph.constant(math.sqrt(2.0))))
+    product = graph.node("Mul", x, graph.node("Add", erf, graph.constant(1.0)))
+    graph.node("Mul", product, graph.constant(0.5), output=y)
     return graph.nodes
 
 
 def _onnx_gelu_tanh(x: str, y: str, params: Params, dtype: np.dtype) -> list[onnx.NodeProto]:
-    # x * 0.5 * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 x^3)))
+    # x * 0.5 * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 x^3))), which ONNX Runtime's CPU graph
+    # optimizations leave as it is.
     graph = _Graph(y, dtype)
     cube = graph.node("Mul", graph.node("Mul", x, x), x)
     inner = graph.node("Add", x, graph.node("Mul", cube, graph.constant(_GELU_KAPPA)))
@@ -124,6 +125,7 @@ def _onnx_gelu_tanh(x: str, y: str, params: Params, dtype: np.dtype) -> list[onn
 
 
 def _onnx_silu(x: str, y: str, params: Params, dtype: np.dtype) -> list[onnx.NodeProto]:
+    # ONNX Runtime fuses x * Sigmoid(x) into one kernel (QuickGelu with alpha 1).
     graph = _Graph(y, dtype)
     graph.node("Mul", x, graph.node("Sigmoid", x), output=y)
     return graph.nodes

@@ -59,7 +59,7 @@ def _mode_note(lowered: LoweredChain) -> str | None:
         {
             type(module).__name__
             for module in lowered.mode_dependent
-            if module.training and (type(module) not in DROPOUTS or module.p > 0)  # type: ignore[operator]
+            if module.training and (type(module) not in DROPOUTS or cast(nn.Dropout, module).p)
         }
     )
     if not training:

@@ -279,11 +279,9 @@ def describe(lowered: LoweredChain) -> str:
         parts += [f"BatchNorm1d({norm.num_features})" for p, norm in norms if p == "after"]
         if post_op != IDENTITY:
             module = post_op_module(post_op)
-            parts.append(
-                repr(module)
-                if post_op.params or post_op.op.torch_settings
-                else type(module).__name__
-            )
+            default = type(module)()
+            # "GELU", "Softplus"; "LeakyReLU(negative_slope=0.1)" where a setting is not the default
+            parts.append(type(module).__name__ if repr(module) == repr(default) else repr(module))
     if lowered.unflatten is not None:
         parts.append("Unflatten")
     return ", ".join(parts)
