@@ -22,11 +22,20 @@ from fusedae import MLP
 BIG_ROWS = 1_250_000  # x 64 float32 = 320 MB
 
 
-def fusedae(*args: object, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """Runs ``python -m fusedae ARGS``; never raises on a non-zero exit."""
+def fusedae(
+    *args: object, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Runs ``python -m fusedae ARGS`` (with ``env`` added to the environment); never raises on
+    a non-zero exit."""
     command = [sys.executable, "-m", "fusedae", *map(str, args)]
     return subprocess.run(
-        command, cwd=cwd, capture_output=True, text=True, timeout=120, check=False
+        command,
+        cwd=cwd,
+        env=None if env is None else {**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
 
 
@@ -120,17 +129,234 @@ def test_encode_npz_float64_3d(tmp_path: Path, model_path: Path) -> None:
     np.testing.assert_allclose(codes, MLP.load(model_path, "encoder", dtype=np.float64)(x))
 
 
-def test_encode_pytorch_checkpoint(tmp_path: Path) -> None:
+def torch_forward(module: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return module.eval()(torch.from_numpy(x)).numpy()
+
+
+def with_statistics(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` in eval mode with its BatchNorms' statistics and affine parameters random."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm1d):
+                module.running_mean.uniform_(-1, 1)
+                module.running_var.uniform_(0.5, 2)
+                if module.affine:
+                    module.weight.uniform_(0.5, 2)
+                    module.bias.uniform_(-1, 1)
+    return model.eval()
+
+
+def test_bare_state_dict_is_refused_and_nothing_written(tmp_path: Path) -> None:
+    torch.save(AE(64, 2).state_dict(), tmp_path / "ae.pt")
+    np.save(tmp_path / "x.npy", np.zeros((5, 64), np.float32))
+    result = fusedae("encode", tmp_path / "ae.pt", tmp_path / "x.npy", "-o", tmp_path / "z.npy")
+    assert result.returncode == 1
+    message = result.stderr
+    assert message.startswith(
+        f"fusedae encode: error: {tmp_path / 'ae.pt'} is a bare state_dict: it holds the tensors"
+    )
+    for line in [
+        "    encoder.0 (Linear 64 -> 42)",
+        "    decoder.2 (Linear 42 -> 64)",
+        "but not the activations between them, and fusedae does not guess them. Either:",
+        "      --layers 'linear,ACT,linear,ACT,linear,ACT,linear,ACT'",
+        f"      fusedae.torch.save(model, '{tmp_path / 'ae.safetensors'}')",
+    ]:
+        assert f"{line}\n" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ae.pt", "x.npy"]
+
+
+def test_encode_state_dict_with_layers(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = AE(64, 2)
     torch.save(model.state_dict(), tmp_path / "ae.pt")
     x = np.random.default_rng(5).standard_normal((500, 64), dtype=np.float32)
     np.save(tmp_path / "x.npy", x)
-    result = fusedae("encode", tmp_path / "ae.pt", tmp_path / "x.npy", "-o", tmp_path / "z.npy")
+    layers = ["--layers", "linear,relu,linear,linear,relu,linear"]
+    result = fusedae(
+        "encode", tmp_path / "ae.pt", tmp_path / "x.npy", "-o", tmp_path / "z.npy", *layers
+    )
     assert result.returncode == 0, result.stderr
-    with torch.no_grad():
-        expected = model.encoder(torch.from_numpy(x)).numpy()
+    expected = torch_forward(model.encoder, x)  # the encoder: the modules named encoder
     np.testing.assert_allclose(np.load(tmp_path / "z.npy"), expected, rtol=1e-5, atol=1e-6)
+
+
+LAYERED_MODELS = {
+    "relu and batchnorm": (
+        lambda: torch.nn.Sequential(
+            torch.nn.BatchNorm1d(12),
+            torch.nn.Linear(12, 16),
+            torch.nn.BatchNorm1d(16),
+            torch.nn.ReLU(),
+            torch.nn.Dropout(0.5),
+            torch.nn.Linear(16, 8, bias=False),
+            torch.nn.ReLU(),
+            torch.nn.BatchNorm1d(8, eps=1e-3, affine=False),
+            torch.nn.Linear(8, 4),
+        ),
+        "batchnorm(12),linear(12,16),batchnorm,relu,dropout(0.5),linear,relu,"
+        "batchnorm(eps=0.001),linear",
+    ),
+    "activations with parameters": (
+        lambda: torch.nn.Sequential(
+            torch.nn.Linear(12, 16),
+            torch.nn.BatchNorm1d(16),
+            torch.nn.LeakyReLU(0.2),
+            torch.nn.Linear(16, 8),
+            torch.nn.GELU(approximate="tanh"),
+            torch.nn.Linear(8, 8),
+            torch.nn.Hardtanh(0.0, 6.0),
+            torch.nn.Linear(8, 6),
+            torch.nn.ELU(0.5),
+            torch.nn.Linear(6, 4),
+            torch.nn.Softplus(2.0, 10.0),
+        ),
+        "linear,batchnorm,leaky_relu(0.2),linear,gelu_tanh,linear,hardtanh(min_val=0,max_val=6),"
+        "linear,elu(alpha=0.5),linear,softplus(2,10)",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", LAYERED_MODELS)
+def test_layers_run_like_the_torch_model(tmp_path: Path, name: str) -> None:
+    build, layers = LAYERED_MODELS[name]
+    torch.manual_seed(1)
+    model = with_statistics(build())
+    torch.save(model.state_dict(), tmp_path / "model.pth")
+    x = np.random.default_rng(6).standard_normal((300, 12), dtype=np.float32)
+    np.save(tmp_path / "x.npy", x)
+    output = tmp_path / "out.npy"
+    result = fusedae(
+        "encode", tmp_path / "model.pth", tmp_path / "x.npy", "-o", output, "--layers", layers
+    )
+    assert result.returncode == 0, result.stderr
+    np.testing.assert_allclose(np.load(output), torch_forward(model, x), rtol=1e-4, atol=1e-5)
+
+
+BAD_LAYERS = {
+    "too few": (
+        "linear,relu,linear",
+        "--layers names 2 modules with tensors (linear and batchnorm items), but the "
+        "state_dict holds 3, in order:\n  0 (Linear 8 -> 6)\n  1 (BatchNorm1d 6)\n"
+        "  3 (Linear 6 -> 2)",
+    ),
+    "wrong kind": (
+        "linear,linear,relu,linear",
+        "--layers item 2 (linear) is a linear, but the module it takes is 1 (BatchNorm1d 6)",
+    ),
+    "wrong shape": (
+        "linear(8,5),batchnorm,relu,linear",
+        "--layers item 1 (linear(8,5)) gives out_features=5, but the module it takes is "
+        "0 (Linear 8 -> 6)",
+    ),
+    "unknown activation": ("linear,batchnorm,swish,linear", "unknown name 'swish'"),
+    "bad parameter": (
+        "linear,batchnorm,leaky_relu(0.2,0.3),linear",
+        "--layers item 3 (leaky_relu(0.2,0.3)): takes at most 1 arguments (negative_slope)",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", BAD_LAYERS)
+def test_bad_layers_name_the_item(tmp_path: Path, name: str) -> None:
+    layers, message = BAD_LAYERS[name]
+    model = torch.nn.Sequential(
+        torch.nn.Linear(8, 6), torch.nn.BatchNorm1d(6), torch.nn.ReLU(), torch.nn.Linear(6, 2)
+    )
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    np.save(tmp_path / "x.npy", np.zeros((3, 8), np.float32))
+    result = fusedae(
+        "encode",
+        tmp_path / "m.pt",
+        tmp_path / "x.npy",
+        "-o",
+        tmp_path / "o.npy",
+        "--layers",
+        layers,
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"fusedae encode: error: {tmp_path / 'm.pt'}: ")
+    assert message in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt", "x.npy"]
+
+
+def test_layers_is_for_state_dicts_only(tmp_path: Path, model_path: Path) -> None:
+    np.save(tmp_path / "x.npy", np.zeros((3, 64), np.float32))
+    result = fusedae(
+        "encode", model_path, tmp_path / "x.npy", "-o", tmp_path / "o.npy", "--layers", "linear"
+    )
+    assert result.returncode == 1
+    assert "records its own layers; --layers and --trust-pickle are for PyTorch" in result.stderr
+
+
+def test_pickled_module_needs_trust_pickle(tmp_path: Path) -> None:
+    torch.manual_seed(2)
+    model = with_statistics(
+        torch.nn.Sequential(
+            torch.nn.Linear(10, 8),
+            torch.nn.BatchNorm1d(8),
+            torch.nn.ReLU(),
+            torch.nn.Linear(8, 3),
+            torch.nn.Sigmoid(),
+        )
+    )
+    torch.save(model, tmp_path / "model.pt")
+    x = np.random.default_rng(7).standard_normal((200, 10), dtype=np.float32)
+    np.save(tmp_path / "x.npy", x)
+    output = tmp_path / "out.npy"
+    command = ["encode", tmp_path / "model.pt", tmp_path / "x.npy", "-o", output]
+    refused = fusedae(*command)
+    assert refused.returncode == 1
+    assert refused.stderr.startswith(
+        f"fusedae encode: error: {tmp_path / 'model.pt'} pickles Python objects "
+        "(torch.nn.modules.container.Sequential, torch.nn.modules.linear.Linear, "
+    )
+    assert "torch.load(weights_only=True) refuses" in refused.stderr
+    assert "If you trust the file, pass --trust-pickle" in refused.stderr
+    assert not output.exists()
+    result = fusedae(*command, "--trust-pickle")
+    assert result.returncode == 0, result.stderr
+    np.testing.assert_allclose(np.load(output), torch_forward(model, x), rtol=1e-5, atol=1e-6)
+    with_layers = fusedae(*command, "--force", "--trust-pickle", "--layers", "linear")
+    assert with_layers.returncode == 1
+    assert "pickles a whole Sequential, whose layers fusedae reads" in with_layers.stderr
+
+
+def test_trusted_pickle_of_a_module_that_is_not_a_chain(tmp_path: Path) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Softmax(dim=1))
+    torch.save(model, tmp_path / "model.pt")
+    np.save(tmp_path / "x.npy", np.zeros((3, 4), np.float32))
+    result = fusedae(
+        "encode",
+        tmp_path / "model.pt",
+        tmp_path / "x.npy",
+        "-o",
+        tmp_path / "o.npy",
+        "--trust-pickle",
+    )
+    assert result.returncode == 1
+    assert "the model is not one chain: fusedae cannot fuse 1 (Softmax) into it" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "x.npy"]
+
+
+def test_trusted_pickle_needs_the_classes_it_names(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    model = AE(16, 2)  # tests/_seed.py: importable here, not in the command's process
+    torch.save(model, tmp_path / "ae.pt")
+    x = np.random.default_rng(8).standard_normal((50, 16), dtype=np.float32)
+    np.save(tmp_path / "x.npy", x)
+    command = ["encode", tmp_path / "ae.pt", tmp_path / "x.npy", "-o", tmp_path / "z.npy"]
+    result = fusedae(*command, "--trust-pickle")
+    assert result.returncode == 1
+    assert "unpickling it needs the code that defined its classes" in result.stderr
+    assert "No module named '_seed'" in result.stderr
+    tests = str(Path(__file__).parent)
+    result = fusedae(*command, "--trust-pickle", env={"PYTHONPATH": tests})
+    assert result.returncode == 0, result.stderr
+    np.testing.assert_allclose(
+        np.load(tmp_path / "z.npy"), torch_forward(model.encoder, x), rtol=1e-5, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize(

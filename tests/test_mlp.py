@@ -18,6 +18,8 @@ from hypothesis import strategies as st
 import fusedae
 from _threads import run_at_once
 from fusedae import _native, _reference
+from fusedae._ops import RELU
+from fusedae.chain import ChainSpec, Layer, Normalization
 
 WIDTHS = [1, 17, 42, 64, 784]
 BATCHES = [0, 1, 2, 7, 64, 1000]
@@ -152,6 +154,28 @@ def test_pickle_and_copy_rebuild_the_same_mlp(rng):
         for clone in (pickle.loads(pickle.dumps(mlp)), copy.deepcopy(mlp)):
             assert repr(clone) == repr(mlp)
             np.testing.assert_array_equal(clone(x), mlp(x))
+
+
+def test_pickle_and_save_keep_normalizations(rng, tmp_path):
+    features = 12
+    norm = Normalization(
+        "before", rng.standard_normal(features), rng.uniform(0.5, 2, features), 1e-3, None, None
+    )
+    spec = ChainSpec(
+        (
+            Layer(rng.standard_normal((7, features)), None, RELU, (norm,)),
+            Layer(rng.standard_normal((3, 7)), rng.standard_normal(3), RELU),
+        ),
+        1,
+    )
+    mlp = fusedae.MLP.from_spec(spec, dtype=np.float64)
+    x = rng.standard_normal((5, features))
+    want, _ = _reference.forward([layer.folded() for layer in spec.layers], mlp.activations, x)
+    np.testing.assert_allclose(mlp(x), want, rtol=1e-12, atol=1e-12)
+    mlp.save(tmp_path / "mlp.safetensors")
+    for clone in (pickle.loads(pickle.dumps(mlp)), fusedae.MLP.load(tmp_path / "mlp.safetensors")):
+        assert clone.spec.layers[0].normalization[0].eps == 1e-3
+        np.testing.assert_array_equal(clone(x), mlp(x))
 
 
 def test_nan_and_inf_propagate_like_pytorch(rng, isa):

@@ -19,6 +19,9 @@ from torch import nn
 import fusedae.torch as ft
 from _seed import AE, AENetwork
 from fusedae import MLP, serialization
+from fusedae._ops import IDENTITY, OPS, RELU, PostOp
+from fusedae.chain import ChainSpec, Layer, Normalization, Position
+from fusedae.torch.lower import post_op_module
 
 
 def torch_forward(module: nn.Module, x: np.ndarray) -> np.ndarray:
@@ -78,11 +81,20 @@ def test_encoder_alone_has_no_decoder(tmp_path: Path) -> None:
         MLP.load(path, "decoder")
 
 
-def test_save_refuses_other_modules(tmp_path: Path) -> None:
-    with pytest.raises(TypeError, match=r"module is not an nn\.Sequential of Linear/ReLU/Identity"):
-        ft.save(nn.Sequential(nn.Linear(3, 3), nn.Tanh()), tmp_path / "m.safetensors")
+def test_save_refuses_other_modules_naming_them(tmp_path: Path) -> None:
+    softmax = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 3), nn.Softmax(dim=1))
+    with pytest.raises(
+        TypeError, match=r"the model is not one chain: fusedae cannot fuse 3 \(Softmax"
+    ):
+        ft.save(softmax, tmp_path / "m.safetensors")
+    ae = ft.AE(6, 2)
+    ae.decoder.append(nn.Softmax(dim=1))
+    with pytest.raises(TypeError, match=r"decoder is not one chain: .* fuse decoder.3 \(Softmax\)"):
+        ft.save(ae, tmp_path / "m.safetensors")
     with pytest.raises(TypeError, match="got Linear with children"):
         ft.save(nn.Linear(3, 3), tmp_path / "m.safetensors")
+    with pytest.raises(TypeError, match=r"got AENetwork with children \['network'\]"):
+        ft.save(AENetwork(6, 2), tmp_path / "m.safetensors")
     assert not list(tmp_path.iterdir())
 
 
@@ -137,10 +149,123 @@ def test_interoperates_with_the_safetensors_package(tmp_path: Path) -> None:
     with st.safe_open(path, "np") as file:
         metadata = file.metadata()
     assert metadata["format"] == "fusedae.chain"
-    assert json.loads(metadata["activations"]) == ["relu", "identity", "relu", "identity"]
+    assert metadata["format_version"] == "2"
+    layers = json.loads(metadata["layers"])
+    assert [layer["post_op"] for layer in layers] == ["relu", "identity", "relu", "identity"]
     theirs = tmp_path / "theirs.safetensors"
     save_file(tensors, theirs, metadata=metadata)
     assert MLP.load(theirs).layers[3][0].shape == (8, 42)
+
+
+def every_op_spec(dtype: type, rng: np.random.Generator) -> ChainSpec:
+    """A chain with one layer per op of the table, each with parameters off their defaults, and
+    BatchNorms before and after layers, affine or not, in ``dtype``."""
+
+    def array(*shape: int) -> np.ndarray:
+        return rng.standard_normal(shape).astype(dtype)
+
+    def norm(position: Position, features: int, affine: bool) -> Normalization:
+        var = rng.uniform(0.5, 2.0, features).astype(dtype)
+        weight, bias = (array(features), array(features)) if affine else (None, None)
+        return Normalization(position, array(features), var, 1e-3 * rng.random(), weight, bias)
+
+    layers = []
+    width = 5
+    for index, op in enumerate(OPS.values()):
+        out = 3 + index % 4
+        params = tuple(default * 0.5 + 0.25 for _, default in op.params)
+        norms = {
+            0: (norm("before", width, True),),
+            1: (norm("after", out, False),),
+            2: (norm("before", width, False), norm("after", out, True)),
+        }.get(index % 4, ())
+        bias = None if index == 3 else array(out)
+        layers.append(Layer(array(out, width), bias, PostOp(op.name, params), norms))
+        width = out
+    return ChainSpec(tuple(layers), 2)
+
+
+def assert_same_spec(got: ChainSpec, want: ChainSpec) -> None:
+    """Equal structure and bit-identical arrays (of the same dtype)."""
+
+    def same(a: np.ndarray | None, b: np.ndarray | None) -> None:
+        assert (a is None) == (b is None)
+        if a is not None and b is not None:
+            assert a.dtype == b.dtype
+            np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
+
+    assert got.encoder_layers == want.encoder_layers
+    assert got.post_ops == want.post_ops
+    for layer, expected in zip(got.layers, want.layers, strict=True):
+        same(layer.weight, expected.weight)
+        same(layer.bias, expected.bias)
+        assert len(layer.normalization) == len(expected.normalization)
+        for norm, expected_norm in zip(layer.normalization, expected.normalization, strict=True):
+            assert (norm.position, norm.eps) == (expected_norm.position, expected_norm.eps)
+            for kind in ("mean", "var", "weight", "bias"):
+                same(getattr(norm, kind), getattr(expected_norm, kind))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_every_op_and_batchnorm_round_trip(tmp_path: Path, dtype: type) -> None:
+    spec = every_op_spec(dtype, np.random.default_rng(7))
+    path = tmp_path / "chain.safetensors"
+    serialization.write_spec(path, spec)
+    assert_same_spec(serialization.read(path), spec)
+
+
+def test_saved_module_with_every_op_and_batchnorm(tmp_path: Path, rng: np.random.Generator) -> None:
+    modules: list[nn.Module] = [nn.BatchNorm1d(6), nn.Linear(6, 6), nn.BatchNorm1d(6)]
+    for op in OPS.values():
+        post_op = PostOp(op.name, tuple(default * 0.5 + 0.25 for _, default in op.params))
+        modules += [post_op_module(post_op), nn.Linear(6, 6)]
+    model = nn.Sequential(*modules).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm1d):
+                module.running_mean.uniform_(-1, 1)
+                module.running_var.uniform_(0.5, 2)
+                module.weight.uniform_(0.5, 2)
+    path = tmp_path / "model.safetensors"
+    ft.save(model, path)
+    assert_same_spec(serialization.read(path), ft.saving.chain_spec(model))
+    x = rng.standard_normal((40, 6)).astype(np.float32)
+    np.testing.assert_allclose(MLP.load(path)(x), torch_forward(model, x), rtol=1e-4, atol=1e-5)
+
+
+FORMAT_1 = Path(__file__).parent / "data" / "format-1-ae.safetensors"
+
+
+def test_format_1_files_still_load() -> None:
+    """``format-1-ae.safetensors`` was written by ``serialization.write`` of format version 1:
+    ``write(path, layers, ["relu", "identity", "relu", "identity"], encoder_layers=2)`` with
+    the float32 layers below (the third without a bias)."""
+    widths = [4, 3, 2, 3, 4]
+    spec = serialization.read(FORMAT_1)
+    assert spec.post_ops == (RELU, IDENTITY, RELU, IDENTITY)
+    assert spec.encoder_layers == 2
+    for index, layer in enumerate(spec.layers):
+        n_in, n_out = widths[index], widths[index + 1]
+        want = (np.arange(n_out * n_in, dtype=np.float32).reshape(n_out, n_in) - index) / 8
+        np.testing.assert_array_equal(layer.weight, want)
+        assert layer.weight.dtype == np.float32
+        if index == 2:
+            assert layer.bias is None
+        else:
+            np.testing.assert_array_equal(layer.bias, np.arange(n_out, dtype=np.float32) / 4)
+        assert layer.normalization == ()
+    x = np.ones((2, 4), np.float32)
+    assert MLP.load(FORMAT_1, "encoder")(x).shape == (2, 2)
+
+
+def test_format_1_with_an_op_that_has_parameters_is_refused(tmp_path: Path) -> None:
+    data = FORMAT_1.read_bytes()
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(
+        with_header(data, set_metadata("activations", '["elu", "relu", "relu", "relu"]'))
+    )
+    with pytest.raises(ValueError, match="layer 0: elu has parameters, which version 1 lacks"):
+        serialization.read(path)
 
 
 def valid_file(tmp_path: Path) -> bytes:
@@ -164,6 +289,26 @@ def set_metadata(key: str, value: str) -> Callable[[dict], None]:
     return lambda header: header["__metadata__"].__setitem__(key, value)
 
 
+def edit_layer(index: int, **entries: object) -> Callable[[dict], None]:
+    """Sets ``entries`` in the ``layers`` metadata's object for layer ``index``."""
+
+    def edit(header: dict) -> None:
+        layers = json.loads(header["__metadata__"]["layers"])
+        layers[index].update(entries)
+        header["__metadata__"]["layers"] = json.dumps(layers)
+
+    return edit
+
+
+def drop_layer_key(index: int, key: str) -> Callable[[dict], None]:
+    def edit(header: dict) -> None:
+        layers = json.loads(header["__metadata__"]["layers"])
+        del layers[index][key]
+        header["__metadata__"]["layers"] = json.dumps(layers)
+
+    return edit
+
+
 CORRUPTIONS: dict[str, tuple[Callable[[bytes], bytes], str]] = {
     "empty": (lambda d: b"", "0 bytes is too short for a safetensors file"),
     "truncated data": (
@@ -183,16 +328,46 @@ CORRUPTIONS: dict[str, tuple[Callable[[bytes], bytes], str]] = {
         "no 'fusedae.chain' metadata",
     ),
     "future version": (
-        lambda d: with_header(d, set_metadata("format_version", "2")),
-        "format_version '2' is not supported",
+        lambda d: with_header(d, set_metadata("format_version", "3")),
+        "format_version '3' is not supported",
     ),
     "bad activation": (
-        lambda d: with_header(d, set_metadata("activations", '["relu", "gelu"]')),
-        "layer 1: activation must be 'relu' or 'identity', got 'gelu'",
+        lambda d: with_header(d, edit_layer(1, post_op="swish")),
+        "layer 1: activation must be .* got 'swish'",
     ),
-    "activations not JSON": (
-        lambda d: with_header(d, set_metadata("activations", "relu")),
-        "bad activations or encoder_layers metadata",
+    "layers not JSON": (
+        lambda d: with_header(d, set_metadata("layers", "relu")),
+        "bad layers metadata",
+    ),
+    "layers not a list": (
+        lambda d: with_header(d, set_metadata("layers", "{}")),
+        "the layers metadata is not a JSON list",
+    ),
+    "layer key missing": (
+        lambda d: with_header(d, drop_layer_key(0, "normalization")),
+        r"layer 0: expected an object with keys \['normalization', 'params', 'post_op'\]",
+    ),
+    "params missing": (
+        lambda d: with_header(d, edit_layer(0, post_op="leaky_relu")),
+        r"layer 0: leaky_relu takes parameters \['negative_slope'\] by name, got \{\}",
+    ),
+    "unknown param": (
+        lambda d: with_header(d, edit_layer(0, post_op="elu", params={"beta": 1.0})),
+        r"elu takes parameters \['alpha'\] by name, got \{'beta': 1.0\}",
+    ),
+    "param not a number": (
+        lambda d: with_header(d, edit_layer(0, post_op="elu", params={"alpha": "1"})),
+        "elu: parameters must be numbers",
+    ),
+    "bad position": (
+        lambda d: with_header(
+            d, edit_layer(0, normalization=[{"position": "inside", "eps": 1e-5}])
+        ),
+        "layer 0: a normalization is an object with a position",
+    ),
+    "normalization tensors missing": (
+        lambda d: with_header(d, edit_layer(0, normalization=[{"position": "after", "eps": 0.1}])),
+        "tensor 'layers.0.normalization.0.mean' is missing",
     ),
     "encoder_layers out of range": (
         lambda d: with_header(d, set_metadata("encoder_layers", "3")),
@@ -236,34 +411,6 @@ def test_malformed_file_is_a_clear_value_error(tmp_path: Path, name: str) -> Non
     with pytest.raises(ValueError, match=prefix) as error:
         MLP.load(path)
     assert re.search(message, str(error.value)), str(error.value)
-
-
-def test_from_state_dict_reads_the_seed_layouts() -> None:
-    seed = {k: v.numpy() for k, v in AE(64, 2).state_dict().items()}
-    spec = serialization.from_state_dict(seed)
-    assert spec.activations == ("relu", "identity", "relu", "identity")
-    assert spec.encoder_layers == 2
-    single = {k: v.numpy() for k, v in AENetwork(64, 2).state_dict().items()}
-    spec = serialization.from_state_dict(single)
-    assert spec.activations == ("relu", "identity", "relu", "identity")
-    assert spec.encoder_layers == 2
-    bare = {k.removeprefix("network."): v for k, v in single.items()}
-    assert serialization.from_state_dict(bare).encoder_layers == 2
-
-
-@pytest.mark.parametrize(
-    ("state", "message"),
-    [
-        ({"conv.weight": np.ones((3, 3, 3, 3))}, "'conv.weight' is not the weight or bias"),
-        ({"0.weight": np.ones((3, 4)), "3.weight": np.ones((3, 3))}, "2 modules between 0 and"),
-        ({"0.bias": np.ones(3)}, "0 has a bias but no weight"),
-        ({"0.weight": np.ones((3, 4)), "1.weight": np.ones((3, 2))}, "layer 1 takes 2 features"),
-        ({}, "it holds no layers"),
-    ],
-)
-def test_from_state_dict_refuses_other_layouts(state: dict, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        serialization.from_state_dict(state)
 
 
 TORCH_FREE = """

@@ -11,9 +11,11 @@ import itertools
 import math
 import mmap
 import os
+import pickletools
 import signal
 import statistics
 import sys
+import textwrap
 import time
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
@@ -24,25 +26,46 @@ from typing import Any
 import numpy as np
 
 import fusedae
-from fusedae import _native, _reference, serialization
-from fusedae._ops import IDENTITY, RELU, PostOp, post_ops
+from fusedae import _native, _ops, _reference, serialization
+from fusedae._ops import IDENTITY, OPS, RELU, PostOp, post_ops
 from fusedae.chain import ChainSpec
 from fusedae.mlp import MLP
+from fusedae.state_dict import StateModule, from_state_dict, state_modules
 
 CHUNK_BYTES = 16 << 20  # input bytes per chunk when --batch-size is not given
 
 ENCODE_HELP = """\
 Runs a model over every row of INPUT and writes the results to OUTPUT (.npy).
 
-MODEL is a .safetensors file written by fusedae.torch.save or fusedae.MLP.save, or (any other
-name) a PyTorch state_dict of the seed's AE or of an nn.Sequential of Linear layers, which
-needs torch; a state_dict does not record activations, so one module between two Linear
-layers of a Sequential is read as a ReLU.
+MODEL is one of:
+  * a .safetensors file written by fusedae.torch.save or fusedae.MLP.save: it records every
+    layer, activation (with its parameters) and BatchNorm; needs numpy only;
+  * a PyTorch state_dict (torch.save(model.state_dict(), path)), which needs torch and
+    --layers: a state_dict holds the tensors of the Linear and BatchNorm layers but not the
+    activations between them, and fusedae does not guess them;
+  * a whole pickled nn.Module (torch.save(model, path)), which needs torch and
+    --trust-pickle: loading it runs code from the file, so only for files you trust.
 
-A model is one chain of layers with a mark where its encoder ends: after the AE's encoder, or,
-for a single chain, at its narrowest layer if its output is as wide as its input, else at its
-end. By default the command runs the encoder (rows -> codes); --decode runs the layers after
-the mark (codes -> outputs); --reconstruct runs them all.
+--layers spells the chain, in order, one comma-separated item per module, as a
+nn.Sequential would list them:
+  linear             the state_dict's next Linear; linear(IN,OUT) also checks its shape
+  batchnorm          its next BatchNorm1d, in eval mode, with eps 1e-5 as in PyTorch;
+                     batchnorm(N) checks its size, batchnorm(eps=0.001) sets eps
+  ACTIVATION         applied after the Linear (and its BatchNorm) before it, one of
+{activations}
+                     (PyTorch's defaults shown; give parameters in order, leaky_relu(0.2),
+                     or by name, hardtanh(min_val=0,max_val=6))
+for example --layers 'linear,batchnorm,relu,linear,leaky_relu(0.2),linear,hardtanh(0,6)'.
+The state_dict's modules are taken in the order it stores them (the order they were
+registered, which is nn.Sequential's order); a module is a Linear if it holds weight (2-D)
+and bias, a BatchNorm1d if it holds running_mean and running_var. Each item is checked
+against the module it takes, and each Linear against the one before it. A dropout item (or
+none: Dropout holds no tensors) does nothing, as in eval mode.
+
+A model is one chain of layers with a mark where its encoder ends: after the modules named
+encoder (then decoder), or, for a single chain, at its narrowest layer if its output is as
+wide as its input, else at its end. By default the command runs the encoder (rows -> codes);
+--decode runs the layers after the mark (codes -> outputs); --reconstruct runs them all.
 
 INPUT is a .npy file (memory-mapped and streamed, so it may be larger than memory) or a .npz
 file (--key picks an array), of float32 or float64 rows, shape (..., in_features); OUTPUT has
@@ -51,8 +74,17 @@ directory and renamed at the end: an interrupted run leaves nothing under OUTPUT
 """
 
 
+def encode_help() -> str:
+    """``ENCODE_HELP`` with the activations of the op table."""
+    names = ", ".join(str(_ops.post_op(name)) for name in OPS)
+    indent = " " * 21
+    return ENCODE_HELP.format(
+        activations=textwrap.fill(names, 91, initial_indent=indent, subsequent_indent=indent)
+    )
+
+
 class CommandError(Exception):
-    """A failure reported as one line on stderr, with exit status 1."""
+    """A failure reported on stderr after ``fusedae COMMAND: error:``, with exit status 1."""
 
 
 def positive_int(text: str) -> int:
@@ -111,10 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     encode = commands.add_parser(
         "encode",
         help="run a saved model over a .npy/.npz file",
-        description=ENCODE_HELP,
+        description=encode_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    encode.add_argument("model", metavar="MODEL", type=Path, help=".safetensors or state_dict")
+    encode.add_argument(
+        "model", metavar="MODEL", type=Path, help=".safetensors, state_dict or pickled module"
+    )
     encode.add_argument("input", metavar="INPUT", type=Path, help=".npy or .npz")
     encode.add_argument("-o", "--output", required=True, type=Path, help="the .npy to write")
     part = encode.add_mutually_exclusive_group()
@@ -129,6 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads", type=positive_int, help="kernel threads (default: the CPUs available)"
     )
     encode.add_argument("--key", help="the array to read from a .npz holding several")
+    encode.add_argument(
+        "--layers",
+        metavar="ITEMS",
+        help="the chain of a state_dict MODEL, e.g. 'linear,relu,linear,sigmoid' (see above)",
+    )
+    encode.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="load a MODEL that pickles a whole nn.Module (runs code from the file)",
+    )
     encode.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
     encode.set_defaults(run=run_encode)
 
@@ -190,9 +234,16 @@ def run_info(args: argparse.Namespace) -> None:
 # --- encode -----------------------------------------------------------------------------------
 
 
-def load_model(path: Path) -> serialization.ChainSpec:
-    """The chain in a ``.safetensors`` file, or in a PyTorch state_dict (imports torch)."""
+def load_model(path: Path, layers: str | None, trust_pickle: bool) -> ChainSpec:
+    """The chain in MODEL: a ``.safetensors`` file; a PyTorch state_dict spelled by ``layers``
+    (``fusedae.state_dict``); or, with ``trust_pickle``, a pickled ``nn.Module``. The last two
+    import torch."""
     if path.suffix == ".safetensors":
+        if layers is not None or trust_pickle:
+            raise CommandError(
+                f"{path} records its own layers; --layers and --trust-pickle are for PyTorch "
+                "checkpoints"
+            )
         try:
             return serialization.read(path)
         except ValueError as error:
@@ -204,27 +255,117 @@ def load_model(path: Path) -> serialization.ChainSpec:
             f"{path} is not a .safetensors file, so it is read as a PyTorch checkpoint, which "
             "needs torch; install it, or convert the model once with fusedae.torch.save"
         ) from None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch.load raises many kinds, all meaning "not a checkpoint"
-        raise CommandError(f"{path}: not a PyTorch checkpoint torch can load ({error})") from None
-    if not isinstance(state, Mapping) or not all(
-        isinstance(value, torch.Tensor) for value in state.values()
+    loaded = load_checkpoint(path, trust_pickle)
+    if isinstance(loaded, torch.nn.Module):
+        if layers is not None:
+            raise CommandError(
+                f"{path} pickles a whole {type(loaded).__name__}, whose layers fusedae reads "
+                "from the module itself; --layers is for a bare state_dict"
+            )
+        from fusedae.torch.saving import chain_spec
+
+        try:
+            return chain_spec(loaded)
+        except (TypeError, ValueError) as error:
+            raise CommandError(f"{path}: {error}") from None
+    if not isinstance(loaded, Mapping) or not all(
+        isinstance(value, torch.Tensor) for value in loaded.values()
     ):
         raise CommandError(
-            f"{path}: expected a state_dict (parameter names -> tensors), got "
-            f"{type(state).__name__}"
+            f"{path}: expected a state_dict (parameter names -> tensors) or an nn.Module, got "
+            f"{type(loaded).__name__}"
         )
     arrays = {
-        key: value.detach()
-        .to(torch.float64 if value.dtype == torch.float64 else torch.float32)
-        .numpy()
-        for key, value in state.items()
+        key: (
+            value.detach()
+            .to(torch.float64 if value.dtype == torch.float64 else torch.float32)
+            .numpy()
+            if value.is_floating_point()
+            else value.detach().numpy()
+        )
+        for key, value in loaded.items()
     }
     try:
-        return serialization.from_state_dict(arrays)
+        if layers is None:
+            modules = state_modules(arrays)
+        else:
+            return from_state_dict(arrays, layers)
     except ValueError as error:
         raise CommandError(f"{path}: {error}") from None
+    raise CommandError(bare_state_dict_refusal(path, modules))
+
+
+def load_checkpoint(path: Path, trust_pickle: bool) -> object:
+    """What ``torch.save`` wrote to ``path``: unpickled in full with ``trust_pickle``, else by
+    torch's weights-only unpickler, which refuses anything but tensors and plain containers."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except (AttributeError, ModuleNotFoundError) as error:  # only unpickling in full gets here
+        raise CommandError(
+            f"{path}: unpickling it needs the code that defined its classes ({error}); convert "
+            "the model once where that code runs: fusedae.torch.save(model, "
+            f"'{path.with_suffix('.safetensors').name}')"
+        ) from None
+    except Exception as error:  # torch.load raises many kinds, all meaning "cannot load it"
+        names = [] if trust_pickle else pickled_names(path)
+        if names:
+            raise CommandError(
+                f"{path} pickles Python objects ({', '.join(names)}), such as a whole "
+                "nn.Module saved with torch.save(model), which torch.load(weights_only=True) "
+                "refuses: unpickling runs code from the file. If you trust the file, pass "
+                "--trust-pickle"
+            ) from None
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise CommandError(
+            f"{path}: not a PyTorch checkpoint torch can load ({type(error).__name__}: "
+            f"{first_line})"
+        ) from None
+
+
+def pickled_names(path: Path) -> list[str]:
+    """The classes and functions the pickle of a ``torch.save`` archive names, read without
+    running it, leaving out those of every tensor and container (storages, rebuild functions,
+    OrderedDict, builtins); empty if it is not such an archive."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickles = [name for name in archive.namelist() if name.endswith("/data.pkl")]
+            if len(pickles) != 1:
+                return []
+            data = archive.read(pickles[0])
+        names = []
+        strings: list[str] = []
+        for opcode, argument, _ in pickletools.genops(data):
+            if isinstance(argument, str):
+                strings.append(argument)
+            if opcode.name == "GLOBAL":
+                names.append(str(argument).replace(" ", "."))
+            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(".".join(strings[-2:]))
+    except (zipfile.BadZipFile, ValueError, OSError):
+        return []
+    tensor_parts = ("torch._utils.", "collections.OrderedDict", "Storage", "builtin")
+    found = [name for name in dict.fromkeys(names) if not any(p in name for p in tensor_parts)]
+    return found[:4] + ["..."] * (len(found) > 4)
+
+
+def bare_state_dict_refusal(path: Path, modules: Sequence[StateModule]) -> str:
+    """Why a state_dict without ``--layers`` is not run, and the two ways out."""
+    listed = "\n".join(f"    {module}" for module in modules)
+    skeleton = ",".join(
+        "linear,ACT" if module.kind == "linear" else "batchnorm" for module in modules
+    )
+    converted = path.with_suffix(".safetensors")
+    return (
+        f"{path} is a bare state_dict: it holds the tensors of these modules, in order,\n"
+        f"{listed}\n"
+        "but not the activations between them, and fusedae does not guess them. Either:\n"
+        "  * spell the chain with --layers, each ACT an activation or left out (see --help):\n"
+        f"      --layers '{skeleton}'\n"
+        "  * or convert the model once in Python, where its modules are known, and run that:\n"
+        f"      fusedae.torch.save(model, '{converted}')"
+    )
 
 
 def check_float(path: Path, dtype: np.dtype) -> None:
@@ -352,7 +493,7 @@ def run_encode(args: argparse.Namespace) -> None:
     part: serialization.Part = (
         "decoder" if args.decode else "all" if args.reconstruct else "encoder"
     )
-    spec = load_model(args.model)
+    spec = load_model(args.model, args.layers, args.trust_pickle)
     release = None
     if args.input.suffix == ".npy":
         x, release = open_npy(args.input)

@@ -13,7 +13,7 @@ import numpy.typing as npt
 
 from fusedae import _native, serialization
 from fusedae._ops import IDENTITY, RELU, PostOp
-from fusedae.chain import ChainSpec, Layer
+from fusedae.chain import ChainSpec, Layer, default_encoder_layers
 
 FloatArray = npt.NDArray[np.floating]
 
@@ -217,5 +217,7 @@ class MLP(_native.Chain):
         """Writes the chain to a ``.safetensors`` file that ``MLP.load`` reads. ``encoder_layers``:
         how many leading layers ``MLP.load(path, "encoder")`` gives (default: up to the
         narrowest inner layer if the output is as wide as the input, else all of them)."""
-        pairs = [(layer.weight, layer.bias) for layer in self._spec.layers]
-        serialization.write(path, pairs, self._spec.post_ops, encoder_layers)
+        spec = self._spec
+        if encoder_layers is None:
+            encoder_layers = default_encoder_layers(spec.widths)
+        serialization.write_spec(path, ChainSpec(spec.layers, encoder_layers, spec.precision))

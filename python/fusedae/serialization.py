@@ -1,14 +1,22 @@
 """A chain of Linear layers in one ``.safetensors`` file, read and written with numpy alone.
 
 The file holds tensors ``layers.{i}.weight`` (shape ``(out_i, in_i)``, PyTorch layout) and,
-where layer ``i`` has one, ``layers.{i}.bias`` (shape ``(out_i,)``), all float32 or all float64.
-Its ``__metadata__`` records the structure the tensors cannot:
+where layer ``i`` has one, ``layers.{i}.bias`` (shape ``(out_i,)``); for each BatchNorm folded
+into layer ``i`` (its ``j``-th ``Normalization``), ``layers.{i}.normalization.{j}.mean`` and
+``.var``, and ``.weight`` and ``.bias`` where it has them (shape ``(features,)``). All tensors
+are float32, or all float64. Its ``__metadata__`` records the structure the tensors cannot:
 
-* ``format``: ``"fusedae.chain"``, ``format_version``: ``"1"``;
-* ``activations``: a JSON list of names (``"relu"``, ``"identity"``: the post-ops of
-  ``fusedae._ops.OPS``), one per layer, applied to its outputs;
+* ``format``: ``"fusedae.chain"``, ``format_version``: ``"2"``;
+* ``layers``: a JSON list with one object per layer, ``{"post_op": "leaky_relu", "params":
+  {"negative_slope": 0.2}, "normalization": [{"position": "before", "eps": 1e-05}]}``: the name
+  of its post-op (``fusedae._ops.OPS``) with every parameter by name, and its normalizations in
+  order, each on the Linear's input (``"before"``) or output (``"after"``, before the post-op);
 * ``encoder_layers``: how many leading layers form the encoder (``0`` to the layer count); the
   layers after them are the decoder, and all of them together reconstruct.
+
+Format version 1 (fusedae before the real-models issue) is read too: it records post-ops by
+name alone (``activations``, a JSON list such as ``["relu", "identity"]``) and has no
+normalizations. Every file is written as version 2.
 
 ``write`` picks ``encoder_layers`` when not told (``default_encoder_layers``): a chain whose
 output is as wide as its input is read as an autoencoder whose encoder ends at its narrowest
@@ -22,16 +30,18 @@ import math
 import os
 import re
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-from fusedae._ops import IDENTITY, RELU, PostOp
+from fusedae._ops import OPS, PostOp, post_op
 from fusedae.chain import (
     PARTS,
+    POSITIONS,
     ChainSpec,
     Layer,
     LayerArrays,
+    Normalization,
     Part,
     default_encoder_layers,
 )
@@ -40,23 +50,24 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "PARTS",
+    "READABLE_VERSIONS",
     "ChainSpec",
     "LayerArrays",
     "Part",
     "default_encoder_layers",
-    "from_state_dict",
     "read",
     "write",
     "write_spec",
 ]
 
 FORMAT = "fusedae.chain"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+READABLE_VERSIONS = ("1", "2")
 
 _DTYPES: dict[str, np.dtype] = {"F32": np.dtype("<f4"), "F64": np.dtype("<f8")}
 _MAX_HEADER = 100_000_000  # the limit the reference implementation enforces
-_NAME = re.compile(r"layers\.(\d+)\.(weight|bias)")
-_STATE_KEY = re.compile(r"(?:(.*)\.)?(\d+)\.(weight|bias)")
+_NAME = re.compile(r"layers\.\d+\.(?:weight|bias|normalization\.\d+\.(?:mean|var|weight|bias))")
+_NORMALIZATION_ARRAYS = ("mean", "var", "weight", "bias")  # the file's names, Normalization's
 
 
 def write(
@@ -74,28 +85,40 @@ def write(
 
 
 def write_spec(path: str | os.PathLike[str], spec: ChainSpec) -> None:
-    """Writes ``spec`` to ``path`` (float32, or float64 if the first weight is float64), through
-    a temporary file renamed at the end."""
+    """Writes ``spec`` to ``path`` as format version 2 (float32, or float64 if the first weight
+    is float64), through a temporary file renamed at the end. Reading it back gives the same
+    spec: same post-ops and parameters, same normalizations, the same bits in every array of
+    the file's dtype."""
     spec.check_shapes()
-    for index, op in enumerate(spec.post_ops):
-        if op.params:  # the file records names only: a parameter would be lost
-            raise ValueError(
-                f"layer {index}: format_version {FORMAT_VERSION} stores post-ops by name, "
-                f"without parameters, got {op}"
-            )
     dtype = np.dtype("<f8" if spec.layers[0].weight.dtype == np.float64 else "<f4")
     tensors: list[tuple[str, np.ndarray]] = []
+    described: list[dict[str, object]] = []
+
+    def add(name: str, array: np.ndarray | None) -> None:
+        if array is not None:
+            tensors.append((name, np.ascontiguousarray(array, dtype=dtype)))
+
     for index, layer in enumerate(spec.layers):
-        weight = np.ascontiguousarray(layer.weight, dtype=dtype)
-        bias = None if layer.bias is None else np.ascontiguousarray(layer.bias, dtype=dtype)
-        tensors.append((f"layers.{index}.weight", weight))
-        if bias is not None:
-            tensors.append((f"layers.{index}.bias", bias))
+        add(f"layers.{index}.weight", layer.weight)
+        add(f"layers.{index}.bias", layer.bias)
+        for position, norm in enumerate(layer.normalization):
+            for kind in _NORMALIZATION_ARRAYS:
+                add(f"layers.{index}.normalization.{position}.{kind}", getattr(norm, kind))
+        described.append(
+            {
+                "post_op": layer.post_op.name,
+                "params": layer.post_op.keyword_params(),
+                "normalization": [
+                    {"position": norm.position, "eps": float(norm.eps)}
+                    for norm in layer.normalization
+                ],
+            }
+        )
     header: dict[str, object] = {
         "__metadata__": {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "activations": json.dumps(list(spec.activations)),
+            "layers": json.dumps(described),
             "encoder_layers": str(spec.encoder_layers),
         }
     }
@@ -124,8 +147,8 @@ def write_spec(path: str | os.PathLike[str], spec: ChainSpec) -> None:
 
 
 def read(path: str | os.PathLike[str]) -> ChainSpec:
-    """Reads a chain written by ``write``; a file that is not one, or is cut short, is a
-    ValueError naming the file and what is wrong with it."""
+    """Reads a chain written by ``write`` (format version 2, or 1 from earlier fusedae); a file
+    that is not one, or is cut short, is a ValueError naming the file and what is wrong."""
     with open(path, "rb") as file:
         data = file.read()
     try:
@@ -154,19 +177,138 @@ def _parse(data: bytes) -> ChainSpec:
         raise ValueError(
             f"no {FORMAT!r} metadata (write the file with fusedae.torch.save or MLP.save)"
         )
-    if metadata.get("format_version") != FORMAT_VERSION:
+    version = metadata.get("format_version")
+    if version not in READABLE_VERSIONS:
         raise ValueError(
-            f"format_version {metadata.get('format_version')!r} is not supported "
-            f"(this fusedae reads {FORMAT_VERSION!r})"
+            f"format_version {version!r} is not supported (this fusedae reads "
+            f"{' and '.join(map(repr, READABLE_VERSIONS))}; a newer fusedae wrote it?)"
         )
     try:
-        activations = json.loads(metadata["activations"])
         encoder_layers = int(metadata["encoder_layers"])
     except (KeyError, TypeError, ValueError) as error:
-        raise ValueError(f"bad activations or encoder_layers metadata ({error!r})") from None
+        raise ValueError(f"bad encoder_layers metadata ({error!r})") from None
+    described = _layers_v1(metadata) if version == "1" else _layers_v2(metadata)
+    tensors = _tensors(header, memoryview(data)[8 + header_size :])
+    layers: list[Layer] = []
+    for index, (layer_op, normalization) in enumerate(described):
+        prefix = f"layers.{index}"
+        weight = tensors.pop(f"{prefix}.weight", None)
+        if weight is None:
+            raise ValueError(f"tensor '{prefix}.weight' is missing")
+        norms = tuple(
+            _normalization(tensors, f"{prefix}.normalization.{number}", entry)
+            for number, entry in enumerate(normalization)
+        )
+        try:
+            layers.append(Layer(weight, tensors.pop(f"{prefix}.bias", None), layer_op, norms))
+        except ValueError as error:
+            raise ValueError(f"layer {index}: {error}") from None
+    if tensors:
+        raise ValueError(f"unexpected tensors {sorted(tensors)}")
+    spec = ChainSpec(tuple(layers), encoder_layers)
+    spec.check_shapes()
+    return spec
+
+
+# What the metadata says of one layer: its post-op, and (position, eps) per normalization.
+_LayerMetadata = tuple[PostOp, list[tuple[str, float]]]
+
+
+def _layers_v1(metadata: dict[str, object]) -> list[_LayerMetadata]:
+    """Version 1: ``activations``, a JSON list of post-op names (ops without parameters)."""
+    try:
+        activations = json.loads(str(metadata["activations"]))
+    except (KeyError, ValueError) as error:
+        raise ValueError(f"bad activations metadata ({error!r})") from None
     if not isinstance(activations, list) or not all(isinstance(name, str) for name in activations):
         raise ValueError("the activations metadata is not a JSON list of names")
-    body = memoryview(data)[8 + header_size :]
+    layers: list[_LayerMetadata] = []
+    for index, name in enumerate(activations):
+        op = OPS.get(name)
+        if op is not None and op.params:  # version 1 could not record them
+            raise ValueError(f"layer {index}: {name} has parameters, which version 1 lacks")
+        try:
+            layers.append((PostOp(name), []))
+        except ValueError as error:
+            raise ValueError(f"layer {index}: {error}") from None
+    return layers
+
+
+def _layers_v2(metadata: dict[str, object]) -> list[_LayerMetadata]:
+    """Version 2: ``layers``, a JSON list of ``{"post_op", "params", "normalization"}``."""
+    try:
+        entries = json.loads(str(metadata["layers"]))
+    except (KeyError, ValueError) as error:
+        raise ValueError(f"bad layers metadata ({error!r})") from None
+    if not isinstance(entries, list):
+        raise ValueError("the layers metadata is not a JSON list")
+    layers: list[_LayerMetadata] = []
+    for index, entry in enumerate(entries):
+        try:
+            layers.append(_layer_v2(entry))
+        except ValueError as error:
+            raise ValueError(f"layer {index}: {error}") from None
+    return layers
+
+
+def _layer_v2(entry: object) -> _LayerMetadata:
+    keys = {"post_op", "params", "normalization"}
+    if not isinstance(entry, dict) or set(entry) != keys:
+        raise ValueError(f"expected an object with keys {sorted(keys)}, got {entry!r}")
+    name, params, normalization = entry["post_op"], entry["params"], entry["normalization"]
+    if not isinstance(name, str):
+        raise ValueError(f"post_op must be a name, got {name!r}")
+    op = post_op(name).op  # an unknown name is the error that lists the known ones
+    names = [param for param, _ in op.params]
+    if not isinstance(params, dict) or sorted(params) != sorted(names):
+        raise ValueError(f"{name} takes parameters {names} by name, got {params!r}")
+    if not all(_is_number(value) for value in params.values()):
+        raise ValueError(f"{name}: parameters must be numbers, got {params!r}")
+    resolved = PostOp(name, tuple(float(params[param]) for param in names))
+    if not isinstance(normalization, list):
+        raise ValueError(f"normalization must be a list, got {normalization!r}")
+    norms = []
+    for norm in normalization:
+        if not (
+            isinstance(norm, dict)
+            and set(norm) == {"position", "eps"}
+            and norm["position"] in POSITIONS
+            and _is_number(norm["eps"])
+        ):
+            raise ValueError(
+                f"a normalization is an object with a position ({' or '.join(POSITIONS)}) and an "
+                f"eps (a number), got {norm!r}"
+            )
+        norms.append((str(norm["position"]), float(norm["eps"])))
+    return resolved, norms
+
+
+def _is_number(value: object) -> bool:
+    return type(value) in (int, float)
+
+
+def _normalization(
+    tensors: dict[str, np.ndarray], prefix: str, entry: tuple[str, float]
+) -> Normalization:
+    """The normalization ``entry`` (position, eps) describes, whose arrays are the tensors
+    ``{prefix}.mean``, ``.var`` and, where present, ``.weight`` and ``.bias``."""
+    mean, var = (tensors.pop(f"{prefix}.{kind}", None) for kind in ("mean", "var"))
+    if mean is None or var is None:
+        raise ValueError(f"tensor '{prefix}.{'var' if mean is not None else 'mean'}' is missing")
+    position, eps = entry
+    return Normalization(
+        position,  # type: ignore[arg-type]  # one of POSITIONS: _layer_v2 checked it
+        mean,
+        var,
+        eps,
+        tensors.pop(f"{prefix}.weight", None),
+        tensors.pop(f"{prefix}.bias", None),
+    )
+
+
+def _tensors(header: dict[str, object], body: memoryview) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors header, by name, copied out of the data ``body``; they
+    must tile it exactly."""
     tensors: dict[str, np.ndarray] = {}
     end = 0
     for begin, stop, name, entry in sorted(_entries(header)):
@@ -181,17 +323,7 @@ def _parse(data: bytes) -> ChainSpec:
         end = stop
     if end != len(body):
         raise ValueError(f"the tensors take {end} bytes, but the file holds {len(body)}")
-    layers: list[LayerArrays] = []
-    for index in range(len(activations)):
-        weight = tensors.pop(f"layers.{index}.weight", None)
-        if weight is None:
-            raise ValueError(f"tensor 'layers.{index}.weight' is missing")
-        layers.append((weight, tensors.pop(f"layers.{index}.bias", None)))
-    if tensors:
-        raise ValueError(f"unexpected tensors {sorted(tensors)}")
-    spec = ChainSpec.from_pairs(layers, activations, encoder_layers)
-    spec.check_shapes()
-    return spec
+    return tensors
 
 
 def _entries(header: dict[str, object]) -> list[tuple[int, int, str, dict[str, object]]]:
@@ -229,52 +361,3 @@ def _tensor(name: str, entry: dict[str, object], data: memoryview) -> np.ndarray
             f"but its data_offsets span {len(data)}"
         )
     return np.frombuffer(data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
-
-
-def from_state_dict(state: Mapping[str, np.ndarray]) -> ChainSpec:
-    """The chain in a PyTorch ``state_dict`` of ``nn.Sequential``s of Linear layers (as numpy
-    arrays), such as the seed's ``AE`` (``encoder.0``, ``encoder.2``, ``decoder.0``, ...) or its
-    single-Sequential form.
-
-    A state_dict does not record activations, so: one module between two Linear layers of the
-    same Sequential is read as a ReLU (the seed's layout), none as identity, more is an error;
-    the last Linear of each Sequential is followed by identity. Sequentials chain in the order of
-    the state_dict. Modules ``encoder`` and ``decoder`` set where the encoder ends; otherwise
-    ``default_encoder_layers`` does.
-    """
-    groups: dict[str, dict[int, dict[str, np.ndarray]]] = {}
-    for key, value in state.items():
-        match = _STATE_KEY.fullmatch(key)
-        if match is None:
-            raise ValueError(
-                f"unsupported checkpoint: {key!r} is not the weight or bias of a Linear layer "
-                "in an nn.Sequential"
-            )
-        prefix, index, kind = match.group(1) or "", int(match.group(2)), match.group(3)
-        groups.setdefault(prefix, {}).setdefault(index, {})[kind] = np.asarray(value)
-    if not groups:
-        raise ValueError("unsupported checkpoint: it holds no layers")
-    layers: list[Layer] = []
-    for prefix, modules in groups.items():
-        indices = sorted(modules)
-        for position, index in enumerate(indices):
-            where = f"{prefix}.{index}" if prefix else str(index)
-            if "weight" not in modules[index]:
-                raise ValueError(f"unsupported checkpoint: {where} has a bias but no weight")
-            gap = indices[position + 1] - index - 1 if position + 1 < len(indices) else 0
-            if gap > 1:
-                raise ValueError(
-                    f"unsupported checkpoint: {gap} modules between {where} and the next Linear "
-                    "layer (only one ReLU, or nothing, can be read from a state_dict)"
-                )
-            post_op = RELU if gap else IDENTITY
-            layers.append(Layer(modules[index]["weight"], modules[index].get("bias"), post_op))
-    names = [prefix.rsplit(".", 1)[-1] for prefix in groups]
-    encoder_layers = len(next(iter(groups.values()))) if names == ["encoder", "decoder"] else None
-    spec = ChainSpec.from_pairs(
-        [(layer.weight, layer.bias) for layer in layers],
-        [layer.post_op for layer in layers],
-        encoder_layers,
-    )
-    spec.check_shapes()
-    return spec

@@ -10,41 +10,50 @@ from torch import nn
 
 from fusedae import serialization
 from fusedae.chain import ChainSpec, Layer, default_encoder_layers
-from fusedae.torch.lower import lower
+from fusedae.torch.lower import lower, split
 from fusedae.torch.modules import SEQUENTIALS
 
 
 def save(
     module: nn.Module, path: str | os.PathLike[str], *, encoder_layers: int | None = None
 ) -> None:
-    """Writes ``module``'s weights and layer structure to one ``.safetensors`` file, which
-    ``fusedae.MLP.load(path)`` reads with numpy alone (no PyTorch).
+    """Writes ``module``'s weights and layer structure (every activation with its parameters,
+    every BatchNorm) to one ``.safetensors`` file, which ``fusedae.MLP.load(path)`` reads with
+    numpy alone (no PyTorch): ``chain_spec`` written by ``serialization.write_spec``."""
+    serialization.write_spec(path, chain_spec(module, encoder_layers=encoder_layers))
 
-    ``module`` is either a chain (``nn.Sequential`` or ``FusedMLP`` of ``nn.Linear`` with
-    ``nn.ReLU`` / ``nn.Identity`` between, such as an AE's ``encoder`` alone), or a module whose
-    only children are two such chains ``encoder`` and ``decoder`` and whose forward is
-    ``decoder(encoder(x))`` (the seed's ``AE``, ``fusedae.torch.AE``): then the file holds one
-    chain and records the encoder's length as ``encoder_layers``. Otherwise ``encoder_layers``
-    defaults to the narrowest inner layer if the chain's output is as wide as its input (an
-    autoencoder), else to all layers. Parameters are saved as float64 if the first weight is
-    float64, else as float32.
+
+def chain_spec(module: nn.Module, *, encoder_layers: int | None = None) -> ChainSpec:
+    """The chain ``module`` computes, its tensors copied to CPU numpy arrays.
+
+    ``module`` is either a chain (``nn.Sequential`` or ``FusedMLP`` of ``nn.Linear`` layers,
+    each with the activations and BatchNorms ``lower`` fuses, such as an AE's ``encoder``
+    alone), or a module whose only children are two such chains ``encoder`` and ``decoder``
+    and whose forward is ``decoder(encoder(x))`` (the seed's ``AE``, ``fusedae.torch.AE``):
+    then the spec is one chain whose ``encoder_layers`` is the encoder's length. Otherwise
+    ``encoder_layers`` defaults to the narrowest inner layer if the chain's output is as wide
+    as its input (an autoencoder), else to all layers. Arrays are float64 if the first weight
+    is float64, else float32. The chain is what the modules compute in eval mode (BatchNorm
+    with its running statistics, Dropout as nothing), whatever mode they are in, and on rows:
+    a leading ``nn.Flatten`` or trailing ``nn.Unflatten`` is left to the caller. Any other
+    module is a TypeError naming the modules in the way.
     """
     if isinstance(module, nn.Sequential):
-        chains: list[tuple[str, nn.Module | None]] = [("module", module)]
+        chains: list[tuple[str, nn.Module | None]] = [("", module)]
     elif list(module._modules) == ["encoder", "decoder"] and not module._parameters:
         chains = list(module._modules.items())
     else:
         raise TypeError(
-            "save takes an nn.Sequential of Linear/ReLU/Identity layers, or a module whose only "
-            f"children are such chains 'encoder' and 'decoder'; got {type(module).__name__} "
-            f"with children {list(module._modules)}"
+            "fusedae takes an nn.Sequential of Linear layers with their activations and "
+            "BatchNorms, or a module whose only children are such chains 'encoder' and "
+            f"'decoder'; got {type(module).__name__} with children {list(module._modules)}"
         )
     layers: list[Layer] = []
     dtype: torch.dtype | None = None
     for name, chain in chains:
         lowered = lower(cast(nn.Sequential, chain)) if type(chain) in SEQUENTIALS else None
         if lowered is None:
-            raise TypeError(f"{name} is not an nn.Sequential of Linear/ReLU/Identity: {chain}")
+            raise TypeError(why_not_a_chain(chain, name))
         if encoder_layers is None and name == "decoder":
             encoder_layers = len(layers)
         if dtype is None:
@@ -55,4 +64,28 @@ def save(
     if encoder_layers is None:
         widths = [layers[0].in_features, *(layer.out_features for layer in layers)]
         encoder_layers = default_encoder_layers(widths)
-    serialization.write_spec(path, ChainSpec(tuple(layers), encoder_layers))
+    return ChainSpec(tuple(layers), encoder_layers)
+
+
+def why_not_a_chain(chain: nn.Module | None, name: str) -> str:
+    """Which modules stop ``chain`` (the child ``name`` of the model, ``""`` for the model
+    itself) from lowering to one chain."""
+    label = name or "the model"
+    if type(chain) not in SEQUENTIALS:
+        return f"{label} is a {type(chain).__name__}, not an nn.Sequential"
+    children = list(cast(nn.Sequential, chain).named_children())
+    if not children:
+        return f"{label} is empty"
+    pieces = split([child for _, child in children])
+
+    def where(index: int) -> str:
+        key, child = children[index]
+        return (
+            f"{name}.{key} ({type(child).__name__})" if name else f"{key} ({type(child).__name__})"
+        )
+
+    stuck = [where(start) for start, _, lowered in pieces if lowered is None]
+    if stuck:
+        return f"{label} is not one chain: fusedae cannot fuse {', '.join(stuck)} into it"
+    starts = ", ".join(where(start) for start, _, _ in pieces[1:])
+    return f"{label} is {len(pieces)} chains, not one: they split before {starts}"
