@@ -3,6 +3,7 @@
 //! [`SimdVec`] and the weights' storage type ([`LoadFrom`]), written once; the ISA files only wrap
 //! [`forward_rows`].
 
+use super::epilogue::StoredEpilogue;
 use super::microkernel::{dot_tile_rows, tile_rows, DotTile, Tile, DOT_OUTS, DOT_ROWS};
 use super::{padded, LayerDesc, LoadFrom, Packed, SimdVec, TileShape, L1_HALF_BYTES};
 
@@ -154,6 +155,7 @@ pub unsafe fn forward_rows<V: LoadFrom<W>, W, const MR: usize, const NV_MAX: usi
     output: &mut [V::Elem],
     scratch: &mut [V::Elem],
     mut saved: Option<&mut [V::Elem]>,
+    epilogue: StoredEpilogue<V::Elem>,
 ) {
     assert!(shape.lanes == V::LANES && shape.mr == MR && shape.nv_max == NV_MAX);
     assert!(shape.half_lanes == 0 || shape.half_lanes == V::HALF_LANES);
@@ -184,6 +186,7 @@ pub unsafe fn forward_rows<V: LoadFrom<W>, W, const MR: usize, const NV_MAX: usi
                 lanes_input,
                 lanes_output,
                 scratch,
+                epilogue,
             )
         };
     }
@@ -228,6 +231,7 @@ pub unsafe fn forward_rows<V: LoadFrom<W>, W, const MR: usize, const NV_MAX: usi
                 dst,
                 dst_stride,
                 dst_is_output: direct,
+                epilogue,
             };
             // SAFETY: `check_chain` proved the packed sizes; `src` holds `block` rows of at least
             // `layer.in_features` values at `src_stride`, `dst` has room for `block` rows of
@@ -282,6 +286,7 @@ unsafe fn forward_rows_in_lanes<V: LoadFrom<W>, W, const MR: usize, const NV_MAX
     input: &[V::Elem],
     output: &mut [V::Elem],
     scratch: &mut [V::Elem],
+    epilogue: StoredEpilogue<V::Elem>,
 ) {
     debug_assert!(block == NV_MAX * V::LANES && rows.is_multiple_of(block));
     let layers = chain.lanes_layers;
@@ -348,6 +353,7 @@ unsafe fn forward_rows_in_lanes<V: LoadFrom<W>, W, const MR: usize, const NV_MAX
                         bias: chain.biases.as_ptr().add(layer.bias_at + first),
                         bias_per_row: true,
                         post_op: layer.post_op,
+                        epilogue,
                         out: dst.add(first * block),
                         ldo: block,
                         prefetch_out: false,
@@ -464,6 +470,7 @@ unsafe fn dot_layer_block<V: LoadFrom<W>, W>(at: &Placement<'_, W, V::Elem>) {
                     ldw: padded_in,
                     bias: at.biases.as_ptr().add(layer.bias_at + out),
                     post_op: layer.post_op,
+                    epilogue: at.epilogue,
                     out: at.dst.add(row * at.dst_stride + out),
                     ldo: at.dst_stride,
                 };
@@ -487,6 +494,7 @@ struct Placement<'a, W, T> {
     dst_stride: usize,
     /// `dst` is the caller's output, possibly far from cache (not the L1/L2 scratch).
     dst_is_output: bool,
+    epilogue: StoredEpilogue<T>,
 }
 
 /// The register tile at row `row` and output column `col` of a layer block.
@@ -518,6 +526,7 @@ unsafe fn tile_at<V: LoadFrom<W>, W, const MR: usize, const NV_MAX: usize>(
             bias: at.biases.as_ptr().add(layer.bias_at + col),
             bias_per_row: false,
             post_op: layer.post_op,
+            epilogue: at.epilogue,
             out: at.dst.add(row * at.dst_stride + col),
             ldo: at.dst_stride,
             prefetch_out: at.dst_is_output,

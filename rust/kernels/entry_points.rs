@@ -22,8 +22,36 @@ macro_rules! target_kernels {
     };
     (@one [$($attribute:meta)?] $mr:expr, $nv_max:expr, $name:ident, $register:ty, $weight:ty, $elem:ty) => {
         pub fn $name() -> $crate::kernels::Kernel<$weight, $elem> {
-            use $crate::kernels::{fma_loop, forward_rows, Kernel, Packed, SimdVec, TileShape};
+            use $crate::kernels::epilogue::{apply_to_stored_tile, apply_to_stored_values};
+            use $crate::kernels::{
+                fma_loop, forward_rows, Kernel, Packed, PostOp, SimdVec, StoredEpilogue, TileShape,
+            };
             type Elem = <$register as SimdVec>::Elem;
+
+            /// # Safety
+            /// As [`apply_to_stored_tile`]'s.
+            $(#[$attribute])?
+            #[inline(never)]
+            unsafe fn stored_tile(
+                op: PostOp,
+                out: *mut Elem,
+                ldo: usize,
+                rows: usize,
+                registers: usize,
+                half: bool,
+            ) {
+                // SAFETY: forwarded from the caller.
+                unsafe { apply_to_stored_tile::<$register>(op, out, ldo, rows, registers, half) }
+            }
+
+            /// # Safety
+            /// As [`apply_to_stored_values`]'s.
+            $(#[$attribute])?
+            #[inline(never)]
+            unsafe fn stored_values(op: PostOp, out: *mut Elem, ldo: usize, rows: usize, outs: usize) {
+                // SAFETY: forwarded from the caller.
+                unsafe { apply_to_stored_values::<$register>(op, out, ldo, rows, outs) }
+            }
 
             /// # Safety
             /// The CPU supports the ISA's features; `forward_rows` checks everything else.
@@ -39,7 +67,16 @@ macro_rules! target_kernels {
                 // SAFETY: the caller guarantees the features; `forward_rows` checks the rest.
                 unsafe {
                     forward_rows::<$register, $weight, { $mr }, { $nv_max }>(
-                        shape, chain, input, output, scratch, saved,
+                        shape,
+                        chain,
+                        input,
+                        output,
+                        scratch,
+                        saved,
+                        StoredEpilogue {
+                            tile: stored_tile,
+                            values: stored_values,
+                        },
                     )
                 }
             }

@@ -3,23 +3,34 @@
 //! f64 and are rounded to the element type, as PyTorch rounds a module's parameters for a
 //! float32 tensor.
 //!
-//! The ops of a few instructions run on a tile's accumulators before they are stored. The
-//! others (tens of instructions) run over the stored tile, still in L1, in one loop per tile
-//! (`apply_to_stored_tile`): inlined into every tile shape (rows x registers x forms x ISAs,
-//! hundreds of instances), their code made the crate take many minutes to compile, for an
-//! extra load and store per register of tens of instructions.
+//! Identity and ReLU run on a tile's accumulators before they are stored. The others run over
+//! the stored tile, still in L1, in one loop per tile (`apply_to_stored_tile`), compiled once per
+//! register type in a function of its own that the tiles call through [`StoredEpilogue`]. Their
+//! code in the register tiles (hundreds of instances: rows x registers x forms x ISAs) made the
+//! crate take many minutes to compile, and even LeakyReLU's and Hardtanh's few instructions
+//! there made LLVM keep the accumulators in memory (see [`apply_on_accumulators`]).
 
 use super::math::{self, splat_f64};
 use super::{PostOp, SimdVec};
+
+/// The passes of the ops that do not [`runs_on_accumulators`] over stored outputs, one
+/// `#[target_feature]` function each per register type (written by `target_kernels!`):
+/// `tile(op, out, ldo, rows, registers, half)` is [`apply_to_stored_tile`],
+/// `values(op, out, ldo, rows, outs)` is [`apply_to_stored_values`].
+#[derive(Clone, Copy, Debug)]
+pub struct StoredEpilogue<T> {
+    pub tile: unsafe fn(PostOp, *mut T, usize, usize, usize, bool),
+    pub values: unsafe fn(PostOp, *mut T, usize, usize, usize),
+}
 
 /// Whether `op` is cheap enough to run on the accumulators as they are stored.
 #[inline(always)]
 pub(super) fn runs_on_accumulators(op: PostOp) -> bool {
     match op {
-        PostOp::Identity | PostOp::Relu | PostOp::LeakyRelu { .. } | PostOp::Hardtanh { .. } => {
-            true
-        }
-        PostOp::Sigmoid
+        PostOp::Identity | PostOp::Relu => true,
+        PostOp::LeakyRelu { .. }
+        | PostOp::Hardtanh { .. }
+        | PostOp::Sigmoid
         | PostOp::Tanh
         | PostOp::Gelu
         | PostOp::GeluTanh
@@ -30,17 +41,27 @@ pub(super) fn runs_on_accumulators(op: PostOp) -> bool {
 }
 
 /// `op` applied to each lane of `value` where it [`runs_on_accumulators`], else `value` as it
-/// is (the tile's post-pass applies it).
+/// is (the tile's post-pass applies it). Only identity and ReLU run here: with more ops' code in
+/// the register tiles (LeakyReLU and Hardtanh included), LLVM kept their accumulators in memory,
+/// a store per multiply-add, and every AVX-512 chain ran 2-2.5x slower.
 ///
 /// # Safety
 /// The CPU supports `V`'s ISA.
 #[inline(always)]
 pub(super) unsafe fn apply_on_accumulators<V: SimdVec>(op: PostOp, value: V) -> V {
-    if runs_on_accumulators(op) {
+    match op {
         // SAFETY: forwarded from the caller.
-        unsafe { apply(op, value) }
-    } else {
-        value
+        PostOp::Relu => unsafe { value.relu() },
+        PostOp::Identity
+        | PostOp::LeakyRelu { .. }
+        | PostOp::Hardtanh { .. }
+        | PostOp::Sigmoid
+        | PostOp::Tanh
+        | PostOp::Gelu
+        | PostOp::GeluTanh
+        | PostOp::Silu
+        | PostOp::Elu { .. }
+        | PostOp::Softplus { .. } => value,
     }
 }
 
@@ -53,11 +74,14 @@ unsafe fn apply<V: SimdVec>(op: PostOp, value: V) -> V {
     // SAFETY: forwarded from the caller.
     unsafe {
         match op {
-            PostOp::Identity => value,
-            PostOp::Relu => value.relu(),
+            PostOp::Identity | PostOp::Relu => apply_on_accumulators(op, value),
             // `0 < NaN` is false, so NaN takes the other side, and stays NaN times the slope.
             PostOp::LeakyRelu { negative_slope } => {
                 V::zero().select_lt(value, value, value.mul(splat_f64(negative_slope)))
+            }
+            // `min_val.max(NaN)` and `max_val.min(NaN)` are NaN (see `SimdVec::min`).
+            PostOp::Hardtanh { min_val, max_val } => {
+                splat_f64::<V>(max_val).min(splat_f64::<V>(min_val).max(value))
             }
             PostOp::Sigmoid => math::sigmoid(value),
             PostOp::Tanh => math::tanh(value),
@@ -65,10 +89,6 @@ unsafe fn apply<V: SimdVec>(op: PostOp, value: V) -> V {
             PostOp::GeluTanh => math::gelu_tanh(value),
             PostOp::Silu => math::silu(value),
             PostOp::Elu { alpha } => math::elu(value, splat_f64(alpha)),
-            // `min_val.max(NaN)` and `max_val.min(NaN)` are NaN (see `SimdVec::min`).
-            PostOp::Hardtanh { min_val, max_val } => {
-                splat_f64::<V>(max_val).min(splat_f64::<V>(min_val).max(value))
-            }
             PostOp::Softplus { beta, threshold } => {
                 math::softplus(value, splat_f64(beta), splat_f64(threshold))
             }
@@ -93,12 +113,8 @@ unsafe fn apply_one<V: SimdVec>(op: PostOp, value: V::Elem) -> V::Elem {
 /// The CPU supports `V`'s ISA.
 #[inline(always)]
 pub(super) unsafe fn apply_one_on_accumulator<V: SimdVec>(op: PostOp, value: V::Elem) -> V::Elem {
-    if runs_on_accumulators(op) {
-        // SAFETY: forwarded from the caller.
-        unsafe { apply_one::<V>(op, value) }
-    } else {
-        value
-    }
+    // SAFETY: forwarded from the caller; `value` is a readable local.
+    unsafe { apply_on_accumulators(op, V::splat(&value)).first() }
 }
 
 /// `op`, unless it [`runs_on_accumulators`], applied to a stored register tile: `rows` rows

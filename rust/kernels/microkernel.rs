@@ -3,7 +3,8 @@
 //! Each ends in the epilogue: bias, post-op, store (or store, then the post-op over the stored
 //! tile, for the ops of tens of instructions: see `epilogue.rs`).
 
-use super::{epilogue, LoadFrom, PostOp, SimdVec};
+use super::epilogue::{self, StoredEpilogue};
+use super::{LoadFrom, PostOp, SimdVec};
 
 /// Most rows and outputs of a dot-form register tile: 16 independent accumulators, enough to
 /// keep the FMA units busy, and 4 + 4 loads per 16 FMAs.
@@ -21,6 +22,7 @@ pub(super) struct DotTile<W, T> {
     pub(super) bias: *const T,
     /// Applied to every output.
     pub(super) post_op: PostOp,
+    pub(super) epilogue: StoredEpilogue<T>,
     pub(super) out: *mut T,
     pub(super) ldo: usize,
 }
@@ -45,7 +47,9 @@ pub(super) unsafe fn dot_tile_rows<V: LoadFrom<W>, W>(
             4 => dot_tile_outs::<V, W, 4>(outs, tile),
             _ => unreachable!("dot tiles are at most 4 rows"),
         }
-        epilogue::apply_to_stored_values::<V>(tile.post_op, tile.out, tile.ldo, rows, outs);
+        if !epilogue::runs_on_accumulators(tile.post_op) {
+            (tile.epilogue.values)(tile.post_op, tile.out, tile.ldo, rows, outs);
+        }
     }
 }
 
@@ -129,6 +133,7 @@ pub(super) struct Tile<A, B, T> {
     pub(super) bias_per_row: bool,
     /// Applied to every output.
     pub(super) post_op: PostOp,
+    pub(super) epilogue: StoredEpilogue<T>,
     pub(super) out: *mut T,
     pub(super) ldo: usize,
     /// Fetch the output lines before the multiply-adds (see `register_tile`).
@@ -168,7 +173,9 @@ pub(super) unsafe fn tile_rows<V: LoadFrom<A> + LoadFrom<B>, A, B>(
             (4, true) => tile_width::<V, A, B, 4, true>(rows, tile),
             _ => unreachable!("panels are at most 4 registers wide"),
         }
-        epilogue::apply_to_stored_tile::<V>(tile.post_op, tile.out, tile.ldo, rows, nv, half);
+        if !epilogue::runs_on_accumulators(tile.post_op) {
+            (tile.epilogue.tile)(tile.post_op, tile.out, tile.ldo, rows, nv, half);
+        }
     }
 }
 

@@ -78,6 +78,7 @@ use std::ops::{Add, Div, Mul, Neg, Sub};
 
 pub use crate::ops::PostOp;
 pub use chain::{forward_rows, saved_width, scratch_len};
+pub use epilogue::StoredEpilogue;
 pub use layout::{padded, LayerDesc, Packed, TileShape, L1_HALF_BYTES};
 pub use math::Constants;
 pub use peak::{fma_loop, fma_loop_flops};
