@@ -132,7 +132,7 @@ check-sdist: $(VENV)/.release-deps
 	  CARGO_TARGET_DIR=$(abspath target/sdist-cargo) \
 	  $(BIN)/uv build --quiet --wheel --out-dir target/sdist-check dist/*.tar.gz
 	$(BIN)/uv venv --quiet --python $(PY) target/sdist-check/venv
-	$(BIN)/uv pip install --quiet --python target/sdist-check/venv numpy pytest
+	$(BIN)/uv pip install --quiet --python target/sdist-check/venv -r pyproject.toml pytest
 	$(BIN)/uv pip install --quiet --python target/sdist-check/venv --no-index \
 	  --find-links target/sdist-check fusedae
 	cp tests/test_smoke.py target/sdist-check/
