@@ -25,9 +25,15 @@ SDIST_MUST_NOT_HOLD = re.compile(
 )
 
 
+def require(condition: object, message: str) -> None:
+    """An assert that `python -O` keeps."""
+    if not condition:
+        sys.exit(f"check_dist: {message}")
+
+
 def check_wheel(wheel: Path, arch: str) -> None:
     tag = f"manylinux_2_17_{arch}"
-    assert f"-cp310-abi3-manylinux2014_{arch}.{tag}.whl" in wheel.name, wheel.name
+    require(f"-cp310-abi3-manylinux2014_{arch}.{tag}.whl" in wheel.name, f"{wheel.name}'s tags")
     audit = subprocess.run(
         [Path(sys.executable).parent / "auditwheel", "show", wheel],
         capture_output=True,
@@ -35,11 +41,11 @@ def check_wheel(wheel: Path, arch: str) -> None:
         check=True,
     ).stdout
     consistent = re.search(r'consistent with the following platform tag:\s*"([^"]+)"', audit)
-    assert consistent and consistent.group(1) == tag, f"auditwheel says:\n{audit}"
+    require(consistent and consistent.group(1) == tag, f"auditwheel says:\n{audit}")
     names = zipfile.ZipFile(wheel).namelist()
     dist_info = wheel.name.split("-cp310")[0] + ".dist-info"
     for name in [*WHEEL_MUST_HOLD, f"{dist_info}/licenses/LICENSE"]:
-        assert name in names, f"{wheel.name} lacks {name}"
+        require(name in names, f"{wheel.name} lacks {name}")
     print(f"{wheel.name}: {tag}, {wheel.stat().st_size / 1e6:.2f} MB, {len(names)} files")
 
 
@@ -48,21 +54,22 @@ def check_sdist(sdist: Path) -> None:
         # Members are "fusedae-VERSION/PATH".
         names = [member.name.partition("/")[2] for member in tar.getmembers() if member.isfile()]
         metadata = tar.extractfile(f"{sdist.name.removesuffix('.tar.gz')}/PKG-INFO")
-        assert metadata is not None
+        if metadata is None:
+            sys.exit(f"check_dist: {sdist.name} lacks PKG-INFO")
         pkg_info = metadata.read().decode()
     for name in SDIST_MUST_HOLD:
-        assert name in names, f"{sdist.name} lacks {name}"
+        require(name in names, f"{sdist.name} lacks {name}")
     outputs = [name for name in names if SDIST_MUST_NOT_HOLD.search(name)]
-    assert not outputs, f"{sdist.name} holds build outputs: {outputs}"
-    assert "License-Expression: MIT" in pkg_info
+    require(not outputs, f"{sdist.name} holds build outputs: {outputs}")
+    require("License-Expression: MIT" in pkg_info, f"{sdist.name}'s PKG-INFO has no license")
     print(f"{sdist.name}: {sdist.stat().st_size / 1e6:.2f} MB, {len(names)} files, no outputs")
 
 
 def main(dist: Path, arches: list[str]) -> None:
     wheels = sorted(dist.glob("*.whl"))
     sdists = sorted(dist.glob("*.tar.gz"))
-    assert len(wheels) == len(arches), f"expected one wheel per {arches}, found {wheels}"
-    assert len(sdists) == 1, f"expected one sdist, found {sdists}"
+    require(len(wheels) == len(arches), f"expected one wheel per {arches}, found {wheels}")
+    require(len(sdists) == 1, f"expected one sdist, found {sdists}")
     for arch in arches:
         check_wheel(next(wheel for wheel in wheels if wheel.name.endswith(f"_{arch}.whl")), arch)
     check_sdist(sdists[0])

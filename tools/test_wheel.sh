@@ -19,14 +19,18 @@ step() {
     echo "== $* ($(date -u +%T))"
 }
 
-# What the tests need besides fusedae: its dependencies and the test group, from pyproject.toml.
+# What the tests need besides fusedae, from pyproject.toml: its dependencies and the groups that
+# `make test` installs (the CLI's demo test needs the demo group, test_ops ONNX Runtime), and
+# mypy for stubtest.
 rm -rf "$work"
 mkdir -p "$work"
 # uv sits beside the project venv's python (3.11 or newer: tomllib).
 "$(dirname "$uv")/python" - > "$work/requirements.txt" <<'EOF'
 import tomllib
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
-print("\n".join(project["dependencies"] + project["optional-dependencies"]["test"] + ["mypy"]))
+groups = project["optional-dependencies"]
+print("\n".join(project["dependencies"] + groups["test"] + groups["demo"] + groups["bench"]))
+print("mypy")
 EOF
 
 # The tests, away from python/: only the installed fusedae can be imported.
@@ -57,7 +61,7 @@ for version in "${versions[@]}"; do
     "$uv" venv --quiet --python "$(interpreter "$version")" "$venv"
     "$uv" pip install --quiet --python "$venv" --only-binary :all: -r "$work/requirements.txt"
     "$uv" pip install --quiet --python "$venv" --only-binary :all: --no-index --find-links dist \
-        "fusedae[test]"
+        "fusedae[test,demo,bench]"
     in_venv "$venv" sh -c '! command -v cargo && ! command -v rustc'
     in_venv "$venv" python -I -c "
 import site, fusedae
