@@ -107,8 +107,9 @@ wheel:
 	$(MAKE) -j2 wheel-builds
 	$(MAKE) check-dist check-sdist
 
-# Each build mostly runs on one core (codegen-units = 1), so two at once halve the wall time;
-# separate target dirs, as cargo locks a target dir for the whole build.
+# Each build mostly runs on one core (codegen-units = 1), so they run side by side (cold, on 2
+# cores: 2m15s against 2m06s + 0m30s one after the other; the aarch64 build, scalar kernels only,
+# is short); separate target dirs, as cargo locks a target dir for the whole build.
 wheel-builds: $(WHEEL_ARCHES:%=wheel-%) sdist
 
 $(WHEEL_ARCHES:%=wheel-%): wheel-%: $(VENV)/.release-deps release-system-deps
