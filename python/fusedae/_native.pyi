@@ -4,7 +4,21 @@ from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
-from typing_extensions import Self
+from typing_extensions import Self, disjoint_base
+
+__all__ = [
+    "POST_OPS",
+    "Chain",
+    "__version__",
+    "available_isas",
+    "build_profile",
+    "fma_peak_gflops",
+    "get_num_threads",
+    "half_registers_cheaper",
+    "selected_isa",
+    "set_num_threads",
+    "target_arch",
+]
 
 __version__: str
 build_profile: Literal["debug", "release"]
@@ -12,6 +26,8 @@ target_arch: str
 POST_OPS: tuple[str, ...]
 """The post-ops the kernels apply to a layer's outputs, by name, in the Rust enum's order."""
 
+# A native class: Python cannot combine it with another native base (PEP 800).
+@disjoint_base
 class Chain:
     """A chain of Linear layers packed once for the fused kernels.
 

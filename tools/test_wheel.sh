@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# Tests the x86_64 wheel in dist/ as a user gets it: installed from dist/ alone into fresh venvs
+# (dependencies from PyPI), with no cargo on PATH, the tests run from a copy outside the tree.
+# Then the kernel each CPU model selects, under qemu, and the stubs against the installed module.
+# The aarch64 wheel runs its smoke tests under qemu-aarch64 where tools/aarch64_python.sh exists.
+#
+# Usage: tools/test_wheel.sh UV PYTHON_VERSION...   (UV: the uv executable; the first version
+# also runs the qemu, stubtest and aarch64 checks)
+set -euo pipefail
+
+uv=$(realpath "$1")
+shift
+versions=("$@")
+repo=$(pwd)
+work=$repo/target/test-wheel
+aarch64_wheel=$(ls dist/fusedae-*-cp310-abi3-manylinux*_aarch64.whl)
+
+step() {
+    echo "== $* ($(date -u +%T))"
+}
+
+# What the tests need besides fusedae, from pyproject.toml: its dependencies and the groups that
+# `make test` installs (the CLI's demo test needs the demo group, test_ops ONNX Runtime), and
+# mypy for stubtest.
+rm -rf "$work"
+mkdir -p "$work"
+# uv sits beside the project venv's python (3.11 or newer: tomllib).
+"$(dirname "$uv")/python" - > "$work/requirements.txt" <<'EOF'
+import tomllib
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+groups = project["optional-dependencies"]
+print("\n".join(project["dependencies"] + groups["test"] + groups["demo"] + groups["bench"]))
+print("mypy")
+EOF
+
+# The tests, away from python/: only the installed fusedae can be imported.
+cp -r tests pyproject.toml "$work/"
+rm -rf "$work/tests/__pycache__"
+
+# PATH without the directories that hold cargo or rustc: nothing can be compiled.
+no_rust_path=$(tr ':' '\n' <<< "$PATH" | while read -r dir; do
+    [[ -x "$dir/cargo" || -x "$dir/rustc" ]] || printf '%s:' "$dir"
+done)
+
+interpreter() {
+    # pyenv's build of that version where there is one, else whatever uv finds (or downloads).
+    local found
+    found=$(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/"$1".*/bin/python 2> /dev/null | sort -V | tail -n1)
+    echo "${found:-$1}"
+}
+
+in_venv() {
+    local venv=$1
+    shift
+    (cd "$work" && env PATH="$venv/bin:$no_rust_path" VIRTUAL_ENV="$venv" "$@")
+}
+
+for version in "${versions[@]}"; do
+    venv=$work/py$version
+    step "Python $version: venv and install"
+    "$uv" venv --quiet --python "$(interpreter "$version")" "$venv"
+    "$uv" pip install --quiet --python "$venv" --only-binary :all: -r "$work/requirements.txt"
+    "$uv" pip install --quiet --python "$venv" --only-binary :all: --no-index --find-links dist \
+        "fusedae[test,demo,bench]"
+    in_venv "$venv" sh -c '! command -v cargo && ! command -v rustc'
+    in_venv "$venv" python -I -c "
+import site, fusedae
+assert fusedae.__file__.startswith(tuple(site.getsitepackages())), fusedae.__file__
+print('fusedae', fusedae.__version__, 'from', fusedae.__file__, fusedae.info()['isa'])"
+    step "Python $version: test suite"
+    in_venv "$venv" python -m pytest -q -p no:cacheprovider tests
+done
+
+venv=$work/py${versions[0]}
+smoke=(-m pytest -q -p no:cacheprovider tests/test_smoke.py)
+
+# The best ISA this CPU has, read independently of fusedae's own detection.
+flags=$(grep -m1 '^flags' /proc/cpuinfo)
+native_isa=scalar
+if grep -qw avx512f <<< "$flags"; then
+    native_isa=avx512
+elif grep -qw avx2 <<< "$flags" && grep -qw fma <<< "$flags"; then
+    native_isa=avx2
+fi
+step "native CPU: expect $native_isa"
+in_venv "$venv" env FUSEDAE_EXPECT_ISA=$native_isa python "${smoke[@]}"
+# qemu's CPU models: Nehalem has no AVX (an AVX instruction anywhere would be SIGILL), Haswell-v4
+# has AVX2 and FMA but no AVX-512 (TCG emulates no AVX-512 at all).
+for model_isa in Nehalem:scalar Haswell-v4:avx2; do
+    step "qemu-x86_64 -cpu ${model_isa%:*}: expect ${model_isa#*:}"
+    in_venv "$venv" env FUSEDAE_EXPECT_ISA="${model_isa#*:}" \
+        qemu-x86_64 -cpu "${model_isa%:*}" "$venv/bin/python" "${smoke[@]}"
+done
+
+step "stubtest fusedae._native"
+in_venv "$venv" python -m mypy.stubtest fusedae._native
+
+if [[ -x tools/aarch64_python.sh ]]; then
+    step "aarch64 wheel under qemu-aarch64: expect neon"
+    tools/aarch64_python.sh target/aarch64-root
+    python3 -m zipfile -e "$aarch64_wheel" "$work/aarch64-site"
+    (cd "$work" && FUSEDAE_EXPECT_ISA=neon "$repo/target/aarch64-root/python" -c "
+import sys
+sys.path.insert(0, 'aarch64-site')
+import pytest
+sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', 'tests/test_smoke.py']))")
+else
+    echo "!! tools/aarch64_python.sh is missing (it comes with the neon branch): aarch64 wheel not run"
+fi
+step "done"
