@@ -79,6 +79,12 @@ AARCH64_ENV := CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-g
 	CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /usr/aarch64-linux-gnu" \
 	CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16
 AARCH64_PYTESTS := tests/test_mlp.py tests/test_native.py tests/test_activations.py
+# qemu-user aborts when a multithreaded process forks (an assertion in its TCG); torch 2.5.1, the
+# only CPU-only aarch64 torch on PyPI, gives elu(-0) = +0 where the tests' torch and the Rust
+# reference give -0 (the Rust tests check ELU's signed zeros on NEON).
+AARCH64_DESELECT := --deselect tests/test_mlp.py::test_a_forked_child_gets_its_own_threads \
+	$(foreach isa,neon scalar,$(foreach t,test_op_matches_the_exact_value test_op_is_as_close_as_pytorch_or_closer,\
+	$(foreach d,float32 float64,--deselect "tests/test_activations.py::$(t)[$(isa)-elu-0.7-$(d)]")))
 
 .PHONY: test-aarch64
 
@@ -97,5 +103,5 @@ test-aarch64: $(BIN)/maturin
 	cd $(AARCH64_TEST) && export FUSEDAE_AARCH64_PATH=$(abspath $(AARCH64_TEST)/site) && \
 	  $(abspath $(AARCH64_ROOT))/python -c "import fusedae; isa = fusedae.info()['isa']; \
 	    assert isa == 'neon', isa; print('fusedae', fusedae.__file__, isa)" && \
-	  $(abspath $(AARCH64_ROOT))/python -m pytest -q -p no:cacheprovider $(AARCH64_PYTESTS) && \
-	  FUSEDAE_ISA=scalar $(abspath $(AARCH64_ROOT))/python -m pytest -q -p no:cacheprovider $(AARCH64_PYTESTS)
+	  $(abspath $(AARCH64_ROOT))/python -m pytest -q -p no:cacheprovider $(AARCH64_PYTESTS) $(AARCH64_DESELECT) && \
+	  FUSEDAE_ISA=scalar $(abspath $(AARCH64_ROOT))/python -m pytest -q -p no:cacheprovider $(AARCH64_PYTESTS) $(AARCH64_DESELECT)
