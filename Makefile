@@ -155,3 +155,43 @@ check-targets:
 	  PYO3_CROSS_PYTHON_VERSION=3.10 cargo check --locked --all-targets --features python \
 	    --target $$target || exit 1; \
 	done
+
+# --- AArch64 (NEON) under qemu-aarch64 -------------------------------------------------------
+# `make test-aarch64` on an x86-64 Debian host with gcc-aarch64-linux-gnu, libc6-dev-arm64-cross,
+# qemu-user and the Rust target aarch64-unknown-linux-gnu: the Rust tests, then the Python kernel
+# tests against the built wheel, on an arm64 Python (tools/aarch64_python.sh, cached under
+# target/), once with the detected ISA (NEON) and once with FUSEDAE_ISA=scalar. Timings under
+# emulation mean nothing; this checks results only. No LTO: it builds in a third of the time.
+AARCH64 := aarch64-unknown-linux-gnu
+AARCH64_ROOT := target/aarch64-python
+AARCH64_TEST := target/aarch64-test
+AARCH64_ENV := CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc \
+	CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /usr/aarch64-linux-gnu" \
+	CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16
+AARCH64_PYTESTS := tests/test_mlp.py tests/test_native.py tests/test_activations.py
+# qemu-user aborts when a multithreaded process forks (an assertion in its TCG); torch 2.5.1, the
+# only CPU-only aarch64 torch on PyPI, gives elu(-0) = +0 where the tests' torch and the Rust
+# reference give -0 (the Rust tests check ELU's signed zeros on NEON).
+AARCH64_DESELECT := --deselect tests/test_mlp.py::test_a_forked_child_gets_its_own_threads \
+	$(foreach isa,neon scalar,$(foreach t,test_op_matches_the_exact_value test_op_is_as_close_as_pytorch_or_closer,\
+	$(foreach d,float32 float64,--deselect "tests/test_activations.py::$(t)[$(isa)-elu-0.7-$(d)]")))
+
+.PHONY: test-aarch64
+
+$(BIN)/maturin: | $(PY)
+	$(PIP) "maturin>=1.9,<2"
+
+test-aarch64: $(BIN)/maturin
+	tools/aarch64_python.sh $(AARCH64_ROOT)
+	$(AARCH64_ENV) cargo test --release --target $(AARCH64)
+	rm -rf $(AARCH64_TEST) && mkdir -p $(AARCH64_TEST)/site
+	$(AARCH64_ENV) $(BIN)/maturin build --release --quiet --target $(AARCH64) --out $(AARCH64_TEST)/wheel
+	@# A wheel is a zip: unpacked as pip would, whatever glibc tag the cross toolchain gave it.
+	$(PYTHON) -m zipfile -e $(AARCH64_TEST)/wheel/*.whl $(AARCH64_TEST)/site
+	@# The tests run from a copy, so only the wheel's fusedae can be imported.
+	cp -r tests pyproject.toml $(AARCH64_TEST)/
+	cd $(AARCH64_TEST) && export FUSEDAE_AARCH64_PATH=$(abspath $(AARCH64_TEST)/site) && \
+	  $(abspath $(AARCH64_ROOT))/python -c "import fusedae; isa = fusedae.info()['isa']; \
+	    assert isa == 'neon', isa; print('fusedae', fusedae.__file__, isa)" && \
+	  $(abspath $(AARCH64_ROOT))/python -m pytest -q -p no:cacheprovider $(AARCH64_PYTESTS) $(AARCH64_DESELECT) && \
+	  FUSEDAE_ISA=scalar $(abspath $(AARCH64_ROOT))/python -m pytest -q -p no:cacheprovider $(AARCH64_PYTESTS) $(AARCH64_DESELECT)

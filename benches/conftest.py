@@ -40,6 +40,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+def pytest_report_header(config: pytest.Config) -> str:
+    """The kernel every timing below is of, at the top of the run's output."""
+    info = fusedae.info()
+    available = ", ".join(info["available_isas"])
+    return (
+        f"fusedae: ISA {info['isa']} on {info['target_arch']} (available: {available}), "
+        f"{info['threads']} threads, {info['build_profile']} build"
+    )
+
+
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
     """Records the kernel ISA and the peers' versions in the results JSON, for the report."""
     import onnxruntime

@@ -11,16 +11,18 @@ use crate::pack::Storage;
 pub enum Isa {
     Avx512,
     Avx2,
+    Neon,
     Scalar,
 }
 
 impl Isa {
-    pub const ALL: [Isa; 3] = [Isa::Avx512, Isa::Avx2, Isa::Scalar];
+    pub const ALL: [Isa; 4] = [Isa::Avx512, Isa::Avx2, Isa::Neon, Isa::Scalar];
 
     pub fn name(self) -> &'static str {
         match self {
             Isa::Avx512 => "avx512",
             Isa::Avx2 => "avx2",
+            Isa::Neon => "neon",
             Isa::Scalar => "scalar",
         }
     }
@@ -45,6 +47,10 @@ impl Isa {
             }
             #[cfg(not(target_arch = "x86_64"))]
             Isa::Avx512 | Isa::Avx2 => false,
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => std::arch::is_aarch64_feature_detected!("neon"),
+            #[cfg(not(target_arch = "aarch64"))]
+            Isa::Neon => false,
         }
     }
 
@@ -74,7 +80,8 @@ impl fmt::Display for IsaError {
         match self {
             IsaError::Unknown(name) => write!(
                 f,
-                "unknown ISA {name:?}: expected one of avx512, avx2, scalar (FUSEDAE_ISA)"
+                "unknown ISA {name:?}: expected one of {} (FUSEDAE_ISA)",
+                Isa::ALL.map(Isa::name).join(", ")
             ),
             IsaError::Unsupported(isa) => write!(
                 f,
@@ -259,6 +266,8 @@ impl Float for f32 {
             Isa::Avx512 => kernels::avx512::kernel_f32(),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => kernels::avx2::kernel_f32(),
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => kernels::neon::kernel_f32(),
             _ => kernels::scalar::kernel_f32(),
         }
     }
@@ -272,6 +281,8 @@ impl Float for f64 {
             Isa::Avx512 => kernels::avx512::kernel_f64(),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => kernels::avx2::kernel_f64(),
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => kernels::neon::kernel_f64(),
             _ => kernels::scalar::kernel_f64(),
         }
     }

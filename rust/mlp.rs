@@ -990,5 +990,8 @@ mod tests {
             .contains("expected one of"));
         assert!(dispatch::available().contains(&Isa::Scalar));
         assert!(dispatch::available().contains(&Isa::detect()));
+        // Every AArch64 CPU has NEON: the tests above must have run it, not only the scalar kernel.
+        #[cfg(target_arch = "aarch64")]
+        assert_eq!(Isa::detect(), Isa::Neon);
     }
 }

@@ -24,6 +24,10 @@ def selected_isas() -> list[str]:
     return [forced] if forced else _native.available_isas()
 
 
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"fusedae: ISA {_native.selected_isa()}, testing {', '.join(selected_isas())}"
+
+
 @pytest.fixture(params=selected_isas())
 def isa(request: pytest.FixtureRequest) -> str:
     return request.param

@@ -376,8 +376,11 @@ def test_forcing_each_supported_isa():
 def test_unknown_or_unsupported_isa_is_a_clear_error():
     result = run_python("import fusedae; fusedae.info()", FUSEDAE_ISA="sse9")
     assert result.returncode != 0
-    assert 'ValueError: unknown ISA "sse9": expected one of avx512, avx2, scalar' in result.stderr
-    missing = [i for i in ("avx512", "avx2") if i not in fusedae.info()["available_isas"]]
+    assert (
+        'ValueError: unknown ISA "sse9": expected one of avx512, avx2, neon, scalar'
+        in result.stderr
+    )
+    missing = [i for i in ("avx512", "avx2", "neon") if i not in fusedae.info()["available_isas"]]
     for isa in missing:
         result = run_python("import fusedae; fusedae.info()", FUSEDAE_ISA=isa)
         assert (

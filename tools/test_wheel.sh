@@ -2,7 +2,7 @@
 # Tests the x86_64 wheel in dist/ as a user gets it: installed from dist/ alone into fresh venvs
 # (dependencies from PyPI), with no cargo on PATH, the tests run from a copy outside the tree.
 # Then the kernel each CPU model selects, under qemu, and the stubs against the installed module.
-# The aarch64 wheel runs its smoke tests under qemu-aarch64 where tools/aarch64_python.sh exists.
+# The aarch64 wheel runs its smoke tests under qemu-aarch64 (tools/aarch64_python.sh).
 #
 # Usage: tools/test_wheel.sh UV PYTHON_VERSION...   (UV: the uv executable; the first version
 # also runs the qemu, stubtest and aarch64 checks)
@@ -95,16 +95,9 @@ done
 step "stubtest fusedae._native"
 in_venv "$venv" python -m mypy.stubtest fusedae._native
 
-if [[ -x tools/aarch64_python.sh ]]; then
-    step "aarch64 wheel under qemu-aarch64: expect neon"
-    tools/aarch64_python.sh target/aarch64-root
-    python3 -m zipfile -e "$aarch64_wheel" "$work/aarch64-site"
-    (cd "$work" && FUSEDAE_EXPECT_ISA=neon "$repo/target/aarch64-root/python" -c "
-import sys
-sys.path.insert(0, 'aarch64-site')
-import pytest
-sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', 'tests/test_smoke.py']))")
-else
-    echo "!! tools/aarch64_python.sh is missing (it comes with the neon branch): aarch64 wheel not run"
-fi
+step "aarch64 wheel under qemu-aarch64: expect neon"
+tools/aarch64_python.sh target/aarch64-python
+python3 -m zipfile -e "$aarch64_wheel" "$work/aarch64-site"
+(cd "$work" && FUSEDAE_EXPECT_ISA=neon FUSEDAE_AARCH64_PATH="$work/aarch64-site" \
+    "$repo/target/aarch64-python/python" -m pytest -q -p no:cacheprovider tests/test_smoke.py)
 step "done"

@@ -2,7 +2,7 @@
 //!
 //! # Contract
 //!
-//! Each ISA file (`scalar.rs`, `avx2.rs`, `avx512.rs`) exports `kernel_f32()` and `kernel_f64()`,
+//! Each ISA file (`scalar.rs`, `avx2.rs`, `avx512.rs`, `neon.rs`) exports `kernel_f32()` and `kernel_f64()`,
 //! returning a [`Kernel`]: a [`TileShape`] that says how weights must be packed for it, and a
 //! [`ChainKernel`] function that runs the whole chain for a contiguous run of rows.
 //!
@@ -50,7 +50,8 @@
 //! - `microkernel.rs`: the register tiles; `epilogue.rs`: the post-ops, in the math of
 //!   `math.rs` (its polynomials in `coefficients.rs`); `peak.rs`: the FMA loop that measures the
 //!   ceiling;
-//! - `scalar.rs`, `avx2.rs`, `avx512.rs`: one [`SimdVec`] per register type, nothing else.
+//! - `scalar.rs`, `avx2.rs`, `avx512.rs`, `neon.rs`: one [`SimdVec`] per register type, nothing
+//!   else.
 //!
 //! Which form a layer takes is policy, not SIMD: the cost model is in `plan.rs`, outside this
 //! module (and the timings, the FMA ceiling and the opt-in half-register probe, in `probe.rs`).
@@ -72,6 +73,8 @@ pub mod scalar;
 pub mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub mod avx512;
+#[cfg(target_arch = "aarch64")]
+pub mod neon;
 
 use std::fmt::Debug;
 use std::ops::{Add, Div, Mul, Neg, Sub};
