@@ -2,9 +2,9 @@
 //!
 //! # Contract
 //!
-//! Each ISA file (`scalar.rs`, `avx2.rs`, `avx512.rs`, `neon.rs`) exports `kernel_f32()` and `kernel_f64()`,
-//! returning a [`Kernel`]: a [`TileShape`] that says how weights must be packed for it, and a
-//! [`ChainKernel`] function that runs the whole chain for a contiguous run of rows.
+//! Each ISA file (`scalar.rs`, `avx2.rs`, `avx512.rs`, `neon.rs`) exports `kernel_f32()` and
+//! `kernel_f64()`, returning a [`Kernel`]: a [`TileShape`] that says how weights must be packed for
+//! it, and a [`ChainKernel`] function that runs the whole chain for a contiguous run of rows.
 //!
 //! All layers' weights live in one packed buffer, stored as the kernel's weight type (read
 //! through [`LoadFrom`]), and their biases in another, in the compute type; a [`LayerDesc`]
