@@ -73,10 +73,14 @@ macro_rules! target_kernels {
                         output,
                         scratch,
                         saved,
-                        StoredEpilogue {
+                        // Opaque to the optimizer: with the passes' addresses known, LLVM inlined
+                        // them (`inline(never)` notwithstanding) and kept their constants in
+                        // registers across the loop nest, which it then reloaded on every step of
+                        // the register tiles' `k` loop.
+                        std::hint::black_box(StoredEpilogue {
                             tile: stored_tile,
                             values: stored_values,
-                        },
+                        }),
                     )
                 }
             }
