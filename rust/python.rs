@@ -225,34 +225,46 @@ fn run_kernel<T: Float>(
 /// a panic; larger ones go through `numpy.empty`, where it is a MemoryError.
 const DIRECT_ALLOC_MAX_BYTES: usize = 1 << 20;
 
-/// A new uninitialised `(rows, out_features)` array for the kernel to fill.
+/// A new uninitialised `(rows, width)` array for the kernel to fill.
 ///
 /// # Safety
 /// The caller writes every element before Python can see the array.
+unsafe fn new_array<'py, T: Float + numpy::Element>(
+    py: Python<'py>,
+    rows: usize,
+    width: usize,
+) -> PyResult<Bound<'py, PyArray2<T>>> {
+    let bytes = rows
+        .checked_mul(width)
+        .and_then(|n| n.checked_mul(std::mem::size_of::<T>()));
+    match bytes {
+        Some(bytes) if bytes <= DIRECT_ALLOC_MAX_BYTES => {
+            // SAFETY: left uninitialised for the caller to fill, as the contract says.
+            Ok(unsafe { PyArray2::<T>::new(py, [rows, width], false) })
+        }
+        Some(bytes) if bytes <= isize::MAX as usize => {
+            let empty = py.import("numpy")?.getattr("empty")?;
+            let out = empty.call1(((rows, width), T::NAME))?;
+            Ok(out.cast_into::<PyArray2<T>>()?)
+        }
+        _ => Err(PyValueError::new_err(format!(
+            "an output of {rows} x {width} {} values is larger than memory can address",
+            T::NAME
+        ))),
+    }
+}
+
+/// [`new_array`] of `(rows, out_features)`.
+///
+/// # Safety
+/// As for [`new_array`].
 unsafe fn new_output<'py, T: Float + numpy::Element>(
     py: Python<'py>,
     mlp: &Mlp<T>,
     rows: usize,
 ) -> PyResult<Bound<'py, PyArray2<T>>> {
-    let bytes = rows
-        .checked_mul(mlp.out_features())
-        .and_then(|n| n.checked_mul(std::mem::size_of::<T>()));
-    match bytes {
-        Some(bytes) if bytes <= DIRECT_ALLOC_MAX_BYTES => {
-            // SAFETY: left uninitialised for the caller to fill, as the contract says.
-            Ok(unsafe { PyArray2::<T>::new(py, [rows, mlp.out_features()], false) })
-        }
-        Some(bytes) if bytes <= isize::MAX as usize => {
-            let empty = py.import("numpy")?.getattr("empty")?;
-            let out = empty.call1(((rows, mlp.out_features()), T::NAME))?;
-            Ok(out.cast_into::<PyArray2<T>>()?)
-        }
-        _ => Err(PyValueError::new_err(format!(
-            "an output of {rows} x {} {} values is larger than memory can address",
-            mlp.out_features(),
-            T::NAME
-        ))),
-    }
+    // SAFETY: forwarded from the caller.
+    unsafe { new_array(py, rows, mlp.out_features()) }
 }
 
 /// Runs the chain on `input` into a new array.
@@ -448,6 +460,28 @@ fn run_new_from_dlpack<'py, T: Float + numpy::Element>(
     Ok(out.into_any())
 }
 
+/// [`run_new_from_dlpack`] that also returns every hidden layer's outputs (after its post-op),
+/// `(rows, saved_width)`, layer after layer in each row (see [`Mlp::forward_saving`]): what a
+/// backward reads instead of computing the forward again.
+fn run_saving_from_dlpack<'py, T: Float + numpy::Element>(
+    py: Python<'py>,
+    mlp: &Mlp<T>,
+    capsule: &Bound<'py, PyAny>,
+) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+    let (input, rows) = dlpack_rows::<T>(capsule, mlp.in_features())?;
+    // SAFETY: the kernel below writes every element; if it fails, the array is dropped here,
+    // never seen by Python.
+    let out = unsafe { new_output(py, mlp, rows) }?;
+    // SAFETY: as for `out`: `forward_saving` writes every saved value.
+    let saved = unsafe { new_array::<T>(py, rows, mlp.info().saved_width) }?;
+    // SAFETY: as in `run_new_from`: new C-contiguous arrays no one else references yet.
+    let (output, saved_values) = unsafe { (out.as_slice_mut(), saved.as_slice_mut()) };
+    let error = |e| PyRuntimeError::new_err(format!("new output array: {e}"));
+    mlp.forward_saving(input, output.map_err(error)?, saved_values.map_err(error)?)
+        .map_err(to_py_err)?;
+    Ok((out.into_any(), saved.into_any()))
+}
+
 /// What a call reads.
 #[derive(Clone, Copy)]
 enum Input<'a, 'py> {
@@ -558,6 +592,20 @@ impl Chain {
         capsule: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
         self.call(py, Input::DLPack(capsule))
+    }
+
+    /// `_forward_dlpack` that also returns every hidden layer's outputs (after its post-op), one
+    /// layer after another in each row: `(output, saved)`, `saved` of shape `(rows, sum of the
+    /// hidden layers' widths)`, for the backward of `fusedae.torch`. Private to it.
+    fn _forward_saving_dlpack<'py>(
+        &self,
+        py: Python<'py>,
+        capsule: &Bound<'py, PyAny>,
+    ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+        match &self.mlp {
+            AnyMlp::F32(mlp) => run_saving_from_dlpack(py, mlp, capsule),
+            AnyMlp::F64(mlp) => run_saving_from_dlpack(py, mlp, capsule),
+        }
     }
 
     /// The numpy dtype of the chain's values (float32 or float64).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 
 import pytest
@@ -12,8 +13,10 @@ from torch import nn
 import fusedae
 from _seed import AE as SeedAE
 from _threads import run_at_once
+from fusedae._ops import post_op
 from fusedae.torch import AE, FusedMLP, FusedMLPFunction, pack_chain
 from fusedae.torch.cache import ChainCache
+from fusedae.torch.lower import post_op_module
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12}
 FORCED_ISA = os.environ.get("FUSEDAE_ISA")
@@ -429,6 +432,44 @@ class TestFusedMLP:
 
         x = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
         assert torch.autograd.gradcheck(chain, (x, *params))
+
+    @pytest.mark.parametrize(
+        ("activations", "linears_again"),
+        [
+            (("relu", "identity", "relu", "sigmoid"), 0),
+            (("tanh", "gelu_tanh", "relu", "silu"), 2),
+        ],
+    )
+    def test_the_backward_reads_the_saved_activations(
+        self, monkeypatch, activations, linears_again
+    ):
+        """The forward keeps each hidden layer's output from the fused pass: the backward computes
+        a Linear again only for a post-op whose gradient reads its pre-activation, and its
+        gradients are PyTorch's."""
+        widths = (9, 42, 5, 42, 9)
+        layers = [nn.Linear(a, b).double() for a, b in itertools.pairwise(widths)]
+        plain = nn.Sequential(
+            *(
+                m
+                for layer, name in zip(layers, activations, strict=True)
+                for m in (layer, post_op_module(post_op(name)))
+            )
+        )
+        params = [p for layer in layers for p in layer.parameters()]
+        packed = pack_chain(params[0::2], params[1::2], activations)
+        x = torch.randn(13, 9, dtype=torch.float64, requires_grad=True)
+        grad_output = torch.randn(13, 9, dtype=torch.float64).t().contiguous().t()
+        y = FusedMLPFunction.apply(x, packed, activations, *params)
+        assert relative_error(y, plain(x)) <= 1e-12
+        linear = nn.functional.linear
+        calls = []
+        monkeypatch.setattr(nn.functional, "linear", lambda *args: calls.append(1) or linear(*args))
+        got = torch.autograd.grad(y, [x, *params], grad_output)
+        monkeypatch.undo()
+        assert len(calls) == linears_again
+        want = torch.autograd.grad(plain(x), [x, *params], grad_output)
+        for g, w in zip(got, want, strict=True):
+            assert relative_error(g, w) <= 1e-12
 
     def test_the_function_checks_its_input(self):
         """`FusedMLPFunction` is public: what the kernel would misread is an error."""

@@ -60,6 +60,13 @@ class Chain:
         of a C-contiguous CPU tensor of the chain's dtype, shape ``(*, in_features)``), into a
         new ``(rows, out_features)`` array, read where the tensor lies; the GIL stays held, so no
         other thread resizes it meanwhile. Private to ``fusedae.torch``."""
+    def _forward_saving_dlpack(
+        self, capsule: object
+    ) -> tuple[npt.NDArray[np.floating], npt.NDArray[np.floating]]:
+        """``_forward_dlpack`` that also returns every hidden layer's outputs (after its
+        post-op), one layer after another in each row: ``(output, saved)``, ``saved`` of shape
+        ``(rows, sum of the hidden layers' widths)``, for the backward. Private to
+        ``fusedae.torch``."""
     @property
     def dtype(self) -> np.dtype:
         """float32 or float64: the chain's values, and what it takes and gives."""

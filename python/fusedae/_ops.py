@@ -45,7 +45,9 @@ class Op:
     functions take ``params`` last; the gradients map the gradient of a layer's output to that
     of its pre-activation from the pre-activation and the output, by PyTorch's own autograd
     formulas. ``onnx``: the ONNX nodes computing it (``onnx_nodes``). ``idempotent``: applying it
-    twice is applying it once (``Linear, ReLU, ReLU`` is one fused layer).
+    twice is applying it once (``Linear, ReLU, ReLU`` is one fused layer). ``gradient_reads_pre``:
+    ``torch_gradient`` reads the pre-activation (else only the output, which the fused forward
+    saves, so a backward need not compute the pre-activation again).
     """
 
     name: str
@@ -58,6 +60,7 @@ class Op:
     onnx: OnnxBuilder
     torch_settings: tuple[tuple[str, str], ...] = ()
     idempotent: bool = False
+    gradient_reads_pre: bool = True
 
 
 # --- ONNX -------------------------------------------------------------------------------------
@@ -407,6 +410,7 @@ OPS: dict[str, Op] = {
             torch_gradient=_torch_relu_gradient,
             onnx=_onnx_operator("Relu"),
             idempotent=True,
+            gradient_reads_pre=False,
         ),
         Op(
             name="identity",
@@ -418,6 +422,7 @@ OPS: dict[str, Op] = {
             torch_gradient=_identity_gradient,
             onnx=_onnx_operator("Identity"),
             idempotent=True,
+            gradient_reads_pre=False,
         ),
         Op(
             name="leaky_relu",
@@ -438,6 +443,7 @@ OPS: dict[str, Op] = {
             torch_function=_torch_sigmoid,
             torch_gradient=_torch_sigmoid_gradient,
             onnx=_onnx_operator("Sigmoid"),
+            gradient_reads_pre=False,
         ),
         Op(
             name="tanh",
@@ -448,6 +454,7 @@ OPS: dict[str, Op] = {
             torch_function=_torch_tanh,
             torch_gradient=_torch_tanh_gradient,
             onnx=_onnx_operator("Tanh"),
+            gradient_reads_pre=False,
         ),
         Op(
             name="gelu",
@@ -555,8 +562,14 @@ class PostOp:
         return self.op.torch_function(x, self.params)
 
     def torch_gradient(
-        self, grad: torch.Tensor, pre: torch.Tensor, post: torch.Tensor
+        self, grad: torch.Tensor, pre: torch.Tensor | None, post: torch.Tensor
     ) -> torch.Tensor:
+        """The gradient of the pre-activation; ``pre`` may be None where the op's gradient reads
+        only ``post`` (not ``Op.gradient_reads_pre``)."""
+        if pre is None:
+            if self.op.gradient_reads_pre:
+                raise ValueError(f"the gradient of {self} reads the pre-activation, got None")
+            pre = post  # unread
         return self.op.torch_gradient(grad, pre, post, self.params)
 
     def onnx_nodes(self, x: str, y: str, dtype: np.dtype) -> list[onnx.NodeProto]:

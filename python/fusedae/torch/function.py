@@ -1,8 +1,10 @@
 """``FusedMLPFunction``: the fused forward as a ``torch.autograd.Function``, its backward in
-torch ops, each post-op's gradient from the op table; and the kernel call on a tensor."""
+torch ops on the activations the forward kept, each post-op's gradient from the op table; and
+the kernel call on a tensor."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -65,15 +67,21 @@ def check_input(chain: _native.Chain, x: torch.Tensor) -> None:
         raise shape_error(chain.in_features, x.shape)
 
 
-def run(chain: _native.Chain, x: torch.Tensor) -> torch.Tensor:
-    """The kernel on CPU ``x`` of shape ``(*, in_features)`` and the chain's dtype; no autograd."""
+def _kernel_input(chain: _native.Chain, x: torch.Tensor) -> torch.Tensor:
+    """``x`` as the kernel reads it: its values (not a negated view's memory), contiguous."""
     x = x.resolve_neg()  # the values the tensor stands for, not the negated memory
-    rows = x.numel() // chain.in_features
     if not x.is_contiguous():
         # A strided view (an expand) may stand for more rows than a copy or output could hold.
+        rows = x.numel() // chain.in_features
         width = max(chain.in_features, chain.out_features)
         check_output_size(rows, width, NUMPY_DTYPES[x.dtype])
         x = x.contiguous()
+    return x
+
+
+def run(chain: _native.Chain, x: torch.Tensor) -> torch.Tensor:
+    """The kernel on CPU ``x`` of shape ``(*, in_features)`` and the chain's dtype; no autograd."""
+    x = _kernel_input(chain, x)
     # The kernel reads the tensor's memory where it lies, through a DLPack capsule that keeps it
     # alive; the GIL, held for the call, keeps other threads from resizing it. DLPack has no
     # negative bit: `x` holds its values as they are (resolved above).
@@ -84,14 +92,29 @@ def run(chain: _native.Chain, x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(result)
 
 
+def run_saving(chain: _native.Chain, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``run`` that also returns every hidden layer's outputs (after its post-op) for the
+    backward: ``(rows, sum of the hidden widths)``, the layers side by side in each row."""
+    x = _kernel_input(chain, x)
+    result, saved = chain._forward_saving_dlpack(to_dlpack(x))
+    shape = x.shape
+    if len(shape) != 2:
+        result = result.reshape(*shape[:-1], chain.out_features)
+    return torch.from_numpy(result), torch.from_numpy(saved)
+
+
 class FusedMLPFunction(torch.autograd.Function):
     """``y = chain(x)`` through the fused CPU kernel, differentiable in ``x`` and the parameters.
 
     ``apply(x, chain, activations, w0, b0, w1, b1, ...)``: ``x`` of shape ``(*, in_features)``,
     ``chain`` packed from exactly these weights and biases (``pack_chain``), ``b_i`` may be
-    None, ``activations`` one name or ``PostOp`` per layer (an unknown one is a ValueError). The
-    backward recomputes the hidden activations with torch ops and applies each post-op's
-    gradient from the op table, so gradients are PyTorch's own.
+    None, ``activations`` one name or ``PostOp`` per layer (an unknown one is a ValueError).
+
+    The forward keeps every hidden layer's output from the fused pass, so the backward does not
+    compute the forward again: it runs PyTorch's matrix products and each post-op's gradient from
+    the op table on them, so gradients are PyTorch's own formulas. A post-op whose gradient reads
+    its pre-activation (GELU, SiLU, ...; ``Op.gradient_reads_pre``) has that layer's Linear
+    computed again, from the saved input of the layer.
     """
 
     @staticmethod
@@ -100,7 +123,7 @@ class FusedMLPFunction(torch.autograd.Function):
         chain: _native.Chain,
         activations: Sequence[str | PostOp],
         *params: torch.Tensor | None,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         ops = post_ops(activations)
         if len(params) != 2 * len(ops):
             raise ValueError(
@@ -108,33 +131,48 @@ class FusedMLPFunction(torch.autograd.Function):
                 f"got {len(params)} tensors"
             )
         check_input(chain, x)
-        return run(chain, x)
+        return run_saving(chain, x)
 
     @staticmethod
-    def setup_context(ctx: FunctionCtx, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    def setup_context(ctx: FunctionCtx, inputs: tuple[Any, ...], output: Any) -> None:
         x, _chain, activations, *params = inputs
+        y, saved = output
         ctx.post_ops = post_ops(activations)  # type: ignore[attr-defined]
-        ctx.save_for_backward(x, *params)
+        ctx.mark_non_differentiable(saved)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, y, saved, *params)
+
+    @classmethod
+    def apply(cls, *args: Any, **kwargs: Any) -> Any:
+        """The chain's output (the hidden outputs the forward also returns stay inside)."""
+        return super().apply(*args, **kwargs)[0]
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, *params = ctx.saved_tensors
+    def backward(
+        ctx: Any, grad_output: torch.Tensor | None, _grad_saved: None
+    ) -> tuple[torch.Tensor | None, ...]:
+        x, y, saved, *params = ctx.saved_tensors
         weights, biases = params[0::2], params[1::2]
         ops: tuple[PostOp, ...] = ctx.post_ops
-        inputs = [x.reshape(-1, x.shape[-1])]
-        pres, posts = [], []
-        for weight, bias, op in zip(weights, biases, ops, strict=True):
-            pre = torch.nn.functional.linear(inputs[-1], weight, bias)
-            post = op.torch_function(pre)
-            pres.append(pre)
-            posts.append(post)
-            inputs.append(post)
         needs = ctx.needs_input_grad
+        if grad_output is None:
+            return (None,) * len(needs)
+        # Each layer's output: the hidden ones side by side in `saved`, the last one `y`.
+        bounds = itertools.accumulate((weight.shape[0] for weight in weights[:-1]), initial=0)
+        posts = [saved[:, start:end] for start, end in itertools.pairwise(bounds)]
+        posts.append(y.reshape(-1, y.shape[-1]))
+        inputs = [x.reshape(-1, x.shape[-1]), *posts[:-1]]
         grad = grad_output.reshape(-1, grad_output.shape[-1])
         grads: list[torch.Tensor | None] = [None] * len(params)
         for index in reversed(range(len(weights))):
-            grad = ops[index].torch_gradient(grad, pres[index], posts[index])
+            op = ops[index]
+            pre = (
+                torch.nn.functional.linear(inputs[index], weights[index], biases[index])
+                if op.op.gradient_reads_pre
+                else None
+            )
+            grad = op.torch_gradient(grad, pre, posts[index])
             if needs[3 + 2 * index]:
                 grads[2 * index] = grad.t().mm(inputs[index])
             if biases[index] is not None and needs[4 + 2 * index]:
