@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -38,3 +39,12 @@ def _restore_threads():
     threads = fusedae.get_num_threads()
     yield
     fusedae.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _fused_training_at_every_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tests of the fused training path use small batches: every call that needs gradients
+    takes it (where torch is in use; the size threshold has tests of its own)."""
+    cache = sys.modules.get("fusedae.torch.cache")
+    if cache is not None:
+        monkeypatch.setattr(cache, "TRAINING_MIN_FLOPS", 0)

@@ -471,6 +471,24 @@ class TestFusedMLP:
         for g, w in zip(got, want, strict=True):
             assert relative_error(g, w) <= 1e-12
 
+    def test_small_training_calls_run_plain_pytorch(self, monkeypatch):
+        """Below `TRAINING_MIN_FLOPS` per call a call that needs gradients runs plain PyTorch
+        (faster there); at or above it, the fused forward; without gradients, always fused."""
+        from fusedae.torch import cache
+
+        fused = FusedMLP.from_sequential(
+            nn.Sequential(nn.Linear(6, 42), nn.ReLU(), nn.Linear(42, 3))
+        )
+        flops_per_row = 2 * (6 * 42 + 42 * 3)
+        monkeypatch.setattr(cache, "TRAINING_MIN_FLOPS", 10 * flops_per_row)
+        for rows, fused_path in ((9, False), (10, True)):
+            out = fused(torch.randn(rows, 6, requires_grad=True))
+            assert ("FusedMLPFunction" in type(out.grad_fn).__name__) == fused_path, rows
+            out.sum().backward()
+        with torch.no_grad():
+            plain = fused[2](fused[1](fused[0](torch.ones(1, 6))))
+            assert relative_error(fused(torch.ones(1, 6)), plain) <= 1e-6
+
     def test_the_function_checks_its_input(self):
         """`FusedMLPFunction` is public: what the kernel would misread is an error."""
         weights = [torch.randn(5, 7, dtype=torch.float64)]

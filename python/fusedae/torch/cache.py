@@ -17,6 +17,13 @@ from fusedae.torch.function import FusedMLPFunction, pack_spec, run, shape_error
 from fusedae.torch.lower import DROPOUTS, LoweredChain, TensorSlot, lower, split
 
 _FUSED_DTYPES = (torch.float32, torch.float64)
+# Fewest floating-point operations (rows x `flops_per_row`) for which a call that needs gradients
+# goes through the fused forward: below it, plain PyTorch's forward and backward, all in C++,
+# cost less than the time the fused forward saves plus the per-call cost of the backward in
+# Python ops. Measured on the seed's AE (784-42-16 | 16-42-784, 1 thread, forward + backward):
+# 0.82x at 256 rows, 0.89x at 512, 0.97x at 1024, 1.02x at 2048 (1.4e8 operations per call),
+# 1.29x at 4096. The backward in Rust (issue 14) is to lower it.
+TRAINING_MIN_FLOPS = 100_000_000
 # What the per-call path uses from torch, bound once: each `torch.name` lookup costs ~25 ns.
 # `is_dynamo_compiling` is True while TorchDynamo traces (torch.compile, strict torch.export) in
 # one trivial call where `torch.compiler.is_compiling` makes two (torch 2.3+; older ones have
@@ -59,6 +66,7 @@ class ChainCache:
         self.hook_registries = hook_registries(())
         self.post_ops: tuple[PostOp, ...] = ()
         self.in_features = 0
+        self.flops_per_row = 0
         self.slots: tuple[TensorSlot, ...] = ()
         self.mode_dependent: tuple[nn.Module, ...] = ()
         self.normalized = False
@@ -97,6 +105,10 @@ class ChainCache:
             self.hook_registries = hook_registries((*containers, *modules))
             self.post_ops = self.lowered.post_ops if self.lowered else ()
             self.in_features = self.lowered.in_features if self.lowered else 0
+            self.flops_per_row = sum(
+                2 * linear.in_features * linear.out_features
+                for linear, _ in (self.lowered.layers if self.lowered else ())
+            )
             self.slots = self.lowered.slots if self.lowered else ()
             self.mode_dependent = self.lowered.mode_dependent if self.lowered else ()
             self.normalized = self.lowered.normalized if self.lowered else False
@@ -105,6 +117,11 @@ class ChainCache:
             )
             self.invalidate()
         return self.lowered
+
+    def tensors_now(self) -> list[torch.Tensor | None]:
+        """The chain's tensors as they are now (``tensors`` holds those last packed)."""
+        assert self.lowered is not None  # `set_modules` found a chain
+        return self.lowered.tensors()
 
     def pack(self, dtype: torch.dtype) -> _native.Chain | None:
         """Packs the tensors for inputs of ``dtype`` (the caller found the packed chain stale)
@@ -135,7 +152,8 @@ class ChainCache:
         """The fused forward of the chain (``set_modules`` found one) on ``x``, or None where only
         plain PyTorch computes what PyTorch would (CUDA, other dtypes, tensor subclasses,
         autocast, ``torch.compile`` or ``torch.jit.trace`` tracing, ``torch.func`` transforms,
-        hooks). Every check here runs on each call, so they are ordered and written for speed."""
+        hooks) or runs faster (a call that needs gradients below ``TRAINING_MIN_FLOPS``). Every
+        check here runs on each call, so they are ordered and written for speed."""
         if (
             type(x) is not _Tensor
             or any(self.hook_registries)
@@ -153,6 +171,15 @@ class ChainCache:
         shape = x.shape
         if not shape or shape[-1] != in_features:
             raise shape_error(in_features, shape)
+        if (
+            _is_grad_enabled()
+            and x.numel() // in_features * self.flops_per_row < TRAINING_MIN_FLOPS
+            and (
+                x.requires_grad
+                or any(t is not None and t.requires_grad for t in self.tensors_now())
+            )
+        ):
+            return None  # before packing: a training step changes every parameter
         dtype = x.dtype
         # Still the packed chain if every tensor is the one packed, at the same address and
         # version; read straight from each slot's dict (`linear.weight` goes through
