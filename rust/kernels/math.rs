@@ -7,8 +7,9 @@
 //! `1 / (1 + z)` or `z / (1 + z)` with `z = exp(-|x|)`, never `1 - something`; `tanh` goes
 //! through `expm1`, exact near 0; the GELU's normal CDF is `exp(-x^2 / 2)` times a fitted tail
 //! (its argument's square carried as two values, so the exponential stays accurate to `|x| ~ 38`),
-//! and `1 - tail` only on the side where it is at least a half; softplus is `max(y, 0) +
-//! log1p(exp(-|y|))`, two terms of one sign. No branch, no gather, one division at most per op.
+//! and `1 - tail` only on the side where it is at least a half; the tanh GELU is `x sigmoid(2u)`
+//! with `2u` carried as two values; softplus is `max(y, 0) + log1p(exp(-|y|))`, two terms of one
+//! sign. No branch, no gather, one division at most per op.
 //! `docs/activations.md` has the measured errors.
 
 use super::coefficients::{
@@ -284,7 +285,8 @@ pub(super) unsafe fn gelu_tanh<V: SimdVec>(x: V) -> V {
         // a^2 = square - minus_square_error exactly.
         let square = a.mul(a);
         let minus_square_error = minus_a.fused_mul_add(a, square);
-        // square + k_hi = sum + sum_error exactly (Fast2Sum), so a^2 + k = sum + sum_lo.
+        // square + k_hi = sum + sum_error exactly (a Fast2Sum: `k_hi`'s last bit is no finer
+        // than the ulps of `square` and `sum`, as `sum < 512`), so a^2 + k = sum + sum_lo.
         let k_hi = V::constant(c.gelu_tanh_k_hi);
         let sum = square.add(k_hi);
         let sum_error = square.sub(sum.sub(k_hi));
@@ -294,7 +296,9 @@ pub(super) unsafe fn gelu_tanh<V: SimdVec>(x: V) -> V {
         // a (sum + sum_lo) = product - minus_product_lo (to the rounding of the small terms).
         let product = a.mul(sum);
         let minus_product_lo = minus_a.mul_add(sum_lo, minus_a.fused_mul_add(sum, product));
-        // -2u = -c (product - minus_product_lo) = hi + lo, hi + (-lo_of_hi) = -c_hi product.
+        // -|2u| = -c (product - minus_product_lo) = hi + lo: hi = -c_hi product rounded, lo =
+        // what that rounded off (an FMA gives its negative), + c_hi minus_product_lo - c_lo
+        // product.
         let c_hi = V::constant(c.gelu_tanh_c_hi);
         let hi = c_hi.neg().mul(product);
         let minus_lo_of_hi = c_hi.fused_mul_add(product, hi);
