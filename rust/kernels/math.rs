@@ -7,8 +7,9 @@
 //! `1 / (1 + z)` or `z / (1 + z)` with `z = exp(-|x|)`, never `1 - something`; `tanh` goes
 //! through `expm1`, exact near 0; the GELU's normal CDF is `exp(-x^2 / 2)` times a fitted tail
 //! (its argument's square carried as two values, so the exponential stays accurate to `|x| ~ 38`),
-//! and `1 - tail` only on the side where it is at least a half; softplus is `max(y, 0) +
-//! log1p(exp(-|y|))`, two terms of one sign. No branch, no gather, one division at most per op.
+//! and `1 - tail` only on the side where it is at least a half; the tanh GELU is `x sigmoid(2u)`
+//! with `2u` carried as two values; softplus is `max(y, 0) + log1p(exp(-|y|))`, two terms of one
+//! sign. No branch, no gather, one division at most per op.
 //! `docs/activations.md` has the measured errors.
 
 use super::coefficients::{
@@ -38,10 +39,15 @@ pub struct Constants<T: 'static> {
     /// `exp(-a^2 / 2)` is above `exp(lower)`.
     normal_tail: &'static [T],
     normal_tail_k: T,
-    /// `2 sqrt(2 / pi)` and `2 sqrt(2 / pi) 0.044715`: the tanh GELU is `x sigmoid(x (linear +
-    /// cubic x^2))`, since `1 + tanh(u) = 2 sigmoid(2u)`.
-    gelu_tanh_linear: T,
-    gelu_tanh_cubic: T,
+    /// `c = 2 sqrt(2 / pi) 0.044715` and `k = 1 / 0.044715`, each split in two (`hi + lo`
+    /// within 1e-15 relative): the tanh GELU is `x sigmoid(2u)`, since `1 + tanh(u) = 2
+    /// sigmoid(2u)`, with `2u = c x (x^2 + k)`. `k_hi` is a multiple of the ulp of `[256, 512)`
+    /// (2^-15 for f32, 2^-44 for f64), which makes `k_hi + x^2` a Fast2Sum (its rounding error
+    /// exact) for every `x^2 < 512 - k`.
+    gelu_tanh_c_hi: T,
+    gelu_tanh_c_lo: T,
+    gelu_tanh_k_hi: T,
+    gelu_tanh_k_lo: T,
 }
 
 pub(super) const F32: Constants<f32> = Constants {
@@ -53,8 +59,10 @@ pub(super) const F32: Constants<f32> = Constants {
     log1p: &LOG1P_F32,
     normal_tail: &NORMAL_TAIL_F32,
     normal_tail_k: NORMAL_TAIL_K_F32,
-    gelu_tanh_linear: 1.595_769_2,
-    gelu_tanh_cubic: 0.071_354_814,
+    gelu_tanh_c_hi: 0.071_354_814,
+    gelu_tanh_c_lo: 2.398_832_5e-9,
+    gelu_tanh_k_hi: 22.363_861,
+    gelu_tanh_k_lo: -1.081_748e-6,
 };
 
 pub(super) const F64: Constants<f64> = Constants {
@@ -66,8 +74,10 @@ pub(super) const F64: Constants<f64> = Constants {
     log1p: &LOG1P_F64,
     normal_tail: &NORMAL_TAIL_F64,
     normal_tail_k: NORMAL_TAIL_K_F64,
-    gelu_tanh_linear: 1.595_769_121_605_730_7,
-    gelu_tanh_cubic: 0.071_354_816_272_600_25,
+    gelu_tanh_c_hi: 0.071_354_816_272_600_25,
+    gelu_tanh_c_lo: -6.175_149_918_155_315e-19,
+    gelu_tanh_k_hi: 22.363_860_002_236_38,
+    gelu_tanh_k_lo: 7.068_084_733_670_861e-15,
 };
 
 /// A register of `value`, converted from f64 to the element type.
@@ -253,7 +263,14 @@ pub(super) unsafe fn gelu<V: SimdVec>(x: V) -> V {
     }
 }
 
-/// `x / 2 (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))`, as `x sigmoid(2u)`.
+/// `x / 2 (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))`, as `x sigmoid(2u)` with `2u = c x (x^2 +
+/// k)` carried as two values: the sigmoid of `2u ~ -70` turns an absolute error in `2u` into
+/// the same relative one in the result, so `2u` rounded once in f32 (6e-8 of 70) would already
+/// be off by 4e-6 relative. Every rounding on the way is caught: `x^2` and both products by
+/// FMAs, the sum by a Fast2Sum, and `c`, `k` are split in two. `|x|` is clamped to 22 first
+/// (there `|2u| = 795`, so `exp(-|2u|)` is 0 in both types and the sigmoid has saturated), so
+/// nothing overflows and the Fast2Sum's condition holds; `2u` is odd, so it is computed for
+/// `|x|` and `-|2u|` goes to the exponential directly.
 ///
 /// # Safety
 /// The CPU supports `V`'s ISA.
@@ -262,12 +279,39 @@ pub(super) unsafe fn gelu_tanh<V: SimdVec>(x: V) -> V {
     let c = &V::Elem::MATH;
     // SAFETY: forwarded from the caller.
     unsafe {
-        let slope = x.mul(x).mul_add(
-            V::constant(c.gelu_tanh_cubic),
-            V::constant(c.gelu_tanh_linear),
-        );
-        let (numerator, denominator) = sigmoid_fraction(x.mul(slope));
-        x.mul(numerator).div(denominator)
+        // NaN stays NaN (`limit.min(NaN)` is NaN).
+        let a = splat_f64::<V>(22.0).min(x.abs());
+        let minus_a = a.neg();
+        // a^2 = square - minus_square_error exactly.
+        let square = a.mul(a);
+        let minus_square_error = minus_a.fused_mul_add(a, square);
+        // square + k_hi = sum + sum_error exactly (a Fast2Sum: `k_hi`'s last bit is no finer
+        // than the ulps of `square` and `sum`, as `sum < 512`), so a^2 + k = sum + sum_lo.
+        let k_hi = V::constant(c.gelu_tanh_k_hi);
+        let sum = square.add(k_hi);
+        let sum_error = square.sub(sum.sub(k_hi));
+        let sum_lo = sum_error
+            .add(V::constant(c.gelu_tanh_k_lo))
+            .sub(minus_square_error);
+        // a (sum + sum_lo) = product - minus_product_lo (to the rounding of the small terms).
+        let product = a.mul(sum);
+        let minus_product_lo = minus_a.mul_add(sum_lo, minus_a.fused_mul_add(sum, product));
+        // -|2u| = -c (product - minus_product_lo) = hi + lo: hi = -c_hi product rounded, lo =
+        // what that rounded off (an FMA gives its negative), + c_hi minus_product_lo - c_lo
+        // product.
+        let c_hi = V::constant(c.gelu_tanh_c_hi);
+        let hi = c_hi.neg().mul(product);
+        let minus_lo_of_hi = c_hi.fused_mul_add(product, hi);
+        let lo = c_hi
+            .mul_add(
+                minus_product_lo,
+                V::constant(c.gelu_tanh_c_lo).neg().mul(product),
+            )
+            .sub(minus_lo_of_hi);
+        // sigmoid(2u) = 1 / (1 + z) for x >= 0, z / (1 + z) below, z = exp(-|2u|).
+        let one = splat_f64::<V>(1.0);
+        let z = exp_nonpositive(hi, Some(lo));
+        x.mul(x.select_lt(V::zero(), z, one)).div(one.add(z))
     }
 }
 
