@@ -39,6 +39,31 @@ def _fresh_seed_and_one_torch_thread():
     torch.set_num_threads(threads)
 
 
+def away_from_relu_kinks(model: nn.Module, rows: int, x: torch.Tensor, margin=1e-4) -> torch.Tensor:
+    """``rows`` rows of ``x`` at which no ReLU of ``model`` gets an input within ``margin`` of 0
+    (relative to that layer's largest, in float64). The gradient follows the forward's own
+    rounding: where a ReLU's input is within rounding of 0, the fused kernel and PyTorch may land
+    on opposite sides, each gradient right for its forward, differing by that row's whole
+    contribution (in about 1% of float32 batches of 1000 rows here)."""
+    keep = torch.ones(x.shape[0], dtype=torch.bool)
+
+    def check(_module: nn.Module, inputs: tuple[torch.Tensor], _output: torch.Tensor) -> None:
+        pre = inputs[0].abs()
+        if pre.numel():
+            keep.logical_and_((pre >= margin * pre.max()).all(1))
+
+    model64 = copy.deepcopy(model).double()
+    relus = [m for m in model64.modules() if isinstance(m, nn.ReLU)]
+    hooks = [relu.register_forward_hook(check) for relu in relus]
+    with torch.no_grad():
+        model64(x.double())
+    for hook in hooks:
+        hook.remove()
+    kept = x[keep]
+    assert kept.shape[0] >= rows, "too few rows away from the kinks: draw more"
+    return kept[:rows].contiguous()
+
+
 def seed_and_fused(x_dim=784, z_dim=16, h_dim=42, dtype=torch.float32):
     seed = SeedAE(x_dim, z_dim, h_dim).to(dtype)
     fused = AE(x_dim, z_dim, h_dim).to(dtype)
@@ -59,7 +84,7 @@ def test_ae_has_the_seed_constructor_keys_and_printout():
 @pytest.mark.parametrize("batch", [0, 1, 2, 7, 64, 1000])
 def test_seed_state_dict_gives_the_same_outputs_and_gradients(dtype, batch):
     seed, fused = seed_and_fused(dtype=dtype)
-    x = torch.randn(batch, 784, dtype=dtype)
+    x = away_from_relu_kinks(seed, batch, torch.randn(2 * batch, 784, dtype=dtype))
     with torch.no_grad():
         assert relative_error(fused(x), seed(x)) <= TOLERANCE[dtype]
         assert relative_error(fused.encoder(x), seed.encoder(x)) <= TOLERANCE[dtype]
