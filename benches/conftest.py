@@ -152,6 +152,12 @@ class Zoo:
         return self._references[key]
 
 
+@pytest.fixture
+def seed_ae() -> type[SeedAE]:
+    """The seed's autoencoder class, for benches that build their own (the training steps)."""
+    return SeedAE
+
+
 @pytest.fixture(scope="session")
 def zoo() -> Zoo:
     return Zoo()

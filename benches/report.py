@@ -1,10 +1,12 @@
-"""Renders the pytest-benchmark JSON of ``benches/bench_models.py`` as a report.
+"""Renders the pytest-benchmark JSON of ``benches/bench_models.py`` (and ``bench_training.py``)
+as a report.
 
     python benches/report.py benches/results.json [--out-dir benches]
 
 Writes ``report.md`` (a summary table, then one table per (model, batch, input, threads) group:
 median time, spread, GFLOP/s, % of the FMA peak measured in the same group, and how many times
-faster ours is than each peer) and ``throughput.png`` (GFLOP/s against batch size, one line per
+faster ours is than each peer; then the training steps, ours against plain PyTorch, eager and
+compiled) and ``throughput.png`` (GFLOP/s against batch size, one line per
 peer, one panel per model and thread count; streamed groups are in the tables only) to
 ``--out-dir``, and prints the markdown.
 """
@@ -18,6 +20,14 @@ from pathlib import Path
 from typing import Any
 
 PEAK = "fma-peak"
+TRAINING = "training"
+TRAINING_PEERS = ("torch-eager", "fusedae-eager", "torch-compile", "fusedae-compile")
+TRAINING_LABELS = {
+    "torch-eager": "plain eager",
+    "fusedae-eager": "accelerated eager",
+    "torch-compile": "plain torch.compile",
+    "fusedae-compile": "accelerated torch.compile",
+}
 PEERS = ("fusedae-numpy", "fusedae-torch", "torch-eager", "torch-compile", "onnxruntime")
 OURS = ("fusedae-numpy", "fusedae-torch")
 LABELS = {
@@ -84,17 +94,75 @@ class Group:
         return 100 * entry.gflops / self.peak_gflops if self.peak_gflops else None
 
 
+@dataclass
+class TrainingGroup:
+    """The training steps of one (model, batch, threads): each peer's fastest pass."""
+
+    model: str
+    batch: int
+    threads: int
+    entries: dict[str, Entry] = field(default_factory=dict)
+
+
 def _threads(count: int) -> str:
     return f"{count} thread{'s' if count != 1 else ''}"
 
 
+def _entry(bench: dict[str, Any]) -> Entry:
+    info, stats = bench["extra_info"], bench["stats"]
+    return Entry(
+        info["peer"], stats["median"], stats["min"], stats["iqr"], stats["rounds"], info["flops"]
+    )
+
+
+def load_training(path: Path) -> list[TrainingGroup]:
+    """``bench_training.py``'s groups, in the order they ran."""
+    groups: dict[tuple[str, int, int], TrainingGroup] = {}
+    for bench in json.loads(path.read_text())["benchmarks"]:
+        info = bench.get("extra_info", {})
+        if info.get("kind") != TRAINING:
+            continue
+        key = (info["model"], info["batch"], info["threads"])
+        group = groups.setdefault(key, TrainingGroup(*key))
+        entry = _entry(bench)
+        kept = group.entries.get(entry.peer)
+        if kept is None or entry.median_s < kept.median_s:
+            group.entries[entry.peer] = entry
+    return list(groups.values())
+
+
+def render_training(groups: list[TrainingGroup]) -> list[str]:
+    """The training-step table: median time per step and ours against plain PyTorch."""
+    out = [
+        "",
+        "## Training step",
+        "",
+        "One step of forward, MSE loss, backward and Adam (`benches/bench_training.py`), plain "
+        "PyTorch against the model through `fusedae.torch.accelerate`, eager and under "
+        "`torch.compile`; median time per step. Speedup = plain median / accelerated median.",
+        "",
+    ]
+    header = ["model", "batch", "threads"] + [TRAINING_LABELS[p] for p in TRAINING_PEERS]
+    header += ["eager speedup", "compile speedup"]
+    out += ["| " + " | ".join(header) + " |", "|" + "---|" * 3 + "---:|" * (len(header) - 3)]
+    for g in groups:
+        cells = [g.model, str(g.batch), str(g.threads)]
+        for peer in TRAINING_PEERS:
+            entry = g.entries.get(peer)
+            cells.append(format_time(entry.median_s) if entry else "-")
+        cells.append(_speedup(g.entries.get("fusedae-eager"), g.entries.get("torch-eager")))
+        cells.append(_speedup(g.entries.get("fusedae-compile"), g.entries.get("torch-compile")))
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
 def load(path: Path) -> tuple[dict[str, Any], list[Group]]:
-    """The JSON's metadata and its groups, in the order they ran."""
+    """The JSON's metadata and its forward groups, in the order they ran."""
     data = json.loads(path.read_text())
     groups: dict[tuple[str, int, bool, int], Group] = {}
     for bench in data["benchmarks"]:
         info = bench.get("extra_info", {})
-        if "peer" not in info:
+        if "peer" not in info or info.get("kind") == TRAINING:
             continue  # not one of bench_models.py's
         key = (info["model_key"], info["batch"], info.get("streamed", False), info["threads"])
         group = groups.setdefault(key, Group(key[0], info["model"], *key[1:]))
@@ -105,15 +173,7 @@ def load(path: Path) -> tuple[dict[str, Any], list[Group]]:
                 group.peak_one_thread = info.get("peak_gflops_one_thread")
                 group.load_average = info.get("load_average")
             continue
-        stats = bench["stats"]
-        entry = Entry(
-            info["peer"],
-            stats["median"],
-            stats["min"],
-            stats["iqr"],
-            stats["rounds"],
-            info["flops"],
-        )
+        entry = _entry(bench)
         kept = group.entries.get(info["peer"])
         if kept is None or entry.median_s < kept.median_s:  # each peer's fastest pass
             group.entries[info["peer"]] = entry
@@ -328,7 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     if not groups:
         parser.error(f"{args.results} holds no bench_models.py results (was it a timed run?)")
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    markdown = render_markdown(meta, groups)
+    markdown = "\n".join(
+        [render_markdown(meta, groups), *render_training(load_training(args.results))]
+    )
     (args.out_dir / "report.md").write_text(markdown + "\n")
     render_chart(meta, groups, args.out_dir / "throughput.png")
     print(markdown)
