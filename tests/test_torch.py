@@ -497,8 +497,9 @@ class TestFusedMLP:
             assert relative_error(g, w) <= 1e-12
 
     def test_small_training_calls_run_plain_pytorch(self, monkeypatch):
-        """Below `TRAINING_MIN_FLOPS` per call a call that needs gradients runs plain PyTorch
-        (faster there); at or above it, the fused forward; without gradients, always fused."""
+        """Below `TRAINING_MIN_ROWS` rows or `TRAINING_MIN_FLOPS` per call a call that needs
+        gradients runs plain PyTorch (faster there); at or above both, the fused forward;
+        without gradients, always fused."""
         from fusedae.torch import cache
 
         fused = FusedMLP.from_sequential(
@@ -506,7 +507,8 @@ class TestFusedMLP:
         )
         flops_per_row = 2 * (6 * 42 + 42 * 3)
         monkeypatch.setattr(cache, "TRAINING_MIN_FLOPS", 10 * flops_per_row)
-        for rows, fused_path in ((9, False), (10, True)):
+        monkeypatch.setattr(cache, "TRAINING_MIN_ROWS", 12)
+        for rows, fused_path in ((9, False), (11, False), (12, True)):
             out = fused(torch.randn(rows, 6, requires_grad=True))
             assert ("FusedMLPFunction" in type(out.grad_fn).__name__) == fused_path, rows
             out.sum().backward()

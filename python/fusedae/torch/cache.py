@@ -17,12 +17,16 @@ from fusedae.torch.function import FusedMLPFunction, pack_spec, run, shape_error
 from fusedae.torch.lower import DROPOUTS, LoweredChain, TensorSlot, lower, split
 
 _FUSED_DTYPES = (torch.float32, torch.float64)
-# Fewest floating-point operations (rows x `flops_per_row`) for which a call that needs gradients
-# goes through the fused forward: below it, plain PyTorch's forward and backward, all in C++,
-# cost less than the time the fused forward saves plus the per-call cost of the backward in
-# Python ops. Measured on the seed's AE (784-42-16 | 16-42-784, 1 thread, forward + backward):
-# 0.82x at 256 rows, 0.89x at 512, 0.97x at 1024, 1.02x at 2048 (1.4e8 operations per call),
-# 1.29x at 4096. The backward in Rust (issue 14) is to lower it.
+# Fewest rows, and floating-point operations (rows x `flops_per_row`), for which a call that
+# needs gradients goes through the fused forward. Below either, plain PyTorch's forward and
+# backward (all in C++) cost less than what the fused forward saves, once the backward's
+# per-call cost in Python ops and the repacking of weights that every optimizer step changes
+# are paid. Training steps measured here (1 thread, forward + MSE + backward + Adam, against
+# plain): the seed's AE (784-42-16 | 16-42-784, two chains) 0.82x at 256 rows, 0.89x at 512,
+# 0.97x at 1024, 1.02x at 2048 (1.4e8 operations per chain), 1.29x at 4096; the MNIST AE
+# 784-256-64-32-64-256-784 (one chain, 8.8e5 operations per row) 0.81x at 128 rows, 0.90x at
+# 256, 1.22x at 1024. The backward in Rust (issue 14) is to lower both.
+TRAINING_MIN_ROWS = 1024
 TRAINING_MIN_FLOPS = 100_000_000
 # What the per-call path uses from torch, bound once: each `torch.name` lookup costs ~25 ns.
 # `is_dynamo_compiling` is True while TorchDynamo traces (torch.compile, strict torch.export) in
@@ -152,8 +156,9 @@ class ChainCache:
         """The fused forward of the chain (``set_modules`` found one) on ``x``, or None where only
         plain PyTorch computes what PyTorch would (CUDA, other dtypes, tensor subclasses,
         autocast, ``torch.compile`` or ``torch.jit.trace`` tracing, ``torch.func`` transforms,
-        hooks) or runs faster (a call that needs gradients below ``TRAINING_MIN_FLOPS``). Every
-        check here runs on each call, so they are ordered and written for speed."""
+        hooks) or runs faster (a call that needs gradients below ``TRAINING_MIN_ROWS`` or
+        ``TRAINING_MIN_FLOPS``). Every check here runs on each call, so they are ordered and
+        written for speed."""
         if (
             type(x) is not _Tensor
             or any(self.hook_registries)
@@ -171,9 +176,10 @@ class ChainCache:
         shape = x.shape
         if not shape or shape[-1] != in_features:
             raise shape_error(in_features, shape)
+        rows = x.numel() // in_features
         if (
             _is_grad_enabled()
-            and x.numel() // in_features * self.flops_per_row < TRAINING_MIN_FLOPS
+            and (rows < TRAINING_MIN_ROWS or rows * self.flops_per_row < TRAINING_MIN_FLOPS)
             and (
                 x.requires_grad
                 or any(t is not None and t.requires_grad for t in self.tensors_now())
