@@ -73,6 +73,9 @@ class FusedMLP(_FusedCall, nn.Sequential):
         super().__init__(*args)
         self._fused = ChainCache()  # the whole Sequential, where it is one chain
         self._pieces = SplitCache()  # where it is not
+        # Lowered now, so that a first call traced by torch.compile or torch.export finds the
+        # chain and changes no state (the calls look again: the children may change).
+        self._fused.set_modules(tuple(self._modules.values()))  # type: ignore[arg-type]
 
     @classmethod
     def from_sequential(cls, sequential: nn.Sequential) -> FusedMLP:
@@ -156,6 +159,11 @@ class AE(_FusedCall):
         self.encoder = FusedMLP(nn.Linear(x_dim, h_dim), nn.ReLU(), nn.Linear(h_dim, z_dim))
         self.decoder = FusedMLP(nn.Linear(z_dim, h_dim), nn.ReLU(), nn.Linear(h_dim, x_dim))
         self._fused = ChainCache()
+        # Lowered now, as in FusedMLP.
+        self._fused.set_modules(
+            (*self.encoder._modules.values(), *self.decoder._modules.values()),  # type: ignore[arg-type]
+            (self.encoder, self.decoder),
+        )
 
     def invalidate(self) -> None:
         """Forget the packed weights (only needed after edits through ``.data``)."""
