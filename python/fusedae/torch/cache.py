@@ -258,10 +258,8 @@ class ChainCache:
             _custom_ops is None
             or any(self.hook_registries)
             or lowered.normalized
-            or (
-                not _is_dynamo_compiling()
-                and (_tracing_state() is not None or _functorch_transforms_active())
-            )
+            or _functorch_transforms_active()
+            or (not _is_dynamo_compiling() and _tracing_state() is not None)
             or torch.is_autocast_enabled("cpu")
             or not x.is_cpu
             or x.layout is not _STRIDED
