@@ -30,7 +30,7 @@ from fusedae.torch.function import chain_backward, check_input, pack_chain, run,
 # compiled models in use.
 CACHE_SIZE = 32
 _Key = tuple[Any, ...]
-_cache: OrderedDict[_Key, tuple[_native.Chain, list[torch.Tensor | None]]] = OrderedDict()
+_cache: OrderedDict[_Key, tuple[_native.Chain, list[torch.Tensor]]] = OrderedDict()
 _lock = threading.Lock()
 
 
@@ -56,40 +56,51 @@ def forget() -> None:
         _cache.clear()
 
 
-def packed(
-    weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None], post_ops: str
+def native_chain(
+    x: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor],
+    has_bias: Sequence[bool],
+    post_ops: str,
 ) -> _native.Chain:
-    """The native chain of these tensors: the cached one while each is the storage, version,
-    shape, strides and dtype it was packed from; else packed now."""
-    tensors = [*weights, *biases]
+    """The native chain of these tensors, checked against ``x``: the cached one while each
+    tensor is the storage, version, shape, strides and dtype it was packed from (the arguments
+    were checked then); else the arguments checked and the tensors packed now."""
     try:
         key: _Key | None = (
             post_ops,
+            *has_bias,
             *(
-                None
-                if t is None
-                else (t.data_ptr(), t._version, t.dtype, tuple(t.shape), t.stride())
-                for t in tensors
+                (t.data_ptr(), t._version, t.dtype, tuple(t.shape), t.stride())
+                for t in (*weights, *biases)
             ),
         )
     except RuntimeError:  # inference tensors have no version counter: pack every time
         key = None
+    entry = None
     if key is not None:
         with _lock:
             entry = _cache.get(key)
             if entry is not None:
                 _cache.move_to_end(key)
-                return entry[0]
-    for t in tensors:
-        if t is not None and (t.device.type != "cpu" or t.layout != torch.strided):
-            raise ValueError(f"the fused kernel takes strided CPU tensors, got one on {t.device}")
-    chain = pack_chain(weights, biases, decode_post_ops(post_ops))
-    if key is not None:
-        with _lock:
-            # The tensors are held so their addresses cannot be reused while the entry lives.
-            _cache[key] = (chain, [None if t is None else t.detach() for t in tensors])
-            while len(_cache) > CACHE_SIZE:
-                _cache.popitem(last=False)
+    if entry is not None:
+        chain = entry[0]
+    else:
+        per_layer = _check(x, weights, biases, has_bias, post_ops)
+        for t in (*weights, *biases):
+            if t.device.type != "cpu" or t.layout != torch.strided:
+                raise ValueError(
+                    f"the fused kernel takes strided CPU tensors, got one on {t.device}"
+                )
+        chain = pack_chain(weights, per_layer, decode_post_ops(post_ops))
+        if key is not None:
+            with _lock:
+                # The tensors are held so their addresses cannot be reused while the entry
+                # lives.
+                _cache[key] = (chain, [t.detach() for t in (*weights, *biases)])
+                while len(_cache) > CACHE_SIZE:
+                    _cache.popitem(last=False)
+    check_input(chain, x)
     return chain
 
 
@@ -154,9 +165,7 @@ def chain(
     """The chain's output ``(*, out_features)`` on ``x`` of shape ``(*, in_features)``: layer i
     computes ``post_ops[i](x @ weights[i].T + biases[i])``. No autograd (``chain_saving`` has
     it)."""
-    native = packed(weights, _check(x, weights, biases, has_bias, post_ops), post_ops)
-    check_input(native, x)
-    return run(native, x)
+    return run(native_chain(x, weights, biases, has_bias, post_ops), x)
 
 
 @chain.register_fake
@@ -182,9 +191,7 @@ def chain_saving(
     """``chain`` that also returns every hidden layer's output (after its post-op), the layers
     side by side: ``(rows, sum of the hidden widths)``, for its backward; differentiable in
     ``x``, the weights and the biases (not in the hidden outputs)."""
-    native = packed(weights, _check(x, weights, biases, has_bias, post_ops), post_ops)
-    check_input(native, x)
-    return run_saving(native, x)
+    return run_saving(native_chain(x, weights, biases, has_bias, post_ops), x)
 
 
 @chain_saving.register_fake
