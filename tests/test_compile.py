@@ -303,3 +303,15 @@ def test_the_packed_chains_are_reused_until_a_tensor_changes(monkeypatch):
         ops.chain(x, weights, biases, flags, post_ops)
     assert len(packs) == 4
     assert len(ops._cache) <= ops.CACHE_SIZE
+
+
+def test_invalidate_after_edits_through_data_reaches_compiled_calls():
+    plain = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 5))
+    fused = FusedMLP.from_sequential(plain)
+    compiled = torch.compile(fused, backend="eager", fullgraph=True)
+    x = torch.randn(3, 12)
+    with torch.no_grad():
+        compiled(x)
+        plain[2].weight.data.mul_(2)  # bypasses the version counter
+        fused.invalidate()
+        assert relative_error(compiled(x), plain(x)) <= 1e-5

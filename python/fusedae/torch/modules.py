@@ -9,7 +9,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from fusedae.torch.cache import ChainCache, SplitCache
+from fusedae.torch.cache import ChainCache, SplitCache, forget_op_chains
 
 # A chain as `FusedMLP.fused_layers` shows it: each Linear with its post-op's name.
 Layers = tuple[tuple[nn.Linear, str], ...]
@@ -107,11 +107,13 @@ class FusedMLP(_FusedCall, nn.Sequential):
         return runs
 
     def invalidate(self) -> None:
-        """Forget the packed weights (only needed after edits through ``.data``)."""
+        """Forget the packed weights (only needed after edits through ``.data``), those the
+        custom ops packed for compiled and exported calls too."""
         self._fused.invalidate()
         for _, cache in self._pieces.pieces:
             if cache is not None:
                 cache.invalidate()
+        forget_op_chains()
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         state = self._fused
@@ -166,7 +168,8 @@ class AE(_FusedCall):
         )
 
     def invalidate(self) -> None:
-        """Forget the packed weights (only needed after edits through ``.data``)."""
+        """Forget the packed weights (only needed after edits through ``.data``), those the
+        custom ops packed for compiled and exported calls too."""
         self._fused.invalidate()
         self.encoder.invalidate()
         self.decoder.invalidate()
