@@ -315,3 +315,13 @@ def test_invalidate_after_edits_through_data_reaches_compiled_calls():
         plain[2].weight.data.mul_(2)  # bypasses the version counter
         fused.invalidate()
         assert relative_error(compiled(x), plain(x)) <= 1e-5
+
+
+def test_an_exported_program_saves_and_loads_with_the_op(tmp_path):
+    ae = AE(10, 3, 5)
+    x = torch.randn(4, 10)
+    with torch.no_grad():
+        torch.export.save(torch.export.export(ae, (x,)), tmp_path / "ae.pt2")
+        loaded = torch.export.load(tmp_path / "ae.pt2")
+        assert op_targets(loaded.graph) == [OPS[0]]
+        assert relative_error(loaded.module()(x), ae(x)) <= 1e-6
