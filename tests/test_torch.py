@@ -399,31 +399,39 @@ class TestFusedMLP:
             assert not torch.equal(clone(x), want)
 
     @pytest.mark.filterwarnings("ignore:`torch.jit.trace:FutureWarning")
-    def test_tracers_and_compilers_see_plain_pytorch(self):
-        # Each records the chain's torch ops, not a constant computed by the kernel.
+    def test_tracers_see_plain_pytorch_and_compilers_the_fused_op(self):
+        # torch.jit.trace and torch.fx record the chain's torch ops, not a constant computed by
+        # the kernel; torch.compile and torch.export, the custom op (tests/test_compile.py).
         plain = nn.Sequential(nn.Linear(6, 42), nn.ReLU(), nn.Linear(42, 3))
         fused = FusedMLP.from_sequential(plain)
         x, other = torch.randn(4, 6), torch.randn(4, 6)
         with torch.no_grad():
             traced = torch.jit.trace(fused, x)
             assert relative_error(traced(other), plain(other)) <= 1e-5
+            assert "fusedae::" not in str(traced.inlined_graph)
             graph = torch.fx.symbolic_trace(fused)
             assert relative_error(graph(other), plain(other)) <= 1e-5
             assert sum(node.op == "call_module" for node in graph.graph.nodes) == 3
+            torch._dynamo.reset()
             compiled = torch.compile(fused, backend="eager", fullgraph=True)
             assert relative_error(compiled(other), plain(other)) <= 1e-5
             in_place = copy.deepcopy(fused)
             in_place.compile(backend="eager", fullgraph=True)  # `__call__` must defer to it
             assert relative_error(in_place(other), plain(other)) <= 1e-5
+            explained = torch._dynamo.explain(fused)(other)
+            assert explained.graph_break_count == 0
+            assert "fusedae.chain" in str(explained.graphs[0].code)
             _, ae = seed_and_fused(6, 2, 5)
             traced_ae = torch.jit.trace(ae, x)
             assert relative_error(traced_ae(other), ae.decoder(ae.encoder(other))) <= 1e-5
         for strict in (True, False):  # TorchDynamo, then fake tensors through plain Python
             for module in (fused, ae):
-                exported = torch.export.export(module, (x,), strict=strict).module()
+                exported = torch.export.export(module, (x,), strict=strict)
+                assert "fusedae.chain" in str(exported.graph)
                 with torch.no_grad():
                     want = plain(other) if module is fused else ae.decoder(ae.encoder(other))
-                    assert relative_error(exported(other), want) <= 1e-5
+                    assert relative_error(exported.module()(other), want) <= 1e-5
+        torch._dynamo.reset()
 
     def test_torch_func_transforms_run_plain_pytorch(self):
         plain = nn.Sequential(nn.Linear(6, 42), nn.ReLU(), nn.Linear(42, 3))

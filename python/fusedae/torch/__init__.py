@@ -6,7 +6,9 @@
   whose runs of ``nn.Linear`` with the op table's activations (and eval-mode ``nn.BatchNorm1d``
   folded in, ``nn.Dropout``, a leading ``nn.Flatten``, a trailing ``nn.Unflatten``) run fused
   on CPU for float32/float64, and everything else as plain PyTorch (other children, CUDA, other
-  dtypes, autocast, training-mode BatchNorm, ``torch.compile`` tracing).
+  dtypes, autocast, training-mode BatchNorm).
+* ``torch.compile`` and ``torch.export`` trace the fused call as the custom ops
+  ``fusedae::chain`` and ``fusedae::chain_saving`` (``custom_ops.py``).
 * ``AE``: the seed's autoencoder, encoder and decoder run as one fused call on CPU
   (``modules.py``; the packed weights are cached in ``cache.py``).
 * ``accelerate`` turns a model's ``nn.Sequential``s holding such runs into ``FusedMLP``s;

@@ -4,6 +4,7 @@ forward (``ChainCache.forward``)."""
 
 from __future__ import annotations
 
+import types
 from collections.abc import Iterable
 from typing import Any, cast
 
@@ -15,6 +16,12 @@ from fusedae import _native
 from fusedae._ops import PostOp
 from fusedae.torch.function import FusedMLPFunction, pack_spec, run, shape_error, to_dlpack
 from fusedae.torch.lower import DROPOUTS, LoweredChain, TensorSlot, lower, split
+
+_custom_ops: types.ModuleType | None
+try:
+    from fusedae.torch import custom_ops as _custom_ops
+except AttributeError:  # torch < 2.4 has no `torch.library.custom_op`: compiled, plain PyTorch
+    _custom_ops = None
 
 _FUSED_DTYPES = (torch.float32, torch.float64)
 # Fewest rows, and floating-point operations (rows x `flops_per_row`), for which a call that
@@ -35,6 +42,9 @@ TRAINING_MIN_FLOPS = 100_000_000
 # check turns away. Under autocast a Linear computes in its lower precision: any autocast
 # (torch 2.4+ has one flag for all devices; older ones, the CPU's) runs plain PyTorch.
 _is_dynamo_compiling = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)
+# True while TorchDynamo traces and while torch.export traces without it (non-strict).
+_is_compiling = torch.compiler.is_compiling
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
 _is_autocast_enabled = getattr(torch._C, "_is_any_autocast_enabled", torch.is_autocast_cpu_enabled)
 _tracing_state = torch._C._get_tracing_state
 _functorch_transforms_active = torch._C._are_functorch_transforms_active
@@ -77,6 +87,9 @@ class ChainCache:
         # Whether the chain starts with nn.Flatten or ends with nn.Unflatten: then callers call
         # `reshaped_forward`.
         self.reshaped = False
+        # What the custom ops take besides the tensors (`traced_forward`).
+        self.has_bias: list[bool] = []
+        self.encoded_post_ops = ""
         self.invalidate()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -119,6 +132,10 @@ class ChainCache:
             self.reshaped = self.lowered is not None and (
                 self.lowered.flatten is not None or self.lowered.unflatten is not None
             )
+            layers = self.lowered.layers if self.lowered else ()
+            self.has_bias = [linear.bias is not None for linear, _ in layers]
+            if _custom_ops is not None:
+                self.encoded_post_ops = _custom_ops.encode_post_ops(self.post_ops)
             self.invalidate()
         return self.lowered
 
@@ -155,10 +172,10 @@ class ChainCache:
     def forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """The fused forward of the chain (``set_modules`` found one) on ``x``, or None where only
         plain PyTorch computes what PyTorch would (CUDA, other dtypes, tensor subclasses,
-        autocast, ``torch.compile`` or ``torch.jit.trace`` tracing, ``torch.func`` transforms,
-        hooks) or runs faster (a call that needs gradients below ``TRAINING_MIN_ROWS`` or
-        ``TRAINING_MIN_FLOPS``). Every check here runs on each call, so they are ordered and
-        written for speed."""
+        autocast, ``torch.jit.trace`` tracing, ``torch.func`` transforms, hooks) or runs faster
+        (a call that needs gradients below ``TRAINING_MIN_ROWS`` or ``TRAINING_MIN_FLOPS``).
+        While ``torch.compile`` or ``torch.export`` traces, ``traced_forward``. Every check here
+        runs on each call, so they are ordered and written for speed."""
         if (
             type(x) is not _Tensor
             or any(self.hook_registries)
@@ -169,7 +186,7 @@ class ChainCache:
             or not x.is_cpu
             or x.layout is not _STRIDED
         ):
-            return None
+            return self.traced_forward(x) if _is_compiling() else None
         if self.mode_dependent and self.training_differs():
             return None
         in_features = self.in_features
@@ -234,6 +251,53 @@ class ChainCache:
                 if x.is_contiguous():
                     raise
         return run(chain, x)
+
+    def traced_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``forward`` while ``torch.compile`` or ``torch.export`` traces: a call of the custom
+        op (``fusedae::chain``, or ``fusedae::chain_saving`` where gradients are needed) on the
+        Linear layers' tensors, which the graph keeps; None (plain PyTorch, traced as such)
+        where ``forward`` would run it, and for chains with BatchNorm."""
+        lowered = self.lowered
+        assert lowered is not None  # `set_modules` found a chain
+        if (
+            _custom_ops is None
+            or any(self.hook_registries)
+            or lowered.normalized
+            or _functorch_transforms_active()
+            or (not _is_dynamo_compiling() and _tracing_state() is not None)
+            or torch.is_autocast_enabled("cpu")
+            or not x.is_cpu
+            or x.layout is not _STRIDED
+            or x.dtype not in _FUSED_DTYPES
+            or any(
+                module.training and (type(module) not in DROPOUTS or cast(nn.Dropout, module).p > 0)
+                for module in lowered.mode_dependent
+            )
+        ):
+            return None
+        weights = [linear.weight for linear, _ in lowered.layers]
+        biases = [linear.bias for linear, _ in lowered.layers if linear.bias is not None]
+        if any(
+            t.dtype != x.dtype or not t.is_cpu or t.layout is not _STRIDED
+            for t in (*weights, *biases)
+        ):
+            return None  # PyTorch's error, or its run on another device
+        in_features = self.in_features
+        if not x.shape or x.shape[-1] != in_features:
+            raise shape_error(in_features, x.shape)
+        if _is_grad_enabled() and (
+            x.requires_grad or any(t.requires_grad for t in (*weights, *biases))
+        ):
+            rows = x.numel() // in_features
+            if not _is_exporting() and (
+                rows < TRAINING_MIN_ROWS or rows * self.flops_per_row < TRAINING_MIN_FLOPS
+            ):
+                return None  # an exported program runs the op at every size
+            y, _ = _custom_ops.chain_saving(
+                x, weights, biases, self.has_bias, self.encoded_post_ops
+            )
+            return y
+        return _custom_ops.chain(x, weights, biases, self.has_bias, self.encoded_post_ops)
 
     def training_differs(self) -> bool:
         """Whether a module of the chain is in training mode where that computes something else
@@ -322,6 +386,13 @@ def hook_registries(modules: Iterable[nn.Module]) -> list[dict[int, Any]]:
             m._backward_pre_hooks,
         )
     return registries
+
+
+def forget_op_chains() -> None:
+    """Forget the chains the custom ops packed (``torch.compile`` and ``torch.export`` calls),
+    as ``invalidate`` does a module's own."""
+    if _custom_ops is not None:
+        _custom_ops.forget()
 
 
 def has_hooks(modules: Iterable[nn.Module]) -> bool:

@@ -153,32 +153,69 @@ class FusedMLPFunction(torch.autograd.Function):
         ctx: Any, grad_output: torch.Tensor | None, _grad_saved: None
     ) -> tuple[torch.Tensor | None, ...]:
         x, y, saved, *params = ctx.saved_tensors
-        weights, biases = params[0::2], params[1::2]
-        ops: tuple[PostOp, ...] = ctx.post_ops
         needs = ctx.needs_input_grad
         if grad_output is None:
             return (None,) * len(needs)
-        # Each layer's output: the hidden ones side by side in `saved`, the last one `y`.
-        bounds = itertools.accumulate((weight.shape[0] for weight in weights[:-1]), initial=0)
-        posts = [saved[:, start:end] for start, end in itertools.pairwise(bounds)]
-        posts.append(y.reshape(-1, y.shape[-1]))
-        inputs = [x.reshape(-1, x.shape[-1]), *posts[:-1]]
-        grad = grad_output.reshape(-1, grad_output.shape[-1])
-        grads: list[torch.Tensor | None] = [None] * len(params)
-        for index in reversed(range(len(weights))):
-            op = ops[index]
-            pre = (
-                torch.nn.functional.linear(inputs[index], weights[index], biases[index])
-                if op.op.gradient_reads_pre
-                else None
-            )
-            grad = op.torch_gradient(grad, pre, posts[index])
-            if needs[3 + 2 * index]:
-                grads[2 * index] = grad.t().mm(inputs[index])
-            if biases[index] is not None and needs[4 + 2 * index]:
-                grads[2 * index + 1] = grad.sum(0)
-            if index == 0 and not needs[0]:
-                break
-            grad = grad.mm(weights[index])
-        grad_x = grad.reshape(x.shape) if needs[0] else None
+        grad_x, grad_weights, grad_biases = chain_backward(
+            grad_output,
+            x,
+            y,
+            saved,
+            params[0::2],
+            params[1::2],
+            ctx.post_ops,
+            needs[0],
+            needs[3::2],
+            needs[4::2],
+        )
+        grads = [grad for pair in zip(grad_weights, grad_biases, strict=True) for grad in pair]
         return (grad_x, None, None, *grads)
+
+
+def chain_backward(
+    grad_output: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    saved: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor | None],
+    ops: Sequence[PostOp],
+    needs_x: bool,
+    needs_weights: Sequence[bool],
+    needs_biases: Sequence[bool],
+) -> tuple[torch.Tensor | None, list[torch.Tensor | None], list[torch.Tensor | None]]:
+    """The gradients of a chain's input, weights and biases (each None where not needed) from
+    ``grad_output``, in torch ops on what the saving forward (``run_saving``) kept: its input
+    ``x``, output ``y`` and hidden outputs ``saved``. The backward of ``FusedMLPFunction`` and
+    of the ``fusedae::chain_saving`` custom op (traceable: torch ops only)."""
+    # Each layer's output: the hidden ones side by side in `saved`, the last one `y`.
+    bounds = itertools.accumulate((weight.shape[0] for weight in weights[:-1]), initial=0)
+    posts = [saved[:, start:end] for start, end in itertools.pairwise(bounds)]
+    posts.append(y.reshape(-1, y.shape[-1]))
+    inputs = [x.reshape(-1, x.shape[-1]), *posts[:-1]]
+    grad = grad_output.reshape(-1, grad_output.shape[-1])
+    grad_weights: list[torch.Tensor | None] = [None] * len(weights)
+    grad_biases: list[torch.Tensor | None] = [None] * len(weights)
+    for index in reversed(range(len(weights))):
+        op = ops[index]
+        pre = (
+            torch.nn.functional.linear(inputs[index], weights[index], biases[index])
+            if op.op.gradient_reads_pre
+            else None
+        )
+        grad = op.torch_gradient(grad, pre, posts[index])
+        if needs_weights[index]:
+            weight = weights[index]
+            # The product with the fewer output rows, transposed where that is the input's side:
+            # (42, 4096) @ (4096, 784) runs 12% faster than (784, 4096) @ (4096, 42) here.
+            if weight.shape[0] > weight.shape[1]:
+                grad_weights[index] = inputs[index].t().mm(grad).t()
+            else:
+                grad_weights[index] = grad.t().mm(inputs[index])
+        if biases[index] is not None and needs_biases[index]:
+            grad_biases[index] = grad.sum(0)
+        if index == 0 and not needs_x:
+            break
+        grad = grad.mm(weights[index])
+    grad_x = grad.reshape(x.shape) if needs_x else None
+    return grad_x, grad_weights, grad_biases

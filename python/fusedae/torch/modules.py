@@ -9,7 +9,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from fusedae.torch.cache import ChainCache, SplitCache
+from fusedae.torch.cache import ChainCache, SplitCache, forget_op_chains
 
 # A chain as `FusedMLP.fused_layers` shows it: each Linear with its post-op's name.
 Layers = tuple[tuple[nn.Linear, str], ...]
@@ -73,6 +73,9 @@ class FusedMLP(_FusedCall, nn.Sequential):
         super().__init__(*args)
         self._fused = ChainCache()  # the whole Sequential, where it is one chain
         self._pieces = SplitCache()  # where it is not
+        # Lowered now, so that a first call traced by torch.compile or torch.export finds the
+        # chain and changes no state (the calls look again: the children may change).
+        self._fused.set_modules(tuple(self._modules.values()))  # type: ignore[arg-type]
 
     @classmethod
     def from_sequential(cls, sequential: nn.Sequential) -> FusedMLP:
@@ -104,11 +107,13 @@ class FusedMLP(_FusedCall, nn.Sequential):
         return runs
 
     def invalidate(self) -> None:
-        """Forget the packed weights (only needed after edits through ``.data``)."""
+        """Forget the packed weights (only needed after edits through ``.data``), those the
+        custom ops packed for compiled and exported calls too."""
         self._fused.invalidate()
         for _, cache in self._pieces.pieces:
             if cache is not None:
                 cache.invalidate()
+        forget_op_chains()
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         state = self._fused
@@ -156,9 +161,15 @@ class AE(_FusedCall):
         self.encoder = FusedMLP(nn.Linear(x_dim, h_dim), nn.ReLU(), nn.Linear(h_dim, z_dim))
         self.decoder = FusedMLP(nn.Linear(z_dim, h_dim), nn.ReLU(), nn.Linear(h_dim, x_dim))
         self._fused = ChainCache()
+        # Lowered now, as in FusedMLP.
+        self._fused.set_modules(
+            (*self.encoder._modules.values(), *self.decoder._modules.values()),  # type: ignore[arg-type]
+            (self.encoder, self.decoder),
+        )
 
     def invalidate(self) -> None:
-        """Forget the packed weights (only needed after edits through ``.data``)."""
+        """Forget the packed weights (only needed after edits through ``.data``), those the
+        custom ops packed for compiled and exported calls too."""
         self._fused.invalidate()
         self.encoder.invalidate()
         self.decoder.invalidate()

@@ -1,0 +1,252 @@
+"""The fused forward as ``torch.library`` custom ops, which ``torch.compile`` and
+``torch.export`` keep in their graphs: ``fusedae::chain`` (no autograd: inference) and
+``fusedae::chain_saving``, which also returns every hidden layer's output for its backward
+(``register_autograd``, the torch ops of ``chain_backward``).
+
+Both take the chain's tensors and its post-ops (``encode_post_ops``), not a packed native chain:
+the packed chain is looked up in a small cache keyed on the tensors (storage address, version
+counter, shape, strides, dtype), which holds them so their addresses cannot be reused; a miss
+packs them again. ``ChainCache.forward`` calls the ops only while a graph is traced (eager calls
+keep its direct path, faster on small batches), and only for CPU float32/float64 chains
+without BatchNorm.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from fusedae import _native
+from fusedae._ops import PostOp
+from fusedae.torch.function import chain_backward, check_input, pack_chain, run, run_saving
+
+# How many packed chains the ops keep (least recently used goes first): one per chain of the
+# compiled models in use.
+CACHE_SIZE = 32
+_Key = tuple[Any, ...]
+_cache: OrderedDict[_Key, tuple[_native.Chain, list[torch.Tensor]]] = OrderedDict()
+_lock = threading.Lock()
+
+
+def encode_post_ops(ops: Sequence[PostOp]) -> str:
+    """The post-ops as the custom ops take them: ``"relu,identity,leaky_relu:0.1"`` (a float's
+    ``repr`` reads back exactly)."""
+    return ",".join(":".join((op.name, *map(repr, op.params))) for op in ops)
+
+
+@functools.lru_cache(maxsize=256)
+def decode_post_ops(text: str) -> tuple[PostOp, ...]:
+    """``encode_post_ops`` undone (an unknown name is a ValueError)."""
+    ops = []
+    for part in text.split(","):
+        name, *params = part.split(":")
+        ops.append(PostOp(name, tuple(map(float, params))))
+    return tuple(ops)
+
+
+def forget() -> None:
+    """Drop every packed chain (after edits through ``.data``, which bump no version counter)."""
+    with _lock:
+        _cache.clear()
+
+
+def native_chain(
+    x: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor],
+    has_bias: Sequence[bool],
+    post_ops: str,
+) -> _native.Chain:
+    """The native chain of these tensors, checked against ``x``: the cached one while each
+    tensor is the storage, version, shape, strides and dtype it was packed from (the arguments
+    were checked then); else the arguments checked and the tensors packed now."""
+    try:
+        key: _Key | None = (
+            post_ops,
+            *has_bias,
+            *(
+                (t.data_ptr(), t._version, t.dtype, tuple(t.shape), t.stride())
+                for t in (*weights, *biases)
+            ),
+        )
+    except RuntimeError:  # inference tensors have no version counter: pack every time
+        key = None
+    entry = None
+    if key is not None:
+        with _lock:
+            entry = _cache.get(key)
+            if entry is not None:
+                _cache.move_to_end(key)
+    if entry is not None:
+        chain = entry[0]
+    else:
+        per_layer = _check(x, weights, biases, has_bias, post_ops)
+        for t in (*weights, *biases):
+            if t.device.type != "cpu" or t.layout != torch.strided:
+                raise ValueError(
+                    f"the fused kernel takes strided CPU tensors, got one on {t.device}"
+                )
+        chain = pack_chain(weights, per_layer, decode_post_ops(post_ops))
+        if key is not None:
+            with _lock:
+                # The tensors are held so their addresses cannot be reused while the entry
+                # lives.
+                _cache[key] = (chain, [t.detach() for t in (*weights, *biases)])
+                while len(_cache) > CACHE_SIZE:
+                    _cache.popitem(last=False)
+    check_input(chain, x)
+    return chain
+
+
+def layer_biases(
+    biases: Sequence[torch.Tensor], has_bias: Sequence[bool]
+) -> list[torch.Tensor | None]:
+    """Each layer's bias or None: the ops take only the biases there are, and ``has_bias`` (a
+    list of optional tensors gets no gradients through a custom op's autograd)."""
+    present = iter(biases)
+    return [next(present) if flag else None for flag in has_bias]
+
+
+def _check(
+    x: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor],
+    has_bias: Sequence[bool],
+    post_ops: str,
+) -> list[torch.Tensor | None]:
+    """What the kernels need, checked on real and fake tensors alike; each layer's bias or
+    None."""
+    ops = decode_post_ops(post_ops)
+    if (
+        not weights
+        or len(has_bias) != len(weights)
+        or sum(has_bias) != len(biases)
+        or len(ops) != len(weights)
+    ):
+        raise ValueError(
+            f"expected one has_bias flag and post-op per weight (at least one), and a bias for "
+            f"each flag set; got {len(weights)} weights, {len(has_bias)} flags, "
+            f"{len(biases)} biases, {len(ops)} post-ops"
+        )
+    if x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"the fused kernel takes float32 or float64, got {x.dtype}")
+    per_layer = layer_biases(biases, has_bias)
+    features = x.shape[-1] if x.dim() else None
+    for index, (weight, bias) in enumerate(zip(weights, per_layer, strict=True)):
+        if (
+            weight.dim() != 2
+            or weight.shape[1] != features
+            or (bias is not None and tuple(bias.shape) != (weight.shape[0],))
+        ):
+            raise ValueError(
+                f"layer {index}: weight {tuple(weight.shape)}, bias "
+                f"{None if bias is None else tuple(bias.shape)} do not take {features} features"
+            )
+        if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+            raise TypeError(f"layer {index}: expected the input's dtype {x.dtype}")
+        features = weight.shape[0]
+    return per_layer
+
+
+@torch.library.custom_op("fusedae::chain", mutates_args=(), device_types="cpu")
+def chain(
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor],
+    has_bias: list[bool],
+    post_ops: str,
+) -> torch.Tensor:
+    """The chain's output ``(*, out_features)`` on ``x`` of shape ``(*, in_features)``: layer i
+    computes ``post_ops[i](x @ weights[i].T + biases[i])``. No autograd (``chain_saving`` has
+    it)."""
+    return run(native_chain(x, weights, biases, has_bias, post_ops), x)
+
+
+@chain.register_fake
+def _chain_fake(
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor],
+    has_bias: list[bool],
+    post_ops: str,
+) -> torch.Tensor:
+    _check(x, weights, biases, has_bias, post_ops)
+    return x.new_empty((*x.shape[:-1], weights[-1].shape[0]))
+
+
+@torch.library.custom_op("fusedae::chain_saving", mutates_args=(), device_types="cpu")
+def chain_saving(
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor],
+    has_bias: list[bool],
+    post_ops: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``chain`` that also returns every hidden layer's output (after its post-op), the layers
+    side by side: ``(rows, sum of the hidden widths)``, for its backward; differentiable in
+    ``x``, the weights and the biases (not in the hidden outputs)."""
+    return run_saving(native_chain(x, weights, biases, has_bias, post_ops), x)
+
+
+@chain_saving.register_fake
+def _chain_saving_fake(
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor],
+    has_bias: list[bool],
+    post_ops: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _check(x, weights, biases, has_bias, post_ops)
+    rows = math.prod(x.shape[:-1])
+    hidden = sum(weight.shape[0] for weight in weights[:-1])
+    return x.new_empty((*x.shape[:-1], weights[-1].shape[0])), x.new_empty((rows, hidden))
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    x, weights, biases, has_bias, post_ops = inputs
+    y, saved = output
+    ctx.post_ops = decode_post_ops(post_ops)
+    ctx.has_bias = tuple(has_bias)
+    ctx.layers = len(weights)
+    ctx.mark_non_differentiable(saved)
+    ctx.save_for_backward(x, y, saved, *weights, *biases)
+
+
+def _backward(
+    ctx: Any, grad_output: torch.Tensor, _grad_saved: torch.Tensor | None
+) -> tuple[Any, ...]:
+    x, y, saved, *params = ctx.saved_tensors
+    layers, has_bias = ctx.layers, ctx.has_bias
+    # Lists of tensors come as lists of flags; an empty list of biases, as one flag.
+    needs_x, needs_weights, needs_biases, _, _ = ctx.needs_input_grad
+    if not isinstance(needs_biases, list):
+        needs_biases = []
+    needs_each_bias = iter(needs_biases)
+    grad_x, grad_weights, grad_biases = chain_backward(
+        grad_output,
+        x,
+        y,
+        saved,
+        params[:layers],
+        layer_biases(params[layers:], has_bias),
+        ctx.post_ops,
+        needs_x,
+        needs_weights,
+        [flag and next(needs_each_bias) for flag in has_bias],
+    )
+    return (
+        grad_x,
+        grad_weights,
+        [grad for grad, flag in zip(grad_biases, has_bias, strict=True) if flag],
+        None,
+        None,
+    )
+
+
+chain_saving.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,327 @@
+"""torch.compile and torch.export keep the fused kernel: the custom ops ``fusedae::chain`` and
+``fusedae::chain_saving`` in the graph, with PyTorch's outputs and gradients."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import nn
+
+from fusedae._ops import PostOp
+from fusedae.torch import AE, FusedMLP, accelerate
+from fusedae.torch import custom_ops as ops
+
+BACKENDS = ["eager", "aot_eager", "inductor"]
+OPS = (torch.ops.fusedae.chain.default, torch.ops.fusedae.chain_saving.default)
+TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    if want.numel() == 0:
+        return 0.0
+    got64, want64 = got.detach().double(), want.detach().double()
+    return float((got64 - want64).abs().max() / want64.abs().max().clamp_min(1e-30))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo_and_one_torch_thread() -> Iterator[None]:
+    # Every compiled module of a class shares its code object's recompile limit (8).
+    torch._dynamo.reset()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    torch._dynamo.reset()
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Each call of the kernel by the custom ops' implementation, by kind."""
+    calls: list[str] = []
+    run, run_saving = ops.run, ops.run_saving
+
+    def counting_run(chain, x):
+        calls.append("chain")
+        return run(chain, x)
+
+    def counting_run_saving(chain, x):
+        calls.append("chain_saving")
+        return run_saving(chain, x)
+
+    monkeypatch.setattr(ops, "run", counting_run)
+    monkeypatch.setattr(ops, "run_saving", counting_run_saving)
+    return calls
+
+
+def issue_model(dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The seed's AE as nested Sequentials, small; the decoder's last layer without bias."""
+    encoder = nn.Sequential(nn.Linear(20, 9), nn.ReLU(), nn.Linear(9, 3))
+    decoder = nn.Sequential(nn.Linear(3, 9), nn.LeakyReLU(0.1), nn.Linear(9, 20, bias=False))
+    return nn.Sequential(encoder, decoder).to(dtype)
+
+
+def op_targets(graph: torch.fx.Graph) -> list[object]:
+    return [node.target for node in graph.nodes if node.target in OPS]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_model_calls_the_kernel_with_pytorchs_outputs_and_gradients(
+    backend, dtype, kernel_calls
+):
+    plain = issue_model(dtype)
+    fused, _ = accelerate(copy.deepcopy(plain))
+    compiled = torch.compile(fused, backend=backend, fullgraph=True)
+    x = torch.randn(7, 20, dtype=dtype)
+    with torch.no_grad():
+        assert relative_error(compiled(x), plain(x)) <= TOLERANCE[dtype]
+    assert kernel_calls == ["chain", "chain"]  # encoder and decoder
+
+    kernel_calls.clear()
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    (compiled(xs[0]) ** 2).mean().backward()
+    (plain(xs[1]) ** 2).mean().backward()
+    assert kernel_calls == ["chain_saving", "chain_saving"]
+    assert relative_error(xs[0].grad, xs[1].grad) <= TOLERANCE[dtype]
+    for (name, got), want in zip(fused.named_parameters(), plain.parameters(), strict=True):
+        assert relative_error(got.grad, want.grad) <= TOLERANCE[dtype], name
+
+
+def test_no_graph_break_and_the_op_in_the_graph():
+    fused, _ = accelerate(issue_model())
+    x = torch.randn(5, 20)
+    for grad, name in ((False, "fusedae.chain.default"), (True, "fusedae.chain_saving.default")):
+        with torch.set_grad_enabled(grad):
+            explained = torch._dynamo.explain(fused)(x)
+        assert explained.graph_break_count == 0
+        (graph,) = explained.graphs
+        called = [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
+        assert [target for target in called if "fusedae" in target] == [name, name], called
+
+
+def test_compiled_training_steps_match_plain_ones(kernel_calls):
+    """Adam steps change the parameters in place between calls: each call packs them again."""
+    plain = issue_model()
+    fused, _ = accelerate(copy.deepcopy(plain))
+    models = {"plain": plain, "fused": torch.compile(fused, backend="aot_eager", fullgraph=True)}
+    optimizers = {
+        "plain": torch.optim.Adam(plain.parameters(), lr=0.01),
+        "fused": torch.optim.Adam(fused.parameters(), lr=0.01),
+    }
+    for _ in range(3):
+        x = torch.randn(9, 20)
+        for key, model in models.items():
+            optimizers[key].zero_grad()
+            nn.functional.mse_loss(model(x), x).backward()
+            optimizers[key].step()
+    assert kernel_calls == ["chain_saving"] * 6
+    for got, want in zip(fused.parameters(), plain.parameters(), strict=True):
+        assert relative_error(got, want) <= 1e-5
+    with torch.no_grad():
+        x = torch.randn(4, 20)
+        assert relative_error(models["fused"](x), plain(x)) <= 1e-5
+
+
+def test_dynamic_shapes_and_inference_mode(kernel_calls):
+    plain = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 5))
+    compiled = torch.compile(FusedMLP.from_sequential(plain), fullgraph=True, dynamic=True)
+    with torch.inference_mode():
+        for shape in ((0, 12), (1, 12), (3, 12), (2, 5, 12), (12,)):
+            x = torch.randn(shape)
+            assert compiled(x).shape == plain(x).shape
+            assert relative_error(compiled(x), plain(x)) <= 1e-5
+    assert set(kernel_calls) == {"chain"}
+
+
+def test_flatten_and_unflatten_around_the_op(kernel_calls):
+    plain = nn.Sequential(
+        nn.Flatten(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 12), nn.Unflatten(1, (3, 4))
+    )
+    compiled = torch.compile(FusedMLP.from_sequential(plain), backend="eager", fullgraph=True)
+    x = torch.randn(5, 3, 4)
+    with torch.no_grad():
+        assert relative_error(compiled(x), plain(x)) <= 1e-5
+    assert kernel_calls == ["chain"]
+
+
+def test_what_eager_runs_as_plain_pytorch_stays_plain_when_compiled(kernel_calls):
+    x = torch.randn(5, 12)
+
+    def check(plain: nn.Module, fused: nn.Module, x: torch.Tensor = x) -> None:
+        torch._dynamo.reset()
+        compiled = torch.compile(fused, backend="eager", fullgraph=True)
+        with torch.no_grad():
+            assert relative_error(compiled(x), plain(x)) <= 1e-2
+
+    normalized = nn.Sequential(nn.Linear(12, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 4))
+    normalized.eval()
+    check(normalized, FusedMLP.from_sequential(normalized))  # BatchNorm: plain under compile
+    dropout = nn.Sequential(nn.Linear(12, 8), nn.Dropout(0.5), nn.Linear(8, 4)).train()
+    fused = FusedMLP.from_sequential(dropout)
+    torch.manual_seed(0)
+    want = dropout(x)
+    torch.manual_seed(0)
+    assert torch.equal(torch.compile(fused, backend="eager", fullgraph=True)(x), want)
+    plain = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 4))
+    hooked = FusedMLP.from_sequential(plain)
+    hooked[0].register_forward_hook(lambda *_: None)
+    check(plain, hooked)
+    half = copy.deepcopy(plain).bfloat16()
+    check(half, FusedMLP.from_sequential(half), x.bfloat16())
+    fused = FusedMLP.from_sequential(plain)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        check(plain, fused)
+    vmapped = torch.compile(torch.func.vmap(fused), backend="eager", fullgraph=True)
+    with torch.no_grad():
+        assert relative_error(vmapped(x[None]), plain(x)[None]) <= 1e-5
+    assert kernel_calls == []
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_export_holds_the_op(strict, kernel_calls):
+    seed = nn.Sequential(
+        nn.Sequential(nn.Linear(10, 5), nn.ReLU(), nn.Linear(5, 3)),
+        nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 10)),
+    )
+    ae = AE(10, 3, 5)
+    plain_ae = nn.Sequential(*ae.encoder, *ae.decoder)  # the same modules, run one by one
+    x, other = torch.randn(4, 10), torch.randn(6, 10)
+    with torch.no_grad():
+        wants = (plain_ae(other), seed(other))
+    for module, want in zip((ae, accelerate(seed)[0]), wants, strict=True):
+        for grad in (True, False):
+            with torch.set_grad_enabled(grad):
+                exported = torch.export.export(
+                    module, (x,), strict=strict, dynamic_shapes=({0: torch.export.Dim("rows")},)
+                )
+            kinds = op_targets(exported.graph)
+            assert kinds
+            assert set(kinds) == {OPS[1] if grad else OPS[0]}
+            kernel_calls.clear()
+            with torch.no_grad():
+                assert relative_error(exported.module()(other), want) <= 1e-5
+            assert kernel_calls
+
+
+def test_the_exported_program_trains():
+    plain = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 6))
+    fused = FusedMLP.from_sequential(copy.deepcopy(plain))
+    x = torch.randn(5, 6)
+    module = torch.export.export(fused, (x,)).module()
+    nn.functional.mse_loss(module(x), x).backward()
+    nn.functional.mse_loss(plain(x), x).backward()
+    grads = {name: p.grad for name, p in module.named_parameters()}
+    for name, p in plain.named_parameters():
+        assert relative_error(grads[name], p.grad) <= 1e-5, name
+
+
+LAYERS = [(7, 42, "relu"), (42, 5, "identity"), (5, 3, "leaky_relu:0.1")]
+
+
+def op_arguments(
+    dtype: torch.dtype, shape: tuple[int, ...], has_bias: tuple[bool, ...], grad: bool
+) -> tuple[object, ...]:
+    weights = [torch.randn(out, inp, dtype=dtype) for inp, out, _ in LAYERS]
+    biases = [
+        torch.randn(w.shape[0], dtype=dtype) for w, b in zip(weights, has_bias, strict=True) if b
+    ]
+    x = torch.randn(shape, dtype=dtype)
+    for t in (x, *weights, *biases):
+        t.requires_grad_(grad)
+    post_ops = ",".join(op for _, _, op in LAYERS)
+    return x, weights, biases, list(has_bias), post_ops
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(0, 7), (1, 7), (5, 7), (2, 3, 7), (7,)])
+@pytest.mark.parametrize(
+    "has_bias", [(True, True, True), (False, False, False), (True, False, True)]
+)
+def test_opcheck(dtype, shape, has_bias):
+    for op, grad in ((ops.chain, False), (ops.chain_saving, True), (ops.chain_saving, False)):
+        results = torch.library.opcheck(op, op_arguments(dtype, shape, has_bias, grad))
+        assert set(results.values()) == {"SUCCESS"}, results
+
+
+@pytest.mark.parametrize("has_bias", [(True, True, True), (True, False, False)])
+def test_gradcheck_through_the_op(has_bias):
+    x, weights, biases, flags, post_ops = op_arguments(torch.float64, (4, 7), has_bias, True)
+
+    def chain(x, *params):
+        ops.forget()  # gradcheck edits its inputs through `.data`: no version bump
+        weights, biases = list(params[:3]), list(params[3:])
+        return ops.chain_saving(x, weights, biases, flags, post_ops)[0]
+
+    assert torch.autograd.gradcheck(chain, (x, *weights, *biases))
+
+
+def test_post_ops_encode_and_decode():
+    post_ops = (PostOp("relu"), PostOp("leaky_relu", (0.1,)), PostOp("elu", (1 / 3,)))
+    assert ops.encode_post_ops(post_ops) == "relu,leaky_relu:0.1,elu:0.3333333333333333"
+    assert ops.decode_post_ops(ops.encode_post_ops(post_ops)) == post_ops
+    with pytest.raises(ValueError, match="activation must be"):
+        ops.decode_post_ops("swish")
+
+
+def test_the_ops_check_their_arguments():
+    x, weights, biases, flags, post_ops = op_arguments(torch.float32, (4, 7), (True,) * 3, False)
+    with pytest.raises(ValueError, match="has_bias"):
+        ops.chain(x, weights, biases, flags[:2], post_ops)
+    with pytest.raises(ValueError, match="do not take"):
+        ops.chain(x[:, :6], weights, biases, flags, post_ops)
+    with pytest.raises(TypeError, match="dtype"):
+        ops.chain(x.double(), weights, biases, flags, post_ops)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        ops.chain(x.half(), weights, biases, flags, post_ops)
+
+
+def test_the_packed_chains_are_reused_until_a_tensor_changes(monkeypatch):
+    packs = []
+    pack_chain = ops.pack_chain
+
+    def counting_pack(*args):
+        packs.append(1)
+        return pack_chain(*args)
+
+    monkeypatch.setattr(ops, "pack_chain", counting_pack)
+    ops.forget()
+    x, weights, biases, flags, post_ops = op_arguments(torch.float32, (4, 7), (True,) * 3, False)
+    first = ops.chain(x, weights, biases, flags, post_ops)
+    assert torch.equal(ops.chain(x, weights, biases, flags, post_ops), first)
+    assert len(packs) == 1
+    with torch.no_grad():
+        weights[1].mul_(2)  # in place: a new version
+    second = ops.chain(x, weights, biases, flags, post_ops)
+    assert len(packs) == 2
+    assert not torch.equal(second, first)
+    with torch.inference_mode():  # no version counter: packed on each call
+        weights = [w.clone() for w in weights]
+        ops.chain(x, weights, biases, flags, post_ops)
+        ops.chain(x, weights, biases, flags, post_ops)
+    assert len(packs) == 4
+    assert len(ops._cache) <= ops.CACHE_SIZE
+
+
+def test_invalidate_after_edits_through_data_reaches_compiled_calls():
+    plain = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 5))
+    fused = FusedMLP.from_sequential(plain)
+    compiled = torch.compile(fused, backend="eager", fullgraph=True)
+    x = torch.randn(3, 12)
+    with torch.no_grad():
+        compiled(x)
+        plain[2].weight.data.mul_(2)  # bypasses the version counter
+        fused.invalidate()
+        assert relative_error(compiled(x), plain(x)) <= 1e-5
+
+
+def test_an_exported_program_saves_and_loads_with_the_op(tmp_path):
+    ae = AE(10, 3, 5)
+    x = torch.randn(4, 10)
+    with torch.no_grad():
+        torch.export.save(torch.export.export(ae, (x,)), tmp_path / "ae.pt2")
+        loaded = torch.export.load(tmp_path / "ae.pt2")
+        assert op_targets(loaded.graph) == [OPS[0]]
+        assert relative_error(loaded.module()(x), ae(x)) <= 1e-6

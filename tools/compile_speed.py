@@ -1,0 +1,149 @@
+"""Speed of the fused custom op under ``torch.compile`` against ``torch.compile`` of the plain
+model, and of batch-1 eager inference (issue 14, point 3). One thread (torch's and fusedae's).
+
+    python tools/compile_speed.py compiled [--rows 4096] [--reps 40]
+    python tools/compile_speed.py eager    # batch-1 eager inference, median ns per call
+
+``compiled``: the seed AE 784-42-16-42-784 as ``fusedae.torch.AE`` against the seed's class, and
+as ``accelerate()`` of nested ``nn.Sequential`` against the same Sequential unaccelerated; each
+compiled with the default (inductor) backend; inference under ``no_grad``, and the training
+step (forward, MSE, backward, Adam), the MSE loss run eagerly after the compiled model or
+compiled with it. Plain and fused calls are interleaved, medians reported.
+Before/after comparisons of ``eager``: run it with each tree first on ``PYTHONPATH``, alternating.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import fusedae
+from fusedae.torch import AE, accelerate
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from _seed import AE as SeedAE
+
+
+def nested() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Sequential(nn.Linear(784, 42), nn.ReLU(), nn.Linear(42, 16)),
+        nn.Sequential(nn.Linear(16, 42), nn.ReLU(), nn.Linear(42, 784)),
+    )
+
+
+def pairs() -> dict[str, tuple[nn.Module, nn.Module]]:
+    """name -> (plain, fused) with the same weights."""
+    seed = SeedAE(784, 16, 42)
+    ae = AE(784, 16, 42)
+    ae.load_state_dict(seed.state_dict())
+    plain = nested()
+    fused, _ = accelerate(copy.deepcopy(plain))
+    return {"AE": (seed, ae), "accelerate(Sequential)": (plain, fused)}
+
+
+def interleaved(calls: dict[str, Callable[[], object]], reps: int) -> dict[str, list[float]]:
+    """Seconds of each call, ``reps`` times, the calls interleaved."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for call in calls.values():
+        call()  # warm
+    for _ in range(reps):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def summary(times: dict[str, list[float]]) -> str:
+    plain, fused = times["plain"], times["fused"]
+    median = statistics.median
+    return (
+        f"median plain {median(plain) * 1e3:6.2f} ms, fused {median(fused) * 1e3:6.2f} ms, "
+        f"{median(plain) / median(fused):.2f}x; min {min(plain) * 1e3:6.2f}, "
+        f"{min(fused) * 1e3:6.2f} ms, {min(plain) / min(fused):.2f}x"
+    )
+
+
+def step_function(model: nn.Module, x: torch.Tensor, compiled_loss: bool) -> Callable[[], object]:
+    """A training step: forward, MSE against the input, backward, Adam."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    compiled = torch.compile(model)
+    loss_of = torch.compile(lambda x: nn.functional.mse_loss(model(x), x))
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_of(x) if compiled_loss else nn.functional.mse_loss(compiled(x), x)
+        loss.backward()
+        optimizer.step()
+
+    step()  # compiles the backward
+    return step
+
+
+def compiled(rows: int, reps: int, rounds: int) -> None:
+    x = torch.randn(rows, 784)
+    for name, (plain, fused) in pairs().items():
+        models = {"plain": copy.deepcopy(plain), "fused": copy.deepcopy(fused)}
+        forwards = {key: torch.compile(model) for key, model in models.items()}
+        with torch.no_grad():
+            assert (forwards["plain"](x) - forwards["fused"](x)).abs().max() < 1e-4
+        steps = {
+            compiled_loss: {
+                key: step_function(model, x, compiled_loss) for key, model in models.items()
+            }
+            for compiled_loss in (False, True)
+        }
+        for round_ in range(rounds):
+            with torch.no_grad():
+                calls = {key: (lambda f=f: f(x)) for key, f in forwards.items()}
+                print(
+                    f"{name} round {round_} inference:          {summary(interleaved(calls, reps))}"
+                )
+            for compiled_loss, functions in steps.items():
+                kind = "train, loss compiled" if compiled_loss else "train, loss eager:  "
+                print(f"{name} round {round_} {kind}: {summary(interleaved(functions, reps))}")
+        torch._dynamo.reset()
+
+
+def eager(reps: int) -> None:
+    x = torch.randn(1, 784)
+    for name, (_, fused) in pairs().items():
+        with torch.no_grad():
+            for _ in range(1000):
+                fused(x)
+            medians = []
+            for _ in range(reps):
+                start = time.perf_counter_ns()
+                for _ in range(1000):
+                    fused(x)
+                medians.append((time.perf_counter_ns() - start) / 1000)
+        print(f"{name:24} batch-1 eager no_grad: {statistics.median(medians):.0f} ns per call")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("what", choices=("compiled", "eager"))
+    parser.add_argument("--rows", type=int, default=4096)
+    parser.add_argument("--reps", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    fusedae.set_num_threads(1)
+    torch.manual_seed(0)
+    print(f"fusedae from {fusedae.__file__}, torch {torch.__version__}")
+    if args.what == "compiled":
+        compiled(args.rows, args.reps, args.rounds)
+    else:
+        eager(args.reps)
+
+
+if __name__ == "__main__":
+    main()
