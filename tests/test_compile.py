@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Iterator
 
 import pytest
@@ -67,11 +68,23 @@ def op_targets(graph: torch.fx.Graph) -> list[object]:
     return [node.target for node in graph.nodes if node.target in OPS]
 
 
+@functools.cache
+def why_inductor_cannot_compile() -> str | None:
+    """None where inductor compiles here; else its error (no C++ compiler on the runner, ...)."""
+    try:
+        torch.compile(lambda t: t * 2, backend="inductor")(torch.ones(2))
+    except Exception as exc:  # whatever stops inductor stops it for every model
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_compiled_model_calls_the_kernel_with_pytorchs_outputs_and_gradients(
     backend, dtype, kernel_calls
 ):
+    if backend == "inductor" and (why := why_inductor_cannot_compile()):
+        pytest.skip(f"inductor cannot compile here: {why}")
     plain = issue_model(dtype)
     fused, _ = accelerate(copy.deepcopy(plain))
     compiled = torch.compile(fused, backend=backend, fullgraph=True)
