@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from _tensors import relative_error
 from fusedae._ops import PostOp
 from fusedae.torch import AE, FusedMLP, accelerate
 from fusedae.torch import custom_ops as ops
@@ -18,13 +19,6 @@ from fusedae.torch import custom_ops as ops
 BACKENDS = ["eager", "aot_eager", "inductor"]
 OPS = (torch.ops.fusedae.chain.default, torch.ops.fusedae.chain_saving.default)
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12}
-
-
-def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    if want.numel() == 0:
-        return 0.0
-    got64, want64 = got.detach().double(), want.detach().double()
-    return float((got64 - want64).abs().max() / want64.abs().max().clamp_min(1e-30))
 
 
 @pytest.fixture(autouse=True)

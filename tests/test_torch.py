@@ -12,6 +12,7 @@ from torch import nn
 
 import fusedae
 from _seed import AE as SeedAE
+from _tensors import relative_error
 from _threads import run_at_once
 from fusedae._ops import post_op
 from fusedae.torch import AE, FusedMLP, FusedMLPFunction, pack_chain
@@ -20,13 +21,6 @@ from fusedae.torch.lower import post_op_module
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12}
 FORCED_ISA = os.environ.get("FUSEDAE_ISA")
-
-
-def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    if want.numel() == 0:
-        return 0.0
-    got64, want64 = got.detach().double(), want.detach().double()
-    return float((got64 - want64).abs().max() / want64.abs().max().clamp_min(1e-30))
 
 
 @pytest.fixture(autouse=True)

@@ -139,6 +139,12 @@ class ChainCache:
             self.invalidate()
         return self.lowered
 
+    def trains_faster_plain(self, x: torch.Tensor) -> bool:
+        """Whether a call on ``x`` that needs gradients is below ``TRAINING_MIN_ROWS`` or
+        ``TRAINING_MIN_FLOPS`` (plain PyTorch trains faster there)."""
+        rows = x.numel() // self.in_features
+        return rows < TRAINING_MIN_ROWS or rows * self.flops_per_row < TRAINING_MIN_FLOPS
+
     def tensors_now(self) -> list[torch.Tensor | None]:
         """The chain's tensors as they are now (``tensors`` holds those last packed)."""
         assert self.lowered is not None  # `set_modules` found a chain
@@ -193,10 +199,9 @@ class ChainCache:
         shape = x.shape
         if not shape or shape[-1] != in_features:
             raise shape_error(in_features, shape)
-        rows = x.numel() // in_features
         if (
             _is_grad_enabled()
-            and (rows < TRAINING_MIN_ROWS or rows * self.flops_per_row < TRAINING_MIN_FLOPS)
+            and self.trains_faster_plain(x)
             and (
                 x.requires_grad
                 or any(t is not None and t.requires_grad for t in self.tensors_now())
@@ -288,10 +293,7 @@ class ChainCache:
         if _is_grad_enabled() and (
             x.requires_grad or any(t.requires_grad for t in (*weights, *biases))
         ):
-            rows = x.numel() // in_features
-            if not _is_exporting() and (
-                rows < TRAINING_MIN_ROWS or rows * self.flops_per_row < TRAINING_MIN_FLOPS
-            ):
+            if not _is_exporting() and self.trains_faster_plain(x):
                 return None  # an exported program runs the op at every size
             y, _ = _custom_ops.chain_saving(
                 x, weights, biases, self.has_bias, self.encoded_post_ops

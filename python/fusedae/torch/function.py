@@ -85,10 +85,13 @@ def run(chain: _native.Chain, x: torch.Tensor) -> torch.Tensor:
     # The kernel reads the tensor's memory where it lies, through a DLPack capsule that keeps it
     # alive; the GIL, held for the call, keeps other threads from resizing it. DLPack has no
     # negative bit: `x` holds its values as they are (resolved above).
-    result = chain._forward_dlpack(to_dlpack(x))
-    shape = x.shape
-    if len(shape) != 2:
-        result = result.reshape(*shape[:-1], chain.out_features)
+    return _output(chain, x, chain._forward_dlpack(to_dlpack(x)))
+
+
+def _output(chain: _native.Chain, x: torch.Tensor, result: np.ndarray) -> torch.Tensor:
+    """The kernel's ``(rows, out_features)`` result as a tensor of ``x``'s leading shape."""
+    if x.dim() != 2:
+        result = result.reshape(*x.shape[:-1], chain.out_features)
     return torch.from_numpy(result)
 
 
@@ -97,10 +100,7 @@ def run_saving(chain: _native.Chain, x: torch.Tensor) -> tuple[torch.Tensor, tor
     backward: ``(rows, sum of the hidden widths)``, the layers side by side in each row."""
     x = _kernel_input(chain, x)
     result, saved = chain._forward_saving_dlpack(to_dlpack(x))
-    shape = x.shape
-    if len(shape) != 2:
-        result = result.reshape(*shape[:-1], chain.out_features)
-    return torch.from_numpy(result), torch.from_numpy(saved)
+    return _output(chain, x, result), torch.from_numpy(saved)
 
 
 class FusedMLPFunction(torch.autograd.Function):
