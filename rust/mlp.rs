@@ -7,7 +7,10 @@ use std::sync::{Mutex, PoisonError};
 
 pub use crate::dispatch::DType;
 use crate::dispatch::{Float, Isa, IsaError, Weights};
-use crate::kernels::{saved_width, scratch_len, Element, Kernel};
+use crate::kernels::{
+    backward_scratch_len, gradient_layout, saved_columns, saved_width, scratch_len, BackwardInputs,
+    Element, Kernel, SavedColumns,
+};
 pub use crate::pack::LayerSpec;
 use crate::pack::PackedChain;
 use crate::threads;
@@ -82,6 +85,14 @@ impl AnyMlp {
             AnyMlp::F64(mlp) => &mlp.info,
         }
     }
+
+    /// See [`Mlp::saved_columns`].
+    pub fn saved_columns(&self) -> Vec<SavedColumns> {
+        match self {
+            AnyMlp::F32(mlp) => mlp.saved_columns(),
+            AnyMlp::F64(mlp) => mlp.saved_columns(),
+        }
+    }
 }
 
 /// A chain of Linear layers packed for one ISA, computing in `T` (its inputs and outputs too)
@@ -91,6 +102,9 @@ pub struct Mlp<T: Float, W: Weights<T> = T> {
     info: ChainInfo,
     kernel: Kernel<W, T>,
     packed: PackedChain<W, T>,
+    /// Every layer's weight as given (`out x in` row-major), one after another: the backward's
+    /// panels for the inputs' gradients.
+    weights: Vec<T>,
 }
 
 impl<T: Float, W: Weights<T>> Mlp<T, W> {
@@ -160,6 +174,7 @@ impl<T: Float, W: Weights<T>> Mlp<T, W> {
             info,
             kernel,
             packed,
+            weights: specs.iter().flat_map(|spec| spec.weight).copied().collect(),
         })
     }
 
@@ -207,55 +222,13 @@ impl<T: Float, W: Weights<T>> Mlp<T, W> {
 
     fn run(&self, input: &[T], output: &mut [T], saved: Option<&mut [T]>) -> Result<(), Error> {
         let (in_features, out_features) = (self.in_features(), self.out_features());
-        if !input.len().is_multiple_of(in_features) {
-            return shape_error(format!(
-                "input must be whole rows of {in_features} features, got {} values",
-                input.len()
-            ));
-        }
+        self.check_rows(input, output, saved.as_deref())?;
         let rows = input.len() / in_features;
-        if rows.checked_mul(out_features) != Some(output.len()) {
-            return shape_error(format!(
-                "output for {rows} rows must have {rows} x {out_features} values, got {}",
-                output.len()
-            ));
-        }
         let saved_width = self.info.saved_width;
-        if let Some(saved) = &saved {
-            if rows.checked_mul(saved_width) != Some(saved.len()) {
-                return shape_error(format!(
-                    "saved activations for {rows} rows must have {rows} x {saved_width} values, \
-                     got {}",
-                    saved.len()
-                ));
-            }
-        }
-        let mr = self.kernel.shape.mr;
-        let threads = if rows < 2 * mr || self.is_small(rows) {
-            1
-        } else {
-            threads::num_threads()
-        };
-        if threads <= 1 {
+        let Some((threads, chunk_rows)) = self.chunk_rows(rows, saved.is_some()) else {
             return threads::run_caught(|| self.run_on_this_thread(input, output, saved))
                 .map_err(Error::Threads);
-        }
-        // Several chunks per thread balance a noisy machine, once each chunk is still a few
-        // blocks of work; a smaller batch is split evenly, one chunk per thread.
-        let block_rows = self.kernel.shape.block_rows;
-        let chunks = if rows >= threads.saturating_mul(CHUNKS_PER_THREAD * block_rows) {
-            threads * CHUNKS_PER_THREAD
-        } else {
-            threads
         };
-        // Chunks of whole rows-in-lanes blocks where the chain has that packing, so no chunk
-        // leaves a tail to the slower path.
-        let granule = if self.packed.view().lanes_layers.is_empty() || saved.is_some() {
-            mr
-        } else {
-            self.kernel.shape.lanes_block()
-        };
-        let chunk_rows = rows.div_ceil(chunks).next_multiple_of(granule);
         let inputs: Vec<&[T]> = input.chunks(chunk_rows * in_features).collect();
         // One lock per chunk hands each task its own part of `output` (and `saved`); none is
         // ever contended.
@@ -284,6 +257,223 @@ impl<T: Float, W: Weights<T>> Mlp<T, W> {
             );
         })
         .map_err(Error::Threads)
+    }
+
+    /// The chain's backward for the rows of a [`Mlp::forward_saving`] call: from its `input`,
+    /// `saved`, `output` and the gradient of that output (`grad_output`, the output's shape),
+    /// writes the input's gradient into `grad_input` (if given, the input's shape) and each
+    /// layer's weight and bias gradients into `grads` ([`Mlp::gradients_len`] values: layer after
+    /// layer, the weight's `out x in` row-major, then the bias's `out`), zeros for a layer whose
+    /// `needs_params` is false. Large batches are split across the
+    /// thread pool, each thread summing its rows' weight gradients apart; the threads' sums are
+    /// added in a fixed order, so the result is the same on every call with the same thread count.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &self,
+        input: &[T],
+        saved: &[T],
+        output: &[T],
+        grad_output: &[T],
+        needs_params: &[bool],
+        grad_input: Option<&mut [T]>,
+        grads: &mut [T],
+    ) -> Result<(), Error> {
+        let (in_features, out_features) = (self.in_features(), self.out_features());
+        self.check_rows(input, output, Some(saved))?;
+        let rows = input.len() / in_features;
+        if grad_output.len() != output.len() {
+            return shape_error(format!(
+                "grad_output for {rows} rows must have {rows} x {out_features} values, got {}",
+                grad_output.len()
+            ));
+        }
+        if let Some(grad_input) = &grad_input {
+            if grad_input.len() != input.len() {
+                return shape_error(format!(
+                    "grad_input must have the input's {} values, got {}",
+                    input.len(),
+                    grad_input.len()
+                ));
+            }
+        }
+        let layers = self.packed.layers();
+        if needs_params.len() != layers.len() {
+            return shape_error(format!(
+                "the backward takes a flag for each of the {} layers, got {}",
+                layers.len(),
+                needs_params.len()
+            ));
+        }
+        if grads.len() != self.gradients_len() {
+            return shape_error(format!(
+                "grads must have {} values (every layer's weight and bias), got {}",
+                self.gradients_len(),
+                grads.len()
+            ));
+        }
+        let mut rest = &self.weights[..];
+        let weights: Vec<&[T]> = layers
+            .iter()
+            .map(|layer| {
+                let (weight, after) = rest.split_at(layer.out_features * layer.in_features);
+                rest = after;
+                weight
+            })
+            .collect();
+        let inputs = BackwardInputs {
+            input,
+            saved,
+            output,
+            grad_output,
+            weights: &weights,
+            needs_params,
+        };
+        let (places, partial_len) = gradient_layout(layers, self.kernel.shape.lanes);
+        let chunks = self.chunk_rows(rows, true);
+        let threads = chunks.map_or(1, |(threads, _)| threads);
+        let chunk_rows = chunks.map_or(rows.max(1), |(_, chunk_rows)| chunk_rows);
+        let tasks = rows.div_ceil(chunk_rows);
+        let grad_input: Vec<Mutex<&mut [T]>> = match grad_input {
+            Some(grad_input) => grad_input
+                .chunks_mut(chunk_rows * in_features)
+                .map(Mutex::new)
+                .collect(),
+            None => Vec::new(),
+        };
+        let partials = threads::run_reduce(
+            threads,
+            tasks,
+            &|| vec![T::ZERO; partial_len],
+            &|partial, chunk| {
+                let first = chunk * chunk_rows;
+                let count = chunk_rows.min(rows - first);
+                let chunk_inputs = BackwardInputs {
+                    input: &input[first * in_features..][..count * in_features],
+                    saved: &saved[first * self.info.saved_width..][..count * self.info.saved_width],
+                    output: &output[first * out_features..][..count * out_features],
+                    grad_output: &grad_output[first * out_features..][..count * out_features],
+                    ..inputs
+                };
+                let mut grad_input = grad_input
+                    .get(chunk)
+                    .map(|g| g.lock().unwrap_or_else(PoisonError::into_inner));
+                let len = backward_scratch_len(&self.kernel.shape, layers, count);
+                with_scratch(len, |scratch: &mut [T]| {
+                    // SAFETY: `Mlp::with_kernel` packed the layers with `self.kernel.shape` and
+                    // checked through `dispatch::require` that this CPU supports `self.isa`, the
+                    // kernel's ISA.
+                    unsafe {
+                        (self.kernel.backward)(
+                            &self.kernel.shape,
+                            self.packed.view(),
+                            &chunk_inputs,
+                            grad_input.as_deref_mut().map(|g| &mut **g),
+                            partial,
+                            scratch,
+                        )
+                    }
+                });
+            },
+        )
+        .map_err(Error::Threads)?;
+        // The threads' sums, in order, then each layer's rows without their padding.
+        let mut partials = partials.into_iter();
+        let mut total = partials
+            .next()
+            .unwrap_or_else(|| vec![T::ZERO; partial_len]);
+        for partial in partials {
+            for (sum, value) in total.iter_mut().zip(partial) {
+                *sum = *sum + value;
+            }
+        }
+        let mut grads = grads.iter_mut();
+        for (place, layer) in places.iter().zip(layers) {
+            let weight_rows = total[place.weight_at..].chunks(place.weight_stride);
+            for row in weight_rows.take(layer.out_features) {
+                for (&value, grad) in row[..layer.in_features].iter().zip(grads.by_ref()) {
+                    *grad = value;
+                }
+            }
+            let bias = &total[place.bias_at..][..layer.out_features];
+            for (&value, grad) in bias.iter().zip(grads.by_ref()) {
+                *grad = value;
+            }
+        }
+        Ok(())
+    }
+
+    /// Where a row of [`Mlp::forward_saving`]'s `saved` keeps each layer's values.
+    pub fn saved_columns(&self) -> Vec<SavedColumns> {
+        saved_columns(self.packed.layers()).0
+    }
+
+    /// Values of every layer's weight and bias gradients, as [`Mlp::backward`] writes them.
+    pub fn gradients_len(&self) -> usize {
+        self.packed
+            .layers()
+            .iter()
+            .map(|layer| layer.out_features * (layer.in_features + 1))
+            .sum()
+    }
+
+    /// Checks that `input` is whole rows and `output` (and `saved`) has as many.
+    fn check_rows(&self, input: &[T], output: &[T], saved: Option<&[T]>) -> Result<(), Error> {
+        let (in_features, out_features) = (self.in_features(), self.out_features());
+        if !input.len().is_multiple_of(in_features) {
+            return shape_error(format!(
+                "input must be whole rows of {in_features} features, got {} values",
+                input.len()
+            ));
+        }
+        let rows = input.len() / in_features;
+        if rows.checked_mul(out_features) != Some(output.len()) {
+            return shape_error(format!(
+                "output for {rows} rows must have {rows} x {out_features} values, got {}",
+                output.len()
+            ));
+        }
+        let saved_width = self.info.saved_width;
+        if let Some(saved) = saved {
+            if rows.checked_mul(saved_width) != Some(saved.len()) {
+                return shape_error(format!(
+                    "saved activations for {rows} rows must have {rows} x {saved_width} values, \
+                     got {}",
+                    saved.len()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// How a call on `rows` rows is shared out: `(threads, rows per chunk)`, or None to run on
+    /// the calling thread. `saving`: the call keeps activations (or is a backward), so it runs
+    /// every row in registers of outputs, and chunks need not be whole rows-in-lanes blocks.
+    fn chunk_rows(&self, rows: usize, saving: bool) -> Option<(usize, usize)> {
+        let mr = self.kernel.shape.mr;
+        let threads = if rows < 2 * mr || self.is_small(rows) {
+            1
+        } else {
+            threads::num_threads()
+        };
+        if threads <= 1 {
+            return None;
+        }
+        // Several chunks per thread balance a noisy machine, once each chunk is still a few
+        // blocks of work; a smaller batch is split evenly, one chunk per thread.
+        let block_rows = self.kernel.shape.block_rows;
+        let chunks = if rows >= threads.saturating_mul(CHUNKS_PER_THREAD * block_rows) {
+            threads * CHUNKS_PER_THREAD
+        } else {
+            threads
+        };
+        // Chunks of whole rows-in-lanes blocks where the chain has that packing, so no chunk
+        // leaves a tail to the slower path.
+        let granule = if self.packed.view().lanes_layers.is_empty() || saving {
+            mr
+        } else {
+            self.kernel.shape.lanes_block()
+        };
+        Some((threads, rows.div_ceil(chunks).next_multiple_of(granule)))
     }
 
     /// Whether `rows` rows are too little work to share out: such a call runs on the calling
@@ -420,9 +610,23 @@ mod tests {
 
     /// Every layer's outputs, row-major, from the oracle.
     fn reference_layers(layers: &[OwnedLayer<f64>], input: &[f64]) -> Vec<Vec<f64>> {
+        let pre = reference_linears(layers, input);
+        layers
+            .iter()
+            .zip(pre)
+            .map(|(layer, pre)| {
+                pre.into_iter()
+                    .map(|v| reference_op(layer.post_op, v))
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Every layer's Linear (before its op), row-major, from the oracle.
+    fn reference_linears(layers: &[OwnedLayer<f64>], input: &[f64]) -> Vec<Vec<f64>> {
         let rows = input.len() / layers[0].in_features;
         let mut current = input.to_vec();
-        let mut outputs = Vec::new();
+        let mut linears = Vec::new();
         for layer in layers {
             let mut next = vec![0.0; rows * layer.out_features];
             for r in 0..rows {
@@ -431,13 +635,117 @@ mod tests {
                     let w = &layer.weight[o * layer.in_features..][..layer.in_features];
                     let mut sum = layer.bias.as_ref().map_or(0.0, |b| b[o]);
                     sum += x.iter().zip(w).map(|(a, b)| a * b).sum::<f64>();
-                    next[r * layer.out_features + o] = reference_op(layer.post_op, sum);
+                    next[r * layer.out_features + o] = sum;
                 }
             }
-            outputs.push(next.clone());
-            current = next;
+            current = next
+                .iter()
+                .map(|&v| reference_op(layer.post_op, v))
+                .collect();
+            linears.push(next);
         }
-        outputs
+        linears
+    }
+
+    /// `op'(x)` in f64, from calculus (PyTorch's choice at the kinks: 0 at ReLU's 0).
+    fn reference_slope(op: PostOp, x: f64) -> f64 {
+        let sigmoid = |v: f64| 1.0 / (1.0 + (-v).exp());
+        let step = |inside: bool, otherwise: f64| if inside { 1.0 } else { otherwise };
+        match op {
+            PostOp::Identity => 1.0,
+            PostOp::Relu => step(x > 0.0, 0.0),
+            PostOp::LeakyRelu { negative_slope } => step(x > 0.0, negative_slope),
+            PostOp::Sigmoid => sigmoid(x) * (1.0 - sigmoid(x)),
+            PostOp::Tanh => 1.0 - x.tanh() * x.tanh(),
+            PostOp::Gelu => {
+                let density = (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt();
+                0.5 * libm::erfc(-x / std::f64::consts::SQRT_2) + x * density
+            }
+            PostOp::GeluTanh => {
+                let c = (2.0 / std::f64::consts::PI).sqrt();
+                let s = sigmoid(2.0 * c * (x + 0.044715 * x * x * x));
+                s + x * s * (1.0 - s) * 2.0 * c * (1.0 + 3.0 * 0.044715 * x * x)
+            }
+            PostOp::Silu => sigmoid(x) * (1.0 + x * (1.0 - sigmoid(x))),
+            PostOp::Elu { alpha } => step(x > 0.0, alpha * x.exp()),
+            PostOp::Hardtanh { min_val, max_val } => step(min_val < x && x < max_val, 0.0),
+            PostOp::Softplus { beta, threshold } => step(beta * x > threshold, sigmoid(beta * x)),
+        }
+    }
+
+    /// The oracle's backward: `(grad_input, grads)`, `grads` laid out as [`Mlp::backward`]
+    /// writes them.
+    fn reference_backward(
+        layers: &[OwnedLayer<f64>],
+        input: &[f64],
+        grad_output: &[f64],
+    ) -> (Vec<f64>, Vec<f64>) {
+        let rows = input.len() / layers[0].in_features;
+        let linears = reference_linears(layers, input);
+        let outputs = reference_layers(layers, input);
+        let mut grad = grad_output.to_vec();
+        let mut per_layer = Vec::new();
+        for (index, layer) in layers.iter().enumerate().rev() {
+            let (k, out) = (layer.in_features, layer.out_features);
+            let below = if index == 0 {
+                input
+            } else {
+                &outputs[index - 1][..]
+            };
+            let delta: Vec<f64> = grad
+                .iter()
+                .zip(&linears[index])
+                .map(|(&g, &x)| g * reference_slope(layer.post_op, x))
+                .collect();
+            let mut weight_grad = vec![0.0; out * k];
+            let mut bias_grad = vec![0.0; out];
+            let mut grad_below = vec![0.0; rows * k];
+            for r in 0..rows {
+                for o in 0..out {
+                    let d = delta[r * out + o];
+                    bias_grad[o] += d;
+                    for j in 0..k {
+                        weight_grad[o * k + j] += d * below[r * k + j];
+                        grad_below[r * k + j] += d * layer.weight[o * k + j];
+                    }
+                }
+            }
+            weight_grad.extend(bias_grad);
+            per_layer.push(weight_grad);
+            grad = grad_below;
+        }
+        per_layer.reverse();
+        (grad, per_layer.concat())
+    }
+
+    /// `(grad_input, grads)` from the chain's saving forward and backward on `isa`.
+    fn run_backward<T: Float>(
+        layers: &[OwnedLayer<T>],
+        isa: Isa,
+        half: bool,
+        input: &[T],
+        grad_output: &[T],
+        needs_params: &[bool],
+    ) -> (Vec<T>, Vec<T>) {
+        let specs: Vec<_> = layers.iter().map(OwnedLayer::spec).collect();
+        let mlp = Mlp::with_kernel(&specs, isa, with_half(isa, half)).unwrap();
+        let rows = input.len() / mlp.in_features();
+        let mut output = vec![T::ZERO; rows * mlp.out_features()];
+        let mut saved = vec![T::ZERO; rows * mlp.info().saved_width];
+        mlp.forward_saving(input, &mut output, &mut saved).unwrap();
+        let mut grad_input = vec![T::ZERO; input.len()];
+        let mut grads = vec![T::ZERO; mlp.gradients_len()];
+        mlp.backward(
+            input,
+            &saved,
+            &output,
+            grad_output,
+            needs_params,
+            Some(&mut grad_input),
+            &mut grads,
+        )
+        .unwrap();
+        (grad_input, grads)
     }
 
     /// Every op, with parameters other than PyTorch's defaults where it has any.
@@ -753,11 +1061,20 @@ mod tests {
                     .collect();
                 let input32: Vec<f32> = input.iter().map(|&v| v as f32).collect();
                 let want = reference_layers(&layers, &input);
+                let linears = reference_linears(&layers, &input);
+                // Each row: the hidden layers' outputs, then the Linear of every layer whose
+                // op's gradient reads it.
                 let mut want_saved = Vec::new();
                 for r in 0..rows {
                     for (layer, outputs) in layers.iter().zip(&want).take(layers.len() - 1) {
                         let out = layer.out_features;
                         want_saved.extend_from_slice(&outputs[r * out..][..out]);
+                    }
+                    for (layer, linear) in layers.iter().zip(&linears) {
+                        if layer.post_op.gradient_reads_pre() {
+                            let out = layer.out_features;
+                            want_saved.extend_from_slice(&linear[r * out..][..out]);
+                        }
                     }
                 }
                 for (isa, half) in isa_forms() {
@@ -779,6 +1096,121 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn backward_matches_the_reference_on_every_isa() {
+        let mut rng = SmallRng::seed_from_u64(17);
+        let mut worst32: f64 = 0.0;
+        for widths in [
+            &[784, 42, 16, 42, 784][..],
+            &[64, 42, 2],
+            &[17, 1, 17],
+            &[5, 3],
+            &[42, 64, 42, 17, 1],
+            &[130, 45, 784, 42],
+        ] {
+            let layers = random_chain(&mut rng, widths, true);
+            let layers = with_random_ops(&mut rng, layers, true);
+            let layers32 = to_f32(&layers);
+            let every = vec![true; layers.len()];
+            for rows in [0, 1, 2, 9, 70, 300] {
+                let draw = |rng: &mut SmallRng, n: usize| -> Vec<f64> {
+                    (0..n).map(|_| rng.random_range(-2.0..2.0)).collect()
+                };
+                let input = draw(&mut rng, rows * widths[0]);
+                let grad_output = draw(&mut rng, rows * widths[widths.len() - 1]);
+                let (want_input, want) = reference_backward(&layers, &input, &grad_output);
+                let input32: Vec<f32> = input.iter().map(|&v| v as f32).collect();
+                let grad32: Vec<f32> = grad_output.iter().map(|&v| v as f32).collect();
+                for (isa, half) in isa_forms() {
+                    let context = format!("{isa} half={half} {widths:?} rows={rows}");
+                    let (got_input, got) =
+                        run_backward(&layers, isa, half, &input, &grad_output, &every);
+                    let error = max_relative_error(got.into_iter(), &want)
+                        .max(max_relative_error(got_input.into_iter(), &want_input));
+                    assert!(error < 1e-8, "{context}: f64 error {error:e}");
+                    let (got_input, got) =
+                        run_backward(&layers32, isa, half, &input32, &grad32, &every);
+                    let error = max_relative_error(got.into_iter().map(f64::from), &want).max(
+                        max_relative_error(got_input.into_iter().map(f64::from), &want_input),
+                    );
+                    assert!(error < 1e-5, "{context}: f32 error {error:e}");
+                    worst32 = worst32.max(error);
+                }
+            }
+        }
+        println!("worst f32 gradient error: {worst32:e}");
+    }
+
+    #[test]
+    fn backward_skips_the_layers_below_the_gradients_wanted() {
+        let mut rng = SmallRng::seed_from_u64(19);
+        let layers = random_chain(&mut rng, &[9, 42, 5, 42, 9], true);
+        let layers = with_random_ops(&mut rng, layers, true);
+        let input: Vec<f64> = (0..33 * 9).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let grad_output: Vec<f64> = (0..33 * 9).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let (_, want) = reference_backward(&layers, &input, &grad_output);
+        let specs: Vec<_> = layers.iter().map(OwnedLayer::spec).collect();
+        let mlp = Mlp::<f64>::new(&specs, Isa::detect()).unwrap();
+        let mut output = vec![0.0; 33 * 9];
+        let mut saved = vec![0.0; 33 * mlp.info().saved_width];
+        mlp.forward_saving(&input, &mut output, &mut saved).unwrap();
+        let needs = [false, true, false, true];
+        let mut grads = vec![f64::NAN; mlp.gradients_len()];
+        mlp.backward(
+            &input,
+            &saved,
+            &output,
+            &grad_output,
+            &needs,
+            None,
+            &mut grads,
+        )
+        .unwrap();
+        let mut at = 0;
+        for (layer, &needed) in layers.iter().zip(&needs) {
+            let len = layer.out_features * (layer.in_features + 1);
+            let (got, wanted) = (&grads[at..at + len], &want[at..at + len]);
+            if needed {
+                let error = max_relative_error(got.iter().copied(), wanted);
+                assert!(error < 1e-10, "{:?}: {error:e}", layer.post_op);
+            } else {
+                assert!(
+                    got.iter().all(|&v| v == 0.0),
+                    "an unwanted layer's gradients are zeros"
+                );
+            }
+            at += len;
+        }
+        let mut short = vec![0.0; mlp.gradients_len() - 1];
+        let error = mlp
+            .backward(
+                &input,
+                &saved,
+                &output,
+                &grad_output,
+                &needs,
+                None,
+                &mut short,
+            )
+            .unwrap_err();
+        assert!(error.to_string().contains("grads must have"), "{error}");
+        let error = mlp
+            .backward(
+                &input,
+                &saved,
+                &output,
+                &grad_output[1..],
+                &needs,
+                None,
+                &mut grads,
+            )
+            .unwrap_err();
+        assert!(
+            error.to_string().contains("grad_output for 33 rows"),
+            "{error}"
+        );
     }
 
     /// The chain's output and saved activations for `input`.
@@ -919,8 +1351,21 @@ mod tests {
         let single = run(&layers, Isa::detect(), &input);
         threads::set_num_threads(3).unwrap();
         let multi = run(&layers, Isa::detect(), &input);
+        // The backward's weight gradients: the same bits on every call with 3 threads (each
+        // thread's share of the rows is fixed), close to one thread's.
+        let grad_output: Vec<f32> = (0..5000 * 16)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        let every = [true, true];
+        let (_, first) = run_backward(&layers, Isa::detect(), false, &input, &grad_output, &every);
+        let (_, again) = run_backward(&layers, Isa::detect(), false, &input, &grad_output, &every);
+        threads::set_num_threads(1).unwrap();
+        let (_, alone) = run_backward(&layers, Isa::detect(), false, &input, &grad_output, &every);
         threads::set_num_threads(2).unwrap();
         assert_eq!(single, multi);
+        assert_eq!(first, again);
+        let alone: Vec<f64> = alone.into_iter().map(f64::from).collect();
+        assert!(max_relative_error(first.into_iter().map(f64::from), &alone) < 1e-5);
         assert_eq!(
             threads::set_num_threads(0),
             Err("the number of threads must be between 1 and 1024, got 0".into())

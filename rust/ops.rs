@@ -174,6 +174,23 @@ impl PostOp {
         }
     }
 
+    /// Whether the op's gradient is computed from its input (the pre-activation), rather than
+    /// from its output as PyTorch's backward for it does (ReLU, Sigmoid, Tanh: `y (1 - y)`,
+    /// ...). The backward computes such a layer's Linear again. (The Python op table says the
+    /// same of each op; a test holds the two together.)
+    pub fn gradient_reads_pre(self) -> bool {
+        match self {
+            PostOp::Identity | PostOp::Relu | PostOp::Sigmoid | PostOp::Tanh => false,
+            PostOp::LeakyRelu { .. }
+            | PostOp::Gelu
+            | PostOp::GeluTanh
+            | PostOp::Silu
+            | PostOp::Elu { .. }
+            | PostOp::Hardtanh { .. }
+            | PostOp::Softplus { .. } => true,
+        }
+    }
+
     /// The names of the op's parameters, as PyTorch's module calls them.
     pub fn param_names(self) -> &'static [&'static str] {
         match self {

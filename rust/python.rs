@@ -482,6 +482,63 @@ fn run_saving_from_dlpack<'py, T: Float + numpy::Element>(
     Ok((out.into_any(), saved.into_any()))
 }
 
+/// The tensors a backward reads, as DLPack capsules (see `Chain._backward_dlpack`).
+struct BackwardCapsules<'a, 'py> {
+    input: &'a Bound<'py, PyAny>,
+    saved: &'a Bound<'py, PyAny>,
+    output: &'a Bound<'py, PyAny>,
+    grad_output: &'a Bound<'py, PyAny>,
+}
+
+/// The chain's backward ([`Mlp::backward`]) on tensors read through DLPack where they lie, the
+/// GIL held (see `dlpack_rows`): `(grad_input or None, grads)`, `grads` a new 1-d array of
+/// every layer's weight and bias gradients, one after another.
+fn backward_from_dlpack<'py, T: Float + numpy::Element>(
+    py: Python<'py>,
+    mlp: &Mlp<T>,
+    capsules: &BackwardCapsules<'_, 'py>,
+    needs_params: &[bool],
+    needs_input: bool,
+) -> PyResult<(Option<Bound<'py, PyAny>>, Bound<'py, PyAny>)> {
+    let info = mlp.info();
+    let (input, rows) = dlpack_rows::<T>(capsules.input, info.in_features)?;
+    let (output, _) = dlpack_rows::<T>(capsules.output, info.out_features)?;
+    let (grad_output, _) = dlpack_rows::<T>(capsules.grad_output, info.out_features)?;
+    let saved = if info.saved_width == 0 {
+        &[][..]
+    } else {
+        dlpack_rows::<T>(capsules.saved, info.saved_width)?.0
+    };
+    // SAFETY: the backward below writes every element; if it fails, the arrays are dropped
+    // here, never seen by Python.
+    let grads = unsafe { new_array::<T>(py, 1, mlp.gradients_len()) }?;
+    let grad_input = if needs_input {
+        // SAFETY: as for `grads`.
+        Some(unsafe { new_array::<T>(py, rows, info.in_features) }?)
+    } else {
+        None
+    };
+    let error = |e| PyRuntimeError::new_err(format!("new gradient array: {e}"));
+    // SAFETY: new C-contiguous arrays no one else references yet.
+    let grads_values = unsafe { grads.as_slice_mut() }.map_err(error)?;
+    let grad_input_values = match &grad_input {
+        // SAFETY: as above.
+        Some(array) => Some(unsafe { array.as_slice_mut() }.map_err(error)?),
+        None => None,
+    };
+    mlp.backward(
+        input,
+        saved,
+        output,
+        grad_output,
+        needs_params,
+        grad_input_values,
+        grads_values,
+    )
+    .map_err(to_py_err)?;
+    Ok((grad_input.map(Bound::into_any), grads.into_any()))
+}
+
 /// What a call reads.
 #[derive(Clone, Copy)]
 enum Input<'a, 'py> {
@@ -606,6 +663,56 @@ impl Chain {
             AnyMlp::F32(mlp) => run_saving_from_dlpack(py, mlp, capsule),
             AnyMlp::F64(mlp) => run_saving_from_dlpack(py, mlp, capsule),
         }
+    }
+
+    /// The chain's backward, for `fusedae.torch`'s autograd Function (private to it): from the
+    /// forward's input `x`, kept activations `saved` and output `y` (as
+    /// `_forward_saving_dlpack` returned them) and `grad_output`, all C-contiguous CPU tensors
+    /// of the chain's dtype as DLPack capsules: `(grad_x or None, grads)`, `grads` 1-d, every layer's
+    /// weight gradient (`out x in`) then bias gradient (`out`), zeros where `needs_params` is
+    /// false; `grad_x` `(rows, in_features)` where `needs_input`.
+    #[allow(clippy::too_many_arguments)]
+    fn _backward_dlpack<'py>(
+        &self,
+        py: Python<'py>,
+        x: &Bound<'py, PyAny>,
+        saved: &Bound<'py, PyAny>,
+        y: &Bound<'py, PyAny>,
+        grad_output: &Bound<'py, PyAny>,
+        needs_params: Vec<bool>,
+        needs_input: bool,
+    ) -> PyResult<(Option<Bound<'py, PyAny>>, Bound<'py, PyAny>)> {
+        let capsules = BackwardCapsules {
+            input: x,
+            saved,
+            output: y,
+            grad_output,
+        };
+        match &self.mlp {
+            AnyMlp::F32(mlp) => {
+                backward_from_dlpack(py, mlp, &capsules, &needs_params, needs_input)
+            }
+            AnyMlp::F64(mlp) => {
+                backward_from_dlpack(py, mlp, &capsules, &needs_params, needs_input)
+            }
+        }
+    }
+
+    /// Where a row of `saved` keeps each layer's values: per layer, `(outputs, pre)`, the
+    /// columns its outputs (every layer but the last) and its pre-activations (where its op's
+    /// gradient reads them) start at, or None.
+    #[getter]
+    fn saved_columns(&self) -> Vec<(Option<usize>, Option<usize>)> {
+        self.mlp
+            .saved_columns()
+            .into_iter()
+            .map(|columns| (columns.outputs, columns.pre))
+            .collect()
+    }
+
+    #[getter]
+    fn saved_width(&self) -> usize {
+        self.mlp.info().saved_width
     }
 
     /// The numpy dtype of the chain's values (float32 or float64).

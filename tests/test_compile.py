@@ -251,6 +251,12 @@ def test_opcheck(dtype, shape, has_bias):
     for op, grad in ((ops.chain, False), (ops.chain_saving, True), (ops.chain_saving, False)):
         results = torch.library.opcheck(op, op_arguments(dtype, shape, has_bias, grad))
         assert set(results.values()) == {"SUCCESS"}, results
+    x, weights, biases, flags, post_ops = op_arguments(dtype, shape, has_bias, False)
+    y, saved = ops.chain_saving(x, weights, biases, flags, post_ops)
+    for needs_x, needs_params in ((True, [True] * 3), (False, [False, True, False])):
+        arguments = (torch.randn_like(y), x, y, saved, weights, biases, flags, post_ops)
+        results = torch.library.opcheck(ops.chain_backward, (*arguments, needs_x, needs_params))
+        assert set(results.values()) == {"SUCCESS"}, results
 
 
 @pytest.mark.parametrize("has_bias", [(True, True, True), (True, False, False)])

@@ -63,10 +63,33 @@ class Chain:
     def _forward_saving_dlpack(
         self, capsule: object
     ) -> tuple[npt.NDArray[np.floating], npt.NDArray[np.floating]]:
-        """``_forward_dlpack`` that also returns every hidden layer's outputs (after its
-        post-op), one layer after another in each row: ``(output, saved)``, ``saved`` of shape
-        ``(rows, sum of the hidden layers' widths)``, for the backward. Private to
+        """``_forward_dlpack`` that also returns what the backward reads: ``(output, saved)``,
+        ``saved`` of shape ``(rows, saved_width)``, laid out as ``saved_columns`` says. Private
+        to ``fusedae.torch``."""
+    def _backward_dlpack(
+        self,
+        x: object,
+        saved: object,
+        y: object,
+        grad_output: object,
+        needs_params: list[bool],
+        needs_input: bool,
+    ) -> tuple[npt.NDArray[np.floating] | None, npt.NDArray[np.floating]]:
+        """The chain's backward from the forward's input ``x``, ``saved`` and output ``y`` (as
+        ``_forward_saving_dlpack`` returned them) and ``grad_output``, all DLPack capsules of
+        C-contiguous CPU tensors of the chain's dtype: ``(grad_x or None, grads)``, ``grads``
+        1-d, each layer's weight gradient (``out x in``) then bias gradient (``out``), zeros
+        where ``needs_params`` is false; ``grad_x`` ``(rows, in_features)`` where
+        ``needs_input``. Weight gradients are summed per thread over fixed shares of the rows,
+        then in order: the same bits on every call with the same thread count. Private to
         ``fusedae.torch``."""
+    @property
+    def saved_columns(self) -> list[tuple[int | None, int | None]]:
+        """Per layer ``(outputs, pre)``: the columns of a row of ``saved`` where its outputs
+        (every layer but the last) and its pre-activations (where its op's gradient reads them)
+        start, or None."""
+    @property
+    def saved_width(self) -> int: ...
     @property
     def dtype(self) -> np.dtype:
         """float32 or float64: the chain's values, and what it takes and gives."""

@@ -41,13 +41,14 @@ class Op:
     argument and attribute (``negative_slope`` for LeakyReLU). ``torch_modules``: the
     ``torch.nn`` classes it lowers from, by name (exact types only; the first is the one it
     becomes); ``torch_settings``: attributes those modules must have, beside the parameters, to
-    compute this op (``nn.GELU``'s ``approximate`` tells ``gelu`` from ``gelu_tanh``). The four
-    functions take ``params`` last; the gradients map the gradient of a layer's output to that
-    of its pre-activation from the pre-activation and the output, by PyTorch's own autograd
-    formulas. ``onnx``: the ONNX nodes computing it (``onnx_nodes``). ``idempotent``: applying it
-    twice is applying it once (``Linear, ReLU, ReLU`` is one fused layer). ``gradient_reads_pre``:
-    ``torch_gradient`` reads the pre-activation (else only the output, which the fused forward
-    saves, so a backward need not compute the pre-activation again).
+    compute this op (``nn.GELU``'s ``approximate`` tells ``gelu`` from ``gelu_tanh``). The three
+    functions take ``params`` last; the reference gradient maps the gradient of a layer's
+    output to that of its pre-activation from the pre-activation and the output, by PyTorch's
+    own autograd formulas (as the native backward does: ``rust/kernels/gradient.rs``).
+    ``onnx``: the ONNX nodes computing it (``onnx_nodes``). ``idempotent``: applying it twice is
+    applying it once (``Linear, ReLU, ReLU`` is one fused layer). ``gradient_reads_pre``: the
+    gradient reads the pre-activation (else only the output), so the saving forward keeps it
+    (the native ``PostOp::gradient_reads_pre`` says the same; a test holds them together).
     """
 
     name: str
@@ -56,7 +57,6 @@ class Op:
     reference: Callable[[np.ndarray, Params], np.ndarray]
     reference_gradient: Callable[[np.ndarray, np.ndarray, np.ndarray, Params], np.ndarray]
     torch_function: Callable[[torch.Tensor, Params], torch.Tensor]
-    torch_gradient: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Params], torch.Tensor]
     onnx: OnnxBuilder
     torch_settings: tuple[tuple[str, str], ...] = ()
     idempotent: bool = False
@@ -174,12 +174,6 @@ def _torch_relu(x: torch.Tensor, params: Params) -> torch.Tensor:
     return x.relu()
 
 
-def _torch_relu_gradient(
-    grad: torch.Tensor, pre: torch.Tensor, post: torch.Tensor, params: Params
-) -> torch.Tensor:
-    return _aten().threshold_backward(grad, post, 0)  # what autograd runs for torch.relu
-
-
 def _leaky_relu(x: np.ndarray, params: Params) -> np.ndarray:
     return np.where(x > 0, x, x * params[0])
 
@@ -192,12 +186,6 @@ def _leaky_relu_gradient(
 
 def _torch_leaky_relu(x: torch.Tensor, params: Params) -> torch.Tensor:
     return _functional().leaky_relu(x, params[0])
-
-
-def _torch_leaky_relu_gradient(
-    grad: torch.Tensor, pre: torch.Tensor, post: torch.Tensor, params: Params
-) -> torch.Tensor:
-    return _aten().leaky_relu_backward(grad, pre, params[0], False)
 
 
 def _sigmoid(x: np.ndarray, params: Params) -> np.ndarray:
@@ -215,12 +203,6 @@ def _torch_sigmoid(x: torch.Tensor, params: Params) -> torch.Tensor:
     return x.sigmoid()
 
 
-def _torch_sigmoid_gradient(
-    grad: torch.Tensor, pre: torch.Tensor, post: torch.Tensor, params: Params
-) -> torch.Tensor:
-    return _aten().sigmoid_backward(grad, post)
-
-
 def _tanh(x: np.ndarray, params: Params) -> np.ndarray:
     return np.tanh(x)
 
@@ -233,12 +215,6 @@ def _tanh_gradient(
 
 def _torch_tanh(x: torch.Tensor, params: Params) -> torch.Tensor:
     return x.tanh()
-
-
-def _torch_tanh_gradient(
-    grad: torch.Tensor, pre: torch.Tensor, post: torch.Tensor, params: Params
-) -> torch.Tensor:
-    return _aten().tanh_backward(grad, post)
 
 
 # numpy has no erf; math.erf is correctly rounded to within an ulp or so.
@@ -263,12 +239,6 @@ def _torch_gelu(x: torch.Tensor, params: Params) -> torch.Tensor:
     return _functional().gelu(x)
 
 
-def _torch_gelu_gradient(
-    grad: torch.Tensor, pre: torch.Tensor, post: torch.Tensor, params: Params
-) -> torch.Tensor:
-    return _aten().gelu_backward(grad, pre)
-
-
 def _gelu_tanh(x: np.ndarray, params: Params) -> np.ndarray:
     return 0.5 * x * (1.0 + np.tanh(_GELU_BETA * (x + _GELU_KAPPA * x * x * x)))
 
@@ -286,12 +256,6 @@ def _torch_gelu_tanh(x: torch.Tensor, params: Params) -> torch.Tensor:
     return _functional().gelu(x, approximate="tanh")
 
 
-def _torch_gelu_tanh_gradient(
-    grad: torch.Tensor, pre: torch.Tensor, post: torch.Tensor, params: Params
-) -> torch.Tensor:
-    return _aten().gelu_backward(grad, pre, approximate="tanh")
-
-
 def _silu(x: np.ndarray, params: Params) -> np.ndarray:
     return x * _sigmoid(x, ())
 
@@ -305,12 +269,6 @@ def _silu_gradient(
 
 def _torch_silu(x: torch.Tensor, params: Params) -> torch.Tensor:
     return _functional().silu(x)
-
-
-def _torch_silu_gradient(
-    grad: torch.Tensor, pre: torch.Tensor, post: torch.Tensor, params: Params
-) -> torch.Tensor:
-    return _aten().silu_backward(grad, pre)
 
 
 def _elu(x: np.ndarray, params: Params) -> np.ndarray:
@@ -329,14 +287,6 @@ def _torch_elu(x: torch.Tensor, params: Params) -> torch.Tensor:
     return _functional().elu(x, params[0])
 
 
-def _torch_elu_gradient(
-    grad: torch.Tensor, pre: torch.Tensor, post: torch.Tensor, params: Params
-) -> torch.Tensor:
-    # (grad, alpha, scale, input_scale, is_result, self): nn.ELU is not in place, so autograd
-    # differentiates from the input.
-    return _aten().elu_backward(grad, params[0], 1.0, 1.0, False, pre)
-
-
 def _hardtanh(x: np.ndarray, params: Params) -> np.ndarray:
     return np.minimum(np.maximum(x, params[0]), params[1])  # keeps NaN, as torch.clamp does
 
@@ -349,12 +299,6 @@ def _hardtanh_gradient(
 
 def _torch_hardtanh(x: torch.Tensor, params: Params) -> torch.Tensor:
     return _functional().hardtanh(x, params[0], params[1])
-
-
-def _torch_hardtanh_gradient(
-    grad: torch.Tensor, pre: torch.Tensor, post: torch.Tensor, params: Params
-) -> torch.Tensor:
-    return _aten().hardtanh_backward(grad, pre, params[0], params[1])
 
 
 def _softplus(x: np.ndarray, params: Params) -> np.ndarray:
@@ -378,18 +322,6 @@ def _torch_softplus(x: torch.Tensor, params: Params) -> torch.Tensor:
     return _functional().softplus(x, params[0], params[1])
 
 
-def _torch_softplus_gradient(
-    grad: torch.Tensor, pre: torch.Tensor, post: torch.Tensor, params: Params
-) -> torch.Tensor:
-    return _aten().softplus_backward(grad, pre, params[0], params[1])
-
-
-def _aten() -> Any:
-    import torch
-
-    return torch.ops.aten
-
-
 def _functional() -> Any:
     import torch.nn.functional
 
@@ -407,7 +339,6 @@ OPS: dict[str, Op] = {
             reference=_relu,
             reference_gradient=_relu_gradient,
             torch_function=_torch_relu,
-            torch_gradient=_torch_relu_gradient,
             onnx=_onnx_operator("Relu"),
             idempotent=True,
             gradient_reads_pre=False,
@@ -419,7 +350,6 @@ OPS: dict[str, Op] = {
             reference=_identity,
             reference_gradient=_identity_gradient,
             torch_function=_identity,
-            torch_gradient=_identity_gradient,
             onnx=_onnx_operator("Identity"),
             idempotent=True,
             gradient_reads_pre=False,
@@ -431,7 +361,6 @@ OPS: dict[str, Op] = {
             reference=_leaky_relu,
             reference_gradient=_leaky_relu_gradient,
             torch_function=_torch_leaky_relu,
-            torch_gradient=_torch_leaky_relu_gradient,
             onnx=_onnx_operator("LeakyRelu", "alpha"),
         ),
         Op(
@@ -441,7 +370,6 @@ OPS: dict[str, Op] = {
             reference=_sigmoid,
             reference_gradient=_sigmoid_gradient,
             torch_function=_torch_sigmoid,
-            torch_gradient=_torch_sigmoid_gradient,
             onnx=_onnx_operator("Sigmoid"),
             gradient_reads_pre=False,
         ),
@@ -452,7 +380,6 @@ OPS: dict[str, Op] = {
             reference=_tanh,
             reference_gradient=_tanh_gradient,
             torch_function=_torch_tanh,
-            torch_gradient=_torch_tanh_gradient,
             onnx=_onnx_operator("Tanh"),
             gradient_reads_pre=False,
         ),
@@ -464,7 +391,6 @@ OPS: dict[str, Op] = {
             reference=_gelu,
             reference_gradient=_gelu_gradient,
             torch_function=_torch_gelu,
-            torch_gradient=_torch_gelu_gradient,
             onnx=_onnx_gelu,
         ),
         Op(
@@ -475,7 +401,6 @@ OPS: dict[str, Op] = {
             reference=_gelu_tanh,
             reference_gradient=_gelu_tanh_gradient,
             torch_function=_torch_gelu_tanh,
-            torch_gradient=_torch_gelu_tanh_gradient,
             onnx=_onnx_gelu_tanh,
         ),
         Op(
@@ -485,7 +410,6 @@ OPS: dict[str, Op] = {
             reference=_silu,
             reference_gradient=_silu_gradient,
             torch_function=_torch_silu,
-            torch_gradient=_torch_silu_gradient,
             onnx=_onnx_silu,
         ),
         Op(
@@ -495,7 +419,6 @@ OPS: dict[str, Op] = {
             reference=_elu,
             reference_gradient=_elu_gradient,
             torch_function=_torch_elu,
-            torch_gradient=_torch_elu_gradient,
             onnx=_onnx_operator("Elu", "alpha"),
         ),
         Op(
@@ -505,7 +428,6 @@ OPS: dict[str, Op] = {
             reference=_hardtanh,
             reference_gradient=_hardtanh_gradient,
             torch_function=_torch_hardtanh,
-            torch_gradient=_torch_hardtanh_gradient,
             onnx=_onnx_hardtanh,
             idempotent=True,
         ),
@@ -516,7 +438,6 @@ OPS: dict[str, Op] = {
             reference=_softplus,
             reference_gradient=_softplus_gradient,
             torch_function=_torch_softplus,
-            torch_gradient=_torch_softplus_gradient,
             onnx=_onnx_softplus,
         ),
     )
@@ -560,17 +481,6 @@ class PostOp:
 
     def torch_function(self, x: torch.Tensor) -> torch.Tensor:
         return self.op.torch_function(x, self.params)
-
-    def torch_gradient(
-        self, grad: torch.Tensor, pre: torch.Tensor | None, post: torch.Tensor
-    ) -> torch.Tensor:
-        """The gradient of the pre-activation; ``pre`` may be None where the op's gradient reads
-        only ``post`` (not ``Op.gradient_reads_pre``)."""
-        if pre is None:
-            if self.op.gradient_reads_pre:
-                raise ValueError(f"the gradient of {self} reads the pre-activation, got None")
-            pre = post  # unread
-        return self.op.torch_gradient(grad, pre, post, self.params)
 
     def onnx_nodes(self, x: str, y: str, dtype: np.dtype) -> list[onnx.NodeProto]:
         """The ONNX nodes (opset 17) computing ``y`` from ``x`` of ``dtype``; intermediate names

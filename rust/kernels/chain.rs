@@ -4,8 +4,8 @@
 //! [`forward_rows`].
 
 use super::epilogue::StoredEpilogue;
-use super::microkernel::{dot_tile_rows, tile_rows, DotTile, Tile, DOT_OUTS, DOT_ROWS};
-use super::{padded, LayerDesc, LoadFrom, Packed, SimdVec, TileShape, L1_HALF_BYTES};
+use super::microkernel::{dot_tile_rows, tile_rows, DotTile, Seed, Tile, DOT_OUTS, DOT_ROWS};
+use super::{padded, LayerDesc, LoadFrom, Packed, PostOp, SimdVec, TileShape, L1_HALF_BYTES};
 
 /// Scratch elements a kernel of `shape` needs to run `rows` rows through `chain`.
 pub fn scratch_len<W, T>(shape: &TileShape, chain: &Packed<'_, W, T>, rows: usize) -> usize {
@@ -28,24 +28,56 @@ pub fn scratch_len<W, T>(shape: &TileShape, chain: &Packed<'_, W, T>, rows: usiz
     }
 }
 
-/// Outputs of every layer but the last, per row: the width of the `saved` buffer of
-/// [`forward_rows`].
-pub fn saved_width(layers: &[LayerDesc]) -> usize {
-    let hidden = &layers[..layers.len().saturating_sub(1)];
-    hidden
+/// Where a row of the `saved` buffer of [`forward_rows`] keeps one layer's values for a
+/// backward: its outputs (after the post-op; every layer but the last, whose outputs are the
+/// chain's), and its pre-activations where its op's gradient reads them
+/// ([`PostOp::gradient_reads_pre`](super::PostOp::gradient_reads_pre)). Each is
+/// `out_features` values from that column.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SavedColumns {
+    pub outputs: Option<usize>,
+    pub pre: Option<usize>,
+}
+
+/// Each layer's [`SavedColumns`]: the hidden layers' outputs side by side, then the
+/// pre-activations kept, layer after layer; and the width of a row.
+pub fn saved_columns(layers: &[LayerDesc]) -> (Vec<SavedColumns>, usize) {
+    let last = layers.len().saturating_sub(1);
+    // Saturating: a chain too large for memory asks for more than any buffer holds.
+    let mut width = 0usize;
+    let mut columns: Vec<SavedColumns> = layers
         .iter()
-        .fold(0, |width, layer| width.saturating_add(layer.out_features))
+        .enumerate()
+        .map(|(index, layer)| {
+            let outputs = (index < last).then_some(width);
+            if index < last {
+                width = width.saturating_add(layer.out_features);
+            }
+            SavedColumns { outputs, pre: None }
+        })
+        .collect();
+    for (column, layer) in columns.iter_mut().zip(layers) {
+        if layer.post_op.gradient_reads_pre() {
+            column.pre = Some(width);
+            width = width.saturating_add(layer.out_features);
+        }
+    }
+    (columns, width)
+}
+
+/// The width of a row of the `saved` buffer of [`forward_rows`] (see [`saved_columns`]).
+pub fn saved_width(layers: &[LayerDesc]) -> usize {
+    saved_columns(layers).1
 }
 
 /// Panics unless the chain, buffers and packing agree; after it, every pointer the loop nest
 /// forms stays inside its slice. Which form each layer takes is the cost model's business; what
 /// is checked here is only what the register tiles rely on.
-fn check_chain<W, T>(
+pub(super) fn check_chain<W, T>(
     shape: &TileShape,
     chain: &Packed<'_, W, T>,
     input: &[T],
     output: &[T],
-    scratch: &[T],
     saved: Option<&[T]>,
 ) -> usize {
     let layers = chain.layers;
@@ -125,10 +157,6 @@ fn check_chain<W, T>(
             "packed bias in the buffer"
         );
     }
-    assert!(
-        scratch.len() >= scratch_len(shape, chain, rows),
-        "scratch is large enough"
-    );
     rows
 }
 
@@ -140,9 +168,12 @@ fn check_chain<W, T>(
 /// row tile by row tile when the panels fit L1), then its dot-form outputs. Hidden activations
 /// go to `scratch` (two ping-pong buffers that stay in L1/L2), never to the caller.
 ///
-/// With `saved` (`rows x` [`saved_width`]), each row also keeps every layer's outputs but the
-/// last's, after the post-op, layer after layer, for a backward; such a call runs every row in
-/// registers of outputs (rows in the lanes would leave them transposed).
+/// With `saved` (`rows x` [`saved_width`]), each row also keeps what a backward reads
+/// ([`saved_columns`]): every layer's outputs but the last's, and the pre-activations of the
+/// layers whose op's gradient reads them (such a layer's tiles then store its Linear, which is
+/// kept before the op's pass over the stored values: the same function of the same values as in
+/// the tiles, so the same bits). Such a call runs every row in registers of outputs (rows in the
+/// lanes would leave them transposed).
 ///
 /// # Safety
 /// The CPU supports `V`'s ISA, and `shape.lanes == V::LANES`, `shape.mr == MR`,
@@ -160,7 +191,11 @@ pub unsafe fn forward_rows<V: LoadFrom<W>, W, const MR: usize, const NV_MAX: usi
     assert!(shape.lanes == V::LANES && shape.mr == MR && shape.nv_max == NV_MAX);
     assert!(shape.half_lanes == 0 || shape.half_lanes == V::HALF_LANES);
     assert!(MR <= 8 && NV_MAX <= 4 && shape.block_rows.is_multiple_of(MR));
-    let rows = check_chain(shape, &chain, input, output, scratch, saved.as_deref());
+    let rows = check_chain(shape, &chain, input, output, saved.as_deref());
+    assert!(
+        scratch.len() >= scratch_len(shape, &chain, rows),
+        "scratch is large enough"
+    );
     let layers = chain.layers;
     if rows == 0 {
         return;
@@ -199,7 +234,7 @@ pub unsafe fn forward_rows<V: LoadFrom<W>, W, const MR: usize, const NV_MAX: usi
     let widest = layers.iter().map(|l| l.padded_out).max().unwrap_or(0);
     let (ping, rest) = scratch.split_at_mut(block_rows * widest);
     let pong = &mut rest[..block_rows * widest];
-    let saved_width = saved_width(layers);
+    let (saved_columns, saved_width) = saved_columns(layers);
 
     for block_start in (0..rows).step_by(block_rows) {
         let block = block_rows.min(rows - block_start);
@@ -208,9 +243,14 @@ pub unsafe fn forward_rows<V: LoadFrom<W>, W, const MR: usize, const NV_MAX: usi
         let mut src: *const V::Elem = block_input.as_ptr();
         let mut src_stride = layers[0].in_features;
         let mut into_ping = true;
-        let mut saved_at = 0;
         for (index, layer) in layers.iter().enumerate() {
             let is_last = index == last_index;
+            let columns = saved_columns[index];
+            let keeps_pre = saved.is_some() && columns.pre.is_some();
+            let linear = LayerDesc {
+                post_op: PostOp::Identity,
+                ..*layer
+            };
             let direct = is_last && layer.padded_out == layer.out_features;
             let (dst, dst_stride): (*mut V::Elem, usize) = if direct {
                 let block_output =
@@ -222,7 +262,7 @@ pub unsafe fn forward_rows<V: LoadFrom<W>, W, const MR: usize, const NV_MAX: usi
                 (pong.as_mut_ptr(), layer.padded_out)
             };
             let at = Placement {
-                layer,
+                layer: if keeps_pre { &linear } else { layer },
                 weights: chain.weights,
                 biases: chain.biases,
                 rows: block,
@@ -241,17 +281,26 @@ pub unsafe fn forward_rows<V: LoadFrom<W>, W, const MR: usize, const NV_MAX: usi
                 layer_block::<V, W, MR, NV_MAX>(&at);
                 dot_layer_block::<V, W>(&at);
             };
-            if let (Some(saved), false) = (saved.as_deref_mut(), is_last) {
-                let hidden = if into_ping { &ping[..] } else { &pong[..] };
-                let out = layer.out_features;
+            if let Some(saved) = saved.as_deref_mut() {
                 let block_saved = &mut saved[block_start * saved_width..][..block * saved_width];
-                for (saved_row, row) in block_saved
-                    .chunks_exact_mut(saved_width)
-                    .zip(hidden.chunks_exact(layer.padded_out))
-                {
-                    saved_row[saved_at..][..out].copy_from_slice(&row[..out]);
+                let out = layer.out_features;
+                // SAFETY: `dst` holds `block` rows of `out` values `dst_stride` apart, as
+                // written above; no slice into it is alive.
+                let computed = |row: usize| unsafe {
+                    std::slice::from_raw_parts(dst.add(row * dst_stride), out)
+                };
+                if let Some(pre) = columns.pre {
+                    for (row, saved_row) in block_saved.chunks_exact_mut(saved_width).enumerate() {
+                        saved_row[pre..][..out].copy_from_slice(computed(row));
+                    }
+                    // SAFETY: as for the tiles above, whose outputs these are.
+                    unsafe { (epilogue.values)(layer.post_op, dst, dst_stride, block, out) };
                 }
-                saved_at += out;
+                if let Some(outputs) = columns.outputs {
+                    for (row, saved_row) in block_saved.chunks_exact_mut(saved_width).enumerate() {
+                        saved_row[outputs..][..out].copy_from_slice(computed(row));
+                    }
+                }
             }
             if is_last && !direct {
                 let hidden = if into_ping { &ping[..] } else { &pong[..] };
@@ -348,10 +397,9 @@ unsafe fn forward_rows_in_lanes<V: LoadFrom<W>, W, const MR: usize, const NV_MAX
                         lda,
                         k: layer.in_features,
                         panel: src,
-                        panel_width: block,
+                        panel_stride: block,
                         last_lanes: V::LANES,
-                        bias: chain.biases.as_ptr().add(layer.bias_at + first),
-                        bias_per_row: true,
+                        seed: Seed::RowBias(chain.biases.as_ptr().add(layer.bias_at + first)),
                         post_op: layer.post_op,
                         epilogue,
                         out: dst.add(first * block),
@@ -382,7 +430,7 @@ unsafe fn forward_rows_in_lanes<V: LoadFrom<W>, W, const MR: usize, const NV_MAX
 /// `src` is valid for reading `rows` rows of `cols` values `lds` apart, `dst` for writing `cols`
 /// rows of `rows` values `ldd` apart, not overlapping `src`; the CPU supports the ISA.
 #[inline(always)]
-unsafe fn transpose<V: SimdVec>(
+pub(super) unsafe fn transpose<V: SimdVec>(
     src: *const V::Elem,
     lds: usize,
     rows: usize,
@@ -418,7 +466,7 @@ unsafe fn transpose<V: SimdVec>(
 /// # Safety
 /// As at the call in [`forward_rows`].
 #[inline(always)]
-unsafe fn layer_block<V: LoadFrom<W>, W, const MR: usize, const NV_MAX: usize>(
+pub(super) unsafe fn layer_block<V: LoadFrom<W>, W, const MR: usize, const NV_MAX: usize>(
     at: &Placement<'_, W, V::Elem>,
 ) {
     let (layer, rows) = (at.layer, at.rows);
@@ -450,7 +498,7 @@ unsafe fn layer_block<V: LoadFrom<W>, W, const MR: usize, const NV_MAX: usize>(
 /// # Safety
 /// As at the call in [`forward_rows`].
 #[inline(always)]
-unsafe fn dot_layer_block<V: LoadFrom<W>, W>(at: &Placement<'_, W, V::Elem>) {
+pub(super) unsafe fn dot_layer_block<V: LoadFrom<W>, W>(at: &Placement<'_, W, V::Elem>) {
     let layer = at.layer;
     let padded_in = padded(layer.in_features, V::LANES);
     for row in (0..at.rows).step_by(DOT_ROWS) {
@@ -483,18 +531,18 @@ unsafe fn dot_layer_block<V: LoadFrom<W>, W>(at: &Placement<'_, W, V::Elem>) {
 
 /// One layer's operands for a block of rows: where its inputs, packed weights and outputs are.
 #[derive(Clone, Copy)]
-struct Placement<'a, W, T> {
-    layer: &'a LayerDesc,
-    weights: &'a [W],
-    biases: &'a [T],
-    rows: usize,
-    src: *const T,
-    src_stride: usize,
-    dst: *mut T,
-    dst_stride: usize,
+pub(super) struct Placement<'a, W, T> {
+    pub(super) layer: &'a LayerDesc,
+    pub(super) weights: &'a [W],
+    pub(super) biases: &'a [T],
+    pub(super) rows: usize,
+    pub(super) src: *const T,
+    pub(super) src_stride: usize,
+    pub(super) dst: *mut T,
+    pub(super) dst_stride: usize,
     /// `dst` is the caller's output, possibly far from cache (not the L1/L2 scratch).
-    dst_is_output: bool,
-    epilogue: StoredEpilogue<T>,
+    pub(super) dst_is_output: bool,
+    pub(super) epilogue: StoredEpilogue<T>,
 }
 
 /// The register tile at row `row` and output column `col` of a layer block.
@@ -521,10 +569,9 @@ unsafe fn tile_at<V: LoadFrom<W>, W, const MR: usize, const NV_MAX: usize>(
                 .weights
                 .as_ptr()
                 .add(layer.weights_at + col * layer.in_features),
-            panel_width: width,
+            panel_stride: width,
             last_lanes: width - (nv - 1) * V::LANES,
-            bias: at.biases.as_ptr().add(layer.bias_at + col),
-            bias_per_row: false,
+            seed: Seed::ColumnBias(at.biases.as_ptr().add(layer.bias_at + col)),
             post_op: layer.post_op,
             epilogue: at.epilogue,
             out: at.dst.add(row * at.dst_stride + col),

@@ -24,8 +24,10 @@ macro_rules! target_kernels {
         pub fn $name() -> $crate::kernels::Kernel<$weight, $elem> {
             use $crate::kernels::epilogue::{apply_to_stored_tile, apply_to_stored_values};
             use $crate::kernels::{
-                fma_loop, forward_rows, Kernel, Packed, PostOp, SimdVec, StoredEpilogue, TileShape,
+                backward_rows, fma_loop, forward_rows, BackwardCalls, BackwardInputs, Kernel, Packed,
+                PostOp, SimdVec, StoredEpilogue, TileShape,
             };
+            use $crate::kernels::microkernel::{tile_rows, Tile};
             type Elem = <$register as SimdVec>::Elem;
 
             /// # Safety
@@ -86,6 +88,47 @@ macro_rules! target_kernels {
             }
 
             /// # Safety
+            /// As [`tile_rows`]'s.
+            $(#[$attribute])?
+            #[inline(never)]
+            unsafe fn backward_tile(rows: usize, registers: usize, tile: &Tile<Elem, Elem, Elem>) {
+                // SAFETY: forwarded from the caller.
+                unsafe { tile_rows::<$register, Elem, Elem>(rows, registers, tile) }
+            }
+
+            /// # Safety
+            /// The CPU supports the ISA's features; `backward_rows` checks everything else.
+            $(#[$attribute])?
+            unsafe fn backward(
+                shape: &TileShape,
+                chain: Packed<'_, $weight, Elem>,
+                inputs: &BackwardInputs<'_, Elem>,
+                grad_input: Option<&mut [Elem]>,
+                grads: &mut [Elem],
+                scratch: &mut [Elem],
+            ) {
+                // SAFETY: the caller guarantees the features; `backward_rows` checks the rest.
+                unsafe {
+                    backward_rows::<$register, $weight, { $mr }, { $nv_max }>(
+                        shape,
+                        chain,
+                        inputs,
+                        grad_input,
+                        grads,
+                        scratch,
+                        // Opaque, as in `forward`.
+                        std::hint::black_box(BackwardCalls {
+                            tile: backward_tile,
+                            epilogue: StoredEpilogue {
+                                tile: stored_tile,
+                                values: stored_values,
+                            },
+                        }),
+                    )
+                }
+            }
+
+            /// # Safety
             /// The CPU supports the ISA's features.
             $(#[$attribute])?
             unsafe fn peak(iterations: usize, seed: &[Elem]) -> Elem {
@@ -105,6 +148,7 @@ macro_rules! target_kernels {
             Kernel {
                 shape: TileShape::for_register::<$register>($mr, $nv_max),
                 forward,
+                backward,
                 peak,
                 peak_half: (half_register_lanes > 0).then_some(peak_half as _),
                 half_register_lanes,

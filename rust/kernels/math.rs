@@ -140,7 +140,7 @@ unsafe fn expm1_reduced<V: SimdVec>(r: V) -> V {
 /// # Safety
 /// The CPU supports `V`'s ISA.
 #[inline(always)]
-unsafe fn exp_nonpositive<V: SimdVec>(hi: V, lo: Option<V>) -> V {
+pub(super) unsafe fn exp_nonpositive<V: SimdVec>(hi: V, lo: Option<V>) -> V {
     // SAFETY: forwarded from the caller.
     unsafe {
         let lower = V::constant(V::Elem::MATH.exp_lower);
@@ -238,13 +238,23 @@ pub(super) unsafe fn tanh<V: SimdVec>(x: V) -> V {
     }
 }
 
-/// `x Phi(x)`, `Phi` the standard normal CDF: `Phi(-|x|)` from its fitted tail, and
-/// `Phi(|x|) = 1 - Phi(-|x|)`.
+/// `x Phi(x)`, `Phi` the standard normal CDF (see [`normal_cdf`]).
 ///
 /// # Safety
 /// The CPU supports `V`'s ISA.
 #[inline(always)]
 pub(super) unsafe fn gelu<V: SimdVec>(x: V) -> V {
+    // SAFETY: forwarded from the caller.
+    unsafe { x.mul(normal_cdf(x).0) }
+}
+
+/// `(Phi(x), exp(-x^2 / 2))`: `Phi(-|x|)` from its fitted tail, `Phi(|x|) = 1 - Phi(-|x|)`, and
+/// the Gaussian that tail is a multiple of (GELU's gradient needs it too).
+///
+/// # Safety
+/// The CPU supports `V`'s ISA.
+#[inline(always)]
+pub(super) unsafe fn normal_cdf<V: SimdVec>(x: V) -> (V, V) {
     let c = &V::Elem::MATH;
     // SAFETY: forwarded from the caller.
     unsafe {
@@ -259,7 +269,8 @@ pub(super) unsafe fn gelu<V: SimdVec>(x: V) -> V {
         let minus_half = splat_f64::<V>(-0.5);
         let gaussian = exp_nonpositive(square.mul(minus_half), Some(square_error.mul(minus_half)));
         let lower = gaussian.mul(tail);
-        x.mul(x.select_lt(V::zero(), lower, splat_f64::<V>(1.0).sub(lower)))
+        let cdf = x.select_lt(V::zero(), lower, splat_f64::<V>(1.0).sub(lower));
+        (cdf, gaussian)
     }
 }
 

@@ -124,13 +124,12 @@ pub(super) struct Tile<A, B, T> {
     pub(super) lda: usize,
     pub(super) k: usize,
     pub(super) panel: *const B,
-    /// Values per panel row: the outputs this tile computes from real weights.
-    pub(super) panel_width: usize,
+    /// Values from one panel row to the next: the panel's width where it is packed, a matrix's
+    /// row length where the panel is a slice of its columns (the backward's products).
+    pub(super) panel_stride: usize,
     /// Lanes of the last register that have weights (`1..=LANES`); the rest load as zeros.
     pub(super) last_lanes: usize,
-    pub(super) bias: *const T,
-    /// One bias value per tile row (broadcast along it), rather than one per output column.
-    pub(super) bias_per_row: bool,
+    pub(super) seed: Seed<T>,
     /// Applied to every output.
     pub(super) post_op: PostOp,
     pub(super) epilogue: StoredEpilogue<T>,
@@ -140,13 +139,27 @@ pub(super) struct Tile<A, B, T> {
     pub(super) prefetch_out: bool,
 }
 
+/// What a register tile's accumulators start from.
+#[derive(Clone, Copy)]
+pub(super) enum Seed<T> {
+    /// One bias value per output column: `nv * LANES` values (only those of real weights where
+    /// the last register runs in its half).
+    ColumnBias(*const T),
+    /// One bias value per tile row, broadcast along it (rows in the lanes).
+    RowBias(*const T),
+    /// Zeros: a product without a bias (the backward's input gradients).
+    Zero,
+    /// The outputs as they are, so the products add to them (weight gradients summed block
+    /// after block); the output rows are readable for `nv` whole registers.
+    Output,
+}
+
 /// Picks the register tile for a run-time row count (`1..=8`) and width (`1..=4` registers).
 ///
 /// # Safety
-/// `tile` points at `rows` valid input rows, a panel of `k` rows of `panel_width` values (which
-/// `nv` registers cover), `nv * LANES` bias values (only `panel_width` where the last register
-/// runs in its half; `rows` with `bias_per_row`), and room for
-/// the outputs.
+/// `tile` points at `rows` valid input rows, a panel of `k` rows `panel_stride` apart, each of
+/// `(nv - 1) * LANES + last_lanes` readable values, the values its [`Seed`] reads, and room
+/// for the outputs.
 #[inline(always)]
 pub(super) unsafe fn tile_rows<V: LoadFrom<A> + LoadFrom<B>, A, B>(
     rows: usize,
@@ -157,9 +170,11 @@ pub(super) unsafe fn tile_rows<V: LoadFrom<A> + LoadFrom<B>, A, B>(
     // then write `HALF_LANES` values, which the row has room for: packing pads the row to whole
     // registers, or ends the panels at a whole register or at one plus `V::HALF_LANES`
     // (`TileShape::dot_from`, with `forward_rows` asserting `half_lanes` is 0 or
-    // `V::HALF_LANES`, and `check_chain` that the packing follows the shape); rows-in-lanes
-    // tiles (one bias per row) are always whole registers.
-    let half = V::HALF_LANES > 0 && tile.last_lanes <= V::HALF_LANES && !tile.bias_per_row;
+    // `V::HALF_LANES`, and `check_chain` that the packing follows the shape), and the
+    // backward's buffers are rows of whole registers; rows-in-lanes tiles (one bias per row)
+    // are always whole registers.
+    let row_bias = matches!(tile.seed, Seed::RowBias(_));
+    let half = V::HALF_LANES > 0 && tile.last_lanes <= V::HALF_LANES && !row_bias;
     // SAFETY: forwarded from the caller.
     unsafe {
         match (nv, half) {
@@ -207,7 +222,7 @@ unsafe fn tile_width<V: LoadFrom<A> + LoadFrom<B>, A, B, const NV: usize, const 
     }
 }
 
-/// The microkernel: `R x NV` registers of accumulators seeded with the bias, one broadcast of an
+/// The microkernel: `R x NV` registers of accumulators seeded as [`Seed`] says, one broadcast of an
 /// input value and `NV` panel loads per step of `k`, the post-op applied in registers. With
 /// `KS > 1`, consecutive steps of `k` go to `KS` separate accumulator sets, added up before the
 /// post-op.
@@ -227,27 +242,39 @@ unsafe fn register_tile<
     tile: &Tile<A, B, V::Elem>,
 ) {
     let lanes = V::LANES;
-    let step = tile.panel_width;
+    let step = tile.panel_stride;
     // SAFETY: the caller guarantees the ISA and that `R` rows of `k` inputs, `k` panel rows of
-    // `panel_width` values, `NV * LANES` bias values (`panel_width` with `HALF`; `R` per row)
-    // and `R` output rows are in
+    // `(NV - 1) * LANES + last_lanes` values, the seed's values (`NV * LANES` column biases,
+    // `(NV - 1) * LANES + last_lanes` with
+    // `HALF`; `R` row biases; `R` output rows of `NV` registers) and `R` output rows are in
     // bounds; the split loop reads steps `0..k / KS * KS` and the tail loop the rest, so every
-    // `k` index is `< k`; `panel_row` reads only `panel_width` values of a panel row.
+    // `k` index is `< k`; `panel_row` reads only those values of a panel row.
     unsafe {
         let mut acc = [[[V::zero(); NV]; R]; KS];
-        if tile.bias_per_row {
-            for (r, row) in acc[0].iter_mut().enumerate() {
-                *row = [V::splat(tile.bias.add(r)); NV];
+        match tile.seed {
+            Seed::RowBias(bias) => {
+                for (r, row) in acc[0].iter_mut().enumerate() {
+                    *row = [V::splat(bias.add(r)); NV];
+                }
             }
-        } else {
-            for v in 0..NV {
-                let bias = if HALF && v == NV - 1 {
-                    V::load_partial(tile.bias.add(v * lanes), tile.last_lanes)
-                } else {
-                    V::load(tile.bias.add(v * lanes))
-                };
-                for row in acc[0].iter_mut() {
-                    row[v] = bias;
+            Seed::ColumnBias(bias) => {
+                for v in 0..NV {
+                    let bias = if HALF && v == NV - 1 {
+                        V::load_partial(bias.add(v * lanes), tile.last_lanes)
+                    } else {
+                        V::load(bias.add(v * lanes))
+                    };
+                    for row in acc[0].iter_mut() {
+                        row[v] = bias;
+                    }
+                }
+            }
+            Seed::Zero => {}
+            Seed::Output => {
+                for (r, row) in acc[0].iter_mut().enumerate() {
+                    for (v, value) in row.iter_mut().enumerate() {
+                        *value = V::load(tile.out.add(r * tile.ldo + v * lanes));
+                    }
                 }
             }
         }

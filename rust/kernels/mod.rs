@@ -46,7 +46,8 @@
 //!   which writes every ISA's thin `#[target_feature]` entry points from one list;
 //! - `layout.rs`: [`TileShape`], [`LayerDesc`], [`Packed`]: what packing and kernels agree on;
 //! - `chain.rs`: the loop nests (panels and dot form, rows in the lanes), generic over
-//!   [`SimdVec`], written once;
+//!   [`SimdVec`], written once; `backward.rs`: the backward's, on the same register tiles, and
+//!   `gradient.rs`: the post-ops' gradients;
 //! - `microkernel.rs`: the register tiles; `epilogue.rs`: the post-ops, in the math of
 //!   `math.rs` (its polynomials in `coefficients.rs`); `peak.rs`: the FMA loop that measures the
 //!   ceiling;
@@ -59,9 +60,11 @@
 #[macro_use]
 mod entry_points;
 
+mod backward;
 mod chain;
 mod coefficients;
 mod epilogue;
+mod gradient;
 mod layout;
 mod math;
 mod microkernel;
@@ -80,7 +83,9 @@ use std::fmt::Debug;
 use std::ops::{Add, Div, Mul, Neg, Sub};
 
 pub use crate::ops::PostOp;
-pub use chain::{forward_rows, saved_width, scratch_len};
+use backward::{backward_rows, BackwardCalls};
+pub use backward::{backward_scratch_len, gradient_layout, BackwardInputs, GradientAt};
+pub use chain::{forward_rows, saved_columns, saved_width, scratch_len, SavedColumns};
 pub use epilogue::StoredEpilogue;
 pub use layout::{padded, LayerDesc, Packed, TileShape, L1_HALF_BYTES};
 pub use math::Constants;
@@ -457,6 +462,21 @@ impl<V: SimdVec> LoadFrom<V::Elem> for V {
 pub type ChainKernel<W, T> =
     unsafe fn(&TileShape, Packed<'_, W, T>, &[T], &mut [T], &mut [T], Option<&mut [T]>);
 
+/// Runs the chain's backward ([`backward_rows`]) on a contiguous run of rows: `(shape, chain,
+/// inputs, grad_input, grads, scratch)`, `scratch` at least [`backward_scratch_len`] elements.
+///
+/// # Safety
+/// The CPU supports the kernel's ISA. (Shapes and lengths are checked, with a panic on
+/// mismatch.)
+pub type ChainBackward<W, T> = unsafe fn(
+    &TileShape,
+    Packed<'_, W, T>,
+    &BackwardInputs<'_, T>,
+    Option<&mut [T]>,
+    &mut [T],
+    &mut [T],
+);
+
 /// Runs [`fma_loop`] for an ISA: `(iterations, seed) -> value`.
 ///
 /// # Safety
@@ -469,6 +489,7 @@ pub type PeakLoop<T> = unsafe fn(usize, &[T]) -> T;
 pub struct Kernel<W: 'static, T: 'static> {
     pub shape: TileShape,
     pub forward: ChainKernel<W, T>,
+    pub backward: ChainBackward<W, T>,
     pub peak: PeakLoop<T>,
     /// [`fma_loop`] with every third chain in a half register, where the register type has one.
     pub peak_half: Option<PeakLoop<T>>,

@@ -1,7 +1,7 @@
 """The fused forward as ``torch.library`` custom ops, which ``torch.compile`` and
 ``torch.export`` keep in their graphs: ``fusedae::chain`` (no autograd: inference) and
-``fusedae::chain_saving``, which also returns every hidden layer's output for its backward
-(``register_autograd``, the torch ops of ``chain_backward``).
+``fusedae::chain_saving``, which also returns what its backward reads, and whose backward
+(``register_autograd``) is ``fusedae::chain_backward``, the native backward.
 
 Both take the chain's tensors and its post-ops (``encode_post_ops``), not a packed native chain:
 the packed chain is looked up in a small cache keyed on the tensors (storage address, version
@@ -24,7 +24,15 @@ import torch
 
 from fusedae import _native
 from fusedae._ops import PostOp
-from fusedae.torch.function import chain_backward, check_input, pack_chain, run, run_saving
+from fusedae.torch.function import (
+    check_input,
+    native_gradients,
+    pack_chain,
+    run,
+    run_saving,
+    saved_columns,
+    split_gradients,
+)
 
 # How many packed chains the ops keep (least recently used goes first): one per chain of the
 # compiled models in use.
@@ -188,9 +196,9 @@ def chain_saving(
     has_bias: list[bool],
     post_ops: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``chain`` that also returns every hidden layer's output (after its post-op), the layers
-    side by side: ``(rows, sum of the hidden widths)``, for its backward; differentiable in
-    ``x``, the weights and the biases (not in the hidden outputs)."""
+    """``chain`` that also returns what its backward reads (``saved_columns``: every hidden
+    layer's output, after its post-op, and the pre-activations the ops' gradients read), ``(rows,
+    width)``; differentiable in ``x``, the weights and the biases (not in ``saved``)."""
     return run_saving(native_chain(x, weights, biases, has_bias, post_ops), x)
 
 
@@ -204,18 +212,58 @@ def _chain_saving_fake(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _check(x, weights, biases, has_bias, post_ops)
     rows = math.prod(x.shape[:-1])
-    hidden = sum(weight.shape[0] for weight in weights[:-1])
-    return x.new_empty((*x.shape[:-1], weights[-1].shape[0])), x.new_empty((rows, hidden))
+    _, width = saved_columns([weight.shape[0] for weight in weights], decode_post_ops(post_ops))
+    return x.new_empty((*x.shape[:-1], weights[-1].shape[0])), x.new_empty((rows, width))
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     x, weights, biases, has_bias, post_ops = inputs
     y, saved = output
-    ctx.post_ops = decode_post_ops(post_ops)
+    ctx.post_ops_text = post_ops
     ctx.has_bias = tuple(has_bias)
     ctx.layers = len(weights)
     ctx.mark_non_differentiable(saved)
     ctx.save_for_backward(x, y, saved, *weights, *biases)
+
+
+@torch.library.custom_op("fusedae::chain_backward", mutates_args=(), device_types="cpu")
+def chain_backward(
+    grad_output: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    saved: torch.Tensor,
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor],
+    has_bias: list[bool],
+    post_ops: str,
+    needs_x: bool,
+    needs_params: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``chain_saving``'s backward: ``(grad_x, grads)`` from what it returned, ``grad_x`` of
+    ``x``'s shape (empty unless ``needs_x``), ``grads`` 1-d, each layer's weight gradient (``out
+    x in``) then bias gradient (``out``, whether or not it has a bias), zeros where
+    ``needs_params`` is false."""
+    chain = native_chain(x, weights, biases, has_bias, post_ops)
+    grad_x, grads = native_gradients(chain, grad_output, x, y, saved, needs_x, needs_params)
+    return (x.new_empty(0) if grad_x is None else grad_x), grads
+
+
+@chain_backward.register_fake
+def _chain_backward_fake(
+    grad_output: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    saved: torch.Tensor,
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor],
+    has_bias: list[bool],
+    post_ops: str,
+    needs_x: bool,
+    needs_params: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _check(x, weights, biases, has_bias, post_ops)
+    values = sum(weight.shape[0] * (weight.shape[1] + 1) for weight in weights)
+    return x.new_empty(x.shape if needs_x else (0,)), x.new_empty((values,))
 
 
 def _backward(
@@ -223,25 +271,31 @@ def _backward(
 ) -> tuple[Any, ...]:
     x, y, saved, *params = ctx.saved_tensors
     layers, has_bias = ctx.layers, ctx.has_bias
+    weights, biases = params[:layers], params[layers:]
     # Lists of tensors come as lists of flags; an empty list of biases, as one flag.
     needs_x, needs_weights, needs_biases, _, _ = ctx.needs_input_grad
     if not isinstance(needs_biases, list):
         needs_biases = []
     needs_each_bias = iter(needs_biases)
-    grad_x, grad_weights, grad_biases = chain_backward(
+    needs_layer_biases = [flag and next(needs_each_bias) for flag in has_bias]
+    needs_params = [w or b for w, b in zip(needs_weights, needs_layer_biases, strict=True)]
+    grad_x, grads = torch.ops.fusedae.chain_backward(
         grad_output,
         x,
         y,
         saved,
-        params[:layers],
-        layer_biases(params[layers:], has_bias),
-        ctx.post_ops,
+        weights,
+        biases,
+        has_bias,
+        ctx.post_ops_text,
         needs_x,
-        needs_weights,
-        [flag and next(needs_each_bias) for flag in has_bias],
+        needs_params,
+    )
+    grad_weights, grad_biases = split_gradients(
+        grads, weights, layer_biases(biases, has_bias), needs_weights, needs_layer_biases
     )
     return (
-        grad_x,
+        grad_x if needs_x else None,
         grad_weights,
         [grad for grad, flag in zip(grad_biases, has_bias, strict=True) if flag],
         None,

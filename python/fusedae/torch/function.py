@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.autograd.function import FunctionCtx, once_differentiable
 
 from fusedae import _native
 from fusedae._ops import PostOp, post_ops
@@ -103,6 +102,13 @@ def run_saving(chain: _native.Chain, x: torch.Tensor) -> tuple[torch.Tensor, tor
     return _output(chain, x, result), torch.from_numpy(saved)
 
 
+DOUBLE_BACKWARD_ERROR = (
+    "fusedae's fused backward is not differentiable: a double backward (create_graph=True, a "
+    "gradient penalty, gradgradcheck) needs the layers run as plain PyTorch, e.g. "
+    "torch.nn.Sequential(*fused_module)"
+)
+
+
 class FusedMLPFunction(torch.autograd.Function):
     """``y = chain(x)`` through the fused CPU kernel, differentiable in ``x`` and the parameters.
 
@@ -110,20 +116,25 @@ class FusedMLPFunction(torch.autograd.Function):
     ``chain`` packed from exactly these weights and biases (``pack_chain``), ``b_i`` may be
     None, ``activations`` one name or ``PostOp`` per layer (an unknown one is a ValueError).
 
-    The forward keeps every hidden layer's output from the fused pass, so the backward does not
-    compute the forward again: it runs PyTorch's matrix products and each post-op's gradient from
-    the op table on them, so gradients are PyTorch's own formulas. A post-op whose gradient reads
-    its pre-activation (GELU, SiLU, ...; ``Op.gradient_reads_pre``) has that layer's Linear
-    computed again, from the saved input of the layer.
+    The forward keeps what the backward reads from the fused pass (every hidden layer's
+    output, and the pre-activations of the layers whose op's gradient reads them:
+    ``Chain.saved_columns``), so nothing is computed twice; the backward is one call of the
+    native kernel (``native_backward``), which returns the input's gradient and every wanted
+    layer's weight and bias gradients, each post-op's gradient in PyTorch's formula.
     """
 
+    # The old style (`forward(ctx, ...)`, no `setup_context`): with `setup_context`, every
+    # `apply` binds its arguments to the forward's signature through `inspect` (50 us a call, a
+    # quarter of a batch-1 training step). torch.func transforms do not reach this Function: the
+    # modules run plain PyTorch under them.
     @staticmethod
     def forward(
+        ctx: Any,
         x: torch.Tensor,
         chain: _native.Chain,
         activations: Sequence[str | PostOp],
         *params: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> torch.Tensor:
         ops = post_ops(activations)
         if len(params) != 2 * len(ops):
             raise ValueError(
@@ -131,39 +142,30 @@ class FusedMLPFunction(torch.autograd.Function):
                 f"got {len(params)} tensors"
             )
         check_input(chain, x)
-        return run_saving(chain, x)
-
-    @staticmethod
-    def setup_context(ctx: FunctionCtx, inputs: tuple[Any, ...], output: Any) -> None:
-        x, _chain, activations, *params = inputs
-        y, saved = output
-        ctx.post_ops = post_ops(activations)  # type: ignore[attr-defined]
-        ctx.mark_non_differentiable(saved)
+        y, saved = run_saving(chain, x)
+        ctx.chain = chain
         ctx.set_materialize_grads(False)
+        # `saved` is neither input nor output, so not differentiable through: the backward
+        # refuses to be differentiated (`DOUBLE_BACKWARD_ERROR`).
         ctx.save_for_backward(x, y, saved, *params)
-
-    @classmethod
-    def apply(cls, *args: Any, **kwargs: Any) -> Any:
-        """The chain's output (the hidden outputs the forward also returns stay inside)."""
-        return super().apply(*args, **kwargs)[0]
+        return y
 
     @staticmethod
-    @once_differentiable
-    def backward(
-        ctx: Any, grad_output: torch.Tensor | None, _grad_saved: None
-    ) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: Any, grad_output: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        if torch.is_grad_enabled():
+            raise RuntimeError(DOUBLE_BACKWARD_ERROR)
         x, y, saved, *params = ctx.saved_tensors
         needs = ctx.needs_input_grad
         if grad_output is None:
             return (None,) * len(needs)
-        grad_x, grad_weights, grad_biases = chain_backward(
+        grad_x, grad_weights, grad_biases = native_backward(
+            ctx.chain,
             grad_output,
             x,
             y,
             saved,
             params[0::2],
             params[1::2],
-            ctx.post_ops,
             needs[0],
             needs[3::2],
             needs[4::2],
@@ -172,50 +174,90 @@ class FusedMLPFunction(torch.autograd.Function):
         return (grad_x, None, None, *grads)
 
 
-def chain_backward(
+def saved_columns(
+    out_widths: Sequence[int], ops: Sequence[PostOp]
+) -> tuple[list[tuple[int | None, int | None]], int]:
+    """Where a row of the saving forward's ``saved`` keeps each layer's values, as the native
+    ``Chain.saved_columns`` says (a test holds the two together): per layer ``(outputs, pre)``,
+    the column its outputs start at (every layer but the last) and that of its pre-activations
+    (where its op's gradient reads them), or None; and the row's width. The hidden outputs come
+    first, side by side, then the pre-activations kept, layer after layer."""
+    last = len(out_widths) - 1
+    outputs = list(itertools.accumulate(out_widths[:last], initial=0))
+    width = outputs.pop()
+    columns: list[tuple[int | None, int | None]] = []
+    for index, (out, op) in enumerate(zip(out_widths, ops, strict=True)):
+        pre = None
+        if op.op.gradient_reads_pre:
+            pre, width = width, width + out
+        columns.append((outputs[index] if index < last else None, pre))
+    return columns, width
+
+
+def native_backward(
+    chain: _native.Chain,
     grad_output: torch.Tensor,
     x: torch.Tensor,
     y: torch.Tensor,
     saved: torch.Tensor,
     weights: Sequence[torch.Tensor],
     biases: Sequence[torch.Tensor | None],
-    ops: Sequence[PostOp],
     needs_x: bool,
     needs_weights: Sequence[bool],
     needs_biases: Sequence[bool],
 ) -> tuple[torch.Tensor | None, list[torch.Tensor | None], list[torch.Tensor | None]]:
-    """The gradients of a chain's input, weights and biases (each None where not needed) from
-    ``grad_output``, in torch ops on what the saving forward (``run_saving``) kept: its input
-    ``x``, output ``y`` and hidden outputs ``saved``. The backward of ``FusedMLPFunction`` and
-    of the ``fusedae::chain_saving`` custom op (traceable: torch ops only)."""
-    # Each layer's output: the hidden ones side by side in `saved`, the last one `y`.
-    bounds = itertools.accumulate((weight.shape[0] for weight in weights[:-1]), initial=0)
-    posts = [saved[:, start:end] for start, end in itertools.pairwise(bounds)]
-    posts.append(y.reshape(-1, y.shape[-1]))
-    inputs = [x.reshape(-1, x.shape[-1]), *posts[:-1]]
-    grad = grad_output.reshape(-1, grad_output.shape[-1])
-    grad_weights: list[torch.Tensor | None] = [None] * len(weights)
-    grad_biases: list[torch.Tensor | None] = [None] * len(weights)
-    for index in reversed(range(len(weights))):
-        op = ops[index]
-        pre = (
-            torch.nn.functional.linear(inputs[index], weights[index], biases[index])
-            if op.op.gradient_reads_pre
-            else None
-        )
-        grad = op.torch_gradient(grad, pre, posts[index])
-        if needs_weights[index]:
-            weight = weights[index]
-            # The product with the fewer output rows, transposed where that is the input's side:
-            # (42, 4096) @ (4096, 784) runs 12% faster than (784, 4096) @ (4096, 42) here.
-            if weight.shape[0] > weight.shape[1]:
-                grad_weights[index] = inputs[index].t().mm(grad).t()
-            else:
-                grad_weights[index] = grad.t().mm(inputs[index])
-        if biases[index] is not None and needs_biases[index]:
-            grad_biases[index] = grad.sum(0)
-        if index == 0 and not needs_x:
-            break
-        grad = grad.mm(weights[index])
-    grad_x = grad.reshape(x.shape) if needs_x else None
+    """The gradients of the chain's input, weights and biases (None where not needed) from
+    ``grad_output`` and what ``run_saving`` kept, in one call of the native kernel."""
+    needs_params = [
+        needs_weight or (bias is not None and needs_bias)
+        for needs_weight, bias, needs_bias in zip(needs_weights, biases, needs_biases, strict=True)
+    ]
+    grad_x, grads = native_gradients(chain, grad_output, x, y, saved, needs_x, needs_params)
+    grad_weights, grad_biases = split_gradients(grads, weights, biases, needs_weights, needs_biases)
     return grad_x, grad_weights, grad_biases
+
+
+def native_gradients(
+    chain: _native.Chain,
+    grad_output: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    saved: torch.Tensor,
+    needs_x: bool,
+    needs_params: Sequence[bool],
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The native backward's ``(grad_x or None, grads)``: ``grads`` 1-d, each layer's weight
+    gradient then bias gradient (see ``Chain._backward_dlpack``)."""
+    x = _kernel_input(chain, x)
+    grad = grad_output.resolve_neg().resolve_conj().contiguous()
+    grad_x, grads = chain._backward_dlpack(
+        to_dlpack(x), to_dlpack(saved), to_dlpack(y), to_dlpack(grad), list(needs_params), needs_x
+    )
+    grad_input = None if grad_x is None else torch.from_numpy(grad_x).reshape(x.shape)
+    return grad_input, torch.from_numpy(grads).reshape(-1)
+
+
+def split_gradients(
+    flat: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor | None],
+    needs_weights: Sequence[bool],
+    needs_biases: Sequence[bool],
+) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
+    """The native backward's one array of gradients as each weight's and bias's (views of it),
+    None where not needed."""
+    grad_weights: list[torch.Tensor | None] = []
+    grad_biases: list[torch.Tensor | None] = []
+    start = 0
+    for weight, bias, needs_weight, needs_bias in zip(
+        weights, biases, needs_weights, needs_biases, strict=True
+    ):
+        out_features, in_features = weight.shape
+        end = start + out_features * in_features
+        grad_weights.append(
+            flat[start:end].view(out_features, in_features) if needs_weight else None
+        )
+        start, end = end, end + out_features
+        grad_biases.append(flat[start:end] if bias is not None and needs_bias else None)
+        start = end
+    return grad_weights, grad_biases

@@ -1,0 +1,310 @@
+//! The chain's backward, block of rows by block of rows, last layer first, with the forward's
+//! register tiles (generic over [`SimdVec`], written once; the ISA files only wrap
+//! [`backward_rows`]). For layer `i`, with `g` the gradient of its outputs:
+//!
+//! - `delta = g * op'(...)`, from the outputs the forward kept (or its pre-activations, where
+//!   the op's gradient reads them), and the bias gradient as `delta`'s column sums
+//!   (`gradient.rs`);
+//! - the weight gradient `delta^T a` (`a` the layer's inputs) added to the caller's buffer:
+//!   tiles of `MR` outputs by registers of inputs, `k` running over the block's rows, `delta`
+//!   transposed so each step broadcasts one value per tile row, as the forward does;
+//! - the inputs' gradient `delta W`, with the caller's row-major `W` as the panel: its rows are
+//!   `k`-major already, so the backward packs nothing.
+
+use super::chain::{check_chain, saved_columns, transpose};
+use super::gradient::{column_sums, delta_rows};
+use super::microkernel::{Seed, Tile};
+use super::{padded, LayerDesc, LoadFrom, Packed, PostOp, StoredEpilogue, TileShape};
+
+/// The backward's register tile, out of line, compiled once per ISA (`target_kernels!`):
+/// inlined at each call, its hundreds of instances took the crate's build from 2.5 to 8
+/// minutes, and each tile runs long enough (`k` = a block of rows, or a layer's outputs) for a
+/// call not to count.
+#[derive(Clone, Copy)]
+pub(super) struct BackwardCalls<T: 'static> {
+    /// [`tile_rows`](super::microkernel::tile_rows): `(rows, registers, tile)`.
+    pub(super) tile: unsafe fn(usize, usize, &Tile<T, T, T>),
+    /// The post-ops' passes, for the tiles (whose post-op is the identity: never called).
+    pub(super) epilogue: StoredEpilogue<T>,
+}
+
+/// What a backward reads: the forward's input, kept activations ([`saved_columns`]) and
+/// output, the gradient of that output, and each layer's weight as the model holds it.
+#[derive(Clone, Copy, Debug)]
+pub struct BackwardInputs<'a, T> {
+    pub input: &'a [T],
+    pub saved: &'a [T],
+    pub output: &'a [T],
+    pub grad_output: &'a [T],
+    /// Layer `i`'s weight, `out x in` row-major (`nn.Linear.weight`): the values the chain was
+    /// packed from.
+    pub weights: &'a [&'a [T]],
+    /// Whether layer `i`'s weight and bias gradients are wanted.
+    pub needs_params: &'a [bool],
+}
+
+/// Where one layer's gradients sit in a gradient buffer ([`gradient_layout`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GradientAt {
+    /// The weight gradient: `out` rows of `weight_stride` values, the first `in` of them real.
+    pub weight_at: usize,
+    pub weight_stride: usize,
+    /// The bias gradient: `out` values (padded to whole registers).
+    pub bias_at: usize,
+}
+
+/// Each layer's place in a gradient buffer for registers of `lanes`, and the buffer's length:
+/// rows padded to whole registers, so the tiles load and store whole registers.
+pub fn gradient_layout(layers: &[LayerDesc], lanes: usize) -> (Vec<GradientAt>, usize) {
+    let mut len = 0usize;
+    let places = layers
+        .iter()
+        .map(|layer| {
+            let weight_stride = padded(layer.in_features, lanes);
+            let weight_at = len;
+            let bias_at = weight_at + layer.out_features * weight_stride;
+            len = bias_at + padded(layer.out_features, lanes);
+            GradientAt {
+                weight_at,
+                weight_stride,
+                bias_at,
+            }
+        })
+        .collect();
+    (places, len)
+}
+
+/// Scratch elements [`backward_rows`] needs for `rows` rows: three blocks of the widest layer.
+pub fn backward_scratch_len(shape: &TileShape, layers: &[LayerDesc], rows: usize) -> usize {
+    rows.min(shape.block_rows)
+        .saturating_mul(widest(layers, shape.lanes))
+        .saturating_mul(3)
+}
+
+/// The most values a row of any layer's inputs or outputs takes, padded to whole registers.
+fn widest(layers: &[LayerDesc], lanes: usize) -> usize {
+    layers
+        .iter()
+        .map(|l| padded(l.in_features.max(l.out_features), lanes))
+        .max()
+        .unwrap_or(0)
+}
+
+/// The backward of `chain` over a contiguous run of rows: `grad_input` (if wanted) gets the
+/// input's gradient, and `grads` ([`gradient_layout`]) has each wanted layer's weight and bias
+/// gradients over these rows added to it. Layers below the lowest one whose gradients are
+/// wanted are skipped (with no `grad_input`).
+///
+/// # Safety
+/// The CPU supports `V`'s ISA, and `shape.lanes == V::LANES`, `shape.mr == MR`,
+/// `shape.nv_max == NV_MAX`; `calls` are that ISA's. (Shapes and lengths are
+/// checked, with a panic on mismatch.)
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub(super) unsafe fn backward_rows<V: LoadFrom<W>, W, const MR: usize, const NV_MAX: usize>(
+    shape: &TileShape,
+    chain: Packed<'_, W, V::Elem>,
+    inputs: &BackwardInputs<'_, V::Elem>,
+    mut grad_input: Option<&mut [V::Elem]>,
+    grads: &mut [V::Elem],
+    scratch: &mut [V::Elem],
+    calls: BackwardCalls<V::Elem>,
+) {
+    assert!(shape.lanes == V::LANES && shape.mr == MR && shape.nv_max == NV_MAX);
+    assert!(MR <= 8 && NV_MAX <= 4 && shape.block_rows.is_multiple_of(MR));
+    let layers = chain.layers;
+    let rows = check_chain(
+        shape,
+        &chain,
+        inputs.input,
+        inputs.output,
+        Some(inputs.saved),
+    );
+    assert_eq!(
+        inputs.grad_output.len(),
+        inputs.output.len(),
+        "grad_output matches the output"
+    );
+    assert!(
+        inputs.weights.len() == layers.len() && inputs.needs_params.len() == layers.len(),
+        "a weight and a flag per layer"
+    );
+    for (weight, layer) in inputs.weights.iter().zip(layers) {
+        assert_eq!(
+            Some(weight.len()),
+            layer.out_features.checked_mul(layer.in_features),
+            "weights match the layers"
+        );
+    }
+    if let Some(grad_input) = &grad_input {
+        assert_eq!(grad_input.len(), inputs.input.len(), "grad_input matches");
+    }
+    let (places, grads_len) = gradient_layout(layers, V::LANES);
+    assert!(
+        grads.len() >= grads_len,
+        "the gradient buffer holds every layer"
+    );
+    assert!(
+        scratch.len() >= backward_scratch_len(shape, layers, rows),
+        "scratch is large enough"
+    );
+    let lowest = if grad_input.is_some() {
+        0
+    } else {
+        match inputs.needs_params.iter().position(|&needs| needs) {
+            Some(lowest) => lowest,
+            None => return,
+        }
+    };
+    if rows == 0 {
+        return;
+    }
+
+    let block_rows = rows.min(shape.block_rows);
+    let widest = widest(layers, V::LANES);
+    // Two buffers for the deltas and the gradients of the layers' inputs, each written while
+    // the other (or `grad_output`) is read; a delta of an op without a gradient (the identity)
+    // is the gradient itself, wherever it is.
+    let (first_buffer, rest) = scratch.split_at_mut(block_rows * widest);
+    let (second_buffer, rest) = rest.split_at_mut(block_rows * widest);
+    let buffers = [first_buffer.as_mut_ptr(), second_buffer.as_mut_ptr()];
+    let other = |held: *const V::Elem| {
+        if std::ptr::eq(held, buffers[0]) {
+            buffers[1]
+        } else {
+            buffers[0]
+        }
+    };
+    let delta_t = &mut rest[..block_rows * widest];
+    let (columns, saved_width) = saved_columns(layers);
+    let (first_in, last_out) = (layers[0].in_features, layers[layers.len() - 1].out_features);
+    let panel_width = NV_MAX * V::LANES;
+
+    for block_start in (0..rows).step_by(block_rows) {
+        let block = block_rows.min(rows - block_start);
+        let input = &inputs.input[block_start * first_in..][..block * first_in];
+        let saved = &inputs.saved[block_start * saved_width..][..block * saved_width];
+        let output = &inputs.output[block_start * last_out..][..block * last_out];
+        let grad_output = &inputs.grad_output[block_start * last_out..][..block * last_out];
+        // The gradient of the current layer's outputs.
+        let (mut grad, mut ldg): (*const V::Elem, usize) = (grad_output.as_ptr(), last_out);
+        for index in (lowest..layers.len()).rev() {
+            let layer = &layers[index];
+            let (k, out) = (layer.in_features, layer.out_features);
+            // The layer's inputs and outputs as the forward left them.
+            let (below, ld_below) = match index.checked_sub(1).and_then(|i| columns[i].outputs) {
+                Some(at) => (saved[at..].as_ptr(), saved_width),
+                None => (input.as_ptr(), first_in),
+            };
+            // What the op's gradient reads: its pre-activations, or its outputs.
+            let (value, ld_value) = match (columns[index].pre, columns[index].outputs) {
+                (Some(at), _) | (None, Some(at)) => (saved[at..].as_ptr(), saved_width),
+                (None, None) => (output.as_ptr(), last_out),
+            };
+            let needs_params = inputs.needs_params[index];
+            let bias_grad = if needs_params {
+                grads[places[index].bias_at..].as_mut_ptr()
+            } else {
+                std::ptr::null_mut()
+            };
+            // SAFETY: the buffers hold `block` rows at the strides given (checked above and by
+            // `check_chain`); `delta`, `delta_t`, `grad_below` and `pre` each hold `block` rows of
+            // `widest >= padded(width)` values for every width of the chain; the weight panels
+            // are the caller's `out x k` matrices and every tile reads columns `< k` of them
+            // (`last_lanes` masks the rest); the gradient rows are whole registers of
+            // `weight_stride`; the ISA is the caller's guarantee.
+            unsafe {
+                let (delta, ld_delta): (*const V::Elem, usize) =
+                    if matches!(layer.post_op, PostOp::Identity) {
+                        if needs_params {
+                            column_sums::<V>(block, out, grad, ldg, bias_grad);
+                        }
+                        (grad, ldg)
+                    } else {
+                        let delta = other(grad);
+                        let ld_delta = padded(out, V::LANES);
+                        delta_rows::<V>(
+                            layer.post_op,
+                            block,
+                            out,
+                            grad,
+                            ldg,
+                            value,
+                            ld_value,
+                            delta,
+                            ld_delta,
+                            bias_grad,
+                        );
+                        (delta, ld_delta)
+                    };
+                if needs_params {
+                    transpose::<V>(delta, ld_delta, block, out, delta_t.as_mut_ptr(), block);
+                    let place = places[index];
+                    let weight_grad = grads[place.weight_at..].as_mut_ptr();
+                    // Column panel outer: its `block x panel_width` inputs stay in L1 while
+                    // every tile of outputs runs over them.
+                    for col in (0..k).step_by(panel_width) {
+                        let width = panel_width.min(k - col);
+                        let nv = width.div_ceil(V::LANES);
+                        for first in (0..out).step_by(MR) {
+                            let tile = Tile {
+                                a: delta_t.as_ptr().add(first * block),
+                                lda: block,
+                                k: block,
+                                panel: below.add(col),
+                                panel_stride: ld_below,
+                                last_lanes: width - (nv - 1) * V::LANES,
+                                seed: Seed::Output,
+                                post_op: PostOp::Identity,
+                                epilogue: calls.epilogue,
+                                out: weight_grad.add(first * place.weight_stride + col),
+                                ldo: place.weight_stride,
+                                prefetch_out: false,
+                            };
+                            (calls.tile)(MR.min(out - first), nv, &tile);
+                        }
+                    }
+                }
+                if index == lowest && (index > 0 || grad_input.is_none()) {
+                    continue;
+                }
+                let weight = inputs.weights[index].as_ptr();
+                let below_grad = other(delta);
+                let ld_below_grad = padded(k, V::LANES);
+                for row in (0..block).step_by(MR) {
+                    for col in (0..k).step_by(panel_width) {
+                        let width = panel_width.min(k - col);
+                        let nv = width.div_ceil(V::LANES);
+                        let tile = Tile {
+                            a: delta.add(row * ld_delta),
+                            lda: ld_delta,
+                            k: out,
+                            panel: weight.add(col),
+                            panel_stride: k,
+                            last_lanes: width - (nv - 1) * V::LANES,
+                            seed: Seed::Zero,
+                            post_op: PostOp::Identity,
+                            epilogue: calls.epilogue,
+                            out: below_grad.add(row * ld_below_grad + col),
+                            ldo: ld_below_grad,
+                            prefetch_out: false,
+                        };
+                        (calls.tile)(MR.min(block - row), nv, &tile);
+                    }
+                }
+                (grad, ldg) = (below_grad, ld_below_grad);
+            }
+        }
+        if let Some(grad_input) = grad_input.as_deref_mut() {
+            let block_grad = &mut grad_input[block_start * first_in..][..block * first_in];
+            for (row, values) in block_grad.chunks_exact_mut(first_in).enumerate() {
+                // SAFETY: the first layer's loop above left the input's gradient in a scratch
+                // buffer, `block` rows of `first_in` values `ldg` apart, not overlapping
+                // `grad_input`.
+                values.copy_from_slice(unsafe {
+                    std::slice::from_raw_parts(grad.add(row * ldg), first_in)
+                });
+            }
+        }
+    }
+}

@@ -1,0 +1,164 @@
+"""The native backward (`FusedMLPFunction.backward` on CPU): gradients against plain PyTorch in
+float64 (the oracle) for every post-op, dtype, bias or none, `requires_grad` combination and
+batch size; the layout of what the forward keeps for it; double backward's error."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from _tensors import relative_error
+from fusedae import _native
+from fusedae._ops import PostOp, post_op
+from fusedae.torch import FusedMLPFunction, pack_chain
+from fusedae.torch.function import run_saving, saved_columns
+from fusedae.torch.lower import post_op_module
+
+WIDTHS = (9, 42, 5, 42, 9)
+# Where each op's gradient jumps: rows whose pre-activations come this close in float64 are
+# redrawn, so a float32 forward rounding to the other side cannot flip a mask.
+KINK_MARGIN = 1e-4
+
+
+def kinks(op: PostOp) -> tuple[float, ...]:
+    name = op.op.name
+    if name in ("relu", "leaky_relu", "elu"):
+        return (0.0,)
+    if name == "hardtanh":
+        return tuple(op.params)
+    return ()
+
+
+def build(names: tuple[str, ...], bias: bool, dtype: torch.dtype):
+    """`(plain, params, packed, ops)`: the chain as plain modules, its parameters, packed."""
+    ops = [post_op(name) for name in names]
+    layers = [nn.Linear(a, b, bias=bias).to(dtype) for a, b in itertools.pairwise(WIDTHS)]
+    plain = nn.Sequential(
+        *(m for layer, op in zip(layers, ops, strict=True) for m in (layer, post_op_module(op)))
+    )
+    params: list[torch.Tensor | None] = []
+    for layer in layers:
+        params += [layer.weight, layer.bias]
+    packed = pack_chain(params[0::2], params[1::2], ops)
+    return plain, params, packed, ops
+
+
+def away_from_kinks(plain: nn.Sequential, ops, rows: int) -> torch.Tensor:
+    """`rows` random rows whose float64 pre-activations keep `KINK_MARGIN` from every kink."""
+    plain64 = [m.double() if isinstance(m, nn.Linear) else m for m in _copy(plain)]
+    kept = [torch.empty(0, WIDTHS[0], dtype=torch.float64)]
+    while sum(len(k) for k in kept) < rows:
+        x = torch.randn(4 * rows + 8, WIDTHS[0], dtype=torch.float64)
+        ok = torch.ones(len(x), dtype=torch.bool)
+        h = x
+        for index, module in enumerate(plain64):
+            h = module(h)
+            if isinstance(module, nn.Linear):
+                for kink in kinks(ops[index // 2]):
+                    ok &= ((h - kink).abs() > KINK_MARGIN).all(dim=1)
+        kept.append(x[ok])
+    return torch.cat(kept)[:rows]
+
+
+def _copy(plain: nn.Sequential) -> list[nn.Module]:
+    return list(copy.deepcopy(plain))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("name", _native.POST_OPS)
+def test_gradients_match_pytorch_for_every_op(name, bias, dtype):
+    """Every layer carries the op (the last one too): the input's, weights' and biases'
+    gradients against plain PyTorch in float64, within 1e-5 of the largest in float32."""
+    names = (name,) * (len(WIDTHS) - 1)
+    torch.manual_seed(len(name))
+    plain, params, packed, ops = build(names, bias, dtype)
+    plain64 = nn.Sequential(*_copy(plain)).double()
+    for rows in (0, 1, 7, 300):
+        x = away_from_kinks(plain, ops, rows).to(dtype).requires_grad_()
+        grad_output = torch.randn(rows, WIDTHS[-1], dtype=dtype)
+        y = FusedMLPFunction.apply(x, packed, ops, *params)
+        wanted = [p for p in params if p is not None]
+        got = torch.autograd.grad(y, [x, *wanted], grad_output)
+        x64 = x.detach().double().requires_grad_()
+        params64 = [p for p in plain64.parameters()]
+        want = torch.autograd.grad(plain64(x64), [x64, *params64], grad_output.double())
+        bound = 1e-5 if dtype == torch.float32 else 1e-12
+        for index, (g, w) in enumerate(zip(got, want, strict=True)):
+            assert g.dtype == dtype
+            assert g.shape == w.shape
+            assert relative_error(g, w) <= bound, (rows, index)
+
+
+@pytest.mark.parametrize(
+    ("needs_x", "trained"),
+    [
+        (True, ()),  # the input only
+        (False, (0, 1, 2, 3)),  # the weights only
+        (True, (1, 3)),  # frozen layers between trained ones
+        (False, (2,)),  # one layer in the middle: the layers below it are skipped
+    ],
+)
+def test_requires_grad_combinations(needs_x, trained):
+    torch.manual_seed(3)
+    names = ("gelu", "relu", "tanh", "sigmoid")
+    plain, params, packed, ops = build(names, True, torch.float64)
+    for index, param in enumerate(params):
+        param.requires_grad_(index // 2 in trained)
+    x = torch.randn(33, WIDTHS[0], dtype=torch.float64, requires_grad=needs_x)
+    # A transposed view: the backward reads non-contiguous gradients.
+    grad_output = torch.randn(WIDTHS[-1], 33, dtype=torch.float64).t()
+    y = FusedMLPFunction.apply(x, packed, ops, *params)
+    leaves = [x, *params]
+    wanted = [t for t in leaves if t.requires_grad]
+    got = dict(zip(map(id, wanted), torch.autograd.grad(y, wanted, grad_output), strict=True))
+    want = dict(
+        zip(map(id, wanted), torch.autograd.grad(plain(x), wanted, grad_output), strict=True)
+    )
+    for tensor in wanted:
+        assert relative_error(got[id(tensor)], want[id(tensor)]) <= 1e-12
+
+
+def test_input_of_any_leading_shape_and_a_negated_gradient():
+    torch.manual_seed(4)
+    plain, params, packed, ops = build(("silu", "relu", "elu", "identity"), True, torch.float64)
+    x = torch.randn(2, 3, 5, WIDTHS[0], dtype=torch.float64, requires_grad=True)
+    grad_output = torch.randn(2, 3, 5, WIDTHS[-1], dtype=torch.float64).neg()
+    y = FusedMLPFunction.apply(x, packed, ops, *params)
+    got = torch.autograd.grad(y, [x, *params], grad_output)
+    want = torch.autograd.grad(plain(x), [x, *params], grad_output.resolve_neg())
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape
+        assert relative_error(g, w) <= 1e-12
+
+
+def test_saved_columns_agree_with_the_native_chain():
+    """What the forward keeps, and where: the Python layout (the custom op's fake and torch
+    backward read it) is the native one, for every op in every position."""
+    every = itertools.product(_native.POST_OPS, repeat=2)
+    for names in itertools.chain(every, [("gelu", "relu", "silu"), ("tanh", "elu", "identity")]):
+        widths = (4, 6, 3, 5)[: len(names) + 1]
+        weights = [torch.randn(b, a, dtype=torch.float64) for a, b in itertools.pairwise(widths)]
+        ops = [post_op(name) for name in names]
+        packed = pack_chain(weights, [None] * len(weights), ops)
+        columns, width = saved_columns([w.shape[0] for w in weights], ops)
+        assert packed.saved_columns == columns
+        assert packed.saved_width == width
+        _, saved = run_saving(packed, torch.randn(2, 4, dtype=torch.float64))
+        assert saved.shape == (2, width)
+
+
+def test_double_backward_is_a_clear_error():
+    _plain, params, packed, ops = build(("tanh", "relu", "tanh", "identity"), True, torch.float64)
+    x = torch.randn(3, WIDTHS[0], dtype=torch.float64, requires_grad=True)
+    y = FusedMLPFunction.apply(x, packed, ops, *params)
+    with pytest.raises(RuntimeError, match="fused backward is not differentiable"):
+        torch.autograd.grad(y.sum(), [x], create_graph=True)
+    with pytest.raises(RuntimeError, match="fused backward is not differentiable"):
+        torch.autograd.gradgradcheck(
+            lambda x: FusedMLPFunction.apply(x, packed, ops, *params), (x,)
+        )
