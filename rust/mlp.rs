@@ -174,7 +174,11 @@ impl<T: Float, W: Weights<T>> Mlp<T, W> {
             info,
             kernel,
             packed,
-            weights: specs.iter().flat_map(|spec| spec.weight).copied().collect(),
+            weights: specs
+                .iter()
+                .map(|spec| spec.weight)
+                .collect::<Vec<_>>()
+                .concat(),
         })
     }
 

@@ -198,13 +198,27 @@ fn pack_panels<W: Storage<T>, T: Element>(
     for col in (0..layer.dot_from).step_by(panel_width) {
         let width = panel_width.min(layer.dot_from - col);
         let panel = &mut buffer[layer.weights_at + col * k..][..width * k];
-        for (row, panel_row) in panel.chunks_exact_mut(width).enumerate() {
-            for (j, value) in panel_row.iter_mut().enumerate() {
-                *value = W::store(spec.weight[(col + j) * k + row]);
+        let weight_rows = &spec.weight[col * k..][..width * k];
+        // A block of `k` at a time: each weight row's block is one or two cache lines, and the
+        // panel rows written stay in L1. Walking `W` down its columns made packing the training
+        // path's largest cost after the kernels (the chain is packed again after every step).
+        for start in (0..k).step_by(PACK_BLOCK) {
+            let end = (start + PACK_BLOCK).min(k);
+            let panel_rows = &mut panel[start * width..end * width];
+            for (j, weight_row) in weight_rows.chunks_exact(k).enumerate() {
+                for (panel_row, &value) in panel_rows
+                    .chunks_exact_mut(width)
+                    .zip(&weight_row[start..end])
+                {
+                    panel_row[j] = W::store(value);
+                }
             }
         }
     }
 }
+
+/// Values of `k` packed at a time (see `pack_panels`).
+const PACK_BLOCK: usize = 16;
 
 #[cfg(test)]
 mod tests {

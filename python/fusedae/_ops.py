@@ -482,6 +482,11 @@ class PostOp:
     def torch_function(self, x: torch.Tensor) -> torch.Tensor:
         return self.op.torch_function(x, self.params)
 
+    @property
+    def native_argument(self) -> str | tuple[str | float, ...]:
+        """The op as ``_native.Chain`` takes it: its name, or ``(name, *params)``."""
+        return (self.name, *self.params) if self.params else self.name
+
     def onnx_nodes(self, x: str, y: str, dtype: np.dtype) -> list[onnx.NodeProto]:
         """The ONNX nodes (opset 17) computing ``y`` from ``x`` of ``dtype``; intermediate names
         start with ``y``."""

@@ -280,7 +280,5 @@ class ChainSpec:
         biases = [
             None if layer.bias is None else np.ascontiguousarray(layer.bias) for layer in layers
         ]
-        post_ops: list[str | tuple[str | float, ...]] = [
-            (op.name, *op.params) if op.params else op.name for op in self.post_ops
-        ]
+        post_ops = [op.native_argument for op in self.post_ops]
         return weights, biases, post_ops

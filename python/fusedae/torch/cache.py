@@ -8,6 +8,7 @@ import types
 from collections.abc import Iterable
 from typing import Any, cast
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules import module as _torch_module
@@ -15,7 +16,7 @@ from torch.nn.modules import module as _torch_module
 from fusedae import _native
 from fusedae._ops import PostOp
 from fusedae.torch.function import FusedMLPFunction, pack_spec, run, shape_error, to_dlpack
-from fusedae.torch.lower import DROPOUTS, LoweredChain, TensorSlot, lower, split
+from fusedae.torch.lower import DROPOUTS, LoweredChain, TensorSlot, as_array, lower, split
 
 _custom_ops: types.ModuleType | None
 try:
@@ -90,6 +91,8 @@ class ChainCache:
         # What the custom ops take besides the tensors (`traced_forward`).
         self.has_bias: list[bool] = []
         self.encoded_post_ops = ""
+        # The post-ops as `_native.Chain` takes them (`pack`).
+        self.native_post_ops: list[str | tuple[str | float, ...]] = []
         self.invalidate()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -121,6 +124,7 @@ class ChainCache:
             self.containers = containers
             self.hook_registries = hook_registries((*containers, *modules))
             self.post_ops = self.lowered.post_ops if self.lowered else ()
+            self.native_post_ops = [op.native_argument for op in self.post_ops]
             self.in_features = self.lowered.in_features if self.lowered else 0
             self.flops_per_row = sum(
                 2 * linear.in_features * linear.out_features
@@ -160,7 +164,18 @@ class ChainCache:
             t is None or (t.device.type == "cpu" and t.dtype == dtype and t.layout == torch.strided)
             for t in tensors
         )
-        self.chain = pack_spec(self.lowered.spec(tensors)) if usable else None
+        if not usable:
+            self.chain = None
+        elif self.lowered.normalized:
+            self.chain = pack_spec(self.lowered.spec(tensors))
+        else:
+            # Straight to the native chain, which checks the shapes itself: a training step
+            # repacks every step, and the ChainSpec on the way cost twice the packing.
+            weights = [np.ascontiguousarray(as_array(t)) for t in tensors[0::2] if t is not None]
+            biases = [
+                None if t is None else np.ascontiguousarray(as_array(t)) for t in tensors[1::2]
+            ]
+            self.chain = _native.Chain(weights, biases, self.native_post_ops)
         counters = self.lowered.counters
         try:
             self.packed = [
