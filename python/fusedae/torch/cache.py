@@ -26,16 +26,16 @@ except AttributeError:  # torch < 2.4 has no `torch.library.custom_op`: compiled
 
 _FUSED_DTYPES = (torch.float32, torch.float64)
 # Fewest rows, and floating-point operations (rows x `flops_per_row`), for which a call that
-# needs gradients goes through the fused forward. Below either, plain PyTorch's forward and
-# backward (all in C++) cost less than what the fused forward saves, once the backward's
-# per-call cost in Python ops and the repacking of weights that every optimizer step changes
-# are paid. Training steps measured here (1 thread, forward + MSE + backward + Adam, against
-# plain): the seed's AE (784-42-16 | 16-42-784, two chains) 0.82x at 256 rows, 0.89x at 512,
-# 0.97x at 1024, 1.02x at 2048 (1.4e8 operations per chain), 1.29x at 4096; the MNIST AE
-# 784-256-64-32-64-256-784 (one chain, 8.8e5 operations per row) 0.81x at 128 rows, 0.90x at
-# 256, 1.22x at 1024. The backward in Rust (issue 14) is to lower both.
+# needs gradients goes through the fused forward and backward. Below either, plain PyTorch costs
+# less: the fused path's per-call cost (two Function calls' Python, the repacking of weights that
+# every optimizer step changes, about 50 us a chain) is not yet paid back. Measured here with the
+# backward in Rust (1 thread, plain and fused interleaved, median of 21; fb: forward + backward,
+# step: + MSE + Adam): the seed's AE (784-42-16 | 16-42-784, two chains) fb 0.90x at 1, 64 and
+# 256 rows, 1.00x at 1024, 1.28x at 4096; step 0.80-0.88x up to 256 rows, 1.0x at 1024, 1.10x
+# at 4096. The digits AE (64-42-2 | 2-42-64, 1.1e4 operations a row) step 0.89x at 1024 rows
+# (1.1e7 operations), 1.11x at 4096 (4.6e7), 1.27x at 16384.
 TRAINING_MIN_ROWS = 1024
-TRAINING_MIN_FLOPS = 100_000_000
+TRAINING_MIN_FLOPS = 30_000_000
 # What the per-call path uses from torch, bound once: each `torch.name` lookup costs ~25 ns.
 # `is_dynamo_compiling` is True while TorchDynamo traces (torch.compile, strict torch.export) in
 # one trivial call where `torch.compiler.is_compiling` makes two (torch 2.3+; older ones have
