@@ -1,14 +1,15 @@
 """PyTorch front end: the fused kernels behind ``nn.Module``s that are drop-in for the seed's.
 
 * ``FusedMLPFunction``: a ``torch.autograd.Function`` running a chain of Linear layers through
-  the fused CPU kernel, with a backward in torch ops (``function.py``).
+  the fused CPU kernel, with the fused backward in Rust (``function.py``).
 * ``FusedMLP``: an ``nn.Sequential`` with the same children, ``state_dict`` keys and printout,
   whose runs of ``nn.Linear`` with the op table's activations (and eval-mode ``nn.BatchNorm1d``
   folded in, ``nn.Dropout``, a leading ``nn.Flatten``, a trailing ``nn.Unflatten``) run fused
   on CPU for float32/float64, and everything else as plain PyTorch (other children, CUDA, other
   dtypes, autocast, training-mode BatchNorm).
 * ``torch.compile`` and ``torch.export`` trace the fused call as the custom ops
-  ``fusedae::chain`` and ``fusedae::chain_saving`` (``custom_ops.py``).
+  ``fusedae::chain`` and ``fusedae::chain_saving``, whose backward is ``fusedae::chain_backward``
+  (``custom_ops.py``).
 * ``AE``: the seed's autoencoder, encoder and decoder run as one fused call on CPU
   (``modules.py``; the packed weights are cached in ``cache.py``).
 * ``accelerate`` turns a model's ``nn.Sequential``s holding such runs into ``FusedMLP``s;

@@ -1,6 +1,6 @@
-"""``FusedMLPFunction``: the fused forward as a ``torch.autograd.Function``, its backward in
-torch ops on the activations the forward kept, each post-op's gradient from the op table; and
-the kernel call on a tensor."""
+"""``FusedMLPFunction``: the fused forward as a ``torch.autograd.Function``, its backward one
+call of the native backward on what the forward kept (``saved_columns``); and the kernel calls
+on a tensor."""
 
 from __future__ import annotations
 
