@@ -731,12 +731,7 @@ mod tests {
         grad_output: &[T],
         needs_params: &[bool],
     ) -> (Vec<T>, Vec<T>) {
-        let specs: Vec<_> = layers.iter().map(OwnedLayer::spec).collect();
-        let mlp = Mlp::with_kernel(&specs, isa, with_half(isa, half)).unwrap();
-        let rows = input.len() / mlp.in_features();
-        let mut output = vec![T::ZERO; rows * mlp.out_features()];
-        let mut saved = vec![T::ZERO; rows * mlp.info().saved_width];
-        mlp.forward_saving(input, &mut output, &mut saved).unwrap();
+        let (mlp, output, saved) = saving_forward(layers, isa, half, input);
         let mut grad_input = vec![T::ZERO; input.len()];
         let mut grads = vec![T::ZERO; mlp.gradients_len()];
         mlp.backward(
@@ -1155,11 +1150,7 @@ mod tests {
         let input: Vec<f64> = (0..33 * 9).map(|_| rng.random_range(-1.0..1.0)).collect();
         let grad_output: Vec<f64> = (0..33 * 9).map(|_| rng.random_range(-1.0..1.0)).collect();
         let (_, want) = reference_backward(&layers, &input, &grad_output);
-        let specs: Vec<_> = layers.iter().map(OwnedLayer::spec).collect();
-        let mlp = Mlp::<f64>::new(&specs, Isa::detect()).unwrap();
-        let mut output = vec![0.0; 33 * 9];
-        let mut saved = vec![0.0; 33 * mlp.info().saved_width];
-        mlp.forward_saving(&input, &mut output, &mut saved).unwrap();
+        let (mlp, output, saved) = saving_forward(&layers, Isa::detect(), false, &input);
         let needs = [false, true, false, true];
         let mut grads = vec![f64::NAN; mlp.gradients_len()];
         mlp.backward(
@@ -1217,6 +1208,22 @@ mod tests {
         );
     }
 
+    /// The chain on `isa`, with its output and saved activations for `input`.
+    fn saving_forward<T: Float>(
+        layers: &[OwnedLayer<T>],
+        isa: Isa,
+        half: bool,
+        input: &[T],
+    ) -> (Mlp<T>, Vec<T>, Vec<T>) {
+        let specs: Vec<_> = layers.iter().map(OwnedLayer::spec).collect();
+        let mlp = Mlp::with_kernel(&specs, isa, with_half(isa, half)).unwrap();
+        let rows = input.len() / mlp.in_features();
+        let mut output = vec![T::ZERO; rows * mlp.out_features()];
+        let mut saved = vec![T::ZERO; rows * mlp.info().saved_width];
+        mlp.forward_saving(input, &mut output, &mut saved).unwrap();
+        (mlp, output, saved)
+    }
+
     /// The chain's output and saved activations for `input`.
     fn run_saving<T: Float>(
         layers: &[OwnedLayer<T>],
@@ -1224,12 +1231,7 @@ mod tests {
         half: bool,
         input: &[T],
     ) -> (Vec<T>, Vec<T>) {
-        let specs: Vec<_> = layers.iter().map(OwnedLayer::spec).collect();
-        let mlp = Mlp::with_kernel(&specs, isa, with_half(isa, half)).unwrap();
-        let rows = input.len() / mlp.in_features();
-        let mut output = vec![T::ZERO; rows * mlp.out_features()];
-        let mut saved = vec![T::ZERO; rows * mlp.info().saved_width];
-        mlp.forward_saving(input, &mut output, &mut saved).unwrap();
+        let (mlp, mut output, saved) = saving_forward(layers, isa, half, input);
         let mut short = vec![T::ZERO; saved.len().saturating_sub(1)];
         if !saved.is_empty() {
             let error = mlp

@@ -142,6 +142,8 @@ class FusedMLPFunction(torch.autograd.Function):
                 f"got {len(params)} tensors"
             )
         check_input(chain, x)
+        # Kept as the kernel read it, so the backward does not copy a strided input again.
+        x = _kernel_input(chain, x)
         y, saved = run_saving(chain, x)
         ctx.chain = chain
         ctx.set_materialize_grads(False)
