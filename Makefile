@@ -137,8 +137,10 @@ check-sdist: $(VENV)/.release-deps
 	  $(BIN)/uv build --quiet --wheel --out-dir target/sdist-check dist/*.tar.gz
 	$(BIN)/uv venv --quiet --python $(PY) target/sdist-check/venv
 	$(BIN)/uv pip install --quiet --python target/sdist-check/venv -r pyproject.toml pytest
+	# --refresh-package: the wheel's path and name repeat between builds; uv's cache would not see
+	# the new one (tools/test_wheel.sh).
 	$(BIN)/uv pip install --quiet --python target/sdist-check/venv --no-index \
-	  --find-links target/sdist-check fusedae
+	  --find-links target/sdist-check --refresh-package fusedae fusedae
 	cp tests/test_smoke.py target/sdist-check/
 	# An empty pytest.ini: the tree's pyproject.toml, above, would add pytest-benchmark's options.
 	touch target/sdist-check/pytest.ini

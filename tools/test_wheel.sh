@@ -13,6 +13,7 @@ shift
 versions=("$@")
 repo=$(pwd)
 work=$repo/target/test-wheel
+x86_64_wheel=$(realpath dist/fusedae-*-cp310-abi3-manylinux*_x86_64.whl)
 aarch64_wheel=$(ls dist/fusedae-*-cp310-abi3-manylinux*_aarch64.whl)
 
 step() {
@@ -60,13 +61,22 @@ for version in "${versions[@]}"; do
     step "Python $version: venv and install"
     "$uv" venv --quiet --python "$(interpreter "$version")" "$venv"
     "$uv" pip install --quiet --python "$venv" --only-binary :all: -r "$work/requirements.txt"
+    # --refresh-package: uv caches a find-links wheel by its directory and file name, which stay
+    # the same from build to build (CI's clone sits at one path), so it would install an old one.
     "$uv" pip install --quiet --python "$venv" --only-binary :all: --no-index --find-links dist \
-        "fusedae[test,demo,bench]"
+        --refresh-package fusedae "fusedae[test,demo,bench]"
     in_venv "$venv" sh -c '! command -v cargo && ! command -v rustc'
+    # Installed from this build's wheel: every file of the package byte for byte.
     in_venv "$venv" python -I -c "
-import site, fusedae
+import pathlib, site, sys, zipfile, fusedae
 assert fusedae.__file__.startswith(tuple(site.getsitepackages())), fusedae.__file__
-print('fusedae', fusedae.__version__, 'from', fusedae.__file__, fusedae.info()['isa'])"
+root = pathlib.Path(fusedae.__file__).parent.parent
+wheel = zipfile.ZipFile(sys.argv[1])
+stale = [n for n in wheel.namelist()
+         if n.startswith('fusedae/') and (root / n).read_bytes() != wheel.read(n)]
+assert not stale, f'installed files differ from {sys.argv[1]}: {stale}'
+print('fusedae', fusedae.__version__, 'from', fusedae.__file__, fusedae.info()['isa'])" \
+        "$x86_64_wheel"
     step "Python $version: test suite"
     in_venv "$venv" python -m pytest -q -p no:cacheprovider tests
 done
