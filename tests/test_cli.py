@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import os
@@ -9,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import pytest
 import torch
 
 from _seed import AE
-from fusedae import MLP
+from fusedae import MLP, cli
 
 BIG_ROWS = 1_250_000  # x 64 float32 = 320 MB
 
@@ -469,10 +471,141 @@ def test_interrupted_encode_leaves_no_output(
     assert list(tmp_path.iterdir()) == []
 
 
+def start_encode(model: Path, x: Path, output: Path) -> subprocess.Popen[str]:
+    """An encode of ``x`` in tiny chunks (it lasts seconds), once it has begun writing."""
+    command = [sys.executable, "-m", "fusedae", "encode", model, x, "-o", output]
+    process = subprocess.Popen(
+        [*map(str, command), "--batch-size", "8", "--threads", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    temporary = output.with_name(f".{output.name}.{process.pid}.tmp")
+    deadline = time.monotonic() + 60
+    while not temporary.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    return process
+
+
+def test_the_next_run_removes_what_killed_runs_left(
+    tmp_path: Path, model_path: Path, big_input: Path
+) -> None:
+    output = tmp_path / "codes.npy"
+    for _ in range(8):  # each run removes what the one before it left
+        process = start_encode(model_path, big_input, output)
+        process.kill()
+        process.communicate(timeout=60)
+        orphans = list(tmp_path.glob(".codes.npy.*.tmp"))
+        assert orphans == [output.with_name(f".codes.npy.{process.pid}.tmp")]
+    # A run still going keeps its file while another run for the same output finishes.
+    going = start_encode(model_path, big_input, output)
+    its_file = output.with_name(f".codes.npy.{going.pid}.tmp")
+    small = tmp_path / "small.npy"
+    np.save(small, np.ones((3, 64), np.float32))
+    result = fusedae("encode", model_path, small, "-o", output)
+    assert result.returncode == 0, result.stderr
+    assert "removed" not in result.stderr
+    assert its_file.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["codes.npy", "small.npy", its_file.name]
+    )
+    going.terminate()
+    _, stderr = going.communicate(timeout=60)
+    assert f"removed {orphans[0]}, left by a run that was killed" in stderr
+    assert np.load(output).shape == (3, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["codes.npy", "small.npy"]
+
+
+def test_input_truncated_while_being_read(tmp_path: Path, model_path: Path) -> None:
+    x = tmp_path / "x.npy"
+    rows = 400_000
+    np.save(x, np.zeros((rows, 64), np.float32))
+    output = tmp_path / "codes.npy"
+    process = start_encode(model_path, x, output)
+    # Under the read lease encode takes on Linux, this waits until encode has let go.
+    os.truncate(x, x.stat().st_size // 2)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1, stderr  # an error, not SIGBUS
+    if sys.platform == "linux":
+        message = f"{x} was opened for writing by another process while being read (rows "
+    else:
+        message = f"{x} was truncated while being read: rows "
+    assert f"fusedae encode: error: {message}" in stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.npy"]
+
+
+def test_reading_without_a_lease_sees_a_truncation(tmp_path: Path) -> None:
+    """Where no lease is taken (here: off the main thread, which cannot take SIGIO), chunks are
+    read, and a truncated file gives a short read and an error naming it."""
+    x = tmp_path / "x.npy"
+    data = np.arange(1000 * 3, dtype=np.float64).reshape(1000, 3)
+    np.save(x, data)
+    outcome: list[object] = []
+
+    def read() -> None:
+        with contextlib.closing(cli.NpyRows(x)) as rows:
+            np.testing.assert_array_equal(rows.read(10, 20), data[10:20])
+            os.truncate(x, x.stat().st_size - 8 * 3 * 500)
+            try:
+                rows.read(600, 700)
+            except cli.CommandError as error:
+                outcome.append(str(error))
+
+    thread = threading.Thread(target=read)
+    thread.start()
+    thread.join()
+    assert outcome == [
+        f"{x} was truncated while being read: rows 600 to 700 of 1000 are no longer there"
+    ]
+
+
+def encode_on_a_small_file_system(
+    model: Path, x: Path, mount_options: str
+) -> subprocess.CompletedProcess[str]:
+    """``encode`` writing to ``/mnt/codes.npy`` on a tmpfs of its own (a private mount
+    namespace), then the listing of that file system."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare(1) (util-linux) for a private mount namespace")
+    script = (
+        f"mount -t tmpfs -o {mount_options} none /mnt || exit 99\n"
+        f'"$@" -o /mnt/codes.npy; status=$?; ls -A /mnt; exit $status'
+    )
+    command = [sys.executable, "-m", "fusedae", "encode", model, x, "--batch-size", "100"]
+    result = subprocess.run(
+        ["unshare", "--mount", "--map-root-user", "sh", "-c", script, "sh", *map(str, command)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if result.returncode == 99 or "unshare failed" in result.stderr:
+        pytest.skip(f"cannot mount a tmpfs in a private mount namespace: {result.stderr}")
+    return result
+
+
+@pytest.mark.parametrize(
+    ("mount_options", "reason"),
+    [("size=64k", "No space left on device"), ("ro", "Read-only file system")],
+    ids=["full", "read-only"],
+)
+def test_a_file_system_that_refuses_the_output(
+    tmp_path: Path, model_path: Path, mount_options: str, reason: str
+) -> None:
+    x = tmp_path / "x.npy"
+    np.save(x, np.zeros((100_000, 64), np.float32))  # 800 kB of codes
+    result = encode_on_a_small_file_system(model_path, x, mount_options)
+    assert result.returncode == 1
+    message = f"fusedae encode: error: cannot write /mnt/codes.npy: {reason}"
+    assert error_lines(result)[-1] == message
+    assert result.stdout == ""  # nothing left on the file system
+
+
 @pytest.mark.parametrize(
     ("flags", "out_features"), [([], 2), (["--reconstruct"], 64)], ids=["encode", "reconstruct"]
 )
-def test_memory_stays_bounded_on_a_large_memory_mapped_input(
+def test_memory_stays_bounded_on_a_large_input(
     tmp_path: Path, model_path: Path, big_input: Path, flags: list[str], out_features: int
 ) -> None:
     output = tmp_path / "out.npy"

@@ -7,6 +7,8 @@ matplotlib are imported inside the subcommands that use them, when they run.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import glob
 import itertools
 import math
 import mmap
@@ -16,12 +18,13 @@ import signal
 import statistics
 import sys
 import textwrap
+import threading
 import time
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -31,6 +34,9 @@ from fusedae._ops import IDENTITY, OPS, RELU, PostOp, post_ops
 from fusedae.chain import ChainSpec
 from fusedae.mlp import MLP
 from fusedae.state_dict import StateModule, from_state_dict, state_modules
+
+if sys.platform != "win32":
+    import fcntl
 
 CHUNK_BYTES = 16 << 20  # input bytes per chunk when --batch-size is not given
 
@@ -67,10 +73,11 @@ encoder (then decoder), or, for a single chain, at its narrowest layer if its ou
 wide as its input, else at its end. By default the command runs the encoder (rows -> codes);
 --decode runs the layers after the mark (codes -> outputs); --reconstruct runs them all.
 
-INPUT is a .npy file (memory-mapped and streamed, so it may be larger than memory) or a .npz
+INPUT is a .npy file (read a chunk at a time, so it may be larger than memory) or a .npz
 file (--key picks an array), of float32 or float64 rows, shape (..., in_features); OUTPUT has
 the input's dtype and shape (..., out_features). It is written to a temporary file in the same
-directory and renamed at the end: an interrupted run leaves nothing under OUTPUT.
+directory and renamed at the end: an interrupted run leaves nothing under OUTPUT, and the
+next run for OUTPUT removes what a killed run left (never the file of a run still going).
 """
 
 
@@ -376,48 +383,128 @@ def check_float(path: Path, dtype: np.dtype) -> None:
         )
 
 
-def open_npy(path: Path) -> tuple[np.ndarray, Callable[[int], None]]:
-    """The array in a C-order ``.npy`` file, memory-mapped read-only, and a function that tells
-    the kernel it may drop the pages of the first ``rows`` rows (flattened to 2-D) from this
-    process's memory, so that resident memory stays bounded while the file is streamed."""
-    with open(path, "rb") as file:
+class NpyRows:
+    """The rows of a C-order ``.npy`` file (its array flattened to 2-D), streamed with memory
+    bounded by the chunk, not the file.
+
+    Where Linux grants a read lease on the file, it is memory-mapped and the pages of rows done
+    are dropped: no copy. A mapping's reader dies of SIGBUS when another process truncates the
+    file; the lease prevents that: the kernel holds back whoever opens the file for writing
+    (truncating it, say) for up to ``/proc/sys/fs/lease-break-time`` seconds (45 by default) and
+    signals us (SIGIO), so the next chunk fails with an error naming the file and the lease goes
+    with it. The chunk in flight was read before any change. Elsewhere (macOS, Windows, network
+    file systems, a file someone else owns or is writing), chunks are read into one reused
+    buffer, which costs a copy (0.5 s a 3 GB file on a 2-core VM) and a short read says the file
+    was truncated."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = open(path, "rb")  # noqa: SIM115 (closed by close(), after the last read)
         try:
-            version = np.lib.format.read_magic(file)
+            self.shape, self.dtype = self._read_header()
+        except BaseException:
+            self._file.close()
+            raise
+        self._offset = self._file.tell()
+        self.rows = math.prod(self.shape[:-1])
+        self._row_bytes = self.shape[-1] * self.dtype.itemsize if self.shape else 0
+        self._modified = False
+        self._previous_sigio: Any = None
+        self._mapping = self._map_under_lease()
+        self._released = 0
+        self._buffer = np.empty(0, self.dtype)
+
+    def _read_header(self) -> tuple[tuple[int, ...], np.dtype]:
+        try:
+            version = np.lib.format.read_magic(self._file)
             if version == (1, 0):
-                shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(file)
+                shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(self._file)
             elif version == (2, 0):
-                shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(file)
+                shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(self._file)
             else:
                 raise ValueError(f"version {version} is not supported")
         except ValueError as error:
-            raise CommandError(f"{path} is not a .npy file numpy can read ({error})") from None
-        check_float(path, dtype)
+            raise CommandError(f"{self.path} is not a .npy file numpy can read ({error})") from None
+        check_float(self.path, dtype)
         if fortran_order and len(shape) > 1:
             raise CommandError(
-                f"{path} is stored in Fortran order; encode streams rows, so save it in C order "
-                "(np.save(path, np.ascontiguousarray(x)))"
+                f"{self.path} is stored in Fortran order; encode streams rows, so save it in C "
+                "order (np.save(path, np.ascontiguousarray(x)))"
             )
-        offset = file.tell()
         nbytes = math.prod(shape) * dtype.itemsize
-        size = os.fstat(file.fileno()).st_size
-        if size < offset + nbytes:
+        data_bytes = os.fstat(self._file.fileno()).st_size - self._file.tell()
+        if data_bytes < nbytes:
             raise CommandError(
-                f"{path} is truncated: its header promises {shape} {dtype} ({nbytes} bytes) "
-                f"but it holds {size - offset} bytes of data"
+                f"{self.path} is truncated: its header promises {shape} {dtype} ({nbytes} bytes) "
+                f"but it holds {data_bytes} bytes of data"
             )
-        mapping = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
-    array = np.ndarray(shape, dtype, buffer=mapping, offset=offset)
-    row_bytes = shape[-1] * dtype.itemsize if shape else 0
-    released = 0
+        return shape, dtype
 
-    def release(rows: int) -> None:
-        nonlocal released
-        end = (offset + rows * row_bytes) // mmap.PAGESIZE * mmap.PAGESIZE
-        if end > released and hasattr(mmap, "MADV_DONTNEED"):
-            mapping.madvise(mmap.MADV_DONTNEED, released, end - released)
-            released = end
+    def _map_under_lease(self) -> mmap.mmap | None:
+        if (
+            sys.platform != "linux"  # leases are Linux's
+            or threading.current_thread() is not threading.main_thread()
+        ):
+            return None
+        self._previous_sigio = signal.signal(signal.SIGIO, self._on_lease_break)
+        try:
+            fcntl.fcntl(self._file.fileno(), fcntl.F_SETLEASE, fcntl.F_RDLCK)
+            return mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError):  # no lease here; ValueError: mmap of an empty file
+            self._drop_lease()
+            return None
 
-    return array, release
+    def _on_lease_break(self, signum: int, frame: FrameType | None) -> None:
+        self._modified = True
+
+    def _drop_lease(self) -> None:
+        if self._previous_sigio is not None:
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(self._file.fileno(), fcntl.F_SETLEASE, fcntl.F_UNLCK)
+            signal.signal(signal.SIGIO, self._previous_sigio)
+            self._previous_sigio = None
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop``, valid until the next call; rows before ``start`` are done."""
+        columns = self.shape[-1]
+        if self._mapping is not None:
+            if self._modified:
+                raise CommandError(
+                    f"{self.path} was opened for writing by another process while being read "
+                    f"(rows {start} to {self.rows} were not read)"
+                )
+            self._release_rows_before(start)
+            return np.ndarray(
+                (stop - start, columns),
+                self.dtype,
+                buffer=self._mapping,
+                offset=self._offset + start * self._row_bytes,
+            )
+        if self._buffer.size < (stop - start) * columns:
+            self._buffer = np.empty((stop - start) * columns, self.dtype)
+        rows = self._buffer[: (stop - start) * columns].reshape(stop - start, columns)
+        self._file.seek(self._offset + start * self._row_bytes)
+        if self._file.readinto(rows.data.cast("B")) != rows.nbytes:
+            raise CommandError(
+                f"{self.path} was truncated while being read: rows {start} to {stop} of "
+                f"{self.rows} are no longer there"
+            )
+        return rows
+
+    def _release_rows_before(self, start: int) -> None:
+        """Drops the pages of rows already encoded from this process's memory."""
+        assert self._mapping is not None
+        end = (self._offset + start * self._row_bytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        if end > self._released:
+            self._mapping.madvise(mmap.MADV_DONTNEED, self._released, end - self._released)
+            self._released = end
+
+    def close(self) -> None:
+        self._drop_lease()
+        if self._mapping is not None:
+            with contextlib.suppress(BufferError):  # a view still held: the collector unmaps it
+                self._mapping.close()
+        self._file.close()
 
 
 def open_npz(path: Path, key: str | None) -> np.ndarray:
@@ -439,43 +526,126 @@ def open_npz(path: Path, key: str | None) -> np.ndarray:
     return array
 
 
-def write_rows(
-    mlp: MLP,
-    x: np.ndarray,
-    output: Path,
-    batch_size: int,
-    release: Callable[[int], None] | None = None,
-) -> None:
-    """Writes ``mlp`` applied to ``x`` (``(..., in_features)``) to ``output`` as a ``.npy`` of
-    shape ``(..., out_features)``, ``batch_size`` rows at a time, through a temporary file in the
-    same directory that replaces ``output`` only once complete. ``release(rows)``, if given, is
-    called after each chunk with the rows done so far."""
+class ArrayRows:
+    """The rows of an array in memory (a ``.npz``'s), read as ``NpyRows`` reads a file's."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.shape: tuple[int, ...] = array.shape
+        self.dtype = array.dtype
+        self._rows = array.reshape(-1, array.shape[-1]) if array.ndim else array
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        return self._rows[start:stop]
+
+    def close(self) -> None:
+        pass
+
+
+Rows = NpyRows | ArrayRows
+
+
+def open_rows(path: Path, key: str | None) -> Rows:
+    if path.suffix == ".npy":
+        return NpyRows(path)
+    if path.suffix == ".npz":
+        return ArrayRows(open_npz(path, key))
+    raise CommandError(f"INPUT must be a .npy or .npz file, got {path}")
+
+
+TEMPORARY_SUFFIX = ".tmp"
+
+
+def temporary_name(output: Path) -> Path:
+    """Where a run writing ``output`` writes first: hidden, beside it, named by the process."""
+    return output.with_name(f".{output.name}.{os.getpid()}{TEMPORARY_SUFFIX}")
+
+
+def process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # someone else's process, or a platform that cannot tell: assume alive
+    return True
+
+
+def lock_exclusively(file: BinaryIO) -> bool:
+    """Takes an exclusive lock on ``file`` without waiting; the system drops it when the holder
+    dies, SIGKILL included. True where taken (or where locks do not exist, as on Windows, where a
+    file another process has open cannot be deleted anyway)."""
+    if sys.platform == "win32":
+        return True
+    try:
+        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
+def remove_orphaned_temporaries(output: Path) -> list[Path]:
+    """Deletes the temporary files of earlier runs for ``output`` that died without cleaning up
+    (SIGKILL, power loss), and returns them. A run still going keeps its file: its process
+    exists and it holds the file's lock, and a file is deleted only when neither holds."""
+    removed = []
+    prefix = f".{output.name}."
+    for candidate in output.parent.glob(f"{glob.escape(prefix)}*{TEMPORARY_SUFFIX}"):
+        pid = candidate.name[len(prefix) : -len(TEMPORARY_SUFFIX)]
+        if not pid.isdigit() or int(pid) == os.getpid() or process_exists(int(pid)):
+            continue
+        try:
+            with open(candidate, "rb") as file:
+                if lock_exclusively(file):
+                    candidate.unlink()
+                    removed.append(candidate)
+        except OSError:
+            continue  # gone meanwhile, or not ours to delete: leave it
+    return removed
+
+
+def write_rows(mlp: MLP, source: Rows, output: Path, batch_size: int) -> None:
+    """Writes ``mlp`` applied to the rows of ``source`` (shape ``(..., in_features)``) to
+    ``output`` as a ``.npy`` of shape ``(..., out_features)``, ``batch_size`` rows at a time,
+    through a temporary file in the same directory that replaces ``output`` only once complete.
+    An error writing names ``output``; the temporary file is removed on any error or
+    interruption."""
     from tqdm import tqdm
 
-    rows = math.prod(x.shape[:-1])
-    flat = x.reshape(rows, x.shape[-1])
+    shape = source.shape
+    rows = math.prod(shape[:-1])
     buffer = np.empty((min(batch_size, rows), mlp.out_features), mlp.dtype)
     header = {
         "descr": np.lib.format.dtype_to_descr(mlp.dtype),
         "fortran_order": False,
-        "shape": (*x.shape[:-1], mlp.out_features),
+        "shape": (*shape[:-1], mlp.out_features),
     }
-    temporary = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+    for orphan in remove_orphaned_temporaries(output):
+        print(f"removed {orphan}, left by a run that was killed", file=sys.stderr)
+    temporary = temporary_name(output)
     try:
         with open(temporary, "xb") as file, tqdm(total=rows, unit="row", unit_scale=True) as bar:
+            lock_exclusively(file)
             np.lib.format.write_array_header_1_0(file, header)
             for start in range(0, rows, batch_size):
                 stop = min(start + batch_size, rows)
                 result = buffer[: stop - start]
-                mlp(flat[start:stop], out=result)
+                mlp(source.read(start, stop), out=result)
                 file.write(result.data)
-                if release is not None:
-                    release(stop)
                 bar.update(stop - start)
         os.replace(temporary, output)
+    except OSError as error:
+        discard(temporary)
+        raise CommandError(f"cannot write {output}: {error.strerror or error}") from error
     except BaseException:
-        temporary.unlink(missing_ok=True)
+        discard(temporary)
         raise
+
+
+def discard(temporary: Path) -> None:
+    """Removes ``temporary`` if it can: where it cannot (a file system gone read-only), the next
+    run for the same output does, and the error that brought us here is the one to report."""
+    with contextlib.suppress(OSError):
+        temporary.unlink(missing_ok=True)
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
@@ -494,31 +664,32 @@ def run_encode(args: argparse.Namespace) -> None:
         "decoder" if args.decode else "all" if args.reconstruct else "encoder"
     )
     spec = load_model(args.model, args.layers, args.trust_pickle)
-    release = None
-    if args.input.suffix == ".npy":
-        x, release = open_npy(args.input)
-    elif args.input.suffix == ".npz":
-        x = open_npz(args.input, args.key)
-    else:
-        raise CommandError(f"INPUT must be a .npy or .npz file, got {args.input}")
+    with contextlib.closing(open_rows(args.input, args.key)) as source:
+        encode_rows(args, part, spec, source)
+
+
+def encode_rows(
+    args: argparse.Namespace, part: serialization.Part, spec: ChainSpec, source: Rows
+) -> None:
+    shape, dtype = source.shape, source.dtype
     try:
         selected = spec.select(part)
     except ValueError as error:
         raise CommandError(f"{args.model}: {error}") from None
-    mlp = MLP.from_spec(selected, dtype=f"f{x.dtype.itemsize}")
+    mlp = MLP.from_spec(selected, dtype=f"f{dtype.itemsize}")
     widths = " -> ".join(str(n) for n in selected.widths)
-    if x.ndim == 0 or x.shape[-1] != mlp.in_features:
+    if not shape or shape[-1] != mlp.in_features:
         raise CommandError(
-            f"{args.input} has shape {x.shape}, but the model's {part} ({widths}) takes rows of "
+            f"{args.input} has shape {shape}, but the model's {part} ({widths}) takes rows of "
             f"{mlp.in_features} values: shape (..., {mlp.in_features})"
         )
     if args.threads:
         fusedae.set_num_threads(args.threads)
-    batch_size = args.batch_size or max(1, CHUNK_BYTES // (x.shape[-1] * x.dtype.itemsize))
+    batch_size = args.batch_size or max(1, CHUNK_BYTES // (shape[-1] * dtype.itemsize))
     signal.signal(signal.SIGTERM, _terminate)
-    write_rows(mlp, x, output, batch_size, release)
-    out_shape = (*x.shape[:-1], mlp.out_features)
-    print(f"wrote {output}: {out_shape} {mlp.dtype} from {x.shape}, {part} {widths}")
+    write_rows(mlp, source, args.output, batch_size)
+    out_shape = (*shape[:-1], mlp.out_features)
+    print(f"wrote {args.output}: {out_shape} {mlp.dtype} from {shape}, {part} {widths}")
 
 
 # --- timing, shared by bench and demo ---------------------------------------------------------
