@@ -786,6 +786,13 @@ fn get_num_threads() -> usize {
     threads::num_threads()
 }
 
+/// Where the thread count came from: set_num_threads, FUSEDAE_NUM_THREADS, OMP_NUM_THREADS or
+/// the CPUs this process may use.
+#[pyfunction]
+fn threads_source() -> String {
+    threads::threads_source()
+}
+
 /// GFLOP/s of one thread running register-only FMAs for about `seconds` (`dtype` "float32" or
 /// "float64"; `isa` defaults to the selected one): the ceiling to quote kernel speed against.
 #[pyfunction]
@@ -823,6 +830,7 @@ fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(half_registers_cheaper, module)?)?;
     module.add_function(wrap_pyfunction!(set_num_threads, module)?)?;
     module.add_function(wrap_pyfunction!(get_num_threads, module)?)?;
+    module.add_function(wrap_pyfunction!(threads_source, module)?)?;
     module.add_function(wrap_pyfunction!(fma_peak_gflops, module)?)?;
     Ok(())
 }

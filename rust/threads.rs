@@ -270,25 +270,84 @@ pub const MAX_THREADS: usize = 1024;
 /// Threads a large batch is split across; 0 until first asked (or set).
 static THREADS: AtomicUsize = AtomicUsize::new(0);
 
+/// Where `THREADS` came from, for `fusedae.info()`.
+static THREADS_SOURCE: Mutex<String> = Mutex::new(String::new());
+
 /// The pool, with the process that started its threads: a child forked from that process has
 /// none of them. Only ever locked briefly (never while a job runs or threads are joined), and
 /// only with `try_lock` on the calling path, so a child forked while another thread held it
 /// runs its calls on one thread rather than hang.
 static POOL: Mutex<Option<(Arc<Pool>, u32)>> = Mutex::new(None);
 
-/// Threads a large batch is split across (the CPUs this process may use, unless set).
+/// Threads a large batch is split across. Resolved at first use, not when the module loads:
+/// engines set the variables below when a task starts (Ray sets `OMP_NUM_THREADS` to a worker's
+/// CPUs, Dask's nanny to 1, Spark to `spark.task.cpus`), in a process that may have imported
+/// fusedae long before.
 pub fn num_threads() -> usize {
     match THREADS.load(Ordering::Relaxed) {
         0 => {
             // Asked once: finding the CPU quota reads cgroup files, far slower than a small batch.
-            let default = std::thread::available_parallelism().map_or(1, |n| n.get());
-            let threads = default.min(MAX_THREADS);
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let variable = |name| std::env::var(name).ok();
+            let (threads, source) = resolve_threads(
+                variable("FUSEDAE_NUM_THREADS"),
+                variable("OMP_NUM_THREADS"),
+                cpus,
+            );
+            let mut source_slot = THREADS_SOURCE
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             match THREADS.compare_exchange(0, threads, Ordering::Relaxed, Ordering::Relaxed) {
-                Ok(_) => threads,
+                Ok(_) => {
+                    *source_slot = source;
+                    threads
+                }
                 Err(set_meanwhile) => set_meanwhile,
             }
         }
         threads => threads,
+    }
+}
+
+/// Where the thread count came from: `set_num_threads`, one of the variables (with its value),
+/// or the CPUs this process may use; a variable that was set but ignored is named with why.
+pub fn threads_source() -> String {
+    num_threads();
+    THREADS_SOURCE
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone()
+}
+
+/// The thread count, and where it came from, from `FUSEDAE_NUM_THREADS`, else
+/// `OMP_NUM_THREADS` (its first item: OpenMP's value may list one count per nesting level),
+/// else `cpus` (the CPUs this process may use: its affinity mask and cgroup quota).
+fn resolve_threads(fusedae: Option<String>, omp: Option<String>, cpus: usize) -> (usize, String) {
+    let mut ignored = Vec::new();
+    let mut chosen = None;
+    for (name, value) in [("FUSEDAE_NUM_THREADS", fusedae), ("OMP_NUM_THREADS", omp)] {
+        let Some(value) = value.filter(|value| !value.trim().is_empty()) else {
+            continue;
+        };
+        let first = value.split(',').next().unwrap_or_default().trim();
+        match first.parse::<usize>() {
+            Ok(threads) if (1..=MAX_THREADS).contains(&threads) => {
+                chosen = Some((threads, format!("{name}={value}")));
+                break;
+            }
+            _ => ignored.push(format!(
+                "{name}={value:?} ignored: not a count from 1 to {MAX_THREADS}"
+            )),
+        }
+    }
+    let (threads, source) = chosen.unwrap_or_else(|| {
+        let source = "the CPUs this process may use".to_string();
+        (cpus.clamp(1, MAX_THREADS), source)
+    });
+    if ignored.is_empty() {
+        (threads, source)
+    } else {
+        (threads, format!("{source} ({})", ignored.join("; ")))
     }
 }
 
@@ -299,7 +358,11 @@ pub fn set_num_threads(threads: usize) -> Result<(), String> {
             "the number of threads must be between 1 and {MAX_THREADS}, got {threads}"
         ));
     }
+    let mut source = THREADS_SOURCE
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
     THREADS.store(threads, Ordering::Relaxed);
+    *source = "set_num_threads".to_string();
     Ok(())
 }
 
@@ -457,6 +520,48 @@ mod tests {
     fn a_panic_on_the_calling_thread_is_an_error_that_quotes_it() {
         let error = run(1, 3, &|i| assert!(i < 2, "index {i} too large")).unwrap_err();
         assert!(error.contains("index 2 too large"), "{error}");
+    }
+
+    #[test]
+    fn the_thread_count_comes_from_the_first_source_that_gives_one() {
+        let some = |text: &str| Some(text.to_string());
+        let cpus = "the CPUs this process may use";
+        let bad = |name: &str, value: &str| {
+            format!("{name}={value:?} ignored: not a count from 1 to 1024")
+        };
+        let cases = [
+            (some("3"), some("2"), 3, "FUSEDAE_NUM_THREADS=3".to_string()),
+            (None, some("2"), 2, "OMP_NUM_THREADS=2".to_string()),
+            (None, some("4,2"), 4, "OMP_NUM_THREADS=4,2".to_string()),
+            (some(" "), some(""), 6, cpus.to_string()),
+            (None, None, 6, cpus.to_string()),
+            (
+                some("0"),
+                some("2"),
+                2,
+                format!("OMP_NUM_THREADS=2 ({})", bad("FUSEDAE_NUM_THREADS", "0")),
+            ),
+            (
+                some("many"),
+                some("-1"),
+                6,
+                format!(
+                    "{cpus} ({}; {})",
+                    bad("FUSEDAE_NUM_THREADS", "many"),
+                    bad("OMP_NUM_THREADS", "-1")
+                ),
+            ),
+            (
+                some("5000"),
+                None,
+                6,
+                format!("{cpus} ({})", bad("FUSEDAE_NUM_THREADS", "5000")),
+            ),
+        ];
+        for (fusedae, omp, threads, source) in cases {
+            assert_eq!(resolve_threads(fusedae, omp, 6), (threads, source));
+        }
+        assert_eq!(resolve_threads(None, None, 4096).0, MAX_THREADS);
     }
 
     #[test]

@@ -367,6 +367,56 @@ def test_import_needs_no_torch_and_info_reports_the_isa():
     assert untouched.stdout.strip() == "False"
 
 
+THREADS_IN_A_WORKER = """
+import os, sys, fusedae
+os.environ.update(dict(item.split("=", 1) for item in sys.argv[1:]))  # as Ray does at task start
+if hasattr(os, "sched_setaffinity") and os.environ.get("ONE_CPU"):
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+info = fusedae.info()
+print(info["threads"], info["threads_from"], sep="|")
+"""
+
+
+@pytest.mark.parametrize(
+    ("variables", "threads", "source"),
+    [
+        (["FUSEDAE_NUM_THREADS=3", "OMP_NUM_THREADS=2"], 3, "FUSEDAE_NUM_THREADS=3"),
+        (["OMP_NUM_THREADS=5"], 5, "OMP_NUM_THREADS=5"),
+        (["OMP_NUM_THREADS=4,2"], 4, "OMP_NUM_THREADS=4,2"),
+        (
+            ["FUSEDAE_NUM_THREADS=lots", "OMP_NUM_THREADS=1"],
+            1,
+            'OMP_NUM_THREADS=1 (FUSEDAE_NUM_THREADS="lots" ignored: not a count from 1 to 1024)',
+        ),
+        (["ONE_CPU=1"], 1, "the CPUs this process may use"),
+    ],
+)
+def test_the_thread_count_follows_the_worker_it_runs_in(variables, threads, source):
+    """Variables set after import, before the first call, as an engine sets them when a task
+    starts in a worker that imported fusedae earlier."""
+    if "ONE_CPU=1" in variables and not hasattr(os, "sched_setaffinity"):
+        pytest.skip("no affinity mask on this platform")
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("FUSEDAE_NUM_THREADS", "OMP_NUM_THREADS")
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", THREADS_IN_A_WORKER, *variables],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"{threads}|{source}"
+
+
+def test_set_num_threads_wins_over_the_environment(monkeypatch):
+    monkeypatch.setenv("FUSEDAE_NUM_THREADS", "3")
+    fusedae.set_num_threads(2)
+    assert (fusedae.get_num_threads(), fusedae.info()["threads_from"]) == (2, "set_num_threads")
+
+
 def test_forcing_each_supported_isa():
     for isa in fusedae.info()["available_isas"]:
         result = run_python("import fusedae; print(fusedae.info()['isa'])", FUSEDAE_ISA=isa)

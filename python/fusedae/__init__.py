@@ -18,6 +18,11 @@ def info() -> dict[str, object]:
     whole one (AVX-512 on AMD Zen 4, decided from the CPU's identity), so layers such as 784 -> 42
     run as 40 + 2 outputs rather than padded to 48.
 
+    ``threads``: what a large batch is split across, resolved at first use from
+    ``set_num_threads()``, else ``FUSEDAE_NUM_THREADS``, else ``OMP_NUM_THREADS`` (as Ray, Dask
+    and Spark set it for a worker), else the CPUs this process may use (affinity and cgroup
+    quota); ``threads_from`` says which.
+
     Raises ``ValueError`` / ``RuntimeError`` if ``FUSEDAE_ISA`` names an unknown ISA or one this
     CPU lacks.
     """
@@ -27,6 +32,7 @@ def info() -> dict[str, object]:
         "available_isas": _native.available_isas(),
         "half_registers": _native.half_registers_cheaper(),
         "threads": _native.get_num_threads(),
+        "threads_from": _native.threads_source(),
         "build_profile": _native.build_profile,
         "target_arch": _native.target_arch,
     }
