@@ -49,6 +49,8 @@ lint: $(VENV)/.deps
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
 	cargo clippy --all-targets --features python -- -D warnings
+	cargo fmt --check --manifest-path fuzz/Cargo.toml
+	CARGO_TARGET_DIR=target/fuzz-check cargo clippy --manifest-path fuzz/Cargo.toml --all-targets -- -D warnings
 	$(BIN)/ruff check python tests benches
 	$(BIN)/ruff format --check python tests benches
 	$(BIN)/mypy
@@ -67,7 +69,43 @@ bench: build
 	$(PY) benches/report.py benches/results.json
 
 clean:
-	rm -rf $(VENV) target
+	rm -rf $(VENV) target fuzz/target
+
+# ---- Reliability: fuzzing and sanitizers (docs/reliability.md) --------------------------------
+# `make fuzz FUZZ_SECONDS=N`: each Rust fuzz target (cargo fuzz, nightly: every ISA against the
+# scalar kernel and the float64 oracle) and each Python one (atheris) for N seconds, from the
+# committed seed corpus; new inputs go to target/, not into the corpus.
+# `make sanitize`: the Rust tests under AddressSanitizer, the pool's under ThreadSanitizer.
+FUZZ_SECONDS ?= 60
+RUST_FUZZ_TARGETS := forward backward
+
+.PHONY: fuzz fuzz-rust fuzz-python sanitize cargo-fuzz
+
+cargo-fuzz:
+	@command -v cargo-fuzz > /dev/null || cargo install --locked cargo-fuzz@0.13.2
+
+fuzz: fuzz-rust fuzz-python
+
+# -timeout: an input running 30 s is a hang; -rss_limit_mb: one using 4 GB is a leak. The whole
+# log goes to target/fuzz-logs/; its statistics (executions, corpus) are printed.
+fuzz-rust: cargo-fuzz
+	cargo +nightly fuzz build -O
+	@mkdir -p target/fuzz-logs
+	@for target in $(RUST_FUZZ_TARGETS); do \
+	  echo "== cargo fuzz run $$target ($(FUZZ_SECONDS) s)"; \
+	  mkdir -p target/fuzz-corpus/$$target; \
+	  log=target/fuzz-logs/$$target.log; \
+	  if ! cargo +nightly fuzz run -O $$target target/fuzz-corpus/$$target fuzz/corpus/$$target -- \
+	      -max_total_time=$(FUZZ_SECONDS) -timeout=30 -rss_limit_mb=4096 -print_final_stats=1 \
+	      > $$log 2>&1; then tail -n 80 $$log; exit 1; fi; \
+	  grep -E "^(Done|stat::number_of_executed_units|stat::peak_rss_mb)|INITED|DONE" $$log; \
+	done
+
+fuzz-python: build
+	PY=$(PY) tools/fuzz_python.sh $(FUZZ_SECONDS)
+
+sanitize:
+	tools/sanitize.sh
 
 # ---- Release: wheels, sdist and their checks --------------------------------------------------
 # `make wheel`: manylinux2014 abi3 wheels for x86_64 and aarch64 and the sdist in dist/, checked.

@@ -540,26 +540,10 @@ mod tests {
     use crate::dispatch;
     use crate::kernels::TileShape;
     use crate::ops::PostOp;
-
-    struct OwnedLayer<T> {
-        weight: Vec<T>,
-        bias: Option<Vec<T>>,
-        out_features: usize,
-        in_features: usize,
-        post_op: PostOp,
-    }
-
-    impl<T> OwnedLayer<T> {
-        fn spec(&self) -> LayerSpec<'_, T> {
-            LayerSpec {
-                weight: &self.weight,
-                bias: self.bias.as_deref(),
-                out_features: self.out_features,
-                in_features: self.in_features,
-                post_op: self.post_op,
-            }
-        }
-    }
+    use crate::oracle::{
+        reference, reference_backward, reference_layers, reference_linears, reference_op,
+        OwnedLayer,
+    };
 
     fn random_chain(rng: &mut SmallRng, widths: &[usize], relu_last: bool) -> Vec<OwnedLayer<f64>> {
         (0..widths.len() - 1)
@@ -605,121 +589,6 @@ mod tests {
                 post_op: l.post_op,
             })
             .collect()
-    }
-
-    /// The oracle: one dot product at a time, in f64.
-    fn reference(layers: &[OwnedLayer<f64>], input: &[f64]) -> Vec<f64> {
-        reference_layers(layers, input).pop().expect("a layer")
-    }
-
-    /// Every layer's outputs, row-major, from the oracle.
-    fn reference_layers(layers: &[OwnedLayer<f64>], input: &[f64]) -> Vec<Vec<f64>> {
-        let pre = reference_linears(layers, input);
-        layers
-            .iter()
-            .zip(pre)
-            .map(|(layer, pre)| {
-                pre.into_iter()
-                    .map(|v| reference_op(layer.post_op, v))
-                    .collect()
-            })
-            .collect()
-    }
-
-    /// Every layer's Linear (before its op), row-major, from the oracle.
-    fn reference_linears(layers: &[OwnedLayer<f64>], input: &[f64]) -> Vec<Vec<f64>> {
-        let rows = input.len() / layers[0].in_features;
-        let mut current = input.to_vec();
-        let mut linears = Vec::new();
-        for layer in layers {
-            let mut next = vec![0.0; rows * layer.out_features];
-            for r in 0..rows {
-                for o in 0..layer.out_features {
-                    let x = &current[r * layer.in_features..][..layer.in_features];
-                    let w = &layer.weight[o * layer.in_features..][..layer.in_features];
-                    let mut sum = layer.bias.as_ref().map_or(0.0, |b| b[o]);
-                    sum += x.iter().zip(w).map(|(a, b)| a * b).sum::<f64>();
-                    next[r * layer.out_features + o] = sum;
-                }
-            }
-            current = next
-                .iter()
-                .map(|&v| reference_op(layer.post_op, v))
-                .collect();
-            linears.push(next);
-        }
-        linears
-    }
-
-    /// `op'(x)` in f64, from calculus (PyTorch's choice at the kinks: 0 at ReLU's 0).
-    fn reference_slope(op: PostOp, x: f64) -> f64 {
-        let sigmoid = |v: f64| 1.0 / (1.0 + (-v).exp());
-        let step = |inside: bool, otherwise: f64| if inside { 1.0 } else { otherwise };
-        match op {
-            PostOp::Identity => 1.0,
-            PostOp::Relu => step(x > 0.0, 0.0),
-            PostOp::LeakyRelu { negative_slope } => step(x > 0.0, negative_slope),
-            PostOp::Sigmoid => sigmoid(x) * (1.0 - sigmoid(x)),
-            PostOp::Tanh => 1.0 - x.tanh() * x.tanh(),
-            PostOp::Gelu => {
-                let density = (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt();
-                0.5 * libm::erfc(-x / std::f64::consts::SQRT_2) + x * density
-            }
-            PostOp::GeluTanh => {
-                let c = (2.0 / std::f64::consts::PI).sqrt();
-                let s = sigmoid(2.0 * c * (x + 0.044715 * x * x * x));
-                s + x * s * (1.0 - s) * 2.0 * c * (1.0 + 3.0 * 0.044715 * x * x)
-            }
-            PostOp::Silu => sigmoid(x) * (1.0 + x * (1.0 - sigmoid(x))),
-            PostOp::Elu { alpha } => step(x > 0.0, alpha * x.exp()),
-            PostOp::Hardtanh { min_val, max_val } => step(min_val < x && x < max_val, 0.0),
-            PostOp::Softplus { beta, threshold } => step(beta * x > threshold, sigmoid(beta * x)),
-        }
-    }
-
-    /// The oracle's backward: `(grad_input, grads)`, `grads` laid out as [`Mlp::backward`]
-    /// writes them.
-    fn reference_backward(
-        layers: &[OwnedLayer<f64>],
-        input: &[f64],
-        grad_output: &[f64],
-    ) -> (Vec<f64>, Vec<f64>) {
-        let rows = input.len() / layers[0].in_features;
-        let linears = reference_linears(layers, input);
-        let outputs = reference_layers(layers, input);
-        let mut grad = grad_output.to_vec();
-        let mut per_layer = Vec::new();
-        for (index, layer) in layers.iter().enumerate().rev() {
-            let (k, out) = (layer.in_features, layer.out_features);
-            let below = if index == 0 {
-                input
-            } else {
-                &outputs[index - 1][..]
-            };
-            let delta: Vec<f64> = grad
-                .iter()
-                .zip(&linears[index])
-                .map(|(&g, &x)| g * reference_slope(layer.post_op, x))
-                .collect();
-            let mut weight_grad = vec![0.0; out * k];
-            let mut bias_grad = vec![0.0; out];
-            let mut grad_below = vec![0.0; rows * k];
-            for r in 0..rows {
-                for o in 0..out {
-                    let d = delta[r * out + o];
-                    bias_grad[o] += d;
-                    for j in 0..k {
-                        weight_grad[o * k + j] += d * below[r * k + j];
-                        grad_below[r * k + j] += d * layer.weight[o * k + j];
-                    }
-                }
-            }
-            weight_grad.extend(bias_grad);
-            per_layer.push(weight_grad);
-            grad = grad_below;
-        }
-        per_layer.reverse();
-        (grad, per_layer.concat())
     }
 
     /// `(grad_input, grads)` from the chain's saving forward and backward on `isa`.
@@ -769,50 +638,6 @@ mod tests {
             threshold: 20.0,
         },
     ];
-
-    /// `op` in f64, each written to keep its accuracy over the whole range: the sigmoid forms
-    /// as `x / (1 + exp(-x))` (no `1 - ...`), the GELU's left tail through `erfc`, the tanh
-    /// GELU as `x sigmoid(2u)`.
-    fn reference_op(op: PostOp, x: f64) -> f64 {
-        let sigmoid = |v: f64| 1.0 / (1.0 + (-v).exp());
-        match op {
-            PostOp::Identity => x,
-            PostOp::Relu if x < 0.0 => 0.0,
-            PostOp::Relu => x,
-            PostOp::LeakyRelu { negative_slope } => {
-                if x > 0.0 {
-                    x
-                } else {
-                    negative_slope * x
-                }
-            }
-            PostOp::Sigmoid => sigmoid(x),
-            PostOp::Tanh => x.tanh(),
-            PostOp::Gelu => 0.5 * x * libm::erfc(-x / std::f64::consts::SQRT_2),
-            PostOp::GeluTanh => {
-                let u = (2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x);
-                x * sigmoid(2.0 * u)
-            }
-            PostOp::Silu => x * sigmoid(x),
-            PostOp::Elu { alpha } => {
-                if x > 0.0 {
-                    x
-                } else {
-                    alpha * x.exp_m1()
-                }
-            }
-            // f64::max and min drop a NaN; torch.nn.functional.hardtanh keeps it.
-            PostOp::Hardtanh { .. } if x.is_nan() => x,
-            PostOp::Hardtanh { min_val, max_val } => max_val.min(min_val.max(x)),
-            PostOp::Softplus { beta, threshold } => {
-                if beta * x > threshold {
-                    x
-                } else {
-                    (beta * x).exp().ln_1p() / beta
-                }
-            }
-        }
-    }
 
     /// `layers` with every post-op drawn from [`EVERY_OP`] (the last one too with `last`).
     fn with_random_ops(
