@@ -51,8 +51,8 @@ lint: $(VENV)/.deps
 	cargo clippy --all-targets --features python -- -D warnings
 	cargo fmt --check --manifest-path fuzz/Cargo.toml
 	CARGO_TARGET_DIR=target/fuzz-check cargo clippy --manifest-path fuzz/Cargo.toml --all-targets -- -D warnings
-	$(BIN)/ruff check python tests benches
-	$(BIN)/ruff format --check python tests benches
+	$(BIN)/ruff check python tests benches fuzz
+	$(BIN)/ruff format --check python tests benches fuzz
 	$(BIN)/mypy
 	$(BIN)/check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
 	$(BIN)/check-jsonschema --builtin-schema vendor.dependabot .github/dependabot.yml
@@ -60,8 +60,8 @@ lint: $(VENV)/.deps
 
 fmt: $(VENV)/.deps
 	cargo fmt
-	$(BIN)/ruff format python tests benches
-	$(BIN)/ruff check --fix python tests benches
+	$(BIN)/ruff format python tests benches fuzz
+	$(BIN)/ruff check --fix python tests benches fuzz
 
 # One compile thread: no idle worker processes beside the timed code.
 bench: build
@@ -101,7 +101,12 @@ fuzz-rust: cargo-fuzz
 	  grep -E "^(Done|stat::number_of_executed_units|stat::peak_rss_mb)|INITED|DONE" $$log; \
 	done
 
-fuzz-python: build
+$(VENV)/.fuzz-deps: pyproject.toml | $(PY)
+	$(PIP) $$($(PY) -c "import tomllib; \
+	  print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['fuzz']))")
+	touch $@
+
+fuzz-python: build $(VENV)/.fuzz-deps
 	PY=$(PY) tools/fuzz_python.sh $(FUZZ_SECONDS)
 
 sanitize:

@@ -831,6 +831,7 @@ fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(set_num_threads, module)?)?;
     module.add_function(wrap_pyfunction!(get_num_threads, module)?)?;
     module.add_function(wrap_pyfunction!(threads_source, module)?)?;
+    module.add("MAX_THREADS", threads::MAX_THREADS)?;
     module.add_function(wrap_pyfunction!(fma_peak_gflops, module)?)?;
     Ok(())
 }

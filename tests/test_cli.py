@@ -8,6 +8,7 @@ import itertools
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -437,6 +438,57 @@ def test_refuses_to_overwrite_without_force(tmp_path: Path, model_path: Path) ->
     result = fusedae("encode", model_path, tmp_path / "x.npy", "-o", output, "--force")
     assert result.returncode == 0, result.stderr
     assert np.load(output).shape == (5, 2)
+
+
+FUZZ_FINDINGS = Path(__file__).parent / "data" / "fuzz_findings"
+
+
+@pytest.mark.parametrize(
+    "finding", sorted((FUZZ_FINDINGS / "npy").iterdir()), ids=lambda path: path.name
+)
+def test_inputs_the_fuzzer_found_give_command_errors(tmp_path: Path, finding: Path) -> None:
+    """Each once let another exception escape (numpy's TokenError, zipfile's NotImplementedError,
+    an LZMAError, a MemoryError from a huge declared shape, ...): read as .npy and as .npz, only
+    the documented CommandError may come out."""
+    data = finding.read_bytes()
+    for suffix in (".npy", ".npz"):
+        path = tmp_path / f"x{suffix}"
+        path.write_bytes(data)
+        try:
+            with contextlib.closing(cli.open_rows(path, None)) as rows:
+                if rows.shape and rows.shape[-1] > 0:
+                    count = int(np.prod(rows.shape[:-1]))
+                    if count:
+                        rows.read(0, count)
+        except cli.CommandError:
+            pass
+
+
+def test_a_negative_dimension_is_refused(tmp_path: Path, model_path: Path) -> None:
+    """numpy's header check lets (-2, -3, 64) through; 6 rows of data once gave exit status 0
+    and an output numpy could not load."""
+    x = tmp_path / "x.npy"
+    header = "{'descr': '<f4', 'fortran_order': False, 'shape': (-2, -3, 64), }"
+    header += " " * (63 - (10 + len(header)) % 64) + "\n"
+    x.write_bytes(
+        b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header.encode() + bytes(6 * 256)
+    )
+    result = fusedae("encode", model_path, x, "-o", tmp_path / "out.npy")
+    assert result.returncode == 1
+    assert error_lines(result) == [
+        f"fusedae encode: error: {x} has a negative dimension in its shape (-2, -3, 64)"
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.npy"]
+
+
+@pytest.mark.parametrize("threads", ["1025", str(2**63)])
+def test_too_many_threads_is_a_usage_error(tmp_path: Path, model_path: Path, threads: str) -> None:
+    np.save(tmp_path / "x.npy", np.zeros((3, 64), np.float32))
+    result = fusedae(
+        "encode", model_path, tmp_path / "x.npy", "-o", tmp_path / "o.npy", "--threads", threads
+    )
+    assert result.returncode == 2
+    assert f"argument --threads: must be at most 1024, got {threads}" in result.stderr
 
 
 PEAK_RSS = """

@@ -453,3 +453,18 @@ def test_load_and_encode_without_torch(tmp_path: Path, rng: np.random.Generator)
     )
     assert result.returncode == 0, result.stderr
     assert "torch-free OK" in result.stdout
+
+
+FUZZ_FINDINGS = Path(__file__).parent / "data" / "fuzz_findings" / "safetensors"
+
+
+@pytest.mark.parametrize("finding", sorted(FUZZ_FINDINGS.iterdir()), ids=lambda path: path.name)
+def test_files_the_fuzzer_found_give_value_errors(tmp_path: Path, finding: Path) -> None:
+    """Each once let RecursionError (JSON nested 1,200 deep) or OverflowError (Infinity, or an
+    integer beyond float range, as a parameter) escape the reader."""
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(finding.read_bytes())
+    with pytest.raises(ValueError, match="not a valid fusedae model file"):
+        serialization.read(path)
+    with pytest.raises(ValueError, match="not a valid fusedae model file"):
+        MLP.load(path)

@@ -7,6 +7,7 @@ import numpy.typing as npt
 from typing_extensions import Self, disjoint_base
 
 __all__ = [
+    "MAX_THREADS",
     "POST_OPS",
     "Chain",
     "__version__",
@@ -25,6 +26,8 @@ __version__: str
 build_profile: Literal["debug", "release"]
 target_arch: str
 POST_OPS: tuple[str, ...]
+MAX_THREADS: int
+"""The most threads ``set_num_threads`` accepts."""
 """The post-ops the kernels apply to a layer's outputs, by name, in the Rust enum's order."""
 
 # A native class: Python cannot combine it with another native base (PEP 800).

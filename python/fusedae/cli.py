@@ -20,6 +20,7 @@ import sys
 import textwrap
 import threading
 import time
+import tokenize
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -101,6 +102,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def thread_count(text: str) -> int:
+    value = positive_int(text)
+    if value > _native.MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"must be at most {_native.MAX_THREADS}, got {value}")
+    return value
+
+
 def widths_list(text: str) -> list[int]:
     """``"784,42,16"`` -> ``[784, 42, 16]``."""
     try:
@@ -167,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"rows per chunk (default: about {CHUNK_BYTES >> 20} MiB of input)",
     )
     encode.add_argument(
-        "--threads", type=positive_int, help="kernel threads (default: the CPUs available)"
+        "--threads", type=thread_count, help="kernel threads (default: the CPUs available)"
     )
     encode.add_argument("--key", help="the array to read from a .npz holding several")
     encode.add_argument(
@@ -201,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--batch", type=positive_int, default=4096, help="default: %(default)s")
     bench.add_argument(
-        "--threads", type=positive_int, help="threads for every backend (default: fusedae's)"
+        "--threads", type=thread_count, help="threads for every backend (default: fusedae's)"
     )
     bench.add_argument(
         "--dtype", choices=("float32", "float64"), default="float32", help="default: %(default)s"
@@ -423,9 +431,11 @@ class NpyRows:
                 shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(self._file)
             else:
                 raise ValueError(f"version {version} is not supported")
-        except ValueError as error:
+        except (ValueError, tokenize.TokenError) as error:  # numpy lets TokenError through
             raise CommandError(f"{self.path} is not a .npy file numpy can read ({error})") from None
         check_float(self.path, dtype)
+        if any(length < 0 for length in shape):
+            raise CommandError(f"{self.path} has a negative dimension in its shape {shape}")
         if fortran_order and len(shape) > 1:
             raise CommandError(
                 f"{self.path} is stored in Fortran order; encode streams rows, so save it in C "
@@ -483,6 +493,8 @@ class NpyRows:
         if self._buffer.size < (stop - start) * columns:
             self._buffer = np.empty((stop - start) * columns, self.dtype)
         rows = self._buffer[: (stop - start) * columns].reshape(stop - start, columns)
+        if rows.size == 0:
+            return rows  # nothing to read (and a view of no bytes cannot be cast)
         self._file.seek(self._offset + start * self._row_bytes)
         if self._file.readinto(rows.data.cast("B")) != rows.nbytes:
             raise CommandError(
@@ -509,19 +521,27 @@ class NpyRows:
 
 def open_npz(path: Path, key: str | None) -> np.ndarray:
     """One array of a ``.npz`` file (read into memory)."""
-    try:
-        archive = np.load(path)
-        if not isinstance(archive, np.lib.npyio.NpzFile):
-            raise CommandError(f"{path} is not a .npz archive")
-        with archive:
-            names = list(archive.files)
-            if key is None and len(names) != 1:
-                raise CommandError(f"{path} holds arrays {names}; pick one with --key")
-            if key is not None and key not in names:
-                raise CommandError(f"{path} has no array {key!r}; it holds {names}")
-            array = archive[key or names[0]]
-    except (ValueError, EOFError, zipfile.BadZipFile) as error:
-        raise CommandError(f"{path} is not a .npz file numpy can read ({error})") from None
+    with open(path, "rb") as file:  # not there, not readable: the OSError main reports
+        try:
+            if not zipfile.is_zipfile(file):  # np.load would read a .npy whole to refuse it
+                raise CommandError(f"{path} is not a .npz archive")
+            file.seek(0)
+            with np.load(file) as archive:
+                names = list(archive.files)
+                if key is None and len(names) != 1:
+                    raise CommandError(f"{path} holds arrays {names}; pick one with --key")
+                if key is not None and key not in names:
+                    raise CommandError(f"{path} has no array {key!r}; it holds {names}")
+                name = key or names[0]
+                array = archive[name]
+        except CommandError:
+            raise
+        except Exception as error:  # zipfile, zlib, bz2, lzma and numpy raise many kinds
+            raise CommandError(
+                f"{path} is not a .npz file numpy can read ({type(error).__name__}: {error})"
+            ) from None
+    if not isinstance(array, np.ndarray):  # a member without the .npy magic comes as bytes
+        raise CommandError(f"{path}: {name!r} is not a .npy array")
     check_float(path, array.dtype)
     return array
 
@@ -532,7 +552,8 @@ class ArrayRows:
     def __init__(self, array: np.ndarray) -> None:
         self.shape: tuple[int, ...] = array.shape
         self.dtype = array.dtype
-        self._rows = array.reshape(-1, array.shape[-1]) if array.ndim else array
+        rows = math.prod(array.shape[:-1])
+        self._rows = array.reshape(rows, array.shape[-1]) if array.ndim else array
 
     def read(self, start: int, stop: int) -> np.ndarray:
         return self._rows[start:stop]

@@ -30,6 +30,7 @@ import math
 import os
 import re
 import struct
+import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -168,7 +169,7 @@ def _parse(data: bytes) -> ChainSpec:
         )
     try:
         header = json.loads(data[8 : 8 + header_size])
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise ValueError(f"the header is not valid JSON ({error})") from None
     if not isinstance(header, dict):
         raise ValueError("the header is not a JSON object")
@@ -185,7 +186,7 @@ def _parse(data: bytes) -> ChainSpec:
         )
     try:
         encoder_layers = int(metadata["encoder_layers"])
-    except (KeyError, TypeError, ValueError) as error:
+    except (KeyError, TypeError, ValueError, OverflowError) as error:
         raise ValueError(f"bad encoder_layers metadata ({error!r})") from None
     described = _layers_v1(metadata) if version == "1" else _layers_v2(metadata)
     tensors = _tensors(header, memoryview(data)[8 + header_size :])
@@ -218,7 +219,7 @@ def _layers_v1(metadata: dict[str, object]) -> list[_LayerMetadata]:
     """Version 1: ``activations``, a JSON list of post-op names (ops without parameters)."""
     try:
         activations = json.loads(str(metadata["activations"]))
-    except (KeyError, ValueError) as error:
+    except (KeyError, ValueError, RecursionError) as error:
         raise ValueError(f"bad activations metadata ({error!r})") from None
     if not isinstance(activations, list) or not all(isinstance(name, str) for name in activations):
         raise ValueError("the activations metadata is not a JSON list of names")
@@ -238,7 +239,7 @@ def _layers_v2(metadata: dict[str, object]) -> list[_LayerMetadata]:
     """Version 2: ``layers``, a JSON list of ``{"post_op", "params", "normalization"}``."""
     try:
         entries = json.loads(str(metadata["layers"]))
-    except (KeyError, ValueError) as error:
+    except (KeyError, ValueError, RecursionError) as error:
         raise ValueError(f"bad layers metadata ({error!r})") from None
     if not isinstance(entries, list):
         raise ValueError("the layers metadata is not a JSON list")
@@ -284,7 +285,8 @@ def _layer_v2(entry: object) -> _LayerMetadata:
 
 
 def _is_number(value: object) -> bool:
-    return type(value) in (int, float)
+    """A JSON float, or an int that converts to one (not one beyond 1.8e308)."""
+    return type(value) is float or (type(value) is int and abs(value) <= sys.float_info.max)
 
 
 def _normalization(
