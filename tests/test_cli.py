@@ -456,10 +456,8 @@ def test_inputs_the_fuzzer_found_give_command_errors(tmp_path: Path, finding: Pa
         path.write_bytes(data)
         try:
             with contextlib.closing(cli.open_rows(path, None)) as rows:
-                if rows.shape and rows.shape[-1] > 0:
-                    count = int(np.prod(rows.shape[:-1]))
-                    if count:
-                        rows.read(0, count)
+                if rows.shape and rows.shape[-1] > 0 and rows.rows:
+                    rows.read(0, rows.rows)
         except cli.CommandError:
             pass
 
@@ -502,21 +500,7 @@ print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 def test_interrupted_encode_leaves_no_output(
     tmp_path: Path, model_path: Path, big_input: Path, signum: int
 ) -> None:
-    output = tmp_path / "codes.npy"
-    command = [sys.executable, "-m", "fusedae", "encode", model_path, big_input, "-o", output]
-    process = subprocess.Popen(  # tiny chunks: the run lasts seconds
-        [*map(str, command), "--batch-size", "8", "--threads", "1"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        # A shell's background job starts with SIGINT ignored, and so would the child.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
-    deadline = time.monotonic() + 60
-    while not list(tmp_path.glob(".codes.npy.*.tmp")):  # it has started writing
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    process = start_encode(model_path, big_input, tmp_path / "codes.npy")
     process.send_signal(signum)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 128 + signum, stderr
@@ -531,6 +515,8 @@ def start_encode(model: Path, x: Path, output: Path) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # A shell's background job starts with SIGINT ignored, and so would the child.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     temporary = output.with_name(f".{output.name}.{process.pid}.tmp")
     deadline = time.monotonic() + 60

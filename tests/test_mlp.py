@@ -335,12 +335,16 @@ class TestBadInput:
             _native.Chain([np.zeros((2, 2), np.float32)], [], ["relu"])
 
 
-def run_python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+def run_python(
+    code: str, *args: str, unset: tuple[str, ...] = (), **env: str
+) -> subprocess.CompletedProcess[str]:
+    """``python -c code args`` with ``env`` added to the environment and ``unset`` taken out."""
+    environment = {k: v for k, v in os.environ.items() if k not in unset}
     return subprocess.run(
-        [sys.executable, "-c", code],
+        [sys.executable, "-c", code, *args],
         capture_output=True,
         text=True,
-        env={**os.environ, **env},
+        env={**environment, **env},
         timeout=120,
         check=False,
     )
@@ -396,16 +400,8 @@ def test_the_thread_count_follows_the_worker_it_runs_in(variables, threads, sour
     starts in a worker that imported fusedae earlier."""
     if "ONE_CPU=1" in variables and not hasattr(os, "sched_setaffinity"):
         pytest.skip("no affinity mask on this platform")
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("FUSEDAE_NUM_THREADS", "OMP_NUM_THREADS")
-    }
-    result = subprocess.run(
-        [sys.executable, "-c", THREADS_IN_A_WORKER, *variables],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-        check=False,
+    result = run_python(
+        THREADS_IN_A_WORKER, *variables, unset=("FUSEDAE_NUM_THREADS", "OMP_NUM_THREADS")
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"{threads}|{source}"

@@ -552,8 +552,8 @@ class ArrayRows:
     def __init__(self, array: np.ndarray) -> None:
         self.shape: tuple[int, ...] = array.shape
         self.dtype = array.dtype
-        rows = math.prod(array.shape[:-1])
-        self._rows = array.reshape(rows, array.shape[-1]) if array.ndim else array
+        self.rows = math.prod(array.shape[:-1])
+        self._rows = array.reshape(self.rows, array.shape[-1]) if array.ndim else array
 
     def read(self, start: int, stop: int) -> np.ndarray:
         return self._rows[start:stop]
@@ -586,7 +586,7 @@ def process_exists(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OSError):
+    except OSError:
         return True  # someone else's process, or a platform that cannot tell: assume alive
     return True
 
@@ -632,8 +632,7 @@ def write_rows(mlp: MLP, source: Rows, output: Path, batch_size: int) -> None:
     interruption."""
     from tqdm import tqdm
 
-    shape = source.shape
-    rows = math.prod(shape[:-1])
+    shape, rows = source.shape, source.rows
     buffer = np.empty((min(batch_size, rows), mlp.out_features), mlp.dtype)
     header = {
         "descr": np.lib.format.dtype_to_descr(mlp.dtype),
