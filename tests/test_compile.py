@@ -261,6 +261,8 @@ def test_opcheck(dtype, shape, has_bias):
 
 @pytest.mark.parametrize("has_bias", [(True, True, True), (True, False, False)])
 def test_gradcheck_through_the_op(has_bias):
+    # A fixed draw whose ReLU inputs stay clear of the kinks gradcheck's differences would cross.
+    torch.manual_seed(0)
     x, weights, biases, flags, post_ops = op_arguments(torch.float64, (4, 7), has_bias, True)
 
     def chain(x, *params):
