@@ -28,7 +28,7 @@ import torch
 import fusedae
 from fusedae import _native
 from fusedae._ops import IDENTITY, RELU, PostOp
-from fusedae.cli import onnx_session
+from fusedae.cli.bench import onnx_session
 
 # Rows per call when benchmarks are disabled (the smoke run): enough to cross the kernels' row
 # tiles and thread split, few enough to keep `make test` quick.

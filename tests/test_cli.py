@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from _seed import AE
-from fusedae import MLP, cli
+from fusedae import MLP
+from fusedae.cli import CommandError, inputs
 
 BIG_ROWS = 1_250_000  # x 64 float32 = 320 MB
 
@@ -455,10 +456,10 @@ def test_inputs_the_fuzzer_found_give_command_errors(tmp_path: Path, finding: Pa
         path = tmp_path / f"x{suffix}"
         path.write_bytes(data)
         try:
-            with contextlib.closing(cli.open_rows(path, None)) as rows:
+            with contextlib.closing(inputs.open_rows(path, None)) as rows:
                 if rows.shape and rows.shape[-1] > 0 and rows.rows:
                     rows.read(0, rows.rows)
-        except cli.CommandError:
+        except CommandError:
             pass
 
 
@@ -583,12 +584,12 @@ def test_reading_without_a_lease_sees_a_truncation(tmp_path: Path) -> None:
     outcome: list[object] = []
 
     def read() -> None:
-        with contextlib.closing(cli.NpyRows(x)) as rows:
+        with contextlib.closing(inputs.NpyRows(x)) as rows:
             np.testing.assert_array_equal(rows.read(10, 20), data[10:20])
             os.truncate(x, x.stat().st_size - 8 * 3 * 500)
             try:
                 rows.read(600, 700)
-            except cli.CommandError as error:
+            except CommandError as error:
                 outcome.append(str(error))
 
     thread = threading.Thread(target=read)

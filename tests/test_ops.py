@@ -90,7 +90,7 @@ WITH_PARAMETERS = [
 def test_each_op_has_the_onnx_operator_of_its_reference(op: PostOp):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
-    from fusedae.cli import onnx_session
+    from fusedae.cli.bench import onnx_session
 
     # float32, which ONNX Runtime's CPU kernels all take (Erf, Elu, Softplus lack float64).
     rng = np.random.default_rng(0)

@@ -3,15 +3,15 @@
 Each input is the content of an INPUT file, written as ``x.npy`` and as ``x.npz``, and read as
 ``fusedae encode`` reads it:
 
-* ``cli.NpyRows(path)``, then ``.read(0, rows)`` for all rows and ``.read(rows // 2, rows)``
+* ``inputs.NpyRows(path)``, then ``.read(0, rows)`` for all rows and ``.read(rows // 2, rows)``
   (which drops the pages before it), every byte of each chunk touched, then ``.close()``; in
   the main thread, where Linux grants a read lease and the file is memory-mapped, and in a
   worker thread, where chunks are read into a buffer. Reads are only those ``encode`` could
   make: none of a 0-d array, an empty last axis (no model takes rows of 0 values) or no rows;
-* ``cli.open_rows(path, key)`` for the ``.npz``, with ``key`` None and ``"x"``, then the same
+* ``inputs.open_rows(path, key)`` for the ``.npz``, with ``key`` None and ``"x"``, then the same
   reads from the ``ArrayRows``.
 
-The only documented error is ``cli.CommandError`` (``main`` turns it into ``fusedae encode:
+The only documented error is ``CommandError`` (``main`` turns it into ``fusedae encode:
 error: ...`` and status 1). A finding is anything else: another exception escaping
 (``ValueError``, ``AttributeError``, ``zlib.error``, ...: ``main`` would show a traceback), a
 float32/float64 array with a negative dimension accepted (``write_rows`` would fail on it), a
@@ -50,8 +50,8 @@ import findings
 import numpy as np  # imported before instrumentation: numpy itself is not what is fuzzed
 
 with atheris.instrument_imports(include=["fusedae", "zipfile"]):
-    del sys.modules["zipfile"]  # imported anew by fusedae.cli, instrumented, for numpy and cli
-    from fusedae import cli
+    del sys.modules["zipfile"]  # imported anew by fusedae.cli.inputs, instrumented, for both
+    from fusedae.cli import CommandError, inputs
 
 WORKDIR = Path(tempfile.mkdtemp(prefix="fuzz-npy-"))
 NPY = WORKDIR / "x.npy"
@@ -76,28 +76,28 @@ def TestOneInput(data: bytes) -> None:
 
 
 def check_npy() -> None:
-    check(lambda: cli.NpyRows(NPY))
+    check(lambda: inputs.NpyRows(NPY))
 
 
 def check_npz(key: str | None) -> None:
-    check(lambda: cli.open_rows(NPZ, key))
+    check(lambda: inputs.open_rows(NPZ, key))
 
 
-def check(open_source: Callable[[], cli.Rows]) -> None:
+def check(open_source: Callable[[], inputs.Rows]) -> None:
     """Opens a source and reads it all; ``CommandError`` is the one exception allowed."""
     try:
         source = open_source()
-    except cli.CommandError:
+    except CommandError:
         return
     try:
         read_all(source, source.shape, source.dtype)
-    except cli.CommandError:
+    except CommandError:
         pass
     finally:
         source.close()
 
 
-def read_all(source: cli.Rows, shape: tuple[int, ...], dtype: np.dtype) -> None:
+def read_all(source: inputs.Rows, shape: tuple[int, ...], dtype: np.dtype) -> None:
     """Reads ``source`` as ``encode`` would with a model taking rows of ``shape[-1]`` values:
     ``encode_rows`` refuses a 0-d array, and an empty last axis (no model takes rows of 0
     values), before reading; ``write_rows`` reads ``start:stop`` only where ``start < rows``."""

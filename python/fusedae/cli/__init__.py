@@ -1,0 +1,42 @@
+"""The ``fusedae`` command: ``demo``, ``encode``, ``bench`` and ``info``, one module each.
+
+``info`` and ``encode`` with a ``.safetensors`` model need numpy only; torch, scikit-learn and
+matplotlib are imported inside the commands that use them, when they run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Sequence
+
+import fusedae
+from fusedae.cli import bench, demo, encode, info
+from fusedae.cli.common import CommandError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fusedae",
+        description="Fused SIMD CPU kernels for small MLPs and autoencoders.",
+    )
+    parser.add_argument("--version", action="version", version=f"fusedae {fusedae.__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in (demo, encode, bench, info):
+        command.add_parser(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (CommandError, OSError) as error:
+        print(f"fusedae {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"fusedae {args.command}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+    return 0

@@ -1,0 +1,72 @@
+"""What every command shares: the error ``main`` reports, argparse value types, and timing."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+from fusedae import _native
+
+
+class CommandError(Exception):
+    """A failure reported on stderr after ``fusedae COMMAND: error:``, with exit status 1."""
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def thread_count(text: str) -> int:
+    value = positive_int(text)
+    if value > _native.MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"must be at most {_native.MAX_THREADS}, got {value}")
+    return value
+
+
+def widths_list(text: str) -> list[int]:
+    """``"784,42,16"`` -> ``[784, 42, 16]``."""
+    try:
+        widths = [positive_int(part) for part in text.split(",")]
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(
+            f"expected positive integers separated by commas, got {text!r}"
+        ) from None
+    if len(widths) < 2:
+        raise argparse.ArgumentTypeError(f"need at least two widths (in,out), got {text!r}")
+    return widths
+
+
+def time_interleaved(
+    functions: Mapping[str, Callable[[], object]], rounds: int, min_seconds: float = 0.02
+) -> dict[str, float]:
+    """Median seconds per call of each function, timed in alternating rounds (A B A B ...) of
+    enough calls to last about ``min_seconds`` each, so machine noise hits all alike."""
+    calls = {}
+    for name, function in functions.items():
+        function()  # warm up
+        start = time.perf_counter()
+        function()
+        calls[name] = max(1, math.ceil(min_seconds / max(time.perf_counter() - start, 1e-9)))
+    samples: dict[str, list[float]] = {name: [] for name in functions}
+    for _ in range(rounds):
+        for name, function in functions.items():
+            start = time.perf_counter()
+            for _ in range(calls[name]):
+                function()
+            samples[name].append((time.perf_counter() - start) / calls[name])
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """Left-aligns the first column, right-aligns the others."""
+    widths = [max(len(row[i]) for row in [headers, *rows]) for i in range(len(headers))]
+    for row in [headers, *rows]:
+        cells = [cell.rjust(width) for cell, width in zip(row, widths, strict=True)]
+        cells[0] = row[0].ljust(widths[0])
+        print("  ".join(cells))

@@ -1,0 +1,154 @@
+"""``fusedae encode``: a saved model over every row of a file."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import textwrap
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import fusedae
+from fusedae import _ops, serialization
+from fusedae._ops import OPS
+from fusedae.chain import ChainSpec
+from fusedae.cli.common import CommandError, positive_int, thread_count
+from fusedae.cli.inputs import Rows, open_rows
+from fusedae.cli.models import load_model
+from fusedae.cli.outputs import write_rows
+from fusedae.mlp import MLP
+
+CHUNK_BYTES = 16 << 20  # input bytes per chunk when --batch-size is not given
+
+ENCODE_HELP = """\
+Runs a model over every row of INPUT and writes the results to OUTPUT (.npy).
+
+MODEL is one of:
+  * a .safetensors file written by fusedae.torch.save or fusedae.MLP.save: it records every
+    layer, activation (with its parameters) and BatchNorm; needs numpy only;
+  * a PyTorch state_dict (torch.save(model.state_dict(), path)), which needs torch and
+    --layers: a state_dict holds the tensors of the Linear and BatchNorm layers but not the
+    activations between them, and fusedae does not guess them;
+  * a whole pickled nn.Module (torch.save(model, path)), which needs torch and
+    --trust-pickle: loading it runs code from the file, so only for files you trust.
+
+--layers spells the chain, in order, one comma-separated item per module, as a
+nn.Sequential would list them:
+  linear             the state_dict's next Linear; linear(IN,OUT) also checks its shape
+  batchnorm          its next BatchNorm1d, in eval mode, with eps 1e-5 as in PyTorch;
+                     batchnorm(N) checks its size, batchnorm(eps=0.001) sets eps
+  ACTIVATION         applied after the Linear (and its BatchNorm) before it, one of
+{activations}
+                     (PyTorch's defaults shown; give parameters in order, leaky_relu(0.2),
+                     or by name, hardtanh(min_val=0,max_val=6))
+for example --layers 'linear,batchnorm,relu,linear,leaky_relu(0.2),linear,hardtanh(0,6)'.
+The state_dict's modules are taken in the order it stores them (the order they were
+registered, which is nn.Sequential's order); a module is a Linear if it holds weight (2-D)
+and bias, a BatchNorm1d if it holds running_mean and running_var. Each item is checked
+against the module it takes, and each Linear against the one before it. A dropout item (or
+none: Dropout holds no tensors) does nothing, as in eval mode.
+
+A model is one chain of layers with a mark where its encoder ends: after the modules named
+encoder (then decoder), or, for a single chain, at its narrowest layer if its output is as
+wide as its input, else at its end. By default the command runs the encoder (rows -> codes);
+--decode runs the layers after the mark (codes -> outputs); --reconstruct runs them all.
+
+INPUT is a .npy file (read a chunk at a time, so it may be larger than memory) or a .npz
+file (--key picks an array), of float32 or float64 rows, shape (..., in_features); OUTPUT has
+the input's dtype and shape (..., out_features). It is written to a temporary file in the same
+directory and renamed at the end: an interrupted run leaves nothing under OUTPUT, and the
+next run for OUTPUT removes what a killed run left (never the file of a run still going).
+"""
+
+
+def encode_help() -> str:
+    """``ENCODE_HELP`` with the activations of the op table."""
+    names = ", ".join(str(_ops.post_op(name)) for name in OPS)
+    indent = " " * 21
+    return ENCODE_HELP.format(
+        activations=textwrap.fill(names, 91, initial_indent=indent, subsequent_indent=indent)
+    )
+
+
+def add_parser(commands: Any) -> None:
+    encode = commands.add_parser(
+        "encode",
+        help="run a saved model over a .npy/.npz file",
+        description=encode_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    encode.add_argument(
+        "model", metavar="MODEL", type=Path, help=".safetensors, state_dict or pickled module"
+    )
+    encode.add_argument("input", metavar="INPUT", type=Path, help=".npy or .npz")
+    encode.add_argument("-o", "--output", required=True, type=Path, help="the .npy to write")
+    part = encode.add_mutually_exclusive_group()
+    part.add_argument("--decode", action="store_true", help="run the layers after the encoder")
+    part.add_argument("--reconstruct", action="store_true", help="run every layer")
+    encode.add_argument(
+        "--batch-size",
+        type=positive_int,
+        help=f"rows per chunk (default: about {CHUNK_BYTES >> 20} MiB of input)",
+    )
+    encode.add_argument(
+        "--threads", type=thread_count, help="kernel threads (default: the CPUs available)"
+    )
+    encode.add_argument("--key", help="the array to read from a .npz holding several")
+    encode.add_argument(
+        "--layers",
+        metavar="ITEMS",
+        help="the chain of a state_dict MODEL, e.g. 'linear,relu,linear,sigmoid' (see above)",
+    )
+    encode.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="load a MODEL that pickles a whole nn.Module (runs code from the file)",
+    )
+    encode.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
+    encode.set_defaults(run=run)
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # unwinds like Ctrl-C, so the temporary file is removed
+
+
+def run(args: argparse.Namespace) -> None:
+    output: Path = args.output
+    if output.suffix != ".npy":
+        raise CommandError(f"OUTPUT must end in .npy, got {output}")
+    if output.exists() and not args.force:
+        raise CommandError(f"{output} exists; pass --force to overwrite it")
+    if not output.parent.is_dir():
+        raise CommandError(f"the directory of {output} does not exist")
+    part: serialization.Part = (
+        "decoder" if args.decode else "all" if args.reconstruct else "encoder"
+    )
+    spec = load_model(args.model, args.layers, args.trust_pickle)
+    with contextlib.closing(open_rows(args.input, args.key)) as source:
+        encode_rows(args, part, spec, source)
+
+
+def encode_rows(
+    args: argparse.Namespace, part: serialization.Part, spec: ChainSpec, source: Rows
+) -> None:
+    shape, dtype = source.shape, source.dtype
+    try:
+        selected = spec.select(part)
+    except ValueError as error:
+        raise CommandError(f"{args.model}: {error}") from None
+    mlp = MLP.from_spec(selected, dtype=f"f{dtype.itemsize}")
+    widths = " -> ".join(str(n) for n in selected.widths)
+    if not shape or shape[-1] != mlp.in_features:
+        raise CommandError(
+            f"{args.input} has shape {shape}, but the model's {part} ({widths}) takes rows of "
+            f"{mlp.in_features} values: shape (..., {mlp.in_features})"
+        )
+    if args.threads:
+        fusedae.set_num_threads(args.threads)
+    batch_size = args.batch_size or max(1, CHUNK_BYTES // (shape[-1] * dtype.itemsize))
+    signal.signal(signal.SIGTERM, _terminate)
+    write_rows(mlp, source, args.output, batch_size)
+    out_shape = (*shape[:-1], mlp.out_features)
+    print(f"wrote {args.output}: {out_shape} {mlp.dtype} from {shape}, {part} {widths}")

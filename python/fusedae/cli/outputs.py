@@ -1,0 +1,115 @@
+"""Writing an ``encode`` OUTPUT: through a temporary file beside it, renamed once complete, and
+the temporary files of killed runs removed by the next."""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import sys
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+from fusedae.cli.common import CommandError
+from fusedae.cli.inputs import Rows
+from fusedae.mlp import MLP
+
+if sys.platform != "win32":
+    import fcntl
+
+
+TEMPORARY_SUFFIX = ".tmp"
+
+
+def temporary_name(output: Path) -> Path:
+    """Where a run writing ``output`` writes first: hidden, beside it, named by the process."""
+    return output.with_name(f".{output.name}.{os.getpid()}{TEMPORARY_SUFFIX}")
+
+
+def process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # someone else's process, or a platform that cannot tell: assume alive
+    return True
+
+
+def lock_exclusively(file: BinaryIO) -> bool:
+    """Takes an exclusive lock on ``file`` without waiting; the system drops it when the holder
+    dies, SIGKILL included. True where taken (or where locks do not exist, as on Windows, where a
+    file another process has open cannot be deleted anyway)."""
+    if sys.platform == "win32":
+        return True
+    try:
+        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
+def remove_orphaned_temporaries(output: Path) -> list[Path]:
+    """Deletes the temporary files of earlier runs for ``output`` that died without cleaning up
+    (SIGKILL, power loss), and returns them. A run still going keeps its file: its process
+    exists and it holds the file's lock, and a file is deleted only when neither holds."""
+    removed = []
+    prefix = f".{output.name}."
+    for candidate in output.parent.glob(f"{glob.escape(prefix)}*{TEMPORARY_SUFFIX}"):
+        pid = candidate.name[len(prefix) : -len(TEMPORARY_SUFFIX)]
+        if not pid.isdigit() or int(pid) == os.getpid() or process_exists(int(pid)):
+            continue
+        try:
+            with open(candidate, "rb") as file:
+                if lock_exclusively(file):
+                    candidate.unlink()
+                    removed.append(candidate)
+        except OSError:
+            continue  # gone meanwhile, or not ours to delete: leave it
+    return removed
+
+
+def write_rows(mlp: MLP, source: Rows, output: Path, batch_size: int) -> None:
+    """Writes ``mlp`` applied to the rows of ``source`` (shape ``(..., in_features)``) to
+    ``output`` as a ``.npy`` of shape ``(..., out_features)``, ``batch_size`` rows at a time,
+    through a temporary file in the same directory that replaces ``output`` only once complete.
+    An error writing names ``output``; the temporary file is removed on any error or
+    interruption."""
+    from tqdm import tqdm
+
+    shape, rows = source.shape, source.rows
+    buffer = np.empty((min(batch_size, rows), mlp.out_features), mlp.dtype)
+    header = {
+        "descr": np.lib.format.dtype_to_descr(mlp.dtype),
+        "fortran_order": False,
+        "shape": (*shape[:-1], mlp.out_features),
+    }
+    for orphan in remove_orphaned_temporaries(output):
+        print(f"removed {orphan}, left by a run that was killed", file=sys.stderr)
+    temporary = temporary_name(output)
+    try:
+        with open(temporary, "xb") as file, tqdm(total=rows, unit="row", unit_scale=True) as bar:
+            lock_exclusively(file)
+            np.lib.format.write_array_header_1_0(file, header)
+            for start in range(0, rows, batch_size):
+                stop = min(start + batch_size, rows)
+                result = buffer[: stop - start]
+                mlp(source.read(start, stop), out=result)
+                file.write(result.data)
+                bar.update(stop - start)
+        os.replace(temporary, output)
+    except OSError as error:
+        discard(temporary)
+        raise CommandError(f"cannot write {output}: {error.strerror or error}") from error
+    except BaseException:
+        discard(temporary)
+        raise
+
+
+def discard(temporary: Path) -> None:
+    """Removes ``temporary`` if it can: where it cannot (a file system gone read-only), the next
+    run for the same output does, and the error that brought us here is the one to report."""
+    with contextlib.suppress(OSError):
+        temporary.unlink(missing_ok=True)
