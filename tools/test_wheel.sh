@@ -30,7 +30,8 @@ mkdir -p "$work"
 import tomllib
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
 groups = project["optional-dependencies"]
-print("\n".join(project["dependencies"] + groups["test"] + groups["demo"] + groups["bench"]))
+print("\n".join(project["dependencies"] + groups["test"] + groups["demo"] + groups["bench"]
+                + groups["parquet"]))
 print("mypy")
 EOF
 

@@ -29,6 +29,16 @@ def thread_count(text: str) -> int:
     return value
 
 
+def names_list(text: str) -> list[str]:
+    """``"id,label"`` -> ``["id", "label"]``."""
+    names = [name.strip() for name in text.split(",")]
+    if not all(names) or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(
+            f"expected distinct names separated by commas, got {text!r}"
+        )
+    return names
+
+
 def widths_list(text: str) -> list[int]:
     """``"784,42,16"`` -> ``[784, 42, 16]``."""
     try:

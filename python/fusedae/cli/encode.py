@@ -10,20 +10,24 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import numpy as np
+
 import fusedae
 from fusedae import _ops, serialization
 from fusedae._ops import OPS
 from fusedae.chain import ChainSpec
-from fusedae.cli.common import CommandError, positive_int, thread_count
-from fusedae.cli.inputs import Rows, open_rows
+from fusedae.cli import parquet
+from fusedae.cli.common import CommandError, names_list, positive_int, thread_count
+from fusedae.cli.inputs import open_rows
 from fusedae.cli.models import load_model
 from fusedae.cli.outputs import write_rows
 from fusedae.mlp import MLP
 
 CHUNK_BYTES = 16 << 20  # input bytes per chunk when --batch-size is not given
+OUTPUT_COLUMNS = {"encoder": "codes", "decoder": "decoded", "all": "reconstructed"}
 
 ENCODE_HELP = """\
-Runs a model over every row of INPUT and writes the results to OUTPUT (.npy).
+Runs a model over every row of INPUT and writes the results to OUTPUT (.npy or Parquet).
 
 MODEL is one of:
   * a .safetensors file written by fusedae.torch.save or fusedae.MLP.save: it records every
@@ -57,9 +61,20 @@ wide as its input, else at its end. By default the command runs the encoder (row
 
 INPUT is a .npy file (read a chunk at a time, so it may be larger than memory) or a .npz
 file (--key picks an array), of float32 or float64 rows, shape (..., in_features); OUTPUT has
-the input's dtype and shape (..., out_features). It is written to a temporary file in the same
-directory and renamed at the end: an interrupted run leaves nothing under OUTPUT, and the
-next run for OUTPUT removes what a killed run left (never the file of a run still going).
+the input's dtype and shape (..., out_features).
+
+INPUT may also be Parquet (needs pyarrow: pip install 'fusedae[parquet]'): a .parquet file,
+a directory (every .parquet under it) or a quoted glob ('lake/part-*.parquet'), read a batch
+at a time. The rows are a list column of float32 or float64 values (--column; by default the
+only such column) or scalar float columns (--columns x0,x1,...). Each input shard gets an
+output shard, at the same path under the directory OUTPUT (or OUTPUT itself, for one .parquet
+file and a .parquet OUTPUT), holding the --keep columns and then the results as a fixed-size
+list column (--output-column; codes, decoded or reconstructed by default).
+
+Every output file is written to a temporary file in the same directory and renamed at the
+end: an interrupted run leaves nothing under an output name, and the next run for it removes
+what a killed run left (never the file of a run still going). --resume skips the outputs that
+exist, which are complete: after an interruption it does the rest.
 """
 
 
@@ -82,8 +97,12 @@ def add_parser(commands: Any) -> None:
     encode.add_argument(
         "model", metavar="MODEL", type=Path, help=".safetensors, state_dict or pickled module"
     )
-    encode.add_argument("input", metavar="INPUT", type=Path, help=".npy or .npz")
-    encode.add_argument("-o", "--output", required=True, type=Path, help="the .npy to write")
+    encode.add_argument(
+        "input", metavar="INPUT", type=Path, help=".npy, .npz, or Parquet (file, directory, glob)"
+    )
+    encode.add_argument(
+        "-o", "--output", required=True, type=Path, help=".npy, .parquet or a directory"
+    )
     part = encode.add_mutually_exclusive_group()
     part.add_argument("--decode", action="store_true", help="run the layers after the encoder")
     part.add_argument("--reconstruct", action="store_true", help="run every layer")
@@ -106,7 +125,20 @@ def add_parser(commands: Any) -> None:
         action="store_true",
         help="load a MODEL that pickles a whole nn.Module (runs code from the file)",
     )
-    encode.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
+    rows = encode.add_mutually_exclusive_group()
+    rows.add_argument("--column", help="Parquet: the list column holding the rows")
+    rows.add_argument(
+        "--columns", type=names_list, metavar="NAMES", help="Parquet: scalar columns, one per value"
+    )
+    encode.add_argument(
+        "--keep", type=names_list, metavar="NAMES", help="Parquet: columns copied to the output"
+    )
+    encode.add_argument("--output-column", metavar="NAME", help="Parquet: the results' column")
+    existing = encode.add_mutually_exclusive_group()
+    existing.add_argument("--force", action="store_true", help="overwrite outputs that exist")
+    existing.add_argument(
+        "--resume", action="store_true", help="skip outputs that exist (each is complete)"
+    )
     encode.set_defaults(run=run)
 
 
@@ -115,40 +147,55 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    part: serialization.Part = (
+        "decoder" if args.decode else "all" if args.reconstruct else "encoder"
+    )
+    if args.threads:
+        fusedae.set_num_threads(args.threads)
+    signal.signal(signal.SIGTERM, _terminate)
+    if parquet.is_parquet(args.input):
+        if args.key is not None:
+            raise CommandError("--key picks an array of a .npz INPUT; this INPUT is Parquet")
+        args.output_column = args.output_column or OUTPUT_COLUMNS[part]
+        spec = load_model(args.model, args.layers, args.trust_pickle)
+        parquet.encode(args, lambda dtype: model_mlp(args.model, spec, part, dtype), CHUNK_BYTES)
+        return
+    parquet_only = {"--column": args.column, "--columns": args.columns, "--keep": args.keep}
+    parquet_only["--output-column"] = args.output_column
+    given = [flag for flag, value in parquet_only.items() if value is not None]
+    if given:
+        raise CommandError(f"{', '.join(given)}: for Parquet INPUT, and {args.input} is not")
     output: Path = args.output
     if output.suffix != ".npy":
-        raise CommandError(f"OUTPUT must end in .npy, got {output}")
+        raise CommandError(f"OUTPUT must end in .npy for a .npy or .npz INPUT, got {output}")
+    if output.exists() and args.resume:
+        print(f"{output} exists (it is complete): nothing to do")
+        return
     if output.exists() and not args.force:
         raise CommandError(f"{output} exists; pass --force to overwrite it")
     if not output.parent.is_dir():
         raise CommandError(f"the directory of {output} does not exist")
-    part: serialization.Part = (
-        "decoder" if args.decode else "all" if args.reconstruct else "encoder"
-    )
     spec = load_model(args.model, args.layers, args.trust_pickle)
     with contextlib.closing(open_rows(args.input, args.key)) as source:
-        encode_rows(args, part, spec, source)
+        mlp = model_mlp(args.model, spec, part, source.dtype)
+        shape = source.shape
+        if not shape or shape[-1] != mlp.in_features:
+            raise CommandError(
+                f"{args.input} has shape {shape}, but the model's {part} "
+                f"({' -> '.join(map(str, mlp.spec.widths))}) takes rows of "
+                f"{mlp.in_features} values: shape (..., {mlp.in_features})"
+            )
+        batch_size = args.batch_size or max(1, CHUNK_BYTES // (shape[-1] * source.dtype.itemsize))
+        write_rows(mlp, source, output, batch_size)
+    out_shape = (*shape[:-1], mlp.out_features)
+    widths = " -> ".join(map(str, mlp.spec.widths))
+    print(f"wrote {output}: {out_shape} {mlp.dtype} from {shape}, {part} {widths}")
 
 
-def encode_rows(
-    args: argparse.Namespace, part: serialization.Part, spec: ChainSpec, source: Rows
-) -> None:
-    shape, dtype = source.shape, source.dtype
+def model_mlp(path: Path, spec: ChainSpec, part: serialization.Part, dtype: np.dtype) -> MLP:
+    """The ``part`` of the model in ``path`` as an ``MLP`` taking rows of ``dtype``."""
     try:
         selected = spec.select(part)
     except ValueError as error:
-        raise CommandError(f"{args.model}: {error}") from None
-    mlp = MLP.from_spec(selected, dtype=f"f{dtype.itemsize}")
-    widths = " -> ".join(str(n) for n in selected.widths)
-    if not shape or shape[-1] != mlp.in_features:
-        raise CommandError(
-            f"{args.input} has shape {shape}, but the model's {part} ({widths}) takes rows of "
-            f"{mlp.in_features} values: shape (..., {mlp.in_features})"
-        )
-    if args.threads:
-        fusedae.set_num_threads(args.threads)
-    batch_size = args.batch_size or max(1, CHUNK_BYTES // (shape[-1] * dtype.itemsize))
-    signal.signal(signal.SIGTERM, _terminate)
-    write_rows(mlp, source, args.output, batch_size)
-    out_shape = (*shape[:-1], mlp.out_features)
-    print(f"wrote {args.output}: {out_shape} {mlp.dtype} from {shape}, {part} {widths}")
+        raise CommandError(f"{path}: {error}") from None
+    return MLP.from_spec(selected, dtype=f"f{dtype.itemsize}")

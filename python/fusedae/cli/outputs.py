@@ -7,6 +7,7 @@ import contextlib
 import glob
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -71,12 +72,32 @@ def remove_orphaned_temporaries(output: Path) -> list[Path]:
     return removed
 
 
+@contextlib.contextmanager
+def staged_output(output: Path) -> Iterator[BinaryIO]:
+    """An open, locked temporary file beside ``output`` that replaces it when the block ends
+    without error, and is removed on any error or interruption. Removes first what killed runs
+    for ``output`` left behind. An ``OSError`` in the block becomes a ``CommandError`` naming
+    ``output``."""
+    for orphan in remove_orphaned_temporaries(output):
+        print(f"removed {orphan}, left by a run that was killed", file=sys.stderr)
+    temporary = temporary_name(output)
+    try:
+        with open(temporary, "xb") as file:
+            lock_exclusively(file)
+            yield file
+        os.replace(temporary, output)
+    except OSError as error:
+        discard(temporary)
+        raise CommandError(f"cannot write {output}: {error.strerror or error}") from error
+    except BaseException:
+        discard(temporary)
+        raise
+
+
 def write_rows(mlp: MLP, source: Rows, output: Path, batch_size: int) -> None:
     """Writes ``mlp`` applied to the rows of ``source`` (shape ``(..., in_features)``) to
     ``output`` as a ``.npy`` of shape ``(..., out_features)``, ``batch_size`` rows at a time,
-    through a temporary file in the same directory that replaces ``output`` only once complete.
-    An error writing names ``output``; the temporary file is removed on any error or
-    interruption."""
+    through ``staged_output``."""
     from tqdm import tqdm
 
     shape, rows = source.shape, source.rows
@@ -86,26 +107,14 @@ def write_rows(mlp: MLP, source: Rows, output: Path, batch_size: int) -> None:
         "fortran_order": False,
         "shape": (*shape[:-1], mlp.out_features),
     }
-    for orphan in remove_orphaned_temporaries(output):
-        print(f"removed {orphan}, left by a run that was killed", file=sys.stderr)
-    temporary = temporary_name(output)
-    try:
-        with open(temporary, "xb") as file, tqdm(total=rows, unit="row", unit_scale=True) as bar:
-            lock_exclusively(file)
-            np.lib.format.write_array_header_1_0(file, header)
-            for start in range(0, rows, batch_size):
-                stop = min(start + batch_size, rows)
-                result = buffer[: stop - start]
-                mlp(source.read(start, stop), out=result)
-                file.write(result.data)
-                bar.update(stop - start)
-        os.replace(temporary, output)
-    except OSError as error:
-        discard(temporary)
-        raise CommandError(f"cannot write {output}: {error.strerror or error}") from error
-    except BaseException:
-        discard(temporary)
-        raise
+    with staged_output(output) as file, tqdm(total=rows, unit="row", unit_scale=True) as bar:
+        np.lib.format.write_array_header_1_0(file, header)
+        for start in range(0, rows, batch_size):
+            stop = min(start + batch_size, rows)
+            result = buffer[: stop - start]
+            mlp(source.read(start, stop), out=result)
+            file.write(result.data)
+            bar.update(stop - start)
 
 
 def discard(temporary: Path) -> None:

@@ -1,0 +1,328 @@
+"""Parquet INPUT and OUTPUT for ``fusedae encode`` (needs pyarrow: ``fusedae[parquet]``).
+
+INPUT is one file, a directory (every ``*.parquet`` under it) or a glob of shards. Each shard
+is read a batch at a time, so memory is bounded by the batch and the row group, not the shard,
+and written to its own output shard through ``staged_output``: a shard either is complete under
+its name or is not there, so a rerun with ``--resume`` skips the shards that are done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fusedae.cli.common import CommandError
+from fusedae.cli.outputs import staged_output
+from fusedae.mlp import MLP
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+GLOB_CHARACTERS = "*?["
+# Output rows are buffered into row groups of about this size: the codes of one input batch
+# (16 values a row) would make row groups too small to read back efficiently.
+ROW_GROUP_BYTES = 64 << 20
+READ_BUFFER_BYTES = 1 << 20
+
+
+def is_parquet(path: Path) -> bool:
+    """Whether INPUT names Parquet: a ``.parquet`` file, a directory or a glob pattern."""
+    return path.suffix == ".parquet" or path.is_dir() or any(c in str(path) for c in "*?[")
+
+
+def import_pyarrow() -> Any:
+    try:
+        import pyarrow
+        import pyarrow.compute
+        import pyarrow.parquet
+    except ImportError:
+        raise CommandError("Parquet INPUT needs pyarrow: pip install 'fusedae[parquet]'") from None
+    return pyarrow
+
+
+@dataclass(frozen=True)
+class Shard:
+    source: Path
+    output: Path
+    rows: int
+    schema: Any  # pyarrow.Schema
+
+
+def find_sources(pattern: Path) -> tuple[Path, list[Path]]:
+    """The Parquet files INPUT names, sorted, and the directory their output paths are relative
+    to (a glob's directory before its first wildcard)."""
+    text = str(pattern)
+    if any(c in text for c in GLOB_CHARACTERS):
+        parts = pattern.parts
+        fixed = next(i for i, part in enumerate(parts) if any(c in part for c in "*?["))
+        root = Path(*parts[:fixed]) if fixed else Path()
+        sources = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
+    elif pattern.is_dir():
+        root = pattern
+        sources = sorted(p for p in pattern.rglob("*.parquet") if p.is_file())
+    elif pattern.is_file():
+        return pattern.parent, [pattern]
+    else:
+        raise CommandError(f"{pattern} does not exist")
+    if not sources:
+        raise CommandError(f"no Parquet files in {pattern}")
+    return root, sources
+
+
+def plan_shards(pattern: Path, output: Path) -> list[Shard]:
+    """Each input shard with its output path: OUTPUT itself for one ``.parquet`` input and a
+    ``.parquet`` OUTPUT, else the shard's path under INPUT's directory, placed under OUTPUT."""
+    pa = import_pyarrow()
+    root, sources = find_sources(pattern)
+    if output.suffix == ".parquet":
+        if len(sources) != 1 or sources[0] != pattern:
+            raise CommandError(
+                f"{pattern} names {len(sources)} shard(s); OUTPUT must be a directory, which "
+                "gets one output shard per input shard"
+            )
+        outputs = [output]
+    else:
+        if output.resolve().is_relative_to(root.resolve()) and pattern.is_dir():
+            raise CommandError(f"OUTPUT {output} is inside INPUT {pattern}: choose another")
+        outputs = [output / source.relative_to(root) for source in sources]
+    shards = []
+    for source, target in zip(sources, outputs, strict=True):
+        if target.resolve() == source.resolve():
+            raise CommandError(f"{target} would overwrite the input shard {source}")
+        try:
+            metadata = pa.parquet.ParquetFile(source).metadata
+            schema = metadata.schema.to_arrow_schema()
+        except (pa.ArrowException, OSError) as error:
+            raise CommandError(f"cannot read {source} as Parquet: {error}") from None
+        shards.append(Shard(source, target, metadata.num_rows, schema))
+    return shards
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Which columns of a shard hold the rows (one list column, or scalar columns), which are
+    copied to the output, and the rows' dtype."""
+
+    features: tuple[str, ...]
+    is_list: bool
+    keep: tuple[str, ...]
+    dtype: np.dtype
+    width: int | None  # values a row; None for a list column of any length
+
+    @property
+    def read(self) -> list[str]:
+        return [*self.features, *(name for name in self.keep if name not in self.features)]
+
+
+def float_dtype(pa: Any, value_type: Any) -> np.dtype | None:
+    if value_type == pa.float32():
+        return np.dtype(np.float32)
+    if value_type == pa.float64():
+        return np.dtype(np.float64)
+    return None
+
+
+def choose_columns(
+    schema: pa.Schema,
+    path: Path,
+    column: str | None,
+    scalar_columns: Sequence[str] | None,
+    keep: Sequence[str],
+) -> Columns:
+    """The ``Columns`` of a shard with ``schema``: ``column`` (a list of floats), else the
+    ``scalar_columns`` (floats), else the one list-of-floats column it has."""
+    pa = import_pyarrow()
+
+    def field(name: str) -> Any:
+        if name not in schema.names:
+            raise CommandError(f"{path} has no column {name!r}; it has {schema.names}")
+        return schema.field(name)
+
+    def list_value_dtype(type_: Any) -> np.dtype | None:
+        is_list = pa.types.is_list(type_) or pa.types.is_large_list(type_)
+        if is_list or pa.types.is_fixed_size_list(type_):
+            return float_dtype(pa, type_.value_type)
+        return None
+
+    for name in keep:
+        field(name)
+    if scalar_columns:
+        dtypes = []
+        for name in scalar_columns:
+            dtype = float_dtype(pa, field(name).type)
+            if dtype is None:
+                raise CommandError(
+                    f"{path}: column {name!r} is {field(name).type}; encode takes float32 or "
+                    "float64 columns"
+                )
+            dtypes.append(dtype)
+        features = tuple(scalar_columns)
+        return Columns(features, False, tuple(keep), np.result_type(*dtypes), len(features))
+    if column is None:
+        candidates = [f.name for f in schema if list_value_dtype(f.type) is not None]
+        if len(candidates) != 1:
+            found = f"has list columns of floats {candidates}" if candidates else "has none"
+            raise CommandError(
+                f"{path}: name the column of rows with --column (a list of float32 or "
+                f"float64 values), or scalar columns with --columns; it {found}, and columns "
+                f"{schema.names}"
+            )
+        column = candidates[0]
+    dtype = list_value_dtype(field(column).type)
+    if dtype is None:
+        raise CommandError(
+            f"{path}: column {column!r} is {field(column).type}; encode takes a list of float32 "
+            "or float64 values (or scalar columns with --columns)"
+        )
+    type_ = field(column).type
+    width = type_.list_size if pa.types.is_fixed_size_list(type_) else None
+    return Columns((column,), True, tuple(keep), dtype, width)
+
+
+def batch_rows(
+    pa: Any, batch: Any, columns: Columns, in_features: int, path: Path, first_row: int
+) -> np.ndarray:
+    """The rows of a record batch as a 2-D array (no copy from a list column without nulls)."""
+
+    def refuse_nulls(array: Any, name: str, what: str) -> None:
+        if array.null_count:
+            row = first_row + int(np.flatnonzero(array.is_null().to_numpy(zero_copy_only=False))[0])
+            raise CommandError(f"{path}: {what} of column {name!r} in row {row} is null")
+
+    if not columns.is_list:
+        rows = np.empty((batch.num_rows, len(columns.features)), columns.dtype)
+        for index, name in enumerate(columns.features):
+            array = batch.column(name)
+            refuse_nulls(array, name, "the value")
+            rows[:, index] = array.to_numpy()
+        return rows
+    (name,) = columns.features
+    array = batch.column(name)
+    refuse_nulls(array, name, "the list")
+    if pa.types.is_fixed_size_list(array.type):
+        lengths = np.full(len(array), array.type.list_size)
+    else:
+        lengths = pa.compute.list_value_length(array).to_numpy()
+    wrong = np.flatnonzero(lengths != in_features)
+    if wrong.size:
+        row = int(wrong[0])
+        raise CommandError(
+            f"{path}: row {first_row + row} of column {name!r} holds {lengths[row]} values, but "
+            f"the model takes rows of {in_features}"
+        )
+    values = array.flatten()
+    if values.null_count:
+        row = first_row + int(np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))[0])
+        raise CommandError(
+            f"{path}: a value of column {name!r} in row {row // in_features} is null"
+        )
+    return values.to_numpy().reshape(len(array), in_features)
+
+
+def read_batches(pa: Any, path: Path, names: list[str], batch_size: int) -> Iterator[Any]:
+    """The record batches of ``path``'s ``names``; a read error names the file."""
+    try:
+        # pyarrow's default pre-buffers every row group it will read, which for one pass over
+        # a file holds the whole file in memory; streamed reads bound it by the row group.
+        file = pa.parquet.ParquetFile(path, pre_buffer=False, buffer_size=READ_BUFFER_BYTES)
+        batches = file.iter_batches(batch_size=batch_size, columns=names)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            yield batch
+    except (pa.ArrowException, OSError) as error:
+        raise CommandError(f"cannot read {path}: {error}") from None
+
+
+def encode_shard(
+    mlp: MLP, shard: Shard, columns: Columns, output_column: str, batch_size: int, bar: Any
+) -> None:
+    """Writes ``shard``'s rows through ``mlp`` to its output: the kept columns, then
+    ``output_column`` (a fixed-size list of ``mlp.out_features`` values)."""
+    pa = import_pyarrow()
+    value_type = pa.float32() if mlp.dtype == np.float32 else pa.float64()
+    output_schema = pa.schema(
+        [shard.schema.field(name) for name in columns.keep]
+        + [pa.field(output_column, pa.list_(value_type, mlp.out_features), nullable=False)]
+    )
+    shard.output.parent.mkdir(parents=True, exist_ok=True)
+    with (
+        staged_output(shard.output) as file,
+        pa.parquet.ParquetWriter(file, output_schema) as writer,
+    ):
+        pending: list[Any] = []
+        pending_bytes = 0
+        done = 0
+        for batch in read_batches(pa, shard.source, columns.read, batch_size):
+            rows = batch_rows(pa, batch, columns, mlp.in_features, shard.source, done)
+            codes = pa.FixedSizeListArray.from_arrays(mlp(rows).reshape(-1), mlp.out_features)
+            kept = [batch.column(name) for name in columns.keep]
+            record = pa.record_batch([*kept, codes], schema=output_schema)
+            pending.append(record)
+            pending_bytes += record.nbytes
+            if pending_bytes >= ROW_GROUP_BYTES:
+                writer.write_table(pa.Table.from_batches(pending, schema=output_schema))
+                pending, pending_bytes = [], 0
+            done += batch.num_rows
+            bar.update(batch.num_rows)
+        if pending or done == 0:
+            writer.write_table(pa.Table.from_batches(pending, schema=output_schema))
+
+
+def encode(
+    args: argparse.Namespace, model_for: Callable[[np.dtype], MLP], chunk_bytes: int
+) -> None:
+    """``fusedae encode`` on Parquet: plans the shards, checks every shard's columns before any
+    work, then encodes the shards not done yet with one progress bar over their rows."""
+    from tqdm import tqdm
+
+    shards = plan_shards(args.input, args.output)
+    finished = [shard for shard in shards if shard.output.exists()]
+    if finished and not (args.resume or args.force):
+        raise CommandError(
+            f"{len(finished)} of the {len(shards)} output shard(s) exist ({finished[0].output} "
+            "first); pass --resume to skip them or --force to overwrite them"
+        )
+    todo = [shard for shard in shards if not (args.resume and shard.output.exists())]
+    keep = args.keep or []
+    if args.output_column in keep:
+        raise CommandError(f"--keep names {args.output_column!r}, the output column")
+    first = shards[0]
+    columns = choose_columns(first.schema, first.source, args.column, args.columns, keep)
+    named = columns.features[0] if columns.is_list else None
+    chosen = [columns] + [
+        choose_columns(shard.schema, shard.source, named, args.columns, keep)
+        for shard in shards[1:]
+    ]
+    for shard, other in zip(shards, chosen, strict=True):
+        if other.dtype != columns.dtype:
+            raise CommandError(
+                f"{shard.source} holds {other.dtype} rows and {first.source} {columns.dtype} "
+                "rows: all shards must agree"
+            )
+    mlp = model_for(columns.dtype)
+    for shard, other in zip(shards, chosen, strict=True):
+        if other.width is not None and other.width != mlp.in_features:
+            raise CommandError(
+                f"{shard.source}: {', '.join(other.features)} hold rows of {other.width} "
+                f"values, but the model takes rows of {mlp.in_features}"
+            )
+    batch_size = args.batch_size or max(1, chunk_bytes // (mlp.in_features * mlp.dtype.itemsize))
+    total = sum(shard.rows for shard in todo)
+    with tqdm(total=total, unit="row", unit_scale=True) as bar:
+        for index, shard in enumerate(todo):
+            bar.set_postfix_str(f"shard {index + 1}/{len(todo)}")
+            encode_shard(mlp, shard, columns, args.output_column, batch_size, bar)
+    skipped = len(shards) - len(todo)
+    print(
+        f"wrote {len(todo)} shard(s), {total} rows, to {args.output}"
+        + (f"; skipped {skipped} finished before" if skipped else "")
+    )

@@ -1,0 +1,374 @@
+"""``fusedae encode`` on Parquet: shards in, one output shard each, row for row equal to
+``fusedae.MLP``, resumable after an interruption, in bounded memory."""
+
+from __future__ import annotations
+
+import itertools
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fusedae import MLP
+from fusedae.cli import main, parquet
+
+pa = pytest.importorskip(
+    "pyarrow", reason="Parquet needs the extra: pip install 'fusedae[parquet]'"
+)
+pq = pytest.importorskip("pyarrow.parquet")
+
+WIDTH = 10  # values a row
+# Rows per shard, the empty one included, and how each stores its rows.
+SHARDS = {
+    "part-0.parquet": (1000, "fixed_size_list"),
+    "part-1.parquet": (0, "fixed_size_list"),
+    "nested/part-2.parquet": (2501, "list"),
+    "nested/part-3.parquet": (777, "large_list"),
+}
+ROW_GROUP_ROWS = 700  # not a multiple of the batch sizes the tests use: partial batches
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 10 -> 42 -> 3 -> 42 -> 10 autoencoder; its encoder is the first two layers."""
+    rng = np.random.default_rng(0)
+    widths = [WIDTH, 42, 3, 42, WIDTH]
+    layers = [
+        (rng.standard_normal((n_out, n_in)) / np.sqrt(n_in), rng.standard_normal(n_out))
+        for n_in, n_out in itertools.pairwise(widths)
+    ]
+    path = tmp_path_factory.mktemp("model") / "ae.safetensors"
+    MLP(layers, ["relu", "identity", "relu", "sigmoid"], dtype=np.float32).save(path)
+    return path
+
+
+def list_column(x: np.ndarray, kind: str) -> pa.Array:
+    values = pa.array(x.reshape(-1))
+    if kind == "fixed_size_list":
+        return pa.FixedSizeListArray.from_arrays(values, x.shape[1])
+    offsets = pa.array(np.arange(0, x.size + 1, x.shape[1]), pa.int32())
+    if kind == "large_list":
+        return pa.LargeListArray.from_arrays(offsets.cast(pa.int64()), values)
+    return pa.ListArray.from_arrays(offsets, values)
+
+
+@pytest.fixture(scope="module")
+def lake(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Shards of rows with an ``id`` column numbering them across shards and a ``label``."""
+    root = tmp_path_factory.mktemp("lake")
+    rng = np.random.default_rng(1)
+    first = 0
+    for name, (rows, kind) in SHARDS.items():
+        x = rng.standard_normal((rows, WIDTH), dtype=np.float32)
+        table = pa.table(
+            {
+                "id": np.arange(first, first + rows),
+                "x": list_column(x, kind),
+                "label": [f"row {i}" for i in range(first, first + rows)],
+            }
+        )
+        (root / name).parent.mkdir(exist_ok=True)
+        pq.write_table(table, root / name, row_group_size=ROW_GROUP_ROWS)
+        first += rows
+    return root
+
+
+def read_rows(paths: list[Path], column: str) -> tuple[np.ndarray, np.ndarray]:
+    """The ids and the rows of ``column`` of the shards, ordered by id."""
+    ids, rows = [], []
+    for path in paths:
+        table = pq.read_table(path)
+        if not table.num_rows:
+            continue
+        ids.append(table["id"].to_numpy())
+        rows.append(table[column].combine_chunks().flatten().to_numpy().reshape(len(ids[-1]), -1))
+    order = np.argsort(np.concatenate(ids))
+    return np.concatenate(ids)[order], np.concatenate(rows)[order]
+
+
+def assert_same_rows(got: np.ndarray, want: np.ndarray) -> None:
+    """Equal to float rounding: the kernels may round a row's last bits differently by where it
+    falls in a batch (a vector tail), and encode's batches are not the reference call's."""
+    eps = np.finfo(want.dtype).eps
+    np.testing.assert_allclose(got, want, rtol=4 * eps, atol=16 * eps * np.abs(want).max())
+
+
+def output_shards(directory: Path) -> list[Path]:
+    return sorted(directory.rglob("*.parquet"))
+
+
+def every_file(directory: Path) -> list[str]:
+    """Every file under ``directory``, hidden temporaries included."""
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("batch_size", ["300", "4096"])
+def test_a_directory_of_shards_row_for_row(
+    tmp_path: Path, model_path: Path, lake: Path, batch_size: str
+) -> None:
+    out = tmp_path / "codes"
+    argv = ["encode", str(model_path), str(lake), "-o", str(out), "--batch-size", batch_size]
+    status = main([*argv, "--keep", "id,label"])
+    assert status == 0
+    assert every_file(out) == sorted(SHARDS)
+    ids, codes = read_rows(output_shards(out), "codes")
+    want_ids, x = read_rows(sorted(lake.rglob("*.parquet")), "x")
+    np.testing.assert_array_equal(ids, want_ids)  # every row, once
+    assert_same_rows(codes, MLP.load(model_path, "encoder")(x))
+    for name in SHARDS:
+        table = pq.read_table(out / name)
+        assert table.schema.names == ["id", "label", "codes"]
+        assert table.schema.field("codes").type == pa.list_(pa.float32(), 3)
+        assert table["label"].to_pylist() == [f"row {i}" for i in table["id"].to_pylist()]
+
+
+def test_scalar_float64_columns_one_file_to_one_file(tmp_path: Path, model_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((333, WIDTH))
+    names = [f"x{i}" for i in range(WIDTH)]
+    source = tmp_path / "wide.parquet"
+    pq.write_table(pa.table({"key": np.arange(333), **dict(zip(names, x.T, strict=True))}), source)
+    out = tmp_path / "out.parquet"
+    argv = ["encode", str(model_path), str(source), "-o", str(out), "--columns", ",".join(names)]
+    assert main([*argv, "--reconstruct", "--keep", "key"]) == 0
+    table = pq.read_table(out)
+    assert table.schema.names == ["key", "reconstructed"]
+    assert table.schema.field("reconstructed").type == pa.list_(pa.float64(), WIDTH)
+    got = table["reconstructed"].combine_chunks().flatten().to_numpy().reshape(333, WIDTH)
+    want = MLP.load(model_path, "all", dtype=np.float64)(x)
+    assert_same_rows(got, want)
+
+
+def test_a_glob_of_shards_and_a_named_column(tmp_path: Path, model_path: Path, lake: Path) -> None:
+    out = tmp_path / "out"
+    pattern = str(lake / "nested" / "part-*.parquet")
+    assert main(["encode", str(model_path), pattern, "-o", str(out), "--column", "x"]) == 0
+    assert every_file(out) == ["part-2.parquet", "part-3.parquet"]
+    assert pq.read_table(out / "part-3.parquet").schema.names == ["codes"]
+
+
+ROW = [1.0] * WIDTH
+
+
+@pytest.mark.parametrize(
+    ("columns", "argv", "message"),
+    [
+        ({"x": [ROW], "y": [ROW]}, [], "it has list columns of floats ['x', 'y']"),
+        ({"x": [[1] * WIDTH]}, [], "it has none"),
+        ({"x": [ROW]}, ["--column", "y"], "has no column 'y'"),
+        ({"x": [ROW[:-1]]}, [], "row 0 of column 'x' holds 9 values"),
+        ({"x": [ROW, None]}, [], "the list of column 'x' in row 1 is null"),
+        ({"x": [ROW, [*ROW[:-1], None]]}, [], "a value of column 'x' in row 1 is null"),
+        ({"a": ["text"], "b": [1.0]}, ["--columns", "a,b"], "column 'a' is string"),
+        ({"x": [ROW]}, ["--keep", "id"], "has no column 'id'"),
+        ({"x": [ROW]}, ["--key", "x"], "--key picks an array of a .npz INPUT"),
+        ({"x": [ROW]}, ["--keep", "codes"], "--keep names 'codes', the output column"),
+        ({"a": [1.0], "b": [1.0]}, ["--columns", "a,b"], "hold rows of 2 values"),
+    ],
+    ids=[
+        "two-list-columns",
+        "ints",
+        "missing",
+        "short-row",
+        "null-row",
+        "null-value",
+        "string",
+        "keep-missing",
+        "key",
+        "keep-output",
+        "too-few-columns",
+    ],
+)
+def test_bad_input_is_a_clear_error_and_nothing_is_written(
+    tmp_path: Path,
+    model_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    columns: dict[str, list[object]],
+    argv: list[str],
+    message: str,
+) -> None:
+    source = tmp_path / "in" / "bad.parquet"
+    source.parent.mkdir()
+    pq.write_table(pa.table(columns), source)
+    out = tmp_path / "out"
+    assert main(["encode", str(model_path), str(source.parent), "-o", str(out), *argv]) == 1
+    error = capsys.readouterr().err
+    assert message in error, error
+    assert not out.exists() or every_file(out) == []
+
+
+def test_shards_that_disagree_fail_before_any_work(
+    tmp_path: Path, model_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lake = tmp_path / "lake"
+    lake.mkdir()
+    for name, dtype in (("a", np.float32), ("b", np.float64)):
+        x = np.ones((4, WIDTH), dtype)
+        pq.write_table(pa.table({"x": list_column(x, "list")}), lake / f"{name}.parquet")
+    assert main(["encode", str(model_path), str(lake), "-o", str(tmp_path / "out")]) == 1
+    assert "all shards must agree" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("output", "message"),
+    [("{lake}/inside", "is inside INPUT"), ("{tmp}/one.parquet", "OUTPUT must be a directory")],
+)
+def test_outputs_that_cannot_work(
+    tmp_path: Path,
+    model_path: Path,
+    lake: Path,
+    capsys: pytest.CaptureFixture[str],
+    output: str,
+    message: str,
+) -> None:
+    output = output.format(lake=lake, tmp=tmp_path)
+    assert main(["encode", str(model_path), str(lake), "-o", output]) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_not_parquet_and_nothing_to_read(
+    tmp_path: Path, model_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    garbage = tmp_path / "garbage.parquet"
+    garbage.write_bytes(b"PAR1 but not really")
+    assert main(["encode", str(model_path), str(garbage), "-o", str(tmp_path / "o")]) == 1
+    assert f"cannot read {garbage} as Parquet" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["encode", str(model_path), str(empty), "-o", str(tmp_path / "o")]) == 1
+    assert f"no Parquet files in {empty}" in capsys.readouterr().err
+    pattern = str(tmp_path / "none-*.parquet")
+    assert main(["encode", str(model_path), pattern, "-o", str(tmp_path / "o")]) == 1
+    assert "no Parquet files in" in capsys.readouterr().err
+
+
+def test_parquet_flags_on_npy_input_are_refused(
+    tmp_path: Path, model_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    np.save(tmp_path / "x.npy", np.ones((2, WIDTH), np.float32))
+    argv = ["encode", str(model_path), str(tmp_path / "x.npy"), "-o", str(tmp_path / "c.npy")]
+    assert main([*argv, "--column", "x", "--keep", "id"]) == 1
+    assert "--column, --keep: for Parquet INPUT" in capsys.readouterr().err
+
+
+def test_an_interrupted_run_leaves_no_partial_shard_and_resume_finishes(
+    tmp_path: Path, model_path: Path, lake: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out"
+    argv = ["encode", str(model_path), str(lake), "-o", str(out), "--keep", "id"]
+    batches = []
+    real_batch_rows = parquet.batch_rows
+
+    def interrupted(*args: object) -> np.ndarray:
+        batches.append(args)
+        # Shards in path order: nested/part-2 (9 batches), nested/part-3 (3), part-0, part-1.
+        if len(batches) == 11:  # in nested/part-3, a batch of it done
+            raise KeyboardInterrupt
+        return real_batch_rows(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(parquet, "batch_rows", interrupted)
+    assert main([*argv, "--batch-size", "300"]) == 128 + signal.SIGINT
+    monkeypatch.undo()
+    assert every_file(out) == ["nested/part-2.parquet"]  # the first in order, complete
+    assert main(argv) == 1  # finished shards are not overwritten silently
+    assert main([*argv, "--resume"]) == 0
+    assert every_file(out) == sorted(SHARDS)
+    ids, codes = read_rows(output_shards(out), "codes")
+    want_ids, x = read_rows(sorted(lake.rglob("*.parquet")), "x")
+    np.testing.assert_array_equal(ids, want_ids)
+    assert_same_rows(codes, MLP.load(model_path, "encoder")(x))
+
+
+SHARD_ROWS = 50_000  # in batches of 16 rows: a shard lasts ~0.3 s
+
+
+def test_a_killed_run_is_finished_by_resume(tmp_path: Path, model_path: Path) -> None:
+    lake = tmp_path / "lake"
+    lake.mkdir()
+    rng = np.random.default_rng(3)
+    for index in range(6):
+        x = rng.standard_normal((SHARD_ROWS, WIDTH), dtype=np.float32)
+        ids = np.arange(index * SHARD_ROWS, (index + 1) * SHARD_ROWS)
+        table = pa.table({"id": ids, "x": list_column(x, "list")})
+        pq.write_table(table, lake / f"part-{index}.parquet")
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "fusedae", "encode", model_path, lake, "-o", out]
+    process = subprocess.Popen(
+        [*map(str, command), "--batch-size", "16", "--keep", "id", "--threads", "1"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not list(out.glob("part-*.parquet")):  # once a shard is done, in the middle of one
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    process.kill()
+    process.communicate(timeout=60)
+    assert 1 <= len(list(out.glob("part-*.parquet"))) < 6
+    result = subprocess.run(
+        [*map(str, command), "--resume", "--keep", "id"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert every_file(out) == [f"part-{i}.parquet" for i in range(6)]
+    ids, codes = read_rows(output_shards(out), "codes")
+    want_ids, x = read_rows(sorted(lake.glob("*.parquet")), "x")
+    np.testing.assert_array_equal(ids, want_ids)
+    assert_same_rows(codes, MLP.load(model_path, "encoder")(x))
+
+
+PEAK_RSS = """
+import resource, subprocess, sys
+subprocess.run(sys.argv[1:], check=True)
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"""
+
+
+def peak_rss_mib(*command: object) -> float:
+    """The peak RSS of ``command``, run from a small Python: a child's peak counts the memory of
+    the process it was forked from."""
+    result = subprocess.run(
+        [sys.executable, "-c", PEAK_RSS, *map(str, command)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return int(result.stdout.split()[-1]) / 1024  # kilobytes on Linux
+
+
+def test_memory_is_bounded_by_the_batch_and_row_group_not_the_file(tmp_path: Path) -> None:
+    width, group = 784, 10_000  # row groups of 31 MB
+    rng = np.random.default_rng(4)
+    layers = [
+        (rng.standard_normal((42, width), dtype=np.float32) / 28, np.zeros(42, np.float32)),
+        (rng.standard_normal((16, 42), dtype=np.float32) / 7, np.zeros(16, np.float32)),
+    ]
+    MLP(layers, ["relu", "identity"]).save(tmp_path / "m.safetensors")
+    chunk = pa.table(
+        {"x": list_column(rng.standard_normal((group, width), np.float32), "fixed_size_list")}
+    )
+    peaks = {}
+    for groups in (1, 12):  # 31 MB, then 376 MB
+        source = tmp_path / f"in-{groups}.parquet"
+        with pq.ParquetWriter(source, chunk.schema) as writer:
+            for _ in range(groups):
+                writer.write_table(chunk)
+        command = [sys.executable, "-m", "fusedae", "encode", tmp_path / "m.safetensors", source]
+        peaks[groups] = peak_rss_mib(*command, "-o", tmp_path / f"out-{groups}.parquet")
+        assert pq.read_metadata(tmp_path / f"out-{groups}.parquet").num_rows == groups * group
+    # pyarrow's default read (pre-buffered) would hold the whole file, 345 MiB more. Its
+    # allocator's pools still grow a little over the row groups (about 60 MiB here, as when
+    # pyarrow reads the file alone).
+    file_growth = (11 * group * width * 4) / 2**20
+    message = f"peak RSS {peaks[1]:.0f} MiB on one row group, {peaks[12]:.0f} on 12"
+    assert peaks[12] - peaks[1] < file_growth / 4, message
