@@ -1,12 +1,11 @@
-"""Renders the pytest-benchmark JSON of ``benches/bench_models.py`` (and ``bench_training.py``)
-as a report.
+"""Renders the pytest-benchmark JSON of ``benches/`` (models, training, Parquet) as a report.
 
     python benches/report.py benches/results.json [--out-dir benches]
 
 Writes ``report.md`` (a summary table, then one table per (model, batch, input, threads) group:
 median time, spread, GFLOP/s, % of the FMA peak measured in the same group, and how many times
 faster ours is than each peer; then the training steps, ours against plain PyTorch, eager and
-compiled) and ``throughput.png`` (GFLOP/s against batch size, one line per
+compiled; then Parquet encoding, rows/s against reading the file alone) and ``throughput.png`` (GFLOP/s against batch size, one line per
 peer, one panel per model and thread count; streamed groups are in the tables only) to
 ``--out-dir``, and prints the markdown.
 """
@@ -21,6 +20,13 @@ from typing import Any
 
 PEAK = "fma-peak"
 TRAINING = "training"
+PARQUET = "parquet"
+PARQUET_LABELS = {
+    "pyarrow-read": "pyarrow read",
+    "torch-loop": "pyarrow + PyTorch",
+    "fusedae-t1": "fusedae 1t",
+    "fusedae-t2": "fusedae 2t",
+}
 TRAINING_PEERS = ("torch-eager", "fusedae-eager", "torch-compile", "fusedae-compile")
 TRAINING_LABELS = {
     "torch-eager": "plain eager",
@@ -156,13 +162,53 @@ def render_training(groups: list[TrainingGroup]) -> list[str]:
     return out
 
 
+def render_parquet(path: Path) -> list[str]:
+    """The Parquet table (``bench_parquet.py``): rows/s of each peer, and fusedae's share of
+    the rows/s of reading the file alone."""
+    runs = [
+        bench
+        for bench in json.loads(path.read_text())["benchmarks"]
+        if bench.get("extra_info", {}).get("kind") == PARQUET
+    ]
+    if not runs:
+        return []
+    out = [
+        "",
+        "## Parquet encode",
+        "",
+        "Rows of 784 float32 values in a Parquet file (`benches/bench_parquet.py`), encoded to "
+        "16 by the seed's encoder, ids kept: pyarrow reading the file alone (the ceiling), the "
+        "loop users write today (pyarrow batches through the plain PyTorch model, written back to "
+        "Parquet, 2 threads), and `fusedae encode` on 1 and 2 threads; median of 3 runs.",
+        "",
+        "| rows | MB | " + " | ".join(PARQUET_LABELS.values()) + " | fusedae 2t / read |",
+        "|---:|---:|" + "---:|" * (len(PARQUET_LABELS) + 1),
+    ]
+    for rows in dict.fromkeys(bench["extra_info"]["rows"] for bench in runs):
+        medians = {
+            bench["extra_info"]["peer"]: bench["stats"]["median"]
+            for bench in runs
+            if bench["extra_info"]["rows"] == rows
+        }
+        size = next(b["extra_info"]["bytes"] for b in runs if b["extra_info"]["rows"] == rows)
+        cells = [f"{rows:,}", f"{size / 1e6:.0f}"]
+        cells += [
+            f"{rows / medians[peer] / 1e3:.0f}k rows/s" if peer in medians else "-"
+            for peer in PARQUET_LABELS
+        ]
+        read, ours = medians.get("pyarrow-read"), medians.get("fusedae-t2")
+        cells.append(f"{100 * read / ours:.0f}%" if read and ours else "-")
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
 def load(path: Path) -> tuple[dict[str, Any], list[Group]]:
     """The JSON's metadata and its forward groups, in the order they ran."""
     data = json.loads(path.read_text())
     groups: dict[tuple[str, int, bool, int], Group] = {}
     for bench in data["benchmarks"]:
         info = bench.get("extra_info", {})
-        if "peer" not in info or info.get("kind") == TRAINING:
+        if "peer" not in info or info.get("kind") in (TRAINING, PARQUET):
             continue  # not one of bench_models.py's
         key = (info["model_key"], info["batch"], info.get("streamed", False), info["threads"])
         group = groups.setdefault(key, Group(key[0], info["model"], *key[1:]))
@@ -389,7 +435,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.results} holds no bench_models.py results (was it a timed run?)")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     markdown = "\n".join(
-        [render_markdown(meta, groups), *render_training(load_training(args.results))]
+        [
+            render_markdown(meta, groups),
+            *render_training(load_training(args.results)),
+            *render_parquet(args.results),
+        ]
     )
     (args.out_dir / "report.md").write_text(markdown + "\n")
     render_chart(meta, groups, args.out_dir / "throughput.png")
