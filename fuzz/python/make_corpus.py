@@ -5,7 +5,7 @@ float64, every post-op, parameters, BatchNorm before and after a Linear, no bias
 a format version 1 file, and truncated copies. ``npy``: small ``.npy`` files (1-D, 2-D, 3-D,
 0-d, no rows, float32/float64, big-endian, int, header versions 1.0 and 2.0, Fortran order) and
 ``.npz`` archives (one array, two, deflated). ``cli``: argv of ``fuzz_cli.py`` as ``cli_argv``
-encodes them.
+encodes them. ``parquet``: small shards (``parquet_files``).
 
 Deterministic: the same bytes on every run (fixed weights, zip entries dated 1980-01-01), so
 the committed corpus changes only when this script does. Run from anywhere:
@@ -203,11 +203,50 @@ def cli_files(directory: Path) -> None:
         (directory / name).write_bytes(cli_argv.encode(argv))
 
 
+# --- parquet ------------------------------------------------------------------------------
+
+
+def parquet_files(directory: Path) -> None:
+    """Small shards of rows of 4 values (the harness's model takes 4): each list type and
+    value type, nulls, an empty shard, rows of the wrong length, two row groups, no list
+    column, two list columns; uncompressed and compressed. No statistics or creation time
+    vary between runs: the bytes are the same on every run."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    x = values(5, 4)
+    flat = pa.array(x.reshape(-1))
+    offsets = pa.array(np.arange(0, 21, 4), pa.int32())
+    tables = {
+        "fixed_f32": pa.table({"x": pa.FixedSizeListArray.from_arrays(flat, 4)}),
+        "list_f64": pa.table({"x": pa.array(x.astype(np.float64).tolist())}),
+        "large_list_f32": pa.table(
+            {"x": pa.LargeListArray.from_arrays(offsets.cast(pa.int64()), flat)}
+        ),
+        "list_with_id": pa.table(
+            {"id": np.arange(5), "x": pa.ListArray.from_arrays(offsets, flat)}
+        ),
+        "empty": pa.table({"x": pa.array([], pa.list_(pa.float32(), 4))}),
+        "null_row": pa.table({"x": pa.array([[1.0] * 4, None], pa.list_(pa.float32()))}),
+        "null_value": pa.table({"x": pa.array([[1.0, None, 2.0, 3.0]], pa.list_(pa.float32()))}),
+        "short_row": pa.table({"x": pa.array([[1.0] * 3], pa.list_(pa.float32()))}),
+        "no_list": pa.table({"a": [1.0], "b": [2.0]}),
+        "two_lists": pa.table({"x": [[1.0] * 4], "y": [[2.0] * 4]}),
+        "ints": pa.table({"x": [[1] * 4]}),
+    }
+    for name, table in tables.items():
+        for compression in ("none", "snappy"):
+            buffer = io.BytesIO()
+            pq.write_table(table, buffer, compression=compression, row_group_size=3)
+            (directory / f"{name}_{compression}.parquet").write_bytes(buffer.getvalue())
+
+
 def main() -> None:
     targets: dict[str, Callable[[Path], None]] = {
         "safetensors": model_files,
         "npy": array_files,
         "cli": cli_files,
+        "parquet": parquet_files,
     }
     for target, write in targets.items():
         directory = CORPUS / target

@@ -95,10 +95,10 @@ def plan_shards(pattern: Path, output: Path) -> list[Shard]:
     for source, target in zip(sources, outputs, strict=True):
         if target.resolve() == source.resolve():
             raise CommandError(f"{target} would overwrite the input shard {source}")
-        try:
+        try:  # ValueError: pyarrow's UnicodeDecodeError on a column name that is not UTF-8
             metadata = pa.parquet.ParquetFile(source).metadata
             schema = metadata.schema.to_arrow_schema()
-        except (pa.ArrowException, OSError) as error:
+        except (pa.ArrowException, OSError, ValueError) as error:
             raise CommandError(f"cannot read {source} as Parquet: {error}") from None
         shards.append(Shard(source, target, metadata.num_rows, schema))
     return shards
@@ -238,7 +238,7 @@ def read_batches(pa: Any, path: Path, names: list[str], batch_size: int) -> Iter
             except StopIteration:
                 return
             yield batch
-    except (pa.ArrowException, OSError) as error:
+    except (pa.ArrowException, OSError, ValueError) as error:
         raise CommandError(f"cannot read {path}: {error}") from None
 
 
@@ -273,6 +273,11 @@ def encode_shard(
                 pending, pending_bytes = [], 0
             done += batch.num_rows
             bar.update(batch.num_rows)
+        if done != shard.rows:  # a corrupt file: its footer and its row groups disagree
+            raise CommandError(
+                f"cannot read {shard.source}: its footer promises {shard.rows} rows, its row "
+                f"groups hold {done}"
+            )
         if pending or done == 0:
             writer.write_table(pa.Table.from_batches(pending, schema=output_schema))
 
