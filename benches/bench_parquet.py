@@ -43,7 +43,9 @@ PEERS = ("pyarrow-read", "torch-loop", "fusedae-t1", "fusedae-t2")
 @pytest.fixture(scope="module")
 def lake(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
     """The model and the input file, in one directory; written once per run."""
-    rows = SMOKE_ROWS if request.config.getoption("benchmark_disable") else ROWS
+    options = request.config.getoption
+    disabled = options("benchmark_disable") and not options("benchmark_enable")
+    rows = SMOKE_ROWS if disabled else ROWS
     root = tmp_path_factory.mktemp("parquet-bench")
     rng = np.random.default_rng(0)
     layers = [
@@ -136,7 +138,7 @@ def test_encode_parquet(
         if benchmark.disabled:
             benchmark(targets[peer])
         else:
-            benchmark.pedantic(targets[peer], rounds=3, warmup_rounds=1)
+            benchmark.pedantic(targets[peer], rounds=5, warmup_rounds=1)
     if peer == "torch-loop":
         got = pq.read_table(output)
         encode(lake, threads, tmp_path / "fused.parquet")

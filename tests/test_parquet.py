@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import signal
 import subprocess
 import sys
@@ -394,3 +395,31 @@ def test_shards_the_fuzzer_found_are_clear_errors(
     assert main(argv) == 1
     assert f"cannot read {source}" in capsys.readouterr().err
     assert not out.exists() or every_file(out) == []
+
+
+def run_without_thread_settings(
+    *command: object, env: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    """``command`` with no *_NUM_THREADS variable but those of ``env``."""
+    environment = {k: v for k, v in os.environ.items() if not k.endswith("NUM_THREADS")}
+    return subprocess.run(
+        list(map(str, command)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**environment, **env},
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("env", [{}, {"FUSEDAE_NUM_THREADS": "2"}], ids=["default", "set"])
+def test_a_cpu_is_left_to_the_reader_unless_threads_are_set(
+    tmp_path: Path, model_path: Path, lake: Path, env: dict[str, str]
+) -> None:
+    probe = "import fusedae; print(fusedae.get_num_threads())"
+    cpus = int(run_without_thread_settings(sys.executable, "-c", probe, env={}).stdout)
+    threads = int(env["FUSEDAE_NUM_THREADS"]) if env else max(1, cpus - 1)
+    command = [sys.executable, "-m", "fusedae", "encode", model_path, lake, "-o", tmp_path / "o"]
+    result = run_without_thread_settings(*command, env=env)
+    assert result.returncode == 0, result.stderr
+    assert f"({threads} kernel thread" in result.stdout
