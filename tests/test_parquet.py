@@ -8,14 +8,16 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fusedae import MLP
-from fusedae.cli import main, parquet
+from fusedae.cli import CommandError, main, parquet
 
 pa = pytest.importorskip(
     "pyarrow", reason="Parquet needs the extra: pip install 'fusedae[parquet]'"
@@ -423,3 +425,21 @@ def test_a_cpu_is_left_to_the_reader_unless_threads_are_set(
     result = run_without_thread_settings(*command, env=env)
     assert result.returncode == 0, result.stderr
     assert f"({threads} kernel thread" in result.stdout
+
+
+def test_read_ahead_keeps_order_raises_in_order_and_stops_with_its_consumer() -> None:
+    def items() -> Iterator[int]:
+        yield from range(5)
+        raise CommandError("the source broke")
+
+    got: list[int] = []
+    with pytest.raises(CommandError, match="the source broke"):
+        got.extend(parquet.read_ahead(items(), depth=2))
+    assert got == list(range(5))
+
+    endless = itertools.count()
+    reader = parquet.read_ahead(endless, depth=2)
+    assert [next(reader) for _ in range(3)] == [0, 1, 2]
+    reader.close()  # as when the consumer fails or is interrupted: the thread ends with it
+    assert not [t for t in threading.enumerate() if t.name == "fusedae-parquet-reader"]
+    assert next(endless) <= 3 + 2 + 1  # it read at most its depth ahead (and one in hand)
