@@ -79,7 +79,7 @@ clean:
 FUZZ_SECONDS ?= 60
 RUST_FUZZ_TARGETS := forward backward
 
-.PHONY: fuzz fuzz-rust fuzz-python sanitize cargo-fuzz
+.PHONY: fuzz fuzz-rust fuzz-python sanitize sanitize-python cargo-fuzz
 
 cargo-fuzz:
 	@command -v cargo-fuzz > /dev/null || cargo install --locked cargo-fuzz@0.13.2
@@ -111,6 +111,11 @@ fuzz-python: build $(VENV)/.fuzz-deps
 
 sanitize:
 	tools/sanitize.sh
+
+# Not in CI (the suite runs several times slower under ASan): the Python tests against an ASan
+# build of the extension.
+sanitize-python: $(VENV)/.deps
+	PY=$(abspath $(PY)) tools/sanitize.sh python
 
 # ---- Release: wheels, sdist and their checks --------------------------------------------------
 # `make wheel`: manylinux2014 abi3 wheels for x86_64 and aarch64 and the sdist in dist/, checked.

@@ -4,9 +4,12 @@
 # sanitizer report. On two cores a cold run takes ~6 min to build and ~2 to test under ASan, ~8.5
 # and under 1 under TSan (std is rebuilt instrumented); later runs reuse target/sanitize/.
 #
-#   tools/sanitize.sh          both steps
+#   tools/sanitize.sh          asan and tsan (what CI runs)
 #   tools/sanitize.sh asan     one of them
 #   tools/sanitize.sh tsan
+#   tools/sanitize.sh python   the Python test suite against an ASan build of the extension
+#                              (~7 min to build, then the suite, several times slower than
+#                              plain; not in CI for its length)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -106,16 +109,59 @@ tsan() {
     echo "== tsan: passed in $((SECONDS - start)) s"
 }
 
+python_suite() {
+    step "python: the Python test suite against an ASan build of the extension"
+    local start=$SECONDS work=$ROOT/python py=${PY:-$PWD/.venv/bin/python}
+    # The extension instrumented. rustc links no sanitizer runtime into a cdylib: its __asan_*
+    # symbols resolve against the runtime preloaded into Python below.
+    CARGO_TARGET_DIR=$ROOT/asan-python \
+        RUSTFLAGS="-Zsanitizer=address -Cforce-frame-pointers=yes" \
+        PYO3_PYTHON=$py \
+        cargo +nightly rustc --release --target "$TARGET" --features python --lib \
+        --crate-type cdylib
+    rm -rf "$work"
+    mkdir -p "$work/objects" "$work/site"
+    # Python is not instrumented, so the runtime must come first (LD_PRELOAD) and be a shared
+    # object: nightly ships it static. Made from its objects without asan_preinit (a shared
+    # object may not have a .preinit_array), with libstdc++ loaded with it (--no-as-needed) so
+    # that ASan's __cxa_throw interceptor finds the real one: torch throws C++ exceptions. Not
+    # named libasan.so: ASan takes a
+    # library of that name for gcc's runtime and refuses to start beside it.
+    local runtime
+    runtime=$(rustc +nightly --print sysroot)/lib/rustlib/$TARGET/lib/librustc-nightly_rt.asan.a
+    (cd "$work/objects" && ar x "$runtime" && rm -f asan_preinit.cpp.o)
+    cc -shared -o "$work/asan-runtime.so" "$work"/objects/*.o \
+        -Wl,--no-as-needed -lstdc++ -lpthread -ldl -lm -lrt
+    # The package from python/, with the instrumented extension in place of any built one.
+    cp -r python/fusedae "$work/site/"
+    rm -f "$work"/site/fusedae/_native*.so
+    cp "$ROOT/asan-python/$TARGET/release/libfusedae.so" "$work/site/fusedae/_native.abi3.so"
+    # Leak detection off: what Python and torch keep until exit would be reported. A malloc too
+    # large returns NULL, as without ASan (numpy then raises the MemoryError tests expect; ASan
+    # would end the process). Deselected,
+    # for the build's own reasons: it reports build_profile "debug" (debug assertions), and
+    # ASan's shadow memory lifts the .npy encode's peak RSS over the test's 100 MiB bound.
+    PYTHONPATH=$PWD/$work/site \
+        LD_PRELOAD=$PWD/$work/asan-runtime.so \
+        ASAN_OPTIONS="detect_leaks=0:detect_stack_use_after_return=1:allocator_may_return_null=1" \
+        run_logged "$LOGS/python.log" \
+        "$py" -m pytest -q -p no:cacheprovider tests \
+        --deselect tests/test_mlp.py::test_import_needs_no_torch_and_info_reports_the_isa \
+        --deselect tests/test_smoke.py::test_the_expected_isa_is_selected \
+        --deselect tests/test_cli.py::test_memory_stays_bounded_on_a_large_input
+    echo "== python: passed in $((SECONDS - start)) s"
+}
+
 steps=("$@")
 [ ${#steps[@]} -gt 0 ] || steps=(asan tsan)
 for name in "${steps[@]}"; do
     case $name in
-        asan | tsan) ;;
-        *) echo "usage: $0 [asan] [tsan]" >&2; exit 2 ;;
+        asan | tsan | python) ;;
+        *) echo "usage: $0 [asan] [tsan] [python]" >&2; exit 2 ;;
     esac
 done
 setup
 for name in "${steps[@]}"; do
-    "$name"
+    if [ "$name" = python ]; then python_suite; else "$name"; fi
 done
 step "sanitize: ${steps[*]} passed, no sanitizer report"
