@@ -68,6 +68,7 @@ def TestOneInput(data: bytes) -> None:
         resume=False,
         force=False,
         batch_size=3,
+        threads=None,
     )
     try:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
