@@ -72,7 +72,7 @@ def TestOneInput(data: bytes) -> None:
     )
     try:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            parquet.encode(args, model_for, chunk_bytes=1 << 20)
+            parquet.encode(args, model_for)
     except CommandError:
         left = sorted(p.name for p in OUTPUT.rglob("*") if p.is_file()) if OUTPUT.exists() else []
         if left:

@@ -15,6 +15,14 @@ class CommandError(Exception):
     """A failure reported on stderr after ``fusedae COMMAND: error:``, with exit status 1."""
 
 
+CHUNK_BYTES = 16 << 20  # input bytes per batch when --batch-size is not given
+
+
+def rows_per_batch(requested: int | None, row_bytes: int) -> int:
+    """``--batch-size`` if given, else the rows of about ``CHUNK_BYTES`` of input."""
+    return requested or max(1, CHUNK_BYTES // row_bytes)
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:

@@ -17,13 +17,19 @@ from fusedae import _ops, serialization
 from fusedae._ops import OPS
 from fusedae.chain import ChainSpec
 from fusedae.cli import parquet
-from fusedae.cli.common import CommandError, names_list, positive_int, thread_count
+from fusedae.cli.common import (
+    CHUNK_BYTES,
+    CommandError,
+    names_list,
+    positive_int,
+    rows_per_batch,
+    thread_count,
+)
 from fusedae.cli.inputs import open_rows
 from fusedae.cli.models import load_model
 from fusedae.cli.outputs import write_rows
 from fusedae.mlp import MLP
 
-CHUNK_BYTES = 16 << 20  # input bytes per chunk when --batch-size is not given
 OUTPUT_COLUMNS = {"encoder": "codes", "decoder": "decoded", "all": "reconstructed"}
 
 ENCODE_HELP = """\
@@ -158,7 +164,7 @@ def run(args: argparse.Namespace) -> None:
             raise CommandError("--key picks an array of a .npz INPUT; this INPUT is Parquet")
         args.output_column = args.output_column or OUTPUT_COLUMNS[part]
         spec = load_model(args.model, args.layers, args.trust_pickle)
-        parquet.encode(args, lambda dtype: model_mlp(args.model, spec, part, dtype), CHUNK_BYTES)
+        parquet.encode(args, lambda dtype: model_mlp(args.model, spec, part, dtype))
         return
     parquet_only = {"--column": args.column, "--columns": args.columns, "--keep": args.keep}
     parquet_only["--output-column"] = args.output_column
@@ -179,16 +185,15 @@ def run(args: argparse.Namespace) -> None:
     with contextlib.closing(open_rows(args.input, args.key)) as source:
         mlp = model_mlp(args.model, spec, part, source.dtype)
         shape = source.shape
+        widths = " -> ".join(map(str, mlp.spec.widths))
         if not shape or shape[-1] != mlp.in_features:
             raise CommandError(
-                f"{args.input} has shape {shape}, but the model's {part} "
-                f"({' -> '.join(map(str, mlp.spec.widths))}) takes rows of "
-                f"{mlp.in_features} values: shape (..., {mlp.in_features})"
+                f"{args.input} has shape {shape}, but the model's {part} ({widths}) takes rows "
+                f"of {mlp.in_features} values: shape (..., {mlp.in_features})"
             )
-        batch_size = args.batch_size or max(1, CHUNK_BYTES // (shape[-1] * source.dtype.itemsize))
+        batch_size = rows_per_batch(args.batch_size, shape[-1] * source.dtype.itemsize)
         write_rows(mlp, source, output, batch_size)
     out_shape = (*shape[:-1], mlp.out_features)
-    widths = " -> ".join(map(str, mlp.spec.widths))
     print(f"wrote {output}: {out_shape} {mlp.dtype} from {shape}, {part} {widths}")
 
 

@@ -21,7 +21,7 @@ import numpy as np
 
 import fusedae
 from fusedae import _native
-from fusedae.cli.common import CommandError
+from fusedae.cli.common import CommandError, rows_per_batch
 from fusedae.cli.outputs import staged_output
 from fusedae.mlp import MLP
 
@@ -38,9 +38,13 @@ READ_BUFFER_BYTES = 1 << 20
 READ_AHEAD_BATCHES = 2
 
 
+def has_wildcard(text: str) -> bool:
+    return any(c in text for c in GLOB_CHARACTERS)
+
+
 def is_parquet(path: Path) -> bool:
     """Whether INPUT names Parquet: a ``.parquet`` file, a directory or a glob pattern."""
-    return path.suffix == ".parquet" or path.is_dir() or any(c in str(path) for c in "*?[")
+    return path.suffix == ".parquet" or path.is_dir() or has_wildcard(str(path))
 
 
 def import_pyarrow() -> Any:
@@ -65,9 +69,9 @@ def find_sources(pattern: Path) -> tuple[Path, list[Path]]:
     """The Parquet files INPUT names, sorted, and the directory their output paths are relative
     to (a glob's directory before its first wildcard)."""
     text = str(pattern)
-    if any(c in text for c in GLOB_CHARACTERS):
+    if has_wildcard(text):
         parts = pattern.parts
-        fixed = next(i for i, part in enumerate(parts) if any(c in part for c in "*?["))
+        fixed = next(i for i, part in enumerate(parts) if has_wildcard(part))
         root = Path(*parts[:fixed]) if fixed else Path()
         sources = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
     elif pattern.is_dir():
@@ -181,13 +185,13 @@ def choose_columns(
                 f"{schema.names}"
             )
         column = candidates[0]
-    dtype = list_value_dtype(field(column).type)
+    type_ = field(column).type
+    dtype = list_value_dtype(type_)
     if dtype is None:
         raise CommandError(
-            f"{path}: column {column!r} is {field(column).type}; encode takes a list of float32 "
-            "or float64 values (or scalar columns with --columns)"
+            f"{path}: column {column!r} is {type_}; encode takes a list of float32 or float64 "
+            "values (or scalar columns with --columns)"
         )
-    type_ = field(column).type
     width = type_.list_size if pa.types.is_fixed_size_list(type_) else None
     return Columns((column,), True, tuple(keep), dtype, width)
 
@@ -238,13 +242,7 @@ def read_batches(pa: Any, path: Path, names: list[str], batch_size: int) -> Iter
         # pyarrow's default pre-buffers every row group it will read, which for one pass over
         # a file holds the whole file in memory; streamed reads bound it by the row group.
         file = pa.parquet.ParquetFile(path, pre_buffer=False, buffer_size=READ_BUFFER_BYTES)
-        batches = file.iter_batches(batch_size=batch_size, columns=names)
-        while True:
-            try:
-                batch = next(batches)
-            except StopIteration:
-                return
-            yield batch
+        yield from file.iter_batches(batch_size=batch_size, columns=names)
     except (pa.ArrowException, OSError, ValueError) as error:
         raise CommandError(f"cannot read {path}: {error}") from None
 
@@ -327,7 +325,7 @@ def encode_shard(
                 f"cannot read {shard.source}: its footer promises {shard.rows} rows, its row "
                 f"groups hold {done}"
             )
-        if pending or done == 0:
+        if pending:
             writer.write_table(pa.Table.from_batches(pending, schema=output_schema))
 
 
@@ -340,9 +338,7 @@ def leave_a_cpu_to_the_reader() -> None:
         fusedae.set_num_threads(threads - 1)
 
 
-def encode(
-    args: argparse.Namespace, model_for: Callable[[np.dtype], MLP], chunk_bytes: int
-) -> None:
+def encode(args: argparse.Namespace, model_for: Callable[[np.dtype], MLP]) -> None:
     """``fusedae encode`` on Parquet: plans the shards, checks every shard's columns before any
     work, then encodes the shards not done yet with one progress bar over their rows."""
     from tqdm import tqdm
@@ -354,7 +350,7 @@ def encode(
             f"{len(finished)} of the {len(shards)} output shard(s) exist ({finished[0].output} "
             "first); pass --resume to skip them or --force to overwrite them"
         )
-    todo = [shard for shard in shards if not (args.resume and shard.output.exists())]
+    todo = [shard for shard in shards if shard not in finished] if args.resume else shards
     keep = args.keep or []
     if args.output_column in keep:
         raise CommandError(f"--keep names {args.output_column!r}, the output column")
@@ -380,7 +376,7 @@ def encode(
                 f"{shard.source}: {', '.join(other.features)} hold rows of {other.width} "
                 f"values, but the model takes rows of {mlp.in_features}"
             )
-    batch_size = args.batch_size or max(1, chunk_bytes // (mlp.in_features * mlp.dtype.itemsize))
+    batch_size = rows_per_batch(args.batch_size, mlp.in_features * mlp.dtype.itemsize)
     total = sum(shard.rows for shard in todo)
     with tqdm(total=total, unit="row", unit_scale=True) as bar:
         for index, shard in enumerate(todo):
