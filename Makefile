@@ -19,7 +19,7 @@ $(VENV)/.deps: pyproject.toml | $(PY)
 	$(PIP) --upgrade pip
 	$(PIP) "maturin>=1.9.3,<2"
 	$(PY) -c "import tomllib; d = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
-	  print('\n'.join(d['dependencies'] + [r for g in ('test', 'bench', 'demo', 'parquet', 'dev') for r in d['optional-dependencies'][g]]))" \
+	  print('\n'.join(d['dependencies'] + [r for g in ('test', 'bench', 'demo', 'parquet', 'ray', 'dev') for r in d['optional-dependencies'][g]]))" \
 	  > $(VENV)/requirements.txt
 	$(PIP) -r $(VENV)/requirements.txt
 	touch $@

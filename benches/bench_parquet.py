@@ -40,13 +40,8 @@ BATCH = rows_per_batch(None, WIDTH * 4)  # encode's default batch
 PEERS = ("pyarrow-read", "torch-loop", "fusedae-t1", "fusedae-t2")
 
 
-@pytest.fixture(scope="module")
-def lake(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
-    """The model and the input file, in one directory; written once per run."""
-    options = request.config.getoption
-    disabled = options("benchmark_disable") and not options("benchmark_enable")
-    rows = SMOKE_ROWS if disabled else ROWS
-    root = tmp_path_factory.mktemp("parquet-bench")
+def write_lake(root: Path, rows: int) -> Path:
+    """The model (``ae.safetensors``) and the input (``rows.parquet``) in ``root``."""
     rng = np.random.default_rng(0)
     layers = [
         (rng.standard_normal((42, WIDTH), np.float32) / 28, rng.standard_normal(42, np.float32)),
@@ -61,6 +56,14 @@ def lake(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReques
             x = pa.FixedSizeListArray.from_arrays(chunk[:count].reshape(-1), WIDTH)
             writer.write_table(pa.table({"id": np.arange(start, start + count), "x": x}, schema))
     return root
+
+
+@pytest.fixture(scope="module")
+def lake(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
+    """The model and the input file, in one directory; written once per run."""
+    options = request.config.getoption
+    disabled = options("benchmark_disable") and not options("benchmark_enable")
+    return write_lake(tmp_path_factory.mktemp("parquet-bench"), SMOKE_ROWS if disabled else ROWS)
 
 
 def torch_encoder(model_path: Path) -> nn.Module:

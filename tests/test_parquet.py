@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from _lake import assert_same_rows, every_file, list_column, output_shards, read_rows
 from fusedae import MLP
 from fusedae.cli import CommandError, main, parquet
 
@@ -49,16 +50,6 @@ def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def list_column(x: np.ndarray, kind: str) -> pa.Array:
-    values = pa.array(x.reshape(-1))
-    if kind == "fixed_size_list":
-        return pa.FixedSizeListArray.from_arrays(values, x.shape[1])
-    offsets = pa.array(np.arange(0, x.size + 1, x.shape[1]), pa.int32())
-    if kind == "large_list":
-        return pa.LargeListArray.from_arrays(offsets.cast(pa.int64()), values)
-    return pa.ListArray.from_arrays(offsets, values)
-
-
 @pytest.fixture(scope="module")
 def lake(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Shards of rows with an ``id`` column numbering them across shards and a ``label``."""
@@ -78,35 +69,6 @@ def lake(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pq.write_table(table, root / name, row_group_size=ROW_GROUP_ROWS)
         first += rows
     return root
-
-
-def read_rows(paths: list[Path], column: str) -> tuple[np.ndarray, np.ndarray]:
-    """The ids and the rows of ``column`` of the shards, ordered by id."""
-    ids, rows = [], []
-    for path in paths:
-        table = pq.read_table(path)
-        if not table.num_rows:
-            continue
-        ids.append(table["id"].to_numpy())
-        rows.append(table[column].combine_chunks().flatten().to_numpy().reshape(len(ids[-1]), -1))
-    order = np.argsort(np.concatenate(ids))
-    return np.concatenate(ids)[order], np.concatenate(rows)[order]
-
-
-def assert_same_rows(got: np.ndarray, want: np.ndarray) -> None:
-    """Equal to float rounding: the kernels may round a row's last bits differently by where it
-    falls in a batch (a vector tail), and encode's batches are not the reference call's."""
-    eps = np.finfo(want.dtype).eps
-    np.testing.assert_allclose(got, want, rtol=4 * eps, atol=16 * eps * np.abs(want).max())
-
-
-def output_shards(directory: Path) -> list[Path]:
-    return sorted(directory.rglob("*.parquet"))
-
-
-def every_file(directory: Path) -> list[str]:
-    """Every file under ``directory``, hidden temporaries included."""
-    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
 
 
 @pytest.mark.parametrize("batch_size", ["300", "4096"])

@@ -16,7 +16,7 @@ import fusedae
 from fusedae import _ops, serialization
 from fusedae._ops import OPS
 from fusedae.chain import ChainSpec
-from fusedae.cli import parquet
+from fusedae.cli import parquet, ray_engine
 from fusedae.cli.common import (
     CHUNK_BYTES,
     CommandError,
@@ -81,6 +81,12 @@ Every output file is written to a temporary file in the same directory and renam
 end: an interrupted run leaves nothing under an output name, and the next run for it removes
 what a killed run left (never the file of a run still going). --resume skips the outputs that
 exist, which are complete: after an interruption it does the rest.
+
+--engine ray runs a Parquet job on Ray (pip install 'fusedae[ray]'): on the cluster at
+RAY_ADDRESS, else on a local one. Each input shard is one task for a pool of --actors actors
+of --cpus-per-actor CPUs each (each runs that many kernel threads): it reads its shard, which
+must be readable on every node, and writes its output shard the same way as above, so
+--resume works the same.
 """
 
 
@@ -140,6 +146,20 @@ def add_parser(commands: Any) -> None:
         "--keep", type=names_list, metavar="NAMES", help="Parquet: columns copied to the output"
     )
     encode.add_argument("--output-column", metavar="NAME", help="Parquet: the results' column")
+    encode.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="Parquet: encode here, or on Ray (RAY_ADDRESS's cluster, else a local one)",
+    )
+    encode.add_argument(
+        "--actors", type=positive_int, help="--engine ray: actors (default: CPUs / CPUs each)"
+    )
+    encode.add_argument(
+        "--cpus-per-actor",
+        type=positive_int,
+        help="--engine ray: CPUs of each actor, its kernel threads (default: 1)",
+    )
     existing = encode.add_mutually_exclusive_group()
     existing.add_argument("--force", action="store_true", help="overwrite outputs that exist")
     existing.add_argument(
@@ -163,11 +183,21 @@ def run(args: argparse.Namespace) -> None:
         if args.key is not None:
             raise CommandError("--key picks an array of a .npz INPUT; this INPUT is Parquet")
         args.output_column = args.output_column or OUTPUT_COLUMNS[part]
+        if args.engine == "ray" and args.threads:
+            raise CommandError(
+                "--threads: with --engine ray each actor runs as many kernel threads as its "
+                "CPUs (--cpus-per-actor)"
+            )
         spec = load_model(args.model, args.layers, args.trust_pickle)
-        parquet.encode(args, lambda dtype: model_mlp(args.model, spec, part, dtype))
+        engine = ray_engine.encode if args.engine == "ray" else parquet.encode
+        engine(args, lambda dtype: model_mlp(args.model, spec, part, dtype))
         return
     parquet_only = {"--column": args.column, "--columns": args.columns, "--keep": args.keep}
     parquet_only["--output-column"] = args.output_column
+    parquet_only["--actors"] = args.actors
+    parquet_only["--cpus-per-actor"] = args.cpus_per_actor
+    if args.engine != "local":
+        parquet_only["--engine"] = args.engine
     given = [flag for flag, value in parquet_only.items() if value is not None]
     if given:
         raise CommandError(f"{', '.join(given)}: for Parquet INPUT, and {args.input} is not")

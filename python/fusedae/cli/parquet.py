@@ -338,11 +338,34 @@ def leave_a_cpu_to_the_reader() -> None:
         fusedae.set_num_threads(threads - 1)
 
 
-def encode(args: argparse.Namespace, model_for: Callable[[np.dtype], MLP]) -> None:
-    """``fusedae encode`` on Parquet: plans the shards, checks every shard's columns before any
-    work, then encodes the shards not done yet with one progress bar over their rows."""
-    from tqdm import tqdm
+@dataclass(frozen=True)
+class Job:
+    """A Parquet ``encode`` checked and ready: every shard, those still to do, the columns that
+    hold the rows, the model and the batch size."""
 
+    shards: list[Shard]
+    todo: list[Shard]
+    columns: Columns
+    mlp: MLP
+    output_column: str
+    batch_size: int
+
+    @property
+    def rows(self) -> int:
+        return sum(shard.rows for shard in self.todo)
+
+    def encode(self, shard: Shard, bar: Any) -> None:
+        encode_shard(self.mlp, shard, self.columns, self.output_column, self.batch_size, bar)
+
+    def summary(self, output: Path, threads: str) -> str:
+        skipped = len(self.shards) - len(self.todo)
+        return f"wrote {len(self.todo)} shard(s), {self.rows} rows, to {output} ({threads})" + (
+            f"; skipped {skipped} finished before" if skipped else ""
+        )
+
+
+def plan(args: argparse.Namespace, model_for: Callable[[np.dtype], MLP]) -> Job:
+    """Plans the shards and checks every shard's columns before any work."""
     shards = plan_shards(args.input, args.output)
     finished = [shard for shard in shards if shard.output.exists()]
     if finished and not (args.resume or args.force):
@@ -367,8 +390,6 @@ def encode(args: argparse.Namespace, model_for: Callable[[np.dtype], MLP]) -> No
                 f"{shard.source} holds {other.dtype} rows and {first.source} {columns.dtype} "
                 "rows: all shards must agree"
             )
-    if args.threads is None:
-        leave_a_cpu_to_the_reader()
     mlp = model_for(columns.dtype)
     for shard, other in zip(shards, chosen, strict=True):
         if other.width is not None and other.width != mlp.in_features:
@@ -377,15 +398,22 @@ def encode(args: argparse.Namespace, model_for: Callable[[np.dtype], MLP]) -> No
                 f"values, but the model takes rows of {mlp.in_features}"
             )
     batch_size = rows_per_batch(args.batch_size, mlp.in_features * mlp.dtype.itemsize)
-    total = sum(shard.rows for shard in todo)
-    with tqdm(total=total, unit="row", unit_scale=True) as bar:
-        for index, shard in enumerate(todo):
-            bar.set_postfix_str(f"shard {index + 1}/{len(todo)}")
-            encode_shard(mlp, shard, columns, args.output_column, batch_size, bar)
-    skipped = len(shards) - len(todo)
+    return Job(shards, todo, columns, mlp, args.output_column, batch_size)
+
+
+def encode(args: argparse.Namespace, model_for: Callable[[np.dtype], MLP]) -> None:
+    """``fusedae encode`` on Parquet, in this process: the shards not done yet, one after the
+    other, with one progress bar over their rows."""
+    from tqdm import tqdm
+
+    job = plan(args, model_for)
+    if args.threads is None:
+        leave_a_cpu_to_the_reader()
+    with tqdm(total=job.rows, unit="row", unit_scale=True) as bar:
+        for index, shard in enumerate(job.todo):
+            bar.set_postfix_str(f"shard {index + 1}/{len(job.todo)}")
+            job.encode(shard, bar)
     threads = fusedae.get_num_threads()
     print(
-        f"wrote {len(todo)} shard(s), {total} rows, to {args.output} ({threads} kernel "
-        f"thread{'s' * (threads > 1)} beside the reader)"
-        + (f"; skipped {skipped} finished before" if skipped else "")
+        job.summary(args.output, f"{threads} kernel thread{'s' * (threads > 1)} beside the reader")
     )

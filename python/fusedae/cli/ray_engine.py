@@ -1,0 +1,108 @@
+"""``fusedae encode --engine ray``: the Parquet job of ``cli.parquet`` on Ray Data.
+
+The unit of work is a shard, as in this process: an actor encodes a whole input shard into its
+output shard through ``staged_output``, so the job keeps what the local engine promises (one
+output shard per input shard, never a partial one under its name, ``--resume`` after any
+interruption). Ray Data's ``write_parquet`` would name files by write task and write them in
+place, which keeps neither promise. The shards are the items of a Ray dataset mapped by a pool of
+actors; each actor reads its shard itself (the path must be readable on every node: a shared
+file system), loads the model once, and runs as many kernel threads as its CPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from fusedae.cli.common import CommandError
+from fusedae.cli.parquet import Job, plan
+from fusedae.mlp import MLP
+
+
+def import_ray() -> Any:
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise CommandError("--engine ray needs Ray: pip install 'fusedae[ray]'") from None
+    return ray
+
+
+class ShardEncoder:
+    """The actor: encodes each shard index of a batch, returning the rows each one held, or the
+    ``CommandError`` that stopped it as a message (Ray keeps only the text of an exception a task
+    raises, wrapped in its own report)."""
+
+    def __init__(self, job: Job) -> None:
+        from fusedae.ray import threads_from_actor_cpus
+
+        threads_from_actor_cpus()
+        self.job = job
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows, errors = [], []
+        for index in batch["shard"]:
+            shard = self.job.todo[index]
+            try:
+                self.job.encode(shard, NoProgress())
+            except CommandError as error:
+                rows.append(0)
+                errors.append(str(error))
+            else:
+                rows.append(shard.rows)
+                errors.append("")
+        return {"shard": batch["shard"], "rows": np.array(rows), "error": np.array(errors)}
+
+
+class NoProgress:
+    """The progress bar of an actor's shard: the driver counts finished shards instead."""
+
+    def update(self, rows: int) -> None:
+        pass
+
+
+def encode(args: argparse.Namespace, model_for: Callable[[np.dtype], MLP]) -> None:
+    """Plans and checks the job here, then maps the shards not done yet over a pool of actors on
+    the cluster at ``RAY_ADDRESS`` (else a local one), with a progress bar over finished rows."""
+    from tqdm import tqdm
+
+    import fusedae.ray
+
+    ray = import_ray()
+    job = plan(args, model_for)
+    cpus_per_actor = args.cpus_per_actor or 1
+    if job.todo:
+        fusedae.ray.init()
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False  # ours counts rows; Ray's would count shards
+        actors = args.actors or max(1, fusedae.ray.cluster_cpus() // cpus_per_actor)
+        actors = min(actors, len(job.todo))
+        shards = ray.data.from_items(
+            [{"shard": index} for index in range(len(job.todo))],
+            override_num_blocks=len(job.todo),
+        )
+        results = shards.map_batches(
+            ShardEncoder,
+            fn_constructor_kwargs={"job": job},
+            batch_format="numpy",
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=cpus_per_actor,
+        )
+        with tqdm(total=job.rows, unit="row", unit_scale=True) as bar:
+            for done, row in enumerate(results.iter_rows(), 1):
+                if row["error"]:
+                    raise CommandError(row["error"])
+                bar.update(int(row["rows"]))
+                bar.set_postfix_str(f"shards {done}/{len(job.todo)}")
+    else:
+        actors = 0
+    print(
+        job.summary(
+            args.output,
+            f"Ray: {actors} actor(s) x {cpus_per_actor} CPU(s), as many kernel threads each",
+        )
+    )

@@ -1,0 +1,152 @@
+"""fusedae on Ray Data (needs ``pip install 'fusedae[ray]'``).
+
+``Encoder`` is a callable class for ``Dataset.map_batches``: Ray constructs it once per actor,
+so the model is read and packed once per actor, not once per batch::
+
+    import ray
+    from fusedae.ray import Encoder
+
+    codes = ray.data.read_parquet("s3://lake/embeddings/").map_batches(
+        Encoder,
+        fn_constructor_kwargs={"model": "ae.safetensors", "input_column": "features"},
+        batch_format="numpy",
+        batch_size=8192,
+        concurrency=8,  # actors
+        num_cpus=4,  # CPUs each: the kernel threads of each actor
+    )
+    codes.write_parquet("s3://lake/codes/")
+
+Each actor runs as many kernel threads as the CPUs Ray gave it, so actors side by side never
+oversubscribe a node. ``fusedae encode --engine ray`` runs a whole Parquet job this way, one
+output shard per input shard, resumable.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+import fusedae
+from fusedae import serialization
+from fusedae.mlp import MLP
+
+# Precisions a model can be packed at; bf16 and int8 kernels are not built yet.
+PRECISIONS = ("fp32",)
+
+
+def actor_cpus() -> int | None:
+    """The CPUs Ray assigned to the calling task or actor (at least 1 if it was given a fraction),
+    or None outside a Ray worker."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    context = ray.get_runtime_context()
+    if context.worker.mode != ray.WORKER_MODE:
+        return None
+    cpus = context.get_assigned_resources().get("CPU", 0.0)
+    return max(1, int(cpus))
+
+
+def threads_from_actor_cpus() -> None:
+    """Sizes fusedae's thread pool to the CPUs of the calling Ray actor (no change outside one)."""
+    cpus = actor_cpus()
+    if cpus is not None:
+        fusedae.set_num_threads(cpus)
+
+
+def rows_of(column: np.ndarray, name: str, in_features: int) -> np.ndarray:
+    """A Ray numpy batch column as a 2-D float array: a tensor column arrives 2-D already; a list
+    column arrives as a 1-D object array of 1-D arrays, stacked here."""
+    if column.dtype == object:
+        if len(column) == 0:
+            return np.empty((0, in_features), np.float32)
+        lengths = {len(row) for row in column}
+        if lengths != {in_features}:
+            raise ValueError(
+                f"column {name!r} holds rows of {sorted(lengths)} values, but the model takes "
+                f"rows of {in_features}"
+            )
+        return np.stack(column)
+    return column
+
+
+class Encoder:
+    """A ``map_batches`` callable (``batch_format="numpy"``): reads ``input_column``, writes the
+    model's output as ``output_column`` (a fixed-size list column, one row per input row), and
+    passes the batch's other columns through (ids, keys). ``model`` is a ``.safetensors`` file
+    from ``fusedae.torch.save`` or ``MLP.save``; ``part`` is ``"encoder"``, ``"decoder"`` or
+    ``"all"``; ``precision`` is ``"fp32"`` (the only one built so far). Rows of float64 are
+    computed in float64, any other dtype in float32. ``keep_input`` keeps the input column
+    (dropped by default: it is most of the bytes)."""
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str],
+        *,
+        input_column: str,
+        output_column: str | None = None,
+        part: serialization.Part = "encoder",
+        precision: str = "fp32",
+        keep_input: bool = False,
+    ) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(
+                f"precision {precision!r}: this build has {PRECISIONS} (bf16 and int8 are not "
+                "built yet)"
+            )
+        threads_from_actor_cpus()
+        self.spec = serialization.read(model).select(part)
+        self.models = {np.dtype(np.float32): MLP.from_spec(self.spec, dtype=np.float32)}
+        self.input_column = input_column
+        self.output_column = output_column or {"encoder": "codes", "decoder": "decoded"}.get(
+            part, "reconstructed"
+        )
+        self.keep_input = keep_input
+
+    @property
+    def in_features(self) -> int:
+        return self.models[np.dtype(np.float32)].in_features
+
+    def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.input_column not in batch:
+            raise KeyError(f"the batch has no column {self.input_column!r}; it has {sorted(batch)}")
+        rows = rows_of(batch[self.input_column], self.input_column, self.in_features)
+        dtype = np.dtype(np.float64 if rows.dtype == np.float64 else np.float32)
+        if dtype not in self.models:
+            self.models[dtype] = MLP.from_spec(self.spec, dtype=dtype)
+        model = self.models[dtype]
+        out = {
+            name: column
+            for name, column in batch.items()
+            if name != self.input_column or self.keep_input
+        }
+        out[self.output_column] = model(rows)
+        return out
+
+
+def init(**local_options: Any) -> None:
+    """Connects to the cluster at ``RAY_ADDRESS``, else starts a local one with
+    ``local_options`` (``ray.init`` arguments); quiet, without the dashboard."""
+    import logging
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(logging_level=logging.WARNING)
+    else:
+        ray.init(include_dashboard=False, logging_level=logging.WARNING, **local_options)
+
+
+def cluster_cpus() -> int:
+    import ray
+
+    return int(ray.cluster_resources().get("CPU", 1))
+
+
+__all__: Sequence[str] = ["Encoder", "actor_cpus", "init", "threads_from_actor_cpus"]

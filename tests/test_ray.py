@@ -1,0 +1,247 @@
+"""fusedae on a local Ray cluster: ``fusedae.ray.Encoder`` in ``map_batches`` and ``fusedae
+encode --engine ray``, row for row equal to ``fusedae.MLP``, the model loaded once per actor,
+as many kernel threads as the actor's CPUs, and resumable after the driver is killed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fusedae
+from _lake import assert_same_rows, every_file, list_column, output_shards, read_rows
+from fusedae import MLP
+from fusedae.cli import main
+
+ray = pytest.importorskip("ray", reason="Ray needs the extra: pip install 'fusedae[ray]'")
+pytest.importorskip("ray.data")
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+
+from fusedae.ray import Encoder  # noqa: E402 (needs ray)
+
+WIDTH = 12
+# Rows per shard: an empty shard, and row counts that leave a partial last batch.
+SHARD_ROWS = {"part-0.parquet": 1000, "part-1.parquet": 0, "part-2.parquet": 777}
+BATCH_ROWS = 256
+# Ray Data's read tasks need a CPU of their own beside the actor pool, or the pool waits for
+# them forever: 2 CPUs for the actors and 1 for reading (a logical one on a 2-core machine).
+CLUSTER_CPUS = 3
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[str]:
+    """A local Ray cluster for this module; its address, for commands run as other drivers."""
+    import ray.cloudpickle
+
+    # The actor classes defined here travel by value: the workers cannot import this module.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    fusedae.ray.init(num_cpus=CLUSTER_CPUS, object_store_memory=128 << 20)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    rng = np.random.default_rng(0)
+    layers = [
+        (rng.standard_normal((42, WIDTH)) / np.sqrt(WIDTH), rng.standard_normal(42)),
+        (rng.standard_normal((4, 42)) / np.sqrt(42), rng.standard_normal(4)),
+        (rng.standard_normal((42, 4)) / 2, rng.standard_normal(42)),
+        (rng.standard_normal((WIDTH, 42)) / np.sqrt(42), rng.standard_normal(WIDTH)),
+    ]
+    path = tmp_path_factory.mktemp("model") / "ae.safetensors"
+    MLP(layers, ["relu", "identity", "relu", "tanh"], dtype=np.float32).save(path)
+    return path
+
+
+def write_lake(root: Path, shard_rows: dict[str, int], seed: int) -> Path:
+    """Shards with an ``id`` column numbering the rows across shards and rows in ``x``."""
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    first = 0
+    for name, rows in shard_rows.items():
+        x = rng.standard_normal((rows, WIDTH), dtype=np.float32)
+        ids = np.arange(first, first + rows)
+        pq.write_table(pa.table({"id": ids, "x": list_column(x, "fixed_size_list")}), root / name)
+        first += rows
+    return root
+
+
+@pytest.fixture(scope="module")
+def lake(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_lake(tmp_path_factory.mktemp("ray") / "lake", SHARD_ROWS, seed=1)
+
+
+class RecordingEncoder(Encoder):
+    """An ``Encoder`` that records each construction (process and thread count) in a file and
+    returns its thread count beside each row."""
+
+    def __init__(self, log: str, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        with open(log, "a") as file:
+            file.write(f"{os.getpid()} {fusedae.get_num_threads()}\n")
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = super().__call__(batch)
+        out["threads"] = np.full(len(out["id"]), fusedae.get_num_threads())
+        out["pid"] = np.full(len(out["id"]), os.getpid())
+        return out
+
+
+@pytest.mark.parametrize(("actors", "cpus"), [(1, 2), (2, 1)])
+def test_encoder_in_map_batches_row_for_row(
+    cluster: str, tmp_path: Path, model_path: Path, lake: Path, actors: int, cpus: int
+) -> None:
+    log = tmp_path / "constructions.log"
+    # Blocks enough for every actor: the three small shards are read as one block.
+    encoded = ray.data.read_parquet(str(lake)).repartition(8).map_batches(
+        RecordingEncoder,
+        fn_constructor_kwargs={
+            "log": str(log),
+            "model": str(model_path),
+            "input_column": "x",
+        },
+        batch_format="numpy",
+        batch_size=BATCH_ROWS,
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=cpus,
+    )
+    batches = list(encoded.iter_batches(batch_format="numpy", batch_size=None))
+    ids = np.concatenate([batch["id"] for batch in batches])
+    codes = np.concatenate([batch["codes"] for batch in batches])
+    threads = np.concatenate([batch["threads"] for batch in batches])
+    pids = np.concatenate([batch["pid"] for batch in batches])
+    assert "x" not in batches[0]
+
+    want_ids, x = read_rows(sorted(lake.glob("*.parquet")), "x")
+    order = np.argsort(ids)
+    np.testing.assert_array_equal(ids[order], want_ids)  # every row, once
+    assert_same_rows(codes[order], MLP.load(model_path, "encoder")(x))
+    assert set(threads.tolist()) == {cpus}
+    assert len(set(pids.tolist())) == actors  # each actor encoded rows
+    constructions = log.read_text().split()
+    assert len(constructions) == 2 * actors  # one per actor, each in its own process
+    assert len(set(constructions[::2])) == actors
+    assert set(constructions[1::2]) == {str(cpus)}
+
+
+def test_encoder_outside_ray_and_its_errors(model_path: Path) -> None:
+    """Called directly (a test, a notebook) it encodes with the thread count as it is; bad
+    input is a clear error."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((5, WIDTH))
+    reconstruct = Encoder(model_path, input_column="x", part="all", keep_input=True)
+    out = reconstruct({"x": x, "key": np.arange(5)})
+    assert sorted(out) == ["key", "reconstructed", "x"]
+    assert out["reconstructed"].dtype == np.float64  # float64 rows run in float64
+    np.testing.assert_allclose(out["reconstructed"], MLP.load(model_path, dtype=np.float64)(x))
+    rows_as_objects = np.empty(5, dtype=object)
+    rows_as_objects[:] = list(x.astype(np.float32))
+    encoder = Encoder(model_path, input_column="x")
+    assert encoder({"x": rows_as_objects})["codes"].shape == (5, 4)
+    assert encoder({"x": np.empty(0, dtype=object)})["codes"].shape == (0, 4)
+
+    with pytest.raises(KeyError, match=r"no column 'x'; it has \['features'\]"):
+        encoder({"features": x})
+    with pytest.raises(ValueError, match=r"rows of \[11\] values, but the model takes rows of 12"):
+        encoder({"x": np.array([row[:11] for row in x] + [None], dtype=object)[:-1]})
+    with pytest.raises(ValueError, match="precision 'int8'"):
+        Encoder(model_path, input_column="x", precision="int8")
+    with pytest.raises(ValueError, match="decoder"):
+        Encoder(model_path, input_column="x", part="middle")  # type: ignore[arg-type]
+
+
+def test_engine_ray_writes_what_the_local_engine_writes(
+    cluster: str, tmp_path: Path, model_path: Path, lake: Path
+) -> None:
+    common = ["encode", str(model_path), str(lake), "--keep", "id", "--batch-size", "300"]
+    assert main([*common, "-o", str(tmp_path / "local")]) == 0
+    assert main([*common, "-o", str(tmp_path / "ray"), "--engine", "ray", "--actors", "2"]) == 0
+    assert every_file(tmp_path / "ray") == sorted(SHARD_ROWS)  # the empty shard too
+    for local, remote in zip(
+        output_shards(tmp_path / "local"), output_shards(tmp_path / "ray"), strict=True
+    ):
+        assert pq.read_table(remote).equals(pq.read_table(local))
+    ids, codes = read_rows(output_shards(tmp_path / "ray"), "codes")
+    want_ids, x = read_rows(sorted(lake.glob("*.parquet")), "x")
+    np.testing.assert_array_equal(ids, want_ids)
+    assert_same_rows(codes, MLP.load(model_path, "encoder")(x))
+
+
+def test_engine_ray_reports_an_actors_error_clearly(
+    cluster: str, tmp_path: Path, model_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A shard whose rows are checked in the actor (a list column: lengths vary by row) fails
+    with the same message as in this process, and leaves no output shard."""
+    lake = tmp_path / "lake"
+    lake.mkdir()
+    rows = [np.zeros(WIDTH, np.float32)] * 3 + [np.zeros(WIDTH + 1, np.float32)]
+    pq.write_table(pa.table({"x": pa.array(rows, pa.list_(pa.float32()))}), lake / "bad.parquet")
+    out = tmp_path / "out"
+    assert main(["encode", str(model_path), str(lake), "-o", str(out), "--engine", "ray"]) == 1
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert error == (
+        f"fusedae encode: error: {lake / 'bad.parquet'}: row 3 of column 'x' holds 13 values, "
+        "but the model takes rows of 12"
+    )
+    assert every_file(out) == []
+
+
+def test_engine_ray_flags_are_checked(model_path: Path, lake: Path, tmp_path: Path) -> None:
+    npy = tmp_path / "x.npy"
+    np.save(npy, np.zeros((2, WIDTH), np.float32))
+    argv = ["encode", str(model_path), str(npy), "-o", str(tmp_path / "y.npy")]
+    assert main([*argv, "--engine", "ray"]) == 1
+    assert main([*argv, "--cpus-per-actor", "2"]) == 1
+    argv = ["encode", str(model_path), str(lake), "-o", str(tmp_path / "out"), "--engine", "ray"]
+    assert main([*argv, "--threads", "2"]) == 1
+    assert not (tmp_path / "out").exists()
+
+
+KILLED_SHARD_ROWS = 50_000  # in batches of 16 rows: a shard lasts about half a second
+
+
+def test_a_killed_driver_is_finished_by_resume(
+    cluster: str, tmp_path: Path, model_path: Path
+) -> None:
+    """The driver is killed while the actor writes a shard: the shards done are complete, the
+    one in progress is not under its name, and ``--resume`` (a new driver) does the rest."""
+    shards = {f"part-{index}.parquet": KILLED_SHARD_ROWS for index in range(6)}
+    lake = write_lake(tmp_path / "lake", shards, seed=3)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "fusedae", "encode", model_path, lake, "-o", out]
+    command += ["--engine", "ray", "--actors", "1", "--keep", "id"]
+    environment = {**os.environ, "RAY_ADDRESS": cluster}
+    process = subprocess.Popen(
+        [*map(str, command), "--batch-size", "16"], stderr=subprocess.PIPE, env=environment
+    )
+    deadline = time.monotonic() + 120
+    while not list(out.glob("part-*.parquet")):  # once a shard is done, in the middle of one
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=60)
+    finished = list(out.glob("part-*.parquet"))
+    assert 1 <= len(finished) < 6
+    for shard in finished:
+        assert pq.read_metadata(shard).num_rows == KILLED_SHARD_ROWS
+
+    result = subprocess.run(
+        [*map(str, command), "--resume"], capture_output=True, text=True, env=environment
+    )
+    assert result.returncode == 0, result.stderr
+    assert every_file(out) == sorted(shards)  # no temporary file left either
+    ids, codes = read_rows(output_shards(out), "codes")
+    want_ids, x = read_rows(sorted(lake.glob("*.parquet")), "x")
+    np.testing.assert_array_equal(ids, want_ids)
+    assert_same_rows(codes, MLP.load(model_path, "encoder")(x))
