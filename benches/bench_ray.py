@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import fusedae
-from bench_parquet import WIDTH, encode, read_only, torch_encoder, write_lake
+from bench_parquet import encode, read_only, torch_encoder, write_lake
 
 ray = pytest.importorskip("ray", reason="Ray needs the extra: pip install 'fusedae[ray]'")
 pytest.importorskip("ray.data")
@@ -39,21 +39,23 @@ BATCH = 8192  # rows per map_batches call
 # The actors' CPUs plus one for Ray Data's read tasks, without which the actor pool waits
 # forever for its input: logical CPUs, the machine's cores shared by all.
 CLUSTER_CPUS = 3
-# (peer, actors, CPUs per actor); None for the runs outside Ray.
-PEERS: dict[str, tuple[int, int] | None] = {
+# peer: (actors, CPUs per actor, batch format); None for the runs outside Ray.
+PEERS: dict[str, tuple[int, int, str] | None] = {
     "pyarrow-read": None,
     "fusedae-encode-t1": None,
     "fusedae-encode-t2": None,
-    "ray-identity": (2, 1),
-    "ray-fusedae-1x2": (1, 2),
-    "ray-fusedae-2x1": (2, 1),
-    "ray-torch-2x1": (2, 1),
-    "ray-fusedae-2x1-oversubscribed": (2, 1),
+    "ray-identity": (2, 1, "numpy"),
+    "ray-fusedae-1x2": (1, 2, "numpy"),
+    "ray-fusedae-2x1": (2, 1, "numpy"),
+    "ray-torch-2x1": (2, 1, "numpy"),
+    "ray-fusedae-2x1-oversubscribed": (2, 1, "numpy"),
+    "ray-identity-arrow": (2, 1, "pyarrow"),
+    "ray-fusedae-2x1-arrow": (2, 1, "pyarrow"),
 }
 
 
 class Identity:
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: Any) -> Any:
         return batch
 
 
@@ -86,6 +88,8 @@ CALLABLES: dict[str, type] = {
     "ray-fusedae-2x1": Encoder,
     "ray-torch-2x1": TorchEncoder,
     "ray-fusedae-2x1-oversubscribed": OversubscribedEncoder,
+    "ray-identity-arrow": Identity,
+    "ray-fusedae-2x1-arrow": Encoder,
 }
 
 
@@ -111,20 +115,18 @@ def cluster() -> Iterator[None]:
 
 def ray_pipeline(peer: str, model: Path, source: Path) -> int:
     """Runs ``peer``'s pipeline over ``source``; the rows the driver received."""
-    actors, cpus = PEERS[peer] or (0, 0)
-    kwargs = {} if peer == "ray-identity" else {"model": str(model), "input_column": "x"}
+    actors, cpus, batch_format = PEERS[peer] or (0, 0, "")
+    identity = CALLABLES[peer] is Identity
+    kwargs = {} if identity else {"model": str(model), "input_column": "x"}
     encoded = ray.data.read_parquet(str(source)).map_batches(
         CALLABLES[peer],
         fn_constructor_kwargs=kwargs,
-        batch_format="numpy",
+        batch_format=batch_format,
         batch_size=BATCH,
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=cpus,
     )
-    rows = 0
-    for batch in encoded.iter_batches(batch_format="numpy", batch_size=None):
-        rows += len(batch["id"])
-    return rows
+    return sum(batch.num_rows for batch in encoded.iter_batches(batch_format="pyarrow"))
 
 
 @pytest.mark.parametrize("peer", PEERS)
@@ -140,10 +142,17 @@ def test_encode_parquet_on_ray(
         "fusedae-encode-t2": lambda: encode(lake, 2, tmp_path / "codes.parquet"),
     }
     target = targets.get(peer, lambda: ray_pipeline(peer, model, source))
-    actors, cpus = PEERS[peer] or (None, None)
+    actors, cpus, batch_format = PEERS[peer] or (None, None, None)
     benchmark.group = f"ray-{rows}"
     benchmark.extra_info.update(
-        {"kind": RAY, "peer": peer, "rows": rows, "actors": actors, "cpus_per_actor": cpus}
+        {
+            "kind": RAY,
+            "peer": peer,
+            "rows": rows,
+            "actors": actors,
+            "cpus_per_actor": cpus,
+            "batch_format": batch_format,
+        }
     )
     threads = fusedae.get_num_threads()
     try:

@@ -27,6 +27,19 @@ PARQUET_LABELS = {
     "fusedae-t1": "fusedae 1t",
     "fusedae-t2": "fusedae 2t",
 }
+RAY = "ray"
+RAY_LABELS = {
+    "pyarrow-read": "pyarrow reading the file alone",
+    "fusedae-encode-t1": "`fusedae encode`, 1 thread",
+    "fusedae-encode-t2": "`fusedae encode`, 2 threads",
+    "ray-identity": "Ray Data, identity `map_batches`, 2 actors x 1 CPU",
+    "ray-fusedae-1x2": "Ray Data + `fusedae.ray.Encoder`, 1 actor x 2 CPUs",
+    "ray-fusedae-2x1": "Ray Data + `fusedae.ray.Encoder`, 2 actors x 1 CPU",
+    "ray-torch-2x1": "Ray Data + plain PyTorch model, 2 actors x 1 CPU",
+    "ray-fusedae-2x1-oversubscribed": "Ray Data + fusedae, 2 actors x 1 CPU, machine's threads",
+    "ray-identity-arrow": "Ray Data (pyarrow batches), identity, 2 actors x 1 CPU",
+    "ray-fusedae-2x1-arrow": "Ray Data (pyarrow batches) + `fusedae.ray.Encoder`, 2 actors x 1 CPU",
+}
 TRAINING_PEERS = ("torch-eager", "fusedae-eager", "torch-compile", "fusedae-compile")
 TRAINING_LABELS = {
     "torch-eager": "plain eager",
@@ -207,13 +220,57 @@ def render_parquet(path: Path) -> list[str]:
     return out
 
 
+def render_ray(path: Path) -> list[str]:
+    """The Ray Data table (``bench_ray.py``): rows/s of each pipeline, as a share of the same
+    pipeline with an identity callable (Ray runs) or of pyarrow reading alone (the others)."""
+    runs = [
+        bench
+        for bench in json.loads(path.read_text())["benchmarks"]
+        if bench.get("extra_info", {}).get("kind") == RAY
+    ]
+    if not runs:
+        return []
+    out = [
+        "",
+        "## Parquet on Ray Data",
+        "",
+        "The Parquet input of `benches/bench_parquet.py` (784 float32 values a row, ids) through "
+        "`read_parquet` -> `map_batches` (batches of 8,192 rows) -> batches received by the "
+        "driver, on a local Ray cluster of 3 logical CPUs (the actors' 2 and one for the read "
+        "tasks) on this machine's cores (`benches/bench_ray.py`); each run includes starting its "
+        "actors; median of 3 runs.",
+        "",
+        "| rows | pipeline | rows/s | share |",
+        "|---:|---|---:|---:|",
+    ]
+    for rows in dict.fromkeys(bench["extra_info"]["rows"] for bench in runs):
+        medians = {
+            bench["extra_info"]["peer"]: bench["stats"]["median"]
+            for bench in runs
+            if bench["extra_info"]["rows"] == rows
+        }
+        for peer, label in RAY_LABELS.items():
+            if peer not in medians:
+                continue
+            base = "pyarrow-read"
+            if peer.startswith("ray-"):
+                base = "ray-identity-arrow" if peer.endswith("-arrow") else "ray-identity"
+            share = (
+                f"{100 * medians[base] / medians[peer]:.0f}% of {base}"
+                if base in medians and peer != base
+                else "-"
+            )
+            out.append(f"| {rows:,} | {label} | {rows / medians[peer] / 1e3:.0f}k | {share} |")
+    return out
+
+
 def load(path: Path) -> tuple[dict[str, Any], list[Group]]:
     """The JSON's metadata and its forward groups, in the order they ran."""
     data = json.loads(path.read_text())
     groups: dict[tuple[str, int, bool, int], Group] = {}
     for bench in data["benchmarks"]:
         info = bench.get("extra_info", {})
-        if "peer" not in info or info.get("kind") in (TRAINING, PARQUET):
+        if "peer" not in info or info.get("kind") in (TRAINING, PARQUET, RAY):
             continue  # not one of bench_models.py's
         key = (info["model_key"], info["batch"], info.get("streamed", False), info["threads"])
         group = groups.setdefault(key, Group(key[0], info["model"], *key[1:]))
@@ -436,20 +493,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     meta, groups = load(args.results)
-    if not groups:
-        parser.error(f"{args.results} holds no bench_models.py results (was it a timed run?)")
+    sections = [
+        *render_training(load_training(args.results)),
+        *render_parquet(args.results),
+        *render_ray(args.results),
+    ]
+    if not groups and not sections:
+        parser.error(f"{args.results} holds no fusedae benchmark results (was it a timed run?)")
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    markdown = "\n".join(
-        [
-            render_markdown(meta, groups),
-            *render_training(load_training(args.results)),
-            *render_parquet(args.results),
-        ]
-    )
+    markdown = "\n".join([render_markdown(meta, groups) if groups else "", *sections]).strip()
     (args.out_dir / "report.md").write_text(markdown + "\n")
-    render_chart(meta, groups, args.out_dir / "throughput.png")
+    written = [args.out_dir / "report.md"]
+    if groups:
+        render_chart(meta, groups, args.out_dir / "throughput.png")
+        written.append(args.out_dir / "throughput.png")
     print(markdown)
-    print(f"\nwrote {args.out_dir / 'report.md'} and {args.out_dir / 'throughput.png'}")
+    print(f"\nwrote {' and '.join(map(str, written))}")
     return 0
 
 

@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -90,34 +91,56 @@ class RecordingEncoder(Encoder):
         with open(log, "a") as file:
             file.write(f"{os.getpid()} {fusedae.get_num_threads()}\n")
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: Any) -> Any:
         out = super().__call__(batch)
-        out["threads"] = np.full(len(out["id"]), fusedae.get_num_threads())
-        out["pid"] = np.full(len(out["id"]), os.getpid())
+        rows = len(out["id"])
+        extra = {"threads": fusedae.get_num_threads(), "pid": os.getpid()}
+        for name, value in extra.items():
+            if isinstance(out, dict):
+                out[name] = np.full(rows, value)
+            else:
+                out = out.append_column(name, pa.array(np.full(rows, value)))
         return out
 
 
-@pytest.mark.parametrize(("actors", "cpus"), [(1, 2), (2, 1)])
+def as_rows(column: np.ndarray) -> np.ndarray:
+    """A column of a numpy batch as a 2-D array (a list column arrives as objects)."""
+    return np.stack(list(column)) if column.dtype == object else column
+
+
+@pytest.mark.parametrize(
+    ("actors", "cpus", "batch_format"), [(1, 2, "numpy"), (2, 1, "numpy"), (2, 1, "pyarrow")]
+)
 def test_encoder_in_map_batches_row_for_row(
-    cluster: str, tmp_path: Path, model_path: Path, lake: Path, actors: int, cpus: int
+    cluster: str,
+    tmp_path: Path,
+    model_path: Path,
+    lake: Path,
+    actors: int,
+    cpus: int,
+    batch_format: str,
 ) -> None:
     log = tmp_path / "constructions.log"
     # Blocks enough for every actor: the three small shards are read as one block.
-    encoded = ray.data.read_parquet(str(lake)).repartition(8).map_batches(
-        RecordingEncoder,
-        fn_constructor_kwargs={
-            "log": str(log),
-            "model": str(model_path),
-            "input_column": "x",
-        },
-        batch_format="numpy",
-        batch_size=BATCH_ROWS,
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        num_cpus=cpus,
+    encoded = (
+        ray.data.read_parquet(str(lake))
+        .repartition(8)
+        .map_batches(
+            RecordingEncoder,
+            fn_constructor_kwargs={
+                "log": str(log),
+                "model": str(model_path),
+                "input_column": "x",
+            },
+            batch_format=batch_format,
+            batch_size=BATCH_ROWS,
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=cpus,
+        )
     )
     batches = list(encoded.iter_batches(batch_format="numpy", batch_size=None))
     ids = np.concatenate([batch["id"] for batch in batches])
-    codes = np.concatenate([batch["codes"] for batch in batches])
+    codes = np.concatenate([as_rows(batch["codes"]) for batch in batches])
     threads = np.concatenate([batch["threads"] for batch in batches])
     pids = np.concatenate([batch["pid"] for batch in batches])
     assert "x" not in batches[0]
@@ -150,10 +173,28 @@ def test_encoder_outside_ray_and_its_errors(model_path: Path) -> None:
     assert encoder({"x": rows_as_objects})["codes"].shape == (5, 4)
     assert encoder({"x": np.empty(0, dtype=object)})["codes"].shape == (0, 4)
 
+    table = pa.table({"key": np.arange(5), "x": list_column(x.astype(np.float32), "list")})
+    chunked = pa.concat_tables([table.slice(0, 2), table.slice(2)])
+    for batch in (table, chunked):
+        out_table = encoder(batch)
+        assert out_table.column_names == ["key", "codes"]
+        codes = out_table["codes"].combine_chunks().flatten().to_numpy().reshape(5, 4)
+        np.testing.assert_array_equal(codes, encoder({"x": x.astype(np.float32)})["codes"])
+    assert encoder(table.slice(0, 0))["codes"].type == pa.list_(pa.float32(), 4)
+
     with pytest.raises(KeyError, match=r"no column 'x'; it has \['features'\]"):
         encoder({"features": x})
     with pytest.raises(ValueError, match=r"rows of \[11\] values, but the model takes rows of 12"):
         encoder({"x": np.array([row[:11] for row in x] + [None], dtype=object)[:-1]})
+    short = pa.table({"x": pa.array([[1.0] * WIDTH, [1.0] * (WIDTH - 1)], pa.list_(pa.float32()))})
+    with pytest.raises(ValueError, match=r"rows of \[11, 12\] values, but the model takes"):
+        encoder(short)
+    with pytest.raises(ValueError, match="holds a null row"):
+        encoder(pa.table({"x": pa.array([[1.0] * WIDTH, None], pa.list_(pa.float32()))}))
+    with pytest.raises(ValueError, match="holds a null value"):
+        encoder(pa.table({"x": pa.array([[1.0] * (WIDTH - 1) + [None]], pa.list_(pa.float32()))}))
+    with pytest.raises(ValueError, match="column 'x' is string"):
+        encoder(pa.table({"x": ["a"]}))
     with pytest.raises(ValueError, match="precision 'int8'"):
         Encoder(model_path, input_column="x", precision="int8")
     with pytest.raises(ValueError, match="decoder"):

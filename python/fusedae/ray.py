@@ -70,18 +70,18 @@ def rows_of(column: np.ndarray, name: str, in_features: int) -> np.ndarray:
                 f"column {name!r} holds rows of {sorted(lengths)} values, but the model takes "
                 f"rows of {in_features}"
             )
-        return np.stack(column)
+        return np.stack(list(column))
     return column
 
 
 class Encoder:
-    """A ``map_batches`` callable (``batch_format="numpy"``): reads ``input_column``, writes the
-    model's output as ``output_column`` (a fixed-size list column, one row per input row), and
-    passes the batch's other columns through (ids, keys). ``model`` is a ``.safetensors`` file
-    from ``fusedae.torch.save`` or ``MLP.save``; ``part`` is ``"encoder"``, ``"decoder"`` or
-    ``"all"``; ``precision`` is ``"fp32"`` (the only one built so far). Rows of float64 are
-    computed in float64, any other dtype in float32. ``keep_input`` keeps the input column
-    (dropped by default: it is most of the bytes)."""
+    """A ``map_batches`` callable (``batch_format="numpy"`` or ``"pyarrow"``): reads
+    ``input_column``, writes the model's output as ``output_column`` (a fixed-size list column,
+    one row per input row), and passes the batch's other columns through (ids, keys). ``model``
+    is a ``.safetensors`` file from ``fusedae.torch.save`` or ``MLP.save``; ``part`` is
+    ``"encoder"``, ``"decoder"`` or ``"all"``; ``precision`` is ``"fp32"`` (the only one built so
+    far). Rows of float64 are computed in float64, any other dtype in float32. ``keep_input``
+    keeps the input column (dropped by default: it is most of the bytes)."""
 
     def __init__(
         self,
@@ -100,7 +100,9 @@ class Encoder:
             )
         threads_from_actor_cpus()
         self.spec = serialization.read(model).select(part)
-        self.models = {np.dtype(np.float32): MLP.from_spec(self.spec, dtype=np.float32)}
+        self.models: dict[np.dtype, MLP] = {
+            np.dtype(np.float32): MLP.from_spec(self.spec, dtype=np.float32)
+        }
         self.input_column = input_column
         self.output_column = output_column or {"encoder": "codes", "decoder": "decoded"}.get(
             part, "reconstructed"
@@ -111,21 +113,71 @@ class Encoder:
     def in_features(self) -> int:
         return self.models[np.dtype(np.float32)].in_features
 
-    def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.input_column not in batch:
-            raise KeyError(f"the batch has no column {self.input_column!r}; it has {sorted(batch)}")
-        rows = rows_of(batch[self.input_column], self.input_column, self.in_features)
+    def model_for(self, rows: np.ndarray) -> MLP:
         dtype = np.dtype(np.float64 if rows.dtype == np.float64 else np.float32)
         if dtype not in self.models:
             self.models[dtype] = MLP.from_spec(self.spec, dtype=dtype)
-        model = self.models[dtype]
+        return self.models[dtype]
+
+    def missing_column(self, names: Sequence[str]) -> KeyError:
+        return KeyError(f"the batch has no column {self.input_column!r}; it has {sorted(names)}")
+
+    def __call__(self, batch: Any) -> Any:
+        """``batch``: a dict of numpy arrays (``batch_format="numpy"``) or a ``pyarrow.Table``
+        (``batch_format="pyarrow"``, faster for a list column: no numpy object per row)."""
+        if not isinstance(batch, Mapping):
+            return self.encode_table(batch)
+        if self.input_column not in batch:
+            raise self.missing_column(list(batch))
+        rows = rows_of(batch[self.input_column], self.input_column, self.in_features)
         out = {
             name: column
             for name, column in batch.items()
             if name != self.input_column or self.keep_input
         }
-        out[self.output_column] = model(rows)
+        out[self.output_column] = self.model_for(rows)(rows)
         return out
+
+    def encode_table(self, table: Any) -> Any:
+        import pyarrow as pa
+        import pyarrow.compute
+
+        if self.input_column not in table.column_names:
+            raise self.missing_column(table.column_names)
+        rows = table_rows(pa, table.column(self.input_column), self.input_column, self.in_features)
+        model = self.model_for(rows)
+        values = pa.array(model(rows).reshape(-1))
+        if not self.keep_input:
+            table = table.drop_columns([self.input_column])
+        return table.append_column(
+            self.output_column, pa.FixedSizeListArray.from_arrays(values, model.out_features)
+        )
+
+
+def table_rows(pa: Any, column: Any, name: str, in_features: int) -> np.ndarray:
+    """A list column of an Arrow table (fixed-size or not, or Ray's tensor extension over one)
+    as a 2-D float array, without a copy where it is one chunk without nulls."""
+    array = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    if isinstance(array.type, pa.ExtensionType):
+        array = array.storage
+    is_list = pa.types.is_list(array.type) or pa.types.is_large_list(array.type)
+    if not (is_list or pa.types.is_fixed_size_list(array.type)):
+        raise ValueError(f"column {name!r} is {array.type}; the rows must be lists of floats")
+    if array.null_count:
+        raise ValueError(f"column {name!r} holds a null row")
+    if pa.types.is_fixed_size_list(array.type):
+        lengths = {array.type.list_size}
+    else:
+        lengths = set(pa.compute.unique(pa.compute.list_value_length(array)).to_pylist())
+    if len(array) and lengths != {in_features}:
+        raise ValueError(
+            f"column {name!r} holds rows of {sorted(lengths)} values, but the model takes rows "
+            f"of {in_features}"
+        )
+    values = array.flatten()
+    if values.null_count:
+        raise ValueError(f"column {name!r} holds a null value")
+    return values.to_numpy(zero_copy_only=False).reshape(len(array), in_features)
 
 
 def init(**local_options: Any) -> None:
