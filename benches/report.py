@@ -152,6 +152,8 @@ def load_training(path: Path) -> list[TrainingGroup]:
 
 def render_training(groups: list[TrainingGroup]) -> list[str]:
     """The training-step table: median time per step and ours against plain PyTorch."""
+    if not groups:
+        return []
     out = [
         "",
         "## Training step",
