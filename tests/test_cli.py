@@ -8,6 +8,7 @@ import itertools
 import os
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import torch
 
 from _seed import AE
 from fusedae import MLP
-from fusedae.cli import CommandError, inputs
+from fusedae.cli import CommandError, inputs, outputs
 
 BIG_ROWS = 1_250_000  # x 64 float32 = 320 MB
 
@@ -519,13 +520,27 @@ def start_encode(model: Path, x: Path, output: Path) -> subprocess.Popen[str]:
         # A shell's background job starts with SIGINT ignored, and so would the child.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    temporary = output.with_name(f".{output.name}.{process.pid}.tmp")
+    temporary = output.with_name(f".{output.name}.{socket.gethostname()}.{process.pid}.tmp")
     deadline = time.monotonic() + 60
     while not temporary.exists():
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline
         time.sleep(0.01)
     return process
+
+
+def test_temporary_files_of_other_hosts_stay(tmp_path: Path) -> None:
+    """On storage several hosts share, a temporary file of another host may be a run still
+    going there; one named before hosts were, with a dead process, is this host's orphan."""
+    output = tmp_path / "codes.npy"
+    dead = 4194305  # beyond PID_MAX_LIMIT: no process has it
+    other_host = tmp_path / f".codes.npy.not-{socket.gethostname()}.{dead}.tmp"
+    unnamed_host = tmp_path / f".codes.npy.{dead}.tmp"
+    this_host = tmp_path / f".codes.npy.{socket.gethostname()}.{dead}.tmp"
+    for path in (other_host, unnamed_host, this_host):
+        path.write_bytes(b"")
+    assert sorted(outputs.remove_orphaned_temporaries(output)) == sorted([unnamed_host, this_host])
+    assert [p.name for p in tmp_path.iterdir()] == [other_host.name]
 
 
 def test_the_next_run_removes_what_killed_runs_left(
@@ -537,10 +552,10 @@ def test_the_next_run_removes_what_killed_runs_left(
         process.kill()
         process.communicate(timeout=60)
         orphans = list(tmp_path.glob(".codes.npy.*.tmp"))
-        assert orphans == [output.with_name(f".codes.npy.{process.pid}.tmp")]
+        assert orphans == [output.with_name(f".codes.npy.{socket.gethostname()}.{process.pid}.tmp")]
     # A run still going keeps its file while another run for the same output finishes.
     going = start_encode(model_path, big_input, output)
-    its_file = output.with_name(f".codes.npy.{going.pid}.tmp")
+    its_file = output.with_name(f".codes.npy.{socket.gethostname()}.{going.pid}.tmp")
     small = tmp_path / "small.npy"
     np.save(small, np.ones((3, 64), np.float32))
     result = fusedae("encode", model_path, small, "-o", output)

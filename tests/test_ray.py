@@ -5,6 +5,7 @@ as many kernel threads as the actor's CPUs, and resumable after the driver is ki
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -195,6 +196,12 @@ def test_encoder_outside_ray_and_its_errors(model_path: Path) -> None:
         encoder(pa.table({"x": pa.array([[1.0] * (WIDTH - 1) + [None]], pa.list_(pa.float32()))}))
     with pytest.raises(ValueError, match="column 'x' is string"):
         encoder(pa.table({"x": ["a"]}))
+    with pytest.raises(ValueError, match="has a column 'codes' already"):
+        encoder({"x": x, "codes": x})
+    with pytest.raises(ValueError, match="has a column 'codes' already"):
+        encoder(table.append_column("codes", table["key"]))
+    in_place = Encoder(model_path, input_column="x", output_column="x")
+    assert sorted(in_place({"x": x, "key": np.arange(5)})) == ["key", "x"]
     with pytest.raises(ValueError, match="precision 'int8'"):
         Encoder(model_path, input_column="x", precision="int8")
     with pytest.raises(ValueError, match="decoder"):
@@ -243,9 +250,36 @@ def test_engine_ray_flags_are_checked(model_path: Path, lake: Path, tmp_path: Pa
     argv = ["encode", str(model_path), str(npy), "-o", str(tmp_path / "y.npy")]
     assert main([*argv, "--engine", "ray"]) == 1
     assert main([*argv, "--cpus-per-actor", "2"]) == 1
-    argv = ["encode", str(model_path), str(lake), "-o", str(tmp_path / "out"), "--engine", "ray"]
-    assert main([*argv, "--threads", "2"]) == 1
+    argv = ["encode", str(model_path), str(lake), "-o", str(tmp_path / "out")]
+    assert main([*argv, "--actors", "2"]) == 1  # --engine local
+    assert main([*argv, "--engine", "ray", "--threads", "2"]) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_engine_ray_refuses_a_pool_the_cluster_cannot_place(
+    cluster: str, tmp_path: Path, model_path: Path, lake: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ray would wait forever for actors it cannot place: an error instead."""
+    argv = ["encode", str(model_path), str(lake), "-o", str(tmp_path / "out"), "--engine", "ray"]
+    assert main([*argv, "--cpus-per-actor", str(CLUSTER_CPUS + 1)]) == 1
+    assert f"the largest node of the cluster has {CLUSTER_CPUS} CPUs" in capsys.readouterr().err
+    assert main([*argv, "--actors", "2", "--cpus-per-actor", "2"]) == 1
+    assert "--actors 2 x 2 CPU(s): the cluster has room for 1" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_engine_ray_takes_paths_relative_to_the_driver(
+    cluster: str,
+    tmp_path: Path,
+    model_path: Path,
+    lake: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The actors run in directories of their own: the paths they get are absolute."""
+    shutil.copytree(lake, tmp_path / "lake")
+    monkeypatch.chdir(tmp_path)
+    assert main(["encode", str(model_path), "lake", "-o", "out", "--engine", "ray"]) == 0
+    assert every_file(tmp_path / "out") == sorted(SHARD_ROWS)
 
 
 KILLED_SHARD_ROWS = 50_000  # in batches of 16 rows: a shard lasts about half a second

@@ -6,7 +6,7 @@ pickled module, garbage), valid and broken inputs (``.npy`` of several shapes an
 ``.npz``, truncated, Fortran order, negative shapes), and outputs (new, existing, the input
 itself, a missing directory, a wrong suffix, relative to the working directory). Before each
 run the output directory, the working directory while ``main`` runs, is reset: an ``exists.npy``, an
-``in.npy`` and the temporary file of a killed run writing ``a.npy`` (``.a.npy.PID.tmp``, PID
+``in.npy`` and the temporary file of a killed run writing ``a.npy`` (``.a.npy.HOST.PID.tmp``, PID
 beyond any process). Then ``cli.main(argv)`` runs with stdout and stderr captured; ``bench``
 and ``demo`` are only parsed (running them takes seconds: their argument types are what is
 fuzzed).
@@ -16,7 +16,7 @@ Allowed: ``main`` returning a status; ``SystemExit`` with status 0 (``--help``,
 
 * another exception escaping ``main`` (a traceback where ``fusedae COMMAND: error:`` belongs);
 * status 1 without ``fusedae COMMAND: error: ...`` on stderr;
-* a temporary file of this process (``.NAME.PID.tmp``) left anywhere;
+* a temporary file of this process (``.NAME.HOST.PID.tmp``) left anywhere;
 * after a failed run (status not 0): any file created, changed or removed;
 * after a successful ``encode``: anything changed but OUTPUT (and the killed run's temporary
   file for it, which must be gone), or an OUTPUT that is not a ``.npy`` of the input's leading
@@ -44,6 +44,7 @@ import os
 import random
 import re
 import shutil
+import socket
 import sys
 import tempfile
 import zipfile
@@ -69,7 +70,8 @@ ROOT = Path(tempfile.mkdtemp(prefix="fuzz-cli-")).resolve()
 FIXTURES = ROOT / "fixtures"
 OUT = ROOT / "out"
 DEAD = 4194305  # beyond PID_MAX_LIMIT (4194304): no process has it
-ORPHAN = f".a.npy.{DEAD}.tmp"  # what a killed run writing a.npy left
+HOST = socket.gethostname()
+ORPHAN = f".a.npy.{HOST}.{DEAD}.tmp"  # what a killed run writing a.npy left
 OWN_TEMPORARY = re.compile(rf"^\..+\.{os.getpid()}\.tmp$")
 Tree = dict[str, bytes | None]  # path relative to ROOT -> content (None: a directory)
 
@@ -280,7 +282,8 @@ def check_files(args: argparse.Namespace | None, status: int, before: Tree, afte
     expected = dict(before)
     # A killed run's temporary file for OUTPUT is gone; OUTPUT is new or replaced.
     expected.pop(
-        os.path.join(os.path.dirname(output), f".{os.path.basename(output)}.{DEAD}.tmp"), None
+        os.path.join(os.path.dirname(output), f".{os.path.basename(output)}.{HOST}.{DEAD}.tmp"),
+        None,
     )
     expected[output] = after[output]
     if after != expected:

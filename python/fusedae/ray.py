@@ -9,14 +9,14 @@ so the model is read and packed once per actor, not once per batch::
     codes = ray.data.read_parquet("s3://lake/embeddings/").map_batches(
         Encoder,
         fn_constructor_kwargs={"model": "ae.safetensors", "input_column": "features"},
-        batch_format="numpy",
+        batch_format="pyarrow",  # or "numpy"; pyarrow skips a numpy object per row
         batch_size=8192,
-        concurrency=8,  # actors
+        compute=ray.data.ActorPoolStrategy(size=8),  # actors
         num_cpus=4,  # CPUs each: the kernel threads of each actor
     )
     codes.write_parquet("s3://lake/codes/")
 
-Each actor runs as many kernel threads as the CPUs Ray gave it, so actors side by side never
+Each actor runs as many kernel threads as the CPUs Ray gave it, so actors side by side do not
 oversubscribe a node. ``fusedae encode --engine ray`` runs a whole Parquet job this way, one
 output shard per input shard, resumable.
 """
@@ -81,7 +81,9 @@ class Encoder:
     is a ``.safetensors`` file from ``fusedae.torch.save`` or ``MLP.save``; ``part`` is
     ``"encoder"``, ``"decoder"`` or ``"all"``; ``precision`` is ``"fp32"`` (the only one built so
     far). Rows of float64 are computed in float64, any other dtype in float32. ``keep_input``
-    keeps the input column (dropped by default: it is most of the bytes)."""
+    keeps the input column (dropped by default: it is most of the bytes). The output column is
+    Ray's tensor column from numpy batches, a fixed-size list column from pyarrow ones; one that
+    the batch already has is an error."""
 
     def __init__(
         self,
@@ -122,6 +124,13 @@ class Encoder:
     def missing_column(self, names: Sequence[str]) -> KeyError:
         return KeyError(f"the batch has no column {self.input_column!r}; it has {sorted(names)}")
 
+    def check_output_column(self, names: Sequence[str]) -> None:
+        replaced = self.output_column == self.input_column and not self.keep_input
+        if self.output_column in names and not replaced:
+            raise ValueError(
+                f"the batch has a column {self.output_column!r} already: name another output_column"
+            )
+
     def __call__(self, batch: Any) -> Any:
         """``batch``: a dict of numpy arrays (``batch_format="numpy"``) or a ``pyarrow.Table``
         (``batch_format="pyarrow"``, faster for a list column: no numpy object per row)."""
@@ -129,6 +138,7 @@ class Encoder:
             return self.encode_table(batch)
         if self.input_column not in batch:
             raise self.missing_column(list(batch))
+        self.check_output_column(list(batch))
         rows = rows_of(batch[self.input_column], self.input_column, self.in_features)
         out = {
             name: column
@@ -144,6 +154,7 @@ class Encoder:
 
         if self.input_column not in table.column_names:
             raise self.missing_column(table.column_names)
+        self.check_output_column(table.column_names)
         rows = table_rows(pa, table.column(self.input_column), self.input_column, self.in_features)
         model = self.model_for(rows)
         values = pa.array(model(rows).reshape(-1))
@@ -181,8 +192,10 @@ def table_rows(pa: Any, column: Any, name: str, in_features: int) -> np.ndarray:
 
 
 def init(**local_options: Any) -> None:
-    """Connects to the cluster at ``RAY_ADDRESS``, else starts a local one with
-    ``local_options`` (``ray.init`` arguments); quiet, without the dashboard."""
+    """Connects to the cluster at ``RAY_ADDRESS``, else does what ``ray.init()`` does: joins a
+    cluster ``ray start`` left running on this machine, or starts a local one with
+    ``local_options`` (``ray.init`` arguments, such as ``num_cpus``); quiet, without the
+    dashboard. Nothing if Ray is initialized already."""
     import logging
 
     import ray
@@ -193,12 +206,6 @@ def init(**local_options: Any) -> None:
         ray.init(logging_level=logging.WARNING)
     else:
         ray.init(include_dashboard=False, logging_level=logging.WARNING, **local_options)
-
-
-def cluster_cpus() -> int:
-    import ray
-
-    return int(ray.cluster_resources().get("CPU", 1))
 
 
 __all__: Sequence[str] = ["Encoder", "actor_cpus", "init", "threads_from_actor_cpus"]

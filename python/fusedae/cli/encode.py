@@ -84,9 +84,9 @@ exist, which are complete: after an interruption it does the rest.
 
 --engine ray runs a Parquet job on Ray (pip install 'fusedae[ray]'): on the cluster at
 RAY_ADDRESS, else on a local one. Each input shard is one task for a pool of --actors actors
-of --cpus-per-actor CPUs each (each runs that many kernel threads): it reads its shard, which
-must be readable on every node, and writes its output shard the same way as above, so
---resume works the same.
+of --cpus-per-actor CPUs each (each runs a reader thread and that many kernel threads): it
+reads its shard, which must be readable on every node (relative paths are taken from here),
+and writes its output shard the same way as above, so --resume works the same.
 """
 
 
@@ -188,6 +188,10 @@ def run(args: argparse.Namespace) -> None:
                 "--threads: with --engine ray each actor runs as many kernel threads as its "
                 "CPUs (--cpus-per-actor)"
             )
+        ray_only = {"--actors": args.actors, "--cpus-per-actor": args.cpus_per_actor}
+        given = [flag for flag, value in ray_only.items() if value is not None]
+        if args.engine != "ray" and given:
+            raise CommandError(f"{', '.join(given)}: for --engine ray")
         spec = load_model(args.model, args.layers, args.trust_pickle)
         engine = ray_engine.encode if args.engine == "ray" else parquet.encode
         engine(args, lambda dtype: model_mlp(args.model, spec, part, dtype))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,8 +26,11 @@ TEMPORARY_SUFFIX = ".tmp"
 
 
 def temporary_name(output: Path) -> Path:
-    """Where a run writing ``output`` writes first: hidden, beside it, named by the process."""
-    return output.with_name(f".{output.name}.{os.getpid()}{TEMPORARY_SUFFIX}")
+    """Where a run writing ``output`` writes first: hidden, beside it, named by the host and the
+    process (on storage that several hosts share, as Ray's actors do, process ids repeat)."""
+    return output.with_name(
+        f".{output.name}.{socket.gethostname()}.{os.getpid()}{TEMPORARY_SUFFIX}"
+    )
 
 
 def process_exists(pid: int) -> bool:
@@ -55,11 +59,14 @@ def lock_exclusively(file: BinaryIO) -> bool:
 def remove_orphaned_temporaries(output: Path) -> list[Path]:
     """Deletes the temporary files of earlier runs for ``output`` that died without cleaning up
     (SIGKILL, power loss), and returns them. A run still going keeps its file: its process
-    exists and it holds the file's lock, and a file is deleted only when neither holds."""
+    exists and it holds the file's lock, and a file is deleted only when neither holds. Files of
+    other hosts stay: this one cannot see their processes."""
     removed = []
     prefix = f".{output.name}."
     for candidate in output.parent.glob(f"{glob.escape(prefix)}*{TEMPORARY_SUFFIX}"):
-        pid = candidate.name[len(prefix) : -len(TEMPORARY_SUFFIX)]
+        host, _, pid = candidate.name[len(prefix) : -len(TEMPORARY_SUFFIX)].rpartition(".")
+        if host not in ("", socket.gethostname()):  # "": named before hosts were (this host's)
+            continue
         if not pid.isdigit() or int(pid) == os.getpid() or process_exists(int(pid)):
             continue
         try:
