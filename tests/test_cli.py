@@ -434,12 +434,38 @@ def test_refuses_to_overwrite_without_force(tmp_path: Path, model_path: Path) ->
     result = fusedae("encode", model_path, tmp_path / "x.npy", "-o", output)
     assert result.returncode == 1
     assert error_lines(result) == [
-        f"fusedae encode: error: {output} exists; pass --force to overwrite it"
+        f"fusedae encode: error: {output} exists; pass --force to overwrite it, or --resume"
     ]
     assert output.read_text() == "keep me"
     result = fusedae("encode", model_path, tmp_path / "x.npy", "-o", output, "--force")
     assert result.returncode == 0, result.stderr
     assert np.load(output).shape == (5, 2)
+
+
+def test_resume_checks_the_job_before_it_finds_nothing_to_do(
+    tmp_path: Path, model_path: Path
+) -> None:
+    """An existing OUTPUT is complete (its name says so), but it must be this job's: the model
+    and INPUT are checked as for a run, and OUTPUT must have the job's shape and dtype."""
+    np.save(tmp_path / "x.npy", np.zeros((5, 64), np.float32))
+    output = tmp_path / "out.npy"
+    argv = ["encode", model_path, tmp_path / "x.npy", "-o", output, "--resume"]
+    assert fusedae(*argv).returncode == 0
+    finished = output.read_bytes()
+    result = fusedae(*argv)
+    assert result.returncode == 0, result.stderr
+    assert "exists (it is complete): nothing to do" in result.stdout
+    assert output.read_bytes() == finished
+    np.save(output, np.zeros((4, 2), np.float32))
+    assert error_lines(fusedae(*argv)) == [
+        f"fusedae encode: error: --resume: {output} exists with shape (4, 2) float32, but this "
+        "job writes (5, 2) float32: it is not this job's output (--force overwrites it)"
+    ]
+    output.write_text("not an array")
+    assert "exists but is no .npy" in fusedae(*argv).stderr
+    result = fusedae("encode", model_path, tmp_path / "missing.npy", "-o", output, "--resume")
+    assert result.returncode == 1
+    assert output.read_text() == "not an array"
 
 
 FUZZ_FINDINGS = Path(__file__).parent / "data" / "fuzz_findings"

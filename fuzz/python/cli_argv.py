@@ -30,6 +30,15 @@ FLAGS = (
     "--key",
     "--layers",
     "--trust-pickle",
+    # Parquet's; --engine ray is only parsed (it starts a Ray cluster).
+    "--column",
+    "--columns",
+    "--keep",
+    "--output-column",
+    "--resume",
+    "--engine",
+    "--actors",
+    "--cpus-per-actor",
     # bench's and demo's, which are only parsed.
     "--widths",
     "--batch",
@@ -48,6 +57,12 @@ LAYER_TEXTS = (
     "linear(",
 )
 WIDTHS = ("3,2", "2,3,2", "3", "0,2", "a,b")
+# Parquet columns (fuzz_cli.make_fixtures: rows.parquet holds id, x and label; scalars.parquet
+# id and x0..x7).
+COLUMNS = ("x", "id", "label", "x0", "missing")
+COLUMN_LISTS = ("x0,x1,x2,x3,x4,x5,x6,x7", "x0,x1", "id", "x0,,x1", "x7,x6,x5,x4,x3,x2,x1,x0")
+KEPT = ("id", "id,label", "x", "codes", "label,id,label")
+ENGINES = ("local", "ray", "spark")
 DTYPES = ("float32", "float64", "float16")
 # ae takes rows of 8 values, its decoder codes of 2 (fuzz_cli.make_fixtures).
 MODELS = (
@@ -82,6 +97,12 @@ INPUTS = (
     "{fixtures}/x.txt",
     "{fixtures}",
     "{out}/in.npy",
+    "{fixtures}/rows.parquet",
+    "{fixtures}/scalars.parquet",
+    "{fixtures}/wrong_width.parquet",
+    "{fixtures}/lake",
+    "{fixtures}/lake/*.parquet",
+    "{fixtures}/lake/**/*.parquet",
 )
 OUTPUTS = (
     "{out}/a.npy",
@@ -92,11 +113,29 @@ OUTPUTS = (
     "{out}",
     "a.npy",
     "{fixtures}/x.npy",
+    "{out}/codes.parquet",
+    "{out}/codes",
+    "codes",
+    "{fixtures}/lake",
+    "{fixtures}/rows.parquet",
 )
 
 TOKENS: tuple[str, ...] = tuple(
     dict.fromkeys(
-        COMMANDS + FLAGS + COUNTS + KEYS + LAYER_TEXTS + WIDTHS + DTYPES + MODELS + INPUTS + OUTPUTS
+        COMMANDS
+        + FLAGS
+        + COUNTS
+        + KEYS
+        + LAYER_TEXTS
+        + WIDTHS
+        + DTYPES
+        + COLUMNS
+        + COLUMN_LISTS
+        + KEPT
+        + ENGINES
+        + MODELS
+        + INPUTS
+        + OUTPUTS
     )
 )
 assert 2 * len(TOKENS) < LITERAL  # each token has an odd byte below LITERAL
@@ -105,7 +144,14 @@ VALUES: dict[str, tuple[str, ...]] = {
     "encode": MODELS,
     **dict.fromkeys(MODELS, INPUTS),
     **dict.fromkeys(("-o", "--output"), OUTPUTS),
-    **dict.fromkeys(("--threads", "--batch-size", "--batch", "--rounds", "--epochs"), COUNTS),
+    **dict.fromkeys(
+        ("--threads", "--batch-size", "--batch", "--rounds", "--epochs", "--actors"), COUNTS
+    ),
+    "--cpus-per-actor": COUNTS,
+    **dict.fromkeys(("--column", "--output-column"), COLUMNS),
+    "--columns": COLUMN_LISTS,
+    "--keep": KEPT,
+    "--engine": ENGINES,
     "--key": KEYS,
     "--layers": LAYER_TEXTS,
     "--widths": WIDTHS,

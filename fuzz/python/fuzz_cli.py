@@ -17,10 +17,14 @@ Allowed: ``main`` returning a status; ``SystemExit`` with status 0 (``--help``,
 * another exception escaping ``main`` (a traceback where ``fusedae COMMAND: error:`` belongs);
 * status 1 without ``fusedae COMMAND: error: ...`` on stderr;
 * a temporary file of this process (``.NAME.HOST.PID.tmp``) left anywhere;
-* after a failed run (status not 0): any file created, changed or removed;
+* after a failed run (status not 0): any file created, changed or removed, but the complete
+  output shards of a Parquet run that failed on a later shard;
+* after a successful ``encode --resume`` that found its ``.npy`` OUTPUT: any file changed;
 * after a successful ``encode``: anything changed but OUTPUT (and the killed run's temporary
   file for it, which must be gone), or an OUTPUT that is not a ``.npy`` of the input's leading
   shape and float dtype (with a ``.safetensors`` model, of the values ``MLP.load`` computes);
+  for Parquet, an output shard without its input shard's rows and kept columns (and values);
+* ``--engine ray`` is only parsed (it would start a Ray cluster).
 * after a successful ``info``: any file changed;
 * a crash or a hang (libFuzzer's ``-timeout``).
 
@@ -59,6 +63,11 @@ try:
     import torch
 except ImportError:  # the checkpoint fixtures are left out
     torch = None
+try:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+except ImportError:  # the Parquet fixtures are left out
+    pa = pq = None
 
 with atheris.instrument_imports(include=["fusedae"]):
     from fusedae import MLP, cli, serialization
@@ -153,6 +162,31 @@ def make_fixtures(directory: Path) -> None:
     files["truncated.npy"] = files["x.npy"][:-7]
     for name, data in files.items():
         (directory / name).write_bytes(data)
+    if pa is not None:
+        parquet_fixtures(directory, x)
+
+
+def parquet_fixtures(directory: Path, x: np.ndarray) -> None:
+    """``rows.parquet``: id, x (a fixed-size list of 8 float32) and label, in row groups of 2;
+    ``scalars.parquet``: id and x0..x7 (float64); ``wrong_width.parquet``: a row of 7 values;
+    ``lake/``: a shard of 3 rows (a list column) and an empty one beneath."""
+    n = len(x)
+    rows = pa.table(
+        {
+            "id": np.arange(n),
+            "x": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 8),
+            "label": [f"row {i}" for i in range(n)],
+        }
+    )
+    pq.write_table(rows, directory / "rows.parquet", row_group_size=2)
+    scalars = {f"x{j}": x[:, j].astype(np.float64) for j in range(8)}
+    pq.write_table(pa.table({"id": np.arange(n), **scalars}), directory / "scalars.parquet")
+    wrong = pa.array([[1.0] * 8, [1.0] * 7], pa.list_(pa.float32()))
+    pq.write_table(pa.table({"x": wrong}), directory / "wrong_width.parquet")
+    (directory / "lake" / "more").mkdir(parents=True)
+    shard = pa.table({"id": np.arange(3), "x": pa.array(x[:3].tolist(), pa.list_(pa.float32()))})
+    pq.write_table(shard, directory / "lake" / "part-0.parquet")
+    pq.write_table(shard.slice(0, 0), directory / "lake" / "more" / "part-1.parquet")
 
 
 def negative_shape_npy(shape: tuple[int, ...], data: bytes) -> bytes:
@@ -251,6 +285,8 @@ def check_run(argv: list[str]) -> None:
     args = parse(argv)
     if args is not None and args.command in ("bench", "demo"):
         return
+    if args is not None and getattr(args, "engine", None) == "ray":
+        return
     before = snapshot()
     after: Tree | None = None
     try:
@@ -273,12 +309,24 @@ def check_files(args: argparse.Namespace | None, status: int, before: Tree, afte
     if leftovers:
         raise Finding(f"temporary files left: {leftovers}")
     if status != 0 or args is None or args.command != "encode":
-        if after != before:
+        if after == before:
+            return
+        # A Parquet run that fails on a shard keeps the shards it finished (for --resume).
+        if status == 0 or args is None or not cli.parquet.is_parquet(Path(args.input)):
             raise Finding(f"status {status}, but files changed: {describe(before, after)}")
+        output = os.path.relpath(os.path.realpath(args.output), ROOT)
+        check_parquet_run(args, output, before, after, complete=False)
         return
     output = os.path.relpath(os.path.realpath(args.output), ROOT)
     if output not in after:
         raise Finding(f"status 0, but no {output}")
+    if output.endswith(".parquet") or after[output] is None:
+        check_parquet_run(args, output, before, after, complete=True)
+        return
+    if args.resume and output in before:  # nothing to do
+        if after != before:
+            raise Finding(f"--resume found {output}, but files changed: {describe(before, after)}")
+        return
     expected = dict(before)
     # A killed run's temporary file for OUTPUT is gone; OUTPUT is new or replaced.
     expected.pop(
@@ -313,6 +361,66 @@ def check_output(args: argparse.Namespace, before: Tree, output: bytes | None) -
         tolerance = 1e-5 if dtype == np.float32 else 1e-12
         if not np.allclose(result, expected, rtol=tolerance, atol=tolerance, equal_nan=True):
             raise Finding(f"the output differs from MLP.load({part})(input)")
+
+
+def check_parquet_run(
+    args: argparse.Namespace, output: str, before: Tree, after: Tree, complete: bool
+) -> None:
+    """Only OUTPUT (a file, or what is under a directory) changed; each output shard (each one
+    written, unless ``complete``) has its input shard's rows, kept columns and, with a
+    ``.safetensors`` model, the values ``MLP.load`` computes."""
+    changed = [
+        path
+        for path in set(before) | set(after)
+        if before.get(path, b"") != after.get(path, b"") or (path in before) != (path in after)
+    ]
+    parents = {str(parent) for parent in Path(output).parents}  # a .parquet OUTPUT's, created
+    outside = [
+        p
+        for p in changed
+        if p != output
+        and not p.startswith(output + os.sep)
+        and not (p in parents and after[p] is None)
+    ]
+    if outside:
+        raise Finding(f"encode changed more than {output}: {describe(before, after)}")
+    # Which output shard comes from which input shard: the command's own plan (the mapping is
+    # not what is checked here; the contents are).
+    shards = cli.parquet.plan_shards(Path(args.input), Path(args.output))
+    part = "decoder" if args.decode else "all" if args.reconstruct else "encoder"
+    column = args.output_column or {"encoder": "codes", "decoder": "decoded"}.get(
+        part, "reconstructed"
+    )
+    for shard in shards:
+        written = os.path.relpath(shard.output, ROOT)
+        if written not in after or after[written] == before.get(written):
+            if complete and not args.resume:
+                raise Finding(f"status 0, but {written} was not written")
+            continue
+        got = pq.read_table(io.BytesIO(after[written] or b""))
+        source = pq.read_table(io.BytesIO(before[os.path.relpath(shard.source, ROOT)] or b""))
+        if got.column_names != [*(args.keep or []), column]:
+            raise Finding(f"{shard.output} has columns {got.column_names}")
+        if got.num_rows != source.num_rows:
+            raise Finding(f"{shard.output}: {got.num_rows} rows from {source.num_rows}")
+        for name in args.keep or []:
+            if not got[name].equals(source[name]):
+                raise Finding(f"{shard.output}: kept column {name!r} differs from the input's")
+        if Path(args.model).suffix != ".safetensors" or not source.num_rows:
+            continue
+        if args.columns:
+            x = np.column_stack([source[name].to_numpy() for name in args.columns])
+        else:
+            lists = [f.name for f in source.schema if pa.types.is_list(f.type)]
+            lists += [f.name for f in source.schema if pa.types.is_fixed_size_list(f.type)]
+            values = source[args.column or lists[0]].combine_chunks().flatten().to_numpy()
+            x = values.reshape(source.num_rows, -1)
+        dtype = np.dtype(f"f{x.dtype.itemsize}")
+        expected = MLP.load(args.model, part, dtype=dtype)(x)
+        result = got[column].combine_chunks().flatten().to_numpy().reshape(expected.shape)
+        tolerance = 1e-5 if dtype == np.float32 else 1e-12
+        if not np.allclose(result, expected, rtol=tolerance, atol=tolerance, equal_nan=True):
+            raise Finding(f"{shard.output} differs from MLP.load({part})(input)")
 
 
 def describe(before: Tree, after: Tree) -> str:

@@ -182,6 +182,11 @@ def run(args: argparse.Namespace) -> None:
     if parquet.is_parquet(args.input):
         if args.key is not None:
             raise CommandError("--key picks an array of a .npz INPUT; this INPUT is Parquet")
+        if args.output.suffix in (".npy", ".npz"):
+            raise CommandError(
+                f"OUTPUT {args.output}: Parquet INPUT is written as Parquet, to a .parquet "
+                "file or a directory"
+            )
         args.output_column = args.output_column or OUTPUT_COLUMNS[part]
         if args.engine == "ray" and args.threads:
             raise CommandError(
@@ -208,11 +213,8 @@ def run(args: argparse.Namespace) -> None:
     output: Path = args.output
     if output.suffix != ".npy":
         raise CommandError(f"OUTPUT must end in .npy for a .npy or .npz INPUT, got {output}")
-    if output.exists() and args.resume:
-        print(f"{output} exists (it is complete): nothing to do")
-        return
-    if output.exists() and not args.force:
-        raise CommandError(f"{output} exists; pass --force to overwrite it")
+    if output.exists() and not (args.force or args.resume):
+        raise CommandError(f"{output} exists; pass --force to overwrite it, or --resume")
     if not output.parent.is_dir():
         raise CommandError(f"the directory of {output} does not exist")
     spec = load_model(args.model, args.layers, args.trust_pickle)
@@ -225,10 +227,30 @@ def run(args: argparse.Namespace) -> None:
                 f"{args.input} has shape {shape}, but the model's {part} ({widths}) takes rows "
                 f"of {mlp.in_features} values: shape (..., {mlp.in_features})"
             )
+        out_shape = (*shape[:-1], mlp.out_features)
+        if output.exists() and args.resume:
+            check_finished(output, out_shape, mlp.dtype)
+            print(f"{output} exists (it is complete): nothing to do")
+            return
         batch_size = rows_per_batch(args.batch_size, shape[-1] * source.dtype.itemsize)
         write_rows(mlp, source, output, batch_size)
-    out_shape = (*shape[:-1], mlp.out_features)
     print(f"wrote {output}: {out_shape} {mlp.dtype} from {shape}, {part} {widths}")
+
+
+def check_finished(output: Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    """``--resume`` found ``output``: it must be what this job writes (a complete file, which
+    its name guarantees, of the job's shape and dtype), or the job is not the one it finished."""
+    try:
+        existing = np.load(output, mmap_mode="r")
+    except (OSError, ValueError, EOFError) as error:
+        raise CommandError(f"--resume: {output} exists but is no .npy ({error})") from None
+    if not isinstance(existing, np.ndarray):
+        raise CommandError(f"--resume: {output} exists but is an archive, not a .npy")
+    if existing.shape != shape or existing.dtype != dtype:
+        raise CommandError(
+            f"--resume: {output} exists with shape {existing.shape} {existing.dtype}, but this "
+            f"job writes {shape} {dtype}: it is not this job's output (--force overwrites it)"
+        )
 
 
 def model_mlp(path: Path, spec: ChainSpec, part: serialization.Part, dtype: np.dtype) -> MLP:

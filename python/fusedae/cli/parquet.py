@@ -9,6 +9,7 @@ its name or is not there, so a rerun with ``--resume`` skips the shards that are
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import queue
 import threading
@@ -90,6 +91,8 @@ def plan_shards(pattern: Path, output: Path) -> list[Shard]:
     """Each input shard with its output path: OUTPUT itself for one ``.parquet`` input and a
     ``.parquet`` OUTPUT, else the shard's path under INPUT's directory, placed under OUTPUT."""
     pa = import_pyarrow()
+    if has_wildcard(str(output)):
+        raise CommandError(f"OUTPUT {output} is a pattern; name a directory or a .parquet file")
     root, sources = find_sources(pattern)
     if output.suffix == ".parquet":
         if len(sources) != 1 or sources[0] != pattern:
@@ -299,7 +302,39 @@ def encode_shard(
         [shard.schema.field(name) for name in columns.keep]
         + [pa.field(output_column, pa.list_(value_type, mlp.out_features), nullable=False)]
     )
-    shard.output.parent.mkdir(parents=True, exist_ok=True)
+    created = make_directories(shard.output.parent)
+    try:
+        write_shard(pa, mlp, shard, columns, output_schema, batch_size, bar)
+    except BaseException:
+        for directory in reversed(created):  # a failed shard leaves no empty directory either
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        raise
+
+
+def make_directories(directory: Path) -> list[Path]:
+    """Creates ``directory`` and its missing parents; returns those it created, outermost
+    first."""
+    missing = []
+    while not directory.exists() and directory != directory.parent:
+        missing.append(directory)
+        directory = directory.parent
+    missing.reverse()
+    for path in missing:
+        path.mkdir(exist_ok=True)
+    return missing
+
+
+def write_shard(
+    pa: Any,
+    mlp: MLP,
+    shard: Shard,
+    columns: Columns,
+    output_schema: Any,
+    batch_size: int,
+    bar: Any,
+) -> None:
+    """``encode_shard``'s writing, in its directory: a temporary file renamed when complete."""
     with (
         staged_output(shard.output) as file,
         pa.parquet.ParquetWriter(file, output_schema) as writer,
