@@ -20,7 +20,7 @@ import pytest
 import fusedae
 from _lake import assert_same_rows, every_file, list_column, output_shards, read_rows
 from fusedae import MLP
-from fusedae.cli import main
+from fusedae.cli import main, ray_engine
 
 ray = pytest.importorskip("ray", reason="Ray needs the extra: pip install 'fusedae[ray]'")
 pytest.importorskip("ray.data")
@@ -280,6 +280,36 @@ def test_engine_ray_takes_paths_relative_to_the_driver(
     monkeypatch.chdir(tmp_path)
     assert main(["encode", str(model_path), "lake", "-o", "out", "--engine", "ray"]) == 0
     assert every_file(tmp_path / "out") == sorted(SHARD_ROWS)
+
+
+class DyingShardEncoder:
+    """An actor that dies on every shard, as one the OOM killer stops would."""
+
+    def __init__(self, job: object) -> None:
+        pass
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        os._exit(1)
+
+
+def test_engine_ray_stops_when_an_actor_keeps_dying(
+    cluster: str,
+    tmp_path: Path,
+    model_path: Path,
+    lake: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Retried a bounded number of times, then a clear error, not a job that never ends."""
+    monkeypatch.setattr(ray_engine, "ShardEncoder", DyingShardEncoder)
+    out = tmp_path / "out"
+    argv = ["encode", str(model_path), str(lake), "-o", str(out), "--engine", "ray"]
+    started = time.monotonic()
+    assert main([*argv, "--actors", "1"]) == 1
+    assert time.monotonic() - started < 60
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert error.startswith("fusedae encode: error: an actor died encoding a shard, 3 times")
+    assert not out.exists()
 
 
 KILLED_SHARD_ROWS = 50_000  # in batches of 16 rows: a shard lasts about half a second

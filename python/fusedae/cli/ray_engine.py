@@ -23,11 +23,14 @@ from fusedae.cli.common import CommandError
 from fusedae.cli.parquet import Job, plan
 from fusedae.mlp import MLP
 
+ACTOR_RETRIES = 2
+
 
 def import_ray() -> Any:
     try:
         import ray
         import ray.data
+        import ray.exceptions
     except ImportError:
         raise CommandError("--engine ray needs Ray: pip install 'fusedae[ray]'") from None
     return ray
@@ -118,13 +121,24 @@ def encode(args: argparse.Namespace, model_for: Callable[[np.dtype], MLP]) -> No
         # another actor is idle.
         compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
         num_cpus=cpus_per_actor,
+        # An actor that dies on a shard (the OOM killer, a crash) is restarted and the shard
+        # retried this many times, then the job fails; Ray Data's default retries forever.
+        max_restarts=ACTOR_RETRIES,
+        max_task_retries=ACTOR_RETRIES,
     )
     with tqdm(total=job.rows, unit="row", unit_scale=True) as bar:
-        for done, row in enumerate(results.iter_rows(), 1):
-            if row["error"]:
-                raise CommandError(row["error"])
-            bar.update(int(row["rows"]))
-            bar.set_postfix_str(f"shards {done}/{len(job.todo)}")
+        try:
+            for done, row in enumerate(results.iter_rows(), 1):
+                if row["error"]:
+                    raise CommandError(row["error"])
+                bar.update(int(row["rows"]))
+                bar.set_postfix_str(f"shards {done}/{len(job.todo)}")
+        except ray.exceptions.ActorDiedError:
+            raise CommandError(
+                f"an actor died encoding a shard, {ACTOR_RETRIES + 1} times (out of memory? "
+                "fewer --actors or a smaller --batch-size need less); the shards finished "
+                "before are kept: --resume does the rest"
+            ) from None
     print(
         job.summary(
             args.output,
