@@ -177,15 +177,26 @@ def render_training(groups: list[TrainingGroup]) -> list[str]:
     return out
 
 
+def runs_by_rows(path: Path, kind: str) -> dict[int, list[dict[str, Any]]]:
+    """The benchmarks of ``kind`` in the results JSON, by their input's row count, in the order
+    they ran."""
+    by_rows: dict[int, list[dict[str, Any]]] = {}
+    for bench in json.loads(path.read_text())["benchmarks"]:
+        info = bench.get("extra_info", {})
+        if info.get("kind") == kind:
+            by_rows.setdefault(info["rows"], []).append(bench)
+    return by_rows
+
+
+def peer_medians(runs: list[dict[str, Any]]) -> dict[str, float]:
+    return {bench["extra_info"]["peer"]: bench["stats"]["median"] for bench in runs}
+
+
 def render_parquet(path: Path) -> list[str]:
     """The Parquet table (``bench_parquet.py``): rows/s of each peer, and fusedae's share of
     the rows/s of reading the file alone."""
-    runs = [
-        bench
-        for bench in json.loads(path.read_text())["benchmarks"]
-        if bench.get("extra_info", {}).get("kind") == PARQUET
-    ]
-    if not runs:
+    by_rows = runs_by_rows(path, PARQUET)
+    if not by_rows:
         return []
     out = [
         "",
@@ -202,13 +213,9 @@ def render_parquet(path: Path) -> list[str]:
         + " | fusedae 1t / read | fusedae 2t / read |",
         "|---:|---:|" + "---:|" * (len(PARQUET_LABELS) + 2),
     ]
-    for rows in dict.fromkeys(bench["extra_info"]["rows"] for bench in runs):
-        medians = {
-            bench["extra_info"]["peer"]: bench["stats"]["median"]
-            for bench in runs
-            if bench["extra_info"]["rows"] == rows
-        }
-        size = next(b["extra_info"]["bytes"] for b in runs if b["extra_info"]["rows"] == rows)
+    for rows, runs in by_rows.items():
+        medians = peer_medians(runs)
+        size = runs[0]["extra_info"]["bytes"]
         cells = [f"{rows:,}", f"{size / 1e6:.0f}"]
         cells += [
             f"{rows / medians[peer] / 1e3:.0f}k rows/s" if peer in medians else "-"
@@ -225,12 +232,8 @@ def render_parquet(path: Path) -> list[str]:
 def render_ray(path: Path) -> list[str]:
     """The Ray Data table (``bench_ray.py``): rows/s of each pipeline, as a share of the same
     pipeline with an identity callable (Ray runs) or of pyarrow reading alone (the others)."""
-    runs = [
-        bench
-        for bench in json.loads(path.read_text())["benchmarks"]
-        if bench.get("extra_info", {}).get("kind") == RAY
-    ]
-    if not runs:
+    by_rows = runs_by_rows(path, RAY)
+    if not by_rows:
         return []
     out = [
         "",
@@ -245,12 +248,8 @@ def render_ray(path: Path) -> list[str]:
         "| rows | pipeline | rows/s | share |",
         "|---:|---|---:|---:|",
     ]
-    for rows in dict.fromkeys(bench["extra_info"]["rows"] for bench in runs):
-        medians = {
-            bench["extra_info"]["peer"]: bench["stats"]["median"]
-            for bench in runs
-            if bench["extra_info"]["rows"] == rows
-        }
+    for rows, runs in by_rows.items():
+        medians = peer_medians(runs)
         for peer, label in RAY_LABELS.items():
             if peer not in medians:
                 continue
