@@ -31,6 +31,7 @@ import numpy as np
 
 import fusedae
 from fusedae import serialization
+from fusedae._arrow import list_rows
 from fusedae.mlp import MLP
 
 # Precisions a model can be packed at; bf16 and int8 kernels are not built yet.
@@ -174,21 +175,7 @@ def table_rows(pa: Any, column: Any, name: str, in_features: int) -> np.ndarray:
     is_list = pa.types.is_list(array.type) or pa.types.is_large_list(array.type)
     if not (is_list or pa.types.is_fixed_size_list(array.type)):
         raise ValueError(f"column {name!r} is {array.type}; the rows must be lists of floats")
-    if array.null_count:
-        raise ValueError(f"column {name!r} holds a null row")
-    if pa.types.is_fixed_size_list(array.type):
-        lengths = {array.type.list_size}
-    else:
-        lengths = set(pa.compute.unique(pa.compute.list_value_length(array)).to_pylist())
-    if len(array) and lengths != {in_features}:
-        raise ValueError(
-            f"column {name!r} holds rows of {sorted(lengths)} values, but the model takes rows "
-            f"of {in_features}"
-        )
-    values = array.flatten()
-    if values.null_count:
-        raise ValueError(f"column {name!r} holds a null value")
-    return values.to_numpy(zero_copy_only=False).reshape(len(array), in_features)
+    return list_rows(pa, array, name, in_features)
 
 
 def init(**local_options: Any) -> None:

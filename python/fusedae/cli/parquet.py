@@ -22,6 +22,7 @@ import numpy as np
 
 import fusedae
 from fusedae import _native
+from fusedae._arrow import first_null, list_rows
 from fusedae.cli.common import CommandError, rows_per_batch
 from fusedae.cli.outputs import staged_output
 from fusedae.mlp import MLP
@@ -204,39 +205,20 @@ def batch_rows(
 ) -> np.ndarray:
     """The rows of a record batch as a 2-D array (no copy from a list column without nulls)."""
 
-    def refuse_nulls(array: Any, name: str, what: str) -> None:
-        if array.null_count:
-            row = first_row + int(np.flatnonzero(array.is_null().to_numpy(zero_copy_only=False))[0])
-            raise CommandError(f"{path}: {what} of column {name!r} in row {row} is null")
-
     if not columns.is_list:
         rows = np.empty((batch.num_rows, len(columns.features)), columns.dtype)
         for index, name in enumerate(columns.features):
             array = batch.column(name)
-            refuse_nulls(array, name, "the value")
+            if array.null_count:
+                row = first_row + first_null(array)
+                raise CommandError(f"{path}: the value of column {name!r} in row {row} is null")
             rows[:, index] = array.to_numpy()
         return rows
     (name,) = columns.features
-    array = batch.column(name)
-    refuse_nulls(array, name, "the list")
-    if pa.types.is_fixed_size_list(array.type):
-        lengths = np.full(len(array), array.type.list_size)
-    else:
-        lengths = pa.compute.list_value_length(array).to_numpy()
-    wrong = np.flatnonzero(lengths != in_features)
-    if wrong.size:
-        row = int(wrong[0])
-        raise CommandError(
-            f"{path}: row {first_row + row} of column {name!r} holds {lengths[row]} values, but "
-            f"the model takes rows of {in_features}"
-        )
-    values = array.flatten()
-    if values.null_count:
-        row = first_row + int(np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))[0])
-        raise CommandError(
-            f"{path}: a value of column {name!r} in row {row // in_features} is null"
-        )
-    return values.to_numpy().reshape(len(array), in_features)
+    try:
+        return list_rows(pa, batch.column(name), name, in_features, first_row)
+    except ValueError as error:
+        raise CommandError(f"{path}: {error}") from None
 
 
 def read_batches(pa: Any, path: Path, names: list[str], batch_size: int) -> Iterator[Any]:
