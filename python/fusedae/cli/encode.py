@@ -179,6 +179,7 @@ def run(args: argparse.Namespace) -> None:
     if args.threads:
         fusedae.set_num_threads(args.threads)
     signal.signal(signal.SIGTERM, _terminate)
+    ray_flags = {"--actors": args.actors, "--cpus-per-actor": args.cpus_per_actor}
     if parquet.is_parquet(args.input):
         if args.key is not None:
             raise CommandError("--key picks an array of a .npz INPUT; this INPUT is Parquet")
@@ -188,28 +189,26 @@ def run(args: argparse.Namespace) -> None:
                 "file or a directory"
             )
         args.output_column = args.output_column or OUTPUT_COLUMNS[part]
-        if args.engine == "ray" and args.threads:
-            raise CommandError(
-                "--threads: with --engine ray each actor runs as many kernel threads as its "
-                "CPUs (--cpus-per-actor)"
+        if args.engine == "ray":
+            refuse_given(
+                {"--threads": args.threads},
+                "with --engine ray each actor runs as many kernel threads as its CPUs "
+                "(--cpus-per-actor)",
             )
-        ray_only = {"--actors": args.actors, "--cpus-per-actor": args.cpus_per_actor}
-        given = [flag for flag, value in ray_only.items() if value is not None]
-        if args.engine != "ray" and given:
-            raise CommandError(f"{', '.join(given)}: for --engine ray")
+        else:
+            refuse_given(ray_flags, "for --engine ray")
         spec = load_model(args.model, args.layers, args.trust_pickle)
         engine = ray_engine.encode if args.engine == "ray" else parquet.encode
         engine(args, lambda dtype: model_mlp(args.model, spec, part, dtype))
         return
-    parquet_only = {"--column": args.column, "--columns": args.columns, "--keep": args.keep}
-    parquet_only["--output-column"] = args.output_column
-    parquet_only["--actors"] = args.actors
-    parquet_only["--cpus-per-actor"] = args.cpus_per_actor
-    if args.engine != "local":
-        parquet_only["--engine"] = args.engine
-    given = [flag for flag, value in parquet_only.items() if value is not None]
-    if given:
-        raise CommandError(f"{', '.join(given)}: for Parquet INPUT, and {args.input} is not")
+    parquet_flags = {
+        "--column": args.column,
+        "--columns": args.columns,
+        "--keep": args.keep,
+        "--output-column": args.output_column,
+        "--engine": None if args.engine == "local" else args.engine,
+    }
+    refuse_given({**parquet_flags, **ray_flags}, f"for Parquet INPUT, and {args.input} is not")
     output: Path = args.output
     if output.suffix != ".npy":
         raise CommandError(f"OUTPUT must end in .npy for a .npy or .npz INPUT, got {output}")
@@ -235,6 +234,13 @@ def run(args: argparse.Namespace) -> None:
         batch_size = rows_per_batch(args.batch_size, shape[-1] * source.dtype.itemsize)
         write_rows(mlp, source, output, batch_size)
     print(f"wrote {output}: {out_shape} {mlp.dtype} from {shape}, {part} {widths}")
+
+
+def refuse_given(flags: dict[str, object], reason: str) -> None:
+    """An error naming the ``flags`` given (not None), which do not apply for ``reason``."""
+    given = [flag for flag, value in flags.items() if value is not None]
+    if given:
+        raise CommandError(f"{', '.join(given)}: {reason}")
 
 
 def check_finished(output: Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
