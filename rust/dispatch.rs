@@ -3,7 +3,7 @@
 use std::fmt;
 use std::sync::OnceLock;
 
-use crate::kernels::{self, Element, Kernel};
+use crate::kernels::{self, Bf16, Element, Kernel};
 use crate::pack::Storage;
 
 /// The instruction sets fusedae has kernels for, best first.
@@ -39,7 +39,13 @@ impl Isa {
         match self {
             Isa::Scalar => true,
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
+            // F, BW and VL: every AVX-512 CPU but the Xeon Phi (the bf16 kernel's partial
+            // loads take 16-bit masks).
+            Isa::Avx512 => {
+                std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512bw")
+                    && std::arch::is_x86_feature_detected!("avx512vl")
+            }
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => {
                 std::arch::is_x86_feature_detected!("avx2")
@@ -234,6 +240,8 @@ impl DType {
 /// Float types with a kernel per ISA.
 pub trait Float: Element {
     const DTYPE: DType;
+    /// The precision of a chain whose weights are stored in this type: `"fp32"` or `"fp64"`.
+    const PRECISION: &'static str;
 
     /// The kernel `isa`'s file builds (running it needs `isa.is_supported()`), half registers
     /// not chosen.
@@ -248,18 +256,47 @@ pub trait Float: Element {
 /// The types a chain computing in `T` can store its weights as, each with a kernel per ISA that
 /// widens them on load. Every float type stores as itself; bf16 and int8 join here.
 pub trait Weights<T: Float>: Storage<T> {
+    /// What `fusedae.info()` and errors call this storage: `"fp32"`, `"fp64"`, `"bf16"`.
+    const PRECISION: &'static str;
+    /// Whether chains stored so can train (keep activations, run a backward): only those
+    /// stored in their compute type; the narrower ones are for inference.
+    const TRAINS: bool;
+
     /// The kernel for `isa`, with half registers chosen for this CPU.
     fn kernel_for(isa: Isa) -> Kernel<Self, T>;
 }
 
 impl<T: Float> Weights<T> for T {
+    const PRECISION: &'static str = T::PRECISION;
+    const TRAINS: bool = true;
+
     fn kernel_for(isa: Isa) -> Kernel<T, T> {
         T::kernel(isa)
     }
 }
 
+/// bf16 weights, f32 activations, sums and I/O.
+impl Weights<f32> for Bf16 {
+    const PRECISION: &'static str = "bf16";
+    const TRAINS: bool = false;
+
+    fn kernel_for(isa: Isa) -> Kernel<Bf16, f32> {
+        let kernel = match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => kernels::avx512::kernel_bf16(),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => kernels::avx2::kernel_bf16(),
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => kernels::neon::kernel_bf16(),
+            _ => kernels::scalar::kernel_bf16(),
+        };
+        kernel.with_half_registers(half_registers_cheaper(isa))
+    }
+}
+
 impl Float for f32 {
     const DTYPE: DType = DType::F32;
+    const PRECISION: &'static str = "fp32";
     fn isa_kernel(isa: Isa) -> Kernel<f32, f32> {
         match isa {
             #[cfg(target_arch = "x86_64")]
@@ -275,6 +312,7 @@ impl Float for f32 {
 
 impl Float for f64 {
     const DTYPE: DType = DType::F64;
+    const PRECISION: &'static str = "fp64";
     fn isa_kernel(isa: Isa) -> Kernel<f64, f64> {
         match isa {
             #[cfg(target_arch = "x86_64")]

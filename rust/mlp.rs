@@ -9,7 +9,7 @@ pub use crate::dispatch::DType;
 use crate::dispatch::{Float, Isa, IsaError, Weights};
 use crate::kernels::{
     backward_scratch_len, gradient_layout, saved_columns, saved_width, scratch_len, BackwardInputs,
-    Element, Kernel, SavedColumns,
+    Bf16, Element, Kernel, SavedColumns,
 };
 pub use crate::pack::LayerSpec;
 use crate::pack::PackedChain;
@@ -22,12 +22,16 @@ pub enum Error {
     Isa(IsaError),
     /// The thread pool could not start, or a task panicked (a bug in fusedae).
     Threads(String),
+    /// What was asked of the chain needs another precision than it was packed at.
+    Precision(String),
 }
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::Shape(message) | Error::Threads(message) => f.write_str(message),
+            Error::Shape(message) | Error::Threads(message) | Error::Precision(message) => {
+                f.write_str(message)
+            }
             Error::Isa(error) => error.fmt(f),
         }
     }
@@ -61,6 +65,8 @@ const CHUNKS_PER_THREAD: usize = 8;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ChainInfo {
     pub dtype: DType,
+    /// How the weights are stored ([`Weights::PRECISION`]).
+    pub precision: &'static str,
     pub isa: Isa,
     pub in_features: usize,
     pub out_features: usize,
@@ -76,6 +82,7 @@ pub struct ChainInfo {
 pub enum AnyMlp {
     F32(Mlp<f32>),
     F64(Mlp<f64>),
+    Bf16(Mlp<f32, Bf16>),
 }
 
 impl AnyMlp {
@@ -83,6 +90,7 @@ impl AnyMlp {
         match self {
             AnyMlp::F32(mlp) => &mlp.info,
             AnyMlp::F64(mlp) => &mlp.info,
+            AnyMlp::Bf16(mlp) => &mlp.info,
         }
     }
 
@@ -91,6 +99,7 @@ impl AnyMlp {
         match self {
             AnyMlp::F32(mlp) => mlp.saved_columns(),
             AnyMlp::F64(mlp) => mlp.saved_columns(),
+            AnyMlp::Bf16(mlp) => mlp.saved_columns(),
         }
     }
 }
@@ -164,6 +173,7 @@ impl<T: Float, W: Weights<T>> Mlp<T, W> {
         let layers = packed.layers();
         let info = ChainInfo {
             dtype: T::DTYPE,
+            precision: W::PRECISION,
             isa,
             in_features: layers[0].in_features,
             out_features: layers[layers.len() - 1].out_features,
@@ -224,7 +234,22 @@ impl<T: Float, W: Weights<T>> Mlp<T, W> {
         self.run(input, output, Some(saved))
     }
 
+    /// Refuses what only training does (keeping activations, a backward) on a chain whose
+    /// weights are stored narrower than it computes: those are for inference.
+    fn check_trains(&self) -> Result<(), Error> {
+        if W::TRAINS {
+            return Ok(());
+        }
+        Err(Error::Precision(format!(
+            "a chain packed at precision {} is for inference only; train at fp32 and pack again",
+            W::PRECISION
+        )))
+    }
+
     fn run(&self, input: &[T], output: &mut [T], saved: Option<&mut [T]>) -> Result<(), Error> {
+        if saved.is_some() {
+            self.check_trains()?;
+        }
         let (in_features, out_features) = (self.in_features(), self.out_features());
         self.check_rows(input, output, saved.as_deref())?;
         let rows = input.len() / in_features;
@@ -282,6 +307,7 @@ impl<T: Float, W: Weights<T>> Mlp<T, W> {
         grad_input: Option<&mut [T]>,
         grads: &mut [T],
     ) -> Result<(), Error> {
+        self.check_trains()?;
         let (in_features, out_features) = (self.in_features(), self.out_features());
         self.check_rows(input, output, Some(saved))?;
         let rows = input.len() / in_features;

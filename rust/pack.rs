@@ -3,7 +3,7 @@
 
 use std::fmt::Debug;
 
-use crate::kernels::{Element, LayerDesc, Packed, TileShape};
+use crate::kernels::{Bf16, Element, LayerDesc, Packed, TileShape};
 use crate::ops::PostOp;
 
 /// A type that weights computed in `T` can be stored as (the kernels widen it back on load,
@@ -18,6 +18,13 @@ impl<T: Element> Storage<T> for T {
     #[inline(always)]
     fn store(value: T) -> T {
         value
+    }
+}
+
+impl Storage<f32> for Bf16 {
+    #[inline(always)]
+    fn store(value: f32) -> Bf16 {
+        Bf16::round(value)
     }
 }
 

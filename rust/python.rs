@@ -11,7 +11,8 @@ use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyCapsule, PyString, PyTuple};
 
-use crate::dispatch::{self, Float, Isa, IsaError};
+use crate::dispatch::{self, Float, Isa, IsaError, Weights};
+use crate::kernels::Bf16;
 use crate::mlp::{AnyMlp, DType, Error, LayerSpec, Mlp};
 use crate::ops::PostOp;
 use crate::threads;
@@ -22,6 +23,7 @@ fn to_py_err(error: Error) -> PyErr {
         Error::Isa(error @ IsaError::Unknown(_)) => PyValueError::new_err(error.to_string()),
         Error::Isa(error) => PyRuntimeError::new_err(error.to_string()),
         Error::Threads(message) => PyRuntimeError::new_err(message),
+        Error::Precision(message) => PyValueError::new_err(message),
     }
 }
 
@@ -98,12 +100,12 @@ fn parse_post_op(value: &Bound<'_, PyAny>, index: usize) -> PyResult<PostOp> {
     parsed.map_err(|message| PyValueError::new_err(format!("layer {index}: {message}")))
 }
 
-fn build<T: Float + numpy::Element>(
+fn build<T: Float + numpy::Element, W: Weights<T>>(
     weights: &[Bound<'_, PyAny>],
     biases: &[Option<Bound<'_, PyAny>>],
     post_ops: &[Bound<'_, PyAny>],
     isa: Isa,
-) -> PyResult<Mlp<T>> {
+) -> PyResult<Mlp<T, W>> {
     if biases.len() != weights.len() || post_ops.len() != weights.len() {
         return Err(PyValueError::new_err(format!(
             "need one bias and one post-op per weight: got {} weights, {} biases, {} post-ops",
@@ -155,8 +157,8 @@ fn build<T: Float + numpy::Element>(
 }
 
 /// `x` checked as a `(rows, in_features)` array of the chain's dtype, borrowed for reading.
-fn checked_input<'py, T: Float + numpy::Element>(
-    mlp: &Mlp<T>,
+fn checked_input<'py, T: Float + numpy::Element, W: Weights<T>>(
+    mlp: &Mlp<T, W>,
     x: &Bound<'py, PyAny>,
 ) -> PyResult<PyReadonlyArray2<'py, T>> {
     let x = cast_matrix::<T>(x, "x")?;
@@ -171,9 +173,9 @@ fn checked_input<'py, T: Float + numpy::Element>(
         .map_err(|e| PyValueError::new_err(format!("x: {e}")))
 }
 
-fn run_into<T: Float + numpy::Element>(
+fn run_into<T: Float + numpy::Element, W: Weights<T>>(
     py: Python<'_>,
-    mlp: &Mlp<T>,
+    mlp: &Mlp<T, W>,
     x: &Bound<'_, PyAny>,
     out: &Bound<'_, PyAny>,
 ) -> PyResult<()> {
@@ -205,9 +207,9 @@ fn run_into<T: Float + numpy::Element>(
     run_kernel(py, mlp, input, output)
 }
 
-fn run_kernel<T: Float>(
+fn run_kernel<T: Float, W: Weights<T>>(
     py: Python<'_>,
-    mlp: &Mlp<T>,
+    mlp: &Mlp<T, W>,
     input: &[T],
     output: &mut [T],
 ) -> PyResult<()> {
@@ -258,9 +260,9 @@ unsafe fn new_array<'py, T: Float + numpy::Element>(
 ///
 /// # Safety
 /// As for [`new_array`].
-unsafe fn new_output<'py, T: Float + numpy::Element>(
+unsafe fn new_output<'py, T: Float + numpy::Element, W: Weights<T>>(
     py: Python<'py>,
-    mlp: &Mlp<T>,
+    mlp: &Mlp<T, W>,
     rows: usize,
 ) -> PyResult<Bound<'py, PyArray2<T>>> {
     // SAFETY: forwarded from the caller.
@@ -268,9 +270,9 @@ unsafe fn new_output<'py, T: Float + numpy::Element>(
 }
 
 /// Runs the chain on `input` into a new array.
-fn run_new_from<'py, T: Float + numpy::Element>(
+fn run_new_from<'py, T: Float + numpy::Element, W: Weights<T>>(
     py: Python<'py>,
-    mlp: &Mlp<T>,
+    mlp: &Mlp<T, W>,
     input: &[T],
     rows: usize,
 ) -> PyResult<Bound<'py, PyAny>> {
@@ -288,9 +290,9 @@ fn run_new_from<'py, T: Float + numpy::Element>(
 
 /// The chain on `x` into a new array: one native call for the common case, where batch-1
 /// latency is mostly call overhead.
-fn run_new<'py, T: Float + numpy::Element>(
+fn run_new<'py, T: Float + numpy::Element, W: Weights<T>>(
     py: Python<'py>,
-    mlp: &Mlp<T>,
+    mlp: &Mlp<T, W>,
     x: &Bound<'py, PyAny>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let input = checked_input(mlp, x)?;
@@ -444,9 +446,9 @@ fn dlpack_rows<'a, T: Float>(
 /// thread could otherwise resize the tensor, and PyTorch free its memory, under the kernel. The
 /// price: other Python threads wait for a large torch call (fusedae's own threads still share
 /// its rows).
-fn run_new_from_dlpack<'py, T: Float + numpy::Element>(
+fn run_new_from_dlpack<'py, T: Float + numpy::Element, W: Weights<T>>(
     py: Python<'py>,
-    mlp: &Mlp<T>,
+    mlp: &Mlp<T, W>,
     capsule: &Bound<'py, PyAny>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let (input, rows) = dlpack_rows::<T>(capsule, mlp.in_features())?;
@@ -463,9 +465,9 @@ fn run_new_from_dlpack<'py, T: Float + numpy::Element>(
 /// [`run_new_from_dlpack`] that also returns every hidden layer's outputs (after its post-op),
 /// `(rows, saved_width)`, layer after layer in each row (see [`Mlp::forward_saving`]): what a
 /// backward reads instead of computing the forward again.
-fn run_saving_from_dlpack<'py, T: Float + numpy::Element>(
+fn run_saving_from_dlpack<'py, T: Float + numpy::Element, W: Weights<T>>(
     py: Python<'py>,
-    mlp: &Mlp<T>,
+    mlp: &Mlp<T, W>,
     capsule: &Bound<'py, PyAny>,
 ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
     let (input, rows) = dlpack_rows::<T>(capsule, mlp.in_features())?;
@@ -493,9 +495,9 @@ struct BackwardCapsules<'a, 'py> {
 /// The chain's backward ([`Mlp::backward`]) on tensors read through DLPack where they lie, the
 /// GIL held (see `dlpack_rows`): `(grad_input or None, grads)`, `grads` a new 1-d array of
 /// every layer's weight and bias gradients, one after another.
-fn backward_from_dlpack<'py, T: Float + numpy::Element>(
+fn backward_from_dlpack<'py, T: Float + numpy::Element, W: Weights<T>>(
     py: Python<'py>,
-    mlp: &Mlp<T>,
+    mlp: &Mlp<T, W>,
     capsules: &BackwardCapsules<'_, 'py>,
     needs_params: &[bool],
     needs_input: bool,
@@ -549,9 +551,9 @@ enum Input<'a, 'py> {
 }
 
 /// Runs `mlp` on `input`: the one function every call goes through, whatever the dtype.
-fn call<'py, T: Float + numpy::Element>(
+fn call<'py, T: Float + numpy::Element, W: Weights<T>>(
     py: Python<'py>,
-    mlp: &Mlp<T>,
+    mlp: &Mlp<T, W>,
     input: Input<'_, 'py>,
 ) -> PyResult<Bound<'py, PyAny>> {
     match input {
@@ -578,6 +580,7 @@ impl Chain {
         match &self.mlp {
             AnyMlp::F32(mlp) => call(py, mlp, input),
             AnyMlp::F64(mlp) => call(py, mlp, input),
+            AnyMlp::Bf16(mlp) => call(py, mlp, input),
         }
     }
 }
@@ -585,21 +588,30 @@ impl Chain {
 #[pymethods]
 impl Chain {
     #[new]
-    #[pyo3(signature = (weights, biases, post_ops, isa=None))]
+    #[pyo3(signature = (weights, biases, post_ops, isa=None, precision=None))]
     fn new(
         weights: Vec<Bound<'_, PyAny>>,
         biases: Vec<Option<Bound<'_, PyAny>>>,
         post_ops: Vec<Bound<'_, PyAny>>,
         isa: Option<&str>,
+        precision: Option<&str>,
     ) -> PyResult<Self> {
         let isa = isa_or_selected(isa)?;
         let first = weights
             .first()
             .ok_or_else(|| PyValueError::new_err("an MLP needs at least one layer, got 0"))?;
-        let mlp = if first.cast::<PyArray2<f64>>().is_ok() {
-            AnyMlp::F64(build(&weights, &biases, &post_ops, isa)?)
-        } else {
-            AnyMlp::F32(build(&weights, &biases, &post_ops, isa)?)
+        let is_f64 = first.cast::<PyArray2<f64>>().is_ok();
+        let mlp = match (precision, is_f64) {
+            (None, true) => AnyMlp::F64(build(&weights, &biases, &post_ops, isa)?),
+            (None, false) => AnyMlp::F32(build(&weights, &biases, &post_ops, isa)?),
+            (Some("bf16"), _) => {
+                AnyMlp::Bf16(build::<f32, Bf16>(&weights, &biases, &post_ops, isa)?)
+            }
+            (Some(other), _) => {
+                return Err(PyValueError::new_err(format!(
+                    "precision must be None (the weights' dtype) or 'bf16', got {other:?}"
+                )))
+            }
         };
         Ok(Chain { mlp })
     }
@@ -662,6 +674,7 @@ impl Chain {
         match &self.mlp {
             AnyMlp::F32(mlp) => run_saving_from_dlpack(py, mlp, capsule),
             AnyMlp::F64(mlp) => run_saving_from_dlpack(py, mlp, capsule),
+            AnyMlp::Bf16(mlp) => run_saving_from_dlpack(py, mlp, capsule),
         }
     }
 
@@ -695,6 +708,9 @@ impl Chain {
             AnyMlp::F64(mlp) => {
                 backward_from_dlpack(py, mlp, &capsules, &needs_params, needs_input)
             }
+            AnyMlp::Bf16(mlp) => {
+                backward_from_dlpack(py, mlp, &capsules, &needs_params, needs_input)
+            }
         }
     }
 
@@ -723,6 +739,12 @@ impl Chain {
             DType::F32 => numpy::dtype::<f32>(py),
             DType::F64 => numpy::dtype::<f64>(py),
         }
+    }
+
+    /// How the weights are stored: "fp32", "fp64" (the dtype's) or "bf16".
+    #[getter]
+    fn precision(&self) -> &'static str {
+        self.mlp.info().precision
     }
 
     #[getter]

@@ -38,7 +38,9 @@ class Chain:
     ``weights[i]`` has shape ``(out_i, in_i)`` (PyTorch layout), ``biases[i]`` shape ``(out_i,)``
     or ``None``; all float32 or all float64, C-contiguous. ``post_ops[i]``, applied to layer
     ``i``'s outputs, is a name in ``POST_OPS`` or a ``(name, *parameters)`` tuple; an unknown
-    name is a ValueError. ``isa`` forces a kernel (for tests).
+    name is a ValueError. ``isa`` forces a kernel (for tests). ``precision``: None computes in
+    the weights' dtype; ``"bf16"`` stores float32 weights as bfloat16 (inference only: the
+    training entry points raise ValueError).
     """
 
     def __new__(
@@ -47,6 +49,7 @@ class Chain:
         biases: list[npt.NDArray[np.floating] | None],
         post_ops: list[str | tuple[str | float, ...]],
         isa: str | None = None,
+        precision: Literal["bf16"] | None = None,
     ) -> Self: ...
     def forward(
         self, x: npt.NDArray[np.floating], out: npt.NDArray[np.floating] | None = None
@@ -97,6 +100,9 @@ class Chain:
     @property
     def dtype(self) -> np.dtype:
         """float32 or float64: the chain's values, and what it takes and gives."""
+    @property
+    def precision(self) -> Literal["fp32", "fp64", "bf16"]:
+        """How the weights are stored: the dtype's own (``"fp32"``, ``"fp64"``) or ``"bf16"``."""
     @property
     def isa(self) -> Literal["avx512", "avx2", "neon", "scalar"]: ...
     @property

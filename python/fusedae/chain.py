@@ -16,9 +16,9 @@ from fusedae._ops import PostOp, post_ops
 Part = Literal["all", "encoder", "decoder"]
 PARTS: tuple[Part, ...] = ("all", "encoder", "decoder")
 # How the kernels compute: "full" is every product and sum in the chain's dtype (float32 or
-# float64), today's only kind; reduced-precision kernels (bf16, int8) will add theirs.
-Precision = Literal["full"]
-PRECISIONS: tuple[Precision, ...] = ("full",)
+# float64); "bf16" stores the weights as bfloat16 (float32 in, out and in the sums).
+Precision = Literal["full", "bf16"]
+PRECISIONS: tuple[Precision, ...] = ("full", "bf16")
 LayerArrays = tuple[np.ndarray, np.ndarray | None]
 Position = Literal["before", "after"]
 POSITIONS: tuple[Position, ...] = ("before", "after")

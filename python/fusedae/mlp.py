@@ -5,15 +5,16 @@ from __future__ import annotations
 import math
 import os
 import sys
+from dataclasses import replace
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import numpy.typing as npt
 
 from fusedae import _native, serialization
 from fusedae._ops import IDENTITY, RELU, PostOp
-from fusedae.chain import ChainSpec, Layer, default_encoder_layers
+from fusedae.chain import ChainSpec, Layer, Precision, default_encoder_layers
 
 FloatArray = npt.NDArray[np.floating]
 
@@ -23,6 +24,31 @@ def _float_dtype(dtype: npt.DTypeLike) -> np.dtype:
     if resolved not in (np.dtype(np.float32), np.dtype(np.float64)):
         raise TypeError(f"dtype must be float32 or float64, got {resolved}")
     return resolved
+
+
+# What `precision=` takes: the dtype's own arithmetic, or weights stored narrower.
+PrecisionName = Literal["fp32", "fp64", "bf16"]
+PRECISION_NAMES: tuple[PrecisionName, ...] = ("fp32", "fp64", "bf16")
+_FULL_DTYPES = {"fp32": np.dtype(np.float32), "fp64": np.dtype(np.float64)}
+
+
+def resolve_precision(
+    precision: str | None, dtype: npt.DTypeLike | None, default: np.dtype
+) -> tuple[np.dtype, Precision]:
+    """``(dtype, ChainSpec precision)`` for what the caller asked: ``precision`` ``"fp32"`` or
+    ``"fp64"`` computes in that dtype, ``"bf16"`` stores the weights as bfloat16 and takes and
+    gives float32; ``None`` keeps ``dtype`` (or ``default``) at full precision. A precision
+    and a dtype that disagree are an error, not a silent choice."""
+    if precision is None:
+        return _float_dtype(default if dtype is None else dtype), "full"
+    if precision not in PRECISION_NAMES:
+        raise ValueError(f"precision must be one of {PRECISION_NAMES}, got {precision!r}")
+    wanted = _FULL_DTYPES.get(precision, np.dtype(np.float32))
+    if dtype is not None and _float_dtype(dtype) != wanted:
+        raise TypeError(
+            f"precision {precision!r} takes and gives {wanted} arrays, but dtype={np.dtype(dtype)}"
+        )
+    return wanted, "full" if precision in _FULL_DTYPES else "bf16"
 
 
 def _as_parameter(value: npt.ArrayLike, what: str, ndim: int, dtype: np.dtype) -> np.ndarray:
@@ -73,6 +99,9 @@ class MLP(_native.Chain):
     or a ``PostOp`` (default: ReLU after every layer but the last); ``MLP.from_spec`` takes a
     ``ChainSpec`` instead. The weights are packed once, in ``dtype`` (default: float64 if the
     first weight is float64, else float32); the MLP keeps no reference to the arrays passed in.
+    ``precision="bf16"`` stores the weights as bfloat16 (rounded to nearest even) for inference:
+    float32 in and out, sums in float32, within the error bound of ``docs/precision.md``;
+    ``"fp32"``/``"fp64"`` name the dtype's own arithmetic.
 
     Calling it on an array of shape ``(*, in_features)`` and the MLP's dtype returns a new array
     of shape ``(*, out_features)``; ``out=`` takes a preallocated C-contiguous array instead.
@@ -91,14 +120,14 @@ class MLP(_native.Chain):
         *,
         dtype: npt.DTypeLike | None = None,
         isa: str | None = None,
+        precision: PrecisionName | None = None,
     ) -> MLP:
         layers = list(layers)
         if not layers:
             raise ValueError("an MLP needs at least one layer, got 0")
-        if dtype is None:
-            first = np.asarray(layers[0][0])
-            dtype = np.float64 if first.dtype == np.float64 else np.float32
-        dtype = _float_dtype(dtype)
+        first = np.asarray(layers[0][0])
+        default = np.dtype(np.float64 if first.dtype == np.float64 else np.float32)
+        dtype, spec_precision = resolve_precision(precision, dtype, default)
         if activations is None:
             activations = [RELU] * (len(layers) - 1) + [IDENTITY]
         pairs: list[tuple[np.ndarray, np.ndarray | None]] = []
@@ -110,17 +139,24 @@ class MLP(_native.Chain):
             if bias is not None:
                 bias = _as_parameter(bias, f"layer {index} bias", 1, dtype)
             pairs.append((weight, bias))
-        return cls._packed(ChainSpec.from_pairs(pairs, activations), dtype, isa)
+        spec = ChainSpec.from_pairs(pairs, activations)
+        return cls._packed(replace(spec, precision=spec_precision), dtype, isa)
 
     @classmethod
     def from_spec(
-        cls, spec: ChainSpec, *, dtype: npt.DTypeLike | None = None, isa: str | None = None
+        cls,
+        spec: ChainSpec,
+        *,
+        dtype: npt.DTypeLike | None = None,
+        isa: str | None = None,
+        precision: PrecisionName | None = None,
     ) -> MLP:
         """The MLP running ``spec`` (its weights copied, in ``dtype``: by default float64 if the
-        first weight is float64, else float32)."""
-        if dtype is None:
-            dtype = np.float64 if spec.layers[0].weight.dtype == np.float64 else np.float32
-        dtype = _float_dtype(dtype)
+        first weight is float64, else float32) at ``precision`` (default: the spec's)."""
+        if precision is None and spec.precision != "full":
+            precision = spec.precision
+        default = np.dtype(np.float64 if spec.layers[0].weight.dtype == np.float64 else np.float32)
+        dtype, spec_precision = resolve_precision(precision, dtype, default)
         layers = []
         for index, layer in enumerate(spec.layers):
             weight = _as_parameter(layer.weight, f"layer {index} weight", 2, dtype)
@@ -128,14 +164,13 @@ class MLP(_native.Chain):
             if bias is not None:
                 bias = _as_parameter(bias, f"layer {index} bias", 1, dtype)
             layers.append(Layer(weight, bias, layer.post_op, layer.normalization))
-        return cls._packed(
-            ChainSpec(tuple(layers), spec.encoder_layers, spec.precision), dtype, isa
-        )
+        return cls._packed(ChainSpec(tuple(layers), spec.encoder_layers, spec_precision), dtype, isa)
 
     @classmethod
     def _packed(cls, spec: ChainSpec, dtype: np.dtype, isa: str | None) -> MLP:
         """Packs ``spec``, whose arrays are the MLP's own copies in ``dtype``."""
-        self = _native.Chain.__new__(cls, *spec.native_arguments(), isa)
+        native_precision = None if spec.precision == "full" else spec.precision
+        self = _native.Chain.__new__(cls, *spec.native_arguments(), isa, native_precision)
         self._dtype = dtype
         self._spec = spec
         return self
@@ -192,7 +227,10 @@ class MLP(_native.Chain):
     def __repr__(self) -> str:
         chain = " -> ".join(str(width) for width in self._spec.widths)
         activations = [str(op) for op in self._spec.post_ops]
-        return f"MLP({chain}, activations={activations}, dtype={self._dtype}, isa={self.isa})"
+        return (
+            f"MLP({chain}, activations={activations}, dtype={self._dtype}, "
+            f"precision={self.precision}, isa={self.isa})"
+        )
 
     @classmethod
     def load(
@@ -202,16 +240,18 @@ class MLP(_native.Chain):
         *,
         dtype: npt.DTypeLike | None = None,
         isa: str | None = None,
+        precision: PrecisionName | None = None,
     ) -> MLP:
         """The chain in a ``.safetensors`` file from ``fusedae.torch.save`` or ``MLP.save``,
         read with numpy alone.
 
         ``part``: ``"all"`` (every layer: an autoencoder's reconstruction), ``"encoder"`` (the
         layers up to the bottleneck the file records) or ``"decoder"`` (the layers after it).
-        ``dtype`` defaults to the file's. A file that is not such a model, or is truncated, is a
-        ValueError; a part with no layers is one too.
+        ``dtype`` defaults to the file's; ``precision`` as for ``MLP``. A file that is not such
+        a model, or is truncated, is a ValueError; a part with no layers is one too.
         """
-        return cls.from_spec(serialization.read(path).select(part), dtype=dtype, isa=isa)
+        spec = serialization.read(path).select(part)
+        return cls.from_spec(spec, dtype=dtype, isa=isa, precision=precision)
 
     def save(self, path: str | os.PathLike[str], *, encoder_layers: int | None = None) -> None:
         """Writes the chain to a ``.safetensors`` file that ``MLP.load`` reads. ``encoder_layers``:

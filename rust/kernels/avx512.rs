@@ -2,7 +2,7 @@
 
 use std::arch::x86_64::*;
 
-use super::SimdVec;
+use super::{Bf16, LoadFrom, SimdVec};
 
 #[derive(Clone, Copy, Debug)]
 struct F32x16(__m512);
@@ -462,10 +462,56 @@ impl SimdVec for F64x8 {
     }
 }
 
+/// bf16 weights widened to f32 in registers: 16 values (32 bytes) zero-extended to 32 bits each
+/// and shifted into the top half, which is exactly the f32 of the same value.
+impl LoadFrom<Bf16> for F32x16 {
+    #[inline(always)]
+    unsafe fn load_from(ptr: *const Bf16) -> Self {
+        // SAFETY: the caller guarantees 16 readable values and AVX-512F.
+        unsafe { widen(_mm256_loadu_si256(ptr.cast())) }
+    }
+
+    #[inline(always)]
+    unsafe fn load_partial_from(ptr: *const Bf16, count: usize) -> Self {
+        // SAFETY: the caller guarantees `count < 16` readable values and AVX-512BW and VL (the
+        // bf16 kernels' features); masked-off values are not read.
+        unsafe {
+            widen(_mm256_maskz_loadu_epi16(
+                ((1u32 << count) - 1) as __mmask16,
+                ptr.cast(),
+            ))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn splat_from(ptr: *const Bf16) -> Self {
+        // SAFETY: the caller guarantees one readable value and AVX-512F.
+        F32x16(unsafe { _mm512_set1_ps((*ptr).widen()) })
+    }
+}
+
+/// 16 bf16 values as the f32s they are.
+///
+/// # Safety
+/// The CPU supports AVX-512F.
+#[inline(always)]
+unsafe fn widen(values: __m256i) -> F32x16 {
+    // SAFETY: the caller guarantees AVX-512F.
+    F32x16(unsafe { _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(values))) })
+}
+
 target_kernels!(
     features = "avx512f",
     mr = 8,
     nv_max = 3,
     kernel_f32: F32x16 => f32, f32;
     kernel_f64: F64x8 => f64, f64;
+);
+
+// The partial loads of bf16 weights need AVX-512BW's 16-bit masks (and VL for 256 bits of them).
+target_kernels!(
+    features = "avx512f,avx512bw,avx512vl",
+    mr = 8,
+    nv_max = 3,
+    kernel_bf16: F32x16 => Bf16, f32;
 );

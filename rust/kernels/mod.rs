@@ -51,8 +51,9 @@
 //! - `microkernel.rs`: the register tiles; `epilogue.rs`: the post-ops, in the math of
 //!   `math.rs` (its polynomials in `coefficients.rs`); `peak.rs`: the FMA loop that measures the
 //!   ceiling;
-//! - `scalar.rs`, `avx2.rs`, `avx512.rs`, `neon.rs`: one [`SimdVec`] per register type, nothing
-//!   else.
+//! - `storage.rs`: the weight types narrower than the compute type ([`Bf16`]);
+//! - `scalar.rs`, `avx2.rs`, `avx512.rs`, `neon.rs`: one [`SimdVec`] per register type (and
+//!   its [`LoadFrom`] of the narrower weights), nothing else.
 //!
 //! Which form a layer takes is policy, not SIMD: the cost model is in `plan.rs`, outside this
 //! module (and the timings, the FMA ceiling and the opt-in half-register probe, in `probe.rs`).
@@ -69,6 +70,7 @@ mod layout;
 mod math;
 mod microkernel;
 mod peak;
+mod storage;
 
 pub mod scalar;
 
@@ -90,6 +92,7 @@ pub use epilogue::StoredEpilogue;
 pub use layout::{padded, LayerDesc, Packed, TileShape, L1_HALF_BYTES};
 pub use math::Constants;
 pub use peak::{fma_loop, fma_loop_flops};
+pub use storage::Bf16;
 
 /// The float types the kernels compute in.
 pub trait Element:

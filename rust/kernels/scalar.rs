@@ -2,7 +2,7 @@
 //! oracle the SIMD kernels are tested against. Its multiply-add rounds twice (no FMA), so SIMD
 //! results differ from it by float rounding only.
 
-use super::{Element, SimdVec};
+use super::{Bf16, Element, LoadFrom, SimdVec};
 
 #[derive(Clone, Copy, Debug)]
 struct Lane<T>(T);
@@ -155,69 +155,42 @@ impl<T: Element> SimdVec for Lane<T> {
     }
 }
 
+/// bf16 weights widened one at a time.
+impl LoadFrom<Bf16> for Lane<f32> {
+    #[inline(always)]
+    unsafe fn load_from(ptr: *const Bf16) -> Self {
+        // SAFETY: the caller guarantees one readable value.
+        Lane(unsafe { *ptr }.widen())
+    }
+
+    #[inline(always)]
+    unsafe fn load_partial_from(_ptr: *const Bf16, _count: usize) -> Self {
+        // One lane: a partial load has `count == 0` values, and reads nothing.
+        Lane(0.0)
+    }
+
+    #[inline(always)]
+    unsafe fn splat_from(ptr: *const Bf16) -> Self {
+        // SAFETY: the caller guarantees one readable value.
+        Lane(unsafe { *ptr }.widen())
+    }
+}
+
 target_kernels!(
     mr = 4,
     nv_max = 4,
     kernel_f32: Lane<f32> => f32, f32;
     kernel_f64: Lane<f64> => f64, f64;
+    kernel_bf16: Lane<f32> => Bf16, f32;
 );
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dispatch::{Isa, Weights};
-    use crate::kernels::{Kernel, LoadFrom};
+    use crate::dispatch::Isa;
     use crate::mlp::Mlp;
     use crate::ops::PostOp;
-    use crate::pack::{LayerSpec, Storage};
-
-    /// A bfloat16 value: the top half of an f32's bits, as a narrower storage type would be.
-    #[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
-    #[repr(transparent)]
-    pub struct Bf16(u16);
-
-    impl Storage<f32> for Bf16 {
-        fn store(value: f32) -> Self {
-            Bf16::round(value)
-        }
-    }
-
-    impl Bf16 {
-        /// Rounded to nearest, ties to even (finite inputs).
-        fn round(value: f32) -> Bf16 {
-            let bits = value.to_bits();
-            let rounded = bits + 0x7fff + ((bits >> 16) & 1);
-            Bf16((rounded >> 16) as u16)
-        }
-
-        fn widen(self) -> f32 {
-            f32::from_bits(u32::from(self.0) << 16)
-        }
-    }
-
-    impl LoadFrom<Bf16> for Lane<f32> {
-        unsafe fn load_from(ptr: *const Bf16) -> Self {
-            // SAFETY: the caller guarantees one readable value.
-            Lane(unsafe { *ptr }.widen())
-        }
-
-        unsafe fn load_partial_from(_ptr: *const Bf16, _count: usize) -> Self {
-            Lane(0.0) // one lane: a partial load reads nothing
-        }
-
-        unsafe fn splat_from(ptr: *const Bf16) -> Self {
-            // SAFETY: the caller guarantees one readable value.
-            Lane(unsafe { *ptr }.widen())
-        }
-    }
-
-    target_kernels!(mr = 4, nv_max = 4, kernel_bf16: Lane<f32> => Bf16, f32;);
-
-    impl Weights<f32> for Bf16 {
-        fn kernel_for(_isa: Isa) -> Kernel<Bf16, f32> {
-            kernel_bf16()
-        }
-    }
+    use crate::pack::LayerSpec;
 
     /// The safe API, packing and the loop nests take weights stored in another type than the
     /// one they compute in, with no code but its `Storage`, `LoadFrom` and `Weights`: bf16
