@@ -275,13 +275,29 @@ impl<T: Float> Weights<T> for T {
     }
 }
 
-/// bf16 weights, f32 activations, sums and I/O.
+/// Whether `isa`'s bf16 kernel multiplies bf16 as it is (AVX512_BF16's `vdpbf16ps`), rather than
+/// widening the weights to f32 in registers. `FUSEDAE_BF16=widen` forces the widening kernel
+/// (to compare the two on one machine).
+pub fn multiplies_bf16(isa: Isa) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 {
+        let forced_off = std::env::var("FUSEDAE_BF16").is_ok_and(|v| v.trim() == "widen");
+        return !forced_off && std::arch::is_x86_feature_detected!("avx512bf16");
+    }
+    let _ = isa;
+    false
+}
+
+/// bf16 weights, f32 sums and I/O: multiplied as bf16 pairs where the CPU can
+/// ([`multiplies_bf16`]: the inputs rounded to bf16 too), else widened to f32 in registers.
 impl Weights<f32> for Bf16 {
     const PRECISION: &'static str = "bf16";
     const TRAINS: bool = false;
 
     fn kernel_for(isa: Isa) -> Kernel<Bf16, f32> {
         let kernel = match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 if multiplies_bf16(isa) => kernels::avx512::kernel_bf16_pairs(),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => kernels::avx512::kernel_bf16(),
             #[cfg(target_arch = "x86_64")]

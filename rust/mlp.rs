@@ -308,6 +308,11 @@ impl<T: Float, W: Weights<T>> Mlp<T, W> {
         grads: &mut [T],
     ) -> Result<(), Error> {
         self.check_trains()?;
+        let Some(kernel_backward) = self.kernel.backward else {
+            return Err(Error::Precision(
+                "this chain's kernel has no backward (inference only)".to_owned(),
+            ));
+        };
         let (in_features, out_features) = (self.in_features(), self.out_features());
         self.check_rows(input, output, Some(saved))?;
         let rows = input.len() / in_features;
@@ -393,7 +398,7 @@ impl<T: Float, W: Weights<T>> Mlp<T, W> {
                     // checked through `dispatch::require` that this CPU supports `self.isa`, the
                     // kernel's ISA.
                     unsafe {
-                        (self.kernel.backward)(
+                        kernel_backward(
                             &self.kernel.shape,
                             self.packed.view(),
                             &chunk_inputs,

@@ -103,7 +103,7 @@ impl<W: Storage<T>, T: Element> PackedChain<W, T> {
             let (k, out) = (spec.in_features, spec.out_features);
             let (dot_from, padded_out) = shape.form(k, out, rows_in_lanes);
             let weights_at = weights_len;
-            let dot_at = weights_at + k * dot_from;
+            let dot_at = weights_at + shape.grouped(k) * shape.panel_columns(dot_from);
             weights_len =
                 (dot_at + (out - dot_from) * shape.padded(k)).next_multiple_of(weights_line);
             let bias_at = biases_len;
@@ -134,7 +134,11 @@ impl<W: Storage<T>, T: Element> PackedChain<W, T> {
             .zip(&layers)
             .chain(lanes_specs.zip(&lanes_layers))
         {
-            pack_panels(shape, spec, layer, weights.as_mut_slice());
+            if shape.k_group > 1 {
+                pack_grouped_panels(shape, spec, layer, weights.as_mut_slice());
+            } else {
+                pack_panels(shape, spec, layer, weights.as_mut_slice());
+            }
             pack_rows(shape, spec, layer, weights.as_mut_slice());
             if let Some(bias) = spec.bias {
                 biases.as_mut_slice()[layer.bias_at..][..spec.out_features].copy_from_slice(bias);
@@ -224,6 +228,39 @@ fn pack_panels<W: Storage<T>, T: Element>(
     }
 }
 
+/// Writes `spec`'s panels for a kernel taking `k` in groups ([`TileShape::k_group`]) at
+/// `layer.weights_at`: panels of whole registers, each panel row one group of `k` for every
+/// column, the group's values side by side (`k_group = 2`: `W[c, 2p], W[c, 2p + 1]` for each
+/// column `c` of row `p`); zeros past the outputs and past `k`.
+fn pack_grouped_panels<W: Storage<T>, T: Element>(
+    shape: &TileShape,
+    spec: &LayerSpec<'_, T>,
+    layer: &LayerDesc,
+    buffer: &mut [W],
+) {
+    let (k, group) = (spec.in_features, shape.k_group);
+    let grouped_k = shape.grouped(k);
+    let columns = shape.panel_columns(layer.dot_from);
+    let panel_width = shape.panel_width();
+    for col in (0..columns).step_by(panel_width) {
+        let width = panel_width.min(columns - col);
+        let panel = &mut buffer[layer.weights_at + col * grouped_k..][..width * grouped_k];
+        for (c, weight_row) in spec
+            .weight
+            .chunks_exact(k)
+            .enumerate()
+            .skip(col)
+            .take(width)
+        {
+            let c = c - col;
+            for (j, &value) in weight_row.iter().enumerate() {
+                let (row, within) = (j / group, j % group);
+                panel[(row * width + c) * group + within] = W::store(value);
+            }
+        }
+    }
+}
+
 /// Values of `k` packed at a time (see `pack_panels`).
 const PACK_BLOCK: usize = 16;
 
@@ -249,6 +286,7 @@ mod tests {
             block_rows: 1,
             fast_transpose: false,
             half_lanes: 0,
+            k_group: 1,
         }
     }
 

@@ -68,6 +68,9 @@ impl TileShape {
         if rows_in_lanes {
             return (0, out_features);
         }
+        if self.k_group > 1 {
+            return (out_features, self.padded(out_features));
+        }
         let dot_from = self.dot_from(in_features, out_features);
         if dot_from < out_features {
             (dot_from, out_features)
@@ -86,7 +89,11 @@ impl TileShape {
         // A block's activations (`width x lanes_block` values) must stay in L1: streaming them
         // from L2 for every tile of outputs loses more than the padding costs (784 -> 42 did).
         let fits_l1 = |width: usize| width * self.lanes_block() * value_bytes <= L1_HALF_BYTES;
-        if !self.fast_transpose || widths.len() < 2 || !widths.iter().all(|&w| fits_l1(w)) {
+        if !self.fast_transpose
+            || self.k_group > 1
+            || widths.len() < 2
+            || !widths.iter().all(|&w| fits_l1(w))
+        {
             return false;
         }
         let mut saved = 0;

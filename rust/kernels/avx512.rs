@@ -2,7 +2,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{Bf16, LoadFrom, SimdVec};
+use super::{Bf16, LoadFrom, PairDot, SimdVec};
 
 #[derive(Clone, Copy, Debug)]
 struct F32x16(__m512);
@@ -514,4 +514,53 @@ target_kernels!(
     mr = 8,
     nv_max = 3,
     kernel_bf16: F32x16 => Bf16, f32;
+);
+
+/// AVX512_BF16: 16 f32 lanes, each adding the products of a pair of bf16 inputs and weights.
+impl PairDot for F32x16 {
+    type Pairs = __m512bh;
+
+    #[inline(always)]
+    unsafe fn splat_pair(ptr: *const Bf16) -> __m512bh {
+        // SAFETY: the caller guarantees two readable values (one unaligned 32-bit read) and
+        // AVX-512F; the bf16 vector is the same 512 bits.
+        unsafe {
+            let pair = _mm512_set1_epi32(ptr.cast::<i32>().read_unaligned());
+            std::mem::transmute::<__m512i, __m512bh>(pair)
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn load_pairs(ptr: *const Bf16) -> __m512bh {
+        // SAFETY: the caller guarantees 32 readable values and AVX-512F.
+        unsafe { std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(ptr.cast())) }
+    }
+
+    #[inline(always)]
+    unsafe fn dot_pairs(self, a: __m512bh, b: __m512bh) -> Self {
+        // SAFETY: the caller guarantees AVX512_BF16.
+        F32x16(unsafe { _mm512_dpbf16_ps(self.0, a, b) })
+    }
+
+    #[inline(always)]
+    unsafe fn store_rounded(self, ptr: *mut Bf16, count: usize) {
+        // SAFETY: the caller guarantees `count <= 16` writable values, AVX512_BF16, BW and VL;
+        // masked-off values are not written.
+        unsafe {
+            let rounded = std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(self.0));
+            let mask = if count >= 16 {
+                u16::MAX
+            } else {
+                (1u16 << count) - 1
+            };
+            _mm256_mask_storeu_epi16(ptr.cast(), mask, rounded);
+        }
+    }
+}
+
+pairs_kernel!(
+    features = "avx512f,avx512bw,avx512vl,avx512bf16",
+    mr = 8,
+    nv_max = 3,
+    kernel_bf16_pairs: F32x16;
 );

@@ -15,6 +15,9 @@ pub fn scratch_len<W, T>(shape: &TileShape, chain: &Packed<'_, W, T>, rows: usiz
         .min(shape.block_rows)
         .saturating_mul(widest)
         .saturating_mul(2);
+    if shape.k_group > 1 {
+        return super::pairs::scratch_len(shape, chain, rows);
+    }
     match chain.lanes_layers.first() {
         Some(first) => {
             let widest = chain.lanes_layers.iter().map(|l| l.out_features).max();
@@ -147,7 +150,7 @@ pub(super) fn check_chain<W, T>(
         assert!(
             ends_within(
                 layer.weights_at,
-                k.checked_mul(dot_from),
+                shape.grouped(k).checked_mul(shape.panel_columns(dot_from)),
                 chain.weights.len()
             ) && ends_within(layer.dot_at, dot_len, chain.weights.len()),
             "packed weights in the buffer"

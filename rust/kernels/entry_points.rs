@@ -148,10 +148,105 @@ macro_rules! target_kernels {
             Kernel {
                 shape: TileShape::for_register::<$register>($mr, $nv_max),
                 forward,
-                backward,
+                backward: Some(backward),
                 peak,
                 peak_half: (half_register_lanes > 0).then_some(peak_half as _),
                 half_register_lanes,
+            }
+        }
+    };
+}
+
+/// Defines `pub fn name() -> Kernel<Bf16, f32>`: the bf16-pairs form (`pairs.rs`) on register
+/// type `$register` (a [`PairDot`](super::PairDot)), its entry points compiled with
+/// `#[target_feature(enable = $features)]`; inference only (no backward).
+macro_rules! pairs_kernel {
+    (features = $features:literal, mr = $mr:expr, nv_max = $nv_max:expr, $name:ident: $register:ty $(;)?) => {
+        pub fn $name() -> $crate::kernels::Kernel<$crate::kernels::Bf16, f32> {
+            use $crate::kernels::epilogue::{apply_to_stored_tile, apply_to_stored_values};
+            use $crate::kernels::{
+                dot_pairs_loop, forward_pairs, Bf16, Kernel, Packed, PostOp, StoredEpilogue,
+                TileShape,
+            };
+
+            /// # Safety
+            /// As [`apply_to_stored_tile`]'s.
+            #[target_feature(enable = $features)]
+            #[inline(never)]
+            unsafe fn stored_tile(
+                op: PostOp,
+                out: *mut f32,
+                ldo: usize,
+                rows: usize,
+                registers: usize,
+                half: bool,
+            ) {
+                // SAFETY: forwarded from the caller.
+                unsafe { apply_to_stored_tile::<$register>(op, out, ldo, rows, registers, half) }
+            }
+
+            /// # Safety
+            /// As [`apply_to_stored_values`]'s.
+            #[target_feature(enable = $features)]
+            #[inline(never)]
+            unsafe fn stored_values(
+                op: PostOp,
+                out: *mut f32,
+                ldo: usize,
+                rows: usize,
+                outs: usize,
+            ) {
+                // SAFETY: forwarded from the caller.
+                unsafe { apply_to_stored_values::<$register>(op, out, ldo, rows, outs) }
+            }
+
+            /// # Safety
+            /// The CPU supports the ISA's features; `forward_pairs` checks everything else.
+            #[target_feature(enable = $features)]
+            unsafe fn forward(
+                shape: &TileShape,
+                chain: Packed<'_, Bf16, f32>,
+                input: &[f32],
+                output: &mut [f32],
+                scratch: &mut [f32],
+                saved: Option<&mut [f32]>,
+            ) {
+                // SAFETY: the caller guarantees the features; `forward_pairs` checks the rest.
+                unsafe {
+                    forward_pairs::<$register, { $mr }, { $nv_max }>(
+                        shape,
+                        chain,
+                        input,
+                        output,
+                        scratch,
+                        saved,
+                        // Opaque, as in `target_kernels!`.
+                        std::hint::black_box(StoredEpilogue {
+                            tile: stored_tile,
+                            values: stored_values,
+                        }),
+                    )
+                }
+            }
+
+            /// # Safety
+            /// The CPU supports the ISA's features.
+            #[target_feature(enable = $features)]
+            unsafe fn peak(iterations: usize, seed: &[f32]) -> f32 {
+                // SAFETY: the caller guarantees the features.
+                unsafe { dot_pairs_loop::<$register>(iterations, seed) }
+            }
+
+            Kernel {
+                shape: TileShape {
+                    k_group: 2,
+                    ..TileShape::for_register::<$register>($mr, $nv_max)
+                },
+                forward,
+                backward: None,
+                peak,
+                peak_half: None,
+                half_register_lanes: 0,
             }
         }
     };

@@ -21,6 +21,11 @@ pub struct TileShape {
     /// `dispatch::half_registers_cheaper`), else 0. Only the choice of forms depends on it,
     /// never a result's correctness.
     pub half_lanes: usize,
+    /// Inputs one multiply-add instruction takes per output lane: 1 for an FMA, 2 for a kernel
+    /// that multiplies bf16 pairs (`vdpbf16ps`). Above 1, every layer is packed as panels of
+    /// whole registers, `k` rounded up to whole groups, each panel row holding a group of `k`
+    /// for each output, interleaved (see `pairs.rs`); no dot form, no rows in the lanes.
+    pub k_group: usize,
 }
 
 impl TileShape {
@@ -34,6 +39,7 @@ impl TileShape {
             block_rows: 8 * mr,
             fast_transpose: V::FAST_TRANSPOSE,
             half_lanes: 0,
+            k_group: 1,
         }
     }
 
@@ -43,6 +49,21 @@ impl TileShape {
 
     pub fn padded(&self, width: usize) -> usize {
         padded(width, self.lanes)
+    }
+
+    /// `k` rounded up to whole groups of [`TileShape::k_group`].
+    pub fn grouped(&self, k: usize) -> usize {
+        k.next_multiple_of(self.k_group)
+    }
+
+    /// The columns a layer's panels hold for its first `dot_from` outputs: exactly those, or,
+    /// in groups of `k`, padded to whole registers (their tiles load whole registers only).
+    pub fn panel_columns(&self, dot_from: usize) -> usize {
+        if self.k_group > 1 {
+            self.padded(dot_from)
+        } else {
+            dot_from
+        }
     }
 
     /// Batch rows in one rows-in-lanes block: a register tile's width.

@@ -46,7 +46,7 @@
 //!   which writes every ISA's thin `#[target_feature]` entry points from one list;
 //! - `layout.rs`: [`TileShape`], [`LayerDesc`], [`Packed`]: what packing and kernels agree on;
 //! - `chain.rs`: the loop nests (panels and dot form, rows in the lanes), generic over
-//!   [`SimdVec`], written once; `backward.rs`: the backward's, on the same register tiles, and
+//!   [`SimdVec`], written once; `pairs.rs`: the bf16-pairs form ([`PairDot`], `vdpbf16ps`); `backward.rs`: the backward's, on the same register tiles, and
 //!   `gradient.rs`: the post-ops' gradients;
 //! - `microkernel.rs`: the register tiles; `epilogue.rs`: the post-ops, in the math of
 //!   `math.rs` (its polynomials in `coefficients.rs`); `peak.rs`: the FMA loop that measures the
@@ -69,6 +69,7 @@ mod gradient;
 mod layout;
 mod math;
 mod microkernel;
+mod pairs;
 mod peak;
 mod storage;
 
@@ -91,6 +92,7 @@ pub use chain::{forward_rows, saved_columns, saved_width, scratch_len, SavedColu
 pub use epilogue::StoredEpilogue;
 pub use layout::{padded, LayerDesc, Packed, TileShape, L1_HALF_BYTES};
 pub use math::Constants;
+pub use pairs::{dot_pairs_loop, forward_pairs, PairDot};
 pub use peak::{fma_loop, fma_loop_flops};
 pub use storage::Bf16;
 
@@ -492,7 +494,10 @@ pub type PeakLoop<T> = unsafe fn(usize, &[T]) -> T;
 pub struct Kernel<W: 'static, T: 'static> {
     pub shape: TileShape,
     pub forward: ChainKernel<W, T>,
-    pub backward: ChainBackward<W, T>,
+    /// None for a kernel whose form keeps no activations (inference only).
+    pub backward: Option<ChainBackward<W, T>>,
+    /// The ceiling of the kernel's own multiply-add instruction (an FMA, or a dot product of
+    /// [`TileShape::k_group`] pairs), counted by [`fma_loop_flops`] with `lanes * k_group`.
     pub peak: PeakLoop<T>,
     /// [`fma_loop`] with every third chain in a half register, where the register type has one.
     pub peak_half: Option<PeakLoop<T>>,

@@ -4,7 +4,7 @@
 use super::SimdVec;
 
 /// Independent multiply-add chains in [`fma_loop`]: enough to cover FMA latency x issue width.
-const PEAK_CHAINS: usize = 12;
+pub(super) const PEAK_CHAINS: usize = 12;
 
 /// The FMA-throughput ceiling: `iterations x PEAK_CHAINS` independent register FMAs and nothing
 /// else. Returns a value that depends on every FMA, so none is optimised away. With

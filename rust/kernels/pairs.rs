@@ -1,0 +1,409 @@
+//! The bf16-pairs form: a chain whose weights are bf16, multiplied two inputs at a time by one
+//! instruction per register ([`PairDot::dot_pairs`], AVX512_BF16's `vdpbf16ps`: each f32 lane
+//! adds the products of a pair of bf16 inputs and a pair of bf16 weights), twice the work of an
+//! FMA per instruction.
+//!
+//! Packing ([`TileShape::k_group`] = 2): every layer as panels of whole registers, `k` rounded
+//! up to even, each panel row one pair of `k` for every column, side by side; no dot form, no
+//! rows in the lanes. The loop nest rounds each block's input rows to bf16 once, runs each layer
+//! as register tiles seeded with the bias in f32 (`R x NV` accumulators, one broadcast of an
+//! input pair and `NV` loads of weight pairs per step), applies the post-op in f32 and rounds
+//! the hidden layer's outputs to bf16 for the next; the last layer's outputs are stored as f32.
+//! Error: see `docs/precision.md`.
+
+use super::chain::check_chain;
+use super::epilogue::{self, StoredEpilogue};
+use super::peak::PEAK_CHAINS;
+use super::{Bf16, Packed, SimdVec, TileShape, L1_HALF_BYTES};
+use crate::ops::PostOp;
+
+/// An f32 register that multiplies bf16 pairs.
+pub trait PairDot: SimdVec<Elem = f32> {
+    /// `LANES` pairs of bf16 values.
+    type Pairs: Copy;
+
+    /// The pair at `ptr` in every lane.
+    ///
+    /// # Safety
+    /// `ptr` is valid for two reads; the CPU supports the ISA.
+    unsafe fn splat_pair(ptr: *const Bf16) -> Self::Pairs;
+    /// `LANES` pairs (`2 * LANES` values).
+    ///
+    /// # Safety
+    /// `ptr` is valid for `2 * LANES` reads; the CPU supports the ISA.
+    unsafe fn load_pairs(ptr: *const Bf16) -> Self::Pairs;
+    /// Per lane, `self + a.0 * b.0 + a.1 * b.1`, the products exact (bf16 x bf16 fits an f32),
+    /// the sums rounded to f32.
+    ///
+    /// # Safety
+    /// The CPU supports the ISA.
+    unsafe fn dot_pairs(self, a: Self::Pairs, b: Self::Pairs) -> Self;
+    /// Stores the first `count <= LANES` lanes rounded to bf16 (nearest even, [`Bf16::round`]).
+    ///
+    /// # Safety
+    /// `ptr` is valid for `count` writes; the CPU supports the ISA.
+    unsafe fn store_rounded(self, ptr: *mut Bf16, count: usize);
+}
+
+/// Scratch elements (f32) the pairs form needs for `rows` rows: a block of f32 outputs of the
+/// widest layer, and a block of bf16 rows as wide as the widest layer input.
+pub fn scratch_len<W, T>(shape: &TileShape, chain: &Packed<'_, W, T>, rows: usize) -> usize {
+    let block = rows.min(shape.block_rows);
+    let widest_out = chain.layers.iter().map(|l| l.padded_out).max().unwrap_or(0);
+    let values = block.saturating_mul(widest_out);
+    let rounded = block.saturating_mul(input_strides(shape, chain).max().unwrap_or(0));
+    values.saturating_add(rounded.div_ceil(2))
+}
+
+/// Each layer's bf16 input row length: the chain's input rounded up to pairs, then each hidden
+/// layer's padded outputs.
+fn input_strides<'a, W, T>(
+    shape: &'a TileShape,
+    chain: &'a Packed<'_, W, T>,
+) -> impl Iterator<Item = usize> + 'a {
+    let first = chain.layers.first().map(|l| shape.grouped(l.in_features));
+    first
+        .into_iter()
+        .chain(chain.layers.iter().map(|l| l.padded_out))
+        .take(chain.layers.len())
+}
+
+/// The loop nest of the pairs form; ISA files wrap it in `#[target_feature]`.
+///
+/// # Safety
+/// The CPU supports `V`'s ISA, and `shape.lanes == V::LANES`, `shape.mr == MR`,
+/// `shape.nv_max == NV_MAX`, `shape.k_group == 2`. (The packing, shapes and lengths are
+/// checked, with a panic on mismatch.)
+#[inline(always)]
+pub unsafe fn forward_pairs<V: PairDot, const MR: usize, const NV_MAX: usize>(
+    shape: &TileShape,
+    chain: Packed<'_, Bf16, f32>,
+    input: &[f32],
+    output: &mut [f32],
+    scratch: &mut [f32],
+    saved: Option<&mut [f32]>,
+    epilogue: StoredEpilogue<f32>,
+) {
+    assert!(shape.lanes == V::LANES && shape.mr == MR && shape.nv_max == NV_MAX);
+    assert!(shape.k_group == 2 && shape.half_lanes == 0);
+    assert!(MR <= 8 && NV_MAX <= 4 && shape.block_rows.is_multiple_of(MR));
+    assert!(
+        saved.is_none(),
+        "the pairs form keeps no activations (inference only)"
+    );
+    let rows = check_chain(shape, &chain, input, output, None);
+    let layers = chain.layers;
+    assert!(
+        chain.lanes_layers.is_empty()
+            && layers
+                .iter()
+                .all(|l| l.dot_from == l.out_features
+                    && l.padded_out == shape.padded(l.out_features)),
+        "packed as panels of whole registers"
+    );
+    assert!(
+        scratch.len() >= scratch_len(shape, &chain, rows),
+        "scratch is large enough"
+    );
+    if rows == 0 {
+        return;
+    }
+    let block_rows = rows.min(shape.block_rows);
+    let widest = layers.iter().map(|l| l.padded_out).max().unwrap_or(0);
+    let (values, rest) = scratch.split_at_mut(block_rows * widest);
+    let strides: Vec<usize> = input_strides(shape, &chain).collect();
+    let rounded_len = block_rows * strides.iter().max().copied().unwrap_or(0);
+    let rounded: &mut [Bf16] = &mut bytemuck::cast_slice_mut(rest)[..rounded_len];
+    let first_in = layers[0].in_features;
+    let last = layers.len() - 1;
+    let out_features = layers[last].out_features;
+    let panel_width = NV_MAX * V::LANES;
+
+    for block_start in (0..rows).step_by(block_rows) {
+        let block = block_rows.min(rows - block_start);
+        // SAFETY: the input holds `block` rows of `first_in` values from `block_start`, and
+        // `rounded` room for `block` rows of `strides[0] = grouped(first_in)` values.
+        unsafe {
+            round_rows::<V>(
+                input.as_ptr().add(block_start * first_in),
+                first_in,
+                block,
+                first_in,
+                rounded.as_mut_ptr(),
+                strides[0],
+            )
+        };
+        for (index, layer) in layers.iter().enumerate() {
+            let direct = index == last && layer.padded_out == layer.out_features;
+            let block_output = &mut output[block_start * out_features..][..block * out_features];
+            let (dst, ldo) = if direct {
+                (block_output.as_mut_ptr(), out_features)
+            } else {
+                (values.as_mut_ptr(), layer.padded_out)
+            };
+            let pairs = layer.in_features.div_ceil(2);
+            let grouped_k = 2 * pairs;
+            let panel_bytes = grouped_k * panel_width * std::mem::size_of::<Bf16>();
+            // Row tile by row tile where the panels stay in L1 whatever the order, else panel
+            // by panel, so a large panel stays hot for every row tile of the block (as
+            // `chain::layer_block`). One loop, not a closure: a closure would not inherit the
+            // ISA's target features, and its intrinsics would become calls.
+            let (row_tiles, col_tiles) =
+                (block.div_ceil(MR), layer.padded_out.div_ceil(panel_width));
+            let rows_outer = panel_bytes <= L1_HALF_BYTES;
+            for order in 0..row_tiles * col_tiles {
+                let (row_tile, col_tile) = if rows_outer {
+                    (order / col_tiles, order % col_tiles)
+                } else {
+                    (order % row_tiles, order / row_tiles)
+                };
+                let (row, col) = (row_tile * MR, col_tile * panel_width);
+                let width = panel_width.min(layer.padded_out - col);
+                // SAFETY: `check_chain` proved the panels and biases in bounds; the rows `row..`
+                // of `rounded` hold `grouped_k` values each at `strides[index]` (written by
+                // `round_rows`), and `dst` has room for `block` rows of `padded_out` values at
+                // `ldo` (exactly `out_features` when direct, which then equals `padded_out`).
+                unsafe {
+                    let tile = PairTile {
+                        a: rounded.as_ptr().add(row * strides[index]),
+                        lda: strides[index],
+                        pairs,
+                        panel: chain
+                            .weights
+                            .as_ptr()
+                            .add(layer.weights_at + col * grouped_k),
+                        panel_width: width,
+                        bias: chain.biases.as_ptr().add(layer.bias_at + col),
+                        post_op: layer.post_op,
+                        out: dst.add(row * ldo + col),
+                        ldo,
+                    };
+                    let (rows, registers) = ((block - row).min(MR), width / V::LANES);
+                    pair_tile_rows::<V>(rows, registers, &tile);
+                    if !epilogue::runs_on_accumulators(layer.post_op) {
+                        (epilogue.tile)(layer.post_op, tile.out, ldo, rows, registers, false);
+                    }
+                }
+            }
+            if index < last {
+                // SAFETY: `values` holds `block` rows of `padded_out` values, and `rounded` room
+                // for `block` rows of `strides[index + 1] = padded_out >= grouped(out)` values.
+                unsafe {
+                    round_rows::<V>(
+                        values.as_ptr(),
+                        layer.padded_out,
+                        block,
+                        layer.out_features,
+                        rounded.as_mut_ptr(),
+                        strides[index + 1],
+                    )
+                };
+            } else if !direct {
+                for (out_row, row) in block_output
+                    .chunks_exact_mut(out_features)
+                    .zip(values.chunks_exact(layer.padded_out))
+                {
+                    out_row.copy_from_slice(&row[..out_features]);
+                }
+            }
+        }
+    }
+}
+
+/// `rows` rows of `count` f32 values `lds` apart, rounded to bf16 into rows `ldd` apart, with a
+/// zero after an odd `count` (so the last pair's second value multiplies a zero weight as a
+/// zero, never as a NaN).
+///
+/// # Safety
+/// `src` is valid for reading the rows, `dst` for writing `rows` rows of `count + count % 2`
+/// values (`ldd >= count + count % 2`); the CPU supports the ISA.
+#[inline(always)]
+unsafe fn round_rows<V: PairDot>(
+    src: *const f32,
+    lds: usize,
+    rows: usize,
+    count: usize,
+    dst: *mut Bf16,
+    ldd: usize,
+) {
+    let (whole, tail) = (count / V::LANES * V::LANES, count % V::LANES);
+    // SAFETY: every access is inside the rows the caller guarantees.
+    unsafe {
+        for r in 0..rows {
+            let (from, to) = (src.add(r * lds), dst.add(r * ldd));
+            for at in (0..whole).step_by(V::LANES) {
+                V::load(from.add(at)).store_rounded(to.add(at), V::LANES);
+            }
+            if tail > 0 {
+                V::load_partial(from.add(whole), tail).store_rounded(to.add(whole), tail);
+            }
+            if count % 2 == 1 {
+                *to.add(count) = Bf16::default();
+            }
+        }
+    }
+}
+
+/// Pointers for one register tile of the pairs form: `rows x (registers * LANES)` outputs from
+/// `rows` bf16 input rows and a panel of `pairs` rows of `panel_width` weight pairs.
+struct PairTile {
+    a: *const Bf16,
+    lda: usize,
+    pairs: usize,
+    panel: *const Bf16,
+    /// Outputs in the panel (whole registers).
+    panel_width: usize,
+    bias: *const f32,
+    post_op: PostOp,
+    out: *mut f32,
+    ldo: usize,
+}
+
+/// Picks the register tile for a run-time row count (`1..=8`) and width (`1..=4` registers).
+///
+/// # Safety
+/// `tile` points at `rows` input rows of `2 * pairs` readable values, a panel of `pairs` rows of
+/// `2 * panel_width` values with `registers * LANES <= panel_width`, as many biases, and room
+/// for the outputs; the CPU supports the ISA.
+#[inline(always)]
+unsafe fn pair_tile_rows<V: PairDot>(rows: usize, registers: usize, tile: &PairTile) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match registers {
+            1 => pair_tile_width::<V, 1>(rows, tile),
+            2 => pair_tile_width::<V, 2>(rows, tile),
+            3 => pair_tile_width::<V, 3>(rows, tile),
+            4 => pair_tile_width::<V, 4>(rows, tile),
+            _ => unreachable!("panels are at most 4 registers wide"),
+        }
+    }
+}
+
+/// # Safety
+/// As for [`pair_tile_rows`].
+#[inline(always)]
+unsafe fn pair_tile_width<V: PairDot, const NV: usize>(rows: usize, tile: &PairTile) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        // Few rows leave too few independent accumulators to hide the instruction's latency:
+        // split `k` across extra sets, as the f32 tiles do.
+        match rows {
+            1 => pair_tile::<V, 1, NV, 4>(tile),
+            2 => pair_tile::<V, 2, NV, 2>(tile),
+            3 => pair_tile::<V, 3, NV, 1>(tile),
+            4 => pair_tile::<V, 4, NV, 1>(tile),
+            5 => pair_tile::<V, 5, NV, 1>(tile),
+            6 => pair_tile::<V, 6, NV, 1>(tile),
+            7 => pair_tile::<V, 7, NV, 1>(tile),
+            8 => pair_tile::<V, 8, NV, 1>(tile),
+            _ => unreachable!("register tiles are at most 8 rows"),
+        }
+    }
+}
+
+/// The microkernel: `R x NV` accumulators seeded with the bias, per pair of `k` one broadcast of
+/// each row's input pair and `NV` loads of weight pairs, `KS` accumulator sets over consecutive
+/// pairs summed at the end, the post-op where it runs on accumulators, stored as f32.
+///
+/// # Safety
+/// As for [`pair_tile_rows`], with `rows == R` and `registers == NV`.
+#[inline(always)]
+unsafe fn pair_tile<V: PairDot, const R: usize, const NV: usize, const KS: usize>(tile: &PairTile) {
+    let lanes = V::LANES;
+    let step = 2 * tile.panel_width;
+    // SAFETY: the caller guarantees the ISA, `R` input rows of `2 * pairs` values, `pairs` panel
+    // rows of `step` values (each register's pairs inside), `NV * LANES` biases and `R` output
+    // rows of `NV` registers; the split loop reads pairs `0..pairs / KS * KS`, the tail the rest.
+    unsafe {
+        let mut acc = [[[V::zero(); NV]; R]; KS];
+        for v in 0..NV {
+            let bias = V::load(tile.bias.add(v * lanes));
+            for row in acc[0].iter_mut() {
+                row[v] = bias;
+            }
+        }
+        let (mut a, mut panel) = (tile.a, tile.panel);
+        for _ in 0..tile.pairs / KS {
+            for (s, set) in acc.iter_mut().enumerate() {
+                let b = panel_row::<V, NV>(panel.add(s * step));
+                for (r, row) in set.iter_mut().enumerate() {
+                    let x = V::splat_pair(a.add(r * tile.lda + 2 * s));
+                    for (value, &weights) in row.iter_mut().zip(&b) {
+                        *value = value.dot_pairs(x, weights);
+                    }
+                }
+            }
+            a = a.add(2 * KS);
+            panel = panel.add(KS * step);
+        }
+        for _ in 0..tile.pairs % KS {
+            let b = panel_row::<V, NV>(panel);
+            for (r, row) in acc[0].iter_mut().enumerate() {
+                let x = V::splat_pair(a.add(r * tile.lda));
+                for (value, &weights) in row.iter_mut().zip(&b) {
+                    *value = value.dot_pairs(x, weights);
+                }
+            }
+            a = a.add(2);
+            panel = panel.add(step);
+        }
+        let (total, rest) = acc.split_at_mut(1);
+        for set in rest.iter() {
+            for (sum_row, row) in total[0].iter_mut().zip(set) {
+                for (sum, &value) in sum_row.iter_mut().zip(row) {
+                    *sum = sum.add(value);
+                }
+            }
+        }
+        for (r, row) in total[0].iter().enumerate() {
+            for (v, &value) in row.iter().enumerate() {
+                epilogue::apply_on_accumulators(tile.post_op, value)
+                    .store(tile.out.add(r * tile.ldo + v * lanes));
+            }
+        }
+    }
+}
+
+/// One panel row: `NV` registers of weight pairs.
+///
+/// # Safety
+/// `row` is valid for `NV * 2 * LANES` reads; the CPU supports the ISA.
+#[inline(always)]
+unsafe fn panel_row<V: PairDot, const NV: usize>(row: *const Bf16) -> [V::Pairs; NV] {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        let mut b = [V::load_pairs(row); NV];
+        for (v, reg) in b.iter_mut().enumerate().skip(1) {
+            *reg = V::load_pairs(row.add(v * 2 * V::LANES));
+        }
+        b
+    }
+}
+
+/// The bf16 dot-product ceiling: `iterations x PEAK_CHAINS` independent register
+/// [`PairDot::dot_pairs`] and nothing else; each does the work of `2 * LANES` FMAs, so
+/// [`fma_loop_flops`](super::fma_loop_flops)`(iterations, 2 * LANES)` counts its
+/// floating-point operations.
+///
+/// # Safety
+/// The CPU supports `V`'s ISA.
+#[inline(always)]
+pub unsafe fn dot_pairs_loop<V: PairDot>(iterations: usize, seed: &[f32]) -> f32 {
+    assert!(seed.len() >= 2 * V::LANES);
+    let pairs: Vec<Bf16> = seed.iter().map(|&x| Bf16::round(x)).collect();
+    // SAFETY: `pairs` holds `2 * LANES` values; the caller guarantees the ISA.
+    unsafe {
+        let x = V::load_pairs(pairs.as_ptr());
+        let mut acc = [V::zero(); PEAK_CHAINS];
+        for _ in 0..iterations {
+            for a in acc.iter_mut() {
+                *a = a.dot_pairs(x, x);
+            }
+        }
+        let mut sum = V::zero();
+        for a in acc {
+            sum = sum.add(a);
+        }
+        sum.sum()
+    }
+}
