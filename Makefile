@@ -42,7 +42,7 @@ test-python: build
 test-isas: build
 	@for isa in $$($(PY) -c "import fusedae; print(' '.join(fusedae.info()['available_isas'][1:]))"); do \
 	  echo "== FUSEDAE_ISA=$$isa"; \
-	  FUSEDAE_ISA=$$isa $(PY) -m pytest -q tests/test_mlp.py tests/test_torch.py tests/test_backward.py tests/test_native.py tests/test_activations.py tests/test_soak.py || exit 1; \
+	  FUSEDAE_ISA=$$isa $(PY) -m pytest -q tests/test_mlp.py tests/test_torch.py tests/test_backward.py tests/test_native.py tests/test_activations.py tests/test_soak.py tests/test_precision.py || exit 1; \
 	done
 
 lint: $(VENV)/.deps

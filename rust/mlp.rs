@@ -898,6 +898,113 @@ mod tests {
         }
     }
 
+    /// Every bf16 kernel this CPU runs: each ISA's widening one (AVX-512 with and without the
+    /// cheaper half registers) and, with AVX512_BF16, the one multiplying bf16 pairs.
+    fn bf16_kernels() -> Vec<(String, Isa, Kernel<Bf16, f32>)> {
+        let mut found = Vec::new();
+        for (isa, half) in isa_forms() {
+            let widening = match isa {
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512 => crate::kernels::avx512::kernel_bf16(),
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 => crate::kernels::avx2::kernel_bf16(),
+                #[cfg(target_arch = "aarch64")]
+                Isa::Neon => crate::kernels::neon::kernel_bf16(),
+                _ => crate::kernels::scalar::kernel_bf16(),
+            };
+            let widening = widening.with_half_registers(half);
+            found.push((format!("{isa} widening half={half}"), isa, widening));
+        }
+        #[cfg(target_arch = "x86_64")]
+        if Isa::Avx512.is_supported() && std::arch::is_x86_feature_detected!("avx512bf16") {
+            let pairs = crate::kernels::avx512::kernel_bf16_pairs();
+            found.push(("avx512 bf16 pairs".to_owned(), Isa::Avx512, pairs));
+        }
+        found
+    }
+
+    /// The bf16 kernels against the f64 reference on the unrounded weights, every output
+    /// within its first-order bound ([`Precision::BF16`](crate::oracle::Precision::BF16):
+    /// weights and inputs rounded to bf16, then f32 sums), on chains of every op and odd widths.
+    #[test]
+    fn every_bf16_kernel_stays_within_its_error_bound() {
+        use crate::oracle::{forward_bounds, Precision};
+        let mut rng = SmallRng::seed_from_u64(11);
+        let kernels = bf16_kernels();
+        for widths in CHAINS {
+            for relu_last in [false, true] {
+                let layers = random_chain(&mut rng, widths, relu_last);
+                let layers = with_random_ops(&mut rng, layers, relu_last);
+                let layers32 = to_f32(&layers);
+                // The reference runs the f32 parameters the kernels were given.
+                let exact: Vec<OwnedLayer<f64>> = layers32
+                    .iter()
+                    .zip(&layers)
+                    .map(|(l32, l)| OwnedLayer {
+                        weight: l32.weight.iter().map(|&v| f64::from(v)).collect(),
+                        bias: l32
+                            .bias
+                            .as_ref()
+                            .map(|b| b.iter().map(|&v| f64::from(v)).collect()),
+                        post_op: with_f32_params(l.post_op),
+                        ..*l
+                    })
+                    .collect();
+                let specs: Vec<_> = layers32.iter().map(OwnedLayer::spec).collect();
+                for &rows in BATCHES {
+                    let input32: Vec<f32> = (0..rows * widths[0])
+                        .map(|_| rng.random_range(-2.0f32..2.0))
+                        .collect();
+                    let input: Vec<f64> = input32.iter().map(|&v| f64::from(v)).collect();
+                    let want = reference(&exact, &input);
+                    let (_, out_bounds) = forward_bounds(&exact, &input, Precision::BF16);
+                    let bounds = out_bounds.last().unwrap();
+                    for (name, isa, kernel) in &kernels {
+                        let mlp = Mlp::<f32, Bf16>::with_kernel(&specs, *isa, *kernel).unwrap();
+                        let mut got = vec![0.0f32; rows * mlp.out_features()];
+                        mlp.forward(&input32, &mut got).unwrap();
+                        for (at, ((&got, &want), &bound)) in
+                            got.iter().zip(&want).zip(bounds).enumerate()
+                        {
+                            let error = (f64::from(got) - want).abs();
+                            assert!(
+                                error <= bound + 1e-30,
+                                "{name} {widths:?} rows={rows} at {at}: {got} vs {want}, error \
+                                 {error:e} > bound {bound:e}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Inference only: a bf16 chain refuses to keep activations or run a backward, with an error.
+    #[test]
+    fn bf16_chains_refuse_to_train() {
+        let weight = [0.5f32; 6];
+        let spec = LayerSpec {
+            weight: &weight,
+            bias: None,
+            out_features: 2,
+            in_features: 3,
+            post_op: PostOp::Relu,
+        };
+        let mlp = Mlp::<f32, Bf16>::new(&[spec], Isa::Scalar).unwrap();
+        let (input, mut output, mut saved) = ([1.0f32; 3], [0.0f32; 2], [0.0f32; 0]);
+        let error = mlp
+            .forward_saving(&input, &mut output, &mut saved)
+            .unwrap_err();
+        assert!(matches!(error, Error::Precision(_)), "{error}");
+        let mut grads = vec![0.0f32; mlp.gradients_len()];
+        let error = mlp
+            .backward(&input, &saved, &output, &output, &[true], None, &mut grads)
+            .unwrap_err();
+        assert!(error.to_string().contains("inference only"), "{error}");
+        mlp.forward(&input, &mut output).unwrap();
+        assert_eq!(output, [1.5, 1.5]);
+    }
+
     #[test]
     fn saved_activations_are_every_hidden_layer_on_every_isa() {
         let mut rng = SmallRng::seed_from_u64(13);

@@ -195,6 +195,9 @@ pub struct Precision {
     pub unit: f64,
     pub op_relative: f64,
     pub op_absolute: f64,
+    /// The unit roundoff of the type weights are stored in, and layer inputs may be rounded to
+    /// before they are multiplied (bf16: `2^-8`), or 0 where both stay in the compute type.
+    pub stored_unit: f64,
 }
 
 impl Precision {
@@ -202,20 +205,29 @@ impl Precision {
         unit: f32::EPSILON as f64 / 2.0,
         op_relative: 1e-6,
         op_absolute: 1e-30,
+        stored_unit: 0.0,
     };
     pub const F64: Precision = Precision {
         unit: f64::EPSILON / 2.0,
         op_relative: 1e-13,
         op_absolute: 1e-30,
+        stored_unit: 0.0,
+    };
+    /// bf16 weights (and, where the kernel multiplies bf16, inputs), f32 sums and ops.
+    pub const BF16: Precision = Precision {
+        stored_unit: 1.0 / 256.0,
+        ..Precision::F32
     };
 
     /// A sum of `terms` products, in any order, with or without FMA: at most this times the
     /// sum of the products' magnitudes away from the exact sum (twice the textbook `n u`, for
     /// the products' own rounding and the reductions of split sums), plus the subnormals'
-    /// absolute spacing per term.
+    /// absolute spacing per term; with narrower storage, each weight and each input rounded
+    /// to it first (`2 u_s` more: `(2 u_s + 2 (k + 1) u) sum |w| |x|`).
     fn sum_error(self, terms: usize, magnitude: f64) -> f64 {
         let terms = terms as f64 + 1.0;
-        2.0 * terms * self.unit * magnitude + terms * f64::from(f32::MIN_POSITIVE) * self.unit
+        2.0 * (self.stored_unit + terms * self.unit) * magnitude
+            + terms * f64::from(f32::MIN_POSITIVE) * self.unit
     }
 }
 

@@ -5,16 +5,31 @@
 
 use std::time::{Duration, Instant};
 
-use crate::dispatch::{Float, Isa};
-use crate::kernels::{fma_loop_flops, PeakLoop};
+use crate::dispatch::{Float, Isa, Weights};
+use crate::kernels::{fma_loop_flops, Bf16, Element, Kernel, PeakLoop};
 use crate::mlp::Error;
 
 /// Measures the FMA ceiling of one thread for `isa` in `T`: runs register-only multiply-adds
 /// for about `seconds` and returns GFLOP/s (the best of several rounds).
 pub fn fma_peak_gflops<T: Float>(isa: Isa, seconds: f64) -> Result<f64, Error> {
     let isa = crate::dispatch::require(isa)?;
-    let kernel = T::kernel(isa);
-    let lanes = kernel.shape.lanes;
+    Ok(peak_gflops(&T::kernel(isa), seconds))
+}
+
+/// The ceiling of `isa`'s bf16 kernel's own instruction, as [`fma_peak_gflops`]: `vdpbf16ps`
+/// where it multiplies bf16 pairs (counted as the FMAs it replaces), else the f32 FMA.
+pub fn bf16_peak_gflops(isa: Isa, seconds: f64) -> Result<f64, Error> {
+    let isa = crate::dispatch::require(isa)?;
+    Ok(peak_gflops(
+        &<Bf16 as Weights<f32>>::kernel_for(isa),
+        seconds,
+    ))
+}
+
+/// GFLOP/s of `kernel`'s peak loop, the best of rounds over about `seconds`. The caller has
+/// checked that this CPU supports the kernel's ISA.
+fn peak_gflops<W, T: Element>(kernel: &Kernel<W, T>, seconds: f64) -> f64 {
+    let lanes = kernel.shape.lanes * kernel.shape.k_group;
     let seed: Vec<T> = vec![T::ZERO; lanes];
     let iterations = 100_000;
     let flops = fma_loop_flops(iterations, lanes) as f64;
@@ -22,11 +37,11 @@ pub fn fma_peak_gflops<T: Float>(isa: Isa, seconds: f64) -> Result<f64, Error> {
     let mut best = 0.0_f64;
     loop {
         let start = Instant::now();
-        // SAFETY: `require` checked that this CPU supports the kernel's ISA.
+        // SAFETY: the caller checked that this CPU supports the kernel's ISA.
         std::hint::black_box(unsafe { (kernel.peak)(iterations, std::hint::black_box(&seed)) });
         best = best.max(flops / start.elapsed().as_secs_f64() / 1e9);
         if Instant::now() >= deadline {
-            return Ok(best);
+            return best;
         }
     }
 }

@@ -817,20 +817,49 @@ fn threads_source() -> String {
 
 /// GFLOP/s of one thread running register-only FMAs for about `seconds` (`dtype` "float32" or
 /// "float64"; `isa` defaults to the selected one): the ceiling to quote kernel speed against.
+/// `precision="bf16"`: the ceiling of the bf16 kernel's own instruction instead (`vdpbf16ps`
+/// where it multiplies bf16, counted as the FMAs it replaces; else the float32 FMA).
 #[pyfunction]
-#[pyo3(signature = (seconds=0.2, dtype="float32", isa=None))]
-fn fma_peak_gflops(py: Python<'_>, seconds: f64, dtype: &str, isa: Option<&str>) -> PyResult<f64> {
+#[pyo3(signature = (seconds=0.2, dtype="float32", isa=None, precision=None))]
+fn fma_peak_gflops(
+    py: Python<'_>,
+    seconds: f64,
+    dtype: &str,
+    isa: Option<&str>,
+    precision: Option<&str>,
+) -> PyResult<f64> {
     let isa = isa_or_selected(isa)?;
-    let result = match dtype {
-        "float32" => py.detach(|| crate::probe::fma_peak_gflops::<f32>(isa, seconds)),
-        "float64" => py.detach(|| crate::probe::fma_peak_gflops::<f64>(isa, seconds)),
-        other => {
+    let result = match (dtype, precision) {
+        ("float32", None) => py.detach(|| crate::probe::fma_peak_gflops::<f32>(isa, seconds)),
+        ("float64", None) => py.detach(|| crate::probe::fma_peak_gflops::<f64>(isa, seconds)),
+        ("float32", Some("bf16")) => py.detach(|| crate::probe::bf16_peak_gflops(isa, seconds)),
+        (_, Some(other)) if other != "bf16" => {
+            return Err(PyValueError::new_err(format!(
+                "precision must be None or 'bf16', got {other:?}"
+            )))
+        }
+        (other, _) => {
             return Err(PyTypeError::new_err(format!(
-                "dtype must be 'float32' or 'float64', got {other:?}"
+                "dtype must be 'float32' or 'float64' (float32 for bf16), got {other:?}"
             )))
         }
     };
     result.map_err(to_py_err)
+}
+
+/// How each precision runs on `isa` (default: the selected one): `"native"` where the kernel
+/// multiplies in that precision's own instructions, `"widened"` where the weights are stored
+/// narrow and widened to float32 in registers.
+#[pyfunction]
+#[pyo3(signature = (isa=None))]
+fn precision_support(isa: Option<&str>) -> PyResult<Vec<(&'static str, &'static str)>> {
+    let isa = isa_or_selected(isa)?;
+    let bf16 = if dispatch::multiplies_bf16(isa) {
+        "native"
+    } else {
+        "widened"
+    };
+    Ok(vec![("fp32", "native"), ("fp64", "native"), ("bf16", bf16)])
 }
 
 #[pymodule]
@@ -855,5 +884,6 @@ fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(threads_source, module)?)?;
     module.add("MAX_THREADS", threads::MAX_THREADS)?;
     module.add_function(wrap_pyfunction!(fma_peak_gflops, module)?)?;
+    module.add_function(wrap_pyfunction!(precision_support, module)?)?;
     Ok(())
 }

@@ -23,6 +23,10 @@ def info() -> dict[str, object]:
     and Spark set it for a worker), else the CPUs this process may use (affinity and cgroup
     quota); ``threads_from`` says which.
 
+    ``precisions``: how each ``precision=`` runs on the selected ISA: ``"native"`` in its own
+    instructions (bf16 with AVX512_BF16), ``"widened"`` with the weights stored narrow and
+    widened to float32 in registers (same error bound).
+
     Raises ``ValueError`` / ``RuntimeError`` if ``FUSEDAE_ISA`` names an unknown ISA or one this
     CPU lacks.
     """
@@ -31,6 +35,7 @@ def info() -> dict[str, object]:
         "isa": _native.selected_isa(),
         "available_isas": _native.available_isas(),
         "half_registers": _native.half_registers_cheaper(),
+        "precisions": dict(_native.precision_support()),
         "threads": _native.get_num_threads(),
         "threads_from": _native.threads_source(),
         "build_profile": _native.build_profile,

@@ -16,6 +16,7 @@ __all__ = [
     "fma_peak_gflops",
     "get_num_threads",
     "half_registers_cheaper",
+    "precision_support",
     "selected_isa",
     "set_num_threads",
     "target_arch",
@@ -118,5 +119,16 @@ def half_registers_cheaper() -> bool: ...
 def set_num_threads(threads: int) -> None: ...
 def get_num_threads() -> int: ...
 def threads_source() -> str: ...
-def fma_peak_gflops(seconds: float = 0.2, dtype: str = "float32", isa: str | None = None) -> float:
-    """GFLOP/s of one thread running register-only FMAs: the ceiling for kernel speed."""
+def fma_peak_gflops(
+    seconds: float = 0.2,
+    dtype: str = "float32",
+    isa: str | None = None,
+    precision: Literal["bf16"] | None = None,
+) -> float:
+    """GFLOP/s of one thread running register-only FMAs: the ceiling for kernel speed. With
+    ``precision="bf16"``, the ceiling of the bf16 kernel's own instruction (``vdpbf16ps`` where it
+    multiplies bf16, counted as the FMAs it replaces; else the float32 FMA)."""
+
+def precision_support(isa: str | None = None) -> list[tuple[str, Literal["native", "widened"]]]:
+    """How each precision runs on ``isa`` (default: the selected one): ``"native"`` in its own
+    instructions, ``"widened"`` with its weights stored narrow and widened to float32."""

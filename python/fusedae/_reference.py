@@ -69,3 +69,44 @@ def backward(
         grad = grad @ np.asarray(weight, dtype=np.float64)
     grads.reverse()
     return grad.reshape(x64.shape), grads
+
+
+# The bf16 precision's error bound (docs/precision.md): bf16's and f32's unit roundoffs, and the
+# float32 ops' own error (what tests/test_activations.py holds them to).
+BF16_UNIT = 2.0**-8
+F32_UNIT = 2.0**-24
+OP_RELATIVE = 1e-6
+OP_ABSOLUTE = 1e-30
+# At least every op's Lipschitz constant (GELU's 1.13 the largest), but for the ops whose slope
+# is a parameter.
+LIPSCHITZ = 1.13
+SLOPE_PARAMETERS = {"leaky_relu": 0, "elu": 0}
+
+
+def bf16_bound(
+    layers: Sequence[Layer], activations: Sequence[str | PostOp], x: npt.ArrayLike
+) -> np.ndarray:
+    """Per output, a first-order bound on how far the bf16 precision's result (weights, and
+    where the kernel multiplies bf16 the layer inputs, rounded to bf16; float32 sums and ops)
+    may be from the exact float64 ``forward`` of ``x`` (finite, ``(rows, in)``)::
+
+        pre_err = |W| err_in + (2 u_bf16 + 2 (k + 1) u_f32) (|W| (|x| + err_in) + |b|)
+        err_out = L pre_err + OP_RELATIVE (|y| + L pre_err) + OP_ABSOLUTE
+
+    layer by layer, ``L`` bounding the op's Lipschitz constant."""
+    ops = post_ops(activations)
+    x64 = np.asarray(x, dtype=np.float64)
+    _, posts = _pre_and_post(layers, activations, x64)
+    below, error = np.abs(x64), np.zeros_like(x64)
+    for (weight, bias), op, y in zip(layers, ops, posts, strict=True):
+        w = np.abs(np.asarray(weight, dtype=np.float64))
+        k = w.shape[1]
+        magnitude = (below + error) @ w.T
+        if bias is not None:
+            magnitude = magnitude + np.abs(np.asarray(bias, dtype=np.float64))
+        pre = error @ w.T + (2 * BF16_UNIT + 2 * (k + 1) * F32_UNIT) * magnitude
+        at = SLOPE_PARAMETERS.get(op.name)
+        slope = LIPSCHITZ if at is None else max(LIPSCHITZ, abs(op.params[at]))
+        error = slope * pre + OP_RELATIVE * (np.abs(y) + slope * pre) + OP_ABSOLUTE
+        below = np.abs(y)
+    return error

@@ -19,6 +19,19 @@ PARTS: tuple[Part, ...] = ("all", "encoder", "decoder")
 # float64); "bf16" stores the weights as bfloat16 (float32 in, out and in the sums).
 Precision = Literal["full", "bf16"]
 PRECISIONS: tuple[Precision, ...] = ("full", "bf16")
+# What `precision=` takes in the public API: the dtype's own arithmetic ("fp32", "fp64"), or
+# weights stored narrower ("bf16": float32 in and out).
+PrecisionName = Literal["fp32", "fp64", "bf16"]
+PRECISION_NAMES: tuple[PrecisionName, ...] = ("fp32", "fp64", "bf16")
+
+
+def spec_precision(name: str | None) -> Precision:
+    """The ChainSpec precision for a public ``precision=`` value (None: the dtype's own)."""
+    if name is not None and name not in PRECISION_NAMES:
+        raise ValueError(f"precision must be one of {PRECISION_NAMES}, got {name!r}")
+    return "bf16" if name == "bf16" else "full"
+
+
 LayerArrays = tuple[np.ndarray, np.ndarray | None]
 Position = Literal["before", "after"]
 POSITIONS: tuple[Position, ...] = ("before", "after")

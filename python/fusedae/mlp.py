@@ -5,16 +5,23 @@ from __future__ import annotations
 import math
 import os
 import sys
-from dataclasses import replace
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Literal
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
 from fusedae import _native, serialization
 from fusedae._ops import IDENTITY, RELU, PostOp
-from fusedae.chain import ChainSpec, Layer, Precision, default_encoder_layers
+from fusedae.chain import (
+    ChainSpec,
+    Layer,
+    Precision,
+    PrecisionName,
+    default_encoder_layers,
+    spec_precision,
+)
 
 FloatArray = npt.NDArray[np.floating]
 
@@ -26,10 +33,7 @@ def _float_dtype(dtype: npt.DTypeLike) -> np.dtype:
     return resolved
 
 
-# What `precision=` takes: the dtype's own arithmetic, or weights stored narrower.
-PrecisionName = Literal["fp32", "fp64", "bf16"]
-PRECISION_NAMES: tuple[PrecisionName, ...] = ("fp32", "fp64", "bf16")
-_FULL_DTYPES = {"fp32": np.dtype(np.float32), "fp64": np.dtype(np.float64)}
+_FULL_DTYPES: dict[str, np.dtype] = {"fp32": np.dtype(np.float32), "fp64": np.dtype(np.float64)}
 
 
 def resolve_precision(
@@ -39,16 +43,15 @@ def resolve_precision(
     ``"fp64"`` computes in that dtype, ``"bf16"`` stores the weights as bfloat16 and takes and
     gives float32; ``None`` keeps ``dtype`` (or ``default``) at full precision. A precision
     and a dtype that disagree are an error, not a silent choice."""
+    spec = spec_precision(precision)
     if precision is None:
-        return _float_dtype(default if dtype is None else dtype), "full"
-    if precision not in PRECISION_NAMES:
-        raise ValueError(f"precision must be one of {PRECISION_NAMES}, got {precision!r}")
+        return _float_dtype(default if dtype is None else dtype), spec
     wanted = _FULL_DTYPES.get(precision, np.dtype(np.float32))
     if dtype is not None and _float_dtype(dtype) != wanted:
         raise TypeError(
             f"precision {precision!r} takes and gives {wanted} arrays, but dtype={np.dtype(dtype)}"
         )
-    return wanted, "full" if precision in _FULL_DTYPES else "bf16"
+    return wanted, spec
 
 
 def _as_parameter(value: npt.ArrayLike, what: str, ndim: int, dtype: np.dtype) -> np.ndarray:
@@ -164,7 +167,9 @@ class MLP(_native.Chain):
             if bias is not None:
                 bias = _as_parameter(bias, f"layer {index} bias", 1, dtype)
             layers.append(Layer(weight, bias, layer.post_op, layer.normalization))
-        return cls._packed(ChainSpec(tuple(layers), spec.encoder_layers, spec_precision), dtype, isa)
+        return cls._packed(
+            ChainSpec(tuple(layers), spec.encoder_layers, spec_precision), dtype, isa
+        )
 
     @classmethod
     def _packed(cls, spec: ChainSpec, dtype: np.dtype, isa: str | None) -> MLP:
@@ -183,6 +188,8 @@ class MLP(_native.Chain):
     def _call_general(self, x: npt.ArrayLike, out: FloatArray | None) -> FloatArray:
         """What the native call refused: input converted if it can be (other float dtypes, any
         leading shape, non-contiguous, lists), or an error that says what was wrong."""
+        if self._spec.precision != "full" and getattr(x, "dtype", None) == np.float64:
+            x = np.asarray(x, np.float32)  # a bf16 chain takes float32: float64 is converted
         x2, lead = check_input(x, self._dtype, self.in_features, self.out_features)
         if out is None:
             result = self.forward(x2)

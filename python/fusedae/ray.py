@@ -34,8 +34,8 @@ from fusedae import serialization
 from fusedae._arrow import list_rows
 from fusedae.mlp import MLP
 
-# Precisions a model can be packed at; bf16 and int8 kernels are not built yet.
-PRECISIONS = ("fp32",)
+# Precisions a model can be packed at: the rows' own dtype, or weights stored as bfloat16.
+PRECISIONS = ("fp32", "bf16")
 
 
 def actor_cpus() -> int | None:
@@ -80,8 +80,9 @@ class Encoder:
     ``input_column``, writes the model's output as ``output_column`` (a fixed-size list column,
     one row per input row), and passes the batch's other columns through (ids, keys). ``model``
     is a ``.safetensors`` file from ``fusedae.torch.save`` or ``MLP.save``; ``part`` is
-    ``"encoder"``, ``"decoder"`` or ``"all"``; ``precision`` is ``"fp32"`` (the only one built so
-    far). Rows of float64 are computed in float64, any other dtype in float32. ``keep_input``
+    ``"encoder"``, ``"decoder"`` or ``"all"``; ``precision`` is ``"fp32"`` (rows of float64 are
+    computed in float64, any other dtype in float32) or ``"bf16"`` (weights stored as bfloat16,
+    float32 out: see ``docs/precision.md``). ``keep_input``
     keeps the input column (dropped by default: it is most of the bytes). The output column is
     Ray's tensor column from numpy batches, a fixed-size list column from pyarrow ones; one that
     the batch already has is an error."""
@@ -97,14 +98,14 @@ class Encoder:
         keep_input: bool = False,
     ) -> None:
         if precision not in PRECISIONS:
-            raise ValueError(
-                f"precision {precision!r}: this build has {PRECISIONS} (bf16 and int8 are not "
-                "built yet)"
-            )
+            raise ValueError(f"precision {precision!r}: this build has {PRECISIONS}")
         threads_from_actor_cpus()
         self.spec = serialization.read(model).select(part)
+        self.precision = precision
         self.models: dict[np.dtype, MLP] = {
-            np.dtype(np.float32): MLP.from_spec(self.spec, dtype=np.float32)
+            np.dtype(np.float32): MLP.from_spec(
+                self.spec, precision="bf16" if precision == "bf16" else None, dtype=np.float32
+            )
         }
         self.input_column = input_column
         self.output_column = output_column or {"encoder": "codes", "decoder": "decoded"}.get(
@@ -117,7 +118,8 @@ class Encoder:
         return self.models[np.dtype(np.float32)].in_features
 
     def model_for(self, rows: np.ndarray) -> MLP:
-        dtype = np.dtype(np.float64 if rows.dtype == np.float64 else np.float32)
+        float64 = rows.dtype == np.float64 and self.precision == "fp32"
+        dtype = np.dtype(np.float64 if float64 else np.float32)
         if dtype not in self.models:
             self.models[dtype] = MLP.from_spec(self.spec, dtype=dtype)
         return self.models[dtype]

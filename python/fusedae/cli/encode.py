@@ -126,6 +126,13 @@ def add_parser(commands: Any) -> None:
     encode.add_argument(
         "--threads", type=thread_count, help="kernel threads (default: the CPUs available)"
     )
+    encode.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="fp32: the input's own dtype (float64 input in float64); bf16: weights stored as "
+        "bfloat16, float32 out (see docs/precision.md)",
+    )
     encode.add_argument("--key", help="the array to read from a .npz holding several")
     encode.add_argument(
         "--layers",
@@ -199,7 +206,7 @@ def run(args: argparse.Namespace) -> None:
             refuse_given(ray_flags, "for --engine ray")
         spec = load_model(args.model, args.layers, args.trust_pickle)
         engine = ray_engine.encode if args.engine == "ray" else parquet.encode
-        engine(args, lambda dtype: model_mlp(args.model, spec, part, dtype))
+        engine(args, lambda dtype: model_mlp(args.model, spec, part, dtype, args.precision))
         return
     parquet_flags = {
         "--column": args.column,
@@ -218,7 +225,7 @@ def run(args: argparse.Namespace) -> None:
         raise CommandError(f"the directory of {output} does not exist")
     spec = load_model(args.model, args.layers, args.trust_pickle)
     with contextlib.closing(open_rows(args.input, args.key)) as source:
-        mlp = model_mlp(args.model, spec, part, source.dtype)
+        mlp = model_mlp(args.model, spec, part, source.dtype, args.precision)
         shape = source.shape
         widths = " -> ".join(map(str, mlp.spec.widths))
         if not shape or shape[-1] != mlp.in_features:
@@ -259,10 +266,15 @@ def check_finished(output: Path, shape: tuple[int, ...], dtype: np.dtype) -> Non
         )
 
 
-def model_mlp(path: Path, spec: ChainSpec, part: serialization.Part, dtype: np.dtype) -> MLP:
-    """The ``part`` of the model in ``path`` as an ``MLP`` taking rows of ``dtype``."""
+def model_mlp(
+    path: Path, spec: ChainSpec, part: serialization.Part, dtype: np.dtype, precision: str
+) -> MLP:
+    """The ``part`` of the model in ``path`` as an ``MLP`` taking rows of ``dtype`` at
+    ``precision`` (``"fp32"``: the rows' own dtype; ``"bf16"``: float32, rows converted)."""
     try:
         selected = spec.select(part)
     except ValueError as error:
         raise CommandError(f"{path}: {error}") from None
+    if precision == "bf16":
+        return MLP.from_spec(selected, precision="bf16")
     return MLP.from_spec(selected, dtype=f"f{dtype.itemsize}")

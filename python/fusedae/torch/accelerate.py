@@ -8,9 +8,10 @@ from typing import cast
 
 from torch import nn
 
+from fusedae.chain import PrecisionName, spec_precision
 from fusedae.torch.cache import has_hooks
 from fusedae.torch.lower import DROPOUTS, LoweredChain, describe, split, why_not_fused
-from fusedae.torch.modules import FusedMLP
+from fusedae.torch.modules import AE, FusedMLP
 
 
 @dataclass
@@ -67,7 +68,9 @@ def _mode_note(lowered: LoweredChain) -> str | None:
     return f"{', '.join(training)} in training mode (fused in eval mode)"
 
 
-def accelerate(model: nn.Module) -> tuple[nn.Module, AccelerateReport]:
+def accelerate(
+    model: nn.Module, precision: PrecisionName | None = None
+) -> tuple[nn.Module, AccelerateReport]:
     """Replaces, in place, every ``nn.Sequential`` in ``model`` holding a run of modules the
     kernels take (Linear layers with the op table's activations, eval-mode BatchNorm1d folded
     in, Dropout, Identity, a leading Flatten and a trailing Unflatten) by a ``FusedMLP`` holding
@@ -80,9 +83,14 @@ def accelerate(model: nn.Module) -> tuple[nn.Module, AccelerateReport]:
     Sequential reachable from several parents is replaced by one FusedMLP everywhere;
     references held outside the module tree (plain attributes, lists) still see the old one.
 
+    ``precision="bf16"`` makes every FusedMLP (those found too) run with its weights stored as
+    bfloat16, for inference (see ``FusedMLP``); ``"fp32"`` sets them back; None leaves found
+    ones as they are.
+
     Returns the model (a new ``FusedMLP`` if ``model`` is itself such a Sequential: use the
     returned one) and an ``AccelerateReport``; ``print`` it for a readable account.
     """
+    spec_precision(precision)  # an unknown precision is an error before anything changes
     report = AccelerateReport()
     done: dict[int, nn.Module] = {}
 
@@ -99,7 +107,7 @@ def accelerate(model: nn.Module) -> tuple[nn.Module, AccelerateReport]:
             elif has_hooks(module.modules()):
                 report.kept.append((name, "has hooks, which the fused call would skip"))
             else:
-                result = FusedMLP.from_sequential(cast(nn.Sequential, module))
+                result = FusedMLP.from_sequential(cast(nn.Sequential, module), precision)
                 report.replaced.append((name, _describe_pieces(children, pieces)))
                 keys = list(module._modules)
                 for start, _, lowered in pieces:
@@ -108,8 +116,11 @@ def accelerate(model: nn.Module) -> tuple[nn.Module, AccelerateReport]:
                         report.unfused.append((qualified, why_not_fused(children[start])))
                     elif (note := _mode_note(lowered)) is not None:
                         report.notes.append((name, note))
-        elif isinstance(module, FusedMLP):
-            report.already_fused.append(name)
+        elif isinstance(module, FusedMLP | AE):
+            if isinstance(module, FusedMLP):
+                report.already_fused.append(name)
+            if precision is not None:
+                module.set_precision(precision)
         done[id(module)] = result
         for key, child in list(result._modules.items()):
             if child is not None:

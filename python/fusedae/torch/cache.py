@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import types
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any, cast
 
 import numpy as np
@@ -15,6 +16,7 @@ from torch.nn.modules import module as _torch_module
 
 from fusedae import _native
 from fusedae._ops import PostOp
+from fusedae.chain import Precision
 from fusedae.torch.function import FusedMLPFunction, pack_spec, run, shape_error, to_dlpack
 from fusedae.torch.lower import DROPOUTS, LoweredChain, TensorSlot, as_array, lower, split
 
@@ -74,7 +76,10 @@ class ChainCache:
     module's ``invalidate()`` after those. A BatchNorm's ``eps`` is read when packing.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, precision: Precision = "full") -> None:
+        # How the kernel computes ("full": in the input's dtype; "bf16": weights stored as
+        # bfloat16, inference only). Kept across copies and pickling, unlike the rest.
+        self.precision: Precision = precision
         self.modules: tuple[nn.Module, ...] = ()
         self.containers: tuple[nn.Module, ...] = ()
         self.lowered: LoweredChain | None = None
@@ -96,12 +101,18 @@ class ChainCache:
         self.invalidate()
 
     def __getstate__(self) -> dict[str, Any]:
-        # Everything here is a cache, the packed chain a native one: a deep copy or a pickled
-        # module starts empty and packs its own parameters on its first call.
-        return {}
+        # Everything here but the precision is a cache, the packed chain a native one: a deep
+        # copy or a pickled module starts empty and packs its own parameters on its first call.
+        return {"precision": self.precision}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__()  # type: ignore[misc]
+        self.__init__(state.get("precision", "full"))  # type: ignore[misc]
+
+    def set_precision(self, precision: Precision) -> None:
+        """Packs at ``precision`` from the next call on."""
+        if precision != self.precision:
+            self.precision = precision
+            self.invalidate()
 
     def invalidate(self) -> None:
         self.dtype: torch.dtype | None = None
@@ -166,6 +177,12 @@ class ChainCache:
         )
         if not usable:
             self.chain = None
+        elif self.precision != "full":
+            if dtype != torch.float32:
+                raise TypeError(
+                    f"precision {self.precision!r} takes float32 input and parameters, got {dtype}"
+                )
+            self.chain = pack_spec(replace(self.lowered.spec(tensors), precision=self.precision))
         elif self.lowered.normalized:
             self.chain = pack_spec(self.lowered.spec(tensors))
         else:
@@ -214,15 +231,16 @@ class ChainCache:
         shape = x.shape
         if not shape or shape[-1] != in_features:
             raise shape_error(in_features, shape)
-        if (
-            _is_grad_enabled()
-            and self.trains_faster_plain(x)
-            and (
-                x.requires_grad
-                or any(t is not None and t.requires_grad for t in self.tensors_now())
-            )
+        if _is_grad_enabled() and (
+            x.requires_grad or any(t is not None and t.requires_grad for t in self.tensors_now())
         ):
-            return None  # before packing: a training step changes every parameter
+            if self.precision != "full":
+                raise RuntimeError(
+                    f"precision {self.precision!r} is for inference: call under torch.no_grad() "
+                    "or torch.inference_mode(), or set_precision('fp32') to train"
+                )
+            if self.trains_faster_plain(x):
+                return None  # before packing: a training step changes every parameter
         dtype = x.dtype
         # Still the packed chain if every tensor is the one packed, at the same address and
         # version; read straight from each slot's dict (`linear.weight` goes through
@@ -281,6 +299,7 @@ class ChainCache:
         assert lowered is not None  # `set_modules` found a chain
         if (
             _custom_ops is None
+            or self.precision != "full"  # the custom ops are fp32 / fp64 only
             or any(self.hook_registries)
             or lowered.normalized
             or _functorch_transforms_active()
@@ -353,15 +372,23 @@ class SplitCache:
     take with its own ``ChainCache``, each other child alone (cache None). Recomputed when the
     children change."""
 
-    def __init__(self) -> None:
+    def __init__(self, precision: Precision = "full") -> None:
+        self.precision: Precision = precision
         self.modules: tuple[nn.Module, ...] = ()
         self.pieces: tuple[tuple[tuple[nn.Module, ...], ChainCache | None], ...] = ()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {}  # a cache, as ChainCache's
+        return {"precision": self.precision}  # the rest is a cache, as ChainCache's
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__()  # type: ignore[misc]
+        self.__init__(state.get("precision", "full"))  # type: ignore[misc]
+
+    def set_precision(self, precision: Precision) -> None:
+        """Each run packs at ``precision`` from the next call on."""
+        self.precision = precision
+        for _, cache in self.pieces:
+            if cache is not None:
+                cache.set_precision(precision)
 
     def pieces_of(
         self, modules: tuple[nn.Module, ...]
@@ -372,7 +399,7 @@ class SplitCache:
             for start, stop, lowered in split(modules):
                 cache = None
                 if lowered is not None:
-                    cache = ChainCache()
+                    cache = ChainCache(self.precision)
                     cache.set_modules(modules[start:stop])
                 pieces.append((modules[start:stop], cache))
             self.modules, self.pieces = modules, tuple(pieces)

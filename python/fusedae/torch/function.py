@@ -27,8 +27,9 @@ NUMPY_DTYPES: dict[torch.dtype, np.dtype] = {
 
 
 def pack_spec(spec: ChainSpec) -> _native.Chain:
-    """The native chain running ``spec``."""
-    return _native.Chain(*spec.native_arguments())
+    """The native chain running ``spec``, at its precision."""
+    precision = None if spec.precision == "full" else spec.precision
+    return _native.Chain(*spec.native_arguments(), None, precision)
 
 
 def pack_chain(

@@ -9,6 +9,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from fusedae.chain import PrecisionName, spec_precision
 from fusedae.torch.cache import ChainCache, SplitCache, forget_op_chains
 
 # A chain as `FusedMLP.fused_layers` shows it: each Linear with its post-op's name.
@@ -67,25 +68,45 @@ class FusedMLP(_FusedCall, nn.Sequential):
     float32/float64 input runs fused (autograd through ``FusedMLPFunction`` when a gradient is
     needed); anything else (CUDA, half precision, autocast, BatchNorm in training mode) runs as
     plain ``nn.Sequential``.
+
+    ``precision="bf16"`` (or ``set_precision``) runs the fused calls with the weights stored as
+    bfloat16, for inference (float32 in and out; a call that needs gradients raises
+    RuntimeError: train at ``"fp32"``); under ``torch.compile`` / ``torch.export`` the traced
+    op computes at fp32.
     """
 
-    def __init__(self, *args: Any) -> None:
+    def __init__(self, *args: Any, precision: PrecisionName | None = None) -> None:
         super().__init__(*args)
-        self._fused = ChainCache()  # the whole Sequential, where it is one chain
-        self._pieces = SplitCache()  # where it is not
+        self._fused = ChainCache(spec_precision(precision))  # the whole Sequential, if a chain
+        self._pieces = SplitCache(spec_precision(precision))  # where it is not
         # Lowered now, so that a first call traced by torch.compile or torch.export finds the
         # chain and changes no state (the calls look again: the children may change).
         self._fused.set_modules(tuple(self._modules.values()))  # type: ignore[arg-type]
 
     @classmethod
-    def from_sequential(cls, sequential: nn.Sequential) -> FusedMLP:
+    def from_sequential(
+        cls, sequential: nn.Sequential, precision: PrecisionName | None = None
+    ) -> FusedMLP:
         """A FusedMLP holding the same child modules (and so the same parameters)."""
-        fused = cls(OrderedDict(sequential._modules))  # a plain dict would be read as one module
+        # An OrderedDict: a plain dict would be read as one module.
+        fused = cls(OrderedDict(sequential._modules), precision=precision)
         fused.train(sequential.training)
         return fused
 
     def _get_name(self) -> str:
         return "Sequential"  # prints exactly like the nn.Sequential it replaces
+
+    @property
+    def precision(self) -> PrecisionName:
+        """``"bf16"``, or ``"fp32"`` (the parameters' own dtype: fp64 for float64 ones)."""
+        return "bf16" if self._fused.precision == "bf16" else "fp32"
+
+    def set_precision(self, precision: PrecisionName) -> FusedMLP:
+        """Runs the fused calls at ``precision`` (``"fp32"`` or ``"bf16"``) from the next call on
+        (packing again); returns the module."""
+        self._fused.set_precision(spec_precision(precision))
+        self._pieces.set_precision(spec_precision(precision))
+        return self
 
     def fused_layers(self) -> Layers | None:
         """The chain the kernel runs, as ``(linear, post-op name)`` pairs; None if the children
@@ -154,13 +175,18 @@ class AE(_FusedCall):
     Linear(z, h), ReLU, Linear(h, x). Same constructor and ``state_dict`` keys as the seed's
     class, so its checkpoints load unchanged. On CPU, ``forward`` runs encoder and decoder as one
     fused call (identity at the bottleneck); ``encoder(x)`` alone gives the codes.
+    ``precision`` as for ``FusedMLP``, for the whole model and each half.
     """
 
-    def __init__(self, x_dim: int, z_dim: int, h_dim: int = 42) -> None:
+    def __init__(
+        self, x_dim: int, z_dim: int, h_dim: int = 42, *, precision: PrecisionName | None = None
+    ) -> None:
         super().__init__()
-        self.encoder = FusedMLP(nn.Linear(x_dim, h_dim), nn.ReLU(), nn.Linear(h_dim, z_dim))
-        self.decoder = FusedMLP(nn.Linear(z_dim, h_dim), nn.ReLU(), nn.Linear(h_dim, x_dim))
-        self._fused = ChainCache()
+        layers = (nn.Linear(x_dim, h_dim), nn.ReLU(), nn.Linear(h_dim, z_dim))
+        self.encoder = FusedMLP(*layers, precision=precision)
+        layers = (nn.Linear(z_dim, h_dim), nn.ReLU(), nn.Linear(h_dim, x_dim))
+        self.decoder = FusedMLP(*layers, precision=precision)
+        self._fused = ChainCache(spec_precision(precision))
         # Lowered now, as in FusedMLP.
         self._fused.set_modules(
             (*self.encoder._modules.values(), *self.decoder._modules.values()),  # type: ignore[arg-type]
@@ -173,6 +199,19 @@ class AE(_FusedCall):
         self._fused.invalidate()
         self.encoder.invalidate()
         self.decoder.invalidate()
+
+    @property
+    def precision(self) -> PrecisionName:
+        """As ``FusedMLP.precision``, for the whole model."""
+        return "bf16" if self._fused.precision == "bf16" else "fp32"
+
+    def set_precision(self, precision: PrecisionName) -> AE:
+        """``FusedMLP.set_precision`` for the whole model and both halves; returns it."""
+        self._fused.set_precision(spec_precision(precision))
+        for half in (self._modules["encoder"], self._modules["decoder"]):
+            if isinstance(half, FusedMLP):
+                half.set_precision(precision)
+        return self
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """The whole chain as one fused call on ``x``, or None where plain PyTorch must run it."""
