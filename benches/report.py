@@ -265,13 +265,80 @@ def render_ray(path: Path) -> list[str]:
     return out
 
 
+PRECISION = "precision"
+PRECISION_LABELS = {
+    "fusedae-fp32": "fusedae fp32",
+    "fusedae-bf16": "**fusedae bf16**",
+    "torch-fp32": "PyTorch fp32",
+    "torch-bf16": "PyTorch bf16 (`.to(torch.bfloat16)`)",
+    "torch-int8": "PyTorch int8 (`quantize_dynamic`)",
+    "torch-int8-per-channel": "PyTorch int8 (`quantize_dynamic`, per channel)",
+    "onnxruntime-fp32": "ONNX Runtime fp32",
+    "onnxruntime-int8": "ONNX Runtime int8 (`quantize_dynamic`, per channel)",
+}
+
+
+def render_precision(path: Path) -> list[str]:
+    """The lower-precision tables (``bench_precision.py``): per group, each peer's time,
+    fp32-equivalent GFLOP/s as a share of the fp32 FMA peak and of the bf16 kernel's own peak
+    (both measured in the group), and its error against float64."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for bench in json.loads(path.read_text())["benchmarks"]:
+        if bench.get("extra_info", {}).get("kind") == PRECISION:
+            groups.setdefault(bench["group"], []).append(bench)
+    if not groups:
+        return []
+    out = [
+        "",
+        "## Lower precision",
+        "",
+        "`benches/bench_precision.py`: median time per call; GFLOP/s counted as fp32 work (2 x in "
+        "x out per row, whatever the precision), as a share of the fp32 FMA peak and of the bf16 "
+        "kernel's own instruction peak (`vdpbf16ps` where the CPU has AVX512_BF16), both probed "
+        "in the same group; error: normwise relative error against the float64 reference on the "
+        "same weights and inputs.",
+    ]
+    for name, runs in groups.items():
+        info = {bench["extra_info"]["peer"]: bench for bench in runs}
+        fma = info.get("fma-peak", {}).get("extra_info", {}).get("peak_gflops")
+        bf16 = info.get("bf16-peak", {}).get("extra_info", {}).get("peak_gflops")
+        out += [
+            "",
+            f"### {name.removeprefix('precision | ')}",
+            "",
+            f"Peaks: fp32 FMA {_fmt_gflops(fma)} GFLOP/s, bf16 {_fmt_gflops(bf16)} GFLOP/s.",
+            "",
+            "| peer | time | GFLOP/s | of fp32 peak | of bf16 peak | vs fusedae fp32 | error |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        ours = info.get("fusedae-fp32")
+        for peer, label in PRECISION_LABELS.items():
+            if peer not in info:
+                continue
+            bench = info[peer]
+            median, flops = bench["stats"]["median"], bench["extra_info"]["flops"]
+            gflops = flops / median / 1e9
+            speedup = ours["stats"]["median"] / median if ours else None
+            cells = [
+                label,
+                format_time(median),
+                f"{gflops:.0f}",
+                f"{100 * gflops / fma:.0f}%" if fma else "-",
+                f"{100 * gflops / bf16:.0f}%" if bf16 else "-",
+                f"{speedup:.2f}x" if speedup else "-",
+                f"{bench['extra_info'].get('error', float('nan')):.1e}",
+            ]
+            out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
 def load(path: Path) -> tuple[dict[str, Any], list[Group]]:
     """The JSON's metadata and its forward groups, in the order they ran."""
     data = json.loads(path.read_text())
     groups: dict[tuple[str, int, bool, int], Group] = {}
     for bench in data["benchmarks"]:
         info = bench.get("extra_info", {})
-        if "peer" not in info or info.get("kind") in (TRAINING, PARQUET, RAY):
+        if "peer" not in info or info.get("kind") in (TRAINING, PARQUET, RAY, PRECISION):
             continue  # not one of bench_models.py's
         key = (info["model_key"], info["batch"], info.get("streamed", False), info["threads"])
         group = groups.setdefault(key, Group(key[0], info["model"], *key[1:]))
@@ -498,6 +565,7 @@ def main(argv: list[str] | None = None) -> int:
         *render_training(load_training(args.results)),
         *render_parquet(args.results),
         *render_ray(args.results),
+        *render_precision(args.results),
     ]
     if not groups and not sections:
         parser.error(f"{args.results} holds no fusedae benchmark results (was it a timed run?)")

@@ -556,6 +556,16 @@ impl PairDot for F32x16 {
             _mm256_mask_storeu_epi16(ptr.cast(), mask, rounded);
         }
     }
+    #[inline(always)]
+    unsafe fn store_rounded_two(self, next: Self, ptr: *mut Bf16) {
+        // SAFETY: the caller guarantees 32 writable values and AVX512_BF16; `vcvtne2ps2bf16`
+        // puts its second operand's values first.
+        unsafe {
+            let rounded =
+                std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(next.0, self.0));
+            _mm512_storeu_si512(ptr.cast(), rounded);
+        }
+    }
 }
 
 pairs_kernel!(

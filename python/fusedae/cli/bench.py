@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import tempfile
+from pathlib import Path
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -52,17 +54,12 @@ def add_parser(commands: Any) -> None:
     bench.set_defaults(run=run)
 
 
-def onnx_session(
-    layers: Sequence[tuple[np.ndarray, np.ndarray]],
-    activations: Sequence[str | PostOp],
-    threads: int,
+def onnx_model(
+    layers: Sequence[tuple[np.ndarray, np.ndarray]], activations: Sequence[str | PostOp]
 ) -> Any:
-    """An ONNX Runtime session (default graph optimizations, ``threads`` intra-op, one inter-op)
-    running the chain: ``Gemm(transB=1)`` per layer, then each post-op's ONNX nodes from the
-    op table (ONNX Runtime's graph optimizations drop an ``Identity``); input ``"x"`` with a
-    dynamic batch dimension."""
+    """The chain as an ONNX model (opset 17): ``Gemm(transB=1)`` per layer, then each post-op's
+    ONNX nodes from the op table; input ``"x"`` with a dynamic batch dimension."""
     import onnx
-    import onnxruntime
     from onnx import helper, numpy_helper
 
     elem = helper.np_dtype_to_tensor_dtype(layers[0][0].dtype)
@@ -89,12 +86,35 @@ def onnx_session(
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     onnx.checker.check_model(model)
+    return model
+
+
+def onnx_session(
+    layers: Sequence[tuple[np.ndarray, np.ndarray]],
+    activations: Sequence[str | PostOp],
+    threads: int,
+    *,
+    int8: bool = False,
+) -> Any:
+    """An ONNX Runtime session (default graph optimizations, ``threads`` intra-op, one inter-op)
+    running ``onnx_model`` (ONNX Runtime's graph optimizations drop an ``Identity``); with
+    ``int8``, after ONNX Runtime's ``quantize_dynamic`` (int8 weights per channel, uint8
+    activations quantized per call)."""
+    import onnxruntime
+
+    data = onnx_model(layers, activations).SerializeToString()
+    if int8:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        with tempfile.TemporaryDirectory() as directory:
+            source, quantized = Path(directory, "fp32.onnx"), Path(directory, "int8.onnx")
+            source.write_bytes(data)
+            quantize_dynamic(source, quantized, per_channel=True, weight_type=QuantType.QInt8)
+            data = quantized.read_bytes()
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    return onnxruntime.InferenceSession(
-        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
+    return onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
 
 def run(args: argparse.Namespace) -> None:
