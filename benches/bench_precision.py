@@ -179,13 +179,14 @@ def _peak(benchmark: Any, threads: int, precision: str | None) -> None:
     instruction, the best of ``PEAK_ROUNDS``."""
     seconds = PEAK_SECONDS if benchmark.enabled else 0.005
 
+    def one(_: object = None) -> float:
+        return _native.fma_peak_gflops(seconds, precision=precision)
+
     def probe() -> float:
         if threads == 1:
-            return _native.fma_peak_gflops(seconds, precision=precision)
+            return one()
         with ThreadPoolExecutor(threads) as pool:
-            return sum(
-                pool.map(lambda _: _native.fma_peak_gflops(seconds, precision=precision), range(threads))
-            )
+            return sum(pool.map(one, range(threads)))
 
     runs: list[float] = []
     rounds = PEAK_ROUNDS if benchmark.enabled else 1

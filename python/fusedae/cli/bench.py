@@ -6,8 +6,8 @@ import argparse
 import itertools
 import math
 import tempfile
-from pathlib import Path
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
