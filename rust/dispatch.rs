@@ -288,6 +288,16 @@ pub fn multiplies_bf16(isa: Isa) -> bool {
     false
 }
 
+/// Whether `isa` runs the bf16 precision on weights stored as bf16 (AVX-512: multiplied as bf16
+/// pairs with AVX512_BF16, else widened in registers, which at batch 1 is faster than f32 for
+/// the halved bytes) rather than on the f32 kernel with the weights rounded to bf16
+/// ([`Mlp::rounded_to_bf16`](crate::mlp::Mlp::rounded_to_bf16)): AVX2 widening took twice the
+/// f32 kernel's time at batch 1 (its 16-bit partial loads) and 7% more at 4096 rows on Zen 5;
+/// NEON is not measured yet. Same numbers either way, but for the pairs' rounded inputs.
+pub fn bf16_weights_narrow(isa: Isa) -> bool {
+    isa == Isa::Avx512
+}
+
 /// bf16 weights, f32 sums and I/O: multiplied as bf16 pairs where the CPU can
 /// ([`multiplies_bf16`]: the inputs rounded to bf16 too), else widened to f32 in registers.
 impl Weights<f32> for Bf16 {

@@ -65,8 +65,11 @@ const CHUNKS_PER_THREAD: usize = 8;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ChainInfo {
     pub dtype: DType,
-    /// How the weights are stored ([`Weights::PRECISION`]).
+    /// The precision the chain computes at: its weights' ([`Weights::PRECISION`]), or "bf16"
+    /// for f32 weights rounded to bf16 ([`Mlp::rounded_to_bf16`]).
     pub precision: &'static str,
+    /// Whether it may keep activations and run a backward (only at its dtype's own precision).
+    pub trains: bool,
     pub isa: Isa,
     pub in_features: usize,
     pub out_features: usize,
@@ -174,6 +177,7 @@ impl<T: Float, W: Weights<T>> Mlp<T, W> {
         let info = ChainInfo {
             dtype: T::DTYPE,
             precision: W::PRECISION,
+            trains: W::TRAINS,
             isa,
             in_features: layers[0].in_features,
             out_features: layers[layers.len() - 1].out_features,
@@ -237,12 +241,12 @@ impl<T: Float, W: Weights<T>> Mlp<T, W> {
     /// Refuses what only training does (keeping activations, a backward) on a chain whose
     /// weights are stored narrower than it computes: those are for inference.
     fn check_trains(&self) -> Result<(), Error> {
-        if W::TRAINS {
+        if self.info.trains {
             return Ok(());
         }
         Err(Error::Precision(format!(
             "a chain packed at precision {} is for inference only; train at fp32 and pack again",
-            W::PRECISION
+            self.info.precision
         )))
     }
 
@@ -534,6 +538,34 @@ impl<T: Float, W: Weights<T>> Mlp<T, W> {
                 )
             }
         });
+    }
+}
+
+impl Mlp<f32> {
+    /// The bf16 precision on the f32 kernel: each weight rounded to bf16 (nearest even) and
+    /// held as the f32 of the same value, the inputs and sums in f32. For the ISAs where
+    /// widening bf16 in registers costs more than the bytes it saves
+    /// ([`dispatch::bf16_weights_narrow`](crate::dispatch::bf16_weights_narrow)); the same
+    /// numbers as a widening kernel, inference only.
+    pub fn rounded_to_bf16(specs: &[LayerSpec<'_, f32>], isa: Isa) -> Result<Self, Error> {
+        let rounded: Vec<Vec<f32>> = specs
+            .iter()
+            .map(|spec| {
+                spec.weight
+                    .iter()
+                    .map(|&w| Bf16::round(w).widen())
+                    .collect()
+            })
+            .collect();
+        let specs: Vec<LayerSpec<'_, f32>> = specs
+            .iter()
+            .zip(&rounded)
+            .map(|(spec, weight)| LayerSpec { weight, ..*spec })
+            .collect();
+        let mut mlp = Mlp::new(&specs, isa)?;
+        mlp.info.precision = <Bf16 as Weights<f32>>::PRECISION;
+        mlp.info.trains = false;
+        Ok(mlp)
     }
 }
 
@@ -959,10 +991,19 @@ mod tests {
                     let want = reference(&exact, &input);
                     let (_, out_bounds) = forward_bounds(&exact, &input, Precision::BF16);
                     let bounds = out_bounds.last().unwrap();
-                    for (name, isa, kernel) in &kernels {
+                    let emulated = dispatch::available().into_iter().map(|isa| {
+                        let mlp = Mlp::rounded_to_bf16(&specs, isa).unwrap();
+                        let mut got = vec![0.0f32; rows * mlp.out_features()];
+                        mlp.forward(&input32, &mut got).unwrap();
+                        (format!("{isa} f32 kernel on rounded weights"), got)
+                    });
+                    let narrow = kernels.iter().map(|(name, isa, kernel)| {
                         let mlp = Mlp::<f32, Bf16>::with_kernel(&specs, *isa, *kernel).unwrap();
                         let mut got = vec![0.0f32; rows * mlp.out_features()];
                         mlp.forward(&input32, &mut got).unwrap();
+                        (name.clone(), got)
+                    });
+                    for (name, got) in narrow.chain(emulated) {
                         for (at, ((&got, &want), &bound)) in
                             got.iter().zip(&want).zip(bounds).enumerate()
                         {
@@ -1003,6 +1044,12 @@ mod tests {
         assert!(error.to_string().contains("inference only"), "{error}");
         mlp.forward(&input, &mut output).unwrap();
         assert_eq!(output, [1.5, 1.5]);
+        let emulated = Mlp::rounded_to_bf16(&[spec], Isa::Scalar).unwrap();
+        assert_eq!(emulated.info().precision, "bf16");
+        let error = emulated
+            .forward_saving(&input, &mut output, &mut saved)
+            .unwrap_err();
+        assert!(error.to_string().contains("precision bf16"), "{error}");
     }
 
     #[test]

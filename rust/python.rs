@@ -100,11 +100,16 @@ fn parse_post_op(value: &Bound<'_, PyAny>, index: usize) -> PyResult<PostOp> {
     parsed.map_err(|message| PyValueError::new_err(format!("layer {index}: {message}")))
 }
 
+/// How a chain is packed from its layers: `Mlp::new`, or `Mlp::rounded_to_bf16`.
+type Pack<T, W> = fn(&[LayerSpec<'_, T>], Isa) -> Result<Mlp<T, W>, Error>;
+
+/// The chain of these arrays and post-ops, checked, packed by `pack`.
 fn build<T: Float + numpy::Element, W: Weights<T>>(
     weights: &[Bound<'_, PyAny>],
     biases: &[Option<Bound<'_, PyAny>>],
     post_ops: &[Bound<'_, PyAny>],
     isa: Isa,
+    pack: Pack<T, W>,
 ) -> PyResult<Mlp<T, W>> {
     if biases.len() != weights.len() || post_ops.len() != weights.len() {
         return Err(PyValueError::new_err(format!(
@@ -153,7 +158,7 @@ fn build<T: Float + numpy::Element, W: Weights<T>>(
             post_op: parse_post_op(post_op, index)?,
         });
     }
-    Mlp::new(&specs, isa).map_err(to_py_err)
+    pack(&specs, isa).map_err(to_py_err)
 }
 
 /// `x` checked as a `(rows, in_features)` array of the chain's dtype, borrowed for reading.
@@ -602,11 +607,24 @@ impl Chain {
             .ok_or_else(|| PyValueError::new_err("an MLP needs at least one layer, got 0"))?;
         let is_f64 = first.cast::<PyArray2<f64>>().is_ok();
         let mlp = match (precision, is_f64) {
-            (None, true) => AnyMlp::F64(build(&weights, &biases, &post_ops, isa)?),
-            (None, false) => AnyMlp::F32(build(&weights, &biases, &post_ops, isa)?),
-            (Some("bf16"), _) => {
-                AnyMlp::Bf16(build::<f32, Bf16>(&weights, &biases, &post_ops, isa)?)
+            (None, true) => AnyMlp::F64(build(&weights, &biases, &post_ops, isa, Mlp::new)?),
+            (None, false) => AnyMlp::F32(build(&weights, &biases, &post_ops, isa, Mlp::new)?),
+            (Some("bf16"), _) if dispatch::bf16_weights_narrow(isa) => {
+                AnyMlp::Bf16(build::<f32, Bf16>(
+                    &weights,
+                    &biases,
+                    &post_ops,
+                    isa,
+                    Mlp::new,
+                )?)
             }
+            (Some("bf16"), _) => AnyMlp::F32(build(
+                &weights,
+                &biases,
+                &post_ops,
+                isa,
+                Mlp::rounded_to_bf16,
+            )?),
             (Some(other), _) => {
                 return Err(PyValueError::new_err(format!(
                     "precision must be None (the weights' dtype) or 'bf16', got {other:?}"
@@ -849,15 +867,18 @@ fn fma_peak_gflops(
 
 /// How each precision runs on `isa` (default: the selected one): `"native"` where the kernel
 /// multiplies in that precision's own instructions, `"widened"` where the weights are stored
-/// narrow and widened to float32 in registers.
+/// narrow and widened to float32 in registers, `"emulated"` where the float32 kernel runs the
+/// weights rounded to it.
 #[pyfunction]
 #[pyo3(signature = (isa=None))]
 fn precision_support(isa: Option<&str>) -> PyResult<Vec<(&'static str, &'static str)>> {
     let isa = isa_or_selected(isa)?;
     let bf16 = if dispatch::multiplies_bf16(isa) {
         "native"
-    } else {
+    } else if dispatch::bf16_weights_narrow(isa) {
         "widened"
+    } else {
+        "emulated"
     };
     Ok(vec![("fp32", "native"), ("fp64", "native"), ("bf16", bf16)])
 }

@@ -25,7 +25,8 @@ def info() -> dict[str, object]:
 
     ``precisions``: how each ``precision=`` runs on the selected ISA: ``"native"`` in its own
     instructions (bf16 with AVX512_BF16), ``"widened"`` with the weights stored narrow and
-    widened to float32 in registers (same error bound).
+    widened to float32 in registers (other AVX-512 CPUs), ``"emulated"`` on the float32 kernel
+    with the weights rounded to it (AVX2, NEON: never slower than fp32); same error bound.
 
     Raises ``ValueError`` / ``RuntimeError`` if ``FUSEDAE_ISA`` names an unknown ISA or one this
     CPU lacks.

@@ -129,6 +129,9 @@ def fma_peak_gflops(
     ``precision="bf16"``, the ceiling of the bf16 kernel's own instruction (``vdpbf16ps`` where it
     multiplies bf16, counted as the FMAs it replaces; else the float32 FMA)."""
 
-def precision_support(isa: str | None = None) -> list[tuple[str, Literal["native", "widened"]]]:
+def precision_support(
+    isa: str | None = None,
+) -> list[tuple[str, Literal["native", "widened", "emulated"]]]:
     """How each precision runs on ``isa`` (default: the selected one): ``"native"`` in its own
-    instructions, ``"widened"`` with its weights stored narrow and widened to float32."""
+    instructions, ``"widened"`` with its weights stored narrow and widened to float32,
+    ``"emulated"`` on the float32 kernel with the weights rounded to it."""
