@@ -86,8 +86,10 @@ def _torch(precision: str) -> Callable[..., Callable[[], Any]]:
         module = copy.deepcopy(zoo.eager(model))
         xt = torch.from_numpy(x)
         if precision == "bf16":
-            module, xt = module.to(torch.bfloat16), xt.to(torch.bfloat16)
-        elif precision != "fp32":
+            # The user's rows are float32: the conversion is part of the call, as it is ours.
+            module = module.to(torch.bfloat16)
+            return _on_inputs([xt], lambda x: module(x.to(torch.bfloat16)))
+        if precision != "fp32":
             from torch.ao import quantization
 
             qconfig = {"int8": None, "int8-per-channel": quantization.per_channel_dynamic_qconfig}
