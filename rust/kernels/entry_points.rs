@@ -160,6 +160,8 @@ macro_rules! target_kernels {
 /// Defines `pub fn name() -> Kernel<Bf16, f32>`: the bf16-pairs form (`pairs.rs`) on register
 /// type `$register` (a [`PairDot`](super::PairDot)), its entry points compiled with
 /// `#[target_feature(enable = $features)]`; inference only (no backward).
+// Only the x86-64 AVX512_BF16 kernel uses it so far.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_macros))]
 macro_rules! pairs_kernel {
     (features = $features:literal, mr = $mr:expr, nv_max = $nv_max:expr, $name:ident: $register:ty $(;)?) => {
         pub fn $name() -> $crate::kernels::Kernel<$crate::kernels::Bf16, f32> {
