@@ -277,12 +277,16 @@ impl<T: Float> Weights<T> for T {
 
 /// Whether `isa`'s bf16 kernel multiplies bf16 as it is (AVX512_BF16's `vdpbf16ps`), rather than
 /// widening the weights to f32 in registers. `FUSEDAE_BF16=widen` forces the widening kernel
-/// (to compare the two on one machine).
+/// (to compare the two on one machine); read once per process.
 pub fn multiplies_bf16(isa: Isa) -> bool {
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512 {
-        let forced_off = std::env::var("FUSEDAE_BF16").is_ok_and(|v| v.trim() == "widen");
-        return !forced_off && std::arch::is_x86_feature_detected!("avx512bf16");
+        // Read once per process, as `FUSEDAE_ISA` is.
+        static NATIVE: OnceLock<bool> = OnceLock::new();
+        return *NATIVE.get_or_init(|| {
+            let forced_off = std::env::var("FUSEDAE_BF16").is_ok_and(|v| v.trim() == "widen");
+            !forced_off && std::arch::is_x86_feature_detected!("avx512bf16")
+        });
     }
     let _ = isa;
     false

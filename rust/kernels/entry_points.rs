@@ -20,40 +20,57 @@ macro_rules! target_kernels {
     (mr = $mr:expr, nv_max = $nv_max:expr, $($name:ident: $register:ty => $weight:ty, $elem:ty);+ $(;)?) => {
         $(target_kernels!(@one [] $mr, $nv_max, $name, $register, $weight, $elem);)+
     };
+    // The post-ops' passes over stored tiles (`StoredEpilogue`), compiled for `$register`.
+    (@stored_epilogue [$($attribute:meta)?] $register:ty) => {
+        /// # Safety
+        /// As `epilogue::apply_to_stored_tile`'s.
+        $(#[$attribute])?
+        #[inline(never)]
+        unsafe fn stored_tile(
+            op: $crate::kernels::PostOp,
+            out: *mut <$register as $crate::kernels::SimdVec>::Elem,
+            ldo: usize,
+            rows: usize,
+            registers: usize,
+            half: bool,
+        ) {
+            // SAFETY: forwarded from the caller.
+            unsafe {
+                $crate::kernels::epilogue::apply_to_stored_tile::<$register>(
+                    op, out, ldo, rows, registers, half,
+                )
+            }
+        }
+
+        /// # Safety
+        /// As `epilogue::apply_to_stored_values`'s.
+        $(#[$attribute])?
+        #[inline(never)]
+        unsafe fn stored_values(
+            op: $crate::kernels::PostOp,
+            out: *mut <$register as $crate::kernels::SimdVec>::Elem,
+            ldo: usize,
+            rows: usize,
+            outs: usize,
+        ) {
+            // SAFETY: forwarded from the caller.
+            unsafe {
+                $crate::kernels::epilogue::apply_to_stored_values::<$register>(
+                    op, out, ldo, rows, outs,
+                )
+            }
+        }
+    };
     (@one [$($attribute:meta)?] $mr:expr, $nv_max:expr, $name:ident, $register:ty, $weight:ty, $elem:ty) => {
         pub fn $name() -> $crate::kernels::Kernel<$weight, $elem> {
-            use $crate::kernels::epilogue::{apply_to_stored_tile, apply_to_stored_values};
             use $crate::kernels::{
                 backward_rows, fma_loop, forward_rows, BackwardCalls, BackwardInputs, Kernel, Packed,
-                PostOp, SimdVec, StoredEpilogue, TileShape,
+                SimdVec, StoredEpilogue, TileShape,
             };
             use $crate::kernels::microkernel::{tile_rows, Tile};
             type Elem = <$register as SimdVec>::Elem;
 
-            /// # Safety
-            /// As [`apply_to_stored_tile`]'s.
-            $(#[$attribute])?
-            #[inline(never)]
-            unsafe fn stored_tile(
-                op: PostOp,
-                out: *mut Elem,
-                ldo: usize,
-                rows: usize,
-                registers: usize,
-                half: bool,
-            ) {
-                // SAFETY: forwarded from the caller.
-                unsafe { apply_to_stored_tile::<$register>(op, out, ldo, rows, registers, half) }
-            }
-
-            /// # Safety
-            /// As [`apply_to_stored_values`]'s.
-            $(#[$attribute])?
-            #[inline(never)]
-            unsafe fn stored_values(op: PostOp, out: *mut Elem, ldo: usize, rows: usize, outs: usize) {
-                // SAFETY: forwarded from the caller.
-                unsafe { apply_to_stored_values::<$register>(op, out, ldo, rows, outs) }
-            }
+            target_kernels!(@stored_epilogue [$($attribute)?] $register);
 
             /// # Safety
             /// The CPU supports the ISA's features; `forward_rows` checks everything else.
@@ -165,42 +182,11 @@ macro_rules! target_kernels {
 macro_rules! pairs_kernel {
     (features = $features:literal, mr = $mr:expr, nv_max = $nv_max:expr, $name:ident: $register:ty $(;)?) => {
         pub fn $name() -> $crate::kernels::Kernel<$crate::kernels::Bf16, f32> {
-            use $crate::kernels::epilogue::{apply_to_stored_tile, apply_to_stored_values};
             use $crate::kernels::{
-                dot_pairs_loop, forward_pairs, Bf16, Kernel, Packed, PostOp, StoredEpilogue,
-                TileShape,
+                dot_pairs_loop, forward_pairs, Bf16, Kernel, Packed, StoredEpilogue, TileShape,
             };
 
-            /// # Safety
-            /// As [`apply_to_stored_tile`]'s.
-            #[target_feature(enable = $features)]
-            #[inline(never)]
-            unsafe fn stored_tile(
-                op: PostOp,
-                out: *mut f32,
-                ldo: usize,
-                rows: usize,
-                registers: usize,
-                half: bool,
-            ) {
-                // SAFETY: forwarded from the caller.
-                unsafe { apply_to_stored_tile::<$register>(op, out, ldo, rows, registers, half) }
-            }
-
-            /// # Safety
-            /// As [`apply_to_stored_values`]'s.
-            #[target_feature(enable = $features)]
-            #[inline(never)]
-            unsafe fn stored_values(
-                op: PostOp,
-                out: *mut f32,
-                ldo: usize,
-                rows: usize,
-                outs: usize,
-            ) {
-                // SAFETY: forwarded from the caller.
-                unsafe { apply_to_stored_values::<$register>(op, out, ldo, rows, outs) }
-            }
+            target_kernels!(@stored_epilogue [target_feature(enable = $features)] $register);
 
             /// # Safety
             /// The CPU supports the ISA's features; `forward_pairs` checks everything else.

@@ -319,15 +319,8 @@ unsafe fn register_tile<
             a = a.add(1);
             panel = panel.add(step);
         }
-        let (total, rest) = acc.split_at_mut(1);
-        for set in rest.iter() {
-            for (sum_row, row) in total[0].iter_mut().zip(set) {
-                for (sum, &value) in sum_row.iter_mut().zip(row) {
-                    *sum = sum.add(value);
-                }
-            }
-        }
-        for (r, row) in total[0].iter().enumerate() {
+        let total = sum_sets(&acc);
+        for (r, row) in total.iter().enumerate() {
             for (v, &value) in row.iter().enumerate() {
                 let value = epilogue::apply_on_accumulators(tile.post_op, value);
                 let out = tile.out.add(r * tile.ldo + v * lanes);
@@ -339,6 +332,27 @@ unsafe fn register_tile<
             }
         }
     }
+}
+
+/// The `KS` accumulator sets of a register tile added into one, in order (the first set
+/// first, so a tile without split sets returns it unchanged).
+///
+/// # Safety
+/// The CPU supports `V`'s ISA.
+#[inline(always)]
+pub(super) unsafe fn sum_sets<V: SimdVec, const R: usize, const NV: usize, const KS: usize>(
+    acc: &[[[V; NV]; R]; KS],
+) -> [[V; NV]; R] {
+    let mut total = acc[0];
+    for set in &acc[1..] {
+        for (sum_row, row) in total.iter_mut().zip(set) {
+            for (sum, &value) in sum_row.iter_mut().zip(row) {
+                // SAFETY: the caller guarantees the ISA.
+                *sum = unsafe { sum.add(value) };
+            }
+        }
+    }
+    total
 }
 
 /// `row[v] += x * b[v]`, the last register in its half with `HALF`.

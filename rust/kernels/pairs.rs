@@ -13,6 +13,7 @@
 
 use super::chain::check_chain;
 use super::epilogue::{self, StoredEpilogue};
+use super::microkernel::sum_sets;
 use super::peak::PEAK_CHAINS;
 use super::{Bf16, Packed, SimdVec, TileShape, L1_HALF_BYTES};
 use crate::ops::PostOp;
@@ -134,6 +135,7 @@ pub unsafe fn forward_pairs<V: PairDot, const MR: usize, const NV_MAX: usize>(
         // `rounded` room for `block` rows of `strides[0] = grouped(first_in)` values.
         unsafe {
             round_rows::<V>(
+                true,
                 input.as_ptr().add(block_start * first_in),
                 first_in,
                 block,
@@ -200,6 +202,7 @@ pub unsafe fn forward_pairs<V: PairDot, const MR: usize, const NV_MAX: usize>(
                 // for `block` rows of `strides[index + 1] = padded_out >= grouped(out)` values.
                 unsafe {
                     round_rows::<V>(
+                        false,
                         values.as_ptr(),
                         layer.padded_out,
                         block,
@@ -222,13 +225,15 @@ pub unsafe fn forward_pairs<V: PairDot, const MR: usize, const NV_MAX: usize>(
 
 /// `rows` rows of `count` f32 values `lds` apart, rounded to bf16 into rows `ldd` apart, with a
 /// zero after an odd `count` (so the last pair's second value multiplies a zero weight as a
-/// zero, never as a NaN).
+/// zero, never as a NaN). `streamed`: `src` is the caller's input, likely far from cache (not
+/// a hidden layer's outputs in scratch), so its rows are prefetched ahead.
 ///
 /// # Safety
 /// `src` is valid for reading the rows, `dst` for writing `rows` rows of `count + count % 2`
 /// values (`ldd >= count + count % 2`); the CPU supports the ISA.
 #[inline(always)]
 unsafe fn round_rows<V: PairDot>(
+    streamed: bool,
     src: *const f32,
     lds: usize,
     rows: usize,
@@ -246,11 +251,14 @@ unsafe fn round_rows<V: PairDot>(
     unsafe {
         for r in 0..rows {
             let (from, to) = (src.add(r * lds), dst.add(r * ldd));
-            // Two rows ahead: a pass with little work per value stalls on every line of a batch
-            // streaming from memory (784 -> 42 -> 16 at 4096 rows: a quarter of the time).
-            let ahead = src.wrapping_add((r + 2) * lds);
-            for line in (0..count).step_by(LINE_VALUES) {
-                V::prefetch(ahead.wrapping_add(line));
+            if streamed {
+                // Two rows ahead: a pass with little work per value stalls on every line of a
+                // batch streaming from memory (784 -> 42 -> 16 at 4096 rows: a quarter of the
+                // time).
+                let ahead = src.wrapping_add((r + 2) * lds);
+                for line in (0..count).step_by(LINE_VALUES) {
+                    V::prefetch(ahead.wrapping_add(line));
+                }
             }
             for at in (0..pairs).step_by(2 * lanes) {
                 let next = V::load(from.add(at + lanes));
@@ -382,15 +390,7 @@ unsafe fn pair_tile<V: PairDot, const R: usize, const NV: usize, const KS: usize
             a = a.add(2);
             panel = panel.add(step);
         }
-        let (total, rest) = acc.split_at_mut(1);
-        for set in rest.iter() {
-            for (sum_row, row) in total[0].iter_mut().zip(set) {
-                for (sum, &value) in sum_row.iter_mut().zip(row) {
-                    *sum = sum.add(value);
-                }
-            }
-        }
-        for (r, row) in total[0].iter().enumerate() {
+        for (r, row) in sum_sets(&acc).iter().enumerate() {
             for (v, &value) in row.iter().enumerate() {
                 epilogue::apply_on_accumulators(tile.post_op, value)
                     .store(tile.out.add(r * tile.ldo + v * lanes));
