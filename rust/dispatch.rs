@@ -253,8 +253,9 @@ pub trait Float: Element {
     }
 }
 
-/// The types a chain computing in `T` can store its weights as, each with a kernel per ISA that
-/// widens them on load. Every float type stores as itself; bf16 and int8 join here.
+/// The types a chain computing in `T` can store its weights as, each with a kernel for the ISAs
+/// that read them as stored. Every float type stores as itself, on every ISA; bf16 and int8 join
+/// here.
 pub trait Weights<T: Float>: Storage<T> {
     /// What `fusedae.info()` and errors call this storage: `"fp32"`, `"fp64"`, `"bf16"`.
     const PRECISION: &'static str;
@@ -262,16 +263,17 @@ pub trait Weights<T: Float>: Storage<T> {
     /// stored in their compute type; the narrower ones are for inference.
     const TRAINS: bool;
 
-    /// The kernel for `isa`, with half registers chosen for this CPU.
-    fn kernel_for(isa: Isa) -> Kernel<Self, T>;
+    /// The kernel for `isa`, with half registers chosen for this CPU; `None` where `isa` has no
+    /// kernel for this storage.
+    fn kernel_for(isa: Isa) -> Option<Kernel<Self, T>>;
 }
 
 impl<T: Float> Weights<T> for T {
     const PRECISION: &'static str = T::PRECISION;
     const TRAINS: bool = true;
 
-    fn kernel_for(isa: Isa) -> Kernel<T, T> {
-        T::kernel(isa)
+    fn kernel_for(isa: Isa) -> Option<Kernel<T, T>> {
+        Some(T::kernel(isa))
     }
 }
 
@@ -295,32 +297,30 @@ pub fn multiplies_bf16(isa: Isa) -> bool {
 /// Whether `isa` runs the bf16 precision on weights stored as bf16 (AVX-512: multiplied as bf16
 /// pairs with AVX512_BF16, else widened in registers, which at batch 1 is faster than f32 for
 /// the halved bytes) rather than on the f32 kernel with the weights rounded to bf16
-/// ([`Mlp::rounded_to_bf16`](crate::mlp::Mlp::rounded_to_bf16)): AVX2 widening took twice the
-/// f32 kernel's time at batch 1 (its 16-bit partial loads) and 7% more at 4096 rows on Zen 5;
-/// NEON is not measured yet. Same numbers either way, but for the pairs' rounded inputs.
+/// ([`Mlp::rounded_to_bf16`](crate::mlp::Mlp::rounded_to_bf16)): a widening kernel for AVX2
+/// took twice the f32 kernel's time at batch 1 (its 16-bit partial loads) and 7% more at 4096
+/// rows on Zen 5, so there is none; NEON's is not written until it can be measured on Graviton
+/// or Apple silicon. Same numbers either way, but for the pairs' rounded inputs.
 pub fn bf16_weights_narrow(isa: Isa) -> bool {
     isa == Isa::Avx512
 }
 
-/// bf16 weights, f32 sums and I/O: multiplied as bf16 pairs where the CPU can
-/// ([`multiplies_bf16`]: the inputs rounded to bf16 too), else widened to f32 in registers.
+/// bf16 weights, f32 sums and I/O, on AVX-512 only ([`bf16_weights_narrow`]): multiplied as bf16
+/// pairs where the CPU can ([`multiplies_bf16`]: the inputs rounded to bf16 too), else widened
+/// to f32 in registers.
 impl Weights<f32> for Bf16 {
     const PRECISION: &'static str = "bf16";
     const TRAINS: bool = false;
 
-    fn kernel_for(isa: Isa) -> Kernel<Bf16, f32> {
-        let kernel = match isa {
+    fn kernel_for(isa: Isa) -> Option<Kernel<Bf16, f32>> {
+        let kernel: Option<Kernel<Bf16, f32>> = match isa {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 if multiplies_bf16(isa) => kernels::avx512::kernel_bf16_pairs(),
+            Isa::Avx512 if multiplies_bf16(isa) => Some(kernels::avx512::kernel_bf16_pairs()),
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => kernels::avx512::kernel_bf16(),
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => kernels::avx2::kernel_bf16(),
-            #[cfg(target_arch = "aarch64")]
-            Isa::Neon => kernels::neon::kernel_bf16(),
-            _ => kernels::scalar::kernel_bf16(),
+            Isa::Avx512 => Some(kernels::avx512::kernel_bf16()),
+            _ => None,
         };
-        kernel.with_half_registers(half_registers_cheaper(isa))
+        kernel.map(|kernel| kernel.with_half_registers(half_registers_cheaper(isa)))
     }
 }
 

@@ -122,7 +122,14 @@ pub struct Mlp<T: Float, W: Weights<T> = T> {
 impl<T: Float, W: Weights<T>> Mlp<T, W> {
     /// Checks that the layers chain and packs them for `isa`, the weights rounded to `W`.
     pub fn new(specs: &[LayerSpec<'_, T>], isa: Isa) -> Result<Self, Error> {
-        Self::with_kernel(specs, isa, W::kernel_for(isa))
+        let isa = crate::dispatch::require(isa)?;
+        let kernel = W::kernel_for(isa).ok_or_else(|| {
+            Error::Precision(format!(
+                "{isa} has no kernel for weights stored as {}",
+                W::PRECISION
+            ))
+        })?;
+        Self::with_kernel(specs, isa, kernel)
     }
 
     /// [`Mlp::new`] with `kernel`, which must be `isa`'s (tests vary its shape's `half_lanes`).
@@ -930,27 +937,24 @@ mod tests {
         }
     }
 
-    /// Every bf16 kernel this CPU runs: each ISA's widening one (AVX-512 with and without the
-    /// cheaper half registers) and, with AVX512_BF16, the one multiplying bf16 pairs.
+    /// Every bf16 kernel this CPU runs: AVX-512's widening one (with and without the cheaper
+    /// half registers) and, with AVX512_BF16, the one multiplying bf16 pairs. The other ISAs run
+    /// bf16 as the f32 kernel on rounded weights, which the bound test checks too.
     fn bf16_kernels() -> Vec<(String, Isa, Kernel<Bf16, f32>)> {
+        // Empty off x86-64.
+        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
         let mut found = Vec::new();
-        for (isa, half) in isa_forms() {
-            let widening = match isa {
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx512 => crate::kernels::avx512::kernel_bf16(),
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 => crate::kernels::avx2::kernel_bf16(),
-                #[cfg(target_arch = "aarch64")]
-                Isa::Neon => crate::kernels::neon::kernel_bf16(),
-                _ => crate::kernels::scalar::kernel_bf16(),
-            };
-            let widening = widening.with_half_registers(half);
-            found.push((format!("{isa} widening half={half}"), isa, widening));
-        }
         #[cfg(target_arch = "x86_64")]
-        if Isa::Avx512.is_supported() && std::arch::is_x86_feature_detected!("avx512bf16") {
-            let pairs = crate::kernels::avx512::kernel_bf16_pairs();
-            found.push(("avx512 bf16 pairs".to_owned(), Isa::Avx512, pairs));
+        if Isa::Avx512.is_supported() {
+            use crate::kernels::avx512::{kernel_bf16, kernel_bf16_pairs};
+            for half in [false, true] {
+                let widening = kernel_bf16().with_half_registers(half);
+                let name = format!("avx512 widening half={half}");
+                found.push((name, Isa::Avx512, widening));
+            }
+            if std::arch::is_x86_feature_detected!("avx512bf16") {
+                found.push(("avx512 bf16 pairs".into(), Isa::Avx512, kernel_bf16_pairs()));
+            }
         }
         found
     }
@@ -1020,9 +1024,26 @@ mod tests {
         }
     }
 
-    /// Inference only: a bf16 chain refuses to keep activations or run a backward, with an error.
+    /// Inference only: a bf16 chain, stored narrow or as rounded f32, refuses to keep activations
+    /// or run a backward, with an error; an ISA without a bf16 kernel refuses bf16 storage.
     #[test]
     fn bf16_chains_refuse_to_train() {
+        fn refuses_to_train<W: Weights<f32>>(mlp: &Mlp<f32, W>) {
+            assert_eq!(mlp.info().precision, "bf16");
+            let (input, mut output, mut saved) = ([1.0f32; 3], [0.0f32; 2], [0.0f32; 0]);
+            let error = mlp
+                .forward_saving(&input, &mut output, &mut saved)
+                .unwrap_err();
+            assert!(matches!(error, Error::Precision(_)), "{error}");
+            assert!(error.to_string().contains("precision bf16"), "{error}");
+            let mut grads = vec![0.0f32; mlp.gradients_len()];
+            let error = mlp
+                .backward(&input, &saved, &output, &output, &[true], None, &mut grads)
+                .unwrap_err();
+            assert!(error.to_string().contains("inference only"), "{error}");
+            mlp.forward(&input, &mut output).unwrap();
+            assert_eq!(output, [1.5, 1.5]);
+        }
         let weight = [0.5f32; 6];
         let spec = LayerSpec {
             weight: &weight,
@@ -1031,25 +1052,21 @@ mod tests {
             in_features: 3,
             post_op: PostOp::Relu,
         };
-        let mlp = Mlp::<f32, Bf16>::new(&[spec], Isa::Scalar).unwrap();
-        let (input, mut output, mut saved) = ([1.0f32; 3], [0.0f32; 2], [0.0f32; 0]);
-        let error = mlp
-            .forward_saving(&input, &mut output, &mut saved)
-            .unwrap_err();
-        assert!(matches!(error, Error::Precision(_)), "{error}");
-        let mut grads = vec![0.0f32; mlp.gradients_len()];
-        let error = mlp
-            .backward(&input, &saved, &output, &output, &[true], None, &mut grads)
-            .unwrap_err();
-        assert!(error.to_string().contains("inference only"), "{error}");
-        mlp.forward(&input, &mut output).unwrap();
-        assert_eq!(output, [1.5, 1.5]);
-        let emulated = Mlp::rounded_to_bf16(&[spec], Isa::Scalar).unwrap();
-        assert_eq!(emulated.info().precision, "bf16");
-        let error = emulated
-            .forward_saving(&input, &mut output, &mut saved)
-            .unwrap_err();
-        assert!(error.to_string().contains("precision bf16"), "{error}");
+        for isa in dispatch::available() {
+            refuses_to_train(&Mlp::rounded_to_bf16(&[spec], isa).unwrap());
+            match Mlp::<f32, Bf16>::new(&[spec], isa) {
+                Ok(narrow) => {
+                    assert!(dispatch::bf16_weights_narrow(isa));
+                    refuses_to_train(&narrow);
+                }
+                Err(error) => {
+                    assert!(!dispatch::bf16_weights_narrow(isa));
+                    assert!(error
+                        .to_string()
+                        .contains("no kernel for weights stored as bf16"));
+                }
+            }
+        }
     }
 
     #[test]

@@ -20,10 +20,10 @@ pub fn fma_peak_gflops<T: Float>(isa: Isa, seconds: f64) -> Result<f64, Error> {
 /// where it multiplies bf16 pairs (counted as the FMAs it replaces), else the f32 FMA.
 pub fn bf16_peak_gflops(isa: Isa, seconds: f64) -> Result<f64, Error> {
     let isa = crate::dispatch::require(isa)?;
-    Ok(peak_gflops(
-        &<Bf16 as Weights<f32>>::kernel_for(isa),
-        seconds,
-    ))
+    Ok(match <Bf16 as Weights<f32>>::kernel_for(isa) {
+        Some(kernel) => peak_gflops(&kernel, seconds),
+        None => peak_gflops(&f32::kernel(isa), seconds),
+    })
 }
 
 /// GFLOP/s of `kernel`'s peak loop, the best of rounds over about `seconds`. The caller has

@@ -2,7 +2,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{Bf16, LoadFrom, SimdVec};
+use super::SimdVec;
 
 #[derive(Clone, Copy, Debug)]
 struct F32x8(__m256);
@@ -450,48 +450,10 @@ impl SimdVec for F64x4 {
     }
 }
 
-/// bf16 weights widened to f32 in registers: 8 values zero-extended to 32 bits each and shifted
-/// into the top half, which is exactly the f32 of the same value.
-impl LoadFrom<Bf16> for F32x8 {
-    #[inline(always)]
-    unsafe fn load_from(ptr: *const Bf16) -> Self {
-        // SAFETY: the caller guarantees 8 readable values and AVX2.
-        unsafe { widen(_mm_loadu_si128(ptr.cast())) }
-    }
-
-    #[inline(always)]
-    unsafe fn load_partial_from(ptr: *const Bf16, count: usize) -> Self {
-        // AVX2 masks only 32-bit values: copy the `count` values into zeros, then widen.
-        let mut values = [Bf16::default(); 8];
-        // SAFETY: the caller guarantees `count < 8` readable values and AVX2.
-        unsafe {
-            std::ptr::copy_nonoverlapping(ptr, values.as_mut_ptr(), count);
-            widen(_mm_loadu_si128(values.as_ptr().cast()))
-        }
-    }
-
-    #[inline(always)]
-    unsafe fn splat_from(ptr: *const Bf16) -> Self {
-        // SAFETY: the caller guarantees one readable value and AVX2.
-        F32x8(unsafe { _mm256_set1_ps((*ptr).widen()) })
-    }
-}
-
-/// 8 bf16 values as the f32s they are.
-///
-/// # Safety
-/// The CPU supports AVX2.
-#[inline(always)]
-unsafe fn widen(values: __m128i) -> F32x8 {
-    // SAFETY: the caller guarantees AVX2.
-    F32x8(unsafe { _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(values))) })
-}
-
 target_kernels!(
     features = "avx2,fma",
     mr = 6,
     nv_max = 2,
     kernel_f32: F32x8 => f32, f32;
     kernel_f64: F64x4 => f64, f64;
-    kernel_bf16: F32x8 => Bf16, f32;
 );

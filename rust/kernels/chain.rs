@@ -409,7 +409,11 @@ unsafe fn forward_rows_in_lanes<V: LoadFrom<W>, W, const MR: usize, const NV_MAX
                         ldo: block,
                         prefetch_out: false,
                     };
-                    tile_rows::<V, W, V::Elem>(tile_outs.min(out - first), NV_MAX, &tile);
+                    tile_rows::<V, W, V::Elem, MR, NV_MAX>(
+                        tile_outs.min(out - first),
+                        NV_MAX,
+                        &tile,
+                    );
                 }
                 src = dst;
                 into_ping = !into_ping;
@@ -581,6 +585,6 @@ unsafe fn tile_at<V: LoadFrom<W>, W, const MR: usize, const NV_MAX: usize>(
             ldo: at.dst_stride,
             prefetch_out: at.dst_is_output,
         };
-        tile_rows::<V, V::Elem, W>((at.rows - row).min(MR), nv, &tile);
+        tile_rows::<V, V::Elem, W, MR, NV_MAX>((at.rows - row).min(MR), nv, &tile);
     }
 }

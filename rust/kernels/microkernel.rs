@@ -154,14 +154,37 @@ pub(super) enum Seed<T> {
     Output,
 }
 
-/// Picks the register tile for a run-time row count (`1..=8`) and width (`1..=4` registers).
+/// `N <= MAX`, as a constant: a match arm guarded by it is dropped before code generation where
+/// it is false (rustc skips branches on constants when it collects what to compile), so each
+/// loop nest compiles only the register tiles its `MR` and `NV_MAX` can pick. The comparison
+/// written in the guard would not be folded that early: every ISA would compile all 64 tiles.
+struct AtMost<const N: usize, const MAX: usize>;
+
+impl<const N: usize, const MAX: usize> AtMost<N, MAX> {
+    const HOLDS: bool = N <= MAX;
+}
+
+/// Whether `V` has half registers ([`SimdVec::HALF_LANES`]), as a constant for the same reason.
+struct Halves<V>(std::marker::PhantomData<V>);
+
+impl<V: SimdVec> Halves<V> {
+    const EXIST: bool = V::HALF_LANES > 0;
+}
+
+/// Picks the register tile for a run-time row count (`1..=MR`) and width (`1..=NV_MAX` registers).
 ///
 /// # Safety
 /// `tile` points at `rows` valid input rows, a panel of `k` rows `panel_stride` apart, each of
 /// `(nv - 1) * LANES + last_lanes` readable values, the values its [`Seed`] reads, and room
 /// for the outputs.
 #[inline(always)]
-pub(super) unsafe fn tile_rows<V: LoadFrom<A> + LoadFrom<B>, A, B>(
+pub(super) unsafe fn tile_rows<
+    V: LoadFrom<A> + LoadFrom<B>,
+    A,
+    B,
+    const MR: usize,
+    const NV_MAX: usize,
+>(
     rows: usize,
     nv: usize,
     tile: &Tile<A, B, V::Elem>,
@@ -178,15 +201,27 @@ pub(super) unsafe fn tile_rows<V: LoadFrom<A> + LoadFrom<B>, A, B>(
     // SAFETY: forwarded from the caller.
     unsafe {
         match (nv, half) {
-            (1, false) => tile_width::<V, A, B, 1, false>(rows, tile),
-            (2, false) => tile_width::<V, A, B, 2, false>(rows, tile),
-            (3, false) => tile_width::<V, A, B, 3, false>(rows, tile),
-            (4, false) => tile_width::<V, A, B, 4, false>(rows, tile),
-            (1, true) => tile_width::<V, A, B, 1, true>(rows, tile),
-            (2, true) => tile_width::<V, A, B, 2, true>(rows, tile),
-            (3, true) => tile_width::<V, A, B, 3, true>(rows, tile),
-            (4, true) => tile_width::<V, A, B, 4, true>(rows, tile),
-            _ => unreachable!("panels are at most 4 registers wide"),
+            (1, false) => tile_width::<V, A, B, 1, false, MR>(rows, tile),
+            (2, false) if AtMost::<2, NV_MAX>::HOLDS => {
+                tile_width::<V, A, B, 2, false, MR>(rows, tile)
+            }
+            (3, false) if AtMost::<3, NV_MAX>::HOLDS => {
+                tile_width::<V, A, B, 3, false, MR>(rows, tile)
+            }
+            (4, false) if AtMost::<4, NV_MAX>::HOLDS => {
+                tile_width::<V, A, B, 4, false, MR>(rows, tile)
+            }
+            (1, true) if Halves::<V>::EXIST => tile_width::<V, A, B, 1, true, MR>(rows, tile),
+            (2, true) if Halves::<V>::EXIST && AtMost::<2, NV_MAX>::HOLDS => {
+                tile_width::<V, A, B, 2, true, MR>(rows, tile)
+            }
+            (3, true) if Halves::<V>::EXIST && AtMost::<3, NV_MAX>::HOLDS => {
+                tile_width::<V, A, B, 3, true, MR>(rows, tile)
+            }
+            (4, true) if Halves::<V>::EXIST && AtMost::<4, NV_MAX>::HOLDS => {
+                tile_width::<V, A, B, 4, true, MR>(rows, tile)
+            }
+            _ => unreachable!("panels are at most {NV_MAX} registers wide"),
         }
         if !epilogue::runs_on_accumulators(tile.post_op) {
             (tile.epilogue.tile)(tile.post_op, tile.out, tile.ldo, rows, nv, half);
@@ -200,7 +235,14 @@ pub(super) unsafe fn tile_rows<V: LoadFrom<A> + LoadFrom<B>, A, B>(
 /// # Safety
 /// As for [`tile_rows`].
 #[inline(always)]
-unsafe fn tile_width<V: LoadFrom<A> + LoadFrom<B>, A, B, const NV: usize, const HALF: bool>(
+unsafe fn tile_width<
+    V: LoadFrom<A> + LoadFrom<B>,
+    A,
+    B,
+    const NV: usize,
+    const HALF: bool,
+    const MR: usize,
+>(
     rows: usize,
     tile: &Tile<A, B, V::Elem>,
 ) {
@@ -210,14 +252,14 @@ unsafe fn tile_width<V: LoadFrom<A> + LoadFrom<B>, A, B, const NV: usize, const 
         // `k` across extra accumulator sets (summed at the end) so batch 1 runs at throughput.
         match rows {
             1 => register_tile::<V, A, B, 1, NV, 4, HALF>(tile),
-            2 => register_tile::<V, A, B, 2, NV, 2, HALF>(tile),
-            3 => register_tile::<V, A, B, 3, NV, 1, HALF>(tile),
-            4 => register_tile::<V, A, B, 4, NV, 1, HALF>(tile),
-            5 => register_tile::<V, A, B, 5, NV, 1, HALF>(tile),
-            6 => register_tile::<V, A, B, 6, NV, 1, HALF>(tile),
-            7 => register_tile::<V, A, B, 7, NV, 1, HALF>(tile),
-            8 => register_tile::<V, A, B, 8, NV, 1, HALF>(tile),
-            _ => unreachable!("register tiles are at most 8 rows"),
+            2 if AtMost::<2, MR>::HOLDS => register_tile::<V, A, B, 2, NV, 2, HALF>(tile),
+            3 if AtMost::<3, MR>::HOLDS => register_tile::<V, A, B, 3, NV, 1, HALF>(tile),
+            4 if AtMost::<4, MR>::HOLDS => register_tile::<V, A, B, 4, NV, 1, HALF>(tile),
+            5 if AtMost::<5, MR>::HOLDS => register_tile::<V, A, B, 5, NV, 1, HALF>(tile),
+            6 if AtMost::<6, MR>::HOLDS => register_tile::<V, A, B, 6, NV, 1, HALF>(tile),
+            7 if AtMost::<7, MR>::HOLDS => register_tile::<V, A, B, 7, NV, 1, HALF>(tile),
+            8 if AtMost::<8, MR>::HOLDS => register_tile::<V, A, B, 8, NV, 1, HALF>(tile),
+            _ => unreachable!("register tiles are at most {MR} rows"),
         }
     }
 }

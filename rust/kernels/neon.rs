@@ -5,7 +5,7 @@
 use std::arch::aarch64::*;
 use std::arch::asm;
 
-use super::{Bf16, LoadFrom, SimdVec};
+use super::SimdVec;
 
 #[derive(Clone, Copy, Debug)]
 struct F32x4(float32x4_t);
@@ -444,41 +444,10 @@ impl SimdVec for F64x2 {
     }
 }
 
-/// bf16 weights widened to f32 in registers: 4 values shifted left by 16 into 32-bit lanes
-/// (`USHLL`), which is exactly the f32 of the same value.
-impl LoadFrom<Bf16> for F32x4 {
-    #[inline(always)]
-    unsafe fn load_from(ptr: *const Bf16) -> Self {
-        // SAFETY: the caller guarantees 4 readable values and NEON.
-        unsafe {
-            F32x4(vreinterpretq_f32_u32(vshll_n_u16::<16>(vld1_u16(
-                ptr.cast(),
-            ))))
-        }
-    }
-
-    #[inline(always)]
-    unsafe fn load_partial_from(ptr: *const Bf16, count: usize) -> Self {
-        let mut values = [Bf16::default(); 4];
-        // SAFETY: the caller guarantees `count < 4` readable values and NEON.
-        unsafe {
-            std::ptr::copy_nonoverlapping(ptr, values.as_mut_ptr(), count);
-            Self::load_from(values.as_ptr())
-        }
-    }
-
-    #[inline(always)]
-    unsafe fn splat_from(ptr: *const Bf16) -> Self {
-        // SAFETY: the caller guarantees one readable value and NEON.
-        unsafe { F32x4(vdupq_n_f32((*ptr).widen())) }
-    }
-}
-
 target_kernels!(
     features = "neon",
     mr = 6,
     nv_max = 4,
     kernel_f32: F32x4 => f32, f32;
     kernel_f64: F64x2 => f64, f64;
-    kernel_bf16: F32x4 => Bf16, f32;
 );

@@ -2,7 +2,7 @@
 //! oracle the SIMD kernels are tested against. Its multiply-add rounds twice (no FMA), so SIMD
 //! results differ from it by float rounding only.
 
-use super::{Bf16, Element, LoadFrom, SimdVec};
+use super::{Element, SimdVec};
 
 #[derive(Clone, Copy, Debug)]
 struct Lane<T>(T);
@@ -155,31 +155,9 @@ impl<T: Element> SimdVec for Lane<T> {
     }
 }
 
-/// bf16 weights widened one at a time.
-impl LoadFrom<Bf16> for Lane<f32> {
-    #[inline(always)]
-    unsafe fn load_from(ptr: *const Bf16) -> Self {
-        // SAFETY: the caller guarantees one readable value.
-        Lane(unsafe { *ptr }.widen())
-    }
-
-    #[inline(always)]
-    unsafe fn load_partial_from(_ptr: *const Bf16, _count: usize) -> Self {
-        // One lane: a partial load has `count == 0` values, and reads nothing.
-        Lane(0.0)
-    }
-
-    #[inline(always)]
-    unsafe fn splat_from(ptr: *const Bf16) -> Self {
-        // SAFETY: the caller guarantees one readable value.
-        Lane(unsafe { *ptr }.widen())
-    }
-}
-
 target_kernels!(
     mr = 4,
     nv_max = 4,
     kernel_f32: Lane<f32> => f32, f32;
     kernel_f64: Lane<f64> => f64, f64;
-    kernel_bf16: Lane<f32> => Bf16, f32;
 );
