@@ -1,7 +1,8 @@
 """Lower precision against its peers: one pytest-benchmark group per (model, batch, threads).
 
-Every group holds the two ceilings measured in the same run (the fp32 FMA loop and the bf16 kernel's
-own instruction: ``vdpbf16ps`` where the CPU has AVX512_BF16), fusedae at fp32 and bf16, and
+Every group holds the three ceilings measured in the same run (the fp32 FMA loop and the bf16 and
+int8 kernels' own instructions: ``vdpbf16ps`` with AVX512_BF16, ``vpdpbusd`` with AVX512_VNNI),
+fusedae at fp32, bf16 and int8, and
 PyTorch at fp32, bf16 (``model.to(torch.bfloat16)``) and int8 (``quantize_dynamic``, default
 per-tensor and per-channel), ONNX Runtime at fp32 and int8 (``quantize_dynamic`` per channel). Each
 records its normwise relative error against the float64 reference on the same weights and
@@ -36,8 +37,10 @@ THREADS = (1, 2)
 PEERS = (
     "fma-peak",
     "bf16-peak",
+    "int8-peak",
     "fusedae-fp32",
     "fusedae-bf16",
+    "fusedae-int8",
     "torch-fp32",
     "torch-bf16",
     "torch-int8",
@@ -114,6 +117,7 @@ def _onnxruntime(int8: bool) -> Callable[..., Callable[[], Any]]:
 BUILDERS = {
     "fusedae-fp32": _fusedae("fp32"),
     "fusedae-bf16": _fusedae("bf16"),
+    "fusedae-int8": _fusedae("int8"),
     "torch-fp32": _torch("fp32"),
     "torch-bf16": _torch("bf16"),
     "torch-int8": _torch("int8"),
@@ -158,7 +162,7 @@ def test_precision(
     )
     with pin_threads(threads):
         if peer.endswith("-peak"):
-            _peak(benchmark, threads, "bf16" if peer == "bf16-peak" else None)
+            _peak(benchmark, threads, {"bf16-peak": "bf16", "int8-peak": "int8"}.get(peer))
             return
         x = zoo.inputs(model, rows)
         layers = zoo.layers(model)
@@ -177,8 +181,8 @@ def test_precision(
 
 
 def _peak(benchmark: Any, threads: int, precision: str | None) -> None:
-    """The ceiling of ``threads`` probes at once: the fp32 FMA loop, or the bf16 kernel's own
-    instruction, the best of ``PEAK_ROUNDS``."""
+    """The ceiling of ``threads`` probes at once: the fp32 FMA loop, or the bf16 or int8
+    kernel's own instruction, the best of ``PEAK_ROUNDS``."""
     seconds = PEAK_SECONDS if benchmark.enabled else 0.005
 
     def one(_: object = None) -> float:

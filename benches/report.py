@@ -269,6 +269,7 @@ PRECISION = "precision"
 PRECISION_LABELS = {
     "fusedae-fp32": "fusedae fp32",
     "fusedae-bf16": "**fusedae bf16**",
+    "fusedae-int8": "**fusedae int8**",
     "torch-fp32": "PyTorch fp32",
     "torch-bf16": "PyTorch bf16 (`.to(torch.bfloat16)`)",
     "torch-int8": "PyTorch int8 (`quantize_dynamic`)",
@@ -280,8 +281,8 @@ PRECISION_LABELS = {
 
 def render_precision(path: Path) -> list[str]:
     """The lower-precision tables (``bench_precision.py``): per group, each peer's time,
-    fp32-equivalent GFLOP/s as a share of the fp32 FMA peak and of the bf16 kernel's own peak
-    (both measured in the group), and its error against float64."""
+    fp32-equivalent GFLOP/s as a share of the fp32 FMA peak and of its precision's kernel
+    instruction peak (bf16, int8; all measured in the group), and its error against float64."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for bench in json.loads(path.read_text())["benchmarks"]:
         if bench.get("extra_info", {}).get("kind") == PRECISION:
@@ -293,22 +294,29 @@ def render_precision(path: Path) -> list[str]:
         "## Lower precision",
         "",
         "`benches/bench_precision.py`: median time per call; GFLOP/s counted as fp32 work (2 x in "
-        "x out per row, whatever the precision), as a share of the fp32 FMA peak and of the bf16 "
-        "kernel's own instruction peak (`vdpbf16ps` where the CPU has AVX512_BF16), both probed "
-        "in the same group; error: normwise relative error against the float64 reference on the "
+        "x out per row, whatever the precision), as a share of the fp32 FMA peak and of the peak "
+        "of the instruction of the row's precision (bf16: `vdpbf16ps` where the CPU has "
+        "AVX512_BF16; int8: `vpdpbusd` where it has AVX512_VNNI; fp32: the FMA), all probed in "
+        "the same group; error: normwise relative error against the float64 reference on the "
         "same weights and inputs.",
     ]
     for name, runs in groups.items():
         info = {bench["extra_info"]["peer"]: bench for bench in runs}
         fma = info.get("fma-peak", {}).get("extra_info", {}).get("peak_gflops")
-        bf16 = info.get("bf16-peak", {}).get("extra_info", {}).get("peak_gflops")
+        peaks = {
+            precision: info.get(f"{precision}-peak", {}).get("extra_info", {}).get("peak_gflops")
+            for precision in ("bf16", "int8")
+        }
+        peaks["fp32"] = fma
         out += [
             "",
             f"### {name.removeprefix('precision | ')}",
             "",
-            f"Peaks: fp32 FMA {_fmt_gflops(fma)} GFLOP/s, bf16 {_fmt_gflops(bf16)} GFLOP/s.",
+            f"Peaks: fp32 FMA {_fmt_gflops(fma)}, bf16 {_fmt_gflops(peaks['bf16'])}, int8 "
+            f"{_fmt_gflops(peaks['int8'])} GFLOP/s.",
             "",
-            "| peer | time | GFLOP/s | of fp32 peak | of bf16 peak | vs fusedae fp32 | error |",
+            "| peer | time | GFLOP/s | of fp32 peak | of its precision's peak | vs fusedae fp32 "
+            "| error |",
             "|---|---:|---:|---:|---:|---:|---:|",
         ]
         ours = info.get("fusedae-fp32")
@@ -319,12 +327,13 @@ def render_precision(path: Path) -> list[str]:
             median, flops = bench["stats"]["median"], bench["extra_info"]["flops"]
             gflops = flops / median / 1e9
             speedup = ours["stats"]["median"] / median if ours else None
+            own = peaks[next(p for p in ("int8", "bf16", "fp32") if p in peer)]
             cells = [
                 label,
                 format_time(median),
                 f"{gflops:.0f}",
                 f"{100 * gflops / fma:.0f}%" if fma else "-",
-                f"{100 * gflops / bf16:.0f}%" if bf16 else "-",
+                f"{100 * gflops / own:.0f}%" if own else "-",
                 f"{speedup:.2f}x" if speedup else "-",
                 f"{bench['extra_info'].get('error', float('nan')):.1e}",
             ]

@@ -324,6 +324,36 @@ impl Weights<f32> for Bf16 {
     }
 }
 
+/// Whether `isa` multiplies int8 as it is (AVX512_VNNI's `vpdpbusd`, u8 x s8 into i32): the
+/// ISAs with an int8 kernel. Elsewhere int8 runs as the f32 kernel on the weights rounded to
+/// their int8 values ([`Mlp::rounded_to_int8`](crate::mlp::Mlp::rounded_to_int8)), the inputs
+/// left in f32: as fast as fp32, within the same bound (the inputs' rounding is one of its
+/// terms).
+pub fn multiplies_int8(isa: Isa) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 {
+        return std::arch::is_x86_feature_detected!("avx512vnni");
+    }
+    let _ = isa;
+    false
+}
+
+/// int8 weights with a scale per output, inputs quantized per row to u8, i32 sums, f32 I/O: on
+/// AVX-512 with VNNI only ([`multiplies_int8`]).
+impl Weights<f32> for i8 {
+    const PRECISION: &'static str = "int8";
+    const TRAINS: bool = false;
+
+    fn kernel_for(isa: Isa) -> Option<Kernel<i8, f32>> {
+        #[cfg(target_arch = "x86_64")]
+        if multiplies_int8(isa) {
+            return Some(kernels::avx512::kernel_int8_quads());
+        }
+        let _ = isa;
+        None
+    }
+}
+
 impl Float for f32 {
     const DTYPE: DType = DType::F32;
     const PRECISION: &'static str = "fp32";

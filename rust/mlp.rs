@@ -12,7 +12,7 @@ use crate::kernels::{
     Bf16, Element, Kernel, SavedColumns,
 };
 pub use crate::pack::LayerSpec;
-use crate::pack::PackedChain;
+use crate::pack::{PackedChain, Storage};
 use crate::threads;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -86,6 +86,7 @@ pub enum AnyMlp {
     F32(Mlp<f32>),
     F64(Mlp<f64>),
     Bf16(Mlp<f32, Bf16>),
+    Int8(Mlp<f32, i8>),
 }
 
 impl AnyMlp {
@@ -94,6 +95,7 @@ impl AnyMlp {
             AnyMlp::F32(mlp) => &mlp.info,
             AnyMlp::F64(mlp) => &mlp.info,
             AnyMlp::Bf16(mlp) => &mlp.info,
+            AnyMlp::Int8(mlp) => &mlp.info,
         }
     }
 
@@ -103,6 +105,7 @@ impl AnyMlp {
             AnyMlp::F32(mlp) => mlp.saved_columns(),
             AnyMlp::F64(mlp) => mlp.saved_columns(),
             AnyMlp::Bf16(mlp) => mlp.saved_columns(),
+            AnyMlp::Int8(mlp) => mlp.saved_columns(),
         }
     }
 }
@@ -129,6 +132,9 @@ impl<T: Float, W: Weights<T>> Mlp<T, W> {
                 W::PRECISION
             ))
         })?;
+        if W::CHANNEL_VALUES > 0 {
+            check_scalable(specs, W::PRECISION)?;
+        }
         Self::with_kernel(specs, isa, kernel)
     }
 
@@ -555,13 +561,37 @@ impl Mlp<f32> {
     /// ([`dispatch::bf16_weights_narrow`](crate::dispatch::bf16_weights_narrow)); the same
     /// numbers as a widening kernel, inference only.
     pub fn rounded_to_bf16(specs: &[LayerSpec<'_, f32>], isa: Isa) -> Result<Self, Error> {
+        Self::rounded_to::<Bf16>(specs, isa, |row| {
+            row.iter().map(|&w| Bf16::round(w).widen()).collect()
+        })
+    }
+
+    /// The int8 precision on the f32 kernel: each output's weights rounded to its int8 values
+    /// (`s_j * round(W_j / s_j)`, [`Storage::store_channel`](crate::pack::Storage)'s scale),
+    /// held as f32, the inputs left in f32 (not quantized). For the ISAs without an int8 kernel
+    /// ([`dispatch::multiplies_int8`](crate::dispatch::multiplies_int8)): inference only,
+    /// within the int8 bound, of which it leaves out the inputs' rounding.
+    pub fn rounded_to_int8(specs: &[LayerSpec<'_, f32>], isa: Isa) -> Result<Self, Error> {
+        check_scalable(specs, <i8 as Weights<f32>>::PRECISION)?;
+        Self::rounded_to::<i8>(specs, isa, |row| {
+            let scale = crate::pack::int8_scale(row);
+            row.iter()
+                .map(|&w| f32::from(<i8 as Storage<f32>>::store(w / scale)) * scale)
+                .collect()
+        })
+    }
+
+    /// The f32 kernel on each weight row replaced by `round(row)`, reporting `W`'s precision.
+    fn rounded_to<W: Weights<f32>>(
+        specs: &[LayerSpec<'_, f32>],
+        isa: Isa,
+        round: impl Fn(&[f32]) -> Vec<f32>,
+    ) -> Result<Self, Error> {
         let rounded: Vec<Vec<f32>> = specs
             .iter()
             .map(|spec| {
-                spec.weight
-                    .iter()
-                    .map(|&w| Bf16::round(w).widen())
-                    .collect()
+                let k = spec.in_features.max(1);
+                spec.weight.chunks(k).flat_map(&round).collect()
             })
             .collect();
         let specs: Vec<LayerSpec<'_, f32>> = specs
@@ -570,10 +600,26 @@ impl Mlp<f32> {
             .map(|(spec, weight)| LayerSpec { weight, ..*spec })
             .collect();
         let mut mlp = Mlp::new(&specs, isa)?;
-        mlp.info.precision = <Bf16 as Weights<f32>>::PRECISION;
+        mlp.info.precision = W::PRECISION;
         mlp.info.trains = false;
         Ok(mlp)
     }
+}
+
+/// Weights scaled per output (int8) need finite values: an infinity would scale its row to
+/// nothing, silently.
+fn check_scalable<T: Element>(specs: &[LayerSpec<'_, T>], precision: &str) -> Result<(), Error> {
+    for (index, spec) in specs.iter().enumerate() {
+        if let Some(at) = spec.weight.iter().position(|w| !w.is_finite()) {
+            return Err(Error::Precision(format!(
+                "layer {index}: weight [{}, {}] is {:?}; precision {precision} needs finite weights",
+                at / spec.in_features.max(1),
+                at % spec.in_features.max(1),
+                spec.weight[at]
+            )));
+        }
+    }
+    Ok(())
 }
 
 thread_local! {
@@ -964,9 +1010,47 @@ mod tests {
     /// weights and inputs rounded to bf16, then f32 sums), on chains of every op and odd widths.
     #[test]
     fn every_bf16_kernel_stays_within_its_error_bound() {
-        use crate::oracle::{forward_bounds, Precision};
-        let mut rng = SmallRng::seed_from_u64(11);
-        let kernels = bf16_kernels();
+        stays_within_bound(
+            11,
+            crate::oracle::Precision::BF16,
+            &bf16_kernels(),
+            Mlp::rounded_to_bf16,
+        );
+    }
+
+    /// Every int8 kernel this CPU runs: AVX512_VNNI's.
+    fn int8_kernels() -> Vec<(String, Isa, Kernel<i8, f32>)> {
+        dispatch::available()
+            .into_iter()
+            .filter_map(|isa| Some((format!("{isa} int8"), isa, i8::kernel_for(isa)?)))
+            .collect()
+    }
+
+    /// The int8 kernels as the bf16 ones, within [`Precision::INT8`](crate::oracle::Precision)'s
+    /// bound (weights per output channel, inputs per row).
+    #[test]
+    fn every_int8_kernel_stays_within_its_error_bound() {
+        stays_within_bound(
+            17,
+            crate::oracle::Precision::INT8,
+            &int8_kernels(),
+            Mlp::rounded_to_int8,
+        );
+    }
+
+    /// `Mlp::rounded_to_bf16` or `Mlp::rounded_to_int8`.
+    type RoundedPack = fn(&[LayerSpec<'_, f32>], Isa) -> Result<Mlp<f32>, Error>;
+
+    /// `kernels` and, on every ISA, the f32 kernel on weights rounded by `rounded`, against the
+    /// f64 reference on the unrounded weights: every output within its bound at `precision`.
+    fn stays_within_bound<W: Weights<f32>>(
+        seed: u64,
+        precision: crate::oracle::Precision,
+        kernels: &[(String, Isa, Kernel<W, f32>)],
+        rounded: RoundedPack,
+    ) {
+        use crate::oracle::forward_bounds;
+        let mut rng = SmallRng::seed_from_u64(seed);
         for widths in CHAINS {
             for relu_last in [false, true] {
                 let layers = random_chain(&mut rng, widths, relu_last);
@@ -993,16 +1077,17 @@ mod tests {
                         .collect();
                     let input: Vec<f64> = input32.iter().map(|&v| f64::from(v)).collect();
                     let want = reference(&exact, &input);
-                    let (_, out_bounds) = forward_bounds(&exact, &input, Precision::BF16);
+                    let (_, out_bounds) = forward_bounds(&exact, &input, precision);
                     let bounds = out_bounds.last().unwrap();
                     let emulated = dispatch::available().into_iter().map(|isa| {
-                        let mlp = Mlp::rounded_to_bf16(&specs, isa).unwrap();
+                        let mlp = rounded(&specs, isa).unwrap();
+                        assert_eq!(mlp.info().precision, W::PRECISION);
                         let mut got = vec![0.0f32; rows * mlp.out_features()];
                         mlp.forward(&input32, &mut got).unwrap();
                         (format!("{isa} f32 kernel on rounded weights"), got)
                     });
                     let narrow = kernels.iter().map(|(name, isa, kernel)| {
-                        let mlp = Mlp::<f32, Bf16>::with_kernel(&specs, *isa, *kernel).unwrap();
+                        let mlp = Mlp::<f32, W>::with_kernel(&specs, *isa, *kernel).unwrap();
                         let mut got = vec![0.0f32; rows * mlp.out_features()];
                         mlp.forward(&input32, &mut got).unwrap();
                         (name.clone(), got)
@@ -1020,6 +1105,57 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// int8 keeps non-finite inputs visible: a row holding a NaN or an infinity comes out all
+    /// NaN, the other rows as they would alone; a non-finite weight is refused at packing.
+    #[test]
+    fn int8_rows_with_non_finite_inputs_come_out_nan() {
+        let weight: Vec<f32> = (0..12).map(|i| i as f32 / 7.0 - 0.8).collect();
+        let spec = LayerSpec {
+            weight: &weight,
+            bias: None,
+            out_features: 3,
+            in_features: 4,
+            post_op: PostOp::Relu,
+        };
+        for (name, isa, kernel) in int8_kernels() {
+            let mlp = Mlp::<f32, i8>::with_kernel(&[spec], isa, kernel).unwrap();
+            let clean = [0.5f32, -1.0, 2.0, 0.25];
+            let mut alone = [0.0f32; 3];
+            mlp.forward(&clean, &mut alone).unwrap();
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                let input = [clean, [1.0, bad, 0.0, 1.0], clean].concat();
+                let mut output = [0.0f32; 9];
+                mlp.forward(&input, &mut output).unwrap();
+                assert!(
+                    output[3..6].iter().all(|v| v.is_nan()),
+                    "{name} {bad}: {output:?}"
+                );
+                assert_eq!(&output[..3], &alone, "{name}");
+                assert_eq!(&output[6..], &alone, "{name}");
+            }
+        }
+        let mut bad_weight = weight.clone();
+        bad_weight[5] = f32::INFINITY;
+        let bad = LayerSpec {
+            weight: &bad_weight,
+            ..spec
+        };
+        for isa in dispatch::available() {
+            let error = Mlp::rounded_to_int8(&[bad], isa).unwrap_err();
+            assert!(
+                error.to_string().contains("weight [1, 1] is inf"),
+                "{error}"
+            );
+            if dispatch::multiplies_int8(isa) {
+                let error = Mlp::<f32, i8>::new(&[bad], isa).unwrap_err();
+                assert!(
+                    error.to_string().contains("needs finite weights"),
+                    "{error}"
+                );
             }
         }
     }

@@ -198,6 +198,9 @@ pub struct Precision {
     /// The unit roundoff of the type weights are stored in, and layer inputs may be rounded to
     /// before they are multiplied (bf16: `2^-8`), or 0 where both stay in the compute type.
     pub stored_unit: f64,
+    /// int8: each output's weights rounded to a multiple of `s_w = max |W_j| / 127`, and (where
+    /// the kernel multiplies int8) each layer's input row to one of `s_x = range / 255`.
+    pub int8: bool,
 }
 
 impl Precision {
@@ -206,16 +209,24 @@ impl Precision {
         op_relative: 1e-6,
         op_absolute: 1e-30,
         stored_unit: 0.0,
+        int8: false,
     };
     pub const F64: Precision = Precision {
         unit: f64::EPSILON / 2.0,
         op_relative: 1e-13,
         op_absolute: 1e-30,
         stored_unit: 0.0,
+        int8: false,
     };
     /// bf16 weights (and, where the kernel multiplies bf16, inputs), f32 sums and ops.
     pub const BF16: Precision = Precision {
         stored_unit: 1.0 / 256.0,
+        ..Precision::F32
+    };
+    /// int8 weights per output channel, inputs per row to u8 with a zero point, exact i32 sums,
+    /// f32 scaling and ops.
+    pub const INT8: Precision = Precision {
+        int8: true,
         ..Precision::F32
     };
 
@@ -291,6 +302,11 @@ pub fn forward_bounds(
         let mut out = vec![0.0; rows * layer.out_features];
         for r in 0..rows {
             let (x, x_bound) = (&below[r * k..][..k], &below_bound[r * k..][..k]);
+            let row_scale = if precision.int8 {
+                int8_row_scale(x, x_bound)
+            } else {
+                0.0
+            };
             for o in 0..layer.out_features {
                 let w = &layer.weight[o * k..][..k];
                 let bias = layer.bias.as_ref().map_or(0.0, |b| b[o].abs());
@@ -303,6 +319,9 @@ pub fn forward_bounds(
                     + bias;
                 let at = r * layer.out_features + o;
                 pre[at] = carried + precision.sum_error(k, magnitude);
+                if precision.int8 {
+                    pre[at] += int8_error(w, x, x_bound, row_scale, precision);
+                }
                 let lipschitz = lipschitz(layer.post_op);
                 out[at] = lipschitz * pre[at]
                     + precision.op_relative * (outputs[index][at].abs() + lipschitz * pre[at])
@@ -314,6 +333,41 @@ pub fn forward_bounds(
         out_bounds.push(out);
     }
     (pre_bounds, out_bounds)
+}
+
+/// The largest scale an int8 kernel may quantize the row `x` to (each value computed within
+/// `x_bound` of it): its range with 0, widened by the bounds, over 255.
+fn int8_row_scale(x: &[f64], x_bound: &[f64]) -> f64 {
+    let (lo, hi) = x
+        .iter()
+        .zip(x_bound)
+        .fold((0.0f64, 0.0f64), |(lo, hi), (x, e)| {
+            (lo.min(x - e), hi.max(x + e))
+        });
+    (hi - lo) / 255.0
+}
+
+/// What int8 adds to one output's bound, beside the f32 arithmetic ([`Precision::sum_error`]):
+/// each weight off by at most `s_w / 2`, each input by at most `s_x / 2` (`row_scale`), both
+/// with a margin for the f32 rounding of `x / s`; and the f32 conversion and zero-point
+/// correction of i32 sums up to `sum |w| (|x| + |min x| + s_x) / (s_x s_w)`.
+fn int8_error(w: &[f64], x: &[f64], x_bound: &[f64], row_scale: f64, precision: Precision) -> f64 {
+    let largest = w.iter().fold(0.0f64, |m, w| m.max(w.abs()));
+    let weight_scale = largest / 127.0;
+    let half = 0.5 * (1.0 + 1e-4);
+    let lowest = x
+        .iter()
+        .zip(x_bound)
+        .fold(0.0f64, |lo, (x, e)| lo.min(x - e))
+        .abs();
+    let (mut weights, mut inputs, mut shifted) = (0.0, 0.0, 0.0);
+    for (w, (x, e)) in w.iter().zip(x.iter().zip(x_bound)) {
+        let input = x.abs() + e + half * row_scale;
+        weights += w.abs();
+        inputs += input;
+        shifted += (w.abs() + half * weight_scale) * (input + lowest);
+    }
+    half * row_scale * weights + half * weight_scale * inputs + 8.0 * precision.unit * shifted
 }
 
 /// Per row: whether some pre-activation lies within (4 times) its bound of a kink of its op,

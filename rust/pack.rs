@@ -3,15 +3,29 @@
 
 use std::fmt::Debug;
 
-use crate::kernels::{Bf16, Element, LayerDesc, Packed, TileShape};
+use crate::kernels::{Bf16, Element, LayerDesc, Packed, TileShape, INT8_CHANNEL_VALUES};
 use crate::ops::PostOp;
 
 /// A type that weights computed in `T` can be stored as (the kernels widen it back on load,
-/// through [`crate::kernels::LoadFrom`]). Every compute type stores as itself; a narrower one
-/// (bf16, int8 with a scale) rounds in [`Storage::store`].
-pub trait Storage<T>: bytemuck::Pod + Send + Sync + Debug + 'static {
+/// through [`crate::kernels::LoadFrom`], or multiply it as it is). Every compute type stores as
+/// itself; bf16 rounds in [`Storage::store`]; int8 scales each output's weights
+/// ([`Storage::store_channel`]).
+pub trait Storage<T: Copy>: bytemuck::Pod + Send + Sync + Debug + 'static {
+    /// Values kept per output after the biases (see [`PackedChain::pack`]): none where each
+    /// weight is stored alone.
+    const CHANNEL_VALUES: usize = 0;
+
     /// `value` rounded to this type.
     fn store(value: T) -> Self;
+
+    /// Stores one output's weights (`row`, a row of PyTorch's `W`) into `stored` and writes the
+    /// values kept for it ([`Storage::CHANNEL_VALUES`] of them) to `channel`.
+    fn store_channel(row: &[T], stored: &mut [Self], channel: &mut [T]) {
+        debug_assert!(channel.is_empty());
+        for (stored, &value) in stored.iter_mut().zip(row) {
+            *stored = Self::store(value);
+        }
+    }
 }
 
 impl<T: Element> Storage<T> for T {
@@ -25,6 +39,41 @@ impl Storage<f32> for Bf16 {
     #[inline(always)]
     fn store(value: f32) -> Bf16 {
         Bf16::round(value)
+    }
+}
+
+/// Symmetric int8 per output channel: `W_j` stored as `round(W_j / s_j)` with `s_j = max |W_j| /
+/// 127` (1 for an all-zero row), keeping `s_j` and the sum of the stored values (for the
+/// inputs' zero points; exact in f32 for any `k` below 2^17).
+impl Storage<f32> for i8 {
+    const CHANNEL_VALUES: usize = INT8_CHANNEL_VALUES;
+
+    /// `value` at scale 1: rounded to nearest even and clamped to `-127..=127`.
+    #[inline(always)]
+    fn store(value: f32) -> i8 {
+        value.round_ties_even().clamp(-127.0, 127.0) as i8
+    }
+
+    fn store_channel(row: &[f32], stored: &mut [i8], channel: &mut [f32]) {
+        let scale = int8_scale(row);
+        let mut sum = 0.0f32;
+        for (stored, &value) in stored.iter_mut().zip(row) {
+            *stored = Self::store(value / scale);
+            sum += f32::from(*stored);
+        }
+        channel.copy_from_slice(&[scale, sum]);
+    }
+}
+
+/// The scale of one output's int8 weights: `max |w| / 127`, or 1 where they are all zero (or
+/// not finite: such a weight stores as a clamped value, and the chain's `check` refuses it
+/// earlier).
+pub fn int8_scale(row: &[f32]) -> f32 {
+    let largest = row.iter().fold(0.0f32, |m, &w| m.max(w.abs()));
+    if largest > 0.0 && largest.is_finite() {
+        largest / 127.0
+    } else {
+        1.0
     }
 }
 
@@ -88,7 +137,8 @@ pub struct PackedChain<W, T> {
 
 impl<W: Storage<T>, T: Element> PackedChain<W, T> {
     /// Packs every layer, its weights stored as `W` (rounded by [`Storage::store`]); the caller
-    /// has checked that the lengths match the shapes.
+    /// has checked that the lengths match the shapes. Each layer's biases take `padded_out`
+    /// values from `bias_at`, then each of `W`'s [`Storage::CHANNEL_VALUES`] as many.
     pub fn pack(shape: &TileShape, specs: &[LayerSpec<'_, T>]) -> Self {
         // Each layer's panels and bias start on a cache line.
         let weights_line = ALIGN_BYTES / std::mem::size_of::<W>();
@@ -107,7 +157,8 @@ impl<W: Storage<T>, T: Element> PackedChain<W, T> {
             weights_len =
                 (dot_at + (out - dot_from) * shape.padded(k)).next_multiple_of(weights_line);
             let bias_at = biases_len;
-            biases_len = (bias_at + padded_out).next_multiple_of(biases_line);
+            biases_len =
+                (bias_at + (1 + W::CHANNEL_VALUES) * padded_out).next_multiple_of(biases_line);
             LayerDesc {
                 in_features: k,
                 out_features: out,
@@ -135,8 +186,14 @@ impl<W: Storage<T>, T: Element> PackedChain<W, T> {
             .chain(lanes_specs.zip(&lanes_layers))
         {
             if shape.k_group > 1 {
-                pack_grouped_panels(shape, spec, layer, weights.as_mut_slice());
+                let channels = &mut biases.as_mut_slice()[layer.bias_at + layer.padded_out..];
+                pack_grouped_panels(shape, spec, layer, weights.as_mut_slice(), channels);
             } else {
+                assert_eq!(
+                    W::CHANNEL_VALUES,
+                    0,
+                    "values kept per output need grouped panels"
+                );
                 pack_panels(shape, spec, layer, weights.as_mut_slice());
             }
             pack_rows(shape, spec, layer, weights.as_mut_slice());
@@ -231,17 +288,21 @@ fn pack_panels<W: Storage<T>, T: Element>(
 /// Writes `spec`'s panels for a kernel taking `k` in groups ([`TileShape::k_group`]) at
 /// `layer.weights_at`: panels of whole registers, each panel row one group of `k` for every
 /// column, the group's values side by side (`k_group = 2`: `W[c, 2p], W[c, 2p + 1]` for each
-/// column `c` of row `p`); zeros past the outputs and past `k`.
+/// column `c` of row `p`); zeros past the outputs and past `k`. Each output's channel values
+/// go to `channels`, `layer.padded_out` apart.
 fn pack_grouped_panels<W: Storage<T>, T: Element>(
     shape: &TileShape,
     spec: &LayerSpec<'_, T>,
     layer: &LayerDesc,
     buffer: &mut [W],
+    channels: &mut [T],
 ) {
     let (k, group) = (spec.in_features, shape.k_group);
     let grouped_k = shape.grouped(k);
     let columns = shape.panel_columns(layer.dot_from);
     let panel_width = shape.panel_width();
+    let mut stored = vec![W::zeroed(); k];
+    let mut channel = vec![T::ZERO; W::CHANNEL_VALUES];
     for col in (0..columns).step_by(panel_width) {
         let width = panel_width.min(columns - col);
         let panel = &mut buffer[layer.weights_at + col * grouped_k..][..width * grouped_k];
@@ -252,10 +313,14 @@ fn pack_grouped_panels<W: Storage<T>, T: Element>(
             .skip(col)
             .take(width)
         {
+            W::store_channel(weight_row, &mut stored, &mut channel);
+            for (i, &value) in channel.iter().enumerate() {
+                channels[i * layer.padded_out + c] = value;
+            }
             let c = c - col;
-            for (j, &value) in weight_row.iter().enumerate() {
+            for (j, &value) in stored.iter().enumerate() {
                 let (row, within) = (j / group, j % group);
-                panel[(row * width + c) * group + within] = W::store(value);
+                panel[(row * width + c) * group + within] = value;
             }
         }
     }

@@ -26,6 +26,16 @@ pub fn bf16_peak_gflops(isa: Isa, seconds: f64) -> Result<f64, Error> {
     })
 }
 
+/// The ceiling of `isa`'s int8 kernel's own instruction, as [`fma_peak_gflops`]: `vpdpbusd`
+/// where it multiplies int8 (counted as the FMAs it replaces), else the f32 FMA.
+pub fn int8_peak_gflops(isa: Isa, seconds: f64) -> Result<f64, Error> {
+    let isa = crate::dispatch::require(isa)?;
+    Ok(match <i8 as Weights<f32>>::kernel_for(isa) {
+        Some(kernel) => peak_gflops(&kernel, seconds),
+        None => peak_gflops(&f32::kernel(isa), seconds),
+    })
+}
+
 /// GFLOP/s of `kernel`'s peak loop, the best of rounds over about `seconds`. The caller has
 /// checked that this CPU supports the kernel's ISA.
 fn peak_gflops<W, T: Element>(kernel: &Kernel<W, T>, seconds: f64) -> f64 {

@@ -100,7 +100,8 @@ fn parse_post_op(value: &Bound<'_, PyAny>, index: usize) -> PyResult<PostOp> {
     parsed.map_err(|message| PyValueError::new_err(format!("layer {index}: {message}")))
 }
 
-/// How a chain is packed from its layers: `Mlp::new`, or `Mlp::rounded_to_bf16`.
+/// How a chain is packed from its layers: `Mlp::new`, `Mlp::rounded_to_bf16` or
+/// `Mlp::rounded_to_int8`.
 type Pack<T, W> = fn(&[LayerSpec<'_, T>], Isa) -> Result<Mlp<T, W>, Error>;
 
 /// The chain of these arrays and post-ops, checked, packed by `pack`.
@@ -586,6 +587,7 @@ impl Chain {
             AnyMlp::F32(mlp) => call(py, mlp, input),
             AnyMlp::F64(mlp) => call(py, mlp, input),
             AnyMlp::Bf16(mlp) => call(py, mlp, input),
+            AnyMlp::Int8(mlp) => call(py, mlp, input),
         }
     }
 }
@@ -625,9 +627,23 @@ impl Chain {
                 isa,
                 Mlp::rounded_to_bf16,
             )?),
+            (Some("int8"), _) if dispatch::multiplies_int8(isa) => AnyMlp::Int8(build::<f32, i8>(
+                &weights,
+                &biases,
+                &post_ops,
+                isa,
+                Mlp::new,
+            )?),
+            (Some("int8"), _) => AnyMlp::F32(build(
+                &weights,
+                &biases,
+                &post_ops,
+                isa,
+                Mlp::rounded_to_int8,
+            )?),
             (Some(other), _) => {
                 return Err(PyValueError::new_err(format!(
-                    "precision must be None (the weights' dtype) or 'bf16', got {other:?}"
+                    "precision must be None (the weights' dtype), 'bf16' or 'int8', got {other:?}"
                 )))
             }
         };
@@ -693,6 +709,7 @@ impl Chain {
             AnyMlp::F32(mlp) => run_saving_from_dlpack(py, mlp, capsule),
             AnyMlp::F64(mlp) => run_saving_from_dlpack(py, mlp, capsule),
             AnyMlp::Bf16(mlp) => run_saving_from_dlpack(py, mlp, capsule),
+            AnyMlp::Int8(mlp) => run_saving_from_dlpack(py, mlp, capsule),
         }
     }
 
@@ -727,6 +744,9 @@ impl Chain {
                 backward_from_dlpack(py, mlp, &capsules, &needs_params, needs_input)
             }
             AnyMlp::Bf16(mlp) => {
+                backward_from_dlpack(py, mlp, &capsules, &needs_params, needs_input)
+            }
+            AnyMlp::Int8(mlp) => {
                 backward_from_dlpack(py, mlp, &capsules, &needs_params, needs_input)
             }
         }
@@ -835,8 +855,9 @@ fn threads_source() -> String {
 
 /// GFLOP/s of one thread running register-only FMAs for about `seconds` (`dtype` "float32" or
 /// "float64"; `isa` defaults to the selected one): the ceiling to quote kernel speed against.
-/// `precision="bf16"`: the ceiling of the bf16 kernel's own instruction instead (`vdpbf16ps`
-/// where it multiplies bf16, counted as the FMAs it replaces; else the float32 FMA).
+/// `precision="bf16"` or `"int8"`: the ceiling of that precision's kernel's own instruction
+/// instead (`vdpbf16ps`, `vpdpbusd` where it has one, counted as the FMAs it replaces; else the
+/// float32 FMA).
 #[pyfunction]
 #[pyo3(signature = (seconds=0.2, dtype="float32", isa=None, precision=None))]
 fn fma_peak_gflops(
@@ -851,14 +872,15 @@ fn fma_peak_gflops(
         ("float32", None) => py.detach(|| crate::probe::fma_peak_gflops::<f32>(isa, seconds)),
         ("float64", None) => py.detach(|| crate::probe::fma_peak_gflops::<f64>(isa, seconds)),
         ("float32", Some("bf16")) => py.detach(|| crate::probe::bf16_peak_gflops(isa, seconds)),
-        (_, Some(other)) if other != "bf16" => {
+        ("float32", Some("int8")) => py.detach(|| crate::probe::int8_peak_gflops(isa, seconds)),
+        (_, Some(other)) if other != "bf16" && other != "int8" => {
             return Err(PyValueError::new_err(format!(
-                "precision must be None or 'bf16', got {other:?}"
+                "precision must be None, 'bf16' or 'int8', got {other:?}"
             )))
         }
         (other, _) => {
             return Err(PyTypeError::new_err(format!(
-                "dtype must be 'float32' or 'float64' (float32 for bf16), got {other:?}"
+                "dtype must be 'float32' or 'float64' (float32 for bf16 and int8), got {other:?}"
             )))
         }
     };
@@ -868,7 +890,7 @@ fn fma_peak_gflops(
 /// How each precision runs on `isa` (default: the selected one): `"native"` where the kernel
 /// multiplies in that precision's own instructions, `"widened"` where the weights are stored
 /// narrow and widened to float32 in registers, `"emulated"` where the float32 kernel runs the
-/// weights rounded to it.
+/// weights rounded to it (int8: the inputs left in float32).
 #[pyfunction]
 #[pyo3(signature = (isa=None))]
 fn precision_support(isa: Option<&str>) -> PyResult<Vec<(&'static str, &'static str)>> {
@@ -880,7 +902,17 @@ fn precision_support(isa: Option<&str>) -> PyResult<Vec<(&'static str, &'static 
     } else {
         "emulated"
     };
-    Ok(vec![("fp32", "native"), ("fp64", "native"), ("bf16", bf16)])
+    let int8 = if dispatch::multiplies_int8(isa) {
+        "native"
+    } else {
+        "emulated"
+    };
+    Ok(vec![
+        ("fp32", "native"),
+        ("fp64", "native"),
+        ("bf16", bf16),
+        ("int8", int8),
+    ])
 }
 
 #[pymodule]

@@ -1,6 +1,7 @@
-"""``precision="bf16"``: weights stored as bfloat16 for inference, float32 in and out, every
-result within the documented bound of the float64 reference (``docs/precision.md``), on every
-ISA this CPU runs (AVX512_BF16 multiplies bf16; the others widen the weights to float32)."""
+"""``precision="bf16"`` and ``"int8"``: weights stored narrower for inference, float32 in and
+out, every result within its documented bound of the float64 reference (``docs/precision.md``),
+on every ISA this CPU runs (AVX512_BF16 multiplies bf16 and AVX512_VNNI int8; the others run
+the float32 kernel on the rounded weights, or widen bf16 on other AVX-512 CPUs)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,10 @@ from fusedae._ops import PostOp
 from fusedae.torch import AE, FusedMLP, accelerate
 from fusedae.torch import save as torch_save
 
-BF16_WORST = 1e-2  # the issue's ceiling on the normwise relative error
+# The issue's ceilings on the normwise relative error, and each precision's bound.
+WORST = {"bf16": 1e-2, "int8": 3e-2}
+BOUNDS = {"bf16": _reference.bf16_bound, "int8": _reference.int8_bound}
+NARROW = ("bf16", "int8")
 
 # (widths, activations): the seed's encoder and AE (h_dim=42), the benchmark suite's other
 # models, and odd widths (1, and widths that are not whole registers or pairs).
@@ -59,16 +63,18 @@ def normwise(got: np.ndarray, want: np.ndarray) -> float:
 
 
 def check_within_bound(
-    mlp: MLP, layers: list, activations, x: np.ndarray, ceiling: float = BF16_WORST
+    mlp: MLP, layers: list, activations, x: np.ndarray, ceiling: float | None = None
 ) -> float:
-    """Runs ``mlp`` on ``x``: float32 out, every value within ``bf16_bound`` of the float64
-    reference, the normwise error below ``ceiling``; returns that error."""
+    """Runs ``mlp`` on ``x``: float32 out, every value within its precision's bound of the
+    float64 reference, the normwise error below ``ceiling`` (default: the precision's
+    ``WORST``); returns that error."""
     got = mlp(x)
     assert got.dtype == np.float32
     assert got.shape == (*x.shape[:-1], layers[-1][0].shape[0])
     flat = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
     want, _ = _reference.forward(layers, activations, flat)
-    bound = _reference.bf16_bound(layers, activations, flat)
+    bound = BOUNDS[mlp.precision](layers, activations, flat)
+    ceiling = WORST[mlp.precision] if ceiling is None else ceiling
     excess = np.abs(got.reshape(want.shape) - want) - bound
     assert (excess <= 0).all(), f"{excess.max():e} above the bound at {np.argmax(excess)}"
     error = normwise(got.reshape(want.shape), want)
@@ -77,23 +83,26 @@ def check_within_bound(
 
 
 @pytest.mark.parametrize(
-    ("widths", "activations", "ceiling"),
-    [(*chain, BF16_WORST) for chain in CHAINS] + [(*chain, np.inf) for chain in ODD_CHAINS],
+    ("widths", "activations", "odd"),
+    [(*chain, False) for chain in CHAINS] + [(*chain, True) for chain in ODD_CHAINS],
     ids=lambda c: str(c),
 )
 @pytest.mark.parametrize("rows", [0, 1, 2, 9, 64, 300])
-def test_bf16_within_its_bound_on_every_isa(rng, isa, widths, activations, ceiling, rows):
+@pytest.mark.parametrize("precision", NARROW)
+def test_within_its_bound_on_every_isa(rng, isa, precision, widths, activations, odd, rows):
     layers = random_layers(rng, widths)
-    mlp = MLP(layers, activations, precision="bf16", isa=isa)
-    assert (mlp.precision, mlp.dtype, mlp.isa) == ("bf16", np.float32, isa)
+    mlp = MLP(layers, activations, precision=precision, isa=isa)
+    assert (mlp.precision, mlp.dtype, mlp.isa) == (precision, np.float32, isa)
     x = rng.uniform(-2, 2, (rows, widths[0])).astype(np.float32)
     # The ceiling is on a batch's error: one row's two outputs may nearly cancel.
-    check_within_bound(mlp, layers, activations, x, ceiling if rows >= 64 else np.inf)
+    ceiling = WORST[precision] if rows >= 64 and not odd else np.inf
+    check_within_bound(mlp, layers, activations, x, ceiling)
 
 
-def test_bf16_takes_any_input_fp32_takes(rng, isa):
+@pytest.mark.parametrize("precision", NARROW)
+def test_takes_any_input_fp32_takes(rng, isa, precision):
     layers = random_layers(rng, (784, 42, 16))
-    mlp = MLP(layers, precision="bf16", isa=isa)
+    mlp = MLP(layers, precision=precision, isa=isa)
     x = rng.standard_normal((7, 2 * 784)).astype(np.float32)
     strided = x[:, ::2]  # not contiguous
     check_within_bound(mlp, layers, ("relu", "identity"), strided)
@@ -108,10 +117,11 @@ def test_bf16_takes_any_input_fp32_takes(rng, isa):
     np.testing.assert_array_equal(out, got)
 
 
-def test_bf16_is_the_same_on_any_thread_count(rng):
+@pytest.mark.parametrize("precision", NARROW)
+def test_the_same_on_any_thread_count(rng, precision):
     """The same bits on one thread or two (each row's sums in the same order)."""
     layers = random_layers(rng, (784, 42, 16, 42, 784))
-    mlp = MLP(layers, precision="bf16")
+    mlp = MLP(layers, precision=precision)
     x = rng.uniform(0, 1, (2000, 784)).astype(np.float32)
     fusedae.set_num_threads(1)
     one = mlp(x)
@@ -119,12 +129,14 @@ def test_bf16_is_the_same_on_any_thread_count(rng):
     np.testing.assert_array_equal(mlp(x), one)
 
 
-def test_bf16_is_not_the_fp32_kernel(rng):
-    """The bf16 result differs from fp32 by about bf16's rounding: weights really are stored so."""
+@pytest.mark.parametrize("precision", NARROW)
+def test_is_not_the_fp32_kernel(rng, precision):
+    """The result differs from fp32 by about the precision's rounding: the weights really are
+    stored so."""
     layers = random_layers(rng, (784, 42, 16))
     x = rng.uniform(0, 1, (64, 784)).astype(np.float32)
-    full, bf16 = MLP(layers)(x), MLP(layers, precision="bf16")(x)
-    assert 1e-4 < normwise(bf16, full) < BF16_WORST
+    full, narrow = MLP(layers)(x), MLP(layers, precision=precision)(x)
+    assert 1e-4 < normwise(narrow, full) < WORST[precision]
 
 
 def test_bf16_beats_torch_bfloat16_on_the_same_weights(rng):
@@ -143,6 +155,32 @@ def test_bf16_beats_torch_bfloat16_on_the_same_weights(rng):
     with torch.no_grad():
         theirs = copy.deepcopy(model).to(torch.bfloat16)(torch.from_numpy(x).bfloat16())
     assert ours <= normwise(theirs.float().numpy(), want)
+
+
+def test_int8_beats_torch_quantize_dynamic_on_the_same_weights(rng):
+    """On the seed AE, int8 is no less accurate than PyTorch's ``quantize_dynamic`` (per-tensor
+    and per-channel weights, the default 7-bit activations: what users reach for)."""
+    from torch.ao.quantization import quantize_dynamic
+    from torch.ao.quantization.qconfig import per_channel_dynamic_qconfig
+
+    torch.manual_seed(0)
+    model = SeedAE(784, 16).eval()
+    layers = [
+        (m.weight.detach().numpy(), m.bias.detach().numpy())
+        for m in model.modules()
+        if isinstance(m, nn.Linear)
+    ]
+    activations = ("relu", "identity", "relu", "identity")
+    x = rng.uniform(0, 1, (1000, 784)).astype(np.float32)
+    want, _ = _reference.forward(layers, activations, x)
+    ours = normwise(MLP(layers, activations, precision="int8")(x), want)
+    assert ours <= WORST["int8"]
+    for qconfig in (None, per_channel_dynamic_qconfig):
+        spec = {nn.Linear} if qconfig is None else {nn.Linear: qconfig}
+        quantized = quantize_dynamic(copy.deepcopy(model), spec, dtype=torch.qint8)
+        with torch.no_grad():
+            theirs = quantized(torch.from_numpy(x)).numpy()
+        assert ours <= normwise(theirs, want), qconfig
 
 
 def test_bf16_on_trained_weights_of_the_digits_autoencoder():
@@ -165,7 +203,8 @@ def test_bf16_on_trained_weights_of_the_digits_autoencoder():
     linears = [m for m in model if isinstance(m, nn.Linear)]
     layers = [(m.weight.detach().numpy(), m.bias.detach().numpy()) for m in linears]
     activations = ("relu", "identity", "relu", "sigmoid")
-    check_within_bound(MLP(layers, activations, precision="bf16"), layers, activations, x)
+    for precision in NARROW:
+        check_within_bound(MLP(layers, activations, precision=precision), layers, activations, x)
 
 
 def test_precision_arguments_are_checked(rng):
@@ -174,27 +213,35 @@ def test_precision_arguments_are_checked(rng):
         MLP(layers, precision="int4")
     with pytest.raises(TypeError, match="precision 'bf16' takes and gives float32"):
         MLP(layers, precision="bf16", dtype=np.float64)
+    with pytest.raises(TypeError, match="precision 'int8' takes and gives float32"):
+        MLP(layers, precision="int8", dtype=np.float64)
+    bad = [(w.copy(), b) for w, b in layers]
+    bad[0][0][2, 1] = np.inf
+    with pytest.raises(ValueError, match=r"layer 0: weight \[2, 1\] is inf; precision int8"):
+        MLP(bad, precision="int8")
     with pytest.raises(TypeError, match="precision 'fp32'"):
         MLP(layers, precision="fp32", dtype=np.float64)
     assert MLP(layers, precision="fp64").dtype == np.float64
     f64 = [(w.astype(np.float64), b.astype(np.float64)) for w, b in layers]
     assert MLP(f64, precision="bf16").dtype == np.float32  # the weights are converted
     assert "precision=bf16" in repr(MLP(layers, precision="bf16"))
+    assert MLP(f64, precision="int8").precision == "int8"
     assert MLP(layers).precision == "fp32"
     assert MLP(f64).precision == "fp64"
 
 
-def test_bf16_survives_pickle_save_and_load(rng, tmp_path):
+@pytest.mark.parametrize("precision", NARROW)
+def test_survives_pickle_save_and_load(rng, tmp_path, precision):
     import pickle
 
     layers = random_layers(rng, (784, 42, 16, 42, 784))
-    mlp = MLP(layers, precision="bf16")
+    mlp = MLP(layers, precision=precision)
     x = rng.uniform(0, 1, (5, 784)).astype(np.float32)
     again = pickle.loads(pickle.dumps(mlp))
-    assert again.precision == "bf16"
+    assert again.precision == precision
     np.testing.assert_array_equal(again(x), mlp(x))
     mlp.save(tmp_path / "m.safetensors", encoder_layers=2)
-    loaded = MLP.load(tmp_path / "m.safetensors", precision="bf16")
+    loaded = MLP.load(tmp_path / "m.safetensors", precision=precision)
     np.testing.assert_array_equal(loaded(x), mlp(x))
     assert MLP.load(tmp_path / "m.safetensors").precision == "fp32"  # the file keeps fp32
 
@@ -207,12 +254,16 @@ def test_info_says_how_each_precision_runs():
     native = fusedae.info()["isa"] == "avx512" and " avx512_bf16" in flags
     assert (precisions["bf16"] == "native") == native
     assert fusedae._native.fma_peak_gflops(0.02, precision="bf16") > 0
+    vnni = fusedae.info()["isa"] == "avx512" and " avx512_vnni" in flags
+    assert precisions["int8"] == ("native" if vnni else "emulated")
+    assert fusedae._native.fma_peak_gflops(0.02, precision="int8") > 0
 
 
-def test_torch_modules_at_bf16(rng):
+@pytest.mark.parametrize("precision", NARROW)
+def test_torch_modules_at_narrow_precision(rng, precision):
     torch.manual_seed(0)
     seed = SeedAE(784, 16).eval()
-    model = AE(784, 16, precision="bf16").eval()
+    model = AE(784, 16, precision=precision).eval()
     model.load_state_dict(seed.state_dict())
     x = torch.from_numpy(rng.uniform(0, 1, (64, 784)).astype(np.float32))
     layers = [
@@ -221,12 +272,12 @@ def test_torch_modules_at_bf16(rng):
         if isinstance(m, nn.Linear)
     ]
     ae = ("relu", "identity", "relu", "identity")
-    expected = MLP(layers, ae, precision="bf16")(x.numpy())
-    codes = MLP(layers[:2], ae[:2], precision="bf16")(x.numpy())
+    expected = MLP(layers, ae, precision=precision)(x.numpy())
+    codes = MLP(layers[:2], ae[:2], precision=precision)(x.numpy())
     with torch.no_grad():
         np.testing.assert_array_equal(model(x).numpy(), expected)
         np.testing.assert_array_equal(model.encoder(x).numpy(), codes)
-        assert model.precision == "bf16"
+        assert model.precision == precision
         copied = copy.deepcopy(model)
         np.testing.assert_array_equal(copied(x).numpy(), expected)
         # Back to fp32: PyTorch's numbers again.
@@ -234,25 +285,27 @@ def test_torch_modules_at_bf16(rng):
         torch.testing.assert_close(model(x), seed(x), rtol=1e-5, atol=1e-6)
 
 
-def test_torch_bf16_refuses_to_train_and_float64(rng):
-    model = AE(20, 3, 7, precision="bf16")
+@pytest.mark.parametrize("precision", NARROW)
+def test_torch_narrow_precision_refuses_to_train_and_float64(rng, precision):
+    model = AE(20, 3, 7, precision=precision)
     x = torch.rand(300, 20)
-    with pytest.raises(RuntimeError, match="precision 'bf16' is for inference"):
+    with pytest.raises(RuntimeError, match=f"precision '{precision}' is for inference"):
         model(x)  # parameters that need gradients: a training call
     with pytest.raises(TypeError, match="float32"), torch.no_grad():
         model.double()(x.double())
 
 
-def test_accelerate_at_bf16(rng):
+@pytest.mark.parametrize("precision", NARROW)
+def test_accelerate_at_narrow_precision(rng, precision):
     model = nn.Sequential(nn.Linear(30, 16), nn.Tanh(), nn.Linear(16, 4), nn.Sigmoid())
     plain = copy.deepcopy(model)
-    fused, report = accelerate(model, precision="bf16")
+    fused, report = accelerate(model, precision=precision)
     assert isinstance(fused, FusedMLP), report
-    assert fused.precision == "bf16"
+    assert fused.precision == precision
     x = torch.from_numpy(rng.uniform(-1, 1, (50, 30)).astype(np.float32))
     with torch.inference_mode():
         got, want = fused(x), plain(x)
-    assert normwise(got.numpy(), want.numpy()) < BF16_WORST
+    assert normwise(got.numpy(), want.numpy()) < WORST[precision]
     assert not torch.equal(got, want)
     again, _ = accelerate(fused, precision="fp32")
     assert again.precision == "fp32"
@@ -262,7 +315,8 @@ def test_accelerate_at_bf16(rng):
         accelerate(plain, precision="int3")
 
 
-def test_cli_encode_at_bf16(tmp_path, rng):
+@pytest.mark.parametrize("precision", NARROW)
+def test_cli_encode_at_narrow_precision(tmp_path, rng, precision):
     torch.manual_seed(0)
     model = AE(64, 2).eval()
     torch_save(model, tmp_path / "m.safetensors")
@@ -270,11 +324,11 @@ def test_cli_encode_at_bf16(tmp_path, rng):
     np.save(tmp_path / "x.npy", x)
     result = subprocess.run(
         [sys.executable, "-m", "fusedae", "encode", tmp_path / "m.safetensors",
-         tmp_path / "x.npy", "-o", tmp_path / "z.npy", "--precision", "bf16"],
+         tmp_path / "x.npy", "-o", tmp_path / "z.npy", "--precision", precision],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     z = np.load(tmp_path / "z.npy")
     assert z.dtype == np.float32
-    mlp = MLP.load(tmp_path / "m.safetensors", "encoder", precision="bf16")
+    mlp = MLP.load(tmp_path / "m.safetensors", "encoder", precision=precision)
     np.testing.assert_array_equal(z, mlp(x.astype(np.float32)))

@@ -24,9 +24,10 @@ def info() -> dict[str, object]:
     quota); ``threads_from`` says which.
 
     ``precisions``: how each ``precision=`` runs on the selected ISA: ``"native"`` in its own
-    instructions (bf16 with AVX512_BF16), ``"widened"`` with the weights stored narrow and
-    widened to float32 in registers (other AVX-512 CPUs), ``"emulated"`` on the float32 kernel
-    with the weights rounded to it (AVX2, NEON: never slower than fp32); same error bound.
+    instructions (bf16 with AVX512_BF16, int8 with AVX512_VNNI), ``"widened"`` with the weights
+    stored narrow and widened to float32 in registers (bf16 on other AVX-512 CPUs),
+    ``"emulated"`` on the float32 kernel with the weights rounded to it (the rest: never slower
+    than fp32); same error bound.
 
     Raises ``ValueError`` / ``RuntimeError`` if ``FUSEDAE_ISA`` names an unknown ISA or one this
     CPU lacks.

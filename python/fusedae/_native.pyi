@@ -40,8 +40,9 @@ class Chain:
     or ``None``; all float32 or all float64, C-contiguous. ``post_ops[i]``, applied to layer
     ``i``'s outputs, is a name in ``POST_OPS`` or a ``(name, *parameters)`` tuple; an unknown
     name is a ValueError. ``isa`` forces a kernel (for tests). ``precision``: None computes in
-    the weights' dtype; ``"bf16"`` stores float32 weights as bfloat16 (inference only: the
-    training entry points raise ValueError).
+    the weights' dtype; ``"bf16"`` stores float32 weights as bfloat16, ``"int8"`` as int8 with a
+    scale per output, each layer's input rows quantized to uint8 (inference only: the training
+    entry points raise ValueError).
     """
 
     def __new__(
@@ -50,7 +51,7 @@ class Chain:
         biases: list[npt.NDArray[np.floating] | None],
         post_ops: list[str | tuple[str | float, ...]],
         isa: str | None = None,
-        precision: Literal["bf16"] | None = None,
+        precision: Literal["bf16", "int8"] | None = None,
     ) -> Self: ...
     def forward(
         self, x: npt.NDArray[np.floating], out: npt.NDArray[np.floating] | None = None
@@ -102,8 +103,9 @@ class Chain:
     def dtype(self) -> np.dtype:
         """float32 or float64: the chain's values, and what it takes and gives."""
     @property
-    def precision(self) -> Literal["fp32", "fp64", "bf16"]:
-        """How the weights are stored: the dtype's own (``"fp32"``, ``"fp64"``) or ``"bf16"``."""
+    def precision(self) -> Literal["fp32", "fp64", "bf16", "int8"]:
+        """How the weights are stored: the dtype's own (``"fp32"``, ``"fp64"``), ``"bf16"`` or
+        ``"int8"``."""
     @property
     def isa(self) -> Literal["avx512", "avx2", "neon", "scalar"]: ...
     @property
@@ -123,15 +125,17 @@ def fma_peak_gflops(
     seconds: float = 0.2,
     dtype: str = "float32",
     isa: str | None = None,
-    precision: Literal["bf16"] | None = None,
+    precision: Literal["bf16", "int8"] | None = None,
 ) -> float:
     """GFLOP/s of one thread running register-only FMAs: the ceiling for kernel speed. With
-    ``precision="bf16"``, the ceiling of the bf16 kernel's own instruction (``vdpbf16ps`` where it
-    multiplies bf16, counted as the FMAs it replaces; else the float32 FMA)."""
+    ``precision="bf16"`` or ``"int8"``, the ceiling of that precision's kernel's own instruction
+    (``vdpbf16ps``, ``vpdpbusd`` where it has one, counted as the FMAs it replaces; else the
+    float32 FMA)."""
 
 def precision_support(
     isa: str | None = None,
 ) -> list[tuple[str, Literal["native", "widened", "emulated"]]]:
     """How each precision runs on ``isa`` (default: the selected one): ``"native"`` in its own
     instructions, ``"widened"`` with its weights stored narrow and widened to float32,
-    ``"emulated"`` on the float32 kernel with the weights rounded to it."""
+    ``"emulated"`` on the float32 kernel with the weights rounded to it (int8: the inputs left in
+    float32)."""

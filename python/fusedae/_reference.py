@@ -110,3 +110,49 @@ def bf16_bound(
         error = slope * pre + OP_RELATIVE * (np.abs(y) + slope * pre) + OP_ABSOLUTE
         below = np.abs(y)
     return error
+
+
+def int8_bound(
+    layers: Sequence[Layer], activations: Sequence[str | PostOp], x: npt.ArrayLike
+) -> np.ndarray:
+    """Per output, a first-order bound on how far the int8 precision's result may be from the
+    exact float64 ``forward`` of ``x`` (finite, ``(rows, in)``): each output's weights rounded
+    to a multiple of ``s_w = max |W_j| / 127``, each layer's input row to one of ``s_x =
+    (max(x, 0) - min(x, 0)) / 255`` (widened by ``err_in``), exact int32 sums, float32 scaling::
+
+        pre_err = |W| err_in + (2 (k + 1) u_f32) (|W| (|x| + err_in) + |b|)
+                  + h s_x sum|W_j| + h s_w sum(|x| + err_in + h s_x)
+                  + 8 u_f32 (|W| + h s_w) (|x| + err_in + h s_x + |min x|)
+        err_out = L pre_err + OP_RELATIVE (|y| + L pre_err) + OP_ABSOLUTE
+
+    with ``h`` a half (and a margin for the float32 ``x / s``): the rounding of each weight and
+    input, then the conversion and zero-point correction of the int32 sums (``rust/oracle.rs``
+    ``int8_error``)."""
+    half = 0.5 * (1 + 1e-4)
+    ops = post_ops(activations)
+    x64 = np.asarray(x, dtype=np.float64)
+    _, posts = _pre_and_post(layers, activations, x64)
+    below, error = x64, np.zeros_like(x64)
+    for (weight, bias), op, y in zip(layers, ops, posts, strict=True):
+        w = np.abs(np.asarray(weight, dtype=np.float64))
+        k = w.shape[1]
+        lowest = np.minimum((below - error).min(axis=1, initial=0.0), 0.0)
+        highest = np.maximum((below + error).max(axis=1, initial=0.0), 0.0)
+        row_scale = ((highest - lowest) / 255)[:, None]
+        weight_scale = (w.max(axis=1, initial=0.0) / 127)[None, :]
+        inputs = np.abs(below) + error + half * row_scale
+        magnitude = (np.abs(below) + error) @ w.T
+        if bias is not None:
+            magnitude = magnitude + np.abs(np.asarray(bias, dtype=np.float64))
+        pre = (
+            error @ w.T
+            + 2 * (k + 1) * F32_UNIT * magnitude
+            + half * row_scale * w.sum(axis=1)[None, :]
+            + half * weight_scale * inputs.sum(axis=1)[:, None]
+            + 8 * F32_UNIT * ((inputs + np.abs(lowest)[:, None]) @ (w + half * weight_scale.T).T)
+        )
+        at = SLOPE_PARAMETERS.get(op.name)
+        slope = LIPSCHITZ if at is None else max(LIPSCHITZ, abs(op.params[at]))
+        error = slope * pre + OP_RELATIVE * (np.abs(y) + slope * pre) + OP_ABSOLUTE
+        below = y
+    return error

@@ -16,20 +16,29 @@ from fusedae._ops import PostOp, post_ops
 Part = Literal["all", "encoder", "decoder"]
 PARTS: tuple[Part, ...] = ("all", "encoder", "decoder")
 # How the kernels compute: "full" is every product and sum in the chain's dtype (float32 or
-# float64); "bf16" stores the weights as bfloat16 (float32 in, out and in the sums).
-Precision = Literal["full", "bf16"]
-PRECISIONS: tuple[Precision, ...] = ("full", "bf16")
+# float64); "bf16" stores the weights as bfloat16 (float32 in, out and in the sums); "int8"
+# stores them as int8 with a scale per output and quantizes each layer's input rows to uint8
+# (float32 in and out, int32 sums).
+Precision = Literal["full", "bf16", "int8"]
+PRECISIONS: tuple[Precision, ...] = ("full", "bf16", "int8")
 # What `precision=` takes in the public API: the dtype's own arithmetic ("fp32", "fp64"), or
-# weights stored narrower ("bf16": float32 in and out).
-PrecisionName = Literal["fp32", "fp64", "bf16"]
-PRECISION_NAMES: tuple[PrecisionName, ...] = ("fp32", "fp64", "bf16")
+# weights stored narrower ("bf16", "int8": float32 in and out).
+PrecisionName = Literal["fp32", "fp64", "bf16", "int8"]
+PRECISION_NAMES: tuple[PrecisionName, ...] = ("fp32", "fp64", "bf16", "int8")
 
 
 def spec_precision(name: str | None) -> Precision:
     """The ChainSpec precision for a public ``precision=`` value (None: the dtype's own)."""
     if name is not None and name not in PRECISION_NAMES:
         raise ValueError(f"precision must be one of {PRECISION_NAMES}, got {name!r}")
-    return "bf16" if name == "bf16" else "full"
+    if name == "bf16" or name == "int8":
+        return name
+    return "full"
+
+
+def precision_name(precision: Precision) -> PrecisionName:
+    """The public name of a ChainSpec precision ("full" runs float32 in a torch module)."""
+    return "fp32" if precision == "full" else precision
 
 
 LayerArrays = tuple[np.ndarray, np.ndarray | None]

@@ -40,8 +40,8 @@ def resolve_precision(
     precision: str | None, dtype: npt.DTypeLike | None, default: np.dtype
 ) -> tuple[np.dtype, Precision]:
     """``(dtype, ChainSpec precision)`` for what the caller asked: ``precision`` ``"fp32"`` or
-    ``"fp64"`` computes in that dtype, ``"bf16"`` stores the weights as bfloat16 and takes and
-    gives float32; ``None`` keeps ``dtype`` (or ``default``) at full precision. A precision
+    ``"fp64"`` computes in that dtype, ``"bf16"`` and ``"int8"`` store the weights narrower and
+    take and give float32; ``None`` keeps ``dtype`` (or ``default``) at full precision. A precision
     and a dtype that disagree are an error, not a silent choice."""
     spec = spec_precision(precision)
     if precision is None:
@@ -103,8 +103,10 @@ class MLP(_native.Chain):
     ``ChainSpec`` instead. The weights are packed once, in ``dtype`` (default: float64 if the
     first weight is float64, else float32); the MLP keeps no reference to the arrays passed in.
     ``precision="bf16"`` stores the weights as bfloat16 (rounded to nearest even) for inference:
-    float32 in and out, sums in float32, within the error bound of ``docs/precision.md``;
-    ``"fp32"``/``"fp64"`` name the dtype's own arithmetic.
+    float32 in and out, sums in float32; ``"int8"`` stores them as int8 with a scale per output
+    and quantizes each layer's input rows to uint8 (a scale and zero point per row), sums in
+    int32; each within its error bound in ``docs/precision.md``. ``"fp32"``/``"fp64"`` name the
+    dtype's own arithmetic.
 
     Calling it on an array of shape ``(*, in_features)`` and the MLP's dtype returns a new array
     of shape ``(*, out_features)``; ``out=`` takes a preallocated C-contiguous array instead.
@@ -189,7 +191,7 @@ class MLP(_native.Chain):
         """What the native call refused: input converted if it can be (other float dtypes, any
         leading shape, non-contiguous, lists), or an error that says what was wrong."""
         if self._spec.precision != "full" and getattr(x, "dtype", None) == np.float64:
-            x = np.asarray(x, np.float32)  # a bf16 chain takes float32: float64 is converted
+            x = np.asarray(x, np.float32)  # a bf16/int8 chain takes float32: float64 converted
         x2, lead = check_input(x, self._dtype, self.in_features, self.out_features)
         if out is None:
             result = self.forward(x2)

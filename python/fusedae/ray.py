@@ -32,10 +32,11 @@ import numpy as np
 import fusedae
 from fusedae import serialization
 from fusedae._arrow import list_rows
+from fusedae.chain import spec_precision
 from fusedae.mlp import MLP
 
-# Precisions a model can be packed at: the rows' own dtype, or weights stored as bfloat16.
-PRECISIONS = ("fp32", "bf16")
+# Precisions a model can be packed at: the rows' own dtype, or weights stored as bfloat16 or int8.
+PRECISIONS = ("fp32", "bf16", "int8")
 
 
 def actor_cpus() -> int | None:
@@ -81,8 +82,8 @@ class Encoder:
     one row per input row), and passes the batch's other columns through (ids, keys). ``model``
     is a ``.safetensors`` file from ``fusedae.torch.save`` or ``MLP.save``; ``part`` is
     ``"encoder"``, ``"decoder"`` or ``"all"``; ``precision`` is ``"fp32"`` (rows of float64 are
-    computed in float64, any other dtype in float32) or ``"bf16"`` (weights stored as bfloat16,
-    float32 out: see ``docs/precision.md``). ``keep_input``
+    computed in float64, any other dtype in float32), ``"bf16"`` or ``"int8"`` (weights stored
+    narrower, float32 out: see ``docs/precision.md``). ``keep_input``
     keeps the input column (dropped by default: it is most of the bytes). The output column is
     Ray's tensor column from numpy batches, a fixed-size list column from pyarrow ones; one that
     the batch already has is an error."""
@@ -102,9 +103,10 @@ class Encoder:
         threads_from_actor_cpus()
         self.spec = serialization.read(model).select(part)
         self.precision = precision
+        narrow = spec_precision(precision)
         self.models: dict[np.dtype, MLP] = {
             np.dtype(np.float32): MLP.from_spec(
-                self.spec, precision="bf16" if precision == "bf16" else None, dtype=np.float32
+                self.spec, precision=None if narrow == "full" else narrow, dtype=np.float32
             )
         }
         self.input_column = input_column

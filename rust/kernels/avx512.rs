@@ -2,7 +2,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{Bf16, LoadFrom, PairDot, SimdVec};
+use super::{Bf16, LoadFrom, PairDot, QuadDot, SimdVec};
 
 #[derive(Clone, Copy, Debug)]
 struct F32x16(__m512);
@@ -568,9 +568,77 @@ impl PairDot for F32x16 {
     }
 }
 
-pairs_kernel!(
+grouped_kernel!(
     features = "avx512f,avx512bw,avx512vl,avx512bf16",
     mr = 8,
     nv_max = 3,
-    kernel_bf16_pairs: F32x16;
+    k_group = 2,
+    kernel_bf16_pairs: F32x16 => Bf16, forward_pairs, dot_pairs_loop;
+);
+
+/// AVX512_VNNI: 16 i32 lanes, each adding the products of four u8 inputs and four s8 weights.
+impl QuadDot for F32x16 {
+    type Sums = __m512i;
+    type Quads = __m512i;
+
+    #[inline(always)]
+    unsafe fn zero_sums() -> __m512i {
+        // SAFETY: the caller guarantees AVX-512F.
+        unsafe { _mm512_setzero_si512() }
+    }
+
+    #[inline(always)]
+    unsafe fn splat_quad(ptr: *const u8) -> __m512i {
+        // SAFETY: the caller guarantees four readable values (one unaligned 32-bit read) and
+        // AVX-512F.
+        unsafe { _mm512_set1_epi32(ptr.cast::<i32>().read_unaligned()) }
+    }
+
+    #[inline(always)]
+    unsafe fn load_quads(ptr: *const i8) -> __m512i {
+        // SAFETY: the caller guarantees 64 readable values and AVX-512F.
+        unsafe { _mm512_loadu_si512(ptr.cast()) }
+    }
+
+    #[inline(always)]
+    unsafe fn dot_quads(sums: __m512i, a: __m512i, b: __m512i) -> __m512i {
+        // SAFETY: the caller guarantees AVX512_VNNI. `vpdpbusd` takes its first source as u8,
+        // its second as s8, and does not saturate (four products of at most 255 * 128 fit).
+        unsafe { _mm512_dpbusd_epi32(sums, a, b) }
+    }
+
+    #[inline(always)]
+    unsafe fn add_sums(a: __m512i, b: __m512i) -> __m512i {
+        // SAFETY: the caller guarantees AVX-512F.
+        unsafe { _mm512_add_epi32(a, b) }
+    }
+
+    #[inline(always)]
+    unsafe fn to_floats(sums: __m512i) -> Self {
+        // SAFETY: the caller guarantees AVX-512F.
+        F32x16(unsafe { _mm512_cvtepi32_ps(sums) })
+    }
+
+    #[inline(always)]
+    unsafe fn store_bytes(self, ptr: *mut u8, count: usize) {
+        // SAFETY: the caller guarantees `count <= 16` writable values, whole numbers in
+        // `0..=255`, AVX-512F, BW and VL; masked-off values are not written.
+        unsafe {
+            let bytes = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(self.0));
+            let mask = if count >= 16 {
+                u16::MAX
+            } else {
+                (1u16 << count) - 1
+            };
+            _mm_mask_storeu_epi8(ptr.cast(), mask, bytes);
+        }
+    }
+}
+
+grouped_kernel!(
+    features = "avx512f,avx512bw,avx512vl,avx512vnni",
+    mr = 8,
+    nv_max = 3,
+    k_group = 4,
+    kernel_int8_quads: F32x16 => i8, forward_quads, dot_quads_loop;
 );

@@ -15,8 +15,10 @@ pub fn scratch_len<W, T>(shape: &TileShape, chain: &Packed<'_, W, T>, rows: usiz
         .min(shape.block_rows)
         .saturating_mul(widest)
         .saturating_mul(2);
-    if shape.k_group > 1 {
-        return super::pairs::scratch_len(shape, chain, rows);
+    match shape.k_group {
+        2 => return super::pairs::scratch_len(shape, chain, rows),
+        4 => return super::quads::scratch_len(shape, chain, rows),
+        _ => {}
     }
     match chain.lanes_layers.first() {
         Some(first) => {

@@ -174,34 +174,39 @@ macro_rules! target_kernels {
     };
 }
 
-/// Defines `pub fn name() -> Kernel<Bf16, f32>`: the bf16-pairs form (`pairs.rs`) on register
-/// type `$register` (a [`PairDot`](super::PairDot)), its entry points compiled with
+/// Defines `pub fn name() -> Kernel<$storage, f32>` for a form taking `k` in groups of
+/// `$k_group` (`pairs.rs`: bf16 pairs, `quads.rs`: int8 quads) on register type `$register`,
+/// its entry points (the form's loop nest `$forward` and ceiling loop `$peak`) compiled with
 /// `#[target_feature(enable = $features)]`; inference only (no backward).
-// Only the x86-64 AVX512_BF16 kernel uses it so far.
+// Only x86-64 kernels use it so far.
 #[cfg_attr(not(target_arch = "x86_64"), allow(unused_macros))]
-macro_rules! pairs_kernel {
-    (features = $features:literal, mr = $mr:expr, nv_max = $nv_max:expr, $name:ident: $register:ty $(;)?) => {
-        pub fn $name() -> $crate::kernels::Kernel<$crate::kernels::Bf16, f32> {
-            use $crate::kernels::{
-                dot_pairs_loop, forward_pairs, Bf16, Kernel, Packed, StoredEpilogue, TileShape,
-            };
+macro_rules! grouped_kernel {
+    (
+        features = $features:literal,
+        mr = $mr:expr,
+        nv_max = $nv_max:expr,
+        k_group = $k_group:expr,
+        $name:ident: $register:ty => $storage:ty, $forward:ident, $peak:ident $(;)?
+    ) => {
+        pub fn $name() -> $crate::kernels::Kernel<$storage, f32> {
+            use $crate::kernels::{$forward, $peak, Kernel, Packed, StoredEpilogue, TileShape};
 
             target_kernels!(@stored_epilogue [target_feature(enable = $features)] $register);
 
             /// # Safety
-            /// The CPU supports the ISA's features; `forward_pairs` checks everything else.
+            /// The CPU supports the ISA's features; the loop nest checks everything else.
             #[target_feature(enable = $features)]
             unsafe fn forward(
                 shape: &TileShape,
-                chain: Packed<'_, Bf16, f32>,
+                chain: Packed<'_, $storage, f32>,
                 input: &[f32],
                 output: &mut [f32],
                 scratch: &mut [f32],
                 saved: Option<&mut [f32]>,
             ) {
-                // SAFETY: the caller guarantees the features; `forward_pairs` checks the rest.
+                // SAFETY: the caller guarantees the features; the loop nest checks the rest.
                 unsafe {
-                    forward_pairs::<$register, { $mr }, { $nv_max }>(
+                    $forward::<$register, { $mr }, { $nv_max }>(
                         shape,
                         chain,
                         input,
@@ -222,12 +227,12 @@ macro_rules! pairs_kernel {
             #[target_feature(enable = $features)]
             unsafe fn peak(iterations: usize, seed: &[f32]) -> f32 {
                 // SAFETY: the caller guarantees the features.
-                unsafe { dot_pairs_loop::<$register>(iterations, seed) }
+                unsafe { $peak::<$register>(iterations, seed) }
             }
 
             Kernel {
                 shape: TileShape {
-                    k_group: 2,
+                    k_group: $k_group,
                     ..TileShape::for_register::<$register>($mr, $nv_max)
                 },
                 forward,

@@ -158,10 +158,10 @@ pub(super) enum Seed<T> {
 /// it is false (rustc skips branches on constants when it collects what to compile), so each
 /// loop nest compiles only the register tiles its `MR` and `NV_MAX` can pick. The comparison
 /// written in the guard would not be folded that early: every ISA would compile all 64 tiles.
-struct AtMost<const N: usize, const MAX: usize>;
+pub(super) struct AtMost<const N: usize, const MAX: usize>;
 
 impl<const N: usize, const MAX: usize> AtMost<N, MAX> {
-    const HOLDS: bool = N <= MAX;
+    pub(super) const HOLDS: bool = N <= MAX;
 }
 
 /// Whether `V` has half registers ([`SimdVec::HALF_LANES`]), as a constant for the same reason.

@@ -46,7 +46,7 @@
 //!   which writes every ISA's thin `#[target_feature]` entry points from one list;
 //! - `layout.rs`: [`TileShape`], [`LayerDesc`], [`Packed`]: what packing and kernels agree on;
 //! - `chain.rs`: the loop nests (panels and dot form, rows in the lanes), generic over
-//!   [`SimdVec`], written once; `pairs.rs`: the bf16-pairs form ([`PairDot`], `vdpbf16ps`); `backward.rs`: the backward's, on the same register tiles, and
+//!   [`SimdVec`], written once; `pairs.rs`: the bf16-pairs form ([`PairDot`], `vdpbf16ps`); `quads.rs`: the int8 form ([`QuadDot`], `vpdpbusd`); `backward.rs`: the backward's, on the same register tiles, and
 //!   `gradient.rs`: the post-ops' gradients;
 //! - `microkernel.rs`: the register tiles; `epilogue.rs`: the post-ops, in the math of
 //!   `math.rs` (its polynomials in `coefficients.rs`); `peak.rs`: the FMA loop that measures the
@@ -71,6 +71,7 @@ mod math;
 mod microkernel;
 mod pairs;
 mod peak;
+mod quads;
 mod storage;
 
 pub mod scalar;
@@ -94,6 +95,7 @@ pub use layout::{padded, LayerDesc, Packed, TileShape, L1_HALF_BYTES};
 pub use math::Constants;
 pub use pairs::{dot_pairs_loop, forward_pairs, PairDot};
 pub use peak::{fma_loop, fma_loop_flops};
+pub use quads::{dot_quads_loop, forward_quads, row_quantization, QuadDot, INT8_CHANNEL_VALUES};
 pub use storage::Bf16;
 
 /// The float types the kernels compute in.
@@ -125,6 +127,9 @@ pub trait Element:
     /// it for a tensor of this type).
     fn from_f64(value: f64) -> Self;
 
+    /// Neither infinite nor NaN.
+    fn is_finite(self) -> bool;
+
     /// The portable forms of [`SimdVec`]'s bit-level primitives, one value at a time.
     fn abs(self) -> Self;
     /// See [`SimdVec::fused_mul_add`].
@@ -147,6 +152,10 @@ impl Element for f32 {
 
     fn from_f64(value: f64) -> Self {
         value as f32
+    }
+
+    fn is_finite(self) -> bool {
+        f32::is_finite(self)
     }
 
     fn abs(self) -> Self {
@@ -188,6 +197,10 @@ impl Element for f64 {
 
     fn from_f64(value: f64) -> Self {
         value
+    }
+
+    fn is_finite(self) -> bool {
+        f64::is_finite(self)
     }
 
     fn abs(self) -> Self {

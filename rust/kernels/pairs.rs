@@ -13,7 +13,7 @@
 
 use super::chain::check_chain;
 use super::epilogue::{self, StoredEpilogue};
-use super::microkernel::sum_sets;
+use super::microkernel::{sum_sets, AtMost};
 use super::peak::PEAK_CHAINS;
 use super::{Bf16, Packed, SimdVec, TileShape, L1_HALF_BYTES};
 use crate::ops::PostOp;
@@ -65,9 +65,9 @@ pub fn scratch_len<W, T>(shape: &TileShape, chain: &Packed<'_, W, T>, rows: usiz
     values.saturating_add(rounded.div_ceil(2))
 }
 
-/// Each layer's bf16 input row length: the chain's input rounded up to pairs, then each hidden
-/// layer's padded outputs.
-fn input_strides<'a, W, T>(
+/// Each layer's input row length in a form taking `k` in groups: the chain's input rounded up to
+/// whole groups, then each hidden layer's padded outputs.
+pub(super) fn input_strides<'a, W, T>(
     shape: &'a TileShape,
     chain: &'a Packed<'_, W, T>,
 ) -> impl Iterator<Item = usize> + 'a {
@@ -191,7 +191,7 @@ pub unsafe fn forward_pairs<V: PairDot, const MR: usize, const NV_MAX: usize>(
                         prefetch_out: direct,
                     };
                     let (rows, registers) = ((block - row).min(MR), width / V::LANES);
-                    pair_tile_rows::<V>(rows, registers, &tile);
+                    pair_tile_rows::<V, MR, NV_MAX>(rows, registers, &tile);
                     if !epilogue::runs_on_accumulators(layer.post_op) {
                         (epilogue.tile)(layer.post_op, tile.out, ldo, rows, registers, false);
                     }
@@ -295,22 +295,26 @@ struct PairTile {
     prefetch_out: bool,
 }
 
-/// Picks the register tile for a run-time row count (`1..=8`) and width (`1..=4` registers).
+/// Picks the register tile for a run-time row count (`1..=MR`) and width (`1..=NV_MAX`).
 ///
 /// # Safety
 /// `tile` points at `rows` input rows of `2 * pairs` readable values, a panel of `pairs` rows of
 /// `2 * panel_width` values with `registers * LANES <= panel_width`, as many biases, and room
 /// for the outputs; the CPU supports the ISA.
 #[inline(always)]
-unsafe fn pair_tile_rows<V: PairDot>(rows: usize, registers: usize, tile: &PairTile) {
+unsafe fn pair_tile_rows<V: PairDot, const MR: usize, const NV_MAX: usize>(
+    rows: usize,
+    registers: usize,
+    tile: &PairTile,
+) {
     // SAFETY: forwarded from the caller.
     unsafe {
         match registers {
-            1 => pair_tile_width::<V, 1>(rows, tile),
-            2 => pair_tile_width::<V, 2>(rows, tile),
-            3 => pair_tile_width::<V, 3>(rows, tile),
-            4 => pair_tile_width::<V, 4>(rows, tile),
-            _ => unreachable!("panels are at most 4 registers wide"),
+            1 => pair_tile_width::<V, 1, MR>(rows, tile),
+            2 if AtMost::<2, NV_MAX>::HOLDS => pair_tile_width::<V, 2, MR>(rows, tile),
+            3 if AtMost::<3, NV_MAX>::HOLDS => pair_tile_width::<V, 3, MR>(rows, tile),
+            4 if AtMost::<4, NV_MAX>::HOLDS => pair_tile_width::<V, 4, MR>(rows, tile),
+            _ => unreachable!("panels are at most {NV_MAX} registers wide"),
         }
     }
 }
@@ -318,21 +322,24 @@ unsafe fn pair_tile_rows<V: PairDot>(rows: usize, registers: usize, tile: &PairT
 /// # Safety
 /// As for [`pair_tile_rows`].
 #[inline(always)]
-unsafe fn pair_tile_width<V: PairDot, const NV: usize>(rows: usize, tile: &PairTile) {
+unsafe fn pair_tile_width<V: PairDot, const NV: usize, const MR: usize>(
+    rows: usize,
+    tile: &PairTile,
+) {
     // SAFETY: forwarded from the caller.
     unsafe {
         // Few rows leave too few independent accumulators to hide the instruction's latency:
         // split `k` across extra sets, as the f32 tiles do.
         match rows {
             1 => pair_tile::<V, 1, NV, 4>(tile),
-            2 => pair_tile::<V, 2, NV, 2>(tile),
-            3 => pair_tile::<V, 3, NV, 1>(tile),
-            4 => pair_tile::<V, 4, NV, 1>(tile),
-            5 => pair_tile::<V, 5, NV, 1>(tile),
-            6 => pair_tile::<V, 6, NV, 1>(tile),
-            7 => pair_tile::<V, 7, NV, 1>(tile),
-            8 => pair_tile::<V, 8, NV, 1>(tile),
-            _ => unreachable!("register tiles are at most 8 rows"),
+            2 if AtMost::<2, MR>::HOLDS => pair_tile::<V, 2, NV, 2>(tile),
+            3 if AtMost::<3, MR>::HOLDS => pair_tile::<V, 3, NV, 1>(tile),
+            4 if AtMost::<4, MR>::HOLDS => pair_tile::<V, 4, NV, 1>(tile),
+            5 if AtMost::<5, MR>::HOLDS => pair_tile::<V, 5, NV, 1>(tile),
+            6 if AtMost::<6, MR>::HOLDS => pair_tile::<V, 6, NV, 1>(tile),
+            7 if AtMost::<7, MR>::HOLDS => pair_tile::<V, 7, NV, 1>(tile),
+            8 if AtMost::<8, MR>::HOLDS => pair_tile::<V, 8, NV, 1>(tile),
+            _ => unreachable!("register tiles are at most {MR} rows"),
         }
     }
 }

@@ -15,7 +15,7 @@ import numpy as np
 import fusedae
 from fusedae import _ops, serialization
 from fusedae._ops import OPS
-from fusedae.chain import ChainSpec
+from fusedae.chain import ChainSpec, spec_precision
 from fusedae.cli import parquet, ray_engine
 from fusedae.cli.common import (
     CHUNK_BYTES,
@@ -128,10 +128,11 @@ def add_parser(commands: Any) -> None:
     )
     encode.add_argument(
         "--precision",
-        choices=("fp32", "bf16"),
+        choices=("fp32", "bf16", "int8"),
         default="fp32",
         help="fp32: the input's own dtype (float64 input in float64); bf16: weights stored as "
-        "bfloat16, float32 out (see docs/precision.md)",
+        "bfloat16; int8: weights as int8 per output, inputs quantized per row; both float32 out "
+        "(see docs/precision.md)",
     )
     encode.add_argument("--key", help="the array to read from a .npz holding several")
     encode.add_argument(
@@ -270,11 +271,13 @@ def model_mlp(
     path: Path, spec: ChainSpec, part: serialization.Part, dtype: np.dtype, precision: str
 ) -> MLP:
     """The ``part`` of the model in ``path`` as an ``MLP`` taking rows of ``dtype`` at
-    ``precision`` (``"fp32"``: the rows' own dtype; ``"bf16"``: float32, rows converted)."""
+    ``precision`` (``"fp32"``: the rows' own dtype; ``"bf16"``, ``"int8"``: float32, rows
+    converted)."""
     try:
         selected = spec.select(part)
     except ValueError as error:
         raise CommandError(f"{path}: {error}") from None
-    if precision == "bf16":
-        return MLP.from_spec(selected, precision="bf16")
+    narrow = spec_precision(precision)
+    if narrow != "full":
+        return MLP.from_spec(selected, precision=narrow)
     return MLP.from_spec(selected, dtype=f"f{dtype.itemsize}")

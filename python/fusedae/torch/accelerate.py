@@ -83,8 +83,8 @@ def accelerate(
     Sequential reachable from several parents is replaced by one FusedMLP everywhere;
     references held outside the module tree (plain attributes, lists) still see the old one.
 
-    ``precision="bf16"`` makes every FusedMLP (those found too) run with its weights stored as
-    bfloat16, for inference (see ``FusedMLP``); ``"fp32"`` sets them back; None leaves found
+    ``precision="bf16"`` or ``"int8"`` makes every FusedMLP (those found too) run at that
+    precision, for inference (see ``FusedMLP``); ``"fp32"`` sets them back; None leaves found
     ones as they are.
 
     Returns the model (a new ``FusedMLP`` if ``model`` is itself such a Sequential: use the

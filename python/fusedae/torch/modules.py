@@ -9,7 +9,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from fusedae.chain import PrecisionName, spec_precision
+from fusedae.chain import PrecisionName, precision_name, spec_precision
 from fusedae.torch.cache import ChainCache, SplitCache, forget_op_chains
 
 # A chain as `FusedMLP.fused_layers` shows it: each Linear with its post-op's name.
@@ -69,8 +69,9 @@ class FusedMLP(_FusedCall, nn.Sequential):
     needed); anything else (CUDA, half precision, autocast, BatchNorm in training mode) runs as
     plain ``nn.Sequential``.
 
-    ``precision="bf16"`` (or ``set_precision``) runs the fused calls with the weights stored as
-    bfloat16, for inference (float32 in and out; a call that needs gradients raises
+    ``precision="bf16"`` or ``"int8"`` (or ``set_precision``) runs the fused calls with the
+    weights stored as bfloat16, or as int8 with a scale per output and each layer's input rows
+    quantized to uint8, for inference (float32 in and out; a call that needs gradients raises
     RuntimeError: train at ``"fp32"``); under ``torch.compile`` / ``torch.export`` the traced
     op computes at fp32.
     """
@@ -98,12 +99,13 @@ class FusedMLP(_FusedCall, nn.Sequential):
 
     @property
     def precision(self) -> PrecisionName:
-        """``"bf16"``, or ``"fp32"`` (the parameters' own dtype: fp64 for float64 ones)."""
-        return "bf16" if self._fused.precision == "bf16" else "fp32"
+        """``"bf16"``, ``"int8"``, or ``"fp32"`` (the parameters' own dtype: fp64 for float64
+        ones)."""
+        return precision_name(self._fused.precision)
 
     def set_precision(self, precision: PrecisionName) -> FusedMLP:
-        """Runs the fused calls at ``precision`` (``"fp32"`` or ``"bf16"``) from the next call on
-        (packing again); returns the module."""
+        """Runs the fused calls at ``precision`` (``"fp32"``, ``"bf16"``, ``"int8"``) from the
+        next call on (packing again); returns the module."""
         self._fused.set_precision(spec_precision(precision))
         self._pieces.set_precision(spec_precision(precision))
         return self
@@ -203,7 +205,7 @@ class AE(_FusedCall):
     @property
     def precision(self) -> PrecisionName:
         """As ``FusedMLP.precision``, for the whole model."""
-        return "bf16" if self._fused.precision == "bf16" else "fp32"
+        return precision_name(self._fused.precision)
 
     def set_precision(self, precision: PrecisionName) -> AE:
         """``FusedMLP.set_precision`` for the whole model and both halves; returns it."""
