@@ -336,7 +336,8 @@ pub fn forward_bounds(
 }
 
 /// The largest scale an int8 kernel may quantize the row `x` to (each value computed within
-/// `x_bound` of it): its range with 0, widened by the bounds, over 255.
+/// `x_bound` of it): its range with 0, widened by the bounds, over 255 (at least the smallest
+/// normal f32, as the int8 kernel: `quads::row_quantization`).
 fn int8_row_scale(x: &[f64], x_bound: &[f64]) -> f64 {
     let (lo, hi) = x
         .iter()
@@ -344,7 +345,7 @@ fn int8_row_scale(x: &[f64], x_bound: &[f64]) -> f64 {
         .fold((0.0f64, 0.0f64), |(lo, hi), (x, e)| {
             (lo.min(x - e), hi.max(x + e))
         });
-    (hi - lo) / 255.0
+    ((hi - lo) / 255.0).max(f64::from(f32::MIN_POSITIVE))
 }
 
 /// What int8 adds to one output's bound, beside the f32 arithmetic ([`Precision::sum_error`]):

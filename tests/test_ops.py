@@ -242,7 +242,7 @@ class TestChainSpec:
         with pytest.raises(ValueError, match="encoder_layers must be between 0 and 3, got 4"):
             ChainSpec(spec.layers, 4)
         with pytest.raises(ValueError, match="precision must be one of"):
-            ChainSpec(spec.layers, 2, "int8")  # type: ignore[arg-type]
+            ChainSpec(spec.layers, 2, "int4")  # type: ignore[arg-type]
 
     def test_mlp_pickles_its_post_ops(self):
         import pickle

@@ -204,8 +204,13 @@ def test_encoder_outside_ray_and_its_errors(model_path: Path) -> None:
         encoder(table.append_column("codes", table["key"]))
     in_place = Encoder(model_path, input_column="x", output_column="x")
     assert sorted(in_place({"x": x, "key": np.arange(5)})) == ["key", "x"]
-    with pytest.raises(ValueError, match="precision 'int8'"):
-        Encoder(model_path, input_column="x", precision="int8")
+    with pytest.raises(ValueError, match="precision 'int4'"):
+        Encoder(model_path, input_column="x", precision="int4")
+    int8 = Encoder(model_path, input_column="x", precision="int8")
+    np.testing.assert_array_equal(
+        int8({"x": x})["codes"],
+        MLP.load(model_path, "encoder", precision="int8")(x.astype(np.float32)),
+    )
     with pytest.raises(ValueError, match="decoder"):
         Encoder(model_path, input_column="x", part="middle")  # type: ignore[arg-type]
 

@@ -118,7 +118,8 @@ def int8_bound(
     """Per output, a first-order bound on how far the int8 precision's result may be from the
     exact float64 ``forward`` of ``x`` (finite, ``(rows, in)``): each output's weights rounded
     to a multiple of ``s_w = max |W_j| / 127``, each layer's input row to one of ``s_x =
-    (max(x, 0) - min(x, 0)) / 255`` (widened by ``err_in``), exact int32 sums, float32 scaling::
+    (max(x, 0) - min(x, 0)) / 255`` (widened by ``err_in``; at least float32's smallest normal),
+    exact int32 sums, float32 scaling::
 
         pre_err = |W| err_in + (2 (k + 1) u_f32) (|W| (|x| + err_in) + |b|)
                   + h s_x sum|W_j| + h s_w sum(|x| + err_in + h s_x)
@@ -138,7 +139,8 @@ def int8_bound(
         k = w.shape[1]
         lowest = np.minimum((below - error).min(axis=1, initial=0.0), 0.0)
         highest = np.maximum((below + error).max(axis=1, initial=0.0), 0.0)
-        row_scale = ((highest - lowest) / 255)[:, None]
+        # At least the smallest normal float32, as the kernel (its inverse must be finite).
+        row_scale = np.maximum((highest - lowest) / 255, np.finfo(np.float32).tiny)[:, None]
         weight_scale = (w.max(axis=1, initial=0.0) / 127)[None, :]
         inputs = np.abs(below) + error + half * row_scale
         magnitude = (np.abs(below) + error) @ w.T

@@ -620,17 +620,24 @@ impl QuadDot for F32x16 {
     }
 
     #[inline(always)]
-    unsafe fn store_bytes(self, ptr: *mut u8, count: usize) {
-        // SAFETY: the caller guarantees `count <= 16` writable values, whole numbers in
-        // `0..=255`, AVX-512F, BW and VL; masked-off values are not written.
+    unsafe fn store_quantized(self, inverse: Self, zero: f32, ptr: *mut u8, count: usize) {
+        // SAFETY: the caller guarantees `count <= 16` writable values and AVX-512F; masked-off
+        // values are not written.
         unsafe {
-            let bytes = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(self.0));
+            // `vcvtps2dq` rounds to nearest even (the default rounding mode; a NaN becomes
+            // i32::MIN, clamped to 0), `vpmovusdb` clamps to 255 as it narrows.
+            let rounded = _mm512_cvtps_epi32(_mm512_mul_ps(self.0, inverse.0));
+            let shifted = _mm512_add_epi32(rounded, _mm512_set1_epi32(zero as i32));
             let mask = if count >= 16 {
                 u16::MAX
             } else {
                 (1u16 << count) - 1
             };
-            _mm_mask_storeu_epi8(ptr.cast(), mask, bytes);
+            _mm512_mask_cvtusepi32_storeu_epi8(
+                ptr.cast(),
+                mask,
+                _mm512_max_epi32(shifted, _mm512_setzero_si512()),
+            );
         }
     }
 }

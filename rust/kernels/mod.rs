@@ -95,7 +95,7 @@ pub use layout::{padded, LayerDesc, Packed, TileShape, L1_HALF_BYTES};
 pub use math::Constants;
 pub use pairs::{dot_pairs_loop, forward_pairs, PairDot};
 pub use peak::{fma_loop, fma_loop_flops};
-pub use quads::{dot_quads_loop, forward_quads, row_quantization, QuadDot, INT8_CHANNEL_VALUES};
+pub use quads::{dot_quads_loop, forward_quads, QuadDot, INT8_CHANNEL_VALUES};
 pub use storage::Bf16;
 
 /// The float types the kernels compute in.

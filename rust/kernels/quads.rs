@@ -65,11 +65,12 @@ pub trait QuadDot: SimdVec<Elem = f32> {
     /// # Safety
     /// The CPU supports the ISA.
     unsafe fn to_floats(sums: Self::Sums) -> Self;
-    /// Stores the first `count <= LANES` lanes, whole numbers in `0..=255`, as bytes.
+    /// Stores the first `count <= LANES` lanes quantized: `self * inverse` rounded to nearest
+    /// even, plus `zero` (a whole number), clamped to `0..=255` (a NaN lane to anything there).
     ///
     /// # Safety
     /// `ptr` is valid for `count` writes; the CPU supports the ISA.
-    unsafe fn store_bytes(self, ptr: *mut u8, count: usize);
+    unsafe fn store_quantized(self, inverse: Self, zero: f32, ptr: *mut u8, count: usize);
 }
 
 /// Scratch elements (f32) the int8 form needs for `rows` rows: a block of f32 outputs of the
@@ -240,8 +241,9 @@ pub unsafe fn forward_quads<V: QuadDot, const MR: usize, const NV_MAX: usize>(
 }
 
 /// The scale and zero point that map `lo..=hi` (`lo <= 0 <= hi`) onto `0..=255`: a NaN scale
-/// where the range is not finite (the row then comes out NaN), scale 1 where it is empty.
-pub fn row_quantization(lo: f32, hi: f32) -> (f32, f32) {
+/// where the range is not finite (the row then comes out NaN), scale 1 where it is empty, and
+/// at least the smallest normal f32 (whose inverse is finite) where it is subnormal.
+fn row_quantization(lo: f32, hi: f32) -> (f32, f32) {
     let range = hi - lo;
     if !range.is_finite() {
         return (f32::NAN, 0.0);
@@ -249,7 +251,7 @@ pub fn row_quantization(lo: f32, hi: f32) -> (f32, f32) {
     if range == 0.0 {
         return (1.0, 0.0);
     }
-    let scale = range / 255.0;
+    let scale = (range / 255.0).max(f32::MIN_POSITIVE);
     (scale, (-lo / scale).round_ties_even().clamp(0.0, 255.0))
 }
 
@@ -310,36 +312,17 @@ unsafe fn quantize_rows<V: QuadDot>(
             *zeros.add(r) = zero;
             // A NaN row quantizes to anything: its scale makes every output NaN.
             let inverse = V::constant(if scale.is_nan() { 0.0 } else { 1.0 / scale });
-            let (offset, top) = (V::constant(zero), V::constant(255.0));
             for at in (0..whole).step_by(lanes) {
-                quantize(V::load(from.add(at)), inverse, offset, top)
-                    .store_bytes(to.add(at), lanes);
+                V::load(from.add(at)).store_quantized(inverse, zero, to.add(at), lanes);
             }
             if tail > 0 {
                 let x = V::load_partial(from.add(whole), tail);
-                quantize(x, inverse, offset, top).store_bytes(to.add(whole), tail);
+                x.store_quantized(inverse, zero, to.add(whole), tail);
             }
             for pad in count..count.next_multiple_of(4) {
                 *to.add(pad) = 0;
             }
         }
-    }
-}
-
-/// `x / scale` (as `x * inverse`) rounded to nearest even, plus the zero point, clamped to
-/// `0..=255`. A function, not a closure: a closure would not inherit the ISA's target features.
-///
-/// # Safety
-/// The CPU supports the ISA.
-#[inline(always)]
-unsafe fn quantize<V: SimdVec>(x: V, inverse: V, offset: V, top: V) -> V {
-    // SAFETY: the caller guarantees the ISA.
-    unsafe {
-        x.mul(inverse)
-            .round_even()
-            .add(offset)
-            .max(V::zero())
-            .min(top)
     }
 }
 
