@@ -139,8 +139,11 @@ def test_is_not_the_fp32_kernel(rng, precision):
     assert 1e-4 < normwise(narrow, full) < WORST[precision]
 
 
-def test_bf16_beats_torch_bfloat16_on_the_same_weights(rng):
-    """On the seed AE, bf16 is no less accurate than PyTorch's ``model.to(torch.bfloat16)``."""
+def seed_ae_against_float64(
+    rng: np.random.Generator, precision: str
+) -> tuple[nn.Module, np.ndarray, np.ndarray, float]:
+    """The seed AE (seeded weights), 1000 input rows, their float64 reference outputs, and our
+    normwise error at ``precision`` on them."""
     torch.manual_seed(0)
     model = SeedAE(784, 16).eval()
     layers = [
@@ -151,7 +154,12 @@ def test_bf16_beats_torch_bfloat16_on_the_same_weights(rng):
     activations = ("relu", "identity", "relu", "identity")
     x = rng.uniform(0, 1, (1000, 784)).astype(np.float32)
     want, _ = _reference.forward(layers, activations, x)
-    ours = normwise(MLP(layers, activations, precision="bf16")(x), want)
+    return model, x, want, normwise(MLP(layers, activations, precision=precision)(x), want)
+
+
+def test_bf16_beats_torch_bfloat16_on_the_same_weights(rng):
+    """On the seed AE, bf16 is no less accurate than PyTorch's ``model.to(torch.bfloat16)``."""
+    model, x, want, ours = seed_ae_against_float64(rng, "bf16")
     with torch.no_grad():
         theirs = copy.deepcopy(model).to(torch.bfloat16)(torch.from_numpy(x).bfloat16())
     assert ours <= normwise(theirs.float().numpy(), want)
@@ -163,17 +171,7 @@ def test_int8_beats_torch_quantize_dynamic_on_the_same_weights(rng):
     from torch.ao.quantization import quantize_dynamic
     from torch.ao.quantization.qconfig import per_channel_dynamic_qconfig
 
-    torch.manual_seed(0)
-    model = SeedAE(784, 16).eval()
-    layers = [
-        (m.weight.detach().numpy(), m.bias.detach().numpy())
-        for m in model.modules()
-        if isinstance(m, nn.Linear)
-    ]
-    activations = ("relu", "identity", "relu", "identity")
-    x = rng.uniform(0, 1, (1000, 784)).astype(np.float32)
-    want, _ = _reference.forward(layers, activations, x)
-    ours = normwise(MLP(layers, activations, precision="int8")(x), want)
+    model, x, want, ours = seed_ae_against_float64(rng, "int8")
     assert ours <= WORST["int8"]
     for qconfig in (None, per_channel_dynamic_qconfig):
         spec = {nn.Linear} if qconfig is None else {nn.Linear: qconfig}
