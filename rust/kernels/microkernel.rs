@@ -158,10 +158,10 @@ pub(super) enum Seed<T> {
 /// it is false (rustc skips branches on constants when it collects what to compile), so each
 /// loop nest compiles only the register tiles its `MR` and `NV_MAX` can pick. The comparison
 /// written in the guard would not be folded that early: every ISA would compile all 64 tiles.
-pub(super) struct AtMost<const N: usize, const MAX: usize>;
+struct AtMost<const N: usize, const MAX: usize>;
 
 impl<const N: usize, const MAX: usize> AtMost<N, MAX> {
-    pub(super) const HOLDS: bool = N <= MAX;
+    const HOLDS: bool = N <= MAX;
 }
 
 /// Whether `V` has half registers ([`SimdVec::HALF_LANES`]), as a constant for the same reason.
@@ -169,6 +169,63 @@ struct Halves<V>(std::marker::PhantomData<V>);
 
 impl<V: SimdVec> Halves<V> {
     const EXIST: bool = V::HALF_LANES > 0;
+}
+
+/// A register tile of a form taking `k` in groups (the bf16 pairs, the int8 quads) on register
+/// type `V`, run with its shape as constants: `R` rows, `NV` registers, `KS` sets of sums over
+/// consecutive groups of `k`.
+pub(super) trait GroupedTile<V> {
+    /// # Safety
+    /// The tile's pointers cover `R` rows and `NV` registers (each form says what that means);
+    /// the CPU supports `V`'s ISA.
+    unsafe fn run<const R: usize, const NV: usize, const KS: usize>(&self);
+}
+
+/// Picks a grouped form's register tile for a run-time row count (`1..=MR`) and width
+/// (`1..=NV_MAX` registers), splitting `k` across extra sets of sums for few rows, as
+/// [`tile_rows`] does.
+///
+/// # Safety
+/// As [`GroupedTile::run`]'s, with `rows` rows and `registers` registers.
+#[inline(always)]
+pub(super) unsafe fn grouped_tile<V, T: GroupedTile<V>, const MR: usize, const NV_MAX: usize>(
+    rows: usize,
+    registers: usize,
+    tile: &T,
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match registers {
+            1 => grouped_tile_width::<V, T, 1, MR>(rows, tile),
+            2 if AtMost::<2, NV_MAX>::HOLDS => grouped_tile_width::<V, T, 2, MR>(rows, tile),
+            3 if AtMost::<3, NV_MAX>::HOLDS => grouped_tile_width::<V, T, 3, MR>(rows, tile),
+            4 if AtMost::<4, NV_MAX>::HOLDS => grouped_tile_width::<V, T, 4, MR>(rows, tile),
+            _ => unreachable!("panels are at most {NV_MAX} registers wide"),
+        }
+    }
+}
+
+/// # Safety
+/// As for [`grouped_tile`], with `registers == NV`.
+#[inline(always)]
+unsafe fn grouped_tile_width<V, T: GroupedTile<V>, const NV: usize, const MR: usize>(
+    rows: usize,
+    tile: &T,
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match rows {
+            1 => tile.run::<1, NV, 4>(),
+            2 if AtMost::<2, MR>::HOLDS => tile.run::<2, NV, 2>(),
+            3 if AtMost::<3, MR>::HOLDS => tile.run::<3, NV, 1>(),
+            4 if AtMost::<4, MR>::HOLDS => tile.run::<4, NV, 1>(),
+            5 if AtMost::<5, MR>::HOLDS => tile.run::<5, NV, 1>(),
+            6 if AtMost::<6, MR>::HOLDS => tile.run::<6, NV, 1>(),
+            7 if AtMost::<7, MR>::HOLDS => tile.run::<7, NV, 1>(),
+            8 if AtMost::<8, MR>::HOLDS => tile.run::<8, NV, 1>(),
+            _ => unreachable!("register tiles are at most {MR} rows"),
+        }
+    }
 }
 
 /// Picks the register tile for a run-time row count (`1..=MR`) and width (`1..=NV_MAX` registers).

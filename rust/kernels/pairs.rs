@@ -13,7 +13,7 @@
 
 use super::chain::check_chain;
 use super::epilogue::{self, StoredEpilogue};
-use super::microkernel::{sum_sets, AtMost};
+use super::microkernel::{grouped_tile, sum_sets, GroupedTile};
 use super::peak::PEAK_CHAINS;
 use super::{Bf16, Packed, SimdVec, TileShape, L1_HALF_BYTES};
 use crate::ops::PostOp;
@@ -191,7 +191,7 @@ pub unsafe fn forward_pairs<V: PairDot, const MR: usize, const NV_MAX: usize>(
                         prefetch_out: direct,
                     };
                     let (rows, registers) = ((block - row).min(MR), width / V::LANES);
-                    pair_tile_rows::<V, MR, NV_MAX>(rows, registers, &tile);
+                    grouped_tile::<V, PairTile, MR, NV_MAX>(rows, registers, &tile);
                     if !epilogue::runs_on_accumulators(layer.post_op) {
                         (epilogue.tile)(layer.post_op, tile.out, ldo, rows, registers, false);
                     }
@@ -295,52 +295,11 @@ struct PairTile {
     prefetch_out: bool,
 }
 
-/// Picks the register tile for a run-time row count (`1..=MR`) and width (`1..=NV_MAX`).
-///
-/// # Safety
-/// `tile` points at `rows` input rows of `2 * pairs` readable values, a panel of `pairs` rows of
-/// `2 * panel_width` values with `registers * LANES <= panel_width`, as many biases, and room
-/// for the outputs; the CPU supports the ISA.
-#[inline(always)]
-unsafe fn pair_tile_rows<V: PairDot, const MR: usize, const NV_MAX: usize>(
-    rows: usize,
-    registers: usize,
-    tile: &PairTile,
-) {
-    // SAFETY: forwarded from the caller.
-    unsafe {
-        match registers {
-            1 => pair_tile_width::<V, 1, MR>(rows, tile),
-            2 if AtMost::<2, NV_MAX>::HOLDS => pair_tile_width::<V, 2, MR>(rows, tile),
-            3 if AtMost::<3, NV_MAX>::HOLDS => pair_tile_width::<V, 3, MR>(rows, tile),
-            4 if AtMost::<4, NV_MAX>::HOLDS => pair_tile_width::<V, 4, MR>(rows, tile),
-            _ => unreachable!("panels are at most {NV_MAX} registers wide"),
-        }
-    }
-}
-
-/// # Safety
-/// As for [`pair_tile_rows`].
-#[inline(always)]
-unsafe fn pair_tile_width<V: PairDot, const NV: usize, const MR: usize>(
-    rows: usize,
-    tile: &PairTile,
-) {
-    // SAFETY: forwarded from the caller.
-    unsafe {
-        // Few rows leave too few independent accumulators to hide the instruction's latency:
-        // split `k` across extra sets, as the f32 tiles do.
-        match rows {
-            1 => pair_tile::<V, 1, NV, 4>(tile),
-            2 if AtMost::<2, MR>::HOLDS => pair_tile::<V, 2, NV, 2>(tile),
-            3 if AtMost::<3, MR>::HOLDS => pair_tile::<V, 3, NV, 1>(tile),
-            4 if AtMost::<4, MR>::HOLDS => pair_tile::<V, 4, NV, 1>(tile),
-            5 if AtMost::<5, MR>::HOLDS => pair_tile::<V, 5, NV, 1>(tile),
-            6 if AtMost::<6, MR>::HOLDS => pair_tile::<V, 6, NV, 1>(tile),
-            7 if AtMost::<7, MR>::HOLDS => pair_tile::<V, 7, NV, 1>(tile),
-            8 if AtMost::<8, MR>::HOLDS => pair_tile::<V, 8, NV, 1>(tile),
-            _ => unreachable!("register tiles are at most {MR} rows"),
-        }
+impl<V: PairDot> GroupedTile<V> for PairTile {
+    #[inline(always)]
+    unsafe fn run<const R: usize, const NV: usize, const KS: usize>(&self) {
+        // SAFETY: forwarded from the caller.
+        unsafe { pair_tile::<V, R, NV, KS>(self) }
     }
 }
 
@@ -349,7 +308,9 @@ unsafe fn pair_tile_width<V: PairDot, const NV: usize, const MR: usize>(
 /// pairs summed at the end, the post-op where it runs on accumulators, stored as f32.
 ///
 /// # Safety
-/// As for [`pair_tile_rows`], with `rows == R` and `registers == NV`.
+/// `tile` points at `R` input rows of `2 * pairs` readable values, a panel of `pairs` rows of
+/// `2 * panel_width` values with `NV * LANES <= panel_width`, as many biases, and room for the
+/// outputs; the CPU supports the ISA.
 #[inline(always)]
 unsafe fn pair_tile<V: PairDot, const R: usize, const NV: usize, const KS: usize>(tile: &PairTile) {
     let lanes = V::LANES;
