@@ -516,6 +516,16 @@ target_kernels!(
     kernel_bf16: F32x16 => Bf16, f32;
 );
 
+/// The mask of the first `count` of 16 lanes (all of them from 16 up).
+#[inline(always)]
+fn first_lanes(count: usize) -> u16 {
+    if count >= 16 {
+        u16::MAX
+    } else {
+        (1u16 << count) - 1
+    }
+}
+
 /// AVX512_BF16: 16 f32 lanes, each adding the products of a pair of bf16 inputs and weights.
 impl PairDot for F32x16 {
     type Pairs = __m512bh;
@@ -548,11 +558,7 @@ impl PairDot for F32x16 {
         // masked-off values are not written.
         unsafe {
             let rounded = std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(self.0));
-            let mask = if count >= 16 {
-                u16::MAX
-            } else {
-                (1u16 << count) - 1
-            };
+            let mask = first_lanes(count);
             _mm256_mask_storeu_epi16(ptr.cast(), mask, rounded);
         }
     }
@@ -628,11 +634,7 @@ impl QuadDot for F32x16 {
             // i32::MIN, clamped to 0), `vpmovusdb` clamps to 255 as it narrows.
             let rounded = _mm512_cvtps_epi32(_mm512_mul_ps(self.0, inverse.0));
             let shifted = _mm512_add_epi32(rounded, _mm512_set1_epi32(zero as i32));
-            let mask = if count >= 16 {
-                u16::MAX
-            } else {
-                (1u16 << count) - 1
-            };
+            let mask = first_lanes(count);
             _mm512_mask_cvtusepi32_storeu_epi8(
                 ptr.cast(),
                 mask,
