@@ -146,6 +146,7 @@ pub unsafe fn forward_quads<V: QuadDot, const MR: usize, const NV_MAX: usize>(
         // scales and zeros for `block` rows.
         unsafe {
             quantize_rows::<V>(
+                true,
                 input.as_ptr().add(block_start * first_in),
                 first_in,
                 block,
@@ -218,6 +219,7 @@ pub unsafe fn forward_quads<V: QuadDot, const MR: usize, const NV_MAX: usize>(
                 // room for `block` rows of `strides[index + 1] = padded_out >= grouped(out)`.
                 unsafe {
                     quantize_rows::<V>(
+                        false,
                         values.as_ptr(),
                         layer.padded_out,
                         block,
@@ -257,7 +259,8 @@ fn row_quantization(lo: f32, hi: f32) -> (f32, f32) {
 
 /// `rows` rows of `count` f32 values `lds` apart, quantized to u8 rows `ldd` apart (zeros after
 /// `count`, up to a multiple of 4), each row's scale and zero point ([`row_quantization`] of its
-/// range and 0) written to `scales` and `zeros`.
+/// range and 0) written to `scales` and `zeros`. `streamed`: `src` is the caller's input, likely
+/// far from cache, so its rows are prefetched ahead (as `pairs::round_rows`).
 ///
 /// # Safety
 /// `src` is valid for reading the rows, `dst` for writing `rows` rows of `count.next_multiple_of
@@ -265,6 +268,7 @@ fn row_quantization(lo: f32, hi: f32) -> (f32, f32) {
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn quantize_rows<V: QuadDot>(
+    streamed: bool,
     src: *const f32,
     lds: usize,
     rows: usize,
@@ -281,10 +285,12 @@ unsafe fn quantize_rows<V: QuadDot>(
     unsafe {
         for r in 0..rows {
             let (from, to) = (src.add(r * lds), dst.add(r * ldd));
-            // Two rows ahead, as `pairs::round_rows`: the caller's input streams from memory.
-            let ahead = src.wrapping_add((r + 2) * lds);
-            for line in (0..count).step_by(16) {
-                V::prefetch(ahead.wrapping_add(line));
+            if streamed {
+                // Two rows ahead, as `pairs::round_rows`.
+                let ahead = src.wrapping_add((r + 2) * lds);
+                for line in (0..count).step_by(16) {
+                    V::prefetch(ahead.wrapping_add(line));
+                }
             }
             // Zeros in the partial register's other lanes: 0 is in every row's range anyway.
             // `x * 0` summed turns any infinity or NaN into a NaN that min and max could drop.
