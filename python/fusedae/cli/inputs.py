@@ -71,7 +71,8 @@ class NpyRows:
                 shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(self._file)
             else:
                 raise ValueError(f"version {version} is not supported")
-        except (ValueError, tokenize.TokenError) as error:  # numpy lets TokenError through
+        # numpy lets TokenError through, and TypeError from sorting header keys of mixed types
+        except (ValueError, TypeError, tokenize.TokenError) as error:
             raise CommandError(f"{self.path} is not a .npy file numpy can read ({error})") from None
         check_float(self.path, dtype)
         if any(length < 0 for length in shape):
