@@ -262,9 +262,7 @@ fn pack_panels<W: Storage<T>, T: Element>(
         "weight is out x in"
     );
     let k = spec.in_features;
-    let panel_width = shape.panel_width();
-    for col in (0..layer.dot_from).step_by(panel_width) {
-        let width = panel_width.min(layer.dot_from - col);
+    for (col, width) in shape.panels(layer.dot_from).iter() {
         let panel = &mut buffer[layer.weights_at + col * k..][..width * k];
         let weight_rows = &spec.weight[col * k..][..width * k];
         // A block of `k` at a time: each weight row's block is one or two cache lines, and the
@@ -300,11 +298,9 @@ fn pack_grouped_panels<W: Storage<T>, T: Element>(
     let (k, group) = (spec.in_features, shape.k_group);
     let grouped_k = shape.grouped(k);
     let columns = shape.panel_columns(layer.dot_from);
-    let panel_width = shape.panel_width();
     let mut stored = vec![W::zeroed(); k];
     let mut channel = vec![T::ZERO; W::CHANNEL_VALUES];
-    for col in (0..columns).step_by(panel_width) {
-        let width = panel_width.min(columns - col);
+    for (col, width) in shape.panels(columns).iter() {
         let panel = &mut buffer[layer.weights_at + col * grouped_k..][..width * grouped_k];
         for (c, weight_row) in spec
             .weight

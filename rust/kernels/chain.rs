@@ -5,7 +5,9 @@
 
 use super::epilogue::StoredEpilogue;
 use super::microkernel::{dot_tile_rows, tile_rows, DotTile, Seed, Tile, DOT_OUTS, DOT_ROWS};
-use super::{padded, LayerDesc, LoadFrom, Packed, PostOp, SimdVec, TileShape, L1_HALF_BYTES};
+use super::{
+    padded, LayerDesc, LoadFrom, Packed, Panels, PostOp, SimdVec, TileShape, L1_HALF_BYTES,
+};
 
 /// Scratch elements a kernel of `shape` needs to run `rows` rows through `chain`.
 pub fn scratch_len<W, T>(shape: &TileShape, chain: &Packed<'_, W, T>, rows: usize) -> usize {
@@ -479,23 +481,23 @@ pub(super) unsafe fn layer_block<V: LoadFrom<W>, W, const MR: usize, const NV_MA
     at: &Placement<'_, W, V::Elem>,
 ) {
     let (layer, rows) = (at.layer, at.rows);
-    let panel_width = NV_MAX * V::LANES;
-    let panel_bytes = layer.in_features * panel_width * std::mem::size_of::<W>();
+    let panels = Panels::new(layer.dot_from, V::LANES, NV_MAX);
+    let panel_bytes = layer.in_features * NV_MAX * V::LANES * std::mem::size_of::<W>();
     if panel_bytes <= L1_HALF_BYTES {
         // The panels stay in L1 whatever the order: go row tile by row tile, so each output row
         // is written left to right in one pass, a stream the prefetcher follows.
         for row in (0..rows).step_by(MR) {
-            for col in (0..layer.dot_from).step_by(panel_width) {
-                // SAFETY: `row < rows` and `col < dot_from`, as `tile_at` requires.
-                unsafe { tile_at::<V, W, MR, NV_MAX>(at, row, col) };
+            for (col, width) in panels.iter() {
+                // SAFETY: `row < rows` and `col + width <= dot_from`, as `tile_at` requires.
+                unsafe { tile_at::<V, W, MR, NV_MAX>(at, row, col, width) };
             }
         }
     } else {
         // Keep a large panel hot: every row tile of the block runs against it before the next.
-        for col in (0..layer.dot_from).step_by(panel_width) {
+        for (col, width) in panels.iter() {
             for row in (0..rows).step_by(MR) {
-                // SAFETY: `row < rows` and `col < dot_from`, as `tile_at` requires.
-                unsafe { tile_at::<V, W, MR, NV_MAX>(at, row, col) };
+                // SAFETY: `row < rows` and `col + width <= dot_from`, as `tile_at` requires.
+                unsafe { tile_at::<V, W, MR, NV_MAX>(at, row, col, width) };
             }
         }
     }
@@ -554,19 +556,20 @@ pub(super) struct Placement<'a, W, T> {
     pub(super) epilogue: StoredEpilogue<T>,
 }
 
-/// The register tile at row `row` and output column `col` of a layer block.
+/// The register tile at row `row` of a layer block and its panel `col..col + width`.
 ///
 /// # Safety
-/// As at the call in [`forward_rows`], with `row < at.rows` and `col < at.layer.dot_from`, so
-/// every offset stays inside the buffers described there.
+/// As at the call in [`forward_rows`], with `row < at.rows` and `col..col + width` one of the
+/// layer's [`Panels`] of `dot_from` columns, so every offset stays inside the buffers described
+/// there.
 #[inline(always)]
 unsafe fn tile_at<V: LoadFrom<W>, W, const MR: usize, const NV_MAX: usize>(
     at: &Placement<'_, W, V::Elem>,
     row: usize,
     col: usize,
+    width: usize,
 ) {
     let layer = at.layer;
-    let width = (NV_MAX * V::LANES).min(layer.dot_from - col);
     let nv = width.div_ceil(V::LANES);
     // SAFETY: see the function's contract.
     unsafe {

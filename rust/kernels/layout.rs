@@ -47,6 +47,11 @@ impl TileShape {
         self.nv_max * self.lanes
     }
 
+    /// How the first `columns` outputs of a layer split into panels (see [`Panels`]).
+    pub fn panels(&self, columns: usize) -> Panels {
+        Panels::new(columns, self.lanes, self.nv_max)
+    }
+
     pub fn padded(&self, width: usize) -> usize {
         padded(width, self.lanes)
     }
@@ -69,6 +74,54 @@ impl TileShape {
     /// Batch rows in one rows-in-lanes block: a register tile's width.
     pub fn lanes_block(&self) -> usize {
         self.panel_width()
+    }
+}
+
+/// A layer's panel outputs split into panels, as packing lays them out and the kernels walk
+/// them: `nv_max` registers wide, except that a last panel of one register or less shares the
+/// registers of the panel before it (3 + 1 -> 2 + 2 with `nv_max = 3`). A one-register panel
+/// has a broadcast per multiply-add and ran at 70% of the FMA peak on Zen 5 (two or three
+/// registers: 88-93%); 256 outputs are 16 registers, 64 are four. Each panel stores its `k`
+/// rows at its own width, so panel `col..col + width` starts at `col * k` whatever the split.
+#[derive(Clone, Copy, Debug)]
+pub struct Panels {
+    columns: usize,
+    lanes: usize,
+    nv_max: usize,
+}
+
+impl Panels {
+    pub fn new(columns: usize, lanes: usize, nv_max: usize) -> Panels {
+        Panels {
+            columns,
+            lanes,
+            nv_max,
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        self.columns.div_ceil(self.nv_max * self.lanes)
+    }
+
+    /// Panel `index`'s first column and width (`index < count()`).
+    pub fn get(&self, index: usize) -> (usize, usize) {
+        let full = self.nv_max * self.lanes;
+        let (whole, rest) = (self.columns / full, self.columns % full);
+        if self.nv_max >= 3 && whole > 0 && 0 < rest && rest <= self.lanes && index + 1 >= whole {
+            let shared = self.nv_max.div_ceil(2) * self.lanes;
+            let start = (whole - 1) * full;
+            return if index + 1 == whole {
+                (start, shared)
+            } else {
+                (start + shared, full + rest - shared)
+            };
+        }
+        let col = index * full;
+        (col, full.min(self.columns - col))
+    }
+
+    pub fn iter(self) -> impl Iterator<Item = (usize, usize)> {
+        (0..self.count()).map(move |index| self.get(index))
     }
 }
 

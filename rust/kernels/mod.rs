@@ -91,7 +91,7 @@ use backward::{backward_rows, BackwardCalls};
 pub use backward::{backward_scratch_len, gradient_layout, BackwardInputs, GradientAt};
 pub use chain::{forward_rows, saved_columns, saved_width, scratch_len, SavedColumns};
 pub use epilogue::StoredEpilogue;
-pub use layout::{padded, LayerDesc, Packed, TileShape, L1_HALF_BYTES};
+pub use layout::{padded, LayerDesc, Packed, Panels, TileShape, L1_HALF_BYTES};
 pub use math::Constants;
 pub use pairs::{dot_pairs_loop, forward_pairs, PairDot};
 pub use peak::{fma_loop, fma_loop_flops};

@@ -15,7 +15,7 @@ use super::chain::check_chain;
 use super::epilogue::{self, StoredEpilogue};
 use super::microkernel::{grouped_tile, sum_sets, GroupedTile};
 use super::peak::PEAK_CHAINS;
-use super::{Bf16, Packed, SimdVec, TileShape, L1_HALF_BYTES};
+use super::{Bf16, Packed, Panels, SimdVec, TileShape, L1_HALF_BYTES};
 use crate::ops::PostOp;
 
 /// f32 values in a cache line.
@@ -127,7 +127,6 @@ pub unsafe fn forward_pairs<V: PairDot, const MR: usize, const NV_MAX: usize>(
     let first_in = layers[0].in_features;
     let last = layers.len() - 1;
     let out_features = layers[last].out_features;
-    let panel_width = NV_MAX * V::LANES;
 
     for block_start in (0..rows).step_by(block_rows) {
         let block = block_rows.min(rows - block_start);
@@ -154,13 +153,13 @@ pub unsafe fn forward_pairs<V: PairDot, const MR: usize, const NV_MAX: usize>(
             };
             let pairs = layer.in_features.div_ceil(2);
             let grouped_k = 2 * pairs;
-            let panel_bytes = grouped_k * panel_width * std::mem::size_of::<Bf16>();
+            let panel_bytes = grouped_k * NV_MAX * V::LANES * std::mem::size_of::<Bf16>();
+            let panels = Panels::new(layer.padded_out, V::LANES, NV_MAX);
             // Row tile by row tile where the panels stay in L1 whatever the order, else panel
             // by panel, so a large panel stays hot for every row tile of the block (as
             // `chain::layer_block`). One loop, not a closure: a closure would not inherit the
             // ISA's target features, and its intrinsics would become calls.
-            let (row_tiles, col_tiles) =
-                (block.div_ceil(MR), layer.padded_out.div_ceil(panel_width));
+            let (row_tiles, col_tiles) = (block.div_ceil(MR), panels.count());
             let rows_outer = panel_bytes <= L1_HALF_BYTES;
             for order in 0..row_tiles * col_tiles {
                 let (row_tile, col_tile) = if rows_outer {
@@ -168,8 +167,8 @@ pub unsafe fn forward_pairs<V: PairDot, const MR: usize, const NV_MAX: usize>(
                 } else {
                     (order % row_tiles, order / row_tiles)
                 };
-                let (row, col) = (row_tile * MR, col_tile * panel_width);
-                let width = panel_width.min(layer.padded_out - col);
+                let row = row_tile * MR;
+                let (col, width) = panels.get(col_tile);
                 // SAFETY: `check_chain` proved the panels and biases in bounds; the rows `row..`
                 // of `rounded` hold `grouped_k` values each at `strides[index]` (written by
                 // `round_rows`), and `dst` has room for `block` rows of `padded_out` values at

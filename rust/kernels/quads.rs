@@ -18,7 +18,7 @@ use super::epilogue::{self, StoredEpilogue};
 use super::microkernel::{grouped_tile, GroupedTile};
 use super::pairs::input_strides;
 use super::peak::PEAK_CHAINS;
-use super::{Packed, SimdVec, TileShape, L1_HALF_BYTES};
+use super::{Packed, Panels, SimdVec, TileShape, L1_HALF_BYTES};
 use crate::ops::PostOp;
 
 /// Values per output kept after the bias by int8 packing: the channel's scale and weight sum.
@@ -137,7 +137,6 @@ pub unsafe fn forward_quads<V: QuadDot, const MR: usize, const NV_MAX: usize>(
     let first_in = layers[0].in_features;
     let last = layers.len() - 1;
     let out_features = layers[last].out_features;
-    let panel_width = NV_MAX * V::LANES;
 
     for block_start in (0..rows).step_by(block_rows) {
         let block = block_rows.min(rows - block_start);
@@ -167,13 +166,13 @@ pub unsafe fn forward_quads<V: QuadDot, const MR: usize, const NV_MAX: usize>(
             };
             let quads = layer.in_features.div_ceil(4);
             let grouped_k = 4 * quads;
-            let panel_bytes = grouped_k * panel_width;
+            let panel_bytes = grouped_k * NV_MAX * V::LANES;
+            let panels = Panels::new(layer.padded_out, V::LANES, NV_MAX);
             let channels = layer.bias_at..layer.bias_at + 3 * layer.padded_out;
             let channels = &chain.biases[channels];
             // Row tile by row tile where the panels stay in L1 whatever the order, else panel by
             // panel (as `pairs::forward_pairs`); one loop, not a closure, for the target features.
-            let (row_tiles, col_tiles) =
-                (block.div_ceil(MR), layer.padded_out.div_ceil(panel_width));
+            let (row_tiles, col_tiles) = (block.div_ceil(MR), panels.count());
             let rows_outer = panel_bytes <= L1_HALF_BYTES;
             for order in 0..row_tiles * col_tiles {
                 let (row_tile, col_tile) = if rows_outer {
@@ -181,8 +180,8 @@ pub unsafe fn forward_quads<V: QuadDot, const MR: usize, const NV_MAX: usize>(
                 } else {
                     (order % row_tiles, order / row_tiles)
                 };
-                let (row, col) = (row_tile * MR, col_tile * panel_width);
-                let width = panel_width.min(layer.padded_out - col);
+                let row = row_tile * MR;
+                let (col, width) = panels.get(col_tile);
                 // SAFETY: `check_chain` proved the panels in bounds, the assertion above the
                 // channel values; rows `row..` of `quantized` hold `grouped_k` values each at
                 // `strides[index]` (written by `quantize_rows`, with their scales and zeros),
