@@ -11,8 +11,9 @@
 //! says where each layer sits in both.
 //!
 //! Weights of a layer `[out, in]` are packed into column panels of at most `nv_max * lanes`
-//! outputs (the last panel may be narrower, and need not be a multiple of `lanes`): panel `p`
-//! starts at output column `c0 = p * nv_max * lanes`, at `weights_at + c0 * in`, and stores its
+//! outputs (the last panel may be narrower, and need not be a multiple of `lanes`; one of a
+//! register or less shares the registers of the panel before it, see [`Panels`]): a panel
+//! starting at output column `c0` sits at `weights_at + c0 * in` and stores its
 //! `width` columns k-major (`in` rows of `width` values). A panel's last register is loaded
 //! masked when `width` is not a multiple of `lanes`, so the outputs are computed up to
 //! `padded_out`, a multiple of `lanes`, with zeros past `out` (or only up to the end of a half
