@@ -626,6 +626,18 @@ impl QuadDot for F32x16 {
     }
 
     #[inline(always)]
+    unsafe fn lowest_lane(self) -> f32 {
+        // SAFETY: the caller guarantees AVX-512F.
+        unsafe { _mm512_reduce_min_ps(self.0) }
+    }
+
+    #[inline(always)]
+    unsafe fn highest_lane(self) -> f32 {
+        // SAFETY: the caller guarantees AVX-512F.
+        unsafe { _mm512_reduce_max_ps(self.0) }
+    }
+
+    #[inline(always)]
     unsafe fn store_quantized(self, inverse: Self, zero: f32, ptr: *mut u8, count: usize) {
         // SAFETY: the caller guarantees `count <= 16` writable values and AVX-512F; masked-off
         // values are not written.
