@@ -622,26 +622,35 @@ fn check_scalable<T: Element>(specs: &[LayerSpec<'_, T>], precision: &str) -> Re
     Ok(())
 }
 
+/// Scratch is allocated in cache lines: register stores into a buffer that starts mid-line
+/// (as large `malloc` blocks do, 16 bytes in) each touch two lines, and an op applied over the
+/// stored tile reads them back.
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+#[repr(C, align(64))]
+struct CacheLine([u64; 8]);
+
+const LINE_BYTES: usize = std::mem::size_of::<CacheLine>();
+
 thread_local! {
-    /// This thread's scratch, in bytes (as 8-byte words): one buffer whatever the element type.
-    static SCRATCH: RefCell<Vec<u64>> = const { RefCell::new(Vec::new()) };
+    /// This thread's scratch, in cache lines: one buffer whatever the element type.
+    static SCRATCH: RefCell<Vec<CacheLine>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Runs `run` on `len` elements of scratch: this thread's buffer, reused between calls (it saves
 /// an allocation, and for wide layers fresh pages faulted in, on every call), or a new one if
 /// it is in use (a re-entrant call) or would be oversized.
 fn with_scratch<T: Element>(len: usize, run: impl FnOnce(&mut [T])) {
-    let words = (len * std::mem::size_of::<T>()).div_ceil(8);
-    let fresh = || vec![0u64; words];
-    if words * 8 > SCRATCH_KEEP_BYTES {
+    let lines = (len * std::mem::size_of::<T>()).div_ceil(LINE_BYTES);
+    let fresh = || vec![CacheLine([0; 8]); lines];
+    if lines * LINE_BYTES > SCRATCH_KEEP_BYTES {
         return run(&mut bytemuck::cast_slice_mut(&mut fresh())[..len]);
     }
     SCRATCH.with(|cell| match cell.try_borrow_mut() {
         Ok(mut buffer) => {
-            if buffer.len() < words {
-                buffer.resize(words, 0);
+            if buffer.len() < lines {
+                buffer.resize(lines, CacheLine([0; 8]));
             }
-            run(&mut bytemuck::cast_slice_mut(&mut buffer[..words])[..len]);
+            run(&mut bytemuck::cast_slice_mut(&mut buffer[..lines])[..len]);
         }
         Err(_) => run(&mut bytemuck::cast_slice_mut(&mut fresh())[..len]),
     });
