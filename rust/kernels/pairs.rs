@@ -13,7 +13,7 @@
 
 use super::chain::check_chain;
 use super::epilogue::{self, StoredEpilogue};
-use super::microkernel::{grouped_tile, sum_sets, GroupedTile};
+use super::microkernel::{grouped_tile, sum_sets, FetchAhead, GroupedTile};
 use super::peak::PEAK_CHAINS;
 use super::{Bf16, Packed, Panels, SimdVec, TileShape, L1_HALF_BYTES};
 use crate::ops::PostOp;
@@ -130,6 +130,8 @@ pub unsafe fn forward_pairs<V: PairDot, const MR: usize, const NV_MAX: usize>(
 
     for block_start in (0..rows).step_by(block_rows) {
         let block = block_rows.min(rows - block_start);
+        let next_rows = block_rows.min(rows - block_start - block);
+        let next_input = &input[(block_start + block) * first_in..][..next_rows * first_in];
         // SAFETY: the input holds `block` rows of `first_in` values from `block_start`, and
         // `rounded` room for `block` rows of `strides[0] = grouped(first_in)` values.
         unsafe {
@@ -188,6 +190,17 @@ pub unsafe fn forward_pairs<V: PairDot, const MR: usize, const NV_MAX: usize>(
                         out: dst.add(row * ldo + col),
                         ldo,
                         prefetch_out: direct,
+                        fetch: if index == 0 {
+                            FetchAhead::share(
+                                next_input.as_ptr().cast(),
+                                std::mem::size_of_val(next_input),
+                                row_tiles * col_tiles,
+                                order,
+                                pairs,
+                            )
+                        } else {
+                            FetchAhead::NONE
+                        },
                     };
                     let (rows, registers) = ((block - row).min(MR), width / V::LANES);
                     grouped_tile::<V, PairTile, MR, NV_MAX>(rows, registers, &tile);
@@ -289,6 +302,8 @@ struct PairTile {
     post_op: PostOp,
     out: *mut f32,
     ldo: usize,
+    /// Lines of the next block's input to fetch as the products go (the first layer's tiles).
+    fetch: FetchAhead,
     /// Fetch the output lines before the products: `out` is the caller's output, likely far
     /// from cache (as `microkernel::Tile::prefetch_out`).
     prefetch_out: bool,
@@ -333,8 +348,9 @@ unsafe fn pair_tile<V: PairDot, const R: usize, const NV: usize, const KS: usize
             }
         }
         let (mut a, mut panel) = (tile.a, tile.panel);
-        for _ in 0..tile.pairs / KS {
+        for iteration in 0..tile.pairs / KS {
             for (s, set) in acc.iter_mut().enumerate() {
+                tile.fetch.step::<V>(iteration * KS + s);
                 let b = panel_row::<V, NV>(panel.add(s * step));
                 for (r, row) in set.iter_mut().enumerate() {
                     let x = V::splat_pair(a.add(r * tile.lda + 2 * s));

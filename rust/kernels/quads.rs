@@ -15,7 +15,7 @@
 
 use super::chain::check_chain;
 use super::epilogue::{self, StoredEpilogue};
-use super::microkernel::{grouped_tile, GroupedTile};
+use super::microkernel::{grouped_tile, FetchAhead, GroupedTile};
 use super::pairs::input_strides;
 use super::peak::PEAK_CHAINS;
 use super::{Packed, Panels, SimdVec, TileShape, L1_HALF_BYTES};
@@ -146,6 +146,8 @@ pub unsafe fn forward_quads<V: QuadDot, const MR: usize, const NV_MAX: usize>(
 
     for block_start in (0..rows).step_by(block_rows) {
         let block = block_rows.min(rows - block_start);
+        let next_rows = block_rows.min(rows - block_start - block);
+        let next_input = &input[(block_start + block) * first_in..][..next_rows * first_in];
         // SAFETY: the input holds `block` rows of `first_in` values from `block_start`;
         // `quantized` has room for `block` rows of `strides[0] = grouped(first_in)` values, the
         // scales and zeros for `block` rows.
@@ -211,6 +213,17 @@ pub unsafe fn forward_quads<V: QuadDot, const MR: usize, const NV_MAX: usize>(
                         out: dst.add(row * ldo + col),
                         ldo,
                         prefetch_out: direct,
+                        fetch: if index == 0 {
+                            FetchAhead::share(
+                                next_input.as_ptr().cast(),
+                                std::mem::size_of_val(next_input),
+                                row_tiles * col_tiles,
+                                order,
+                                quads,
+                            )
+                        } else {
+                            FetchAhead::NONE
+                        },
                     };
                     let (rows, registers) = ((block - row).min(MR), width / V::LANES);
                     grouped_tile::<V, QuadTile, MR, NV_MAX>(rows, registers, &tile);
@@ -380,6 +393,8 @@ struct QuadTile {
     post_op: PostOp,
     out: *mut f32,
     ldo: usize,
+    /// Lines of the next block's input to fetch as the products go (the first layer's tiles).
+    fetch: FetchAhead,
     /// Fetch the output lines before the products (as `microkernel::Tile::prefetch_out`).
     prefetch_out: bool,
 }
@@ -419,8 +434,9 @@ unsafe fn quad_tile<V: QuadDot, const R: usize, const NV: usize, const KS: usize
             }
         }
         let (mut a, mut panel) = (tile.a, tile.panel);
-        for _ in 0..tile.quads / KS {
+        for iteration in 0..tile.quads / KS {
             for (s, set) in sums.iter_mut().enumerate() {
+                tile.fetch.step::<V>(iteration * KS + s);
                 let b = panel_row::<V, NV>(panel.add(s * step));
                 for (r, row) in set.iter_mut().enumerate() {
                     let x = V::splat_quad(a.add(r * tile.lda + 4 * s));
