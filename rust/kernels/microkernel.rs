@@ -218,6 +218,11 @@ impl FetchAhead {
         }
     }
 
+    /// Whether this share has anything to fetch.
+    pub(super) fn has_lines(&self) -> bool {
+        self.lines > 0
+    }
+
     /// Fetches step `step`'s lines.
     ///
     /// # Safety

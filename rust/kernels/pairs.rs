@@ -313,7 +313,15 @@ impl<V: PairDot> GroupedTile<V> for PairTile {
     #[inline(always)]
     unsafe fn run<const R: usize, const NV: usize, const KS: usize>(&self) {
         // SAFETY: forwarded from the caller.
-        unsafe { pair_tile::<V, R, NV, KS>(self) }
+        unsafe {
+            // Only the tiles of three rows or more (`KS == 1`) fetch: at batch 1 and 2 even an
+            // empty fetch loop per step slowed the call by a quarter.
+            if KS == 1 && self.fetch.has_lines() {
+                pair_tile::<V, R, NV, KS, true>(self)
+            } else {
+                pair_tile::<V, R, NV, KS, false>(self)
+            }
+        }
     }
 }
 
@@ -321,12 +329,22 @@ impl<V: PairDot> GroupedTile<V> for PairTile {
 /// each row's input pair and `NV` loads of weight pairs, `KS` accumulator sets over consecutive
 /// pairs summed at the end, the post-op where it runs on accumulators, stored as f32.
 ///
+/// With `FETCH`, each step of `k` also fetches its lines of [`FetchAhead`].
+///
 /// # Safety
 /// `tile` points at `R` input rows of `2 * pairs` readable values, a panel of `pairs` rows of
 /// `2 * panel_width` values with `NV * LANES <= panel_width`, as many biases, and room for the
 /// outputs; the CPU supports the ISA.
 #[inline(always)]
-unsafe fn pair_tile<V: PairDot, const R: usize, const NV: usize, const KS: usize>(tile: &PairTile) {
+unsafe fn pair_tile<
+    V: PairDot,
+    const R: usize,
+    const NV: usize,
+    const KS: usize,
+    const FETCH: bool,
+>(
+    tile: &PairTile,
+) {
     let lanes = V::LANES;
     let step = 2 * tile.panel_width;
     // SAFETY: the caller guarantees the ISA, `R` input rows of `2 * pairs` values, `pairs` panel
@@ -350,7 +368,9 @@ unsafe fn pair_tile<V: PairDot, const R: usize, const NV: usize, const KS: usize
         let (mut a, mut panel) = (tile.a, tile.panel);
         for iteration in 0..tile.pairs / KS {
             for (s, set) in acc.iter_mut().enumerate() {
-                tile.fetch.step::<V>(iteration * KS + s);
+                if FETCH {
+                    tile.fetch.step::<V>(iteration * KS + s);
+                }
                 let b = panel_row::<V, NV>(panel.add(s * step));
                 for (r, row) in set.iter_mut().enumerate() {
                     let x = V::splat_pair(a.add(r * tile.lda + 2 * s));
