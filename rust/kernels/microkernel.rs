@@ -565,3 +565,35 @@ unsafe fn panel_row<V: LoadFrom<B>, B, const NV: usize>(
         b
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::FetchAhead;
+
+    #[test]
+    fn fetch_shares_cover_every_line_of_the_block_once() {
+        let block = vec![0u8; 10_000];
+        for offset in [0, 1, 16, 63] {
+            for bytes in [1, 63, 64, 65, 3136, 9_000] {
+                for tiles in [1, 3, 8, 13] {
+                    for steps in [1, 5, 392] {
+                        let start = block[offset..].as_ptr();
+                        let first_line = start as usize / 64;
+                        let last_line = (start as usize + bytes - 1) / 64;
+                        let mut fetched = Vec::new();
+                        for tile in 0..tiles {
+                            let share = FetchAhead::share(start, bytes, tiles, tile, steps);
+                            assert!(share.per_step * steps >= share.lines);
+                            let base = share.first_line as usize;
+                            assert_eq!(base % 64, 0);
+                            fetched.extend((0..share.lines).map(|line| base / 64 + line));
+                        }
+                        let expected: Vec<usize> = (first_line..=last_line).collect();
+                        assert_eq!(fetched, expected, "{offset} {bytes} {tiles} {steps}");
+                    }
+                }
+            }
+        }
+        assert!(!FetchAhead::share(block.as_ptr(), 0, 4, 0, 8).has_lines());
+    }
+}
