@@ -86,8 +86,10 @@ def test_large_outputs_start_on_a_cache_line(rng, dtype):
         via_torch = chain._forward_dlpack(capsule)
     for got in (chain(x), chain.forward(x), via_torch):
         assert got.ctypes.data % 64 == 0
-        assert got.shape == expected.shape and got.dtype == dtype
-        assert got.flags.c_contiguous and got.flags.writeable
+        assert got.shape == expected.shape
+        assert got.dtype == dtype
+        assert got.flags.c_contiguous
+        assert got.flags.writeable
         np.testing.assert_array_equal(got, expected)
 
 
