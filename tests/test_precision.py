@@ -130,6 +130,27 @@ def test_the_same_on_any_thread_count(rng, precision):
 
 
 @pytest.mark.parametrize("precision", NARROW)
+@pytest.mark.parametrize("last", ["identity", "relu", "sigmoid"])
+def test_outputs_stored_past_the_caches_are_the_same_bits(rng, isa, precision, last):
+    """A large output that starts on a cache line (fusedae allocates it so) is stored past the
+    caches where the kernel can (non-temporal stores, when the last op runs on the
+    accumulators); into a buffer 16 bytes off a line, the same kernel stores it normally."""
+    layers = random_layers(rng, (784, 42, 16, 42, 784))
+    activations = ("relu", "identity", "relu", last)
+    mlp = MLP(layers, activations, precision=precision, isa=isa)
+    x = rng.uniform(-2, 2, (700, 784)).astype(np.float32)
+    fusedae.set_num_threads(1)  # one chunk of 2.2 MB
+    streamed = mlp(x)
+    assert streamed.ctypes.data % 64 == 0
+    block = np.empty(x.shape[0] * 784 + 16, np.float32)
+    start = (-block.ctypes.data % 64 + 16) // 4
+    off_line = block[start : start + x.shape[0] * 784].reshape(x.shape[0], 784)
+    assert off_line.ctypes.data % 64 == 16
+    np.testing.assert_array_equal(mlp(x, out=off_line), streamed)
+    check_within_bound(mlp, layers, activations, x)
+
+
+@pytest.mark.parametrize("precision", NARROW)
 def test_is_not_the_fp32_kernel(rng, precision):
     """The result differs from fp32 by about the precision's rounding: the weights really are
     stored so."""

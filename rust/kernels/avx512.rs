@@ -60,6 +60,18 @@ impl SimdVec for F32x16 {
     }
 
     #[inline(always)]
+    unsafe fn store_stream(self, ptr: *mut f32) {
+        // SAFETY: the caller guarantees 16 writable values aligned to 64 bytes and AVX-512F.
+        unsafe { _mm512_stream_ps(ptr, self.0) }
+    }
+
+    #[inline(always)]
+    unsafe fn fence_streams() {
+        // SAFETY: SSE is part of x86-64.
+        unsafe { _mm_sfence() }
+    }
+
+    #[inline(always)]
     unsafe fn mul_add(self, b: Self, acc: Self) -> Self {
         // SAFETY: the caller guarantees AVX-512F.
         F32x16(unsafe { _mm512_fmadd_ps(self.0, b.0, acc.0) })

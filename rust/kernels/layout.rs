@@ -129,6 +129,15 @@ impl Panels {
 /// activations, may take.
 pub const L1_HALF_BYTES: usize = 16 << 10;
 
+/// A cache line.
+pub const LINE_BYTES: usize = 64;
+
+/// Outputs at least this large are stored past the caches where the form can
+/// ([`SimdVec::store_stream`](super::SimdVec::store_stream)). The kernel sees one thread's chunk
+/// of rows, an eighth of its share (4096 rows of 784 values on 2 threads: 800 KB chunks of a
+/// 12.8 MB output), so the bound is on the chunk: half a Zen 4 L2.
+pub const STREAM_MIN_BYTES: usize = 512 << 10;
+
 /// `width` rounded up to whole registers of `lanes`.
 pub fn padded(width: usize, lanes: usize) -> usize {
     width.div_ceil(lanes) * lanes

@@ -4,7 +4,7 @@
 //! tile, for the ops of tens of instructions: see `epilogue.rs`).
 
 use super::epilogue::{self, StoredEpilogue};
-use super::{LoadFrom, PostOp, SimdVec};
+use super::{LoadFrom, PostOp, SimdVec, LINE_BYTES};
 
 /// Most rows and outputs of a dot-form register tile: 16 independent accumulators, enough to
 /// keep the FMA units busy, and 4 + 4 loads per 16 FMAs.
@@ -186,8 +186,6 @@ pub(super) struct FetchAhead {
 }
 
 impl FetchAhead {
-    const LINE: usize = 64;
-
     pub(super) const NONE: FetchAhead = FetchAhead {
         first_line: std::ptr::null(),
         lines: 0,
@@ -206,13 +204,13 @@ impl FetchAhead {
         if bytes == 0 || tiles == 0 || steps == 0 {
             return FetchAhead::NONE;
         }
-        let offset = start as usize % Self::LINE;
-        let lines = (offset + bytes).div_ceil(Self::LINE);
+        let offset = start as usize % LINE_BYTES;
+        let lines = (offset + bytes).div_ceil(LINE_BYTES);
         let per_tile = lines.div_ceil(tiles);
         let first = (tile * per_tile).min(lines);
         let count = per_tile.min(lines - first);
         FetchAhead {
-            first_line: start.wrapping_sub(offset).wrapping_add(first * Self::LINE),
+            first_line: start.wrapping_sub(offset).wrapping_add(first * LINE_BYTES),
             lines: count,
             per_step: count.div_ceil(steps),
         }
@@ -231,7 +229,7 @@ impl FetchAhead {
     pub(super) unsafe fn step<V: SimdVec>(&self, step: usize) {
         for line in step * self.per_step..((step + 1) * self.per_step).min(self.lines) {
             // SAFETY: a prefetch never faults, whatever the address; the caller guarantees the ISA.
-            unsafe { V::prefetch_to_l2(self.first_line.wrapping_add(line * Self::LINE).cast()) };
+            unsafe { V::prefetch_to_l2(self.first_line.wrapping_add(line * LINE_BYTES).cast()) };
         }
     }
 }

@@ -92,7 +92,9 @@ use backward::{backward_rows, BackwardCalls};
 pub use backward::{backward_scratch_len, gradient_layout, BackwardInputs, GradientAt};
 pub use chain::{forward_rows, saved_columns, saved_width, scratch_len, SavedColumns};
 pub use epilogue::StoredEpilogue;
-pub use layout::{padded, LayerDesc, Packed, Panels, TileShape, L1_HALF_BYTES};
+pub use layout::{
+    padded, LayerDesc, Packed, Panels, TileShape, L1_HALF_BYTES, LINE_BYTES, STREAM_MIN_BYTES,
+};
 pub use math::Constants;
 pub use pairs::{dot_pairs_loop, forward_pairs, PairDot};
 pub use peak::{fma_loop, fma_loop_flops};
@@ -254,6 +256,24 @@ pub trait SimdVec: Copy {
     /// # Safety
     /// `ptr` is valid for `LANES` writes (no alignment needed); the CPU supports the ISA.
     unsafe fn store(self, ptr: *mut Self::Elem);
+    /// [`SimdVec::store`] past the caches where the ISA has such a store (non-temporal), for
+    /// outputs far larger than cache: it skips reading each line in before writing it. Ordered
+    /// with the stores that follow only after [`SimdVec::fence_streams`].
+    ///
+    /// # Safety
+    /// As for [`SimdVec::store`], and `ptr` is aligned to `LANES` values.
+    #[inline(always)]
+    unsafe fn store_stream(self, ptr: *mut Self::Elem) {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.store(ptr) }
+    }
+    /// Orders every [`SimdVec::store_stream`] before the stores that follow (another thread
+    /// reads the outputs once the call has returned).
+    ///
+    /// # Safety
+    /// The CPU supports the ISA.
+    #[inline(always)]
+    unsafe fn fence_streams() {}
     /// `self * b + acc`.
     ///
     /// # Safety

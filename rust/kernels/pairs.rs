@@ -15,7 +15,9 @@ use super::chain::check_chain;
 use super::epilogue::{self, StoredEpilogue};
 use super::microkernel::{grouped_tile, sum_sets, FetchAhead, GroupedTile};
 use super::peak::PEAK_CHAINS;
-use super::{Bf16, Packed, Panels, SimdVec, TileShape, L1_HALF_BYTES};
+use super::{
+    Bf16, Packed, Panels, SimdVec, TileShape, L1_HALF_BYTES, LINE_BYTES, STREAM_MIN_BYTES,
+};
 use crate::ops::PostOp;
 
 /// f32 values in a cache line.
@@ -128,6 +130,14 @@ pub unsafe fn forward_pairs<V: PairDot, const MR: usize, const NV_MAX: usize>(
     let last = layers.len() - 1;
     let out_features = layers[last].out_features;
 
+    // Stored past the caches where the output is far larger than L2 and every output register
+    // starts on a line (the op, if any, must run on the accumulators: the others read the stored
+    // tile back).
+    let stream_output = V::LANES * std::mem::size_of::<f32>() == LINE_BYTES
+        && std::mem::size_of_val(output) >= STREAM_MIN_BYTES
+        && (output.as_ptr() as usize).is_multiple_of(LINE_BYTES)
+        && out_features.is_multiple_of(V::LANES)
+        && epilogue::runs_on_accumulators(layers[last].post_op);
     for block_start in (0..rows).step_by(block_rows) {
         let block = block_rows.min(rows - block_start);
         let next_rows = block_rows.min(rows - block_start - block);
@@ -189,7 +199,8 @@ pub unsafe fn forward_pairs<V: PairDot, const MR: usize, const NV_MAX: usize>(
                         post_op: layer.post_op,
                         out: dst.add(row * ldo + col),
                         ldo,
-                        prefetch_out: direct,
+                        prefetch_out: direct && !stream_output,
+                        stream_out: direct && stream_output,
                         fetch: if index == 0 {
                             FetchAhead::share(
                                 next_input.as_ptr().cast(),
@@ -232,6 +243,10 @@ pub unsafe fn forward_pairs<V: PairDot, const MR: usize, const NV_MAX: usize>(
                 }
             }
         }
+    }
+    if stream_output {
+        // SAFETY: the kernel's ISA, which the caller guarantees.
+        unsafe { V::fence_streams() };
     }
 }
 
@@ -307,6 +322,9 @@ struct PairTile {
     /// Fetch the output lines before the products: `out` is the caller's output, likely far
     /// from cache (as `microkernel::Tile::prefetch_out`).
     prefetch_out: bool,
+    /// Store the outputs past the caches ([`SimdVec::store_stream`]): they are the caller's, far
+    /// larger than cache, and aligned to whole registers.
+    stream_out: bool,
 }
 
 impl<V: PairDot> GroupedTile<V> for PairTile {
@@ -395,8 +413,13 @@ unsafe fn pair_tile<
         }
         for (r, row) in sum_sets(&acc).iter().enumerate() {
             for (v, &value) in row.iter().enumerate() {
-                epilogue::apply_on_accumulators(tile.post_op, value)
-                    .store(tile.out.add(r * tile.ldo + v * lanes));
+                let value = epilogue::apply_on_accumulators(tile.post_op, value);
+                let out = tile.out.add(r * tile.ldo + v * lanes);
+                if tile.stream_out {
+                    value.store_stream(out);
+                } else {
+                    value.store(out);
+                }
             }
         }
     }
