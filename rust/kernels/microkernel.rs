@@ -4,7 +4,7 @@
 //! tile, for the ops of tens of instructions: see `epilogue.rs`).
 
 use super::epilogue::{self, StoredEpilogue};
-use super::{LoadFrom, PostOp, SimdVec, LINE_BYTES};
+use super::{LoadFrom, PostOp, SimdVec, LINE_BYTES, STREAM_MIN_BYTES};
 
 /// Most rows and outputs of a dot-form register tile: 16 independent accumulators, enough to
 /// keep the FMA units busy, and 4 + 4 loads per 16 FMAs.
@@ -192,16 +192,17 @@ impl FetchAhead {
         per_step: 0,
     };
 
-    /// Tile `tile`'s share of the `bytes` bytes at `start`, cut into `tiles` shares in order, to
-    /// fetch over `steps` steps.
-    pub(super) fn share(
-        start: *const u8,
-        bytes: usize,
+    /// Tile `tile`'s share of `next_block`, cut into `tiles` shares in order, to fetch over
+    /// `steps` steps; nothing for any layer but the first (`layer == 0`), whose input it is.
+    pub(super) fn share<T>(
+        layer: usize,
+        next_block: &[T],
         tiles: usize,
         tile: usize,
         steps: usize,
     ) -> FetchAhead {
-        if bytes == 0 || tiles == 0 || steps == 0 {
+        let (start, bytes) = (next_block.as_ptr().cast::<u8>(), size_of_val(next_block));
+        if layer != 0 || bytes == 0 || tiles == 0 || steps == 0 {
             return FetchAhead::NONE;
         }
         let offset = start as usize % LINE_BYTES;
@@ -232,6 +233,22 @@ impl FetchAhead {
             unsafe { V::prefetch_to_l2(self.first_line.wrapping_add(line * LINE_BYTES).cast()) };
         }
     }
+}
+
+/// Whether a grouped form stores the chain's `output` past the caches
+/// ([`SimdVec::store_stream`]): it is at least [`STREAM_MIN_BYTES`], every output register
+/// starts on a line, and the last op runs on the accumulators (the others read the stored tile
+/// back).
+pub(super) fn streams_output<V: SimdVec<Elem = f32>>(
+    output: &[f32],
+    out_features: usize,
+    last_op: PostOp,
+) -> bool {
+    V::LANES * size_of::<f32>() == LINE_BYTES
+        && size_of_val(output) >= STREAM_MIN_BYTES
+        && (output.as_ptr() as usize).is_multiple_of(LINE_BYTES)
+        && out_features.is_multiple_of(V::LANES)
+        && epilogue::runs_on_accumulators(last_op)
 }
 
 /// A register tile of a form taking `k` in groups (the bf16 pairs, the int8 quads) on register
@@ -575,12 +592,13 @@ mod tests {
             for bytes in [1, 63, 64, 65, 3136, 9_000] {
                 for tiles in [1, 3, 8, 13] {
                     for steps in [1, 5, 392] {
-                        let start = block[offset..].as_ptr();
+                        let next_block = &block[offset..][..bytes];
+                        let start = next_block.as_ptr();
                         let first_line = start as usize / 64;
                         let last_line = (start as usize + bytes - 1) / 64;
                         let mut fetched = Vec::new();
                         for tile in 0..tiles {
-                            let share = FetchAhead::share(start, bytes, tiles, tile, steps);
+                            let share = FetchAhead::share(0, next_block, tiles, tile, steps);
                             assert!(share.per_step * steps >= share.lines);
                             let base = share.first_line as usize;
                             assert_eq!(base % 64, 0);
@@ -592,6 +610,7 @@ mod tests {
                 }
             }
         }
-        assert!(!FetchAhead::share(block.as_ptr(), 0, 4, 0, 8).has_lines());
+        assert!(!FetchAhead::share(0, &block[..0], 4, 0, 8).has_lines());
+        assert!(!FetchAhead::share(1, &block[..], 4, 0, 8).has_lines());
     }
 }

@@ -13,15 +13,13 @@
 
 use super::chain::check_chain;
 use super::epilogue::{self, StoredEpilogue};
-use super::microkernel::{grouped_tile, sum_sets, FetchAhead, GroupedTile};
+use super::microkernel::{grouped_tile, streams_output, sum_sets, FetchAhead, GroupedTile};
 use super::peak::PEAK_CHAINS;
-use super::{
-    Bf16, Packed, Panels, SimdVec, TileShape, L1_HALF_BYTES, LINE_BYTES, STREAM_MIN_BYTES,
-};
+use super::{Bf16, Packed, Panels, SimdVec, TileShape, L1_HALF_BYTES, LINE_BYTES};
 use crate::ops::PostOp;
 
 /// f32 values in a cache line.
-const LINE_VALUES: usize = 64 / std::mem::size_of::<f32>();
+pub(super) const LINE_VALUES: usize = LINE_BYTES / std::mem::size_of::<f32>();
 
 /// An f32 register that multiplies bf16 pairs.
 pub trait PairDot: SimdVec<Elem = f32> {
@@ -130,14 +128,7 @@ pub unsafe fn forward_pairs<V: PairDot, const MR: usize, const NV_MAX: usize>(
     let last = layers.len() - 1;
     let out_features = layers[last].out_features;
 
-    // Stored past the caches where the output is far larger than L2 and every output register
-    // starts on a line (the op, if any, must run on the accumulators: the others read the stored
-    // tile back).
-    let stream_output = V::LANES * std::mem::size_of::<f32>() == LINE_BYTES
-        && std::mem::size_of_val(output) >= STREAM_MIN_BYTES
-        && (output.as_ptr() as usize).is_multiple_of(LINE_BYTES)
-        && out_features.is_multiple_of(V::LANES)
-        && epilogue::runs_on_accumulators(layers[last].post_op);
+    let stream_output = streams_output::<V>(output, out_features, layers[last].post_op);
     for block_start in (0..rows).step_by(block_rows) {
         let block = block_rows.min(rows - block_start);
         let next_rows = block_rows.min(rows - block_start - block);
@@ -201,17 +192,13 @@ pub unsafe fn forward_pairs<V: PairDot, const MR: usize, const NV_MAX: usize>(
                         ldo,
                         prefetch_out: direct && !stream_output,
                         stream_out: direct && stream_output,
-                        fetch: if index == 0 {
-                            FetchAhead::share(
-                                next_input.as_ptr().cast(),
-                                std::mem::size_of_val(next_input),
-                                row_tiles * col_tiles,
-                                order,
-                                pairs,
-                            )
-                        } else {
-                            FetchAhead::NONE
-                        },
+                        fetch: FetchAhead::share(
+                            index,
+                            next_input,
+                            row_tiles * col_tiles,
+                            order,
+                            pairs,
+                        ),
                     };
                     let (rows, registers) = ((block - row).min(MR), width / V::LANES);
                     grouped_tile::<V, PairTile, MR, NV_MAX>(rows, registers, &tile);

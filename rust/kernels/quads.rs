@@ -15,10 +15,10 @@
 
 use super::chain::check_chain;
 use super::epilogue::{self, StoredEpilogue};
-use super::microkernel::{grouped_tile, FetchAhead, GroupedTile};
-use super::pairs::input_strides;
+use super::microkernel::{grouped_tile, streams_output, FetchAhead, GroupedTile};
+use super::pairs::{input_strides, LINE_VALUES};
 use super::peak::PEAK_CHAINS;
-use super::{Packed, Panels, SimdVec, TileShape, L1_HALF_BYTES, LINE_BYTES, STREAM_MIN_BYTES};
+use super::{Packed, Panels, SimdVec, TileShape, L1_HALF_BYTES};
 use crate::ops::PostOp;
 
 /// Values per output kept after the bias by int8 packing: the channel's scale and weight sum.
@@ -144,14 +144,7 @@ pub unsafe fn forward_quads<V: QuadDot, const MR: usize, const NV_MAX: usize>(
     let last = layers.len() - 1;
     let out_features = layers[last].out_features;
 
-    // Stored past the caches where the output is far larger than L2 and every output register
-    // starts on a line (the op, if any, must run on the accumulators: the others read the stored
-    // tile back).
-    let stream_output = V::LANES * std::mem::size_of::<f32>() == LINE_BYTES
-        && std::mem::size_of_val(output) >= STREAM_MIN_BYTES
-        && (output.as_ptr() as usize).is_multiple_of(LINE_BYTES)
-        && out_features.is_multiple_of(V::LANES)
-        && epilogue::runs_on_accumulators(layers[last].post_op);
+    let stream_output = streams_output::<V>(output, out_features, layers[last].post_op);
     for block_start in (0..rows).step_by(block_rows) {
         let block = block_rows.min(rows - block_start);
         let next_rows = block_rows.min(rows - block_start - block);
@@ -222,17 +215,13 @@ pub unsafe fn forward_quads<V: QuadDot, const MR: usize, const NV_MAX: usize>(
                         ldo,
                         prefetch_out: direct && !stream_output,
                         stream_out: direct && stream_output,
-                        fetch: if index == 0 {
-                            FetchAhead::share(
-                                next_input.as_ptr().cast(),
-                                std::mem::size_of_val(next_input),
-                                row_tiles * col_tiles,
-                                order,
-                                quads,
-                            )
-                        } else {
-                            FetchAhead::NONE
-                        },
+                        fetch: FetchAhead::share(
+                            index,
+                            next_input,
+                            row_tiles * col_tiles,
+                            order,
+                            quads,
+                        ),
                     };
                     let (rows, registers) = ((block - row).min(MR), width / V::LANES);
                     grouped_tile::<V, QuadTile, MR, NV_MAX>(rows, registers, &tile);
@@ -321,7 +310,7 @@ unsafe fn quantize_rows<V: QuadDot>(
             if streamed {
                 // Two rows ahead, as `pairs::round_rows`.
                 let ahead = src.wrapping_add((r + 2) * lds);
-                for line in (0..count).step_by(16) {
+                for line in (0..count).step_by(LINE_VALUES) {
                     V::prefetch(ahead.wrapping_add(line));
                 }
             }
