@@ -57,8 +57,9 @@ class Chain:
         self, x: npt.NDArray[np.floating], out: npt.NDArray[np.floating] | None = None
     ) -> npt.NDArray[np.floating]:
         """Runs the chain on ``x`` (``(rows, in_features)``, C-contiguous, the chain's dtype) into
-        a new ``(rows, out_features)`` array, or into ``out`` (same shape and dtype, C-contiguous,
-        not overlapping ``x``), which it returns. Raises on any other input."""
+        a new ``(rows, out_features)`` array (from 1 MiB up, a view of a block that starts on a
+        cache line, where the stores run fastest), or into ``out`` (same shape and dtype,
+        C-contiguous, not overlapping ``x``), which it returns. Raises on any other input."""
     def __call__(
         self, x: npt.NDArray[np.floating], out: npt.NDArray[np.floating] | None = None
     ) -> npt.NDArray[np.floating]:
