@@ -9,7 +9,7 @@ pub use crate::dispatch::DType;
 use crate::dispatch::{Float, Isa, IsaError, Weights};
 use crate::kernels::{
     backward_scratch_len, gradient_layout, saved_columns, saved_width, scratch_len, BackwardInputs,
-    Bf16, Element, Kernel, SavedColumns,
+    Bf16, Element, Kernel, SavedColumns, LINE_BYTES,
 };
 pub use crate::pack::LayerSpec;
 use crate::pack::{PackedChain, Storage};
@@ -629,7 +629,7 @@ fn check_scalable<T: Element>(specs: &[LayerSpec<'_, T>], precision: &str) -> Re
 #[repr(C, align(64))]
 struct CacheLine([u64; 8]);
 
-const LINE_BYTES: usize = std::mem::size_of::<CacheLine>();
+const _: () = assert!(std::mem::size_of::<CacheLine>() == LINE_BYTES);
 
 thread_local! {
     /// This thread's scratch, in cache lines: one buffer whatever the element type.

@@ -12,7 +12,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyCapsule, PySlice, PyString, PyTuple};
 
 use crate::dispatch::{self, Float, Isa, IsaError, Weights};
-use crate::kernels::Bf16;
+use crate::kernels::{Bf16, LINE_BYTES};
 use crate::mlp::{AnyMlp, DType, Error, LayerSpec, Mlp};
 use crate::ops::PostOp;
 use crate::threads;
@@ -233,9 +233,6 @@ fn run_kernel<T: Float, W: Weights<T>>(
 /// a panic; larger ones go through `numpy.empty`, where it is a MemoryError.
 const DIRECT_ALLOC_MAX_BYTES: usize = 1 << 20;
 
-/// Where larger outputs start: a cache line.
-const OUTPUT_ALIGN: usize = 64;
-
 /// A new uninitialised `(rows, width)` array for the kernel to fill.
 ///
 /// # Safety
@@ -253,20 +250,19 @@ unsafe fn new_array<'py, T: Float + numpy::Element>(
             // SAFETY: left uninitialised for the caller to fill, as the contract says.
             Ok(unsafe { PyArray2::<T>::new(py, [rows, width], false) })
         }
-        Some(bytes) if bytes <= isize::MAX as usize - OUTPUT_ALIGN => {
+        Some(bytes) if bytes <= isize::MAX as usize - LINE_BYTES => {
             // numpy's large blocks start 16 or 32 bytes past a cache line, so every register
             // store of a wide output splits in two, and an op applied over the stored tile
             // (Sigmoid, GELU, ...) reads them back: the MNIST AE ending in Sigmoid ran 3-5%
             // slower than into an aligned array. Allocate a little more and start at a line.
             let values = rows * width;
-            let spare = OUTPUT_ALIGN / std::mem::size_of::<T>();
+            let spare = LINE_BYTES / std::mem::size_of::<T>();
             let empty = py.import("numpy")?.getattr("empty")?;
             let block = empty
                 .call1((values + spare, T::NAME))?
                 .cast_into::<PyArray1<T>>()?;
             let address = block.data() as usize;
-            let skip =
-                (address.next_multiple_of(OUTPUT_ALIGN) - address) / std::mem::size_of::<T>();
+            let skip = (address.next_multiple_of(LINE_BYTES) - address) / std::mem::size_of::<T>();
             let out = block
                 .get_item(PySlice::new(py, skip as isize, (skip + values) as isize, 1))?
                 .call_method1(intern!(py, "reshape"), ((rows, width),))?;
