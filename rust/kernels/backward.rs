@@ -89,9 +89,9 @@ const MAX_BLOCKS: usize = 4;
 
 /// Rows per block of the backward. A weight gradient's tiles run `k` over a block's rows and
 /// then add their sums to the gradient (a load, an add and a store per register), so a longer
-/// block amortizes that; but the block's transposed deltas must stay in L2. Measured on Zen 3,
-/// 1024 rows: the seed's encoder (widest output 42) 1.23x faster with blocks 4x the forward's,
-/// its decoder (784) 0.88x, so the decoder keeps the forward's blocks.
+/// block amortizes that; but the block's transposed deltas must stay in L2. Measured on Zen 3:
+/// the seed's encoder (widest output 42) 1.14x faster at 1,024 rows and 1.23x at 4,096 with
+/// blocks 4x the forward's; its decoder (784) 0.88x with them, so it keeps the forward's.
 fn block_rows(shape: &TileShape, layers: &[LayerDesc]) -> usize {
     let widest_out = layers
         .iter()
