@@ -7,6 +7,7 @@
 #   tools/sanitize.sh          asan and tsan (what CI runs)
 #   tools/sanitize.sh asan     one of them
 #   tools/sanitize.sh tsan
+#   tools/sanitize.sh setup    only install what the others need (nightly, rust-src)
 #   tools/sanitize.sh python   the Python test suite against an ASan build of the extension
 #                              (~7 min to build, then the suite, several times slower than
 #                              plain; not in CI for its length)
@@ -157,10 +158,12 @@ steps=("$@")
 for name in "${steps[@]}"; do
     case $name in
         asan | tsan | python) ;;
-        *) echo "usage: $0 [asan] [tsan] [python]" >&2; exit 2 ;;
+        setup) [ ${#steps[@]} -eq 1 ] || { echo "$0: setup goes alone" >&2; exit 2; } ;;
+        *) echo "usage: $0 [asan] [tsan] [python] | setup" >&2; exit 2 ;;
     esac
 done
 setup
+[ "${steps[*]}" != setup ] || exit 0
 for name in "${steps[@]}"; do
     if [ "$name" = python ]; then python_suite; else "$name"; fi
 done
