@@ -463,6 +463,14 @@ def test_resume_checks_the_job_before_it_finds_nothing_to_do(
     ]
     output.write_text("not an array")
     assert "exists but is no .npy" in fusedae(*argv).stderr
+    # A header numpy's dtype parser raises SyntaxError on (found by the .npy fuzzer).
+    output.write_bytes(
+        (FUZZ_FINDINGS / "npy" / "SyntaxError-at-ast.py-50-inputs.py-69").read_bytes()
+    )
+    result = fusedae(*argv)
+    assert result.returncode == 1, result.stderr
+    assert "exists but is no .npy" in result.stderr
+    output.write_text("not an array")
     result = fusedae("encode", model_path, tmp_path / "missing.npy", "-o", output, "--resume")
     assert result.returncode == 1
     assert output.read_text() == "not an array"

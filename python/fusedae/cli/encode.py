@@ -25,7 +25,7 @@ from fusedae.cli.common import (
     rows_per_batch,
     thread_count,
 )
-from fusedae.cli.inputs import open_rows
+from fusedae.cli.inputs import NPY_HEADER_ERRORS, open_rows
 from fusedae.cli.models import load_model
 from fusedae.cli.outputs import write_rows
 from fusedae.mlp import MLP
@@ -256,7 +256,7 @@ def check_finished(output: Path, shape: tuple[int, ...], dtype: np.dtype) -> Non
     its name guarantees, of the job's shape and dtype), or the job is not the one it finished."""
     try:
         existing = np.load(output, mmap_mode="r")
-    except (OSError, ValueError, EOFError) as error:
+    except (OSError, EOFError, *NPY_HEADER_ERRORS) as error:
         raise CommandError(f"--resume: {output} exists but is no .npy ({error})") from None
     if not isinstance(existing, np.ndarray):
         raise CommandError(f"--resume: {output} exists but is an archive, not a .npy")

@@ -19,6 +19,12 @@ import numpy as np
 
 from fusedae.cli.common import CommandError
 
+# What numpy's .npy header reading raises on a damaged header besides ValueError: TokenError
+# from its tokenizer, TypeError from sorting header keys of mixed types, SyntaxError from the
+# repeat count of a comma-string dtype (descr '<,4').
+NPY_HEADER_ERRORS = (ValueError, TypeError, SyntaxError, tokenize.TokenError)
+
+
 if sys.platform != "win32":
     import fcntl
 
@@ -71,8 +77,7 @@ class NpyRows:
                 shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(self._file)
             else:
                 raise ValueError(f"version {version} is not supported")
-        # numpy lets TokenError through, and TypeError from sorting header keys of mixed types
-        except (ValueError, TypeError, tokenize.TokenError) as error:
+        except NPY_HEADER_ERRORS as error:
             raise CommandError(f"{self.path} is not a .npy file numpy can read ({error})") from None
         check_float(self.path, dtype)
         if any(length < 0 for length in shape):
