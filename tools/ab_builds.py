@@ -8,6 +8,9 @@ module's pool spins between calls and the pools fight for the cores.
     cp python/fusedae/_native.abi3.so /tmp/before.so   # then change, rebuild
     .venv/bin/python tools/ab_builds.py /tmp/before.so python/fusedae/_native.abi3.so \\
         --widths 784,42,16,42,784 --ops relu,identity,relu,identity --precision int8
+
+With `--backward`, what is timed is the training backward instead: every layer's weight and bias
+gradients (and the input's with `--grad-input`) from one saved forward of each build.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from typing import Any, cast
 
 import numpy as np
 
@@ -39,6 +44,28 @@ def load(path: Path, index: int, scratch: Path) -> ModuleType:
     return module
 
 
+def backward_call(chain: Any, x: np.ndarray, grad_input: bool) -> Callable[[], object]:
+    """The chain's backward (every layer's parameters) from one saved forward of `x`."""
+    y, saved = chain._forward_saving_dlpack(x.__dlpack__())
+    grad_output = np.random.default_rng(1).standard_normal(y.shape).astype(y.dtype)
+    needs_params = [True] * len(chain.saved_columns)
+    return lambda: chain._backward_dlpack(
+        x.__dlpack__(),
+        saved.__dlpack__(),
+        y.__dlpack__(),
+        grad_output.__dlpack__(),
+        needs_params,
+        grad_input,
+    )
+
+
+def outputs(result: object) -> list[np.ndarray]:
+    """A call's arrays: the output, or the backward's gradients."""
+    if isinstance(result, tuple):
+        return [a for a in result if a is not None]
+    return [cast(np.ndarray, result)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("builds", nargs="+", type=Path, help="the .so files, the reference first")
@@ -47,6 +74,8 @@ def main() -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16", "int8"], default="fp32")
     parser.add_argument("--rows", type=int, default=4096)
     parser.add_argument("--rounds", type=int, default=25)
+    parser.add_argument("--backward", action="store_true", help="time the backward (fp32 only)")
+    parser.add_argument("--grad-input", action="store_true", help="with --backward: grad_input too")
     args = parser.parse_args()
 
     widths = [int(w) for w in args.widths.split(",")]
@@ -64,15 +93,24 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         modules = [load(path, i, Path(scratch)) for i, path in enumerate(args.builds)]
         chains = [m.Chain(weights, biases, ops, precision=precision) for m in modules]
-        reference = chains[0](x)
-        for path, chain in zip(args.builds[1:], chains[1:], strict=True):
-            if not np.array_equal(chain(x), reference):
+        calls = [
+            backward_call(chain, x, args.grad_input)
+            if args.backward
+            else (lambda chain=chain: chain(x))
+            for chain in chains
+        ]
+        reference = calls[0]()
+        for path, call in zip(args.builds[1:], calls[1:], strict=True):
+            if not all(
+                np.array_equal(a, b)
+                for a, b in zip(outputs(call()), outputs(reference), strict=True)
+            ):
                 print(f"note: {path} gives other bits than {args.builds[0]}")
         times: list[list[float]] = [[] for _ in chains]
         for _ in range(args.rounds):
-            for chain, runs in zip(chains, times, strict=True):
+            for call, runs in zip(calls, times, strict=True):
                 start = time.perf_counter()
-                chain(x)
+                call()
                 runs.append(time.perf_counter() - start)
     first = statistics.median(times[0])
     for path, runs in zip(args.builds, times, strict=True):

@@ -7,14 +7,16 @@
 //!   (`gradient.rs`);
 //! - the weight gradient `delta^T a` (`a` the layer's inputs) added to the caller's buffer:
 //!   tiles of `MR` outputs by registers of inputs, `k` running over the block's rows, `delta`
-//!   transposed so each step broadcasts one value per tile row, as the forward does;
+//!   transposed so each step broadcasts one value per tile row, as the forward does, and each
+//!   column panel of `a` copied into contiguous rows first (its rows lie a whole input row
+//!   apart, which every tile of outputs would otherwise walk);
 //! - the inputs' gradient `delta W`, with the caller's row-major `W` as the panel: its rows are
 //!   `k`-major already, so the backward packs nothing.
 
 use super::chain::{check_chain, saved_columns, transpose};
-use super::gradient::{column_sums, delta_rows};
+use super::gradient::{column_sums, delta_rows, load_upto};
 use super::microkernel::{Seed, Tile};
-use super::{padded, LayerDesc, LoadFrom, Packed, PostOp, StoredEpilogue, TileShape};
+use super::{padded, LayerDesc, LoadFrom, Packed, PostOp, SimdVec, StoredEpilogue, TileShape};
 
 /// The backward's register tile, out of line, compiled once per ISA (`target_kernels!`):
 /// inlined at each call, its hundreds of instances took the crate's build from 2.5 to 8
@@ -74,11 +76,35 @@ pub fn gradient_layout(layers: &[LayerDesc], lanes: usize) -> (Vec<GradientAt>, 
     (places, len)
 }
 
-/// Scratch elements [`backward_rows`] needs for `rows` rows: three blocks of the widest layer.
+/// Scratch elements [`backward_rows`] needs for `rows` rows: three blocks of the widest layer
+/// and the largest chunk of a layer's inputs packed.
 pub fn backward_scratch_len(shape: &TileShape, layers: &[LayerDesc], rows: usize) -> usize {
-    rows.min(block_rows(shape, layers))
+    let block = rows.min(block_rows(shape, layers));
+    let packed = layers
+        .iter()
+        .map(|layer| {
+            let width = padded(layer.in_features, shape.lanes);
+            chunk_rows(shape, block, width).saturating_mul(width)
+        })
+        .max()
+        .unwrap_or(0);
+    block
         .saturating_mul(widest(layers, shape.lanes))
         .saturating_mul(3)
+        .saturating_add(packed)
+}
+
+/// How many values of a layer's inputs a weight gradient packs at once: 128 KiB of f32, which
+/// stay in L2 while every tile of outputs reads them.
+const PACKED_VALUES: usize = 32 * 1024;
+
+/// Rows of a block of `block` rows whose inputs, `width` values a row (padded), a weight
+/// gradient packs at once: as many as [`PACKED_VALUES`] holds, at least the forward's block
+/// (a chunk's tiles add their sums to the gradient, a load and a store per register). The
+/// seed's encoder (784 wide) packs the forward's 64 rows at a time (AVX-512); a 42-wide layer
+/// its whole block.
+fn chunk_rows(shape: &TileShape, block: usize, width: usize) -> usize {
+    block.min(shape.block_rows.max(PACKED_VALUES / width.max(1)))
 }
 
 /// How many values of transposed deltas (`out x block`) a block may hold: 64 KiB of f32, which
@@ -101,6 +127,45 @@ fn block_rows(shape: &TileShape, layers: &[LayerDesc]) -> usize {
         .max(1);
     let fitting = TRANSPOSED_DELTA_VALUES / widest_out / shape.mr * shape.mr;
     fitting.clamp(shape.block_rows, MAX_BLOCKS * shape.block_rows)
+}
+
+/// Copies `rows` rows of `width` values, `lds` apart from `src`, into `dst` as column panels of
+/// `panel_width` values (the last one narrower where `width` ends), each panel `rows` rows of
+/// whole registers (zeros past its width), the panel starting at column `col` at `dst + col *
+/// rows`. Row by row: the rows are read in order, a stream the hardware prefetchers follow (a
+/// layer's inputs at 4,096 rows do not fit in L2: 12.8 MB at 784 wide, and read panel by panel,
+/// their rows a whole input row apart across pages, the encoder's backward spent 43% of its time
+/// waiting on those loads, Zen 4).
+///
+/// # Safety
+/// `src` is readable for `rows x width` values at its stride, `dst` writable for `rows x
+/// padded(width, LANES)` values, not overlapping it; `panel_width` is a multiple of `LANES`; the
+/// CPU supports `V`'s ISA.
+#[inline(always)]
+unsafe fn pack_panels<V: SimdVec>(
+    rows: usize,
+    width: usize,
+    src: *const V::Elem,
+    lds: usize,
+    panel_width: usize,
+    dst: *mut V::Elem,
+) {
+    // SAFETY: loads cover columns `< width` of rows `< rows` (the tail partially); panel `col`
+    // takes `rows x padded(min(panel_width, width - col))` values from `dst + col * rows`, which
+    // the panels before it end at, and all of them `rows x padded(width)`.
+    unsafe {
+        for row in 0..rows {
+            for col in (0..width).step_by(panel_width) {
+                let columns = panel_width.min(width - col);
+                let panel_row = dst.add(col * rows + row * padded(columns, V::LANES));
+                for offset in (0..columns).step_by(V::LANES) {
+                    let count = V::LANES.min(columns - offset);
+                    load_upto::<V>(src.add(row * lds + col + offset), count)
+                        .store(panel_row.add(offset));
+                }
+            }
+        }
+    }
 }
 
 /// The most values a row of any layer's inputs or outputs takes, padded to whole registers.
@@ -197,10 +262,12 @@ pub(super) unsafe fn backward_rows<V: LoadFrom<W>, W, const MR: usize, const NV_
             buffers[0]
         }
     };
-    let delta_t = &mut rest[..block_rows * widest];
+    let (delta_t, rest) = rest.split_at_mut(block_rows * widest);
+    let panel_width = NV_MAX * V::LANES;
+    // A chunk of a layer's inputs packed for its weight gradient.
+    let packed = rest;
     let (columns, saved_width) = saved_columns(layers);
     let (first_in, last_out) = (layers[0].in_features, layers[layers.len() - 1].out_features);
-    let panel_width = NV_MAX * V::LANES;
 
     for block_start in (0..rows).step_by(block_rows) {
         let block = block_rows.min(rows - block_start);
@@ -231,7 +298,9 @@ pub(super) unsafe fn backward_rows<V: LoadFrom<W>, W, const MR: usize, const NV_
             };
             // SAFETY: the buffers hold `block` rows at the strides given (checked above and by
             // `check_chain`); `delta`, `delta_t`, `grad_below` and `pre` each hold `block` rows of
-            // `widest >= padded(width)` values for every width of the chain; the weight panels
+            // `widest >= padded(width)` values for every width of the chain, `packed`
+            // `chunk_rows x padded(k)` values for every layer (`backward_scratch_len`); the
+            // weight panels
             // are the caller's `out x k` matrices and every tile reads columns `< k` of them
             // (`last_lanes` masks the rest); the gradient rows are whole registers of
             // `weight_stride`; the ISA is the caller's guarantee.
@@ -263,27 +332,40 @@ pub(super) unsafe fn backward_rows<V: LoadFrom<W>, W, const MR: usize, const NV_
                     transpose::<V>(delta, ld_delta, block, out, delta_t.as_mut_ptr(), block);
                     let place = places[index];
                     let weight_grad = grads[place.weight_at..].as_mut_ptr();
-                    // Column panel outer: its `block x panel_width` inputs stay in L1 while
-                    // every tile of outputs runs over them.
-                    for col in (0..k).step_by(panel_width) {
-                        let width = panel_width.min(k - col);
-                        let nv = width.div_ceil(V::LANES);
-                        for first in (0..out).step_by(MR) {
-                            let tile = Tile {
-                                a: delta_t.as_ptr().add(first * block),
-                                lda: block,
-                                k: block,
-                                panel: below.add(col),
-                                panel_stride: ld_below,
-                                last_lanes: width - (nv - 1) * V::LANES,
-                                seed: Seed::Output,
-                                post_op: PostOp::Identity,
-                                epilogue: calls.epilogue,
-                                out: weight_grad.add(first * place.weight_stride + col),
-                                ldo: place.weight_stride,
-                                prefetch_out: false,
-                            };
-                            (calls.tile)(MR.min(out - first), nv, &tile);
+                    // A chunk of rows at a time (`chunk_rows`: its packed inputs stay in L2),
+                    // read in order and packed into column panels; then column panel
+                    // outer, so a panel stays in cache while every tile of outputs runs over it.
+                    let chunk_rows = chunk_rows(shape, block_rows, padded(k, V::LANES));
+                    for chunk_start in (0..block).step_by(chunk_rows) {
+                        let chunk = chunk_rows.min(block - chunk_start);
+                        pack_panels::<V>(
+                            chunk,
+                            k,
+                            below.add(chunk_start * ld_below),
+                            ld_below,
+                            panel_width,
+                            packed.as_mut_ptr(),
+                        );
+                        for col in (0..k).step_by(panel_width) {
+                            let width = panel_width.min(k - col);
+                            let nv = width.div_ceil(V::LANES);
+                            for first in (0..out).step_by(MR) {
+                                let tile = Tile {
+                                    a: delta_t.as_ptr().add(first * block + chunk_start),
+                                    lda: block,
+                                    k: chunk,
+                                    panel: packed.as_ptr().add(col * chunk),
+                                    panel_stride: nv * V::LANES,
+                                    last_lanes: width - (nv - 1) * V::LANES,
+                                    seed: Seed::Output,
+                                    post_op: PostOp::Identity,
+                                    epilogue: calls.epilogue,
+                                    out: weight_grad.add(first * place.weight_stride + col),
+                                    ldo: place.weight_stride,
+                                    prefetch_out: false,
+                                };
+                                (calls.tile)(MR.min(out - first), nv, &tile);
+                            }
                         }
                     }
                 }

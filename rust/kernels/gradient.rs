@@ -162,7 +162,7 @@ pub(super) unsafe fn column_sums<V: SimdVec>(
 /// # Safety
 /// `ptr` is valid for `count` reads; the CPU supports `V`'s ISA.
 #[inline(always)]
-unsafe fn load_upto<V: SimdVec>(ptr: *const V::Elem, count: usize) -> V {
+pub(super) unsafe fn load_upto<V: SimdVec>(ptr: *const V::Elem, count: usize) -> V {
     // SAFETY: forwarded from the caller.
     unsafe {
         if count == V::LANES {
