@@ -16,7 +16,9 @@
 use super::chain::{check_chain, saved_columns, transpose};
 use super::gradient::{column_sums, delta_rows, load_upto};
 use super::microkernel::{Seed, Tile};
-use super::{padded, LayerDesc, LoadFrom, Packed, PostOp, SimdVec, StoredEpilogue, TileShape};
+use super::{
+    padded, LayerDesc, LoadFrom, Packed, PostOp, SimdVec, StoredEpilogue, TileShape, LINE_BYTES,
+};
 
 /// The backward's register tile, out of line, compiled once per ISA (`target_kernels!`):
 /// inlined at each call, its hundreds of instances took the crate's build from 2.5 to 8
@@ -346,6 +348,15 @@ pub(super) unsafe fn backward_rows<V: LoadFrom<W>, W, const MR: usize, const NV_
                             panel_width,
                             packed.as_mut_ptr(),
                         );
+                        // The rows after this chunk (the next chunk's, or the next block's),
+                        // fetched into L2 a share after each tile while the tiles multiply: a
+                        // wide input does not fit in L2, and its packing waited on memory.
+                        let ahead = below.wrapping_add((chunk_start + chunk) * ld_below);
+                        let ahead_lines =
+                            (chunk * ld_below * size_of::<V::Elem>()).div_ceil(LINE_BYTES);
+                        let lines_per_tile =
+                            ahead_lines.div_ceil(k.div_ceil(panel_width) * out.div_ceil(MR));
+                        let mut fetched = 0;
                         for col in (0..k).step_by(panel_width) {
                             let width = panel_width.min(k - col);
                             let nv = width.div_ceil(V::LANES);
@@ -365,6 +376,12 @@ pub(super) unsafe fn backward_rows<V: LoadFrom<W>, W, const MR: usize, const NV_
                                     prefetch_out: false,
                                 };
                                 (calls.tile)(MR.min(out - first), nv, &tile);
+                                let end = ahead_lines.min(fetched + lines_per_tile);
+                                for line in fetched..end {
+                                    let at = ahead.cast::<u8>().wrapping_add(line * LINE_BYTES);
+                                    V::prefetch_to_l2(at.cast());
+                                }
+                                fetched = end;
                             }
                         }
                     }
