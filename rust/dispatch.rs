@@ -153,7 +153,12 @@ pub fn half_registers_cheaper(isa: Isa) -> bool {
         HalfRegisters::On => true,
         HalfRegisters::Off => false,
         HalfRegisters::Probe => *PROBED.get_or_init(|| crate::probe::half_is_cheaper(isa)),
-        HalfRegisters::ByCpu => cpu::splits_512_bit_fma(),
+        // Cached: CPUID traps to the hypervisor in a VM (about 8 us a leaf, measured on a KVM
+        // guest), and every chain packed (each training step repacks) asks.
+        HalfRegisters::ByCpu => {
+            static SPLITS: OnceLock<bool> = OnceLock::new();
+            *SPLITS.get_or_init(cpu::splits_512_bit_fma)
+        }
     }
 }
 
