@@ -517,6 +517,36 @@ class TestFusedMLP:
             plain = fused[2](fused[1](fused[0](torch.ones(1, 6))))
             assert relative_error(fused(torch.ones(1, 6)), plain) <= 1e-6
 
+    def test_a_call_that_runs_plain_pytorch_asks_the_gate_once(self, monkeypatch):
+        """A training call below `TRAINING_MIN_ROWS` goes from the gate straight to the plain
+        modules (not through `nn.Module.__call__` and the gate in `forward` again), unless a
+        global hook asks for `nn.Module.__call__`, which then runs it."""
+        from fusedae.torch import cache
+
+        seed, fused = seed_and_fused(20, 3, 8)
+        monkeypatch.setattr(cache, "TRAINING_MIN_ROWS", 1000)
+        asked = []
+        real_forward = ChainCache.forward
+        monkeypatch.setattr(
+            ChainCache, "forward", lambda state, x: asked.append(1) or real_forward(state, x)
+        )
+        x = torch.randn(4, 20, requires_grad=True)
+        for module, reference, chains in ((fused, seed, 3), (fused.encoder, seed.encoder, 1)):
+            asked.clear()
+            out = module(x)
+            assert type(out.grad_fn).__name__ == "AddmmBackward0"  # plain PyTorch's Linear
+            assert relative_error(out, reference(x)) <= 1e-6
+            assert len(asked) == chains  # the AE's whole chain, then its encoder's and decoder's
+        calls = []
+        handle = nn.modules.module.register_module_forward_hook(
+            lambda module, *args: calls.append(type(module).__name__)
+        )
+        try:
+            fused.encoder(x)
+        finally:
+            handle.remove()
+        assert calls == ["Linear", "ReLU", "Linear", "FusedMLP"]
+
     def test_the_function_checks_its_input(self):
         """`FusedMLPFunction` is public: what the kernel would misread is an error."""
         weights = [torch.randn(5, 7, dtype=torch.float64)]

@@ -8,12 +8,25 @@ from typing import Any, cast
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _torch_module
 
 from fusedae.chain import PrecisionName, precision_name, spec_precision
 from fusedae.torch.cache import ChainCache, SplitCache, forget_op_chains
 
 # A chain as `FusedMLP.fused_layers` shows it: each Linear with its post-op's name.
 Layers = tuple[tuple[nn.Linear, str], ...]
+
+# What `nn.Module.__call__` reads besides the module's own hooks (`_FusedCall.__call__`): the
+# global hook dicts (PyTorch adds and removes hooks in place in these same objects), jit
+# tracing and TorchDynamo.
+_GLOBAL_HOOKS = (
+    _torch_module._global_forward_hooks,
+    _torch_module._global_forward_pre_hooks,
+    _torch_module._global_backward_hooks,
+    _torch_module._global_backward_pre_hooks,
+)
+_is_tracing = torch._C._is_tracing
+_is_dynamo_compiling = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)
 
 
 class _FusedCall(nn.Module):
@@ -52,10 +65,19 @@ class _FusedCall(nn.Module):
             result = self._fused_forward(args[0])
             if result is not None:
                 return result
+            if not (_is_tracing() or _is_dynamo_compiling() or any(_GLOBAL_HOOKS)):
+                # All that `nn.Module.__call__` would do: call `forward`, which would run the
+                # gate above again before the plain modules (a training step below
+                # `TRAINING_MIN_ROWS` paid it twice, 10 us a chain).
+                return self._plain_forward(args[0])
         return super().__call__(*args, **kwargs)
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """The fused forward on ``x``, or None where plain PyTorch must run it."""
+        raise NotImplementedError
+
+    def _plain_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` where ``_fused_forward`` returned None."""
         raise NotImplementedError
 
 
@@ -149,8 +171,9 @@ class FusedMLP(_FusedCall, nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self._fused_forward(x)
-        if result is not None:
-            return result
+        return self._plain_forward(x) if result is None else result
+
+    def _plain_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fused.lowered is not None:  # one chain, which PyTorch must run
             return super().forward(x)
         modules: tuple[nn.Module, ...] = tuple(self._modules.values())  # type: ignore[arg-type]
@@ -231,10 +254,11 @@ class AE(_FusedCall):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(*, x_dim)`` -> reconstruction of shape ``(*, x_dim)``."""
         result = self._fused_forward(x)
-        if result is None:
-            encoder = cast(nn.Module, self._modules["encoder"])
-            decoder = cast(nn.Module, self._modules["decoder"])
-            result = decoder(encoder(x))
-        return result
+        return self._plain_forward(x) if result is None else result
+
+    def _plain_forward(self, x: torch.Tensor) -> torch.Tensor:
+        encoder = cast(nn.Module, self._modules["encoder"])
+        decoder = cast(nn.Module, self._modules["decoder"])
+        return cast(torch.Tensor, decoder(encoder(x)))
 
     _gated_forward = forward
