@@ -1,0 +1,99 @@
+"""The README's training table: one step (forward, MSE, backward, Adam) of the seed's
+AE(784, 16) on one thread, plain PyTorch against `accelerate()`d copies of the same weights.
+"fused" forces the fused path at every batch size, "as shipped" keeps `TRAINING_MIN_ROWS`; the
+last column times the model's forward and backward alone. Every peer runs once per round, in an
+order shuffled per round (on a shared VM whichever runs first or after a given peer is
+otherwise favoured), medians over the rounds after three of warm-up:
+
+    .venv/bin/python tools/training_table.py [ROUNDS]
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+import fusedae
+from fusedae.torch import accelerate, cache
+
+BATCHES = (1, 64, 256, 1024, 4096)
+WARM_UP = 3
+
+
+def seed_ae() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Sequential(nn.Linear(784, 42), nn.ReLU(), nn.Linear(42, 16)),
+        nn.Sequential(nn.Linear(16, 42), nn.ReLU(), nn.Linear(42, 784)),
+    )
+
+
+def main() -> None:
+    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 60
+    torch.set_num_threads(1)
+    fusedae.set_num_threads(1)
+    shipped_rows, shipped_flops = cache.TRAINING_MIN_ROWS, cache.TRAINING_MIN_FLOPS
+
+    def forced(force: bool) -> None:
+        limits = (0, 0) if force else (shipped_rows, shipped_flops)
+        cache.TRAINING_MIN_ROWS, cache.TRAINING_MIN_FLOPS = limits
+
+    plain = seed_ae()
+    fused, _ = accelerate(copy.deepcopy(plain))
+    shipped, _ = accelerate(copy.deepcopy(plain))
+    optimizers = {id(m): torch.optim.Adam(m.parameters(), 1e-4) for m in (plain, fused, shipped)}
+
+    def step(module: nn.Module, x: torch.Tensor, _: torch.Tensor) -> None:
+        optimizer = optimizers[id(module)]
+        optimizer.zero_grad(set_to_none=True)
+        nn.functional.mse_loss(module(x), x).backward()
+        optimizer.step()
+
+    def forward_backward(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None:
+        for parameter in module.parameters():
+            parameter.grad = None
+        module(x).backward(grad)
+
+    Run = Callable[[nn.Module, torch.Tensor, torch.Tensor], None]
+    peers: list[tuple[str, nn.Module, bool, Run]] = [
+        ("plain", plain, False, step),
+        ("fused", fused, True, step),
+        ("shipped", shipped, False, step),
+        ("fb_plain", plain, False, forward_backward),
+        ("fb_fused", fused, True, forward_backward),
+    ]
+    print(f"{fusedae.info()['isa']}, 1 thread, median of {rounds} rounds")
+    print("| batch | plain eager | fused | as shipped | model forward + backward alone: fused |")
+    print("|---:|---:|---:|---:|---:|")
+    for batch in BATCHES:
+        x, grad = torch.randn(batch, 784), torch.randn(batch, 784)
+        times: dict[str, list[float]] = {name: [] for name, *_ in peers}
+        for index in range(WARM_UP + rounds):
+            order = peers.copy()
+            random.Random(index).shuffle(order)
+            for name, module, force, run in order:
+                forced(force)
+                start = time.perf_counter()
+                run(module, x, grad)
+                if index >= WARM_UP:
+                    times[name].append(time.perf_counter() - start)
+        forced(False)
+        median = {name: statistics.median(values) for name, values in times.items()}
+        plain_step = median["plain"]
+        print(
+            f"| {batch} | {plain_step * 1e3:.2f} ms | {plain_step / median['fused']:.2f}x | "
+            f"{plain_step / median['shipped']:.2f}x | "
+            f"{median['fb_plain'] / median['fb_fused']:.2f}x |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
