@@ -8,25 +8,23 @@ from typing import Any, cast
 
 import torch
 from torch import nn
-from torch.nn.modules import module as _torch_module
 
 from fusedae.chain import PrecisionName, precision_name, spec_precision
-from fusedae.torch.cache import ChainCache, SplitCache, forget_op_chains
+from fusedae.torch.cache import (
+    ChainCache,
+    SplitCache,
+    _is_dynamo_compiling,
+    _tracing_state,
+    forget_op_chains,
+    hook_registries,
+)
 
 # A chain as `FusedMLP.fused_layers` shows it: each Linear with its post-op's name.
 Layers = tuple[tuple[nn.Linear, str], ...]
 
-# What `nn.Module.__call__` reads besides the module's own hooks (`_FusedCall.__call__`): the
-# global hook dicts (PyTorch adds and removes hooks in place in these same objects), jit
-# tracing and TorchDynamo.
-_GLOBAL_HOOKS = (
-    _torch_module._global_forward_hooks,
-    _torch_module._global_forward_pre_hooks,
-    _torch_module._global_backward_hooks,
-    _torch_module._global_backward_pre_hooks,
-)
-_is_tracing = torch._C._is_tracing
-_is_dynamo_compiling = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)
+# The global hook dicts, which `nn.Module.__call__` reads besides the module's own (PyTorch adds
+# and removes hooks in place in these same objects).
+_GLOBAL_HOOKS = tuple(hook_registries(()))
 
 
 class _FusedCall(nn.Module):
@@ -65,7 +63,7 @@ class _FusedCall(nn.Module):
             result = self._fused_forward(args[0])
             if result is not None:
                 return result
-            if not (_is_tracing() or _is_dynamo_compiling() or any(_GLOBAL_HOOKS)):
+            if not (any(_GLOBAL_HOOKS) or _is_dynamo_compiling() or _tracing_state() is not None):
                 # All that `nn.Module.__call__` would do: call `forward`, which would run the
                 # gate above again before the plain modules (a training step below
                 # `TRAINING_MIN_ROWS` paid it twice, 10 us a chain).
