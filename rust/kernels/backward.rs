@@ -11,7 +11,8 @@
 //!   column panel of `a` copied into contiguous rows first (its rows lie a whole input row
 //!   apart, which every tile of outputs would otherwise walk);
 //! - the inputs' gradient `delta W`, with the caller's row-major `W` as the panel: its rows are
-//!   `k`-major already, so the backward packs nothing.
+//!   `k`-major already, so the backward packs nothing. The first layer's goes straight into the
+//!   caller's `grad_input` where its rows are whole registers, else through scratch.
 
 use super::chain::{check_chain, saved_columns, transpose};
 use super::gradient::{column_sums, delta_rows, load_upto};
