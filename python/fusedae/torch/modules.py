@@ -65,8 +65,8 @@ class _FusedCall(nn.Module):
                 return result
             if not (any(_GLOBAL_HOOKS) or _is_dynamo_compiling() or _tracing_state() is not None):
                 # All that `nn.Module.__call__` would do: call `forward`, which would run the
-                # gate above again before the plain modules (a training step below
-                # `TRAINING_MIN_ROWS` paid it twice, 10 us a chain).
+                # gate above again before the plain modules (a training call below
+                # `TRAINING_MIN_ROWS` paid the gate twice).
                 return self._plain_forward(args[0])
         return super().__call__(*args, **kwargs)
 
