@@ -5,6 +5,8 @@ use std::cell::RefCell;
 use std::fmt;
 use std::sync::{Mutex, PoisonError};
 
+use bytemuck::Zeroable;
+
 pub use crate::dispatch::DType;
 use crate::dispatch::{Float, Isa, IsaError, Weights};
 use crate::kernels::{
@@ -12,7 +14,7 @@ use crate::kernels::{
     Bf16, Element, Kernel, SavedColumns, LINE_BYTES,
 };
 pub use crate::pack::LayerSpec;
-use crate::pack::{PackedChain, Storage};
+use crate::pack::{AlignedBuf, CacheLine, PackedChain, PanelTranspose, Storage};
 use crate::threads;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -119,7 +121,7 @@ pub struct Mlp<T: Float, W: Weights<T> = T> {
     packed: PackedChain<W, T>,
     /// Every layer's weight as given (`out x in` row-major), one after another: the backward's
     /// panels for the inputs' gradients.
-    weights: Vec<T>,
+    weights: AlignedBuf<T>,
 }
 
 impl<T: Float, W: Weights<T>> Mlp<T, W> {
@@ -185,7 +187,17 @@ impl<T: Float, W: Weights<T>> Mlp<T, W> {
             }
             flops_per_row = flops_per_row.saturating_add(2 * spec.weight.len());
         }
-        let packed = PackedChain::pack(&kernel.shape, specs);
+        let transpose = kernel.transpose.map(|transpose| {
+            move |src: &[T], cols: usize, dst: &mut [T]| {
+                // SAFETY: `dispatch::require` above checked that this CPU runs `isa`, the
+                // kernel's ISA.
+                unsafe { transpose(src, cols, dst) }
+            }
+        });
+        let transpose = transpose
+            .as_ref()
+            .map(|transpose| transpose as PanelTranspose<'_, T>);
+        let packed = PackedChain::pack(&kernel.shape, specs, transpose);
         let layers = packed.layers();
         let info = ChainInfo {
             dtype: T::DTYPE,
@@ -201,11 +213,7 @@ impl<T: Float, W: Weights<T>> Mlp<T, W> {
             info,
             kernel,
             packed,
-            weights: specs
-                .iter()
-                .map(|spec| spec.weight)
-                .collect::<Vec<_>>()
-                .concat(),
+            weights: AlignedBuf::concat(&specs.iter().map(|spec| spec.weight).collect::<Vec<_>>()),
         })
     }
 
@@ -363,7 +371,7 @@ impl<T: Float, W: Weights<T>> Mlp<T, W> {
                 grads.len()
             ));
         }
-        let mut rest = &self.weights[..];
+        let mut rest = self.weights.as_slice();
         let weights: Vec<&[T]> = layers
             .iter()
             .map(|layer| {
@@ -622,17 +630,10 @@ fn check_scalable<T: Element>(specs: &[LayerSpec<'_, T>], precision: &str) -> Re
     Ok(())
 }
 
-/// Scratch is allocated in cache lines: register stores into a buffer that starts mid-line
-/// (as large `malloc` blocks do, 16 bytes in) each touch two lines, and an op applied over the
-/// stored tile reads them back.
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-#[repr(C, align(64))]
-struct CacheLine([u64; 8]);
-
-const _: () = assert!(std::mem::size_of::<CacheLine>() == LINE_BYTES);
-
 thread_local! {
-    /// This thread's scratch, in cache lines: one buffer whatever the element type.
+    /// This thread's scratch, in cache lines (register stores into a buffer that starts
+    /// mid-line, as large `malloc` blocks do, 16 bytes in, each touch two lines, and an op
+    /// applied over the stored tile reads them back): one buffer whatever the element type.
     static SCRATCH: RefCell<Vec<CacheLine>> = const { RefCell::new(Vec::new()) };
 }
 
@@ -641,14 +642,14 @@ thread_local! {
 /// it is in use (a re-entrant call) or would be oversized.
 fn with_scratch<T: Element>(len: usize, run: impl FnOnce(&mut [T])) {
     let lines = (len * std::mem::size_of::<T>()).div_ceil(LINE_BYTES);
-    let fresh = || vec![CacheLine([0; 8]); lines];
+    let fresh = || vec![CacheLine::zeroed(); lines];
     if lines * LINE_BYTES > SCRATCH_KEEP_BYTES {
         return run(&mut bytemuck::cast_slice_mut(&mut fresh())[..len]);
     }
     SCRATCH.with(|cell| match cell.try_borrow_mut() {
         Ok(mut buffer) => {
             if buffer.len() < lines {
-                buffer.resize(lines, CacheLine([0; 8]));
+                buffer.resize(lines, CacheLine::zeroed());
             }
             run(&mut bytemuck::cast_slice_mut(&mut buffer[..lines])[..len]);
         }
@@ -948,6 +949,47 @@ mod tests {
                 ..kernel.shape
             },
             ..kernel
+        }
+    }
+
+    /// `layers` packed for `isa` with and without its kernel's transpose.
+    fn packed_both_ways<T: Float>(
+        layers: &[OwnedLayer<T>],
+        isa: Isa,
+        half: bool,
+    ) -> (PackedChain<T, T>, PackedChain<T, T>) {
+        let kernel = with_half::<T>(isa, half);
+        let transpose = kernel.transpose.expect("every f32/f64 kernel transposes");
+        // SAFETY: `dispatch::available` listed `isa`, so this CPU runs it.
+        let by_squares =
+            |src: &[T], cols: usize, dst: &mut [T]| unsafe { transpose(src, cols, dst) };
+        let specs: Vec<_> = layers.iter().map(OwnedLayer::spec).collect();
+        (
+            PackedChain::pack(&kernel.shape, &specs, Some(&by_squares)),
+            PackedChain::pack(&kernel.shape, &specs, None),
+        )
+    }
+
+    #[test]
+    fn packing_by_register_squares_lays_out_what_packing_value_by_value_does() {
+        let mut rng = SmallRng::seed_from_u64(11);
+        for widths in CHAINS {
+            let layers = random_chain(&mut rng, widths, false);
+            let layers32 = to_f32(&layers);
+            for (isa, half) in isa_forms() {
+                let (squares, values) = packed_both_ways(&layers, isa, half);
+                assert_eq!(
+                    squares.view().weights,
+                    values.view().weights,
+                    "f64 {isa} {widths:?}"
+                );
+                let (squares, values) = packed_both_ways(&layers32, isa, half);
+                assert_eq!(
+                    squares.view().weights,
+                    values.view().weights,
+                    "f32 {isa} {widths:?}"
+                );
+            }
         }
     }
 

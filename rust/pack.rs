@@ -2,9 +2,19 @@
 //! Runs once per weight version; see `kernels/mod.rs` for the layout.
 
 use std::fmt::Debug;
+use std::marker::PhantomData;
+use std::sync::{Mutex, PoisonError};
 
-use crate::kernels::{Bf16, Element, LayerDesc, Packed, TileShape, INT8_CHANNEL_VALUES};
+use bytemuck::Zeroable;
+
+use crate::kernels::{
+    Bf16, Element, LayerDesc, Packed, TileShape, INT8_CHANNEL_VALUES, LINE_BYTES,
+};
 use crate::ops::PostOp;
+
+/// A kernel's [`crate::kernels::Transpose`], made safe to call by its caller, who checked the ISA:
+/// `(src, cols, dst)`.
+pub type PanelTranspose<'a, T> = &'a dyn Fn(&[T], usize, &mut [T]);
 
 /// A type that weights computed in `T` can be stored as (the kernels widen it back on load,
 /// through [`crate::kernels::LoadFrom`], or multiply it as it is). Every compute type stores as
@@ -17,6 +27,13 @@ pub trait Storage<T: Copy>: bytemuck::Pod + Send + Sync + Debug + 'static {
 
     /// `value` rounded to this type.
     fn store(value: T) -> Self;
+
+    /// `buffer` as values of `T`, where this type is `T` (packing then transposes a register
+    /// square of weights at a time instead of storing value by value).
+    fn as_compute_mut(buffer: &mut [Self]) -> Option<&mut [T]> {
+        let _ = buffer;
+        None
+    }
 
     /// Stores one output's weights (`row`, a row of PyTorch's `W`) into `stored` and writes the
     /// values kept for it ([`Storage::CHANNEL_VALUES`] of them) to `channel`.
@@ -32,6 +49,10 @@ impl<T: Element> Storage<T> for T {
     #[inline(always)]
     fn store(value: T) -> T {
         value
+    }
+
+    fn as_compute_mut(buffer: &mut [T]) -> Option<&mut [T]> {
+        Some(buffer)
     }
 }
 
@@ -77,37 +98,135 @@ pub fn int8_scale(row: &[f32]) -> f32 {
     }
 }
 
-/// A zero-initialised buffer whose first element sits on a 64-byte (cache-line) boundary, so no
-/// SIMD load of a panel row straddles two lines.
-#[derive(Clone, Debug)]
-pub struct AlignedBuf<T> {
-    storage: Vec<T>,
-    offset: usize,
-    len: usize,
+/// 64 bytes on a 64-byte boundary: a buffer of them starts on a cache line whatever it holds.
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+#[repr(C, align(64))]
+pub struct CacheLine([u64; 8]);
+
+const _: () = assert!(std::mem::size_of::<CacheLine>() == LINE_BYTES);
+
+/// Buffers of dropped chains, kept for the next packing: a training step packs its chains again
+/// after every optimizer step, and without them each packing of a chain with megabytes of
+/// weights got fresh pages from the kernel (glibc hands blocks that large back, or maps them
+/// anew), their faults most of its time: the MNIST autoencoder 784-256-64-32-64-256-784 packed
+/// in 1,485 us, in 138 us where glibc was told to keep its memory.
+static SPARE_BUFFERS: Mutex<Vec<Vec<CacheLine>>> = Mutex::new(Vec::new());
+
+/// Buffers smaller than this come from `malloc`'s free lists, without faults (the seed's
+/// encoder's, 134 KB, packed as fast either way).
+const SPARE_MIN_BYTES: usize = 1 << 20;
+
+/// The most [`SPARE_BUFFERS`] holds, all together (the oldest go first).
+const SPARE_MAX_BYTES: usize = 64 << 20;
+
+/// A spare buffer of at least `lines` lines (and at most twice that), if one is kept.
+fn take_spare(lines: usize) -> Option<Vec<CacheLine>> {
+    if lines * LINE_BYTES < SPARE_MIN_BYTES {
+        return None;
+    }
+    let mut spare = SPARE_BUFFERS.lock().unwrap_or_else(PoisonError::into_inner);
+    let fits = |buffer: &Vec<CacheLine>| (lines..=2 * lines).contains(&buffer.capacity());
+    let best = (0..spare.len())
+        .filter(|&at| fits(&spare[at]))
+        .min_by_key(|&at| spare[at].capacity())?;
+    Some(spare.swap_remove(best))
 }
 
-const ALIGN_BYTES: usize = 64;
+/// Keeps `buffer` for [`take_spare`] if it is large enough and fits.
+fn keep_spare(buffer: Vec<CacheLine>) {
+    let bytes = buffer.capacity() * LINE_BYTES;
+    if !(SPARE_MIN_BYTES..=SPARE_MAX_BYTES).contains(&bytes) {
+        return;
+    }
+    let mut spare = SPARE_BUFFERS.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut kept: usize = spare.iter().map(|b| b.capacity() * LINE_BYTES).sum();
+    while kept + bytes > SPARE_MAX_BYTES {
+        kept -= spare.remove(0).capacity() * LINE_BYTES;
+    }
+    spare.push(buffer);
+}
+
+/// A zero-initialised buffer of `T` that starts on a cache line, so no SIMD load of a panel row
+/// straddles two lines. Its memory goes back to [`SPARE_BUFFERS`] when it is dropped.
+#[derive(Clone, Debug)]
+pub struct AlignedBuf<T> {
+    lines: Vec<CacheLine>,
+    len: usize,
+    element: PhantomData<T>,
+}
 
 impl<T: bytemuck::Pod> AlignedBuf<T> {
     pub fn zeros(len: usize) -> Self {
-        let slack = ALIGN_BYTES / std::mem::size_of::<T>();
-        let storage = vec![T::zeroed(); len + slack];
-        let offset = storage.as_ptr().align_offset(ALIGN_BYTES).min(slack);
+        const { assert!(std::mem::align_of::<T>() <= LINE_BYTES) };
+        let count = (len * std::mem::size_of::<T>()).div_ceil(LINE_BYTES);
+        let lines = match take_spare(count) {
+            Some(mut buffer) => {
+                buffer.clear();
+                buffer.resize(count, CacheLine::zeroed());
+                buffer
+            }
+            None => vec![CacheLine::zeroed(); count],
+        };
         AlignedBuf {
-            storage,
-            offset,
+            lines,
             len,
+            element: PhantomData,
         }
     }
-}
 
-impl<T> AlignedBuf<T> {
+    /// `parts` one after the other (zeros past them, to the end of the line). Written line by
+    /// line into a buffer taken as it is, not zeroed first: `malloc`'s zeroing of the seed's
+    /// 134 KB made packing its chains 1.1x slower.
+    pub fn concat(parts: &[&[T]]) -> Self {
+        const { assert!(std::mem::align_of::<T>() <= LINE_BYTES) };
+        let len = parts.iter().map(|part| part.len()).sum::<usize>();
+        let count = (len * std::mem::size_of::<T>()).div_ceil(LINE_BYTES);
+        let mut lines = take_spare(count).unwrap_or_default();
+        lines.clear();
+        lines.reserve_exact(count);
+        let mut staged = CacheLine::zeroed();
+        let mut staged_bytes = 0;
+        for part in parts {
+            let mut bytes: &[u8] = bytemuck::cast_slice(part);
+            if staged_bytes > 0 {
+                let take = bytes.len().min(LINE_BYTES - staged_bytes);
+                bytemuck::bytes_of_mut(&mut staged)[staged_bytes..][..take]
+                    .copy_from_slice(&bytes[..take]);
+                (staged_bytes, bytes) = (staged_bytes + take, &bytes[take..]);
+                if staged_bytes < LINE_BYTES {
+                    continue;
+                }
+                lines.push(staged);
+            }
+            let whole = bytes.chunks_exact(LINE_BYTES);
+            let tail = whole.remainder();
+            lines.extend(whole.map(bytemuck::pod_read_unaligned::<CacheLine>));
+            staged = CacheLine::zeroed();
+            bytemuck::bytes_of_mut(&mut staged)[..tail.len()].copy_from_slice(tail);
+            staged_bytes = tail.len();
+        }
+        if staged_bytes > 0 {
+            lines.push(staged);
+        }
+        AlignedBuf {
+            lines,
+            len,
+            element: PhantomData,
+        }
+    }
+
     pub fn as_slice(&self) -> &[T] {
-        &self.storage[self.offset..self.offset + self.len]
+        &bytemuck::cast_slice(&self.lines)[..self.len]
     }
 
     pub fn as_mut_slice(&mut self) -> &mut [T] {
-        &mut self.storage[self.offset..self.offset + self.len]
+        &mut bytemuck::cast_slice_mut(&mut self.lines)[..self.len]
+    }
+}
+
+impl<T> Drop for AlignedBuf<T> {
+    fn drop(&mut self) {
+        keep_spare(std::mem::take(&mut self.lines));
     }
 }
 
@@ -139,10 +258,16 @@ impl<W: Storage<T>, T: Element> PackedChain<W, T> {
     /// Packs every layer, its weights stored as `W` (rounded by [`Storage::store`]); the caller
     /// has checked that the lengths match the shapes. Each layer's biases take `padded_out`
     /// values from `bias_at`, then each of `W`'s [`Storage::CHANNEL_VALUES`] as many.
-    pub fn pack(shape: &TileShape, specs: &[LayerSpec<'_, T>]) -> Self {
+    /// `transpose`, the kernel's [`crate::kernels::Transpose`] where it has one, lays out the
+    /// panels of weights stored as `T`.
+    pub fn pack(
+        shape: &TileShape,
+        specs: &[LayerSpec<'_, T>],
+        transpose: Option<PanelTranspose<'_, T>>,
+    ) -> Self {
         // Each layer's panels and bias start on a cache line.
-        let weights_line = ALIGN_BYTES / std::mem::size_of::<W>();
-        let biases_line = ALIGN_BYTES / std::mem::size_of::<T>();
+        let weights_line = LINE_BYTES / std::mem::size_of::<W>();
+        let biases_line = LINE_BYTES / std::mem::size_of::<T>();
         let (mut weights_len, mut biases_len) = (0, 0);
         let widths: Vec<usize> = specs
             .iter()
@@ -194,7 +319,7 @@ impl<W: Storage<T>, T: Element> PackedChain<W, T> {
                     0,
                     "values kept per output need grouped panels"
                 );
-                pack_panels(shape, spec, layer, weights.as_mut_slice());
+                pack_panels(shape, spec, layer, weights.as_mut_slice(), transpose);
             }
             pack_rows(shape, spec, layer, weights.as_mut_slice());
             if let Some(bias) = spec.bias {
@@ -210,7 +335,7 @@ impl<W: Storage<T>, T: Element> PackedChain<W, T> {
     }
 }
 
-impl<W, T> PackedChain<W, T> {
+impl<W: bytemuck::Pod, T: bytemuck::Pod> PackedChain<W, T> {
     pub fn layers(&self) -> &[LayerDesc] {
         &self.layers
     }
@@ -249,12 +374,14 @@ fn pack_rows<W: Storage<T>, T: Element>(
 
 /// Writes the weights of `spec`'s panel outputs (`0..dot_from`) as k-major panels at
 /// `layer.weights_at`, each as wide as its outputs (no padding columns: a batch-1 call streams
-/// every packed byte from L2).
+/// every packed byte from L2). A panel is its block of weight rows transposed: by `transpose`
+/// where the weights are stored as `T`, else value by value.
 fn pack_panels<W: Storage<T>, T: Element>(
     shape: &TileShape,
     spec: &LayerSpec<'_, T>,
     layer: &LayerDesc,
     buffer: &mut [W],
+    transpose: Option<PanelTranspose<'_, T>>,
 ) {
     assert_eq!(
         spec.weight.len(),
@@ -265,6 +392,12 @@ fn pack_panels<W: Storage<T>, T: Element>(
     for (col, width) in shape.panels(layer.dot_from).iter() {
         let panel = &mut buffer[layer.weights_at + col * k..][..width * k];
         let weight_rows = &spec.weight[col * k..][..width * k];
+        if let Some(transpose) = transpose {
+            if let Some(panel) = W::as_compute_mut(panel) {
+                transpose(weight_rows, k, panel);
+                continue;
+            }
+        }
         // A block of `k` at a time: each weight row's block is one or two cache lines, and the
         // panel rows written stay in L1. Walking `W` down its columns made packing the training
         // path's largest cost after the kernels (the chain is packed again after every step).
@@ -334,7 +467,45 @@ mod tests {
         for len in [0, 1, 7, 100] {
             let buf = AlignedBuf::<f32>::zeros(len);
             assert_eq!(buf.as_slice().len(), len);
-            assert_eq!(buf.as_slice().as_ptr() as usize % ALIGN_BYTES, 0);
+            assert_eq!(buf.as_slice().as_ptr() as usize % LINE_BYTES, 0);
+        }
+    }
+
+    #[test]
+    fn a_buffer_made_from_a_dropped_one_starts_as_zeros_again() {
+        let len = SPARE_MIN_BYTES / std::mem::size_of::<f32>() + 3;
+        for _ in 0..3 {
+            let mut buf = AlignedBuf::<f32>::zeros(len);
+            assert!(buf.as_slice().iter().all(|&v| v == 0.0));
+            assert_eq!(buf.as_slice().as_ptr() as usize % LINE_BYTES, 0);
+            buf.as_mut_slice().fill(1.0);
+        }
+    }
+
+    #[test]
+    fn concat_joins_parts_that_end_anywhere_in_a_line() {
+        for lengths in [
+            &[5, 33, 0, 100, 7][..],
+            &[16, 16],
+            &[0],
+            &[],
+            &[1 << 18, 3, 1 << 18],
+        ] {
+            let parts: Vec<Vec<f32>> = lengths
+                .iter()
+                .enumerate()
+                .map(|(p, &n)| (0..n).map(|i| (p * 1_000_000 + i) as f32).collect())
+                .collect();
+            let borrowed: Vec<&[f32]> = parts.iter().map(Vec::as_slice).collect();
+            let joined = AlignedBuf::concat(&borrowed);
+            assert_eq!(joined.as_slice(), parts.concat(), "{lengths:?}");
+            assert_eq!(joined.as_slice().as_ptr() as usize % LINE_BYTES, 0);
+            let halves: Vec<&[u16]> = borrowed.iter().map(|p| bytemuck::cast_slice(p)).collect();
+            assert_eq!(
+                AlignedBuf::concat(&halves).as_slice(),
+                halves.concat(),
+                "{lengths:?}"
+            );
         }
     }
 
@@ -363,7 +534,7 @@ mod tests {
             in_features: 2,
             post_op: PostOp::Relu,
         };
-        let chain = PackedChain::<f32, f32>::pack(&shape, &[spec, spec]);
+        let chain = PackedChain::<f32, f32>::pack(&shape, &[spec, spec], None);
         let view = chain.view();
         let first = view.layers[0];
         assert_eq!(
@@ -383,8 +554,8 @@ mod tests {
         let expected = [0., 2., 4., 6., 1., 3., 5., 7., 8., 9.];
         assert_eq!(&view.weights[..10], &expected);
         assert_eq!(&view.biases[..6], &[1., 1., 1., 1., 1., 0.]);
-        assert_eq!(view.weights.as_ptr() as usize % ALIGN_BYTES, 0);
-        assert_eq!(view.biases.as_ptr() as usize % ALIGN_BYTES, 0);
+        assert_eq!(view.weights.as_ptr() as usize % LINE_BYTES, 0);
+        assert_eq!(view.biases.as_ptr() as usize % LINE_BYTES, 0);
     }
 
     #[test]
@@ -399,7 +570,7 @@ mod tests {
             in_features: 50,
             post_op: PostOp::Identity,
         };
-        let chain = PackedChain::<f32, f32>::pack(&shape, &[spec]);
+        let chain = PackedChain::<f32, f32>::pack(&shape, &[spec], None);
         let view = chain.view();
         let layer = view.layers[0];
         assert_eq!(

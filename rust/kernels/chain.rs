@@ -471,6 +471,28 @@ pub(super) unsafe fn transpose<V: SimdVec>(
     }
 }
 
+/// [`Transpose`](super::Transpose)'s body: the lengths checked, then [`transpose`].
+///
+/// # Safety
+/// The CPU supports `V`'s ISA.
+#[inline(always)]
+pub(super) unsafe fn transpose_matrix<V: SimdVec>(
+    src: &[V::Elem],
+    cols: usize,
+    dst: &mut [V::Elem],
+) {
+    let rows = src.len().checked_div(cols).unwrap_or(0);
+    assert!(
+        rows * cols == src.len() && dst.len() == src.len(),
+        "transposing {} values as rows of {cols} into {}",
+        src.len(),
+        dst.len()
+    );
+    // SAFETY: `src` holds `rows` rows of `cols` values, `dst` as many, and a shared and a
+    // mutable borrow cannot overlap; the caller guarantees the ISA.
+    unsafe { transpose::<V>(src.as_ptr(), cols, rows, cols, dst.as_mut_ptr(), rows) }
+}
+
 /// One layer's panel outputs (those before `dot_from`) for `rows` rows: every panel, every
 /// register tile.
 ///

@@ -161,6 +161,14 @@ macro_rules! target_kernels {
                 unsafe { fma_loop::<$register, true>(iterations, seed) }
             }
 
+            /// # Safety
+            /// The CPU supports the ISA's features.
+            $(#[$attribute])?
+            unsafe fn transpose(src: &[Elem], cols: usize, dst: &mut [Elem]) {
+                // SAFETY: forwarded from the caller.
+                unsafe { $crate::kernels::chain::transpose_matrix::<$register>(src, cols, dst) }
+            }
+
             let half_register_lanes = <$register as SimdVec>::HALF_LANES;
             Kernel {
                 shape: TileShape::for_register::<$register>($mr, $nv_max),
@@ -168,6 +176,7 @@ macro_rules! target_kernels {
                 backward: Some(backward),
                 peak,
                 peak_half: (half_register_lanes > 0).then_some(peak_half as _),
+                transpose: Some(transpose),
                 half_register_lanes,
             }
         }
@@ -239,6 +248,7 @@ macro_rules! grouped_kernel {
                 backward: None,
                 peak,
                 peak_half: None,
+                transpose: None,
                 half_register_lanes: 0,
             }
         }

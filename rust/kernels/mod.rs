@@ -516,6 +516,14 @@ pub type ChainBackward<W, T> = unsafe fn(
     &mut [T],
 );
 
+/// Transposes a row-major matrix: `(src, cols, dst)`, `src` holding `src.len() / cols` rows of
+/// `cols` values, `dst` (as long) receiving its `cols` rows. Packing lays a block of weight rows
+/// out as a panel this way, a register square at a time.
+///
+/// # Safety
+/// The CPU supports the kernel's ISA. (The lengths are checked, with a panic on mismatch.)
+pub type Transpose<T> = unsafe fn(&[T], usize, &mut [T]);
+
 /// Runs [`fma_loop`] for an ISA: `(iterations, seed) -> value`.
 ///
 /// # Safety
@@ -535,6 +543,8 @@ pub struct Kernel<W: 'static, T: 'static> {
     pub peak: PeakLoop<T>,
     /// [`fma_loop`] with every third chain in a half register, where the register type has one.
     pub peak_half: Option<PeakLoop<T>>,
+    /// None for a form that packs its weights otherwise (in groups of `k`).
+    pub transpose: Option<Transpose<T>>,
     /// The register type's [`SimdVec::HALF_LANES`].
     pub half_register_lanes: usize,
 }
