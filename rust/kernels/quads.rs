@@ -77,6 +77,12 @@ pub trait QuadDot: SimdVec<Elem = f32> {
     /// # Safety
     /// `ptr` is valid for `count` writes; the CPU supports the ISA.
     unsafe fn store_quantized(self, inverse: Self, zero: f32, ptr: *mut u8, count: usize);
+    /// Stores four registers' lanes quantized as [`QuadDot::store_quantized`], in order (one
+    /// narrowing for all four where the ISA has it).
+    ///
+    /// # Safety
+    /// `ptr` is valid for `4 * LANES` writes; the CPU supports the ISA.
+    unsafe fn store_quantized_four(values: [Self; 4], inverse: Self, zero: f32, ptr: *mut u8);
 }
 
 /// Scratch elements (f32) the int8 form needs for `rows` rows: a block of f32 outputs of the
@@ -347,7 +353,17 @@ unsafe fn quantize_rows<V: QuadDot>(
             let (scale, zero) = (*scales.add(r), *zeros.add(r));
             // A NaN row quantizes to anything: its scale makes every output NaN.
             let inverse = V::constant(if scale.is_nan() { 0.0 } else { 1.0 / scale });
-            for at in (0..whole).step_by(lanes) {
+            let fours = count / (4 * lanes) * (4 * lanes);
+            for at in (0..fours).step_by(4 * lanes) {
+                let values = [
+                    V::load(from.add(at)),
+                    V::load(from.add(at + lanes)),
+                    V::load(from.add(at + 2 * lanes)),
+                    V::load(from.add(at + 3 * lanes)),
+                ];
+                V::store_quantized_four(values, inverse, zero, to.add(at));
+            }
+            for at in (fours..whole).step_by(lanes) {
                 V::load(from.add(at)).store_quantized(inverse, zero, to.add(at), lanes);
             }
             if tail > 0 {
