@@ -1,11 +1,12 @@
 """The README's training table: one step (forward, MSE, backward, Adam) of the seed's
-AE(784, 16) on one thread, plain PyTorch against `accelerate()`d copies of the same weights.
+AE(784, 16) (or, with `digits`, the digits AE 64-42-2 | 2-42-64) on one thread, plain PyTorch
+against `accelerate()`d copies of the same weights.
 "fused" forces the fused path at every batch size, "as shipped" keeps `TRAINING_MIN_ROWS`; the
 last column times the model's forward and backward alone. Every peer runs once per round, in an
 order shuffled per round (on a shared VM whichever runs first or after a given peer is
 otherwise favoured), medians over the rounds after three of warm-up:
 
-    .venv/bin/python tools/training_table.py [ROUNDS]
+    .venv/bin/python tools/training_table.py [ROUNDS] [seed|digits]
 """
 
 from __future__ import annotations
@@ -23,20 +24,26 @@ from torch import nn
 import fusedae
 from fusedae.torch import accelerate, cache
 
-BATCHES = (1, 64, 256, 1024, 4096)
 WARM_UP = 3
+# Per model: its input width, its code width and the batch sizes of its table.
+MODELS = {
+    "seed": (784, 16, (1, 64, 256, 1024, 4096)),
+    "digits": (64, 2, (256, 1024, 2048, 4096, 8192)),
+}
 
 
-def seed_ae() -> nn.Module:
+def autoencoder(width: int, code: int) -> nn.Module:
+    """The seed's AE shape (hidden layers of 42) for `width` inputs and a `code`-wide code."""
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Sequential(nn.Linear(784, 42), nn.ReLU(), nn.Linear(42, 16)),
-        nn.Sequential(nn.Linear(16, 42), nn.ReLU(), nn.Linear(42, 784)),
+        nn.Sequential(nn.Linear(width, 42), nn.ReLU(), nn.Linear(42, code)),
+        nn.Sequential(nn.Linear(code, 42), nn.ReLU(), nn.Linear(42, width)),
     )
 
 
 def main() -> None:
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 60
+    width, code, batches = MODELS[sys.argv[2] if len(sys.argv) > 2 else "seed"]
     torch.set_num_threads(1)
     fusedae.set_num_threads(1)
     shipped_rows, shipped_flops = cache.TRAINING_MIN_ROWS, cache.TRAINING_MIN_FLOPS
@@ -45,7 +52,7 @@ def main() -> None:
         limits = (0, 0) if force else (shipped_rows, shipped_flops)
         cache.TRAINING_MIN_ROWS, cache.TRAINING_MIN_FLOPS = limits
 
-    plain = seed_ae()
+    plain = autoencoder(width, code)
     fused, _ = accelerate(copy.deepcopy(plain))
     shipped, _ = accelerate(copy.deepcopy(plain))
     optimizers = {id(m): torch.optim.Adam(m.parameters(), 1e-4) for m in (plain, fused, shipped)}
@@ -72,8 +79,8 @@ def main() -> None:
     print(f"{fusedae.info()['isa']}, 1 thread, median of {rounds} rounds")
     print("| batch | plain eager | fused | as shipped | model forward + backward alone: fused |")
     print("|---:|---:|---:|---:|---:|")
-    for batch in BATCHES:
-        x, grad = torch.randn(batch, 784), torch.randn(batch, 784)
+    for batch in batches:
+        x, grad = torch.randn(batch, width), torch.randn(batch, width)
         times: dict[str, list[float]] = {name: [] for name, *_ in peers}
         for index in range(WARM_UP + rounds):
             order = peers.copy()

@@ -30,15 +30,14 @@ _FUSED_DTYPES = (torch.float32, torch.float64)
 # Fewest rows, and floating-point operations (rows x `flops_per_row`), for which a call that
 # needs gradients goes through the fused forward and backward. Below either, plain PyTorch costs
 # less: the fused path's per-call cost (two Function calls' Python, the repacking of weights that
-# every optimizer step changes, about 37 us a chain) is not yet paid back. Measured with
-# `tools/training_table.py` (1 thread; fb: forward + backward, step: + MSE + Adam), the seed's
-# AE (784-42-16 | 16-42-784, two chains) fused: on Zen 4 (2026-12-03) fb 0.60x at 1 row, 0.80x at
-# 64, 1.08x at 256, 1.51x at 1024, 1.87x at 4096; step 0.89x, 0.96x, 1.08x, 1.24x, 1.44x; on a
-# Zen 3 before the backward's input panels, 0.91x at 256 rows. The digits AE (64-42-2 | 2-42-64,
-# 1.1e4 operations a row) step 0.89x at 1024 rows (1.1e7 operations), 1.11x at 4096 (4.6e7),
-# 1.27x at 16384 (2026-12-01).
-TRAINING_MIN_ROWS = 1024
-TRAINING_MIN_FLOPS = 30_000_000
+# every optimizer step changes, about 30 us a chain) is not yet paid back. Measured with
+# `tools/training_table.py` (1 thread, Zen 4, 2026-12-03; step: forward, MSE, backward, Adam)
+# fused against plain: the seed's AE (784-42-16 | 16-42-784, two chains of 6.7e4 operations a
+# row) 0.89x at 1 row, 0.96x at 64, 1.09x at 256 (1.7e7 operations a chain), 1.21x at 1024; the
+# digits AE (64-42-2 | 2-42-64, 5.5e3 a row a chain) 0.98x at 256 rows (1.4e6 operations),
+# 1.06x at 1024 (5.6e6), 1.18x at 2048, 1.28x at 4096.
+TRAINING_MIN_ROWS = 256
+TRAINING_MIN_FLOPS = 5_000_000
 # What the per-call path uses from torch, bound once: each `torch.name` lookup costs ~25 ns.
 # `is_dynamo_compiling` is True while TorchDynamo traces (torch.compile, strict torch.export) in
 # one trivial call where `torch.compiler.is_compiling` makes two (torch 2.3+; older ones have
