@@ -1192,6 +1192,31 @@ mod tests {
                 assert_eq!(&output[6..], &alone, "{name}");
             }
         }
+        // 100 inputs: four whole registers quantized together, then two alone, then a partial
+        // one (on 16-lane ISAs); a NaN in each, the other values finite, the NaN's row's
+        // outputs NaN (in this layer, and through the next, whose input is a hidden layer's).
+        let mut rng = SmallRng::seed_from_u64(13);
+        let layers = to_f32(&random_chain(&mut rng, &[100, 42, 5], true));
+        let specs: Vec<_> = layers.iter().map(OwnedLayer::spec).collect();
+        let clean: Vec<f32> = (0..100).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+        for (name, isa, kernel) in int8_kernels() {
+            let mlp = Mlp::<f32, i8>::with_kernel(&specs, isa, kernel).unwrap();
+            let mut alone = [0.0f32; 5];
+            mlp.forward(&clean, &mut alone).unwrap();
+            for at in [0, 37, 63, 64, 90, 96, 99] {
+                let mut bad = clean.clone();
+                bad[at] = f32::NAN;
+                let input = [&clean[..], &bad, &clean].concat();
+                let mut output = [0.0f32; 15];
+                mlp.forward(&input, &mut output).unwrap();
+                assert!(
+                    output[5..10].iter().all(|v| v.is_nan()),
+                    "{name} NaN at {at}: {output:?}"
+                );
+                assert_eq!(&output[..5], &alone, "{name} NaN at {at}");
+                assert_eq!(&output[10..], &alone, "{name} NaN at {at}");
+            }
+        }
         let mut bad_weight = weight.clone();
         bad_weight[5] = f32::INFINITY;
         let bad = LayerSpec {

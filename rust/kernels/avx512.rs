@@ -673,12 +673,13 @@ impl QuadDot for F32x16 {
     }
 
     #[inline(always)]
-    unsafe fn store_quantized(self, inverse: Self, zero: f32, ptr: *mut u8, count: usize) {
+    unsafe fn store_quantized(self, inverse: Self, zero: f32, ptr: *mut u8, count: usize) -> u64 {
         // SAFETY: the caller guarantees `count <= 16` writable values and AVX-512F; masked-off
         // values are not written.
         unsafe {
-            // `vcvtps2dq` rounds to nearest even (the default rounding mode; a NaN becomes
-            // i32::MIN, clamped to 0), `vpmovusdb` clamps to 255 as it narrows.
+            // `vcvtps2dq` rounds to nearest even (the default rounding mode; a NaN, or a value
+            // out of i32's range, becomes i32::MIN, clamped to 0), `vpmovusdb` clamps to 255 as
+            // it narrows.
             let rounded = _mm512_cvtps_epi32(_mm512_mul_ps(self.0, inverse.0));
             let shifted = _mm512_add_epi32(rounded, _mm512_set1_epi32(zero as i32));
             let mask = first_lanes(count);
@@ -687,11 +688,18 @@ impl QuadDot for F32x16 {
                 mask,
                 _mm512_max_epi32(shifted, _mm512_setzero_si512()),
             );
+            let floor = _mm512_set1_epi32(-32768);
+            u64::from(_mm512_mask_cmple_epi32_mask(mask, rounded, floor))
         }
     }
 
     #[inline(always)]
-    unsafe fn store_quantized_four(values: [Self; 4], inverse: Self, zero: f32, ptr: *mut u8) {
+    unsafe fn store_quantized_four(
+        values: [Self; 4],
+        inverse: Self,
+        zero: f32,
+        ptr: *mut u8,
+    ) -> u64 {
         // SAFETY: the caller guarantees 64 writable values and AVX-512BW.
         unsafe {
             // The same bytes as `store_quantized`'s in fewer instructions (`vpmovusdb` is
@@ -704,12 +712,16 @@ impl QuadDot for F32x16 {
             let (c, d) = (_mm512_mul_ps(c, inverse), _mm512_mul_ps(d, inverse));
             let (a, b) = (_mm512_cvtps_epi32(a), _mm512_cvtps_epi32(b));
             let (c, d) = (_mm512_cvtps_epi32(c), _mm512_cvtps_epi32(d));
+            let (low, high) = (_mm512_packs_epi32(a, b), _mm512_packs_epi32(c, d));
+            // i32::MIN (a NaN's conversion) and anything at or below -32768 pack to -32768.
+            let floor = _mm512_set1_epi16(-32768);
+            let not_a_number = _mm512_cmpeq_epi16_mask(_mm512_min_epi16(low, high), floor);
             let zero = _mm512_set1_epi16(zero as i16);
-            let low = _mm512_adds_epi16(_mm512_packs_epi32(a, b), zero);
-            let high = _mm512_adds_epi16(_mm512_packs_epi32(c, d), zero);
+            let (low, high) = (_mm512_adds_epi16(low, zero), _mm512_adds_epi16(high, zero));
             let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
             let bytes = _mm512_permutexvar_epi32(order, _mm512_packus_epi16(low, high));
             _mm512_storeu_si512(ptr.cast(), bytes);
+            u64::from(not_a_number)
         }
     }
 }

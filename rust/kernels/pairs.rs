@@ -137,7 +137,7 @@ pub unsafe fn forward_pairs<V: PairDot, const MR: usize, const NV_MAX: usize>(
         // `rounded` room for `block` rows of `strides[0] = grouped(first_in)` values.
         unsafe {
             round_rows::<V>(
-                true,
+                rows - block_start,
                 input.as_ptr().add(block_start * first_in),
                 first_in,
                 block,
@@ -212,7 +212,7 @@ pub unsafe fn forward_pairs<V: PairDot, const MR: usize, const NV_MAX: usize>(
                 // for `block` rows of `strides[index + 1] = padded_out >= grouped(out)` values.
                 unsafe {
                     round_rows::<V>(
-                        false,
+                        0,
                         values.as_ptr(),
                         layer.padded_out,
                         block,
@@ -239,15 +239,16 @@ pub unsafe fn forward_pairs<V: PairDot, const MR: usize, const NV_MAX: usize>(
 
 /// `rows` rows of `count` f32 values `lds` apart, rounded to bf16 into rows `ldd` apart, with a
 /// zero after an odd `count` (so the last pair's second value multiplies a zero weight as a
-/// zero, never as a NaN). `streamed`: `src` is the caller's input, likely far from cache (not
-/// a hidden layer's outputs in scratch), so its rows are prefetched ahead.
+/// zero, never as a NaN). `streamed_rows`: where `src` is the caller's input, likely far from
+/// cache, the rows it holds from `src` on (this block's and the next ones'), which are fetched
+/// two rows ahead up to the last; 0 where `src` is a hidden layer's outputs in scratch.
 ///
 /// # Safety
 /// `src` is valid for reading the rows, `dst` for writing `rows` rows of `count + count % 2`
 /// values (`ldd >= count + count % 2`); the CPU supports the ISA.
 #[inline(always)]
 unsafe fn round_rows<V: PairDot>(
-    streamed: bool,
+    streamed_rows: usize,
     src: *const f32,
     lds: usize,
     rows: usize,
@@ -265,7 +266,7 @@ unsafe fn round_rows<V: PairDot>(
     unsafe {
         for r in 0..rows {
             let (from, to) = (src.add(r * lds), dst.add(r * ldd));
-            if streamed {
+            if r + 2 < streamed_rows {
                 // Two rows ahead: a pass with little work per value stalls on every line of a
                 // batch streaming from memory (784 -> 42 -> 16 at 4096 rows: a quarter of the
                 // time).

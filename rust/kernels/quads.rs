@@ -73,16 +73,24 @@ pub trait QuadDot: SimdVec<Elem = f32> {
     unsafe fn highest_lane(self) -> f32;
     /// Stores the first `count <= LANES` lanes quantized: `self * inverse` rounded to nearest
     /// even, plus `zero` (a whole number), clamped to `0..=255` (a NaN lane to anything there).
+    /// Returns nonzero if a stored lane's `self * inverse` was NaN or rounded to `-32768` or
+    /// below (which a row quantized by its own range never reaches: its products lie within
+    /// `-255..=255`).
     ///
     /// # Safety
     /// `ptr` is valid for `count` writes; the CPU supports the ISA.
-    unsafe fn store_quantized(self, inverse: Self, zero: f32, ptr: *mut u8, count: usize);
+    unsafe fn store_quantized(self, inverse: Self, zero: f32, ptr: *mut u8, count: usize) -> u64;
     /// Stores four registers' lanes quantized as [`QuadDot::store_quantized`], in order (one
-    /// narrowing for all four where the ISA has it).
+    /// narrowing for all four where the ISA has it), and returns what it returns.
     ///
     /// # Safety
     /// `ptr` is valid for `4 * LANES` writes; the CPU supports the ISA.
-    unsafe fn store_quantized_four(values: [Self; 4], inverse: Self, zero: f32, ptr: *mut u8);
+    unsafe fn store_quantized_four(
+        values: [Self; 4],
+        inverse: Self,
+        zero: f32,
+        ptr: *mut u8,
+    ) -> u64;
 }
 
 /// Scratch elements (f32) the int8 form needs for `rows` rows: a block of f32 outputs of the
@@ -160,7 +168,7 @@ pub unsafe fn forward_quads<V: QuadDot, const MR: usize, const NV_MAX: usize>(
         // scales and zeros for `block` rows.
         unsafe {
             quantize_rows::<V>(
-                true,
+                rows - block_start,
                 input.as_ptr().add(block_start * first_in),
                 first_in,
                 block,
@@ -241,7 +249,7 @@ pub unsafe fn forward_quads<V: QuadDot, const MR: usize, const NV_MAX: usize>(
                 // room for `block` rows of `strides[index + 1] = padded_out >= grouped(out)`.
                 unsafe {
                     quantize_rows::<V>(
-                        false,
+                        0,
                         values.as_ptr(),
                         layer.padded_out,
                         block,
@@ -285,8 +293,8 @@ fn row_quantization(lo: f32, hi: f32) -> (f32, f32) {
 
 /// `rows` rows of `count` f32 values `lds` apart, quantized to u8 rows `ldd` apart (zeros after
 /// `count`, up to a multiple of 4), each row's scale and zero point ([`row_quantization`] of its
-/// range and 0) written to `scales` and `zeros`. `streamed`: `src` is the caller's input, likely
-/// far from cache, so its rows are prefetched ahead (as `pairs::round_rows`).
+/// range and 0) written to `scales` and `zeros`. `streamed_rows`: as for `pairs::round_rows`
+/// (fetched two rows ahead, within the caller's input).
 ///
 /// # Safety
 /// `src` is valid for reading the rows, `dst` for writing `rows` rows of `count.next_multiple_of
@@ -294,7 +302,7 @@ fn row_quantization(lo: f32, hi: f32) -> (f32, f32) {
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn quantize_rows<V: QuadDot>(
-    streamed: bool,
+    streamed_rows: usize,
     src: *const f32,
     lds: usize,
     rows: usize,
@@ -313,7 +321,7 @@ unsafe fn quantize_rows<V: QuadDot>(
         // row's loads.
         for r in 0..rows {
             let from = src.add(r * lds);
-            if streamed {
+            if r + 2 < streamed_rows {
                 // Two rows ahead, as `pairs::round_rows`.
                 let ahead = src.wrapping_add((r + 2) * lds);
                 for line in (0..count).step_by(LINE_VALUES) {
@@ -321,9 +329,9 @@ unsafe fn quantize_rows<V: QuadDot>(
                 }
             }
             // Zeros in the partial register's other lanes: 0 is in every row's range anyway.
-            // RANGE_SETS independent sets: with one, the latency of its multiply-adds (4 cycles
-            // a register) bound the pass, 45% of the encoder's time at 4096 rows.
-            let mut sets = [[V::zero(); 3]; RANGE_SETS];
+            // RANGE_SETS independent sets: with one, the latency of its operations bound the
+            // pass. Minimum and maximum may drop a NaN; the quantizing pass below finds those.
+            let mut sets = [[V::zero(); 2]; RANGE_SETS];
             let sets_end = whole / (RANGE_SETS * lanes) * (RANGE_SETS * lanes);
             for at in (0..sets_end).step_by(RANGE_SETS * lanes) {
                 for (index, set) in sets.iter_mut().enumerate() {
@@ -336,15 +344,11 @@ unsafe fn quantize_rows<V: QuadDot>(
             if tail > 0 {
                 include_in_range(&mut sets[0], V::load_partial(from.add(whole), tail));
             }
-            let [mut lo, mut hi, mut finite] = sets[0];
-            for &[set_lo, set_hi, set_finite] in &sets[1..] {
-                (lo, hi, finite) = (lo.min(set_lo), hi.max(set_hi), finite.add(set_finite));
+            let [mut lo, mut hi] = sets[0];
+            for &[set_lo, set_hi] in &sets[1..] {
+                (lo, hi) = (lo.min(set_lo), hi.max(set_hi));
             }
-            let (scale, zero) = if finite.sum().is_nan() {
-                (f32::NAN, 0.0)
-            } else {
-                row_quantization(lo.lowest_lane(), hi.highest_lane())
-            };
+            let (scale, zero) = row_quantization(lo.lowest_lane(), hi.highest_lane());
             *scales.add(r) = scale;
             *zeros.add(r) = zero;
         }
@@ -353,6 +357,9 @@ unsafe fn quantize_rows<V: QuadDot>(
             let (scale, zero) = (*scales.add(r), *zeros.add(r));
             // A NaN row quantizes to anything: its scale makes every output NaN.
             let inverse = V::constant(if scale.is_nan() { 0.0 } else { 1.0 / scale });
+            // Nonzero once a value's product was NaN: a NaN in the row (the products of a row
+            // quantized by its finite range lie within -255..=255).
+            let mut not_a_number = 0;
             let fours = count / (4 * lanes) * (4 * lanes);
             for at in (0..fours).step_by(4 * lanes) {
                 let values = [
@@ -361,14 +368,18 @@ unsafe fn quantize_rows<V: QuadDot>(
                     V::load(from.add(at + 2 * lanes)),
                     V::load(from.add(at + 3 * lanes)),
                 ];
-                V::store_quantized_four(values, inverse, zero, to.add(at));
+                not_a_number |= V::store_quantized_four(values, inverse, zero, to.add(at));
             }
             for at in (fours..whole).step_by(lanes) {
-                V::load(from.add(at)).store_quantized(inverse, zero, to.add(at), lanes);
+                let x = V::load(from.add(at));
+                not_a_number |= x.store_quantized(inverse, zero, to.add(at), lanes);
             }
             if tail > 0 {
                 let x = V::load_partial(from.add(whole), tail);
-                x.store_quantized(inverse, zero, to.add(whole), tail);
+                not_a_number |= x.store_quantized(inverse, zero, to.add(whole), tail);
+            }
+            if not_a_number != 0 {
+                *scales.add(r) = f32::NAN;
             }
             for pad in count..count.next_multiple_of(4) {
                 *to.add(pad) = 0;
@@ -377,19 +388,19 @@ unsafe fn quantize_rows<V: QuadDot>(
     }
 }
 
-/// Independent `(lo, hi, finite)` sets a row's range pass keeps (see `quantize_rows`).
+/// Independent `(lo, hi)` sets a row's range pass keeps (see `quantize_rows`).
 const RANGE_SETS: usize = 4;
 
-/// Widens a row's range `[lo, hi, finite]` by `x`: lane-wise minimum and maximum, and `x * 0`
-/// added to `finite`, which an infinity or NaN turns to NaN (min and max could drop a NaN).
+/// Widens a row's range `[lo, hi]` by `x`: lane-wise minimum and maximum (an infinity makes the
+/// range infinite; a NaN may be dropped).
 ///
 /// # Safety
 /// The CPU supports `V`'s ISA.
 #[inline(always)]
-unsafe fn include_in_range<V: SimdVec>(set: &mut [V; 3], x: V) {
+unsafe fn include_in_range<V: SimdVec>(set: &mut [V; 2], x: V) {
     // SAFETY: forwarded from the caller.
     unsafe {
-        *set = [set[0].min(x), set[1].max(x), x.mul_add(V::zero(), set[2])];
+        *set = [set[0].min(x), set[1].max(x)];
     }
 }
 
