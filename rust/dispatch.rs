@@ -196,9 +196,9 @@ impl HalfRegisters {
 
 /// The CPU's identity, from CPUID.
 mod cpu {
-    /// Whether this CPU runs a 512-bit FMA as two 256-bit halves: AMD family 19h (Zen 4).
+    /// The CPU's family where its vendor is AMD (CPUID leaves 0 and 1), else None.
     #[cfg(target_arch = "x86_64")]
-    pub fn splits_512_bit_fma() -> bool {
+    fn amd_family() -> Option<u32> {
         use std::arch::x86_64::__cpuid;
         // `__cpuid` is safe in the Rust this was written with (1.95) and unsafe in older ones,
         // which `rust-version` still admits.
@@ -215,7 +215,23 @@ mod cpu {
         } else {
             base_family
         };
-        is_amd && family == 0x19
+        is_amd.then_some(family)
+    }
+
+    /// Whether this CPU runs a 512-bit FMA as two 256-bit halves: AMD family 19h (Zen 4).
+    #[cfg(target_arch = "x86_64")]
+    pub fn splits_512_bit_fma() -> bool {
+        amd_family() == Some(0x19)
+    }
+
+    /// Whether this CPU's `vdpbf16ps` forms bf16 products faster than its FMA forms f32 ones:
+    /// AMD's (Zen 4 and 5: one 512-bit instruction a cycle, twice the FMA's products). Intel's
+    /// AVX512_BF16 cores run it at half the FMA's rate (an Emerald Rapids VM: 89 against 178
+    /// GFLOP/s, `fusedae._native.fma_peak_gflops`), where the pairs form ran at 0.55-0.76x the
+    /// f32 kernel's speed from 64 rows up.
+    #[cfg(target_arch = "x86_64")]
+    pub fn bf16_pairs_outrun_fma() -> bool {
+        amd_family().is_some()
     }
 
     #[cfg(not(target_arch = "x86_64"))]
@@ -282,47 +298,87 @@ impl<T: Float> Weights<T> for T {
     }
 }
 
-/// Whether `isa`'s bf16 kernel multiplies bf16 as it is (AVX512_BF16's `vdpbf16ps`), rather than
-/// widening the weights to f32 in registers. `FUSEDAE_BF16=widen` forces the widening kernel
-/// (to compare the two on one machine); read once per process.
-pub fn multiplies_bf16(isa: Isa) -> bool {
+/// How the bf16 precision runs on AVX-512 (elsewhere always [`Bf16Form::Emulated`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bf16Form {
+    /// The bf16-pairs kernel (AVX512_BF16's `vdpbf16ps`, the inputs rounded to bf16 too).
+    Pairs,
+    /// The f32 kernel's loop nest on weights stored as bf16, widened in registers: half the
+    /// bytes, faster than f32 at batch 1 and slower from 64 rows up (measured on Intel: 1.0-1.7x
+    /// and 0.85-0.95x).
+    Widening,
+    /// The f32 kernel on the weights rounded to bf16 and held as f32
+    /// ([`Mlp::rounded_to_bf16`](crate::mlp::Mlp::rounded_to_bf16)): as fast as fp32.
+    Emulated,
+}
+
+/// How this process runs bf16 on `isa`, decided once from the CPU: the pairs where `vdpbf16ps`
+/// outruns the f32 FMA (AMD), else the f32 kernel on rounded weights, which is never slower
+/// than fp32 (a widening kernel for AVX2 took twice the f32 kernel's time at batch 1, its
+/// 16-bit partial loads, and 7% more at 4096 rows on Zen 5; the AVX-512 one ran at 0.85-0.95x
+/// from 64 rows up on Intel). The same bound holds for each; the numbers differ by the pairs' rounded
+/// inputs. `FUSEDAE_BF16=native|widen|emulate` forces one on AVX-512 (native only with
+/// AVX512_BF16), to compare them or to take the widening kernel's batch-1 speed.
+pub fn bf16_form(isa: Isa) -> Bf16Form {
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512 {
-        // Read once per process, as `FUSEDAE_ISA` is.
-        static NATIVE: OnceLock<bool> = OnceLock::new();
-        return *NATIVE.get_or_init(|| {
-            let forced_off = std::env::var("FUSEDAE_BF16").is_ok_and(|v| v.trim() == "widen");
-            !forced_off && std::arch::is_x86_feature_detected!("avx512bf16")
+        static FORM: OnceLock<Bf16Form> = OnceLock::new();
+        return *FORM.get_or_init(|| {
+            let has_pairs = std::arch::is_x86_feature_detected!("avx512bf16");
+            let by_cpu = || {
+                if has_pairs && cpu::bf16_pairs_outrun_fma() {
+                    Bf16Form::Pairs
+                } else {
+                    Bf16Form::Emulated
+                }
+            };
+            let Ok(value) = std::env::var("FUSEDAE_BF16") else {
+                return by_cpu();
+            };
+            match value.trim().to_ascii_lowercase().as_str() {
+                "" => by_cpu(),
+                "native" if has_pairs => Bf16Form::Pairs,
+                "widen" => Bf16Form::Widening,
+                "emulate" => Bf16Form::Emulated,
+                other => {
+                    // Read where no error can be returned (the first bf16 chain packed).
+                    eprintln!(
+                        "fusedae: FUSEDAE_BF16={other:?} ignored (expected native, widen or \
+                         emulate; native needs AVX512_BF16); deciding from the CPU"
+                    );
+                    by_cpu()
+                }
+            }
         });
     }
     let _ = isa;
-    false
+    Bf16Form::Emulated
 }
 
-/// Whether `isa` runs the bf16 precision on weights stored as bf16 (AVX-512: multiplied as bf16
-/// pairs with AVX512_BF16, else widened in registers, which at batch 1 is faster than f32 for
-/// the halved bytes) rather than on the f32 kernel with the weights rounded to bf16
-/// ([`Mlp::rounded_to_bf16`](crate::mlp::Mlp::rounded_to_bf16)): a widening kernel for AVX2
-/// took twice the f32 kernel's time at batch 1 (its 16-bit partial loads) and 7% more at 4096
-/// rows on Zen 5, so there is none; NEON's is not written until it can be measured on Graviton
-/// or Apple silicon. Same numbers either way, but for the pairs' rounded inputs.
+/// Whether `isa`'s bf16 chains multiply bf16 as it is ([`Bf16Form::Pairs`]).
+pub fn multiplies_bf16(isa: Isa) -> bool {
+    bf16_form(isa) == Bf16Form::Pairs
+}
+
+/// Whether `isa`'s bf16 chains keep their weights stored as bf16 (pairs or widening), rather
+/// than rounded and held as f32 ([`Bf16Form::Emulated`]).
 pub fn bf16_weights_narrow(isa: Isa) -> bool {
-    isa == Isa::Avx512
+    bf16_form(isa) != Bf16Form::Emulated
 }
 
 /// bf16 weights, f32 sums and I/O, on AVX-512 only ([`bf16_weights_narrow`]): multiplied as bf16
-/// pairs where the CPU can ([`multiplies_bf16`]: the inputs rounded to bf16 too), else widened
-/// to f32 in registers.
+/// pairs where [`bf16_form`] says so (the inputs rounded to bf16 too), else widened to f32 in
+/// registers.
 impl Weights<f32> for Bf16 {
     const PRECISION: &'static str = "bf16";
     const TRAINS: bool = false;
 
     fn kernel_for(isa: Isa) -> Option<Kernel<Bf16, f32>> {
-        let kernel: Option<Kernel<Bf16, f32>> = match isa {
+        let kernel: Option<Kernel<Bf16, f32>> = match (isa, bf16_form(isa)) {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 if multiplies_bf16(isa) => Some(kernels::avx512::kernel_bf16_pairs()),
+            (Isa::Avx512, Bf16Form::Pairs) => Some(kernels::avx512::kernel_bf16_pairs()),
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => Some(kernels::avx512::kernel_bf16()),
+            (Isa::Avx512, Bf16Form::Widening) => Some(kernels::avx512::kernel_bf16()),
             _ => None,
         };
         kernel.map(|kernel| kernel.with_half_registers(half_registers_cheaper(isa)))

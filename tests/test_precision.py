@@ -1,12 +1,13 @@
 """``precision="bf16"`` and ``"int8"``: weights stored narrower for inference, float32 in and
 out, every result within its documented bound of the float64 reference (``docs/precision.md``),
-on every ISA this CPU runs (AVX512_BF16 multiplies bf16 and AVX512_VNNI int8; the others run
-the float32 kernel on the rounded weights, or widen bf16 on other AVX-512 CPUs)."""
+on every ISA this CPU runs (AVX512_BF16 multiplies bf16 on AMD and AVX512_VNNI int8; the others
+run the float32 kernel on the rounded weights, or widen bf16 where ``FUSEDAE_BF16`` says so)."""
 
 from __future__ import annotations
 
 import copy
 import itertools
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -265,12 +266,50 @@ def test_survives_pickle_save_and_load(rng, tmp_path, precision):
     assert MLP.load(tmp_path / "m.safetensors").precision == "fp32"  # the file keeps fp32
 
 
+@pytest.mark.skipif(fusedae.info()["isa"] != "avx512", reason="the bf16 forms are AVX-512's")
+def test_fusedae_bf16_forces_how_bf16_runs():
+    """``FUSEDAE_BF16=native|widen|emulate`` picks the form (native only with AVX512_BF16), an
+    unknown value is ignored with a warning; each form stays within the bound on the same
+    weights."""
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    has_pairs = " avx512_bf16" in flags
+    by_cpu = fusedae.info()["precisions"]["bf16"]
+    script = (
+        "import numpy as np, fusedae; from fusedae import _reference;"
+        "rng = np.random.default_rng(3);"
+        "layers = [(rng.standard_normal((42, 784), dtype=np.float32) / 28, None),"
+        " (rng.standard_normal((16, 42), dtype=np.float32) / 6.5, None)];"
+        "ops = ['relu', 'identity'];"
+        "x = rng.standard_normal((70, 784), dtype=np.float32);"
+        "got = fusedae.MLP(layers, ops, precision='bf16')(x);"
+        "want, _ = _reference.forward(layers, ops, x);"
+        "bound = _reference.bf16_bound(layers, ops, x);"
+        "assert (np.abs(got - want) <= bound).all(), 'outside the bound';"
+        "print(fusedae.info()['precisions']['bf16'])"
+    )
+    expected = {
+        "native": "native" if has_pairs else by_cpu,
+        "widen": "widened",
+        "emulate": "emulated",
+        "bogus": by_cpu,
+    }
+    for value, form in expected.items():
+        env = {**os.environ, "FUSEDAE_BF16": value}
+        run = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+        )
+        assert run.stdout.strip() == form, (value, run.stdout, run.stderr)
+        warned = value == "bogus" or (value == "native" and not has_pairs)
+        assert ("FUSEDAE_BF16" in run.stderr) == warned, (value, run.stderr)
+
+
 def test_info_says_how_each_precision_runs():
     precisions = fusedae.info()["precisions"]
     assert precisions["fp32"] == "native"
     assert precisions["bf16"] in ("native", "widened", "emulated")
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    native = fusedae.info()["isa"] == "avx512" and " avx512_bf16" in flags
+    amd = "AuthenticAMD" in flags
+    native = fusedae.info()["isa"] == "avx512" and " avx512_bf16" in flags and amd
     assert (precisions["bf16"] == "native") == native
     assert fusedae._native.fma_peak_gflops(0.02, precision="bf16") > 0
     vnni = fusedae.info()["isa"] == "avx512" and " avx512_vnni" in flags

@@ -24,8 +24,8 @@ def info() -> dict[str, object]:
     quota); ``threads_from`` says which.
 
     ``precisions``: how each ``precision=`` runs on the selected ISA: ``"native"`` in its own
-    instructions (bf16 with AVX512_BF16, int8 with AVX512_VNNI), ``"widened"`` with the weights
-    stored narrow and widened to float32 in registers (bf16 on other AVX-512 CPUs),
+    instructions (bf16 with AVX512_BF16 on AMD, int8 with AVX512_VNNI), ``"widened"`` with the
+    weights stored narrow and widened to float32 in registers (bf16 with ``FUSEDAE_BF16=widen``),
     ``"emulated"`` on the float32 kernel with the weights rounded to it (the rest: never slower
     than fp32); same error bound.
 
