@@ -195,27 +195,53 @@ impl HalfRegisters {
 }
 
 /// The CPU's identity, from CPUID.
+/// The CPU's vendor as CPUID names it (`"AuthenticAMD"`, `"GenuineIntel"`), or `""` off x86-64:
+/// what per-CPU choices that no instruction set tells apart are made from. Read once (CPUID
+/// traps to the hypervisor in a VM).
+pub fn cpu_vendor() -> &'static str {
+    static VENDOR: OnceLock<String> = OnceLock::new();
+    VENDOR.get_or_init(cpu::vendor)
+}
+
 mod cpu {
-    /// The CPU's family where its vendor is AMD (CPUID leaves 0 and 1), else None.
+    /// CPUID leaf 0's vendor string.
     #[cfg(target_arch = "x86_64")]
-    fn amd_family() -> Option<u32> {
-        use std::arch::x86_64::__cpuid;
+    pub fn vendor() -> String {
         // `__cpuid` is safe in the Rust this was written with (1.95) and unsafe in older ones,
         // which `rust-version` still admits.
         #[allow(unused_unsafe)]
-        // SAFETY: CPUID exists on every x86-64 CPU; leaves 0 and 1 always do.
-        let (vendor, signature) = unsafe { (__cpuid(0), __cpuid(1)) };
-        let is_amd = [vendor.ebx, vendor.edx, vendor.ecx]
+        // SAFETY: CPUID exists on every x86-64 CPU; leaf 0 always does.
+        let leaf = unsafe { std::arch::x86_64::__cpuid(0) };
+        let bytes: Vec<u8> = [leaf.ebx, leaf.edx, leaf.ecx]
             .iter()
             .flat_map(|word| word.to_le_bytes())
-            .eq(*b"AuthenticAMD");
+            .collect();
+        String::from_utf8_lossy(&bytes)
+            .trim_end_matches('\0')
+            .to_owned()
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    pub fn vendor() -> String {
+        String::new()
+    }
+
+    /// The CPU's family where its vendor is AMD (CPUID leaf 1), else None.
+    #[cfg(target_arch = "x86_64")]
+    fn amd_family() -> Option<u32> {
+        if super::cpu_vendor() != "AuthenticAMD" {
+            return None;
+        }
+        #[allow(unused_unsafe)]
+        // SAFETY: CPUID exists on every x86-64 CPU; leaf 1 always does.
+        let signature = unsafe { std::arch::x86_64::__cpuid(1) };
         let base_family = (signature.eax >> 8) & 0xf;
         let family = if base_family == 0xf {
             base_family + ((signature.eax >> 20) & 0xff)
         } else {
             base_family
         };
-        is_amd.then_some(family)
+        Some(family)
     }
 
     /// Whether this CPU runs a 512-bit FMA as two 256-bit halves: AMD family 19h (Zen 4).

@@ -837,6 +837,12 @@ fn half_registers_cheaper() -> PyResult<bool> {
         .map_err(|e| to_py_err(Error::Isa(e)))
 }
 
+/// The CPU's vendor as CPUID names it (`"AuthenticAMD"`, `"GenuineIntel"`), `""` off x86-64.
+#[pyfunction]
+fn cpu_vendor() -> &'static str {
+    dispatch::cpu_vendor()
+}
+
 /// Every ISA this CPU can run, best first.
 #[pyfunction]
 fn available_isas() -> Vec<&'static str> {
@@ -945,6 +951,7 @@ fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(selected_isa, module)?)?;
     module.add_function(wrap_pyfunction!(available_isas, module)?)?;
     module.add_function(wrap_pyfunction!(half_registers_cheaper, module)?)?;
+    module.add_function(wrap_pyfunction!(cpu_vendor, module)?)?;
     module.add_function(wrap_pyfunction!(set_num_threads, module)?)?;
     module.add_function(wrap_pyfunction!(get_num_threads, module)?)?;
     module.add_function(wrap_pyfunction!(threads_source, module)?)?;

@@ -9,6 +9,7 @@ import os
 import pickle
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -367,6 +368,17 @@ def test_import_needs_no_torch_and_info_reports_the_isa():
     assert int(threads) >= 1
     # Only AVX-512 has half registers that can cost less (a measured property of the CPU).
     assert half in (("True", "False") if isa == "avx512" else ("False",))
+    # The vendor Linux reads from CPUID too (x86-64), else none.
+    cpuinfo = Path("/proc/cpuinfo")
+    vendors = {
+        line.split(":", 1)[1].strip()
+        for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
+        if line.startswith("vendor_id")
+    }
+    if fusedae.info()["target_arch"] == "x86_64" and vendors:
+        assert {fusedae.info()["cpu_vendor"]} == vendors
+    elif fusedae.info()["target_arch"] != "x86_64":
+        assert fusedae.info()["cpu_vendor"] == ""
     untouched = run_python("import sys, fusedae; print('torch' in sys.modules)")
     assert untouched.stdout.strip() == "False"
 

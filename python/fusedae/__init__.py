@@ -23,6 +23,10 @@ def info() -> dict[str, object]:
     and Spark set it for a worker), else the CPUs this process may use (affinity and cgroup
     quota); ``threads_from`` says which.
 
+    ``cpu_vendor``: CPUID's vendor string (``"AuthenticAMD"``, ``"GenuineIntel"``; ``""`` off
+    x86-64), which some choices no instruction set tells apart are made from (bf16's form, the
+    training gate of ``fusedae.torch``).
+
     ``precisions``: how each ``precision=`` runs on the selected ISA: ``"native"`` in its own
     instructions (bf16 with AVX512_BF16 on AMD, int8 with AVX512_VNNI), ``"widened"`` with the
     weights stored narrow and widened to float32 in registers (bf16 with ``FUSEDAE_BF16=widen``),
@@ -37,6 +41,7 @@ def info() -> dict[str, object]:
         "isa": _native.selected_isa(),
         "available_isas": _native.available_isas(),
         "half_registers": _native.half_registers_cheaper(),
+        "cpu_vendor": _native.cpu_vendor(),
         "precisions": dict(_native.precision_support()),
         "threads": _native.get_num_threads(),
         "threads_from": _native.threads_source(),

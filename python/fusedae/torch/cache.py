@@ -30,14 +30,22 @@ _FUSED_DTYPES = (torch.float32, torch.float64)
 # Fewest rows, and floating-point operations (rows x `flops_per_row`), for which a call that
 # needs gradients goes through the fused forward and backward. Below either, plain PyTorch costs
 # less: the fused path's per-call cost (two Function calls' Python, the repacking of weights that
-# every optimizer step changes, about 30 us a chain) is not yet paid back. Measured with
-# `tools/training_table.py` (1 thread, Zen 4, 2026-12-03; step: forward, MSE, backward, Adam)
-# fused against plain: the seed's AE (784-42-16 | 16-42-784, two chains of 6.7e4 operations a
-# row) 0.89x at 1 row, 0.96x at 64, 1.09x at 256 (1.7e7 operations a chain), 1.21x at 1024; the
-# digits AE (64-42-2 | 2-42-64, 5.5e3 a row a chain) 0.98x at 256 rows (1.4e6 operations),
-# 1.06x at 1024 (5.6e6), 1.18x at 2048, 1.28x at 4096.
-TRAINING_MIN_ROWS = 256
-TRAINING_MIN_FLOPS = 5_000_000
+# every optimizer step changes, about 30 us a chain) is not yet paid back. Where that is depends
+# on the CPU (what PyTorch's own kernels make of it), so it is chosen by CPUID's vendor. Measured
+# with `tools/training_table.py` (1 thread; a step: forward, MSE, backward, Adam; fused against
+# plain), the seed's AE (784-42-16 | 16-42-784, two chains of 6.7e4 operations a row) and the
+# digits AE (64-42-2 | 2-42-64, 5.5e3 a row a chain):
+# - Zen 4 (2026-12-03): seed 1.06x at 256 rows (1.7e7 operations a chain), 1.13x at 1024; digits
+#   0.99x at 1024 rows (5.6e6), 1.11x at 2048.
+# - Intel Emerald Rapids (2026-12-03), and any CPU not measured: seed 0.82x at 256 rows,
+#   0.93-1.00x at 1024, 0.98x at 2048, 0.97-1.08x at 4096 (2.7e8); digits 0.91x at 2048, 1.00x
+#   at 4096 (2.3e7), 1.08-1.11x at 8192 (4.5e7). About even from 1024 rows; the gate takes the
+#   fused path only where no run measured it slower.
+_TRAINING_GATES = {"AuthenticAMD": (256, 5_000_000)}
+_UNMEASURED_CPU_GATE = (4096, 40_000_000)
+TRAINING_MIN_ROWS, TRAINING_MIN_FLOPS = _TRAINING_GATES.get(
+    _native.cpu_vendor(), _UNMEASURED_CPU_GATE
+)
 # What the per-call path uses from torch, bound once: each `torch.name` lookup costs ~25 ns.
 # `is_dynamo_compiling` is True while TorchDynamo traces (torch.compile, strict torch.export) in
 # one trivial call where `torch.compiler.is_compiling` makes two (torch 2.3+; older ones have
