@@ -371,11 +371,11 @@ unsafe fn pair_tile<
                 }
             }
         }
-        let (mut a, mut panel) = (tile.a, tile.panel);
-        for iteration in 0..tile.pairs / KS {
+        let (mut a, mut panel, mut fetch) = (tile.a, tile.panel, tile.fetch);
+        for _ in 0..tile.pairs / KS {
             for (s, set) in acc.iter_mut().enumerate() {
                 if FETCH {
-                    tile.fetch.step::<V>(iteration * KS + s);
+                    fetch.step::<V>();
                 }
                 let b = panel_row::<V, NV>(panel.add(s * step));
                 for (r, row) in set.iter_mut().enumerate() {

@@ -483,11 +483,11 @@ unsafe fn quad_tile<
                 }
             }
         }
-        let (mut a, mut panel) = (tile.a, tile.panel);
-        for iteration in 0..tile.quads / KS {
+        let (mut a, mut panel, mut fetch) = (tile.a, tile.panel, tile.fetch);
+        for _ in 0..tile.quads / KS {
             for (s, set) in sums.iter_mut().enumerate() {
                 if FETCH {
-                    tile.fetch.step::<V>(iteration * KS + s);
+                    fetch.step::<V>();
                 }
                 let b = panel_row::<V, NV>(panel.add(s * step));
                 for (r, row) in set.iter_mut().enumerate() {
