@@ -194,7 +194,6 @@ impl HalfRegisters {
     }
 }
 
-/// The CPU's identity, from CPUID.
 /// The CPU's vendor as CPUID names it (`"AuthenticAMD"`, `"GenuineIntel"`), or `""` off x86-64:
 /// what per-CPU choices that no instruction set tells apart are made from. Read once (CPUID
 /// traps to the hypervisor in a VM).
@@ -203,6 +202,7 @@ pub fn cpu_vendor() -> &'static str {
     VENDOR.get_or_init(cpu::vendor)
 }
 
+/// The CPU's identity, from CPUID.
 mod cpu {
     /// CPUID leaf 0's vendor string.
     #[cfg(target_arch = "x86_64")]
@@ -342,8 +342,8 @@ pub enum Bf16Form {
 /// outruns the f32 FMA (AMD), else the f32 kernel on rounded weights, which is never slower
 /// than fp32 (a widening kernel for AVX2 took twice the f32 kernel's time at batch 1, its
 /// 16-bit partial loads, and 7% more at 4096 rows on Zen 5; the AVX-512 one ran at 0.85-0.95x
-/// from 64 rows up on Intel). The same bound holds for each; the numbers differ by the pairs' rounded
-/// inputs. `FUSEDAE_BF16=native|widen|emulate` forces one on AVX-512 (native only with
+/// from 64 rows up on Intel). The same bound holds for each; the numbers differ by the pairs'
+/// rounded inputs. `FUSEDAE_BF16=native|widen|emulate` forces one on AVX-512 (native only with
 /// AVX512_BF16), to compare them or to take the widening kernel's batch-1 speed.
 pub fn bf16_form(isa: Isa) -> Bf16Form {
     #[cfg(target_arch = "x86_64")]

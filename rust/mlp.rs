@@ -1175,48 +1175,39 @@ mod tests {
             in_features: 4,
             post_op: PostOp::Relu,
         };
-        for (name, isa, kernel) in int8_kernels() {
-            let mlp = Mlp::<f32, i8>::with_kernel(&[spec], isa, kernel).unwrap();
-            let clean = [0.5f32, -1.0, 2.0, 0.25];
-            let mut alone = [0.0f32; 3];
-            mlp.forward(&clean, &mut alone).unwrap();
-            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
-                let input = [clean, [1.0, bad, 0.0, 1.0], clean].concat();
-                let mut output = [0.0f32; 9];
-                mlp.forward(&input, &mut output).unwrap();
-                assert!(
-                    output[3..6].iter().all(|v| v.is_nan()),
-                    "{name} {bad}: {output:?}"
-                );
-                assert_eq!(&output[..3], &alone, "{name}");
-                assert_eq!(&output[6..], &alone, "{name}");
-            }
-        }
-        // 100 inputs: four whole registers quantized together, then two alone, then a partial
-        // one (on 16-lane ISAs); a NaN in each, the other values finite, the NaN's row's
-        // outputs NaN (in this layer, and through the next, whose input is a hidden layer's).
+        // A 4-wide row (a partial register), and a 100-wide one: four whole registers quantized
+        // together, then two alone, then a partial one (on 16-lane ISAs), its NaN's row NaN
+        // through the next layer too, whose input is a hidden layer's.
         let mut rng = SmallRng::seed_from_u64(13);
-        let layers = to_f32(&random_chain(&mut rng, &[100, 42, 5], true));
-        let specs: Vec<_> = layers.iter().map(OwnedLayer::spec).collect();
-        let clean: Vec<f32> = (0..100).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
-        for (name, isa, kernel) in int8_kernels() {
-            let mlp = Mlp::<f32, i8>::with_kernel(&specs, isa, kernel).unwrap();
-            let mut alone = [0.0f32; 5];
-            mlp.forward(&clean, &mut alone).unwrap();
-            for at in [0, 37, 63, 64, 90, 96, 99] {
-                let mut bad = clean.clone();
-                bad[at] = f32::NAN;
-                let input = [&clean[..], &bad, &clean].concat();
-                let mut output = [0.0f32; 15];
-                mlp.forward(&input, &mut output).unwrap();
-                assert!(
-                    output[5..10].iter().all(|v| v.is_nan()),
-                    "{name} NaN at {at}: {output:?}"
-                );
-                assert_eq!(&output[..5], &alone, "{name} NaN at {at}");
-                assert_eq!(&output[10..], &alone, "{name} NaN at {at}");
+        let wide = to_f32(&random_chain(&mut rng, &[100, 42, 5], true));
+        let wide_specs: Vec<_> = wide.iter().map(OwnedLayer::spec).collect();
+        let wide_row: Vec<f32> = (0..100).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+        let check = |specs: &[LayerSpec<'_, f32>], clean: &[f32], places: &[usize]| {
+            let out = specs[specs.len() - 1].out_features;
+            for (name, isa, kernel) in int8_kernels() {
+                let mlp = Mlp::<f32, i8>::with_kernel(specs, isa, kernel).unwrap();
+                let mut alone = vec![0.0f32; out];
+                mlp.forward(clean, &mut alone).unwrap();
+                for (&at, bad) in places
+                    .iter()
+                    .flat_map(|at| [f32::NAN, f32::INFINITY, f32::NEG_INFINITY].map(|v| (at, v)))
+                {
+                    let mut row = clean.to_vec();
+                    row[at] = bad;
+                    let input = [clean, &row, clean].concat();
+                    let mut output = vec![0.0f32; 3 * out];
+                    mlp.forward(&input, &mut output).unwrap();
+                    assert!(
+                        output[out..2 * out].iter().all(|v| v.is_nan()),
+                        "{name} {bad} at {at}: {output:?}"
+                    );
+                    assert_eq!(&output[..out], &alone, "{name} {bad} at {at}");
+                    assert_eq!(&output[2 * out..], &alone, "{name} {bad} at {at}");
+                }
             }
-        }
+        };
+        check(&[spec], &[0.5, -1.0, 2.0, 0.25], &[1]);
+        check(&wide_specs, &wide_row, &[0, 37, 63, 64, 90, 96, 99]);
         let mut bad_weight = weight.clone();
         bad_weight[5] = f32::INFINITY;
         let bad = LayerSpec {

@@ -237,11 +237,36 @@ pub unsafe fn forward_pairs<V: PairDot, const MR: usize, const NV_MAX: usize>(
     }
 }
 
+/// Before an input pass works on row `row` of `src` (rows `lds` apart, `count` values used):
+/// fetches row `row + 2`, if it is one of the `streamed_rows` (0 for none). A pass with little
+/// work per value stalls on every line of a batch streaming from memory (bf16, 784 -> 42 -> 16
+/// at 4096 rows: a quarter of the time).
+///
+/// # Safety
+/// The CPU supports `V`'s ISA.
+#[inline(always)]
+pub(super) unsafe fn fetch_row_ahead<V: SimdVec<Elem = f32>>(
+    src: *const f32,
+    lds: usize,
+    row: usize,
+    count: usize,
+    streamed_rows: usize,
+) {
+    if row + 2 < streamed_rows {
+        let ahead = src.wrapping_add((row + 2) * lds);
+        for line in (0..count).step_by(LINE_VALUES) {
+            // SAFETY: a prefetch never faults, whatever the address; the caller guarantees the
+            // ISA.
+            unsafe { V::prefetch(ahead.wrapping_add(line)) };
+        }
+    }
+}
+
 /// `rows` rows of `count` f32 values `lds` apart, rounded to bf16 into rows `ldd` apart, with a
 /// zero after an odd `count` (so the last pair's second value multiplies a zero weight as a
 /// zero, never as a NaN). `streamed_rows`: where `src` is the caller's input, likely far from
-/// cache, the rows it holds from `src` on (this block's and the next ones'), which are fetched
-/// two rows ahead up to the last; 0 where `src` is a hidden layer's outputs in scratch.
+/// cache, the rows it holds from `src` on (this block's and the next ones'), fetched two rows
+/// ahead by [`fetch_row_ahead`]; 0 where `src` is a hidden layer's outputs in scratch.
 ///
 /// # Safety
 /// `src` is valid for reading the rows, `dst` for writing `rows` rows of `count + count % 2`
@@ -266,15 +291,7 @@ unsafe fn round_rows<V: PairDot>(
     unsafe {
         for r in 0..rows {
             let (from, to) = (src.add(r * lds), dst.add(r * ldd));
-            if r + 2 < streamed_rows {
-                // Two rows ahead: a pass with little work per value stalls on every line of a
-                // batch streaming from memory (784 -> 42 -> 16 at 4096 rows: a quarter of the
-                // time).
-                let ahead = src.wrapping_add((r + 2) * lds);
-                for line in (0..count).step_by(LINE_VALUES) {
-                    V::prefetch(ahead.wrapping_add(line));
-                }
-            }
+            fetch_row_ahead::<V>(src, lds, r, count, streamed_rows);
             for at in (0..pairs).step_by(2 * lanes) {
                 let next = V::load(from.add(at + lanes));
                 V::load(from.add(at)).store_rounded_two(next, to.add(at));

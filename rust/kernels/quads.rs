@@ -16,7 +16,7 @@
 use super::chain::check_chain;
 use super::epilogue::{self, StoredEpilogue};
 use super::microkernel::{grouped_tile, streams_output, FetchAhead, GroupedTile};
-use super::pairs::{input_strides, LINE_VALUES};
+use super::pairs::{fetch_row_ahead, input_strides};
 use super::peak::PEAK_CHAINS;
 use super::{Packed, Panels, SimdVec, TileShape, L1_HALF_BYTES};
 use crate::ops::PostOp;
@@ -293,8 +293,8 @@ fn row_quantization(lo: f32, hi: f32) -> (f32, f32) {
 
 /// `rows` rows of `count` f32 values `lds` apart, quantized to u8 rows `ldd` apart (zeros after
 /// `count`, up to a multiple of 4), each row's scale and zero point ([`row_quantization`] of its
-/// range and 0) written to `scales` and `zeros`. `streamed_rows`: as for `pairs::round_rows`
-/// (fetched two rows ahead, within the caller's input).
+/// range and 0) written to `scales` and `zeros`. `streamed_rows`: as for
+/// [`fetch_row_ahead`].
 ///
 /// # Safety
 /// `src` is valid for reading the rows, `dst` for writing `rows` rows of `count.next_multiple_of
@@ -321,13 +321,7 @@ unsafe fn quantize_rows<V: QuadDot>(
         // row's loads.
         for r in 0..rows {
             let from = src.add(r * lds);
-            if r + 2 < streamed_rows {
-                // Two rows ahead, as `pairs::round_rows`.
-                let ahead = src.wrapping_add((r + 2) * lds);
-                for line in (0..count).step_by(LINE_VALUES) {
-                    V::prefetch(ahead.wrapping_add(line));
-                }
-            }
+            fetch_row_ahead::<V>(src, lds, r, count, streamed_rows);
             // Zeros in the partial register's other lanes: 0 is in every row's range anyway.
             // RANGE_SETS independent sets: with one, the latency of its operations bound the
             // pass. Minimum and maximum may drop a NaN; the quantizing pass below finds those.
