@@ -162,11 +162,11 @@ fn build<T: Float + numpy::Element, W: Weights<T>>(
     pack(&specs, isa).map_err(to_py_err)
 }
 
-/// `x` checked as a `(rows, in_features)` array of the chain's dtype, borrowed for reading.
-fn checked_input<'py, T: Float + numpy::Element, W: Weights<T>>(
+/// `x` checked as a `(rows, in_features)` array of the chain's dtype.
+fn checked_matrix<'a, 'py, T: Float + numpy::Element, W: Weights<T>>(
     mlp: &Mlp<T, W>,
-    x: &Bound<'py, PyAny>,
-) -> PyResult<PyReadonlyArray2<'py, T>> {
+    x: &'a Bound<'py, PyAny>,
+) -> PyResult<&'a Bound<'py, PyArray2<T>>> {
     let x = cast_matrix::<T>(x, "x")?;
     let in_features = x.shape()[1];
     if in_features != mlp.in_features() {
@@ -175,7 +175,16 @@ fn checked_input<'py, T: Float + numpy::Element, W: Weights<T>>(
             mlp.in_features()
         )));
     }
-    x.try_readonly()
+    Ok(x)
+}
+
+/// [`checked_matrix`], borrowed for reading.
+fn checked_input<'py, T: Float + numpy::Element, W: Weights<T>>(
+    mlp: &Mlp<T, W>,
+    x: &Bound<'py, PyAny>,
+) -> PyResult<PyReadonlyArray2<'py, T>> {
+    checked_matrix(mlp, x)?
+        .try_readonly()
         .map_err(|e| PyValueError::new_err(format!("x: {e}")))
 }
 
@@ -314,9 +323,23 @@ fn run_new<'py, T: Float + numpy::Element, W: Weights<T>>(
     mlp: &Mlp<T, W>,
     x: &Bound<'py, PyAny>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let input = checked_input(mlp, x)?;
-    let rows = input.shape()[0];
-    run_new_from(py, mlp, c_order(&input, "x")?, rows)
+    let x = checked_matrix(mlp, x)?;
+    let rows = x.shape()[0];
+    if !mlp.is_small(rows) {
+        let input = x
+            .try_readonly()
+            .map_err(|e| PyValueError::new_err(format!("x: {e}")))?;
+        return run_new_from(py, mlp, c_order(&input, "x")?, rows);
+    }
+    // SAFETY: a small call holds the GIL until it returns, so no Python code writes `x` while
+    // the kernel reads it, and the output is a new array, so they cannot overlap. Borrow
+    // tracking would only add the writers of other Rust extensions that released the GIL (not
+    // numpy's own loops, which ignore it) and cost a tenth of a batch-1 call.
+    let input = unsafe { x.as_slice() };
+    match input {
+        Ok(input) if x.is_c_contiguous() => run_new_from(py, mlp, input, rows),
+        _ => Err(PyValueError::new_err("x must be C-contiguous and aligned")),
+    }
 }
 
 /// DLPack's structs (`dlpack.h`, unversioned ABI), as far as a consumer reads them.

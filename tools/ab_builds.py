@@ -115,7 +115,7 @@ def main() -> None:
     first = statistics.median(times[0])
     for path, runs in zip(args.builds, times, strict=True):
         median = statistics.median(runs)
-        print(f"{median * 1e3:9.3f} ms  {first / median:5.2f}x  {path}")
+        print(f"{median * 1e6:10.2f} us  {first / median:5.2f}x  {path}")
 
 
 if __name__ == "__main__":

@@ -241,7 +241,9 @@ pub unsafe fn forward_rows<V: LoadFrom<W>, W, const MR: usize, const NV_MAX: usi
     let widest = layers.iter().map(|l| l.padded_out).max().unwrap_or(0);
     let (ping, rest) = scratch.split_at_mut(block_rows * widest);
     let pong = &mut rest[..block_rows * widest];
-    let (saved_columns, saved_width) = saved_columns(layers);
+    // Only a saving call lays out the saved columns (a Vec each call: a batch-1 cost).
+    let saved_layout = saved.as_ref().map(|_| saved_columns(layers));
+    let saved_width = saved_layout.as_ref().map_or(0, |(_, width)| *width);
 
     for block_start in (0..rows).step_by(block_rows) {
         let block = block_rows.min(rows - block_start);
@@ -252,8 +254,8 @@ pub unsafe fn forward_rows<V: LoadFrom<W>, W, const MR: usize, const NV_MAX: usi
         let mut into_ping = true;
         for (index, layer) in layers.iter().enumerate() {
             let is_last = index == last_index;
-            let columns = saved_columns[index];
-            let keeps_pre = saved.is_some() && columns.pre.is_some();
+            let columns = saved_layout.as_ref().map(|(columns, _)| columns[index]);
+            let keeps_pre = columns.is_some_and(|columns| columns.pre.is_some());
             let linear = LayerDesc {
                 post_op: PostOp::Identity,
                 ..*layer
@@ -288,7 +290,7 @@ pub unsafe fn forward_rows<V: LoadFrom<W>, W, const MR: usize, const NV_MAX: usi
                 layer_block::<V, W, MR, NV_MAX>(&at);
                 dot_layer_block::<V, W>(&at);
             };
-            if let Some(saved) = saved.as_deref_mut() {
+            if let (Some(saved), Some(columns)) = (saved.as_deref_mut(), columns) {
                 let block_saved = &mut saved[block_start * saved_width..][..block * saved_width];
                 let out = layer.out_features;
                 // SAFETY: `dst` holds `block` rows of `out` values `dst_stride` apart, as
