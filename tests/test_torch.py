@@ -518,17 +518,21 @@ class TestFusedMLP:
             assert relative_error(fused(torch.ones(1, 6)), plain) <= 1e-6
 
     def test_a_call_that_runs_plain_pytorch_asks_the_gate_once(self, monkeypatch):
-        """A training call below `TRAINING_MIN_ROWS` goes from the gate straight to the plain
-        modules (not through `nn.Module.__call__` and the gate in `forward` again), unless a
-        global hook asks for `nn.Module.__call__`, which then runs it."""
+        """A training call below `TRAINING_MIN_ROWS` goes from the gate (`trains_plain`, asked
+        before the fused path's other checks) straight to the plain modules (not through
+        `forward`, nor `nn.Module.__call__` and the gate again), unless a global hook asks for
+        `nn.Module.__call__`, which then runs it."""
         from fusedae.torch import cache
 
         seed, fused = seed_and_fused(20, 3, 8)
         monkeypatch.setattr(cache, "TRAINING_MIN_ROWS", 1000)
-        asked = []
-        real_forward = ChainCache.forward
+        asked, forwarded = [], []
+        real_gate, real_forward = ChainCache.trains_plain, ChainCache.forward
         monkeypatch.setattr(
-            ChainCache, "forward", lambda state, x: asked.append(1) or real_forward(state, x)
+            ChainCache, "trains_plain", lambda state, x: asked.append(1) or real_gate(state, x)
+        )
+        monkeypatch.setattr(
+            ChainCache, "forward", lambda state, x: forwarded.append(1) or real_forward(state, x)
         )
         x = torch.randn(4, 20, requires_grad=True)
         for module, reference, chains in ((fused, seed, 3), (fused.encoder, seed.encoder, 1)):
@@ -537,6 +541,7 @@ class TestFusedMLP:
             assert type(out.grad_fn).__name__ == "AddmmBackward0"  # plain PyTorch's Linear
             assert relative_error(out, reference(x)) <= 1e-6
             assert len(asked) == chains  # the AE's whole chain, then its encoder's and decoder's
+            assert not forwarded
         calls = []
         handle = nn.modules.module.register_module_forward_hook(
             lambda module, *args: calls.append(type(module).__name__)

@@ -168,6 +168,28 @@ class ChainCache:
         rows = x.numel() // self.in_features
         return rows < TRAINING_MIN_ROWS or rows * self.flops_per_row < TRAINING_MIN_FLOPS
 
+    def trains_plain(self, x: torch.Tensor) -> bool:
+        """Whether ``forward`` would run ``x`` plain for the gate alone: a call that needs
+        gradients, below the gate, on a chain without mode-dependent modules, outside
+        ``torch.compile``. Checked before everything else by the modules' ``__call__``, so that a
+        training step below the gate pays for little more than plain PyTorch does (after a
+        backward the fused path's checks run from cold caches: a whole gate cost ~10 us a chain
+        there, 3% of a batch-1 step of the seed AE). Plain is right whatever the other checks
+        would say; an inference call pays one ``is_grad_enabled``."""
+        return (
+            _is_grad_enabled()
+            and not _is_dynamo_compiling()
+            and type(x) is _Tensor
+            and self.lowered is not None
+            and self.precision == "full"
+            and not self.mode_dependent
+            and self.trains_faster_plain(x)
+            and (
+                x.requires_grad
+                or any(t is not None and t.requires_grad for t in self.tensors_now())
+            )
+        )
+
     def tensors_now(self) -> list[torch.Tensor | None]:
         """The chain's tensors as they are now (``tensors`` holds those last packed)."""
         assert self.lowered is not None  # `set_modules` found a chain

@@ -60,14 +60,16 @@ class _FusedCall(nn.Module):
             )
             and attributes.get("_compiled_call_impl") is None  # set by `.compile()`, torch 2.2+
         ):
-            result = self._fused_forward(args[0])
+            x = args[0]
+            trains_plain = attributes["_fused"].trains_plain(x)
+            result = None if trains_plain else self._fused_forward(x)
             if result is not None:
                 return result
             if not (any(_GLOBAL_HOOKS) or _is_dynamo_compiling() or _tracing_state() is not None):
                 # All that `nn.Module.__call__` would do: call `forward`, which would run the
                 # gate above again before the plain modules (a training call below
                 # `TRAINING_MIN_ROWS` paid the gate twice).
-                return self._plain_forward(args[0])
+                return self._plain_forward(x)
         return super().__call__(*args, **kwargs)
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
