@@ -175,7 +175,7 @@ class ChainCache:
         training step below the gate pays for little more than plain PyTorch does (after a
         backward the fused path's checks run from cold caches: a whole gate cost ~10 us a chain
         there, 3% of a batch-1 step of the seed AE). Plain is right whatever the other checks
-        would say; an inference call pays one ``is_grad_enabled``."""
+        would say."""
         return (
             _is_grad_enabled()
             and not _is_dynamo_compiling()

@@ -14,6 +14,7 @@ from fusedae.torch.cache import (
     ChainCache,
     SplitCache,
     _is_dynamo_compiling,
+    _is_grad_enabled,
     _tracing_state,
     forget_op_chains,
     hook_registries,
@@ -61,7 +62,8 @@ class _FusedCall(nn.Module):
             and attributes.get("_compiled_call_impl") is None  # set by `.compile()`, torch 2.2+
         ):
             x = args[0]
-            trains_plain = attributes["_fused"].trains_plain(x)
+            # An inference call pays one C call here, not the method's.
+            trains_plain = _is_grad_enabled() and attributes["_fused"].trains_plain(x)
             result = None if trains_plain else self._fused_forward(x)
             if result is not None:
                 return result
