@@ -336,27 +336,37 @@ pub enum Bf16Form {
     /// The f32 kernel on the weights rounded to bf16 and held as f32
     /// ([`Mlp::rounded_to_bf16`](crate::mlp::Mlp::rounded_to_bf16)): as fast as fp32.
     Emulated,
+    /// [`Bf16Form::Emulated`] for calls of more than [`PAIRS_MAX_ROWS`] rows, the pairs for
+    /// fewer: where `vdpbf16ps` runs at half the FMA's rate (Intel) the pairs lose from 4 rows
+    /// up, but a call of one or two rows is bound by the weights' bytes, which they halve.
+    PairsForFewRows,
 }
 
+/// The most rows a call of a [`Bf16Form::PairsForFewRows`] chain runs on the pairs. Measured on
+/// an Intel Emerald Rapids VM (1 thread, pairs against the f32 kernel on rounded weights, in
+/// one process): 1 row 1.4-1.7x faster (the seed encoder 1.85 against 3.12 us), 2 rows
+/// 1.07-1.22x, 3 rows 0.91-0.99x, 4 rows 0.77-0.91x.
+pub const PAIRS_MAX_ROWS: usize = 2;
+
 /// How this process runs bf16 on `isa`, decided once from the CPU: the pairs where `vdpbf16ps`
-/// outruns the f32 FMA (AMD), else the f32 kernel on rounded weights, which is never slower
-/// than fp32 (a widening kernel for AVX2 took twice the f32 kernel's time at batch 1, its
-/// 16-bit partial loads, and 7% more at 4096 rows on Zen 5; the AVX-512 one ran at 0.85-0.95x
-/// from 64 rows up on Intel). The same bound holds for each; the numbers differ by the pairs'
-/// rounded inputs. `FUSEDAE_BF16=native|widen|emulate` forces one on AVX-512 (native only with
-/// AVX512_BF16), to compare them or to take the widening kernel's batch-1 speed.
+/// outruns the f32 FMA (AMD); the pairs for calls of a row or two and else the f32 kernel on
+/// rounded weights where it does not (Intel's AVX512_BF16); elsewhere that f32 kernel alone,
+/// which is never slower than fp32 (a widening kernel for AVX2 took twice the f32 kernel's time
+/// at batch 1, its 16-bit partial loads, and 7% more at 4096 rows on Zen 5; the AVX-512 one ran
+/// at 0.85-0.95x from 64 rows up on Intel). The same bound holds for each; the numbers differ
+/// by the pairs' rounded inputs. `FUSEDAE_BF16=native|widen|emulate` forces one on AVX-512
+/// (native only with AVX512_BF16), to compare them or to take the widening kernel's batch-1
+/// speed.
 pub fn bf16_form(isa: Isa) -> Bf16Form {
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512 {
         static FORM: OnceLock<Bf16Form> = OnceLock::new();
         return *FORM.get_or_init(|| {
             let has_pairs = std::arch::is_x86_feature_detected!("avx512bf16");
-            let by_cpu = || {
-                if has_pairs && cpu::bf16_pairs_outrun_fma() {
-                    Bf16Form::Pairs
-                } else {
-                    Bf16Form::Emulated
-                }
+            let by_cpu = || match (has_pairs, cpu::bf16_pairs_outrun_fma()) {
+                (true, true) => Bf16Form::Pairs,
+                (true, false) => Bf16Form::PairsForFewRows,
+                (false, _) => Bf16Form::Emulated,
             };
             let Ok(value) = std::env::var("FUSEDAE_BF16") else {
                 return by_cpu();
@@ -381,20 +391,16 @@ pub fn bf16_form(isa: Isa) -> Bf16Form {
     Bf16Form::Emulated
 }
 
-/// Whether `isa`'s bf16 chains multiply bf16 as it is ([`Bf16Form::Pairs`]).
-pub fn multiplies_bf16(isa: Isa) -> bool {
-    bf16_form(isa) == Bf16Form::Pairs
-}
-
-/// Whether `isa`'s bf16 chains keep their weights stored as bf16 (pairs or widening), rather
-/// than rounded and held as f32 ([`Bf16Form::Emulated`]).
+/// Whether `isa`'s bf16 chains keep their weights stored as bf16 only (pairs or widening),
+/// rather than rounded and held as f32 ([`Bf16Form::Emulated`], and beside the pairs in
+/// [`Bf16Form::PairsForFewRows`]).
 pub fn bf16_weights_narrow(isa: Isa) -> bool {
-    bf16_form(isa) != Bf16Form::Emulated
+    matches!(bf16_form(isa), Bf16Form::Pairs | Bf16Form::Widening)
 }
 
-/// bf16 weights, f32 sums and I/O, on AVX-512 only ([`bf16_weights_narrow`]): multiplied as bf16
-/// pairs where [`bf16_form`] says so (the inputs rounded to bf16 too), else widened to f32 in
-/// registers.
+/// bf16 weights, f32 sums and I/O, on AVX-512 only: multiplied as bf16 pairs where
+/// [`bf16_form`] says so (the inputs rounded to bf16 too; for few rows only, beside the f32
+/// kernel, in [`Bf16Form::PairsForFewRows`]), else widened to f32 in registers.
 impl Weights<f32> for Bf16 {
     const PRECISION: &'static str = "bf16";
     const TRAINS: bool = false;
@@ -402,7 +408,9 @@ impl Weights<f32> for Bf16 {
     fn kernel_for(isa: Isa) -> Option<Kernel<Bf16, f32>> {
         let kernel: Option<Kernel<Bf16, f32>> = match (isa, bf16_form(isa)) {
             #[cfg(target_arch = "x86_64")]
-            (Isa::Avx512, Bf16Form::Pairs) => Some(kernels::avx512::kernel_bf16_pairs()),
+            (Isa::Avx512, Bf16Form::Pairs | Bf16Form::PairsForFewRows) => {
+                Some(kernels::avx512::kernel_bf16_pairs())
+            }
             #[cfg(target_arch = "x86_64")]
             (Isa::Avx512, Bf16Form::Widening) => Some(kernels::avx512::kernel_bf16()),
             _ => None,

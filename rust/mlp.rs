@@ -8,7 +8,7 @@ use std::sync::{Mutex, PoisonError};
 use bytemuck::Zeroable;
 
 pub use crate::dispatch::DType;
-use crate::dispatch::{Float, Isa, IsaError, Weights};
+use crate::dispatch::{Bf16Form, Float, Isa, IsaError, Weights, PAIRS_MAX_ROWS};
 use crate::kernels::{
     backward_scratch_len, gradient_layout, saved_columns, saved_width, scratch_len, BackwardInputs,
     Bf16, Element, Kernel, SavedColumns, LINE_BYTES,
@@ -122,6 +122,27 @@ pub struct Mlp<T: Float, W: Weights<T> = T> {
     /// Every layer's weight as given (`out x in` row-major), one after another: the backward's
     /// panels for the inputs' gradients.
     weights: AlignedBuf<T>,
+    /// Another packing of the same chain that runs calls of few rows faster, if any.
+    few_rows: Option<FewRows<T>>,
+}
+
+/// A chain's forward, whatever its weights' storage (what [`FewRows`] holds).
+trait Forward<T>: fmt::Debug + Send + Sync {
+    fn forward(&self, input: &[T], output: &mut [T]) -> Result<(), Error>;
+}
+
+impl<T: Float, W: Weights<T>> Forward<T> for Mlp<T, W> {
+    fn forward(&self, input: &[T], output: &mut [T]) -> Result<(), Error> {
+        Mlp::forward(self, input, output)
+    }
+}
+
+/// The chain packed another way for the forwards of at most `max_rows` rows
+/// ([`Mlp::rounded_to_bf16`]'s pairs).
+#[derive(Debug)]
+struct FewRows<T> {
+    max_rows: usize,
+    chain: Box<dyn Forward<T>>,
 }
 
 impl<T: Float, W: Weights<T>> Mlp<T, W> {
@@ -214,6 +235,7 @@ impl<T: Float, W: Weights<T>> Mlp<T, W> {
             kernel,
             packed,
             weights: AlignedBuf::concat(&specs.iter().map(|spec| spec.weight).collect::<Vec<_>>()),
+            few_rows: None,
         })
     }
 
@@ -278,6 +300,11 @@ impl<T: Float, W: Weights<T>> Mlp<T, W> {
         let (in_features, out_features) = (self.in_features(), self.out_features());
         self.check_rows(input, output, saved.as_deref())?;
         let rows = input.len() / in_features;
+        if let (Some(few), None) = (&self.few_rows, &saved) {
+            if rows <= few.max_rows {
+                return few.chain.forward(input, output);
+            }
+        }
         let saved_width = self.info.saved_width;
         let Some((threads, chunk_rows)) = self.chunk_rows(rows, saved.is_some()) else {
             return threads::run_caught(|| self.run_on_this_thread(input, output, saved))
@@ -567,11 +594,21 @@ impl Mlp<f32> {
     /// held as the f32 of the same value, the inputs and sums in f32. For the ISAs where
     /// widening bf16 in registers costs more than the bytes it saves
     /// ([`dispatch::bf16_weights_narrow`](crate::dispatch::bf16_weights_narrow)); the same
-    /// numbers as a widening kernel, inference only.
+    /// numbers as a widening kernel, inference only. Where [`dispatch::bf16_form`] says
+    /// [`Bf16Form::PairsForFewRows`], the weights are packed as bf16 pairs too, for the calls of
+    /// at most [`PAIRS_MAX_ROWS`] rows (whose inputs the pairs round to bf16: other numbers,
+    /// within the same bound).
     pub fn rounded_to_bf16(specs: &[LayerSpec<'_, f32>], isa: Isa) -> Result<Self, Error> {
-        Self::rounded_to::<Bf16>(specs, isa, |row| {
+        let mut mlp = Self::rounded_to::<Bf16>(specs, isa, |row| {
             row.iter().map(|&w| Bf16::round(w).widen()).collect()
-        })
+        })?;
+        if crate::dispatch::bf16_form(isa) == Bf16Form::PairsForFewRows {
+            mlp.few_rows = Some(FewRows {
+                max_rows: PAIRS_MAX_ROWS,
+                chain: Box::new(Mlp::<f32, Bf16>::new(specs, isa)?),
+            });
+        }
+        Ok(mlp)
     }
 
     /// The int8 precision on the f32 kernel: each output's weights rounded to its int8 values
@@ -1232,6 +1269,39 @@ mod tests {
 
     /// Inference only: a bf16 chain, stored narrow or as rounded f32, refuses to keep activations
     /// or run a backward, with an error; an ISA without a bf16 kernel refuses bf16 storage.
+    /// Where bf16's form is [`Bf16Form::PairsForFewRows`], a chain on rounded weights runs its
+    /// calls of at most [`PAIRS_MAX_ROWS`] rows on the pairs, bit for bit, and the larger ones
+    /// on the f32 kernel; elsewhere it holds no pairs.
+    #[test]
+    fn bf16_calls_of_few_rows_run_on_the_pairs_where_the_form_says() {
+        let mut rng = SmallRng::seed_from_u64(31);
+        let layers = to_f32(&random_chain(&mut rng, &[37, 42, 5], false));
+        let specs: Vec<_> = layers.iter().map(OwnedLayer::spec).collect();
+        for isa in dispatch::available() {
+            let chain = Mlp::rounded_to_bf16(&specs, isa).unwrap();
+            let pairs = (dispatch::bf16_form(isa) == Bf16Form::PairsForFewRows)
+                .then(|| Mlp::<f32, Bf16>::new(&specs, isa).unwrap());
+            assert_eq!(chain.few_rows.is_some(), pairs.is_some(), "{isa}");
+            let mut rounded = Mlp::rounded_to_bf16(&specs, isa).unwrap();
+            rounded.few_rows = None;
+            for rows in 0..=2 * PAIRS_MAX_ROWS + 1 {
+                let input: Vec<f32> = (0..rows * 37)
+                    .map(|_| rng.random_range(-2.0f32..2.0))
+                    .collect();
+                let run = |mlp: &dyn Forward<f32>| {
+                    let mut output = vec![0.0f32; rows * 5];
+                    mlp.forward(&input, &mut output).unwrap();
+                    output
+                };
+                let want = match &pairs {
+                    Some(pairs) if rows <= PAIRS_MAX_ROWS => run(pairs),
+                    _ => run(&rounded),
+                };
+                assert_eq!(run(&chain), want, "{isa} rows={rows}");
+            }
+        }
+    }
+
     #[test]
     fn bf16_chains_refuse_to_train() {
         fn refuses_to_train<W: Weights<f32>>(mlp: &Mlp<f32, W>) {
@@ -1262,11 +1332,11 @@ mod tests {
             refuses_to_train(&Mlp::rounded_to_bf16(&[spec], isa).unwrap());
             match Mlp::<f32, Bf16>::new(&[spec], isa) {
                 Ok(narrow) => {
-                    assert!(dispatch::bf16_weights_narrow(isa));
+                    assert_ne!(dispatch::bf16_form(isa), Bf16Form::Emulated);
                     refuses_to_train(&narrow);
                 }
                 Err(error) => {
-                    assert!(!dispatch::bf16_weights_narrow(isa));
+                    assert_eq!(dispatch::bf16_form(isa), Bf16Form::Emulated);
                     assert!(error
                         .to_string()
                         .contains("no kernel for weights stored as bf16"));

@@ -11,7 +11,7 @@ use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyCapsule, PySlice, PyString, PyTuple};
 
-use crate::dispatch::{self, Float, Isa, IsaError, Weights};
+use crate::dispatch::{self, Bf16Form, Float, Isa, IsaError, Weights};
 use crate::kernels::{Bf16, LINE_BYTES};
 use crate::mlp::{AnyMlp, DType, Error, LayerSpec, Mlp};
 use crate::ops::PostOp;
@@ -932,17 +932,17 @@ fn fma_peak_gflops(
 /// How each precision runs on `isa` (default: the selected one): `"native"` where the kernel
 /// multiplies in that precision's own instructions, `"widened"` where the weights are stored
 /// narrow and widened to float32 in registers, `"emulated"` where the float32 kernel runs the
-/// weights rounded to it (int8: the inputs left in float32).
+/// weights rounded to it (int8: the inputs left in float32), `"mixed"` for bf16 native in calls
+/// of a row or two and emulated in larger ones.
 #[pyfunction]
 #[pyo3(signature = (isa=None))]
 fn precision_support(isa: Option<&str>) -> PyResult<Vec<(&'static str, &'static str)>> {
     let isa = isa_or_selected(isa)?;
-    let bf16 = if dispatch::multiplies_bf16(isa) {
-        "native"
-    } else if dispatch::bf16_weights_narrow(isa) {
-        "widened"
-    } else {
-        "emulated"
+    let bf16 = match dispatch::bf16_form(isa) {
+        Bf16Form::Pairs => "native",
+        Bf16Form::PairsForFewRows => "mixed",
+        Bf16Form::Widening => "widened",
+        Bf16Form::Emulated => "emulated",
     };
     let int8 = if dispatch::multiplies_int8(isa) {
         "native"

@@ -306,11 +306,12 @@ def test_fusedae_bf16_forces_how_bf16_runs():
 def test_info_says_how_each_precision_runs():
     precisions = fusedae.info()["precisions"]
     assert precisions["fp32"] == "native"
-    assert precisions["bf16"] in ("native", "widened", "emulated")
+    assert precisions["bf16"] in ("native", "mixed", "widened", "emulated")
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     amd = "AuthenticAMD" in flags
-    native = fusedae.info()["isa"] == "avx512" and " avx512_bf16" in flags and amd
-    assert (precisions["bf16"] == "native") == native
+    has_pairs = fusedae.info()["isa"] == "avx512" and " avx512_bf16" in flags
+    assert (precisions["bf16"] == "native") == (has_pairs and amd)
+    assert (precisions["bf16"] == "mixed") == (has_pairs and not amd)
     assert fusedae._native.fma_peak_gflops(0.02, precision="bf16") > 0
     vnni = fusedae.info()["isa"] == "avx512" and " avx512_vnni" in flags
     assert precisions["int8"] == ("native" if vnni else "emulated")

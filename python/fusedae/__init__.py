@@ -31,7 +31,8 @@ def info() -> dict[str, object]:
     instructions (bf16 with AVX512_BF16 on AMD, int8 with AVX512_VNNI), ``"widened"`` with the
     weights stored narrow and widened to float32 in registers (bf16 with ``FUSEDAE_BF16=widen``),
     ``"emulated"`` on the float32 kernel with the weights rounded to it (the rest: never slower
-    than fp32); same error bound.
+    than fp32), ``"mixed"`` native for calls of one or two rows and emulated above (bf16 with
+    Intel's AVX512_BF16, which runs at half the FMA's rate); same error bound.
 
     Raises ``ValueError`` / ``RuntimeError`` if ``FUSEDAE_ISA`` names an unknown ISA or one this
     CPU lacks.

@@ -139,8 +139,9 @@ def fma_peak_gflops(
 
 def precision_support(
     isa: str | None = None,
-) -> list[tuple[str, Literal["native", "widened", "emulated"]]]:
+) -> list[tuple[str, Literal["native", "mixed", "widened", "emulated"]]]:
     """How each precision runs on ``isa`` (default: the selected one): ``"native"`` in its own
     instructions, ``"widened"`` with its weights stored narrow and widened to float32,
     ``"emulated"`` on the float32 kernel with the weights rounded to it (int8: the inputs left in
-    float32)."""
+    float32), ``"mixed"`` native for calls of one or two rows and emulated above (bf16 on
+    Intel's AVX512_BF16)."""
