@@ -120,7 +120,7 @@ pub struct Mlp<T: Float, W: Weights<T> = T> {
     kernel: Kernel<W, T>,
     packed: PackedChain<W, T>,
     /// Every layer's weight as given (`out x in` row-major), one after another: the backward's
-    /// panels for the inputs' gradients.
+    /// panels for the inputs' gradients. Empty in a chain that does not train.
     weights: AlignedBuf<T>,
     /// Another packing of the same chain that runs calls of few rows faster, if any.
     few_rows: Option<FewRows<T>>,
@@ -234,7 +234,11 @@ impl<T: Float, W: Weights<T>> Mlp<T, W> {
             info,
             kernel,
             packed,
-            weights: AlignedBuf::concat(&specs.iter().map(|spec| spec.weight).collect::<Vec<_>>()),
+            weights: if W::TRAINS {
+                AlignedBuf::concat(&specs.iter().map(|spec| spec.weight).collect::<Vec<_>>())
+            } else {
+                AlignedBuf::zeros(0)
+            },
             few_rows: None,
         })
     }
@@ -647,6 +651,7 @@ impl Mlp<f32> {
         let mut mlp = Mlp::new(&specs, isa)?;
         mlp.info.precision = W::PRECISION;
         mlp.info.trains = false;
+        mlp.weights = AlignedBuf::zeros(0);
         Ok(mlp)
     }
 }
