@@ -1272,8 +1272,6 @@ mod tests {
         }
     }
 
-    /// Inference only: a bf16 chain, stored narrow or as rounded f32, refuses to keep activations
-    /// or run a backward, with an error; an ISA without a bf16 kernel refuses bf16 storage.
     /// Where bf16's form is [`Bf16Form::PairsForFewRows`], a chain on rounded weights runs its
     /// calls of at most [`PAIRS_MAX_ROWS`] rows on the pairs, bit for bit, and the larger ones
     /// on the f32 kernel; elsewhere it holds no pairs.
@@ -1307,6 +1305,8 @@ mod tests {
         }
     }
 
+    /// Inference only: a bf16 chain, stored narrow or as rounded f32, refuses to keep activations
+    /// or run a backward, with an error; an ISA without a bf16 kernel refuses bf16 storage.
     #[test]
     fn bf16_chains_refuse_to_train() {
         fn refuses_to_train<W: Weights<f32>>(mlp: &Mlp<f32, W>) {

@@ -178,13 +178,11 @@ fn checked_matrix<'a, 'py, T: Float + numpy::Element, W: Weights<T>>(
     Ok(x)
 }
 
-/// [`checked_matrix`], borrowed for reading.
-fn checked_input<'py, T: Float + numpy::Element, W: Weights<T>>(
-    mlp: &Mlp<T, W>,
-    x: &Bound<'py, PyAny>,
+/// `x` borrowed for reading (numpy's borrow tracking, shared across Rust extensions).
+fn borrowed<'py, T: Float + numpy::Element>(
+    x: &Bound<'py, PyArray2<T>>,
 ) -> PyResult<PyReadonlyArray2<'py, T>> {
-    checked_matrix(mlp, x)?
-        .try_readonly()
+    x.try_readonly()
         .map_err(|e| PyValueError::new_err(format!("x: {e}")))
 }
 
@@ -194,7 +192,7 @@ fn run_into<T: Float + numpy::Element, W: Weights<T>>(
     x: &Bound<'_, PyAny>,
     out: &Bound<'_, PyAny>,
 ) -> PyResult<()> {
-    let input = checked_input(mlp, x)?;
+    let input = borrowed(checked_matrix(mlp, x)?)?;
     let rows = input.shape()[0];
     let out = cast_matrix::<T>(out, "out")?;
     if out.shape() != [rows, mlp.out_features()] {
@@ -326,10 +324,7 @@ fn run_new<'py, T: Float + numpy::Element, W: Weights<T>>(
     let x = checked_matrix(mlp, x)?;
     let rows = x.shape()[0];
     if !mlp.is_small(rows) {
-        let input = x
-            .try_readonly()
-            .map_err(|e| PyValueError::new_err(format!("x: {e}")))?;
-        return run_new_from(py, mlp, c_order(&input, "x")?, rows);
+        return run_new_from(py, mlp, c_order(&borrowed(x)?, "x")?, rows);
     }
     // SAFETY: a small call holds the GIL until it returns, so no Python code writes `x` while
     // the kernel reads it, and the output is a new array, so they cannot overlap. Borrow
