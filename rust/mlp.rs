@@ -302,13 +302,14 @@ impl<T: Float, W: Weights<T>> Mlp<T, W> {
             self.check_trains()?;
         }
         let (in_features, out_features) = (self.in_features(), self.out_features());
-        self.check_rows(input, output, saved.as_deref())?;
-        let rows = input.len() / in_features;
         if let (Some(few), None) = (&self.few_rows, &saved) {
-            if rows <= few.max_rows {
+            // Before the checks: the other chain makes the same ones, on the same shapes.
+            if input.len() / in_features <= few.max_rows {
                 return few.chain.forward(input, output);
             }
         }
+        self.check_rows(input, output, saved.as_deref())?;
+        let rows = input.len() / in_features;
         let saved_width = self.info.saved_width;
         let Some((threads, chunk_rows)) = self.chunk_rows(rows, saved.is_some()) else {
             return threads::run_caught(|| self.run_on_this_thread(input, output, saved))

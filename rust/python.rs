@@ -62,8 +62,17 @@ fn c_order<'a, T: numpy::Element, D: numpy::ndarray::Dimension>(
     array: &'a numpy::PyReadonlyArray<'_, T, D>,
     what: &str,
 ) -> PyResult<&'a [T]> {
-    match array.as_slice() {
-        Ok(slice) if array.is_c_contiguous() => Ok(slice),
+    c_order_values(array.as_slice(), array.is_c_contiguous(), what)
+}
+
+/// An array's values from its `as_slice`, refused unless it is C-contiguous.
+fn c_order_values<'a, T>(
+    values: Result<&'a [T], numpy::AsSliceError>,
+    c_contiguous: bool,
+    what: &str,
+) -> PyResult<&'a [T]> {
+    match values {
+        Ok(slice) if c_contiguous => Ok(slice),
         _ => Err(PyValueError::new_err(format!(
             "{what} must be C-contiguous and aligned"
         ))),
@@ -330,11 +339,8 @@ fn run_new<'py, T: Float + numpy::Element, W: Weights<T>>(
     // the kernel reads it, and the output is a new array, so they cannot overlap. Borrow
     // tracking would only add the writers of other Rust extensions that released the GIL (not
     // numpy's own loops, which ignore it) and cost a tenth of a batch-1 call.
-    let input = unsafe { x.as_slice() };
-    match input {
-        Ok(input) if x.is_c_contiguous() => run_new_from(py, mlp, input, rows),
-        _ => Err(PyValueError::new_err("x must be C-contiguous and aligned")),
-    }
+    let input = c_order_values(unsafe { x.as_slice() }, x.is_c_contiguous(), "x")?;
+    run_new_from(py, mlp, input, rows)
 }
 
 /// DLPack's structs (`dlpack.h`, unversioned ABI), as far as a consumer reads them.

@@ -184,11 +184,13 @@ class ChainCache:
             and self.precision == "full"
             and not self.mode_dependent
             and self.trains_faster_plain(x)
-            and (
-                x.requires_grad
-                or any(t is not None and t.requires_grad for t in self.tensors_now())
-            )
+            and self.needs_gradients(x)
         )
+
+    def needs_gradients(self, x: torch.Tensor) -> bool:
+        """Whether a call on ``x`` with grad mode on must record for autograd: ``x`` or one of
+        the chain's tensors as they are now requires gradients."""
+        return x.requires_grad or any(t is not None and t.requires_grad for t in self.tensors_now())
 
     def tensors_now(self) -> list[torch.Tensor | None]:
         """The chain's tensors as they are now (``tensors`` holds those last packed)."""
@@ -261,9 +263,7 @@ class ChainCache:
         shape = x.shape
         if not shape or shape[-1] != in_features:
             raise shape_error(in_features, shape)
-        if _is_grad_enabled() and (
-            x.requires_grad or any(t is not None and t.requires_grad for t in self.tensors_now())
-        ):
+        if _is_grad_enabled() and self.needs_gradients(x):
             if self.precision != "full":
                 raise RuntimeError(
                     f"precision {self.precision!r} is for inference: call under torch.no_grad() "
