@@ -4,7 +4,8 @@
 //!
 //! - `delta = g * op'(...)`, from the outputs the forward kept (or its pre-activations, where
 //!   the op's gradient reads them), and the bias gradient as `delta`'s column sums
-//!   (`gradient.rs`);
+//!   (`gradient.rs`), or, where the layer's inputs end inside a register, by the weight
+//!   gradient's tiles against a column of ones in the inputs' first padding lane;
 //! - the weight gradient `delta^T a` (`a` the layer's inputs) added to the caller's buffer:
 //!   tiles of `MR` outputs by registers of inputs, `k` running over the block's rows, `delta`
 //!   transposed so each step broadcasts one value per tile row, as the forward does, and each
@@ -18,7 +19,8 @@ use super::chain::{check_chain, saved_columns, transpose};
 use super::gradient::{column_sums, delta_rows, load_upto};
 use super::microkernel::{Seed, Tile};
 use super::{
-    padded, LayerDesc, LoadFrom, Packed, PostOp, SimdVec, StoredEpilogue, TileShape, LINE_BYTES,
+    padded, Element, LayerDesc, LoadFrom, Packed, PostOp, SimdVec, StoredEpilogue, TileShape,
+    LINE_BYTES,
 };
 
 /// The backward's register tile, out of line, compiled once per ISA (`target_kernels!`):
@@ -134,8 +136,8 @@ fn block_rows(shape: &TileShape, layers: &[LayerDesc]) -> usize {
 
 /// Copies `rows` rows of `width` values, `lds` apart from `src`, into `dst` as column panels of
 /// `panel_width` values (the last one narrower where `width` ends), each panel `rows` rows of
-/// whole registers (zeros past its width), the panel starting at column `col` at `dst + col *
-/// rows`. Row by row: the rows are read in order, a stream the hardware prefetchers follow (a
+/// whole registers (zeros past its width, but a one just past it with `ones_column`, where
+/// `width` ends inside a register), the panel starting at column `col` at `dst + col * rows`. Row by row: the rows are read in order, a stream the hardware prefetchers follow (a
 /// layer's inputs at 4,096 rows do not fit in L2: 12.8 MB at 784 wide, and read panel by panel,
 /// their rows a whole input row apart across pages, the encoder's backward spent 43% of its time
 /// waiting on those loads, Zen 4).
@@ -151,6 +153,7 @@ unsafe fn pack_panels<V: SimdVec>(
     src: *const V::Elem,
     lds: usize,
     panel_width: usize,
+    ones_column: bool,
     dst: *mut V::Elem,
 ) {
     // SAFETY: loads cover columns `< width` of rows `< rows` (the tail partially); panel `col`
@@ -165,6 +168,9 @@ unsafe fn pack_panels<V: SimdVec>(
                     let count = V::LANES.min(columns - offset);
                     load_upto::<V>(src.add(row * lds + col + offset), count)
                         .store(panel_row.add(offset));
+                }
+                if ones_column && col + columns == width {
+                    *panel_row.add(columns) = V::Elem::from_f64(1.0);
                 }
             }
         }
@@ -250,6 +256,24 @@ pub(super) unsafe fn backward_rows<V: LoadFrom<W>, W, const MR: usize, const NV_
         return;
     }
 
+    // Where a layer's inputs end inside a register, its packed inputs carry a column of ones in
+    // the first padding lane, so the weight gradient's tiles add up the bias gradient there in
+    // passing (moved to its place below); a pass of its own over the deltas, the first reader
+    // of a 784-wide `grad_output`, waited on memory (the seed AE's backward 1.08x without it).
+    let bias_in_padding = |index: usize| {
+        inputs.needs_params[index] && !layers[index].in_features.is_multiple_of(V::LANES)
+    };
+    let padding_column = |index: usize| {
+        let place = places[index];
+        let (k, out) = (layers[index].in_features, layers[index].out_features);
+        (0..out).map(move |o| place.weight_at + o * place.weight_stride + k)
+    };
+    for index in (lowest..layers.len()).filter(|&index| bias_in_padding(index)) {
+        for at in padding_column(index) {
+            grads[at] = Element::ZERO;
+        }
+    }
+
     let block_rows = rows.min(block_rows(shape, layers));
     let widest = widest(layers, V::LANES);
     // Two buffers for the deltas and the gradients of the layers' inputs, each written while
@@ -298,7 +322,8 @@ pub(super) unsafe fn backward_rows<V: LoadFrom<W>, W, const MR: usize, const NV_
                 (None, None) => (output.as_ptr(), last_out),
             };
             let needs_params = inputs.needs_params[index];
-            let bias_grad = if needs_params {
+            let ones_column = bias_in_padding(index);
+            let bias_grad = if needs_params && !ones_column {
                 grads[places[index].bias_at..].as_mut_ptr()
             } else {
                 std::ptr::null_mut()
@@ -307,17 +332,17 @@ pub(super) unsafe fn backward_rows<V: LoadFrom<W>, W, const MR: usize, const NV_
             // `check_chain`); `delta`, `delta_t`, `grad_below` and `pre` each hold `block` rows of
             // `widest >= padded(width)` values for every width of the chain, `packed`
             // `chunk_rows x padded(k)` values for every layer (`backward_scratch_len`); the
-            // weight panels
-            // are the caller's `out x k` matrices and every tile reads columns `< k` of them
-            // (`last_lanes` masks the rest); the gradient rows are whole registers of
-            // `weight_stride`; `grad_input` (written directly only where `first_in` is whole
+            // weight panels are the caller's `out x k` matrices and every tile reads columns
+            // `< k` of them (`last_lanes` masks the rest); the gradient rows are whole registers
+            // of `weight_stride` (the column of ones' lane `k` is inside, `k` not being whole
+            // registers); `grad_input` (written directly only where `first_in` is whole
             // registers, so no tile stores past a row) holds the block's `block x first_in`
             // values from `block_start` (its length is the input's, asserted above); the ISA is
             // the caller's guarantee.
             unsafe {
                 let (delta, ld_delta): (*const V::Elem, usize) =
                     if matches!(layer.post_op, PostOp::Identity) {
-                        if needs_params {
+                        if !bias_grad.is_null() {
                             column_sums::<V>(block, out, grad, ldg, bias_grad);
                         }
                         (grad, ldg)
@@ -354,6 +379,7 @@ pub(super) unsafe fn backward_rows<V: LoadFrom<W>, W, const MR: usize, const NV_
                             below.add(chunk_start * ld_below),
                             ld_below,
                             panel_width,
+                            ones_column,
                             packed.as_mut_ptr(),
                         );
                         // The rows after this chunk (the next chunk's, or the next block's),
@@ -368,6 +394,8 @@ pub(super) unsafe fn backward_rows<V: LoadFrom<W>, W, const MR: usize, const NV_
                         for col in (0..k).step_by(panel_width) {
                             let width = panel_width.min(k - col);
                             let nv = width.div_ceil(V::LANES);
+                            // The last panel's column of ones, stored too.
+                            let stored = width + usize::from(ones_column && col + width == k);
                             for first in (0..out).step_by(MR) {
                                 let tile = Tile {
                                     a: delta_t.as_ptr().add(first * block + chunk_start),
@@ -375,7 +403,7 @@ pub(super) unsafe fn backward_rows<V: LoadFrom<W>, W, const MR: usize, const NV_
                                     k: chunk,
                                     panel: packed.as_ptr().add(col * chunk),
                                     panel_stride: nv * V::LANES,
-                                    last_lanes: width - (nv - 1) * V::LANES,
+                                    last_lanes: stored - (nv - 1) * V::LANES,
                                     seed: Seed::Output,
                                     post_op: PostOp::Identity,
                                     epilogue: calls.epilogue,
@@ -441,6 +469,13 @@ pub(super) unsafe fn backward_rows<V: LoadFrom<W>, W, const MR: usize, const NV_
                     std::slice::from_raw_parts(grad.add(row * ldg), first_in)
                 });
             }
+        }
+    }
+    for index in (lowest..layers.len()).filter(|&index| bias_in_padding(index)) {
+        let bias_at = places[index].bias_at;
+        for (o, at) in padding_column(index).enumerate() {
+            let sum = std::mem::take(&mut grads[at]);
+            grads[bias_at + o] = grads[bias_at + o] + sum;
         }
     }
 }
