@@ -678,15 +678,15 @@ impl QuadDot for F32x16 {
         // values are not written.
         unsafe {
             // `vcvtps2dq` rounds to nearest even (the default rounding mode; a NaN, or a value
-            // out of i32's range, becomes i32::MIN, clamped to 0), `vpmovusdb` clamps to 255 as
-            // it narrows.
-            let rounded = _mm512_cvtps_epi32(_mm512_mul_ps(self.0, inverse.0));
-            let shifted = _mm512_add_epi32(rounded, _mm512_set1_epi32(zero as i32));
+            // out of i32's range, becomes i32::MIN), negative values are clamped to 0 and
+            // `vpmovusdb` clamps to 255 as it narrows.
+            let shifted = _mm512_fmadd_ps(self.0, inverse.0, _mm512_set1_ps(zero));
+            let rounded = _mm512_cvtps_epi32(shifted);
             let mask = first_lanes(count);
             _mm512_mask_cvtusepi32_storeu_epi8(
                 ptr.cast(),
                 mask,
-                _mm512_max_epi32(shifted, _mm512_setzero_si512()),
+                _mm512_max_epi32(rounded, _mm512_setzero_si512()),
             );
             let floor = _mm512_set1_epi32(-32768);
             u64::from(_mm512_mask_cmple_epi32_mask(mask, rounded, floor))
@@ -703,21 +703,24 @@ impl QuadDot for F32x16 {
         // SAFETY: the caller guarantees 64 writable values and AVX-512BW.
         unsafe {
             // The same bytes as `store_quantized`'s in fewer instructions (`vpmovusdb` is
-            // several): `vpackssdw` to i16, the zero point added there (saturating), `vpackuswb`
-            // to u8 (clamping to 0..=255 what the sums clamp), then the 32-bit groups, which the
-            // packs interleave by 128-bit lane, put back in order.
+            // several): `vpackssdw` to i16, `vpackuswb` to u8 (clamping to 0..=255), then the
+            // 32-bit groups, which the packs interleave by 128-bit lane, put back in order.
             let [a, b, c, d] = values.map(|x| x.0);
-            let inverse = inverse.0;
-            let (a, b) = (_mm512_mul_ps(a, inverse), _mm512_mul_ps(b, inverse));
-            let (c, d) = (_mm512_mul_ps(c, inverse), _mm512_mul_ps(d, inverse));
+            let (inverse, zero) = (inverse.0, _mm512_set1_ps(zero));
+            let (a, b) = (
+                _mm512_fmadd_ps(a, inverse, zero),
+                _mm512_fmadd_ps(b, inverse, zero),
+            );
+            let (c, d) = (
+                _mm512_fmadd_ps(c, inverse, zero),
+                _mm512_fmadd_ps(d, inverse, zero),
+            );
             let (a, b) = (_mm512_cvtps_epi32(a), _mm512_cvtps_epi32(b));
             let (c, d) = (_mm512_cvtps_epi32(c), _mm512_cvtps_epi32(d));
             let (low, high) = (_mm512_packs_epi32(a, b), _mm512_packs_epi32(c, d));
             // i32::MIN (a NaN's conversion) and anything at or below -32768 pack to -32768.
             let floor = _mm512_set1_epi16(-32768);
             let not_a_number = _mm512_cmpeq_epi16_mask(_mm512_min_epi16(low, high), floor);
-            let zero = _mm512_set1_epi16(zero as i16);
-            let (low, high) = (_mm512_adds_epi16(low, zero), _mm512_adds_epi16(high, zero));
             let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
             let bytes = _mm512_permutexvar_epi32(order, _mm512_packus_epi16(low, high));
             _mm512_storeu_si512(ptr.cast(), bytes);

@@ -71,11 +71,11 @@ pub trait QuadDot: SimdVec<Elem = f32> {
     /// # Safety
     /// The CPU supports the ISA.
     unsafe fn highest_lane(self) -> f32;
-    /// Stores the first `count <= LANES` lanes quantized: `self * inverse` rounded to nearest
-    /// even, plus `zero` (a whole number), clamped to `0..=255` (a NaN lane to anything there).
-    /// Returns nonzero if a stored lane's `self * inverse` was NaN or rounded to `-32768` or
-    /// below (which a row quantized by its own range never reaches: its products lie within
-    /// `-255..=255`).
+    /// Stores the first `count <= LANES` lanes quantized: `self * inverse + zero` (`zero` a
+    /// whole number; one fused multiply-add) rounded to nearest even, clamped to `0..=255` (a
+    /// NaN lane to anything there). Returns nonzero if a stored lane's value was NaN or rounded
+    /// to `-32768` or below (which a row quantized by its own range never reaches: its values
+    /// lie within `-0.5..=255.5`, give or take the float32 roundings).
     ///
     /// # Safety
     /// `ptr` is valid for `count` writes; the CPU supports the ISA.
