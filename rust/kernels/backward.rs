@@ -136,16 +136,16 @@ fn block_rows(shape: &TileShape, layers: &[LayerDesc]) -> usize {
 
 /// Copies `rows` rows of `width` values, `lds` apart from `src`, into `dst` as column panels of
 /// `panel_width` values (the last one narrower where `width` ends), each panel `rows` rows of
-/// whole registers (zeros past its width, but a one just past it with `ones_column`, where
-/// `width` ends inside a register), the panel starting at column `col` at `dst + col * rows`. Row by row: the rows are read in order, a stream the hardware prefetchers follow (a
-/// layer's inputs at 4,096 rows do not fit in L2: 12.8 MB at 784 wide, and read panel by panel,
-/// their rows a whole input row apart across pages, the encoder's backward spent 43% of its time
-/// waiting on those loads, Zen 4).
+/// whole registers (zeros past its width, but with `ones_column` a one just past it), the panel
+/// starting at column `col` at `dst + col * rows`. Row by row: the rows are read in order, a
+/// stream the hardware prefetchers follow (a layer's inputs at 4,096 rows do not fit in L2:
+/// 12.8 MB at 784 wide, and read panel by panel, their rows a whole input row apart across
+/// pages, the encoder's backward spent 43% of its time waiting on those loads, Zen 4).
 ///
 /// # Safety
 /// `src` is readable for `rows x width` values at its stride, `dst` writable for `rows x
-/// padded(width, LANES)` values, not overlapping it; `panel_width` is a multiple of `LANES`; the
-/// CPU supports `V`'s ISA.
+/// padded(width, LANES)` values, not overlapping it; `panel_width` is a multiple of `LANES`;
+/// `ones_column` only where `width` is not; the CPU supports `V`'s ISA.
 #[inline(always)]
 unsafe fn pack_panels<V: SimdVec>(
     rows: usize,
@@ -158,7 +158,8 @@ unsafe fn pack_panels<V: SimdVec>(
 ) {
     // SAFETY: loads cover columns `< width` of rows `< rows` (the tail partially); panel `col`
     // takes `rows x padded(min(panel_width, width - col))` values from `dst + col * rows`, which
-    // the panels before it end at, and all of them `rows x padded(width)`.
+    // the panels before it end at, and all of them `rows x padded(width)`; the one goes to the
+    // last panel's column `columns`, inside its row where `width` ends inside a register.
     unsafe {
         for row in 0..rows {
             for col in (0..width).step_by(panel_width) {
