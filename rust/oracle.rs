@@ -350,8 +350,8 @@ fn int8_row_scale(x: &[f64], x_bound: &[f64]) -> f64 {
 
 /// What int8 adds to one output's bound, beside the f32 arithmetic ([`Precision::sum_error`]):
 /// each weight off by at most `s_w / 2`, each input by at most `s_x / 2` (`row_scale`), both
-/// with a margin for the f32 rounding of `x / s`; and the f32 conversion and zero-point
-/// correction of i32 sums up to `sum |w| (|x| + |min x| + s_x) / (s_x s_w)`.
+/// with a margin for the f32 roundings of `w / s_w` and `x / s_x + z`; and the f32 conversion
+/// and zero-point correction of i32 sums up to `sum |w| (|x| + |min x| + s_x) / (s_x s_w)`.
 fn int8_error(w: &[f64], x: &[f64], x_bound: &[f64], row_scale: f64, precision: Precision) -> f64 {
     let largest = w.iter().fold(0.0f64, |m, w| m.max(w.abs()));
     let weight_scale = largest / 127.0;

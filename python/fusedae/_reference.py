@@ -126,7 +126,7 @@ def int8_bound(
                   + 8 u_f32 (|W| + h s_w) (|x| + err_in + h s_x + |min x|)
         err_out = L pre_err + OP_RELATIVE (|y| + L pre_err) + OP_ABSOLUTE
 
-    with ``h`` a half (and a margin for the float32 ``x / s``): the rounding of each weight and
+    with ``h`` a half (and a margin for the float32 ``x / s + z``): the rounding of each weight and
     input, then the conversion and zero-point correction of the int32 sums (``rust/oracle.rs``
     ``int8_error``)."""
     half = 0.5 * (1 + 1e-4)

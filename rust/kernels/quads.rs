@@ -351,8 +351,8 @@ unsafe fn quantize_rows<V: QuadDot>(
             let (scale, zero) = (*scales.add(r), *zeros.add(r));
             // A NaN row quantizes to anything: its scale makes every output NaN.
             let inverse = V::constant(if scale.is_nan() { 0.0 } else { 1.0 / scale });
-            // Nonzero once a value's product was NaN: a NaN in the row (the products of a row
-            // quantized by its finite range lie within -255..=255).
+            // Nonzero once a value was NaN: a NaN in the row (the values of a row quantized by
+            // its finite range lie within -0.5..=255.5).
             let mut not_a_number = 0;
             let fours = count / (4 * lanes) * (4 * lanes);
             for at in (0..fours).step_by(4 * lanes) {
