@@ -6,14 +6,16 @@
 //!   the op's gradient reads them), and the bias gradient as `delta`'s column sums
 //!   (`gradient.rs`), or, where the layer's inputs end inside a register, by the weight
 //!   gradient's tiles against a column of ones in the inputs' first padding lane;
+//! - the inputs' gradient `delta W`, with the caller's row-major `W` as the panel: its rows are
+//!   `k`-major already, so the backward packs nothing. The first layer's goes straight into the
+//!   caller's `grad_input` where its rows are whole registers, else through scratch. It runs
+//!   first: its tiles read `delta` in row order, fetching ahead, so the transpose below finds
+//!   the block in cache (a wide `grad_output` streams from memory);
 //! - the weight gradient `delta^T a` (`a` the layer's inputs) added to the caller's buffer:
 //!   tiles of `MR` outputs by registers of inputs, `k` running over the block's rows, `delta`
 //!   transposed so each step broadcasts one value per tile row, as the forward does, and each
 //!   column panel of `a` copied into contiguous rows first (its rows lie a whole input row
-//!   apart, which every tile of outputs would otherwise walk);
-//! - the inputs' gradient `delta W`, with the caller's row-major `W` as the panel: its rows are
-//!   `k`-major already, so the backward packs nothing. The first layer's goes straight into the
-//!   caller's `grad_input` where its rows are whole registers, else through scratch.
+//!   apart, which every tile of outputs would otherwise walk).
 
 use super::chain::{check_chain, saved_columns, transpose};
 use super::gradient::{column_sums, delta_rows, load_upto};
@@ -364,6 +366,45 @@ pub(super) unsafe fn backward_rows<V: LoadFrom<W>, W, const MR: usize, const NV_
                         );
                         (delta, ld_delta)
                     };
+                // The inputs' gradient first: its tiles read `delta` row by row, fetching each next
+                // tile's rows as they go (a 784-wide `grad_output` streams from memory), so the
+                // transpose below finds the block in cache.
+                let below_wanted = !(index == lowest && (index > 0 || grad_input.is_none()));
+                let mut below_gradient = None;
+                if below_wanted {
+                    let weight = inputs.weights[index].as_ptr();
+                    let direct = index == 0 && grad_input_direct;
+                    let (below_grad, ld_below_grad) = match grad_input.as_deref_mut() {
+                        Some(grad_input) if direct => {
+                            (grad_input[block_start * first_in..].as_mut_ptr(), first_in)
+                        }
+                        _ => (other(delta), padded(k, V::LANES)),
+                    };
+                    for row in (0..block).step_by(MR) {
+                        for col in (0..k).step_by(panel_width) {
+                            let width = panel_width.min(k - col);
+                            let nv = width.div_ceil(V::LANES);
+                            let tile = Tile {
+                                a: delta.add(row * ld_delta),
+                                lda: ld_delta,
+                                k: out,
+                                panel: weight.add(col),
+                                panel_stride: k,
+                                last_lanes: width - (nv - 1) * V::LANES,
+                                seed: Seed::Zero,
+                                post_op: PostOp::Identity,
+                                epilogue: calls.epilogue,
+                                out: below_grad.add(row * ld_below_grad + col),
+                                ldo: ld_below_grad,
+                                // The caller's array may be far from cache (12.8 MB at 4,096 rows
+                                // of 784).
+                                prefetch_out: direct,
+                            };
+                            (calls.tile)(MR.min(block - row), nv, &tile);
+                        }
+                    }
+                    below_gradient = Some((below_grad, ld_below_grad));
+                }
                 if needs_params {
                     transpose::<V>(delta, ld_delta, block, out, delta_t.as_mut_ptr(), block);
                     let place = places[index];
@@ -423,41 +464,9 @@ pub(super) unsafe fn backward_rows<V: LoadFrom<W>, W, const MR: usize, const NV_
                         }
                     }
                 }
-                if index == lowest && (index > 0 || grad_input.is_none()) {
-                    continue;
+                if let Some(at) = below_gradient {
+                    (grad, ldg) = at;
                 }
-                let weight = inputs.weights[index].as_ptr();
-                let direct = index == 0 && grad_input_direct;
-                let (below_grad, ld_below_grad) = match grad_input.as_deref_mut() {
-                    Some(grad_input) if direct => {
-                        (grad_input[block_start * first_in..].as_mut_ptr(), first_in)
-                    }
-                    _ => (other(delta), padded(k, V::LANES)),
-                };
-                for row in (0..block).step_by(MR) {
-                    for col in (0..k).step_by(panel_width) {
-                        let width = panel_width.min(k - col);
-                        let nv = width.div_ceil(V::LANES);
-                        let tile = Tile {
-                            a: delta.add(row * ld_delta),
-                            lda: ld_delta,
-                            k: out,
-                            panel: weight.add(col),
-                            panel_stride: k,
-                            last_lanes: width - (nv - 1) * V::LANES,
-                            seed: Seed::Zero,
-                            post_op: PostOp::Identity,
-                            epilogue: calls.epilogue,
-                            out: below_grad.add(row * ld_below_grad + col),
-                            ldo: ld_below_grad,
-                            // The caller's array may be far from cache (12.8 MB at 4,096 rows
-                            // of 784).
-                            prefetch_out: direct,
-                        };
-                        (calls.tile)(MR.min(block - row), nv, &tile);
-                    }
-                }
-                (grad, ldg) = (below_grad, ld_below_grad);
             }
         }
         if let (Some(grad_input), false) = (grad_input.as_deref_mut(), grad_input_direct) {
