@@ -9,15 +9,15 @@
 //! - the inputs' gradient `delta W`, with the caller's row-major `W` as the panel: its rows are
 //!   `k`-major already, so the backward packs nothing. The first layer's goes straight into the
 //!   caller's `grad_input` where its rows are whole registers, else through scratch. It runs
-//!   first: its tiles read `delta` in row order, fetching ahead, so the transpose below finds
-//!   the block in cache (a wide `grad_output` streams from memory);
+//!   first: its tiles read `delta` in row order, fetching ahead, so the weight gradient's
+//!   tiles find the block in cache (a wide `grad_output` streams from memory);
 //! - the weight gradient `delta^T a` (`a` the layer's inputs) added to the caller's buffer:
 //!   tiles of `MR` outputs by registers of inputs, `k` running over the block's rows, `delta`
-//!   transposed so each step broadcasts one value per tile row, as the forward does, and each
-//!   column panel of `a` copied into contiguous rows first (its rows lie a whole input row
-//!   apart, which every tile of outputs would otherwise walk).
+//!   read in place (each step of `k` broadcasts the tile's `MR` outputs' values from one row of
+//!   `delta`: `Tile::k_stride`), and each column panel of `a` copied into contiguous rows first
+//!   (its rows lie a whole input row apart, which every tile of outputs would otherwise walk).
 
-use super::chain::{check_chain, saved_columns, transpose};
+use super::chain::{check_chain, saved_columns};
 use super::gradient::{column_sums, delta_rows, load_upto};
 use super::microkernel::{Seed, Tile};
 use super::{
@@ -83,7 +83,7 @@ pub fn gradient_layout(layers: &[LayerDesc], lanes: usize) -> (Vec<GradientAt>, 
     (places, len)
 }
 
-/// Scratch elements [`backward_rows`] needs for `rows` rows: three blocks of the widest layer
+/// Scratch elements [`backward_rows`] needs for `rows` rows: two blocks of the widest layer
 /// and the largest chunk of a layer's inputs packed.
 pub fn backward_scratch_len(shape: &TileShape, layers: &[LayerDesc], rows: usize) -> usize {
     let block = rows.min(block_rows(shape, layers));
@@ -97,7 +97,7 @@ pub fn backward_scratch_len(shape: &TileShape, layers: &[LayerDesc], rows: usize
         .unwrap_or(0);
     block
         .saturating_mul(widest(layers, shape.lanes))
-        .saturating_mul(3)
+        .saturating_mul(2)
         .saturating_add(packed)
 }
 
@@ -114,17 +114,19 @@ fn chunk_rows(shape: &TileShape, block: usize, width: usize) -> usize {
     block.min(shape.block_rows.max(PACKED_VALUES / width.max(1)))
 }
 
-/// How many values of transposed deltas (`out x block`) a block may hold: 64 KiB of f32, which
-/// stays in L2 beside the weights while every weight-gradient tile broadcasts from it.
-const TRANSPOSED_DELTA_VALUES: usize = 16 * 1024;
+/// How many values of deltas (`block x out`) a block may hold: 64 KiB of f32, which stays in
+/// L2 beside the weights while every weight-gradient tile broadcasts from it.
+const DELTA_VALUES: usize = 16 * 1024;
 /// The most forward blocks a backward block spans.
 const MAX_BLOCKS: usize = 4;
 
 /// Rows per block of the backward. A weight gradient's tiles run `k` over a block's rows and
 /// then add their sums to the gradient (a load, an add and a store per register), so a longer
-/// block amortizes that; but the block's transposed deltas must stay in L2. Measured on Zen 3:
-/// the seed's encoder (widest output 42) 1.14x faster at 1,024 rows and 1.23x at 4,096 with
-/// blocks 4x the forward's; its decoder (784) 0.88x with them, so it keeps the forward's.
+/// block amortizes that; but the block's deltas must stay in L2. Measured on Zen 3 (with the
+/// deltas transposed then): the seed's encoder (widest output 42) 1.14x faster at 1,024 rows
+/// and 1.23x at 4,096 with blocks 4x the forward's; its decoder (784) 0.88x with them, so it
+/// keeps the forward's. Read in place, the seed AE's (784) ran as fast with blocks of 32 or 160
+/// rows as with 64 (Emerald Rapids, within this VM's noise).
 fn block_rows(shape: &TileShape, layers: &[LayerDesc]) -> usize {
     let widest_out = layers
         .iter()
@@ -132,7 +134,7 @@ fn block_rows(shape: &TileShape, layers: &[LayerDesc]) -> usize {
         .max()
         .unwrap_or(1)
         .max(1);
-    let fitting = TRANSPOSED_DELTA_VALUES / widest_out / shape.mr * shape.mr;
+    let fitting = DELTA_VALUES / widest_out / shape.mr * shape.mr;
     fitting.clamp(shape.block_rows, MAX_BLOCKS * shape.block_rows)
 }
 
@@ -292,7 +294,6 @@ pub(super) unsafe fn backward_rows<V: LoadFrom<W>, W, const MR: usize, const NV_
             buffers[0]
         }
     };
-    let (delta_t, rest) = rest.split_at_mut(block_rows * widest);
     let panel_width = NV_MAX * V::LANES;
     // A chunk of a layer's inputs packed for its weight gradient.
     let packed = rest;
@@ -332,8 +333,10 @@ pub(super) unsafe fn backward_rows<V: LoadFrom<W>, W, const MR: usize, const NV_
                 std::ptr::null_mut()
             };
             // SAFETY: the buffers hold `block` rows at the strides given (checked above and by
-            // `check_chain`); `delta`, `delta_t`, `grad_below` and `pre` each hold `block` rows of
-            // `widest >= padded(width)` values for every width of the chain, `packed`
+            // `check_chain`); `delta`, `grad_below` and `pre` each hold `block` rows of
+            // `widest >= padded(width)` values for every width of the chain (a weight
+            // gradient's tile reads `delta`'s columns `first..first + MR.min(out - first)` of
+            // rows `chunk_start..chunk_start + chunk`, `ld_delta >= out` apart), `packed`
             // `chunk_rows x padded(k)` values for every layer (`backward_scratch_len`); the
             // weight panels are the caller's `out x k` matrices and every tile reads columns
             // `< k` of them (`last_lanes` masks the rest); the gradient rows are whole registers
@@ -368,7 +371,7 @@ pub(super) unsafe fn backward_rows<V: LoadFrom<W>, W, const MR: usize, const NV_
                     };
                 // The inputs' gradient first: its tiles read `delta` row by row, fetching each next
                 // tile's rows as they go (a 784-wide `grad_output` streams from memory), so the
-                // transpose below finds the block in cache.
+                // weight gradient's tiles below, a row of `delta` a step, find the block in cache.
                 let below_wanted = !(index == lowest && (index > 0 || grad_input.is_none()));
                 let mut below_gradient = None;
                 if below_wanted {
@@ -387,6 +390,7 @@ pub(super) unsafe fn backward_rows<V: LoadFrom<W>, W, const MR: usize, const NV_
                             let tile = Tile {
                                 a: delta.add(row * ld_delta),
                                 lda: ld_delta,
+                                k_stride: 1,
                                 k: out,
                                 panel: weight.add(col),
                                 panel_stride: k,
@@ -406,7 +410,6 @@ pub(super) unsafe fn backward_rows<V: LoadFrom<W>, W, const MR: usize, const NV_
                     below_gradient = Some((below_grad, ld_below_grad));
                 }
                 if needs_params {
-                    transpose::<V>(delta, ld_delta, block, out, delta_t.as_mut_ptr(), block);
                     let place = places[index];
                     let weight_grad = grads[place.weight_at..].as_mut_ptr();
                     // A chunk of rows at a time (`chunk_rows`: its packed inputs stay in L2),
@@ -440,8 +443,9 @@ pub(super) unsafe fn backward_rows<V: LoadFrom<W>, W, const MR: usize, const NV_
                             let stored = width + usize::from(ones_column && col + width == k);
                             for first in (0..out).step_by(MR) {
                                 let tile = Tile {
-                                    a: delta_t.as_ptr().add(first * block + chunk_start),
-                                    lda: block,
+                                    a: delta.add(chunk_start * ld_delta + first),
+                                    lda: 1,
+                                    k_stride: ld_delta,
                                     k: chunk,
                                     panel: packed.as_ptr().add(col * chunk),
                                     panel_stride: nv * V::LANES,

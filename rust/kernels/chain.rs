@@ -404,6 +404,7 @@ unsafe fn forward_rows_in_lanes<V: LoadFrom<W>, W, const MR: usize, const NV_MAX
                     let tile = Tile {
                         a: weights.add(first * lda),
                         lda,
+                        k_stride: 1,
                         k: layer.in_features,
                         panel: src,
                         panel_stride: block,
@@ -415,7 +416,7 @@ unsafe fn forward_rows_in_lanes<V: LoadFrom<W>, W, const MR: usize, const NV_MAX
                         ldo: block,
                         prefetch_out: false,
                     };
-                    tile_rows::<V, W, V::Elem, MR, NV_MAX>(
+                    tile_rows::<V, W, V::Elem, MR, NV_MAX, false>(
                         tile_outs.min(out - first),
                         NV_MAX,
                         &tile,
@@ -600,6 +601,7 @@ unsafe fn tile_at<V: LoadFrom<W>, W, const MR: usize, const NV_MAX: usize>(
         let tile = Tile {
             a: at.src.add(row * at.src_stride),
             lda: at.src_stride,
+            k_stride: 1,
             k: layer.in_features,
             panel: at
                 .weights
@@ -614,6 +616,6 @@ unsafe fn tile_at<V: LoadFrom<W>, W, const MR: usize, const NV_MAX: usize>(
             ldo: at.dst_stride,
             prefetch_out: at.dst_is_output,
         };
-        tile_rows::<V, V::Elem, W, MR, NV_MAX>((at.rows - row).min(MR), nv, &tile);
+        tile_rows::<V, V::Elem, W, MR, NV_MAX, false>((at.rows - row).min(MR), nv, &tile);
     }
 }

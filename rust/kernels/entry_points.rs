@@ -110,7 +110,7 @@ macro_rules! target_kernels {
             #[inline(never)]
             unsafe fn backward_tile(rows: usize, registers: usize, tile: &Tile<Elem, Elem, Elem>) {
                 // SAFETY: forwarded from the caller.
-                unsafe { tile_rows::<$register, Elem, Elem, { $mr }, { $nv_max }>(rows, registers, tile) }
+                unsafe { tile_rows::<$register, Elem, Elem, { $mr }, { $nv_max }, true>(rows, registers, tile) }
             }
 
             /// # Safety

@@ -121,7 +121,12 @@ unsafe fn dot_tile<V: LoadFrom<W>, W, const R: usize, const C: usize>(tile: &Dot
 /// the activations and `B` the packed weights; with rows in the lanes, the other way round.
 pub(super) struct Tile<A, B, T> {
     pub(super) a: *const A,
+    /// Values from one tile row of `a` to the next.
     pub(super) lda: usize,
+    /// Values from one step of `k` in `a` to the next: read only by the `STRIDED` tiles (the
+    /// backward's weight gradients, whose `a` is `delta` read in place: one step a row, the
+    /// tile's rows side by side), 1 for the others.
+    pub(super) k_stride: usize,
     pub(super) k: usize,
     pub(super) panel: *const B,
     /// Values from one panel row to the next: the panel's width where it is packed, a matrix's
@@ -315,9 +320,11 @@ unsafe fn grouped_tile_width<V, T: GroupedTile<V>, const NV: usize, const MR: us
 }
 
 /// Picks the register tile for a run-time row count (`1..=MR`) and width (`1..=NV_MAX` registers).
+/// `STRIDED`: `a`'s steps of `k` lie `tile.k_stride` apart (see [`register_tile`]).
 ///
 /// # Safety
-/// `tile` points at `rows` valid input rows, a panel of `k` rows `panel_stride` apart, each of
+/// `tile` points at `rows` valid input rows (`k` values each, `k_stride` apart with
+/// `STRIDED`), a panel of `k` rows `panel_stride` apart, each of
 /// `(nv - 1) * LANES + last_lanes` readable values, the values its [`Seed`] reads, and room
 /// for the outputs.
 #[inline(always)]
@@ -327,6 +334,7 @@ pub(super) unsafe fn tile_rows<
     B,
     const MR: usize,
     const NV_MAX: usize,
+    const STRIDED: bool,
 >(
     rows: usize,
     nv: usize,
@@ -344,25 +352,27 @@ pub(super) unsafe fn tile_rows<
     // SAFETY: forwarded from the caller.
     unsafe {
         match (nv, half) {
-            (1, false) => tile_width::<V, A, B, 1, false, MR>(rows, tile),
+            (1, false) => tile_width::<V, A, B, 1, false, MR, STRIDED>(rows, tile),
             (2, false) if AtMost::<2, NV_MAX>::HOLDS => {
-                tile_width::<V, A, B, 2, false, MR>(rows, tile)
+                tile_width::<V, A, B, 2, false, MR, STRIDED>(rows, tile)
             }
             (3, false) if AtMost::<3, NV_MAX>::HOLDS => {
-                tile_width::<V, A, B, 3, false, MR>(rows, tile)
+                tile_width::<V, A, B, 3, false, MR, STRIDED>(rows, tile)
             }
             (4, false) if AtMost::<4, NV_MAX>::HOLDS => {
-                tile_width::<V, A, B, 4, false, MR>(rows, tile)
+                tile_width::<V, A, B, 4, false, MR, STRIDED>(rows, tile)
             }
-            (1, true) if Halves::<V>::EXIST => tile_width::<V, A, B, 1, true, MR>(rows, tile),
+            (1, true) if Halves::<V>::EXIST => {
+                tile_width::<V, A, B, 1, true, MR, STRIDED>(rows, tile)
+            }
             (2, true) if Halves::<V>::EXIST && AtMost::<2, NV_MAX>::HOLDS => {
-                tile_width::<V, A, B, 2, true, MR>(rows, tile)
+                tile_width::<V, A, B, 2, true, MR, STRIDED>(rows, tile)
             }
             (3, true) if Halves::<V>::EXIST && AtMost::<3, NV_MAX>::HOLDS => {
-                tile_width::<V, A, B, 3, true, MR>(rows, tile)
+                tile_width::<V, A, B, 3, true, MR, STRIDED>(rows, tile)
             }
             (4, true) if Halves::<V>::EXIST && AtMost::<4, NV_MAX>::HOLDS => {
-                tile_width::<V, A, B, 4, true, MR>(rows, tile)
+                tile_width::<V, A, B, 4, true, MR, STRIDED>(rows, tile)
             }
             _ => unreachable!("panels are at most {NV_MAX} registers wide"),
         }
@@ -385,6 +395,7 @@ unsafe fn tile_width<
     const NV: usize,
     const HALF: bool,
     const MR: usize,
+    const STRIDED: bool,
 >(
     rows: usize,
     tile: &Tile<A, B, V::Elem>,
@@ -394,14 +405,14 @@ unsafe fn tile_width<
         // Few rows give few independent accumulators, too few to hide the FMA latency: split
         // `k` across extra accumulator sets (summed at the end) so batch 1 runs at throughput.
         match rows {
-            1 => register_tile::<V, A, B, 1, NV, 4, HALF>(tile),
-            2 if AtMost::<2, MR>::HOLDS => register_tile::<V, A, B, 2, NV, 2, HALF>(tile),
-            3 if AtMost::<3, MR>::HOLDS => register_tile::<V, A, B, 3, NV, 1, HALF>(tile),
-            4 if AtMost::<4, MR>::HOLDS => register_tile::<V, A, B, 4, NV, 1, HALF>(tile),
-            5 if AtMost::<5, MR>::HOLDS => register_tile::<V, A, B, 5, NV, 1, HALF>(tile),
-            6 if AtMost::<6, MR>::HOLDS => register_tile::<V, A, B, 6, NV, 1, HALF>(tile),
-            7 if AtMost::<7, MR>::HOLDS => register_tile::<V, A, B, 7, NV, 1, HALF>(tile),
-            8 if AtMost::<8, MR>::HOLDS => register_tile::<V, A, B, 8, NV, 1, HALF>(tile),
+            1 => register_tile::<V, A, B, 1, NV, 4, HALF, STRIDED>(tile),
+            2 if AtMost::<2, MR>::HOLDS => register_tile::<V, A, B, 2, NV, 2, HALF, STRIDED>(tile),
+            3 if AtMost::<3, MR>::HOLDS => register_tile::<V, A, B, 3, NV, 1, HALF, STRIDED>(tile),
+            4 if AtMost::<4, MR>::HOLDS => register_tile::<V, A, B, 4, NV, 1, HALF, STRIDED>(tile),
+            5 if AtMost::<5, MR>::HOLDS => register_tile::<V, A, B, 5, NV, 1, HALF, STRIDED>(tile),
+            6 if AtMost::<6, MR>::HOLDS => register_tile::<V, A, B, 6, NV, 1, HALF, STRIDED>(tile),
+            7 if AtMost::<7, MR>::HOLDS => register_tile::<V, A, B, 7, NV, 1, HALF, STRIDED>(tile),
+            8 if AtMost::<8, MR>::HOLDS => register_tile::<V, A, B, 8, NV, 1, HALF, STRIDED>(tile),
             _ => unreachable!("register tiles are at most {MR} rows"),
         }
     }
@@ -410,7 +421,8 @@ unsafe fn tile_width<
 /// The microkernel: `R x NV` registers of accumulators seeded as [`Seed`] says, one broadcast of an
 /// input value and `NV` panel loads per step of `k`, the post-op applied in registers. With
 /// `KS > 1`, consecutive steps of `k` go to `KS` separate accumulator sets, added up before the
-/// post-op.
+/// post-op. With `STRIDED`, `a`'s steps of `k` lie `k_stride` apart (and the tile fetches no
+/// rows ahead: its rows share lines); else 1, a constant, so the forward's loop is as before.
 ///
 /// # Safety
 /// As for [`tile_rows`], with `rows == R` and `nv == NV`.
@@ -423,11 +435,13 @@ unsafe fn register_tile<
     const NV: usize,
     const KS: usize,
     const HALF: bool,
+    const STRIDED: bool,
 >(
     tile: &Tile<A, B, V::Elem>,
 ) {
     let lanes = V::LANES;
     let step = tile.panel_stride;
+    let k_stride = if STRIDED { tile.k_stride } else { 1 };
     // SAFETY: the caller guarantees the ISA and that `R` rows of `k` inputs, `k` panel rows of
     // `(NV - 1) * LANES + last_lanes` values, the seed's values (`NV * LANES` column biases,
     // `(NV - 1) * LANES + last_lanes` with
@@ -477,7 +491,7 @@ unsafe fn register_tile<
         let mut panel = tile.panel;
         let line = 64 / std::mem::size_of::<A>();
         for iteration in 0..tile.k / KS {
-            if (iteration * KS).is_multiple_of(line) {
+            if !STRIDED && (iteration * KS).is_multiple_of(line) {
                 // Once per cache line: fetch the same columns of the next tile's rows, so a large
                 // input streaming from memory is in cache one tile ahead (the hardware prefetcher
                 // alone misses the start of every row).
@@ -488,11 +502,11 @@ unsafe fn register_tile<
             for (s, set) in acc.iter_mut().enumerate() {
                 let b = panel_row::<V, B, NV>(panel.add(s * step), tile.last_lanes);
                 for (r, row) in set.iter_mut().enumerate() {
-                    let x = <V as LoadFrom<A>>::splat_from(a.add(r * tile.lda + s));
+                    let x = <V as LoadFrom<A>>::splat_from(a.add(r * tile.lda + s * k_stride));
                     multiply_add_row::<V, NV, HALF>(x, &b, row);
                 }
             }
-            a = a.add(KS);
+            a = a.add(KS * k_stride);
             panel = panel.add(KS * step);
         }
         for _ in 0..tile.k % KS {
@@ -501,7 +515,7 @@ unsafe fn register_tile<
                 let x = <V as LoadFrom<A>>::splat_from(a.add(r * tile.lda));
                 multiply_add_row::<V, NV, HALF>(x, &b, row);
             }
-            a = a.add(1);
+            a = a.add(k_stride);
             panel = panel.add(step);
         }
         let total = sum_sets(&acc);
