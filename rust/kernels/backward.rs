@@ -19,7 +19,7 @@
 
 use super::chain::{check_chain, saved_columns};
 use super::gradient::{column_sums, delta_rows, load_upto};
-use super::microkernel::{Seed, Tile};
+use super::microkernel::{FetchAhead, Seed, Tile};
 use super::{
     padded, Element, LayerDesc, LoadFrom, Packed, PostOp, SimdVec, StoredEpilogue, TileShape,
     LINE_BYTES,
@@ -316,10 +316,11 @@ pub(super) unsafe fn backward_rows<V: LoadFrom<W>, W, const MR: usize, const NV_
             let layer = &layers[index];
             let (k, out) = (layer.in_features, layer.out_features);
             // The layer's inputs and outputs as the forward left them.
-            let (below, ld_below) = match index.checked_sub(1).and_then(|i| columns[i].outputs) {
-                Some(at) => (saved[at..].as_ptr(), saved_width),
-                None => (input.as_ptr(), first_in),
-            };
+            let (below, ld_below, all_below) =
+                match index.checked_sub(1).and_then(|i| columns[i].outputs) {
+                    Some(at) => (saved[at..].as_ptr(), saved_width, inputs.saved),
+                    None => (input.as_ptr(), first_in, inputs.input),
+                };
             // What the op's gradient reads: its pre-activations, or its outputs.
             let (value, ld_value) = match (columns[index].pre, columns[index].outputs) {
                 (Some(at), _) | (None, Some(at)) => (saved[at..].as_ptr(), saved_width),
@@ -403,6 +404,7 @@ pub(super) unsafe fn backward_rows<V: LoadFrom<W>, W, const MR: usize, const NV_
                                 // The caller's array may be far from cache (12.8 MB at 4,096 rows
                                 // of 784).
                                 prefetch_out: direct,
+                                fetch: FetchAhead::NONE,
                             };
                             (calls.tile)(MR.min(block - row), nv, &tile);
                         }
@@ -427,15 +429,16 @@ pub(super) unsafe fn backward_rows<V: LoadFrom<W>, W, const MR: usize, const NV_
                             ones_column,
                             packed.as_mut_ptr(),
                         );
-                        // The rows after this chunk (the next chunk's, or the next block's),
-                        // fetched into L2 a share after each tile while the tiles multiply: a
-                        // wide input does not fit in L2, and its packing waited on memory.
-                        let ahead = below.wrapping_add((chunk_start + chunk) * ld_below);
-                        let ahead_lines =
-                            (chunk * ld_below * size_of::<V::Elem>()).div_ceil(LINE_BYTES);
-                        let lines_per_tile =
-                            ahead_lines.div_ceil(k.div_ceil(panel_width) * out.div_ceil(MR));
-                        let mut fetched = 0;
+                        // The rows after this chunk (the next chunk's, or the next block's), whole
+                        // rows, fetched into L2 by the tiles a few lines a step as they multiply
+                        // (a wide input does not fit in L2, and its packing waited on memory):
+                        // each tile a part, a step every cache line of its `k`.
+                        let next_row = (block_start + chunk_start + chunk).min(rows);
+                        let next_rows = chunk.min(rows - next_row);
+                        let ahead = &all_below[next_row * ld_below..][..next_rows * ld_below];
+                        let tiles = k.div_ceil(panel_width) * out.div_ceil(MR);
+                        let steps = chunk.div_ceil(LINE_BYTES / size_of::<V::Elem>());
+                        let mut tile_index = 0;
                         for col in (0..k).step_by(panel_width) {
                             let width = panel_width.min(k - col);
                             let nv = width.div_ceil(V::LANES);
@@ -456,14 +459,10 @@ pub(super) unsafe fn backward_rows<V: LoadFrom<W>, W, const MR: usize, const NV_
                                     out: weight_grad.add(first * place.weight_stride + col),
                                     ldo: place.weight_stride,
                                     prefetch_out: false,
+                                    fetch: FetchAhead::part(ahead, tiles, tile_index, steps),
                                 };
                                 (calls.tile)(MR.min(out - first), nv, &tile);
-                                let end = ahead_lines.min(fetched + lines_per_tile);
-                                for line in fetched..end {
-                                    let at = ahead.cast::<u8>().wrapping_add(line * LINE_BYTES);
-                                    V::prefetch_to_l2(at.cast());
-                                }
-                                fetched = end;
+                                tile_index += 1;
                             }
                         }
                     }

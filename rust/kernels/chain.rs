@@ -4,7 +4,9 @@
 //! [`forward_rows`].
 
 use super::epilogue::StoredEpilogue;
-use super::microkernel::{dot_tile_rows, tile_rows, DotTile, Seed, Tile, DOT_OUTS, DOT_ROWS};
+use super::microkernel::{
+    dot_tile_rows, tile_rows, DotTile, FetchAhead, Seed, Tile, DOT_OUTS, DOT_ROWS,
+};
 use super::{
     padded, LayerDesc, LoadFrom, Packed, Panels, PostOp, SimdVec, TileShape, L1_HALF_BYTES,
 };
@@ -415,6 +417,7 @@ unsafe fn forward_rows_in_lanes<V: LoadFrom<W>, W, const MR: usize, const NV_MAX
                         out: dst.add(first * block),
                         ldo: block,
                         prefetch_out: false,
+                        fetch: FetchAhead::NONE,
                     };
                     tile_rows::<V, W, V::Elem, MR, NV_MAX, false>(
                         tile_outs.min(out - first),
@@ -615,6 +618,7 @@ unsafe fn tile_at<V: LoadFrom<W>, W, const MR: usize, const NV_MAX: usize>(
             out: at.dst.add(row * at.dst_stride + col),
             ldo: at.dst_stride,
             prefetch_out: at.dst_is_output,
+            fetch: FetchAhead::NONE,
         };
         tile_rows::<V, V::Elem, W, MR, NV_MAX, false>((at.rows - row).min(MR), nv, &tile);
     }

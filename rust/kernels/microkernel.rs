@@ -142,6 +142,10 @@ pub(super) struct Tile<A, B, T> {
     pub(super) ldo: usize,
     /// Fetch the output lines before the multiply-adds (see `register_tile`).
     pub(super) prefetch_out: bool,
+    /// Lines to fetch into L2 as the multiply-adds go, a step every cache line of `a`'s `k`:
+    /// read only by the `STRIDED` tiles (the backward's weight gradients fetch the next chunk
+    /// of their inputs), [`FetchAhead::NONE`] for the others.
+    pub(super) fetch: FetchAhead,
 }
 
 /// What a register tile's accumulators start from.
@@ -206,8 +210,17 @@ impl FetchAhead {
         tile: usize,
         steps: usize,
     ) -> FetchAhead {
-        let (start, bytes) = (next_block.as_ptr().cast::<u8>(), size_of_val(next_block));
-        if layer != 0 || bytes == 0 || tiles == 0 || steps == 0 {
+        if layer != 0 {
+            return FetchAhead::NONE;
+        }
+        FetchAhead::part(next_block, tiles, tile, steps)
+    }
+
+    /// Tile `tile`'s part of the lines of `values`, cut into `tiles` parts in order, to fetch
+    /// over `steps` steps.
+    pub(super) fn part<T>(values: &[T], tiles: usize, tile: usize, steps: usize) -> FetchAhead {
+        let (start, bytes) = (values.as_ptr().cast::<u8>(), size_of_val(values));
+        if bytes == 0 || tiles == 0 || steps == 0 {
             return FetchAhead::NONE;
         }
         let offset = start as usize % LINE_BYTES;
@@ -421,8 +434,9 @@ unsafe fn tile_width<
 /// The microkernel: `R x NV` registers of accumulators seeded as [`Seed`] says, one broadcast of an
 /// input value and `NV` panel loads per step of `k`, the post-op applied in registers. With
 /// `KS > 1`, consecutive steps of `k` go to `KS` separate accumulator sets, added up before the
-/// post-op. With `STRIDED`, `a`'s steps of `k` lie `k_stride` apart (and the tile fetches no
-/// rows ahead: its rows share lines); else 1, a constant, so the forward's loop is as before.
+/// post-op. With `STRIDED`, `a`'s steps of `k` lie `k_stride` apart, and once per cache line of
+/// them the tile fetches its lines of [`Tile::fetch`]; else they lie 1 apart, a constant, so
+/// the forward's loop is as before, and it fetches the next tile's rows of `a`.
 ///
 /// # Safety
 /// As for [`tile_rows`], with `rows == R` and `nv == NV`.
@@ -489,14 +503,19 @@ unsafe fn register_tile<
         }
         let mut a = tile.a;
         let mut panel = tile.panel;
+        let mut fetch = tile.fetch;
         let line = 64 / std::mem::size_of::<A>();
         for iteration in 0..tile.k / KS {
-            if !STRIDED && (iteration * KS).is_multiple_of(line) {
-                // Once per cache line: fetch the same columns of the next tile's rows, so a large
-                // input streaming from memory is in cache one tile ahead (the hardware prefetcher
-                // alone misses the start of every row).
-                for r in 0..R {
-                    V::prefetch(a.wrapping_add((R + r) * tile.lda).cast());
+            if (iteration * KS).is_multiple_of(line) {
+                if STRIDED {
+                    fetch.step::<V>();
+                } else {
+                    // Once per cache line: fetch the same columns of the next tile's rows, so a
+                    // large input streaming from memory is in cache one tile ahead (the
+                    // hardware prefetcher alone misses the start of every row).
+                    for r in 0..R {
+                        V::prefetch(a.wrapping_add((R + r) * tile.lda).cast());
+                    }
                 }
             }
             for (s, set) in acc.iter_mut().enumerate() {
