@@ -142,9 +142,10 @@ pub(super) struct Tile<A, B, T> {
     pub(super) ldo: usize,
     /// Fetch the output lines before the multiply-adds (see `register_tile`).
     pub(super) prefetch_out: bool,
-    /// Lines to fetch into L2 as the multiply-adds go, a step every cache line of `a`'s `k`:
-    /// read only by the `STRIDED` tiles (the backward's weight gradients fetch the next chunk
-    /// of their inputs), [`FetchAhead::NONE`] for the others.
+    /// Lines to fetch into L2 as the multiply-adds go, a step every cache line of `a`'s `k`,
+    /// instead of the next tile's rows of `a`: read only by the `STRIDED` tiles (the
+    /// backward's weight gradients fetch the next chunk of their inputs), [`FetchAhead::NONE`]
+    /// for the others.
     pub(super) fetch: FetchAhead,
 }
 
@@ -434,9 +435,10 @@ unsafe fn tile_width<
 /// The microkernel: `R x NV` registers of accumulators seeded as [`Seed`] says, one broadcast of an
 /// input value and `NV` panel loads per step of `k`, the post-op applied in registers. With
 /// `KS > 1`, consecutive steps of `k` go to `KS` separate accumulator sets, added up before the
-/// post-op. With `STRIDED`, `a`'s steps of `k` lie `k_stride` apart, and once per cache line of
-/// them the tile fetches its lines of [`Tile::fetch`]; else they lie 1 apart, a constant, so
-/// the forward's loop is as before, and it fetches the next tile's rows of `a`.
+/// post-op. With `STRIDED`, `a`'s steps of `k` lie `k_stride` apart; else 1 apart, a constant,
+/// so the forward's loop is as before. Once per cache line of `k` the tile fetches its lines of
+/// [`Tile::fetch`] where it has any (`STRIDED` only), else, where `a`'s rows are contiguous, the
+/// same columns of the next tile's rows.
 ///
 /// # Safety
 /// As for [`tile_rows`], with `rows == R` and `nv == NV`.
@@ -507,9 +509,9 @@ unsafe fn register_tile<
         let line = 64 / std::mem::size_of::<A>();
         for iteration in 0..tile.k / KS {
             if (iteration * KS).is_multiple_of(line) {
-                if STRIDED {
+                if STRIDED && fetch.has_lines() {
                     fetch.step::<V>();
-                } else {
+                } else if k_stride == 1 {
                     // Once per cache line: fetch the same columns of the next tile's rows, so a
                     // large input streaming from memory is in cache one tile ahead (the
                     // hardware prefetcher alone misses the start of every row).
