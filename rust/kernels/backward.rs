@@ -125,8 +125,9 @@ const MAX_BLOCKS: usize = 4;
 /// block amortizes that; but the block's deltas must stay in L2. Measured on Zen 3 (with the
 /// deltas transposed then): the seed's encoder (widest output 42) 1.14x faster at 1,024 rows
 /// and 1.23x at 4,096 with blocks 4x the forward's; its decoder (784) 0.88x with them, so it
-/// keeps the forward's. Read in place, the seed AE's (784) ran as fast with blocks of 32 or 160
-/// rows as with 64 (Emerald Rapids, within this VM's noise).
+/// keeps the forward's. With the deltas read in place, the seed AE (784) ran 0.94-1.00x with
+/// blocks of 160 rows and 1.00-1.05x with 32 against its 64 (Emerald Rapids, 1 thread, noisy):
+/// it keeps them.
 fn block_rows(shape: &TileShape, layers: &[LayerDesc]) -> usize {
     let widest_out = layers
         .iter()
