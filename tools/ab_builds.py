@@ -130,7 +130,7 @@ def main() -> None:
             # With a pool, the builds take turns going first; without, the fixed order.
             turn = round_ % len(calls) if args.pool_mb else 0
             for index in [*range(turn, len(calls)), *range(turn)]:
-                call_input = next(fresh) if args.pool_mb else x
+                call_input = next(fresh)
                 start = time.perf_counter()
                 calls[index](call_input)
                 times[index].append(time.perf_counter() - start)
