@@ -442,7 +442,8 @@ impl Weights<f32> for i8 {
     fn kernel_for(isa: Isa) -> Option<Kernel<i8, f32>> {
         #[cfg(target_arch = "x86_64")]
         if multiplies_int8(isa) {
-            return Some(kernels::avx512::kernel_int8_quads());
+            let kernel = kernels::avx512::kernel_int8_quads();
+            return Some(kernel.with_half_registers(half_registers_cheaper(isa)));
         }
         let _ = isa;
         None

@@ -55,6 +55,7 @@ fn shape_error<T>(message: String) -> Result<T, Error> {
 /// out chunks costs more than it saves. Above it, 16 rows of the 784-42-16 encoder already run
 /// 1.8x faster on two threads than on one (the pool's threads spin between calls).
 const SMALL_CALL_FLOPS: usize = 1_000_000;
+
 /// Largest scratch buffer a thread keeps between calls.
 const SCRATCH_KEEP_BYTES: usize = 8 << 20;
 /// Row chunks per thread, so a thread slowed by a noisy neighbour does not hold up the call.
@@ -1096,7 +1097,11 @@ mod tests {
                 found.push((name, Isa::Avx512, widening));
             }
             if std::arch::is_x86_feature_detected!("avx512bf16") {
-                found.push(("avx512 bf16 pairs".into(), Isa::Avx512, kernel_bf16_pairs()));
+                for half in [false, true] {
+                    let pairs = kernel_bf16_pairs().with_half_registers(half);
+                    let name = format!("avx512 bf16 pairs half={half}");
+                    found.push((name, Isa::Avx512, pairs));
+                }
             }
         }
         found
@@ -1115,12 +1120,60 @@ mod tests {
         );
     }
 
-    /// Every int8 kernel this CPU runs: AVX512_VNNI's.
+    /// Every int8 kernel this CPU runs: AVX512_VNNI's, with and without the cheaper half
+    /// registers (and the dot form beside them: 784 -> 42 as 40 + 2).
     fn int8_kernels() -> Vec<(String, Isa, Kernel<i8, f32>)> {
-        dispatch::available()
-            .into_iter()
-            .filter_map(|isa| Some((format!("{isa} int8"), isa, i8::kernel_for(isa)?)))
-            .collect()
+        let mut found = Vec::new();
+        for isa in dispatch::available() {
+            if let Some(kernel) = i8::kernel_for(isa) {
+                for half in [false, true] {
+                    let name = format!("{isa} int8 half={half}");
+                    found.push((name, isa, kernel.with_half_registers(half)));
+                }
+            }
+        }
+        found
+    }
+
+    /// An int8 chain computes the same bits with the half registers and the dot form as with
+    /// panels of whole registers: its sums are exact integers, and a dot-form output's float
+    /// epilogue is the tiles', operation for operation.
+    #[test]
+    fn int8_half_registers_and_dot_form_change_no_bit() {
+        let mut rng = SmallRng::seed_from_u64(23);
+        for (name, isa, kernel) in int8_kernels() {
+            if !name.ends_with("half=true") {
+                continue;
+            }
+            for widths in CHAINS {
+                let layers = random_chain(&mut rng, widths, false);
+                let layers = with_random_ops(&mut rng, layers, false);
+                let layers32 = to_f32(&layers);
+                let specs: Vec<_> = layers32.iter().map(OwnedLayer::spec).collect();
+                let half = Mlp::<f32, i8>::with_kernel(&specs, isa, kernel).unwrap();
+                let whole =
+                    Mlp::<f32, i8>::with_kernel(&specs, isa, kernel.with_half_registers(false))
+                        .unwrap();
+                if widths[..2] == [784, 42] {
+                    let layer = half.packed.view().layers[0];
+                    assert_eq!((layer.dot_from, layer.padded_out), (40, 42), "{name}");
+                }
+                for &rows in BATCHES {
+                    let input: Vec<f32> = (0..rows * widths[0])
+                        .map(|_| rng.random_range(-2.0f32..2.0))
+                        .collect();
+                    let mut got = vec![0.0f32; rows * half.out_features()];
+                    let mut want = got.clone();
+                    half.forward(&input, &mut got).unwrap();
+                    whole.forward(&input, &mut want).unwrap();
+                    let same = got
+                        .iter()
+                        .zip(&want)
+                        .all(|(g, w)| g.to_bits() == w.to_bits());
+                    assert!(same, "{name} {widths:?} rows={rows}");
+                }
+            }
+        }
     }
 
     /// The int8 kernels as the bf16 ones, within [`Precision::INT8`](crate::oracle::Precision)'s

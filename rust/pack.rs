@@ -320,8 +320,8 @@ impl<W: Storage<T>, T: Element> PackedChain<W, T> {
                     "values kept per output need grouped panels"
                 );
                 pack_panels(shape, spec, layer, weights.as_mut_slice(), transpose);
+                pack_rows(shape, spec, layer, weights.as_mut_slice());
             }
-            pack_rows(shape, spec, layer, weights.as_mut_slice());
             if let Some(bias) = spec.bias {
                 biases.as_mut_slice()[layer.bias_at..][..spec.out_features].copy_from_slice(bias);
             }
@@ -417,10 +417,11 @@ fn pack_panels<W: Storage<T>, T: Element>(
 }
 
 /// Writes `spec`'s panels for a kernel taking `k` in groups ([`TileShape::k_group`]) at
-/// `layer.weights_at`: panels of whole registers, each panel row one group of `k` for every
-/// column, the group's values side by side (`k_group = 2`: `W[c, 2p], W[c, 2p + 1]` for each
-/// column `c` of row `p`); zeros past the outputs and past `k`. Each output's channel values
-/// go to `channels`, `layer.padded_out` apart.
+/// `layer.weights_at`: panels of whole registers (the last one a half where
+/// [`TileShape::panel_columns`] says so), each panel row one group of `k` for every column, the
+/// group's values side by side (`k_group = 2`: `W[c, 2p], W[c, 2p + 1]` for each column `c` of
+/// row `p`); zeros past the outputs and past `k`. The dot-form outputs' rows as `pack_rows`
+/// lays them out. Each output's channel values go to `channels`, `layer.padded_out` apart.
 fn pack_grouped_panels<W: Storage<T>, T: Element>(
     shape: &TileShape,
     spec: &LayerSpec<'_, T>,
@@ -433,6 +434,14 @@ fn pack_grouped_panels<W: Storage<T>, T: Element>(
     let columns = shape.panel_columns(layer.dot_from);
     let mut stored = vec![W::zeroed(); k];
     let mut channel = vec![T::ZERO; W::CHANNEL_VALUES];
+    let padded_in = shape.padded(k);
+    for (c, weight_row) in spec.weight.chunks_exact(k).enumerate().skip(layer.dot_from) {
+        let at = layer.dot_at + (c - layer.dot_from) * padded_in;
+        W::store_channel(weight_row, &mut buffer[at..][..k], &mut channel);
+        for (i, &value) in channel.iter().enumerate() {
+            channels[i * layer.padded_out + c] = value;
+        }
+    }
     for (col, width) in shape.panels(columns).iter() {
         let panel = &mut buffer[layer.weights_at + col * grouped_k..][..width * grouped_k];
         for (c, weight_row) in spec
@@ -440,7 +449,7 @@ fn pack_grouped_panels<W: Storage<T>, T: Element>(
             .chunks_exact(k)
             .enumerate()
             .skip(col)
-            .take(width)
+            .take(width.min(layer.dot_from.saturating_sub(col)))
         {
             W::store_channel(weight_row, &mut stored, &mut channel);
             for (i, &value) in channel.iter().enumerate() {

@@ -40,11 +40,9 @@ impl TileShape {
     /// multiply-adds, bound it (42 -> 2 at 40 rows: 0.58 us, against 0.27 us in dot form).
     fn panel_cost(&self, in_features: usize, width: usize) -> usize {
         let whole = width / self.lanes * self.lanes;
-        let panels = self.panels(width);
-        let last_panel = panels.get(panels.count().saturating_sub(1)).1;
         let last = match width - whole {
             0 => 0,
-            tail if tail <= self.half_lanes && last_panel > self.lanes => self.half_lanes,
+            _ if self.ends_in_half(width) => self.half_lanes,
             _ => self.lanes,
         };
         in_features * (whole + last)
@@ -69,7 +67,9 @@ impl TileShape {
         if rows_in_lanes {
             return (0, out_features);
         }
-        if self.k_group > 1 {
+        // The grouped forms take a dot form only beside a half register: their dot form costs
+        // more than padding to a whole register does.
+        if self.k_group > 1 && self.half_lanes == 0 {
             return (out_features, self.padded(out_features));
         }
         let dot_from = self.dot_from(in_features, out_features);

@@ -28,6 +28,22 @@ unsafe fn opaque(value: __m512) -> __m512 {
     value
 }
 
+/// [`opaque`] for integer registers.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn opaque_bits(value: __m512i) -> __m512i {
+    let mut value = value;
+    // SAFETY: an empty template: nothing runs, the register passes through.
+    unsafe {
+        std::arch::asm!(
+            "/* {value} */",
+            value = inout(zmm_reg) value,
+            options(pure, nomem, nostack, preserves_flags),
+        );
+    }
+    value
+}
+
 #[derive(Clone, Copy, Debug)]
 struct F64x8(__m512d);
 
@@ -588,6 +604,52 @@ impl PairDot for F32x16 {
     }
 
     #[inline(always)]
+    unsafe fn dot_pairs_half(self, a: __m512bh, b: __m512bh) -> Self {
+        // SAFETY: the caller guarantees AVX512_BF16 and VL. The broadcast goes through
+        // `opaque_bits`, as `mul_add_half`'s does.
+        unsafe {
+            let a = std::mem::transmute::<__m512i, __m512bh>(opaque_bits(std::mem::transmute::<
+                __m512bh,
+                __m512i,
+            >(a)));
+            let half = _mm256_dpbf16_ps(
+                _mm512_castps512_ps256(self.0),
+                std::mem::transmute::<__m256i, __m256bh>(_mm512_castsi512_si256(
+                    std::mem::transmute::<__m512bh, __m512i>(a),
+                )),
+                std::mem::transmute::<__m256i, __m256bh>(_mm512_castsi512_si256(
+                    std::mem::transmute::<__m512bh, __m512i>(b),
+                )),
+            );
+            F32x16(_mm512_castps256_ps512(half))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn load_pairs_half(ptr: *const Bf16) -> __m512bh {
+        // SAFETY: the caller guarantees 16 readable values and AVX-512F.
+        unsafe {
+            std::mem::transmute::<__m512i, __m512bh>(_mm512_castsi256_si512(_mm256_loadu_si256(
+                ptr.cast(),
+            )))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn load_pairs_partial(ptr: *const Bf16, count: usize) -> __m512bh {
+        // SAFETY: the caller guarantees `count <= 32` readable values and AVX-512BW; masked-off
+        // values are not read.
+        unsafe {
+            let mask = if count >= 32 {
+                u32::MAX
+            } else {
+                (1u32 << count) - 1
+            };
+            std::mem::transmute::<__m512i, __m512bh>(_mm512_maskz_loadu_epi16(mask, ptr.cast()))
+        }
+    }
+
+    #[inline(always)]
     unsafe fn store_rounded(self, ptr: *mut Bf16, count: usize) {
         // SAFETY: the caller guarantees `count <= 16` writable values, AVX512_BF16, BW and VL;
         // masked-off values are not written.
@@ -646,6 +708,46 @@ impl QuadDot for F32x16 {
         // SAFETY: the caller guarantees AVX512_VNNI. `vpdpbusd` takes its first source as u8,
         // its second as s8, and does not saturate (four products of at most 255 * 128 fit).
         unsafe { _mm512_dpbusd_epi32(sums, a, b) }
+    }
+
+    #[inline(always)]
+    unsafe fn dot_quads_half(sums: __m512i, a: __m512i, b: __m512i) -> __m512i {
+        // SAFETY: the caller guarantees AVX512_VNNI and VL. The broadcast goes through
+        // `opaque_bits`, as `mul_add_half`'s does.
+        unsafe {
+            let half = _mm256_dpbusd_epi32(
+                _mm512_castsi512_si256(sums),
+                _mm512_castsi512_si256(opaque_bits(a)),
+                _mm512_castsi512_si256(b),
+            );
+            _mm512_castsi256_si512(half)
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn load_quads_half(ptr: *const i8) -> __m512i {
+        // SAFETY: the caller guarantees 32 readable values and AVX-512F.
+        unsafe { _mm512_castsi256_si512(_mm256_loadu_si256(ptr.cast())) }
+    }
+
+    #[inline(always)]
+    unsafe fn load_quads_partial(ptr: *const i8, count: usize) -> __m512i {
+        // SAFETY: the caller guarantees `count <= 64` readable values and AVX-512BW; masked-off
+        // bytes are not read.
+        unsafe {
+            let mask = if count >= 64 {
+                u64::MAX
+            } else {
+                (1u64 << count) - 1
+            };
+            _mm512_maskz_loadu_epi8(mask, ptr)
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn total(sums: __m512i) -> i32 {
+        // SAFETY: the caller guarantees AVX-512F.
+        unsafe { _mm512_reduce_add_epi32(sums) }
     }
 
     #[inline(always)]

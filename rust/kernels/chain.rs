@@ -82,6 +82,7 @@ pub fn saved_width(layers: &[LayerDesc]) -> usize {
 /// Panics unless the chain, buffers and packing agree; after it, every pointer the loop nest
 /// forms stays inside its slice. Which form each layer takes is the cost model's business; what
 /// is checked here is only what the register tiles rely on.
+#[inline(always)]
 pub(super) fn check_chain<W, T>(
     shape: &TileShape,
     chain: &Packed<'_, W, T>,

@@ -173,6 +173,7 @@ macro_rules! target_kernels {
             Kernel {
                 shape: TileShape::for_register::<$register>($mr, $nv_max),
                 forward,
+                forward_by_halves: None,
                 backward: Some(backward),
                 peak,
                 peak_half: (half_register_lanes > 0).then_some(peak_half as _),
@@ -186,7 +187,8 @@ macro_rules! target_kernels {
 /// Defines `pub fn name() -> Kernel<$storage, f32>` for a form taking `k` in groups of
 /// `$k_group` (`pairs.rs`: bf16 pairs, `quads.rs`: int8 quads) on register type `$register`,
 /// its entry points (the form's loop nest `$forward` and ceiling loop `$peak`) compiled with
-/// `#[target_feature(enable = $features)]`; inference only (no backward).
+/// `#[target_feature(enable = $features)]`; inference only (no backward). The form takes
+/// the register type's half registers (and the dot form beside them) where they are cheaper.
 // Only x86-64 kernels use it so far.
 #[cfg_attr(not(target_arch = "x86_64"), allow(unused_macros))]
 macro_rules! grouped_kernel {
@@ -205,7 +207,7 @@ macro_rules! grouped_kernel {
             /// # Safety
             /// The CPU supports the ISA's features; the loop nest checks everything else.
             #[target_feature(enable = $features)]
-            unsafe fn forward(
+            unsafe fn forward_whole(
                 shape: &TileShape,
                 chain: Packed<'_, $storage, f32>,
                 input: &[f32],
@@ -215,7 +217,36 @@ macro_rules! grouped_kernel {
             ) {
                 // SAFETY: the caller guarantees the features; the loop nest checks the rest.
                 unsafe {
-                    $forward::<$register, { $mr }, { $nv_max }>(
+                    $forward::<$register, { $mr }, { $nv_max }, false>(
+                        shape,
+                        chain,
+                        input,
+                        output,
+                        scratch,
+                        saved,
+                        // Opaque, as in `target_kernels!`.
+                        std::hint::black_box(StoredEpilogue {
+                            tile: stored_tile,
+                            values: stored_values,
+                        }),
+                    )
+                }
+            }
+
+            /// # Safety
+            /// The CPU supports the ISA's features; the loop nest checks everything else.
+            #[target_feature(enable = $features)]
+            unsafe fn forward_halves(
+                shape: &TileShape,
+                chain: Packed<'_, $storage, f32>,
+                input: &[f32],
+                output: &mut [f32],
+                scratch: &mut [f32],
+                saved: Option<&mut [f32]>,
+            ) {
+                // SAFETY: the caller guarantees the features; the loop nest checks the rest.
+                unsafe {
+                    $forward::<$register, { $mr }, { $nv_max }, true>(
                         shape,
                         chain,
                         input,
@@ -244,12 +275,16 @@ macro_rules! grouped_kernel {
                     k_group: $k_group,
                     ..TileShape::for_register::<$register>($mr, $nv_max)
                 },
-                forward,
+                forward: forward_whole,
+                forward_by_halves: Some([
+                    forward_whole as $crate::kernels::ChainKernel<$storage, f32>,
+                    forward_halves,
+                ]),
                 backward: None,
                 peak,
                 peak_half: None,
                 transpose: None,
-                half_register_lanes: 0,
+                half_register_lanes: <$register as $crate::kernels::SimdVec>::HALF_LANES,
             }
         }
     };

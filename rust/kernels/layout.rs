@@ -23,8 +23,9 @@ pub struct TileShape {
     pub half_lanes: usize,
     /// Inputs one multiply-add instruction takes per output lane: 1 for an FMA, 2 for a kernel
     /// that multiplies bf16 pairs (`vdpbf16ps`). Above 1, every layer is packed as panels of
-    /// whole registers, `k` rounded up to whole groups, each panel row holding a group of `k`
-    /// for each output, interleaved (see `pairs.rs`); no dot form, no rows in the lanes.
+    /// whole registers (the last one a half where half registers are cheaper), `k` rounded up
+    /// to whole groups, each panel row holding a group of `k` for each output, interleaved (see
+    /// `pairs.rs`); a dot form only beside a half register; no rows in the lanes.
     pub k_group: usize,
 }
 
@@ -62,13 +63,28 @@ impl TileShape {
     }
 
     /// The columns a layer's panels hold for its first `dot_from` outputs: exactly those, or,
-    /// in groups of `k`, padded to whole registers (their tiles load whole registers only).
+    /// in groups of `k`, padded to whole registers, or to a half one where the last register
+    /// runs in its half (their tiles load whole or half registers only).
+    #[inline(always)]
     pub fn panel_columns(&self, dot_from: usize) -> usize {
-        if self.k_group > 1 {
-            self.padded(dot_from)
-        } else {
+        if self.k_group == 1 {
             dot_from
+        } else if self.ends_in_half(dot_from) {
+            dot_from.next_multiple_of(self.half_lanes)
+        } else {
+            self.padded(dot_from)
         }
+    }
+
+    /// Whether panels of `width` outputs end in a half register: where the outputs past the
+    /// last whole register fit in one, and the last panel holds more than that register (a half
+    /// register alone in its panel runs no faster than a whole one; see `plan.rs`).
+    #[inline(always)]
+    pub fn ends_in_half(&self, width: usize) -> bool {
+        let tail = width % self.lanes;
+        let panels = self.panels(width);
+        let last_panel = panels.get(panels.count().saturating_sub(1)).1;
+        0 < tail && tail <= self.half_lanes && last_panel > self.lanes
     }
 
     /// Batch rows in one rows-in-lanes block: a register tile's width.

@@ -277,34 +277,65 @@ pub(super) fn streams_output<V: SimdVec<Elem = f32>>(
 }
 
 /// A register tile of a form taking `k` in groups (the bf16 pairs, the int8 quads) on register
-/// type `V`, run with its shape as constants: `R` rows, `NV` registers, `KS` sets of sums over
-/// consecutive groups of `k`.
+/// type `V`, run with its shape as constants: `R` rows, `NV` registers (the last one in its half
+/// with `HALF`: its products, loads and stores cover [`SimdVec::HALF_LANES`] lanes), `KS` sets
+/// of sums over consecutive groups of `k`.
 pub(super) trait GroupedTile<V> {
     /// # Safety
     /// The tile's pointers cover `R` rows and `NV` registers (each form says what that means);
-    /// the CPU supports `V`'s ISA.
-    unsafe fn run<const R: usize, const NV: usize, const KS: usize>(&self);
+    /// `HALF` only where `V` has a half register; the CPU supports `V`'s ISA.
+    unsafe fn run<const R: usize, const NV: usize, const KS: usize, const HALF: bool>(&self);
 }
 
-/// Picks a grouped form's register tile for a run-time row count (`1..=MR`) and width
-/// (`1..=NV_MAX` registers), splitting `k` across extra sets of sums for few rows, as
-/// [`tile_rows`] does.
+/// Picks a grouped form's register tile for a run-time row count (`1..=MR`) and `width` in
+/// outputs (`1..=NV_MAX` registers, the last one a half where `width` ends in one), splitting
+/// `k` across extra sets of sums for few rows, as [`tile_rows`] does.
+///
+/// `HALVES`: whether the half-register tiles are compiled in (a width ending in a half register
+/// is then a bug).
 ///
 /// # Safety
-/// As [`GroupedTile::run`]'s, with `rows` rows and `registers` registers.
+/// As [`GroupedTile::run`]'s, with `rows` rows and `width` a whole number of registers, or of
+/// half registers where `V` has them and `HALVES`.
 #[inline(always)]
-pub(super) unsafe fn grouped_tile<V, T: GroupedTile<V>, const MR: usize, const NV_MAX: usize>(
+pub(super) unsafe fn grouped_tile<
+    V: SimdVec,
+    T: GroupedTile<V>,
+    const MR: usize,
+    const NV_MAX: usize,
+    const HALVES: bool,
+>(
     rows: usize,
-    registers: usize,
+    width: usize,
     tile: &T,
 ) {
+    let (registers, half) = (width.div_ceil(V::LANES), !width.is_multiple_of(V::LANES));
+    debug_assert!(!half || width % V::LANES == V::HALF_LANES);
     // SAFETY: forwarded from the caller.
     unsafe {
-        match registers {
-            1 => grouped_tile_width::<V, T, 1, MR>(rows, tile),
-            2 if AtMost::<2, NV_MAX>::HOLDS => grouped_tile_width::<V, T, 2, MR>(rows, tile),
-            3 if AtMost::<3, NV_MAX>::HOLDS => grouped_tile_width::<V, T, 3, MR>(rows, tile),
-            4 if AtMost::<4, NV_MAX>::HOLDS => grouped_tile_width::<V, T, 4, MR>(rows, tile),
+        match (registers, half) {
+            (1, false) => grouped_tile_width::<V, T, 1, MR, false>(rows, tile),
+            (1, true) if HALVES && Halves::<V>::EXIST => {
+                grouped_tile_width::<V, T, 1, MR, true>(rows, tile)
+            }
+            (2, false) if AtMost::<2, NV_MAX>::HOLDS => {
+                grouped_tile_width::<V, T, 2, MR, false>(rows, tile)
+            }
+            (2, true) if HALVES && Halves::<V>::EXIST && AtMost::<2, NV_MAX>::HOLDS => {
+                grouped_tile_width::<V, T, 2, MR, true>(rows, tile)
+            }
+            (3, false) if AtMost::<3, NV_MAX>::HOLDS => {
+                grouped_tile_width::<V, T, 3, MR, false>(rows, tile)
+            }
+            (3, true) if HALVES && Halves::<V>::EXIST && AtMost::<3, NV_MAX>::HOLDS => {
+                grouped_tile_width::<V, T, 3, MR, true>(rows, tile)
+            }
+            (4, false) if AtMost::<4, NV_MAX>::HOLDS => {
+                grouped_tile_width::<V, T, 4, MR, false>(rows, tile)
+            }
+            (4, true) if HALVES && Halves::<V>::EXIST && AtMost::<4, NV_MAX>::HOLDS => {
+                grouped_tile_width::<V, T, 4, MR, true>(rows, tile)
+            }
             _ => unreachable!("panels are at most {NV_MAX} registers wide"),
         }
     }
@@ -313,21 +344,27 @@ pub(super) unsafe fn grouped_tile<V, T: GroupedTile<V>, const MR: usize, const N
 /// # Safety
 /// As for [`grouped_tile`], with `registers == NV`.
 #[inline(always)]
-unsafe fn grouped_tile_width<V, T: GroupedTile<V>, const NV: usize, const MR: usize>(
+unsafe fn grouped_tile_width<
+    V,
+    T: GroupedTile<V>,
+    const NV: usize,
+    const MR: usize,
+    const HALF: bool,
+>(
     rows: usize,
     tile: &T,
 ) {
     // SAFETY: forwarded from the caller.
     unsafe {
         match rows {
-            1 => tile.run::<1, NV, 4>(),
-            2 if AtMost::<2, MR>::HOLDS => tile.run::<2, NV, 2>(),
-            3 if AtMost::<3, MR>::HOLDS => tile.run::<3, NV, 1>(),
-            4 if AtMost::<4, MR>::HOLDS => tile.run::<4, NV, 1>(),
-            5 if AtMost::<5, MR>::HOLDS => tile.run::<5, NV, 1>(),
-            6 if AtMost::<6, MR>::HOLDS => tile.run::<6, NV, 1>(),
-            7 if AtMost::<7, MR>::HOLDS => tile.run::<7, NV, 1>(),
-            8 if AtMost::<8, MR>::HOLDS => tile.run::<8, NV, 1>(),
+            1 => tile.run::<1, NV, 4, HALF>(),
+            2 if AtMost::<2, MR>::HOLDS => tile.run::<2, NV, 2, HALF>(),
+            3 if AtMost::<3, MR>::HOLDS => tile.run::<3, NV, 1, HALF>(),
+            4 if AtMost::<4, MR>::HOLDS => tile.run::<4, NV, 1, HALF>(),
+            5 if AtMost::<5, MR>::HOLDS => tile.run::<5, NV, 1, HALF>(),
+            6 if AtMost::<6, MR>::HOLDS => tile.run::<6, NV, 1, HALF>(),
+            7 if AtMost::<7, MR>::HOLDS => tile.run::<7, NV, 1, HALF>(),
+            8 if AtMost::<8, MR>::HOLDS => tile.run::<8, NV, 1, HALF>(),
             _ => unreachable!("register tiles are at most {MR} rows"),
         }
     }

@@ -536,6 +536,12 @@ pub type PeakLoop<T> = unsafe fn(usize, &[T]) -> T;
 pub struct Kernel<W: 'static, T: 'static> {
     pub shape: TileShape,
     pub forward: ChainKernel<W, T>,
+    /// The loop nest compiled without and with its half-register tiles, of which
+    /// [`Kernel::with_half_registers`] makes one `forward`: compiled in, a grouped form's
+    /// half-register tiles made its calls of one row 5% slower where the shape had no half
+    /// registers (784 -> 42 -> 16 in int8 and bf16 on Zen 4, one process). None where one loop
+    /// nest serves both.
+    pub forward_by_halves: Option<[ChainKernel<W, T>; 2]>,
     /// None for a kernel whose form keeps no activations (inference only).
     pub backward: Option<ChainBackward<W, T>>,
     /// The ceiling of the kernel's own multiply-add instruction (an FMA, or a dot product of
@@ -554,11 +560,16 @@ impl<W, T> Kernel<W, T> {
     /// on one costs half; see [`TileShape::half_lanes`]) or never.
     pub fn with_half_registers(self, cheaper: bool) -> Self {
         let half_lanes = if cheaper { self.half_register_lanes } else { 0 };
+        let forward = match self.forward_by_halves {
+            Some(forwards) => forwards[usize::from(half_lanes > 0)],
+            None => self.forward,
+        };
         Kernel {
             shape: TileShape {
                 half_lanes,
                 ..self.shape
             },
+            forward,
             ..self
         }
     }

@@ -4,9 +4,10 @@
 //! FMA per instruction.
 //!
 //! Packing ([`TileShape::k_group`] = 2): every layer as panels of whole registers, `k` rounded
-//! up to even, each panel row one pair of `k` for every column, side by side; no dot form, no
-//! rows in the lanes. The loop nest rounds each block's input rows to bf16 once, runs each layer
-//! as register tiles seeded with the bias in f32 (`R x NV` accumulators, one broadcast of an
+//! up to even, each panel row one pair of `k` for every column, side by side; where half
+//! registers are cheaper (Zen 4), the last register a half and the outputs past it in dot form
+//! as the cost model says (784 -> 42 as 40 + 2); no rows in the lanes. The loop nest rounds
+//! each block's input rows to bf16 once, runs each layer as register tiles seeded with the bias in f32 (`R x NV` accumulators, one broadcast of an
 //! input pair and `NV` loads of weight pairs per step), applies the post-op in f32 and rounds
 //! the hidden layer's outputs to bf16 for the next; the last layer's outputs are stored as f32.
 //! Error: see `docs/precision.md`.
@@ -15,7 +16,7 @@ use super::chain::check_chain;
 use super::epilogue::{self, StoredEpilogue};
 use super::microkernel::{grouped_tile, streams_output, sum_sets, FetchAhead, GroupedTile};
 use super::peak::PEAK_CHAINS;
-use super::{Bf16, Packed, Panels, SimdVec, TileShape, L1_HALF_BYTES, LINE_BYTES};
+use super::{Bf16, Packed, SimdVec, TileShape, L1_HALF_BYTES, LINE_BYTES};
 use crate::ops::PostOp;
 
 /// f32 values in a cache line.
@@ -42,6 +43,23 @@ pub trait PairDot: SimdVec<Elem = f32> {
     /// # Safety
     /// The CPU supports the ISA.
     unsafe fn dot_pairs(self, a: Self::Pairs, b: Self::Pairs) -> Self;
+    /// [`PairDot::dot_pairs`] on the low [`SimdVec::HALF_LANES`] lanes (the others unspecified).
+    ///
+    /// # Safety
+    /// The type has a half register; the CPU supports the ISA.
+    unsafe fn dot_pairs_half(self, a: Self::Pairs, b: Self::Pairs) -> Self;
+    /// `HALF_LANES` pairs (`2 * HALF_LANES` values), the other lanes unspecified.
+    ///
+    /// # Safety
+    /// The type has a half register; `ptr` is valid for `2 * HALF_LANES` reads; the CPU
+    /// supports the ISA.
+    unsafe fn load_pairs_half(ptr: *const Bf16) -> Self::Pairs;
+    /// The first `count <= 2 * LANES` values at `ptr` as pairs, zeros after (nothing past them
+    /// is read).
+    ///
+    /// # Safety
+    /// `ptr` is valid for `count` reads; the CPU supports the ISA.
+    unsafe fn load_pairs_partial(ptr: *const Bf16, count: usize) -> Self::Pairs;
     /// Stores the first `count <= LANES` lanes rounded to bf16 (nearest even, [`Bf16::round`]).
     ///
     /// # Safety
@@ -65,17 +83,18 @@ pub fn scratch_len<W, T>(shape: &TileShape, chain: &Packed<'_, W, T>, rows: usiz
     values.saturating_add(rounded.div_ceil(2))
 }
 
-/// Each layer's input row length in a form taking `k` in groups: the chain's input rounded up to
-/// whole groups, then each hidden layer's padded outputs.
+/// Each layer's input row length in a form taking `k` in groups: the chain's input, then each
+/// hidden layer's padded outputs, rounded up to whole groups.
 pub(super) fn input_strides<'a, W, T>(
     shape: &'a TileShape,
     chain: &'a Packed<'_, W, T>,
 ) -> impl Iterator<Item = usize> + 'a {
-    let first = chain.layers.first().map(|l| shape.grouped(l.in_features));
+    let first = chain.layers.first().map(|l| l.in_features);
     first
         .into_iter()
         .chain(chain.layers.iter().map(|l| l.padded_out))
         .take(chain.layers.len())
+        .map(|width| shape.grouped(width))
 }
 
 /// The loop nest of the pairs form; ISA files wrap it in `#[target_feature]`.
@@ -83,9 +102,15 @@ pub(super) fn input_strides<'a, W, T>(
 /// # Safety
 /// The CPU supports `V`'s ISA, and `shape.lanes == V::LANES`, `shape.mr == MR`,
 /// `shape.nv_max == NV_MAX`, `shape.k_group == 2`. (The packing, shapes and lengths are
-/// checked, with a panic on mismatch.)
+/// checked, with a panic on mismatch.) `HALVES`: the half-register tiles are compiled in (see
+/// `microkernel::grouped_tile`); without them `shape.half_lanes` must be 0.
 #[inline(always)]
-pub unsafe fn forward_pairs<V: PairDot, const MR: usize, const NV_MAX: usize>(
+pub unsafe fn forward_pairs<
+    V: PairDot,
+    const MR: usize,
+    const NV_MAX: usize,
+    const HALVES: bool,
+>(
     shape: &TileShape,
     chain: Packed<'_, Bf16, f32>,
     input: &[f32],
@@ -95,7 +120,11 @@ pub unsafe fn forward_pairs<V: PairDot, const MR: usize, const NV_MAX: usize>(
     epilogue: StoredEpilogue<f32>,
 ) {
     assert!(shape.lanes == V::LANES && shape.mr == MR && shape.nv_max == NV_MAX);
-    assert!(shape.k_group == 2 && shape.half_lanes == 0);
+    assert!(shape.k_group == 2 && (shape.half_lanes == 0 || shape.half_lanes == V::HALF_LANES));
+    assert!(
+        HALVES || shape.half_lanes == 0,
+        "half-register tiles compiled in"
+    );
     assert!(MR <= 8 && NV_MAX <= 4 && shape.block_rows.is_multiple_of(MR));
     assert!(
         saved.is_none(),
@@ -104,12 +133,8 @@ pub unsafe fn forward_pairs<V: PairDot, const MR: usize, const NV_MAX: usize>(
     let rows = check_chain(shape, &chain, input, output, None);
     let layers = chain.layers;
     assert!(
-        chain.lanes_layers.is_empty()
-            && layers
-                .iter()
-                .all(|l| l.dot_from == l.out_features
-                    && l.padded_out == shape.padded(l.out_features)),
-        "packed as panels of whole registers"
+        chain.lanes_layers.is_empty() && layers.iter().all(|l| l.padded_out >= l.out_features),
+        "packed as panels of whole or half registers"
     );
     assert!(
         scratch.len() >= scratch_len(shape, &chain, rows),
@@ -157,7 +182,7 @@ pub unsafe fn forward_pairs<V: PairDot, const MR: usize, const NV_MAX: usize>(
             let pairs = layer.in_features.div_ceil(2);
             let grouped_k = 2 * pairs;
             let panel_bytes = grouped_k * NV_MAX * V::LANES * std::mem::size_of::<Bf16>();
-            let panels = Panels::new(layer.padded_out, V::LANES, NV_MAX);
+            let panels = shape.panels(shape.panel_columns(layer.dot_from));
             // Row tile by row tile where the panels stay in L1 whatever the order, else panel
             // by panel, so a large panel stays hot for every row tile of the block (as
             // `chain::layer_block`). One loop, not a closure: a closure would not inherit the
@@ -200,12 +225,32 @@ pub unsafe fn forward_pairs<V: PairDot, const MR: usize, const NV_MAX: usize>(
                             pairs,
                         ),
                     };
-                    let (rows, registers) = ((block - row).min(MR), width / V::LANES);
-                    grouped_tile::<V, PairTile, MR, NV_MAX>(rows, registers, &tile);
+                    let rows = (block - row).min(MR);
+                    grouped_tile::<V, PairTile, MR, NV_MAX, HALVES>(rows, width, &tile);
                     if !epilogue::runs_on_accumulators(layer.post_op) {
-                        (epilogue.tile)(layer.post_op, tile.out, ldo, rows, registers, false);
+                        let (registers, half) = (width.div_ceil(V::LANES), width % V::LANES > 0);
+                        (epilogue.tile)(layer.post_op, tile.out, ldo, rows, registers, half);
                     }
                 }
+            }
+            if layer.dot_from < layer.out_features {
+                let dots = PairDots {
+                    a: rounded.as_ptr(),
+                    lda: strides[index],
+                    values: grouped_k,
+                    weights: chain.weights[layer.dot_at..].as_ptr(),
+                    ldw: shape.padded(layer.in_features),
+                    outs: layer.out_features - layer.dot_from,
+                    bias: chain.biases[layer.bias_at + layer.dot_from..].as_ptr(),
+                    post_op: layer.post_op,
+                    out: dst.wrapping_add(layer.dot_from),
+                    ldo,
+                };
+                // SAFETY: `check_chain` proved the dot-form rows and biases in bounds; `rounded`
+                // holds `block` rows of `grouped_k` values at `strides[index]`, and `dst` room
+                // for `block` rows at `ldo` whose columns `dot_from..out_features` no tile
+                // writes.
+                unsafe { pair_dot_outputs::<V>(&dots, block, epilogue) };
             }
             if index < last {
                 // SAFETY: `values` holds `block` rows of `padded_out` values, and `rounded` room
@@ -309,6 +354,170 @@ unsafe fn round_rows<V: PairDot>(
     }
 }
 
+/// Rows and outputs of the dot form computed together: eight independent sums, each input
+/// chunk loaded once for both outputs and each weight chunk once for the four rows.
+const DOT_ROWS: usize = 4;
+const DOT_OUTS: usize = 2;
+
+/// Pointers for a block's dot-form outputs of the pairs form: `outs` outputs of each of the
+/// block's bf16 input rows (`values` each, `k` rounded up to even), from `outs` weight rows of
+/// `ldw` values (zeros past `k`) with their biases.
+struct PairDots {
+    a: *const Bf16,
+    lda: usize,
+    values: usize,
+    weights: *const Bf16,
+    ldw: usize,
+    outs: usize,
+    bias: *const f32,
+    post_op: PostOp,
+    /// The block's first dot-form output.
+    out: *mut f32,
+    ldo: usize,
+}
+
+/// The dot-form outputs of `block` rows, [`DOT_ROWS`] rows by [`DOT_OUTS`] outputs at a time.
+///
+/// # Safety
+/// `dots` points at `block` rows and their outputs as it says; the CPU supports the ISA.
+#[inline(always)]
+unsafe fn pair_dot_outputs<V: PairDot>(
+    dots: &PairDots,
+    block: usize,
+    epilogue: StoredEpilogue<f32>,
+) {
+    for row in (0..block).step_by(DOT_ROWS) {
+        let rows = (block - row).min(DOT_ROWS);
+        for out in (0..dots.outs).step_by(DOT_OUTS) {
+            // SAFETY: forwarded from the caller, for rows `row..row + rows` and outputs
+            // `out..out + outs`.
+            unsafe {
+                match (rows, (dots.outs - out).min(DOT_OUTS)) {
+                    (1, 1) => pair_dot_tile::<V, 1, 1, 4>(dots, row, out),
+                    (2, 1) => pair_dot_tile::<V, 2, 1, 2>(dots, row, out),
+                    (3, 1) => pair_dot_tile::<V, 3, 1, 1>(dots, row, out),
+                    (4, 1) => pair_dot_tile::<V, 4, 1, 1>(dots, row, out),
+                    (1, 2) => pair_dot_tile::<V, 1, 2, 4>(dots, row, out),
+                    (2, 2) => pair_dot_tile::<V, 2, 2, 2>(dots, row, out),
+                    (3, 2) => pair_dot_tile::<V, 3, 2, 1>(dots, row, out),
+                    (4, 2) => pair_dot_tile::<V, 4, 2, 1>(dots, row, out),
+                    _ => unreachable!("dot tiles are at most {DOT_ROWS} x {DOT_OUTS}"),
+                }
+            }
+        }
+        if !epilogue::runs_on_accumulators(dots.post_op) {
+            // SAFETY: the rows' dot-form outputs were just stored.
+            unsafe {
+                let out = dots.out.add(row * dots.ldo);
+                (epilogue.values)(dots.post_op, out, dots.ldo, rows, dots.outs);
+            }
+        }
+    }
+}
+
+/// `R` rows' dot-form outputs `out..out + C` from row `row`: each a sum of lane-wise pair
+/// products over whole registers (the last one loaded masked: nothing past the row is read),
+/// in `KS` sets over consecutive registers (few rows have few independent sums), added across
+/// the register, then the bias and the post-op where it runs on accumulators.
+///
+/// # Safety
+/// As for [`pair_dot_outputs`], with rows `row..row + R` in the block and outputs
+/// `out..out + C` among the dot-form ones.
+#[inline(always)]
+unsafe fn pair_dot_tile<V: PairDot, const R: usize, const C: usize, const KS: usize>(
+    dots: &PairDots,
+    row: usize,
+    out: usize,
+) {
+    let register = 2 * V::LANES;
+    let (whole, tail) = (dots.values / register, dots.values % register);
+    // SAFETY: the caller guarantees `R` rows of `values` readable values from `row`, `C` weight
+    // rows of `ldw >= values` values from `out` with their biases, and room for the outputs;
+    // the whole registers end at `whole * register <= values`, the tail load at `values`.
+    unsafe {
+        let a = dots.a.add(row * dots.lda);
+        let w = dots.weights.add(out * dots.ldw);
+        let chunk = |at: usize, count: usize| DotChunk {
+            a: a.add(at),
+            lda: dots.lda,
+            w: w.add(at),
+            ldw: dots.ldw,
+            count,
+        };
+        let mut acc = [[[V::zero(); C]; R]; KS];
+        for group in 0..whole / KS {
+            for (s, set) in acc.iter_mut().enumerate() {
+                pair_dot_chunk(set, &chunk((group * KS + s) * register, register));
+            }
+        }
+        for at in (whole / KS * KS..whole).map(|index| index * register) {
+            pair_dot_chunk(&mut acc[0], &chunk(at, register));
+        }
+        if tail > 0 {
+            pair_dot_chunk(&mut acc[0], &chunk(whole * register, tail));
+        }
+        for (r, sums) in sum_sets(&acc).iter().enumerate() {
+            for (c, sum) in sums.iter().enumerate() {
+                let value = sum.sum() + *dots.bias.add(out + c);
+                *dots.out.add((row + r) * dots.ldo + out + c) =
+                    epilogue::apply_one_on_accumulator::<V>(dots.post_op, value);
+            }
+        }
+    }
+}
+
+/// One register's worth of `k` of a dot tile: `count` values (a whole register, or the tail) of
+/// each of its rows at `a` (`lda` apart) and its weight rows at `w` (`ldw` apart).
+pub(super) struct DotChunk<A, W> {
+    pub(super) a: *const A,
+    pub(super) lda: usize,
+    pub(super) w: *const W,
+    pub(super) ldw: usize,
+    pub(super) count: usize,
+}
+
+/// `acc[r][c] += a_r . w_c` over one chunk: each weight register loaded once for the rows,
+/// each input register once for the outputs.
+///
+/// # Safety
+/// `chunk` points at `R` rows and `C` weight rows of `count` readable values each; the CPU
+/// supports the ISA.
+#[inline(always)]
+unsafe fn pair_dot_chunk<V: PairDot, const R: usize, const C: usize>(
+    acc: &mut [[V; C]; R],
+    chunk: &DotChunk<Bf16, Bf16>,
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        let mut weights = [pairs_at::<V>(chunk.w, chunk.count); C];
+        for (c, weight) in weights.iter_mut().enumerate().skip(1) {
+            *weight = pairs_at::<V>(chunk.w.add(c * chunk.ldw), chunk.count);
+        }
+        for (r, sums) in acc.iter_mut().enumerate() {
+            let x = pairs_at::<V>(chunk.a.add(r * chunk.lda), chunk.count);
+            for (sum, &weight) in sums.iter_mut().zip(&weights) {
+                *sum = sum.dot_pairs(x, weight);
+            }
+        }
+    }
+}
+
+/// The `count` values at `at` as pairs: a whole register, or its first `count` values.
+///
+/// # Safety
+/// `at` is valid for `count <= 2 * LANES` reads; the CPU supports the ISA.
+#[inline(always)]
+unsafe fn pairs_at<V: PairDot>(at: *const Bf16, count: usize) -> V::Pairs {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        if count == 2 * V::LANES {
+            V::load_pairs(at)
+        } else {
+            V::load_pairs_partial(at, count)
+        }
+    }
+}
+
 /// Pointers for one register tile of the pairs form: `rows x (registers * LANES)` outputs from
 /// `rows` bf16 input rows and a panel of `pairs` rows of `panel_width` weight pairs.
 struct PairTile {
@@ -334,15 +543,15 @@ struct PairTile {
 
 impl<V: PairDot> GroupedTile<V> for PairTile {
     #[inline(always)]
-    unsafe fn run<const R: usize, const NV: usize, const KS: usize>(&self) {
+    unsafe fn run<const R: usize, const NV: usize, const KS: usize, const HALF: bool>(&self) {
         // SAFETY: forwarded from the caller.
         unsafe {
             // Only the tiles of three rows or more (`KS == 1`) fetch: at batch 1 and 2 even an
             // empty fetch loop per step slowed the call by a quarter.
             if KS == 1 && self.fetch.has_lines() {
-                pair_tile::<V, R, NV, KS, true>(self)
+                pair_tile::<V, R, NV, KS, true, HALF>(self)
             } else {
-                pair_tile::<V, R, NV, KS, false>(self)
+                pair_tile::<V, R, NV, KS, false, HALF>(self)
             }
         }
     }
@@ -352,12 +561,14 @@ impl<V: PairDot> GroupedTile<V> for PairTile {
 /// each row's input pair and `NV` loads of weight pairs, `KS` accumulator sets over consecutive
 /// pairs summed at the end, the post-op where it runs on accumulators, stored as f32.
 ///
-/// With `FETCH`, each step of `k` also fetches its lines of [`FetchAhead`].
+/// With `FETCH`, each step of `k` also fetches its lines of [`FetchAhead`]; with `HALF`, the
+/// last register's products, biases and stores cover its half.
 ///
 /// # Safety
 /// `tile` points at `R` input rows of `2 * pairs` readable values, a panel of `pairs` rows of
-/// `2 * panel_width` values with `NV * LANES <= panel_width`, as many biases, and room for the
-/// outputs; the CPU supports the ISA.
+/// `2 * panel_width` values with `NV * LANES <= panel_width` (with `HALF`, `(NV - 1) * LANES +
+/// HALF_LANES`), as many biases, and room for the outputs; `HALF` only where `V` has a half
+/// register; the CPU supports the ISA.
 #[inline(always)]
 unsafe fn pair_tile<
     V: PairDot,
@@ -365,18 +576,25 @@ unsafe fn pair_tile<
     const NV: usize,
     const KS: usize,
     const FETCH: bool,
+    const HALF: bool,
 >(
     tile: &PairTile,
 ) {
     let lanes = V::LANES;
     let step = 2 * tile.panel_width;
     // SAFETY: the caller guarantees the ISA, `R` input rows of `2 * pairs` values, `pairs` panel
-    // rows of `step` values (each register's pairs inside), `NV * LANES` biases and `R` output
-    // rows of `NV` registers; the split loop reads pairs `0..pairs / KS * KS`, the tail the rest.
+    // rows of `step` values (each register's pairs inside), the biases and `R` output rows of
+    // `NV` registers (the last one's half with `HALF`); the split loop reads pairs
+    // `0..pairs / KS * KS`, the tail the rest.
     unsafe {
         let mut acc = [[[V::zero(); NV]; R]; KS];
         for v in 0..NV {
-            let bias = V::load(tile.bias.add(v * lanes));
+            let at = tile.bias.add(v * lanes);
+            let bias = if HALF && v == NV - 1 {
+                V::load_partial(at, V::HALF_LANES)
+            } else {
+                V::load(at)
+            };
             for row in acc[0].iter_mut() {
                 row[v] = bias;
             }
@@ -394,24 +612,20 @@ unsafe fn pair_tile<
                 if FETCH {
                     fetch.step::<V>();
                 }
-                let b = panel_row::<V, NV>(panel.add(s * step));
+                let b = panel_row::<V, NV, HALF>(panel.add(s * step));
                 for (r, row) in set.iter_mut().enumerate() {
                     let x = V::splat_pair(a.add(r * tile.lda + 2 * s));
-                    for (value, &weights) in row.iter_mut().zip(&b) {
-                        *value = value.dot_pairs(x, weights);
-                    }
+                    dot_pairs_row::<V, NV, HALF>(row, x, &b);
                 }
             }
             a = a.add(2 * KS);
             panel = panel.add(KS * step);
         }
         for _ in 0..tile.pairs % KS {
-            let b = panel_row::<V, NV>(panel);
+            let b = panel_row::<V, NV, HALF>(panel);
             for (r, row) in acc[0].iter_mut().enumerate() {
                 let x = V::splat_pair(a.add(r * tile.lda));
-                for (value, &weights) in row.iter_mut().zip(&b) {
-                    *value = value.dot_pairs(x, weights);
-                }
+                dot_pairs_row::<V, NV, HALF>(row, x, &b);
             }
             a = a.add(2);
             panel = panel.add(step);
@@ -420,7 +634,9 @@ unsafe fn pair_tile<
             for (v, &value) in row.iter().enumerate() {
                 let value = epilogue::apply_on_accumulators(tile.post_op, value);
                 let out = tile.out.add(r * tile.ldo + v * lanes);
-                if tile.stream_out {
+                if HALF && v == NV - 1 {
+                    value.store_half(out);
+                } else if tile.stream_out {
                     value.store_stream(out);
                 } else {
                     value.store(out);
@@ -430,19 +646,60 @@ unsafe fn pair_tile<
     }
 }
 
-/// One panel row: `NV` registers of weight pairs.
+/// One panel row: `NV` registers of weight pairs, the last one a half with `HALF`.
 ///
 /// # Safety
-/// `row` is valid for `NV * 2 * LANES` reads; the CPU supports the ISA.
+/// `row` is valid for `NV * 2 * LANES` reads (with `HALF`, the last register's half); the CPU
+/// supports the ISA, and `V` has a half register if `HALF`.
 #[inline(always)]
-unsafe fn panel_row<V: PairDot, const NV: usize>(row: *const Bf16) -> [V::Pairs; NV] {
+unsafe fn panel_row<V: PairDot, const NV: usize, const HALF: bool>(
+    row: *const Bf16,
+) -> [V::Pairs; NV] {
     // SAFETY: forwarded from the caller.
     unsafe {
-        let mut b = [V::load_pairs(row); NV];
+        let mut b = [weight_pairs::<V>(row, HALF && NV == 1); NV];
         for (v, reg) in b.iter_mut().enumerate().skip(1) {
-            *reg = V::load_pairs(row.add(v * 2 * V::LANES));
+            *reg = weight_pairs::<V>(row.add(v * 2 * V::LANES), HALF && v == NV - 1);
         }
         b
+    }
+}
+
+/// One register of weight pairs at `at`, or its half.
+///
+/// # Safety
+/// As for [`panel_row`]'s registers.
+#[inline(always)]
+unsafe fn weight_pairs<V: PairDot>(at: *const Bf16, half: bool) -> V::Pairs {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        if half {
+            V::load_pairs_half(at)
+        } else {
+            V::load_pairs(at)
+        }
+    }
+}
+
+/// `row[v] += x . b[v]` pair by pair, the last register in its half with `HALF`.
+///
+/// # Safety
+/// The CPU supports the ISA, and `V` has a half register if `HALF`.
+#[inline(always)]
+unsafe fn dot_pairs_row<V: PairDot, const NV: usize, const HALF: bool>(
+    row: &mut [V; NV],
+    x: V::Pairs,
+    b: &[V::Pairs; NV],
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        for (v, (value, &weights)) in row.iter_mut().zip(b).enumerate() {
+            *value = if HALF && v == NV - 1 {
+                value.dot_pairs_half(x, weights)
+            } else {
+                value.dot_pairs(x, weights)
+            };
+        }
     }
 }
 

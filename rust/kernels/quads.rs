@@ -3,8 +3,9 @@
 //! `vpdpbusd`: each i32 lane adds the products of four u8 inputs and four s8 weights), four times
 //! the work of an FMA per instruction.
 //!
-//! Packing ([`TileShape::k_group`] = 4, storage `i8`): every layer as panels of whole registers,
-//! `k` rounded up to a multiple of 4, each panel row one group of 4 for every column; beside each
+//! Packing ([`TileShape::k_group`] = 4, storage `i8`): every layer as panels of whole registers
+//! (the last one a half, and outputs in dot form, as in `pairs.rs`), `k` rounded up to a
+//! multiple of 4, each panel row one group of 4 for every column; beside each
 //! layer's bias, per output, its scale `s_w = max |W_j| / 127` and the sum of its stored weights.
 //! The loop nest quantizes each layer's input rows to u8 once per block, each row with its own
 //! scale and zero point (`s_x = (max(x, 0) - min(x, 0)) / 255`, `z = round(-min(x, 0) / s_x)`:
@@ -16,9 +17,9 @@
 use super::chain::check_chain;
 use super::epilogue::{self, StoredEpilogue};
 use super::microkernel::{grouped_tile, streams_output, FetchAhead, GroupedTile};
-use super::pairs::{fetch_row_ahead, input_strides};
+use super::pairs::{fetch_row_ahead, input_strides, DotChunk};
 use super::peak::PEAK_CHAINS;
-use super::{Packed, Panels, SimdVec, TileShape, L1_HALF_BYTES};
+use super::{Packed, SimdVec, TileShape, L1_HALF_BYTES};
 use crate::ops::PostOp;
 
 /// Values per output kept after the bias by int8 packing: the channel's scale and weight sum.
@@ -51,6 +52,27 @@ pub trait QuadDot: SimdVec<Elem = f32> {
     /// # Safety
     /// The CPU supports the ISA.
     unsafe fn dot_quads(sums: Self::Sums, a: Self::Quads, b: Self::Quads) -> Self::Sums;
+    /// [`QuadDot::dot_quads`] on the low [`SimdVec::HALF_LANES`] lanes (the others unspecified).
+    ///
+    /// # Safety
+    /// The type has a half register; the CPU supports the ISA.
+    unsafe fn dot_quads_half(sums: Self::Sums, a: Self::Quads, b: Self::Quads) -> Self::Sums;
+    /// `HALF_LANES` quads of s8 (`4 * HALF_LANES` values), the other lanes unspecified.
+    ///
+    /// # Safety
+    /// The type has a half register; `ptr` is valid for `4 * HALF_LANES` reads; the CPU
+    /// supports the ISA.
+    unsafe fn load_quads_half(ptr: *const i8) -> Self::Quads;
+    /// The first `count <= 4 * LANES` bytes at `ptr`, zeros after (nothing past them is read).
+    ///
+    /// # Safety
+    /// `ptr` is valid for `count` reads; the CPU supports the ISA.
+    unsafe fn load_quads_partial(ptr: *const i8, count: usize) -> Self::Quads;
+    /// The sum of the lanes (exact: the callers' sums stay far inside i32).
+    ///
+    /// # Safety
+    /// The CPU supports the ISA.
+    unsafe fn total(sums: Self::Sums) -> i32;
     /// Lane-wise `a + b`.
     ///
     /// # Safety
@@ -111,9 +133,15 @@ pub fn scratch_len<W, T>(shape: &TileShape, chain: &Packed<'_, W, T>, rows: usiz
 /// # Safety
 /// The CPU supports `V`'s ISA, and `shape.lanes == V::LANES`, `shape.mr == MR`,
 /// `shape.nv_max == NV_MAX`, `shape.k_group == 4`. (The packing, shapes and lengths are
-/// checked, with a panic on mismatch.)
+/// checked, with a panic on mismatch.) `HALVES`: the half-register tiles are compiled in (see
+/// `microkernel::grouped_tile`); without them `shape.half_lanes` must be 0.
 #[inline(always)]
-pub unsafe fn forward_quads<V: QuadDot, const MR: usize, const NV_MAX: usize>(
+pub unsafe fn forward_quads<
+    V: QuadDot,
+    const MR: usize,
+    const NV_MAX: usize,
+    const HALVES: bool,
+>(
     shape: &TileShape,
     chain: Packed<'_, i8, f32>,
     input: &[f32],
@@ -124,7 +152,11 @@ pub unsafe fn forward_quads<V: QuadDot, const MR: usize, const NV_MAX: usize>(
 ) {
     assert!(shape.lanes == V::LANES);
     assert!(shape.mr == MR && shape.nv_max == NV_MAX);
-    assert!(shape.k_group == 4 && shape.half_lanes == 0);
+    assert!(shape.k_group == 4 && (shape.half_lanes == 0 || shape.half_lanes == V::HALF_LANES));
+    assert!(
+        HALVES || shape.half_lanes == 0,
+        "half-register tiles compiled in"
+    );
     assert!(MR <= 8 && NV_MAX <= 4 && shape.block_rows.is_multiple_of(MR));
     assert!(
         saved.is_none(),
@@ -134,10 +166,12 @@ pub unsafe fn forward_quads<V: QuadDot, const MR: usize, const NV_MAX: usize>(
     let layers = chain.layers;
     assert!(
         chain.lanes_layers.is_empty()
-            && layers.iter().all(|l| l.dot_from == l.out_features
-                && l.padded_out == shape.padded(l.out_features)
-                && l.bias_at + (1 + INT8_CHANNEL_VALUES) * l.padded_out <= chain.biases.len()),
-        "packed as panels of whole registers, with each channel's scale and weight sum"
+            && layers.iter().all(|l| {
+                let dot_len = shape.padded(l.in_features) * (l.out_features - l.dot_from);
+                l.bias_at + (1 + INT8_CHANNEL_VALUES) * l.padded_out <= chain.biases.len()
+                    && l.dot_at + dot_len <= chain.weights.len()
+            }),
+        "packed as panels of whole or half registers, with each channel's scale and weight sum"
     );
     assert!(
         scratch.len() >= scratch_len(shape, &chain, rows),
@@ -190,7 +224,7 @@ pub unsafe fn forward_quads<V: QuadDot, const MR: usize, const NV_MAX: usize>(
             let quads = layer.in_features.div_ceil(4);
             let grouped_k = 4 * quads;
             let panel_bytes = grouped_k * NV_MAX * V::LANES;
-            let panels = Panels::new(layer.padded_out, V::LANES, NV_MAX);
+            let panels = shape.panels(shape.panel_columns(layer.dot_from));
             let channels = layer.bias_at..layer.bias_at + 3 * layer.padded_out;
             let channels = &chain.biases[channels];
             // Row tile by row tile where the panels stay in L1 whatever the order, else panel by
@@ -237,12 +271,36 @@ pub unsafe fn forward_quads<V: QuadDot, const MR: usize, const NV_MAX: usize>(
                             quads,
                         ),
                     };
-                    let (rows, registers) = ((block - row).min(MR), width / V::LANES);
-                    grouped_tile::<V, QuadTile, MR, NV_MAX>(rows, registers, &tile);
+                    let rows = (block - row).min(MR);
+                    grouped_tile::<V, QuadTile, MR, NV_MAX, HALVES>(rows, width, &tile);
                     if !epilogue::runs_on_accumulators(layer.post_op) {
-                        (epilogue.tile)(layer.post_op, tile.out, ldo, rows, registers, false);
+                        let (registers, half) = (width.div_ceil(V::LANES), width % V::LANES > 0);
+                        (epilogue.tile)(layer.post_op, tile.out, ldo, rows, registers, half);
                     }
                 }
+            }
+            if layer.dot_from < layer.out_features {
+                let dots = QuadDots {
+                    a: quantized.as_ptr(),
+                    lda: strides[index],
+                    row_scales: row_scales.as_ptr(),
+                    row_zeros: row_zeros.as_ptr(),
+                    bytes: grouped_k,
+                    weights: chain.weights[layer.dot_at..].as_ptr(),
+                    ldw: shape.padded(layer.in_features),
+                    outs: layer.out_features - layer.dot_from,
+                    bias: channels[layer.dot_from..].as_ptr(),
+                    scales: channels[layer.padded_out + layer.dot_from..].as_ptr(),
+                    weight_sums: channels[2 * layer.padded_out + layer.dot_from..].as_ptr(),
+                    post_op: layer.post_op,
+                    out: dst.wrapping_add(layer.dot_from),
+                    ldo,
+                };
+                // SAFETY: the assertion above proved the dot-form rows and channel values in
+                // bounds; `quantized` holds `block` rows of `grouped_k` values at `strides[index]`
+                // with their scales and zeros, and `dst` room for `block` rows at `ldo` whose
+                // columns `dot_from..out_features` no tile writes.
+                unsafe { quad_dot_outputs::<V>(&dots, block, epilogue) };
             }
             if index < last {
                 // SAFETY: `values` holds `block` rows of `padded_out` values, and `quantized`
@@ -407,6 +465,180 @@ unsafe fn include_in_range<V: SimdVec>(set: &mut [V; 2], x: V) {
     }
 }
 
+/// Rows and outputs of the dot form computed together: eight independent sums, each input
+/// chunk loaded once for both outputs and each weight chunk once for the four rows.
+const DOT_ROWS: usize = 4;
+const DOT_OUTS: usize = 2;
+
+/// Pointers for a block's dot-form outputs of the int8 form: `outs` outputs of each of the
+/// block's u8 input rows (`bytes` values each, with their scales and zero points), from `outs`
+/// weight rows of `ldw` values (zeros past `k`) with their channels' biases, scales and weight
+/// sums.
+struct QuadDots {
+    a: *const u8,
+    lda: usize,
+    row_scales: *const f32,
+    row_zeros: *const f32,
+    /// The rows' values, `k` rounded up to whole quads (zeros past `k`).
+    bytes: usize,
+    weights: *const i8,
+    ldw: usize,
+    outs: usize,
+    bias: *const f32,
+    scales: *const f32,
+    weight_sums: *const f32,
+    post_op: PostOp,
+    /// The block's first dot-form output.
+    out: *mut f32,
+    ldo: usize,
+}
+
+/// The dot-form outputs of `block` rows, [`DOT_ROWS`] rows by [`DOT_OUTS`] outputs at a time.
+///
+/// # Safety
+/// `dots` points at `block` rows and their outputs as it says; the CPU supports the ISA.
+#[inline(always)]
+unsafe fn quad_dot_outputs<V: QuadDot>(
+    dots: &QuadDots,
+    block: usize,
+    epilogue: StoredEpilogue<f32>,
+) {
+    for row in (0..block).step_by(DOT_ROWS) {
+        let rows = (block - row).min(DOT_ROWS);
+        for out in (0..dots.outs).step_by(DOT_OUTS) {
+            // SAFETY: forwarded from the caller, for rows `row..row + rows` and outputs
+            // `out..out + outs`.
+            unsafe {
+                match (rows, (dots.outs - out).min(DOT_OUTS)) {
+                    (1, 1) => quad_dot_tile::<V, 1, 1, 4>(dots, row, out),
+                    (2, 1) => quad_dot_tile::<V, 2, 1, 2>(dots, row, out),
+                    (3, 1) => quad_dot_tile::<V, 3, 1, 1>(dots, row, out),
+                    (4, 1) => quad_dot_tile::<V, 4, 1, 1>(dots, row, out),
+                    (1, 2) => quad_dot_tile::<V, 1, 2, 4>(dots, row, out),
+                    (2, 2) => quad_dot_tile::<V, 2, 2, 2>(dots, row, out),
+                    (3, 2) => quad_dot_tile::<V, 3, 2, 1>(dots, row, out),
+                    (4, 2) => quad_dot_tile::<V, 4, 2, 1>(dots, row, out),
+                    _ => unreachable!("dot tiles are at most {DOT_ROWS} x {DOT_OUTS}"),
+                }
+            }
+        }
+        if !epilogue::runs_on_accumulators(dots.post_op) {
+            // SAFETY: the rows' dot-form outputs were just stored.
+            unsafe {
+                let out = dots.out.add(row * dots.ldo);
+                (epilogue.values)(dots.post_op, out, dots.ldo, rows, dots.outs);
+            }
+        }
+    }
+}
+
+/// `R` rows' dot-form outputs `out..out + C` from row `row`: each output's i32 sum over whole
+/// registers of quads (the last one loaded masked: nothing past the row is read), in `KS` sets
+/// over consecutive registers (few rows have few independent sums), then the tiles' float
+/// epilogue on it, operation for operation, so a dot-form output has the bits it would have in
+/// a panel.
+///
+/// # Safety
+/// As for [`quad_dot_outputs`], with rows `row..row + R` in the block and outputs
+/// `out..out + C` among the dot-form ones.
+#[inline(always)]
+unsafe fn quad_dot_tile<V: QuadDot, const R: usize, const C: usize, const KS: usize>(
+    dots: &QuadDots,
+    row: usize,
+    out: usize,
+) {
+    let register = 4 * V::LANES;
+    let (whole, tail) = (dots.bytes / register, dots.bytes % register);
+    // SAFETY: the caller guarantees `R` rows of `bytes` readable values from `row`, `C` weight
+    // rows of `ldw >= bytes` values from `out` with their channel values, and room for the
+    // outputs; the whole registers end at `whole * register <= bytes`, the tail load at `bytes`.
+    unsafe {
+        let a = dots.a.add(row * dots.lda).cast::<i8>();
+        let w = dots.weights.add(out * dots.ldw);
+        let chunk = |at: usize, count: usize| DotChunk {
+            a: a.add(at),
+            lda: dots.lda,
+            w: w.add(at),
+            ldw: dots.ldw,
+            count,
+        };
+        let mut sums = [[[V::zero_sums(); C]; R]; KS];
+        for group in 0..whole / KS {
+            for (s, set) in sums.iter_mut().enumerate() {
+                quad_dot_chunk::<V, R, C>(set, &chunk((group * KS + s) * register, register));
+            }
+        }
+        for at in (whole / KS * KS..whole).map(|index| index * register) {
+            quad_dot_chunk::<V, R, C>(&mut sums[0], &chunk(at, register));
+        }
+        if tail > 0 {
+            quad_dot_chunk::<V, R, C>(&mut sums[0], &chunk(whole * register, tail));
+        }
+        let mut totals = sums[0];
+        for set in &sums[1..] {
+            for (total_row, set_row) in totals.iter_mut().zip(set) {
+                for (total, &value) in total_row.iter_mut().zip(set_row) {
+                    *total = V::add_sums(*total, value);
+                }
+            }
+        }
+        for (r, row_sums) in totals.iter().enumerate() {
+            let at = row + r;
+            let (row_scale, minus_zero) = (*dots.row_scales.add(at), -*dots.row_zeros.add(at));
+            for (c, &sum) in row_sums.iter().enumerate() {
+                let channel = out + c;
+                let total = V::total(sum) as f32;
+                let centred = minus_zero.mul_add(*dots.weight_sums.add(channel), total);
+                let scale = row_scale * *dots.scales.add(channel);
+                let value = centred.mul_add(scale, *dots.bias.add(channel));
+                *dots.out.add(at * dots.ldo + channel) =
+                    epilogue::apply_one_on_accumulator::<V>(dots.post_op, value);
+            }
+        }
+    }
+}
+
+/// `sums[r][c] += a_r . w_c` over one chunk (as `pairs::pair_dot_chunk`).
+///
+/// # Safety
+/// `chunk` points at `R` rows and `C` weight rows of `count` readable values each; the CPU
+/// supports the ISA.
+#[inline(always)]
+unsafe fn quad_dot_chunk<V: QuadDot, const R: usize, const C: usize>(
+    sums: &mut [[V::Sums; C]; R],
+    chunk: &DotChunk<i8, i8>,
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        let mut weights = [quads_at::<V>(chunk.w, chunk.count); C];
+        for (c, weight) in weights.iter_mut().enumerate().skip(1) {
+            *weight = quads_at::<V>(chunk.w.add(c * chunk.ldw), chunk.count);
+        }
+        for (r, row_sums) in sums.iter_mut().enumerate() {
+            let x = quads_at::<V>(chunk.a.add(r * chunk.lda), chunk.count);
+            for (sum, &weight) in row_sums.iter_mut().zip(&weights) {
+                *sum = V::dot_quads(*sum, x, weight);
+            }
+        }
+    }
+}
+
+/// The `count` values at `at` as quads: a whole register, or its first `count` values.
+///
+/// # Safety
+/// `at` is valid for `count <= 4 * LANES` reads; the CPU supports the ISA.
+#[inline(always)]
+unsafe fn quads_at<V: QuadDot>(at: *const i8, count: usize) -> V::Quads {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        if count == 4 * V::LANES {
+            V::load_quads(at)
+        } else {
+            V::load_quads_partial(at, count)
+        }
+    }
+}
+
 /// Pointers for one register tile of the int8 form: `rows x (registers * LANES)` outputs from
 /// `rows` u8 input rows (with their scales and zero points) and a panel of `quads` rows of
 /// `panel_width` weight quads (with their channels' biases, scales and weight sums).
@@ -436,15 +668,15 @@ struct QuadTile {
 
 impl<V: QuadDot> GroupedTile<V> for QuadTile {
     #[inline(always)]
-    unsafe fn run<const R: usize, const NV: usize, const KS: usize>(&self) {
+    unsafe fn run<const R: usize, const NV: usize, const KS: usize, const HALF: bool>(&self) {
         // SAFETY: forwarded from the caller.
         unsafe {
             // Only the tiles of three rows or more (`KS == 1`) fetch: at batch 1 and 2 even an
             // empty fetch loop per step slowed the call by a quarter.
             if KS == 1 && self.fetch.has_lines() {
-                quad_tile::<V, R, NV, KS, true>(self)
+                quad_tile::<V, R, NV, KS, true, HALF>(self)
             } else {
-                quad_tile::<V, R, NV, KS, false>(self)
+                quad_tile::<V, R, NV, KS, false, HALF>(self)
             }
         }
     }
@@ -455,12 +687,14 @@ impl<V: QuadDot> GroupedTile<V> for QuadTile {
 /// f32 the zero point's correction, the scales, the bias and the post-op where it runs on
 /// accumulators, stored as f32.
 ///
-/// With `FETCH`, each step of `k` also fetches its lines of [`FetchAhead`].
+/// With `FETCH`, each step of `k` also fetches its lines of [`FetchAhead`]; with `HALF`, the
+/// last register's products, channel values and stores cover its half.
 ///
 /// # Safety
 /// `tile` points at `R` input rows of `4 * quads` readable values and their scales and zeros, a
-/// panel of `quads` rows of `4 * panel_width` values with `NV * LANES <= panel_width`, as many
-/// channel values, and room for the outputs; the CPU supports the ISA.
+/// panel of `quads` rows of `4 * panel_width` values with `NV * LANES <= panel_width` (with
+/// `HALF`, `(NV - 1) * LANES + HALF_LANES`), as many channel values, and room for the outputs;
+/// `HALF` only where `V` has a half register; the CPU supports the ISA.
 #[inline(always)]
 unsafe fn quad_tile<
     V: QuadDot,
@@ -468,6 +702,7 @@ unsafe fn quad_tile<
     const NV: usize,
     const KS: usize,
     const FETCH: bool,
+    const HALF: bool,
 >(
     tile: &QuadTile,
 ) {
@@ -492,24 +727,20 @@ unsafe fn quad_tile<
                 if FETCH {
                     fetch.step::<V>();
                 }
-                let b = panel_row::<V, NV>(panel.add(s * step));
+                let b = panel_row::<V, NV, HALF>(panel.add(s * step));
                 for (r, row) in set.iter_mut().enumerate() {
                     let x = V::splat_quad(a.add(r * tile.lda + 4 * s));
-                    for (value, &weights) in row.iter_mut().zip(&b) {
-                        *value = V::dot_quads(*value, x, weights);
-                    }
+                    dot_quads_row::<V, NV, HALF>(row, x, &b);
                 }
             }
             a = a.add(4 * KS);
             panel = panel.add(KS * step);
         }
         for _ in 0..tile.quads % KS {
-            let b = panel_row::<V, NV>(panel);
+            let b = panel_row::<V, NV, HALF>(panel);
             for (r, row) in sums[0].iter_mut().enumerate() {
                 let x = V::splat_quad(a.add(r * tile.lda));
-                for (value, &weights) in row.iter_mut().zip(&b) {
-                    *value = V::dot_quads(*value, x, weights);
-                }
+                dot_quads_row::<V, NV, HALF>(row, x, &b);
             }
             a = a.add(4);
             panel = panel.add(step);
@@ -528,16 +759,20 @@ unsafe fn quad_tile<
             let row_scale = V::splat(tile.row_scales.add(r));
             let minus_zero = V::splat(tile.row_zeros.add(r)).neg();
             for (v, &total) in row.iter().enumerate() {
+                let half = HALF && v == NV - 1;
+                let at = v * lanes;
                 // One rounding for `sum - zero * weight_sum`: the FMA's product is exact.
                 let centred = minus_zero.mul_add(
-                    V::load(tile.weight_sums.add(v * lanes)),
+                    channel_values::<V>(tile.weight_sums.add(at), half),
                     V::to_floats(total),
                 );
-                let scale = row_scale.mul(V::load(tile.scales.add(v * lanes)));
-                let value = centred.mul_add(scale, V::load(tile.bias.add(v * lanes)));
+                let scale = row_scale.mul(channel_values::<V>(tile.scales.add(at), half));
+                let value = centred.mul_add(scale, channel_values::<V>(tile.bias.add(at), half));
                 let value = epilogue::apply_on_accumulators(tile.post_op, value);
                 let out = tile.out.add(r * tile.ldo + v * lanes);
-                if tile.stream_out {
+                if half {
+                    value.store_half(out);
+                } else if tile.stream_out {
                     value.store_stream(out);
                 } else {
                     value.store(out);
@@ -547,19 +782,77 @@ unsafe fn quad_tile<
     }
 }
 
-/// One panel row: `NV` registers of weight quads.
+/// One register of channel values (biases, scales or weight sums) at `at`, or its half, which
+/// reads nothing past the half's outputs.
 ///
 /// # Safety
-/// `row` is valid for `NV * 4 * LANES` reads; the CPU supports the ISA.
+/// `at` is valid for `LANES` reads (`HALF_LANES` with `half`); the CPU supports the ISA.
 #[inline(always)]
-unsafe fn panel_row<V: QuadDot, const NV: usize>(row: *const i8) -> [V::Quads; NV] {
+unsafe fn channel_values<V: QuadDot>(at: *const f32, half: bool) -> V {
     // SAFETY: forwarded from the caller.
     unsafe {
-        let mut b = [V::load_quads(row); NV];
+        if half {
+            V::load_partial(at, V::HALF_LANES)
+        } else {
+            V::load(at)
+        }
+    }
+}
+
+/// One panel row: `NV` registers of weight quads, the last one a half with `HALF`.
+///
+/// # Safety
+/// `row` is valid for `NV * 4 * LANES` reads (with `HALF`, the last register's half); the CPU
+/// supports the ISA, and `V` has a half register if `HALF`.
+#[inline(always)]
+unsafe fn panel_row<V: QuadDot, const NV: usize, const HALF: bool>(
+    row: *const i8,
+) -> [V::Quads; NV] {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        let mut b = [weight_quads::<V>(row, HALF && NV == 1); NV];
         for (v, reg) in b.iter_mut().enumerate().skip(1) {
-            *reg = V::load_quads(row.add(v * 4 * V::LANES));
+            *reg = weight_quads::<V>(row.add(v * 4 * V::LANES), HALF && v == NV - 1);
         }
         b
+    }
+}
+
+/// One register of weight quads at `at`, or its half.
+///
+/// # Safety
+/// As for [`panel_row`]'s registers.
+#[inline(always)]
+unsafe fn weight_quads<V: QuadDot>(at: *const i8, half: bool) -> V::Quads {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        if half {
+            V::load_quads_half(at)
+        } else {
+            V::load_quads(at)
+        }
+    }
+}
+
+/// `row[v] += x . b[v]` quad by quad, the last register in its half with `HALF`.
+///
+/// # Safety
+/// The CPU supports the ISA, and `V` has a half register if `HALF`.
+#[inline(always)]
+unsafe fn dot_quads_row<V: QuadDot, const NV: usize, const HALF: bool>(
+    row: &mut [V::Sums; NV],
+    x: V::Quads,
+    b: &[V::Quads; NV],
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        for (v, (value, &weights)) in row.iter_mut().zip(b).enumerate() {
+            *value = if HALF && v == NV - 1 {
+                V::dot_quads_half(*value, x, weights)
+            } else {
+                V::dot_quads(*value, x, weights)
+            };
+        }
     }
 }
 
