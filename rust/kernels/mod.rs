@@ -537,10 +537,10 @@ pub struct Kernel<W: 'static, T: 'static> {
     pub shape: TileShape,
     pub forward: ChainKernel<W, T>,
     /// The loop nest compiled without and with its half-register tiles, of which
-    /// [`Kernel::with_half_registers`] makes one `forward`: compiled in, a grouped form's
-    /// half-register tiles made its calls of one row 5% slower where the shape had no half
-    /// registers (784 -> 42 -> 16 in int8 and bf16 on Zen 4, one process). None where one loop
-    /// nest serves both.
+    /// [`Kernel::with_half_registers`] makes one `forward`: with one copy holding both, a
+    /// grouped form whose shape had no half registers ran its calls of one row at 0.97x, with
+    /// two at 1.00x (784 -> 42 -> 16 in int8 on Zen 4, one process). None where one loop nest
+    /// serves both.
     pub forward_by_halves: Option<[ChainKernel<W, T>; 2]>,
     /// None for a kernel whose form keeps no activations (inference only).
     pub backward: Option<ChainBackward<W, T>>,
