@@ -181,13 +181,15 @@ impl<V: SimdVec> Halves<V> {
     const EXIST: bool = V::HALF_LANES > 0;
 }
 
-/// A share of the caller's next block of input rows for one register tile of a grouped form's
-/// first layer to fetch into L2 (a block is larger than L1), a few lines per step of `k`, while
-/// it multiplies. The grouped forms round or quantize each block's input in a pass of little
-/// work per value, which stalled on every line streaming from memory (784 -> 42 -> 16 at 4096
-/// rows: the bf16 call ran 1.36x slower than on rows already in cache, the f32 call 1.03x: its
-/// tiles read the input themselves, and fetch the next tile's rows as they go). Measured with
-/// it: bf16 1.29-1.37x -> 1.52-1.61x our f32, int8 1.53-1.62x -> 1.85-2.06x (Zen 5, 1 thread).
+/// A share of a later block of the caller's input rows for one register tile of a grouped
+/// form's first layer to fetch into L2 (a block is larger than L1), a few lines per step of `k`,
+/// while it multiplies: the next block for the int8 quads, the block after next for the bf16
+/// pairs (whose tiles round the next block as they go). The grouped forms rounded or quantized
+/// each block's input in a pass of little work per value, which stalled on every line streaming
+/// from memory (784 -> 42 -> 16 at 4096 rows: the bf16 call ran 1.36x slower than on rows
+/// already in cache, the f32 call 1.03x: its tiles read the input themselves, and fetch the
+/// next tile's rows as they go). Measured with it: bf16 1.29-1.37x -> 1.52-1.61x our f32, int8
+/// 1.53-1.62x -> 1.85-2.06x (Zen 5, 1 thread).
 #[derive(Clone, Copy)]
 pub(super) struct FetchAhead {
     first_line: *const u8,

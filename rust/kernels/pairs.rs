@@ -7,7 +7,9 @@
 //! up to even, each panel row one pair of `k` for every column, side by side; where half
 //! registers are cheaper (Zen 4), the last register a half and the outputs past it in dot form
 //! as the cost model says (784 -> 42 as 40 + 2); no rows in the lanes. The loop nest rounds
-//! each block's input rows to bf16 once, runs each layer as register tiles seeded with the bias in f32 (`R x NV` accumulators, one broadcast of an
+//! each block's input rows to bf16 once (the first block in a pass, every later one by the
+//! first layer's tiles of the block before, as they multiply: [`RoundAhead`]), runs each layer
+//! as register tiles seeded with the bias in f32 (`R x NV` accumulators, one broadcast of an
 //! input pair and `NV` loads of weight pairs per step), applies the post-op in f32 and rounds
 //! the hidden layer's outputs to bf16 for the next; the last layer's outputs are stored as f32.
 //! Error: see `docs/precision.md`.
@@ -74,13 +76,23 @@ pub trait PairDot: SimdVec<Elem = f32> {
 }
 
 /// Scratch elements (f32) the pairs form needs for `rows` rows: a block of f32 outputs of the
-/// widest layer, and a block of bf16 rows as wide as the widest layer input.
+/// widest layer, and two blocks of bf16 rows as wide as the widest layer input.
 pub fn scratch_len<W, T>(shape: &TileShape, chain: &Packed<'_, W, T>, rows: usize) -> usize {
     let block = rows.min(shape.block_rows);
     let widest_out = chain.layers.iter().map(|l| l.padded_out).max().unwrap_or(0);
     let values = block.saturating_mul(widest_out);
-    let rounded = block.saturating_mul(input_strides(shape, chain).max().unwrap_or(0));
+    let strides: Vec<usize> = input_strides(shape, chain).collect();
+    let rounded = rounded_block_len(block, &strides).saturating_mul(2);
     values.saturating_add(rounded.div_ceil(2))
+}
+
+/// bf16 values of a block of `block` rows of any layer's input (`strides`), rounded up to whole
+/// cache lines so that the second block starts aligned as the first.
+fn rounded_block_len(block: usize, strides: &[usize]) -> usize {
+    let lines = LINE_BYTES / std::mem::size_of::<Bf16>();
+    block
+        .saturating_mul(strides.iter().max().copied().unwrap_or(0))
+        .next_multiple_of(lines)
 }
 
 /// Each layer's input row length in a form taking `k` in groups: the chain's input, then each
@@ -147,30 +159,37 @@ pub unsafe fn forward_pairs<
     let widest = layers.iter().map(|l| l.padded_out).max().unwrap_or(0);
     let (values, rest) = scratch.split_at_mut(block_rows * widest);
     let strides: Vec<usize> = input_strides(shape, &chain).collect();
-    let rounded_len = block_rows * strides.iter().max().copied().unwrap_or(0);
-    let rounded: &mut [Bf16] = &mut bytemuck::cast_slice_mut(rest)[..rounded_len];
+    // Two blocks of bf16 rows: the one the layers read (the block's input, then each hidden
+    // layer's outputs), and the next block's input, which the first layer's tiles round.
+    let rounded_len = rounded_block_len(block_rows, &strides);
+    let (current, next) = bytemuck::cast_slice_mut::<f32, Bf16>(rest).split_at_mut(rounded_len);
+    let mut rounded_blocks = [current.as_mut_ptr(), next[..rounded_len].as_mut_ptr()];
     let first_in = layers[0].in_features;
     let last = layers.len() - 1;
     let out_features = layers[last].out_features;
 
     let stream_output = streams_output::<V>(output, out_features, layers[last].post_op);
+    // SAFETY: the input holds the first block's rows, and `rounded_blocks[0]` room for them at
+    // `strides[0] = grouped(first_in)`.
+    unsafe {
+        round_rows::<V>(
+            rows,
+            input.as_ptr(),
+            first_in,
+            block_rows,
+            first_in,
+            rounded_blocks[0],
+            strides[0],
+        )
+    };
     for block_start in (0..rows).step_by(block_rows) {
         let block = block_rows.min(rows - block_start);
         let next_rows = block_rows.min(rows - block_start - block);
-        let next_input = &input[(block_start + block) * first_in..][..next_rows * first_in];
-        // SAFETY: the input holds `block` rows of `first_in` values from `block_start`, and
-        // `rounded` room for `block` rows of `strides[0] = grouped(first_in)` values.
-        unsafe {
-            round_rows::<V>(
-                rows - block_start,
-                input.as_ptr().add(block_start * first_in),
-                first_in,
-                block,
-                first_in,
-                rounded.as_mut_ptr(),
-                strides[0],
-            )
-        };
+        let next_input = input[(block_start + block) * first_in..].as_ptr();
+        let after_next = (block_start + block + next_rows).min(rows);
+        let after_next_rows = block_rows.min(rows - after_next);
+        let after_next_input = &input[after_next * first_in..][..after_next_rows * first_in];
+        let [rounded, next_rounded] = rounded_blocks;
         for (index, layer) in layers.iter().enumerate() {
             let direct = index == last && layer.padded_out == layer.out_features;
             let block_output = &mut output[block_start * out_features..][..block * out_features];
@@ -200,10 +219,13 @@ pub unsafe fn forward_pairs<
                 // SAFETY: `check_chain` proved the panels and biases in bounds; the rows `row..`
                 // of `rounded` hold `grouped_k` values each at `strides[index]` (written by
                 // `round_rows`), and `dst` has room for `block` rows of `padded_out` values at
-                // `ldo` (exactly `out_features` when direct, which then equals `padded_out`).
+                // `ldo` (exactly `out_features` when direct, which then equals `padded_out`); the
+                // input holds the `next_rows` rows from `next_input` that the first layer's tiles
+                // round, and `next_rounded` (the other block, which no layer reads now) room for
+                // them at `strides[0]`.
                 unsafe {
                     let tile = PairTile {
-                        a: rounded.as_ptr().add(row * strides[index]),
+                        a: rounded.add(row * strides[index]),
                         lda: strides[index],
                         pairs,
                         panel: chain
@@ -217,9 +239,20 @@ pub unsafe fn forward_pairs<
                         ldo,
                         prefetch_out: direct && !stream_output,
                         stream_out: direct && stream_output,
+                        round_ahead: if index == 0 {
+                            RoundAhead::share(
+                                next_rows,
+                                row_tiles * col_tiles,
+                                order,
+                                (next_input, first_in, first_in),
+                                (next_rounded, strides[0]),
+                            )
+                        } else {
+                            RoundAhead::NONE
+                        },
                         fetch: FetchAhead::share(
                             index,
-                            next_input,
+                            after_next_input,
                             row_tiles * col_tiles,
                             order,
                             pairs,
@@ -233,9 +266,25 @@ pub unsafe fn forward_pairs<
                     }
                 }
             }
+            if index == 0 && col_tiles == 0 {
+                // No tile to round the next block as it goes (every output in dot form).
+                // SAFETY: the input holds the next block's `next_rows` rows, and `next_rounded`
+                // room for them at `strides[0]`.
+                unsafe {
+                    round_rows::<V>(
+                        0,
+                        next_input,
+                        first_in,
+                        next_rows,
+                        first_in,
+                        next_rounded,
+                        strides[0],
+                    )
+                };
+            }
             if layer.dot_from < layer.out_features {
                 let dots = PairDots {
-                    a: rounded.as_ptr(),
+                    a: rounded,
                     lda: strides[index],
                     values: grouped_k,
                     weights: chain.weights[layer.dot_at..].as_ptr(),
@@ -262,7 +311,7 @@ pub unsafe fn forward_pairs<
                         layer.padded_out,
                         block,
                         layer.out_features,
-                        rounded.as_mut_ptr(),
+                        rounded,
                         strides[index + 1],
                     )
                 };
@@ -275,6 +324,7 @@ pub unsafe fn forward_pairs<
                 }
             }
         }
+        rounded_blocks = [next_rounded, rounded];
     }
     if stream_output {
         // SAFETY: the kernel's ISA, which the caller guarantees.
@@ -326,30 +376,177 @@ unsafe fn round_rows<V: PairDot>(
     dst: *mut Bf16,
     ldd: usize,
 ) {
-    let lanes = V::LANES;
-    let (pairs, whole, tail) = (
-        count / (2 * lanes) * 2 * lanes,
-        count / lanes * lanes,
-        count % lanes,
-    );
     // SAFETY: every access is inside the rows the caller guarantees.
     unsafe {
         for r in 0..rows {
             let (from, to) = (src.add(r * lds), dst.add(r * ldd));
             fetch_row_ahead::<V>(src, lds, r, count, streamed_rows);
-            for at in (0..pairs).step_by(2 * lanes) {
-                let next = V::load(from.add(at + lanes));
-                V::load(from.add(at)).store_rounded_two(next, to.add(at));
+            let mut at = 0;
+            while at < count {
+                at += round_piece::<V>(from.add(at), to.add(at), count - at);
             }
-            for at in (pairs..whole).step_by(lanes) {
-                V::load(from.add(at)).store_rounded(to.add(at), lanes);
+            end_row(to, count);
+        }
+    }
+}
+
+/// Rounds the next piece of a row whose `left` values (`left > 0`) lie at `from`, into `to`:
+/// two registers where that many are left, else the row's rest; returns the values rounded.
+///
+/// # Safety
+/// `from` is valid for reading `left` values, `to` for writing as many; the CPU supports the
+/// ISA.
+#[inline(always)]
+unsafe fn round_piece<V: PairDot>(from: *const f32, to: *mut Bf16, left: usize) -> usize {
+    let lanes = V::LANES;
+    // SAFETY: forwarded from the caller; every access is among the `left` values.
+    unsafe {
+        if left >= 2 * lanes {
+            let next = V::load(from.add(lanes));
+            V::load(from).store_rounded_two(next, to);
+            return 2 * lanes;
+        }
+        let whole = if left >= lanes {
+            V::load(from).store_rounded(to, lanes);
+            lanes
+        } else {
+            0
+        };
+        if left > whole {
+            V::load_partial(from.add(whole), left - whole)
+                .store_rounded(to.add(whole), left - whole);
+        }
+        left
+    }
+}
+
+/// Ends a rounded row of `count` values at `row`: a zero after an odd `count`.
+///
+/// # Safety
+/// `row` is valid for writing `count + count % 2` values.
+#[inline(always)]
+unsafe fn end_row(row: *mut Bf16, count: usize) {
+    if count % 2 == 1 {
+        // SAFETY: the caller guarantees the row's room.
+        unsafe { *row.add(count) = Bf16::default() };
+    }
+}
+
+/// How far ahead of the piece it rounds [`RoundAhead::step`] fetches into L1: 32 lines, about 16
+/// steps of the tile's `k` (the share's rows follow each other in the caller's input).
+const ROUND_FETCH_VALUES: usize = 32 * LINE_VALUES;
+
+/// A first-layer tile's share of the next block's input rows, rounded to bf16 as the tile's
+/// products go: a piece ([`round_piece`]) a step of `k`, and what is left after the loop.
+///
+/// A pass of its own over the block (as [`round_rows`]) took 10.5% of the bf16 encoder
+/// 784 -> 42 -> 16 at 4,096 rows (Zen 4): it does little per value and waits on each line,
+/// where the tiles leave the load and store ports idle while `vdpbf16ps` runs. Rounding as the
+/// tiles go ran that encoder 1.09x and the AE 1.04x faster than the pass (1 thread, one
+/// process), with the lines of the block after next fetched into L2 meanwhile
+/// ([`FetchAhead`]); with the lines read from L3 (fetched only 32 lines ahead), 0.93x: each
+/// piece's loads stalled the tile.
+#[derive(Clone, Copy)]
+struct RoundAhead {
+    /// The next piece's values and where they go.
+    from: *const f32,
+    to: *mut Bf16,
+    /// Values left in the current row.
+    left: usize,
+    /// Rows of the share after the current one.
+    rows_after: usize,
+    /// The values in a row, and the strides of the rows.
+    count: usize,
+    lds: usize,
+    ldd: usize,
+}
+
+impl RoundAhead {
+    const NONE: RoundAhead = RoundAhead {
+        from: std::ptr::null(),
+        to: std::ptr::null_mut(),
+        left: 0,
+        rows_after: 0,
+        count: 0,
+        lds: 0,
+        ldd: 0,
+    };
+
+    /// Tile `tile`'s share of `rows` rows of `count` values (`count > 0`) at `src`, `lds` apart,
+    /// to round into `dst`, `ldd` apart: the rows cut into `tiles` shares in order.
+    fn share(
+        rows: usize,
+        tiles: usize,
+        tile: usize,
+        (src, lds, count): (*const f32, usize, usize),
+        (dst, ldd): (*mut Bf16, usize),
+    ) -> RoundAhead {
+        let per_tile = rows.div_ceil(tiles.max(1));
+        let first = (tile * per_tile).min(rows);
+        let share = per_tile.min(rows - first);
+        if share == 0 || count == 0 {
+            return RoundAhead::NONE;
+        }
+        RoundAhead {
+            from: src.wrapping_add(first * lds),
+            to: dst.wrapping_add(first * ldd),
+            left: count,
+            rows_after: share - 1,
+            count,
+            lds,
+            ldd,
+        }
+    }
+
+    /// Whether the share has anything left to round.
+    fn has_rows(&self) -> bool {
+        self.left > 0
+    }
+
+    /// Rounds the next piece (if any), fetching the values [`ROUND_FETCH_VALUES`] ahead.
+    ///
+    /// # Safety
+    /// The share's rows are readable and their destinations writable (as
+    /// [`RoundAhead::share`] was given them, `ldd >= count + count % 2`); the CPU supports the
+    /// ISA.
+    #[inline(always)]
+    unsafe fn step<V: PairDot>(&mut self) {
+        if self.left == 0 {
+            return;
+        }
+        // SAFETY: the piece lies in the current row, which the caller guarantees; a prefetch
+        // never faults, whatever the address.
+        unsafe {
+            V::prefetch(self.from.wrapping_add(ROUND_FETCH_VALUES));
+            V::prefetch(self.from.wrapping_add(ROUND_FETCH_VALUES + LINE_VALUES));
+            let done = round_piece::<V>(self.from, self.to, self.left);
+            self.left -= done;
+            if self.left > 0 {
+                self.from = self.from.add(done);
+                self.to = self.to.add(done);
+                return;
             }
-            if tail > 0 {
-                V::load_partial(from.add(whole), tail).store_rounded(to.add(whole), tail);
+            let count = self.count;
+            let row_start = self.to.add(done).sub(count);
+            end_row(row_start, count);
+            if self.rows_after > 0 {
+                self.rows_after -= 1;
+                self.left = count;
+                self.from = self.from.add(done).sub(count).add(self.lds);
+                self.to = row_start.add(self.ldd);
             }
-            if count % 2 == 1 {
-                *to.add(count) = Bf16::default();
-            }
+        }
+    }
+
+    /// Rounds what is left of the share.
+    ///
+    /// # Safety
+    /// As [`RoundAhead::step`].
+    #[inline(always)]
+    unsafe fn finish<V: PairDot>(&mut self) {
+        while self.has_rows() {
+            // SAFETY: forwarded from the caller.
+            unsafe { self.step::<V>() };
         }
     }
 }
@@ -531,7 +728,10 @@ struct PairTile {
     post_op: PostOp,
     out: *mut f32,
     ldo: usize,
-    /// Lines of the next block's input to fetch as the products go (the first layer's tiles).
+    /// Rows of the next block's input to round as the products go (the first layer's tiles).
+    round_ahead: RoundAhead,
+    /// Lines of the block after next to fetch into L2 as the products go, for the next block's
+    /// tiles to round.
     fetch: FetchAhead,
     /// Fetch the output lines before the products: `out` is the caller's output, likely far
     /// from cache (as `microkernel::Tile::prefetch_out`).
@@ -546,9 +746,10 @@ impl<V: PairDot> GroupedTile<V> for PairTile {
     unsafe fn run<const R: usize, const NV: usize, const KS: usize, const HALF: bool>(&self) {
         // SAFETY: forwarded from the caller.
         unsafe {
-            // Only the tiles of three rows or more (`KS == 1`) fetch: at batch 1 and 2 even an
-            // empty fetch loop per step slowed the call by a quarter.
-            if KS == 1 && self.fetch.has_lines() {
+            // Only the tiles of three rows or more (`KS == 1`) round as they go (the others
+            // after their loop): at batch 1 and 2 even an empty step in the loop slowed the call
+            // by a quarter.
+            if KS == 1 && (self.round_ahead.has_rows() || self.fetch.has_lines()) {
                 pair_tile::<V, R, NV, KS, true, HALF>(self)
             } else {
                 pair_tile::<V, R, NV, KS, false, HALF>(self)
@@ -561,21 +762,22 @@ impl<V: PairDot> GroupedTile<V> for PairTile {
 /// each row's input pair and `NV` loads of weight pairs, `KS` accumulator sets over consecutive
 /// pairs summed at the end, the post-op where it runs on accumulators, stored as f32.
 ///
-/// With `FETCH`, each step of `k` also fetches its lines of [`FetchAhead`]; with `HALF`, the
-/// last register's products, biases and stores cover its half.
+/// With `ROUND`, each step of `k` also rounds a piece of the tile's [`RoundAhead`] share (every
+/// tile rounds the rest of its share after the loop); with `HALF`, the last register's
+/// products, biases and stores cover its half.
 ///
 /// # Safety
 /// `tile` points at `R` input rows of `2 * pairs` readable values, a panel of `pairs` rows of
 /// `2 * panel_width` values with `NV * LANES <= panel_width` (with `HALF`, `(NV - 1) * LANES +
 /// HALF_LANES`), as many biases, and room for the outputs; `HALF` only where `V` has a half
-/// register; the CPU supports the ISA.
+/// register; the share's rows as [`RoundAhead::step`] requires; the CPU supports the ISA.
 #[inline(always)]
 unsafe fn pair_tile<
     V: PairDot,
     const R: usize,
     const NV: usize,
     const KS: usize,
-    const FETCH: bool,
+    const ROUND: bool,
     const HALF: bool,
 >(
     tile: &PairTile,
@@ -606,10 +808,12 @@ unsafe fn pair_tile<
                 }
             }
         }
-        let (mut a, mut panel, mut fetch) = (tile.a, tile.panel, tile.fetch);
+        let (mut a, mut panel) = (tile.a, tile.panel);
+        let (mut round, mut fetch) = (tile.round_ahead, tile.fetch);
         for _ in 0..tile.pairs / KS {
             for (s, set) in acc.iter_mut().enumerate() {
-                if FETCH {
+                if ROUND {
+                    round.step::<V>();
                     fetch.step::<V>();
                 }
                 let b = panel_row::<V, NV, HALF>(panel.add(s * step));
@@ -630,6 +834,7 @@ unsafe fn pair_tile<
             a = a.add(2);
             panel = panel.add(step);
         }
+        round.finish::<V>();
         for (r, row) in sum_sets(&acc).iter().enumerate() {
             for (v, &value) in row.iter().enumerate() {
                 let value = epilogue::apply_on_accumulators(tile.post_op, value);
