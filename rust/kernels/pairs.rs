@@ -481,10 +481,14 @@ impl RoundAhead {
         (src, lds, count): (*const f32, usize, usize),
         (dst, ldd): (*mut Bf16, usize),
     ) -> RoundAhead {
+        // Before the division: the last block (every block of a small call) has no next one.
+        if rows == 0 || count == 0 {
+            return RoundAhead::NONE;
+        }
         let per_tile = rows.div_ceil(tiles.max(1));
         let first = (tile * per_tile).min(rows);
         let share = per_tile.min(rows - first);
-        if share == 0 || count == 0 {
+        if share == 0 {
             return RoundAhead::NONE;
         }
         RoundAhead {
