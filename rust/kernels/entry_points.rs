@@ -204,10 +204,13 @@ macro_rules! grouped_kernel {
 
             target_kernels!(@stored_epilogue [target_feature(enable = $features)] $register);
 
+            /// The loop nest, with the half-register tiles compiled in or not (`HALVES`): two
+            /// copies (see `Kernel::forward_by_halves`).
+            ///
             /// # Safety
             /// The CPU supports the ISA's features; the loop nest checks everything else.
             #[target_feature(enable = $features)]
-            unsafe fn forward_whole(
+            unsafe fn forward<const HALVES: bool>(
                 shape: &TileShape,
                 chain: Packed<'_, $storage, f32>,
                 input: &[f32],
@@ -217,36 +220,7 @@ macro_rules! grouped_kernel {
             ) {
                 // SAFETY: the caller guarantees the features; the loop nest checks the rest.
                 unsafe {
-                    $forward::<$register, { $mr }, { $nv_max }, false>(
-                        shape,
-                        chain,
-                        input,
-                        output,
-                        scratch,
-                        saved,
-                        // Opaque, as in `target_kernels!`.
-                        std::hint::black_box(StoredEpilogue {
-                            tile: stored_tile,
-                            values: stored_values,
-                        }),
-                    )
-                }
-            }
-
-            /// # Safety
-            /// The CPU supports the ISA's features; the loop nest checks everything else.
-            #[target_feature(enable = $features)]
-            unsafe fn forward_halves(
-                shape: &TileShape,
-                chain: Packed<'_, $storage, f32>,
-                input: &[f32],
-                output: &mut [f32],
-                scratch: &mut [f32],
-                saved: Option<&mut [f32]>,
-            ) {
-                // SAFETY: the caller guarantees the features; the loop nest checks the rest.
-                unsafe {
-                    $forward::<$register, { $mr }, { $nv_max }, true>(
+                    $forward::<$register, { $mr }, { $nv_max }, HALVES>(
                         shape,
                         chain,
                         input,
@@ -275,10 +249,10 @@ macro_rules! grouped_kernel {
                     k_group: $k_group,
                     ..TileShape::for_register::<$register>($mr, $nv_max)
                 },
-                forward: forward_whole,
+                forward: forward::<false>,
                 forward_by_halves: Some([
-                    forward_whole as $crate::kernels::ChainKernel<$storage, f32>,
-                    forward_halves,
+                    forward::<false> as $crate::kernels::ChainKernel<$storage, f32>,
+                    forward::<true>,
                 ]),
                 backward: None,
                 peak,

@@ -574,14 +574,7 @@ unsafe fn quad_dot_tile<V: QuadDot, const R: usize, const C: usize, const KS: us
         if tail > 0 {
             quad_dot_chunk::<V, R, C>(&mut sums[0], &chunk(whole * register, tail));
         }
-        let mut totals = sums[0];
-        for set in &sums[1..] {
-            for (total_row, set_row) in totals.iter_mut().zip(set) {
-                for (total, &value) in total_row.iter_mut().zip(set_row) {
-                    *total = V::add_sums(*total, value);
-                }
-            }
-        }
+        let totals = add_sum_sets::<V, R, C, KS>(&sums);
         for (r, row_sums) in totals.iter().enumerate() {
             let at = row + r;
             let (row_scale, minus_zero) = (*dots.row_scales.add(at), -*dots.row_zeros.add(at));
@@ -745,16 +738,7 @@ unsafe fn quad_tile<
             a = a.add(4);
             panel = panel.add(step);
         }
-        // Added up into a new array: the epilogue's loops index it, and an array indexed so
-        // stays in memory, which for `sums` itself would put every `dot_quads` through the stack.
-        let mut totals = sums[0];
-        for set in &sums[1..] {
-            for (total_row, set_row) in totals.iter_mut().zip(set) {
-                for (total, &value) in total_row.iter_mut().zip(set_row) {
-                    *total = V::add_sums(*total, value);
-                }
-            }
-        }
+        let totals = add_sum_sets::<V, R, NV, KS>(&sums);
         for (r, row) in totals.iter().enumerate() {
             let row_scale = V::splat(tile.row_scales.add(r));
             let minus_zero = V::splat(tile.row_zeros.add(r)).neg();
@@ -780,6 +764,28 @@ unsafe fn quad_tile<
             }
         }
     }
+}
+
+/// The `KS` sets of a tile's i32 sums added into one, in order (as `microkernel::sum_sets` for
+/// f32): into a new array, which the epilogue's loops index (an array indexed so stays in
+/// memory, which for the sets themselves would put every `dot_quads` through the stack).
+///
+/// # Safety
+/// The CPU supports `V`'s ISA.
+#[inline(always)]
+unsafe fn add_sum_sets<V: QuadDot, const R: usize, const NV: usize, const KS: usize>(
+    sets: &[[[V::Sums; NV]; R]; KS],
+) -> [[V::Sums; NV]; R] {
+    let mut totals = sets[0];
+    for set in &sets[1..] {
+        for (total_row, set_row) in totals.iter_mut().zip(set) {
+            for (total, &value) in total_row.iter_mut().zip(set_row) {
+                // SAFETY: the caller guarantees the ISA.
+                *total = unsafe { V::add_sums(*total, value) };
+            }
+        }
+    }
+    totals
 }
 
 /// One register of channel values (biases, scales or weight sums) at `at`, or its half, which
