@@ -18,7 +18,7 @@ use super::chain::check_chain;
 use super::epilogue::{self, StoredEpilogue};
 use super::microkernel::{grouped_tile, streams_output, sum_sets, FetchAhead, GroupedTile};
 use super::peak::PEAK_CHAINS;
-use super::{Bf16, Packed, SimdVec, TileShape, L1_HALF_BYTES, LINE_BYTES};
+use super::{Bf16, LayerDesc, Packed, SimdVec, TileShape, L1_HALF_BYTES, LINE_BYTES};
 use crate::ops::PostOp;
 
 /// f32 values in a cache line.
@@ -81,18 +81,27 @@ pub fn scratch_len<W, T>(shape: &TileShape, chain: &Packed<'_, W, T>, rows: usiz
     let block = rows.min(shape.block_rows);
     let widest_out = chain.layers.iter().map(|l| l.padded_out).max().unwrap_or(0);
     let values = block.saturating_mul(widest_out);
-    let strides: Vec<usize> = input_strides(shape, chain).collect();
-    let rounded = rounded_block_len(block, &strides).saturating_mul(2);
+    let widest_in = input_strides(shape, chain).max().unwrap_or(0);
+    let rounded = rounded_block_len(block, widest_in).saturating_mul(2);
     values.saturating_add(rounded.div_ceil(2))
 }
 
-/// bf16 values of a block of `block` rows of any layer's input (`strides`), rounded up to whole
-/// cache lines so that the second block starts aligned as the first.
-fn rounded_block_len(block: usize, strides: &[usize]) -> usize {
+/// bf16 values of a block of `block` rows of any layer's input (`widest_in` values a row at
+/// most), rounded up to whole cache lines so that the second block starts aligned as the first.
+fn rounded_block_len(block: usize, widest_in: usize) -> usize {
     let lines = LINE_BYTES / std::mem::size_of::<Bf16>();
-    block
-        .saturating_mul(strides.iter().max().copied().unwrap_or(0))
-        .next_multiple_of(lines)
+    block.saturating_mul(widest_in).next_multiple_of(lines)
+}
+
+/// Layer `index`'s input row length in a form taking `k` in groups (as [`input_strides`]),
+/// worked out where it is needed: a `Vec` of them cost an allocation on every call.
+#[inline(always)]
+pub(super) fn input_stride(shape: &TileShape, layers: &[LayerDesc], index: usize) -> usize {
+    let width = match index.checked_sub(1) {
+        Some(below) => layers[below].padded_out,
+        None => layers[0].in_features,
+    };
+    shape.grouped(width)
 }
 
 /// Each layer's input row length in a form taking `k` in groups: the chain's input, then each
@@ -158,10 +167,11 @@ pub unsafe fn forward_pairs<
     let block_rows = rows.min(shape.block_rows);
     let widest = layers.iter().map(|l| l.padded_out).max().unwrap_or(0);
     let (values, rest) = scratch.split_at_mut(block_rows * widest);
-    let strides: Vec<usize> = input_strides(shape, &chain).collect();
+    let stride = |index: usize| input_stride(shape, layers, index);
     // Two blocks of bf16 rows: the one the layers read (the block's input, then each hidden
     // layer's outputs), and the next block's input, which the first layer's tiles round.
-    let rounded_len = rounded_block_len(block_rows, &strides);
+    let widest_in = input_strides(shape, &chain).max().unwrap_or(0);
+    let rounded_len = rounded_block_len(block_rows, widest_in);
     let (current, next) = bytemuck::cast_slice_mut::<f32, Bf16>(rest).split_at_mut(rounded_len);
     let mut rounded_blocks = [current.as_mut_ptr(), next[..rounded_len].as_mut_ptr()];
     let first_in = layers[0].in_features;
@@ -170,7 +180,7 @@ pub unsafe fn forward_pairs<
 
     let stream_output = streams_output::<V>(output, out_features, layers[last].post_op);
     // SAFETY: the input holds the first block's rows, and `rounded_blocks[0]` room for them at
-    // `strides[0] = grouped(first_in)`.
+    // `stride(0) = grouped(first_in)`.
     unsafe {
         round_rows::<V>(
             rows,
@@ -179,7 +189,7 @@ pub unsafe fn forward_pairs<
             block_rows,
             first_in,
             rounded_blocks[0],
-            strides[0],
+            stride(0),
         )
     };
     for block_start in (0..rows).step_by(block_rows) {
@@ -217,16 +227,16 @@ pub unsafe fn forward_pairs<
                 let row = row_tile * MR;
                 let (col, width) = panels.get(col_tile);
                 // SAFETY: `check_chain` proved the panels and biases in bounds; the rows `row..`
-                // of `rounded` hold `grouped_k` values each at `strides[index]` (written by
+                // of `rounded` hold `grouped_k` values each at `stride(index)` (written by
                 // `round_rows`), and `dst` has room for `block` rows of `padded_out` values at
                 // `ldo` (exactly `out_features` when direct, which then equals `padded_out`); the
                 // input holds the `next_rows` rows from `next_input` that the first layer's tiles
                 // round, and `next_rounded` (the other block, which no layer reads now) room for
-                // them at `strides[0]`.
+                // them at `stride(0)`.
                 unsafe {
                     let tile = PairTile {
-                        a: rounded.add(row * strides[index]),
-                        lda: strides[index],
+                        a: rounded.add(row * stride(index)),
+                        lda: stride(index),
                         pairs,
                         panel: chain
                             .weights
@@ -245,7 +255,7 @@ pub unsafe fn forward_pairs<
                                 row_tiles * col_tiles,
                                 order,
                                 (next_input, first_in, first_in),
-                                (next_rounded, strides[0]),
+                                (next_rounded, stride(0)),
                             )
                         } else {
                             RoundAhead::NONE
@@ -269,7 +279,7 @@ pub unsafe fn forward_pairs<
             if index == 0 && col_tiles == 0 {
                 // No tile to round the next block as it goes (every output in dot form).
                 // SAFETY: the input holds the next block's `next_rows` rows, and `next_rounded`
-                // room for them at `strides[0]`.
+                // room for them at `stride(0)`.
                 unsafe {
                     round_rows::<V>(
                         0,
@@ -278,14 +288,14 @@ pub unsafe fn forward_pairs<
                         next_rows,
                         first_in,
                         next_rounded,
-                        strides[0],
+                        stride(0),
                     )
                 };
             }
             if layer.dot_from < layer.out_features {
                 let dots = PairDots {
                     a: rounded,
-                    lda: strides[index],
+                    lda: stride(index),
                     values: grouped_k,
                     weights: chain.weights[layer.dot_at..].as_ptr(),
                     ldw: shape.padded(layer.in_features),
@@ -296,14 +306,14 @@ pub unsafe fn forward_pairs<
                     ldo,
                 };
                 // SAFETY: `check_chain` proved the dot-form rows and biases in bounds; `rounded`
-                // holds `block` rows of `grouped_k` values at `strides[index]`, and `dst` room
+                // holds `block` rows of `grouped_k` values at `stride(index)`, and `dst` room
                 // for `block` rows at `ldo` whose columns `dot_from..out_features` no tile
                 // writes.
                 unsafe { pair_dot_outputs::<V>(&dots, block, epilogue) };
             }
             if index < last {
                 // SAFETY: `values` holds `block` rows of `padded_out` values, and `rounded` room
-                // for `block` rows of `strides[index + 1] = padded_out >= grouped(out)` values.
+                // for `block` rows of `stride(index + 1) = padded_out >= grouped(out)` values.
                 unsafe {
                     round_rows::<V>(
                         0,
@@ -312,7 +322,7 @@ pub unsafe fn forward_pairs<
                         block,
                         layer.out_features,
                         rounded,
-                        strides[index + 1],
+                        stride(index + 1),
                     )
                 };
             } else if !direct {

@@ -17,7 +17,7 @@
 use super::chain::check_chain;
 use super::epilogue::{self, StoredEpilogue};
 use super::microkernel::{grouped_tile, streams_output, FetchAhead, GroupedTile};
-use super::pairs::{fetch_row_ahead, input_strides, DotChunk};
+use super::pairs::{fetch_row_ahead, input_stride, input_strides, DotChunk};
 use super::peak::PEAK_CHAINS;
 use super::{Packed, SimdVec, TileShape, L1_HALF_BYTES};
 use crate::ops::PostOp;
@@ -185,8 +185,8 @@ pub unsafe fn forward_quads<
     let (values, rest) = scratch.split_at_mut(block_rows * widest);
     let (row_scales, rest) = rest.split_at_mut(block_rows);
     let (row_zeros, rest) = rest.split_at_mut(block_rows);
-    let strides: Vec<usize> = input_strides(shape, &chain).collect();
-    let quantized_len = block_rows * strides.iter().max().copied().unwrap_or(0);
+    let stride = |index: usize| input_stride(shape, layers, index);
+    let quantized_len = block_rows * input_strides(shape, &chain).max().unwrap_or(0);
     let quantized: &mut [u8] = &mut bytemuck::cast_slice_mut(rest)[..quantized_len];
     let first_in = layers[0].in_features;
     let last = layers.len() - 1;
@@ -198,7 +198,7 @@ pub unsafe fn forward_quads<
         let next_rows = block_rows.min(rows - block_start - block);
         let next_input = &input[(block_start + block) * first_in..][..next_rows * first_in];
         // SAFETY: the input holds `block` rows of `first_in` values from `block_start`;
-        // `quantized` has room for `block` rows of `strides[0] = grouped(first_in)` values, the
+        // `quantized` has room for `block` rows of `stride(0) = grouped(first_in)` values, the
         // scales and zeros for `block` rows.
         unsafe {
             quantize_rows::<V>(
@@ -208,7 +208,7 @@ pub unsafe fn forward_quads<
                 block,
                 first_in,
                 quantized.as_mut_ptr(),
-                strides[0],
+                stride(0),
                 row_scales.as_mut_ptr(),
                 row_zeros.as_mut_ptr(),
             )
@@ -241,12 +241,12 @@ pub unsafe fn forward_quads<
                 let (col, width) = panels.get(col_tile);
                 // SAFETY: `check_chain` proved the panels in bounds, the assertion above the
                 // channel values; rows `row..` of `quantized` hold `grouped_k` values each at
-                // `strides[index]` (written by `quantize_rows`, with their scales and zeros),
+                // `stride(index)` (written by `quantize_rows`, with their scales and zeros),
                 // and `dst` has room for `block` rows of `padded_out` values at `ldo`.
                 unsafe {
                     let tile = QuadTile {
-                        a: quantized.as_ptr().add(row * strides[index]),
-                        lda: strides[index],
+                        a: quantized.as_ptr().add(row * stride(index)),
+                        lda: stride(index),
                         row_scales: row_scales.as_ptr().add(row),
                         row_zeros: row_zeros.as_ptr().add(row),
                         quads,
@@ -282,7 +282,7 @@ pub unsafe fn forward_quads<
             if layer.dot_from < layer.out_features {
                 let dots = QuadDots {
                     a: quantized.as_ptr(),
-                    lda: strides[index],
+                    lda: stride(index),
                     row_scales: row_scales.as_ptr(),
                     row_zeros: row_zeros.as_ptr(),
                     bytes: grouped_k,
@@ -297,14 +297,14 @@ pub unsafe fn forward_quads<
                     ldo,
                 };
                 // SAFETY: the assertion above proved the dot-form rows and channel values in
-                // bounds; `quantized` holds `block` rows of `grouped_k` values at `strides[index]`
+                // bounds; `quantized` holds `block` rows of `grouped_k` values at `stride(index)`
                 // with their scales and zeros, and `dst` room for `block` rows at `ldo` whose
                 // columns `dot_from..out_features` no tile writes.
                 unsafe { quad_dot_outputs::<V>(&dots, block, epilogue) };
             }
             if index < last {
                 // SAFETY: `values` holds `block` rows of `padded_out` values, and `quantized`
-                // room for `block` rows of `strides[index + 1] = padded_out >= grouped(out)`.
+                // room for `block` rows of `stride(index + 1) = padded_out >= grouped(out)`.
                 unsafe {
                     quantize_rows::<V>(
                         0,
@@ -313,7 +313,7 @@ pub unsafe fn forward_quads<
                         block,
                         layer.out_features,
                         quantized.as_mut_ptr(),
-                        strides[index + 1],
+                        stride(index + 1),
                         row_scales.as_mut_ptr(),
                         row_zeros.as_mut_ptr(),
                     )
