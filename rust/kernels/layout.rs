@@ -53,13 +53,15 @@ impl TileShape {
         Panels::new(columns, self.lanes, self.nv_max)
     }
 
+    #[inline(always)]
     pub fn padded(&self, width: usize) -> usize {
         padded(width, self.lanes)
     }
 
     /// `k` rounded up to whole groups of [`TileShape::k_group`].
+    #[inline(always)]
     pub fn grouped(&self, k: usize) -> usize {
-        k.next_multiple_of(self.k_group)
+        padded(k, self.k_group)
     }
 
     /// The columns a layer's panels hold for its first `dot_from` outputs: exactly those, or,
@@ -154,9 +156,16 @@ pub const LINE_BYTES: usize = 64;
 /// 12.8 MB output), so the bound is on the chunk: half a Zen 4 L2.
 pub const STREAM_MIN_BYTES: usize = 512 << 10;
 
-/// `width` rounded up to whole registers of `lanes`.
+/// `width` rounded up to whole registers of `lanes`. With a mask where `lanes` is a power of two
+/// (every register and group here): the division, by a count the compiler does not know, cost
+/// several nanoseconds a call at batch 1, where each call works out its layers' widths.
+#[inline(always)]
 pub fn padded(width: usize, lanes: usize) -> usize {
-    width.div_ceil(lanes) * lanes
+    if lanes.is_power_of_two() {
+        (width + (lanes - 1)) & !(lanes - 1)
+    } else {
+        width.div_ceil(lanes) * lanes
+    }
 }
 
 /// Where one packed layer sits in its chain's buffer (see the module docs for the layout).
