@@ -309,7 +309,7 @@ pub unsafe fn forward_pairs<
                 // holds `block` rows of `grouped_k` values at `stride(index)`, and `dst` room
                 // for `block` rows at `ldo` whose columns `dot_from..out_features` no tile
                 // writes.
-                unsafe { pair_dot_outputs::<V>(&dots, block, epilogue) };
+                unsafe { dot_outputs::<V, _>(&dots, block, epilogue) };
             }
             if index < last {
                 // SAFETY: `values` holds `block` rows of `padded_out` values, and `rounded` room
@@ -587,42 +587,75 @@ struct PairDots {
     ldo: usize,
 }
 
+/// A block's dot-form outputs in a grouped form (the bf16 pairs' [`PairDots`], the int8 quads'):
+/// where they go, and the tile that computes `R` rows' outputs `out..out + C` from row `row`.
+pub(super) trait DotOutputs<V> {
+    /// The dot-form outputs of each row.
+    fn outs(&self) -> usize;
+    fn post_op(&self) -> PostOp;
+    /// The block's first dot-form output, and the rows' stride.
+    fn out(&self) -> (*mut f32, usize);
+    /// # Safety
+    /// The rows `row..row + R` are in the block and the outputs `out..out + C` among the
+    /// dot-form ones; the CPU supports `V`'s ISA.
+    unsafe fn tile<const R: usize, const C: usize, const KS: usize>(&self, row: usize, out: usize);
+}
+
 /// The dot-form outputs of `block` rows, [`DOT_ROWS`] rows by [`DOT_OUTS`] outputs at a time.
 ///
 /// # Safety
 /// `dots` points at `block` rows and their outputs as it says; the CPU supports the ISA.
 #[inline(always)]
-unsafe fn pair_dot_outputs<V: PairDot>(
-    dots: &PairDots,
+pub(super) unsafe fn dot_outputs<V, D: DotOutputs<V>>(
+    dots: &D,
     block: usize,
     epilogue: StoredEpilogue<f32>,
 ) {
+    let (outs, post_op) = (dots.outs(), dots.post_op());
     for row in (0..block).step_by(DOT_ROWS) {
         let rows = (block - row).min(DOT_ROWS);
-        for out in (0..dots.outs).step_by(DOT_OUTS) {
+        for out in (0..outs).step_by(DOT_OUTS) {
             // SAFETY: forwarded from the caller, for rows `row..row + rows` and outputs
             // `out..out + outs`.
             unsafe {
-                match (rows, (dots.outs - out).min(DOT_OUTS)) {
-                    (1, 1) => pair_dot_tile::<V, 1, 1, 4>(dots, row, out),
-                    (2, 1) => pair_dot_tile::<V, 2, 1, 2>(dots, row, out),
-                    (3, 1) => pair_dot_tile::<V, 3, 1, 1>(dots, row, out),
-                    (4, 1) => pair_dot_tile::<V, 4, 1, 1>(dots, row, out),
-                    (1, 2) => pair_dot_tile::<V, 1, 2, 4>(dots, row, out),
-                    (2, 2) => pair_dot_tile::<V, 2, 2, 2>(dots, row, out),
-                    (3, 2) => pair_dot_tile::<V, 3, 2, 1>(dots, row, out),
-                    (4, 2) => pair_dot_tile::<V, 4, 2, 1>(dots, row, out),
+                match (rows, (outs - out).min(DOT_OUTS)) {
+                    (1, 1) => dots.tile::<1, 1, 4>(row, out),
+                    (2, 1) => dots.tile::<2, 1, 2>(row, out),
+                    (3, 1) => dots.tile::<3, 1, 1>(row, out),
+                    (4, 1) => dots.tile::<4, 1, 1>(row, out),
+                    (1, 2) => dots.tile::<1, 2, 4>(row, out),
+                    (2, 2) => dots.tile::<2, 2, 2>(row, out),
+                    (3, 2) => dots.tile::<3, 2, 1>(row, out),
+                    (4, 2) => dots.tile::<4, 2, 1>(row, out),
                     _ => unreachable!("dot tiles are at most {DOT_ROWS} x {DOT_OUTS}"),
                 }
             }
         }
-        if !epilogue::runs_on_accumulators(dots.post_op) {
+        if !epilogue::runs_on_accumulators(post_op) {
+            let (first, ldo) = dots.out();
             // SAFETY: the rows' dot-form outputs were just stored.
-            unsafe {
-                let out = dots.out.add(row * dots.ldo);
-                (epilogue.values)(dots.post_op, out, dots.ldo, rows, dots.outs);
-            }
+            unsafe { (epilogue.values)(post_op, first.add(row * ldo), ldo, rows, outs) };
         }
+    }
+}
+
+impl<V: PairDot> DotOutputs<V> for PairDots {
+    #[inline(always)]
+    fn outs(&self) -> usize {
+        self.outs
+    }
+    #[inline(always)]
+    fn post_op(&self) -> PostOp {
+        self.post_op
+    }
+    #[inline(always)]
+    fn out(&self) -> (*mut f32, usize) {
+        (self.out, self.ldo)
+    }
+    #[inline(always)]
+    unsafe fn tile<const R: usize, const C: usize, const KS: usize>(&self, row: usize, out: usize) {
+        // SAFETY: forwarded from the caller.
+        unsafe { pair_dot_tile::<V, R, C, KS>(self, row, out) }
     }
 }
 
@@ -632,7 +665,7 @@ unsafe fn pair_dot_outputs<V: PairDot>(
 /// the register, then the bias and the post-op where it runs on accumulators.
 ///
 /// # Safety
-/// As for [`pair_dot_outputs`], with rows `row..row + R` in the block and outputs
+/// As for [`dot_outputs`], with rows `row..row + R` in the block and outputs
 /// `out..out + C` among the dot-form ones.
 #[inline(always)]
 unsafe fn pair_dot_tile<V: PairDot, const R: usize, const C: usize, const KS: usize>(

@@ -17,7 +17,9 @@
 use super::chain::check_chain;
 use super::epilogue::{self, StoredEpilogue};
 use super::microkernel::{grouped_tile, streams_output, FetchAhead, GroupedTile};
-use super::pairs::{fetch_row_ahead, input_stride, input_strides, DotChunk};
+use super::pairs::{
+    dot_outputs, fetch_row_ahead, input_stride, input_strides, DotChunk, DotOutputs,
+};
 use super::peak::PEAK_CHAINS;
 use super::{Packed, SimdVec, TileShape, L1_HALF_BYTES};
 use crate::ops::PostOp;
@@ -300,7 +302,7 @@ pub unsafe fn forward_quads<
                 // bounds; `quantized` holds `block` rows of `grouped_k` values at `stride(index)`
                 // with their scales and zeros, and `dst` room for `block` rows at `ldo` whose
                 // columns `dot_from..out_features` no tile writes.
-                unsafe { quad_dot_outputs::<V>(&dots, block, epilogue) };
+                unsafe { dot_outputs::<V, _>(&dots, block, epilogue) };
             }
             if index < last {
                 // SAFETY: `values` holds `block` rows of `padded_out` values, and `quantized`
@@ -465,11 +467,6 @@ unsafe fn include_in_range<V: SimdVec>(set: &mut [V; 2], x: V) {
     }
 }
 
-/// Rows and outputs of the dot form computed together: eight independent sums, each input
-/// chunk loaded once for both outputs and each weight chunk once for the four rows.
-const DOT_ROWS: usize = 4;
-const DOT_OUTS: usize = 2;
-
 /// Pointers for a block's dot-form outputs of the int8 form: `outs` outputs of each of the
 /// block's u8 input rows (`bytes` values each, with their scales and zero points), from `outs`
 /// weight rows of `ldw` values (zeros past `k`) with their channels' biases, scales and weight
@@ -493,42 +490,23 @@ struct QuadDots {
     ldo: usize,
 }
 
-/// The dot-form outputs of `block` rows, [`DOT_ROWS`] rows by [`DOT_OUTS`] outputs at a time.
-///
-/// # Safety
-/// `dots` points at `block` rows and their outputs as it says; the CPU supports the ISA.
-#[inline(always)]
-unsafe fn quad_dot_outputs<V: QuadDot>(
-    dots: &QuadDots,
-    block: usize,
-    epilogue: StoredEpilogue<f32>,
-) {
-    for row in (0..block).step_by(DOT_ROWS) {
-        let rows = (block - row).min(DOT_ROWS);
-        for out in (0..dots.outs).step_by(DOT_OUTS) {
-            // SAFETY: forwarded from the caller, for rows `row..row + rows` and outputs
-            // `out..out + outs`.
-            unsafe {
-                match (rows, (dots.outs - out).min(DOT_OUTS)) {
-                    (1, 1) => quad_dot_tile::<V, 1, 1, 4>(dots, row, out),
-                    (2, 1) => quad_dot_tile::<V, 2, 1, 2>(dots, row, out),
-                    (3, 1) => quad_dot_tile::<V, 3, 1, 1>(dots, row, out),
-                    (4, 1) => quad_dot_tile::<V, 4, 1, 1>(dots, row, out),
-                    (1, 2) => quad_dot_tile::<V, 1, 2, 4>(dots, row, out),
-                    (2, 2) => quad_dot_tile::<V, 2, 2, 2>(dots, row, out),
-                    (3, 2) => quad_dot_tile::<V, 3, 2, 1>(dots, row, out),
-                    (4, 2) => quad_dot_tile::<V, 4, 2, 1>(dots, row, out),
-                    _ => unreachable!("dot tiles are at most {DOT_ROWS} x {DOT_OUTS}"),
-                }
-            }
-        }
-        if !epilogue::runs_on_accumulators(dots.post_op) {
-            // SAFETY: the rows' dot-form outputs were just stored.
-            unsafe {
-                let out = dots.out.add(row * dots.ldo);
-                (epilogue.values)(dots.post_op, out, dots.ldo, rows, dots.outs);
-            }
-        }
+impl<V: QuadDot> DotOutputs<V> for QuadDots {
+    #[inline(always)]
+    fn outs(&self) -> usize {
+        self.outs
+    }
+    #[inline(always)]
+    fn post_op(&self) -> PostOp {
+        self.post_op
+    }
+    #[inline(always)]
+    fn out(&self) -> (*mut f32, usize) {
+        (self.out, self.ldo)
+    }
+    #[inline(always)]
+    unsafe fn tile<const R: usize, const C: usize, const KS: usize>(&self, row: usize, out: usize) {
+        // SAFETY: forwarded from the caller.
+        unsafe { quad_dot_tile::<V, R, C, KS>(self, row, out) }
     }
 }
 
@@ -539,7 +517,7 @@ unsafe fn quad_dot_outputs<V: QuadDot>(
 /// a panel.
 ///
 /// # Safety
-/// As for [`quad_dot_outputs`], with rows `row..row + R` in the block and outputs
+/// As for [`dot_outputs`], with rows `row..row + R` in the block and outputs
 /// `out..out + C` among the dot-form ones.
 #[inline(always)]
 unsafe fn quad_dot_tile<V: QuadDot, const R: usize, const C: usize, const KS: usize>(
