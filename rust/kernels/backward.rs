@@ -14,8 +14,8 @@
 //! - the weight gradient `delta^T a` (`a` the layer's inputs) added to the caller's buffer:
 //!   tiles of `MR` outputs by registers of inputs, `k` running over the block's rows, `delta`
 //!   read in place (each step of `k` broadcasts the tile's `MR` outputs' values from one row of
-//!   `delta`: `Tile::k_stride`), and each column panel of `a` copied into contiguous rows first
-//!   (its rows lie a whole input row apart, which every tile of outputs would otherwise walk).
+//!   `delta`: `Tile::k_stride`) and `a` too, a row a step, but where the bias gradient rides
+//!   in a column of ones past the inputs: there each column panel of `a` is copied first.
 
 use super::chain::{check_chain, saved_columns};
 use super::gradient::{column_sums, delta_rows, load_upto};
@@ -101,14 +101,14 @@ pub fn backward_scratch_len(shape: &TileShape, layers: &[LayerDesc], rows: usize
         .saturating_add(packed)
 }
 
-/// How many values of a layer's inputs a weight gradient packs at once: 128 KiB of f32, which
-/// stay in L2 while every tile of outputs reads them.
+/// How many values of a layer's inputs a weight gradient takes at once (packed, where they need
+/// the column of ones): 128 KiB of f32, which stay in L2 while every tile of outputs reads them.
 const PACKED_VALUES: usize = 32 * 1024;
 
 /// Rows of a block of `block` rows whose inputs, `width` values a row (padded), a weight
-/// gradient packs at once: as many as [`PACKED_VALUES`] holds, at least the forward's block
+/// gradient takes at once: as many as [`PACKED_VALUES`] holds, at least the forward's block
 /// (a chunk's tiles add their sums to the gradient, a load and a store per register). The
-/// seed's encoder (784 wide) packs the forward's 64 rows at a time (AVX-512); a 42-wide layer
+/// seed's encoder (784 wide) takes the forward's 64 rows at a time (AVX-512); a 42-wide layer
 /// its whole block.
 fn chunk_rows(shape: &TileShape, block: usize, width: usize) -> usize {
     block.min(shape.block_rows.max(PACKED_VALUES / width.max(1)))
@@ -341,7 +341,9 @@ pub(super) unsafe fn backward_rows<V: LoadFrom<W>, W, const MR: usize, const NV_
             // rows `chunk_start..chunk_start + chunk`, `ld_delta >= out` apart), `packed`
             // `chunk_rows x padded(k)` values for every layer (`backward_scratch_len`); the
             // weight panels are the caller's `out x k` matrices and every tile reads columns
-            // `< k` of them (`last_lanes` masks the rest); the gradient rows are whole registers
+            // `< k` of them (`last_lanes` masks the rest), as a weight gradient's tile reads the
+            // layer's inputs where it takes them in place (`block` rows of `k` from `below`,
+            // `ld_below >= k` apart); the gradient rows are whole registers
             // of `weight_stride` (the column of ones' lane `k` is inside, `k` not being whole
             // registers); `grad_input` (written directly only where `first_in` is whole
             // registers, so no tile stores past a row) holds the block's `block x first_in`
@@ -415,21 +417,29 @@ pub(super) unsafe fn backward_rows<V: LoadFrom<W>, W, const MR: usize, const NV_
                 if needs_params {
                     let place = places[index];
                     let weight_grad = grads[place.weight_at..].as_mut_ptr();
-                    // A chunk of rows at a time (`chunk_rows`: its packed inputs stay in L2),
-                    // read in order and packed into column panels; then column panel
-                    // outer, so a panel stays in cache while every tile of outputs runs over it.
+                    // A chunk of rows at a time (`chunk_rows`: its inputs stay in L2), column
+                    // panel outer, so a panel stays in cache while every tile of outputs runs
+                    // over it. The tiles read the inputs where they lie, each `k` step a row:
+                    // the rows fetched ahead into L2 (below) serve them as well as a packed copy
+                    // would, without the copy (the seed encoder's backward 1.08-1.11x at
+                    // 1,024-4,096 rows of inputs streamed from memory, 1.02-1.13x at 256; Zen 4).
+                    // Inputs that need the column of ones are packed into column panels first.
                     let chunk_rows = chunk_rows(shape, block_rows, padded(k, V::LANES));
+                    let direct_panels = !ones_column;
                     for chunk_start in (0..block).step_by(chunk_rows) {
                         let chunk = chunk_rows.min(block - chunk_start);
-                        pack_panels::<V>(
-                            chunk,
-                            k,
-                            below.add(chunk_start * ld_below),
-                            ld_below,
-                            panel_width,
-                            ones_column,
-                            packed.as_mut_ptr(),
-                        );
+                        let chunk_below = below.add(chunk_start * ld_below);
+                        if !direct_panels {
+                            pack_panels::<V>(
+                                chunk,
+                                k,
+                                chunk_below,
+                                ld_below,
+                                panel_width,
+                                ones_column,
+                                packed.as_mut_ptr(),
+                            );
+                        }
                         // The rows after this chunk (the next chunk's, or the next block's), whole
                         // rows, fetched into L2 by the tiles a few lines a step as they multiply
                         // (a wide input does not fit in L2, and its packing waited on memory):
@@ -451,8 +461,16 @@ pub(super) unsafe fn backward_rows<V: LoadFrom<W>, W, const MR: usize, const NV_
                                     lda: 1,
                                     k_stride: ld_delta,
                                     k: chunk,
-                                    panel: packed.as_ptr().add(col * chunk),
-                                    panel_stride: nv * V::LANES,
+                                    panel: if direct_panels {
+                                        chunk_below.add(col)
+                                    } else {
+                                        packed.as_ptr().add(col * chunk)
+                                    },
+                                    panel_stride: if direct_panels {
+                                        ld_below
+                                    } else {
+                                        nv * V::LANES
+                                    },
                                     last_lanes: stored - (nv - 1) * V::LANES,
                                     seed: Seed::Output,
                                     post_op: PostOp::Identity,

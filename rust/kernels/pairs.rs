@@ -81,7 +81,7 @@ pub fn scratch_len<W, T>(shape: &TileShape, chain: &Packed<'_, W, T>, rows: usiz
     let block = rows.min(shape.block_rows);
     let widest_out = chain.layers.iter().map(|l| l.padded_out).max().unwrap_or(0);
     let values = block.saturating_mul(widest_out);
-    let widest_in = input_strides(shape, chain).max().unwrap_or(0);
+    let widest_in = widest_input_stride(shape, chain.layers);
     let rounded = rounded_block_len(block, widest_in).saturating_mul(2);
     values.saturating_add(rounded.div_ceil(2))
 }
@@ -93,8 +93,9 @@ fn rounded_block_len(block: usize, widest_in: usize) -> usize {
     block.saturating_mul(widest_in).next_multiple_of(lines)
 }
 
-/// Layer `index`'s input row length in a form taking `k` in groups (as [`input_strides`]),
-/// worked out where it is needed: a `Vec` of them cost an allocation on every call.
+/// Layer `index`'s input row length in a form taking `k` in groups: the chain's input, or the
+/// layer below's padded outputs, rounded up to whole groups; worked out where it is needed (a
+/// `Vec` of them cost an allocation on every call).
 #[inline(always)]
 pub(super) fn input_stride(shape: &TileShape, layers: &[LayerDesc], index: usize) -> usize {
     let width = match index.checked_sub(1) {
@@ -104,18 +105,12 @@ pub(super) fn input_stride(shape: &TileShape, layers: &[LayerDesc], index: usize
     shape.grouped(width)
 }
 
-/// Each layer's input row length in a form taking `k` in groups: the chain's input, then each
-/// hidden layer's padded outputs, rounded up to whole groups.
-pub(super) fn input_strides<'a, W, T>(
-    shape: &'a TileShape,
-    chain: &'a Packed<'_, W, T>,
-) -> impl Iterator<Item = usize> + 'a {
-    let first = chain.layers.first().map(|l| l.in_features);
-    first
-        .into_iter()
-        .chain(chain.layers.iter().map(|l| l.padded_out))
-        .take(chain.layers.len())
-        .map(|width| shape.grouped(width))
+/// The longest layer input row in a form taking `k` in groups ([`input_stride`]).
+pub(super) fn widest_input_stride(shape: &TileShape, layers: &[LayerDesc]) -> usize {
+    (0..layers.len())
+        .map(|index| input_stride(shape, layers, index))
+        .max()
+        .unwrap_or(0)
 }
 
 /// The loop nest of the pairs form; ISA files wrap it in `#[target_feature]`.
@@ -170,7 +165,7 @@ pub unsafe fn forward_pairs<
     let stride = |index: usize| input_stride(shape, layers, index);
     // Two blocks of bf16 rows: the one the layers read (the block's input, then each hidden
     // layer's outputs), and the next block's input, which the first layer's tiles round.
-    let widest_in = input_strides(shape, &chain).max().unwrap_or(0);
+    let widest_in = widest_input_stride(shape, layers);
     let rounded_len = rounded_block_len(block_rows, widest_in);
     let (current, next) = bytemuck::cast_slice_mut::<f32, Bf16>(rest).split_at_mut(rounded_len);
     let mut rounded_blocks = [current.as_mut_ptr(), next[..rounded_len].as_mut_ptr()];

@@ -18,7 +18,7 @@ use super::chain::check_chain;
 use super::epilogue::{self, StoredEpilogue};
 use super::microkernel::{grouped_tile, streams_output, FetchAhead, GroupedTile};
 use super::pairs::{
-    dot_outputs, fetch_row_ahead, input_stride, input_strides, DotChunk, DotOutputs,
+    dot_outputs, fetch_row_ahead, input_stride, widest_input_stride, DotChunk, DotOutputs,
 };
 use super::peak::PEAK_CHAINS;
 use super::{Packed, SimdVec, TileShape, L1_HALF_BYTES};
@@ -124,7 +124,7 @@ pub fn scratch_len<W, T>(shape: &TileShape, chain: &Packed<'_, W, T>, rows: usiz
     let block = rows.min(shape.block_rows);
     let widest_out = chain.layers.iter().map(|l| l.padded_out).max().unwrap_or(0);
     let values = block.saturating_mul(widest_out);
-    let quantized = block.saturating_mul(input_strides(shape, chain).max().unwrap_or(0));
+    let quantized = block.saturating_mul(widest_input_stride(shape, chain.layers));
     values
         .saturating_add(block.saturating_mul(2))
         .saturating_add(quantized.div_ceil(4))
@@ -188,7 +188,7 @@ pub unsafe fn forward_quads<
     let (row_scales, rest) = rest.split_at_mut(block_rows);
     let (row_zeros, rest) = rest.split_at_mut(block_rows);
     let stride = |index: usize| input_stride(shape, layers, index);
-    let quantized_len = block_rows * input_strides(shape, &chain).max().unwrap_or(0);
+    let quantized_len = block_rows * widest_input_stride(shape, layers);
     let quantized: &mut [u8] = &mut bytemuck::cast_slice_mut(rest)[..quantized_len];
     let first_in = layers[0].in_features;
     let last = layers.len() - 1;
