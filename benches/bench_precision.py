@@ -6,7 +6,8 @@ fusedae at fp32, bf16 and int8, and
 PyTorch at fp32, bf16 (``model.to(torch.bfloat16)``) and int8 (``quantize_dynamic``, default
 per-tensor and per-channel), ONNX Runtime at fp32 and int8 (``quantize_dynamic`` per channel). Each
 records its normwise relative error against the float64 reference on the same weights and
-inputs (``extra_info["error"]``); speed is reported in fp32-equivalent GFLOP/s (2 x in x out per
+inputs (``extra_info["error"]``; at batch 1 and 64 over 256 rows, in calls of the batch's size);
+speed is reported in fp32-equivalent GFLOP/s (2 x in x out per
 row, whatever the precision).
 
     pytest benches/bench_precision.py --benchmark-enable --benchmark-only \\
@@ -51,6 +52,8 @@ PEERS = (
 # The error each precision must stay under on these models (the issue's ceilings), and for fp32
 # what float32 rounding gives.
 CEILINGS = {"fp32": 1e-5, "bf16": 1e-2, "int8": 3e-2}
+# Calls smaller than this are repeated on distinct inputs for the error (see ``_error``).
+ERROR_MIN_ROWS = 256
 PEAK_SECONDS = 0.1
 PEAK_ROUNDS = 5
 
@@ -72,44 +75,44 @@ def group_name(model: Model, batch: int, threads: int) -> str:
 
 
 def _fusedae(precision: str) -> Callable[..., Callable[[], Any]]:
-    def build(zoo: Any, model: Model, x: np.ndarray, threads: int) -> Callable[[], Any]:
+    def build(zoo: Any, model: Model, xs: list[np.ndarray], threads: int) -> Callable[[], Any]:
         layers = zoo.layers(model)
         mlp = fusedae.MLP(
             [(w, b) for w, b, _ in layers],
             [a for *_, a in layers],
             precision=None if precision == "fp32" else precision,
         )
-        return _on_inputs([x], mlp)
+        return _on_inputs(xs, mlp)
 
     return build
 
 
 def _torch(precision: str) -> Callable[..., Callable[[], Any]]:
-    def build(zoo: Any, model: Model, x: np.ndarray, threads: int) -> Callable[[], Any]:
+    def build(zoo: Any, model: Model, xs: list[np.ndarray], threads: int) -> Callable[[], Any]:
         module = copy.deepcopy(zoo.eager(model))
-        xt = torch.from_numpy(x)
+        xts = [torch.from_numpy(x) for x in xs]
         if precision == "bf16":
             # The user's rows are float32: the conversion is part of the call, as it is ours.
             module = module.to(torch.bfloat16)
-            return _on_inputs([xt], lambda x: module(x.to(torch.bfloat16)))
+            return _on_inputs(xts, lambda x: module(x.to(torch.bfloat16)))
         if precision != "fp32":
             from torch.ao import quantization
 
             qconfig = {"int8": None, "int8-per-channel": quantization.per_channel_dynamic_qconfig}
             spec = {nn.Linear: qconfig[precision]} if qconfig[precision] else {nn.Linear}
             module = quantization.quantize_dynamic(module, spec, dtype=torch.qint8)
-        return _on_inputs([xt], module)
+        return _on_inputs(xts, module)
 
     return build
 
 
 def _onnxruntime(int8: bool) -> Callable[..., Callable[[], Any]]:
-    def build(zoo: Any, model: Model, x: np.ndarray, threads: int) -> Callable[[], Any]:
+    def build(zoo: Any, model: Model, xs: list[np.ndarray], threads: int) -> Callable[[], Any]:
         layers = zoo.layers(model)
         session = onnx_session(
             [(w, b) for w, b, _ in layers], [a for *_, a in layers], threads, int8=int8
         )
-        return _on_inputs([{"x": x}], lambda feed: session.run(None, feed)[0])
+        return _on_inputs([{"x": x} for x in xs], lambda feed: session.run(None, feed)[0])
 
     return build
 
@@ -164,20 +167,31 @@ def test_precision(
         if peer.endswith("-peak"):
             _peak(benchmark, threads, {"bf16-peak": "bf16", "int8-peak": "int8"}.get(peer))
             return
-        x = zoo.inputs(model, rows)
-        layers = zoo.layers(model)
-        want, _ = _reference.forward(
-            [(w, b) for w, b, _ in layers], [a for *_, a in layers], x.astype(np.float64)
-        )
-        target = BUILDERS[peer](zoo, model, x, threads)
-        with torch.inference_mode():
-            got = _as_float64(target())
-        error = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+        error = _error(zoo, model, peer, rows, threads)
         benchmark.extra_info["error"] = error
         if peer.startswith("fusedae"):
             assert error <= CEILINGS[precision_of(peer)], error
+        target = BUILDERS[peer](zoo, model, [zoo.inputs(model, rows)], threads)
         with torch.inference_mode():
             measure(target)
+
+
+def _error(zoo: Any, model: Model, peer: str, rows: int, threads: int) -> float:
+    """``peer``'s normwise relative error against the float64 reference, over calls of ``rows``
+    rows. A call of fewer than ``ERROR_MIN_ROWS`` rows is repeated on distinct inputs until that
+    many rows are in: one row's 16 outputs are too few to rank the peers, and the dynamic
+    quantizers scale each call by its own input, so the calls must stay that size."""
+    calls = -(-ERROR_MIN_ROWS // rows)
+    x = zoo.inputs(model, rows * calls)
+    xs = np.split(x, calls)
+    layers = zoo.layers(model)
+    want, _ = _reference.forward(
+        [(w, b) for w, b, _ in layers], [a for *_, a in layers], x.astype(np.float64)
+    )
+    target = BUILDERS[peer](zoo, model, xs, threads)
+    with torch.inference_mode():
+        got = np.concatenate([_as_float64(target()) for _ in xs])
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
 
 def _peak(benchmark: Any, threads: int, precision: str | None) -> None:
