@@ -382,7 +382,7 @@ def test_eval_mode_batch_norm_trains_fused_with_pytorchs_gradients(bias: bool):
     x = torch.randn(9, 6, dtype=torch.float64)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     got = fused(x1)
-    assert type(got.grad_fn).__name__ == "FusedMLPFunctionBackward"
+    assert "FusedMLPFunction" in type(got.grad_fn).__name__
     grad_out = torch.randn(9, 3, dtype=torch.float64)
     got.backward(grad_out)
     plain(x2).backward(grad_out)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import itertools
 import os
+import warnings
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from _seed import AE as SeedAE
 from _tensors import relative_error
 from _threads import run_at_once
 from fusedae._ops import post_op
-from fusedae.torch import AE, FusedMLP, FusedMLPFunction, pack_chain
+from fusedae.torch import AE, FusedMLP, FusedMLPFunction, cache, pack_chain
 from fusedae.torch.cache import ChainCache
 from fusedae.torch.lower import post_op_module
 
@@ -501,7 +502,6 @@ class TestFusedMLP:
         """Below `TRAINING_MIN_ROWS` rows or `TRAINING_MIN_FLOPS` per call a call that needs
         gradients runs plain PyTorch (faster there); at or above both, the fused forward;
         without gradients, always fused."""
-        from fusedae.torch import cache
 
         fused = FusedMLP.from_sequential(
             nn.Sequential(nn.Linear(6, 42), nn.ReLU(), nn.Linear(42, 3))
@@ -522,7 +522,6 @@ class TestFusedMLP:
         before the fused path's other checks) straight to the plain modules (not through
         `forward`, nor `nn.Module.__call__` and the gate again), unless a global hook asks for
         `nn.Module.__call__`, which then runs it."""
-        from fusedae.torch import cache
 
         seed, fused = seed_and_fused(20, 3, 8)
         monkeypatch.setattr(cache, "TRAINING_MIN_ROWS", 1000)
@@ -686,6 +685,26 @@ class TestCacheKeys:
         fused[2].bias = None
         check(True)
         check(False)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("gate", [(0, 0), (10**9, 10**9)])
+def test_nested_tensors_run_as_nn_linear_runs_them(monkeypatch, grad, gate):
+    """A nested tensor (strided, but without one shape) runs plain, as nn.Linear takes it,
+    on either side of the training gate; its rows' gradients are PyTorch's."""
+    monkeypatch.setattr(cache, "TRAINING_MIN_ROWS", gate[0])
+    monkeypatch.setattr(cache, "TRAINING_MIN_FLOPS", gate[1])
+    fused = FusedMLP(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    plain = nn.Sequential(*fused)
+    rows = [torch.randn(2, 6), torch.randn(3, 6)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # nested tensors are a prototype
+        nested = torch.nested.nested_tensor(rows)
+    with torch.set_grad_enabled(grad):
+        got, want = fused(nested), plain(nested)
+    assert got.is_nested
+    for row_got, row_want in zip(got.unbind(), want.unbind(), strict=True):
+        assert torch.equal(row_got, row_want)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

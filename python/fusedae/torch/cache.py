@@ -17,7 +17,13 @@ from torch.nn.modules import module as _torch_module
 from fusedae import _native
 from fusedae._ops import PostOp
 from fusedae.chain import Precision
-from fusedae.torch.function import FusedMLPFunction, pack_spec, run, shape_error, to_dlpack
+from fusedae.torch.function import (
+    CheckedFusedMLPFunction,
+    pack_spec,
+    run,
+    shape_error,
+    to_dlpack,
+)
 from fusedae.torch.lower import DROPOUTS, LoweredChain, TensorSlot, as_array, lower, split
 
 _custom_ops: types.ModuleType | None
@@ -36,12 +42,14 @@ _FUSED_DTYPES = (torch.float32, torch.float64)
 # plain), the seed's AE (784-42-16 | 16-42-784, two chains of 6.7e4 operations a row) and the
 # digits AE (64-42-2 | 2-42-64, 5.5e3 a row a chain):
 # - Zen 4 (2026-12-03): seed 1.06x at 256 rows (1.7e7 operations a chain), 1.13x at 1024; digits
-#   0.99x at 1024 rows (5.6e6), 1.11x at 2048.
+#   0.99x at 1024 rows (5.6e6), 1.11x at 2048. 2026-12-04, with less Python around the kernels
+#   (gradients split in numpy): seed 1.04-1.06x at 128 rows (three runs; 8.6e6), 1.02-1.03x at
+#   96, 0.97x at 64; digits 1.12x at 1024.
 # - Intel Emerald Rapids (2026-12-04, with the backward of 9993426-9e45ca2), and any CPU not
 #   measured: seed 0.83-0.86x at 256 rows, 0.95-0.98x at 1024, 1.04-1.19x at 4096 (2.7e8);
 #   digits 0.93-1.01x at 2048, 1.06-1.10x at 4096 (2.3e7), 1.10-1.24x at 8192. The gate takes
 #   the fused path only where no run measured it slower.
-_TRAINING_GATES = {"AuthenticAMD": (256, 5_000_000)}
+_TRAINING_GATES = {"AuthenticAMD": (128, 5_000_000)}
 _UNMEASURED_CPU_GATE = (4096, 20_000_000)
 TRAINING_MIN_ROWS, TRAINING_MIN_FLOPS = _TRAINING_GATES.get(
     _native.cpu_vendor(), _UNMEASURED_CPU_GATE
@@ -97,6 +105,9 @@ class ChainCache:
         self.flops_per_row = 0
         self.slots: tuple[TensorSlot, ...] = ()
         self.mode_dependent: tuple[nn.Module, ...] = ()
+        # Whether a training call below the gate runs plain (`trains_plain`): a chain at full
+        # precision (the narrow ones refuse to train) without mode-dependent modules.
+        self.may_train_plain = False
         self.normalized = False
         # Whether the chain starts with nn.Flatten or ends with nn.Unflatten: then callers call
         # `reshaped_forward`.
@@ -116,10 +127,15 @@ class ChainCache:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state.get("precision", "full"))  # type: ignore[misc]
 
+    def trains_plain_below_gate(self) -> bool:
+        """``may_train_plain`` for the chain and precision set now."""
+        return self.lowered is not None and self.precision == "full" and not self.mode_dependent
+
     def set_precision(self, precision: Precision) -> None:
         """Packs at ``precision`` from the next call on."""
         if precision != self.precision:
             self.precision = precision
+            self.may_train_plain = self.trains_plain_below_gate()
             self.invalidate()
 
     def invalidate(self) -> None:
@@ -151,6 +167,7 @@ class ChainCache:
             )
             self.slots = self.lowered.slots if self.lowered else ()
             self.mode_dependent = self.lowered.mode_dependent if self.lowered else ()
+            self.may_train_plain = self.trains_plain_below_gate()
             self.normalized = self.lowered.normalized if self.lowered else False
             self.reshaped = self.lowered is not None and (
                 self.lowered.flatten is not None or self.lowered.unflatten is not None
@@ -170,32 +187,32 @@ class ChainCache:
 
     def trains_plain(self, x: torch.Tensor) -> bool:
         """Whether ``forward`` would run ``x`` plain for the gate alone: a call that needs
-        gradients, below the gate, on a chain without mode-dependent modules, outside
-        ``torch.compile``. Checked before everything else by the modules' ``__call__``, so that a
-        training step below the gate pays for little more than plain PyTorch does (after a
-        backward the fused path's checks run from cold caches: a whole gate cost ~10 us a chain
-        there, 3% of a batch-1 step of the seed AE). Plain is right whatever the other checks
-        would say."""
+        gradients, below the gate, on a chain that may train plain (``may_train_plain``),
+        outside ``torch.compile``. Checked before everything else by the modules' ``__call__``,
+        so that a training step below the gate pays for little more than plain PyTorch does:
+        after an optimizer step these checks run from cold caches, where each one costs several
+        times what it does in a loop (the whole fused path's checks took ~10 us a chain, 3% of
+        a batch-1 step of the seed AE). The cheapest checks that can say no come first. Plain
+        is right whatever the other checks would say."""
         return (
-            _is_grad_enabled()
-            and not _is_dynamo_compiling()
+            self.may_train_plain
             and type(x) is _Tensor
-            and self.lowered is not None
-            and self.precision == "full"
-            and not self.mode_dependent
             and self.trains_faster_plain(x)
+            and _is_grad_enabled()
+            and not _is_dynamo_compiling()
             and self.needs_gradients(x)
         )
 
     def needs_gradients(self, x: torch.Tensor) -> bool:
         """Whether a call on ``x`` with grad mode on must record for autograd: ``x`` or one of
         the chain's tensors as they are now requires gradients."""
-        return x.requires_grad or any(t is not None and t.requires_grad for t in self.tensors_now())
-
-    def tensors_now(self) -> list[torch.Tensor | None]:
-        """The chain's tensors as they are now (``tensors`` holds those last packed)."""
-        assert self.lowered is not None  # `set_modules` found a chain
-        return self.lowered.tensors()
+        if x.requires_grad:
+            return True
+        for owner, key in self.slots:
+            tensor = owner[key]
+            if tensor is not None and tensor.requires_grad:
+                return True
+        return False
 
     def pack(self, dtype: torch.dtype) -> _native.Chain | None:
         """Packs the tensors for inputs of ``dtype`` (the caller found the packed chain stale)
@@ -204,8 +221,7 @@ class ChainCache:
         assert self.lowered is not None  # `set_modules` found a chain
         tensors = self.lowered.tensors()
         usable = all(
-            t is None or (t.device.type == "cpu" and t.dtype == dtype and t.layout == torch.strided)
-            for t in tensors
+            t is None or (t.is_cpu and t.dtype is dtype and t.layout is _STRIDED) for t in tensors
         )
         if not usable:
             self.chain = None
@@ -255,6 +271,7 @@ class ChainCache:
             or _is_autocast_enabled()
             or not x.is_cpu
             or x.layout is not _STRIDED
+            or x.is_nested  # strided too, but without one shape: nn.Linear takes it row by row
         ):
             return self.traced_forward(x) if _is_compiling() else None
         if self.mode_dependent and self.training_differs():
@@ -263,7 +280,8 @@ class ChainCache:
         shape = x.shape
         if not shape or shape[-1] != in_features:
             raise shape_error(in_features, shape)
-        if _is_grad_enabled() and self.needs_gradients(x):
+        records = _is_grad_enabled() and self.needs_gradients(x)
+        if records:
             if self.precision != "full":
                 raise RuntimeError(
                     f"precision {self.precision!r} is for inference: call under torch.no_grad() "
@@ -300,15 +318,13 @@ class ChainCache:
             return None
         if self.normalized and len(shape) != 2:
             return None  # BatchNorm1d normalizes dimension 1, the features only in 2-D input
-        if _is_grad_enabled() and (
-            x.requires_grad or any(t is not None and t.requires_grad for t in self.tensors)
-        ):
+        if records:  # the packed tensors are the slots' now: `needs_gradients` read them
             if self.normalized:
                 # The backward through the kernel's (float64-folded) weights goes on through
                 # the same fold in torch ops to the Linear's and the BatchNorms' parameters.
                 folded = self.lowered.folded(self.tensors)  # type: ignore[union-attr]
-                return FusedMLPFunction.apply(x, chain, self.post_ops, *folded)
-            return FusedMLPFunction.apply(x, chain, self.post_ops, *self.tensors)
+                return CheckedFusedMLPFunction.apply(x, chain, self.post_ops, *folded)
+            return CheckedFusedMLPFunction.apply(x, chain, self.post_ops, *self.tensors)
         if len(shape) == 2 and not x.is_neg():
             # `run`'s common case, inlined: a 2-D tensor without the negative bit (DLPack would
             # hand over a negated view's raw memory), read where it lies; the kernel refuses a
@@ -337,6 +353,7 @@ class ChainCache:
             or torch.is_autocast_enabled("cpu")
             or not x.is_cpu
             or x.layout is not _STRIDED
+            or x.is_nested
             or x.dtype not in _FUSED_DTYPES
             or any(
                 module.training and (type(module) not in DROPOUTS or cast(nn.Dropout, module).p > 0)

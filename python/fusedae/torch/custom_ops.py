@@ -26,6 +26,7 @@ from fusedae import _native
 from fusedae._ops import PostOp
 from fusedae.torch.function import (
     check_input,
+    kernel_input,
     native_gradients,
     pack_chain,
     run,
@@ -244,8 +245,9 @@ def chain_backward(
     x in``) then bias gradient (``out``, whether or not it has a bias), zeros where
     ``needs_params`` is false."""
     chain = native_chain(x, weights, biases, has_bias, post_ops)
+    x = kernel_input(chain, x)
     grad_x, grads = native_gradients(chain, grad_output, x, y, saved, needs_x, needs_params)
-    return (x.new_empty(0) if grad_x is None else grad_x), grads
+    return (x.new_empty(0) if grad_x is None else grad_x), torch.from_numpy(grads)
 
 
 @chain_backward.register_fake

@@ -155,10 +155,19 @@ class LoweredChain:
         return folded
 
 
+def resolved(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` without the conjugate and negative bits (a lazily conjugated or negated view
+    holds its values un-negated): itself where it has neither, which two reads tell for less
+    than the two dispatched ops resolving would cost."""
+    if tensor.is_conj() or tensor.is_neg():
+        return tensor.resolve_conj().resolve_neg()
+    return tensor
+
+
 def as_array(tensor: torch.Tensor) -> np.ndarray:
     """The values of a CPU ``tensor`` as numpy (sharing memory where the tensor holds them as
     they are: not for a conjugated or negated view)."""
-    return tensor.detach().resolve_conj().resolve_neg().numpy()
+    return resolved(tensor.detach()).numpy()
 
 
 def lower(modules: Iterable[nn.Module]) -> LoweredChain | None:
