@@ -45,11 +45,14 @@ _FUSED_DTYPES = (torch.float32, torch.float64)
 #   0.99x at 1024 rows (5.6e6), 1.11x at 2048. 2026-12-04, with less Python around the kernels
 #   (gradients split in numpy): seed 1.04-1.06x at 128 rows (three runs; 8.6e6), 1.02-1.03x at
 #   96, 0.97x at 64; digits 1.12x at 1024.
-# - Intel Emerald Rapids (2026-12-04, with the backward of 9993426-9e45ca2), and any CPU not
-#   measured: seed 0.83-0.86x at 256 rows, 0.95-0.98x at 1024, 1.04-1.19x at 4096 (2.7e8);
+# - Intel Emerald Rapids (2026-12-04, with the backward of 9993426-9e45ca2), the gate of any CPU
+#   not measured: seed 0.83-0.86x at 256 rows, 0.95-0.98x at 1024, 1.04-1.19x at 4096 (2.7e8);
 #   digits 0.93-1.01x at 2048, 1.06-1.10x at 4096 (2.3e7), 1.10-1.24x at 8192. The gate takes
 #   the fused path only where no run measured it slower.
-_TRAINING_GATES = {"AuthenticAMD": (128, 5_000_000)}
+# - Intel Xeon with AMX (2026-12-05, a KVM guest with 2 MiB of L2 a core and 480 MiB of L3, the
+#   code of ec476ad): seed 0.95-1.01x at 512 rows, 0.99-1.04x at 1024 (four runs), 1.01-1.18x at
+#   2048 (1.4e8); digits 1.00-1.03x at 2048 (1.1e7, three runs), 1.12-1.15x at 4096.
+_TRAINING_GATES = {"AuthenticAMD": (128, 5_000_000), "GenuineIntel": (2048, 10_000_000)}
 _UNMEASURED_CPU_GATE = (4096, 20_000_000)
 TRAINING_MIN_ROWS, TRAINING_MIN_FLOPS = _TRAINING_GATES.get(
     _native.cpu_vendor(), _UNMEASURED_CPU_GATE
