@@ -1037,6 +1037,38 @@ mod tests {
         }
     }
 
+    /// Every ISA's transpose against the plain one, on shapes with and without edges in either
+    /// direction (a register's lanes, one short and one over, and the seed's 42 and 784).
+    fn transposes_like_the_definition<T: Float>(isa: Isa) {
+        let transpose = T::kernel(isa)
+            .transpose
+            .expect("every f32/f64 kernel transposes");
+        let sizes = [0, 1, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 33, 42, 784];
+        for rows in sizes {
+            for cols in sizes {
+                let src: Vec<T> = (0..rows * cols)
+                    .map(|i| T::from_f64(i as f64 + 1.0))
+                    .collect();
+                let mut dst = vec![T::ZERO; rows * cols];
+                // SAFETY: `dispatch::available` listed `isa`, so this CPU runs it.
+                unsafe { transpose(&src, cols, &mut dst) };
+                for r in 0..rows {
+                    for c in 0..cols {
+                        assert_eq!(dst[c * rows + r], src[r * cols + c], "{isa} {rows}x{cols}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_isa_transposes_like_the_definition() {
+        for isa in dispatch::available() {
+            transposes_like_the_definition::<f32>(isa);
+            transposes_like_the_definition::<f64>(isa);
+        }
+    }
+
     #[test]
     fn every_isa_matches_the_reference_and_the_scalar_kernel() {
         let mut rng = SmallRng::seed_from_u64(7);

@@ -4,11 +4,12 @@
 //! [`forward_rows`].
 
 use super::epilogue::StoredEpilogue;
+use super::gradient::load_upto;
 use super::microkernel::{
     dot_tile_rows, tile_rows, DotTile, FetchAhead, Seed, Tile, DOT_OUTS, DOT_ROWS,
 };
 use super::{
-    padded, LayerDesc, LoadFrom, Packed, Panels, PostOp, SimdVec, TileShape, L1_HALF_BYTES,
+    padded, Element, LayerDesc, LoadFrom, Packed, Panels, PostOp, SimdVec, TileShape, L1_HALF_BYTES,
 };
 
 /// Scratch elements a kernel of `shape` needs to run `rows` rows through `chain`.
@@ -441,8 +442,14 @@ unsafe fn forward_rows_in_lanes<V: LoadFrom<W>, W, const MR: usize, const NV_MAX
     }
 }
 
+/// The most values a [`SimdVec::transpose_square`] moves: 16 x 16 (f32 in AVX-512 registers).
+const WIDEST_SQUARE: usize = 16 * 16;
+
 /// `dst[c * ldd + r] = src[r * lds + c]` for `r < rows`, `c < cols`: whole `LANES x LANES`
-/// squares through [`SimdVec::transpose_square`], the edges one value at a time.
+/// squares through [`SimdVec::transpose_square`], and the edges too, each through a square of
+/// locals. The edges went value by value before, down `src`'s columns and across `dst`'s rows,
+/// every write a line of its own: the seed encoder's 42 outputs leave 10 rows of 784 to the
+/// edge, and that took most of a chain's packing, which training pays after every step.
 ///
 /// # Safety
 /// `src` is valid for reading `rows` rows of `cols` values `lds` apart, `dst` for writing `cols`
@@ -457,22 +464,44 @@ pub(super) unsafe fn transpose<V: SimdVec>(
     ldd: usize,
 ) {
     let lanes = V::LANES;
+    assert!(lanes * lanes <= WIDEST_SQUARE, "{lanes} lanes");
     let (whole_rows, whole_cols) = (rows / lanes * lanes, cols / lanes * lanes);
-    // SAFETY: every index is below `rows` / `cols`, as the caller guarantees valid.
+    // SAFETY: every index is below `rows` / `cols`, as the caller guarantees valid, or inside
+    // the locals (`lanes x lanes` values, checked above).
     unsafe {
         for r in (0..whole_rows).step_by(lanes) {
             for c in (0..whole_cols).step_by(lanes) {
                 V::transpose_square(src.add(r * lds + c), lds, dst.add(c * ldd + r), ldd);
             }
-            for c in whole_cols..cols {
-                for i in r..r + lanes {
-                    *dst.add(c * ldd + i) = *src.add(i * lds + c);
-                }
-            }
         }
-        for r in whole_rows..rows {
-            for c in 0..cols {
-                *dst.add(c * ldd + r) = *src.add(r * lds + c);
+        if whole_rows == rows && whole_cols == cols {
+            return;
+        }
+        // An edge square's values go into the top left of `square`; what the other values are
+        // (zeros, or an earlier square's) only reaches the parts of `transposed` not copied out.
+        let mut square = [V::Elem::ZERO; WIDEST_SQUARE];
+        let mut transposed = [V::Elem::ZERO; WIDEST_SQUARE];
+        for r in (0..rows).step_by(lanes) {
+            let height = lanes.min(rows - r);
+            let first_edge_col = if height == lanes { whole_cols } else { 0 };
+            for c in (first_edge_col..cols).step_by(lanes) {
+                let width = lanes.min(cols - c);
+                for i in 0..height {
+                    load_upto::<V>(src.add((r + i) * lds + c), width)
+                        .store(square.as_mut_ptr().add(i * lanes));
+                }
+                V::transpose_square(square.as_ptr(), lanes, transposed.as_mut_ptr(), lanes);
+                for j in 0..width {
+                    let (from, to) = (
+                        transposed.as_ptr().add(j * lanes),
+                        dst.add((c + j) * ldd + r),
+                    );
+                    if height == lanes {
+                        V::load(from).store(to);
+                    } else {
+                        std::ptr::copy_nonoverlapping(from, to, height);
+                    }
+                }
             }
         }
     }
