@@ -36,7 +36,7 @@ _FUSED_DTYPES = (torch.float32, torch.float64)
 # Fewest rows, and floating-point operations (rows x `flops_per_row`), for which a call that
 # needs gradients goes through the fused forward and backward. Below either, plain PyTorch costs
 # less: the fused path's per-call cost (two Function calls' Python, the repacking of weights that
-# every optimizer step changes, about 30 us a chain) is not yet paid back. Where that is depends
+# every optimizer step changes, 30-50 us a chain) is not yet paid back. Where that is depends
 # on the CPU (what PyTorch's own kernels make of it), so it is chosen by CPUID's vendor. Measured
 # with `tools/training_table.py` (1 thread; a step: forward, MSE, backward, Adam; fused against
 # plain), the seed's AE (784-42-16 | 16-42-784, two chains of 6.7e4 operations a row) and the
