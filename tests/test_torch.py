@@ -691,7 +691,7 @@ class TestCacheKeys:
 @pytest.mark.parametrize("gate", [(0, 0), (10**9, 10**9)])
 def test_nested_tensors_run_as_nn_linear_runs_them(monkeypatch, grad, gate):
     """A nested tensor (strided, but without one shape) runs plain, as nn.Linear takes it,
-    on either side of the training gate; its rows' gradients are PyTorch's."""
+    on either side of the training gate: each of its rows comes out as nn.Linear's."""
     monkeypatch.setattr(cache, "TRAINING_MIN_ROWS", gate[0])
     monkeypatch.setattr(cache, "TRAINING_MIN_FLOPS", gate[1])
     fused = FusedMLP(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))

@@ -425,11 +425,10 @@ pub(super) unsafe fn backward_rows<V: LoadFrom<W>, W, const MR: usize, const NV_
                     // 1,024-4,096 rows of inputs streamed from memory, 1.02-1.13x at 256; Zen 4).
                     // Inputs that need the column of ones are packed into column panels first.
                     let chunk_rows = chunk_rows(shape, block_rows, padded(k, V::LANES));
-                    let direct_panels = !ones_column;
                     for chunk_start in (0..block).step_by(chunk_rows) {
                         let chunk = chunk_rows.min(block - chunk_start);
                         let chunk_below = below.add(chunk_start * ld_below);
-                        if !direct_panels {
+                        if ones_column {
                             pack_panels::<V>(
                                 chunk,
                                 k,
@@ -461,15 +460,15 @@ pub(super) unsafe fn backward_rows<V: LoadFrom<W>, W, const MR: usize, const NV_
                                     lda: 1,
                                     k_stride: ld_delta,
                                     k: chunk,
-                                    panel: if direct_panels {
-                                        chunk_below.add(col)
-                                    } else {
+                                    panel: if ones_column {
                                         packed.as_ptr().add(col * chunk)
-                                    },
-                                    panel_stride: if direct_panels {
-                                        ld_below
                                     } else {
+                                        chunk_below.add(col)
+                                    },
+                                    panel_stride: if ones_column {
                                         nv * V::LANES
+                                    } else {
+                                        ld_below
                                     },
                                     last_lanes: stored - (nv - 1) * V::LANES,
                                     seed: Seed::Output,
