@@ -25,14 +25,18 @@ use super::{
     LINE_BYTES,
 };
 
-/// The backward's register tile, out of line, compiled once per ISA (`target_kernels!`):
-/// inlined at each call, its hundreds of instances took the crate's build from 2.5 to 8
+/// The backward's register tiles, out of line, compiled once per ISA (`target_kernels!`):
+/// inlined at each call, their hundreds of instances took the crate's build from 2.5 to 8
 /// minutes, and each tile runs long enough (`k` = a block of rows, or a layer's outputs) for a
 /// call not to count.
 #[derive(Clone, Copy)]
 pub(super) struct BackwardCalls<T: 'static> {
-    /// [`tile_rows`](super::microkernel::tile_rows): `(rows, registers, tile)`.
-    pub(super) tile: unsafe fn(usize, usize, &Tile<T, T, T>),
+    /// [`tile_rows`](super::microkernel::tile_rows) for the inputs' gradient, `delta` read a
+    /// row per tile row: `(rows, registers, tile)`.
+    pub(super) input_gradient_tile: unsafe fn(usize, usize, &Tile<T, T, T>),
+    /// [`tile_rows`](super::microkernel::tile_rows), `STRIDED`, for the weight gradient, `delta`
+    /// read a row per step of `k`: `(rows, registers, tile)`.
+    pub(super) weight_gradient_tile: unsafe fn(usize, usize, &Tile<T, T, T>),
     /// The post-ops' passes, for the tiles (whose post-op is the identity: never called).
     pub(super) epilogue: StoredEpilogue<T>,
 }
@@ -409,7 +413,7 @@ pub(super) unsafe fn backward_rows<V: LoadFrom<W>, W, const MR: usize, const NV_
                                 prefetch_out: direct,
                                 fetch: FetchAhead::NONE,
                             };
-                            (calls.tile)(MR.min(block - row), nv, &tile);
+                            (calls.input_gradient_tile)(MR.min(block - row), nv, &tile);
                         }
                     }
                     below_gradient = Some((below_grad, ld_below_grad));
@@ -479,7 +483,7 @@ pub(super) unsafe fn backward_rows<V: LoadFrom<W>, W, const MR: usize, const NV_
                                     prefetch_out: false,
                                     fetch: FetchAhead::part(ahead, tiles, tile_index, steps),
                                 };
-                                (calls.tile)(MR.min(out - first), nv, &tile);
+                                (calls.weight_gradient_tile)(MR.min(out - first), nv, &tile);
                                 tile_index += 1;
                             }
                         }

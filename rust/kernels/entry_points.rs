@@ -108,7 +108,16 @@ macro_rules! target_kernels {
             /// As [`tile_rows`]'s.
             $(#[$attribute])?
             #[inline(never)]
-            unsafe fn backward_tile(rows: usize, registers: usize, tile: &Tile<Elem, Elem, Elem>) {
+            unsafe fn input_gradient_tile(rows: usize, registers: usize, tile: &Tile<Elem, Elem, Elem>) {
+                // SAFETY: forwarded from the caller.
+                unsafe { tile_rows::<$register, Elem, Elem, { $mr }, { $nv_max }, false>(rows, registers, tile) }
+            }
+
+            /// # Safety
+            /// As [`tile_rows`]'s.
+            $(#[$attribute])?
+            #[inline(never)]
+            unsafe fn weight_gradient_tile(rows: usize, registers: usize, tile: &Tile<Elem, Elem, Elem>) {
                 // SAFETY: forwarded from the caller.
                 unsafe { tile_rows::<$register, Elem, Elem, { $mr }, { $nv_max }, true>(rows, registers, tile) }
             }
@@ -135,7 +144,8 @@ macro_rules! target_kernels {
                         scratch,
                         // Opaque, as in `forward`.
                         std::hint::black_box(BackwardCalls {
-                            tile: backward_tile,
+                            input_gradient_tile,
+                            weight_gradient_tile,
                             epilogue: StoredEpilogue {
                                 tile: stored_tile,
                                 values: stored_values,

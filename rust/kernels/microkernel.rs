@@ -10,8 +10,10 @@ use super::{LoadFrom, PostOp, SimdVec, LINE_BYTES, STREAM_MIN_BYTES};
 /// keep the FMA units busy, and 4 + 4 loads per 16 FMAs.
 pub(super) const DOT_ROWS: usize = 4;
 pub(super) const DOT_OUTS: usize = 4;
-/// Steps of `k` a register tile takes per turn of its loop (see [`register_tile`]).
+/// Steps of `k` a register tile takes per turn of its loop (see [`register_tile`]); with a
+/// `k_stride`, two (or `KS`, where more).
 const CHUNK: usize = 4;
+const STRIDED_CHUNK: usize = 2;
 
 /// Pointers for one dot-form register tile: `rows x outs` outputs from `rows x k` inputs and
 /// `outs` weight rows of `ldw` values (zeros past `k`), stored as `W`, computed in `T`.
@@ -123,7 +125,8 @@ unsafe fn dot_tile<V: LoadFrom<W>, W, const R: usize, const C: usize>(tile: &Dot
 /// the activations and `B` the packed weights; with rows in the lanes, the other way round.
 pub(super) struct Tile<A, B, T> {
     pub(super) a: *const A,
-    /// Values from one tile row of `a` to the next.
+    /// Values from one tile row of `a` to the next: 1 for the `STRIDED` tiles, which read it as
+    /// that constant.
     pub(super) lda: usize,
     /// Values from one step of `k` in `a` to the next: read only by the `STRIDED` tiles (the
     /// backward's weight gradients, whose `a` is `delta` read in place: one step a row, the
@@ -375,7 +378,8 @@ unsafe fn grouped_tile_width<
 }
 
 /// Picks the register tile for a run-time row count (`1..=MR`) and width (`1..=NV_MAX` registers).
-/// `STRIDED`: `a`'s steps of `k` lie `tile.k_stride` apart (see [`register_tile`]).
+/// `STRIDED`: `a`'s steps of `k` lie `tile.k_stride` apart and its rows side by side (see
+/// [`register_tile`]).
 ///
 /// # Safety
 /// `tile` points at `rows` valid input rows (`k` values each, `k_stride` apart with
@@ -476,8 +480,9 @@ unsafe fn tile_width<
 /// The microkernel: `R x NV` registers of accumulators seeded as [`Seed`] says, one broadcast of an
 /// input value and `NV` panel loads per step of `k`, the post-op applied in registers. With
 /// `KS > 1`, consecutive steps of `k` go to `KS` separate accumulator sets, added up before the
-/// post-op. With `STRIDED`, `a`'s steps of `k` lie `k_stride` apart; else 1 apart, a constant,
-/// so the forward's loop is as before. Once per cache line of `k` the tile fetches its lines of
+/// post-op. With `STRIDED`, `a`'s steps of `k` lie `k_stride` apart and its rows 1 apart; else
+/// its steps 1 apart and its rows `lda`. Either way one of the two is a constant, so a chunk of
+/// steps (below) loads at constant offsets from a few pointers. Once per cache line of `k` the tile fetches its lines of
 /// [`Tile::fetch`] where it has any (`STRIDED` only), else, where `a`'s rows are contiguous, the
 /// same columns of the next tile's rows.
 ///
@@ -499,6 +504,8 @@ unsafe fn register_tile<
     let lanes = V::LANES;
     let step = tile.panel_stride;
     let k_stride = if STRIDED { tile.k_stride } else { 1 };
+    let lda = if STRIDED { 1 } else { tile.lda };
+    debug_assert!(!STRIDED || tile.lda == 1);
     // SAFETY: the caller guarantees the ISA and that `R` rows of `k` inputs, `k` panel rows of
     // `(NV - 1) * LANES + last_lanes` values, the seed's values (`NV * LANES` column biases,
     // `(NV - 1) * LANES + last_lanes` with
@@ -548,40 +555,52 @@ unsafe fn register_tile<
         let mut panel = tile.panel;
         let mut fetch = tile.fetch;
         let line = 64 / std::mem::size_of::<A>();
-        // The forward takes `CHUNK` steps of `k` per turn of the loop (`CHUNK / KS` iterations),
-        // their loads at constant offsets: the pointer, counter and line arithmetic runs once a
-        // chunk (seed encoder 1.11x at 256 and 4096 rows on the AMX Xeon, whose two FMA ports
-        // that integer work shared). A chunk starts every line, as `CHUNK` divides `line`; each
-        // accumulator sees its steps in the same order, so the sums are the same bits. Not
-        // `STRIDED`: with a run-time stride, a chunk's addresses took more registers than are
-        // left, and the spilled tile ran 0.55x.
-        const { assert!(CHUNK.is_multiple_of(KS)) };
+        // `CHUNK` steps of `k` per turn of the loop (`CHUNK / KS` iterations), their loads at
+        // constant offsets: the pointer, counter and line arithmetic runs once a chunk (on the
+        // AMX Xeon, whose two FMA ports that integer work shared: seed encoder forward 1.11x at
+        // 256 and 4096 rows). `STRIDED`, two steps: with four, LLVM spilled the accumulators to
+        // the stack (weight gradient 0.6x); two ran 1.02-1.04x faster than one.
+        // A chunk starts every line, as it divides `line`; each accumulator sees its steps in
+        // the same order, so the sums are the same bits.
+        let chunk_steps = if STRIDED {
+            STRIDED_CHUNK.max(KS)
+        } else {
+            CHUNK
+        };
+        const {
+            assert!(
+                CHUNK.is_multiple_of(KS)
+                    && (KS > STRIDED_CHUNK || STRIDED_CHUNK.is_multiple_of(KS))
+            )
+        };
         let iterations = tile.k / KS;
-        let chunks = if STRIDED { 0 } else { iterations / (CHUNK / KS) };
+        let chunks = iterations / (chunk_steps / KS);
         for chunk in 0..chunks {
-            if (chunk * CHUNK).is_multiple_of(line) {
-                fetch_at_line::<V, A, R, STRIDED>(a, tile.lda, k_stride, &mut fetch);
+            if (chunk * chunk_steps).is_multiple_of(line) {
+                fetch_at_line::<V, A, R, STRIDED>(a, lda, k_stride, &mut fetch);
             }
-            for offset in (0..CHUNK).step_by(KS) {
+            for offset in (0..chunk_steps).step_by(KS) {
                 multiply_add_step::<V, A, B, R, NV, KS, HALF>(
-                    tile, &mut acc, a, panel, offset, k_stride,
+                    tile, &mut acc, a, panel, offset, lda, k_stride,
                 );
             }
-            a = a.add(CHUNK * k_stride);
-            panel = panel.add(CHUNK * step);
+            a = a.add(chunk_steps * k_stride);
+            panel = panel.add(chunk_steps * step);
         }
-        for iteration in chunks * (CHUNK / KS)..iterations {
+        for iteration in chunks * (chunk_steps / KS)..iterations {
             if (iteration * KS).is_multiple_of(line) {
-                fetch_at_line::<V, A, R, STRIDED>(a, tile.lda, k_stride, &mut fetch);
+                fetch_at_line::<V, A, R, STRIDED>(a, lda, k_stride, &mut fetch);
             }
-            multiply_add_step::<V, A, B, R, NV, KS, HALF>(tile, &mut acc, a, panel, 0, k_stride);
+            multiply_add_step::<V, A, B, R, NV, KS, HALF>(
+                tile, &mut acc, a, panel, 0, lda, k_stride,
+            );
             a = a.add(KS * k_stride);
             panel = panel.add(KS * step);
         }
         for _ in 0..tile.k % KS {
             let b = panel_row::<V, B, NV>(panel, tile.last_lanes);
             for (r, row) in acc[0].iter_mut().enumerate() {
-                let x = <V as LoadFrom<A>>::splat_from(a.add(r * tile.lda));
+                let x = <V as LoadFrom<A>>::splat_from(a.add(r * lda));
                 multiply_add_row::<V, NV, HALF>(x, &b, row);
             }
             a = a.add(k_stride);
@@ -629,7 +648,8 @@ unsafe fn fetch_at_line<V: SimdVec, A, const R: usize, const STRIDED: bool>(
 }
 
 /// One step of `k` for each of the `KS` accumulator sets of a register tile, `offset` steps past
-/// `a` and `panel` (set `s` takes step `offset + s`).
+/// `a` and `panel` (set `s` takes step `offset + s`), `a`'s rows `lda` apart and its steps
+/// `k_stride`.
 ///
 /// # Safety
 /// As for [`register_tile`], with the steps read inside its `k`.
@@ -649,6 +669,7 @@ unsafe fn multiply_add_step<
     a: *const A,
     panel: *const B,
     offset: usize,
+    lda: usize,
     k_stride: usize,
 ) {
     // SAFETY: forwarded from the caller.
@@ -657,7 +678,7 @@ unsafe fn multiply_add_step<
             let step = offset + s;
             let b = panel_row::<V, B, NV>(panel.add(step * tile.panel_stride), tile.last_lanes);
             for (r, row) in set.iter_mut().enumerate() {
-                let x = <V as LoadFrom<A>>::splat_from(a.add(r * tile.lda + step * k_stride));
+                let x = <V as LoadFrom<A>>::splat_from(a.add(r * lda + step * k_stride));
                 multiply_add_row::<V, NV, HALF>(x, &b, row);
             }
         }
