@@ -24,7 +24,7 @@ from fusedae.torch.function import (
     shape_error,
     to_dlpack,
 )
-from fusedae.torch.lower import DROPOUTS, LoweredChain, TensorSlot, as_array, lower, split
+from fusedae.torch.lower import DROPOUTS, LoweredChain, TensorSlot, lower, resolved, split
 
 _custom_ops: types.ModuleType | None
 try:
@@ -226,6 +226,9 @@ class ChainCache:
         usable = all(
             t is None or (t.is_cpu and t.dtype is dtype and t.layout is _STRIDED) for t in tensors
         )
+        # Holds the packed storages: no later tensor takes one's address while the chain is
+        # current (the staleness check compares addresses). Also what the arrays read below.
+        pinned = [None if t is None else t.detach() for t in tensors]
         if not usable:
             self.chain = None
         elif self.precision != "full":
@@ -239,9 +242,12 @@ class ChainCache:
         else:
             # Straight to the native chain, which checks the shapes itself: a training step
             # repacks every step, and the ChainSpec on the way cost twice the packing.
-            weights = [np.ascontiguousarray(as_array(t)) for t in tensors[0::2] if t is not None]
+            weights = [
+                np.ascontiguousarray(resolved(t).numpy()) for t in pinned[0::2] if t is not None
+            ]
             biases = [
-                None if t is None else np.ascontiguousarray(as_array(t)) for t in tensors[1::2]
+                None if t is None else np.ascontiguousarray(resolved(t).numpy())
+                for t in pinned[1::2]
             ]
             self.chain = _native.Chain(weights, biases, self.native_post_ops)
         counters = self.lowered.counters
@@ -254,8 +260,7 @@ class ChainCache:
             ]
         except RuntimeError:  # inference tensors have no version counter: pack every time
             self.packed = None
-        self.dtype, self.tensors = dtype, tensors
-        self.pinned = [None if t is None else t.detach() for t in tensors]
+        self.dtype, self.tensors, self.pinned = dtype, tensors, pinned
         return self.chain
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | None:
