@@ -210,10 +210,10 @@ impl<T: Float, W: Weights<T>> Mlp<T, W> {
             flops_per_row = flops_per_row.saturating_add(2 * spec.weight.len());
         }
         let transpose = kernel.transpose.map(|transpose| {
-            move |src: &[T], cols: usize, dst: &mut [T]| {
+            move |src: &[T], cols: usize, dst: &mut [T], dst_stride: usize| {
                 // SAFETY: `dispatch::require` above checked that this CPU runs `isa`, the
                 // kernel's ISA.
-                unsafe { transpose(src, cols, dst) }
+                unsafe { transpose(src, cols, dst, dst_stride) }
             }
         });
         let transpose = transpose
@@ -1005,8 +1005,9 @@ mod tests {
         let kernel = with_half::<T>(isa, half);
         let transpose = kernel.transpose.expect("every f32/f64 kernel transposes");
         // SAFETY: `dispatch::available` listed `isa`, so this CPU runs it.
-        let by_squares =
-            |src: &[T], cols: usize, dst: &mut [T]| unsafe { transpose(src, cols, dst) };
+        let by_squares = |src: &[T], cols: usize, dst: &mut [T], dst_stride: usize| unsafe {
+            transpose(src, cols, dst, dst_stride)
+        };
         let specs: Vec<_> = layers.iter().map(OwnedLayer::spec).collect();
         (
             PackedChain::pack(&kernel.shape, &specs, Some(&by_squares)),
@@ -1038,7 +1039,8 @@ mod tests {
     }
 
     /// Every ISA's transpose against the plain one, on shapes with and without edges in either
-    /// direction (a register's lanes, one short and one over, and the seed's 42 and 784).
+    /// direction (a register's lanes, one short and one over, and the seed's 42 and 784), into
+    /// rows as long as the source's columns and into longer ones, whose padding it leaves.
     fn transposes_like_the_definition<T: Float>(isa: Isa) {
         let transpose = T::kernel(isa)
             .transpose
@@ -1049,12 +1051,19 @@ mod tests {
                 let src: Vec<T> = (0..rows * cols)
                     .map(|i| T::from_f64(i as f64 + 1.0))
                     .collect();
-                let mut dst = vec![T::ZERO; rows * cols];
-                // SAFETY: `dispatch::available` listed `isa`, so this CPU runs it.
-                unsafe { transpose(&src, cols, &mut dst) };
-                for r in 0..rows {
-                    for c in 0..cols {
-                        assert_eq!(dst[c * rows + r], src[r * cols + c], "{isa} {rows}x{cols}");
+                for dst_stride in [rows, rows + 3] {
+                    let padding = T::from_f64(-1.0);
+                    let mut dst = vec![padding; cols * dst_stride];
+                    // SAFETY: `dispatch::available` listed `isa`, so this CPU runs it.
+                    unsafe { transpose(&src, cols, &mut dst, dst_stride) };
+                    for (c, dst_row) in dst.chunks_exact(dst_stride.max(1)).enumerate() {
+                        for r in 0..rows {
+                            assert_eq!(dst_row[r], src[r * cols + c], "{isa} {rows}x{cols}");
+                        }
+                        assert!(
+                            dst_row[rows..].iter().all(|&value| value == padding),
+                            "{isa} {rows}x{cols} into rows of {dst_stride}"
+                        );
                     }
                 }
             }

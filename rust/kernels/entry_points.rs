@@ -174,9 +174,9 @@ macro_rules! target_kernels {
             /// # Safety
             /// The CPU supports the ISA's features.
             $(#[$attribute])?
-            unsafe fn transpose(src: &[Elem], cols: usize, dst: &mut [Elem]) {
+            unsafe fn transpose(src: &[Elem], cols: usize, dst: &mut [Elem], dst_stride: usize) {
                 // SAFETY: forwarded from the caller.
-                unsafe { $crate::kernels::chain::transpose_matrix::<$register>(src, cols, dst) }
+                unsafe { $crate::kernels::chain::transpose_matrix::<$register>(src, cols, dst, dst_stride) }
             }
 
             let half_register_lanes = <$register as SimdVec>::HALF_LANES;

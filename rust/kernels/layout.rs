@@ -64,14 +64,13 @@ impl TileShape {
         padded(k, self.k_group)
     }
 
-    /// The columns a layer's panels hold for its first `dot_from` outputs: exactly those, or,
-    /// in groups of `k`, padded to whole registers, or to a half one where the last register
-    /// runs in its half (their tiles load whole or half registers only).
+    /// The columns a layer's panels hold for its first `dot_from` outputs: padded to whole
+    /// registers, or to a half one where the last register runs in its half (the grouped forms'
+    /// tiles load whole or half registers only; the others' rows then start on cache lines, see
+    /// `pack_panels`).
     #[inline(always)]
     pub fn panel_columns(&self, dot_from: usize) -> usize {
-        if self.k_group == 1 {
-            dot_from
-        } else if self.ends_in_half(dot_from) {
+        if self.ends_in_half(dot_from) {
             dot_from.next_multiple_of(self.half_lanes)
         } else {
             self.padded(dot_from)
@@ -182,6 +181,9 @@ pub struct LayerDesc {
     pub dot_from: usize,
     /// Where the dot-form weight rows start.
     pub dot_at: usize,
+    /// Columns the panels hold ([`TileShape::panel_columns`]): the last panel's rows are
+    /// padded to them.
+    pub panel_columns: usize,
 }
 
 /// A packed chain: its layers and the buffers they point into, weights stored as `W`, biases in

@@ -14,7 +14,9 @@
 //! outputs (the last panel may be narrower, and need not be a multiple of `lanes`; one of a
 //! register or less shares the registers of the panel before it, see [`Panels`]): a panel
 //! starting at output column `c0` sits at `weights_at + c0 * in` and stores its
-//! `width` columns k-major (`in` rows of `width` values). A panel's last register is loaded
+//! `width` columns k-major (`in` rows of `width` values; the last panel's rows padded with zeros
+//! to [`LayerDesc::panel_columns`], so each row starts where a register load stays within a
+//! cache line). A panel's last register is loaded
 //! masked when `width` is not a multiple of `lanes`, so the outputs are computed up to
 //! `padded_out`, a multiple of `lanes`, with zeros past `out` (or only up to the end of a half
 //! register, see below: the rest of such a row is never written, and never read); the bias
@@ -516,13 +518,14 @@ pub type ChainBackward<W, T> = unsafe fn(
     &mut [T],
 );
 
-/// Transposes a row-major matrix: `(src, cols, dst)`, `src` holding `src.len() / cols` rows of
-/// `cols` values, `dst` (as long) receiving its `cols` rows. Packing lays a block of weight rows
-/// out as a panel this way, a register square at a time.
+/// Transposes a row-major matrix: `(src, cols, dst, dst_stride)`, `src` holding
+/// `src.len() / cols` rows of `cols` values, `dst` receiving its `cols` rows `dst_stride` apart
+/// (at least the row count; what lies between is left as it is). Packing lays a block of weight
+/// rows out as a panel this way, a register square at a time.
 ///
 /// # Safety
 /// The CPU supports the kernel's ISA. (The lengths are checked, with a panic on mismatch.)
-pub type Transpose<T> = unsafe fn(&[T], usize, &mut [T]);
+pub type Transpose<T> = unsafe fn(&[T], usize, &mut [T], usize);
 
 /// Runs [`fma_loop`] for an ISA: `(iterations, seed) -> value`.
 ///
