@@ -10,9 +10,9 @@ use super::{LoadFrom, PostOp, SimdVec, LINE_BYTES, STREAM_MIN_BYTES};
 /// keep the FMA units busy, and 4 + 4 loads per 16 FMAs.
 pub(super) const DOT_ROWS: usize = 4;
 pub(super) const DOT_OUTS: usize = 4;
-/// Steps of `k` a register tile takes per turn of its loop (see [`register_tile`]); with a
-/// `k_stride`, two (or `KS`, where more).
+/// Steps of `k` a register tile takes per turn of its loop (see [`register_tile`]).
 const CHUNK: usize = 4;
+/// The same for the `STRIDED` tiles (or `KS` steps, where that is more).
 const STRIDED_CHUNK: usize = 2;
 
 /// Pointers for one dot-form register tile: `rows x outs` outputs from `rows x k` inputs and
@@ -482,9 +482,8 @@ unsafe fn tile_width<
 /// `KS > 1`, consecutive steps of `k` go to `KS` separate accumulator sets, added up before the
 /// post-op. With `STRIDED`, `a`'s steps of `k` lie `k_stride` apart and its rows 1 apart; else
 /// its steps 1 apart and its rows `lda`. Either way one of the two is a constant, so a chunk of
-/// steps (below) loads at constant offsets from a few pointers. Once per cache line of `k` the tile fetches its lines of
-/// [`Tile::fetch`] where it has any (`STRIDED` only), else, where `a`'s rows are contiguous, the
-/// same columns of the next tile's rows.
+/// steps (below) loads at constant offsets from a few pointers. Once per cache line of `k` the
+/// tile fetches ahead ([`fetch_at_line`]).
 ///
 /// # Safety
 /// As for [`tile_rows`], with `rows == R` and `nv == NV`.
