@@ -394,11 +394,7 @@ fn pack_panels<W: Storage<T>, T: Element>(
     );
     let k = spec.in_features;
     for (col, width) in shape.panels(layer.dot_from).iter() {
-        let stride = if col + width == layer.dot_from {
-            layer.panel_columns - col
-        } else {
-            width
-        };
+        let stride = layer.panel_stride(col, width);
         let panel = &mut buffer[layer.weights_at + col * k..][..stride * k];
         let weight_rows = &spec.weight[col * k..][..width * k];
         if let Some(transpose) = transpose {

@@ -521,7 +521,9 @@ pub(super) unsafe fn transpose_matrix<V: SimdVec>(
     let rows = src.len().checked_div(cols).unwrap_or(0);
     let dst_needed = match (rows, cols) {
         (0, _) | (_, 0) => Some(0),
-        _ => (cols - 1).checked_mul(dst_stride).map(|start| start + rows),
+        _ => (cols - 1)
+            .checked_mul(dst_stride)
+            .and_then(|start| start.checked_add(rows)),
     };
     assert!(
         rows * cols == src.len()
@@ -648,11 +650,7 @@ unsafe fn tile_at<V: LoadFrom<W>, W, const MR: usize, const NV_MAX: usize>(
                 .weights
                 .as_ptr()
                 .add(layer.weights_at + col * layer.in_features),
-            panel_stride: if col + width == layer.dot_from {
-                layer.panel_columns - col
-            } else {
-                width
-            },
+            panel_stride: layer.panel_stride(col, width),
             last_lanes: width - (nv - 1) * V::LANES,
             seed: Seed::ColumnBias(at.biases.as_ptr().add(layer.bias_at + col)),
             post_op: layer.post_op,

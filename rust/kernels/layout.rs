@@ -186,6 +186,19 @@ pub struct LayerDesc {
     pub panel_columns: usize,
 }
 
+impl LayerDesc {
+    /// Values from one row of the panel `col..col + width` to the next: its width, but for the
+    /// last panel, whose rows are padded to [`LayerDesc::panel_columns`].
+    #[inline(always)]
+    pub fn panel_stride(&self, col: usize, width: usize) -> usize {
+        if col + width == self.dot_from {
+            self.panel_columns - col
+        } else {
+            width
+        }
+    }
+}
+
 /// A packed chain: its layers and the buffers they point into, weights stored as `W`, biases in
 /// the compute type `T` (they seed the accumulators).
 #[derive(Clone, Copy, Debug)]

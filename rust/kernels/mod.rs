@@ -16,11 +16,11 @@
 //! starting at output column `c0` sits at `weights_at + c0 * in` and stores its
 //! `width` columns k-major (`in` rows of `width` values; the last panel's rows padded with zeros
 //! to [`LayerDesc::panel_columns`], so each row starts where a register load stays within a
-//! cache line). A panel's last register is loaded
-//! masked when `width` is not a multiple of `lanes`, so the outputs are computed up to
-//! `padded_out`, a multiple of `lanes`, with zeros past `out` (or only up to the end of a half
-//! register, see below: the rest of such a row is never written, and never read); the bias
-//! (`padded_out` values, zero-padded) is at `bias_at` in the biases.
+//! cache line). A panel's last register is loaded masked when `width` is not a multiple of
+//! `lanes`, so the outputs are computed up to `padded_out`, a multiple of `lanes`, with zeros
+//! past `out` (or only up to the end of a half register, see below: the rest of such a row is
+//! never written, and never read); the bias (`padded_out` values, zero-padded) is at `bias_at`
+//! in the biases.
 //!
 //! A layer's last outputs may instead be in dot-product form (see [`TileShape::dot_from`]):
 //! outputs `dot_from..out` keep their weights row-major at `dot_at`, rows of `in` values padded
