@@ -65,6 +65,14 @@ def root_sequential() -> nn.Module:
     return nn.Sequential(nn.Linear(12, 5), nn.ReLU(), nn.Linear(5, 2), nn.Linear(2, 12))
 
 
+def encoder_decoder() -> nn.Sequential:
+    """The seed's AE written as ``nn.Sequential(encoder, decoder)``."""
+    return nn.Sequential(
+        nn.Sequential(nn.Linear(64, 42), nn.ReLU(), nn.Linear(42, 2)),
+        nn.Sequential(nn.Linear(2, 42), nn.ReLU(), nn.Linear(42, 64)),
+    )
+
+
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], list[str]]] = {
     # name: (builder, input shape, names of the Sequentials replaced)
     "seed AE": (lambda: AE(64, 2), (33, 64), ["encoder", "decoder"]),
@@ -72,6 +80,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], list[str]]] = 
     "root Sequential": (root_sequential, (7, 12), [""]),
     "deep asymmetric, 3-D input": (Asymmetric, (3, 11, 100), ["encoder", "decoder"]),
     "nested": (Mixed, (9, 20), ["blocks.0", "blocks.2.0"]),
+    "Sequential of Sequentials": (encoder_decoder, (33, 64), ["", "0", "1"]),
 }
 
 
@@ -144,6 +153,64 @@ def test_root_sequential_is_replaced_by_a_new_module() -> None:
     assert list(fused) == children
     assert report.replaced == [("", "Linear 12->5, ReLU, Linear 5->2, Linear 2->12")]
     assert "(the model itself): Linear 12->5" in str(report)
+
+
+def test_sequential_of_sequentials_is_one_fused_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``nn.Sequential(encoder, decoder)`` runs as one chain (one kernel call, one autograd
+    node); each half called alone runs as its own; a hook on a half, or a half's child
+    replaced, is seen on the next call."""
+    torch.manual_seed(0)
+    reference = encoder_decoder()
+    model, report = accelerate(copy.deepcopy(reference))
+    assert report.replaced[0] == (
+        "",
+        "Linear 64->42, ReLU, Linear 42->2, Linear 2->42, ReLU, Linear 42->64",
+    )
+    assert not report.unfused
+    assert model.fused_runs() == [(0, 2)]
+    assert [layer.out_features for layer, _ in model.fused_layers()] == [42, 2, 42, 64]
+
+    calls: list[int] = []
+    forward = ft.cache.ChainCache.forward
+
+    def counted(self: ft.cache.ChainCache, x: torch.Tensor) -> torch.Tensor | None:
+        calls.append(self.in_features)
+        return forward(self, x)
+
+    monkeypatch.setattr(ft.cache.ChainCache, "forward", counted)
+    x = torch.randn(5, 64, requires_grad=True)
+    out = model(x)
+    assert calls == [64]
+    assert "FusedMLPFunction" in type(out.grad_fn).__name__
+    # One node, straight from x (two chains would chain two).
+    assert type(out.grad_fn.next_functions[0][0]).__name__ == "AccumulateGrad"
+    out.sum().backward()
+    x_ref = x.detach().clone().requires_grad_()
+    reference(x_ref).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-5)
+    for param, param_ref in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(param.grad, param_ref.grad, rtol=1e-4, atol=1e-5)
+
+    calls.clear()
+    torch.testing.assert_close(model[0](x), reference[0](x), rtol=1e-4, atol=1e-5)
+    assert calls == [64]
+
+    seen: list[torch.Tensor] = []
+    handle = model[1].register_forward_hook(lambda module, args, out: seen.append(out))
+    with torch.no_grad():
+        out = model(x)
+    handle.remove()
+    assert len(seen) == 1
+    torch.testing.assert_close(out, reference(x), rtol=1e-4, atol=1e-5)
+
+    reference[1][2] = nn.Linear(42, 64)
+    model[1][2] = copy.deepcopy(reference[1][2])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-5)
+        model[1][1] = nn.LayerNorm(42)  # no longer one chain: each half as it can
+        reference[1][1] = nn.LayerNorm(42)
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-5)
+    assert model.fused_layers() is None
 
 
 def test_idempotent() -> None:

@@ -51,11 +51,23 @@ def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return calls
 
 
+class IssueModel(nn.Module):
+    """The seed's AE class, small (its encoder and decoder two fused calls); the decoder's last
+    layer without bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(20, 9), nn.ReLU(), nn.Linear(9, 3))
+        self.decoder = nn.Sequential(
+            nn.Linear(3, 9), nn.LeakyReLU(0.1), nn.Linear(9, 20, bias=False)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(x))
+
+
 def issue_model(dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The seed's AE as nested Sequentials, small; the decoder's last layer without bias."""
-    encoder = nn.Sequential(nn.Linear(20, 9), nn.ReLU(), nn.Linear(9, 3))
-    decoder = nn.Sequential(nn.Linear(3, 9), nn.LeakyReLU(0.1), nn.Linear(9, 20, bias=False))
-    return nn.Sequential(encoder, decoder).to(dtype)
+    return IssueModel().to(dtype)
 
 
 def op_targets(graph: torch.fx.Graph) -> list[object]:
@@ -107,6 +119,21 @@ def test_no_graph_break_and_the_op_in_the_graph():
         (graph,) = explained.graphs
         called = [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
         assert [target for target in called if "fusedae" in target] == [name, name], called
+
+
+def test_sequential_of_sequentials_is_one_op(kernel_calls):
+    """``nn.Sequential(encoder, decoder)``, one chain eagerly, is one op in the graph."""
+    plain = nn.Sequential(issue_model().encoder, issue_model().decoder)
+    fused, _ = accelerate(copy.deepcopy(plain))
+    compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
+    x = torch.randn(7, 20, requires_grad=True)
+    with torch.no_grad():
+        assert relative_error(compiled(x), plain(x)) <= 1e-5
+    compiled(x).sum().backward()
+    assert kernel_calls == ["chain", "chain_saving"]
+    x_plain = x.detach().clone().requires_grad_()
+    plain(x_plain).sum().backward()
+    assert relative_error(x.grad, x_plain.grad) <= 1e-5
 
 
 def test_compiled_training_steps_match_plain_ones(kernel_calls):

@@ -1,12 +1,14 @@
 """The README's training table: one step (forward, MSE, backward, Adam) of the seed's
 AE(784, 16) (or, with `digits`, the digits AE 64-42-2 | 2-42-64) on one thread, plain PyTorch
-against `accelerate()`d copies of the same weights.
+against `accelerate()`d copies of the same weights. The model is the seed's class, whose
+`forward` calls its encoder and decoder (two fused calls); with `sequential`, the same layers
+as `nn.Sequential(encoder, decoder)` (one fused call).
 "fused" forces the fused path at every batch size, "as shipped" keeps `TRAINING_MIN_ROWS`; the
 last column times the model's forward and backward alone. Every peer runs once per round, in an
 order shuffled per round (on a shared VM whichever runs first or after a given peer is
 otherwise favoured), medians over the rounds after three of warm-up:
 
-    .venv/bin/python tools/training_table.py [ROUNDS] [seed|digits]
+    .venv/bin/python tools/training_table.py [ROUNDS] [seed|digits] [class|sequential]
 """
 
 from __future__ import annotations
@@ -32,18 +34,32 @@ MODELS = {
 }
 
 
-def autoencoder(width: int, code: int) -> nn.Module:
-    """The seed's AE shape (hidden layers of 42) for `width` inputs and a `code`-wide code."""
+class SeedAE(nn.Module):
+    """The seed's class: hidden layers of 42, `forward` calling the encoder then the decoder."""
+
+    def __init__(self, width: int, code: int) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(width, 42), nn.ReLU(), nn.Linear(42, code))
+        self.decoder = nn.Sequential(nn.Linear(code, 42), nn.ReLU(), nn.Linear(42, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(x))
+
+
+def autoencoder(width: int, code: int, sequential: bool = False) -> nn.Module:
+    """The seed's AE for `width` inputs and a `code`-wide code, as its class or (`sequential`)
+    as `nn.Sequential(encoder, decoder)`."""
     torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Sequential(nn.Linear(width, 42), nn.ReLU(), nn.Linear(42, code)),
-        nn.Sequential(nn.Linear(code, 42), nn.ReLU(), nn.Linear(42, width)),
-    )
+    model = SeedAE(width, code)
+    return nn.Sequential(model.encoder, model.decoder) if sequential else model
 
 
 def main() -> None:
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 60
     width, code, batches = MODELS[sys.argv[2] if len(sys.argv) > 2 else "seed"]
+    form = sys.argv[3] if len(sys.argv) > 3 else "class"
+    if form not in ("class", "sequential"):
+        raise SystemExit(f"expected class or sequential, got {form!r}")
     torch.set_num_threads(1)
     fusedae.set_num_threads(1)
     shipped_rows, shipped_flops = cache.TRAINING_MIN_ROWS, cache.TRAINING_MIN_FLOPS
@@ -52,7 +68,7 @@ def main() -> None:
         limits = (0, 0) if force else (shipped_rows, shipped_flops)
         cache.TRAINING_MIN_ROWS, cache.TRAINING_MIN_FLOPS = limits
 
-    plain = autoencoder(width, code)
+    plain = autoencoder(width, code, form == "sequential")
     fused, _ = accelerate(copy.deepcopy(plain))
     shipped, _ = accelerate(copy.deepcopy(plain))
     # Its own copy: on `fused`, a forward + backward after `fused`'s optimizer step packed the
@@ -84,7 +100,7 @@ def main() -> None:
         ("fb_plain", plain_alone, False, forward_backward),
         ("fb_fused", fused_alone, True, forward_backward),
     ]
-    print(f"{fusedae.info()['isa']}, 1 thread, median of {rounds} rounds")
+    print(f"{fusedae.info()['isa']}, 1 thread, the {form} form, median of {rounds} rounds")
     print("| batch | plain eager | fused | as shipped | model forward + backward alone: fused |")
     print("|---:|---:|---:|---:|---:|")
     for batch in batches:

@@ -10,8 +10,8 @@ from torch import nn
 
 from fusedae.chain import PrecisionName, spec_precision
 from fusedae.torch.cache import has_hooks
-from fusedae.torch.lower import DROPOUTS, LoweredChain, describe, split, why_not_fused
-from fusedae.torch.modules import AE, FusedMLP
+from fusedae.torch.lower import DROPOUTS, LoweredChain, describe, lower, split, why_not_fused
+from fusedae.torch.modules import AE, FusedMLP, chain_modules
 
 
 @dataclass
@@ -76,7 +76,9 @@ def accelerate(
     in, Dropout, Identity, a leading Flatten and a trailing Unflatten) by a ``FusedMLP`` holding
     the same child modules, and so the same parameter objects: an optimizer built before keeps
     working, and ``state_dict`` keys and printout do not change. Each longest such run is one
-    fused call; the other children (a LayerNorm between two runs) run as they are.
+    fused call; the other children (a LayerNorm between two runs) run as they are. A Sequential
+    of Sequentials (``nn.Sequential(encoder, decoder)``) whose modules all form one chain runs
+    as one fused call, and each inner one, called alone, as its own.
 
     Every other module is left alone, as is a Sequential with forward or backward hooks on it or
     its children (the fused call would skip them). Calling it again changes nothing. A
@@ -101,6 +103,11 @@ def accelerate(
         if type(module) is nn.Sequential:
             children = tuple(cast(nn.Sequential, module))
             pieces = split(children)
+            # Sequentials of Sequentials (an encoder and a decoder) whose modules form one chain.
+            leaves, _ = chain_modules(children)
+            whole = lower(leaves) if leaves != children else None
+            if whole is not None:
+                pieces = [(0, len(children), whole)]
             kinds = ", ".join(type(child).__name__ for child in children)
             if not any(lowered for _, _, lowered in pieces):
                 report.kept.append((name, f"no Linear chain the kernels take ({kinds})"))

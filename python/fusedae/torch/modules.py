@@ -87,6 +87,9 @@ class FusedMLP(_FusedCall, nn.Sequential):
     """An ``nn.Sequential`` whose runs of modules the kernels take (``lower.lower``: Linear
     layers with post-ops, BatchNorm1d, Dropout, Identity, a leading Flatten and a trailing
     Unflatten) each run as one fused call on CPU; every other child runs as the module it is.
+    Children that are Sequentials themselves (an encoder and a decoder) count as their own
+    children in order (``chain_modules``): where all of those form one chain, the whole runs
+    as one fused call.
 
     Same constructor, children, ``state_dict`` keys and printout as ``nn.Sequential``. CPU
     float32/float64 input runs fused (autograd through ``FusedMLPFunction`` when a gradient is
@@ -106,7 +109,7 @@ class FusedMLP(_FusedCall, nn.Sequential):
         self._pieces = SplitCache(spec_precision(precision))  # where it is not
         # Lowered now, so that a first call traced by torch.compile or torch.export finds the
         # chain and changes no state (the calls look again: the children may change).
-        self._fused.set_modules(tuple(self._modules.values()))  # type: ignore[arg-type]
+        self._fused.set_modules(*chain_modules(tuple(self._modules.values())))  # type: ignore[arg-type]
 
     @classmethod
     def from_sequential(
@@ -137,7 +140,7 @@ class FusedMLP(_FusedCall, nn.Sequential):
     def fused_layers(self) -> Layers | None:
         """The chain the kernel runs, as ``(linear, post-op name)`` pairs; None if the children
         do not form one chain (then ``fused_runs`` says which of them run fused)."""
-        lowered = self._fused.set_modules(tuple(self._modules.values()))  # type: ignore[arg-type]
+        lowered = self._fused.set_modules(*chain_modules(tuple(self._modules.values())))  # type: ignore[arg-type]
         return (
             None if lowered is None else tuple((linear, op.name) for linear, op in lowered.layers)
         )
@@ -146,6 +149,8 @@ class FusedMLP(_FusedCall, nn.Sequential):
         """The ``(start, stop)`` child indices of each run of children called as one fused
         call."""
         modules: tuple[nn.Module, ...] = tuple(self._modules.values())  # type: ignore[arg-type]
+        if self.fused_layers() is not None:
+            return [(0, len(modules))]
         runs, start = [], 0
         for piece, cache in self._pieces.pieces_of(modules):
             if cache is not None:
@@ -166,7 +171,9 @@ class FusedMLP(_FusedCall, nn.Sequential):
         state = self._fused
         modules = tuple(self._modules.values())
         if modules != state.modules:
-            state.set_modules(modules)  # type: ignore[arg-type]
+            # New children, or Sequentials among them, read again on each call (theirs may
+            # change too).
+            state.set_modules(*chain_modules(modules))  # type: ignore[arg-type]
         if state.lowered is None:
             return None
         return state.reshaped_forward(x) if state.reshaped else state.forward(x)
@@ -195,6 +202,26 @@ class FusedMLP(_FusedCall, nn.Sequential):
 
 # Containers whose forward is exactly "apply the children in order".
 SEQUENTIALS = (nn.Sequential, FusedMLP)
+
+
+def chain_modules(
+    children: tuple[nn.Module, ...],
+) -> tuple[tuple[nn.Module, ...], tuple[nn.Module, ...]]:
+    """What a Sequential of ``children`` runs, in order: ``children`` with each (exact)
+    Sequential among them replaced by its own children, recursively; and those Sequentials,
+    whose hooks the fused call would skip (``ChainCache.set_modules``)."""
+    if not any(type(child) in SEQUENTIALS for child in children):
+        return children, ()
+    leaves: list[nn.Module] = []
+    containers: list[nn.Module] = []
+    for child in children:
+        if type(child) in SEQUENTIALS:
+            inner, nested = chain_modules(tuple(child._modules.values()))  # type: ignore[arg-type]
+            leaves += inner
+            containers += (child, *nested)
+        else:
+            leaves.append(child)
+    return tuple(leaves), tuple(containers)
 
 
 class AE(_FusedCall):
