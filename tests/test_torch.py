@@ -650,21 +650,16 @@ def test_forced_isa_is_the_one_running():
 class TestCacheKeys:
     """The packed chain is keyed on every tensor its spec reads: a change to any one repacks."""
 
-    def test_repacks_when_any_tensor_it_reads_changes(self, monkeypatch):
-        packs = []
-        real_pack = ChainCache.pack
-        monkeypatch.setattr(
-            ChainCache, "pack", lambda state, dtype: packs.append(dtype) or real_pack(state, dtype)
-        )
+    def test_repacks_when_any_tensor_it_reads_changes(self):
         fused = FusedMLP(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
         plain = nn.Sequential(*fused)  # the same modules, run by PyTorch
         x = torch.randn(4, 6)
 
         def check(repacked: bool) -> None:
-            packs.clear()
+            before = fused._fused.chain
             with torch.no_grad():
                 assert relative_error(fused(x), plain(x)) <= 1e-5
-            assert len(packs) == repacked
+            assert (fused._fused.chain is not before) == repacked
 
         check(True)
         check(False)
@@ -685,6 +680,43 @@ class TestCacheKeys:
         fused[2].bias = None
         check(True)
         check(False)
+
+    def test_changes_in_place_repack_from_the_tensors_memory(self, monkeypatch):
+        """After an optimizer step (the same tensors, changed in place) the chain is packed again
+        from the arrays the last full packing kept; where those could not be the tensors' own
+        memory (a transposed parameter), or a tensor's layout changed in place, it packs in
+        full."""
+        full = []
+        real_pack = ChainCache.pack
+        monkeypatch.setattr(
+            ChainCache, "pack", lambda state, dtype: full.append(dtype) or real_pack(state, dtype)
+        )
+        fused = FusedMLP(nn.Linear(5, 5), nn.ReLU(), nn.Linear(5, 3))
+        plain = nn.Sequential(*fused)
+        optimizer = torch.optim.SGD(fused.parameters(), lr=0.1)
+        x = torch.randn(4, 5)
+
+        def step_and_check(full_packs: int) -> None:
+            optimizer.zero_grad()
+            fused(torch.randn(8, 5)).square().sum().backward()
+            optimizer.step()
+            full.clear()
+            before = fused._fused.chain
+            with torch.no_grad():
+                assert relative_error(fused(x), plain(x)) <= 1e-5
+            assert fused._fused.chain is not before
+            assert len(full) == full_packs
+
+        step_and_check(full_packs=0)
+        step_and_check(full_packs=0)
+        fused[0].weight.requires_grad_(False)
+        with torch.no_grad():
+            fused[0].weight.t_()  # same memory, same shape, in place: the strides swap
+        step_and_check(full_packs=1)
+        fused[0].weight = nn.Parameter(torch.randn(5, 5).t())  # not contiguous: packed a copy
+        optimizer = torch.optim.SGD(fused.parameters(), lr=0.1)
+        step_and_check(full_packs=1)
+        step_and_check(full_packs=1)
 
 
 @pytest.mark.parametrize("grad", [False, True])
