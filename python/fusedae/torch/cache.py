@@ -51,8 +51,10 @@ _FUSED_DTYPES = (torch.float32, torch.float64)
 #   the fused path only where no run measured it slower.
 # - Intel Xeon with AMX (2026-12-05, a KVM guest with 2 MiB of L2 a core and 480 MiB of L3, the
 #   code of ec476ad): seed 0.95-1.01x at 512 rows, 0.99-1.04x at 1024 (four runs), 1.01-1.18x at
-#   2048 (1.4e8); digits 1.00-1.03x at 2048 (1.1e7, three runs), 1.12-1.15x at 4096.
-_TRAINING_GATES = {"AuthenticAMD": (128, 5_000_000), "GenuineIntel": (2048, 10_000_000)}
+#   2048 (1.4e8); digits 1.00-1.03x at 2048 (1.1e7, three runs), 1.12-1.15x at 4096. 2026-12-05,
+#   the seed's class after `repack` (538eb29): 0.98x at 256 rows, 1.02-1.06x at 512 (three runs;
+#   3.4e7), 1.09-1.14x at 1024; digits 1.06x at 1024 (5.6e6), 1.13x at 2048.
+_TRAINING_GATES = {"AuthenticAMD": (128, 5_000_000), "GenuineIntel": (512, 10_000_000)}
 _UNMEASURED_CPU_GATE = (4096, 20_000_000)
 TRAINING_MIN_ROWS, TRAINING_MIN_FLOPS = _TRAINING_GATES.get(
     _native.cpu_vendor(), _UNMEASURED_CPU_GATE
@@ -101,7 +103,9 @@ class ChainCache:
     1 to ``num_batches_tracked`` in place; and a call while one is in training mode forgets the
     packed chain. The packed tensors are kept alive so their addresses cannot be reused.
     Edits through ``.data`` bypass the version counter, as they bypass autograd: call the
-    module's ``invalidate()`` after those. A BatchNorm's ``eps`` is read when packing.
+    module's ``invalidate()`` after those. A BatchNorm's ``eps`` is read when packing. Where
+    only version counters moved (an optimizer step), ``repack`` packs again from the arrays
+    ``pack`` kept.
     """
 
     def __init__(self, precision: Precision = "full") -> None:
