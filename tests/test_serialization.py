@@ -56,6 +56,16 @@ def test_seed_ae_round_trip(tmp_path: Path, rng: np.random.Generator) -> None:
         pytest.param(lambda: ft.AE(64, 2), (64, 42, 2), id="fusedae AE"),
         pytest.param(lambda: ft.AE(64, 2).encoder, (64, 42, 2), id="encoder alone"),
         pytest.param(
+            lambda: nn.Sequential(AE(64, 2).encoder, AE(64, 2).decoder),
+            (64, 42, 2),
+            id="Sequential(encoder, decoder)",
+        ),
+        pytest.param(
+            lambda: ft.accelerate(nn.Sequential(AE(64, 3).encoder, AE(64, 3).decoder))[0],
+            (64, 42, 3),
+            id="Sequential(encoder, decoder) accelerated",
+        ),
+        pytest.param(
             lambda: nn.Sequential(nn.Linear(30, 20), nn.ReLU(), nn.Linear(20, 5), nn.ReLU()),
             (30, 20, 5),
             id="ends in ReLU",
@@ -91,6 +101,9 @@ def test_save_refuses_other_modules_naming_them(tmp_path: Path) -> None:
     ae.decoder.append(nn.Softmax(dim=1))
     with pytest.raises(TypeError, match=r"decoder is not one chain: .* fuse decoder.3 \(Softmax\)"):
         ft.save(ae, tmp_path / "m.safetensors")
+    halves = nn.Sequential(AE(6, 2).encoder, nn.Sequential(nn.Linear(2, 6), nn.Softmax(dim=1)))
+    with pytest.raises(TypeError, match=r"1 is not one chain: .* fuse 1.1 \(Softmax\)"):
+        ft.save(halves, tmp_path / "m.safetensors")
     with pytest.raises(TypeError, match="got Linear with children"):
         ft.save(nn.Linear(3, 3), tmp_path / "m.safetensors")
     with pytest.raises(TypeError, match=r"got AENetwork with children \['network'\]"):

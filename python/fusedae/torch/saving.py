@@ -29,8 +29,9 @@ def chain_spec(module: nn.Module, *, encoder_layers: int | None = None) -> Chain
     ``module`` is either a chain (``nn.Sequential`` or ``FusedMLP`` of ``nn.Linear`` layers,
     each with the activations and BatchNorms ``lower`` fuses, such as an AE's ``encoder``
     alone), or a module whose only children are two such chains ``encoder`` and ``decoder``
-    and whose forward is ``decoder(encoder(x))`` (the seed's ``AE``, ``fusedae.torch.AE``):
-    then the spec is one chain whose ``encoder_layers`` is the encoder's length. Otherwise
+    and whose forward is ``decoder(encoder(x))`` (the seed's ``AE``, ``fusedae.torch.AE``), or
+    a Sequential of two such chains (``nn.Sequential(encoder, decoder)``): then the spec is one
+    chain whose ``encoder_layers`` is the first chain's length. Otherwise
     ``encoder_layers`` defaults to the narrowest inner layer if the chain's output is as wide
     as its input (an autoencoder), else to all layers. Arrays are float64 if the first weight
     is float64, else float32. The chain is what the modules compute in eval mode (BatchNorm
@@ -38,8 +39,15 @@ def chain_spec(module: nn.Module, *, encoder_layers: int | None = None) -> Chain
     a leading ``nn.Flatten`` or trailing ``nn.Unflatten`` is left to the caller. Any other
     module is a TypeError naming the modules in the way.
     """
-    if isinstance(module, nn.Sequential):
-        chains: list[tuple[str, nn.Module | None]] = [("", module)]
+    halves = list(module._modules.items())
+    if (
+        type(module) in SEQUENTIALS
+        and len(halves) == 2
+        and all(type(half) in SEQUENTIALS for _, half in halves)
+    ):
+        chains: list[tuple[str, nn.Module | None]] = halves  # nn.Sequential(encoder, decoder)
+    elif isinstance(module, nn.Sequential):
+        chains = [("", module)]
     elif list(module._modules) == ["encoder", "decoder"] and not module._parameters:
         chains = list(module._modules.items())
     else:
@@ -54,8 +62,8 @@ def chain_spec(module: nn.Module, *, encoder_layers: int | None = None) -> Chain
         lowered = lower(cast(nn.Sequential, chain)) if type(chain) in SEQUENTIALS else None
         if lowered is None:
             raise TypeError(why_not_a_chain(chain, name))
-        if encoder_layers is None and name == "decoder":
-            encoder_layers = len(layers)
+        if encoder_layers is None and len(chains) == 2 and name == chains[1][0]:
+            encoder_layers = len(layers)  # the decoder starts here
         if dtype is None:
             first = lowered.layers[0][0].weight.dtype
             dtype = torch.float64 if first == torch.float64 else torch.float32
