@@ -109,7 +109,7 @@ class FusedMLP(_FusedCall, nn.Sequential):
         self._pieces = SplitCache(spec_precision(precision))  # where it is not
         # Lowered now, so that a first call traced by torch.compile or torch.export finds the
         # chain and changes no state (the calls look again: the children may change).
-        self._fused.set_modules(*chain_modules(tuple(self._modules.values())))  # type: ignore[arg-type]
+        self._fused.set_modules(*chain_modules(tuple(self._modules.values())))
 
     @classmethod
     def from_sequential(
@@ -140,7 +140,7 @@ class FusedMLP(_FusedCall, nn.Sequential):
     def fused_layers(self) -> Layers | None:
         """The chain the kernel runs, as ``(linear, post-op name)`` pairs; None if the children
         do not form one chain (then ``fused_runs`` says which of them run fused)."""
-        lowered = self._fused.set_modules(*chain_modules(tuple(self._modules.values())))  # type: ignore[arg-type]
+        lowered = self._fused.set_modules(*chain_modules(tuple(self._modules.values())))
         return (
             None if lowered is None else tuple((linear, op.name) for linear, op in lowered.layers)
         )
@@ -173,7 +173,7 @@ class FusedMLP(_FusedCall, nn.Sequential):
         if modules != state.modules:
             # New children, or Sequentials among them, read again on each call (theirs may
             # change too).
-            state.set_modules(*chain_modules(modules))  # type: ignore[arg-type]
+            state.set_modules(*chain_modules(modules))
         if state.lowered is None:
             return None
         return state.reshaped_forward(x) if state.reshaped else state.forward(x)
@@ -205,18 +205,18 @@ SEQUENTIALS = (nn.Sequential, FusedMLP)
 
 
 def chain_modules(
-    children: tuple[nn.Module, ...],
+    children: tuple[nn.Module | None, ...],
 ) -> tuple[tuple[nn.Module, ...], tuple[nn.Module, ...]]:
-    """What a Sequential of ``children`` runs, in order: ``children`` with each (exact)
-    Sequential among them replaced by its own children, recursively; and those Sequentials,
-    whose hooks the fused call would skip (``ChainCache.set_modules``)."""
+    """What a Sequential of ``children`` (its ``_modules`` values) runs, in order: ``children``
+    with each (exact) Sequential among them replaced by its own children, recursively; and
+    those Sequentials, whose hooks the fused call would skip (``ChainCache.set_modules``)."""
     if not any(type(child) in SEQUENTIALS for child in children):
-        return children, ()
+        return cast(tuple[nn.Module, ...], children), ()
     leaves: list[nn.Module] = []
     containers: list[nn.Module] = []
-    for child in children:
+    for child in cast(tuple[nn.Module, ...], children):  # a None child: `lower` refuses it
         if type(child) in SEQUENTIALS:
-            inner, nested = chain_modules(tuple(child._modules.values()))  # type: ignore[arg-type]
+            inner, nested = chain_modules(tuple(child._modules.values()))
             leaves += inner
             containers += (child, *nested)
         else:
