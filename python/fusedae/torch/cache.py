@@ -53,8 +53,9 @@ _FUSED_DTYPES = (torch.float32, torch.float64)
 #   code of ec476ad): seed 0.95-1.01x at 512 rows, 0.99-1.04x at 1024 (four runs), 1.01-1.18x at
 #   2048 (1.4e8); digits 1.00-1.03x at 2048 (1.1e7, three runs), 1.12-1.15x at 4096. 2026-12-05,
 #   the seed's class after `repack` (538eb29): 0.98x at 256 rows, 1.02-1.06x at 512 (three runs;
-#   3.4e7), 1.09-1.14x at 1024; digits 1.06x at 1024 (5.6e6), 1.13x at 2048.
-_TRAINING_GATES = {"AuthenticAMD": (128, 5_000_000), "GenuineIntel": (512, 10_000_000)}
+#   3.4e7), 1.09-1.14x at 1024; digits 1.01x at 256, 1.03-1.06x at 512 (two runs; 2.8e6),
+#   1.06-1.09x at 1024 (three), 1.13x at 2048.
+_TRAINING_GATES = {"AuthenticAMD": (128, 5_000_000), "GenuineIntel": (512, 2_500_000)}
 _UNMEASURED_CPU_GATE = (4096, 20_000_000)
 TRAINING_MIN_ROWS, TRAINING_MIN_FLOPS = _TRAINING_GATES.get(
     _native.cpu_vendor(), _UNMEASURED_CPU_GATE
