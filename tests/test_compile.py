@@ -137,13 +137,18 @@ def test_sequential_of_sequentials_is_one_op(kernel_calls):
 
 
 def test_compiled_training_steps_match_plain_ones(kernel_calls):
-    """Adam steps change the parameters in place between calls: each call packs them again."""
+    """Optimizer steps change the parameters in place between calls: each call packs them
+    again. SGD with momentum, not Adam: Adam's first steps move a parameter by about its
+    learning rate whatever the size of its gradient, so a gradient within float rounding of 0
+    moves it either way (a fresh clone's run read 1.4e-5 against the 1e-5 below; SGD's worst
+    over 30 seeds was 1.1e-7)."""
+    torch.manual_seed(0)
     plain = issue_model()
     fused, _ = accelerate(copy.deepcopy(plain))
     models = {"plain": plain, "fused": torch.compile(fused, backend="aot_eager", fullgraph=True)}
     optimizers = {
-        "plain": torch.optim.Adam(plain.parameters(), lr=0.01),
-        "fused": torch.optim.Adam(fused.parameters(), lr=0.01),
+        "plain": torch.optim.SGD(plain.parameters(), lr=0.05, momentum=0.9),
+        "fused": torch.optim.SGD(fused.parameters(), lr=0.05, momentum=0.9),
     }
     for _ in range(3):
         x = torch.randn(9, 20)
