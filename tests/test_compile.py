@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from _seed import AE as SeedAE
 from _tensors import relative_error
 from fusedae._ops import PostOp
 from fusedae.torch import AE, FusedMLP, accelerate
@@ -51,23 +52,13 @@ def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return calls
 
 
-class IssueModel(nn.Module):
-    """The seed's AE class, small (its encoder and decoder two fused calls); the decoder's last
-    layer without bias."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.encoder = nn.Sequential(nn.Linear(20, 9), nn.ReLU(), nn.Linear(9, 3))
-        self.decoder = nn.Sequential(
-            nn.Linear(3, 9), nn.LeakyReLU(0.1), nn.Linear(9, 20, bias=False)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.encoder(x))
-
-
 def issue_model(dtype: torch.dtype = torch.float32) -> nn.Module:
-    return IssueModel().to(dtype)
+    """The seed's class, small (its encoder and decoder two fused calls), with a LeakyReLU in
+    the decoder and the decoder's last layer without bias."""
+    model = SeedAE(20, 3, 9)
+    model.decoder[1] = nn.LeakyReLU(0.1)
+    model.decoder[2] = nn.Linear(9, 20, bias=False)
+    return model.to(dtype)
 
 
 def op_targets(graph: torch.fx.Graph) -> list[object]:

@@ -102,12 +102,12 @@ def accelerate(
         result = module
         if type(module) is nn.Sequential:
             children = tuple(cast(nn.Sequential, module))
-            pieces = split(children)
             # Sequentials of Sequentials (an encoder and a decoder) whose modules form one chain.
             leaves, _ = chain_modules(children)
             whole = lower(leaves) if leaves != children else None
-            if whole is not None:
-                pieces = [(0, len(children), whole)]
+            pieces: list[tuple[int, int, LoweredChain | None]] = (
+                [(0, len(children), whole)] if whole is not None else split(children)
+            )
             kinds = ", ".join(type(child).__name__ for child in children)
             if not any(lowered for _, _, lowered in pieces):
                 report.kept.append((name, f"no Linear chain the kernels take ({kinds})"))

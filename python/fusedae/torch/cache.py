@@ -259,16 +259,17 @@ class ChainCache:
         else:
             # Straight to the native chain, which checks the shapes itself: a training step
             # repacks every step, and the ChainSpec on the way cost twice the packing.
-            views = [None if t is None else resolved(t).numpy() for t in pinned]
+            values = [None if t is None else resolved(t) for t in pinned]
+            views = [None if t is None else t.numpy() for t in values]
             arrays = [None if view is None else np.ascontiguousarray(view) for view in views]
             weights = [array for array in arrays[0::2] if array is not None]
             biases = arrays[1::2]
             self.chain = _native.Chain(weights, biases, self.native_post_ops)
-            # Where every array is its tensor's own memory (contiguous, no negative bit: no copy
+            # Where every array is its tensor's own memory (no negative bit, contiguous: no copy
             # above), as a model's parameters are, a change in place shows through them.
             if all(
-                t is None or (resolved(t) is t and array is view)
-                for t, view, array in zip(pinned, views, arrays, strict=True)
+                value is t and array is view
+                for t, value, view, array in zip(pinned, values, views, arrays, strict=True)
             ):
                 layouts = [None if t is None else (t.shape, t.stride()) for t in tensors]
                 self.sources = _Sources(weights, biases, layouts)
