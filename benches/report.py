@@ -408,10 +408,15 @@ def describe_machine(meta: dict[str, Any]) -> list[str]:
     return lines
 
 
+def render_header(meta: dict[str, Any]) -> list[str]:
+    """The report's title and the machine, build and peers the results come from (a report of
+    the other sections alone, the training steps say, carries them too)."""
+    return ["# fusedae benchmark report", "", *describe_machine(meta)]
+
+
 def render_markdown(meta: dict[str, Any], groups: list[Group]) -> str:
     threads = sorted({g.threads for g in groups})
-    out = ["# fusedae benchmark report", ""]
-    out += describe_machine(meta)
+    out = render_header(meta)
     out += [
         f"- Threads per group: {', '.join(map(str, threads))}, pinned for every peer "
         "(fusedae, torch, torch.compile's generated code, ONNX Runtime intra-op; inter-op 1)",
@@ -579,7 +584,8 @@ def main(argv: list[str] | None = None) -> int:
     if not groups and not sections:
         parser.error(f"{args.results} holds no fusedae benchmark results (was it a timed run?)")
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    markdown = "\n".join([render_markdown(meta, groups) if groups else "", *sections]).strip()
+    head = render_markdown(meta, groups) if groups else "\n".join(render_header(meta))
+    markdown = "\n".join([head, *sections]).strip()
     (args.out_dir / "report.md").write_text(markdown + "\n")
     written = [args.out_dir / "report.md"]
     if groups:
