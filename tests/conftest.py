@@ -47,5 +47,6 @@ def _fused_training_at_every_size(monkeypatch: pytest.MonkeyPatch) -> None:
     takes it (where torch is in use; the size threshold has tests of its own)."""
     cache = sys.modules.get("fusedae.torch.cache")
     if cache is not None:
-        monkeypatch.setattr(cache, "TRAINING_MIN_ROWS", 0)
-        monkeypatch.setattr(cache, "TRAINING_MIN_FLOPS", 0)
+        for gate in ("TRAINING_MIN_ROWS", "TRAINING_MIN_FLOPS"):
+            monkeypatch.setattr(cache, gate, 0)
+            monkeypatch.setattr(cache, f"THREADED_{gate}", 0)

@@ -517,6 +517,33 @@ class TestFusedMLP:
             plain = fused[2](fused[1](fused[0](torch.ones(1, 6))))
             assert relative_error(fused(torch.ones(1, 6)), plain) <= 1e-6
 
+    def test_the_threaded_gate_applies_where_torch_and_fusedae_both_run_threads(self, monkeypatch):
+        """`THREADED_TRAINING_MIN_ROWS` and `..._FLOPS` hold a call that needs gradients to plain
+        PyTorch only while PyTorch and fusedae both run on more than one thread."""
+        fused = FusedMLP.from_sequential(
+            nn.Sequential(nn.Linear(6, 42), nn.ReLU(), nn.Linear(42, 3))
+        )
+        flops_per_row = 2 * (6 * 42 + 42 * 3)
+        monkeypatch.setattr(cache, "THREADED_TRAINING_MIN_ROWS", 12)
+        monkeypatch.setattr(cache, "THREADED_TRAINING_MIN_FLOPS", 20 * flops_per_row)
+        torch_threads, fusedae_threads = torch.get_num_threads(), fusedae.get_num_threads()
+        try:
+            for torch_count, fusedae_count, rows, fused_path in (
+                (2, 2, 11, False),
+                (2, 2, 19, False),
+                (2, 2, 20, True),
+                (1, 2, 11, True),
+                (2, 1, 11, True),
+            ):
+                torch.set_num_threads(torch_count)
+                fusedae.set_num_threads(fusedae_count)
+                out = fused(torch.randn(rows, 6, requires_grad=True))
+                got = "FusedMLPFunction" in type(out.grad_fn).__name__
+                assert got == fused_path, (torch_count, fusedae_count, rows)
+        finally:
+            torch.set_num_threads(torch_threads)
+            fusedae.set_num_threads(fusedae_threads)
+
     def test_a_call_that_runs_plain_pytorch_asks_the_gate_once(self, monkeypatch):
         """A training call below `TRAINING_MIN_ROWS` goes from the gate (`trains_plain`, asked
         before the fused path's other checks) straight to the plain modules (not through

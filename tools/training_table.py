@@ -27,6 +27,13 @@ import fusedae
 from fusedae.torch import accelerate, cache
 
 WARM_UP = 3
+# The training gate's limits (`fusedae.torch.cache`), set to 0 to force the fused path.
+GATES = (
+    "TRAINING_MIN_ROWS",
+    "TRAINING_MIN_FLOPS",
+    "THREADED_TRAINING_MIN_ROWS",
+    "THREADED_TRAINING_MIN_FLOPS",
+)
 # Per model: its input width, its code width and the batch sizes of its table.
 MODELS = {
     "seed": (784, 16, (1, 64, 256, 1024, 4096)),
@@ -62,11 +69,11 @@ def main() -> None:
         raise SystemExit(f"expected class or sequential, got {form!r}")
     torch.set_num_threads(1)
     fusedae.set_num_threads(1)
-    shipped_rows, shipped_flops = cache.TRAINING_MIN_ROWS, cache.TRAINING_MIN_FLOPS
+    shipped = {name: getattr(cache, name) for name in GATES}
 
     def forced(force: bool) -> None:
-        limits = (0, 0) if force else (shipped_rows, shipped_flops)
-        cache.TRAINING_MIN_ROWS, cache.TRAINING_MIN_FLOPS = limits
+        for name in GATES:
+            setattr(cache, name, 0 if force else shipped[name])
 
     plain = autoencoder(width, code, form == "sequential")
     fused, _ = accelerate(copy.deepcopy(plain))

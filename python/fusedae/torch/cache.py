@@ -60,6 +60,20 @@ _UNMEASURED_CPU_GATE = (4096, 20_000_000)
 TRAINING_MIN_ROWS, TRAINING_MIN_FLOPS = _TRAINING_GATES.get(
     _native.cpu_vendor(), _UNMEASURED_CPU_GATE
 )
+# The gate again, where PyTorch and fusedae both run on several threads (the larger of the two
+# applies). After each of its parallel ops, PyTorch's OpenMP threads spin for milliseconds
+# (libgomp's default wait policy), on the cores fusedae's pool needs next: in a training step
+# every kernel call follows a PyTorch op (Adam, the loss), and its pool threads got little of
+# those cores. Measured with both on 2 threads (the Intel Xeon with AMX, 2026-12-05; a step
+# as above, fused against plain, both on 2 threads): seed 0.99x at 256 rows, 0.89x at 1024,
+# 0.98x at 4096 (two runs; 2.8e8 operations a chain), 1.11x at 8192 (5.5e8), 1.05-1.26x at 16384;
+# digits 0.95x at 4096, 0.98x at 8192 (4.5e7), 1.03x at 16384 (9.1e7), 1.26x at 32768. With
+# `OMP_WAIT_POLICY=PASSIVE` the seed's fused step at 4096 rows ran 1.14x faster, plain PyTorch's
+# 1.38x slower. Not measured on other CPUs: they keep their one-thread gate.
+_THREADED_TRAINING_GATES = {"GenuineIntel": (8192, 90_000_000)}
+THREADED_TRAINING_MIN_ROWS, THREADED_TRAINING_MIN_FLOPS = _THREADED_TRAINING_GATES.get(
+    _native.cpu_vendor(), (0, 0)
+)
 # What the per-call path uses from torch, bound once: each `torch.name` lookup costs ~25 ns.
 # `is_dynamo_compiling` is True while TorchDynamo traces (torch.compile, strict torch.export) in
 # one trivial call where `torch.compiler.is_compiling` makes two (torch 2.3+; older ones have
@@ -74,6 +88,7 @@ _is_autocast_enabled = getattr(torch._C, "_is_any_autocast_enabled", torch.is_au
 _tracing_state = torch._C._get_tracing_state
 _functorch_transforms_active = torch._C._are_functorch_transforms_active
 _is_grad_enabled = torch.is_grad_enabled
+_torch_threads = torch.get_num_threads
 _from_numpy = torch.from_numpy
 _Tensor = torch.Tensor
 _STRIDED = torch.strided
@@ -200,9 +215,18 @@ class ChainCache:
 
     def trains_faster_plain(self, x: torch.Tensor) -> bool:
         """Whether a call on ``x`` that needs gradients is below ``TRAINING_MIN_ROWS`` or
-        ``TRAINING_MIN_FLOPS`` (plain PyTorch trains faster there)."""
+        ``TRAINING_MIN_FLOPS``, or, where PyTorch and fusedae both run on several threads,
+        ``THREADED_TRAINING_MIN_ROWS`` or ``THREADED_TRAINING_MIN_FLOPS`` (plain PyTorch trains
+        faster there)."""
         rows = x.numel() // self.in_features
-        return rows < TRAINING_MIN_ROWS or rows * self.flops_per_row < TRAINING_MIN_FLOPS
+        flops = rows * self.flops_per_row
+        if rows < TRAINING_MIN_ROWS or flops < TRAINING_MIN_FLOPS:
+            return True
+        return (
+            (rows < THREADED_TRAINING_MIN_ROWS or flops < THREADED_TRAINING_MIN_FLOPS)
+            and _torch_threads() > 1
+            and _native.get_num_threads() > 1
+        )
 
     def trains_plain(self, x: torch.Tensor) -> bool:
         """Whether ``forward`` would run ``x`` plain for the gate alone: a call that needs
