@@ -11,10 +11,11 @@ import pytest
 import torch
 from torch import nn
 
+import fusedae
 from _seed import AE as SeedAE
 from _tensors import relative_error
 from fusedae._ops import PostOp
-from fusedae.torch import AE, FusedMLP, accelerate
+from fusedae.torch import AE, FusedMLP, accelerate, cache
 from fusedae.torch import custom_ops as ops
 
 BACKENDS = ["eager", "aot_eager", "inductor"]
@@ -110,6 +111,26 @@ def test_no_graph_break_and_the_op_in_the_graph():
         (graph,) = explained.graphs
         called = [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
         assert [target for target in called if "fusedae" in target] == [name, name], called
+
+
+@pytest.mark.parametrize(("torch_threads", "op_wanted"), [(1, True), (2, False)])
+def test_the_threaded_training_gate_leaves_no_graph_break(monkeypatch, torch_threads, op_wanted):
+    """The training gate with several threads (which reads the thread counts) traces without a
+    graph break: below it, PyTorch's layers go into the graph; with PyTorch on one thread it
+    does not apply, and the op does."""
+    monkeypatch.setattr(cache, "THREADED_TRAINING_MIN_ROWS", 10**6)
+    fusedae_threads = fusedae.get_num_threads()
+    torch.set_num_threads(torch_threads)
+    fusedae.set_num_threads(2)
+    try:
+        fused, _ = accelerate(issue_model())
+        explained = torch._dynamo.explain(fused)(torch.randn(5, 20, requires_grad=True))
+    finally:
+        fusedae.set_num_threads(fusedae_threads)
+    assert explained.graph_break_count == 0
+    (graph,) = explained.graphs
+    called = [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
+    assert any("fusedae" in target for target in called) == op_wanted, called
 
 
 def test_sequential_of_sequentials_is_one_op(kernel_calls):

@@ -93,6 +93,17 @@ _from_numpy = torch.from_numpy
 _Tensor = torch.Tensor
 _STRIDED = torch.strided
 
+
+def _threads_contend() -> bool:
+    """Whether PyTorch and fusedae both run on several threads (``THREADED_TRAINING_MIN_ROWS``)."""
+    return _torch_threads() > 1 and _native.get_num_threads() > 1
+
+
+# While torch.compile traces, read once, as a constant of the graph (torch 2.2+): a call of
+# either function there would break the graph. A later change of threads does not retrace.
+if hasattr(torch.compiler, "assume_constant_result"):
+    _threads_contend = torch.compiler.assume_constant_result(_threads_contend)
+
 # Per tensor slot, what was packed: where it lives, the tensor, its version counter and address.
 _PackedTensor = tuple[dict[str, Any], str, torch.Tensor | None, int, int]
 
@@ -223,10 +234,8 @@ class ChainCache:
         if rows < TRAINING_MIN_ROWS or flops < TRAINING_MIN_FLOPS:
             return True
         return (
-            (rows < THREADED_TRAINING_MIN_ROWS or flops < THREADED_TRAINING_MIN_FLOPS)
-            and _torch_threads() > 1
-            and _native.get_num_threads() > 1
-        )
+            rows < THREADED_TRAINING_MIN_ROWS or flops < THREADED_TRAINING_MIN_FLOPS
+        ) and _threads_contend()
 
     def trains_plain(self, x: torch.Tensor) -> bool:
         """Whether ``forward`` would run ``x`` plain for the gate alone: a call that needs
