@@ -344,7 +344,7 @@ class ChainCache:
         """The fused forward of the chain (``set_modules`` found one) on ``x``, or None where only
         plain PyTorch computes what PyTorch would (CUDA, other dtypes, tensor subclasses,
         autocast, ``torch.jit.trace`` tracing, ``torch.func`` transforms, hooks) or runs faster
-        (a call that needs gradients below ``TRAINING_MIN_ROWS`` or ``TRAINING_MIN_FLOPS``).
+        (a call that needs gradients below the training gate: ``trains_faster_plain``).
         While ``torch.compile`` or ``torch.export`` traces, ``traced_forward``. Every check here
         runs on each call, so they are ordered and written for speed."""
         if (
