@@ -526,7 +526,7 @@ class TestFusedMLP:
         flops_per_row = 2 * (6 * 42 + 42 * 3)
         monkeypatch.setattr(cache, "THREADED_TRAINING_MIN_ROWS", 12)
         monkeypatch.setattr(cache, "THREADED_TRAINING_MIN_FLOPS", 20 * flops_per_row)
-        torch_threads, fusedae_threads = torch.get_num_threads(), fusedae.get_num_threads()
+        torch_threads = torch.get_num_threads()  # fusedae's: conftest restores them
         try:
             for torch_count, fusedae_count, rows, fused_path in (
                 (2, 2, 11, False),
@@ -542,7 +542,6 @@ class TestFusedMLP:
                 assert got == fused_path, (torch_count, fusedae_count, rows)
         finally:
             torch.set_num_threads(torch_threads)
-            fusedae.set_num_threads(fusedae_threads)
 
     def test_a_call_that_runs_plain_pytorch_asks_the_gate_once(self, monkeypatch):
         """A training call below `TRAINING_MIN_ROWS` goes from the gate (`trains_plain`, asked

@@ -68,9 +68,9 @@ TRAINING_MIN_ROWS, TRAINING_MIN_FLOPS = _TRAINING_GATES.get(
 # as above, fused against plain, both on 2 threads): seed 0.99x at 256 rows, 0.79-0.97x at 1024,
 # 0.85-0.86x at 2048, 0.84-1.21x at 4096 (median 0.99x over 14 runs; 2.8e8 operations a chain),
 # 1.11-1.34x at 8192 (5.5e8), 1.05-1.26x at 16384; digits 0.95x at 4096, 0.98x at 8192 (4.5e7),
-# 1.01-1.03x at 16384 (9.1e7), 1.26x at 32768. With
-# `OMP_WAIT_POLICY=PASSIVE` the seed's fused step at 4096 rows ran 1.14x faster, plain PyTorch's
-# 1.38x slower. Not measured on other CPUs: they keep their one-thread gate.
+# 1.01-1.03x at 16384 (9.1e7), 1.26x at 32768. With `OMP_WAIT_POLICY=PASSIVE` the seed's fused
+# step at 4096 rows ran 1.14x faster, plain PyTorch's 1.38x slower. Not measured on other CPUs:
+# they keep their one-thread gate.
 _THREADED_TRAINING_GATES = {"GenuineIntel": (8192, 90_000_000)}
 THREADED_TRAINING_MIN_ROWS, THREADED_TRAINING_MIN_FLOPS = _THREADED_TRAINING_GATES.get(
     _native.cpu_vendor(), (0, 0)
