@@ -11,6 +11,7 @@ the training path. ``report.py`` renders these groups in a section of their own.
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -51,11 +52,22 @@ BATCHES = (1, 64, 256, 4096)
 THREADS = (1, 2)
 PEERS = ("fusedae-eager", "fusedae-compile", "torch-eager", "torch-compile")
 MODEL_BY_KEY = {model.key: model for model in MODELS}
+# Passes over every group, minutes apart, as in bench_models.py (`make bench` asks for 4): the
+# peers of a group run one after another, so a neighbour on the host that slows one of them
+# for a while would tilt a single pass; the report keeps each peer's fastest pass.
+PASSES = int(os.environ.get("FUSEDAE_BENCH_PASSES", "1"))
 
 CASES = [
     pytest.param(
-        model.key, batch, threads, peer, id=f"train-{model.key}-b{batch}-t{threads}-{peer}"
+        pass_index,
+        model.key,
+        batch,
+        threads,
+        peer,
+        id=f"train-{model.key}-b{batch}-t{threads}-{peer}"
+        + (f"-pass{pass_index}" if PASSES > 1 else ""),
     )
+    for pass_index in range(PASSES)
     for model in MODELS
     for batch in BATCHES
     for threads in THREADS
@@ -104,12 +116,13 @@ def _loss_and_gradients(module: nn.Module, x: torch.Tensor) -> tuple[float, list
     return float(loss), [p.grad.clone() for p in module.parameters() if p.grad is not None]
 
 
-@pytest.mark.parametrize(("model_key", "batch", "threads", "peer"), CASES)
+@pytest.mark.parametrize(("pass_index", "model_key", "batch", "threads", "peer"), CASES)
 def test_training_step(
     benchmark: Any,
     measure: Callable[[Callable[[], Any]], None],
     pin_threads: Any,
     seed_ae: type[nn.Module],
+    pass_index: int,
     model_key: str,
     batch: int,
     threads: int,
@@ -120,6 +133,7 @@ def test_training_step(
     benchmark.group = group_name(model, batch, threads)
     benchmark.extra_info.update(
         kind="training",
+        pass_index=pass_index,
         model=model.label,
         model_key=model.key,
         batch=batch,
