@@ -245,14 +245,16 @@ class ChainCache:
         so that a training step below the gate pays for little more than plain PyTorch does:
         after an optimizer step these checks run from cold caches, where each one costs several
         times what it does in a loop (the whole fused path's checks took ~10 us a chain, 3% of
-        a batch-1 step of the seed AE). The cheapest checks that can say no come first. Plain
-        is right whatever the other checks would say."""
+        a batch-1 step of the seed AE). The cheapest checks that can say no come first, but
+        TorchDynamo's before the gate: traced, the gate's comparisons on the batch size would
+        become guards, which a strict ``torch.export`` with a dynamic batch refuses. Plain is
+        right whatever the other checks would say."""
         return (
             self.may_train_plain
             and type(x) is _Tensor
+            and not _is_dynamo_compiling()
             and self.trains_faster_plain(x)
             and _is_grad_enabled()
-            and not _is_dynamo_compiling()
             and self.needs_gradients(x)
         )
 
