@@ -42,11 +42,14 @@ def _restore_threads():
 
 
 @pytest.fixture(autouse=True)
-def _fused_training_at_every_size(monkeypatch: pytest.MonkeyPatch) -> None:
+def _fused_at_every_size(monkeypatch: pytest.MonkeyPatch) -> None:
     """The tests of the fused training path use small batches: every call that needs gradients
-    takes it (where torch is in use; the size threshold has tests of its own)."""
+    takes it, and every call traced by torch.compile takes the custom op (where torch is in
+    use; the size thresholds have tests of their own)."""
     cache = sys.modules.get("fusedae.torch.cache")
     if cache is not None:
         for gate in ("TRAINING_MIN_ROWS", "TRAINING_MIN_FLOPS"):
             monkeypatch.setattr(cache, gate, 0)
             monkeypatch.setattr(cache, f"THREADED_{gate}", 0)
+        for gate in ("COMPILED_INFERENCE_MIN_FLOPS", "COMPILED_TRAINING_MIN_FLOPS"):
+            monkeypatch.setattr(cache, gate, 0)

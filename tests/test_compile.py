@@ -227,6 +227,37 @@ def test_what_eager_runs_as_plain_pytorch_stays_plain_when_compiled(kernel_calls
     assert kernel_calls == []
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_the_compiled_gates_trace_plain_pytorch_below_them(monkeypatch, grad, kernel_calls):
+    """Below ``COMPILED_INFERENCE_MIN_FLOPS`` (``COMPILED_TRAINING_MIN_FLOPS`` where gradients
+    are needed) operations a chain, a compiled call traces the chain's layers as plain PyTorch
+    (no graph break, no op); from it on, the op. With dynamic shapes the gate is a guard: the
+    same compiled model takes the op for a large batch and plain PyTorch for a small one."""
+    gate = "COMPILED_TRAINING_MIN_FLOPS" if grad else "COMPILED_INFERENCE_MIN_FLOPS"
+    plain = issue_model()
+    fused, _ = accelerate(copy.deepcopy(plain))
+    per_row = fused.encoder._fused.flops_per_row
+    monkeypatch.setattr(cache, gate, 6 * per_row)  # the encoder's and the decoder's alike
+    name = "fusedae.chain_saving.default" if grad else "fusedae.chain.default"
+    for rows, wanted in ((5, []), (6, [name, name])):
+        with torch.set_grad_enabled(grad):
+            explained = torch._dynamo.explain(fused)(torch.randn(rows, 20, requires_grad=grad))
+        assert explained.graph_break_count == 0
+        (graph,) = explained.graphs
+        called = [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
+        assert [target for target in called if "fusedae" in target] == wanted, called
+
+    compiled = torch.compile(fused, dynamic=True, fullgraph=True)
+    kind = "chain_saving" if grad else "chain"
+    for rows, calls in ((40, [kind, kind]), (3, [])):
+        x = torch.randn(rows, 20, requires_grad=grad)
+        kernel_calls.clear()
+        with torch.set_grad_enabled(grad):
+            got, want = compiled(x), plain(x)
+        assert relative_error(got, want) <= TOLERANCE[torch.float32]
+        assert kernel_calls == calls, rows
+
+
 @pytest.mark.parametrize("strict", [True, False])
 def test_export_holds_the_op(strict, kernel_calls, monkeypatch):
     seed = nn.Sequential(
@@ -234,7 +265,12 @@ def test_export_holds_the_op(strict, kernel_calls, monkeypatch):
         nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 10)),
     )
     # An exported program runs the op at every size: no gate applies.
-    monkeypatch.setattr(cache, "TRAINING_MIN_ROWS", 10**12)
+    for gate in (
+        "TRAINING_MIN_ROWS",
+        "COMPILED_INFERENCE_MIN_FLOPS",
+        "COMPILED_TRAINING_MIN_FLOPS",
+    ):
+        monkeypatch.setattr(cache, gate, 10**12)
     ae = AE(10, 3, 5)
     plain_ae = nn.Sequential(*ae.encoder, *ae.decoder)  # the same modules, run one by one
     x, other = torch.randn(4, 10), torch.randn(6, 10)

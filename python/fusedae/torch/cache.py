@@ -75,6 +75,24 @@ _THREADED_TRAINING_GATES = {"GenuineIntel": (8192, 90_000_000)}
 THREADED_TRAINING_MIN_ROWS, THREADED_TRAINING_MIN_FLOPS = _THREADED_TRAINING_GATES.get(
     _native.cpu_vendor(), (0, 0)
 )
+# Fewest operations a chain (rows x `flops_per_row`) for which a call traced by torch.compile
+# runs the custom op, for inference and for training (where the training gates above apply
+# too); below, the chain's layers go into the graph as plain PyTorch. Compiled, each custom op
+# call costs 150-250 us more than its kernel called eagerly (torch's custom-op dispatch and
+# wrappers, the graph's guards, from caches the last kernel flushed), which the compiled plain
+# layers do not pay. Measured on the Intel Xeon with AMX (2026-12-05, 1 thread; the model
+# compiled, the gates off, against the plain model compiled; the training step's MSE and Adam
+# eager): inference: the seed AE as one chain 0.96x at 256 rows (3.4e7 operations), 1.08x at
+# 512 (6.9e7); the seed's class (two chains) 0.89x at 512 (3.4e7 a chain), 1.09x at 1024
+# (6.9e7), 1.28x at 2048; digits 0.89x at 1024 (5.7e6), 1.03x at 2048 (1.1e7), 1.21x at 4096.
+# Training step: the AE 0.92x at 512 rows (6.9e7), 1.02x at 1024 (1.4e8), 1.05-1.10x at 2048
+# (2.8e8); the class 0.96x at 1024 (6.9e7), 0.93-1.04x at 2048 (1.4e8, two runs), 1.20x at
+# 4096 (2.8e8); digits 0.93x at 4096 (2.3e7), 1.12x at 8192 (4.5e7). One gate for all CPUs
+# (the cost is torch's Python), set where no run of the seed's forms measured the op slower;
+# the digits AE, whose plain layers are slower for their operations, turns earlier and keeps
+# plain PyTorch a while longer. An exported program runs the op at every size.
+COMPILED_INFERENCE_MIN_FLOPS = 50_000_000
+COMPILED_TRAINING_MIN_FLOPS = 200_000_000
 # What the per-call path uses from torch, bound once: each `torch.name` lookup costs ~25 ns.
 # `is_dynamo_compiling` is True while TorchDynamo traces (torch.compile, strict torch.export) in
 # one trivial call where `torch.compiler.is_compiling` makes two (torch 2.3+; older ones have
@@ -430,7 +448,8 @@ class ChainCache:
         """``forward`` while ``torch.compile`` or ``torch.export`` traces: a call of the custom
         op (``fusedae::chain``, or ``fusedae::chain_saving`` where gradients are needed) on the
         Linear layers' tensors, which the graph keeps; None (plain PyTorch, traced as such)
-        where ``forward`` would run it, and for chains with BatchNorm."""
+        where ``forward`` would run it, for chains with BatchNorm, and, under torch.compile,
+        below the compiled gates (``compiles_faster_plain``)."""
         lowered = self.lowered
         assert lowered is not None  # `set_modules` found a chain
         if (
@@ -461,16 +480,29 @@ class ChainCache:
         in_features = self.in_features
         if not x.shape or x.shape[-1] != in_features:
             raise shape_error(in_features, x.shape)
+        compiling = not _is_exporting()  # an exported program runs the op at every size
         if _is_grad_enabled() and (
             x.requires_grad or any(t.requires_grad for t in (*weights, *biases))
         ):
-            if not _is_exporting() and self.trains_faster_plain(x):
-                return None  # an exported program runs the op at every size
+            if compiling and (
+                self.trains_faster_plain(x)
+                or self.compiles_faster_plain(x, COMPILED_TRAINING_MIN_FLOPS)
+            ):
+                return None
             y, _ = _custom_ops.chain_saving(
                 x, weights, biases, self.has_bias, self.encoded_post_ops
             )
             return y
+        if compiling and self.compiles_faster_plain(x, COMPILED_INFERENCE_MIN_FLOPS):
+            return None
         return _custom_ops.chain(x, weights, biases, self.has_bias, self.encoded_post_ops)
+
+    def compiles_faster_plain(self, x: torch.Tensor, min_flops: int) -> bool:
+        """Whether a call on ``x`` traced by torch.compile is below ``min_flops`` operations
+        (``COMPILED_INFERENCE_MIN_FLOPS`` or ``COMPILED_TRAINING_MIN_FLOPS``): the compiled
+        plain layers run faster there than the custom op. With dynamic shapes the comparison
+        becomes a guard of the graph: a call on the other side of it compiles again."""
+        return x.numel() // self.in_features * self.flops_per_row < min_flops
 
     def training_differs(self) -> bool:
         """Whether a module of the chain is in training mode where that computes something else
