@@ -1,14 +1,16 @@
 """Speed of the fused custom op under ``torch.compile`` against ``torch.compile`` of the plain
 model, and of batch-1 eager inference (issue 14, point 3). One thread (torch's and fusedae's).
 
-    python tools/compile_speed.py compiled [--rows 4096] [--reps 40]
+    python tools/compile_speed.py compiled [--rows 4096 ...] [--reps 40] [--gates-off]
     python tools/compile_speed.py eager    # batch-1 eager inference, median ns per call
 
 ``compiled``: the seed AE 784-42-16-42-784 as ``fusedae.torch.AE`` against the seed's class, and
 as ``accelerate()`` of nested ``nn.Sequential`` against the same Sequential unaccelerated; each
 compiled with the default (inductor) backend; inference under ``no_grad``, and the training
 step (forward, MSE, backward, Adam), the MSE loss run eagerly after the compiled model or
-compiled with it. Plain and fused calls are interleaved, medians reported.
+compiled with it. Plain and fused calls are interleaved, medians reported. The gates of
+``fusedae.torch.cache`` apply as shipped (below them the accelerated model traces plain
+PyTorch), or with ``--gates-off`` not at all: the op at every size, as the gates were chosen.
 Before/after comparisons of ``eager``: run it with each tree first on ``PYTHONPATH``, alternating.
 """
 
@@ -26,7 +28,7 @@ import torch
 from torch import nn
 
 import fusedae
-from fusedae.torch import AE, accelerate
+from fusedae.torch import AE, accelerate, cache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from _seed import AE as SeedAE
@@ -105,11 +107,15 @@ def compiled(rows: int, reps: int, rounds: int) -> None:
             with torch.no_grad():
                 calls = {key: (lambda f=f: f(x)) for key, f in forwards.items()}
                 print(
-                    f"{name} round {round_} inference:          {summary(interleaved(calls, reps))}"
+                    f"{name} {rows} rows round {round_} inference:          "
+                    f"{summary(interleaved(calls, reps))}"
                 )
             for compiled_loss, functions in steps.items():
                 kind = "train, loss compiled" if compiled_loss else "train, loss eager:  "
-                print(f"{name} round {round_} {kind}: {summary(interleaved(functions, reps))}")
+                print(
+                    f"{name} {rows} rows round {round_} {kind}: "
+                    f"{summary(interleaved(functions, reps))}"
+                )
         torch._dynamo.reset()
 
 
@@ -131,7 +137,10 @@ def eager(reps: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("what", choices=("compiled", "eager"))
-    parser.add_argument("--rows", type=int, default=4096)
+    parser.add_argument("--rows", type=int, nargs="+", default=[4096])
+    parser.add_argument(
+        "--gates-off", action="store_true", help="the op at every size (the gates set to 0)"
+    )
     parser.add_argument("--reps", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
@@ -139,8 +148,19 @@ def main() -> None:
     fusedae.set_num_threads(1)
     torch.manual_seed(0)
     print(f"fusedae from {fusedae.__file__}, torch {torch.__version__}")
+    if args.gates_off:
+        for gate in (
+            "TRAINING_MIN_ROWS",
+            "TRAINING_MIN_FLOPS",
+            "THREADED_TRAINING_MIN_ROWS",
+            "THREADED_TRAINING_MIN_FLOPS",
+            "COMPILED_INFERENCE_MIN_FLOPS",
+            "COMPILED_TRAINING_MIN_FLOPS",
+        ):
+            setattr(cache, gate, 0)
     if args.what == "compiled":
-        compiled(args.rows, args.reps, args.rounds)
+        for rows in args.rows:
+            compiled(rows, args.reps, args.rounds)
     else:
         eager(args.reps)
 
