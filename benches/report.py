@@ -167,8 +167,8 @@ def render_training(groups: list[TrainingGroup]) -> list[str]:
     passes = max(g.passes for g in groups)
     if passes > 1:
         out[-1] += (
-            f" Each peer's fastest of {passes} passes over every group, minutes apart (the "
-            "peers of a group run one after another)."
+            f" Each peer's fastest of {passes} passes, each over every group in turn (within a "
+            "pass the peers of a group run one after another)."
         )
     out.append("")
     header = ["model", "batch", "threads"] + [TRAINING_LABELS[p] for p in TRAINING_PEERS]
