@@ -69,11 +69,11 @@ def main() -> None:
         raise SystemExit(f"expected class or sequential, got {form!r}")
     torch.set_num_threads(1)
     fusedae.set_num_threads(1)
-    shipped = {name: getattr(cache, name) for name in GATES}
+    shipped_gates = {name: getattr(cache, name) for name in GATES}
 
     def forced(force: bool) -> None:
         for name in GATES:
-            setattr(cache, name, 0 if force else shipped[name])
+            setattr(cache, name, 0 if force else shipped_gates[name])
 
     plain = autoencoder(width, code, form == "sequential")
     fused, _ = accelerate(copy.deepcopy(plain))
