@@ -52,8 +52,8 @@ BATCHES = (1, 64, 256, 4096)
 THREADS = (1, 2)
 PEERS = ("fusedae-eager", "fusedae-compile", "torch-eager", "torch-compile")
 MODEL_BY_KEY = {model.key: model for model in MODELS}
-# Passes over every group, minutes apart, as in bench_models.py (`make bench` asks for 4): the
-# peers of a group run one after another, so a neighbour on the host that slows one of them
+# Passes over every group, one after another, as in bench_models.py (`make bench` asks for 4):
+# the peers of a group run one after another, so a neighbour on the host that slows one of them
 # for a while would tilt a single pass; the report keeps each peer's fastest pass.
 PASSES = int(os.environ.get("FUSEDAE_BENCH_PASSES", "1"))
 
