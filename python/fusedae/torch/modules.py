@@ -62,6 +62,8 @@ class _FusedCall(nn.Module):
             and attributes.get("_compiled_call_impl") is None  # set by `.compile()`, torch 2.2+
         ):
             x = args[0]
+            if _is_dynamo_compiling() and attributes["_fused"].compiles_plain(x):
+                return self._plain_forward(x)
             # An inference call pays one C call here, not the method's.
             trains_plain = _is_grad_enabled() and attributes["_fused"].trains_plain(x)
             result = None if trains_plain else self._fused_forward(x)
