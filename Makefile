@@ -115,8 +115,11 @@ $(VENV)/.fuzz-deps: pyproject.toml | $(PY)
 fuzz-python: build $(VENV)/.fuzz-deps
 	PY=$(PY) tools/fuzz_python.sh $(FUZZ_SECONDS)
 
+# SANITIZERS=asan or tsan runs one of them (CI runs each in its own pipeline); empty, both.
+SANITIZERS ?=
+
 sanitize:
-	tools/sanitize.sh
+	tools/sanitize.sh $(SANITIZERS)
 
 # Not in CI (the suite runs several times slower under ASan): the Python tests against an ASan
 # build of the extension.
