@@ -48,8 +48,5 @@ def _fused_at_every_size(monkeypatch: pytest.MonkeyPatch) -> None:
     use; the size thresholds have tests of their own)."""
     cache = sys.modules.get("fusedae.torch.cache")
     if cache is not None:
-        for gate in ("TRAINING_MIN_ROWS", "TRAINING_MIN_FLOPS"):
-            monkeypatch.setattr(cache, gate, 0)
-            monkeypatch.setattr(cache, f"THREADED_{gate}", 0)
-        for gate in ("COMPILED_INFERENCE_MIN_FLOPS", "COMPILED_TRAINING_MIN_FLOPS"):
+        for gate in (*cache.TRAINING_GATES, *cache.COMPILED_GATES):
             monkeypatch.setattr(cache, gate, 0)

@@ -264,7 +264,7 @@ def test_below_the_compiled_gates_a_trace_reads_little_of_the_modules(monkeypatc
     """Below the compiled gates a traced call goes to the plain layers before the fused path's
     checks: TorchDynamo guards every value a trace reads and checks them all on each call, and
     the whole path read 2.6-3.9x the plain model's guards (1.4-1.6x with the early exit)."""
-    for gate in ("COMPILED_INFERENCE_MIN_FLOPS", "COMPILED_TRAINING_MIN_FLOPS"):
+    for gate in cache.COMPILED_GATES:
         monkeypatch.setattr(cache, gate, 10**12)
     plain: nn.Module = SeedAE(20, 3, 9)
     if form == "FusedMLP":
@@ -289,11 +289,7 @@ def test_export_holds_the_op(strict, kernel_calls, monkeypatch):
         nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 10)),
     )
     # An exported program runs the op at every size: no gate applies.
-    for gate in (
-        "TRAINING_MIN_ROWS",
-        "COMPILED_INFERENCE_MIN_FLOPS",
-        "COMPILED_TRAINING_MIN_FLOPS",
-    ):
+    for gate in (*cache.TRAINING_GATES, *cache.COMPILED_GATES):
         monkeypatch.setattr(cache, gate, 10**12)
     ae = AE(10, 3, 5)
     plain_ae = nn.Sequential(*ae.encoder, *ae.decoder)  # the same modules, run one by one

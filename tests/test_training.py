@@ -55,8 +55,8 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     from fusedae.torch import cache
 
     # Every call trains fused, whatever its size (as the tests' conftest sets it).
-    cache.TRAINING_MIN_ROWS = cache.THREADED_TRAINING_MIN_ROWS = 0
-    cache.TRAINING_MIN_FLOPS = cache.THREADED_TRAINING_MIN_FLOPS = 0
+    for gate in cache.TRAINING_GATES:
+        setattr(cache, gate, 0)
     torch.set_num_threads(1)
     fusedae.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)

@@ -31,7 +31,6 @@ import fusedae
 from fusedae.torch import AE, accelerate, cache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from training_table import GATES
 
 from _seed import AE as SeedAE
 
@@ -151,7 +150,7 @@ def main() -> None:
     torch.manual_seed(0)
     print(f"fusedae from {fusedae.__file__}, torch {torch.__version__}")
     if args.gates_off:
-        for gate in (*GATES, "COMPILED_INFERENCE_MIN_FLOPS", "COMPILED_TRAINING_MIN_FLOPS"):
+        for gate in (*cache.TRAINING_GATES, *cache.COMPILED_GATES):
             setattr(cache, gate, 0)
     if args.what == "compiled":
         for rows in args.rows:

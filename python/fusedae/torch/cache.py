@@ -93,6 +93,15 @@ THREADED_TRAINING_MIN_ROWS, THREADED_TRAINING_MIN_FLOPS = _THREADED_TRAINING_GAT
 # plain PyTorch a while longer. An exported program runs the op at every size.
 COMPILED_INFERENCE_MIN_FLOPS = 50_000_000
 COMPILED_TRAINING_MIN_FLOPS = 200_000_000
+# The names of the size gates above, for the tests and tools that set them (0: the fused path,
+# or the custom op, at every size).
+TRAINING_GATES = (
+    "TRAINING_MIN_ROWS",
+    "TRAINING_MIN_FLOPS",
+    "THREADED_TRAINING_MIN_ROWS",
+    "THREADED_TRAINING_MIN_FLOPS",
+)
+COMPILED_GATES = ("COMPILED_INFERENCE_MIN_FLOPS", "COMPILED_TRAINING_MIN_FLOPS")
 # What the per-call path uses from torch, bound once: each `torch.name` lookup costs ~25 ns.
 # `is_dynamo_compiling` is True while TorchDynamo traces (torch.compile, strict torch.export) in
 # one trivial call where `torch.compiler.is_compiling` makes two (torch 2.3+; older ones have
