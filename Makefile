@@ -115,11 +115,8 @@ $(VENV)/.fuzz-deps: pyproject.toml | $(PY)
 fuzz-python: build $(VENV)/.fuzz-deps
 	PY=$(PY) tools/fuzz_python.sh $(FUZZ_SECONDS)
 
-# SANITIZERS=asan or tsan runs one of them (CI runs each in its own pipeline); empty, both.
-SANITIZERS ?=
-
 sanitize:
-	tools/sanitize.sh $(SANITIZERS)
+	tools/sanitize.sh
 
 # Not in CI (the suite runs several times slower under ASan): the Python tests against an ASan
 # build of the extension.
