@@ -30,8 +30,6 @@ import fusedae
 from fusedae.torch import accelerate, cache
 
 WARM_UP = 3
-# The training gate's limits, set to 0 to force the fused path.
-GATES = cache.TRAINING_GATES
 # Per model: its input width, its code width and the batch sizes of its table.
 MODELS = {
     "seed": (784, 16, (1, 64, 256, 1024, 4096)),
@@ -125,10 +123,11 @@ def main() -> None:
         raise SystemExit(f"expected class or sequential, got {form!r}")
     torch.set_num_threads(1)
     fusedae.set_num_threads(1)
-    shipped_gates = {name: getattr(cache, name) for name in GATES}
+    # The training gate's limits, set to 0 to force the fused path.
+    shipped_gates = {name: getattr(cache, name) for name in cache.TRAINING_GATES}
 
     def forced(force: bool) -> None:
-        for name in GATES:
+        for name in cache.TRAINING_GATES:
             setattr(cache, name, 0 if force else shipped_gates[name])
 
     plain = autoencoder(width, code, form == "sequential")

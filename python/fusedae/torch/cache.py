@@ -518,9 +518,10 @@ class ChainCache:
         op at every size."""
         if self.lowered is None or not isinstance(x, _Tensor) or _is_exporting():
             return False
-        flops = x.numel() // self.in_features * self.flops_per_row
-        return flops < COMPILED_INFERENCE_MIN_FLOPS or (
-            flops < COMPILED_TRAINING_MIN_FLOPS and _is_grad_enabled() and self.needs_gradients(x)
+        return self.compiles_faster_plain(x, COMPILED_INFERENCE_MIN_FLOPS) or (
+            _is_grad_enabled()
+            and self.compiles_faster_plain(x, COMPILED_TRAINING_MIN_FLOPS)
+            and self.needs_gradients(x)
         )
 
     def compiles_faster_plain(self, x: torch.Tensor, min_flops: int) -> bool:
