@@ -55,7 +55,12 @@ _FUSED_DTYPES = (torch.float32, torch.float64)
 #   the seed's class after `repack` (538eb29): 0.98x at 256 rows, 1.02-1.06x at 512 (three runs;
 #   3.4e7), 1.09-1.14x at 1024; digits 1.01x at 256, 1.03-1.06x at 512 (two runs; 2.8e6),
 #   1.06-1.09x at 1024 (three), 1.13x at 2048.
-_TRAINING_GATES = {"AuthenticAMD": (128, 5_000_000), "GenuineIntel": (512, 2_500_000)}
+# - Zen 4 again (2026-12-05, the code of 7478798; two runs of 300 rounds each), the operations a
+#   chain: digits, its class 0.99-1.00x at 192 rows (1.1e6), 1.00-1.04x at 256 (1.4e6, four
+#   runs), 1.06x at 384 (2.1e6); as one Sequential (1.1e4 a row) 1.04-1.06x at 128 rows (1.4e6);
+#   128-42-4 | 4-42-128 0.98-1.00x at 128 rows (1.4e6), 1.05x at 256 (2.8e6); 256-42-8 | 8-42-256
+#   1.02-1.03x at 128 rows (2.8e6). The flops gate went from 5e6 to 2e6.
+_TRAINING_GATES = {"AuthenticAMD": (128, 2_000_000), "GenuineIntel": (512, 2_500_000)}
 _UNMEASURED_CPU_GATE = (4096, 20_000_000)
 TRAINING_MIN_ROWS, TRAINING_MIN_FLOPS = _TRAINING_GATES.get(
     _native.cpu_vendor(), _UNMEASURED_CPU_GATE
@@ -69,9 +74,11 @@ TRAINING_MIN_ROWS, TRAINING_MIN_FLOPS = _TRAINING_GATES.get(
 # 0.85-0.86x at 2048, 0.84-1.21x at 4096 (median 0.99x over 14 runs; 2.8e8 operations a chain),
 # 1.11-1.34x at 8192 (5.5e8), 1.05-1.26x at 16384; digits 0.95x at 4096, 0.98x at 8192 (4.5e7),
 # 1.01-1.03x at 16384 (9.1e7), 1.26x at 32768. With `OMP_WAIT_POLICY=PASSIVE` the seed's fused
-# step at 4096 rows ran 1.14x faster, plain PyTorch's 1.38x slower. Not measured on other CPUs:
-# they keep their one-thread gate.
-_THREADED_TRAINING_GATES = {"GenuineIntel": (8192, 90_000_000)}
+# step at 4096 rows ran 1.14x faster, plain PyTorch's 1.38x slower. On Zen 4 (2026-12-05, both on
+# 2 threads) the digits AE read 0.95-0.96x at 256-512 rows in one run and 1.10-1.15x in the next,
+# 1.09-1.16x at 1024 (5.7e6): there the flops gate stays where the one-thread gate was before
+# 2026-12-05. Not measured on other CPUs: they keep their one-thread gate.
+_THREADED_TRAINING_GATES = {"GenuineIntel": (8192, 90_000_000), "AuthenticAMD": (128, 5_000_000)}
 THREADED_TRAINING_MIN_ROWS, THREADED_TRAINING_MIN_FLOPS = _THREADED_TRAINING_GATES.get(
     _native.cpu_vendor(), (0, 0)
 )
