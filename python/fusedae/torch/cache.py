@@ -59,8 +59,10 @@ _FUSED_DTYPES = (torch.float32, torch.float64)
 #   chain: digits, its class 0.99-1.00x at 192 rows (1.1e6), 1.00-1.04x at 256 (1.4e6, four
 #   runs), 1.06x at 384 (2.1e6); as one Sequential (1.1e4 a row) 1.04-1.06x at 128 rows (1.4e6);
 #   128-42-4 | 4-42-128 0.98-1.00x at 128 rows (1.4e6), 1.05x at 256 (2.8e6); 256-42-8 | 8-42-256
-#   1.02-1.03x at 128 rows (2.8e6). The flops gate went from 5e6 to 2e6.
-_TRAINING_GATES = {"AuthenticAMD": (128, 2_000_000), "GenuineIntel": (512, 2_500_000)}
+#   1.02-1.03x at 128 rows (2.8e6); the seed's class 0.97-0.99x at 32 rows, 1.00x at 48, 1.01-1.04x
+#   at 64 (five runs), 1.03-1.06x at 96; as one Sequential 1.02-1.03x at 32, 1.06-1.07x at 64.
+#   The gate went from 128 rows and 5e6 operations to 64 and 2e6.
+_TRAINING_GATES = {"AuthenticAMD": (64, 2_000_000), "GenuineIntel": (512, 2_500_000)}
 _UNMEASURED_CPU_GATE = (4096, 20_000_000)
 TRAINING_MIN_ROWS, TRAINING_MIN_FLOPS = _TRAINING_GATES.get(
     _native.cpu_vendor(), _UNMEASURED_CPU_GATE
@@ -76,7 +78,7 @@ TRAINING_MIN_ROWS, TRAINING_MIN_FLOPS = _TRAINING_GATES.get(
 # 1.01-1.03x at 16384 (9.1e7), 1.26x at 32768. With `OMP_WAIT_POLICY=PASSIVE` the seed's fused
 # step at 4096 rows ran 1.14x faster, plain PyTorch's 1.38x slower. On Zen 4 (2026-12-05, both on
 # 2 threads) the digits AE read 0.95-0.96x at 256-512 rows in one run and 1.10-1.15x in the next,
-# 1.09-1.16x at 1024 (5.7e6): there the flops gate stays where the one-thread gate was before
+# 1.09-1.16x at 1024 (5.7e6): there the gate stays where the one-thread gate was before
 # 2026-12-05. Not measured on other CPUs: they keep their one-thread gate.
 _THREADED_TRAINING_GATES = {"GenuineIntel": (8192, 90_000_000), "AuthenticAMD": (128, 5_000_000)}
 THREADED_TRAINING_MIN_ROWS, THREADED_TRAINING_MIN_FLOPS = _THREADED_TRAINING_GATES.get(
