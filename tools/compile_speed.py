@@ -1,10 +1,11 @@
 """Speed of the fused custom op under ``torch.compile`` against ``torch.compile`` of the plain
 model, and of batch-1 eager inference (issue 14, point 3). One thread (torch's and fusedae's).
 
-    python tools/compile_speed.py compiled [--rows 4096 ...] [--reps 40] [--gates-off]
+    python tools/compile_speed.py compiled [--rows 4096 ...] [--reps 40] [--gates-off] [--digits]
     python tools/compile_speed.py eager    # batch-1 eager inference, median ns per call
 
-``compiled``: the seed AE 784-42-16-42-784 as ``fusedae.torch.AE`` against the seed's class, and
+``compiled``: the seed AE 784-42-16-42-784 (with ``--digits``, the digits AE 64-42-2-42-64) as
+``fusedae.torch.AE`` against the seed's class, and
 as ``accelerate()`` of nested ``nn.Sequential`` against the same Sequential unaccelerated; each
 compiled with the default (inductor) backend; inference under ``no_grad``, and the training
 step (forward, MSE, backward, Adam), the MSE loss run eagerly after the compiled model or
@@ -35,19 +36,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from _seed import AE as SeedAE
 
 
-def nested() -> nn.Sequential:
+def nested(width: int, code: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.Sequential(nn.Linear(784, 42), nn.ReLU(), nn.Linear(42, 16)),
-        nn.Sequential(nn.Linear(16, 42), nn.ReLU(), nn.Linear(42, 784)),
+        nn.Sequential(nn.Linear(width, 42), nn.ReLU(), nn.Linear(42, code)),
+        nn.Sequential(nn.Linear(code, 42), nn.ReLU(), nn.Linear(42, width)),
     )
 
 
-def pairs() -> dict[str, tuple[nn.Module, nn.Module]]:
-    """name -> (plain, fused) with the same weights."""
-    seed = SeedAE(784, 16, 42)
-    ae = AE(784, 16, 42)
+def pairs(width: int = 784, code: int = 16) -> dict[str, tuple[nn.Module, nn.Module]]:
+    """name -> (plain, fused) with the same weights, for inputs of ``width`` values."""
+    seed = SeedAE(width, code, 42)
+    ae = AE(width, code, 42)
     ae.load_state_dict(seed.state_dict())
-    plain = nested()
+    plain = nested(width, code)
     fused, _ = accelerate(copy.deepcopy(plain))
     return {"AE": (seed, ae), "accelerate(Sequential)": (plain, fused)}
 
@@ -91,9 +92,9 @@ def step_function(model: nn.Module, x: torch.Tensor, compiled_loss: bool) -> Cal
     return step
 
 
-def compiled(rows: int, reps: int, rounds: int) -> None:
-    x = torch.randn(rows, 784)
-    for name, (plain, fused) in pairs().items():
+def compiled(rows: int, reps: int, rounds: int, width: int, code: int) -> None:
+    x = torch.randn(rows, width)
+    for name, (plain, fused) in pairs(width, code).items():
         models = {"plain": copy.deepcopy(plain), "fused": copy.deepcopy(fused)}
         forwards = {key: torch.compile(model) for key, model in models.items()}
         with torch.no_grad():
@@ -142,6 +143,7 @@ def main() -> None:
     parser.add_argument(
         "--gates-off", action="store_true", help="the op at every size (the gates set to 0)"
     )
+    parser.add_argument("--digits", action="store_true", help="the digits AE 64-42-2-42-64")
     parser.add_argument("--reps", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
@@ -154,7 +156,7 @@ def main() -> None:
             setattr(cache, gate, 0)
     if args.what == "compiled":
         for rows in args.rows:
-            compiled(rows, args.reps, args.rounds)
+            compiled(rows, args.reps, args.rounds, *((64, 2) if args.digits else (784, 16)))
     else:
         eager(args.reps)
 
