@@ -96,11 +96,20 @@ THREADED_TRAINING_MIN_ROWS, THREADED_TRAINING_MIN_FLOPS = _THREADED_TRAINING_GAT
 # (6.9e7), 1.28x at 2048; digits 0.89x at 1024 (5.7e6), 1.03x at 2048 (1.1e7), 1.21x at 4096.
 # Training step: the AE 0.92x at 512 rows (6.9e7), 1.02x at 1024 (1.4e8), 1.05-1.10x at 2048
 # (2.8e8); the class 0.96x at 1024 (6.9e7), 0.93-1.04x at 2048 (1.4e8, two runs), 1.20x at
-# 4096 (2.8e8); digits 0.93x at 4096 (2.3e7), 1.12x at 8192 (4.5e7). One gate for all CPUs
-# (the cost is torch's Python), set where no run of the seed's forms measured the op slower;
-# the digits AE, whose plain layers are slower for their operations, turns earlier and keeps
-# plain PyTorch a while longer. An exported program runs the op at every size.
-COMPILED_INFERENCE_MIN_FLOPS = 50_000_000
+# 4096 (2.8e8); digits 0.93x at 4096 (2.3e7), 1.12x at 8192 (4.5e7). Set where no run of the
+# seed's forms measured the op slower; the digits AE, whose plain layers are slower for their
+# operations, turns earlier and keeps plain PyTorch a while longer. On Zen 4 (2026-12-05, the
+# same way, `tools/compile_speed.py compiled --gates-off [--digits]`, two rounds each), where
+# PyTorch's own layers are slower, inference turns ten times earlier: the seed AE as one chain
+# 0.95-0.98x at 32 rows (4.3e6), 1.00-1.03x at 48 (6.5e6), 1.04-1.12x at 64 (8.6e6), 1.23x at
+# 256; the class 0.93-0.95x at 64 rows (4.3e6 a chain), 1.05-1.06x at 128 (8.6e6); digits as
+# one chain 0.88-0.91x at 256 (2.8e6), 1.06-1.13x at 768 (8.5e6), the class 0.98x at 768 (4.3e6
+# a chain), 1.04x at 1024 (5.7e6), 1.12x at 1536 (8.5e6). Training there: the AE 0.96-1.07x at
+# 256 rows (3.4e7), 1.06-1.10x at 512; digits as one chain 0.91-0.96x at 6144 rows (6.8e7, the
+# MSE eager): the training gate stays. Other CPUs keep Intel's gates. An exported program runs
+# the op at every size.
+_COMPILED_INFERENCE_GATES = {"AuthenticAMD": 8_000_000}
+COMPILED_INFERENCE_MIN_FLOPS = _COMPILED_INFERENCE_GATES.get(_native.cpu_vendor(), 50_000_000)
 COMPILED_TRAINING_MIN_FLOPS = 200_000_000
 # The names of the size gates above, for the tests and tools that set them (0: the fused path,
 # or the custom op, at every size).
