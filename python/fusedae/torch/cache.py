@@ -76,14 +76,12 @@ TRAINING_MIN_ROWS, TRAINING_MIN_FLOPS = _TRAINING_GATES.get(
 # 0.85-0.86x at 2048, 0.84-1.21x at 4096 (median 0.99x over 14 runs; 2.8e8 operations a chain),
 # 1.11-1.34x at 8192 (5.5e8), 1.05-1.26x at 16384; digits 0.95x at 4096, 0.98x at 8192 (4.5e7),
 # 1.01-1.03x at 16384 (9.1e7), 1.26x at 32768. With `OMP_WAIT_POLICY=PASSIVE` the seed's fused
-# step at 4096 rows ran 1.14x faster, plain PyTorch's 1.38x slower. On Zen 4 (2026-12-05, both on
-# 2 threads) the digits AE read 0.95-0.96x at 256-512 rows in one run and 1.10-1.15x in the next,
-# 1.09-1.16x at 1024 (5.7e6): there the gate stays where the one-thread gate was before
-# 2026-12-05. Not measured on other CPUs: they keep their one-thread gate.
-_THREADED_TRAINING_GATES = {"GenuineIntel": (8192, 90_000_000), "AuthenticAMD": (128, 5_000_000)}
-THREADED_TRAINING_MIN_ROWS, THREADED_TRAINING_MIN_FLOPS = _THREADED_TRAINING_GATES.get(
-    _native.cpu_vendor(), (0, 0)
-)
+# step at 4096 rows ran 1.14x faster, plain PyTorch's 1.38x slower. On Zen 4 (2026-12-05, the
+# same way, two runs): seed 0.80-0.96x at 256 rows, 0.84-0.89x at 1024, 1.02-1.15x at 4096
+# (0.87x in a bench run), 1.11-1.26x at 8192, 1.27-1.33x at 16384; digits 0.95-1.15x at 256-512,
+# 0.98-1.05x at 4096, 0.94-0.96x at 8192, 1.03-1.14x at 16384, 1.10-1.36x at 32768. The cause
+# is libgomp's, not the CPU's: every CPU takes this gate.
+THREADED_TRAINING_MIN_ROWS, THREADED_TRAINING_MIN_FLOPS = 8192, 90_000_000
 # Fewest operations a chain (rows x `flops_per_row`) for which a call traced by torch.compile
 # runs the custom op, for inference and for training (where the training gates above apply
 # too); below, the chain's layers go into the graph as plain PyTorch. Compiled, each custom op
