@@ -103,9 +103,9 @@ THREADED_TRAINING_MIN_ROWS, THREADED_TRAINING_MIN_FLOPS = 8192, 90_000_000
 # 256; the class 0.93-0.95x at 64 rows (4.3e6 a chain), 1.05-1.06x at 128 (8.6e6); digits as
 # one chain 0.88-0.91x at 256 (2.8e6), 1.06-1.13x at 768 (8.5e6), the class 0.98x at 768 (4.3e6
 # a chain), 1.04x at 1024 (5.7e6), 1.12x at 1536 (8.5e6). Training there: the AE 0.96-1.07x at
-# 256 rows (3.4e7), 1.06-1.10x at 512; digits as one chain 0.91-0.96x at 6144 rows (6.8e7, the
-# MSE eager): the training gate stays. Other CPUs keep Intel's gates. An exported program runs
-# the op at every size.
+# 256 rows (3.4e7), 1.06-1.10x at 512; digits as one chain, the MSE eager, 0.91-1.21x at 6144
+# rows (6.8e7) and 0.93-1.22x at 8192 over five rounds: the training gate stays. Other CPUs keep
+# Intel's gates. An exported program runs the op at every size.
 _COMPILED_INFERENCE_GATES = {"AuthenticAMD": 8_000_000}
 COMPILED_INFERENCE_MIN_FLOPS = _COMPILED_INFERENCE_GATES.get(_native.cpu_vendor(), 50_000_000)
 COMPILED_TRAINING_MIN_FLOPS = 200_000_000
