@@ -1,6 +1,7 @@
 """The README's training table: one step (forward, MSE, backward, Adam) of the seed's
-AE(784, 16) (or, with `digits`, the digits AE 64-42-2 | 2-42-64) on one thread, plain PyTorch
-against `accelerate()`d copies of the same weights. The model is the seed's class, whose
+AE(784, 16) (or, with `digits`, the digits AE 64-42-2 | 2-42-64; with `WIDTHxCODE`, the
+WIDTH-42-CODE | CODE-42-WIDTH AE) on one thread (or `--threads`), plain PyTorch against
+`accelerate()`d copies of the same weights. The model is the seed's class, whose
 `forward` calls its encoder and decoder (two fused calls); with `sequential`, the same layers
 as `nn.Sequential(encoder, decoder)` (one fused call).
 "fused" forces the fused path at every batch size, "as shipped" keeps `TRAINING_MIN_ROWS`;
@@ -10,15 +11,19 @@ the model's forward and backward alone. Every peer runs once per round, in an
 order shuffled per round (on a shared VM whichever runs first or after a given peer is
 otherwise favoured), medians over the rounds after three of warm-up:
 
-    .venv/bin/python tools/training_table.py [ROUNDS] [seed|digits] [class|sequential]
+    .venv/bin/python tools/training_table.py [ROUNDS] [seed|digits|WIDTHxCODE] [class|sequential]
+        [--rows 64,128,...] [--threads N]
+
+`--rows` replaces the model's batch sizes (required for `WIDTHxCODE`); `--threads` sets
+PyTorch's and fusedae's threads alike (both several: the threaded gates apply).
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import random
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from typing import Any, cast
@@ -31,7 +36,7 @@ from fusedae.torch import accelerate, cache
 
 WARM_UP = 3
 # Per model: its input width, its code width and the batch sizes of its table.
-MODELS = {
+MODELS: dict[str, tuple[int, int, tuple[int, ...]]] = {
     "seed": (784, 16, (1, 64, 256, 1024, 4096)),
     "digits": (64, 2, (256, 1024, 2048, 4096, 8192)),
 }
@@ -116,13 +121,27 @@ def autoencoder(width: int, code: int, sequential: bool = False) -> nn.Module:
 
 
 def main() -> None:
-    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 60
-    width, code, batches = MODELS[sys.argv[2] if len(sys.argv) > 2 else "seed"]
-    form = sys.argv[3] if len(sys.argv) > 3 else "class"
-    if form not in ("class", "sequential"):
-        raise SystemExit(f"expected class or sequential, got {form!r}")
-    torch.set_num_threads(1)
-    fusedae.set_num_threads(1)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("rounds", nargs="?", type=int, default=60)
+    parser.add_argument("model", nargs="?", default="seed", help="seed, digits or WIDTHxCODE")
+    parser.add_argument("form", nargs="?", default="class", choices=("class", "sequential"))
+    parser.add_argument("--rows", help="batch sizes, comma-separated")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    rounds, form, threads = args.rounds, args.form, args.threads
+    if args.model in MODELS:
+        width, code, batches = MODELS[args.model]
+    else:
+        try:
+            width, code = map(int, args.model.split("x"))
+        except ValueError:
+            parser.error(f"expected seed, digits or WIDTHxCODE, got {args.model!r}")
+        if args.rows is None:
+            parser.error("a WIDTHxCODE model needs --rows")
+    if args.rows is not None:
+        batches = tuple(int(rows) for rows in args.rows.split(","))
+    torch.set_num_threads(threads)
+    fusedae.set_num_threads(threads)
     # The training gate's limits, set to 0 to force the fused path.
     shipped_gates = {name: getattr(cache, name) for name in cache.TRAINING_GATES}
 
@@ -168,7 +187,10 @@ def main() -> None:
         ("fb_fused", fused_alone, True, forward_backward),
         ("fb_floor", floor_alone, False, forward_backward),
     ]
-    print(f"{fusedae.info()['isa']}, 1 thread, the {form} form, median of {rounds} rounds")
+    print(
+        f"{fusedae.info()['isa']}, {threads} thread{'s' if threads > 1 else ''}, "
+        f"{width}-42-{code}, the {form} form, median of {rounds} rounds"
+    )
     print(
         "| batch | plain eager | fused | as shipped | no kernel | "
         "forward + backward alone: plain | fused | no kernel |"
