@@ -61,7 +61,9 @@ _FUSED_DTYPES = (torch.float32, torch.float64)
 #   128-42-4 | 4-42-128 0.98-1.00x at 128 rows (1.4e6), 1.05x at 256 (2.8e6); 256-42-8 | 8-42-256
 #   1.02-1.03x at 128 rows (2.8e6); the seed's class 0.97-0.99x at 32 rows, 1.00x at 48, 1.01-1.04x
 #   at 64 (five runs), 1.03-1.06x at 96; as one Sequential 1.02-1.03x at 32, 1.06-1.07x at 64.
-#   The gate went from 128 rows and 5e6 operations to 64 and 2e6.
+#   The gate went from 128 rows and 5e6 operations to 64 and 2e6. The same day, with the AVX2
+#   kernel forced (`FUSEDAE_ISA=avx2`, Zen 3's): the seed's class 0.99-1.00x at 64 rows, 1.05x
+#   at 128; digits 1.02-1.05x at 384; in float64: the seed 1.11x at 64 rows, digits 1.19x at 384.
 _TRAINING_GATES = {"AuthenticAMD": (64, 2_000_000), "GenuineIntel": (512, 2_500_000)}
 _UNMEASURED_CPU_GATE = (4096, 20_000_000)
 TRAINING_MIN_ROWS, TRAINING_MIN_FLOPS = _TRAINING_GATES.get(
