@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from training_table import MODELS  # (this script's folder is on sys.path)
 
 import fusedae
 from fusedae.torch import AE, accelerate, cache
@@ -156,7 +157,8 @@ def main() -> None:
             setattr(cache, gate, 0)
     if args.what == "compiled":
         for rows in args.rows:
-            compiled(rows, args.reps, args.rounds, *((64, 2) if args.digits else (784, 16)))
+            width, code, _ = MODELS["digits" if args.digits else "seed"]
+            compiled(rows, args.reps, args.rounds, width, code)
     else:
         eager(args.reps)
 
