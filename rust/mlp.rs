@@ -366,7 +366,10 @@ impl<T: Float, W: Weights<T>> Mlp<T, W> {
         grads: &mut [T],
     ) -> Result<(), Error> {
         self.check_trains()?;
-        let Some(kernel_backward) = self.kernel.backward else {
+        // Every kernel with a backward has a transpose (the f32 and f64 ones).
+        let (Some(kernel_backward), Some(transpose)) =
+            (self.kernel.backward, self.kernel.transpose)
+        else {
             return Err(Error::Precision(
                 "this chain's kernel has no backward (inference only)".to_owned(),
             ));
@@ -421,7 +424,7 @@ impl<T: Float, W: Weights<T>> Mlp<T, W> {
             weights: &weights,
             needs_params,
         };
-        let (places, partial_len) = gradient_layout(layers, self.kernel.shape.lanes);
+        let (places, partial_len) = gradient_layout(&self.kernel.shape, layers);
         let chunks = self.chunk_rows(rows, true);
         let threads = chunks.map_or(1, |(threads, _)| threads);
         let chunk_rows = chunks.map_or(rows.max(1), |(_, chunk_rows)| chunk_rows);
@@ -479,18 +482,23 @@ impl<T: Float, W: Weights<T>> Mlp<T, W> {
                 *sum = *sum + value;
             }
         }
-        let mut grads = grads.iter_mut();
+        let mut at = 0;
         for (place, layer) in places.iter().zip(layers) {
-            let weight_rows = total[place.weight_at..].chunks(place.weight_stride);
-            for row in weight_rows.take(layer.out_features) {
-                for (&value, grad) in row[..layer.in_features].iter().zip(grads.by_ref()) {
-                    *grad = value;
+            let (inputs, outputs) = (layer.in_features, layer.out_features);
+            let weight = &mut grads[at..][..outputs * inputs];
+            if place.transposed {
+                let src = &total[place.weight_at..][..inputs * place.weight_stride];
+                // SAFETY: `Mlp::with_kernel` checked that this CPU runs the kernel's ISA.
+                unsafe { transpose(src, place.weight_stride, weight, inputs) };
+            } else {
+                let rows = total[place.weight_at..].chunks(place.weight_stride);
+                for (row, grad_row) in rows.zip(weight.chunks_exact_mut(inputs)) {
+                    grad_row.copy_from_slice(&row[..inputs]);
                 }
             }
-            let bias = &total[place.bias_at..][..layer.out_features];
-            for (&value, grad) in bias.iter().zip(grads.by_ref()) {
-                *grad = value;
-            }
+            at += outputs * inputs;
+            grads[at..][..outputs].copy_from_slice(&total[place.bias_at..][..outputs]);
+            at += outputs;
         }
         Ok(())
     }

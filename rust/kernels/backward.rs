@@ -59,28 +59,56 @@ pub struct BackwardInputs<'a, T> {
 /// Where one layer's gradients sit in a gradient buffer ([`gradient_layout`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GradientAt {
-    /// The weight gradient: `out` rows of `weight_stride` values, the first `in` of them real.
+    /// The weight gradient: `out` rows of `weight_stride` values, the first `in` of them real;
+    /// or, `transposed`, `in` rows (one per input) of `weight_stride == out` values.
     pub weight_at: usize,
     pub weight_stride: usize,
-    /// The bias gradient: `out` values (padded to whole registers).
+    /// The bias gradient: `out` values (padded to whole registers); `transposed`, the row after
+    /// the weight gradient's.
     pub bias_at: usize,
+    /// Whether the weight gradient is stored input by input ([`transposes_weight_gradient`]).
+    pub transposed: bool,
 }
 
-/// Each layer's place in a gradient buffer for registers of `lanes`, and the buffer's length:
+/// Whether a layer's weight gradient runs transposed, its tiles `MR` inputs by registers of
+/// outputs (stored input by input, then moved into place by the kernel's register transpose):
+/// where the inputs end inside a register, the outputs are whole registers and fill at least a
+/// panel, and the transposed products take at least 1/16 fewer multiply-adds. The decoder's
+/// last layer (42 -> 784, 16 lanes) multiplies 43 inputs (the bias's column of ones among them)
+/// by 49 registers of outputs, not 784 outputs by 3 registers of 42 inputs, an eighth of whose
+/// lanes are padding: 10% fewer multiply-adds.
+pub fn transposes_weight_gradient(shape: &TileShape, layer: &LayerDesc) -> bool {
+    let (inputs, outputs, lanes) = (layer.in_features, layer.out_features, shape.lanes);
+    let transposed_products = (inputs + 1) * (outputs / lanes);
+    let products = outputs * inputs.div_ceil(lanes);
+    !inputs.is_multiple_of(lanes)
+        && outputs.is_multiple_of(lanes)
+        && outputs >= shape.panel_width()
+        && 16 * transposed_products <= 15 * products
+}
+
+/// Each layer's place in a gradient buffer for kernels of `shape`, and the buffer's length:
 /// rows padded to whole registers, so the tiles load and store whole registers.
-pub fn gradient_layout(layers: &[LayerDesc], lanes: usize) -> (Vec<GradientAt>, usize) {
+pub fn gradient_layout(shape: &TileShape, layers: &[LayerDesc]) -> (Vec<GradientAt>, usize) {
+    let lanes = shape.lanes;
     let mut len = 0usize;
     let places = layers
         .iter()
         .map(|layer| {
-            let weight_stride = padded(layer.in_features, lanes);
+            let transposed = transposes_weight_gradient(shape, layer);
+            let (rows, weight_stride) = if transposed {
+                (layer.in_features, padded(layer.out_features, lanes))
+            } else {
+                (layer.out_features, padded(layer.in_features, lanes))
+            };
             let weight_at = len;
-            let bias_at = weight_at + layer.out_features * weight_stride;
+            let bias_at = weight_at + rows * weight_stride;
             len = bias_at + padded(layer.out_features, lanes);
             GradientAt {
                 weight_at,
                 weight_stride,
                 bias_at,
+                transposed,
             }
         })
         .collect();
@@ -187,6 +215,69 @@ unsafe fn pack_panels<V: SimdVec>(
     }
 }
 
+/// A block's weight and bias gradients of a layer whose weight gradient runs transposed
+/// ([`transposes_weight_gradient`]), added to `weight_grad` (its `in + 1` rows of `stride`
+/// values, the bias's last): each chunk of the layer's inputs (`below`, `k` wide) packed
+/// with a column of ones (a narrow copy: the inputs end inside a register), then tiles of `MR`
+/// of its columns, the ones' among them, by a panel of the outputs' columns of `delta`, read in
+/// place a row per step of `k`, the tiles of a panel one after another while it is in L1.
+///
+/// # Safety
+/// `below` and `delta` hold `block` rows at their strides, `k` and `out` values wide, `packed`
+/// `chunk_rows x padded(k)` values, `weight_grad` `k + 1` rows of `stride >= padded(out)`
+/// values; `k` is not whole registers; `calls` are `V`'s ISA's, which the CPU supports.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn transposed_weight_gradient<V: SimdVec, const MR: usize, const NV_MAX: usize>(
+    chunk_rows: usize,
+    block: usize,
+    (k, out): (usize, usize),
+    (below, ld_below): (*const V::Elem, usize),
+    (delta, ld_delta): (*const V::Elem, usize),
+    packed: *mut V::Elem,
+    weight_grad: *mut V::Elem,
+    stride: usize,
+    calls: BackwardCalls<V::Elem>,
+) {
+    let width = padded(k, V::LANES);
+    let panel_width = NV_MAX * V::LANES;
+    // SAFETY: the packed chunk is `chunk x width` values, its ones in column `k < width`; a
+    // tile reads its rows `first..first + MR.min(k + 1 - first)` (columns `<= k`) and `delta`'s
+    // columns `col..col + columns` (the last register's past `out` masked by `last_lanes`) of
+    // the chunk's rows, and adds to rows `<= k` of `weight_grad`, whole registers inside
+    // `stride`; the ISA is the caller's guarantee.
+    unsafe {
+        for chunk_start in (0..block).step_by(chunk_rows) {
+            let chunk = chunk_rows.min(block - chunk_start);
+            let chunk_below = below.add(chunk_start * ld_below);
+            pack_panels::<V>(chunk, k, chunk_below, ld_below, width, true, packed);
+            for col in (0..out).step_by(panel_width) {
+                let columns = panel_width.min(out - col);
+                let nv = columns.div_ceil(V::LANES);
+                for first in (0..=k).step_by(MR) {
+                    let tile = Tile {
+                        a: packed.add(first).cast_const(),
+                        lda: 1,
+                        k_stride: width,
+                        k: chunk,
+                        panel: delta.add(chunk_start * ld_delta + col),
+                        panel_stride: ld_delta,
+                        last_lanes: columns - (nv - 1) * V::LANES,
+                        seed: Seed::Output,
+                        post_op: PostOp::Identity,
+                        epilogue: calls.epilogue,
+                        out: weight_grad.add(first * stride + col),
+                        ldo: stride,
+                        prefetch_out: false,
+                        fetch: FetchAhead::NONE,
+                    };
+                    (calls.weight_gradient_tile)(MR.min(k + 1 - first), nv, &tile);
+                }
+            }
+        }
+    }
+}
+
 /// The most values a row of any layer's inputs or outputs takes, padded to whole registers.
 fn widest(layers: &[LayerDesc], lanes: usize) -> usize {
     layers
@@ -245,7 +336,7 @@ pub(super) unsafe fn backward_rows<V: LoadFrom<W>, W, const MR: usize, const NV_
     if let Some(grad_input) = &grad_input {
         assert_eq!(grad_input.len(), inputs.input.len(), "grad_input matches");
     }
-    let (places, grads_len) = gradient_layout(layers, V::LANES);
+    let (places, grads_len) = gradient_layout(shape, layers);
     assert!(
         grads.len() >= grads_len,
         "the gradient buffer holds every layer"
@@ -271,7 +362,9 @@ pub(super) unsafe fn backward_rows<V: LoadFrom<W>, W, const MR: usize, const NV_
     // passing (moved to its place below); a pass of its own over the deltas, the first reader
     // of a 784-wide `grad_output`, waited on memory (the seed AE's backward 1.08x without it).
     let bias_in_padding = |index: usize| {
-        inputs.needs_params[index] && !layers[index].in_features.is_multiple_of(V::LANES)
+        inputs.needs_params[index]
+            && !layers[index].in_features.is_multiple_of(V::LANES)
+            && !places[index].transposed
     };
     let padding_column = |index: usize| {
         let place = places[index];
@@ -333,7 +426,8 @@ pub(super) unsafe fn backward_rows<V: LoadFrom<W>, W, const MR: usize, const NV_
             };
             let needs_params = inputs.needs_params[index];
             let ones_column = bias_in_padding(index);
-            let bias_grad = if needs_params && !ones_column {
+            let transposed = places[index].transposed;
+            let bias_grad = if needs_params && !ones_column && !transposed {
                 grads[places[index].bias_at..].as_mut_ptr()
             } else {
                 std::ptr::null_mut()
@@ -418,7 +512,19 @@ pub(super) unsafe fn backward_rows<V: LoadFrom<W>, W, const MR: usize, const NV_
                     }
                     below_gradient = Some((below_grad, ld_below_grad));
                 }
-                if needs_params {
+                if needs_params && transposed {
+                    transposed_weight_gradient::<V, MR, NV_MAX>(
+                        chunk_rows(shape, block_rows, padded(k, V::LANES)),
+                        block,
+                        (k, out),
+                        (below, ld_below),
+                        (delta, ld_delta),
+                        packed.as_mut_ptr(),
+                        grads[places[index].weight_at..].as_mut_ptr(),
+                        places[index].weight_stride,
+                        calls,
+                    );
+                } else if needs_params {
                     let place = places[index];
                     let weight_grad = grads[place.weight_at..].as_mut_ptr();
                     // A chunk of rows at a time (`chunk_rows`: its inputs stay in L2), column
@@ -512,5 +618,83 @@ pub(super) unsafe fn backward_rows<V: LoadFrom<W>, W, const MR: usize, const NV_
             let sum = std::mem::take(&mut grads[at]);
             grads[bias_at + o] = grads[bias_at + o] + sum;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{gradient_layout, transposes_weight_gradient, GradientAt, LayerDesc, TileShape};
+    use crate::kernels::PostOp;
+
+    fn shape(lanes: usize, mr: usize, nv_max: usize) -> TileShape {
+        TileShape {
+            lanes,
+            mr,
+            nv_max,
+            block_rows: 8 * mr,
+            fast_transpose: true,
+            half_lanes: 0,
+            k_group: 1,
+        }
+    }
+
+    fn layer(in_features: usize, out_features: usize) -> LayerDesc {
+        LayerDesc {
+            in_features,
+            out_features,
+            padded_out: out_features,
+            weights_at: 0,
+            bias_at: 0,
+            post_op: PostOp::Identity,
+            dot_from: out_features,
+            dot_at: 0,
+            panel_columns: out_features,
+        }
+    }
+
+    #[test]
+    fn wide_outputs_of_narrow_inputs_transpose_their_weight_gradient() {
+        let (avx512, avx2, neon, scalar) = (
+            shape(16, 8, 3),
+            shape(8, 6, 2),
+            shape(4, 6, 4),
+            shape(1, 4, 4),
+        );
+        // (shape, in, out, transposed)
+        for (shape, inputs, outputs, want) in [
+            (avx512, 42, 784, true),
+            (avx512, 784, 42, false), // the inputs are whole registers
+            (avx512, 42, 16, false),  // less than a panel of outputs
+            (avx512, 42, 100, false), // outputs not whole registers
+            (avx512, 45, 784, false), // 46 x 49 against 784 x 3: 4% fewer, not 1/16
+            (avx2, 42, 784, true),
+            (avx2, 42, 16, true),   // 43 x 2 against 16 x 6
+            (neon, 42, 784, false), // 43 x 196 against 784 x 11: 2% fewer
+            (scalar, 42, 784, false),
+        ] {
+            let got = transposes_weight_gradient(&shape, &layer(inputs, outputs));
+            assert_eq!(got, want, "{} lanes, {inputs} -> {outputs}", shape.lanes);
+        }
+    }
+
+    #[test]
+    fn a_transposed_weight_gradient_takes_a_row_per_input_and_the_bias_after() {
+        let layers = [layer(784, 42), layer(42, 784)];
+        let (places, len) = gradient_layout(&shape(16, 8, 3), &layers);
+        let encoder = GradientAt {
+            weight_at: 0,
+            weight_stride: 784,
+            bias_at: 42 * 784,
+            transposed: false,
+        };
+        let decoder_at = 42 * 784 + 48;
+        let decoder = GradientAt {
+            weight_at: decoder_at,
+            weight_stride: 784,
+            bias_at: decoder_at + 42 * 784,
+            transposed: true,
+        };
+        assert_eq!(places, [encoder, decoder]);
+        assert_eq!(len, decoder_at + 43 * 784);
     }
 }
