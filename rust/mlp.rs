@@ -1519,6 +1519,10 @@ mod tests {
             &[5, 3],
             &[42, 64, 42, 17, 1],
             &[130, 45, 784, 42],
+            // Layers whose weight gradient runs transposed on every SIMD ISA (1 -> 64, and
+            // 2 -> 64 without a bias: `transposes_weight_gradient`).
+            &[3, 1, 64],
+            &[5, 9, 2, 64],
         ] {
             let layers = random_chain(&mut rng, widths, true);
             let layers = with_random_ops(&mut rng, layers, true);

@@ -670,6 +670,8 @@ mod tests {
             (avx2, 42, 784, true),
             (avx2, 42, 16, true),   // 43 x 2 against 16 x 6
             (neon, 42, 784, false), // 43 x 196 against 784 x 11: 2% fewer
+            (neon, 1, 64, true),
+            (avx512, 2, 64, true),
             (scalar, 42, 784, false),
         ] {
             let got = transposes_weight_gradient(&shape, &layer(inputs, outputs));
