@@ -15,7 +15,10 @@
 //!   tiles of `MR` outputs by registers of inputs, `k` running over the block's rows, `delta`
 //!   read in place (each step of `k` broadcasts the tile's `MR` outputs' values from one row of
 //!   `delta`: `Tile::k_stride`) and `a` too, a row a step, but where the bias gradient rides
-//!   in a column of ones past the inputs: there each column panel of `a` is copied first.
+//!   in a column of ones past the inputs: there each column panel of `a` is copied first. A
+//!   wide layer of narrow inputs (the decoder's last) runs it transposed instead, `a^T delta`:
+//!   tiles of `MR` inputs by registers of outputs, transposed into place at the end
+//!   ([`transposes_weight_gradient`]).
 
 use super::chain::{check_chain, saved_columns};
 use super::gradient::{column_sums, delta_rows, load_upto};
