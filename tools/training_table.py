@@ -12,10 +12,13 @@ order shuffled per round (on a shared VM whichever runs first or after a given p
 otherwise favoured), medians over the rounds after three of warm-up:
 
     .venv/bin/python tools/training_table.py [ROUNDS] [seed|digits|WIDTHxCODE] [class|sequential]
-        [--rows 64,128,...] [--threads N]
+        [--rows 64,128,...] [--threads N] [--burst N]
 
 `--rows` replaces the model's batch sizes (required for `WIDTHxCODE`); `--threads` sets
-PyTorch's and fusedae's threads alike (both several: the threaded gates apply).
+PyTorch's and fusedae's threads alike (both several: the threaded gates apply). With `--burst`,
+each peer makes that many calls in a row per round and the first is not timed: each call then
+finds the caches as its own last call left them, as in a training loop, instead of as another
+peer's did (the seed at 256 rows, Zen 4: every peer faster, the ratios the same).
 """
 
 from __future__ import annotations
@@ -127,8 +130,14 @@ def main() -> None:
     parser.add_argument("form", nargs="?", default="class", choices=("class", "sequential"))
     parser.add_argument("--rows", help="batch sizes, comma-separated")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--burst",
+        type=int,
+        default=1,
+        help="calls a peer makes in a row each round, the first not timed (warm caches)",
+    )
     args = parser.parse_args()
-    rounds, form, threads = args.rounds, args.form, args.threads
+    rounds, form, threads, burst = args.rounds, args.form, args.threads, args.burst
     if args.model in MODELS:
         width, code, batches = MODELS[args.model]
     else:
@@ -190,6 +199,7 @@ def main() -> None:
     print(
         f"{fusedae.info()['isa']}, {threads} thread{'s' if threads > 1 else ''}, "
         f"{width}-42-{code}, the {form} form, median of {rounds} rounds"
+        + (f" of {burst} calls in a row a peer (the first not timed)" if burst > 1 else "")
     )
     print(
         "| batch | plain eager | fused | as shipped | no kernel | "
@@ -204,10 +214,11 @@ def main() -> None:
             random.Random(index).shuffle(order)
             for name, module, force, run in order:
                 forced(force)
-                start = time.perf_counter()
-                run(module, x, grad)
-                if index >= WARM_UP:
-                    times[name].append(time.perf_counter() - start)
+                for call in range(burst):
+                    start = time.perf_counter()
+                    run(module, x, grad)
+                    if index >= WARM_UP and (call > 0 or burst == 1):
+                        times[name].append(time.perf_counter() - start)
         forced(False)
         median = {name: statistics.median(values) for name, values in times.items()}
         plain_step = median["plain"]
