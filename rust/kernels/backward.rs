@@ -245,10 +245,10 @@ unsafe fn transposed_weight_gradient<V: SimdVec, const MR: usize, const NV_MAX: 
     let width = padded(k, V::LANES);
     let panel_width = NV_MAX * V::LANES;
     // SAFETY: the packed chunk is `chunk x width` values, its ones in column `k < width`; a
-    // tile reads its rows `first..first + MR.min(k + 1 - first)` (columns `<= k`) and `delta`'s
-    // columns `col..col + columns` (the last register's past `out` masked by `last_lanes`) of
-    // the chunk's rows, and adds to rows `<= k` of `weight_grad`, whole registers inside
-    // `stride`; the ISA is the caller's guarantee.
+    // tile reads its rows `first..first + tile_rows` (`even_tiles` of the `k + 1`: columns
+    // `<= k`) and `delta`'s columns `col..col + columns` (the last register's past `out` masked
+    // by `last_lanes`) of the chunk's rows, and adds to rows `<= k` of `weight_grad`, whole
+    // registers inside `stride`; the ISA is the caller's guarantee.
     unsafe {
         for chunk_start in (0..block).step_by(chunk_rows) {
             let chunk = chunk_rows.min(block - chunk_start);
@@ -257,7 +257,7 @@ unsafe fn transposed_weight_gradient<V: SimdVec, const MR: usize, const NV_MAX: 
             for col in (0..out).step_by(panel_width) {
                 let columns = panel_width.min(out - col);
                 let nv = columns.div_ceil(V::LANES);
-                for first in (0..=k).step_by(MR) {
+                for (first, tile_rows) in even_tiles(k + 1, MR) {
                     let tile = Tile {
                         a: packed.add(first).cast_const(),
                         lda: 1,
@@ -274,11 +274,25 @@ unsafe fn transposed_weight_gradient<V: SimdVec, const MR: usize, const NV_MAX: 
                         prefetch_out: false,
                         fetch: FetchAhead::NONE,
                     };
-                    (calls.weight_gradient_tile)(MR.min(k + 1 - first), nv, &tile);
+                    (calls.weight_gradient_tile)(tile_rows, nv, &tile);
                 }
             }
         }
     }
+}
+
+/// `count` rows as tiles of at most `mr`, as even as they come: `(first, rows)` of each. 42 rows
+/// of 8 go as six of 7, not five of 8 and one of 2, whose tile multiplies two rows for the same
+/// loads of a panel as eight.
+fn even_tiles(count: usize, mr: usize) -> impl Iterator<Item = (usize, usize)> {
+    let tiles = count.div_ceil(mr);
+    let (rows, extra) = (count / tiles.max(1), count % tiles.max(1));
+    (0..tiles).map(move |tile| {
+        (
+            tile * rows + tile.min(extra),
+            rows + usize::from(tile < extra),
+        )
+    })
 }
 
 /// The most values a row of any layer's inputs or outputs takes, padded to whole registers.
@@ -436,20 +450,19 @@ pub(super) unsafe fn backward_rows<V: LoadFrom<W>, W, const MR: usize, const NV_
                 std::ptr::null_mut()
             };
             // SAFETY: the buffers hold `block` rows at the strides given (checked above and by
-            // `check_chain`); `delta`, `grad_below` and `pre` each hold `block` rows of
-            // `widest >= padded(width)` values for every width of the chain (a weight
-            // gradient's tile reads `delta`'s columns `first..first + MR.min(out - first)` of
-            // rows `chunk_start..chunk_start + chunk`, `ld_delta >= out` apart), `packed`
-            // `chunk_rows x padded(k)` values for every layer (`backward_scratch_len`); the
-            // weight panels are the caller's `out x k` matrices and every tile reads columns
-            // `< k` of them (`last_lanes` masks the rest), as a weight gradient's tile reads the
-            // layer's inputs where it takes them in place (`block` rows of `k` from `below`,
-            // `ld_below >= k` apart); the gradient rows are whole registers
-            // of `weight_stride` (the column of ones' lane `k` is inside, `k` not being whole
-            // registers); `grad_input` (written directly only where `first_in` is whole
-            // registers, so no tile stores past a row) holds the block's `block x first_in`
-            // values from `block_start` (its length is the input's, asserted above); the ISA is
-            // the caller's guarantee.
+            // `check_chain`); `delta`, `grad_below` and `pre` each hold `block` rows of `widest >=
+            // padded(width)` values for every width of the chain (a weight gradient's tile reads
+            // `delta`'s columns `first..first + tile_rows`, `even_tiles` of `out`, of rows
+            // `chunk_start..chunk_start + chunk`, `ld_delta >= out` apart), `packed` `chunk_rows x
+            // padded(k)` values for every layer (`backward_scratch_len`); the weight panels are the
+            // caller's `out x k` matrices and every tile reads columns `< k` of them (`last_lanes`
+            // masks the rest), as a weight gradient's tile reads the layer's inputs where it takes
+            // them in place (`block` rows of `k` from `below`, `ld_below >= k` apart); the gradient
+            // rows are whole registers of `weight_stride` (the column of ones' lane `k` is inside,
+            // `k` not being whole registers); `grad_input` (written directly only where `first_in`
+            // is whole registers, so no tile stores past a row) holds the block's `block x
+            // first_in` values from `block_start` (its length is the input's, asserted above); the
+            // ISA is the caller's guarantee.
             unsafe {
                 let (delta, ld_delta): (*const V::Elem, usize) =
                     if matches!(layer.post_op, PostOp::Identity) {
@@ -567,7 +580,7 @@ pub(super) unsafe fn backward_rows<V: LoadFrom<W>, W, const MR: usize, const NV_
                             let nv = width.div_ceil(V::LANES);
                             // The last panel's column of ones, stored too.
                             let stored = width + usize::from(ones_column && col + width == k);
-                            for first in (0..out).step_by(MR) {
+                            for (first, tile_rows) in even_tiles(out, MR) {
                                 let tile = Tile {
                                     a: delta.add(chunk_start * ld_delta + first),
                                     lda: 1,
@@ -592,7 +605,7 @@ pub(super) unsafe fn backward_rows<V: LoadFrom<W>, W, const MR: usize, const NV_
                                     prefetch_out: false,
                                     fetch: FetchAhead::part(ahead, tiles, tile_index, steps),
                                 };
-                                (calls.weight_gradient_tile)(MR.min(out - first), nv, &tile);
+                                (calls.weight_gradient_tile)(tile_rows, nv, &tile);
                                 tile_index += 1;
                             }
                         }
@@ -626,7 +639,9 @@ pub(super) unsafe fn backward_rows<V: LoadFrom<W>, W, const MR: usize, const NV_
 
 #[cfg(test)]
 mod tests {
-    use super::{gradient_layout, transposes_weight_gradient, GradientAt, LayerDesc, TileShape};
+    use super::{
+        even_tiles, gradient_layout, transposes_weight_gradient, GradientAt, LayerDesc, TileShape,
+    };
     use crate::kernels::PostOp;
 
     fn shape(lanes: usize, mr: usize, nv_max: usize) -> TileShape {
@@ -701,5 +716,33 @@ mod tests {
         };
         assert_eq!(places, [encoder, decoder]);
         assert_eq!(len, decoder_at + 43 * 784);
+    }
+
+    #[test]
+    fn rows_split_into_tiles_as_even_as_they_come() {
+        let tiles = |count, mr| even_tiles(count, mr).collect::<Vec<_>>();
+        assert_eq!(
+            tiles(42, 8),
+            [(0, 7), (7, 7), (14, 7), (21, 7), (28, 7), (35, 7)]
+        );
+        assert_eq!(
+            tiles(43, 8),
+            [(0, 8), (8, 7), (15, 7), (22, 7), (29, 7), (36, 7)]
+        );
+        assert_eq!(tiles(16, 8), [(0, 8), (8, 8)]);
+        assert_eq!(tiles(5, 8), [(0, 5)]);
+        assert_eq!(tiles(0, 8), []);
+        for mr in 1..=8 {
+            for count in 0..100 {
+                let split = tiles(count, mr);
+                assert_eq!(split.len(), count.div_ceil(mr));
+                let mut next = 0;
+                for (first, rows) in split {
+                    assert!(first == next && (1..=mr).contains(&rows), "{count} of {mr}");
+                    next += rows;
+                }
+                assert_eq!(next, count);
+            }
+        }
     }
 }
