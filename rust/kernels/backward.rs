@@ -12,12 +12,13 @@
 //!   first: its tiles read `delta` in row order, fetching ahead, so the weight gradient's
 //!   tiles find the block in cache (a wide `grad_output` streams from memory);
 //! - the weight gradient `delta^T a` (`a` the layer's inputs) added to the caller's buffer:
-//!   tiles of `MR` outputs by registers of inputs, `k` running over the block's rows, `delta`
-//!   read in place (each step of `k` broadcasts the tile's `MR` outputs' values from one row of
-//!   `delta`: `Tile::k_stride`) and `a` too, a row a step, but where the bias gradient rides
-//!   in a column of ones past the inputs: there each column panel of `a` is copied first. A
-//!   wide layer of narrow inputs (the decoder's last) runs it transposed instead, `a^T delta`:
-//!   tiles of `MR` inputs by registers of outputs, transposed into place at the end
+//!   tiles of up to `MR` outputs (as even as they come) by registers of inputs, `k` running
+//!   over the block's rows, `delta` read in place (each step of `k` broadcasts the tile's
+//!   outputs' values from one row of `delta`: `Tile::k_stride`) and `a` too, a row a step,
+//!   but where the bias gradient rides in a column of ones past the inputs: there each column
+//!   panel of `a` is copied first. A wide layer of narrow inputs (the decoder's last) runs it
+//!   transposed instead, `a^T delta`:
+//!   tiles of up to `MR` inputs by registers of outputs, transposed into place at the end
 //!   ([`transposes_weight_gradient`]).
 
 use super::chain::{check_chain, saved_columns};
@@ -73,7 +74,7 @@ pub struct GradientAt {
     pub transposed: bool,
 }
 
-/// Whether a layer's weight gradient runs transposed, its tiles `MR` inputs by registers of
+/// Whether a layer's weight gradient runs transposed, its tiles up to `MR` inputs by registers of
 /// outputs (stored input by input, then moved into place by the kernel's register transpose):
 /// where the inputs end inside a register, the outputs are whole registers and fill at least a
 /// panel, and the transposed products take at least 1/16 fewer multiply-adds. The decoder's
@@ -221,9 +222,10 @@ unsafe fn pack_panels<V: SimdVec>(
 /// A block's weight and bias gradients of a layer whose weight gradient runs transposed
 /// ([`transposes_weight_gradient`]), added to `weight_grad` (its `in + 1` rows of `stride`
 /// values, the bias's last): each chunk of the layer's inputs (`below`, `k` wide) packed
-/// with a column of ones (a narrow copy: the inputs end inside a register), then tiles of `MR`
-/// of its columns, the ones' among them, by a panel of the outputs' columns of `delta`, read in
-/// place a row per step of `k`, the tiles of a panel one after another while it is in L1.
+/// with a column of ones (a narrow copy: the inputs end inside a register), then tiles of up to
+/// `MR` of its columns (`even_tiles`), the ones' among them, by a panel of the outputs' columns
+/// of `delta`, read in place a row per step of `k`, the tiles of a panel one after another while
+/// it is in L1.
 ///
 /// # Safety
 /// `below` and `delta` hold `block` rows at their strides, `k` and `out` values wide, `packed`
