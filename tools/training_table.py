@@ -109,8 +109,9 @@ class NoKernelChain(nn.Module):
 def no_kernel(model: nn.Module) -> nn.Module:
     """``model`` (from `autoencoder`) with each of its fused calls a `NoKernelChain`."""
     if isinstance(model, SeedAE):
-        model.encoder = NoKernelChain(model.encoder)
-        model.decoder = NoKernelChain(model.decoder)
+        # `add_module`: the attributes are typed as the Sequentials they replace.
+        model.add_module("encoder", NoKernelChain(model.encoder))
+        model.add_module("decoder", NoKernelChain(model.decoder))
         return model
     return NoKernelChain(cast(nn.Sequential, model))
 
