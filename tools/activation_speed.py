@@ -13,6 +13,7 @@ import sys
 import time
 
 import numpy as np
+import numpy.typing as npt
 
 import fusedae
 from fusedae import _native
@@ -22,19 +23,25 @@ ROWS = 4096
 HIDDEN = ["identity", "relu", "gelu_tanh", "sigmoid", "silu", "tanh", "gelu", "elu", "softplus"]
 
 
+def post_ops(hidden: str) -> list[str | tuple[str | float, ...]]:
+    """`hidden` after every hidden layer, a sigmoid after the last."""
+    ops: list[str | tuple[str | float, ...]] = [hidden] * (len(WIDTHS) - 2)
+    return [*ops, "sigmoid"]
+
+
 def main() -> None:
     dtype = np.dtype(sys.argv[1] if len(sys.argv) > 1 else "float32")
     fusedae.set_num_threads(1)
     rng = np.random.default_rng(0)
-    weights = [
+    weights: list[npt.NDArray[np.floating]] = [
         (rng.standard_normal((o, i)) / np.sqrt(i)).astype(dtype)
         for i, o in itertools.pairwise(WIDTHS)
     ]
-    biases = [(0.1 * rng.standard_normal(o)).astype(dtype) for o in WIDTHS[1:]]
+    biases: list[npt.NDArray[np.floating] | None] = [
+        (0.1 * rng.standard_normal(o)).astype(dtype) for o in WIDTHS[1:]
+    ]
     x = rng.standard_normal((ROWS, WIDTHS[0])).astype(dtype)
-    chains = {
-        op: _native.Chain(weights, biases, [op] * (len(WIDTHS) - 2) + ["sigmoid"]) for op in HIDDEN
-    }
+    chains = {op: _native.Chain(weights, biases, post_ops(op)) for op in HIDDEN}
     out = np.empty((ROWS, WIDTHS[-1]), dtype=dtype)
     times: dict[str, list[float]] = {op: [] for op in HIDDEN}
     peaks = []

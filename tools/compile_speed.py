@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import statistics
 import sys
 import time
@@ -108,7 +109,9 @@ def compiled(rows: int, reps: int, rounds: int, width: int, code: int) -> None:
         }
         for round_ in range(rounds):
             with torch.no_grad():
-                calls = {key: (lambda f=f: f(x)) for key, f in forwards.items()}
+                calls: dict[str, Callable[[], object]] = {
+                    key: functools.partial(f, x) for key, f in forwards.items()
+                }
                 print(
                     f"{name} {rows} rows round {round_} inference:          "
                     f"{summary(interleaved(calls, reps))}"
