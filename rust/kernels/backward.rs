@@ -17,9 +17,8 @@
 //!   outputs' values from one row of `delta`: `Tile::k_stride`) and `a` too, a row a step,
 //!   but where the bias gradient rides in a column of ones past the inputs: there each column
 //!   panel of `a` is copied first. A wide layer of narrow inputs (the decoder's last) runs it
-//!   transposed instead, `a^T delta`:
-//!   tiles of up to `MR` inputs by registers of outputs, transposed into place at the end
-//!   ([`transposes_weight_gradient`]).
+//!   transposed instead, `a^T delta`: tiles of up to `MR` inputs by registers of outputs,
+//!   transposed into place at the end ([`transposes_weight_gradient`]).
 
 use super::chain::{check_chain, saved_columns};
 use super::gradient::{column_sums, delta_rows, load_upto};
@@ -286,7 +285,7 @@ unsafe fn transposed_weight_gradient<V: SimdVec, const MR: usize, const NV_MAX: 
 /// `count` rows as tiles of at most `mr`, as even as they come: `(first, rows)` of each. 42 rows
 /// of 8 go as six of 7, not five of 8 and one of 2, whose tile multiplies two rows for the same
 /// loads of a panel as eight.
-fn even_tiles(count: usize, mr: usize) -> impl Iterator<Item = (usize, usize)> {
+fn even_tiles(count: usize, mr: usize) -> impl ExactSizeIterator<Item = (usize, usize)> {
     let tiles = count.div_ceil(mr);
     let (rows, extra) = (count / tiles.max(1), count % tiles.max(1));
     (0..tiles).map(move |tile| {
@@ -574,7 +573,7 @@ pub(super) unsafe fn backward_rows<V: LoadFrom<W>, W, const MR: usize, const NV_
                         let next_row = (block_start + chunk_start + chunk).min(rows);
                         let next_rows = chunk.min(rows - next_row);
                         let ahead = &all_below[next_row * ld_below..][..next_rows * ld_below];
-                        let tiles = k.div_ceil(panel_width) * out.div_ceil(MR);
+                        let tiles = k.div_ceil(panel_width) * even_tiles(out, MR).len();
                         let steps = chunk.div_ceil(LINE_BYTES / size_of::<V::Elem>());
                         let mut tile_index = 0;
                         for col in (0..k).step_by(panel_width) {
