@@ -896,6 +896,26 @@ fn threads_source() -> String {
     threads::threads_source()
 }
 
+/// Runs fusedae's multithreaded calls on the threads of the OpenMP runtime `library` (a path or
+/// a loaded library's name) already loaded in this process: False, and nothing changes, where
+/// none of that name is loaded or it has no `GOMP_parallel`.
+#[pyfunction]
+fn share_openmp_threads(library: &str) -> bool {
+    threads::share_openmp_threads(library)
+}
+
+/// Runs fusedae's multithreaded calls on its own pool again.
+#[pyfunction]
+fn use_own_threads() {
+    threads::use_own_threads();
+}
+
+/// What runs fusedae's multithreaded calls: "fusedae" (its pool) or "openmp:" and the library.
+#[pyfunction]
+fn threads_runtime() -> String {
+    threads::threads_runtime()
+}
+
 /// GFLOP/s of one thread running register-only FMAs for about `seconds` (`dtype` "float32" or
 /// "float64"; `isa` defaults to the selected one): the ceiling to quote kernel speed against.
 /// `precision="bf16"` or `"int8"`: the ceiling of that precision's kernel's own instruction
@@ -979,6 +999,9 @@ fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(set_num_threads, module)?)?;
     module.add_function(wrap_pyfunction!(get_num_threads, module)?)?;
     module.add_function(wrap_pyfunction!(threads_source, module)?)?;
+    module.add_function(wrap_pyfunction!(share_openmp_threads, module)?)?;
+    module.add_function(wrap_pyfunction!(use_own_threads, module)?)?;
+    module.add_function(wrap_pyfunction!(threads_runtime, module)?)?;
     module.add("MAX_THREADS", threads::MAX_THREADS)?;
     module.add_function(wrap_pyfunction!(fma_peak_gflops, module)?)?;
     module.add_function(wrap_pyfunction!(precision_support, module)?)?;

@@ -1,12 +1,19 @@
-//! fusedae's private thread pool: batch rows are split across it, never PyTorch's or another
-//! library's pool, so `set_num_threads` affects only fusedae.
+//! fusedae's threads: batch rows are split across a private pool, never another library's by
+//! default, so `set_num_threads` affects only fusedae; in a process whose PyTorch runs its ops
+//! on an OpenMP runtime, the front end hands fusedae's jobs to that runtime's threads instead
+//! ([`share_openmp_threads`]), still `set_num_threads` of them.
 //!
 //! The calling thread works too, and the pool's threads keep spinning for a short while after a
 //! job before they sleep. Waking a sleeping thread takes 20-60 us on a virtual machine (the
 //! other vCPU is halted), a quarter to a half of a 4096-row call of a small model on two threads;
 //! calls that follow one another (encoding a dataset, serving requests) then find the threads
-//! awake. ONNX Runtime and OpenMP runtimes spin between parallel regions for the same reason.
+//! awake. ONNX Runtime and OpenMP runtimes spin between parallel regions for the same reason,
+//! which is why a training step shares PyTorch's: its OpenMP threads spin after each of its ops
+//! (the loss, the optimizer), and the pool's threads, woken for the fused call in between, found
+//! their cores taken (the seed AE's step at 4,096 rows on 2 threads took 20.4 ms through the
+//! pool, 17.5 ms plain, Zen 4).
 
+use std::ffi::{c_uint, c_void};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
@@ -369,14 +376,143 @@ pub fn set_num_threads(threads: usize) -> Result<(), String> {
 /// Runs `task(i)` for every `i` in `0..tasks` on `threads` threads, the caller included, and
 /// returns when all have run. An error if the pool could not start or a task panicked.
 pub fn run(threads: usize, tasks: usize, task: &(dyn Fn(usize) + Sync)) -> Result<(), String> {
-    let pool = if threads <= 1 {
-        None
-    } else {
-        current_pool(threads)?
-    };
-    match pool {
+    if threads <= 1 || tasks <= 1 {
+        return run_caught(|| (0..tasks).for_each(task));
+    }
+    if let Some(parallel) = shared_openmp() {
+        // One job at a time on the shared threads, as on the pool: a caller that finds them
+        // taken (another Python thread's call, the GIL released) runs its tasks alone, rather
+        // than the runtime starting a team of threads for each caller.
+        let running = match OPENMP_SUBMIT.try_lock() {
+            Ok(guard) => Some(guard),
+            Err(TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        };
+        return match running {
+            Some(_running) => run_on_openmp(parallel, threads.min(tasks), tasks, task),
+            None => run_caught(|| (0..tasks).for_each(task)),
+        };
+    }
+    match current_pool(threads)? {
         Some(pool) => pool.run(tasks, task),
         None => run_caught(|| (0..tasks).for_each(task)),
+    }
+}
+
+/// `GOMP_parallel(function, data, threads, flags)`: runs `function(data)` on a team of
+/// `threads` threads, the caller among them, and returns once every one has returned. GNU
+/// libgomp's entry point for `#pragma omp parallel`, which LLVM's and Intel's runtimes export
+/// too.
+type GompParallel = unsafe extern "C" fn(extern "C" fn(*mut c_void), *mut c_void, c_uint, c_uint);
+
+/// The OpenMP runtime whose threads run the jobs ([`share_openmp_threads`]).
+#[derive(Clone, Copy)]
+struct SharedOpenMp {
+    parallel: GompParallel,
+    /// The process that found it: its threads do not survive `fork`, so a child uses the pool
+    /// (whose threads it starts afresh).
+    process: u32,
+}
+
+/// The runtime shared, with its name for `threads_runtime`; None: the private pool.
+static OPENMP: Mutex<Option<(SharedOpenMp, String)>> = Mutex::new(None);
+/// Held by the caller whose job the shared runtime's threads run.
+static OPENMP_SUBMIT: Mutex<()> = Mutex::new(());
+
+/// The shared runtime's `GOMP_parallel`, if one is shared with this process (not a parent).
+fn shared_openmp() -> Option<GompParallel> {
+    // `try_lock`, as for `POOL`: a forked child must not wait on a lock a parent thread held.
+    let slot = match OPENMP.try_lock() {
+        Ok(slot) => slot,
+        Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+        Err(TryLockError::WouldBlock) => return None,
+    };
+    slot.as_ref()
+        .filter(|(openmp, _)| openmp.process == std::process::id())
+        .map(|(openmp, _)| openmp.parallel)
+}
+
+/// [`run`] on an OpenMP team of `threads`: each member takes tasks as the pool's threads do.
+fn run_on_openmp(
+    parallel: GompParallel,
+    threads: usize,
+    tasks: usize,
+    task: &(dyn Fn(usize) + Sync),
+) -> Result<(), String> {
+    extern "C" fn work(job: *mut c_void) {
+        // SAFETY: `job` is the `Job` below, alive until `GOMP_parallel` returns, which is after
+        // every member of the team has returned from here.
+        unsafe { &*job.cast::<Job<'static>>() }.work(); // never unwinds
+    }
+    let job = Job {
+        task,
+        tasks,
+        next: AtomicUsize::new(0),
+        panic: Mutex::new(None),
+    };
+    let erased = ptr::from_ref(&job).cast::<Job<'static>>().cast_mut();
+    let threads = c_uint::try_from(threads).unwrap_or(c_uint::MAX);
+    // SAFETY: the runtime's `GOMP_parallel` (found by name in a loaded OpenMP runtime), called
+    // as its contract says; `work` unwinds into no foreign frame.
+    unsafe { parallel(work, erased.cast(), threads, 0) };
+    job.finish()
+}
+
+/// Hands fusedae's jobs to the OpenMP runtime `library` (a path, or a loaded library's name)
+/// from now on, in this process; false, and nothing changes, if no library of that name is
+/// loaded or it has no `GOMP_parallel`. Only a runtime the process has loaded already is taken
+/// (PyTorch's), never one loaded for the purpose: two OpenMP runtimes would each keep a team.
+pub fn share_openmp_threads(library: &str) -> bool {
+    let Some(parallel) = loaded_gomp_parallel(library) else {
+        return false;
+    };
+    let openmp = SharedOpenMp {
+        parallel,
+        process: std::process::id(),
+    };
+    *OPENMP.lock().unwrap_or_else(PoisonError::into_inner) = Some((openmp, library.to_owned()));
+    true
+}
+
+#[cfg(unix)]
+fn loaded_gomp_parallel(library: &str) -> Option<GompParallel> {
+    if library.is_empty() {
+        return None; // `dlopen` would read it as the program itself, and all it loaded
+    }
+    let name = std::ffi::CString::new(library).ok()?;
+    // SAFETY: `dlopen` with `RTLD_NOLOAD` returns a loaded library (with a reference that
+    // keeps it loaded: never closed) or null, and loads nothing; `dlsym` reads its symbols.
+    let symbol = unsafe {
+        let handle = libc::dlopen(name.as_ptr(), libc::RTLD_LAZY | libc::RTLD_NOLOAD);
+        if handle.is_null() {
+            return None;
+        }
+        libc::dlsym(handle, c"GOMP_parallel".as_ptr())
+    };
+    // SAFETY: a non-null `GOMP_parallel` is that function, of that signature in every runtime
+    // that exports it.
+    (!symbol.is_null()).then(|| unsafe { std::mem::transmute::<*mut c_void, GompParallel>(symbol) })
+}
+
+#[cfg(not(unix))]
+fn loaded_gomp_parallel(_library: &str) -> Option<GompParallel> {
+    None
+}
+
+/// Goes back to the private pool for fusedae's jobs.
+pub fn use_own_threads() {
+    *OPENMP.lock().unwrap_or_else(PoisonError::into_inner) = None;
+}
+
+/// What runs fusedae's jobs in this process: `"fusedae"` (the private pool) or `"openmp:"` and
+/// the shared runtime's name.
+pub fn threads_runtime() -> String {
+    let slot = OPENMP.lock().unwrap_or_else(PoisonError::into_inner);
+    match slot.as_ref() {
+        Some((openmp, library)) if openmp.process == std::process::id() => {
+            format!("openmp:{library}")
+        }
+        _ => "fusedae".to_owned(),
     }
 }
 
@@ -514,6 +650,51 @@ mod tests {
         })
         .unwrap();
         assert_eq!(ran.load(Ordering::Relaxed), 4);
+    }
+
+    /// Threads the last `team_parallel` call was asked for.
+    static TEAM_ASKED: AtomicUsize = AtomicUsize::new(0);
+
+    /// `GOMP_parallel` as an OpenMP runtime keeps it: `function(data)` on the caller and
+    /// `threads - 1` more threads, returning once all have.
+    unsafe extern "C" fn team_parallel(
+        function: extern "C" fn(*mut c_void),
+        data: *mut c_void,
+        threads: c_uint,
+        _flags: c_uint,
+    ) {
+        TEAM_ASKED.store(threads as usize, Ordering::SeqCst);
+        let data = data as usize; // a raw pointer is not `Send`
+        std::thread::scope(|scope| {
+            for _ in 1..threads {
+                scope.spawn(move || function(data as *mut c_void));
+            }
+            function(data as *mut c_void);
+        });
+    }
+
+    #[test]
+    fn an_openmp_team_runs_every_task_once_and_reports_a_panic() {
+        let runs: Vec<AtomicUsize> = (0..100).map(|_| AtomicUsize::new(0)).collect();
+        run_on_openmp(team_parallel, 4, runs.len(), &|i| {
+            runs[i].fetch_add(1, Ordering::Relaxed);
+        })
+        .unwrap();
+        assert_eq!(TEAM_ASKED.load(Ordering::SeqCst), 4);
+        assert!(runs.iter().all(|count| count.load(Ordering::Relaxed) == 1));
+        let error = run_on_openmp(team_parallel, 3, 10, &|i| {
+            assert!(i != 7, "task {i} failed")
+        })
+        .unwrap_err();
+        assert!(error.contains("task 7 failed"), "{error}");
+    }
+
+    #[test]
+    fn an_openmp_runtime_not_loaded_is_not_taken() {
+        assert!(!share_openmp_threads("libfusedae-no-such-runtime.so.1"));
+        assert!(!share_openmp_threads("nul\0in the name"));
+        assert!(!share_openmp_threads(""));
+        assert_eq!(threads_runtime(), "fusedae");
     }
 
     #[test]

@@ -36,9 +36,13 @@ def isa(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture(autouse=True)
 def _restore_threads():
-    threads = fusedae.get_num_threads()
+    threads, runtime = fusedae.get_num_threads(), _native.threads_runtime()
     yield
     fusedae.set_num_threads(threads)
+    if runtime == "fusedae":
+        _native.use_own_threads()
+    else:
+        _native.share_openmp_threads(runtime.removeprefix("openmp:"))
 
 
 @pytest.fixture(autouse=True)

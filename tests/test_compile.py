@@ -118,7 +118,8 @@ def test_the_threaded_training_gate_leaves_no_graph_break(monkeypatch, torch_thr
     """The training gate with several threads (which reads the thread counts) traces without a
     graph break: below it, PyTorch's layers go into the graph; with PyTorch on one thread it
     does not apply, and the op does."""
-    monkeypatch.setattr(cache, "THREADED_TRAINING_MIN_ROWS", 10**6)
+    monkeypatch.setattr(cache, "THREADED_TRAINING_MIN_ROWS", 10**6)  # on fusedae's pool
+    monkeypatch.setattr(cache, "SHARED_THREADS_TRAINING_MIN_ROWS", 10**6)  # on PyTorch's threads
     torch.set_num_threads(torch_threads)  # both thread counts restored by the fixtures
     fusedae.set_num_threads(2)
     fused, _ = accelerate(issue_model())

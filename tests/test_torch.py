@@ -16,7 +16,7 @@ from _seed import AE as SeedAE
 from _tensors import relative_error
 from _threads import run_at_once
 from fusedae._ops import post_op
-from fusedae.torch import AE, FusedMLP, FusedMLPFunction, cache, pack_chain
+from fusedae.torch import AE, FusedMLP, FusedMLPFunction, cache, pack_chain, share_torch_threads
 from fusedae.torch.cache import ChainCache
 from fusedae.torch.lower import post_op_module
 
@@ -519,7 +519,9 @@ class TestFusedMLP:
 
     def test_the_threaded_gate_applies_where_torch_and_fusedae_both_run_threads(self, monkeypatch):
         """`THREADED_TRAINING_MIN_ROWS` and `..._FLOPS` hold a call that needs gradients to plain
-        PyTorch only while PyTorch and fusedae both run on more than one thread."""
+        PyTorch only while PyTorch and fusedae both run on more than one thread, fusedae's on its
+        own pool (on PyTorch's threads: `test_threads.py`)."""
+        share_torch_threads(False)  # conftest restores the runtime
         fused = FusedMLP.from_sequential(
             nn.Sequential(nn.Linear(6, 42), nn.ReLU(), nn.Linear(42, 3))
         )

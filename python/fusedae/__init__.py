@@ -21,7 +21,9 @@ def info() -> dict[str, object]:
     ``threads``: what a large batch is split across, resolved at first use from
     ``set_num_threads()``, else ``FUSEDAE_NUM_THREADS``, else ``OMP_NUM_THREADS`` (as Ray, Dask
     and Spark set it for a worker), else the CPUs this process may use (affinity and cgroup
-    quota); ``threads_from`` says which.
+    quota); ``threads_from`` says which. ``threads_runtime``: what runs them, ``"fusedae"`` (its
+    own pool) or ``"openmp:"`` and the library of PyTorch's OpenMP runtime, whose threads
+    ``fusedae.torch`` shares (``fusedae.torch.share_torch_threads``).
 
     ``cpu_vendor``: CPUID's vendor string (``"AuthenticAMD"``, ``"GenuineIntel"``; ``""`` off
     x86-64), which some choices no instruction set tells apart are made from (bf16's form, the
@@ -46,6 +48,7 @@ def info() -> dict[str, object]:
         "precisions": dict(_native.precision_support()),
         "threads": _native.get_num_threads(),
         "threads_from": _native.threads_source(),
+        "threads_runtime": _native.threads_runtime(),
         "build_profile": _native.build_profile,
         "target_arch": _native.target_arch,
     }

@@ -15,12 +15,16 @@
 * ``accelerate`` turns a model's ``nn.Sequential``s holding such runs into ``FusedMLP``s;
   ``save`` writes one to a ``.safetensors`` file. Modules become a ``ChainSpec`` through
   ``lower.py``.
+* Importing it runs fusedae's multithreaded calls on PyTorch's OpenMP threads, not fusedae's own
+  pool, which PyTorch's spinning threads kept off the cores (``share_torch_threads``,
+  ``threads.py``).
 """
 
 from fusedae.torch.accelerate import AccelerateReport, accelerate
 from fusedae.torch.function import FusedMLPFunction, pack_chain
 from fusedae.torch.modules import AE, FusedMLP
 from fusedae.torch.saving import save
+from fusedae.torch.threads import share_torch_threads
 
 __all__ = [
     "AE",
@@ -30,4 +34,7 @@ __all__ = [
     "accelerate",
     "pack_chain",
     "save",
+    "share_torch_threads",
 ]
+
+share_torch_threads()

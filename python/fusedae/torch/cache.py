@@ -82,8 +82,18 @@ TRAINING_MIN_ROWS, TRAINING_MIN_FLOPS = _TRAINING_GATES.get(
 # same way, two runs): seed 0.80-0.96x at 256 rows, 0.84-0.89x at 1024, 1.02-1.15x at 4096
 # (0.87x in a bench run), 1.11-1.26x at 8192, 1.27-1.33x at 16384; digits 0.95-1.15x at 256-512,
 # 0.98-1.05x at 4096, 0.94-0.96x at 8192, 1.03-1.14x at 16384, 1.10-1.36x at 32768. The cause
-# is libgomp's, not the CPU's: every CPU takes this gate.
+# is libgomp's, not the CPU's: every CPU takes this gate while fusedae runs on its own pool
+# (`share_torch_threads(False)`, or a PyTorch whose OpenMP runtime it did not find).
 THREADED_TRAINING_MIN_ROWS, THREADED_TRAINING_MIN_FLOPS = 8192, 90_000_000
+# The gate where both run on several threads and fusedae's calls run on PyTorch's OpenMP
+# threads (`share_torch_threads`, the default), which its ops left spinning, ready: the
+# one-thread gate but for a step whose ops all split across threads a little later. Zen 4
+# (2026-12-06, `tools/training_table.py` on 2 threads, 150 rounds, fused against plain): the
+# seed's class 0.94x at 48 rows, 0.97x at 64, 1.01x at 96, 1.04x at 128 (8.6e6 operations a
+# chain), 1.09x at 192, 1.13x at 256, 1.42x at 1024, 1.67x at 4096; as one Sequential 0.99x at
+# 32 and 64 rows, 1.10-1.11x at 96 and 128; digits 0.99x at 64 and 128 rows (7e5), 1.02x at
+# 256 (1.4e6), 1.10x at 384 (2.1e6), 1.11x at 512, 1.37x at 1024.
+SHARED_THREADS_TRAINING_MIN_ROWS, SHARED_THREADS_TRAINING_MIN_FLOPS = 128, 2_000_000
 # Fewest operations a chain (rows x `flops_per_row`) for which a call traced by torch.compile
 # runs the custom op, for inference and for training (where the training gates above apply
 # too); below, the chain's layers go into the graph as plain PyTorch. Compiled, each custom op
@@ -118,6 +128,8 @@ TRAINING_GATES = (
     "TRAINING_MIN_FLOPS",
     "THREADED_TRAINING_MIN_ROWS",
     "THREADED_TRAINING_MIN_FLOPS",
+    "SHARED_THREADS_TRAINING_MIN_ROWS",
+    "SHARED_THREADS_TRAINING_MIN_FLOPS",
 )
 COMPILED_GATES = ("COMPILED_INFERENCE_MIN_FLOPS", "COMPILED_TRAINING_MIN_FLOPS")
 # What the per-call path uses from torch, bound once: each `torch.name` lookup costs ~25 ns.
@@ -140,15 +152,22 @@ _Tensor = torch.Tensor
 _STRIDED = torch.strided
 
 
-def _threads_contend() -> bool:
-    """Whether PyTorch and fusedae both run on several threads (``THREADED_TRAINING_MIN_ROWS``)."""
-    return _torch_threads() > 1 and _native.get_num_threads() > 1
+def _threaded_gate() -> tuple[int, int]:
+    """The training gate's rows and operations besides ``TRAINING_MIN_ROWS`` and
+    ``TRAINING_MIN_FLOPS``: where PyTorch and fusedae both run on several threads,
+    ``THREADED_TRAINING_MIN_*`` on fusedae's own pool, ``SHARED_THREADS_TRAINING_MIN_*`` on
+    PyTorch's threads; none (zeros) where either runs on one."""
+    if _torch_threads() > 1 and _native.get_num_threads() > 1:
+        if _native.threads_runtime() == "fusedae":
+            return THREADED_TRAINING_MIN_ROWS, THREADED_TRAINING_MIN_FLOPS
+        return SHARED_THREADS_TRAINING_MIN_ROWS, SHARED_THREADS_TRAINING_MIN_FLOPS
+    return 0, 0
 
 
 # While torch.compile traces, read once, as a constant of the graph (torch 2.2+): a call of
-# either function there would break the graph. A later change of threads does not retrace.
+# these functions there would break the graph. A later change of threads does not retrace.
 if hasattr(torch.compiler, "assume_constant_result"):
-    _threads_contend = torch.compiler.assume_constant_result(_threads_contend)
+    _threaded_gate = torch.compiler.assume_constant_result(_threaded_gate)
 
 # Per tensor slot, what was packed: where it lives, the tensor, its version counter and address.
 _PackedTensor = tuple[dict[str, Any], str, torch.Tensor | None, int, int]
@@ -273,15 +292,13 @@ class ChainCache:
     def trains_faster_plain(self, x: torch.Tensor) -> bool:
         """Whether a call on ``x`` that needs gradients is below ``TRAINING_MIN_ROWS`` or
         ``TRAINING_MIN_FLOPS``, or, where PyTorch and fusedae both run on several threads,
-        ``THREADED_TRAINING_MIN_ROWS`` or ``THREADED_TRAINING_MIN_FLOPS`` (plain PyTorch trains
-        faster there)."""
+        the threaded gate (``_threaded_gate``): plain PyTorch trains faster there."""
         rows = x.numel() // self.in_features
         flops = rows * self.flops_per_row
         if rows < TRAINING_MIN_ROWS or flops < TRAINING_MIN_FLOPS:
             return True
-        return (
-            rows < THREADED_TRAINING_MIN_ROWS or flops < THREADED_TRAINING_MIN_FLOPS
-        ) and _threads_contend()
+        threaded_rows, threaded_flops = _threaded_gate()
+        return rows < threaded_rows or flops < threaded_flops
 
     def trains_plain(self, x: torch.Tensor) -> bool:
         """Whether ``forward`` would run ``x`` plain for the gate alone: a call that needs
