@@ -149,3 +149,12 @@ def test_the_threaded_gate_follows_the_runtime(monkeypatch, shared):
     for rows, fused_path in ((11, False), (12, True)):
         out = model(torch.randn(rows, 784, requires_grad=True))
         assert ("FusedMLPFunction" in type(out.grad_fn).__name__) == fused_path, rows
+
+
+def test_openmp_runtimes_are_known_by_their_file_names():
+    from fusedae.torch.threads import _RUNTIME_NAME
+
+    for name in ("libgomp.so.1", "libgomp-947d5fa1.so.1.0.0", "libomp.dylib", "libiomp5.so"):
+        assert _RUNTIME_NAME.fullmatch(name), name
+    for name in ("libgompx.so.1", "libompl.so", "libtorch_cpu.so", "libiomp5md.dll"):
+        assert not _RUNTIME_NAME.fullmatch(name), name

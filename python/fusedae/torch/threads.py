@@ -3,16 +3,41 @@ OpenMP runtime: ``share_torch_threads``, which importing ``fusedae.torch`` calls
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 import torch
 
 from fusedae import _native
 
-# OpenMP runtimes by the names PyTorch's builds load them under: its wheels' own copy in
-# torch/lib (GNU libgomp on Linux, LLVM's libomp on macOS), else a system or conda one.
-_RUNTIME_PATTERNS = ("libgomp*", "libomp*", "libiomp*")
+# An OpenMP runtime's file name: GNU libgomp (PyTorch's Linux wheels; `libgomp-<hash>.so.1.0.0`
+# where auditwheel renamed it), LLVM's libomp (macOS), Intel's libiomp5.
+_RUNTIME_NAME = re.compile(r"lib(gomp|omp|iomp5)([-.].*)?\.(so|dylib)(\..*)?")
+# Where no loaded library can be listed, the names PyTorch's builds load one under.
 _RUNTIME_NAMES = ("libgomp.so.1", "libomp.so", "libiomp5.so", "libomp.dylib", "libiomp5.dylib")
+
+
+def _loaded_runtimes() -> list[str]:
+    """Where an OpenMP runtime PyTorch may run on can be loaded from, PyTorch's own first: its
+    library folders (``torch/lib``, auditwheel's ``torch.libs``), then every runtime this process
+    has mapped (Linux: ``/proc/self/maps``; another library may have brought its own), then the
+    usual names."""
+    torch_dir = Path(torch.__file__).parent
+    paths = [
+        str(path)
+        for folder in ("lib", "../torch.libs")
+        for path in (torch_dir / folder).glob("lib*")
+    ]
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            # address, permissions, offset, device, inode, then the path (none: anonymous)
+            fields = (line.split(maxsplit=5) for line in maps)
+            paths += [entry[5].strip() for entry in fields if len(entry) == 6]
+    except OSError:
+        pass
+    found = dict.fromkeys(path for path in paths if _RUNTIME_NAME.fullmatch(os.path.basename(path)))
+    return [*found, *_RUNTIME_NAMES]
 
 
 def share_torch_threads(share: bool = True) -> str | None:
@@ -33,11 +58,7 @@ def share_torch_threads(share: bool = True) -> str | None:
         return None
     if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
         return None
-    library_dir = Path(torch.__file__).parent / "lib"
-    bundled = sorted(
-        str(path) for pattern in _RUNTIME_PATTERNS for path in library_dir.glob(pattern)
-    )
-    for library in (*bundled, *_RUNTIME_NAMES):
+    for library in _loaded_runtimes():
         if _native.share_openmp_threads(library):
             return library
     return None
