@@ -373,8 +373,9 @@ pub fn set_num_threads(threads: usize) -> Result<(), String> {
     Ok(())
 }
 
-/// Runs `task(i)` for every `i` in `0..tasks` on `threads` threads, the caller included, and
-/// returns when all have run. An error if the pool could not start or a task panicked.
+/// Runs `task(i)` for every `i` in `0..tasks` on `threads` threads, the caller included (the
+/// pool's, or those of the OpenMP runtime shared with [`share_openmp_threads`]), and returns when
+/// all have run. An error if the pool could not start or a task panicked.
 pub fn run(threads: usize, tasks: usize, task: &(dyn Fn(usize) + Sync)) -> Result<(), String> {
     if threads <= 1 || tasks <= 1 {
         return run_caught(|| (0..tasks).for_each(task));

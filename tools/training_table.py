@@ -12,10 +12,11 @@ order shuffled per round (on a shared VM whichever runs first or after a given p
 otherwise favoured), medians over the rounds after three of warm-up:
 
     .venv/bin/python tools/training_table.py [ROUNDS] [seed|digits|WIDTHxCODE] [class|sequential]
-        [--rows 64,128,...] [--threads N] [--burst N]
+        [--rows 64,128,...] [--threads N] [--own-pool] [--burst N]
 
 `--rows` replaces the model's batch sizes (required for `WIDTHxCODE`); `--threads` sets
-PyTorch's and fusedae's threads alike (both several: the threaded gates apply). With `--burst`,
+PyTorch's and fusedae's threads alike (both several: the threaded gates apply); `--own-pool` runs
+fusedae's calls on its own pool instead of PyTorch's OpenMP threads. With `--burst`,
 each peer makes that many calls in a row per round and the first is not timed: each call then
 finds the caches as its own last call left them, as in a training loop, instead of as another
 peer's did (the seed at 256 rows, Zen 4: every peer faster, the ratios the same).
@@ -35,7 +36,7 @@ import torch
 from torch import nn
 
 import fusedae
-from fusedae.torch import accelerate, cache
+from fusedae.torch import accelerate, cache, share_torch_threads
 
 WARM_UP = 3
 # Per model: its input width, its code width and the batch sizes of its table.
@@ -132,6 +133,11 @@ def main() -> None:
     parser.add_argument("--rows", help="batch sizes, comma-separated")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
+        "--own-pool",
+        action="store_true",
+        help="fusedae's calls on its own thread pool, not PyTorch's OpenMP threads",
+    )
+    parser.add_argument(
         "--burst",
         type=int,
         default=1,
@@ -152,6 +158,8 @@ def main() -> None:
         batches = tuple(int(rows) for rows in args.rows.split(","))
     torch.set_num_threads(threads)
     fusedae.set_num_threads(threads)
+    if args.own_pool:
+        share_torch_threads(False)
     # The training gate's limits, set to 0 to force the fused path.
     shipped_gates = {name: getattr(cache, name) for name in cache.TRAINING_GATES}
 
@@ -199,7 +207,8 @@ def main() -> None:
     ]
     print(
         f"{fusedae.info()['isa']}, {threads} thread{'s' if threads > 1 else ''}, "
-        f"{width}-42-{code}, the {form} form, median of {rounds} rounds"
+        f"{width}-42-{code}, the {form} form, median of {rounds} rounds, "
+        f"fusedae on {fusedae.info()['threads_runtime']}"
         + (f" of {burst} calls in a row a peer (the first not timed)" if burst > 1 else "")
     )
     print(
