@@ -86,8 +86,8 @@ TRAINING_MIN_ROWS, TRAINING_MIN_FLOPS = _TRAINING_GATES.get(
 # (`share_torch_threads(False)`, or a PyTorch whose OpenMP runtime it did not find).
 THREADED_TRAINING_MIN_ROWS, THREADED_TRAINING_MIN_FLOPS = 8192, 90_000_000
 # The gate where both run on several threads and fusedae's calls run on PyTorch's OpenMP
-# threads (`share_torch_threads`, the default), which its ops left spinning, ready: the
-# one-thread gate but for a step whose ops all split across threads a little later. Zen 4
+# threads (`share_torch_threads`, the default), which its ops left spinning, ready: twice the
+# one-thread gate's rows, as PyTorch's own layers gain from the second thread too. Zen 4
 # (2026-12-06, `tools/training_table.py` on 2 threads, 150 rounds, fused against plain): the
 # seed's class 0.94x at 48 rows, 0.97x at 64, 1.01x at 96, 1.04x at 128 (8.6e6 operations a
 # chain), 1.09x at 192, 1.13x at 256, 1.42x at 1024, 1.67x at 4096; as one Sequential 0.99x at
