@@ -231,12 +231,14 @@ AARCH64_TEST := target/aarch64-test
 AARCH64_ENV := CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc \
 	CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /usr/aarch64-linux-gnu" \
 	CARGO_TARGET_DIR=target/aarch64-rust $(FAST_RELEASE)
-AARCH64_PYTESTS := tests/test_mlp.py tests/test_native.py tests/test_activations.py
+# test_threads.py: fusedae.torch on torch 2.5.1, whose libgomp auditwheel renamed into torch.libs.
+AARCH64_PYTESTS := tests/test_mlp.py tests/test_native.py tests/test_activations.py tests/test_threads.py
 # qemu-user aborts when a multithreaded process forks (an assertion in its TCG); torch 2.5.1, the
 # only CPU-only aarch64 torch on PyPI, gives elu(-0) = +0 where the tests' torch and the Rust
 # reference give -0 (the Rust tests check ELU's signed zeros on NEON and scalar; test_activations
 # runs each ISA the host has, scalar included).
 AARCH64_DESELECT := --deselect tests/test_mlp.py::test_a_forked_child_gets_its_own_threads \
+	--deselect tests/test_threads.py::test_a_forked_child_runs_on_a_pool_of_its_own \
 	$(foreach isa,neon scalar,$(foreach t,test_op_matches_the_exact_value test_op_is_as_close_as_pytorch_or_closer,\
 	$(foreach d,float32 float64,--deselect "tests/test_activations.py::$(t)[$(isa)-elu-0.7-$(d)]")))
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import math
 import threading
+import typing
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -163,12 +164,14 @@ def _check(
     return per_layer
 
 
+# The ops' list arguments are `typing.Sequence`s: torch 2.4 and 2.5 infer a schema from `typing`'s
+# generics only, and refused `list[torch.Tensor]` with a ValueError on import.
 @torch.library.custom_op("fusedae::chain", mutates_args=(), device_types="cpu")
 def chain(
     x: torch.Tensor,
-    weights: list[torch.Tensor],
-    biases: list[torch.Tensor],
-    has_bias: list[bool],
+    weights: typing.Sequence[torch.Tensor],
+    biases: typing.Sequence[torch.Tensor],
+    has_bias: typing.Sequence[bool],
     post_ops: str,
 ) -> torch.Tensor:
     """The chain's output ``(*, out_features)`` on ``x`` of shape ``(*, in_features)``: layer i
@@ -192,9 +195,9 @@ def _chain_fake(
 @torch.library.custom_op("fusedae::chain_saving", mutates_args=(), device_types="cpu")
 def chain_saving(
     x: torch.Tensor,
-    weights: list[torch.Tensor],
-    biases: list[torch.Tensor],
-    has_bias: list[bool],
+    weights: typing.Sequence[torch.Tensor],
+    biases: typing.Sequence[torch.Tensor],
+    has_bias: typing.Sequence[bool],
     post_ops: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``chain`` that also returns what its backward reads (``saved_columns``: every hidden
@@ -233,12 +236,12 @@ def chain_backward(
     x: torch.Tensor,
     y: torch.Tensor,
     saved: torch.Tensor,
-    weights: list[torch.Tensor],
-    biases: list[torch.Tensor],
-    has_bias: list[bool],
+    weights: typing.Sequence[torch.Tensor],
+    biases: typing.Sequence[torch.Tensor],
+    has_bias: typing.Sequence[bool],
     post_ops: str,
     needs_x: bool,
-    needs_params: list[bool],
+    needs_params: typing.Sequence[bool],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``chain_saving``'s backward: ``(grad_x, grads)`` from what it returned, ``grad_x`` of
     ``x``'s shape (empty unless ``needs_x``), ``grads`` 1-d, each layer's weight gradient (``out

@@ -26,8 +26,8 @@ def _loaded_runtimes() -> list[str]:
     torch_dir = Path(torch.__file__).parent
     paths = [
         str(path)
-        for folder in ("lib", "../torch.libs")
-        for path in (torch_dir / folder).glob("lib*")
+        for folder in (torch_dir / "lib", torch_dir.parent / "torch.libs")
+        for path in folder.glob("lib*")
     ]
     try:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
