@@ -17,7 +17,7 @@ use std::ffi::{c_uint, c_void};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, PoisonError, TryLockError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -35,7 +35,16 @@ struct Job<'a> {
     panic: Mutex<Option<String>>,
 }
 
-impl Job<'_> {
+impl<'a> Job<'a> {
+    fn new(task: &'a (dyn Fn(usize) + Sync), tasks: usize) -> Job<'a> {
+        Job {
+            task,
+            tasks,
+            next: AtomicUsize::new(0),
+            panic: Mutex::new(None),
+        }
+    }
+
     /// Runs tasks until none is left. A panicking task is recorded, never propagated: this
     /// never unwinds, so every thread reports that it left the job.
     fn work(&self) {
@@ -78,6 +87,16 @@ pub fn run_caught(work: impl FnOnce()) -> Result<(), String> {
         std::mem::forget(payload);
         format!("a fusedae kernel task panicked (a bug, please report it): {said}")
     })
+}
+
+/// `mutex` locked if no one holds it (poisoned or not: what it guards stays consistent, as
+/// nothing panics while holding these locks), else None.
+fn lock_if_free<T>(mutex: &Mutex<T>) -> Option<MutexGuard<'_, T>> {
+    match mutex.try_lock() {
+        Ok(guard) => Some(guard),
+        Err(TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
+        Err(TryLockError::WouldBlock) => None,
+    }
 }
 
 /// What the caller and the pool threads share.
@@ -207,19 +226,10 @@ impl Pool {
     /// and returns when all have run. If another caller holds the pool, this one runs its tasks
     /// alone rather than wait. An error if a task panicked.
     fn run(&self, tasks: usize, task: &(dyn Fn(usize) + Sync)) -> Result<(), String> {
-        let job = Job {
-            task,
-            tasks,
-            next: AtomicUsize::new(0),
-            panic: Mutex::new(None),
-        };
-        let submit = match self.submit.try_lock() {
-            Ok(guard) => guard,
-            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
-            Err(TryLockError::WouldBlock) => {
-                job.work();
-                return job.finish();
-            }
+        let job = Job::new(task, tasks);
+        let Some(submit) = lock_if_free(&self.submit) else {
+            job.work();
+            return job.finish();
         };
         let erased = ptr::from_ref(&job).cast::<Job<'static>>().cast_mut();
         self.shared.job.store(erased, Ordering::SeqCst);
@@ -384,12 +394,7 @@ pub fn run(threads: usize, tasks: usize, task: &(dyn Fn(usize) + Sync)) -> Resul
         // One job at a time on the shared threads, as on the pool: a caller that finds them
         // taken (another Python thread's call, the GIL released) runs its tasks alone, rather
         // than the runtime starting a team of threads for each caller.
-        let running = match OPENMP_SUBMIT.try_lock() {
-            Ok(guard) => Some(guard),
-            Err(TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
-            Err(TryLockError::WouldBlock) => None,
-        };
-        return match running {
+        return match lock_if_free(&OPENMP_SUBMIT) {
             Some(_running) => run_on_openmp(parallel, threads.min(tasks), tasks, task),
             None => run_caught(|| (0..tasks).for_each(task)),
         };
@@ -423,11 +428,7 @@ static OPENMP_SUBMIT: Mutex<()> = Mutex::new(());
 /// The shared runtime's `GOMP_parallel`, if one is shared with this process (not a parent).
 fn shared_openmp() -> Option<GompParallel> {
     // `try_lock`, as for `POOL`: a forked child must not wait on a lock a parent thread held.
-    let slot = match OPENMP.try_lock() {
-        Ok(slot) => slot,
-        Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
-        Err(TryLockError::WouldBlock) => return None,
-    };
+    let slot = lock_if_free(&OPENMP)?;
     slot.as_ref()
         .filter(|(openmp, _)| openmp.process == std::process::id())
         .map(|(openmp, _)| openmp.parallel)
@@ -445,12 +446,7 @@ fn run_on_openmp(
         // every member of the team has returned from here.
         unsafe { &*job.cast::<Job<'static>>() }.work(); // never unwinds
     }
-    let job = Job {
-        task,
-        tasks,
-        next: AtomicUsize::new(0),
-        panic: Mutex::new(None),
-    };
+    let job = Job::new(task, tasks);
     let erased = ptr::from_ref(&job).cast::<Job<'static>>().cast_mut();
     let threads = c_uint::try_from(threads).unwrap_or(c_uint::MAX);
     // SAFETY: the runtime's `GOMP_parallel` (found by name in a loaded OpenMP runtime), called
@@ -555,10 +551,8 @@ pub fn run_reduce<A: Send>(
 /// exists.
 fn current_pool(threads: usize) -> Result<Option<Arc<Pool>>, String> {
     let process = std::process::id();
-    let mut slot = match POOL.try_lock() {
-        Ok(slot) => slot,
-        Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
-        Err(TryLockError::WouldBlock) => return Ok(None),
+    let Some(mut slot) = lock_if_free(&POOL) else {
+        return Ok(None);
     };
     if let Some((pool, owner)) = slot.as_ref() {
         if *owner == process && pool.threads() == threads {
