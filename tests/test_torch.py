@@ -182,12 +182,29 @@ class TestNeverStale:
             seed.load_state_dict(fused.state_dict())
             self.check(fused, seed)
 
-    def test_adam_foreach_and_fused_steps(self):
-        for options in ({"foreach": True}, {"foreach": False}):
-            seed, fused = seed_and_fused(20, 3, 8)
-            self.check(fused, seed)
-            optimizer = torch.optim.Adam(fused.parameters(), lr=0.1, **options)
-            ((fused(torch.randn(8, 20))) ** 2).mean().backward()
+    @pytest.mark.parametrize(
+        ("optimizer_class", "options"),
+        [
+            (torch.optim.Adam, {"foreach": True}),
+            (torch.optim.Adam, {"foreach": False}),
+            # The fused kernels bump no version counter (`_bump_versions_after_fused_step`).
+            (torch.optim.Adam, {"fused": True}),
+            (torch.optim.AdamW, {"fused": True}),
+            (torch.optim.SGD, {"fused": True, "momentum": 0.9}),
+            (torch.optim.Adagrad, {"fused": True}),
+        ],
+    )
+    def test_foreach_and_fused_optimizer_steps(self, optimizer_class, options):
+        seed, fused = seed_and_fused(20, 3, 8)
+        self.check(fused, seed)
+        try:
+            optimizer = optimizer_class(fused.parameters(), lr=0.1, **options)
+        except RuntimeError as error:  # torch < 2.4: no fused optimizers on the CPU
+            pytest.skip(str(error))
+        x = torch.randn(8, 20)
+        for _ in range(2):
+            optimizer.zero_grad()
+            ((fused(x) - x) ** 2).mean().backward()
             optimizer.step()
             seed.load_state_dict(fused.state_dict())
             self.check(fused, seed)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules import module as _torch_module
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from fusedae import _native
 from fusedae._ops import PostOp
@@ -169,6 +170,28 @@ def _threaded_gate() -> tuple[int, int]:
 if hasattr(torch.compiler, "assume_constant_result"):
     _threaded_gate = torch.compiler.assume_constant_result(_threaded_gate)
 
+
+def _bump_versions_after_fused_step(
+    optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
+    """After a step of an optimizer built with ``fused=True`` (Adam, AdamW, SGD, Adagrad: one
+    kernel writes every parameter), bumps the version counters of the parameters it stepped, as
+    every other optimizer's in-place updates do: the fused kernels bump none (torch 2.4-2.15),
+    so a packed chain would not see the step and go on computing with the weights from before
+    it, and a backward through tensors saved before the step would not be refused."""
+    for group in optimizer.param_groups:
+        if group.get("fused"):
+            for param in group["params"]:
+                if param.grad is not None:
+                    torch.autograd.graph.increment_version(param)
+
+
+# A hook on every optimizer's step, registered once, on import (torch 2.1+ has both halves; the
+# fused CPU optimizers came with 2.4).
+if hasattr(torch.autograd.graph, "increment_version"):
+    register_optimizer_step_post_hook(_bump_versions_after_fused_step)
+
+
 # Per tensor slot, what was packed: where it lives, the tensor, its version counter and address.
 _PackedTensor = tuple[dict[str, Any], str, torch.Tensor | None, int, int]
 
@@ -189,8 +212,9 @@ class ChainCache:
     ``LoweredChain.counters``) changed.
 
     A change is seen through each tensor's identity in its slot, storage address and version
-    counter, which every in-place op bumps (optimizer steps, ``load_state_dict``, ``copy_``
-    under ``no_grad``); ``.to()`` and ``.data = ...`` move the storage. A training-mode
+    counter, which every in-place op bumps (optimizer steps, the fused optimizers' through
+    ``_bump_versions_after_fused_step``, ``load_state_dict``, ``copy_`` under ``no_grad``);
+    ``.to()`` and ``.data = ...`` move the storage. A training-mode
     BatchNorm updates its running statistics without bumping their version counters, but adds
     1 to ``num_batches_tracked`` in place; and a call while one is in training mode forgets the
     packed chain. The packed tensors are kept alive so their addresses cannot be reused.
