@@ -896,9 +896,10 @@ fn threads_source() -> String {
     threads::threads_source()
 }
 
-/// Runs fusedae's multithreaded calls on the threads of the OpenMP runtime `library` (a path or
-/// a loaded library's name) already loaded in this process: False, and nothing changes, where
-/// none of that name is loaded or it has no `GOMP_parallel`.
+/// Runs the calling thread's multithreaded calls on the threads of the OpenMP runtime `library`
+/// (a path or a loaded library's name) already loaded in this process, while it runs that
+/// thread's parallel regions on more than one thread: False, and nothing changes, where none of
+/// that name is loaded or it has no `GOMP_parallel`.
 #[pyfunction]
 fn share_openmp_threads(library: &str) -> bool {
     threads::share_openmp_threads(library)
@@ -910,7 +911,8 @@ fn use_own_threads() {
     threads::use_own_threads();
 }
 
-/// What runs fusedae's multithreaded calls: "fusedae" (its pool) or "openmp:" and the library.
+/// What runs the calling thread's multithreaded calls: "fusedae" (its pool) or "openmp:" and the
+/// library.
 #[pyfunction]
 fn threads_runtime() -> String {
     threads::threads_runtime()

@@ -13,11 +13,11 @@
 //! their cores taken (the seed AE's step at 4,096 rows on 2 threads took 20.4 ms through the
 //! pool, 17.5 ms plain, Zen 4).
 
-use std::ffi::{c_uint, c_void};
+use std::ffi::{c_int, c_uint, c_void};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr;
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, TryLockError};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -392,8 +392,7 @@ pub fn run(threads: usize, tasks: usize, task: &(dyn Fn(usize) + Sync)) -> Resul
     }
     if let Some(parallel) = shared_openmp() {
         // One job at a time on the shared threads, as on the pool: a caller that finds them
-        // taken (another Python thread's call, the GIL released) runs its tasks alone, rather
-        // than the runtime starting a team of threads for each caller.
+        // taken runs its tasks alone.
         return match lock_if_free(&OPENMP_SUBMIT) {
             Some(_running) => run_on_openmp(parallel, threads.min(tasks), tasks, task),
             None => run_caught(|| (0..tasks).for_each(task)),
@@ -411,27 +410,72 @@ pub fn run(threads: usize, tasks: usize, task: &(dyn Fn(usize) + Sync)) -> Resul
 /// too.
 type GompParallel = unsafe extern "C" fn(extern "C" fn(*mut c_void), *mut c_void, c_uint, c_uint);
 
+/// `omp_get_max_threads()`: the calling thread's team size for its next parallel region, which
+/// PyTorch's `set_num_threads` sets (1 in a `DataLoader` worker).
+type OmpGetMaxThreads = unsafe extern "C" fn() -> c_int;
+
 /// The OpenMP runtime whose threads run the jobs ([`share_openmp_threads`]).
 #[derive(Clone, Copy)]
 struct SharedOpenMp {
     parallel: GompParallel,
+    max_threads: Option<OmpGetMaxThreads>,
     /// The process that found it: its threads do not survive `fork`, so a child uses the pool
     /// (whose threads it starts afresh).
     process: u32,
+    /// The thread that shared it ([`thread_token`]), the only one whose jobs go to the team:
+    /// the runtime keeps a team of threads for each thread that starts one, so sixteen Python
+    /// threads calling in turn would have kept sixteen teams.
+    thread: u64,
 }
 
-/// The runtime shared, with its name for `threads_runtime`; None: the private pool.
-static OPENMP: Mutex<Option<(SharedOpenMp, String)>> = Mutex::new(None);
+impl SharedOpenMp {
+    /// Whether a job of the calling thread goes to the team: in the process and from the thread
+    /// that shared it, while the runtime would run that thread's parallel regions on more than
+    /// one thread. At one (PyTorch's `set_num_threads(1)`, as in a `DataLoader` worker) the
+    /// team's threads are not running PyTorch's ops, so they are not in the pool's way; and in
+    /// a process forked from one whose team had started, the team's threads are gone but the
+    /// runtime still counts them: a parallel region there never ends.
+    fn runs_this_thread(&self) -> bool {
+        self.process == std::process::id()
+            && self.thread == thread_token()
+            // SAFETY: the runtime's `omp_get_max_threads`, found beside its `GOMP_parallel`.
+            && self.max_threads.is_none_or(|max_threads| unsafe { max_threads() } > 1)
+    }
+}
+
+/// A number that tells the calling thread from every other thread of the process.
+fn thread_token() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    thread_local! {
+        static TOKEN: u64 = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    TOKEN.with(|token| *token)
+}
+
+/// The runtime shared, with its name for `threads_runtime`; None: the private pool. Read far
+/// more often than written (every threaded call, every training call's gate), so a read lock.
+static OPENMP: RwLock<Option<(SharedOpenMp, String)>> = RwLock::new(None);
 /// Held by the caller whose job the shared runtime's threads run.
 static OPENMP_SUBMIT: Mutex<()> = Mutex::new(());
 
-/// The shared runtime's `GOMP_parallel`, if one is shared with this process (not a parent).
+/// The shared runtime, if one is shared; None while another thread changes it, or in a forked
+/// child whose parent was changing it (`try_read`: it must not wait on a parent thread's lock).
+fn shared_slot() -> Option<SharedOpenMp> {
+    match OPENMP.try_read() {
+        Ok(slot) => slot.as_ref().map(|(openmp, _)| *openmp),
+        Err(TryLockError::Poisoned(poisoned)) => {
+            poisoned.into_inner().as_ref().map(|(openmp, _)| *openmp)
+        }
+        Err(TryLockError::WouldBlock) => None,
+    }
+}
+
+/// The shared runtime's `GOMP_parallel`, if it runs the calling thread's jobs
+/// ([`SharedOpenMp::runs_this_thread`]).
 fn shared_openmp() -> Option<GompParallel> {
-    // `try_lock`, as for `POOL`: a forked child must not wait on a lock a parent thread held.
-    let slot = lock_if_free(&OPENMP)?;
-    slot.as_ref()
-        .filter(|(openmp, _)| openmp.process == std::process::id())
-        .map(|(openmp, _)| openmp.parallel)
+    shared_slot()
+        .filter(SharedOpenMp::runs_this_thread)
+        .map(|openmp| openmp.parallel)
 }
 
 /// [`run`] on an OpenMP team of `threads`: each member takes tasks as the pool's threads do.
@@ -455,58 +499,78 @@ fn run_on_openmp(
     job.finish()
 }
 
-/// Hands fusedae's jobs to the OpenMP runtime `library` (a path, or a loaded library's name)
-/// from now on, in this process; false, and nothing changes, if no library of that name is
-/// loaded or it has no `GOMP_parallel`. Only a runtime the process has loaded already is taken
-/// (PyTorch's), never one loaded for the purpose: two OpenMP runtimes would each keep a team.
+/// Hands the calling thread's jobs to the OpenMP runtime `library` (a path, or a loaded
+/// library's name) from now on, in this process (see [`SharedOpenMp::runs_this_thread`]);
+/// false, and nothing changes, if no library of that name is loaded or it has no
+/// `GOMP_parallel`. Only a runtime the process has loaded already is taken (PyTorch's), never
+/// one loaded for the purpose: two OpenMP runtimes would each keep a team.
 pub fn share_openmp_threads(library: &str) -> bool {
-    let Some(parallel) = loaded_gomp_parallel(library) else {
+    let Some((parallel, max_threads)) = loaded_openmp(library) else {
         return false;
     };
     let openmp = SharedOpenMp {
         parallel,
+        max_threads,
         process: std::process::id(),
+        thread: thread_token(),
     };
-    *OPENMP.lock().unwrap_or_else(PoisonError::into_inner) = Some((openmp, library.to_owned()));
+    *OPENMP.write().unwrap_or_else(PoisonError::into_inner) = Some((openmp, library.to_owned()));
     true
 }
 
+/// `library`'s `GOMP_parallel` and `omp_get_max_threads` (if it has one), if it is loaded.
 #[cfg(unix)]
-fn loaded_gomp_parallel(library: &str) -> Option<GompParallel> {
+fn loaded_openmp(library: &str) -> Option<(GompParallel, Option<OmpGetMaxThreads>)> {
     if library.is_empty() {
         return None; // `dlopen` would read it as the program itself, and all it loaded
     }
     let name = std::ffi::CString::new(library).ok()?;
     // SAFETY: `dlopen` with `RTLD_NOLOAD` returns a loaded library (with a reference that
     // keeps it loaded: never closed) or null, and loads nothing; `dlsym` reads its symbols.
-    let symbol = unsafe {
+    let (parallel, max_threads) = unsafe {
         let handle = libc::dlopen(name.as_ptr(), libc::RTLD_LAZY | libc::RTLD_NOLOAD);
         if handle.is_null() {
             return None;
         }
-        libc::dlsym(handle, c"GOMP_parallel".as_ptr())
+        (
+            libc::dlsym(handle, c"GOMP_parallel".as_ptr()),
+            libc::dlsym(handle, c"omp_get_max_threads".as_ptr()),
+        )
     };
-    // SAFETY: a non-null `GOMP_parallel` is that function, of that signature in every runtime
-    // that exports it.
-    (!symbol.is_null()).then(|| unsafe { std::mem::transmute::<*mut c_void, GompParallel>(symbol) })
+    if parallel.is_null() {
+        return None;
+    }
+    // SAFETY: non-null, these symbols are those functions, of these signatures in every
+    // runtime that exports them.
+    unsafe {
+        Some((
+            std::mem::transmute::<*mut c_void, GompParallel>(parallel),
+            (!max_threads.is_null())
+                .then(|| std::mem::transmute::<*mut c_void, OmpGetMaxThreads>(max_threads)),
+        ))
+    }
 }
 
 #[cfg(not(unix))]
-fn loaded_gomp_parallel(_library: &str) -> Option<GompParallel> {
+fn loaded_openmp(_library: &str) -> Option<(GompParallel, Option<OmpGetMaxThreads>)> {
     None
 }
 
 /// Goes back to the private pool for fusedae's jobs.
 pub fn use_own_threads() {
-    *OPENMP.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    *OPENMP.write().unwrap_or_else(PoisonError::into_inner) = None;
 }
 
-/// What runs fusedae's jobs in this process: `"fusedae"` (the private pool) or `"openmp:"` and
-/// the shared runtime's name.
+/// What runs the calling thread's jobs: `"openmp:"` and the shared runtime's name where this
+/// process and thread shared it (while that runtime runs this thread's parallel regions on one
+/// thread, the pool runs them: [`SharedOpenMp::runs_this_thread`]), else `"fusedae"` (the
+/// private pool).
 pub fn threads_runtime() -> String {
-    let slot = OPENMP.lock().unwrap_or_else(PoisonError::into_inner);
+    let slot = OPENMP.read().unwrap_or_else(PoisonError::into_inner);
     match slot.as_ref() {
-        Some((openmp, library)) if openmp.process == std::process::id() => {
+        Some((openmp, library))
+            if openmp.process == std::process::id() && openmp.thread == thread_token() =>
+        {
             format!("openmp:{library}")
         }
         _ => "fusedae".to_owned(),
@@ -682,6 +746,61 @@ mod tests {
         })
         .unwrap_err();
         assert!(error.contains("task 7 failed"), "{error}");
+    }
+
+    /// Teams `counting_parallel` started, and what `stand_in_max_threads` says.
+    static TEAMS_STARTED: AtomicUsize = AtomicUsize::new(0);
+    static STAND_IN_MAX_THREADS: AtomicUsize = AtomicUsize::new(2);
+
+    unsafe extern "C" fn counting_parallel(
+        function: extern "C" fn(*mut c_void),
+        data: *mut c_void,
+        threads: c_uint,
+        flags: c_uint,
+    ) {
+        TEAMS_STARTED.fetch_add(1, Ordering::SeqCst);
+        // SAFETY: forwarded.
+        unsafe { team_parallel(function, data, threads, flags) }
+    }
+
+    unsafe extern "C" fn stand_in_max_threads() -> c_int {
+        STAND_IN_MAX_THREADS.load(Ordering::SeqCst) as c_int
+    }
+
+    #[test]
+    fn only_the_sharing_thread_runs_on_the_team_while_it_runs_more_than_one_thread() {
+        let stand_in = SharedOpenMp {
+            parallel: counting_parallel,
+            max_threads: Some(stand_in_max_threads),
+            process: std::process::id(),
+            thread: thread_token(),
+        };
+        *OPENMP.write().unwrap() = Some((stand_in, "stand-in".to_owned()));
+        let run_all = || {
+            let ran: Vec<AtomicUsize> = (0..8).map(|_| AtomicUsize::new(0)).collect();
+            run(2, ran.len(), &|i| {
+                ran[i].fetch_add(1, Ordering::Relaxed);
+            })
+            .unwrap();
+            assert!(ran.iter().all(|count| count.load(Ordering::Relaxed) == 1));
+        };
+        run_all();
+        assert_eq!(TEAMS_STARTED.load(Ordering::SeqCst), 1);
+        assert_eq!(threads_runtime(), "openmp:stand-in");
+        // Another thread's jobs go to the pool: the runtime would keep a team for it.
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                run_all();
+                assert_eq!(threads_runtime(), "fusedae");
+            });
+        });
+        assert_eq!(TEAMS_STARTED.load(Ordering::SeqCst), 1);
+        // The runtime at one thread for this one (PyTorch's `set_num_threads(1)`): the pool.
+        STAND_IN_MAX_THREADS.store(1, Ordering::SeqCst);
+        run_all();
+        assert_eq!(TEAMS_STARTED.load(Ordering::SeqCst), 1);
+        use_own_threads();
+        assert_eq!(threads_runtime(), "fusedae");
     }
 
     #[test]

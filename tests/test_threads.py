@@ -1,12 +1,13 @@
 """fusedae's multithreaded calls on PyTorch's OpenMP threads (``share_torch_threads``) against
-its own pool: the same results, bit for bit, the training gate that goes with each, and a
-forked child on a pool of its own."""
+its own pool: the same results, bit for bit, the training gate that goes with each, a forked
+child on a pool of its own, and only the thread that shared them on PyTorch's threads."""
 
 from __future__ import annotations
 
 import multiprocessing
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -130,6 +131,38 @@ def test_a_forked_child_runs_on_a_pool_of_its_own():
         runtime, got = children.apply_async(_runtime_and_output_in_child, (model, x)).get(60)
     assert runtime == "fusedae"
     np.testing.assert_array_equal(got, want)
+
+
+def _reshare_on_one_pytorch_thread(model: FusedMLP, x: torch.Tensor) -> tuple[str, np.ndarray]:
+    torch.set_num_threads(1)  # as DataLoader's workers do
+    assert share_torch_threads() is not None
+    return _runtime_and_output_in_child(model, x)
+
+
+@needs_openmp_torch
+@pytest.mark.skipif(sys.platform != "linux", reason="fork start method")
+def test_a_child_forked_after_the_team_ran_runs_its_calls_on_the_pool():
+    # In a child forked after the parent's team started, the runtime's threads are gone but
+    # still counted: a parallel region there never ended. Where the child runs PyTorch on one
+    # thread, as DataLoader's workers do, its calls take the pool even if it shares again.
+    assert share_torch_threads() is not None
+    model, x = seed_chain(), torch.randn(ROWS, 784)
+    with torch.no_grad():
+        torch.mm(x, x.T)  # PyTorch's team has started
+        want = model(x).numpy()
+    with multiprocessing.get_context("fork").Pool(1) as children:
+        runtime, got = children.apply_async(_reshare_on_one_pytorch_thread, (model, x)).get(60)
+    assert runtime.startswith("openmp:")
+    np.testing.assert_array_equal(got, want)
+
+
+@needs_openmp_torch
+def test_only_the_thread_that_shared_runs_on_pytorchs_threads():
+    library = share_torch_threads()
+    assert library is not None
+    assert _native.threads_runtime() == f"openmp:{library}"
+    with ThreadPoolExecutor(1) as other:
+        assert other.submit(_native.threads_runtime).result() == "fusedae"
 
 
 @pytest.mark.parametrize("shared", [False, True])

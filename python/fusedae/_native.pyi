@@ -130,15 +130,17 @@ def set_num_threads(threads: int) -> None: ...
 def get_num_threads() -> int: ...
 def threads_source() -> str: ...
 def share_openmp_threads(library: str) -> bool:
-    """Runs the multithreaded calls on the threads of the OpenMP runtime ``library`` (a path or a
-    loaded library's name) already loaded in this process; False, and nothing changes, where
-    none of that name is loaded or it has no ``GOMP_parallel``."""
+    """Runs the calling thread's multithreaded calls on the threads of the OpenMP runtime
+    ``library`` (a path or a loaded library's name) already loaded in this process, while it
+    runs that thread's parallel regions on more than one thread; False, and nothing changes,
+    where none of that name is loaded or it has no ``GOMP_parallel``."""
 
 def use_own_threads() -> None:
     """Runs the multithreaded calls on fusedae's own pool again."""
 
 def threads_runtime() -> str:
-    """``"fusedae"`` (its own pool) or ``"openmp:"`` and the shared runtime's library."""
+    """What runs the calling thread's multithreaded calls: ``"fusedae"`` (its own pool) or
+    ``"openmp:"`` and the shared runtime's library."""
 
 def fma_peak_gflops(
     seconds: float = 0.2,

@@ -51,8 +51,13 @@ def share_torch_threads(share: bool = True) -> str | None:
     threads then found the cores taken: the seed AE's step on 2 threads at 4096 rows took 20.4
     ms through fusedae's pool against 17.5 ms plain PyTorch (Zen 4). On PyTorch's threads the
     fused call finds them awake instead. ``fusedae.set_num_threads`` still says how many run a
-    call. A process forked after this uses fusedae's pool (an OpenMP team's threads stay in the
-    parent)."""
+    call (``OMP_THREAD_LIMIT`` and ``OMP_DYNAMIC`` cap it there, as they cap PyTorch's ops).
+
+    Only the calling thread's calls go to PyTorch's threads (the runtime keeps a team of threads
+    for each thread that starts one), and only while PyTorch runs its ops on more than one
+    thread there (at one, as in a ``DataLoader`` worker, its threads are not in the way, and in
+    a child forked after the parent's team started, a team never returns); other threads, and
+    a process forked after this, use fusedae's pool."""
     if not share:
         _native.use_own_threads()
         return None
