@@ -94,6 +94,30 @@ def test_gradients_match_pytorch_for_every_op(name, bias, dtype):
             assert relative_error(g, w) <= bound, (rows, index)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", _native.POST_OPS)
+def test_nan_and_inf_reach_the_same_gradients_as_in_pytorch(name, dtype):
+    """A diverging run's NaN and infinities (in a weight, in biases) reach the same outputs and
+    gradients as they do in PyTorch: a check on the gradients sees the same."""
+    torch.manual_seed(0)
+    plain, params, _, ops = build((name,) * (len(WIDTHS) - 1), True, dtype)
+    with torch.no_grad():
+        params[0][3, 2] = float("nan")
+        params[3][1] = float("inf")
+        params[5][4] = -float("inf")
+    packed = pack_chain(params[0::2], params[1::2], ops)
+    x = torch.randn(64, WIDTHS[0], dtype=dtype, requires_grad=True)
+    grad_output = torch.randn(64, WIDTHS[-1], dtype=dtype)
+    got = FusedMLPFunction.apply(x, packed, ops, *params)
+    want = plain(x)
+    assert torch.equal(got.isnan(), want.isnan())
+    got_grads = torch.autograd.grad(got, [x, *params], grad_output)
+    want_grads = torch.autograd.grad(want, [x, *params], grad_output)
+    for index, (g, w) in enumerate(zip(got_grads, want_grads, strict=True)):
+        assert torch.equal(g.isnan(), w.isnan()), index
+        assert torch.equal(g.isinf(), w.isinf()), index
+
+
 @pytest.mark.parametrize(
     ("needs_x", "trained"),
     [

@@ -279,8 +279,10 @@ def _elu(x: np.ndarray, params: Params) -> np.ndarray:
 def _elu_gradient(
     grad: np.ndarray, pre: np.ndarray, post: np.ndarray, params: Params
 ) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        return np.where(pre <= 0, grad * params[0] * np.exp(pre), grad)
+    # A NaN input passes NaN, as PyTorch's vectorized kernel (its `> 0` select takes the
+    # exponential's side) does.
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.where(pre > 0, grad, grad * params[0] * np.exp(np.minimum(pre, 0)))
 
 
 def _torch_elu(x: torch.Tensor, params: Params) -> torch.Tensor:

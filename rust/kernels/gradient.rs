@@ -25,8 +25,9 @@ pub(super) unsafe fn chain_rule<V: SimdVec>(op: PostOp, grad: V, value: V) -> V 
         let one = splat_f64::<V>(1.0);
         match op {
             PostOp::Identity => grad,
-            // Where the output is positive (a NaN output passes no gradient).
-            PostOp::Relu => zero.select_lt(value, grad, zero),
+            // Zero where the output is `<= 0`, as `threshold_backward`: a NaN output passes the
+            // gradient (the inner select tells NaN from the outputs' 0 and -0).
+            PostOp::Relu => zero.select_lt(value, grad, value.select_lt(one, zero, grad)),
             // `(1 - y) y`, as `sigmoid_backward`.
             PostOp::Sigmoid => grad.mul(one.sub(value)).mul(value),
             // `1 - y^2`, as `tanh_backward`.
@@ -68,9 +69,10 @@ pub(super) unsafe fn chain_rule<V: SimdVec>(op: PostOp, grad: V, value: V) -> V 
                 let s = math::sigmoid(value);
                 grad.mul(s).mul(one.add(value.mul(one.sub(s))))
             }
-            // `alpha exp(x)` where `x <= 0`.
+            // `alpha exp(x)` where `x <= 0`, and NaN where `x` is (`zero.min` keeps it), as
+            // PyTorch's vectorized kernel: a diverging run's NaN reaches the gradients.
             PostOp::Elu { alpha } => {
-                let exp = math::exp_nonpositive(value.min(zero), None);
+                let exp = math::exp_nonpositive(zero.min(value), None);
                 let negative = grad.mul(splat_f64::<V>(alpha).mul(exp));
                 zero.select_lt(value, grad, negative)
             }
