@@ -94,6 +94,33 @@ def test_gradients_match_pytorch_for_every_op(name, bias, dtype):
             assert relative_error(g, w) <= bound, (rows, index)
 
 
+@pytest.mark.parametrize("last", ["identity", "gelu", "sigmoid"])
+def test_an_output_changed_in_place_stops_the_backward_only_where_pytorchs_would(last):
+    """The output is kept for the backward only where the last op's gradient reads it (as
+    PyTorch's Sigmoid keeps its own): after a last Linear (an in-place activation or a residual
+    added in place next) or an op whose gradient reads its input, the backward runs."""
+    torch.manual_seed(1)
+    plain, params, packed, ops = build(("relu", "relu", "relu", last), True, torch.float32)
+    x = torch.randn(16, WIDTHS[0])
+    y_plain, y_fused = plain(x), FusedMLPFunction.apply(x, packed, ops, *params)
+    for y in (y_plain, y_fused):
+        y.add_(1.0)
+    want_error = None
+    try:
+        want = torch.autograd.grad(y_plain.sum(), params)
+    except RuntimeError as error:
+        want_error = error
+    if want_error is not None:
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            torch.autograd.grad(y_fused.sum(), params)
+        assert last == "sigmoid"
+        return
+    assert last != "sigmoid"
+    got = torch.autograd.grad(y_fused.sum(), params)
+    for g, w in zip(got, want, strict=True):
+        assert relative_error(g, w) <= 1e-5
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("name", _native.POST_OPS)
 def test_nan_and_inf_reach_the_same_gradients_as_in_pytorch(name, dtype):

@@ -147,7 +147,7 @@ class FusedMLPFunction(torch.autograd.Function):
                 f"got {len(params)} tensors"
             )
         check_input(chain, x)
-        return _forward_saving(ctx, chain, x, params)
+        return _forward_saving(ctx, chain, x, params, ops[-1])
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
@@ -187,22 +187,29 @@ class CheckedFusedMLPFunction(FusedMLPFunction):
         activations: Sequence[str | PostOp],
         *params: torch.Tensor | None,
     ) -> torch.Tensor:
-        return _forward_saving(ctx, chain, x, params)
+        return _forward_saving(ctx, chain, x, params, activations[-1])  # type: ignore[arg-type]
 
 
 def _forward_saving(
-    ctx: Any, chain: _native.Chain, x: torch.Tensor, params: Sequence[torch.Tensor | None]
+    ctx: Any,
+    chain: _native.Chain,
+    x: torch.Tensor,
+    params: Sequence[torch.Tensor | None],
+    last_op: PostOp,
 ) -> torch.Tensor:
     """``FusedMLPFunction.forward`` on a checked input: runs the saving forward and keeps for the
     backward the input as the kernel read it (the backward does not copy a strided one again),
-    the output, the saved columns and the parameters."""
+    the output where the last post-op's gradient reads it (as PyTorch's ReLU, Sigmoid and Tanh
+    keep theirs: a Linear's output, changed in place after the call, does not stop PyTorch's
+    backward, so it must not stop ours), the saved columns and the parameters."""
     x = kernel_input(chain, x)
     y, saved = _saving_call(chain, x)
     ctx.chain = chain
     ctx.set_materialize_grads(False)
+    reads_output = last_op.name != "identity" and not last_op.op.gradient_reads_pre
     # `saved` is neither input nor output, so not differentiable through: the backward
     # refuses to be differentiated (`DOUBLE_BACKWARD_ERROR`).
-    ctx.save_for_backward(x, y, saved, *params)
+    ctx.save_for_backward(x, y if reads_output else None, saved, *params)
     return y
 
 
@@ -230,7 +237,7 @@ def native_backward(
     chain: _native.Chain,
     grad_output: torch.Tensor,
     x: torch.Tensor,
-    y: torch.Tensor,
+    y: torch.Tensor | None,
     saved: torch.Tensor,
     weights: Sequence[torch.Tensor],
     biases: Sequence[torch.Tensor | None],
@@ -253,17 +260,21 @@ def native_gradients(
     chain: _native.Chain,
     grad_output: torch.Tensor,
     x: torch.Tensor,
-    y: torch.Tensor,
+    y: torch.Tensor | None,
     saved: torch.Tensor,
     needs_x: bool,
     needs_params: Sequence[bool],
 ) -> tuple[torch.Tensor | None, np.ndarray]:
     """The native backward's ``(grad_x or None, grads)`` for ``x`` as the kernel read it
     (``kernel_input``: the Function saves it so): ``grads`` a 1-d numpy array, each layer's
-    weight gradient then bias gradient (see ``Chain._backward_dlpack``)."""
+    weight gradient then bias gradient (see ``Chain._backward_dlpack``). ``y`` None: the last
+    post-op's gradient does not read the output (the Function kept none), and the kernel is
+    handed ``grad_output`` in its place, of the same shape, for the checks."""
     grad = resolved(grad_output)
     if not grad.is_contiguous():  # (a read, where `contiguous` is a dispatched op)
         grad = grad.contiguous()
+    if y is None:
+        y = grad
     grad_x, grads = chain._backward_dlpack(
         to_dlpack(x), to_dlpack(saved), to_dlpack(y), to_dlpack(grad), list(needs_params), needs_x
     )
