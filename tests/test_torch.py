@@ -245,6 +245,63 @@ class TestNeverStale:
             seed.encoder[0].weight.data = new.clone()
             self.check(fused, seed)
 
+    @pytest.mark.parametrize("reparametrize", ["parametrize", "weight_norm", "old_weight_norm"])
+    def test_a_linear_reparametrized_after_the_first_call(self, reparametrize):
+        """`parametrize` moves the weight out of the Linear's parameters (and changes its class);
+        the old `weight_norm` computes it in a hook: the chain runs plain PyTorch from then on,
+        training as the plain model does."""
+
+        class Doubled(nn.Module):
+            def forward(self, weight: torch.Tensor) -> torch.Tensor:
+                return 2 * weight
+
+        reparametrizations = {
+            "parametrize": lambda linear: torch.nn.utils.parametrize.register_parametrization(
+                linear, "weight", Doubled()
+            ),
+            "weight_norm": torch.nn.utils.parametrizations.weight_norm,
+            "old_weight_norm": torch.nn.utils.weight_norm,
+        }
+        plain = nn.Sequential(nn.Linear(20, 8), nn.ReLU(), nn.Linear(8, 3))
+        fused = FusedMLP.from_sequential(copy.deepcopy(plain))
+        x = torch.randn(16, 20)
+        fused(x).sum().backward()  # packed, and trained through the kernel
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # the old weight_norm's deprecation
+            for model in (plain, fused):
+                reparametrizations[reparametrize](model[0])
+        got, want = fused(x), plain(x)
+        assert relative_error(got, want) <= 1e-5
+        params = [p for p in fused.parameters()]
+        got_grads = torch.autograd.grad(got.sum(), params)
+        want_grads = torch.autograd.grad(want.sum(), list(plain.parameters()))
+        for g, w in zip(got_grads, want_grads, strict=True):
+            assert relative_error(g, w) <= 1e-5
+
+    @pytest.mark.parametrize(
+        ("module", "attribute", "value"),
+        [
+            (nn.LeakyReLU(), "negative_slope", 0.5),
+            (nn.ELU(), "alpha", 0.3),
+            (nn.GELU(), "approximate", "tanh"),
+            (nn.Hardtanh(), "max_val", 0.25),
+            (nn.Softplus(), "beta", 3.0),
+        ],
+    )
+    def test_an_activations_attributes_changed_after_the_first_call(self, module, attribute, value):
+        plain = nn.Sequential(nn.Linear(20, 8), module, nn.Linear(8, 3))
+        fused = FusedMLP.from_sequential(copy.deepcopy(plain))
+        x = torch.randn(16, 20)
+        for _ in range(2):
+            with torch.no_grad():
+                assert relative_error(fused(x), plain(x)) <= 1e-5
+            got = torch.autograd.grad(fused(x).sum(), list(fused.parameters()))
+            want = torch.autograd.grad(plain(x).sum(), list(plain.parameters()))
+            for g, w in zip(got, want, strict=True):
+                assert relative_error(g, w) <= 1e-5
+            setattr(fused[1], attribute, value)
+            setattr(plain[1], attribute, value)
+
     def test_edits_through_data_need_invalidate(self):
         seed, fused = seed_and_fused(20, 3, 8)
         self.check(fused, seed)
@@ -463,6 +520,19 @@ class TestFusedMLP:
         want = per_sample_grads(plain)
         for name, grad in per_sample_grads(fused).items():
             assert relative_error(grad, want[name]) <= 1e-5, name
+
+    def test_forward_mode_ad_runs_plain_pytorch(self):
+        plain = nn.Sequential(nn.Linear(6, 42), nn.ReLU(), nn.Linear(42, 3))
+        fused = FusedMLP.from_sequential(plain)
+        x, tangent = torch.randn(5, 6), torch.randn(5, 6)
+        for grad in (False, True):
+            with torch.set_grad_enabled(grad), torch.autograd.forward_ad.dual_level():
+                dual = torch.autograd.forward_ad.make_dual(x, tangent)
+                got = torch.autograd.forward_ad.unpack_dual(fused(dual))
+                want = torch.autograd.forward_ad.unpack_dual(plain(dual))
+            assert got.tangent is not None, grad
+            assert relative_error(got.tangent, want.tangent) <= 1e-5
+            assert relative_error(got.primal, want.primal) <= 1e-5
 
     def test_gradcheck_through_the_function(self):
         layers = [nn.Linear(7, 42), nn.Linear(42, 5), nn.Linear(5, 3)]

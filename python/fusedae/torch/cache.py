@@ -25,7 +25,17 @@ from fusedae.torch.function import (
     shape_error,
     to_dlpack,
 )
-from fusedae.torch.lower import DROPOUTS, LoweredChain, TensorSlot, lower, resolved, split
+from fusedae.torch.lower import (
+    DROPOUTS,
+    LoweredChain,
+    Settings,
+    TensorSlot,
+    lower,
+    resolved,
+    settings,
+    settings_changed,
+    split,
+)
 
 _custom_ops: types.ModuleType | None
 try:
@@ -147,6 +157,8 @@ _is_autocast_enabled = getattr(torch._C, "_is_any_autocast_enabled", torch.is_au
 _tracing_state = torch._C._get_tracing_state
 _functorch_transforms_active = torch._C._are_functorch_transforms_active
 _is_grad_enabled = torch.is_grad_enabled
+# `_current_level` is -1 outside `torch.autograd.forward_ad.dual_level()`.
+_forward_ad = torch.autograd.forward_ad
 _torch_threads = torch.get_num_threads
 _from_numpy = torch.from_numpy
 _Tensor = torch.Tensor
@@ -236,6 +248,8 @@ class ChainCache:
         self.in_features = 0
         self.flops_per_row = 0
         self.slots: tuple[TensorSlot, ...] = ()
+        # The post-op modules' attributes the chain was lowered with (`lower.settings`).
+        self.settings: Settings = ()
         self.mode_dependent: tuple[nn.Module, ...] = ()
         # Whether a training call below the gate runs plain (`trains_plain`): a chain at full
         # precision (the narrow ones refuse to train) without mode-dependent modules.
@@ -300,6 +314,7 @@ class ChainCache:
                 for linear, _ in (self.lowered.layers if self.lowered else ())
             )
             self.slots = self.lowered.slots if self.lowered else ()
+            self.settings = settings(modules) if self.lowered else ()
             self.mode_dependent = self.lowered.mode_dependent if self.lowered else ()
             self.may_train_plain = self.trains_plain_below_gate()
             self.normalized = self.lowered.normalized if self.lowered else False
@@ -312,6 +327,14 @@ class ChainCache:
                 self.encoded_post_ops = _custom_ops.encode_post_ops(self.post_ops)
             self.invalidate()
         return self.lowered
+
+    def relower(self) -> None:
+        """Lowers the same modules again: a post-op's attribute changed (``settings``), or a
+        tensor moved out of its slot (a Linear reparametrized in place, by
+        ``torch.nn.utils.parametrize`` or ``weight_norm``; the chain then runs plain)."""
+        modules, containers = self.modules, self.containers
+        self.modules = ()
+        self.set_modules(modules, containers)
 
     def trains_faster_plain(self, x: torch.Tensor) -> bool:
         """Whether a call on ``x`` that needs gradients is below ``TRAINING_MIN_ROWS`` or
@@ -335,14 +358,18 @@ class ChainCache:
         TorchDynamo's before the gate: traced, the gate's comparisons on the batch size would
         become guards, which a strict ``torch.export`` with a dynamic batch refuses. Plain is
         right whatever the other checks would say."""
-        return (
-            self.may_train_plain
-            and type(x) is _Tensor
-            and not _is_dynamo_compiling()
-            and self.trains_faster_plain(x)
-            and _is_grad_enabled()
-            and self.needs_gradients(x)
-        )
+        try:
+            return (
+                self.may_train_plain
+                and type(x) is _Tensor
+                and not _is_dynamo_compiling()
+                and self.trains_faster_plain(x)
+                and _is_grad_enabled()
+                and self.needs_gradients(x)
+            )
+        except KeyError:  # a tensor moved out of its slot (`relower`)
+            self.relower()
+            return True
 
     def needs_gradients(self, x: torch.Tensor) -> bool:
         """Whether a call on ``x`` with grad mode on must record for autograd: ``x`` or one of
@@ -436,12 +463,17 @@ class ChainCache:
         (a call that needs gradients below the training gate: ``trains_faster_plain``).
         While ``torch.compile`` or ``torch.export`` traces, ``traced_forward``. Every check here
         runs on each call, so they are ordered and written for speed."""
+        if self.settings and settings_changed(self.settings):
+            self.relower()
+            if self.lowered is None:
+                return None
         if (
             type(x) is not _Tensor
             or any(self.hook_registries)
             or _is_dynamo_compiling()
             or _tracing_state() is not None
             or _functorch_transforms_active()
+            or _forward_ad._current_level >= 0  # forward-mode AD: the kernel has no tangents
             or _is_autocast_enabled()
             or not x.is_cpu
             or x.layout is not _STRIDED
@@ -454,36 +486,41 @@ class ChainCache:
         shape = x.shape
         if not shape or shape[-1] != in_features:
             raise shape_error(in_features, shape)
-        records = _is_grad_enabled() and self.needs_gradients(x)
-        if records:
-            if self.precision != "full":
-                raise RuntimeError(
-                    f"precision {self.precision!r} is for inference: call under torch.no_grad() "
-                    "or torch.inference_mode(), or set_precision('fp32') to train"
-                )
-            if self.trains_faster_plain(x):
-                return None  # before packing: a training step changes every parameter
-        dtype = x.dtype
-        # Still the packed chain if every tensor is the one packed, at the same address and
-        # version; read straight from each slot's dict (`linear.weight` goes through
-        # `nn.Module.__getattr__`) in one pass, inlined: this runs on every call.
-        packed = self.packed if dtype is self.dtype else None
-        changed_in_place = False
-        if packed is not None:
-            for owner, key, tensor, version, address in packed:
-                if owner[key] is not tensor or (
-                    tensor is not None and tensor.data_ptr() != address
-                ):
-                    packed = None
-                    break
-                if tensor is not None and tensor._version != version:
-                    changed_in_place = True
-        if packed is not None:
-            chain = self.repack(dtype) if changed_in_place else self.chain
-        elif dtype in _FUSED_DTYPES:
-            chain = self.pack(dtype)
-        else:
-            chain = None
+        try:
+            records = _is_grad_enabled() and self.needs_gradients(x)
+            if records:
+                if self.precision != "full":
+                    raise RuntimeError(
+                        f"precision {self.precision!r} is for inference: call under "
+                        "torch.no_grad() or torch.inference_mode(), or set_precision('fp32') to "
+                        "train"
+                    )
+                if self.trains_faster_plain(x):
+                    return None  # before packing: a training step changes every parameter
+            dtype = x.dtype
+            # Still the packed chain if every tensor is the one packed, at the same address and
+            # version; read straight from each slot's dict (`linear.weight` goes through
+            # `nn.Module.__getattr__`) in one pass, inlined: this runs on every call.
+            packed = self.packed if dtype is self.dtype else None
+            changed_in_place = False
+            if packed is not None:
+                for owner, key, tensor, version, address in packed:
+                    if owner[key] is not tensor or (
+                        tensor is not None and tensor.data_ptr() != address
+                    ):
+                        packed = None
+                        break
+                    if tensor is not None and tensor._version != version:
+                        changed_in_place = True
+            if packed is not None:
+                chain = self.repack(dtype) if changed_in_place else self.chain
+            elif dtype in _FUSED_DTYPES:
+                chain = self.pack(dtype)
+            else:
+                chain = None
+        except KeyError:  # a tensor moved out of its slot (`relower`)
+            self.relower()
+            return None
         if chain is None:  # parameters elsewhere or of another dtype, or a dtype we do not fuse
             assert self.lowered is not None
             weight = self.lowered.layers[0][0].weight

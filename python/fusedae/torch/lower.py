@@ -46,6 +46,38 @@ def _post_op(module: nn.Module) -> PostOp | None:
     return None
 
 
+# A post-op module's attributes its op is read from (``_post_op``), for ``settings``.
+_SETTINGS_BY_MODULE_TYPE: dict[type[nn.Module], tuple[str, ...]] = {
+    module_type: tuple(
+        dict.fromkeys(name for op in ops for name, _ in (*op.torch_settings, *op.params))
+    )
+    for module_type, ops in _OPS_BY_MODULE_TYPE.items()
+}
+# A module and the values of those attributes when its chain was lowered.
+Settings = tuple[tuple[nn.Module, tuple[str, ...], tuple[Any, ...]], ...]
+
+
+def settings(modules: Iterable[nn.Module]) -> Settings:
+    """The attributes that set the post-ops of ``modules`` (a LeakyReLU's ``negative_slope``,
+    a GELU's ``approximate``), with their values now: a chain lowered from them is stale once
+    ``settings_changed`` says so. Empty where no module has any (ReLU, Sigmoid, Tanh)."""
+    found = []
+    for module in modules:
+        names = _SETTINGS_BY_MODULE_TYPE.get(type(module), ())
+        if names:
+            found.append((module, names, tuple(getattr(module, name, None) for name in names)))
+    return tuple(found)
+
+
+def settings_changed(read: Settings) -> bool:
+    """Whether an attribute ``settings`` read has another value now."""
+    for module, names, values in read:
+        for name, value in zip(names, values, strict=True):
+            if getattr(module, name, None) != value:
+                return True
+    return False
+
+
 def _foldable(norm: nn.Module) -> bool:
     """An exact ``nn.BatchNorm1d`` with running statistics: in eval mode, a fixed affine map."""
     return (
@@ -190,6 +222,8 @@ def lower(modules: Iterable[nn.Module]) -> LoweredChain | None:
             return None  # only last
         kind = type(module)
         if kind is nn.Linear:
+            if "weight" not in module._parameters:
+                return None  # reparametrized in place (`nn.utils.weight_norm`): a hook computes it
             layers.append((cast(nn.Linear, module), IDENTITY))
             normalizations.append([("before", norm) for norm in waiting])
             waiting = []
