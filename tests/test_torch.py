@@ -696,11 +696,15 @@ class TestBadInput:
             fused(torch.randn(4, 19))
         with pytest.raises(ValueError, match=r"got shape \(\)"):
             fused.encoder(torch.tensor(1.0))
+        with pytest.raises(RuntimeError):  # what code written for nn.Linear catches
+            fused(torch.randn(4, 19))
 
     @pytest.mark.parametrize("dtype", [torch.int64, torch.float64, torch.float16, torch.bool])
     def test_wrong_dtype(self, dtype):
         _, fused = seed_and_fused(20, 3, 8)
         with pytest.raises(TypeError, match=f"expected input of dtype torch.float32.*got {dtype}"):
+            fused(torch.zeros(4, 20, dtype=dtype))
+        with pytest.raises(RuntimeError):  # what code written for nn.Linear catches
             fused(torch.zeros(4, 20, dtype=dtype))
 
     def test_nan_and_inf_propagate_like_pytorch(self):

@@ -20,6 +20,7 @@ from fusedae._ops import PostOp
 from fusedae.chain import Precision
 from fusedae.torch.function import (
     CheckedFusedMLPFunction,
+    InputDtypeError,
     pack_spec,
     run,
     shape_error,
@@ -525,7 +526,7 @@ class ChainCache:
             assert self.lowered is not None
             weight = self.lowered.layers[0][0].weight
             if weight.dtype != dtype:
-                raise TypeError(
+                raise InputDtypeError(
                     f"expected input of dtype {weight.dtype} (the parameters' dtype), got {dtype}"
                 )
             return None

@@ -47,8 +47,18 @@ def pack_chain(
     return pack_spec(ChainSpec.from_pairs(pairs, activations))
 
 
-def shape_error(in_features: int, shape: torch.Size) -> ValueError:
-    return ValueError(f"expected input of shape (*, {in_features}), got shape {tuple(shape)}")
+class InputShapeError(ValueError, RuntimeError):
+    """An input of the wrong width: a ValueError, and a RuntimeError as ``nn.Linear``'s own (so
+    code that catches PyTorch's error catches ours)."""
+
+
+class InputDtypeError(TypeError, RuntimeError):
+    """An input of another dtype than the parameters': a TypeError, and a RuntimeError as
+    ``nn.Linear``'s own."""
+
+
+def shape_error(in_features: int, shape: torch.Size) -> InputShapeError:
+    return InputShapeError(f"expected input of shape (*, {in_features}), got shape {tuple(shape)}")
 
 
 def check_input(chain: _native.Chain, x: torch.Tensor) -> None:
