@@ -101,6 +101,17 @@ def test_within_its_bound_on_every_isa(rng, isa, precision, widths, activations,
 
 
 @pytest.mark.parametrize("precision", NARROW)
+def test_rows_spanning_more_than_float32_holds(isa, precision):
+    """Finite inputs of both signs near float32's largest, whose range (max - min) float32
+    cannot hold: finite outputs within their bound (int8 quantized such rows to NaN)."""
+    layers = [(np.full((2, 4), 1e-3, np.float32), None)]
+    x = np.array([[1.8e38, -1.8e38, 1.0, 2.0], [3e38, -3e38, 0.0, 1.0]], np.float32)
+    mlp = MLP(layers, ["identity"], precision=precision, isa=isa)
+    assert np.isfinite(mlp(x)).all()
+    check_within_bound(mlp, layers, ["identity"], x, ceiling=np.inf)
+
+
+@pytest.mark.parametrize("precision", NARROW)
 def test_takes_any_input_fp32_takes(rng, isa, precision):
     layers = random_layers(rng, (784, 42, 16))
     mlp = MLP(layers, precision=precision, isa=isa)

@@ -337,17 +337,24 @@ pub unsafe fn forward_quads<
 }
 
 /// The scale and zero point that map `lo..=hi` (`lo <= 0 <= hi`) onto `0..=255`: a NaN scale
-/// where the range is not finite (the row then comes out NaN), scale 1 where it is empty, and
-/// at least the smallest normal f32 (whose inverse is finite) where it is subnormal.
+/// where either end is not finite (the row then comes out NaN), scale 1 where the range is
+/// empty, and at least the smallest normal f32 (whose inverse is finite) where it is subnormal.
 fn row_quantization(lo: f32, hi: f32) -> (f32, f32) {
-    let range = hi - lo;
-    if !range.is_finite() {
+    if !(lo.is_finite() && hi.is_finite()) {
         return (f32::NAN, 0.0);
     }
+    let range = hi - lo;
     if range == 0.0 {
         return (1.0, 0.0);
     }
-    let scale = (range / 255.0).max(f32::MIN_POSITIVE);
+    // Finite values of both signs near f32's largest span more than it holds: their 255th is
+    // taken in f64 (in f32 the range was infinite and the row came out NaN).
+    let step = if range.is_finite() {
+        range / 255.0
+    } else {
+        ((f64::from(hi) - f64::from(lo)) / 255.0) as f32
+    };
+    let scale = step.max(f32::MIN_POSITIVE);
     (scale, (-lo / scale).round_ties_even().clamp(0.0, 255.0))
 }
 
@@ -864,5 +871,23 @@ pub unsafe fn dot_quads_loop<V: QuadDot>(iterations: usize, seed: &[f32]) -> f32
             total = total.add(V::to_floats(s));
         }
         total.sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::row_quantization;
+
+    #[test]
+    fn a_row_spanning_more_than_f32_holds_gets_a_finite_scale() {
+        let (scale, zero) = row_quantization(-3e38, 3e38);
+        let want = 6e38 / 255.0;
+        assert!((f64::from(scale) - want).abs() <= 1e-6 * want, "{scale}");
+        assert_eq!(zero, 128.0); // 127.5, ties to even
+        let (scale, zero) = row_quantization(-1.0, 3.0);
+        assert_eq!((scale, zero), (4.0 / 255.0, 64.0));
+        assert_eq!(row_quantization(0.0, 0.0), (1.0, 0.0));
+        assert!(row_quantization(f32::NEG_INFINITY, 1.0).0.is_nan());
+        assert!(row_quantization(0.0, f32::NAN).0.is_nan());
     }
 }
