@@ -182,6 +182,14 @@ def test_encoder_outside_ray_and_its_errors(model_path: Path) -> None:
         codes = out_table["codes"].combine_chunks().flatten().to_numpy().reshape(5, 4)
         np.testing.assert_array_equal(codes, encoder({"x": x.astype(np.float32)})["codes"])
     assert encoder(table.slice(0, 0))["codes"].type == pa.list_(pa.float32(), 4)
+    # Other real dtypes run in float32, as the docstring says.
+    half, counts = x.astype(np.float16), np.arange(5 * WIDTH).reshape(5, WIDTH) % 7
+    for rows in (half, counts):
+        want = encoder({"x": rows.astype(np.float32)})["codes"]
+        np.testing.assert_array_equal(encoder({"x": rows})["codes"], want)
+    half_table = pa.table({"x": list_column(half, "list")})
+    codes = encoder(half_table)["codes"].combine_chunks().flatten().to_numpy().reshape(5, 4)
+    np.testing.assert_array_equal(codes, encoder({"x": half})["codes"])
 
     with pytest.raises(KeyError, match=r"no column 'x'; it has \['features'\]"):
         encoder({"features": x})

@@ -370,7 +370,11 @@ CORRUPTIONS: dict[str, tuple[Callable[[bytes], bytes], str]] = {
     ),
     "param not a number": (
         lambda d: with_header(d, edit_layer(0, post_op="elu", params={"alpha": "1"})),
-        "elu: parameters must be numbers",
+        "elu: parameters must be finite numbers",
+    ),
+    "param not finite": (
+        lambda d: with_header(d, edit_layer(0, post_op="elu", params={"alpha": float("nan")})),
+        "elu: parameters must be finite numbers",
     ),
     "bad position": (
         lambda d: with_header(

@@ -119,12 +119,17 @@ class Encoder:
     def in_features(self) -> int:
         return self.models[np.dtype(np.float32)].in_features
 
-    def model_for(self, rows: np.ndarray) -> MLP:
+    def encode(self, rows: np.ndarray) -> tuple[MLP, np.ndarray]:
+        """The model for ``rows`` and its output on them: rows of float64 computed in float64 at
+        fp32, of any other real dtype (float16, integers) in float32."""
         float64 = rows.dtype == np.float64 and self.precision == "fp32"
         dtype = np.dtype(np.float64 if float64 else np.float32)
         if dtype not in self.models:
             self.models[dtype] = MLP.from_spec(self.spec, dtype=dtype)
-        return self.models[dtype]
+        if rows.dtype != dtype and rows.dtype.kind in "fiu":
+            rows = rows.astype(dtype)
+        model = self.models[dtype]
+        return model, model(rows)
 
     def missing_column(self, names: Sequence[str]) -> KeyError:
         return KeyError(f"the batch has no column {self.input_column!r}; it has {sorted(names)}")
@@ -150,7 +155,7 @@ class Encoder:
             for name, column in batch.items()
             if name != self.input_column or self.keep_input
         }
-        out[self.output_column] = self.model_for(rows)(rows)
+        out[self.output_column] = self.encode(rows)[1]
         return out
 
     def encode_table(self, table: Any) -> Any:
@@ -161,8 +166,8 @@ class Encoder:
             raise self.missing_column(table.column_names)
         self.check_output_column(table.column_names)
         rows = table_rows(pa, table.column(self.input_column), self.input_column, self.in_features)
-        model = self.model_for(rows)
-        values = pa.array(model(rows).reshape(-1))
+        model, output = self.encode(rows)
+        values = pa.array(output.reshape(-1))
         if not self.keep_input:
             table = table.drop_columns([self.input_column])
         return table.append_column(

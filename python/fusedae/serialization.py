@@ -264,7 +264,7 @@ def _layer_v2(entry: object) -> _LayerMetadata:
     if not isinstance(params, dict) or sorted(params) != sorted(names):
         raise ValueError(f"{name} takes parameters {names} by name, got {params!r}")
     if not all(_is_number(value) for value in params.values()):
-        raise ValueError(f"{name}: parameters must be numbers, got {params!r}")
+        raise ValueError(f"{name}: parameters must be finite numbers, got {params!r}")
     resolved = PostOp(name, tuple(float(params[param]) for param in names))
     if not isinstance(normalization, list):
         raise ValueError(f"normalization must be a list, got {normalization!r}")
@@ -285,8 +285,11 @@ def _layer_v2(entry: object) -> _LayerMetadata:
 
 
 def _is_number(value: object) -> bool:
-    """A JSON float, or an int that converts to one (not one beyond 1.8e308)."""
-    return type(value) is float or (type(value) is int and abs(value) <= sys.float_info.max)
+    """A finite JSON float (Python's reader takes NaN and Infinity too), or an int that converts
+    to one (not one beyond 1.8e308)."""
+    return (type(value) is float and math.isfinite(value)) or (
+        type(value) is int and abs(value) <= sys.float_info.max
+    )
 
 
 def _normalization(
