@@ -78,7 +78,8 @@ pub fn reference_slope(op: PostOp, x: f64) -> f64 {
     let step = |inside: bool, otherwise: f64| if inside { 1.0 } else { otherwise };
     match op {
         PostOp::Identity => 1.0,
-        PostOp::Relu => step(x > 0.0, 0.0),
+        // NaN passes, as `threshold_backward` zeroes only where `x <= 0`.
+        PostOp::Relu => step(x > 0.0 || x.is_nan(), 0.0),
         PostOp::LeakyRelu { negative_slope } => step(x > 0.0, negative_slope),
         PostOp::Sigmoid => sigmoid(x) * (1.0 - sigmoid(x)),
         PostOp::Tanh => 1.0 - x.tanh() * x.tanh(),

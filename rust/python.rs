@@ -911,8 +911,8 @@ fn use_own_threads() {
     threads::use_own_threads();
 }
 
-/// What runs the calling thread's multithreaded calls: "fusedae" (its pool) or "openmp:" and the
-/// library.
+/// The threads the calling thread's multithreaded calls are handed to: "fusedae" (its pool) or
+/// "openmp:" and the library (whose threads run them while it runs that thread on more than one).
 #[pyfunction]
 fn threads_runtime() -> String {
     threads::threads_runtime()

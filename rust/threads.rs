@@ -561,12 +561,17 @@ pub fn use_own_threads() {
     *OPENMP.write().unwrap_or_else(PoisonError::into_inner) = None;
 }
 
-/// What runs the calling thread's jobs: `"openmp:"` and the shared runtime's name where this
-/// process and thread shared it (while that runtime runs this thread's parallel regions on one
-/// thread, the pool runs them: [`SharedOpenMp::runs_this_thread`]), else `"fusedae"` (the
-/// private pool).
+/// The threads the calling thread's jobs are handed to: `"openmp:"` and the shared runtime's
+/// name where this process and thread shared it (while that runtime would run this thread's
+/// parallel regions on one thread, the pool runs them: [`SharedOpenMp::runs_this_thread`]),
+/// else `"fusedae"` (the private pool). `try_read`, as [`shared_slot`]: a forked child must not
+/// wait on a lock a parent thread held; a change under way reads as the pool.
 pub fn threads_runtime() -> String {
-    let slot = OPENMP.read().unwrap_or_else(PoisonError::into_inner);
+    let slot = match OPENMP.try_read() {
+        Ok(slot) => slot,
+        Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+        Err(TryLockError::WouldBlock) => return "fusedae".to_owned(),
+    };
     match slot.as_ref() {
         Some((openmp, library))
             if openmp.process == std::process::id() && openmp.thread == thread_token() =>

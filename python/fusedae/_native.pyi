@@ -139,8 +139,9 @@ def use_own_threads() -> None:
     """Runs the multithreaded calls on fusedae's own pool again."""
 
 def threads_runtime() -> str:
-    """What runs the calling thread's multithreaded calls: ``"fusedae"`` (its own pool) or
-    ``"openmp:"`` and the shared runtime's library."""
+    """The threads the calling thread's multithreaded calls are handed to: ``"fusedae"`` (its
+    own pool) or ``"openmp:"`` and the shared runtime's library (whose threads run them while it
+    runs that thread on more than one)."""
 
 def fma_peak_gflops(
     seconds: float = 0.2,

@@ -303,7 +303,11 @@ class ChainCache:
         """The chain ``modules`` form (None if they are not one). ``containers``: modules whose
         ``forward`` the fused call also skips (the AE's encoder and decoder), so their hooks too
         make it run plain PyTorch."""
-        if modules != self.modules or containers != self.containers:
+        if (
+            modules != self.modules
+            or containers != self.containers
+            or (self.settings and settings_changed(self.settings))
+        ):
             self.modules, self.lowered = modules, lower(modules)
             self.containers = containers
             self.hook_registries = hook_registries((*containers, *modules))
@@ -359,16 +363,17 @@ class ChainCache:
         TorchDynamo's before the gate: traced, the gate's comparisons on the batch size would
         become guards, which a strict ``torch.export`` with a dynamic batch refuses. Plain is
         right whatever the other checks would say."""
+        if not (
+            self.may_train_plain
+            and type(x) is _Tensor
+            and not _is_dynamo_compiling()
+            and self.trains_faster_plain(x)
+            and _is_grad_enabled()
+        ):
+            return False
         try:
-            return (
-                self.may_train_plain
-                and type(x) is _Tensor
-                and not _is_dynamo_compiling()
-                and self.trains_faster_plain(x)
-                and _is_grad_enabled()
-                and self.needs_gradients(x)
-            )
-        except KeyError:  # a tensor moved out of its slot (`relower`)
+            return self.needs_gradients(x)
+        except KeyError:  # a tensor moved out of its slot: lowered again, this call plain
             self.relower()
             return True
 
@@ -388,6 +393,9 @@ class ChainCache:
         and returns the chain, or None if the tensors do not allow it (another
         device or dtype)."""
         assert self.lowered is not None  # `set_modules` found a chain
+        if not all(key in owner for owner, key in self.slots):
+            self.relower()  # a tensor moved out of its slot since: the modules run plain
+            return None
         tensors = self.lowered.tensors()
         usable = all(
             t is None or (t.is_cpu and t.dtype is dtype and t.layout is _STRIDED) for t in tensors
@@ -461,9 +469,12 @@ class ChainCache:
         """The fused forward of the chain (``set_modules`` found one) on ``x``, or None where only
         plain PyTorch computes what PyTorch would (CUDA, other dtypes, tensor subclasses,
         autocast, ``torch.jit.trace`` tracing, ``torch.func`` transforms, hooks) or runs faster
-        (a call that needs gradients below the training gate: ``trains_faster_plain``).
-        While ``torch.compile`` or ``torch.export`` traces, ``traced_forward``. Every check here
-        runs on each call, so they are ordered and written for speed."""
+        (a call that needs gradients below the training gate: ``trains_faster_plain``), and
+        under forward-mode AD (the kernel computes no tangents). Modules changed in place since
+        they were lowered (a post-op's attribute: ``settings``; a tensor moved out of its slot)
+        are lowered again (``relower``). While ``torch.compile`` or ``torch.export`` traces,
+        ``traced_forward``. Every check here runs on each call, so they are ordered and written
+        for speed."""
         if self.settings and settings_changed(self.settings):
             self.relower()
             if self.lowered is None:
@@ -489,22 +500,26 @@ class ChainCache:
             raise shape_error(in_features, shape)
         try:
             records = _is_grad_enabled() and self.needs_gradients(x)
-            if records:
-                if self.precision != "full":
-                    raise RuntimeError(
-                        f"precision {self.precision!r} is for inference: call under "
-                        "torch.no_grad() or torch.inference_mode(), or set_precision('fp32') to "
-                        "train"
-                    )
-                if self.trains_faster_plain(x):
-                    return None  # before packing: a training step changes every parameter
-            dtype = x.dtype
-            # Still the packed chain if every tensor is the one packed, at the same address and
-            # version; read straight from each slot's dict (`linear.weight` goes through
-            # `nn.Module.__getattr__`) in one pass, inlined: this runs on every call.
-            packed = self.packed if dtype is self.dtype else None
-            changed_in_place = False
-            if packed is not None:
+        except KeyError:  # a tensor moved out of its slot: lowered again, this call plain
+            self.relower()
+            return None
+        if records:
+            if self.precision != "full":
+                raise RuntimeError(
+                    f"precision {self.precision!r} is for inference: call under "
+                    "torch.no_grad() or torch.inference_mode(), or set_precision('fp32') to "
+                    "train"
+                )
+            if self.trains_faster_plain(x):
+                return None  # before packing: a training step changes every parameter
+        dtype = x.dtype
+        # Still the packed chain if every tensor is the one packed, at the same address and
+        # version; read straight from each slot's dict (`linear.weight` goes through
+        # `nn.Module.__getattr__`) in one pass, inlined: this runs on every call.
+        packed = self.packed if dtype is self.dtype else None
+        changed_in_place = False
+        if packed is not None:
+            try:
                 for owner, key, tensor, version, address in packed:
                     if owner[key] is not tensor or (
                         tensor is not None and tensor.data_ptr() != address
@@ -513,17 +528,18 @@ class ChainCache:
                         break
                     if tensor is not None and tensor._version != version:
                         changed_in_place = True
-            if packed is not None:
-                chain = self.repack(dtype) if changed_in_place else self.chain
-            elif dtype in _FUSED_DTYPES:
-                chain = self.pack(dtype)
-            else:
-                chain = None
-        except KeyError:  # a tensor moved out of its slot (`relower`)
-            self.relower()
-            return None
+            except KeyError:  # a tensor moved out of its slot: lowered again, this call plain
+                self.relower()
+                return None
+        if packed is not None:
+            chain = self.repack(dtype) if changed_in_place else self.chain
+        elif dtype in _FUSED_DTYPES:
+            chain = self.pack(dtype)
+        else:
+            chain = None
         if chain is None:  # parameters elsewhere or of another dtype, or a dtype we do not fuse
-            assert self.lowered is not None
+            if self.lowered is None:  # lowered again by `pack`: not a chain now
+                return None
             weight = self.lowered.layers[0][0].weight
             if weight.dtype != dtype:
                 raise InputDtypeError(

@@ -72,7 +72,7 @@ def check_input(chain: _native.Chain, x: torch.Tensor) -> None:
         )
     as_numpy = NUMPY_DTYPES.get(x.dtype)
     if as_numpy is None or as_numpy != chain.dtype:  # (numpy reads None as float64)
-        raise TypeError(f"expected input of dtype {chain.dtype} (the chain's), got {x.dtype}")
+        raise InputDtypeError(f"expected input of dtype {chain.dtype} (the chain's), got {x.dtype}")
     if x.dim() == 0 or x.shape[-1] != chain.in_features:
         raise shape_error(chain.in_features, x.shape)
 
@@ -157,7 +157,7 @@ class FusedMLPFunction(torch.autograd.Function):
                 f"got {len(params)} tensors"
             )
         check_input(chain, x)
-        return _forward_saving(ctx, chain, x, params, ops[-1])
+        return _forward_saving(ctx, chain, x, params, keeps_output=True)
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
@@ -197,7 +197,11 @@ class CheckedFusedMLPFunction(FusedMLPFunction):
         activations: Sequence[str | PostOp],
         *params: torch.Tensor | None,
     ) -> torch.Tensor:
-        return _forward_saving(ctx, chain, x, params, activations[-1])  # type: ignore[arg-type]
+        # The chain was packed with these post-ops (`ChainCache`): the output is kept only where
+        # the last one's gradient reads it.
+        last: PostOp = activations[-1]  # type: ignore[assignment]
+        keeps_output = last.name != "identity" and not last.op.gradient_reads_pre
+        return _forward_saving(ctx, chain, x, params, keeps_output)
 
 
 def _forward_saving(
@@ -205,21 +209,21 @@ def _forward_saving(
     chain: _native.Chain,
     x: torch.Tensor,
     params: Sequence[torch.Tensor | None],
-    last_op: PostOp,
+    keeps_output: bool,
 ) -> torch.Tensor:
     """``FusedMLPFunction.forward`` on a checked input: runs the saving forward and keeps for the
     backward the input as the kernel read it (the backward does not copy a strided one again),
-    the output where the last post-op's gradient reads it (as PyTorch's ReLU, Sigmoid and Tanh
-    keep theirs: a Linear's output, changed in place after the call, does not stop PyTorch's
-    backward, so it must not stop ours), the saved columns and the parameters."""
+    the output if ``keeps_output`` (the modules keep it only where the last post-op's gradient
+    reads it, as PyTorch's ReLU, Sigmoid and Tanh keep theirs: a Linear's output changed in
+    place after the call does not stop PyTorch's backward, so it must not stop ours), the saved
+    columns and the parameters."""
     x = kernel_input(chain, x)
     y, saved = _saving_call(chain, x)
     ctx.chain = chain
     ctx.set_materialize_grads(False)
-    reads_output = last_op.name != "identity" and not last_op.op.gradient_reads_pre
     # `saved` is neither input nor output, so not differentiable through: the backward
     # refuses to be differentiated (`DOUBLE_BACKWARD_ERROR`).
-    ctx.save_for_backward(x, y if reads_output else None, saved, *params)
+    ctx.save_for_backward(x, y if keeps_output else None, saved, *params)
     return y
 
 

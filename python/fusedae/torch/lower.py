@@ -53,28 +53,27 @@ _SETTINGS_BY_MODULE_TYPE: dict[type[nn.Module], tuple[str, ...]] = {
     )
     for module_type, ops in _OPS_BY_MODULE_TYPE.items()
 }
-# A module and the values of those attributes when its chain was lowered.
-Settings = tuple[tuple[nn.Module, tuple[str, ...], tuple[Any, ...]], ...]
+# Where an attribute lives (a module's `__dict__`), its name, and its value when read.
+Settings = tuple[tuple[dict[str, Any], str, Any], ...]
 
 
 def settings(modules: Iterable[nn.Module]) -> Settings:
     """The attributes that set the post-ops of ``modules`` (a LeakyReLU's ``negative_slope``,
     a GELU's ``approximate``), with their values now: a chain lowered from them is stale once
     ``settings_changed`` says so. Empty where no module has any (ReLU, Sigmoid, Tanh)."""
-    found = []
-    for module in modules:
-        names = _SETTINGS_BY_MODULE_TYPE.get(type(module), ())
-        if names:
-            found.append((module, names, tuple(getattr(module, name, None) for name in names)))
-    return tuple(found)
+    return tuple(
+        (vars(module), name, vars(module).get(name))
+        for module in modules
+        for name in _SETTINGS_BY_MODULE_TYPE.get(type(module), ())
+    )
 
 
 def settings_changed(read: Settings) -> bool:
-    """Whether an attribute ``settings`` read has another value now."""
-    for module, names, values in read:
-        for name, value in zip(names, values, strict=True):
-            if getattr(module, name, None) != value:
-                return True
+    """Whether an attribute ``settings`` read has another value now (read from the module's
+    dict, as ``nn.Module`` keeps them: ``getattr`` costs several times as much per call)."""
+    for attributes, name, value in read:  # noqa: SIM110 (a loop: `any` of a generator costs more)
+        if attributes.get(name) != value:
+            return True
     return False
 
 
@@ -222,8 +221,6 @@ def lower(modules: Iterable[nn.Module]) -> LoweredChain | None:
             return None  # only last
         kind = type(module)
         if kind is nn.Linear:
-            if "weight" not in module._parameters:
-                return None  # reparametrized in place (`nn.utils.weight_norm`): a hook computes it
             layers.append((cast(nn.Linear, module), IDENTITY))
             normalizations.append([("before", norm) for norm in waiting])
             waiting = []
@@ -268,6 +265,8 @@ def lower(modules: Iterable[nn.Module]) -> LoweredChain | None:
         for _, norm in norms
         for owner, key in _NORMALIZATION_SLOTS
     ]
+    if not all(key in owner for owner, key in slots):
+        return None  # a tensor moved out of its module (reparametrized, pruned): a hook has it
     counters = tuple(
         (norm._buffers, "num_batches_tracked") for norms in normalizations for _, norm in norms
     )

@@ -155,7 +155,7 @@ class FusedMLP(_FusedCall, nn.Sequential):
             return [(0, len(modules))]
         runs, start = [], 0
         for piece, cache in self._pieces.pieces_of(modules):
-            if cache is not None:
+            if cache is not None and cache.lowered is not None:
                 runs.append((start, start + len(piece)))
             start += len(piece)
         return runs
@@ -190,7 +190,7 @@ class FusedMLP(_FusedCall, nn.Sequential):
         modules: tuple[nn.Module, ...] = tuple(self._modules.values())  # type: ignore[arg-type]
         for piece, cache in self._pieces.pieces_of(modules):
             fused = None
-            if cache is not None:
+            if cache is not None and cache.lowered is not None:  # (None: lowered again, plain)
                 fused = cache.reshaped_forward(x) if cache.reshaped else cache.forward(x)
             if fused is None:
                 for module in piece:
