@@ -21,7 +21,12 @@
 """
 
 from fusedae.torch.accelerate import AccelerateReport, accelerate
-from fusedae.torch.function import FusedMLPFunction, pack_chain
+from fusedae.torch.function import (
+    FusedMLPFunction,
+    InputDtypeError,
+    InputShapeError,
+    pack_chain,
+)
 from fusedae.torch.modules import AE, FusedMLP
 from fusedae.torch.saving import save
 from fusedae.torch.threads import share_torch_threads
@@ -31,6 +36,8 @@ __all__ = [
     "AccelerateReport",
     "FusedMLP",
     "FusedMLPFunction",
+    "InputDtypeError",
+    "InputShapeError",
     "accelerate",
     "pack_chain",
     "save",
