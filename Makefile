@@ -239,6 +239,7 @@ AARCH64_PYTESTS := tests/test_mlp.py tests/test_native.py tests/test_activations
 # runs each ISA the host has, scalar included).
 AARCH64_DESELECT := --deselect tests/test_mlp.py::test_a_forked_child_gets_its_own_threads \
 	--deselect tests/test_threads.py::test_a_forked_child_runs_on_a_pool_of_its_own \
+	--deselect tests/test_threads.py::test_a_child_forked_after_the_team_ran_runs_its_calls_on_the_pool \
 	$(foreach isa,neon scalar,$(foreach t,test_op_matches_the_exact_value test_op_is_as_close_as_pytorch_or_closer,\
 	$(foreach d,float32 float64,--deselect "tests/test_activations.py::$(t)[$(isa)-elu-0.7-$(d)]")))
 
