@@ -17,7 +17,9 @@ use std::ffi::{c_int, c_uint, c_void};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock, TryLockError};
+use std::sync::{
+    Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, TryLockError,
+};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -429,6 +431,11 @@ struct SharedOpenMp {
 }
 
 impl SharedOpenMp {
+    /// Whether the calling thread, in this process, shared it.
+    fn shared_by_this_thread(&self) -> bool {
+        self.process == std::process::id() && self.thread == thread_token()
+    }
+
     /// Whether a job of the calling thread goes to the team: in the process and from the thread
     /// that shared it, while the runtime would run that thread's parallel regions on more than
     /// one thread. At one (PyTorch's `set_num_threads(1)`, as in a `DataLoader` worker) the
@@ -436,8 +443,7 @@ impl SharedOpenMp {
     /// a process forked from one whose team had started, the team's threads are gone but the
     /// runtime still counts them: a parallel region there never ends.
     fn runs_this_thread(&self) -> bool {
-        self.process == std::process::id()
-            && self.thread == thread_token()
+        self.shared_by_this_thread()
             // SAFETY: the runtime's `omp_get_max_threads`, found beside its `GOMP_parallel`.
             && self.max_threads.is_none_or(|max_threads| unsafe { max_threads() } > 1)
     }
@@ -458,14 +464,13 @@ static OPENMP: RwLock<Option<(SharedOpenMp, String)>> = RwLock::new(None);
 /// Held by the caller whose job the shared runtime's threads run.
 static OPENMP_SUBMIT: Mutex<()> = Mutex::new(());
 
-/// The shared runtime, if one is shared; None while another thread changes it, or in a forked
-/// child whose parent was changing it (`try_read`: it must not wait on a parent thread's lock).
-fn shared_slot() -> Option<SharedOpenMp> {
+/// The shared runtime and its name, read if no thread is changing it (`try_read`, as
+/// [`lock_if_free`]: a forked child must not wait on a lock a parent thread held); None while
+/// one is.
+fn read_if_free() -> Option<RwLockReadGuard<'static, Option<(SharedOpenMp, String)>>> {
     match OPENMP.try_read() {
-        Ok(slot) => slot.as_ref().map(|(openmp, _)| *openmp),
-        Err(TryLockError::Poisoned(poisoned)) => {
-            poisoned.into_inner().as_ref().map(|(openmp, _)| *openmp)
-        }
+        Ok(slot) => Some(slot),
+        Err(TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
         Err(TryLockError::WouldBlock) => None,
     }
 }
@@ -473,8 +478,10 @@ fn shared_slot() -> Option<SharedOpenMp> {
 /// The shared runtime's `GOMP_parallel`, if it runs the calling thread's jobs
 /// ([`SharedOpenMp::runs_this_thread`]).
 fn shared_openmp() -> Option<GompParallel> {
-    shared_slot()
-        .filter(SharedOpenMp::runs_this_thread)
+    let slot = read_if_free()?;
+    slot.as_ref()
+        .map(|(openmp, _)| openmp)
+        .filter(|openmp| openmp.runs_this_thread())
         .map(|openmp| openmp.parallel)
 }
 
@@ -564,18 +571,10 @@ pub fn use_own_threads() {
 /// The threads the calling thread's jobs are handed to: `"openmp:"` and the shared runtime's
 /// name where this process and thread shared it (while that runtime would run this thread's
 /// parallel regions on one thread, the pool runs them: [`SharedOpenMp::runs_this_thread`]),
-/// else `"fusedae"` (the private pool). `try_read`, as [`shared_slot`]: a forked child must not
-/// wait on a lock a parent thread held; a change under way reads as the pool.
+/// else `"fusedae"` (the private pool; also while another thread changes it: [`read_if_free`]).
 pub fn threads_runtime() -> String {
-    let slot = match OPENMP.try_read() {
-        Ok(slot) => slot,
-        Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
-        Err(TryLockError::WouldBlock) => return "fusedae".to_owned(),
-    };
-    match slot.as_ref() {
-        Some((openmp, library))
-            if openmp.process == std::process::id() && openmp.thread == thread_token() =>
-        {
+    match read_if_free().as_deref() {
+        Some(Some((openmp, library))) if openmp.shared_by_this_thread() => {
             format!("openmp:{library}")
         }
         _ => "fusedae".to_owned(),

@@ -475,6 +475,12 @@ class PostOp:
     def op(self) -> Op:
         return OPS[self.name]
 
+    @property
+    def gradient_reads_output(self) -> bool:
+        """Whether the op's gradient is computed from its output (ReLU, Sigmoid, Tanh): the
+        identity's reads nothing, the others' read their input (``Op.gradient_reads_pre``)."""
+        return self.name != "identity" and not self.op.gradient_reads_pre
+
     def reference(self, x: np.ndarray) -> np.ndarray:
         return self.op.reference(x, self.params)
 

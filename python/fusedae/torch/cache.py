@@ -246,6 +246,7 @@ class ChainCache:
         self.lowered: LoweredChain | None = None
         self.hook_registries = hook_registries(())
         self.post_ops: tuple[PostOp, ...] = ()
+        self.keeps_output = False
         self.in_features = 0
         self.flops_per_row = 0
         self.slots: tuple[TensorSlot, ...] = ()
@@ -312,6 +313,8 @@ class ChainCache:
             self.containers = containers
             self.hook_registries = hook_registries((*containers, *modules))
             self.post_ops = self.lowered.post_ops if self.lowered else ()
+            # Whether the training forward keeps its output for the backward.
+            self.keeps_output = bool(self.post_ops) and self.post_ops[-1].gradient_reads_output
             self.native_post_ops = [op.native_argument for op in self.post_ops]
             self.in_features = self.lowered.in_features if self.lowered else 0
             self.flops_per_row = sum(
@@ -553,8 +556,8 @@ class ChainCache:
                 # The backward through the kernel's (float64-folded) weights goes on through
                 # the same fold in torch ops to the Linear's and the BatchNorms' parameters.
                 folded = self.lowered.folded(self.tensors)  # type: ignore[union-attr]
-                return CheckedFusedMLPFunction.apply(x, chain, self.post_ops, *folded)
-            return CheckedFusedMLPFunction.apply(x, chain, self.post_ops, *self.tensors)
+                return CheckedFusedMLPFunction.apply(x, chain, self.keeps_output, *folded)
+            return CheckedFusedMLPFunction.apply(x, chain, self.keeps_output, *self.tensors)
         if len(shape) == 2 and not x.is_neg():
             # `run`'s common case, inlined: a 2-D tensor without the negative bit (DLPack would
             # hand over a negated view's raw memory), read where it lies; the kernel refuses a

@@ -185,22 +185,20 @@ class FusedMLPFunction(torch.autograd.Function):
 
 class CheckedFusedMLPFunction(FusedMLPFunction):
     """``FusedMLPFunction`` for the modules, whose ``ChainCache.forward`` has checked the input
-    and packed ``chain`` from these parameters with these post-ops: the same backward, and a
-    forward without the checks (about 8 us of each half of the seed AE's 64-row training
-    forward)."""
+    and packed ``chain`` from these parameters: the same backward, and a forward without the
+    checks (about 8 us of each half of the seed AE's 64-row training forward).
+    ``apply(x, chain, keeps_output, *params)``: ``keeps_output``, whether the chain's last
+    post-op's gradient reads its output (``PostOp.gradient_reads_output``), in the place of the
+    activations."""
 
     @staticmethod
-    def forward(
+    def forward(  # type: ignore[override]
         ctx: Any,
         x: torch.Tensor,
         chain: _native.Chain,
-        activations: Sequence[str | PostOp],
+        keeps_output: bool,
         *params: torch.Tensor | None,
     ) -> torch.Tensor:
-        # The chain was packed with these post-ops (`ChainCache`): the output is kept only where
-        # the last one's gradient reads it.
-        last: PostOp = activations[-1]  # type: ignore[assignment]
-        keeps_output = last.name != "identity" and not last.op.gradient_reads_pre
         return _forward_saving(ctx, chain, x, params, keeps_output)
 
 
