@@ -350,6 +350,22 @@ def test_batch_norm_refolds_after_its_statistics_change():
     assert out.shape == (32, 20)
 
 
+def test_batch_norm_settings_changed_after_the_first_call():
+    """``eps`` and ``track_running_stats`` set on a module already folded: an attribute, no
+    tensor's version moves, yet PyTorch's eval output changes (without running statistics it
+    normalizes by the batch's)."""
+    plain, fused = tabular_eval()
+    x = torch.randn(8, 20)
+    with torch.no_grad():
+        assert_close(fused(x), plain(x))
+        for model in (plain, fused):
+            model.encoder[1].eps = 0.5
+        assert_close(fused(x), plain(x))
+        for model in (plain, fused):
+            model.decoder[4].track_running_stats = False
+        assert_close(fused(x), plain(x))
+
+
 def test_batch_norm_trained_through_another_container_refolds():
     """Running statistics update with no version counter moving: the cache also keys on
     ``num_batches_tracked``, which a training-mode forward increments in place."""

@@ -232,9 +232,9 @@ class ChainCache:
     1 to ``num_batches_tracked`` in place; and a call while one is in training mode forgets the
     packed chain. The packed tensors are kept alive so their addresses cannot be reused.
     Edits through ``.data`` bypass the version counter, as they bypass autograd: call the
-    module's ``invalidate()`` after those. A BatchNorm's ``eps`` is read when packing. Where
-    only version counters moved (an optimizer step), ``repack`` packs again from the arrays
-    ``pack`` kept.
+    module's ``invalidate()`` after those. A BatchNorm's ``eps`` changed is seen as a post-op's
+    attributes are (``settings``). Where only version counters moved (an optimizer step),
+    ``repack`` packs again from the arrays ``pack`` kept.
     """
 
     def __init__(self, precision: Precision = "full") -> None:
@@ -337,8 +337,8 @@ class ChainCache:
         return self.lowered
 
     def relower(self) -> None:
-        """Lowers the same modules again: a post-op's attribute changed (``settings``), or a
-        tensor moved out of its slot (a Linear reparametrized in place, by
+        """Lowers the same modules again: a post-op's or a BatchNorm's attribute changed
+        (``settings``), or a tensor moved out of its slot (a Linear reparametrized in place, by
         ``torch.nn.utils.parametrize`` or ``weight_norm``; the chain then runs plain)."""
         modules, containers = self.modules, self.containers
         self.modules = ()
@@ -474,10 +474,10 @@ class ChainCache:
         autocast, ``torch.jit.trace`` tracing, ``torch.func`` transforms, hooks) or runs faster
         (a call that needs gradients below the training gate: ``trains_faster_plain``), and
         under forward-mode AD (the kernel computes no tangents). Modules changed in place since
-        they were lowered (a post-op's attribute: ``settings``; a tensor moved out of its slot)
-        are lowered again (``relower``). While ``torch.compile`` or ``torch.export`` traces,
-        ``traced_forward``. Every check here runs on each call, so they are ordered and written
-        for speed."""
+        they were lowered (a post-op's or BatchNorm's attribute: ``settings``; a tensor moved
+        out of its slot) are lowered again (``relower``). While ``torch.compile`` or
+        ``torch.export`` traces, ``traced_forward``. Every check here runs on each call, so they
+        are ordered and written for speed."""
         if self.settings and settings_changed(self.settings):
             self.relower()
             if self.lowered is None:

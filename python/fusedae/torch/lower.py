@@ -46,21 +46,27 @@ def _post_op(module: nn.Module) -> PostOp | None:
     return None
 
 
-# A post-op module's attributes its op is read from (``_post_op``), for ``settings``.
+# The attributes a lowered chain is read from, for ``settings``: a post-op module's, its op's
+# (``_post_op``), and a BatchNorm1d's, which decide whether it folds (``_foldable``) and what
+# it folds to (``eps``).
 _SETTINGS_BY_MODULE_TYPE: dict[type[nn.Module], tuple[str, ...]] = {
-    module_type: tuple(
-        dict.fromkeys(name for op in ops for name, _ in (*op.torch_settings, *op.params))
-    )
-    for module_type, ops in _OPS_BY_MODULE_TYPE.items()
+    **{
+        module_type: tuple(
+            dict.fromkeys(name for op in ops for name, _ in (*op.torch_settings, *op.params))
+        )
+        for module_type, ops in _OPS_BY_MODULE_TYPE.items()
+    },
+    nn.BatchNorm1d: ("eps", "track_running_stats"),
 }
 # Where an attribute lives (a module's `__dict__`), its name, and its value when read.
 Settings = tuple[tuple[dict[str, Any], str, Any], ...]
 
 
 def settings(modules: Iterable[nn.Module]) -> Settings:
-    """The attributes that set the post-ops of ``modules`` (a LeakyReLU's ``negative_slope``,
-    a GELU's ``approximate``), with their values now: a chain lowered from them is stale once
-    ``settings_changed`` says so. Empty where no module has any (ReLU, Sigmoid, Tanh)."""
+    """The attributes that set the chain lowered from ``modules`` (a LeakyReLU's
+    ``negative_slope``, a GELU's ``approximate``, a BatchNorm's ``eps``), with their values now:
+    the chain is stale once ``settings_changed`` says so. Empty where no module has any (Linear,
+    ReLU, Sigmoid, Tanh)."""
     return tuple(
         (vars(module), name, vars(module).get(name))
         for module in modules
