@@ -119,6 +119,52 @@ def test_an_output_changed_in_place_stops_the_backward_only_where_pytorchs_would
         assert relative_error(g, w) <= 1e-5
 
 
+@pytest.mark.parametrize(
+    "case", ["input", "frozen_first_weight", "biases", "weights", "step", "frozen_step"]
+)
+def test_tensors_changed_in_place_stop_the_backward_only_where_pytorchs_would(case):
+    """What the fused call saves for its backward is what PyTorch's modules save: the input
+    where the first layer's weight wants a gradient, the weights a gradient flows through to a
+    layer or the input below, never a bias. A tensor changed in place between the forward and
+    the backward (an optimizer step there, a buffer reused) stops both or neither."""
+    torch.manual_seed(2)
+    plain, _, _, _ = build(("relu", "relu", "relu", "identity"), True, torch.float32)
+    fused = FusedMLP.from_sequential(copy.deepcopy(plain))
+    frozen = case.startswith("frozen")
+    if frozen:  # the first layer frozen (fine-tuning the rest)
+        for model in (plain, fused):
+            model[0].requires_grad_(False)
+    x_plain = torch.randn(16, WIDTHS[0])
+    x_fused = x_plain.clone()
+    y_plain, y_fused = plain(x_plain), fused(x_fused)
+    assert "FusedMLPFunction" in type(y_fused.grad_fn).__name__
+    for model, x in ((plain, x_plain), (fused, x_fused)):
+        params = [p for p in model.parameters() if p.requires_grad]
+        with torch.no_grad():
+            if case in ("input", "frozen_first_weight"):
+                x.mul_(2.0)
+            elif case == "biases":
+                for p in params[1::2]:
+                    p.add_(1.0)
+            elif case == "weights":
+                model[2].weight.add_(1.0)
+        if case.endswith("step"):
+            for p in params:
+                p.grad = torch.ones_like(p)
+            torch.optim.SGD(params, lr=0.1).step()
+    refused = case in ("input", "weights", "step", "frozen_step")
+    if refused:
+        for y, model in ((y_plain, plain), (y_fused, fused)):
+            params = [p for p in model.parameters() if p.requires_grad]
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                torch.autograd.grad(y.sum(), params)
+        return
+    want = torch.autograd.grad(y_plain.sum(), [p for p in plain.parameters() if p.requires_grad])
+    got = torch.autograd.grad(y_fused.sum(), [p for p in fused.parameters() if p.requires_grad])
+    for g, w in zip(got, want, strict=True):
+        assert relative_error(g, w) <= 1e-5
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("name", _native.POST_OPS)
 def test_nan_and_inf_reach_the_same_gradients_as_in_pytorch(name, dtype):

@@ -28,6 +28,7 @@ from fusedae._ops import PostOp
 from fusedae.torch.function import (
     check_input,
     kernel_input,
+    layer_shapes,
     native_gradients,
     pack_chain,
     run,
@@ -297,7 +298,10 @@ def _backward(
         needs_params,
     )
     grad_weights, grad_biases = split_gradients(
-        grads, weights, layer_biases(biases, has_bias), needs_weights, needs_layer_biases
+        grads,
+        layer_shapes(weights, layer_biases(biases, has_bias)),
+        needs_weights,
+        needs_layer_biases,
     )
     return (
         grad_x if needs_x else None,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -163,18 +163,17 @@ class FusedMLPFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_output: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         if torch.is_grad_enabled():
             raise RuntimeError(DOUBLE_BACKWARD_ERROR)
-        x, y, saved, *params = ctx.saved_tensors
+        x, y, saved, *_ = ctx.saved_tensors  # (the weights: saved to be checked unchanged)
         needs = ctx.needs_input_grad
         if grad_output is None:
             return (None,) * len(needs)
         grad_x, grad_weights, grad_biases = native_backward(
             ctx.chain,
             grad_output,
-            x,
+            ctx.input if x is None else x,
             y,
             saved,
-            params[0::2],
-            params[1::2],
+            ctx.shapes,
             needs[0],
             needs[3::2],
             needs[4::2],
@@ -212,16 +211,38 @@ def _forward_saving(
     """``FusedMLPFunction.forward`` on a checked input: runs the saving forward and keeps for the
     backward the input as the kernel read it (the backward does not copy a strided one again),
     the output if ``keeps_output`` (the modules keep it only where the last post-op's gradient
-    reads it, as PyTorch's ReLU, Sigmoid and Tanh keep theirs: a Linear's output changed in
-    place after the call does not stop PyTorch's backward, so it must not stop ours), the saved
-    columns and the parameters."""
+    reads it, as PyTorch's ReLU, Sigmoid and Tanh keep theirs), the saved columns, and each
+    layer's ``(out, in, has bias)``.
+
+    Saved for backward (a tensor changed in place before the backward is then an error) is what
+    PyTorch's own modules save, no more, so that the backwards PyTorch allows ours does, and the
+    ones it refuses ours refuses: the input where the first layer's weight gradient reads it
+    (or its bias's: the kernel computes the two together), each layer's weight where a gradient
+    flows through the layer to a layer or the input below (the backward reads the chain's copy
+    of it), and the output as above; no bias."""
     x = kernel_input(chain, x)
     y, saved = _saving_call(chain, x)
     ctx.chain = chain
     ctx.set_materialize_grads(False)
+    # (The chain was packed from these: no weight is None.)
+    weights, biases = cast(Sequence[torch.Tensor], params[0::2]), params[1::2]
+    ctx.shapes = layer_shapes(weights, biases)
+    needs = ctx.needs_input_grad
+    # The weights of the layers a gradient flows through to a layer or the input below.
+    read_weights = []
+    flows_below = needs[0]
+    for weight, needs_weight, needs_bias in zip(weights, needs[3::2], needs[4::2], strict=True):
+        if flows_below:
+            read_weights.append(weight)
+        flows_below = flows_below or needs_weight or needs_bias
+    reads_input = needs[3] or needs[4]
+    if not reads_input:
+        ctx.input = x  # the shape the kernel checks, and `grad_x`'s
     # `saved` is neither input nor output, so not differentiable through: the backward
     # refuses to be differentiated (`DOUBLE_BACKWARD_ERROR`).
-    ctx.save_for_backward(x, y if keeps_output else None, saved, *params)
+    ctx.save_for_backward(
+        x if reads_input else None, y if keeps_output else None, saved, *read_weights
+    )
     return y
 
 
@@ -245,26 +266,40 @@ def saved_columns(
     return columns, width
 
 
+# A layer's ``(out_features, in_features, has a bias)``.
+LayerShape = tuple[int, int, bool]
+
+
+def layer_shapes(
+    weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None]
+) -> list[LayerShape]:
+    """Each layer's ``LayerShape``: what the backward reads of the parameters, besides the
+    weights the chain holds."""
+    return [(*weight.shape, bias is not None) for weight, bias in zip(weights, biases, strict=True)]
+
+
 def native_backward(
     chain: _native.Chain,
     grad_output: torch.Tensor,
     x: torch.Tensor,
     y: torch.Tensor | None,
     saved: torch.Tensor,
-    weights: Sequence[torch.Tensor],
-    biases: Sequence[torch.Tensor | None],
+    shapes: Sequence[LayerShape],
     needs_x: bool,
     needs_weights: Sequence[bool],
     needs_biases: Sequence[bool],
 ) -> tuple[torch.Tensor | None, list[torch.Tensor | None], list[torch.Tensor | None]]:
     """The gradients of the chain's input, weights and biases (None where not needed) from
-    ``grad_output`` and what ``run_saving`` kept, in one call of the native kernel."""
+    ``grad_output`` and what ``run_saving`` kept, in one call of the native kernel; ``shapes``
+    the layers' (``layer_shapes``)."""
     needs_params = [
-        needs_weight or (bias is not None and needs_bias)
-        for needs_weight, bias, needs_bias in zip(needs_weights, biases, needs_biases, strict=True)
+        needs_weight or (has_bias and needs_bias)
+        for (_, _, has_bias), needs_weight, needs_bias in zip(
+            shapes, needs_weights, needs_biases, strict=True
+        )
     ]
     grad_x, grads = native_gradients(chain, grad_output, x, y, saved, needs_x, needs_params)
-    grad_weights, grad_biases = split_gradients(grads, weights, biases, needs_weights, needs_biases)
+    grad_weights, grad_biases = split_gradients(grads, shapes, needs_weights, needs_biases)
     return grad_x, grad_weights, grad_biases
 
 
@@ -297,8 +332,7 @@ def native_gradients(
 
 def split_gradients(
     flat: np.ndarray | torch.Tensor,
-    weights: Sequence[torch.Tensor],
-    biases: Sequence[torch.Tensor | None],
+    shapes: Sequence[LayerShape],
     needs_weights: Sequence[bool],
     needs_biases: Sequence[bool],
 ) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
@@ -320,15 +354,12 @@ def split_gradients(
     grad_weights: list[torch.Tensor | None] = []
     grad_biases: list[torch.Tensor | None] = []
     start = 0
-    for weight, bias, needs_weight, needs_bias in zip(
-        weights, biases, needs_weights, needs_biases, strict=True
+    for (out_features, in_features, has_bias), needs_weight, needs_bias in zip(
+        shapes, needs_weights, needs_biases, strict=True
     ):
-        out_features, in_features = weight.shape
         end = start + out_features * in_features
         grad_weights.append(piece(start, end, out_features, in_features) if needs_weight else None)
         start, end = end, end + out_features
-        grad_biases.append(
-            piece(start, end, out_features) if bias is not None and needs_bias else None
-        )
+        grad_biases.append(piece(start, end, out_features) if has_bias and needs_bias else None)
         start = end
     return grad_weights, grad_biases
