@@ -5,6 +5,7 @@ each against eval-mode (or training-mode) PyTorch."""
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable
 
 import numpy as np
@@ -348,6 +349,27 @@ def test_batch_norm_refolds_after_its_statistics_change():
         optimizer.step()
     check()
     assert out.shape == (32, 20)
+
+
+@pytest.mark.parametrize(
+    ("module", "refusal"),
+    [
+        (nn.Softplus(beta=-1.0), "beta must be positive"),
+        (nn.Hardtanh(0.0, 0.5), r"min_val \(0.5\) must be below max_val \(0.5\)"),
+    ],
+)
+def test_activation_parameters_the_kernel_does_not_take_run_plain(module, refusal):
+    """PyTorch takes them (a negative Softplus beta, Hardtanh's bounds set equal: its
+    constructor refuses them, its forward does not): accelerate leaves the module plain, says
+    why, and the model computes what PyTorch does."""
+    if isinstance(module, nn.Hardtanh):
+        module.min_val = 0.5
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(8, 6), module, nn.Linear(6, 3))
+    fused, report = accelerate(copy.deepcopy(plain))
+    assert re.search(refusal, str(report)), str(report)
+    x = torch.randn(5, 8)
+    assert_close(fused(x), plain(x))
 
 
 def test_batch_norm_settings_changed_after_the_first_call():

@@ -376,6 +376,18 @@ CORRUPTIONS: dict[str, tuple[Callable[[bytes], bytes], str]] = {
         lambda d: with_header(d, edit_layer(0, post_op="elu", params={"alpha": float("nan")})),
         "elu: parameters must be finite numbers",
     ),
+    "param the kernel refuses": (
+        lambda d: with_header(
+            d, edit_layer(0, post_op="softplus", params={"beta": -1.0, "threshold": 20.0})
+        ),
+        "layer 0: post-op 'softplus': beta must be positive, got -1.0",
+    ),
+    "hardtanh bounds crossed": (
+        lambda d: with_header(
+            d, edit_layer(1, post_op="hardtanh", params={"min_val": 1.0, "max_val": 1.0})
+        ),
+        r"layer 1: post-op 'hardtanh': min_val \(1.0\) must be below max_val \(1.0\)",
+    ),
     "bad position": (
         lambda d: with_header(
             d, edit_layer(0, normalization=[{"position": "inside", "eps": 1e-5}])

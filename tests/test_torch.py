@@ -292,6 +292,9 @@ class TestNeverStale:
             (nn.GELU(), "approximate", "tanh"),
             (nn.Hardtanh(), "max_val", 0.25),
             (nn.Softplus(), "beta", 3.0),
+            # Values the kernel does not take: the module runs plain from then on.
+            (nn.Softplus(), "beta", -2.0),
+            (nn.Hardtanh(), "min_val", 1.0),
         ],
     )
     def test_an_activations_attributes_changed_after_the_first_call(self, module, attribute, value):

@@ -455,8 +455,9 @@ def _choices() -> str:
 @dataclass(frozen=True)
 class PostOp:
     """An op applied to a layer's outputs, with its parameter values (``params`` in the order of
-    ``Op.params``; empty for ops without). An unknown name or a wrong parameter count is a
-    ValueError."""
+    ``Op.params``; empty for ops without). An unknown name, a wrong parameter count or values the
+    kernel does not take (as the native ``PostOp::parse`` refuses them: not finite, Hardtanh's
+    ``min_val >= max_val``, Softplus's ``beta <= 0``) is a ValueError."""
 
     name: str
     params: Params = ()
@@ -470,6 +471,16 @@ class PostOp:
                 f"{self.name} takes {len(op.params)} parameters "
                 f"({', '.join(name for name, _ in op.params) or 'none'}), got {self.params!r}"
             )
+        values = dict(zip((name for name, _ in op.params), self.params, strict=True))
+        if not all(math.isfinite(value) for value in self.params):
+            raise ValueError(f"post-op {self.name!r}: parameters must be finite, got {values}")
+        if self.name == "hardtanh" and not values["min_val"] < values["max_val"]:
+            raise ValueError(
+                f"post-op 'hardtanh': min_val ({values['min_val']}) must be below max_val "
+                f"({values['max_val']})"
+            )
+        if self.name == "softplus" and not values["beta"] > 0:
+            raise ValueError(f"post-op 'softplus': beta must be positive, got {values['beta']}")
 
     @property
     def op(self) -> Op:

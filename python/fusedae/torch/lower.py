@@ -39,10 +39,28 @@ _NORMALIZATION_SLOTS = (
 
 def _post_op(module: nn.Module) -> PostOp | None:
     """The post-op ``module`` applies (an op of the table with the module's parameter
-    attributes), or None if it applies none."""
+    attributes), or None if it applies none the kernel takes (``_post_op_refused`` says why)."""
+    try:
+        return _module_post_op(module)
+    except ValueError:
+        return None
+
+
+def _module_post_op(module: nn.Module) -> PostOp | None:
+    """``_post_op``, where parameters the kernel does not take (PyTorch's Softplus takes a
+    negative ``beta``) are the ValueError of ``PostOp``."""
     for op in _OPS_BY_MODULE_TYPE.get(type(module), ()):
         if all(getattr(module, name, None) == value for name, value in op.torch_settings):
             return PostOp(op.name, tuple(float(getattr(module, name)) for name, _ in op.params))
+    return None
+
+
+def _post_op_refused(module: nn.Module) -> str | None:
+    """Why the kernel does not take ``module``'s parameters, if it does not."""
+    try:
+        _module_post_op(module)
+    except ValueError as error:
+        return str(error)
     return None
 
 
@@ -311,6 +329,9 @@ def why_not_fused(module: nn.Module) -> str:
     kind = type(module)
     if kind is nn.BatchNorm1d and not _foldable(module):
         return "no running statistics: it normalizes each batch by its own"
+    refused = _post_op_refused(module)
+    if refused is not None:
+        return f"parameters the kernel does not take ({refused})"
     if kind in (nn.Linear, nn.BatchNorm1d, nn.Flatten, nn.Unflatten, *DROPOUTS) or _post_op(module):
         return "not where a chain of Linear layers can take it"
     return "not a module the kernels run"
