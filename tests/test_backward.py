@@ -120,7 +120,16 @@ def test_an_output_changed_in_place_stops_the_backward_only_where_pytorchs_would
 
 
 @pytest.mark.parametrize(
-    "case", ["input", "frozen_first_weight", "biases", "weights", "step", "frozen_step"]
+    "case",
+    [
+        "input",
+        "frozen_first_weight",
+        "frozen_first_weight_only",
+        "biases",
+        "weights",
+        "step",
+        "frozen_step",
+    ],
 )
 def test_tensors_changed_in_place_stop_the_backward_only_where_pytorchs_would(case):
     """What the fused call saves for its backward is what PyTorch's modules save: the input
@@ -130,10 +139,11 @@ def test_tensors_changed_in_place_stop_the_backward_only_where_pytorchs_would(ca
     torch.manual_seed(2)
     plain, _, _, _ = build(("relu", "relu", "relu", "identity"), True, torch.float32)
     fused = FusedMLP.from_sequential(copy.deepcopy(plain))
-    frozen = case.startswith("frozen")
-    if frozen:  # the first layer frozen (fine-tuning the rest)
+    if case.startswith("frozen"):  # the first layer frozen (fine-tuning the rest)
         for model in (plain, fused):
             model[0].requires_grad_(False)
+            if case.endswith("_only"):  # its bias trained: PyTorch's reads no input
+                model[0].bias.requires_grad_(True)
     x_plain = torch.randn(16, WIDTHS[0])
     x_fused = x_plain.clone()
     y_plain, y_fused = plain(x_plain), fused(x_fused)
@@ -141,7 +151,7 @@ def test_tensors_changed_in_place_stop_the_backward_only_where_pytorchs_would(ca
     for model, x in ((plain, x_plain), (fused, x_fused)):
         params = [p for p in model.parameters() if p.requires_grad]
         with torch.no_grad():
-            if case in ("input", "frozen_first_weight"):
+            if case in ("input", "frozen_first_weight", "frozen_first_weight_only"):
                 x.mul_(2.0)
             elif case == "biases":
                 for p in params[1::2]:
@@ -163,6 +173,18 @@ def test_tensors_changed_in_place_stop_the_backward_only_where_pytorchs_would(ca
     got = torch.autograd.grad(y_fused.sum(), [p for p in fused.parameters() if p.requires_grad])
     for g, w in zip(got, want, strict=True):
         assert relative_error(g, w) <= 1e-5
+
+
+def test_batched_gradients_are_a_clear_error():
+    """``is_grads_batched`` (``jacobian(vectorize=True)``) hands the backward batched tensors,
+    whose memory the kernel cannot read."""
+    torch.manual_seed(0)
+    plain, _, _, _ = build(("relu", "relu", "relu", "identity"), True, torch.float32)
+    fused = FusedMLP.from_sequential(plain)
+    x = torch.randn(16, WIDTHS[0], requires_grad=True)
+    y = fused(x)
+    with pytest.raises(RuntimeError, match="does not take batched gradients"):
+        torch.autograd.grad(y, x, torch.randn(3, *y.shape), is_grads_batched=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -124,6 +124,15 @@ DOUBLE_BACKWARD_ERROR = (
 )
 
 
+_is_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
+BATCHED_BACKWARD_ERROR = (
+    "fusedae's fused backward does not take batched gradients (torch.autograd.grad with "
+    "is_grads_batched=True, torch.autograd.functional.jacobian with vectorize=True, a vmap "
+    "over the backward): pass vectorize=False, or run the layers as plain PyTorch, e.g. "
+    "torch.nn.Sequential(*fused_module)"
+)
+
+
 class FusedMLPFunction(torch.autograd.Function):
     """``y = chain(x)`` through the fused CPU kernel, differentiable in ``x`` and the parameters.
 
@@ -167,10 +176,12 @@ class FusedMLPFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
         if grad_output is None:
             return (None,) * len(needs)
+        if _is_legacy_batched(grad_output):  # (`is_grads_batched` batches the legacy way)
+            raise RuntimeError(BATCHED_BACKWARD_ERROR)
         grad_x, grad_weights, grad_biases = native_backward(
             ctx.chain,
             grad_output,
-            ctx.input if x is None else x,
+            unread_input(ctx.input_shape, saved.dtype) if x is None else x,
             y,
             saved,
             ctx.shapes,
@@ -201,6 +212,13 @@ class CheckedFusedMLPFunction(FusedMLPFunction):
         return _forward_saving(ctx, chain, x, params, keeps_output)
 
 
+def unread_input(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """Memory of the input's shape, for a backward that does not read the input's values: the
+    kernel reads them only for the first layer's weight gradient (also where only its bias
+    wants one, which does not depend on them: that weight gradient is thrown away)."""
+    return torch.empty(shape, dtype=dtype)
+
+
 def _forward_saving(
     ctx: Any,
     chain: _native.Chain,
@@ -216,8 +234,8 @@ def _forward_saving(
 
     Saved for backward (a tensor changed in place before the backward is then an error) is what
     PyTorch's own modules save, no more, so that the backwards PyTorch allows ours does, and the
-    ones it refuses ours refuses: the input where the first layer's weight gradient reads it
-    (or its bias's: the kernel computes the two together), each layer's weight where a gradient
+    ones it refuses ours refuses: the input where the first layer's weight wants a gradient,
+    each layer's weight where a gradient
     flows through the layer to a layer or the input below (the backward reads the chain's copy
     of it), and the output as above; no bias."""
     x = kernel_input(chain, x)
@@ -235,9 +253,9 @@ def _forward_saving(
         if flows_below:
             read_weights.append(weight)
         flows_below = flows_below or needs_weight or needs_bias
-    reads_input = needs[3] or needs[4]
+    reads_input = needs[3]
     if not reads_input:
-        ctx.input = x  # the shape the kernel checks, and `grad_x`'s
+        ctx.input_shape = x.shape  # the kernel checks it, and `grad_x` takes it
     # `saved` is neither input nor output, so not differentiable through: the backward
     # refuses to be differentiated (`DOUBLE_BACKWARD_ERROR`).
     ctx.save_for_backward(
