@@ -388,6 +388,48 @@ def test_batch_norm_settings_changed_after_the_first_call():
         assert_close(fused(x), plain(x))
 
 
+def test_batch_norm_statistics_set_to_none_after_the_first_call():
+    """Both statistics None: PyTorch normalizes by the batch's, and so does the model (plain);
+    the mean alone: PyTorch's own RuntimeError. And a ``num_batches_tracked`` set to None (the
+    cache's sign that a training-mode forward updated the statistics): that BatchNorm runs
+    plain, so statistics updated through it alone are seen."""
+    x = torch.randn(8, 20)
+    for names in (("running_mean", "running_var"), ("running_mean",)):
+        plain, fused = tabular_eval()
+        with torch.no_grad():
+            fused(x)  # packed
+            for model in (plain, fused):
+                for name in names:
+                    setattr(model.encoder[1], name, None)
+            if len(names) == 2:
+                assert_close(fused(x), plain(x))
+            else:
+                with pytest.raises(RuntimeError, match="running_mean must be defined"):
+                    fused(x)
+    plain, fused = tabular_eval()
+    for model in (plain, fused):
+        model.encoder[1].num_batches_tracked = None
+    batch = torch.randn(32, 32) * 2 + 1
+    with torch.no_grad():
+        assert_close(fused(x), plain(x))
+        for model in (plain, fused):
+            model.encoder[1].train()(batch)
+            model.encoder[1].eval()
+        assert_close(fused(x), plain(x))
+
+
+def test_zero_wide_layers_run_plain():
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(42, 0), nn.ReLU(), nn.Linear(0, 16))
+    fused, _ = accelerate(copy.deepcopy(plain))
+    x = torch.randn(8, 42)
+    assert_close(fused(x), plain(x))
+    got = torch.autograd.grad(fused(x).sum(), list(fused.parameters()))
+    want = torch.autograd.grad(plain(x).sum(), list(plain.parameters()))
+    for g, w in zip(got, want, strict=True):
+        assert_close(g, w)
+
+
 def test_batch_norm_trained_through_another_container_refolds():
     """Running statistics update with no version counter moving: the cache also keys on
     ``num_batches_tracked``, which a training-mode forward increments in place."""

@@ -16,7 +16,15 @@ from _seed import AE as SeedAE
 from _tensors import relative_error
 from _threads import run_at_once
 from fusedae._ops import post_op
-from fusedae.torch import AE, FusedMLP, FusedMLPFunction, cache, pack_chain, share_torch_threads
+from fusedae.torch import (
+    AE,
+    FusedMLP,
+    FusedMLPFunction,
+    accelerate,
+    cache,
+    pack_chain,
+    share_torch_threads,
+)
 from fusedae.torch.cache import ChainCache
 from fusedae.torch.lower import post_op_module
 
@@ -310,6 +318,58 @@ class TestNeverStale:
                 assert relative_error(g, w) <= 1e-5
             setattr(fused[1], attribute, value)
             setattr(plain[1], attribute, value)
+
+    @pytest.mark.parametrize(
+        "change", ["wider_input", "bias_broadcast", "scalar_bias", "forward_assigned"]
+    )
+    def test_modules_changed_after_the_first_call_into_what_the_kernel_does_not_take(self, change):
+        """A weight replaced by one of another input width (the chain is lowered again), a bias
+        that ``F.linear`` broadcasts, a ``forward`` assigned to a child (PyTorch calls it): the
+        next calls compute what PyTorch does, forward and backward."""
+        torch.manual_seed(0)
+        plain = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+        fused = FusedMLP.from_sequential(copy.deepcopy(plain))
+        x = torch.randn(16, 8)
+        fused(x).sum().backward()  # packed, and trained through the kernel
+        for model in (plain, fused):
+            with torch.no_grad():
+                if change == "wider_input":
+                    model[0].weight = nn.Parameter(torch.linspace(-1, 1, 160).view(16, 10))
+                    model[0].in_features = 10
+                elif change == "bias_broadcast":
+                    model[0].bias = nn.Parameter(torch.linspace(-1, 1, 16).view(1, 16))
+                elif change == "scalar_bias":
+                    model[0].bias = nn.Parameter(torch.tensor(0.7))
+                else:
+                    model[1].forward = lambda t: t * 2  # no longer a ReLU
+        x = torch.randn(16, 10 if change == "wider_input" else 8)
+        for _ in range(2):
+            with torch.no_grad():
+                assert relative_error(fused(x), plain(x)) <= 1e-5
+            got = torch.autograd.grad(fused(x).sum(), list(fused.parameters()))
+            want = torch.autograd.grad(plain(x).sum(), list(plain.parameters()))
+            for g, w in zip(got, want, strict=True):
+                assert relative_error(g, w) <= 1e-5
+
+    def test_a_forward_assigned_before_accelerate_or_to_an_inner_sequential(self):
+        torch.manual_seed(0)
+        x = torch.randn(5, 8)
+        plain = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+        plain[1].forward = lambda t: t * 2
+        fused, report = accelerate(copy.deepcopy(plain))
+        assert "a forward assigned to it" in str(report)
+        with torch.no_grad():
+            assert relative_error(fused(x), plain(x)) <= 1e-5
+        plain = nn.Sequential(
+            nn.Sequential(nn.Linear(8, 16), nn.ReLU()), nn.Sequential(nn.Linear(16, 4))
+        )
+        fused, _ = accelerate(copy.deepcopy(plain))
+        with torch.no_grad():
+            fused(x)  # packed as one chain
+            for model in (plain, fused):
+                inner = model[1]
+                inner.forward = lambda t, inner=inner: -inner[0](t)
+            assert relative_error(fused(x), plain(x)) <= 1e-5
 
     def test_edits_through_data_need_invalidate(self):
         seed, fused = seed_and_fused(20, 3, 8)

@@ -4,6 +4,7 @@ forward (``ChainCache.forward``)."""
 
 from __future__ import annotations
 
+import itertools
 import types
 from collections.abc import Iterable
 from dataclasses import replace
@@ -31,6 +32,7 @@ from fusedae.torch.lower import (
     LoweredChain,
     Settings,
     TensorSlot,
+    forward_assigned,
     lower,
     resolved,
     settings,
@@ -252,6 +254,9 @@ class ChainCache:
         self.slots: tuple[TensorSlot, ...] = ()
         # The post-op modules' attributes the chain was lowered with (`lower.settings`).
         self.settings: Settings = ()
+        # The `__dict__` of each module the fused call skips, where a `forward` assigned to one
+        # means plain PyTorch must call it (`forward_assigned`).
+        self.module_dicts: tuple[dict[str, Any], ...] = ()
         self.mode_dependent: tuple[nn.Module, ...] = ()
         # Whether a training call below the gate runs plain (`trains_plain`): a chain at full
         # precision (the narrow ones refuse to train) without mode-dependent modules.
@@ -308,8 +313,12 @@ class ChainCache:
             modules != self.modules
             or containers != self.containers
             or (self.settings and settings_changed(self.settings))
+            or forward_assigned(self.module_dicts)
         ):
-            self.modules, self.lowered = modules, lower(modules)
+            self.modules = modules
+            # A container's `forward` assigned to it would run instead of the fused call.
+            replaced = forward_assigned(vars(container) for container in containers)
+            self.lowered = None if replaced else lower(modules)
             self.containers = containers
             self.hook_registries = hook_registries((*containers, *modules))
             self.post_ops = self.lowered.post_ops if self.lowered else ()
@@ -317,12 +326,13 @@ class ChainCache:
             self.keeps_output = bool(self.post_ops) and self.post_ops[-1].gradient_reads_output
             self.native_post_ops = [op.native_argument for op in self.post_ops]
             self.in_features = self.lowered.in_features if self.lowered else 0
-            self.flops_per_row = sum(
-                2 * linear.in_features * linear.out_features
-                for linear, _ in (self.lowered.layers if self.lowered else ())
-            )
+            widths = self.lowered.widths if self.lowered else [0]
+            self.flops_per_row = sum(2 * a * b for a, b in itertools.pairwise(widths))
             self.slots = self.lowered.slots if self.lowered else ()
             self.settings = settings(modules) if self.lowered else ()
+            self.module_dicts = (
+                tuple(vars(module) for module in (*containers, *modules)) if self.lowered else ()
+            )
             self.mode_dependent = self.lowered.mode_dependent if self.lowered else ()
             self.may_train_plain = self.trains_plain_below_gate()
             self.normalized = self.lowered.normalized if self.lowered else False
@@ -396,9 +406,12 @@ class ChainCache:
         and returns the chain, or None if the tensors do not allow it (another
         device or dtype)."""
         assert self.lowered is not None  # `set_modules` found a chain
-        if not all(key in owner for owner, key in self.slots):
-            self.relower()  # a tensor moved out of its slot since: the modules run plain
-            return None
+        if not all(key in owner for owner, key in self.slots) or self.lowered.shapes_changed():
+            # A tensor moved out of its slot since (the modules run plain), or has another shape
+            # (a bias set to None: packed as the chain lowered again).
+            self.relower()
+            if self.lowered is None:
+                return None
         tensors = self.lowered.tensors()
         usable = all(
             t is None or (t.is_cpu and t.dtype is dtype and t.layout is _STRIDED) for t in tensors
@@ -478,7 +491,9 @@ class ChainCache:
         out of its slot) are lowered again (``relower``). While ``torch.compile`` or
         ``torch.export`` traces, ``traced_forward``. Every check here runs on each call, so they
         are ordered and written for speed."""
-        if self.settings and settings_changed(self.settings):
+        if (self.settings and settings_changed(self.settings)) or forward_assigned(
+            self.module_dicts
+        ):
             self.relower()
             if self.lowered is None:
                 return None
@@ -500,6 +515,10 @@ class ChainCache:
         in_features = self.in_features
         shape = x.shape
         if not shape or shape[-1] != in_features:
+            # A weight of another width since: lowered again.
+            if self.lowered is not None and self.lowered.shapes_changed():
+                self.relower()
+                return None
             raise shape_error(in_features, shape)
         try:
             records = _is_grad_enabled() and self.needs_gradients(x)

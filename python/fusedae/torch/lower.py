@@ -92,6 +92,15 @@ def settings(modules: Iterable[nn.Module]) -> Settings:
     )
 
 
+def forward_assigned(attributes: Iterable[dict[str, Any]]) -> bool:
+    """Whether a module whose ``__dict__`` is among ``attributes`` has a ``forward`` assigned to
+    it, which ``nn.Module.__call__`` calls instead of its class's (``lower`` takes none)."""
+    for attribute_dict in attributes:  # noqa: SIM110 (a loop: `any` of a generator costs more)
+        if "forward" in attribute_dict:
+            return True
+    return False
+
+
 def settings_changed(read: Settings) -> bool:
     """Whether an attribute ``settings`` read has another value now (read from the module's
     dict, as ``nn.Module`` keeps them: ``getattr`` costs several times as much per call)."""
@@ -102,12 +111,15 @@ def settings_changed(read: Settings) -> bool:
 
 
 def _foldable(norm: nn.Module) -> bool:
-    """An exact ``nn.BatchNorm1d`` with running statistics: in eval mode, a fixed affine map."""
+    """An exact ``nn.BatchNorm1d`` with running statistics: in eval mode, a fixed affine map. And
+    with its ``num_batches_tracked``, which a training-mode forward bumps where it updates the
+    statistics without bumping their version counters (the cache's one sign of it)."""
     return (
         type(norm) is nn.BatchNorm1d
         and norm.track_running_stats
         and norm.running_mean is not None
         and norm.running_var is not None
+        and norm.num_batches_tracked is not None
     )
 
 
@@ -135,10 +147,26 @@ class LoweredChain:
     mode_dependent: tuple[nn.Module, ...] = ()
     flatten: nn.Flatten | None = None
     unflatten: nn.Unflatten | None = None
+    shapes: tuple[torch.Size | None, ...] = ()
 
     @property
     def in_features(self) -> int:
-        return self.layers[0][0].in_features
+        return self.widths[0]
+
+    @property
+    def widths(self) -> list[int]:
+        """The chain's input width, then each layer's output width, from the weights lowered."""
+        weights = cast(tuple[torch.Size, ...], self.shapes[0 : 2 * len(self.layers) : 2])
+        return [weights[0][1], *(shape[0] for shape in weights)]
+
+    def shapes_changed(self) -> bool:
+        """Whether a tensor in ``slots`` now has another shape (or is None, or no longer None)
+        than when lowered, or a BatchNorm's ``num_batches_tracked`` is None: a Linear's weight
+        replaced by one of another width, a BatchNorm's statistics set to None. The chain must
+        be lowered again."""
+        return _shapes(self.tensors()) != self.shapes or any(
+            owner[key] is None for owner, key in self.counters
+        )
 
     @property
     def post_ops(self) -> tuple[PostOp, ...]:
@@ -241,8 +269,8 @@ def lower(modules: Iterable[nn.Module]) -> LoweredChain | None:
     flatten: nn.Flatten | None = None
     unflatten: nn.Unflatten | None = None
     for index, module in enumerate(modules):
-        if unflatten is not None:
-            return None  # only last
+        if unflatten is not None or "forward" in vars(module):
+            return None  # only last; a `forward` assigned to the module, which PyTorch calls
         kind = type(module)
         if kind is nn.Linear:
             layers.append((cast(nn.Linear, module), IDENTITY))
@@ -291,6 +319,9 @@ def lower(modules: Iterable[nn.Module]) -> LoweredChain | None:
     ]
     if not all(key in owner for owner, key in slots):
         return None  # a tensor moved out of its module (reparametrized, pruned): a hook has it
+    shapes = _shapes([owner[key] for owner, key in slots])
+    if not _linear_shapes(shapes[0 : 2 * len(layers)]):
+        return None  # a bias PyTorch broadcasts, a weight of another width than its input's
     counters = tuple(
         (norm._buffers, "num_batches_tracked") for norms in normalizations for _, norm in norms
     )
@@ -302,7 +333,28 @@ def lower(modules: Iterable[nn.Module]) -> LoweredChain | None:
         tuple(mode_dependent),
         flatten,
         unflatten,
+        shapes,
     )
+
+
+def _shapes(tensors: Iterable[torch.Tensor | None]) -> tuple[torch.Size | None, ...]:
+    return tuple(None if tensor is None else tensor.shape for tensor in tensors)
+
+
+def _linear_shapes(shapes: Sequence[torch.Size | None]) -> bool:
+    """Whether the weights and biases of ``shapes`` (each layer's weight then bias) are a chain
+    the kernel takes: 2-d weights, none 0 wide, each taking the width the one before gives, and
+    biases None or one value per output (``F.linear`` broadcasts others)."""
+    width = None
+    for weight, bias in zip(shapes[0::2], shapes[1::2], strict=True):
+        if weight is None or len(weight) != 2 or min(weight) < 1:
+            return False
+        if (width is not None and weight[1] != width) or (
+            bias is not None and tuple(bias) != (weight[0],)
+        ):
+            return False
+        width = weight[0]
+    return True
 
 
 def split(modules: Sequence[nn.Module]) -> list[tuple[int, int, LoweredChain | None]]:
@@ -329,6 +381,8 @@ def why_not_fused(module: nn.Module) -> str:
     kind = type(module)
     if kind is nn.BatchNorm1d and not _foldable(module):
         return "no running statistics: it normalizes each batch by its own"
+    if "forward" in vars(module):
+        return "a forward assigned to it, which PyTorch calls instead of its class's"
     refused = _post_op_refused(module)
     if refused is not None:
         return f"parameters the kernel does not take ({refused})"
