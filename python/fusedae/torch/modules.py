@@ -161,8 +161,9 @@ class FusedMLP(_FusedCall, nn.Sequential):
         return runs
 
     def invalidate(self) -> None:
-        """Forget the packed weights (only needed after edits through ``.data``), those the
-        custom ops packed for compiled and exported calls too."""
+        """Forget the packed weights (only needed after edits the version counters do not
+        see: through ``.data``, a numpy view or the storage; see the README), those the custom
+        ops packed for compiled and exported calls too."""
         self._fused.invalidate()
         for _, cache in self._pieces.pieces:
             if cache is not None:
@@ -250,8 +251,9 @@ class AE(_FusedCall):
         )
 
     def invalidate(self) -> None:
-        """Forget the packed weights (only needed after edits through ``.data``), those the
-        custom ops packed for compiled and exported calls too."""
+        """Forget the packed weights (only needed after edits the version counters do not
+        see: through ``.data``, a numpy view or the storage; see the README), those the custom
+        ops packed for compiled and exported calls too."""
         self._fused.invalidate()
         self.encoder.invalidate()
         self.decoder.invalidate()
