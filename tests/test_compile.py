@@ -228,6 +228,54 @@ def test_what_eager_runs_as_plain_pytorch_stays_plain_when_compiled(kernel_calls
     assert kernel_calls == []
 
 
+@pytest.mark.parametrize("change", ["no_bias", "bias_broadcast", "wider_input"])
+def test_a_tensor_of_another_shape_after_accelerate_traces_and_exports(change):
+    """A bias set to None or to one F.linear broadcasts, a weight of another input width, set
+    after the chain was lowered: compiled and exported, the model computes what PyTorch does
+    (the traced call lowers the chain again: the fake ops refused the old flags and widths)."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    fused, _ = accelerate(copy.deepcopy(plain))
+    for model in (plain, fused):
+        if change == "no_bias":
+            model[2].bias = None
+        elif change == "bias_broadcast":
+            model[0].bias = nn.Parameter(torch.linspace(-1, 1, 16).view(1, 16))
+        else:
+            model[0].weight = nn.Parameter(torch.linspace(-1, 1, 160).view(16, 10))
+    x = torch.randn(5, 10 if change == "wider_input" else 8)
+    with torch.no_grad():
+        want = plain(x)
+        compiled = torch.compile(fused, backend="eager", fullgraph=True)
+        assert relative_error(compiled(x), want) <= 1e-5
+        exported = torch.export.export(fused, (x,), strict=False)
+        assert relative_error(exported.module()(x), want) <= 1e-5
+
+
+@pytest.mark.parametrize("changed", ["output", "input"])
+def test_compiled_backward_allows_what_pytorchs_allows(changed, kernel_calls):
+    """The op saves the output only where the last op's gradient reads it and the input only
+    where the first weight wants a gradient, as eager and PyTorch's modules: a residual added in
+    place to the output, an input changed in place with the layers frozen, stop no backward."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    fused, _ = accelerate(copy.deepcopy(plain))
+    if changed == "input":
+        for model in (plain, fused):
+            model.requires_grad_(False)
+    grads = []
+    for model in (plain, torch.compile(fused, backend="aot_eager", fullgraph=True)):
+        x = torch.randn(6, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        source = x * 1.0  # (a leaf may not change in place)
+        y = model(source)
+        (y if changed == "output" else source).add_(1.0)
+        wanted = [x, *(p for p in model.parameters() if p.requires_grad)]
+        grads.append(torch.autograd.grad(y.square().sum(), wanted))
+    for got, want in zip(grads[1], grads[0], strict=True):
+        assert relative_error(got, want) <= 1e-5
+    assert kernel_calls
+
+
 @pytest.mark.parametrize("grad", [False, True])
 def test_the_compiled_gates_trace_plain_pytorch_below_them(monkeypatch, grad, kernel_calls):
     """Below ``COMPILED_INFERENCE_MIN_FLOPS`` (``COMPILED_TRAINING_MIN_FLOPS`` where gradients

@@ -35,6 +35,7 @@ from fusedae.torch.function import (
     run_saving,
     saved_columns,
     split_gradients,
+    unread_input,
 )
 
 # How many packed chains the ops keep (least recently used goes first): one per chain of the
@@ -222,13 +223,25 @@ def _chain_saving_fake(
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    """Saves the input only where the first layer's weight wants a gradient and the output only
+    where the last op's gradient reads it, as the eager Function (``_forward_saving``) and
+    PyTorch's modules do: either changed in place before the backward stops it only there. The
+    weights and biases are saved: the backward packs its chain from them."""
     x, weights, biases, has_bias, post_ops = inputs
     y, saved = output
     ctx.post_ops_text = post_ops
     ctx.has_bias = tuple(has_bias)
     ctx.layers = len(weights)
+    ctx.input_shape = x.shape
     ctx.mark_non_differentiable(saved)
-    ctx.save_for_backward(x, y, saved, *weights, *biases)
+    # The first weight's flag: flat here (the input's, then each weight's, ...), a list of flags
+    # for the list of weights where torch hands them as the backward gets them.
+    first_weight = ctx.needs_input_grad[1]
+    reads_input = bool(first_weight[0] if isinstance(first_weight, list) else first_weight)
+    keeps_output = decode_post_ops(post_ops)[-1].gradient_reads_output
+    ctx.save_for_backward(
+        x if reads_input else None, y if keeps_output else None, saved, *weights, *biases
+    )
 
 
 @torch.library.custom_op("fusedae::chain_backward", mutates_args=(), device_types="cpu")
@@ -276,6 +289,10 @@ def _backward(
     ctx: Any, grad_output: torch.Tensor, _grad_saved: torch.Tensor | None
 ) -> tuple[Any, ...]:
     x, y, saved, *params = ctx.saved_tensors
+    if x is None:
+        x = unread_input(ctx.input_shape, saved.dtype)
+    if y is None:  # (the kernel reads `grad_output` in the place of an output it does not read)
+        y = grad_output.contiguous()
     layers, has_bias = ctx.layers, ctx.has_bias
     weights, biases = params[:layers], params[layers:]
     # Lists of tensors come as lists of flags; an empty list of biases, as one flag.
