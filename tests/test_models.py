@@ -418,6 +418,17 @@ def test_batch_norm_statistics_set_to_none_after_the_first_call():
         assert_close(fused(x), plain(x))
 
 
+def test_batch_norm_without_its_counter_buffer_runs_plain():
+    """Eval-mode PyTorch does not read ``num_batches_tracked``; deleted, it is not there to
+    count training-mode updates, so the BatchNorm is not folded."""
+    plain, _ = tabular_eval()
+    del plain.encoder[1].num_batches_tracked
+    fused, _ = accelerate(copy.deepcopy(plain))
+    x = torch.randn(8, 20)
+    with torch.no_grad():
+        assert_close(fused(x), plain(x))
+
+
 def test_zero_wide_layers_run_plain():
     torch.manual_seed(0)
     plain = nn.Sequential(nn.Linear(42, 0), nn.ReLU(), nn.Linear(0, 16))

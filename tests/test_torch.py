@@ -351,6 +351,66 @@ class TestNeverStale:
             for g, w in zip(got, want, strict=True):
                 assert relative_error(g, w) <= 1e-5
 
+    @pytest.mark.parametrize("flatten", [False, True])
+    def test_a_wider_weight_then_inputs_of_either_width(self, flatten):
+        """After a first weight 10 wide replaced an 8-wide one: an 8-wide input raises PyTorch's
+        RuntimeError (the packed chain took it), a 10-wide one computes, fused again from the
+        next call on (a chain led by a Flatten too)."""
+        torch.manual_seed(0)
+        head = [nn.Flatten()] if flatten else []
+        plain = nn.Sequential(*head, nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+        fused = FusedMLP.from_sequential(copy.deepcopy(plain))
+        first = len(head)
+        with torch.no_grad():
+            fused(torch.randn(5, 8))  # packed
+            for model in (plain, fused):
+                model[first].weight = nn.Parameter(torch.linspace(-1, 1, 160).view(16, 10))
+            for model in (plain, fused):
+                with pytest.raises(RuntimeError, match="cannot be multiplied"):
+                    model(torch.randn(5, 8))
+            x = torch.randn(5, 10)
+            for _ in range(2):
+                assert relative_error(fused(x), plain(x)) <= 1e-5
+        assert fused.fused_runs() == [(0, first + 3)]
+
+    def test_a_reparametrization_of_another_width(self):
+        """``parametrize`` (``unsafe``) widening a weight: its tensor leaves the slot, and the
+        chain runs plain at the new width (it raised KeyError)."""
+
+        class Widen(nn.Module):
+            def forward(self, weight: torch.Tensor) -> torch.Tensor:
+                return torch.cat([weight, weight], dim=1)
+
+        torch.manual_seed(0)
+        plain = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+        fused = FusedMLP.from_sequential(copy.deepcopy(plain))
+        with torch.no_grad():
+            fused(torch.randn(5, 8))
+        for model in (plain, fused):
+            torch.nn.utils.parametrize.register_parametrization(
+                model[0], "weight", Widen(), unsafe=True
+            )
+        x = torch.randn(5, 16)
+        with torch.no_grad():
+            for _ in range(2):
+                assert relative_error(fused(x), plain(x)) <= 1e-5
+
+    def test_a_nan_batch_norm_eps_is_lowered_once(self):
+        torch.manual_seed(0)
+        plain = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))
+        plain.eval()
+        fused = FusedMLP.from_sequential(copy.deepcopy(plain))
+        for model in (plain, fused):
+            model[1].eps = float("nan")
+        x = torch.randn(5, 8)
+        with torch.no_grad():
+            fused(x)
+            lowered, chain = fused._fused.lowered, fused._fused.chain
+            for _ in range(3):
+                torch.testing.assert_close(fused(x), plain(x), equal_nan=True)
+            assert fused._fused.lowered is lowered
+            assert fused._fused.chain is chain
+
     def test_a_forward_assigned_before_accelerate_or_to_an_inner_sequential(self):
         torch.manual_seed(0)
         x = torch.randn(5, 8)
@@ -865,7 +925,8 @@ class TestCacheKeys:
             owner[key].data = torch.randn_like(owner[key])  # the storage moves
             check(True)
             check(False)
-        fused[2].bias = None
+        fused[2].bias = None  # another shape: one call plain, then lowered again and packed
+        check(True)
         check(True)
         check(False)
 

@@ -472,7 +472,8 @@ class PostOp:
                 f"({', '.join(name for name, _ in op.params) or 'none'}), got {self.params!r}"
             )
         values = dict(zip((name for name, _ in op.params), self.params, strict=True))
-        if not all(math.isfinite(value) for value in self.params):
+        # (Comparisons, not `math.isfinite`: TorchDynamo traces them on its symbolic floats.)
+        if not all(-math.inf < value < math.inf for value in self.params):
             raise ValueError(f"post-op {self.name!r}: parameters must be finite, got {values}")
         if self.name == "hardtanh" and not values["min_val"] < values["max_val"]:
             raise ValueError(

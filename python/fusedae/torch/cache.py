@@ -313,7 +313,6 @@ class ChainCache:
             modules != self.modules
             or containers != self.containers
             or (self.settings and settings_changed(self.settings))
-            or forward_assigned(self.module_dicts)
         ):
             self.modules = modules
             # A container's `forward` assigned to it would run instead of the fused call.
@@ -348,11 +347,23 @@ class ChainCache:
 
     def relower(self) -> None:
         """Lowers the same modules again: a post-op's or a BatchNorm's attribute changed
-        (``settings``), or a tensor moved out of its slot (a Linear reparametrized in place, by
-        ``torch.nn.utils.parametrize`` or ``weight_norm``; the chain then runs plain)."""
+        (``settings``), a ``forward`` was assigned to one of the modules (``forward_assigned``;
+        the chain then runs plain), or a tensor moved out of its slot (a Linear reparametrized
+        in place, by ``torch.nn.utils.parametrize`` or ``weight_norm``: plain too) or has
+        another shape (``stale_shapes``)."""
         modules, containers = self.modules, self.containers
         self.modules = ()
         self.set_modules(modules, containers)
+
+    def stale_shapes(self) -> bool:
+        """Whether a tensor the chain reads has moved out of its slot or has another shape than
+        when lowered (``LoweredChain.shapes_changed``): then lowered again, for the next call
+        (this one runs plain). Off the per-call path: where the input's width does not match,
+        and when packing."""
+        if self.lowered is None or not self.lowered.shapes_changed():
+            return False
+        self.relower()
+        return True
 
     def trains_faster_plain(self, x: torch.Tensor) -> bool:
         """Whether a call on ``x`` that needs gradients is below ``TRAINING_MIN_ROWS`` or
@@ -406,12 +417,9 @@ class ChainCache:
         and returns the chain, or None if the tensors do not allow it (another
         device or dtype)."""
         assert self.lowered is not None  # `set_modules` found a chain
-        if not all(key in owner for owner, key in self.slots) or self.lowered.shapes_changed():
-            # A tensor moved out of its slot since (the modules run plain), or has another shape
-            # (a bias set to None: packed as the chain lowered again).
-            self.relower()
-            if self.lowered is None:
-                return None
+        if self.stale_shapes():
+            # This call plain: the caller checked the input against the old chain.
+            return None
         tensors = self.lowered.tensors()
         usable = all(
             t is None or (t.is_cpu and t.dtype is dtype and t.layout is _STRIDED) for t in tensors
@@ -487,10 +495,11 @@ class ChainCache:
         autocast, ``torch.jit.trace`` tracing, ``torch.func`` transforms, hooks) or runs faster
         (a call that needs gradients below the training gate: ``trains_faster_plain``), and
         under forward-mode AD (the kernel computes no tangents). Modules changed in place since
-        they were lowered (a post-op's or BatchNorm's attribute: ``settings``; a tensor moved
-        out of its slot) are lowered again (``relower``). While ``torch.compile`` or
-        ``torch.export`` traces, ``traced_forward``. Every check here runs on each call, so they
-        are ordered and written for speed."""
+        they were lowered (a post-op's or BatchNorm's attribute: ``settings``; a ``forward``
+        assigned to one; a tensor moved out of its slot, or of another shape where the input's
+        width does not match or when packing) are lowered again (``relower``). While
+        ``torch.compile`` or ``torch.export`` traces, ``traced_forward``. Every check here runs
+        on each call, so they are ordered and written for speed."""
         if (self.settings and settings_changed(self.settings)) or forward_assigned(
             self.module_dicts
         ):
@@ -515,9 +524,7 @@ class ChainCache:
         in_features = self.in_features
         shape = x.shape
         if not shape or shape[-1] != in_features:
-            # A weight of another width since: lowered again.
-            if self.lowered is not None and self.lowered.shapes_changed():
-                self.relower()
+            if self.stale_shapes():
                 return None
             raise shape_error(in_features, shape)
         try:
@@ -594,6 +601,8 @@ class ChainCache:
         Linear layers' tensors, which the graph keeps; None (plain PyTorch, traced as such)
         where ``forward`` would run it, for chains with BatchNorm, and, under torch.compile,
         below the compiled gates (``compiles_faster_plain``)."""
+        if self.stale_shapes():
+            return None
         lowered = self.lowered
         assert lowered is not None  # `set_modules` found a chain
         if (
@@ -691,6 +700,7 @@ class ChainCache:
             except (IndexError, RuntimeError):
                 return None
             if not x.shape or x.shape[-1] != self.in_features:
+                self.stale_shapes()  # (a weight of another width since: lowered again)
                 return None  # not the shape the Linear takes: PyTorch's error, not ours
         y = self.forward(x)
         if y is None or unflatten is None:

@@ -124,7 +124,8 @@ DOUBLE_BACKWARD_ERROR = (
 )
 
 
-_is_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
+# (Private, and not in every torch this package takes: none batches the legacy way then.)
+_is_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda _: False)
 BATCHED_BACKWARD_ERROR = (
     "fusedae's fused backward does not take batched gradients (torch.autograd.grad with "
     "is_grads_batched=True, torch.autograd.functional.jacobian with vectorize=True, a vmap "

@@ -104,8 +104,9 @@ def forward_assigned(attributes: Iterable[dict[str, Any]]) -> bool:
 def settings_changed(read: Settings) -> bool:
     """Whether an attribute ``settings`` read has another value now (read from the module's
     dict, as ``nn.Module`` keeps them: ``getattr`` costs several times as much per call)."""
-    for attributes, name, value in read:  # noqa: SIM110 (a loop: `any` of a generator costs more)
-        if attributes.get(name) != value:
+    for attributes, name, value in read:
+        now = attributes.get(name)
+        if now is not value and now != value:  # (`is`: a NaN the same as it was read)
             return True
     return False
 
@@ -119,7 +120,7 @@ def _foldable(norm: nn.Module) -> bool:
         and norm.track_running_stats
         and norm.running_mean is not None
         and norm.running_var is not None
-        and norm.num_batches_tracked is not None
+        and norm._buffers.get("num_batches_tracked") is not None
     )
 
 
@@ -137,7 +138,8 @@ class LoweredChain:
     counter) increments in place. ``mode_dependent``: the BatchNorm and Dropout modules, which
     compute something else in training mode. ``flatten`` and ``unflatten``: an ``nn.Flatten``
     that was the first module and an ``nn.Unflatten`` that was the last, reshapes around the
-    fused call.
+    fused call. ``shapes``: the shape of each slot's tensor when lowered (None for None), which
+    the layers' widths are read from (``shapes_changed``).
     """
 
     layers: tuple[tuple[nn.Linear, PostOp], ...]
@@ -164,6 +166,8 @@ class LoweredChain:
         than when lowered, or a BatchNorm's ``num_batches_tracked`` is None: a Linear's weight
         replaced by one of another width, a BatchNorm's statistics set to None. The chain must
         be lowered again."""
+        if not all(key in owner for owner, key in (*self.slots, *self.counters)):
+            return True  # moved out (reparametrized, pruned, deleted): `lower` refuses it
         return _shapes(self.tensors()) != self.shapes or any(
             owner[key] is None for owner, key in self.counters
         )
@@ -394,11 +398,12 @@ def why_not_fused(module: nn.Module) -> str:
 def describe(lowered: LoweredChain) -> str:
     """``"Linear 64->42, ReLU, Linear 42->2"``; BatchNorms, Flatten and Unflatten named too."""
     parts = ["Flatten"] if lowered.flatten is not None else []
-    for (linear, post_op), norms in zip(
-        lowered.layers, lowered.normalizations or [()] * len(lowered.layers), strict=True
+    widths = lowered.widths  # the weights' (a Linear's `in_features` is not what it computes)
+    for index, ((_, post_op), norms) in enumerate(
+        zip(lowered.layers, lowered.normalizations or [()] * len(lowered.layers), strict=True)
     ):
         parts += [f"BatchNorm1d({norm.num_features})" for p, norm in norms if p == "before"]
-        parts.append(f"Linear {linear.in_features}->{linear.out_features}")
+        parts.append(f"Linear {widths[index]}->{widths[index + 1]}")
         parts += [f"BatchNorm1d({norm.num_features})" for p, norm in norms if p == "after"]
         if post_op != IDENTITY:
             module = post_op_module(post_op)
