@@ -360,11 +360,15 @@ def test_export_holds_the_op(strict, kernel_calls, monkeypatch):
             assert kernel_calls
 
 
-def test_the_exported_program_trains():
+@pytest.mark.parametrize("exported_with_grad", [True, False])
+def test_the_exported_program_trains(exported_with_grad):
+    """Exported under ``no_grad`` (the op without its saved activations, ``fusedae::chain``),
+    the program trains too: that op's backward runs the saving forward again."""
     plain = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 6))
     fused = FusedMLP.from_sequential(copy.deepcopy(plain))
     x = torch.randn(5, 6)
-    module = torch.export.export(fused, (x,)).module()
+    with torch.set_grad_enabled(exported_with_grad):
+        module = torch.export.export(fused, (x,)).module()
     nn.functional.mse_loss(module(x), x).backward()
     nn.functional.mse_loss(plain(x), x).backward()
     grads = {name: p.grad for name, p in module.named_parameters()}

@@ -177,8 +177,8 @@ def chain(
     post_ops: str,
 ) -> torch.Tensor:
     """The chain's output ``(*, out_features)`` on ``x`` of shape ``(*, in_features)``: layer i
-    computes ``post_ops[i](x @ weights[i].T + biases[i])``. No autograd (``chain_saving`` has
-    it)."""
+    computes ``post_ops[i](x @ weights[i].T + biases[i])``. Traced where no gradient is wanted;
+    its backward (a graph traced without gradients run with them) runs ``chain_saving`` again."""
     return run(native_chain(x, weights, biases, has_bias, post_ops), x)
 
 
@@ -293,8 +293,39 @@ def _backward(
         x = unread_input(ctx.input_shape, saved.dtype)
     if y is None:  # (the kernel reads `grad_output` in the place of an output it does not read)
         y = grad_output.contiguous()
-    layers, has_bias = ctx.layers, ctx.has_bias
-    weights, biases = params[:layers], params[layers:]
+    layers = ctx.layers
+    return _gradients(ctx, grad_output, x, y, saved, params[:layers], params[layers:])
+
+
+def _chain_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    """``chain``'s autograd, for a graph traced without gradients (``torch.export`` under
+    ``no_grad``) run with them: saves the op's inputs, from which the backward runs the saving
+    forward again."""
+    x, weights, biases, has_bias, post_ops = inputs
+    ctx.post_ops_text = post_ops
+    ctx.has_bias = tuple(has_bias)
+    ctx.layers = len(weights)
+    ctx.save_for_backward(x, *weights, *biases)
+
+
+def _chain_backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:
+    x, *params = ctx.saved_tensors
+    weights, biases = params[: ctx.layers], params[ctx.layers :]
+    y, saved = torch.ops.fusedae.chain_saving(x, weights, biases, ctx.has_bias, ctx.post_ops_text)
+    return _gradients(ctx, grad_output, x, y, saved, weights, biases)
+
+
+def _gradients(
+    ctx: Any,
+    grad_output: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    saved: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor],
+) -> tuple[Any, ...]:
+    """The backward of ``chain_saving`` (or ``chain``) on what its forward returned."""
+    has_bias = ctx.has_bias
     # Lists of tensors come as lists of flags; an empty list of biases, as one flag.
     needs_x, needs_weights, needs_biases, _, _ = ctx.needs_input_grad
     if not isinstance(needs_biases, list):
@@ -330,3 +361,4 @@ def _backward(
 
 
 chain_saving.register_autograd(_backward, setup_context=_setup_context)
+chain.register_autograd(_chain_backward, setup_context=_chain_setup_context)
