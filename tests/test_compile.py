@@ -252,6 +252,22 @@ def test_a_tensor_of_another_shape_after_accelerate_traces_and_exports(change):
         assert relative_error(exported.module()(x), want) <= 1e-5
 
 
+def test_an_activations_float_changed_between_compiled_calls():
+    """TorchDynamo makes a float attribute that changed between calls symbolic: the call is
+    traced as plain PyTorch (lowering again reads it), with fullgraph too, and computes the new
+    op."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(6, 10), nn.LeakyReLU(0.1), nn.Linear(10, 5))
+    fused, _ = accelerate(copy.deepcopy(plain))
+    compiled = torch.compile(fused, backend="eager", fullgraph=True)
+    x = torch.randn(8, 6)
+    with torch.no_grad():
+        for slope in (0.1, 0.7, 0.35, 0.2):
+            for model in (plain, fused):
+                model[1].negative_slope = slope
+            assert relative_error(compiled(x), plain(x)) <= 1e-5
+
+
 @pytest.mark.parametrize("changed", ["output", "input"])
 def test_compiled_backward_allows_what_pytorchs_allows(changed, kernel_calls):
     """The op saves the output only where the last op's gradient reads it and the input only

@@ -312,7 +312,11 @@ class ChainCache:
         if (
             modules != self.modules
             or containers != self.containers
-            or (self.settings and settings_changed(self.settings))
+            or (
+                self.settings
+                and settings_changed(self.settings)
+                and not _is_dynamo_compiling()  # (`forward` runs such a call plain)
+            )
         ):
             self.modules = modules
             # A container's `forward` assigned to it would run instead of the fused call.
@@ -503,6 +507,10 @@ class ChainCache:
         if (self.settings and settings_changed(self.settings)) or forward_assigned(
             self.module_dicts
         ):
+            if _is_dynamo_compiling():
+                # Traced as plain PyTorch: lowering again would read the attributes TorchDynamo
+                # made symbolic (a float changed between calls), which the ops cannot take.
+                return None
             self.relower()
             if self.lowered is None:
                 return None
