@@ -178,6 +178,15 @@ class TestNeverStale:
             assert relative_error(fused(x), plain(x)) <= TOLERANCE[dtype]
             assert relative_error(fused.encoder(x), plain.encoder(x)) <= TOLERANCE[dtype]
 
+    @staticmethod
+    def check_outputs_and_gradients(fused: nn.Module, plain: nn.Module, x: torch.Tensor) -> None:
+        with torch.no_grad():
+            assert relative_error(fused(x), plain(x)) <= 1e-5
+        got = torch.autograd.grad(fused(x).sum(), list(fused.parameters()))
+        want = torch.autograd.grad(plain(x).sum(), list(plain.parameters()))
+        for g, w in zip(got, want, strict=True):
+            assert relative_error(g, w) <= 1e-5
+
     def test_optimizer_steps(self):
         seed, fused = seed_and_fused(20, 3, 8)
         self.check(fused, seed)  # packs
@@ -310,12 +319,7 @@ class TestNeverStale:
         fused = FusedMLP.from_sequential(copy.deepcopy(plain))
         x = torch.randn(16, 20)
         for _ in range(2):
-            with torch.no_grad():
-                assert relative_error(fused(x), plain(x)) <= 1e-5
-            got = torch.autograd.grad(fused(x).sum(), list(fused.parameters()))
-            want = torch.autograd.grad(plain(x).sum(), list(plain.parameters()))
-            for g, w in zip(got, want, strict=True):
-                assert relative_error(g, w) <= 1e-5
+            self.check_outputs_and_gradients(fused, plain, x)
             setattr(fused[1], attribute, value)
             setattr(plain[1], attribute, value)
 
@@ -344,12 +348,7 @@ class TestNeverStale:
                     model[1].forward = lambda t: t * 2  # no longer a ReLU
         x = torch.randn(16, 10 if change == "wider_input" else 8)
         for _ in range(2):
-            with torch.no_grad():
-                assert relative_error(fused(x), plain(x)) <= 1e-5
-            got = torch.autograd.grad(fused(x).sum(), list(fused.parameters()))
-            want = torch.autograd.grad(plain(x).sum(), list(plain.parameters()))
-            for g, w in zip(got, want, strict=True):
-                assert relative_error(g, w) <= 1e-5
+            self.check_outputs_and_gradients(fused, plain, x)
 
     @pytest.mark.parametrize("flatten", [False, True])
     def test_a_wider_weight_then_inputs_of_either_width(self, flatten):
