@@ -315,7 +315,7 @@ class ChainCache:
             or (
                 self.settings
                 and settings_changed(self.settings)
-                and not _is_dynamo_compiling()  # (`forward` runs such a call plain)
+                and self.can_relower()  # (where not, `forward` runs the call plain)
             )
         ):
             self.modules = modules
@@ -366,8 +366,17 @@ class ChainCache:
         and when packing."""
         if self.lowered is None or not self.lowered.shapes_changed():
             return False
-        self.relower()
+        if self.can_relower():
+            self.relower()
         return True
+
+    @staticmethod
+    def can_relower() -> bool:
+        """Whether ``relower`` may run now: not while TorchDynamo traces, where an activation's
+        float that changed between calls is symbolic, which lowering would read and the ops
+        cannot take as a constant (``fullgraph=True`` raised). Such a call is traced as plain
+        PyTorch, as every compiled call of the chain is until an eager call lowers it again."""
+        return not _is_dynamo_compiling()
 
     def trains_faster_plain(self, x: torch.Tensor) -> bool:
         """Whether a call on ``x`` that needs gradients is below ``TRAINING_MIN_ROWS`` or
@@ -507,9 +516,7 @@ class ChainCache:
         if (self.settings and settings_changed(self.settings)) or forward_assigned(
             self.module_dicts
         ):
-            if _is_dynamo_compiling():
-                # Traced as plain PyTorch: lowering again would read the attributes TorchDynamo
-                # made symbolic (a float changed between calls), which the ops cannot take.
+            if not self.can_relower():
                 return None
             self.relower()
             if self.lowered is None:
