@@ -229,9 +229,7 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     weights and biases are saved: the backward packs its chain from them."""
     x, weights, biases, has_bias, post_ops = inputs
     y, saved = output
-    ctx.post_ops_text = post_ops
-    ctx.has_bias = tuple(has_bias)
-    ctx.layers = len(weights)
+    _keep_arguments(ctx, weights, has_bias, post_ops)
     ctx.input_shape = x.shape
     ctx.mark_non_differentiable(saved)
     # The first weight's flag: flat here (the input's, then each weight's, ...), a list of flags
@@ -302,10 +300,17 @@ def _chain_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None
     ``no_grad``) run with them: saves the op's inputs, from which the backward runs the saving
     forward again."""
     x, weights, biases, has_bias, post_ops = inputs
+    _keep_arguments(ctx, weights, has_bias, post_ops)
+    ctx.save_for_backward(x, *weights, *biases)
+
+
+def _keep_arguments(
+    ctx: Any, weights: Sequence[torch.Tensor], has_bias: Sequence[bool], post_ops: str
+) -> None:
+    """What both ops' backwards read of their arguments besides the tensors saved."""
     ctx.post_ops_text = post_ops
     ctx.has_bias = tuple(has_bias)
     ctx.layers = len(weights)
-    ctx.save_for_backward(x, *weights, *biases)
 
 
 def _chain_backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:

@@ -236,9 +236,8 @@ def _forward_saving(
     Saved for backward (a tensor changed in place before the backward is then an error) is what
     PyTorch's own modules save, no more, so that the backwards PyTorch allows ours does, and the
     ones it refuses ours refuses: the input where the first layer's weight wants a gradient,
-    each layer's weight where a gradient
-    flows through the layer to a layer or the input below (the backward reads the chain's copy
-    of it), and the output as above; no bias."""
+    each layer's weight where a gradient flows through the layer to a layer or the input below
+    (the backward reads the chain's copy of it), and the output as above; no bias."""
     x = kernel_input(chain, x)
     y, saved = _saving_call(chain, x)
     ctx.chain = chain
