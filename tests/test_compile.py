@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fusedae
 from _seed import AE as SeedAE
@@ -427,6 +428,36 @@ def test_opcheck(dtype, shape, has_bias):
         arguments = (torch.randn_like(y), x, y, saved, weights, biases, flags, post_ops)
         results = torch.library.opcheck(ops.chain_backward, (*arguments, needs_x, needs_params))
         assert set(results.values()) == {"SUCCESS"}, results
+
+
+@pytest.mark.parametrize("shape", [(0, 7), (5, 7), (2, 3, 7)])
+def test_the_backward_op_takes_no_output_where_no_gradient_reads_it(shape):
+    """Without the output (None: the last op is Identity here), the backward op's gradients are
+    those it gives with it, and it passes opcheck; where the last op's gradient reads the output
+    (Sigmoid), None is refused, on real and fake tensors."""
+    x, weights, biases, flags, post_ops = op_arguments(torch.float64, shape, (True,) * 3, False)
+    hidden_ops = post_ops.rsplit(",", 1)[0]
+    y, saved = ops.chain_saving(x, weights, biases, flags, hidden_ops + ",identity")
+    grad = torch.randn_like(y)
+    for needs_x, needs_params in ((True, [True] * 3), (False, [False, True, True])):
+        rest = (weights, biases, flags, hidden_ops + ",identity", needs_x, needs_params)
+        with_output = ops.chain_backward(grad, x, y, saved, *rest)
+        without = ops.chain_backward(grad, x, None, saved, *rest)
+        for a, b in zip(with_output, without, strict=True):
+            assert torch.equal(a, b)
+        results = torch.library.opcheck(ops.chain_backward, (grad, x, None, saved, *rest))
+        assert set(results.values()) == {"SUCCESS"}, results
+    y, saved = ops.chain_saving(x, weights, biases, flags, hidden_ops + ",sigmoid")
+    rest = (weights, biases, flags, hidden_ops + ",sigmoid", True, [True] * 3)
+    with pytest.raises(ValueError, match="reads the output"):
+        ops.chain_backward(torch.randn_like(y), x, None, saved, *rest)
+    with FakeTensorMode() as mode:
+        fake_grad, fake_x, fake_saved, *fake_params = (
+            mode.from_tensor(t) for t in (y, x, saved, *weights, *biases)
+        )
+        fake_rest = (fake_params[:3], fake_params[3:], *rest[2:])
+        with pytest.raises(ValueError, match="reads the output"):
+            ops.chain_backward(fake_grad, fake_x, None, fake_saved, *fake_rest)
 
 
 @pytest.mark.parametrize("has_bias", [(True, True, True), (True, False, False)])

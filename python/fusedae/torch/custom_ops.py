@@ -166,6 +166,15 @@ def _check(
     return per_layer
 
 
+def _check_output(y: torch.Tensor | None, post_ops: str) -> None:
+    """``chain_backward``'s output argument may be None only where no gradient reads it."""
+    if y is None and decode_post_ops(post_ops)[-1].gradient_reads_output:
+        raise ValueError(
+            f"the last post-op's gradient reads the output ({post_ops.rsplit(',', 1)[-1]}): "
+            "pass the output"
+        )
+
+
 # The ops' list arguments are `typing.Sequence`s: torch 2.4 and 2.5 infer a schema from `typing`'s
 # generics only, and refused `list[torch.Tensor]` with a ValueError on import.
 @torch.library.custom_op("fusedae::chain", mutates_args=(), device_types="cpu")
@@ -246,7 +255,7 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
 def chain_backward(
     grad_output: torch.Tensor,
     x: torch.Tensor,
-    y: torch.Tensor,
+    y: typing.Optional[torch.Tensor],  # noqa: UP045 (torch 2.4-2.5 infer only `typing`'s)
     saved: torch.Tensor,
     weights: typing.Sequence[torch.Tensor],
     biases: typing.Sequence[torch.Tensor],
@@ -258,7 +267,9 @@ def chain_backward(
     """``chain_saving``'s backward: ``(grad_x, grads)`` from what it returned, ``grad_x`` of
     ``x``'s shape (empty unless ``needs_x``), ``grads`` 1-d, each layer's weight gradient (``out
     x in``) then bias gradient (``out``, whether or not it has a bias), zeros where
-    ``needs_params`` is false."""
+    ``needs_params`` is false. ``y`` may be None where the last op's gradient does not read the
+    output."""
+    _check_output(y, post_ops)
     chain = native_chain(x, weights, biases, has_bias, post_ops)
     x = kernel_input(chain, x)
     grad_x, grads = native_gradients(chain, grad_output, x, y, saved, needs_x, needs_params)
@@ -269,7 +280,7 @@ def chain_backward(
 def _chain_backward_fake(
     grad_output: torch.Tensor,
     x: torch.Tensor,
-    y: torch.Tensor,
+    y: torch.Tensor | None,
     saved: torch.Tensor,
     weights: list[torch.Tensor],
     biases: list[torch.Tensor],
@@ -279,6 +290,7 @@ def _chain_backward_fake(
     needs_params: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _check(x, weights, biases, has_bias, post_ops)
+    _check_output(y, post_ops)
     values = sum(weight.shape[0] * (weight.shape[1] + 1) for weight in weights)
     return x.new_empty(x.shape if needs_x else (0,)), x.new_empty((values,))
 
@@ -289,8 +301,6 @@ def _backward(
     x, y, saved, *params = ctx.saved_tensors
     if x is None:
         x = unread_input(ctx.input_shape, saved.dtype)
-    if y is None:  # (the kernel reads `grad_output` in the place of an output it does not read)
-        y = grad_output.contiguous()
     layers = ctx.layers
     return _gradients(ctx, grad_output, x, y, saved, params[:layers], params[layers:])
 
@@ -324,7 +334,7 @@ def _gradients(
     ctx: Any,
     grad_output: torch.Tensor,
     x: torch.Tensor,
-    y: torch.Tensor,
+    y: torch.Tensor | None,
     saved: torch.Tensor,
     weights: Sequence[torch.Tensor],
     biases: Sequence[torch.Tensor],
