@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusedae
 from _seed import AE as SeedAE
@@ -428,6 +429,32 @@ def test_opcheck(dtype, shape, has_bias):
         arguments = (torch.randn_like(y), x, y, saved, weights, biases, flags, post_ops)
         results = torch.library.opcheck(ops.chain_backward, (*arguments, needs_x, needs_params))
         assert set(results.values()) == {"SUCCESS"}, results
+
+
+@pytest.mark.parametrize("last_op", ["identity", "sigmoid"])
+def test_the_ops_autograd_hands_the_backward_the_output_only_where_it_is_read(last_op):
+    """The output goes to the backward op only where the last op's gradient reads it: a tensor
+    in its place (the loss's gradient, as before) was a second copy of that gradient in a graph
+    that compiles the loss too."""
+    x, weights, biases, flags, post_ops = op_arguments(torch.float32, (5, 7), (True,) * 3, True)
+    post_ops = post_ops.rsplit(",", 1)[0] + "," + last_op
+    y, _ = ops.chain_saving(x, weights, biases, flags, post_ops)
+    outputs_passed: list[torch.Tensor | None] = []
+
+    class RecordBackwardOutputs(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.fusedae.chain_backward.default:
+                outputs_passed.append(args[2])
+            return func(*args, **(kwargs or {}))
+
+    with RecordBackwardOutputs():
+        y.sum().backward()
+    assert len(outputs_passed) == 1
+    if last_op == "identity":
+        assert outputs_passed[0] is None
+    else:
+        assert outputs_passed[0] is not None
+        assert torch.equal(outputs_passed[0], y.detach())
 
 
 @pytest.mark.parametrize("shape", [(0, 7), (5, 7), (2, 3, 7)])
