@@ -147,6 +147,27 @@ def test_sequential_of_sequentials_is_one_op(kernel_calls):
     assert relative_error(x.grad, x_plain.grad) <= 1e-5
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_an_accelerated_sequential_of_sequentials_compiles_once(grad, kernel_calls):
+    """``accelerate`` replaces the inner Sequentials after the outer FusedMLP read its chain;
+    the outer one must read them again then, not on its first call, where a trace saw its state
+    change and the second call compiled the whole model again."""
+    fused, _ = accelerate(nn.Sequential(issue_model().encoder, issue_model().decoder))
+    graphs: list[torch.fx.GraphModule] = []
+
+    def counting_backend(graph: torch.fx.GraphModule, _: object) -> object:
+        graphs.append(graph)
+        return graph.forward
+
+    compiled = torch.compile(fused, backend=counting_backend, fullgraph=True)
+    x = torch.randn(7, 20)
+    with torch.set_grad_enabled(grad):
+        for _ in range(3):
+            compiled(x)
+    assert len(graphs) == 1
+    assert kernel_calls == ["chain_saving" if grad else "chain"] * 3
+
+
 def test_compiled_training_steps_match_plain_ones(kernel_calls):
     """Optimizer steps change the parameters in place between calls: each call packs them
     again. SGD with momentum, not Adam: Adam's first steps move a parameter by about its

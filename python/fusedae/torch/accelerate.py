@@ -132,6 +132,10 @@ def accelerate(
         for key, child in list(result._modules.items()):
             if child is not None:
                 result._modules[key] = visit(child, f"{name}.{key}" if name else key)
+        if isinstance(result, FusedMLP):
+            # Its inner Sequentials are FusedMLPs now: a compiled model's first call would
+            # otherwise read them (a change of state its trace saw) and its second compile again.
+            result.read_children()
         return result
 
     return visit(model, ""), report

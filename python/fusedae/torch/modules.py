@@ -19,6 +19,7 @@ from fusedae.torch.cache import (
     forget_op_chains,
     hook_registries,
 )
+from fusedae.torch.lower import LoweredChain
 
 # A chain as `FusedMLP.fused_layers` shows it: each Linear with its post-op's name.
 Layers = tuple[tuple[nn.Linear, str], ...]
@@ -111,7 +112,7 @@ class FusedMLP(_FusedCall, nn.Sequential):
         self._pieces = SplitCache(spec_precision(precision))  # where it is not
         # Lowered now, so that a first call traced by torch.compile or torch.export finds the
         # chain and changes no state (the calls look again: the children may change).
-        self._fused.set_modules(*chain_modules(tuple(self._modules.values())))
+        self.read_children()
 
     @classmethod
     def from_sequential(
@@ -142,10 +143,15 @@ class FusedMLP(_FusedCall, nn.Sequential):
     def fused_layers(self) -> Layers | None:
         """The chain the kernel runs, as ``(linear, post-op name)`` pairs; None if the children
         do not form one chain (then ``fused_runs`` says which of them run fused)."""
-        lowered = self._fused.set_modules(*chain_modules(tuple(self._modules.values())))
+        lowered = self.read_children()
         return (
             None if lowered is None else tuple((linear, op.name) for linear, op in lowered.layers)
         )
+
+    def read_children(self) -> LoweredChain | None:
+        """Reads the children's chain again (as each call does): after children are replaced,
+        so that the next call, traced or not, finds it as it is and changes no state."""
+        return self._fused.set_modules(*chain_modules(tuple(self._modules.values())))
 
     def fused_runs(self) -> list[tuple[int, int]]:
         """The ``(start, stop)`` child indices of each run of children called as one fused
