@@ -123,6 +123,8 @@ def test_an_output_changed_in_place_stops_the_backward_only_where_pytorchs_would
     "case",
     [
         "input",
+        "strided_input",
+        "negated_input",
         "frozen_first_weight",
         "frozen_first_weight_only",
         "biases",
@@ -135,7 +137,8 @@ def test_tensors_changed_in_place_stop_the_backward_only_where_pytorchs_would(ca
     """What the fused call saves for its backward is what PyTorch's modules save: the input
     where the first layer's weight wants a gradient, the weights a gradient flows through to a
     layer or the input below, never a bias. A tensor changed in place between the forward and
-    the backward (an optimizer step there, a buffer reused) stops both or neither."""
+    the backward (an optimizer step there, a buffer reused) stops both or neither: an input the
+    kernel read through a copy (a transposed or negated view, whose base changes) too."""
     torch.manual_seed(2)
     plain, _, _, _ = build(("relu", "relu", "relu", "identity"), True, torch.float32)
     fused = FusedMLP.from_sequential(copy.deepcopy(plain))
@@ -144,15 +147,17 @@ def test_tensors_changed_in_place_stop_the_backward_only_where_pytorchs_would(ca
             model[0].requires_grad_(False)
             if case.endswith("_only"):  # its bias trained: PyTorch's reads no input
                 model[0].bias.requires_grad_(True)
-    x_plain = torch.randn(16, WIDTHS[0])
-    x_fused = x_plain.clone()
-    y_plain, y_fused = plain(x_plain), fused(x_fused)
+    base_plain = torch.randn((WIDTHS[0], 16) if case == "strided_input" else (16, WIDTHS[0]))
+    base_fused = base_plain.clone()
+    views = {"strided_input": torch.t, "negated_input": torch._neg_view}
+    view = views.get(case, lambda base: base)
+    y_plain, y_fused = plain(view(base_plain)), fused(view(base_fused))
     assert "FusedMLPFunction" in type(y_fused.grad_fn).__name__
-    for model, x in ((plain, x_plain), (fused, x_fused)):
+    for model, base in ((plain, base_plain), (fused, base_fused)):
         params = [p for p in model.parameters() if p.requires_grad]
         with torch.no_grad():
-            if case in ("input", "frozen_first_weight", "frozen_first_weight_only"):
-                x.mul_(2.0)
+            if "input" in case or case.startswith("frozen_first_weight"):
+                base.mul_(2.0)
             elif case == "biases":
                 for p in params[1::2]:
                     p.add_(1.0)
@@ -162,7 +167,7 @@ def test_tensors_changed_in_place_stop_the_backward_only_where_pytorchs_would(ca
             for p in params:
                 p.grad = torch.ones_like(p)
             torch.optim.SGD(params, lr=0.1).step()
-    refused = case in ("input", "weights", "step", "frozen_step")
+    refused = case in ("input", "strided_input", "negated_input", "weights", "step", "frozen_step")
     if refused:
         for y, model in ((y_plain, plain), (y_fused, fused)):
             params = [p for p in model.parameters() if p.requires_grad]

@@ -179,10 +179,12 @@ class FusedMLPFunction(torch.autograd.Function):
             return (None,) * len(needs)
         if _is_legacy_batched(grad_output):  # (`is_grads_batched` batches the legacy way)
             raise RuntimeError(BATCHED_BACKWARD_ERROR)
+        if x is None:
+            x = unread_input(ctx.input_shape, saved.dtype)
         grad_x, grad_weights, grad_biases = native_backward(
             ctx.chain,
             grad_output,
-            unread_input(ctx.input_shape, saved.dtype) if x is None else x,
+            getattr(ctx, "kernel_input", x),
             y,
             saved,
             ctx.shapes,
@@ -228,7 +230,8 @@ def _forward_saving(
     keeps_output: bool,
 ) -> torch.Tensor:
     """``FusedMLPFunction.forward`` on a checked input: runs the saving forward and keeps for the
-    backward the input as the kernel read it (the backward does not copy a strided one again),
+    backward the input as the kernel read it (the backward does not copy a strided one again;
+    the caller's tensor is saved beside such a copy),
     the output if ``keeps_output`` (the modules keep it only where the last post-op's gradient
     reads it, as PyTorch's ReLU, Sigmoid and Tanh keep theirs), the saved columns, and each
     layer's ``(out, in, has bias)``.
@@ -238,8 +241,8 @@ def _forward_saving(
     ones it refuses ours refuses: the input where the first layer's weight wants a gradient,
     each layer's weight where a gradient flows through the layer to a layer or the input below
     (the backward reads the chain's copy of it), and the output as above; no bias."""
-    x = kernel_input(chain, x)
-    y, saved = _saving_call(chain, x)
+    read = kernel_input(chain, x)
+    y, saved = _saving_call(chain, read)
     ctx.chain = chain
     ctx.set_materialize_grads(False)
     # (The chain was packed from these: no weight is None.)
@@ -256,6 +259,10 @@ def _forward_saving(
     reads_input = needs[3]
     if not reads_input:
         ctx.input_shape = x.shape  # the kernel checks it, and `grad_x` takes it
+    elif read is not x:
+        # The backward reads the copy the kernel read; the caller's tensor is saved too, so
+        # that a change to it in place before the backward is refused, as PyTorch refuses it.
+        ctx.kernel_input = read
     # `saved` is neither input nor output, so not differentiable through: the backward
     # refuses to be differentiated (`DOUBLE_BACKWARD_ERROR`).
     ctx.save_for_backward(
