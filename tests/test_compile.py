@@ -153,19 +153,113 @@ def test_an_accelerated_sequential_of_sequentials_compiles_once(grad, kernel_cal
     the outer one must read them again then, not on its first call, where a trace saw its state
     change and the second call compiled the whole model again."""
     fused, _ = accelerate(nn.Sequential(issue_model().encoder, issue_model().decoder))
-    graphs: list[torch.fx.GraphModule] = []
-
-    def counting_backend(graph: torch.fx.GraphModule, _: object) -> object:
-        graphs.append(graph)
-        return graph.forward
-
-    compiled = torch.compile(fused, backend=counting_backend, fullgraph=True)
+    graphs, backend = graph_counter()
+    compiled = torch.compile(fused, backend=backend, fullgraph=True)
     x = torch.randn(7, 20)
     with torch.set_grad_enabled(grad):
         for _ in range(3):
             compiled(x)
     assert len(graphs) == 1
     assert kernel_calls == ["chain_saving" if grad else "chain"] * 3
+
+
+def graph_counter() -> tuple[list[torch.fx.GraphModule], object]:
+    """A backend that counts the graphs TorchDynamo hands it, and runs them as traced."""
+    graphs: list[torch.fx.GraphModule] = []
+
+    def counting_backend(graph: torch.fx.GraphModule, _: object) -> object:
+        graphs.append(graph)
+        return graph.forward
+
+    return graphs, counting_backend
+
+
+def test_a_sequential_split_around_a_module_compiles_once():
+    """A Sequential whose children are not one chain runs its fused runs piece by piece; the
+    pieces are read when the module is, so a first traced call changes no state."""
+    model = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.LayerNorm(16), nn.Linear(16, 5))
+    fused, _ = accelerate(copy.deepcopy(model))
+    graphs, backend = graph_counter()
+    compiled = torch.compile(fused, backend=backend, fullgraph=True)
+    x = torch.randn(7, 20)
+    with torch.no_grad():
+        for _ in range(3):
+            assert relative_error(compiled(x), model(x)) <= 1e-5
+    assert len(graphs) == 1
+
+
+@pytest.mark.parametrize("form", ["FusedMLP", "AE"])
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_model_compiles_once(form, how):
+    """A deep copy or an unpickled module reads its children when it is made (its caches start
+    empty), not on its first call, whose trace would see its state change."""
+    import pickle
+
+    torch.manual_seed(0)
+    model: nn.Module = AE(20, 3, 9) if form == "AE" else FusedMLP(*issue_model().encoder)
+    copied = copy.deepcopy(model) if how == "deepcopy" else pickle.loads(pickle.dumps(model))
+    graphs, backend = graph_counter()
+    compiled = torch.compile(copied, backend=backend, fullgraph=True)
+    x = torch.randn(7, 20)
+    with torch.no_grad():
+        for _ in range(3):
+            assert relative_error(compiled(x), model(x)) <= 1e-5
+    assert len(graphs) == 1
+
+
+def test_global_hooks_run_below_the_compiled_gates(monkeypatch):
+    """Below the compiled gates a traced call runs the plain layers: a global forward hook (here
+    doubling every Sequential's output) must still see the FusedMLP itself, as eagerly."""
+    monkeypatch.setattr(cache, "COMPILED_INFERENCE_MIN_FLOPS", 10**12)
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 5))
+    fused, _ = accelerate(copy.deepcopy(plain))
+
+    def double_sequentials(module: nn.Module, _: object, output: torch.Tensor) -> object:
+        return output * 2 if isinstance(module, nn.Sequential) else None
+
+    x = torch.randn(8, 20)
+    compiled = torch.compile(fused, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        unhooked = plain(x)
+        handle = nn.modules.module.register_module_forward_hook(double_sequentials)
+        try:
+            with pytest.warns(UserWarning, match="global hooks"):
+                got = compiled(x)
+        finally:
+            handle.remove()
+    assert relative_error(got, 2 * unhooked) <= 1e-5
+
+
+def test_a_child_replaced_after_a_float_changed_keeps_fullgraph():
+    """A float that changed between compiled calls is symbolic in the next trace; a child
+    replaced then must not make that trace lower the chain (which reads the float), but trace
+    plain PyTorch, as for the float alone."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(20, 16), nn.LeakyReLU(0.1), nn.Linear(16, 5), nn.Tanh())
+    fused, _ = accelerate(copy.deepcopy(plain))
+    compiled = torch.compile(fused, backend="eager", fullgraph=True)
+    x = torch.randn(33, 20)
+    with torch.no_grad():
+        for slope in (0.1, 0.2, 0.3):
+            for model in (plain, fused):
+                model[1].negative_slope = slope
+            assert relative_error(compiled(x), plain(x)) <= 1e-5
+        for model in (plain, fused):
+            model[3] = nn.Sigmoid()
+        assert relative_error(compiled(x), plain(x)) <= 1e-5
+        assert relative_error(fused(x), plain(x)) <= 1e-5  # eager: lowered again, fused
+
+
+def test_the_input_by_keyword_as_nn_sequential_names_it():
+    plain = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 5))
+    fused, _ = accelerate(copy.deepcopy(plain))
+    x = torch.randn(8, 20)
+    with torch.no_grad():
+        want = plain(input=x)
+        assert relative_error(fused(input=x), want) <= 1e-5
+        compiled = torch.compile(fused, backend="eager", fullgraph=True)
+        assert relative_error(compiled(input=x), want) <= 1e-5
 
 
 def test_compiled_training_steps_match_plain_ones(kernel_calls):

@@ -372,10 +372,11 @@ class ChainCache:
 
     @staticmethod
     def can_relower() -> bool:
-        """Whether ``relower`` may run now: not while TorchDynamo traces, where an activation's
-        float that changed between calls is symbolic, which lowering would read and the ops
-        cannot take as a constant (``fullgraph=True`` raised). Such a call is traced as plain
-        PyTorch, as every compiled call of the chain is until an eager call lowers it again."""
+        """Whether ``relower`` (or ``set_modules`` on other modules) may run now: not while
+        TorchDynamo traces, where an activation's float that changed between calls is symbolic,
+        which lowering would read and the ops cannot take as a constant (``fullgraph=True``
+        raised). Such a call is traced as plain PyTorch, as every compiled call of the chain is
+        until an eager call lowers it again."""
         return not _is_dynamo_compiling()
 
     def trains_faster_plain(self, x: torch.Tensor) -> bool:

@@ -63,7 +63,11 @@ class _FusedCall(nn.Module):
             and attributes.get("_compiled_call_impl") is None  # set by `.compile()`, torch 2.2+
         ):
             x = args[0]
-            if _is_dynamo_compiling() and attributes["_fused"].compiles_plain(x):
+            if (
+                _is_dynamo_compiling()
+                and not any(_GLOBAL_HOOKS)  # (`nn.Module.__call__` runs them)
+                and attributes["_fused"].compiles_plain(x)
+            ):
                 return self._plain_forward(x)
             # An inference call pays one C call here, not the method's.
             trains_plain = _is_grad_enabled() and attributes["_fused"].trains_plain(x)
@@ -149,9 +153,20 @@ class FusedMLP(_FusedCall, nn.Sequential):
         )
 
     def read_children(self) -> LoweredChain | None:
-        """Reads the children's chain again (as each call does): after children are replaced,
-        so that the next call, traced or not, finds it as it is and changes no state."""
-        return self._fused.set_modules(*chain_modules(tuple(self._modules.values())))
+        """Reads the children's chain again (as each eager call does), or the runs of them
+        fused where they are not one: after children are replaced, so that the next call, traced
+        or not, finds them read and changes no state (a compiled call would trace plain
+        PyTorch, or its state change would make the next one compile again)."""
+        modules: tuple[nn.Module, ...] = tuple(self._modules.values())  # type: ignore[arg-type]
+        lowered = self._fused.set_modules(*chain_modules(modules))
+        if lowered is None:
+            self._pieces.pieces_of(modules)
+        return lowered
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A copy or an unpickled module starts with empty caches: read now, as `__init__` does.
+        super().__setstate__(state)
+        self.read_children()
 
     def fused_runs(self) -> list[tuple[int, int]]:
         """The ``(start, stop)`` child indices of each run of children called as one fused
@@ -182,14 +197,18 @@ class FusedMLP(_FusedCall, nn.Sequential):
         if modules != state.modules:
             # New children, or Sequentials among them, read again on each call (theirs may
             # change too).
-            state.set_modules(*chain_modules(modules))
+            read = chain_modules(modules)
+            if read != (state.modules, state.containers) and not state.can_relower():
+                return None
+            state.set_modules(*read)
         if state.lowered is None:
             return None
         return state.reshaped_forward(x) if state.reshaped else state.forward(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self._fused_forward(x)
-        return self._plain_forward(x) if result is None else result
+    # `input`, as `nn.Sequential.forward` names it: a call by keyword works on both.
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        result = self._fused_forward(input)
+        return self._plain_forward(input) if result is None else result
 
     def _plain_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fused.lowered is not None:  # one chain, which PyTorch must run
@@ -250,11 +269,20 @@ class AE(_FusedCall):
         layers = (nn.Linear(z_dim, h_dim), nn.ReLU(), nn.Linear(h_dim, x_dim))
         self.decoder = FusedMLP(*layers, precision=precision)
         self._fused = ChainCache(spec_precision(precision))
-        # Lowered now, as in FusedMLP.
-        self._fused.set_modules(
-            (*self.encoder._modules.values(), *self.decoder._modules.values()),  # type: ignore[arg-type]
-            (self.encoder, self.decoder),
-        )
+        self._read_children()
+
+    def _read_children(self) -> None:
+        """Lowers the whole chain now, as ``FusedMLP.read_children`` does."""
+        encoder = cast(nn.Sequential, self._modules["encoder"])
+        decoder = cast(nn.Sequential, self._modules["decoder"])
+        if type(encoder) in SEQUENTIALS and type(decoder) in SEQUENTIALS:
+            modules = (*encoder._modules.values(), *decoder._modules.values())
+            self._fused.set_modules(modules, (encoder, decoder))  # type: ignore[arg-type]
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # As FusedMLP's.
+        super().__setstate__(state)
+        self._read_children()
 
     def invalidate(self) -> None:
         """Forget the packed weights (only needed after edits the version counters do not
@@ -286,6 +314,10 @@ class AE(_FusedCall):
         if type(encoder) in SEQUENTIALS and type(decoder) in SEQUENTIALS:
             modules = (*encoder._modules.values(), *decoder._modules.values())
             state = self._fused
+            if (
+                modules != state.modules or (encoder, decoder) != state.containers
+            ) and not state.can_relower():
+                return None
             if state.set_modules(modules, (encoder, decoder)) is not None:  # type: ignore[arg-type]
                 return state.reshaped_forward(x) if state.reshaped else state.forward(x)
         return None
