@@ -180,6 +180,26 @@ def test_tensors_changed_in_place_stop_the_backward_only_where_pytorchs_would(ca
         assert relative_error(g, w) <= 1e-5
 
 
+def test_the_kernels_copy_of_an_input_is_a_saved_tensor():
+    """The copy the kernel reads of a strided input goes through ``save_for_backward`` beside
+    the caller's tensor: saved-tensor hooks (``checkpoint``, ``save_on_cpu``) see it, and the
+    backward frees it."""
+    fused = FusedMLP(nn.Linear(8, 4))
+    packed: list[torch.Tensor] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        packed.append(tensor)
+        return tensor
+
+    base = torch.randn(8, 16)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        y = fused(base.t())
+    assert "FusedMLPFunction" in type(y.grad_fn).__name__
+    copies = [t for t in packed if t.shape == (16, 8) and t.is_contiguous()]
+    assert len(copies) == 1
+    assert copies[0].data_ptr() != base.data_ptr()
+
+
 def test_batched_gradients_are_a_clear_error():
     """``is_grads_batched`` (``jacobian(vectorize=True)``) hands the backward batched tensors,
     whose memory the kernel cannot read."""

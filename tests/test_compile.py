@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import pickle
 from collections.abc import Iterator
 
 import pytest
@@ -174,18 +175,22 @@ def graph_counter() -> tuple[list[torch.fx.GraphModule], object]:
     return graphs, counting_backend
 
 
+def assert_compiles_once(module: nn.Module, reference: nn.Module, x: torch.Tensor) -> None:
+    """``module`` compiled: three calls on ``x`` give ``reference``'s output, from one graph."""
+    graphs, backend = graph_counter()
+    compiled = torch.compile(module, backend=backend, fullgraph=True)
+    with torch.no_grad():
+        for _ in range(3):
+            assert relative_error(compiled(x), reference(x)) <= 1e-5
+    assert len(graphs) == 1
+
+
 def test_a_sequential_split_around_a_module_compiles_once():
     """A Sequential whose children are not one chain runs its fused runs piece by piece; the
     pieces are read when the module is, so a first traced call changes no state."""
     model = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.LayerNorm(16), nn.Linear(16, 5))
     fused, _ = accelerate(copy.deepcopy(model))
-    graphs, backend = graph_counter()
-    compiled = torch.compile(fused, backend=backend, fullgraph=True)
-    x = torch.randn(7, 20)
-    with torch.no_grad():
-        for _ in range(3):
-            assert relative_error(compiled(x), model(x)) <= 1e-5
-    assert len(graphs) == 1
+    assert_compiles_once(fused, model, torch.randn(7, 20))
 
 
 @pytest.mark.parametrize("form", ["FusedMLP", "AE"])
@@ -193,18 +198,10 @@ def test_a_sequential_split_around_a_module_compiles_once():
 def test_a_copied_model_compiles_once(form, how):
     """A deep copy or an unpickled module reads its children when it is made (its caches start
     empty), not on its first call, whose trace would see its state change."""
-    import pickle
-
     torch.manual_seed(0)
     model: nn.Module = AE(20, 3, 9) if form == "AE" else FusedMLP(*issue_model().encoder)
     copied = copy.deepcopy(model) if how == "deepcopy" else pickle.loads(pickle.dumps(model))
-    graphs, backend = graph_counter()
-    compiled = torch.compile(copied, backend=backend, fullgraph=True)
-    x = torch.randn(7, 20)
-    with torch.no_grad():
-        for _ in range(3):
-            assert relative_error(compiled(x), model(x)) <= 1e-5
-    assert len(graphs) == 1
+    assert_compiles_once(copied, model, torch.randn(7, 20))
 
 
 def test_global_hooks_run_below_the_compiled_gates(monkeypatch):
@@ -231,12 +228,15 @@ def test_global_hooks_run_below_the_compiled_gates(monkeypatch):
     assert relative_error(got, 2 * unhooked) <= 1e-5
 
 
-def test_a_child_replaced_after_a_float_changed_keeps_fullgraph():
+@pytest.mark.parametrize("split", [False, True])
+def test_a_child_replaced_after_a_float_changed_keeps_fullgraph(split):
     """A float that changed between compiled calls is symbolic in the next trace; a child
-    replaced then must not make that trace lower the chain (which reads the float), but trace
-    plain PyTorch, as for the float alone."""
+    replaced then must not make that trace lower the chain (which reads the float), nor the
+    runs of a Sequential split around a LayerNorm, but trace plain PyTorch, as for the float
+    alone."""
     torch.manual_seed(0)
-    plain = nn.Sequential(nn.Linear(20, 16), nn.LeakyReLU(0.1), nn.Linear(16, 5), nn.Tanh())
+    norm = [nn.LayerNorm(16)] if split else []
+    plain = nn.Sequential(nn.Linear(20, 16), nn.LeakyReLU(0.1), *norm, nn.Linear(16, 5), nn.Tanh())
     fused, _ = accelerate(copy.deepcopy(plain))
     compiled = torch.compile(fused, backend="eager", fullgraph=True)
     x = torch.randn(33, 20)
@@ -246,7 +246,7 @@ def test_a_child_replaced_after_a_float_changed_keeps_fullgraph():
                 model[1].negative_slope = slope
             assert relative_error(compiled(x), plain(x)) <= 1e-5
         for model in (plain, fused):
-            model[3] = nn.Sigmoid()
+            model[-1] = nn.Sigmoid()
         assert relative_error(compiled(x), plain(x)) <= 1e-5
         assert relative_error(fused(x), plain(x)) <= 1e-5  # eager: lowered again, fused
 

@@ -14,7 +14,7 @@ compiled with it. Plain and fused calls are interleaved, medians reported; with 
 peer makes that many calls in a row per repetition, the first not timed, so each call finds the
 caches and the allocator as its own last call left them, as in a loop over batches, instead of
 as the other peer's did (the seed AE's compiled inference at 4096 rows, Intel Xeon: plain 6.6 ms
-interleaved, 5.3 ms in bursts of 8; fused 4.4 ms in both). The gates of
+interleaved, 5.0-5.5 ms in bursts of 6; fused 4.1-4.4 ms in both). The gates of
 ``fusedae.torch.cache`` apply as shipped (below them the accelerated model traces plain
 PyTorch), or with ``--gates-off`` not at all: the op at every size, as the gates were chosen.
 Before/after comparisons of ``eager``: run it with each tree first on ``PYTHONPATH``, alternating.

@@ -173,7 +173,8 @@ class FusedMLPFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_output: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         if torch.is_grad_enabled():
             raise RuntimeError(DOUBLE_BACKWARD_ERROR)
-        x, y, saved, *_ = ctx.saved_tensors  # (the weights: saved to be checked unchanged)
+        # (The weights: saved to be checked unchanged.)
+        x, read, y, saved, *_ = ctx.saved_tensors
         needs = ctx.needs_input_grad
         if grad_output is None:
             return (None,) * len(needs)
@@ -184,7 +185,7 @@ class FusedMLPFunction(torch.autograd.Function):
         grad_x, grad_weights, grad_biases = native_backward(
             ctx.chain,
             grad_output,
-            getattr(ctx, "kernel_input", x),
+            x if read is None else read,
             y,
             saved,
             ctx.shapes,
@@ -259,14 +260,17 @@ def _forward_saving(
     reads_input = needs[3]
     if not reads_input:
         ctx.input_shape = x.shape  # the kernel checks it, and `grad_x` takes it
-    elif read is not x:
-        # The backward reads the copy the kernel read; the caller's tensor is saved too, so
-        # that a change to it in place before the backward is refused, as PyTorch refuses it.
-        ctx.kernel_input = read
     # `saved` is neither input nor output, so not differentiable through: the backward
     # refuses to be differentiated (`DOUBLE_BACKWARD_ERROR`).
+    # Where the kernel read a copy of the input, the backward reads it too; the caller's tensor
+    # is saved beside it, so that a change to it in place before the backward is refused, as
+    # PyTorch refuses it.
     ctx.save_for_backward(
-        x if reads_input else None, y if keeps_output else None, saved, *read_weights
+        x if reads_input else None,
+        read if reads_input and read is not x else None,
+        y if keeps_output else None,
+        saved,
+        *read_weights,
     )
     return y
 

@@ -211,9 +211,13 @@ class FusedMLP(_FusedCall, nn.Sequential):
         return self._plain_forward(input) if result is None else result
 
     def _plain_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._fused.lowered is not None:  # one chain, which PyTorch must run
-            return super().forward(x)
         modules: tuple[nn.Module, ...] = tuple(self._modules.values())  # type: ignore[arg-type]
+        if self._fused.lowered is not None or (
+            # Traced with other children than the pieces were read from: lowering them could
+            # read a float TorchDynamo made symbolic (`ChainCache.can_relower`).
+            modules != self._pieces.modules and not ChainCache.can_relower()
+        ):
+            return super().forward(x)  # the children one by one
         for piece, cache in self._pieces.pieces_of(modules):
             fused = None
             if cache is not None and cache.lowered is not None:  # (None: lowered again, plain)
