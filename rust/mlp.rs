@@ -425,11 +425,15 @@ impl<T: Float, W: Weights<T>> Mlp<T, W> {
             needs_params,
         };
         let (places, partial_len) = gradient_layout(&self.kernel.shape, layers);
-        let chunks = self.chunk_rows(rows, true);
-        let threads = chunks.map_or(1, |(threads, _)| threads);
-        let chunk_rows = chunks
-            .map_or(rows.max(1), |(_, chunk_rows)| chunk_rows)
-            .min(SUMMED_ROWS);
+        let (threads, chunk_rows) = self.chunk_rows(rows, true).unwrap_or((1, rows.max(1)));
+        // Chunks of at most `SUMMED_ROWS` rows, as many for each thread (each sums a fixed
+        // share of them), whole register tiles (`SUMMED_ROWS` is a multiple of every ISA's).
+        let chunk_rows = if chunk_rows > SUMMED_ROWS {
+            let chunks = rows.div_ceil(SUMMED_ROWS).next_multiple_of(threads);
+            rows.div_ceil(chunks).next_multiple_of(self.kernel.shape.mr)
+        } else {
+            chunk_rows
+        };
         let tasks = rows.div_ceil(chunk_rows);
         let grad_input: Vec<Mutex<&mut [T]>> = match grad_input {
             Some(grad_input) => grad_input
@@ -686,12 +690,14 @@ fn check_scalable<T: Element>(specs: &[LayerSpec<'_, T>], precision: &str) -> Re
 /// share's total ([`GradientSums`]): each row's products are added one after another, so
 /// float32 sums over 2^18 rows in one buffer drifted 8e-6 from the float64 reference (and over
 /// 2^20, 1.5e-5: PyTorch's 7e-7), growing with the square root of the rows. Summing at most
-/// this many at a time costs an addition of the buffer per 4096 rows.
-const SUMMED_ROWS: usize = 4096;
+/// this many at a time costs an addition of the buffer per 4608 rows; a multiple of every
+/// ISA's register tile rows (4, 6 or 8), and a batch of 4096 still one chunk.
+const SUMMED_ROWS: usize = 4608;
 
 /// A share of the backward's rows' weight and bias gradient sums ([`Mlp::backward`]), in two
-/// levels: its first [`SUMMED_ROWS`] rows straight into `total`, then each further
-/// `SUMMED_ROWS` summed apart in `block` and added to `total`.
+/// levels: its chunks of rows straight into `total` while they come to at most
+/// [`SUMMED_ROWS`] rows, then the next chunks summed apart in `block`, added to `total` every
+/// `SUMMED_ROWS` rows at most.
 struct GradientSums<T> {
     total: Vec<T>,
     total_rows: usize,
@@ -1695,9 +1701,9 @@ mod tests {
 
     #[test]
     fn weight_gradients_over_many_rows_stay_as_accurate_as_over_a_few() {
-        // float32 products of 2^18 rows: one running sum per value drifted about 7e-6 from the
-        // float64 reference (error growing with the square root of the rows); summed 4096 rows
-        // at a time (`SUMMED_ROWS`), about what 4096 rows alone give.
+        // float32 products of 2^18 rows: one running sum per value drifted 8e-6 from the
+        // float64 reference (error growing with the square root of the rows); summed
+        // `SUMMED_ROWS` at a time, about what that many rows alone give.
         let mut rng = SmallRng::seed_from_u64(29);
         let layers = random_chain(&mut rng, &[16, 32, 16], true);
         let layers = with_random_ops(&mut rng, layers, true);
