@@ -306,7 +306,8 @@ class ChainCache:
     def set_modules(
         self, modules: tuple[nn.Module, ...], containers: tuple[nn.Module, ...] = ()
     ) -> LoweredChain | None:
-        """The chain ``modules`` form (None if they are not one). ``containers``: modules whose
+        """The chain ``modules`` form (None if they are not one, or if they are other modules
+        than the chain's and TorchDynamo traces: ``can_relower``). ``containers``: modules whose
         ``forward`` the fused call also skips (the AE's encoder and decoder), so their hooks too
         make it run plain PyTorch."""
         if (
@@ -318,6 +319,8 @@ class ChainCache:
                 and self.can_relower()  # (where not, `forward` runs the call plain)
             )
         ):
+            if not self.can_relower():
+                return None  # this call plain; the state left for an eager call to read them
             self.modules = modules
             # A container's `forward` assigned to it would run instead of the fused call.
             replaced = forward_assigned(vars(container) for container in containers)
@@ -372,11 +375,11 @@ class ChainCache:
 
     @staticmethod
     def can_relower() -> bool:
-        """Whether ``relower`` (or ``set_modules`` on other modules) may run now: not while
-        TorchDynamo traces, where an activation's float that changed between calls is symbolic,
-        which lowering would read and the ops cannot take as a constant (``fullgraph=True``
-        raised). Such a call is traced as plain PyTorch, as every compiled call of the chain is
-        until an eager call lowers it again."""
+        """Whether ``relower`` (or ``set_modules`` or ``SplitCache.pieces_of`` on other modules)
+        may run now: not while TorchDynamo traces, where an activation's float that changed
+        between calls is symbolic, which lowering would read and the ops cannot take as a
+        constant (``fullgraph=True`` raised). Such a call is traced as plain PyTorch, as every
+        compiled call of the chain is until an eager call lowers it again."""
         return not _is_dynamo_compiling()
 
     def trains_faster_plain(self, x: torch.Tensor) -> bool:
@@ -750,8 +753,12 @@ class SplitCache:
     def pieces_of(
         self, modules: tuple[nn.Module, ...]
     ) -> tuple[tuple[tuple[nn.Module, ...], ChainCache | None], ...]:
-        """``modules`` in pieces, each with the cache of its fused run (None if it is not one)."""
+        """``modules`` in pieces, each with the cache of its fused run (None if it is not one);
+        other modules than those read before, while TorchDynamo traces, one plain piece
+        (``ChainCache.can_relower``)."""
         if modules != self.modules:
+            if not ChainCache.can_relower():
+                return ((modules, None),)
             pieces = []
             for start, stop, lowered in split(modules):
                 cache = None

@@ -194,14 +194,14 @@ class FusedMLP(_FusedCall, nn.Sequential):
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         state = self._fused
         modules = tuple(self._modules.values())
-        if modules != state.modules:
-            # New children, or Sequentials among them, read again on each call (theirs may
-            # change too).
-            read = chain_modules(modules)
-            if read != (state.modules, state.containers) and not state.can_relower():
-                return None
-            state.set_modules(*read)
-        if state.lowered is None:
+        # New children, or Sequentials among them, read again on each call (theirs may change
+        # too).
+        lowered = (
+            state.set_modules(*chain_modules(modules))
+            if modules != state.modules
+            else state.lowered
+        )
+        if lowered is None:
             return None
         return state.reshaped_forward(x) if state.reshaped else state.forward(x)
 
@@ -211,13 +211,9 @@ class FusedMLP(_FusedCall, nn.Sequential):
         return self._plain_forward(input) if result is None else result
 
     def _plain_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fused.lowered is not None:  # one chain, which PyTorch must run
+            return super().forward(x)
         modules: tuple[nn.Module, ...] = tuple(self._modules.values())  # type: ignore[arg-type]
-        if self._fused.lowered is not None or (
-            # Traced with other children than the pieces were read from: lowering them could
-            # read a float TorchDynamo made symbolic (`ChainCache.can_relower`).
-            modules != self._pieces.modules and not ChainCache.can_relower()
-        ):
-            return super().forward(x)  # the children one by one
         for piece, cache in self._pieces.pieces_of(modules):
             fused = None
             if cache is not None and cache.lowered is not None:  # (None: lowered again, plain)
@@ -275,13 +271,17 @@ class AE(_FusedCall):
         self._fused = ChainCache(spec_precision(precision))
         self._read_children()
 
-    def _read_children(self) -> None:
-        """Lowers the whole chain now, as ``FusedMLP.read_children`` does."""
+    def _read_children(self) -> LoweredChain | None:
+        """The whole chain, read again (as ``FusedMLP.read_children`` reads its children), or
+        None where it is not one."""
+        # Children read from the module dict directly: `self.encoder` goes through
+        # `nn.Module.__getattr__`, slow on a per-call path.
         encoder = cast(nn.Sequential, self._modules["encoder"])
         decoder = cast(nn.Sequential, self._modules["decoder"])
         if type(encoder) in SEQUENTIALS and type(decoder) in SEQUENTIALS:
             modules = (*encoder._modules.values(), *decoder._modules.values())
-            self._fused.set_modules(modules, (encoder, decoder))  # type: ignore[arg-type]
+            return self._fused.set_modules(modules, (encoder, decoder))  # type: ignore[arg-type]
+        return None
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # As FusedMLP's.
@@ -311,20 +311,10 @@ class AE(_FusedCall):
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """The whole chain as one fused call on ``x``, or None where plain PyTorch must run it."""
-        # Children read from the module dict directly: `self.encoder` goes through
-        # `nn.Module.__getattr__`, slow on a per-call path.
-        encoder = cast(nn.Sequential, self._modules["encoder"])
-        decoder = cast(nn.Sequential, self._modules["decoder"])
-        if type(encoder) in SEQUENTIALS and type(decoder) in SEQUENTIALS:
-            modules = (*encoder._modules.values(), *decoder._modules.values())
-            state = self._fused
-            if (
-                modules != state.modules or (encoder, decoder) != state.containers
-            ) and not state.can_relower():
-                return None
-            if state.set_modules(modules, (encoder, decoder)) is not None:  # type: ignore[arg-type]
-                return state.reshaped_forward(x) if state.reshaped else state.forward(x)
-        return None
+        if self._read_children() is None:
+            return None
+        state = self._fused
+        return state.reshaped_forward(x) if state.reshaped else state.forward(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(*, x_dim)`` -> reconstruction of shape ``(*, x_dim)``."""
