@@ -476,6 +476,26 @@ def test_resume_checks_the_job_before_it_finds_nothing_to_do(
     assert output.read_text() == "not an array"
 
 
+def test_output_that_is_the_input(tmp_path: Path, model_path: Path) -> None:
+    """The input of a width-preserving part has the shape a finished output would have:
+    ``--resume`` must not take it for one (it said "nothing to do", the input left as it was)."""
+    x = np.random.default_rng(2).standard_normal((5, 64)).astype(np.float32)
+    source = tmp_path / "x.npy"
+    np.save(source, x)
+    (tmp_path / "link.npy").symlink_to(source)
+    for output in (source, tmp_path / "link.npy"):
+        argv = ["encode", model_path, source, "-o", output, "--reconstruct"]
+        assert error_lines(fusedae(*argv, "--resume")) == [
+            f"fusedae encode: error: {output} is INPUT, not an output to resume: name another "
+            "OUTPUT"
+        ]
+        assert "is INPUT; name another OUTPUT, or pass --force" in fusedae(*argv).stderr
+        np.testing.assert_array_equal(np.load(source), x)
+    result = fusedae("encode", model_path, source, "-o", source, "--reconstruct", "--force")
+    assert result.returncode == 0, result.stderr
+    np.testing.assert_array_equal(np.load(source), MLP.load(model_path)(x))
+
+
 FUZZ_FINDINGS = Path(__file__).parent / "data" / "fuzz_findings"
 
 

@@ -71,7 +71,7 @@ def lake(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.mark.parametrize("batch_size", ["300", "4096"])
+@pytest.mark.parametrize("batch_size", ["300", "4096", str(2**70)])  # (pyarrow's limit: 2^63)
 def test_a_directory_of_shards_row_for_row(
     tmp_path: Path, model_path: Path, lake: Path, batch_size: str
 ) -> None:
@@ -258,6 +258,73 @@ def test_an_interrupted_run_leaves_no_partial_shard_and_resume_finishes(
     want_ids, x = read_rows(sorted(lake.rglob("*.parquet")), "x")
     np.testing.assert_array_equal(ids, want_ids)
     assert_same_rows(codes, MLP.load(model_path, "encoder")(x))
+
+
+@pytest.mark.parametrize(
+    ("left_there", "flags", "message"),
+    [
+        ("not Parquet", [], "exists but is not a finished output shard"),
+        ("codes", ["--reconstruct"], "is not this job's output"),  # another job's
+        ("codes", ["--keep", "id,label"], "is not this job's output"),
+        ("codes", ["--output-column", "z"], "is not this job's output"),
+        ("first rows", [], "is not this job's output"),  # another input's, of fewer rows
+    ],
+)
+def test_resume_skips_only_shards_this_job_finished(
+    tmp_path: Path,
+    model_path: Path,
+    lake: Path,
+    capsys: pytest.CaptureFixture[str],
+    left_there: str,
+    flags: list[str],
+    message: str,
+) -> None:
+    out = tmp_path / "out"
+    argv = ["encode", str(model_path), str(lake), "-o", str(out), "--keep", "id"]
+    assert main(argv) == 0
+    shard = out / "part-0.parquet"
+    if left_there == "not Parquet":
+        shard.write_text("a file of the name only")
+    elif left_there == "first rows":
+        pq.write_table(pq.read_table(shard).slice(0, 10), shard)
+    (out / "part-1.parquet").unlink()
+    before = shard.read_bytes()
+    assert main([*argv, *flags, "--resume"]) == 1
+    assert message in capsys.readouterr().err
+    assert shard.read_bytes() == before
+    assert not (out / "part-1.parquet").exists()  # nothing done before the error
+
+
+def test_resume_finishes_the_missing_shards(tmp_path: Path, model_path: Path, lake: Path) -> None:
+    out = tmp_path / "out"
+    argv = ["encode", str(model_path), str(lake), "-o", str(out), "--keep", "id,label"]
+    assert main([*argv, "--reconstruct"]) == 0
+    finished = out / "part-0.parquet"
+    before = finished.stat().st_mtime_ns
+    (out / "nested" / "part-3.parquet").unlink()
+    assert main([*argv, "--reconstruct", "--resume"]) == 0
+    assert finished.stat().st_mtime_ns == before
+    ids, rows = read_rows(output_shards(out), "reconstructed")
+    want_ids, x = read_rows(sorted(lake.rglob("*.parquet")), "x")
+    np.testing.assert_array_equal(ids, want_ids)
+    assert_same_rows(rows, MLP.load(model_path, "all")(x))
+
+
+def test_a_column_named_twice_is_a_clear_error(
+    tmp_path: Path, model_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "joined.parquet"
+    x = list_column(np.ones((3, WIDTH), np.float32), "list")
+    pq.write_table(pa.Table.from_arrays([x, x, pa.array([1, 2, 3])], ["x", "x", "id"]), source)
+    argv = ["encode", str(model_path), str(source), "-o", str(tmp_path / "out.parquet")]
+    for flags in ([], ["--column", "x"]):
+        assert main([*argv, *flags]) == 1
+        error = capsys.readouterr().err
+        assert ("name the column" if not flags else "has 2 columns named 'x'") in error, error
+    pq.write_table(pa.Table.from_arrays([x, pa.array([1, 2, 3])] * 2, ["x", "id"] * 2), source)
+    assert main([*argv, "--column", "x", "--keep", "id"]) == 1
+    assert "has 2 columns named" in capsys.readouterr().err
+    assert not (tmp_path / "out.parquet").exists()
 
 
 SHARD_ROWS = 50_000  # in batches of 16 rows: a shard lasts ~0.3 s

@@ -220,6 +220,14 @@ def run(args: argparse.Namespace) -> None:
     output: Path = args.output
     if output.suffix != ".npy":
         raise CommandError(f"OUTPUT must end in .npy for a .npy or .npz INPUT, got {output}")
+    if output.exists() and args.input.exists() and output.samefile(args.input):
+        if args.resume:  # (the input has the shape of a finished output where widths agree)
+            raise CommandError(f"{output} is INPUT, not an output to resume: name another OUTPUT")
+        if not args.force:
+            raise CommandError(
+                f"{output} is INPUT; name another OUTPUT, or pass --force to replace the input "
+                "with the result"
+            )
     if output.exists() and not (args.force or args.resume):
         raise CommandError(f"{output} exists; pass --force to overwrite it, or --resume")
     if not output.parent.is_dir():

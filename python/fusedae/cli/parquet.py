@@ -157,6 +157,11 @@ def choose_columns(
     def field(name: str) -> Any:
         if name not in schema.names:
             raise CommandError(f"{path} has no column {name!r}; it has {schema.names}")
+        if schema.names.count(name) > 1:
+            raise CommandError(
+                f"{path} has {schema.names.count(name)} columns named {name!r} (a column must "
+                "name one); rename them where the shard is written"
+            )
         return schema.field(name)
 
     def list_value_dtype(type_: Any) -> np.dtype | None:
@@ -227,7 +232,9 @@ def read_batches(pa: Any, path: Path, names: list[str], batch_size: int) -> Iter
         # pyarrow's default pre-buffers every row group it will read, which for one pass over
         # a file holds the whole file in memory; streamed reads bound it by the row group.
         file = pa.parquet.ParquetFile(path, pre_buffer=False, buffer_size=READ_BUFFER_BYTES)
-        yield from file.iter_batches(batch_size=batch_size, columns=names)
+        # (No batch holds more than the file's rows; pyarrow takes no --batch-size over 2^63.)
+        rows = max(1, file.metadata.num_rows)
+        yield from file.iter_batches(batch_size=min(batch_size, rows), columns=names)
     except (pa.ArrowException, OSError, ValueError) as error:
         raise CommandError(f"cannot read {path}: {error}") from None
 
@@ -273,17 +280,67 @@ def read_ahead(batches: Iterator[Any], depth: int) -> Iterator[Any]:
         thread.join()
 
 
+def shard_output_schema(
+    pa: Any, mlp: MLP, shard: Shard, columns: Columns, output_column: str
+) -> Any:
+    """The schema of ``shard``'s output: the kept columns, then ``output_column`` (a
+    fixed-size list of ``mlp.out_features`` values of its dtype)."""
+    value_type = pa.float32() if mlp.dtype == np.float32 else pa.float64()
+    return pa.schema(
+        [shard.schema.field(name) for name in columns.keep]
+        + [pa.field(output_column, pa.list_(value_type, mlp.out_features), nullable=False)]
+    )
+
+
+def same_type(found: Any, written: Any) -> bool:
+    """Whether a column written as ``written`` read back as ``found``: a list's item field is
+    named "element" when read back, "item" when written (which some pyarrow compare)."""
+    if isinstance(written, type(found)) and hasattr(written, "value_type"):
+        size = getattr(written, "list_size", None)
+        return getattr(found, "list_size", None) == size and same_type(
+            found.value_type, written.value_type
+        )
+    return bool(found.equals(written))
+
+
+def columns_text(schema: Any) -> str:
+    return ", ".join(f"{field.name} {field.type}" for field in schema)
+
+
+def check_finished_shard(
+    pa: Any, mlp: MLP, shard: Shard, columns: Columns, output_column: str
+) -> None:
+    """That the output ``--resume`` would skip is what this job writes for ``shard``: Parquet of
+    its schema and row count (not another job's, nor a file that only has the name)."""
+    try:
+        metadata = pa.parquet.ParquetFile(shard.output).metadata
+        schema = metadata.schema.to_arrow_schema()
+    except (pa.ArrowException, OSError, ValueError) as error:
+        raise CommandError(
+            f"--resume: {shard.output} exists but is not a finished output shard ({error}); "
+            "delete it, or pass --force to redo every shard"
+        ) from None
+    expected = shard_output_schema(pa, mlp, shard, columns, output_column)
+    if (
+        schema.names != expected.names
+        or not all(map(same_type, schema.types, expected.types))
+        or (metadata.num_rows != shard.rows)
+    ):
+        raise CommandError(
+            f"--resume: {shard.output} exists but is not this job's output for {shard.source} "
+            f"(it holds {metadata.num_rows} rows of {columns_text(schema)}; this job writes "
+            f"{shard.rows} rows of {columns_text(expected)}): delete it, or pass --force to "
+            "redo every shard"
+        )
+
+
 def encode_shard(
     mlp: MLP, shard: Shard, columns: Columns, output_column: str, batch_size: int, bar: Any
 ) -> None:
     """Writes ``shard``'s rows through ``mlp`` to its output: the kept columns, then
     ``output_column`` (a fixed-size list of ``mlp.out_features`` values)."""
     pa = import_pyarrow()
-    value_type = pa.float32() if mlp.dtype == np.float32 else pa.float64()
-    output_schema = pa.schema(
-        [shard.schema.field(name) for name in columns.keep]
-        + [pa.field(output_column, pa.list_(value_type, mlp.out_features), nullable=False)]
-    )
+    output_schema = shard_output_schema(pa, mlp, shard, columns, output_column)
     created = make_directories(shard.output.parent)
     try:
         write_shard(pa, mlp, shard, columns, output_schema, batch_size, bar)
@@ -414,6 +471,10 @@ def plan(args: argparse.Namespace, model_for: Callable[[np.dtype], MLP]) -> Job:
                 f"{shard.source}: {', '.join(other.features)} hold rows of {other.width} "
                 f"values, but the model takes rows of {mlp.in_features}"
             )
+    if args.resume:
+        pa = import_pyarrow()
+        for shard in finished:
+            check_finished_shard(pa, mlp, shard, columns, args.output_column)
     batch_size = rows_per_batch(args.batch_size, mlp.in_features * mlp.dtype.itemsize)
     return Job(shards, todo, columns, mlp, args.output_column, batch_size)
 
