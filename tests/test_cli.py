@@ -496,6 +496,16 @@ def test_output_that_is_the_input(tmp_path: Path, model_path: Path) -> None:
     np.testing.assert_array_equal(np.load(source), MLP.load(model_path)(x))
 
 
+def test_a_npy_named_like_a_pattern(tmp_path: Path, model_path: Path) -> None:
+    """``rows[2024].npy`` is a .npy file (it was taken for a Parquet glob and refused)."""
+    x = np.random.default_rng(3).standard_normal((5, 64)).astype(np.float32)
+    np.save(tmp_path / "rows[2024].npy", x)
+    output = tmp_path / "codes?.npy"
+    result = fusedae("encode", model_path, tmp_path / "rows[2024].npy", "-o", output)
+    assert result.returncode == 0, result.stderr
+    np.testing.assert_array_equal(np.load(output), MLP.load(model_path, "encoder")(x))
+
+
 FUZZ_FINDINGS = Path(__file__).parent / "data" / "fuzz_findings"
 
 

@@ -327,6 +327,32 @@ def test_a_column_named_twice_is_a_clear_error(
     assert not (tmp_path / "out.parquet").exists()
 
 
+def test_paths_that_exist_are_not_patterns(tmp_path: Path, model_path: Path) -> None:
+    """``x[1].parquet`` is that file, not the pattern matching ``x1.parquet`` beside it (which
+    was encoded in its place, status 0); ``run[1]`` that directory."""
+    rng = np.random.default_rng(4)
+    for name, rows in (("x[1].parquet", 10), ("x1.parquet", 7), ("run[1]/a.parquet", 5)):
+        x = rng.standard_normal((rows, WIDTH), dtype=np.float32)
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        pq.write_table(
+            pa.table({"id": np.arange(rows), "x": list_column(x, "list")}), tmp_path / name
+        )
+    encoder = MLP.load(model_path, "encoder")
+    for source, output, written in (
+        ("x[1].parquet", "out", "out/x[1].parquet"),
+        ("x[1].parquet", "one.parquet", "one.parquet"),
+        ("run[1]", "run-out", "run-out/a.parquet"),
+    ):
+        argv = ["encode", str(model_path), str(tmp_path / source), "-o", str(tmp_path / output)]
+        assert main([*argv, "--keep", "id"]) == 0
+        read = tmp_path / source / "a.parquet" if source == "run[1]" else tmp_path / source
+        _, x = read_rows([read], "x")
+        assert_same_rows(read_rows([tmp_path / written], "codes")[1], encoder(x))
+    pattern = str(tmp_path / "x*.parquet")  # a pattern is still one, where nothing has its name
+    assert main(["encode", str(model_path), pattern, "-o", str(tmp_path / "both")]) == 0
+    assert every_file(tmp_path / "both") == ["x1.parquet", "x[1].parquet"]
+
+
 SHARD_ROWS = 50_000  # in batches of 16 rows: a shard lasts ~0.3 s
 
 

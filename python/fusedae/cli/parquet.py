@@ -45,8 +45,11 @@ def has_wildcard(text: str) -> bool:
 
 
 def is_parquet(path: Path) -> bool:
-    """Whether INPUT names Parquet: a ``.parquet`` file, a directory or a glob pattern."""
-    return path.suffix == ".parquet" or path.is_dir() or has_wildcard(str(path))
+    """Whether INPUT names Parquet: a ``.parquet`` file, a directory or a glob pattern (a path
+    that exists is itself, whatever characters its name has: ``rows[2024].npy``)."""
+    if path.exists():
+        return path.suffix == ".parquet" or path.is_dir()
+    return path.suffix == ".parquet" or has_wildcard(str(path))
 
 
 def import_pyarrow() -> Any:
@@ -71,16 +74,18 @@ def find_sources(pattern: Path) -> tuple[Path, list[Path]]:
     """The Parquet files INPUT names, sorted, and the directory their output paths are relative
     to (a glob's directory before its first wildcard)."""
     text = str(pattern)
-    if has_wildcard(text):
+    # A file or directory that exists is itself, not a pattern (``x[1].parquet`` would match
+    # ``x1.parquet``).
+    if pattern.is_file():
+        return pattern.parent, [pattern]
+    if pattern.is_dir():
+        root = pattern
+        sources = sorted(p for p in pattern.rglob("*.parquet") if p.is_file())
+    elif has_wildcard(text):
         parts = pattern.parts
         fixed = next(i for i, part in enumerate(parts) if has_wildcard(part))
         root = Path(*parts[:fixed]) if fixed else Path()
         sources = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
-    elif pattern.is_dir():
-        root = pattern
-        sources = sorted(p for p in pattern.rglob("*.parquet") if p.is_file())
-    elif pattern.is_file():
-        return pattern.parent, [pattern]
     else:
         raise CommandError(f"{pattern} does not exist")
     if not sources:
