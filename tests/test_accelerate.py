@@ -273,3 +273,67 @@ def test_shared_sequential_becomes_one_fused_module() -> None:
     assert model.second[0] is model.first
     assert [name for name, _ in report.replaced] == ["first"]
     assert [name for name, _ in report.kept] == ["second"]
+
+
+def test_children_keep_their_own_training_modes() -> None:
+    """A frozen BatchNorm (eval) in a model that trains, and MC dropout (a Dropout training in
+    an eval model): ``accelerate`` set every child to the Sequential's mode, so the BatchNorm
+    normalized with batch statistics and overwrote its running ones, and the Dropout stopped."""
+    torch.manual_seed(0)
+    frozen = nn.BatchNorm1d(16)
+    frozen.running_mean.uniform_(-1, 1)
+    frozen.running_var.uniform_(0.2, 3)
+    model = nn.Sequential(nn.Linear(8, 16), frozen, nn.ReLU(), nn.Linear(16, 3))
+    model[1].eval()
+    plain = copy.deepcopy(model)
+    fused, _ = accelerate(model)
+    assert fused.training
+    assert not fused[1].training
+    x = torch.randn(64, 8)
+    for module in (plain, fused):
+        module(x).square().sum().backward()
+    torch.testing.assert_close(fused(x), plain(x))
+    torch.testing.assert_close(fused[1].running_mean, plain[1].running_mean, rtol=0, atol=0)
+    for ours, theirs in zip(fused.parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(ours.grad, theirs.grad)
+
+    sampled = nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.5), nn.ReLU(), nn.Linear(16, 3))
+    sampled.eval()
+    sampled[1].train()
+    sampled, _ = accelerate(sampled)
+    assert not sampled.training
+    assert sampled[1].training
+    with torch.no_grad():
+        assert not torch.equal(sampled(x), sampled(x))
+
+
+def test_what_the_sequential_itself_holds_goes_with_it() -> None:
+    """Its own buffers and parameters (in the state_dict), attributes a parent's forward
+    reads, and state-dict hooks: ``accelerate`` kept only the children."""
+
+    class Centered(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+            self.encoder.register_buffer("center", torch.full((4,), 0.5))
+            self.encoder.scale = nn.Parameter(torch.tensor(2.0))
+            self.encoder.tag = "encoder-v1"
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.encoder(x - self.encoder.center) * self.encoder.scale
+
+    torch.manual_seed(1)
+    model = Centered()
+    loaded: list[str] = []
+    model.encoder._register_load_state_dict_pre_hook(lambda *args: loaded.append("pre"))
+    plain = copy.deepcopy(model)
+    keys = list(model.state_dict())
+    accelerate(model)
+    assert type(model.encoder) is FusedMLP
+    assert list(model.state_dict()) == keys
+    assert model.encoder.tag == "encoder-v1"
+    assert len(list(model.parameters())) == len(list(plain.parameters()))
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(model(x), plain(x))
+    model.load_state_dict(plain.state_dict())
+    assert loaded == ["pre"]

@@ -75,7 +75,9 @@ def accelerate(
     kernels take (Linear layers with the op table's activations, eval-mode BatchNorm1d folded
     in, Dropout, Identity, a leading Flatten and a trailing Unflatten) by a ``FusedMLP`` holding
     the same child modules, and so the same parameter objects: an optimizer built before keeps
-    working, and ``state_dict`` keys and printout do not change. Each longest such run is one
+    working, and ``state_dict`` keys and printout do not change. Each child keeps its own
+    training mode, and what the Sequential itself holds (its parameters, buffers, attributes)
+    goes with it. Each longest such run is one
     fused call; the other children (a LayerNorm between two runs) run as they are. A Sequential
     of Sequentials (``nn.Sequential(encoder, decoder)``) whose modules all form one chain runs
     as one fused call, and each inner one, called alone, as its own.

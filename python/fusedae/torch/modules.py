@@ -90,6 +90,20 @@ class _FusedCall(nn.Module):
         raise NotImplementedError
 
 
+# What ``FusedMLP.from_sequential`` takes over from the Sequential besides the attributes a
+# FusedMLP does not have (the hooks the kernel would skip keep a Sequential from being replaced).
+SEQUENTIAL_STATE = (
+    "training",
+    "_parameters",
+    "_buffers",
+    "_non_persistent_buffers_set",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+
+
 class FusedMLP(_FusedCall, nn.Sequential):
     """An ``nn.Sequential`` whose runs of modules the kernels take (``lower.lower``: Linear
     layers with post-ops, BatchNorm1d, Dropout, Identity, a leading Flatten and a trailing
@@ -122,10 +136,15 @@ class FusedMLP(_FusedCall, nn.Sequential):
     def from_sequential(
         cls, sequential: nn.Sequential, precision: PrecisionName | None = None
     ) -> FusedMLP:
-        """A FusedMLP holding the same child modules (and so the same parameters)."""
+        """A FusedMLP holding the same child modules (and so the same parameters), each in its
+        own training mode; and whatever else the Sequential holds: its own parameters and
+        buffers, state-dict hooks, and attributes (which a parent's forward may read)."""
         # An OrderedDict: a plain dict would be read as one module.
         fused = cls(OrderedDict(sequential._modules), precision=precision)
-        fused.train(sequential.training)
+        own = vars(fused)
+        for name, value in vars(sequential).items():
+            if name in SEQUENTIAL_STATE or name not in own:
+                own[name] = value
         return fused
 
     def _get_name(self) -> str:
