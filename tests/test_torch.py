@@ -1011,3 +1011,44 @@ def test_autocast_computes_what_nn_linear_computes(dtype, grad):
                 p_fused.grad = p_seed.grad = None
     with torch.autocast("cpu", dtype=dtype, enabled=False), torch.no_grad():
         assert fused(x).dtype == torch.float32
+
+
+def misaligned(values: torch.Tensor) -> torch.Tensor:
+    """``values`` copied into contiguous memory that is not aligned to its element size, as
+    ``torch.frombuffer`` at an odd offset gives (a record out of a packed buffer)."""
+    size = values.numel() * values.element_size()
+    out = torch.frombuffer(bytearray(size + 1), dtype=values.dtype, offset=1, count=values.numel())
+    out = out.view(values.shape)
+    out.copy_(values)
+    assert out.is_contiguous()
+    assert out.data_ptr() % values.element_size()
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_misaligned_tensors_compute_as_in_pytorch(dtype, monkeypatch):
+    """Input, gradient and parameters in contiguous memory at an odd address: PyTorch computes
+    them; the fused calls refused them ("not that of aligned values"), where they now copy."""
+    monkeypatch.setattr(cache, "TRAINING_MIN_ROWS", 0)
+    monkeypatch.setattr(cache, "TRAINING_MIN_FLOPS", 0)
+    seed, fused = seed_and_fused(20, 3, dtype=dtype)
+    x = torch.randn(9, 20, dtype=dtype)
+    grad = torch.randn(9, 20, dtype=dtype)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(misaligned(x)), seed(x))
+    fused(misaligned(x)).backward(misaligned(grad))
+    seed(x).backward(grad)
+    for ours, theirs in zip(fused.parameters(), seed.parameters(), strict=True):
+        torch.testing.assert_close(ours.grad, theirs.grad)
+    layers = nn.Sequential(nn.Linear(20, 6), nn.ReLU(), nn.Linear(6, 2)).to(dtype)
+    plain = copy.deepcopy(layers)
+    layers[0].weight = nn.Parameter(misaligned(layers[0].weight.detach()))
+    layers[2].bias = nn.Parameter(misaligned(layers[2].bias.detach()))
+    accelerated, _ = accelerate(layers)
+    with torch.no_grad():
+        torch.testing.assert_close(accelerated(x), plain(x))
+    pairs = [(misaligned(linear.weight.detach()).numpy(), linear.bias) for linear in plain[::2]]
+    mlp = fusedae.MLP(
+        [(weight, bias.detach().numpy()) for weight, bias in pairs], ["relu", "identity"]
+    )
+    torch.testing.assert_close(torch.from_numpy(mlp(x.numpy())), plain(x).detach())

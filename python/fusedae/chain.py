@@ -294,13 +294,14 @@ class ChainSpec:
     def native_arguments(
         self,
     ) -> tuple[list[np.ndarray], list[np.ndarray | None], list[str | tuple[str | float, ...]]]:
-        """What ``_native.Chain`` takes: C-contiguous weights and biases (copied only where they
-        are not) with normalizations folded in (``folded``), and each layer's post-op: its name,
-        or ``(name, *params)`` for an op with parameters."""
+        """What ``_native.Chain`` takes: C-contiguous, aligned weights and biases (copied only
+        where they are not) with normalizations folded in (``folded``), and each layer's
+        post-op: its name, or ``(name, *params)`` for an op with parameters."""
         layers = self.folded().layers
-        weights = [np.ascontiguousarray(layer.weight) for layer in layers]
+        weights = [np.require(layer.weight, requirements="CA") for layer in layers]
         biases = [
-            None if layer.bias is None else np.ascontiguousarray(layer.bias) for layer in layers
+            None if layer.bias is None else np.require(layer.bias, requirements="CA")
+            for layer in layers
         ]
         post_ops = [op.native_argument for op in self.post_ops]
         return weights, biases, post_ops

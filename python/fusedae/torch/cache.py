@@ -460,12 +460,15 @@ class ChainCache:
             # repacks every step, and the ChainSpec on the way cost twice the packing.
             values = [None if t is None else resolved(t) for t in pinned]
             views = [None if t is None else t.numpy() for t in values]
-            arrays = [None if view is None else np.ascontiguousarray(view) for view in views]
+            arrays = [
+                None if view is None else np.require(view, requirements="CA") for view in views
+            ]
             weights = [array for array in arrays[0::2] if array is not None]
             biases = arrays[1::2]
             self.chain = _native.Chain(weights, biases, self.native_post_ops)
-            # Where every array is its tensor's own memory (no negative bit, contiguous: no copy
-            # above), as a model's parameters are, a change in place shows through them.
+            # Where every array is its tensor's own memory (no negative bit, contiguous and
+            # aligned: no copy above), as a model's parameters are, a change in place shows
+            # through them.
             if all(
                 value is t and array is view
                 for t, value, view, array in zip(pinned, values, views, arrays, strict=True)
@@ -606,12 +609,11 @@ class ChainCache:
         if len(shape) == 2 and not x.is_neg():
             # `run`'s common case, inlined: a 2-D tensor without the negative bit (DLPack would
             # hand over a negated view's raw memory), read where it lies; the kernel refuses a
-            # strided one, which `run` copies.
-            try:
+            # strided or misaligned one, which `run` copies.
+            try:  # (not `contextlib.suppress`: this is batch-1 inference's path, and try is free)
                 return _from_numpy(chain._forward_dlpack(to_dlpack(x)))
             except ValueError:
-                if x.is_contiguous():
-                    raise
+                pass  # `run` copies it, or raises what no copy mends
         return run(chain, x)
 
     def traced_forward(self, x: torch.Tensor) -> torch.Tensor | None:

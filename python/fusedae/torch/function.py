@@ -78,14 +78,24 @@ def check_input(chain: _native.Chain, x: torch.Tensor) -> None:
 
 
 def kernel_input(chain: _native.Chain, x: torch.Tensor) -> torch.Tensor:
-    """``x`` as the kernel reads it: its values (not a negated view's memory), contiguous."""
+    """``x`` as the kernel reads it: its values (not a negated view's memory), contiguous and
+    aligned."""
     x = resolved(x)  # the values the tensor stands for, not the negated memory
     if not x.is_contiguous():
         # A strided view (an expand) may stand for more rows than a copy or output could hold.
         rows = x.numel() // chain.in_features
         width = max(chain.in_features, chain.out_features)
         check_output_size(rows, width, NUMPY_DTYPES[x.dtype])
-        x = x.contiguous()
+    return aligned(x)
+
+
+def aligned(x: torch.Tensor) -> torch.Tensor:
+    """``x``, or a copy where it is not contiguous or not aligned (``torch.frombuffer`` at an
+    odd offset), as the kernel reads it."""
+    if not x.is_contiguous():  # (a read, where `contiguous` is a dispatched op)
+        return x.contiguous()
+    if x.data_ptr() % x.element_size():
+        return x.clone()
     return x
 
 
@@ -346,9 +356,7 @@ def native_gradients(
     weight gradient then bias gradient (see ``Chain._backward_dlpack``). ``y`` None: the last
     post-op's gradient does not read the output (the Function kept none), and the kernel is
     handed ``grad_output`` in its place, of the same shape, for the checks."""
-    grad = resolved(grad_output)
-    if not grad.is_contiguous():  # (a read, where `contiguous` is a dispatched op)
-        grad = grad.contiguous()
+    grad = aligned(resolved(grad_output))
     if y is None:
         y = grad
     grad_x, grads = chain._backward_dlpack(
