@@ -506,6 +506,34 @@ def test_a_npy_named_like_a_pattern(tmp_path: Path, model_path: Path) -> None:
     np.testing.assert_array_equal(np.load(output), MLP.load(model_path, "encoder")(x))
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+@pytest.mark.parametrize("stderr", ["full", "closed"])
+def test_a_progress_bar_that_cannot_be_written_stops_the_bar_not_the_job(
+    tmp_path: Path, model_path: Path, stderr: str
+) -> None:
+    """stderr on a full disk (a log), or closed: tqdm's failed write ended the job (the output
+    thrown away, and the error blamed OUTPUT)."""
+    x = np.random.default_rng(4).standard_normal((300, 64)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    command = [sys.executable, "-m", "fusedae", "encode", model_path, tmp_path / "x.npy"]
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [*map(str, command), "-o", str(tmp_path / "codes.npy"), "--batch-size", "7"],
+            stderr=full if stderr == "full" else None,
+            stdout=subprocess.PIPE,
+            text=True,
+            timeout=120,
+            check=False,
+            # (stderr closed: the child's descriptor 2 shut before it runs)
+            preexec_fn=None if stderr == "full" else lambda: os.close(2),
+        )
+    assert result.returncode == 0
+    assert "wrote" in result.stdout
+    np.testing.assert_allclose(
+        np.load(tmp_path / "codes.npy"), MLP.load(model_path, "encoder")(x), rtol=1e-5, atol=1e-6
+    )
+
+
 FUZZ_FINDINGS = Path(__file__).parent / "data" / "fuzz_findings"
 
 
@@ -676,6 +704,35 @@ def test_reading_without_a_lease_sees_a_truncation(tmp_path: Path) -> None:
     thread.join()
     assert outcome == [
         f"{x} was truncated while being read: rows 600 to 700 of 1000 are no longer there"
+    ]
+
+
+def test_reading_without_a_lease_sees_a_rewrite(tmp_path: Path) -> None:
+    """A rewrite in place that keeps the size (a producer filling a memmap): the rows after it
+    were encoded from the new values and those before from the old, status 0 (a tester)."""
+    x = tmp_path / "x.npy"
+    data = np.arange(1000 * 3, dtype=np.float64).reshape(1000, 3)
+    np.save(x, data)
+    outcome: list[object] = []
+
+    def read() -> None:
+        with contextlib.closing(inputs.NpyRows(x)) as rows:
+            np.testing.assert_array_equal(rows.read(10, 20), data[10:20])
+            time.sleep(0.05)  # past the file system clock's tick of the first read
+            with open(x, "r+b") as file:
+                file.seek(-8 * 3 * 100, os.SEEK_END)
+                file.write(bytes(8 * 3 * 100))
+            try:
+                rows.read(600, 700)
+            except CommandError as error:
+                outcome.append(str(error))
+
+    thread = threading.Thread(target=read)
+    thread.start()
+    thread.join()
+    assert outcome == [
+        f"{x} was changed by another process while being read (rows 600 to 1000 may hold other "
+        "values than the rows before)"
     ]
 
 

@@ -7,6 +7,7 @@ matplotlib are imported inside the commands that use them, when they run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 from collections.abc import Sequence
@@ -34,9 +35,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.run(args)
     except (CommandError, OSError) as error:
-        print(f"fusedae {args.command}: error: {error}", file=sys.stderr)
+        report(f"fusedae {args.command}: error: {error}")
         return 1
     except KeyboardInterrupt:
-        print(f"fusedae {args.command}: interrupted", file=sys.stderr)
+        report(f"fusedae {args.command}: interrupted")
         return 128 + signal.SIGINT
     return 0
+
+
+def report(message: str) -> None:
+    """``message`` on stderr where it can be written: where it cannot, the exit status is all
+    that can tell (not a traceback about the failed write)."""
+    if sys.stderr is not None:
+        with contextlib.suppress(OSError, ValueError):
+            print(message, file=sys.stderr)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from fusedae import _native
 
@@ -79,6 +81,38 @@ def time_interleaved(
                 function()
             samples[name].append((time.perf_counter() - start) / calls[name])
     return {name: statistics.median(times) for name, times in samples.items()}
+
+
+class BestEffortStream:
+    """Standard error for a progress bar: a write that fails (a full disk under the log, a
+    reader gone from the pipe, a closed stderr) ends the bar's output, not the job."""
+
+    def __init__(self) -> None:
+        self.stream: Any = sys.stderr  # None where the process started with stderr closed
+
+    def write(self, text: str) -> None:
+        self._attempt(lambda stream: stream.write(text))
+
+    def flush(self) -> None:
+        self._attempt(lambda stream: stream.flush())
+
+    def _attempt(self, action: Callable[[Any], object]) -> None:
+        if self.stream is None:
+            return
+        try:
+            action(self.stream)
+        except (OSError, ValueError):  # (ValueError: the stream was closed)
+            self.stream = None
+
+    def __getattr__(self, name: str) -> Any:  # isatty, fileno, encoding: the bar's layout
+        return getattr(self.stream, name)
+
+
+def progress_bar(**options: Any) -> Any:
+    """A tqdm progress bar on ``BestEffortStream``."""
+    from tqdm import tqdm
+
+    return tqdm(file=BestEffortStream(), **options)
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:

@@ -10,7 +10,13 @@ from typing import Any
 import numpy as np
 
 import fusedae
-from fusedae.cli.common import CommandError, positive_int, print_table, time_interleaved
+from fusedae.cli.common import (
+    CommandError,
+    positive_int,
+    print_table,
+    progress_bar,
+    time_interleaved,
+)
 from fusedae.mlp import MLP
 
 
@@ -52,8 +58,6 @@ def run(args: argparse.Namespace) -> None:
             f"({error})"
         ) from None
     matplotlib.use("Agg")
-    from tqdm import tqdm
-
     from fusedae.torch import AE, save
 
     out_dir: Path = args.out_dir
@@ -66,7 +70,9 @@ def run(args: argparse.Namespace) -> None:
     model = AE(x.shape[1], 2).to(device)
     data = torch.from_numpy(x).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    with tqdm(range(args.epochs), desc=f"training on {device}", unit="epoch") as bar:
+    with progress_bar(
+        iterable=range(args.epochs), desc=f"training on {device}", unit="epoch"
+    ) as bar:
         for _ in bar:
             total = torch.zeros((), device=device)
             for index in torch.randperm(len(data), device=device).split(64):

@@ -48,8 +48,10 @@ class NpyRows:
     signals us (SIGIO), so the next chunk fails with an error naming the file and the lease goes
     with it. The chunk in flight was read before any change. Elsewhere (macOS, Windows, network
     file systems, a file someone else owns or is writing), chunks are read into one reused
-    buffer, which costs a copy (0.5 s a 3 GB file on a 2-core VM) and a short read says the file
-    was truncated."""
+    buffer, which costs a copy (0.5 s a 3 GB file on a 2-core VM); a short read says the file
+    was truncated, and a change of its modification time or size after the first read that it
+    was rewritten (to the file system's clock's resolution: a rewrite within one tick of the
+    first read, or without a clock, goes unseen)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -67,6 +69,7 @@ class NpyRows:
         self._mapping = self._map_under_lease()
         self._released = 0
         self._buffer = np.empty(0, self.dtype)
+        self._unchanged: tuple[int, int, int] | None = None  # mtime, ctime, size: buffered reads
 
     def _read_header(self) -> tuple[tuple[int, ...], np.dtype]:
         try:
@@ -141,13 +144,24 @@ class NpyRows:
         rows = self._buffer[: (stop - start) * columns].reshape(stop - start, columns)
         if rows.size == 0:
             return rows  # nothing to read (and a view of no bytes cannot be cast)
+        if self._unchanged is None:
+            self._unchanged = self._stamp()
         self._file.seek(self._offset + start * self._row_bytes)
         if self._file.readinto(rows.data.cast("B")) != rows.nbytes:
             raise CommandError(
                 f"{self.path} was truncated while being read: rows {start} to {stop} of "
                 f"{self.rows} are no longer there"
             )
+        if self._stamp() != self._unchanged:  # (rows read before the change are in the output)
+            raise CommandError(
+                f"{self.path} was changed by another process while being read (rows {start} "
+                f"to {self.rows} may hold other values than the rows before)"
+            )
         return rows
+
+    def _stamp(self) -> tuple[int, int, int]:
+        status = os.fstat(self._file.fileno())
+        return status.st_mtime_ns, status.st_ctime_ns, status.st_size
 
     def _release_rows_before(self, start: int) -> None:
         """Drops the pages of rows already encoded from this process's memory."""

@@ -14,7 +14,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from fusedae.cli.common import CommandError
+from fusedae.cli.common import CommandError, progress_bar
 from fusedae.cli.inputs import Rows
 from fusedae.mlp import MLP
 
@@ -105,8 +105,6 @@ def write_rows(mlp: MLP, source: Rows, output: Path, batch_size: int) -> None:
     """Writes ``mlp`` applied to the rows of ``source`` (shape ``(..., in_features)``) to
     ``output`` as a ``.npy`` of shape ``(..., out_features)``, ``batch_size`` rows at a time,
     through ``staged_output``."""
-    from tqdm import tqdm
-
     shape, rows = source.shape, source.rows
     buffer = np.empty((min(batch_size, rows), mlp.out_features), mlp.dtype)
     header = {
@@ -114,7 +112,10 @@ def write_rows(mlp: MLP, source: Rows, output: Path, batch_size: int) -> None:
         "fortran_order": False,
         "shape": (*shape[:-1], mlp.out_features),
     }
-    with staged_output(output) as file, tqdm(total=rows, unit="row", unit_scale=True) as bar:
+    with (
+        staged_output(output) as file,
+        progress_bar(total=rows, unit="row", unit_scale=True) as bar,
+    ):
         np.lib.format.write_array_header_1_0(file, header)
         for start in range(0, rows, batch_size):
             stop = min(start + batch_size, rows)

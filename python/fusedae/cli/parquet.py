@@ -23,7 +23,7 @@ import numpy as np
 import fusedae
 from fusedae import _native
 from fusedae._arrow import first_null, list_rows
-from fusedae.cli.common import CommandError, rows_per_batch
+from fusedae.cli.common import CommandError, progress_bar, rows_per_batch
 from fusedae.cli.outputs import staged_output
 from fusedae.mlp import MLP
 
@@ -487,12 +487,10 @@ def plan(args: argparse.Namespace, model_for: Callable[[np.dtype], MLP]) -> Job:
 def encode(args: argparse.Namespace, model_for: Callable[[np.dtype], MLP]) -> None:
     """``fusedae encode`` on Parquet, in this process: the shards not done yet, one after the
     other, with one progress bar over their rows."""
-    from tqdm import tqdm
-
     job = plan(args, model_for)
     if args.threads is None:
         leave_a_cpu_to_the_reader()
-    with tqdm(total=job.rows, unit="row", unit_scale=True) as bar:
+    with progress_bar(total=job.rows, unit="row", unit_scale=True) as bar:
         for index, shard in enumerate(job.todo):
             bar.set_postfix_str(f"shard {index + 1}/{len(job.todo)}")
             job.encode(shard, bar)

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from fusedae.cli.common import CommandError
+from fusedae.cli.common import CommandError, progress_bar
 from fusedae.cli.parquet import Job, plan
 from fusedae.mlp import MLP
 
@@ -90,8 +90,6 @@ def pool_size(ray: Any, requested: int | None, cpus_per_actor: int, shards: int)
 def encode(args: argparse.Namespace, model_for: Callable[[np.dtype], MLP]) -> None:
     """Plans and checks the job here, then maps the shards not done yet over a pool of actors on
     the cluster at ``RAY_ADDRESS`` (else a local one), with a progress bar over finished rows."""
-    from tqdm import tqdm
-
     import fusedae.ray
 
     ray = import_ray()
@@ -126,7 +124,7 @@ def encode(args: argparse.Namespace, model_for: Callable[[np.dtype], MLP]) -> No
         max_restarts=ACTOR_RETRIES,
         max_task_retries=ACTOR_RETRIES,
     )
-    with tqdm(total=job.rows, unit="row", unit_scale=True) as bar:
+    with progress_bar(total=job.rows, unit="row", unit_scale=True) as bar:
         try:
             for done, row in enumerate(results.iter_rows(), 1):
                 if row["error"]:
