@@ -77,6 +77,19 @@ def test_state_modules_in_stored_order() -> None:
     ]
 
 
+def test_a_reordered_state_dict_is_refused() -> None:
+    """Keys sorted (as a merged checkpoint or a safetensors file may hold them) put layer 10
+    before layer 2: a chain of equal widths passed every shape check and ran scrambled."""
+    model = nn.Sequential(*(nn.Linear(8, 8) for _ in range(12)))
+    state = numpy_state(model)
+    with pytest.raises(ValueError, match=r"2 comes after 11 \(were its keys sorted"):
+        state_modules(dict(sorted(state.items())))
+    nested = {
+        f"{part}.{key}": value for part in ("encoder", "decoder") for key, value in state.items()
+    }
+    assert len(state_modules(nested)) == 24  # each parent's children in order
+
+
 @pytest.mark.parametrize(
     ("state", "message"),
     [

@@ -192,6 +192,7 @@ def state_modules(state: Mapping[str, np.ndarray]) -> list[StateModule]:
         grouped.setdefault(path, {})[name] = np.asarray(value)
     if not grouped:
         raise ValueError("the state_dict holds no tensors")
+    check_registration_order(list(grouped))
     modules = []
     for path, tensors in grouped.items():
         kind = _module_kind(tensors)
@@ -203,6 +204,28 @@ def state_modules(state: Mapping[str, np.ndarray]) -> list[StateModule]:
             )
         modules.append(StateModule(path, kind, tensors))
     return modules
+
+
+def check_registration_order(paths: Sequence[str]) -> None:
+    """A ValueError where the module paths are not in the order the modules were registered:
+    numbered children of one parent (a Sequential's) out of order, as in a state_dict whose keys
+    were sorted (``0``, ``10``, ``2``). Named children's order cannot be checked (nor mended:
+    ``decoder`` sorts before ``encoder``), so a reordered state_dict is refused, not guessed."""
+    last: dict[tuple[str, ...], int] = {}
+    for path in paths:
+        parts = path.split(".")
+        for depth, part in enumerate(parts):
+            if not part.isdigit():
+                continue
+            parent = tuple(parts[:depth])
+            if int(part) < last.get(parent, -1):
+                child = ".".join((*parent, str(last[parent])))
+                raise ValueError(
+                    f"the state_dict's modules are not in the order they run: {path} comes "
+                    f"after {child} (were its keys sorted?); fusedae reads the order from it: "
+                    "save the state_dict as model.state_dict() returns it"
+                )
+            last[parent] = int(part)
 
 
 def _module_kind(tensors: dict[str, np.ndarray]) -> ModuleKind | None:
