@@ -292,7 +292,7 @@ def test_layers_is_for_state_dicts_only(tmp_path: Path, model_path: Path) -> Non
         "encode", model_path, tmp_path / "x.npy", "-o", tmp_path / "o.npy", "--layers", "linear"
     )
     assert result.returncode == 1
-    assert "records its own layers; --layers and --trust-pickle are for PyTorch" in result.stderr
+    assert "which records its layers; --layers and --trust-pickle are for PyTorch" in result.stderr
 
 
 def test_pickled_module_needs_trust_pickle(tmp_path: Path) -> None:

@@ -21,8 +21,9 @@ def load_model(path: Path, layers: str | None, trust_pickle: bool) -> ChainSpec:
     if path.suffix == ".safetensors":
         if layers is not None or trust_pickle:
             raise CommandError(
-                f"{path} records its own layers; --layers and --trust-pickle are for PyTorch "
-                "checkpoints"
+                f"{path}: a .safetensors MODEL is one fusedae.torch.save or MLP.save wrote, "
+                "which records its layers; --layers and --trust-pickle are for PyTorch "
+                "checkpoints (torch.save)"
             )
         try:
             return serialization.read(path)
