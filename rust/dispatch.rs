@@ -309,6 +309,8 @@ pub trait Weights<T: Float>: Storage<T> {
     /// Whether chains stored so can train (keep activations, run a backward): only those
     /// stored in their compute type; the narrower ones are for inference.
     const TRAINS: bool;
+    /// The widest layer input its kernel sums exactly.
+    const MAX_IN_FEATURES: usize = usize::MAX;
 
     /// The kernel for `isa`, with half registers chosen for this CPU; `None` where `isa` has no
     /// kernel for this storage.
@@ -438,6 +440,9 @@ pub fn multiplies_int8(isa: Isa) -> bool {
 impl Weights<f32> for i8 {
     const PRECISION: &'static str = "int8";
     const TRAINS: bool = false;
+    /// Each output's sum of `in_features` products of a u8 input and an s8 weight (at most
+    /// 255 x 127 each) is kept in i32: 66,311 of them fit in any case, one more may not.
+    const MAX_IN_FEATURES: usize = i32::MAX as usize / (255 * 127);
 
     fn kernel_for(isa: Isa) -> Option<Kernel<i8, f32>> {
         #[cfg(target_arch = "x86_64")]

@@ -159,6 +159,7 @@ impl<T: Float, W: Weights<T>> Mlp<T, W> {
         if W::CHANNEL_VALUES > 0 {
             check_scalable(specs, W::PRECISION)?;
         }
+        check_summable::<T, W>(specs)?;
         Self::with_kernel(specs, isa, kernel)
     }
 
@@ -636,6 +637,8 @@ impl Mlp<f32> {
     /// within the int8 bound, of which it leaves out the inputs' rounding.
     pub fn rounded_to_int8(specs: &[LayerSpec<'_, f32>], isa: Isa) -> Result<Self, Error> {
         check_scalable(specs, <i8 as Weights<f32>>::PRECISION)?;
+        // The same widths as the int8 kernel, so that a chain that runs on one CPU runs on all.
+        check_summable::<f32, i8>(specs)?;
         Self::rounded_to::<i8>(specs, isa, |row| {
             let scale = crate::pack::int8_scale(row);
             row.iter()
@@ -684,6 +687,24 @@ fn check_scalable<T: Element>(specs: &[LayerSpec<'_, T>], precision: &str) -> Re
         }
     }
     Ok(())
+}
+
+/// Layers no wider than `W`'s kernel sums exactly ([`Weights::MAX_IN_FEATURES`]): int8's i32
+/// sums overflowed from 66,312 inputs of one sign (a row of ones gave -66,222 for 66,400).
+fn check_summable<T: Float, W: Weights<T>>(specs: &[LayerSpec<'_, T>]) -> Result<(), Error> {
+    match specs
+        .iter()
+        .position(|spec| spec.in_features > W::MAX_IN_FEATURES)
+    {
+        Some(index) => Err(Error::Precision(format!(
+            "layer {index}: {} inputs; precision {} sums at most {} exactly (in i32): run \
+             this chain at fp32 or bf16",
+            specs[index].in_features,
+            W::PRECISION,
+            W::MAX_IN_FEATURES
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Rows whose weight and bias gradients a buffer sums on its own before they are added to a

@@ -111,6 +111,26 @@ def test_rows_spanning_more_than_float32_holds(isa, precision):
     check_within_bound(mlp, layers, ["identity"], x, ceiling=np.inf)
 
 
+INT8_MAX_IN_FEATURES = 66_311  # (2^31 - 1) // (255 * 127)
+
+
+def test_int8_sums_exactly_as_wide_as_it_takes(isa):
+    """A layer of all-ones weights on rows of ones, the int32 sums' worst case: exact at the
+    widest layer int8 takes (at 66,400 inputs the VNNI kernel gave -66,222), and one input more
+    a clear error on every ISA (a chain that runs on one CPU runs on all)."""
+    for width in (INT8_MAX_IN_FEATURES - 1, INT8_MAX_IN_FEATURES):
+        layers = [(np.ones((3, width), np.float32), None)]
+        mlp = MLP(layers, ["identity"], precision="int8", isa=isa)
+        x = np.ones((5, width), np.float32)
+        check_within_bound(mlp, layers, ["identity"], x)
+        np.testing.assert_array_equal(mlp(x), np.full((5, 3), width, np.float32))
+    wide = INT8_MAX_IN_FEATURES + 1
+    layers = [(np.ones((wide, 4), np.float32), None), (np.ones((2, wide), np.float32), None)]
+    with pytest.raises(ValueError, match="layer 1: 66312 inputs; precision int8 sums at most 66311"):
+        MLP(layers, ["relu", "identity"], precision="int8", isa=isa)
+    MLP(layers, ["relu", "identity"], precision="bf16", isa=isa)
+
+
 @pytest.mark.parametrize("precision", NARROW)
 def test_takes_any_input_fp32_takes(rng, isa, precision):
     layers = random_layers(rng, (784, 42, 16))
