@@ -682,6 +682,29 @@ def test_input_truncated_while_being_read(tmp_path: Path, model_path: Path) -> N
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.npy"]
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="read leases are Linux's")
+def test_a_chunk_encoded_while_the_lease_breaks_is_not_trusted(tmp_path: Path) -> None:
+    """A chunk is a view of the mapping: one encoded for longer than the lease's break time
+    (45 s) had a writer change it under the kernel, and the rows went out, status 0 (a
+    tester). The break is checked after each chunk is encoded, not only before the next."""
+    x = tmp_path / "x.npy"
+    np.save(x, np.ones((1000, 3)))
+    with contextlib.closing(inputs.NpyRows(x)) as rows:
+        rows.read(0, 1000)
+        writer = subprocess.Popen([sys.executable, "-c", f"open({str(x)!r}, 'r+b').close()"])
+        deadline = time.monotonic() + 30
+        error = None
+        while error is None and time.monotonic() < deadline:  # until the break's signal comes
+            try:
+                rows.check_unchanged(0)
+            except CommandError as raised:
+                error = str(raised)
+            time.sleep(0.01)
+    writer.wait(timeout=60)
+    assert error is not None
+    assert error.startswith(f"{x} was opened for writing by another process while being read")
+
+
 def test_reading_without_a_lease_sees_a_truncation(tmp_path: Path) -> None:
     """Where no lease is taken (here: off the main thread, which cannot take SIGIO), chunks are
     read, and a truncated file gives a short read and an error naming it."""

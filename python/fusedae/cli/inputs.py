@@ -45,8 +45,8 @@ class NpyRows:
     are dropped: no copy. A mapping's reader dies of SIGBUS when another process truncates the
     file; the lease prevents that: the kernel holds back whoever opens the file for writing
     (truncating it, say) for up to ``/proc/sys/fs/lease-break-time`` seconds (45 by default) and
-    signals us (SIGIO), so the next chunk fails with an error naming the file and the lease goes
-    with it. The chunk in flight was read before any change. Elsewhere (macOS, Windows, network
+    signals us (SIGIO), so the job fails with an error naming the file before the chunk in
+    flight is written (``check_unchanged``), and the lease goes with it. Elsewhere (macOS, Windows, network
     file systems, a file someone else owns or is writing), chunks are read into one reused
     buffer, which costs a copy (0.5 s a 3 GB file on a 2-core VM); a short read says the file
     was truncated, and a change of its modification time or size after the first read that it
@@ -127,11 +127,7 @@ class NpyRows:
         """Rows ``start:stop``, valid until the next call; rows before ``start`` are done."""
         columns = self.shape[-1]
         if self._mapping is not None:
-            if self._modified:
-                raise CommandError(
-                    f"{self.path} was opened for writing by another process while being read "
-                    f"(rows {start} to {self.rows} were not read)"
-                )
+            self.check_unchanged(start)
             self._release_rows_before(start)
             return np.ndarray(
                 (stop - start, columns),
@@ -158,6 +154,16 @@ class NpyRows:
                 f"to {self.rows} may hold other values than the rows before)"
             )
         return rows
+
+    def check_unchanged(self, start: int) -> None:
+        """Raises if the rows from ``start`` on, read through the mapping, may have changed
+        since: after the rows of a chunk are encoded, before they are written (a chunk encoded
+        for longer than the lease's break time has the writer go ahead under it)."""
+        if self._mapping is not None and self._modified:
+            raise CommandError(
+                f"{self.path} was opened for writing by another process while being read "
+                f"(rows {start} to {self.rows} were not read, or may have changed as they were)"
+            )
 
     def _stamp(self) -> tuple[int, int, int]:
         status = os.fstat(self._file.fileno())
@@ -217,6 +223,9 @@ class ArrayRows:
 
     def read(self, start: int, stop: int) -> np.ndarray:
         return self._rows[start:stop]
+
+    def check_unchanged(self, start: int) -> None:
+        pass  # (in memory: no one else writes it)
 
     def close(self) -> None:
         pass

@@ -121,6 +121,7 @@ def write_rows(mlp: MLP, source: Rows, output: Path, batch_size: int) -> None:
             stop = min(start + batch_size, rows)
             result = buffer[: stop - start]
             mlp(source.read(start, stop), out=result)
+            source.check_unchanged(start)
             file.write(result.data)
             bar.update(stop - start)
 
