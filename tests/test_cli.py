@@ -504,6 +504,9 @@ def test_a_npy_named_like_a_pattern(tmp_path: Path, model_path: Path) -> None:
     result = fusedae("encode", model_path, tmp_path / "rows[2024].npy", "-o", output)
     assert result.returncode == 0, result.stderr
     np.testing.assert_array_equal(np.load(output), MLP.load(model_path, "encoder")(x))
+    for missing in ("missing[1].npy", "npy/*.npy"):  # (was "Parquet INPUT is written as Parquet")
+        result = fusedae("encode", model_path, tmp_path / missing, "-o", output, "--force")
+        assert "No such file or directory" in result.stderr
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")

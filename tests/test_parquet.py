@@ -353,6 +353,30 @@ def test_paths_that_exist_are_not_patterns(tmp_path: Path, model_path: Path) -> 
     assert every_file(tmp_path / "both") == ["x1.parquet", "x[1].parquet"]
 
 
+def test_a_directory_through_links_without_hidden_or_temporary_files(
+    tmp_path: Path, model_path: Path
+) -> None:
+    """A partition linked into the dataset was left out (status 0, its rows missing), and a
+    Spark job's ``_temporary`` partial files or ``.ipynb_checkpoints`` copies went in (rows
+    twice): the files are those ``pyarrow.dataset`` reads (which goes round a cycle of links
+    until the path is too long: here each directory is read once)."""
+    rng = np.random.default_rng(5)
+    lake, elsewhere = tmp_path / "lake", tmp_path / "elsewhere"
+    names = ("a.parquet", "_temporary/0/a.parquet", ".ipynb_checkpoints/a.parquet", "_SUCCESS")
+    for directory, name in [(lake, name) for name in names] + [(elsewhere, "b.parquet")]:
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
+        x = rng.standard_normal((4, WIDTH), dtype=np.float32)
+        pq.write_table(
+            pa.table({"id": np.arange(4), "x": list_column(x, "list")}), directory / name
+        )
+    (lake / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (elsewhere / "back").symlink_to(lake, target_is_directory=True)  # a cycle: each once
+    out = tmp_path / "out"
+    assert main(["encode", str(model_path), str(lake), "-o", str(out)]) == 0
+    assert every_file(out) == ["a.parquet", "linked/b.parquet"]
+    assert pq.read_table(out).num_rows == 8
+
+
 SHARD_ROWS = 50_000  # in batches of 16 rows: a shard lasts ~0.3 s
 
 

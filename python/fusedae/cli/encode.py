@@ -69,13 +69,14 @@ INPUT is a .npy file (read a chunk at a time, so it may be larger than memory) o
 file (--key picks an array), of float32 or float64 rows, shape (..., in_features); OUTPUT has
 the input's dtype and shape (..., out_features).
 
-INPUT may also be Parquet (needs pyarrow: pip install 'fusedae[parquet]'): a .parquet file,
-a directory (every .parquet under it) or a quoted glob ('lake/part-*.parquet'), read a batch
-at a time. The rows are a list column of float32 or float64 values (--column; by default the
-only such column) or scalar float columns (--columns x0,x1,...). Each input shard gets an
-output shard, at the same path under the directory OUTPUT (or OUTPUT itself, for one .parquet
-file and a .parquet OUTPUT), holding the --keep columns and then the results as a fixed-size
-list column (--output-column; codes, decoded or reconstructed by default).
+INPUT may also be Parquet (needs pyarrow: pip install 'fusedae[parquet]'): a .parquet file, a
+directory (every .parquet under it, through links, leaving out names that start with . or _
+as pyarrow does) or a quoted glob ('lake/part-*.parquet'), read a batch at a time. The rows
+are a list column of float32 or float64 values (--column; by default the only such column) or
+scalar float columns (--columns x0,x1,...). Each input shard gets an output shard, at the
+same path under the directory OUTPUT (or OUTPUT itself, for one .parquet file and a .parquet
+OUTPUT), holding the --keep columns and then the results as a fixed-size list column
+(--output-column; codes, decoded or reconstructed by default).
 
 Every output file is written to a temporary file in the same directory and renamed at the
 end: an interrupted run leaves nothing under an output name, and the next run for it removes

@@ -46,8 +46,9 @@ class NpyRows:
     file; the lease prevents that: the kernel holds back whoever opens the file for writing
     (truncating it, say) for up to ``/proc/sys/fs/lease-break-time`` seconds (45 by default) and
     signals us (SIGIO), so the job fails with an error naming the file before the chunk in
-    flight is written (``check_unchanged``), and the lease goes with it. Elsewhere (macOS, Windows, network
-    file systems, a file someone else owns or is writing), chunks are read into one reused
+    flight is written (``check_unchanged``), and the lease goes with it. Elsewhere (macOS,
+    Windows, network file systems, a file someone else owns or is writing), chunks are read
+    into one reused
     buffer, which costs a copy (0.5 s a 3 GB file on a 2-core VM); a short read says the file
     was truncated, and a change of its modification time or size after the first read that it
     was rewritten (to the file system's clock's resolution: a rewrite within one tick of the

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import glob
+import os
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 GLOB_CHARACTERS = "*?["
+IGNORED = (".", "_")  # the name prefixes pyarrow.dataset leaves out of a directory
 # Output rows are buffered into row groups of about this size: the codes of one input batch
 # (16 values a row) would make row groups too small to read back efficiently.
 ROW_GROUP_BYTES = 64 << 20
@@ -49,7 +51,9 @@ def is_parquet(path: Path) -> bool:
     that exists is itself, whatever characters its name has: ``rows[2024].npy``)."""
     if path.exists():
         return path.suffix == ".parquet" or path.is_dir()
-    return path.suffix == ".parquet" or has_wildcard(str(path))
+    return path.suffix == ".parquet" or (
+        has_wildcard(str(path)) and path.suffix not in (".npy", ".npz")
+    )
 
 
 def import_pyarrow() -> Any:
@@ -80,7 +84,7 @@ def find_sources(pattern: Path) -> tuple[Path, list[Path]]:
         return pattern.parent, [pattern]
     if pattern.is_dir():
         root = pattern
-        sources = sorted(p for p in pattern.rglob("*.parquet") if p.is_file())
+        sources = parquet_files_under(pattern)
     elif has_wildcard(text):
         parts = pattern.parts
         fixed = next(i for i, part in enumerate(parts) if has_wildcard(part))
@@ -91,6 +95,28 @@ def find_sources(pattern: Path) -> tuple[Path, list[Path]]:
     if not sources:
         raise CommandError(f"no Parquet files in {pattern}")
     return root, sources
+
+
+def parquet_files_under(root: Path) -> list[Path]:
+    """The ``*.parquet`` files under ``root``, sorted, as ``pyarrow.dataset`` finds a dataset's:
+    through links to directories (each directory once), and not under names that start with
+    ``.`` or ``_`` (hidden files, Spark's ``_temporary`` with its failed tasks' partial files,
+    ``.ipynb_checkpoints``)."""
+    found = []
+    seen = set()
+    for directory, subdirectories, files in os.walk(root, followlinks=True):
+        status = os.stat(directory)
+        if (status.st_dev, status.st_ino) in seen:  # a link back up the tree
+            subdirectories.clear()
+            continue
+        seen.add((status.st_dev, status.st_ino))
+        subdirectories[:] = [name for name in subdirectories if not name.startswith(IGNORED)]
+        found += [
+            Path(directory, name)
+            for name in files
+            if name.endswith(".parquet") and not name.startswith(IGNORED)
+        ]
+    return sorted(path for path in found if path.is_file())
 
 
 def plan_shards(pattern: Path, output: Path) -> list[Shard]:
