@@ -1052,3 +1052,37 @@ def test_misaligned_tensors_compute_as_in_pytorch(dtype, monkeypatch):
         [(weight, bias.detach().numpy()) for weight, bias in pairs], ["relu", "identity"]
     )
     torch.testing.assert_close(torch.from_numpy(mlp(x.numpy())), plain(x).detach())
+
+
+def test_a_torch_function_or_dispatch_mode_sees_the_layers_as_in_pytorch():
+    """A mode that changes ``F.linear`` changed the plain model's output and not the fused
+    one's; a dispatch mode saw no op of a fused call (a tester's)."""
+
+    class DoubledLinear(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            return out * 2 if func is nn.functional.linear else out
+
+    class Recorded(torch.utils._python_dispatch.TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    seed, fused_ae = seed_and_fused(20, 3)
+    accelerated, _ = accelerate(copy.deepcopy(seed))
+    x = torch.randn(4, 20)
+    with torch.no_grad():
+        for module in (fused_ae, accelerated):
+            with DoubledLinear():
+                want = seed(x)
+                torch.testing.assert_close(module(x), want)
+            plain, fused = Recorded(), Recorded()
+            with plain:
+                seed(x)
+            with fused:
+                module(x)
+            assert fused.ops == plain.ops

@@ -159,6 +159,10 @@ _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
 _is_autocast_enabled = getattr(torch._C, "_is_any_autocast_enabled", torch.is_autocast_cpu_enabled)
 _tracing_state = torch._C._get_tracing_state
 _functorch_transforms_active = torch._C._are_functorch_transforms_active
+# A user's TorchFunctionMode or TorchDispatchMode sees (and may change) every op of the plain
+# layers, and nothing of a fused call.
+_function_mode_enabled = torch._C._is_torch_function_mode_enabled
+_dispatch_modes = torch._C._len_torch_dispatch_stack
 _is_grad_enabled = torch.is_grad_enabled
 # `_current_level` is -1 outside `torch.autograd.forward_ad.dual_level()`.
 _forward_ad = torch.autograd.forward_ad
@@ -512,7 +516,8 @@ class ChainCache:
     def forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """The fused forward of the chain (``set_modules`` found one) on ``x``, or None where only
         plain PyTorch computes what PyTorch would (CUDA, other dtypes, tensor subclasses,
-        autocast, ``torch.jit.trace`` tracing, ``torch.func`` transforms, hooks) or runs faster
+        autocast, ``torch.jit.trace`` tracing, ``torch.func`` transforms, hooks, a
+        TorchFunctionMode or TorchDispatchMode) or runs faster
         (a call that needs gradients below the training gate: ``trains_faster_plain``), and
         under forward-mode AD (the kernel computes no tangents). Modules changed in place since
         they were lowered (a post-op's or BatchNorm's attribute: ``settings``; a ``forward``
@@ -536,6 +541,8 @@ class ChainCache:
             or _functorch_transforms_active()
             or _forward_ad._current_level >= 0  # forward-mode AD: the kernel has no tangents
             or _is_autocast_enabled()
+            or _function_mode_enabled()
+            or _dispatch_modes()
             or not x.is_cpu
             or x.layout is not _STRIDED
             or x.is_nested  # strided too, but without one shape: nn.Linear takes it row by row
