@@ -208,6 +208,15 @@ impl<T: Float, W: Weights<T>> Mlp<T, W> {
                     specs[index - 1].out_features
                 ));
             }
+            // (PyTorch refuses such a parameter for a tensor of this type, "cannot be converted
+            // without overflow"; rounded, it would be an infinity.)
+            let params = spec.post_op.params();
+            if let Some(param) = params.iter().find(|&&p| !T::from_f64(p).is_finite()) {
+                return Err(Error::Precision(format!(
+                    "layer {index}: post-op parameter {param:e} overflows {}",
+                    T::PRECISION
+                )));
+            }
             flops_per_row = flops_per_row.saturating_add(2 * spec.weight.len());
         }
         let transpose = kernel.transpose.map(|transpose| {

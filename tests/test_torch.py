@@ -1086,3 +1086,37 @@ def test_a_torch_function_or_dispatch_mode_sees_the_layers_as_in_pytorch():
             with fused:
                 module(x)
             assert fused.ops == plain.ops
+
+
+def test_set_precision_reaches_inner_fused_modules():
+    """``accelerate(Sequential(encoder, decoder), precision=...)`` set every FusedMLP;
+    ``set_precision`` on the outer one left the halves, called alone, at the old one."""
+    outer, _ = accelerate(
+        nn.Sequential(
+            nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2)),
+            nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 8)),
+        ),
+        precision="int8",
+    )
+    assert [module.precision for module in (outer, *outer)] == ["int8"] * 3
+    outer.set_precision("fp32")
+    assert [module.precision for module in (outer, *outer)] == ["fp32"] * 3
+
+
+@pytest.mark.parametrize(
+    "activation",
+    [nn.LeakyReLU(1e40), nn.ELU(1e40), nn.Hardtanh(-1e40, 1e40), nn.Softplus(1.0, 1e40)],
+    ids=lambda module: type(module).__name__,
+)
+def test_an_activation_parameter_beyond_float32_is_an_error_as_in_pytorch(activation):
+    """PyTorch refuses it for float32 tensors ("cannot be converted ... without overflow"); the
+    fused call rounded it to an infinity and gave an answer (a tester's). float64 takes it."""
+    model = nn.Sequential(nn.Linear(3, 3), activation).eval()
+    accelerated, _ = accelerate(copy.deepcopy(model))
+    x = torch.tensor([[-2.0, -1e-3, 0.5]])
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match="overflow"):
+            model(x)
+        with pytest.raises(ValueError, match="post-op parameter 1e40 overflows fp32"):
+            accelerated(x)
+        torch.testing.assert_close(accelerated.double()(x.double()), model.double()(x.double()))

@@ -158,9 +158,13 @@ class FusedMLP(_FusedCall, nn.Sequential):
 
     def set_precision(self, precision: PrecisionName) -> FusedMLP:
         """Runs the fused calls at ``precision`` (``"fp32"``, ``"bf16"``, ``"int8"``) from the
-        next call on (packing again); returns the module."""
+        next call on (packing again), its inner FusedMLPs' too (``nn.Sequential(encoder,
+        decoder)``'s halves, called alone); returns the module."""
         self._fused.set_precision(spec_precision(precision))
         self._pieces.set_precision(spec_precision(precision))
+        for module in self.modules():
+            if isinstance(module, FusedMLP) and module is not self:
+                module.set_precision(precision)
         return self
 
     def fused_layers(self) -> Layers | None:
