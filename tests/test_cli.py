@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import itertools
 import os
@@ -170,6 +171,34 @@ def test_bare_state_dict_is_refused_and_nothing_written(tmp_path: Path) -> None:
     ]:
         assert f"{line}\n" in message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ae.pt", "x.npy"]
+
+
+def test_checkpoints_of_other_tensors_or_layouts_are_clear_errors(tmp_path: Path) -> None:
+    """Meta, sparse and quantized tensors (and a whole module on the meta device) were
+    tracebacks; a training checkpoint holding the state_dict under a key said only "got
+    dict" (a tester's)."""
+    model = torch.nn.Sequential(torch.nn.Linear(64, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    state = model.state_dict()
+    np.save(tmp_path / "x.npy", np.zeros((5, 64), np.float32))
+    cases = {
+        "meta": ({k: torch.empty_like(v, device="meta") for k, v in state.items()}, "a meta"),
+        "sparse": ({**state, "0.weight": state["0.weight"].to_sparse()}, "a sparse_coo tensor"),
+        "checkpoint": ({"model": state, "epoch": 3}, "save that alone: torch.save(checkpoint"),
+        "module": (copy.deepcopy(model).to("meta"), "meta"),
+    }
+    for name, (saved, message) in cases.items():
+        torch.save(saved, tmp_path / f"{name}.pt")
+        result = fusedae(
+            "encode",
+            tmp_path / f"{name}.pt",
+            tmp_path / "x.npy",
+            "-o",
+            tmp_path / "z.npy",
+            *(["--trust-pickle"] if name == "module" else ["--layers", "linear,relu,linear"]),
+        )
+        assert result.returncode == 1, name
+        assert "Traceback" not in result.stderr, result.stderr
+        assert message in result.stderr, result.stderr
 
 
 def test_encode_state_dict_with_layers(tmp_path: Path) -> None:

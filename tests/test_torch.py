@@ -1117,6 +1117,6 @@ def test_an_activation_parameter_beyond_float32_is_an_error_as_in_pytorch(activa
     with torch.no_grad():
         with pytest.raises(RuntimeError, match="overflow"):
             model(x)
-        with pytest.raises(ValueError, match="post-op parameter -?1e40 overflows fp32"):
+        with pytest.raises(ValueError, match=r"post-op parameter -?1e40 overflows fp32"):
             accelerated(x)
         torch.testing.assert_close(accelerated.double()(x.double()), model.double()(x.double()))

@@ -7,6 +7,9 @@ import pickletools
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from fusedae import serialization
 from fusedae.chain import ChainSpec
@@ -47,25 +50,28 @@ def load_model(path: Path, layers: str | None, trust_pickle: bool) -> ChainSpec:
 
         try:
             return chain_spec(loaded)
-        except (TypeError, ValueError) as error:
+        except (TypeError, ValueError, NotImplementedError, RuntimeError) as error:
+            # (NotImplementedError, RuntimeError: torch's, on a module on the meta device)
             raise CommandError(f"{path}: {error}") from None
-    if not isinstance(loaded, Mapping) or not all(
-        isinstance(value, torch.Tensor) for value in loaded.values()
-    ):
+    if not isinstance(loaded, Mapping):
         raise CommandError(
             f"{path}: expected a state_dict (parameter names -> tensors) or an nn.Module, got "
             f"{type(loaded).__name__}"
         )
-    arrays = {
-        key: (
-            value.detach()
-            .to(torch.float64 if value.dtype == torch.float64 else torch.float32)
-            .numpy()
-            if value.is_floating_point()
-            else value.detach().numpy()
+    others = [key for key, value in loaded.items() if not isinstance(value, torch.Tensor)]
+    if others:
+        nested = [key for key in others if isinstance(loaded[key], Mapping)]
+        hint = (
+            f"; if the state_dict is its {nested[0]!r}, save that alone: "
+            f"torch.save(checkpoint[{nested[0]!r}], path)"
+            if nested
+            else ""
         )
-        for key, value in loaded.items()
-    }
+        raise CommandError(
+            f"{path}: expected a state_dict (parameter names -> tensors), but {others[:4]} "
+            f"are not tensors{hint}"
+        )
+    arrays = {key: state_array(path, key, value) for key, value in loaded.items()}
     try:
         if layers is None:
             modules = state_modules(arrays)
@@ -74,6 +80,27 @@ def load_model(path: Path, layers: str | None, trust_pickle: bool) -> ChainSpec:
     except ValueError as error:
         raise CommandError(f"{path}: {error}") from None
     raise CommandError(bare_state_dict_refusal(path, modules))
+
+
+def state_array(path: Path, key: str, value: Any) -> np.ndarray:
+    """A state_dict tensor as numpy: float32 or float64 (float64 kept, other floats widened)."""
+    import torch
+
+    if value.layout != torch.strided or value.is_quantized or value.device.type != "cpu":
+        if value.is_quantized:
+            kind = "quantized"
+        elif value.layout != torch.strided:
+            kind = str(value.layout).removeprefix("torch.")
+        else:
+            kind = value.device.type
+        raise CommandError(
+            f"{path}: {key} is a {kind} tensor; encode reads dense CPU tensors (save the "
+            "state_dict of the float model)"
+        )
+    value = value.detach()
+    if value.is_floating_point():
+        value = value.to(torch.float64 if value.dtype == torch.float64 else torch.float32)
+    return np.asarray(value.numpy())
 
 
 def load_checkpoint(path: Path, trust_pickle: bool) -> object:
