@@ -48,11 +48,10 @@ class NpyRows:
     signals us (SIGIO), so the job fails with an error naming the file before the chunk in
     flight is written (``check_unchanged``), and the lease goes with it. Elsewhere (macOS,
     Windows, network file systems, a file someone else owns or is writing), chunks are read
-    into one reused
-    buffer, which costs a copy (0.5 s a 3 GB file on a 2-core VM); a short read says the file
-    was truncated, and a change of its modification time or size after the first read that it
-    was rewritten (to the file system's clock's resolution: a rewrite within one tick of the
-    first read, or without a clock, goes unseen)."""
+    into one reused buffer, which costs a copy (0.5 s a 3 GB file on a 2-core VM); a short
+    read says the file was truncated, and a change of its modification time or size after the
+    first read that it was rewritten (to the file system's clock's resolution: a rewrite within
+    one tick of the first read goes unseen)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path

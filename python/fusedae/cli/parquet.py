@@ -355,7 +355,7 @@ def check_finished_shard(
     if (
         schema.names != expected.names
         or not all(map(same_type, schema.types, expected.types))
-        or (metadata.num_rows != shard.rows)
+        or metadata.num_rows != shard.rows
     ):
         raise CommandError(
             f"--resume: {shard.output} exists but is not this job's output for {shard.source} "

@@ -77,10 +77,10 @@ def accelerate(
     the same child modules, and so the same parameter objects: an optimizer built before keeps
     working, and ``state_dict`` keys and printout do not change. Each child keeps its own
     training mode, and what the Sequential itself holds (its parameters, buffers, attributes)
-    goes with it. Each longest such run is one
-    fused call; the other children (a LayerNorm between two runs) run as they are. A Sequential
-    of Sequentials (``nn.Sequential(encoder, decoder)``) whose modules all form one chain runs
-    as one fused call, and each inner one, called alone, as its own.
+    goes with it. Each longest such run is one fused call; the other children (a LayerNorm
+    between two runs) run as they are. A Sequential of Sequentials (``nn.Sequential(encoder,
+    decoder)``) whose modules all form one chain runs as one fused call, and each inner one,
+    called alone, as its own.
 
     Every other module is left alone, as is a Sequential with forward or backward hooks on it or
     its children (the fused call would skip them). Calling it again changes nothing. A
