@@ -133,6 +133,12 @@ def test_encode_npz_float64_3d(tmp_path: Path, model_path: Path) -> None:
     codes = np.load(output)
     assert (codes.shape, codes.dtype) == ((4, 25, 2), np.float64)
     np.testing.assert_allclose(codes, MLP.load(model_path, "encoder", dtype=np.float64)(x))
+    np.save(tmp_path / "x.npy", x)  # --key on a .npy was left unread without a word
+    result = fusedae("encode", model_path, tmp_path / "x.npy", "--key", "x", "-o", output)
+    assert error_lines(result) == [
+        f"fusedae encode: error: --key picks an array of a .npz INPUT; {tmp_path / 'x.npy'} is "
+        "not one"
+    ]
 
 
 def torch_forward(module: torch.nn.Module, x: np.ndarray) -> np.ndarray:
@@ -450,10 +456,15 @@ def test_bad_model_files(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert "bad.safetensors: not a valid fusedae model file" in result.stderr
-    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "bad.pt").write_bytes(b"PK\x03\x04 a damaged archive")
     result = fusedae("encode", tmp_path / "bad.pt", tmp_path / "x.npy", "-o", tmp_path / "o.npy")
     assert result.returncode == 1
     assert "bad.pt: not a PyTorch checkpoint torch can load" in result.stderr
+    # Not even a checkpoint's start: torch's advice to unpickle it in full would mislead.
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    result = fusedae("encode", tmp_path / "bad.pt", tmp_path / "x.npy", "-o", tmp_path / "o.npy")
+    assert "bad.pt is not a PyTorch checkpoint (torch.save writes a zip" in result.stderr
+    assert "weights_only" not in result.stderr
 
 
 def test_refuses_to_overwrite_without_force(tmp_path: Path, model_path: Path) -> None:

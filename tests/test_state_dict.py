@@ -55,6 +55,8 @@ def test_parse_layers_grammar() -> None:
         ("linear),relu", r"unbalanced '\)'"),
         ("linear,,relu", r"item 2 \(\): expected a name"),
         ("linear,2relu", r"item 2 \(2relu\): expected a name"),
+        ("linear,dropout(2)", r"item 2 \(dropout\(2\)\): p must be between 0 and 1, got 2.0"),
+        ("linear,dropout(p=-0.5)", "p must be between 0 and 1, got -0.5"),
     ],
 )
 def test_parse_layers_errors(text: str, message: str) -> None:

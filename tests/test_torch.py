@@ -1120,3 +1120,20 @@ def test_an_activation_parameter_beyond_float32_is_an_error_as_in_pytorch(activa
         with pytest.raises(ValueError, match=r"post-op parameter -?1e40 overflows fp32"):
             accelerated(x)
         torch.testing.assert_close(accelerated.double()(x.double()), model.double()(x.double()))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_torch_jit_script_compiles_the_plain_layers():
+    """``torch.jit.script`` raised "Unknown type annotation: 'ChainCache'" (a tester's); it now
+    scripts the same children as plain PyTorch, and the module itself is left as it was."""
+    seed, fused_ae = seed_and_fused(20, 3)
+    nested = nn.Sequential(copy.deepcopy(seed.encoder), copy.deepcopy(seed.decoder)).eval()
+    accelerated, _ = accelerate(copy.deepcopy(nested))
+    x = torch.randn(5, 20)
+    for module, plain in ((fused_ae, seed), (accelerated, nested)):
+        scripted = torch.jit.script(module)
+        with torch.no_grad():
+            torch.testing.assert_close(scripted(x), plain(x))
+            torch.testing.assert_close(module(x), plain(x))
+        assert not any(isinstance(child, FusedMLP) for child in scripted.modules())
+    assert type(accelerated[0]) is FusedMLP

@@ -120,6 +120,8 @@ def parse_layers(text: str) -> list[Item]:
             )
         try:
             arguments = _arguments(inside, parameters)
+            if kind == "dropout" and not 0 <= arguments["p"] <= 1:  # (nn.Dropout refuses it)
+                raise ValueError(f"p must be between 0 and 1, got {arguments['p']}")
         except ValueError as error:
             raise ValueError(f"--layers item {number} ({written}): {error}") from None
         items.append(Item(number, written, kind, arguments))

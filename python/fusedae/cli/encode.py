@@ -218,6 +218,8 @@ def run(args: argparse.Namespace) -> None:
         "--engine": None if args.engine == "local" else args.engine,
     }
     refuse_given({**parquet_flags, **ray_flags}, f"for Parquet INPUT, and {args.input} is not")
+    if args.key is not None and args.input.suffix != ".npz":
+        raise CommandError(f"--key picks an array of a .npz INPUT; {args.input} is not one")
     output: Path = args.output
     if output.suffix != ".npy":
         raise CommandError(f"OUTPUT must end in .npy for a .npy or .npz INPUT, got {output}")

@@ -117,6 +117,11 @@ def load_checkpoint(path: Path, trust_pickle: bool) -> object:
             f"'{path.with_suffix('.safetensors').name}')"
         ) from None
     except Exception as error:  # torch.load raises many kinds, all meaning "cannot load it"
+        if not looks_like_a_checkpoint(path):  # (torch's advice to unpickle it would mislead)
+            raise CommandError(
+                f"{path} is not a PyTorch checkpoint (torch.save writes a zip archive or a "
+                "pickle) nor a .safetensors file"
+            ) from None
         names = [] if trust_pickle else pickled_names(path)
         if names:
             raise CommandError(
@@ -130,6 +135,17 @@ def load_checkpoint(path: Path, trust_pickle: bool) -> object:
             f"{path}: not a PyTorch checkpoint torch can load ({type(error).__name__}: "
             f"{first_line})"
         ) from None
+
+
+def looks_like_a_checkpoint(path: Path) -> bool:
+    """Whether ``path`` starts as ``torch.save`` writes: a zip archive, or (the legacy format)
+    a pickle's protocol opcode."""
+    try:
+        with open(path, "rb") as file:
+            start = file.read(4)
+    except OSError:
+        return True  # the error torch.load gave says why
+    return start.startswith((b"PK\x03\x04", b"\x80"))
 
 
 def pickled_names(path: Path) -> list[str]:

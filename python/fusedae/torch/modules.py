@@ -150,6 +150,14 @@ class FusedMLP(_FusedCall, nn.Sequential):
     def _get_name(self) -> str:
         return "Sequential"  # prints exactly like the nn.Sequential it replaces
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """What ``torch.jit.script`` compiles in this module's place: an ``nn.Sequential`` of
+        the same children (TorchScript does not take the fused call's Python): plain PyTorch's
+        values."""
+        plain = nn.Sequential(OrderedDict(self._modules))
+        plain.training = self.training
+        return plain
+
     @property
     def precision(self) -> PrecisionName:
         """``"bf16"``, ``"int8"``, or ``"fp32"`` (the parameters' own dtype: fp64 for float64
@@ -275,6 +283,18 @@ def chain_modules(
     return tuple(leaves), tuple(containers)
 
 
+class _ScriptableAE(nn.Module):
+    """``AE`` as TorchScript takes it: the decoder on the encoder's output."""
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(x))
+
+
 class AE(_FusedCall):
     """The seed's autoencoder: ``encoder`` = Linear(x, h), ReLU, Linear(h, z); ``decoder`` =
     Linear(z, h), ReLU, Linear(h, x). Same constructor and ``state_dict`` keys as the seed's
@@ -293,6 +313,13 @@ class AE(_FusedCall):
         self.decoder = FusedMLP(*layers, precision=precision)
         self._fused = ChainCache(spec_precision(precision))
         self._read_children()
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """What ``torch.jit.script`` compiles in this module's place: the same halves, called
+        one after the other (as plain Sequentials: ``FusedMLP.__prepare_scriptable__``)."""
+        plain = _ScriptableAE(self.encoder, self.decoder)
+        plain.training = self.training
+        return plain
 
     def _read_children(self) -> LoweredChain | None:
         """The whole chain, read again (as ``FusedMLP.read_children`` reads its children), or
