@@ -337,3 +337,10 @@ def test_what_the_sequential_itself_holds_goes_with_it() -> None:
     torch.testing.assert_close(model(x), plain(x))
     model.load_state_dict(plain.state_dict())
     assert loaded == ["pre"]
+    # References held outside the tree still see the old Sequential, whose later buffers stay
+    # its own (the parameter and buffer dicts are copies, of the same tensors).
+    old = plain.encoder
+    replaced, _ = accelerate(old)
+    old.register_buffer("later", torch.zeros(1))
+    assert "later" not in replaced.state_dict()
+    assert replaced.center is old.center

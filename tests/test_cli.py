@@ -748,6 +748,27 @@ def test_a_chunk_encoded_while_the_lease_breaks_is_not_trusted(tmp_path: Path) -
     assert error.startswith(f"{x} was opened for writing by another process while being read")
 
 
+def test_each_chunk_is_checked_after_it_is_encoded_and_before_it_is_written(
+    tmp_path: Path, model_path: Path
+) -> None:
+    """What ``write_rows`` asks of its source: whether the rows just encoded may have changed
+    meanwhile (a lease broken during the chunk), before they go to the output."""
+    checked: list[int] = []
+
+    class Changing(inputs.ArrayRows):
+        def check_unchanged(self, start: int) -> None:
+            checked.append(start)
+            if start == 4:
+                raise CommandError("changed")
+
+    source = Changing(np.ones((10, 64), np.float32))
+    encoder = MLP.load(model_path, "encoder")
+    with pytest.raises(CommandError, match="changed"):
+        outputs.write_rows(encoder, source, tmp_path / "codes.npy", batch_size=4)
+    assert checked == [0, 4]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_reading_without_a_lease_sees_a_truncation(tmp_path: Path) -> None:
     """Where no lease is taken (here: off the main thread, which cannot take SIGIO), chunks are
     read, and a truncated file gives a short read and an error naming it."""

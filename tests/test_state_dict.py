@@ -84,8 +84,11 @@ def test_a_reordered_state_dict_is_refused() -> None:
     before layer 2: a chain of equal widths passed every shape check and ran scrambled."""
     model = nn.Sequential(*(nn.Linear(8, 8) for _ in range(12)))
     state = numpy_state(model)
-    with pytest.raises(ValueError, match=r"2 comes after 11 \(were its keys sorted"):
+    with pytest.raises(ValueError, match=r"numbered 0, 1, 10, 11, 2, 3, ... at the top level"):
         state_modules(dict(sorted(state.items())))
+    # Numbered names in another order, or not a Sequential's: the order they were registered.
+    dicts = nn.ModuleDict({"64": nn.Linear(8, 8), "32": nn.Linear(8, 8), "²": nn.Linear(8, 8)})
+    assert [module.path for module in state_modules(numpy_state(dicts))] == ["64", "32", "²"]
     nested = {
         f"{part}.{key}": value for part in ("encoder", "decoder") for key, value in state.items()
     }

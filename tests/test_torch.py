@@ -26,7 +26,7 @@ from fusedae.torch import (
     share_torch_threads,
 )
 from fusedae.torch.cache import ChainCache
-from fusedae.torch.lower import post_op_module
+from fusedae.torch.lower import lower, post_op_module
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12}
 FORCED_ISA = os.environ.get("FUSEDAE_ISA")
@@ -1086,6 +1086,17 @@ def test_a_torch_function_or_dispatch_mode_sees_the_layers_as_in_pytorch():
             with fused:
                 module(x)
             assert fused.ops == plain.ops
+        # The mode torch.device's context and set_default_device push for the CPU changes
+        # nothing a fused call does: it still fuses (it stopped, a reviewer found).
+        with torch.device("cpu"):
+            assert fused_ae._fused.forward(x) is not None
+        torch.set_default_device("cpu")
+        try:
+            assert fused_ae._fused.forward(x) is not None
+        finally:
+            torch.set_default_device(None)
+        with torch.device("meta"):
+            assert fused_ae._fused.forward(x) is None
 
 
 def test_set_precision_reaches_inner_fused_modules():
@@ -1110,16 +1121,20 @@ def test_set_precision_reaches_inner_fused_modules():
 )
 def test_an_activation_parameter_beyond_float32_is_an_error_as_in_pytorch(activation):
     """PyTorch refuses it for float32 tensors ("cannot be converted ... without overflow"); the
-    fused call rounded it to an infinity and gave an answer (a tester's). float64 takes it."""
+    fused call rounded it to an infinity and gave an answer (a tester's). The accelerated
+    module gives PyTorch's error, the native chain its own; float64 takes it."""
     model = nn.Sequential(nn.Linear(3, 3), activation).eval()
     accelerated, _ = accelerate(copy.deepcopy(model))
     x = torch.tensor([[-2.0, -1e-3, 0.5]])
     with torch.no_grad():
         with pytest.raises(RuntimeError, match="overflow"):
             model(x)
-        with pytest.raises(ValueError, match=r"post-op parameter -?1e40 overflows fp32"):
+        with pytest.raises(RuntimeError, match="overflow"):
             accelerated(x)
         torch.testing.assert_close(accelerated.double()(x.double()), model.double()(x.double()))
+    ((linear, post_op),) = lower(model).layers
+    with pytest.raises(ValueError, match=r"post-op parameter -?1e40 overflows fp32"):
+        fusedae.MLP([(linear.weight.detach().float().numpy(), None)], [post_op])
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
@@ -1137,3 +1152,21 @@ def test_torch_jit_script_compiles_the_plain_layers():
             torch.testing.assert_close(module(x), plain(x))
         assert not any(isinstance(child, FusedMLP) for child in scripted.modules())
     assert type(accelerated[0]) is FusedMLP
+
+    class Shifted(nn.Module):  # reads what the Sequential itself holds
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+            self.net.register_buffer("shift", torch.full((4,), 0.5))
+            self.net.scale: float = 2.0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x - self.net.shift) * self.net.scale
+
+    model = Shifted().eval()
+    plain_model = copy.deepcopy(model)
+    accelerate(model)
+    scripted = torch.jit.script(model)
+    assert list(scripted.state_dict()) == list(plain_model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x[:, :4]), plain_model(x[:, :4]))

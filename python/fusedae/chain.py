@@ -298,9 +298,9 @@ class ChainSpec:
         where they are not) with normalizations folded in (``folded``), and each layer's
         post-op: its name, or ``(name, *params)`` for an op with parameters."""
         layers = self.folded().layers
-        weights = [np.require(layer.weight, requirements="CA") for layer in layers]
+        weights = [np.require(layer.weight, requirements=("C", "A")) for layer in layers]
         biases = [
-            None if layer.bias is None else np.require(layer.bias, requirements="CA")
+            None if layer.bias is None else np.require(layer.bias, requirements=("C", "A"))
             for layer in layers
         ]
         post_ops = [op.native_argument for op in self.post_ops]

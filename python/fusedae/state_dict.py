@@ -209,25 +209,30 @@ def state_modules(state: Mapping[str, np.ndarray]) -> list[StateModule]:
 
 
 def check_registration_order(paths: Sequence[str]) -> None:
-    """A ValueError where the module paths are not in the order the modules were registered:
-    numbered children of one parent (a Sequential's) out of order, as in a state_dict whose keys
-    were sorted (``0``, ``10``, ``2``). Named children's order cannot be checked (nor mended:
-    ``decoder`` sorts before ``encoder``), so a reordered state_dict is refused, not guessed."""
-    last: dict[tuple[str, ...], int] = {}
+    """A ValueError where the module paths were sorted as text: a parent's numbered children
+    (a Sequential's) in the order of their names as strings and not as numbers (``0``, ``10``,
+    ``2``), as in a state_dict whose keys were sorted. The modules run in the order they were
+    registered, which is the state_dict's; sorted, it is lost (nor can it be mended: named
+    children's order cannot be told, ``decoder`` sorts before ``encoder``), so it is refused,
+    not guessed. Numbered children in another order (a ModuleDict's keys ``"64"``, ``"32"``)
+    are the order they were registered in."""
+    children: dict[tuple[str, ...], list[str]] = {}
     for path in paths:
         parts = path.split(".")
         for depth, part in enumerate(parts):
-            if not part.isdigit():
-                continue
-            parent = tuple(parts[:depth])
-            if int(part) < last.get(parent, -1):
-                child = ".".join((*parent, str(last[parent])))
-                raise ValueError(
-                    f"the state_dict's modules are not in the order they run: {path} comes "
-                    f"after {child} (were its keys sorted?); fusedae reads the order from it: "
-                    "save the state_dict as model.state_dict() returns it"
-                )
-            last[parent] = int(part)
+            siblings = children.setdefault(tuple(parts[:depth]), [])
+            if part.isascii() and part.isdigit() and part not in siblings:
+                siblings.append(part)
+    for parent, numbered in children.items():
+        as_numbers = sorted(numbered, key=int)
+        if numbered != as_numbers and numbered == sorted(numbered):
+            where = f"under {'.'.join(parent)}" if parent else "at the top level"
+            listed = ", ".join(numbered[:6]) + (", ..." if len(numbered) > 6 else "")
+            raise ValueError(
+                f"the state_dict's modules numbered {listed} {where} come in text order, not "
+                "in the order they run (were its keys sorted?); fusedae reads the order from "
+                "it: save the state_dict as model.state_dict() returns it"
+            )
 
 
 def _module_kind(tensors: dict[str, np.ndarray]) -> ModuleKind | None:

@@ -105,6 +105,8 @@ class BestEffortStream:
             self.stream = None
 
     def __getattr__(self, name: str) -> Any:  # isatty, fileno, encoding: the bar's layout
+        if name == "stream":  # (not set yet: a copy being made)
+            raise AttributeError(name)
         return getattr(self.stream, name)
 
 

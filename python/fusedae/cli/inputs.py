@@ -69,7 +69,7 @@ class NpyRows:
         self._mapping = self._map_under_lease()
         self._released = 0
         self._buffer = np.empty(0, self.dtype)
-        self._unchanged: tuple[int, int, int] | None = None  # mtime, ctime, size: buffered reads
+        self._unchanged: tuple[int, int] | None = None  # mtime and size: buffered reads
 
     def _read_header(self) -> tuple[tuple[int, ...], np.dtype]:
         try:
@@ -165,9 +165,9 @@ class NpyRows:
                 f"(rows {start} to {self.rows} were not read, or may have changed as they were)"
             )
 
-    def _stamp(self) -> tuple[int, int, int]:
-        status = os.fstat(self._file.fileno())
-        return status.st_mtime_ns, status.st_ctime_ns, status.st_size
+    def _stamp(self) -> tuple[int, int]:
+        status = os.fstat(self._file.fileno())  # (not ctime: a chmod or a rename changes it)
+        return status.st_mtime_ns, status.st_size
 
     def _release_rows_before(self, start: int) -> None:
         """Drops the pages of rows already encoded from this process's memory."""

@@ -48,10 +48,12 @@ def load_model(path: Path, layers: str | None, trust_pickle: bool) -> ChainSpec:
             )
         from fusedae.torch.saving import chain_spec
 
+        meta = [name for name, tensor in loaded.state_dict().items() if tensor.is_meta]
+        if meta:
+            raise CommandError(f"{path}: {meta[0]} is a meta tensor (no values)")
         try:
             return chain_spec(loaded)
-        except (TypeError, ValueError, NotImplementedError, RuntimeError) as error:
-            # (NotImplementedError, RuntimeError: torch's, on a module on the meta device)
+        except (TypeError, ValueError) as error:
             raise CommandError(f"{path}: {error}") from None
     if not isinstance(loaded, Mapping):
         raise CommandError(
@@ -100,7 +102,7 @@ def state_array(path: Path, key: str, value: Any) -> np.ndarray:
     value = value.detach()
     if value.is_floating_point():
         value = value.to(torch.float64 if value.dtype == torch.float64 else torch.float32)
-    return np.asarray(value.numpy())
+    return value.numpy()
 
 
 def load_checkpoint(path: Path, trust_pickle: bool) -> object:

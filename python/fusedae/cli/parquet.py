@@ -104,13 +104,18 @@ def parquet_files_under(root: Path) -> list[Path]:
     ``.ipynb_checkpoints``)."""
     found = []
     seen = set()
-    for directory, subdirectories, files in os.walk(root, followlinks=True):
+
+    def unreadable(error: OSError) -> None:
+        raise error  # (os.walk leaves out a directory it cannot list, without a word)
+
+    for directory, subdirectories, files in os.walk(root, onerror=unreadable, followlinks=True):
         status = os.stat(directory)
         if (status.st_dev, status.st_ino) in seen:  # a link back up the tree
             subdirectories.clear()
             continue
         seen.add((status.st_dev, status.st_ino))
-        subdirectories[:] = [name for name in subdirectories if not name.startswith(IGNORED)]
+        # Sorted: a directory reached by two names is read under the first, on every run.
+        subdirectories[:] = sorted(name for name in subdirectories if not name.startswith(IGNORED))
         found += [
             Path(directory, name)
             for name in files
@@ -323,17 +328,6 @@ def shard_output_schema(
     )
 
 
-def same_type(found: Any, written: Any) -> bool:
-    """Whether a column written as ``written`` read back as ``found``: a list's item field is
-    named "element" when read back, "item" when written (which some pyarrow compare)."""
-    if isinstance(written, type(found)) and hasattr(written, "value_type"):
-        size = getattr(written, "list_size", None)
-        return getattr(found, "list_size", None) == size and same_type(
-            found.value_type, written.value_type
-        )
-    return bool(found.equals(written))
-
-
 def columns_text(schema: Any) -> str:
     return ", ".join(f"{field.name} {field.type}" for field in schema)
 
@@ -352,11 +346,7 @@ def check_finished_shard(
             "delete it, or pass --force to redo every shard"
         ) from None
     expected = shard_output_schema(pa, mlp, shard, columns, output_column)
-    if (
-        schema.names != expected.names
-        or not all(map(same_type, schema.types, expected.types))
-        or metadata.num_rows != shard.rows
-    ):
+    if not schema.equals(expected) or metadata.num_rows != shard.rows:
         raise CommandError(
             f"--resume: {shard.output} exists but is not this job's output for {shard.source} "
             f"(it holds {metadata.num_rows} rows of {columns_text(schema)}; this job writes "

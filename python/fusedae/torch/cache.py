@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _torch_module
 from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils._device import DeviceContext as _DeviceContext
 
 from fusedae import _native
 from fusedae._ops import PostOp
@@ -162,7 +163,25 @@ _functorch_transforms_active = torch._C._are_functorch_transforms_active
 # A user's TorchFunctionMode or TorchDispatchMode sees (and may change) every op of the plain
 # layers, and nothing of a fused call.
 _function_mode_enabled = torch._C._is_torch_function_mode_enabled
+_function_modes = torch._C._len_torch_function_stack
+_function_mode_at = torch._C._get_function_stack_at
 _dispatch_modes = torch._C._len_torch_dispatch_stack
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _user_function_mode() -> bool:
+    """Whether a TorchFunctionMode is active other than the one ``torch.set_default_device``
+    and ``with torch.device(...)`` push for the CPU (which changes nothing a fused call does:
+    many scripts set it, and fusedae would stop fusing there)."""
+    for index in range(_function_modes()):
+        mode = _function_mode_at(index)
+        if type(mode) is not _DeviceContext or mode.device.type != "cpu":
+            return True
+    return False
+
+
 _is_grad_enabled = torch.is_grad_enabled
 # `_current_level` is -1 outside `torch.autograd.forward_ad.dual_level()`.
 _forward_ad = torch.autograd.forward_ad
@@ -444,7 +463,7 @@ class ChainCache:
         tensors = self.lowered.tensors()
         usable = all(
             t is None or (t.is_cpu and t.dtype is dtype and t.layout is _STRIDED) for t in tensors
-        )
+        ) and (dtype is not torch.float32 or self.post_ops_fit_float32())
         # Holds the packed storages: no later tensor takes one's address while the chain is
         # current (the staleness check compares addresses). Also what the arrays read below.
         pinned = [None if t is None else t.detach() for t in tensors]
@@ -465,7 +484,8 @@ class ChainCache:
             values = [None if t is None else resolved(t) for t in pinned]
             views = [None if t is None else t.numpy() for t in values]
             arrays = [
-                None if view is None else np.require(view, requirements="CA") for view in views
+                None if view is None else np.require(view, requirements=("C", "A"))
+                for view in views
             ]
             weights = [array for array in arrays[0::2] if array is not None]
             biases = arrays[1::2]
@@ -491,6 +511,17 @@ class ChainCache:
             self.packed = None
         self.dtype, self.tensors, self.pinned = dtype, tensors, pinned
         return self.chain
+
+    def post_ops_fit_float32(self) -> bool:
+        """Whether every post-op parameter is within float32's range: PyTorch refuses one
+        beyond it for a float32 tensor ("cannot be converted ... without overflow"), and so do
+        the plain layers, which run such a chain."""
+        return all(
+            abs(float(param)) <= FLOAT32_MAX
+            for op in self.native_post_ops
+            if isinstance(op, tuple)
+            for param in op[1:]
+        )
 
     def repack(self, dtype: torch.dtype) -> _native.Chain | None:
         """``pack`` where the packed tensors changed in place only (the same objects at the same
@@ -541,7 +572,7 @@ class ChainCache:
             or _functorch_transforms_active()
             or _forward_ad._current_level >= 0  # forward-mode AD: the kernel has no tangents
             or _is_autocast_enabled()
-            or _function_mode_enabled()
+            or (_function_mode_enabled() and _user_function_mode())
             or _dispatch_modes()
             or not x.is_cpu
             or x.layout is not _STRIDED

@@ -3,6 +3,7 @@ what PyTorch would, and plain PyTorch everywhere else."""
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 from typing import Any, cast
 
@@ -90,8 +91,11 @@ class _FusedCall(nn.Module):
         raise NotImplementedError
 
 
-# What ``FusedMLP.from_sequential`` takes over from the Sequential besides the attributes a
-# FusedMLP does not have (the hooks the kernel would skip keep a Sequential from being replaced).
+# What a FusedMLP takes over from the Sequential it replaces, and gives the Sequential that
+# stands for it, besides the attributes the other does not have (the hooks the kernel would
+# skip keep a Sequential from being replaced). The hook dicts are shared: a hook's handle
+# removes it from the dict it was registered in. Parameters and buffers are the same objects
+# in dicts of their own: one registered on the replaced module later stays there.
 SEQUENTIAL_STATE = (
     "training",
     "_parameters",
@@ -102,6 +106,18 @@ SEQUENTIAL_STATE = (
     "_load_state_dict_pre_hooks",
     "_load_state_dict_post_hooks",
 )
+COPIED_STATE = ("_parameters", "_buffers", "_non_persistent_buffers_set")
+FUSED_STATE = ("_fused", "_pieces")  # a FusedMLP's own
+
+
+def take_state(module: nn.Module, source: nn.Module, leave: tuple[str, ...] = ()) -> None:
+    """Gives ``module`` (with ``source``'s children) the rest of what ``source`` holds:
+    ``SEQUENTIAL_STATE``, and the attributes ``module`` does not have, but those in
+    ``leave``."""
+    own = vars(module)
+    for name, value in vars(source).items():
+        if name not in leave and (name in SEQUENTIAL_STATE or name not in own):
+            own[name] = copy.copy(value) if name in COPIED_STATE else value
 
 
 class FusedMLP(_FusedCall, nn.Sequential):
@@ -141,10 +157,7 @@ class FusedMLP(_FusedCall, nn.Sequential):
         buffers, state-dict hooks, and attributes (which a parent's forward may read)."""
         # An OrderedDict: a plain dict would be read as one module.
         fused = cls(OrderedDict(sequential._modules), precision=precision)
-        own = vars(fused)
-        for name, value in vars(sequential).items():
-            if name in SEQUENTIAL_STATE or name not in own:
-                own[name] = value
+        take_state(fused, sequential)
         return fused
 
     def _get_name(self) -> str:
@@ -152,10 +165,10 @@ class FusedMLP(_FusedCall, nn.Sequential):
 
     def __prepare_scriptable__(self) -> nn.Module:
         """What ``torch.jit.script`` compiles in this module's place: an ``nn.Sequential`` of
-        the same children (TorchScript does not take the fused call's Python): plain PyTorch's
-        values."""
+        the same children, holding what this module holds besides (TorchScript does not take
+        the fused call's Python): plain PyTorch's values."""
         plain = nn.Sequential(OrderedDict(self._modules))
-        plain.training = self.training
+        take_state(plain, self, leave=FUSED_STATE)
         return plain
 
     @property
@@ -168,11 +181,10 @@ class FusedMLP(_FusedCall, nn.Sequential):
         """Runs the fused calls at ``precision`` (``"fp32"``, ``"bf16"``, ``"int8"``) from the
         next call on (packing again), its inner FusedMLPs' too (``nn.Sequential(encoder,
         decoder)``'s halves, called alone); returns the module."""
-        self._fused.set_precision(spec_precision(precision))
-        self._pieces.set_precision(spec_precision(precision))
         for module in self.modules():
-            if isinstance(module, FusedMLP) and module is not self:
-                module.set_precision(precision)
+            if isinstance(module, FusedMLP):
+                module._fused.set_precision(spec_precision(precision))
+                module._pieces.set_precision(spec_precision(precision))
         return self
 
     def fused_layers(self) -> Layers | None:
