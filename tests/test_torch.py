@@ -22,6 +22,7 @@ from fusedae.torch import (
     FusedMLPFunction,
     accelerate,
     cache,
+    invalidate,
     pack_chain,
     share_torch_threads,
 )
@@ -1170,3 +1171,41 @@ def test_torch_jit_script_compiles_the_plain_layers():
     assert list(scripted.state_dict()) == list(plain_model.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(scripted(x[:, :4]), plain_model(x[:, :4]))
+
+
+def test_invalidate_reaches_every_fused_module_below():
+    """After an edit the version counters miss (``.data``), ``invalidate()`` on the outer
+    module left its inner FusedMLPs' packed weights (the encoder alone off by 0.82, a
+    tester's); ``fusedae.torch.invalidate`` takes any module holding them."""
+    plain = nn.Sequential(
+        nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2)),
+        nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 8)),
+    ).eval()
+    holder = nn.Module()
+    holder.model, _ = accelerate(copy.deepcopy(plain))
+    model = holder.model
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        model(x), model[0](x)  # packed
+        for edit, forget in ((2.0, model.invalidate), (0.5, lambda: invalidate(holder))):
+            for module in (plain, model):
+                module[0][0].weight.data.mul_(edit)
+            forget()
+            torch.testing.assert_close(model(x), plain(x))
+            torch.testing.assert_close(model[0](x), plain[0](x))
+
+
+def test_parameters_in_shared_memory_are_read_on_every_call():
+    """Another process's writes to shared parameters (Hogwild, an actor and a learner) bump no
+    version counter here: the accelerated model kept its first packing (a tester's actor never
+    saw the learner's updates). Here the write goes through a numpy view, as unseen."""
+    plain = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2)).eval()
+    model, _ = accelerate(copy.deepcopy(plain))
+    model.share_memory()
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        before = model(x)
+        model[0].weight.detach().numpy()[:] *= 3  # (bumps no counter)
+        plain[0].weight.mul_(3)
+        assert not torch.equal(model(x), before)
+        torch.testing.assert_close(model(x), plain(x))

@@ -27,7 +27,7 @@ from fusedae.torch.function import (
     InputShapeError,
     pack_chain,
 )
-from fusedae.torch.modules import AE, FusedMLP
+from fusedae.torch.modules import AE, FusedMLP, invalidate
 from fusedae.torch.saving import save
 from fusedae.torch.threads import share_torch_threads
 
@@ -39,6 +39,7 @@ __all__ = [
     "InputDtypeError",
     "InputShapeError",
     "accelerate",
+    "invalidate",
     "pack_chain",
     "save",
     "share_torch_threads",

@@ -509,6 +509,10 @@ class ChainCache:
             ]
         except RuntimeError:  # inference tensors have no version counter: pack every time
             self.packed = None
+        # Tensors in shared memory (`model.share_memory()`: Hogwild, an actor and a learner)
+        # change in other processes, whose writes bump no counter here: packed every time.
+        if any(t is not None and t.is_shared() for t in tensors):
+            self.packed = None
         self.dtype, self.tensors, self.pinned = dtype, tensors, pinned
         return self.chain
 

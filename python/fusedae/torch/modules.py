@@ -225,14 +225,8 @@ class FusedMLP(_FusedCall, nn.Sequential):
         return runs
 
     def invalidate(self) -> None:
-        """Forget the packed weights (only needed after edits the version counters do not
-        see: through ``.data``, a numpy view or the storage; see the README), those the custom
-        ops packed for compiled and exported calls too."""
-        self._fused.invalidate()
-        for _, cache in self._pieces.pieces:
-            if cache is not None:
-                cache.invalidate()
-        forget_op_chains()
+        """``fusedae.torch.invalidate`` on this module."""
+        invalidate(self)
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         state = self._fused
@@ -351,12 +345,8 @@ class AE(_FusedCall):
         self._read_children()
 
     def invalidate(self) -> None:
-        """Forget the packed weights (only needed after edits the version counters do not
-        see: through ``.data``, a numpy view or the storage; see the README), those the custom
-        ops packed for compiled and exported calls too."""
-        self._fused.invalidate()
-        self.encoder.invalidate()
-        self.decoder.invalidate()
+        """``fusedae.torch.invalidate`` on this module."""
+        invalidate(self)
 
     @property
     def precision(self) -> PrecisionName:
@@ -389,3 +379,19 @@ class AE(_FusedCall):
         return cast(torch.Tensor, decoder(encoder(x)))
 
     _gated_forward = forward
+
+
+def invalidate(model: nn.Module) -> None:
+    """Forgets the packed weights of every FusedMLP and AE in ``model`` (itself included),
+    those the custom ops packed for compiled and exported calls too: only needed after edits
+    the version counters do not see (through ``.data``, a numpy view or the storage; see the
+    README). ``model`` may be any module holding them (an inner FusedMLP's were kept)."""
+    for module in model.modules():
+        if isinstance(module, FusedMLP):
+            module._fused.invalidate()
+            for _, cache in module._pieces.pieces:
+                if cache is not None:
+                    cache.invalidate()
+        elif isinstance(module, AE):
+            module._fused.invalidate()
+    forget_op_chains()
