@@ -205,7 +205,7 @@ class TestNeverStale:
         [
             (torch.optim.Adam, {"foreach": True}),
             (torch.optim.Adam, {"foreach": False}),
-            # The fused kernels bump no version counter (`_bump_versions_after_fused_step`).
+            # The fused kernels bump no version counter (`_after_optimizer_step`).
             (torch.optim.Adam, {"fused": True}),
             (torch.optim.AdamW, {"fused": True}),
             (torch.optim.SGD, {"fused": True, "momentum": 0.9}),

@@ -209,14 +209,22 @@ if hasattr(torch.compiler, "assume_constant_result"):
     _threaded_gate = torch.compiler.assume_constant_result(_threaded_gate)
 
 
-def _bump_versions_after_fused_step(
+# Optimizer steps taken in this process: a chain packed before the last one is packed again
+# from its tensors' memory on its next call, whatever their version counters say (many
+# optimizers outside torch, LAMB's among them, write `p.data`, which bumps none: the model
+# went on with its first weights for a whole run).
+_optimizer_steps = [0]
+
+
+def _after_optimizer_step(
     optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> None:
-    """After a step of an optimizer built with ``fused=True`` (Adam, AdamW, SGD, Adagrad: one
-    kernel writes every parameter), bumps the version counters of the parameters it stepped, as
-    every other optimizer's in-place updates do: the fused kernels bump none (torch 2.4-2.15),
-    so a packed chain would not see the step and go on computing with the weights from before
-    it, and a backward through tensors saved before the step would not be refused."""
+    """Counts the step (``_optimizer_steps``). After a step of an optimizer built with
+    ``fused=True`` (Adam, AdamW, SGD, Adagrad: one kernel writes every parameter), also bumps
+    the version counters of the parameters it stepped, as every other optimizer's in-place
+    updates do: the fused kernels bump none (torch 2.4-2.15), so a backward through tensors
+    saved before the step would not be refused."""
+    _optimizer_steps[0] += 1
     for group in optimizer.param_groups:
         if group.get("fused"):
             for param in group["params"]:
@@ -227,7 +235,7 @@ def _bump_versions_after_fused_step(
 # A hook on every optimizer's step, registered once, on import (torch 2.1+ has both halves; the
 # fused CPU optimizers came with 2.4).
 if hasattr(torch.autograd.graph, "increment_version"):
-    register_optimizer_step_post_hook(_bump_versions_after_fused_step)
+    register_optimizer_step_post_hook(_after_optimizer_step)
 
 
 # Per tensor slot, what was packed: where it lives, the tensor, its version counter and address.
@@ -251,7 +259,8 @@ class ChainCache:
 
     A change is seen through each tensor's identity in its slot, storage address and version
     counter, which every in-place op bumps (optimizer steps, the fused optimizers' through
-    ``_bump_versions_after_fused_step``, ``load_state_dict``, ``copy_`` under ``no_grad``);
+    ``_after_optimizer_step``, ``load_state_dict``, ``copy_`` under ``no_grad``), and each
+    optimizer step (``_optimizer_steps``: an optimizer that writes ``p.data`` bumps none);
     ``.to()`` and ``.data = ...`` move the storage. A training-mode
     BatchNorm updates its running statistics without bumping their version counters, but adds
     1 to ``num_batches_tracked`` in place; and a call while one is in training mode forgets the
@@ -322,6 +331,7 @@ class ChainCache:
         # None: not packed, or packed from inference tensors, which have no version counter
         # (packed again on each call).
         self.packed: list[_PackedTensor] | None = None
+        self.steps_seen = 0  # `_optimizer_steps` when `packed` was taken
         self.pinned: list[torch.Tensor | None] = []
         # Set where `repack` may pack again from what the last `pack` read.
         self.sources: _Sources | None = None
@@ -514,6 +524,7 @@ class ChainCache:
         if any(t is not None and t.is_shared() for t in tensors):
             self.packed = None
         self.dtype, self.tensors, self.pinned = dtype, tensors, pinned
+        self.steps_seen = _optimizer_steps[0]
         return self.chain
 
     def post_ops_fit_float32(self) -> bool:
@@ -546,6 +557,7 @@ class ChainCache:
             (owner, key, tensor, version if tensor is None else tensor._version, address)
             for owner, key, tensor, version, address in self.packed
         ]
+        self.steps_seen = _optimizer_steps[0]
         return self.chain
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -625,6 +637,7 @@ class ChainCache:
                 self.relower()
                 return None
         if packed is not None:
+            changed_in_place = changed_in_place or self.steps_seen != _optimizer_steps[0]
             chain = self.repack(dtype) if changed_in_place else self.chain
         elif dtype in _FUSED_DTYPES:
             chain = self.pack(dtype)
