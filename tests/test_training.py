@@ -134,24 +134,3 @@ def test_an_optimizer_that_writes_data_trains_as_in_pytorch(monkeypatch):
             losses[name].append(loss.item())
     torch.testing.assert_close(losses["fused"], losses["plain"])
     assert losses["fused"][-1] < losses["fused"][0]
-
-
-def test_weights_updated_by_hand_through_data_train_as_in_pytorch(monkeypatch):
-    """PyTorch's own tutorial loop, ``p.data.sub_(p.grad.data * lr)`` and no optimizer: the
-    accelerated model never saw an update (a tester's loss stayed 1.0252 for 30 steps)."""
-    for gate in cache.TRAINING_GATES:
-        monkeypatch.setattr(cache, gate, 0)
-    torch.manual_seed(1)
-    plain = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))
-    fused, _ = accelerate(copy.deepcopy(plain))
-    x = torch.randn(64, 8)
-    losses: dict[str, list[float]] = {"plain": [], "fused": []}
-    for name, model in (("plain", plain), ("fused", fused)):
-        for _ in range(10):
-            model.zero_grad()
-            loss = nn.functional.mse_loss(model(x), x)
-            loss.backward()
-            for param in model.parameters():
-                param.data.sub_(param.grad.data * 0.1)
-            losses[name].append(loss.item())
-    torch.testing.assert_close(losses["fused"], losses["plain"])

@@ -637,10 +637,7 @@ class ChainCache:
                 self.relower()
                 return None
         if packed is not None:
-            # A call that records for autograd packs again from memory (23 us the seed AE): a
-            # loop that updates the weights through `.data` by hand (PyTorch's own tutorial's)
-            # bumps no counter and steps no optimizer; a loop that steps one repacks anyway.
-            changed_in_place = changed_in_place or records or self.steps_seen != _optimizer_steps[0]
+            changed_in_place = changed_in_place or self.steps_seen != _optimizer_steps[0]
             chain = self.repack(dtype) if changed_in_place else self.chain
         elif dtype in _FUSED_DTYPES:
             chain = self.pack(dtype)
