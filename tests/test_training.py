@@ -134,3 +134,10 @@ def test_an_optimizer_that_writes_data_trains_as_in_pytorch(monkeypatch):
             losses[name].append(loss.item())
     torch.testing.assert_close(losses["fused"], losses["plain"])
     assert losses["fused"][-1] < losses["fused"][0]
+    # Another model's packing (a teacher's) is left alone by this optimizer's steps.
+    teacher, _ = accelerate(copy.deepcopy(plain))
+    with torch.no_grad():
+        teacher(x)
+    optimizer.step()
+    assert fused._fused.stepped
+    assert not teacher._fused.stepped

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import types
+import weakref
 from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any, NamedTuple, cast
@@ -209,27 +210,32 @@ if hasattr(torch.compiler, "assume_constant_result"):
     _threaded_gate = torch.compiler.assume_constant_result(_threaded_gate)
 
 
-# Optimizer steps taken in this process: a chain packed before the last one is packed again
-# from its tensors' memory on its next call, whatever their version counters say (many
-# optimizers outside torch, LAMB's among them, write `p.data`, which bumps none: the model
-# went on with its first weights for a whole run).
-_optimizer_steps = [0]
+# The chains that packed each tensor, by its id: an optimizer's step marks those of the
+# parameters it stepped (``ChainCache.stepped``), which then pack again from the tensors'
+# memory on their next call, whatever the version counters say (many optimizers outside
+# torch, LAMB's among them, write `p.data`, which bumps none: the model went on with its first
+# weights for a whole run). Only those chains: a step of one model's optimizer leaves another
+# model's packing (a teacher's, an EMA copy's) alone.
+_packed_by: dict[int, weakref.WeakSet[ChainCache]] = {}
 
 
 def _after_optimizer_step(
     optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> None:
-    """Counts the step (``_optimizer_steps``). After a step of an optimizer built with
-    ``fused=True`` (Adam, AdamW, SGD, Adagrad: one kernel writes every parameter), also bumps
-    the version counters of the parameters it stepped, as every other optimizer's in-place
-    updates do: the fused kernels bump none (torch 2.4-2.15), so a backward through tensors
-    saved before the step would not be refused."""
-    _optimizer_steps[0] += 1
+    """Marks the chains that packed a parameter the step may have written (``_packed_by``).
+    After a step of an optimizer built with ``fused=True`` (Adam, AdamW, SGD, Adagrad: one
+    kernel writes every parameter), also bumps the version counters of the parameters it
+    stepped, as every other optimizer's in-place updates do: the fused kernels bump none (torch
+    2.4-2.15), so a backward through tensors saved before the step would not be refused."""
     for group in optimizer.param_groups:
-        if group.get("fused"):
-            for param in group["params"]:
-                if param.grad is not None:
-                    torch.autograd.graph.increment_version(param)
+        fused = group.get("fused")
+        for param in group["params"]:
+            if param.grad is None:
+                continue
+            for cache in _packed_by.get(id(param), ()):
+                cache.stepped = True
+            if fused:
+                torch.autograd.graph.increment_version(param)
 
 
 # A hook on every optimizer's step, registered once, on import (torch 2.1+ has both halves; the
@@ -260,7 +266,8 @@ class ChainCache:
     A change is seen through each tensor's identity in its slot, storage address and version
     counter, which every in-place op bumps (optimizer steps, the fused optimizers' through
     ``_after_optimizer_step``, ``load_state_dict``, ``copy_`` under ``no_grad``), and each
-    optimizer step (``_optimizer_steps``: an optimizer that writes ``p.data`` bumps none);
+    optimizer step of one of them (``_packed_by``: an optimizer that writes ``p.data`` bumps
+    none);
     ``.to()`` and ``.data = ...`` move the storage. A training-mode
     BatchNorm updates its running statistics without bumping their version counters, but adds
     1 to ``num_batches_tracked`` in place; and a call while one is in training mode forgets the
@@ -331,7 +338,7 @@ class ChainCache:
         # None: not packed, or packed from inference tensors, which have no version counter
         # (packed again on each call).
         self.packed: list[_PackedTensor] | None = None
-        self.steps_seen = 0  # `_optimizer_steps` when `packed` was taken
+        self.stepped = False  # an optimizer stepped a tensor since `packed` was taken
         self.pinned: list[torch.Tensor | None] = []
         # Set where `repack` may pack again from what the last `pack` read.
         self.sources: _Sources | None = None
@@ -524,7 +531,10 @@ class ChainCache:
         if any(t is not None and t.is_shared() for t in tensors):
             self.packed = None
         self.dtype, self.tensors, self.pinned = dtype, tensors, pinned
-        self.steps_seen = _optimizer_steps[0]
+        self.stepped = False
+        for tensor in tensors:
+            if tensor is not None:
+                _packed_by.setdefault(id(tensor), weakref.WeakSet()).add(self)
         return self.chain
 
     def post_ops_fit_float32(self) -> bool:
@@ -557,7 +567,7 @@ class ChainCache:
             (owner, key, tensor, version if tensor is None else tensor._version, address)
             for owner, key, tensor, version, address in self.packed
         ]
-        self.steps_seen = _optimizer_steps[0]
+        self.stepped = False
         return self.chain
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -637,7 +647,7 @@ class ChainCache:
                 self.relower()
                 return None
         if packed is not None:
-            changed_in_place = changed_in_place or self.steps_seen != _optimizer_steps[0]
+            changed_in_place = changed_in_place or self.stepped
             chain = self.repack(dtype) if changed_in_place else self.chain
         elif dtype in _FUSED_DTYPES:
             chain = self.pack(dtype)
