@@ -769,9 +769,25 @@ def test_each_chunk_is_checked_after_it_is_encoded_and_before_it_is_written(
     assert list(tmp_path.iterdir()) == []
 
 
-def test_reading_without_a_lease_sees_a_truncation(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            "truncate",
+            "{x} was truncated while being read: rows 600 to 700 of 1000 are no longer there",
+        ),
+        (
+            "rewrite",
+            "{x} was changed by another process while being read (rows 600 to 1000 may "
+            "hold other values than the rows before)",
+        ),
+    ],
+)
+def test_reading_without_a_lease_sees_a_change(tmp_path: Path, change: str, message: str) -> None:
     """Where no lease is taken (here: off the main thread, which cannot take SIGIO), chunks are
-    read, and a truncated file gives a short read and an error naming it."""
+    read: a truncated file gives a short read, and a rewrite in place that keeps the size (a
+    producer filling a memmap: rows of the old and the new values came out, status 0, a
+    tester's) a new modification time; each an error naming the file."""
     x = tmp_path / "x.npy"
     data = np.arange(1000 * 3, dtype=np.float64).reshape(1000, 3)
     np.save(x, data)
@@ -780,7 +796,13 @@ def test_reading_without_a_lease_sees_a_truncation(tmp_path: Path) -> None:
     def read() -> None:
         with contextlib.closing(inputs.NpyRows(x)) as rows:
             np.testing.assert_array_equal(rows.read(10, 20), data[10:20])
-            os.truncate(x, x.stat().st_size - 8 * 3 * 500)
+            if change == "truncate":
+                os.truncate(x, x.stat().st_size - 8 * 3 * 500)
+            else:
+                time.sleep(0.05)  # past the file system clock's tick of the first read
+                with open(x, "r+b") as file:
+                    file.seek(-8 * 3 * 100, os.SEEK_END)
+                    file.write(bytes(8 * 3 * 100))
             try:
                 rows.read(600, 700)
             except CommandError as error:
@@ -789,38 +811,7 @@ def test_reading_without_a_lease_sees_a_truncation(tmp_path: Path) -> None:
     thread = threading.Thread(target=read)
     thread.start()
     thread.join()
-    assert outcome == [
-        f"{x} was truncated while being read: rows 600 to 700 of 1000 are no longer there"
-    ]
-
-
-def test_reading_without_a_lease_sees_a_rewrite(tmp_path: Path) -> None:
-    """A rewrite in place that keeps the size (a producer filling a memmap): the rows after it
-    were encoded from the new values and those before from the old, status 0 (a tester)."""
-    x = tmp_path / "x.npy"
-    data = np.arange(1000 * 3, dtype=np.float64).reshape(1000, 3)
-    np.save(x, data)
-    outcome: list[object] = []
-
-    def read() -> None:
-        with contextlib.closing(inputs.NpyRows(x)) as rows:
-            np.testing.assert_array_equal(rows.read(10, 20), data[10:20])
-            time.sleep(0.05)  # past the file system clock's tick of the first read
-            with open(x, "r+b") as file:
-                file.seek(-8 * 3 * 100, os.SEEK_END)
-                file.write(bytes(8 * 3 * 100))
-            try:
-                rows.read(600, 700)
-            except CommandError as error:
-                outcome.append(str(error))
-
-    thread = threading.Thread(target=read)
-    thread.start()
-    thread.join()
-    assert outcome == [
-        f"{x} was changed by another process while being read (rows 600 to 1000 may hold other "
-        "values than the rows before)"
-    ]
+    assert outcome == [message.format(x=x)]
 
 
 def encode_on_a_small_file_system(
