@@ -217,6 +217,24 @@ if hasattr(torch.compiler, "assume_constant_result"):
 # weights for a whole run). Only those chains: a step of one model's optimizer leaves another
 # model's packing (a teacher's, an EMA copy's) alone.
 _packed_by: dict[int, weakref.WeakSet[ChainCache]] = {}
+# `_packed_by`'s size above which its entries of chains gone are dropped (doubled each time).
+_pruned_above = [1024]
+
+
+def _register_packed(cache: ChainCache, tensors: list[torch.Tensor | None]) -> None:
+    """Records in ``_packed_by`` that ``cache`` packed ``tensors`` (and no longer those it
+    packed before)."""
+    for key in cache.packed_ids:
+        caches = _packed_by.get(key)
+        if caches is not None:
+            caches.discard(cache)
+    cache.packed_ids = [id(tensor) for tensor in tensors if tensor is not None]
+    for key in cache.packed_ids:
+        _packed_by.setdefault(key, weakref.WeakSet()).add(cache)
+    if len(_packed_by) > _pruned_above[0]:
+        for key in [key for key, caches in _packed_by.items() if not caches]:
+            del _packed_by[key]
+        _pruned_above[0] = 2 * max(len(_packed_by), 512)
 
 
 def _after_optimizer_step(
@@ -309,6 +327,8 @@ class ChainCache:
         self.encoded_post_ops = ""
         # The post-ops as `_native.Chain` takes them (`pack`).
         self.native_post_ops: list[str | tuple[str | float, ...]] = []
+        # The ids under which `_packed_by` holds this chain.
+        self.packed_ids: list[int] = []
         self.invalidate()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -532,9 +552,7 @@ class ChainCache:
             self.packed = None
         self.dtype, self.tensors, self.pinned = dtype, tensors, pinned
         self.stepped = False
-        for tensor in tensors:
-            if tensor is not None:
-                _packed_by.setdefault(id(tensor), weakref.WeakSet()).add(self)
+        _register_packed(self, tensors)
         return self.chain
 
     def post_ops_fit_float32(self) -> bool:
