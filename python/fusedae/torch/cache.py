@@ -168,8 +168,7 @@ _function_modes = torch._C._len_torch_function_stack
 _function_mode_at = torch._C._get_function_stack_at
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 
-
-FLOAT32_MAX = float(np.finfo(np.float32).max)
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # (`ChainCache.post_ops_fit_float32`)
 
 
 def _user_function_mode() -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Any, cast
 
 import torch
@@ -181,10 +182,7 @@ class FusedMLP(_FusedCall, nn.Sequential):
         """Runs the fused calls at ``precision`` (``"fp32"``, ``"bf16"``, ``"int8"``) from the
         next call on (packing again), its inner FusedMLPs' too (``nn.Sequential(encoder,
         decoder)``'s halves, called alone); returns the module."""
-        for module in self.modules():
-            if isinstance(module, FusedMLP):
-                module._fused.set_precision(spec_precision(precision))
-                module._pieces.set_precision(spec_precision(precision))
+        set_precision_below(self, precision)
         return self
 
     def fused_layers(self) -> Layers | None:
@@ -324,7 +322,7 @@ class AE(_FusedCall):
         """What ``torch.jit.script`` compiles in this module's place: the same halves, called
         one after the other (as plain Sequentials: ``FusedMLP.__prepare_scriptable__``)."""
         plain = _ScriptableAE(self.encoder, self.decoder)
-        plain.training = self.training
+        take_state(plain, self, leave=FUSED_STATE)
         return plain
 
     def _read_children(self) -> LoweredChain | None:
@@ -355,10 +353,7 @@ class AE(_FusedCall):
 
     def set_precision(self, precision: PrecisionName) -> AE:
         """``FusedMLP.set_precision`` for the whole model and both halves; returns it."""
-        self._fused.set_precision(spec_precision(precision))
-        for half in (self._modules["encoder"], self._modules["decoder"]):
-            if isinstance(half, FusedMLP):
-                half.set_precision(precision)
+        set_precision_below(self, precision)
         return self
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -386,12 +381,26 @@ def invalidate(model: nn.Module) -> None:
     those the custom ops packed for compiled and exported calls too: only needed after edits
     the version counters do not see (through ``.data``, a numpy view or the storage; see the
     README). ``model`` may be any module holding them (an inner FusedMLP's were kept)."""
-    for module in model.modules():
+    for module in fused_below(model):
+        module._fused.invalidate()
         if isinstance(module, FusedMLP):
-            module._fused.invalidate()
             for _, cache in module._pieces.pieces:
                 if cache is not None:
                     cache.invalidate()
-        elif isinstance(module, AE):
-            module._fused.invalidate()
     forget_op_chains()
+
+
+def set_precision_below(model: nn.Module, precision: PrecisionName) -> None:
+    """``FusedMLP.set_precision`` on every FusedMLP and AE in ``model``."""
+    chain_precision = spec_precision(precision)
+    for module in fused_below(model):
+        module._fused.set_precision(chain_precision)
+        if isinstance(module, FusedMLP):
+            module._pieces.set_precision(chain_precision)
+
+
+def fused_below(model: nn.Module) -> Iterator[FusedMLP | AE]:
+    """Every FusedMLP and AE in ``model``, itself included."""
+    for module in model.modules():
+        if isinstance(module, FusedMLP | AE):
+            yield module
