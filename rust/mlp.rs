@@ -156,6 +156,7 @@ impl<T: Float, W: Weights<T>> Mlp<T, W> {
                 W::PRECISION
             ))
         })?;
+        check_storable::<T, W>(specs)?;
         if W::CHANNEL_VALUES > 0 {
             check_scalable(specs, W::PRECISION)?;
         }
@@ -627,6 +628,7 @@ impl Mlp<f32> {
     /// at most [`PAIRS_MAX_ROWS`] rows (whose inputs the pairs round to bf16: other numbers,
     /// within the same bound).
     pub fn rounded_to_bf16(specs: &[LayerSpec<'_, f32>], isa: Isa) -> Result<Self, Error> {
+        check_storable::<f32, Bf16>(specs)?;
         let mut mlp = Self::rounded_to::<Bf16>(specs, isa, |row| {
             row.iter().map(|&w| Bf16::round(w).widen()).collect()
         })?;
@@ -692,6 +694,24 @@ fn check_scalable<T: Element>(specs: &[LayerSpec<'_, T>], precision: &str) -> Re
                 at / spec.in_features.max(1),
                 at % spec.in_features.max(1),
                 spec.weight[at]
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Weights `W` can hold: a finite one beyond its range (bf16's largest is 3.39e38) would be
+/// stored as an infinity, silently (a tester's weight of 3.4e38 gave inf for 1.7e38).
+fn check_storable<T: Float, W: Weights<T>>(specs: &[LayerSpec<'_, T>]) -> Result<(), Error> {
+    for (index, spec) in specs.iter().enumerate() {
+        if let Some(at) = spec.weight.iter().position(|&w| W::overflows(w)) {
+            return Err(Error::Precision(format!(
+                "layer {index}: weight [{}, {}] is {:?}, beyond what precision {} holds: run \
+                 this chain at fp32",
+                at / spec.in_features.max(1),
+                at % spec.in_features.max(1),
+                spec.weight[at],
+                W::PRECISION
             )));
         }
     }
@@ -1273,6 +1293,47 @@ mod tests {
             &bf16_kernels(),
             Mlp::rounded_to_bf16,
         );
+    }
+
+    /// Softplus jumps where `beta x` passes `threshold` (PyTorch's switch to `x`): a
+    /// pre-activation that bf16's rounding moves across it (10.03 -> 10 at `beta = 0.1,
+    /// threshold = 1`) changes the output by the whole jump, 3.13, which the bound adds there.
+    #[test]
+    fn bf16_bound_covers_softplus_switch() {
+        use crate::oracle::forward_bounds;
+        let op = with_f32_params(PostOp::Softplus {
+            beta: 0.1,
+            threshold: 1.0,
+        });
+        let weight = 10.03f32;
+        let exact = [OwnedLayer {
+            weight: vec![f64::from(weight)],
+            bias: None,
+            out_features: 1,
+            in_features: 1,
+            post_op: op,
+        }];
+        let (_, out_bounds) = forward_bounds(&exact, &[1.0], crate::oracle::Precision::BF16);
+        let want = reference(&exact, &[1.0])[0];
+        let layer = [LayerSpec {
+            weight: &[weight],
+            bias: None,
+            out_features: 1,
+            in_features: 1,
+            post_op: op,
+        }];
+        for isa in dispatch::available() {
+            let mlp = Mlp::rounded_to_bf16(&layer, isa).unwrap();
+            let mut got = [0.0f32];
+            mlp.forward(&[1.0], &mut got).unwrap();
+            let error = (f64::from(got[0]) - want).abs();
+            assert!(error > 3.0, "{isa}: the rounding crosses the switch");
+            assert!(
+                error <= out_bounds[0][0],
+                "{isa}: {error} > {}",
+                out_bounds[0][0]
+            );
+        }
     }
 
     /// Every int8 kernel this CPU runs: AVX512_VNNI's, with and without the cheaper half

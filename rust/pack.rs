@@ -28,6 +28,12 @@ pub trait Storage<T: Copy>: bytemuck::Pod + Send + Sync + Debug + 'static {
     /// `value` rounded to this type.
     fn store(value: T) -> Self;
 
+    /// Whether a finite `value` is beyond this type's range (stored as an infinity).
+    fn overflows(value: T) -> bool {
+        let _ = value;
+        false
+    }
+
     /// `buffer` as values of `T`, where this type is `T` (packing then transposes a register
     /// square of weights at a time instead of storing value by value).
     fn as_compute_mut(buffer: &mut [Self]) -> Option<&mut [T]> {
@@ -60,6 +66,10 @@ impl Storage<f32> for Bf16 {
     #[inline(always)]
     fn store(value: f32) -> Bf16 {
         Bf16::round(value)
+    }
+
+    fn overflows(value: f32) -> bool {
+        value.is_finite() && Bf16::round(value).widen().is_infinite()
     }
 }
 

@@ -111,6 +111,41 @@ def test_rows_spanning_more_than_float32_holds(isa, precision):
     check_within_bound(mlp, layers, ["identity"], x, ceiling=np.inf)
 
 
+@pytest.mark.parametrize("precision", NARROW)
+def test_bound_covers_softplus_switch(isa, precision):
+    """Softplus jumps by 3.13 where ``beta x`` passes ``threshold`` (``beta=0.1,
+    threshold=1``): a pre-activation of 10.03 that the weights' rounding takes below 10 lands
+    on the other side, and the bound (0.09 before it counted the jump) holds it. int8: the
+    second weight sets the scale, 10.03 rounds to 10.0."""
+    softplus = [PostOp("softplus", (0.1, 1.0))]
+    if precision == "bf16":
+        layers, x = [(np.array([[10.03]], np.float32), None)], np.array([[1.0]], np.float32)
+    else:
+        layers = [(np.array([[10.03, 12.7]], np.float32), None)]
+        x = np.array([[1.0, 0.0]], np.float32)
+    mlp = MLP(layers, softplus, precision=precision, isa=isa)
+    check_within_bound(mlp, layers, softplus, x, ceiling=np.inf)
+    # Away from the switch the jump is not added.
+    assert BOUNDS[precision](layers, softplus, x / 2)[0, 0] < 0.1
+
+
+def test_bf16_refuses_weights_beyond_its_range(isa):
+    """A finite float32 weight from 3.3961e38 up rounds to bf16's infinity (a tester's 3.4e38
+    gave inf for 1.7e38): refused; bf16's largest value is taken, and within the bound."""
+    with pytest.raises(ValueError, match=r"layer 0: weight \[0, 1\] is -3.4e38, beyond what "):
+        MLP(
+            [(np.array([[1.0, -3.4e38]], np.float32), None)],
+            ["identity"],
+            precision="bf16",
+            isa=isa,
+        )
+    layers = [(np.array([[3.3895e38]], np.float32), None)]
+    x = np.array([[0.5]], np.float32)
+    check_within_bound(
+        MLP(layers, ["identity"], precision="bf16", isa=isa), layers, ["identity"], x
+    )
+
+
 INT8_MAX_IN_FEATURES = 66_311  # (2^31 - 1) // (255 * 127)
 
 

@@ -6,6 +6,7 @@ post-op's function and gradient come from the op table (``fusedae._ops``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -83,6 +84,31 @@ LIPSCHITZ = 1.13
 SLOPE_PARAMETERS = {"leaky_relu": 0, "elu": 0}
 
 
+def _jump(op: PostOp) -> tuple[float, float] | None:
+    """Where an op is discontinuous, and by how much: Softplus returns ``x`` where ``beta x >
+    threshold`` (PyTorch's switch), ``(softplus(threshold) - threshold) / beta`` below its value
+    there (2e-9 at the defaults, 3.13 at ``beta=0.1, threshold=1``). A pre-activation within its
+    error of the point may land on either side."""
+    if op.name != "softplus":
+        return None
+    beta, threshold = op.params
+    # softplus(t) - t, without overflow either side
+    gap = math.log1p(math.exp(-abs(threshold))) + max(-threshold, 0.0)
+    return threshold / beta, gap / beta
+
+
+def _with_jump(
+    error: np.ndarray, op: PostOp, exact_pre: np.ndarray, pre_error: np.ndarray
+) -> np.ndarray:
+    """``error`` plus the op's jump (``_jump``) where the exact pre-activation lies within
+    ``pre_error`` of it."""
+    jump = _jump(op)
+    if jump is None:
+        return error
+    point, size = jump
+    return np.where(np.abs(exact_pre - point) <= pre_error, error + size, error)
+
+
 def bf16_bound(
     layers: Sequence[Layer], activations: Sequence[str | PostOp], x: npt.ArrayLike
 ) -> np.ndarray:
@@ -93,12 +119,13 @@ def bf16_bound(
         pre_err = |W| err_in + (2 u_bf16 + 2 (k + 1) u_f32) (|W| (|x| + err_in) + |b|)
         err_out = L pre_err + OP_RELATIVE (|y| + L pre_err) + OP_ABSOLUTE
 
-    layer by layer, ``L`` bounding the op's Lipschitz constant."""
+    layer by layer, ``L`` bounding the op's Lipschitz constant; plus, where the exact
+    pre-activation is within ``pre_err`` of a point where the op jumps (``_jump``), the jump."""
     ops = post_ops(activations)
     x64 = np.asarray(x, dtype=np.float64)
-    _, posts = _pre_and_post(layers, activations, x64)
+    pres, posts = _pre_and_post(layers, activations, x64)
     below, error = np.abs(x64), np.zeros_like(x64)
-    for (weight, bias), op, y in zip(layers, ops, posts, strict=True):
+    for (weight, bias), op, exact_pre, y in zip(layers, ops, pres, posts, strict=True):
         w = np.abs(np.asarray(weight, dtype=np.float64))
         k = w.shape[1]
         magnitude = (below + error) @ w.T
@@ -108,6 +135,7 @@ def bf16_bound(
         at = SLOPE_PARAMETERS.get(op.name)
         slope = LIPSCHITZ if at is None else max(LIPSCHITZ, abs(op.params[at]))
         error = slope * pre + OP_RELATIVE * (np.abs(y) + slope * pre) + OP_ABSOLUTE
+        error = _with_jump(error, op, exact_pre, pre)
         below = np.abs(y)
     return error
 
@@ -128,13 +156,13 @@ def int8_bound(
 
     with ``h`` a half (and a margin for the float32 ``x / s + z``): the rounding of each weight and
     input, then the conversion and zero-point correction of the int32 sums (``rust/oracle.rs``
-    ``int8_error``)."""
+    ``int8_error``); the ops' jumps added as in ``bf16_bound``."""
     half = 0.5 * (1 + 1e-4)
     ops = post_ops(activations)
     x64 = np.asarray(x, dtype=np.float64)
-    _, posts = _pre_and_post(layers, activations, x64)
+    pres, posts = _pre_and_post(layers, activations, x64)
     below, error = x64, np.zeros_like(x64)
-    for (weight, bias), op, y in zip(layers, ops, posts, strict=True):
+    for (weight, bias), op, exact_pre, y in zip(layers, ops, pres, posts, strict=True):
         w = np.abs(np.asarray(weight, dtype=np.float64))
         k = w.shape[1]
         lowest = np.minimum((below - error).min(axis=1, initial=0.0), 0.0)
@@ -156,5 +184,6 @@ def int8_bound(
         at = SLOPE_PARAMETERS.get(op.name)
         slope = LIPSCHITZ if at is None else max(LIPSCHITZ, abs(op.params[at]))
         error = slope * pre + OP_RELATIVE * (np.abs(y) + slope * pre) + OP_ABSOLUTE
+        error = _with_jump(error, op, exact_pre, pre)
         below = y
     return error
