@@ -880,12 +880,5 @@ def hook_registries(modules: Iterable[nn.Module]) -> list[dict[int, Any]]:
     return registries
 
 
-def forget_op_chains() -> None:
-    """Forget the chains the custom ops packed (``torch.compile`` and ``torch.export`` calls),
-    as ``invalidate`` does a module's own."""
-    if _custom_ops is not None:
-        _custom_ops.forget()
-
-
 def has_hooks(modules: Iterable[nn.Module]) -> bool:
     return any(hook_registries(modules))

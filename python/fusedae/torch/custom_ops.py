@@ -3,47 +3,44 @@
 ``fusedae::chain_saving``, which also returns what its backward reads, and whose backward
 (``register_autograd``) is ``fusedae::chain_backward``, the native backward.
 
-Both take the chain's tensors and its post-ops (``encode_post_ops``), not a packed native chain:
-the packed chain is looked up in a small cache keyed on the tensors (storage address, version
-counter, shape, strides, dtype), which holds them so their addresses cannot be reused; a miss
-packs them again. ``ChainCache.forward`` calls the ops only while a graph is traced (eager calls
-keep its direct path, faster on small batches), and only for CPU float32/float64 chains
-without BatchNorm.
+Both take the chain's tensors and its post-ops (``encode_post_ops``), not a packed native chain, and
+pack them on every call (``native_chain``): nothing about a tensor in a compiled graph says reliably
+that its values are the ones packed before. Inductor reuses a dead buffer for a weight computed in
+the graph (same address, no version bump), a compiled fused optimizer step writes the parameters
+without bumping their versions, as do writes through ``.data`` and another process's writes to
+shared memory; a cache keyed on addresses and versions ran stale weights in all four. Packing costs
+about 25 us a chain from warm caches, 80-95 in a compiled call of the seed AE (the call's data has
+evicted the weights): 4% of its 4096-row forward. ``ChainCache.forward`` calls the ops only while a
+graph is traced (eager calls keep its direct path and its own packed chain, faster on small
+batches), and only for CPU float32/float64 chains without BatchNorm.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import threading
 import typing
-from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from fusedae import _native
 from fusedae._ops import PostOp
 from fusedae.torch.function import (
+    DOUBLE_BACKWARD_ERROR,
     check_input,
     kernel_input,
     layer_shapes,
     native_gradients,
-    pack_chain,
     run,
     run_saving,
     saved_columns,
     split_gradients,
     unread_input,
 )
-
-# How many packed chains the ops keep (least recently used goes first): one per chain of the
-# compiled models in use.
-CACHE_SIZE = 32
-_Key = tuple[Any, ...]
-_cache: OrderedDict[_Key, tuple[_native.Chain, list[torch.Tensor]]] = OrderedDict()
-_lock = threading.Lock()
+from fusedae.torch.lower import as_array
 
 
 def encode_post_ops(ops: Sequence[PostOp]) -> str:
@@ -62,10 +59,10 @@ def decode_post_ops(text: str) -> tuple[PostOp, ...]:
     return tuple(ops)
 
 
-def forget() -> None:
-    """Drop every packed chain (after edits through ``.data``, which bump no version counter)."""
-    with _lock:
-        _cache.clear()
+@functools.lru_cache(maxsize=256)
+def native_post_ops(text: str) -> list[str | tuple[str | float, ...]]:
+    """The post-ops ``encode_post_ops`` wrote, as ``_native.Chain`` takes them."""
+    return [op.native_argument for op in decode_post_ops(text)]
 
 
 def native_chain(
@@ -75,45 +72,25 @@ def native_chain(
     has_bias: Sequence[bool],
     post_ops: str,
 ) -> _native.Chain:
-    """The native chain of these tensors, checked against ``x``: the cached one while each
-    tensor is the storage, version, shape, strides and dtype it was packed from (the arguments
-    were checked then); else the arguments checked and the tensors packed now."""
-    try:
-        key: _Key | None = (
-            post_ops,
-            *has_bias,
-            *(
-                (t.data_ptr(), t._version, t.dtype, tuple(t.shape), t.stride())
-                for t in (*weights, *biases)
-            ),
-        )
-    except RuntimeError:  # inference tensors have no version counter: pack every time
-        key = None
-    entry = None
-    if key is not None:
-        with _lock:
-            entry = _cache.get(key)
-            if entry is not None:
-                _cache.move_to_end(key)
-    if entry is not None:
-        chain = entry[0]
-    else:
-        per_layer = _check(x, weights, biases, has_bias, post_ops)
-        for t in (*weights, *biases):
-            if t.device.type != "cpu" or t.layout != torch.strided:
-                raise ValueError(
-                    f"the fused kernel takes strided CPU tensors, got one on {t.device}"
-                )
-        chain = pack_chain(weights, per_layer, decode_post_ops(post_ops))
-        if key is not None:
-            with _lock:
-                # The tensors are held so their addresses cannot be reused while the entry
-                # lives.
-                _cache[key] = (chain, [t.detach() for t in (*weights, *biases)])
-                while len(_cache) > CACHE_SIZE:
-                    _cache.popitem(last=False)
+    """The native chain of these tensors, packed now from their values (see the module's
+    docs), the arguments checked against ``x``."""
+    per_layer = _check(x, weights, biases, has_bias, post_ops)
+    for t in (*weights, *biases):
+        if t.device.type != "cpu" or t.layout != torch.strided:
+            raise ValueError(f"the fused kernel takes strided CPU tensors, got one on {t.device}")
+    chain = _native.Chain(
+        [_packable(weight) for weight in weights],
+        [None if bias is None else _packable(bias) for bias in per_layer],
+        list(native_post_ops(post_ops)),
+    )
     check_input(chain, x)
     return chain
+
+
+def _packable(tensor: torch.Tensor) -> np.ndarray:
+    """``tensor``'s values as ``_native.Chain`` reads them: C-contiguous and aligned (a view of
+    the tensor where it is so already)."""
+    return np.require(as_array(tensor), requirements=("C", "A"))
 
 
 def layer_biases(
@@ -159,6 +136,10 @@ def _check(
             raise ValueError(
                 f"layer {index}: weight {tuple(weight.shape)}, bias "
                 f"{None if bias is None else tuple(bias.shape)} do not take {features} features"
+            )
+        if 0 in weight.shape:  # (the native chain's own check, for fake tensors too)
+            raise ValueError(
+                f"layer {index}: widths must be at least 1, got weight shape {tuple(weight.shape)}"
             )
         if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
             raise TypeError(f"layer {index}: expected the input's dtype {x.dtype}")
@@ -375,5 +356,12 @@ def _gradients(
     )
 
 
+def _no_double_backward(ctx: Any, *grads: Any) -> tuple[Any, ...]:
+    """``chain_backward``'s backward, which a double backward reaches (``create_graph=True``
+    through an exported program): fusedae's error, not torch's for an op without one."""
+    raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+
+
 chain_saving.register_autograd(_backward, setup_context=_setup_context)
 chain.register_autograd(_chain_backward, setup_context=_chain_setup_context)
+chain_backward.register_autograd(_no_double_backward)

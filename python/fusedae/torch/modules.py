@@ -18,7 +18,6 @@ from fusedae.torch.cache import (
     _is_dynamo_compiling,
     _is_grad_enabled,
     _tracing_state,
-    forget_op_chains,
     hook_registries,
 )
 from fusedae.torch.lower import LoweredChain
@@ -377,17 +376,16 @@ class AE(_FusedCall):
 
 
 def invalidate(model: nn.Module) -> None:
-    """Forgets the packed weights of every FusedMLP and AE in ``model`` (itself included),
-    those the custom ops packed for compiled and exported calls too: only needed after edits
-    the version counters do not see (through ``.data``, a numpy view or the storage; see the
-    README). ``model`` may be any module holding them (an inner FusedMLP's were kept)."""
+    """Forgets the packed weights of every FusedMLP and AE in ``model`` (itself included): only
+    needed after edits the version counters do not see (through ``.data``, a numpy view or the
+    storage; see the README), and only for eager calls (compiled and exported calls pack on
+    every call). ``model`` may be any module holding them (an inner FusedMLP's were kept)."""
     for module in fused_below(model):
         module._fused.invalidate()
         if isinstance(module, FusedMLP):
             for _, cache in module._pieces.pieces:
                 if cache is not None:
                     cache.invalidate()
-    forget_op_chains()
 
 
 def set_precision_below(model: nn.Module, precision: PrecisionName) -> None:
