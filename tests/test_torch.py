@@ -631,6 +631,24 @@ class TestFusedMLP:
                     assert relative_error(exported.module()(other), want) <= 1e-5
         torch._dynamo.reset()
 
+    @pytest.mark.filterwarnings("ignore:`torch.jit.trace:FutureWarning")
+    @pytest.mark.filterwarnings("ignore:`torch.jit.trace_method:FutureWarning")
+    @pytest.mark.parametrize("rows", [1, 600])
+    def test_jit_trace_with_gradients_checks_its_trace(self, rows):
+        """With gradients on, ``check_trace``'s second trace took another route to plain
+        PyTorch through nested fused modules ("Graphs differed across invocations")."""
+        plain = nn.Sequential(
+            nn.Sequential(nn.Linear(20, 9), nn.ReLU(), nn.Linear(9, 3)),
+            nn.Sequential(nn.Linear(3, 9), nn.ReLU(), nn.Linear(9, 20)),
+        )
+        fused, _ = accelerate(copy.deepcopy(plain))
+        x = torch.randn(rows, 20)
+        for module, want in ((fused, plain(x)), (AE(20, 3, 9), None)):
+            traced = torch.jit.trace(module, x)
+            if want is None:
+                want = module.decoder(module.encoder(x))
+            assert relative_error(traced(x), want) <= 1e-5
+
     def test_torch_func_transforms_run_plain_pytorch(self):
         plain = nn.Sequential(nn.Linear(6, 42), nn.ReLU(), nn.Linear(42, 3))
         fused = FusedMLP.from_sequential(plain)

@@ -71,7 +71,14 @@ class _FusedCall(nn.Module):
             ):
                 return self._plain_forward(x)
             # An inference call pays one C call here, not the method's.
-            trains_plain = _is_grad_enabled() and attributes["_fused"].trains_plain(x)
+            trains_plain = False
+            if _is_grad_enabled():
+                if _tracing_state() is not None:
+                    # torch.jit.trace: plain PyTorch by one route, which `check_trace`'s second
+                    # trace takes too (the gate below differed between them: "Graphs differed
+                    # across invocations").
+                    return super().__call__(*args, **kwargs)
+                trains_plain = attributes["_fused"].trains_plain(x)
             result = None if trains_plain else self._fused_forward(x)
             if result is not None:
                 return result
