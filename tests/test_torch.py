@@ -5,6 +5,9 @@ from __future__ import annotations
 import copy
 import itertools
 import os
+import sys
+import threading
+import time
 import warnings
 
 import pytest
@@ -226,6 +229,35 @@ class TestNeverStale:
             optimizer.step()
             seed.load_state_dict(fused.state_dict())
             self.check(fused, seed)
+
+    @pytest.mark.parametrize("path", ["pack", "repack"])
+    def test_a_write_ending_while_the_chain_packs_is_seen_next_call(self, monkeypatch, path):
+        """An in-place write that ended after the packing read the memory, but before it took
+        the versions (an optimizer step in another thread), counted as packed: the chain kept
+        the old weights (34 of 200 racing trials). The versions are taken first."""
+        plain = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+        fused = FusedMLP.from_sequential(copy.deepcopy(plain))
+        x = torch.randn(4, 6)
+        build, writes = cache._native.Chain, []
+
+        def build_then_write(*args: object) -> object:
+            chain = build(*args)
+            if not writes:
+                writes.append(1)
+                for model in (fused, plain):
+                    model[0].weight.mul_(0.5)
+            return chain
+
+        with torch.no_grad():
+            if path == "repack":
+                fused(x)
+                for model in (fused, plain):
+                    model[0].weight.add_(1)  # in place: the next call packs again
+            monkeypatch.setattr(cache._native, "Chain", build_then_write)
+            fused(x)
+            monkeypatch.undo()
+            assert writes
+            assert relative_error(fused(x), plain(x)) <= 1e-5
 
     def test_load_state_dict_and_in_place_edits(self):
         seed, fused = seed_and_fused(20, 3, 8)
@@ -1227,3 +1259,35 @@ def test_parameters_in_shared_memory_are_read_on_every_call():
         plain[0].weight.mul_(3)
         assert not torch.equal(model(x), before)
         torch.testing.assert_close(model(x), plain(x))
+
+
+def test_threads_sharing_no_model_pack_at_once():
+    """Threads that each build and run their own model share ``_packed_by``: pruning it while
+    another thread added to it raised "dictionary changed size during iteration" or a KeyError
+    from a forward (18 errors in 2 s here, pruned on every packing)."""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    errors: list[str] = []
+    stop = time.monotonic() + 2
+
+    def build_and_run() -> None:
+        x = torch.randn(4, 16)
+        while time.monotonic() < stop:
+            cache._pruned_above[0] = 0  # prune on every packing
+            model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+            try:
+                with torch.no_grad():
+                    accelerate(model)[0](x)
+            except Exception as error:  # any of them fails the test
+                errors.append(repr(error))
+
+    threads = [threading.Thread(target=build_and_run) for _ in range(4)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+        cache._pruned_above[0] = 1024
+    assert errors == []

@@ -5,6 +5,7 @@ forward (``ChainCache.forward``)."""
 from __future__ import annotations
 
 import itertools
+import threading
 import types
 import weakref
 from collections.abc import Iterable
@@ -218,22 +219,26 @@ if hasattr(torch.compiler, "assume_constant_result"):
 _packed_by: dict[int, weakref.WeakSet[ChainCache]] = {}
 # `_packed_by`'s size above which its entries of chains gone are dropped (doubled each time).
 _pruned_above = [1024]
+# Held to change or read `_packed_by`: threads that share no model pack at the same time (four
+# such threads raised "dictionary changed size during iteration" and KeyErrors from a forward).
+_packed_by_lock = threading.Lock()
 
 
 def _register_packed(cache: ChainCache, tensors: list[torch.Tensor | None]) -> None:
     """Records in ``_packed_by`` that ``cache`` packed ``tensors`` (and no longer those it
     packed before)."""
-    for key in cache.packed_ids:
-        caches = _packed_by.get(key)
-        if caches is not None:
-            caches.discard(cache)
-    cache.packed_ids = [id(tensor) for tensor in tensors if tensor is not None]
-    for key in cache.packed_ids:
-        _packed_by.setdefault(key, weakref.WeakSet()).add(cache)
-    if len(_packed_by) > _pruned_above[0]:
-        for key in [key for key, caches in _packed_by.items() if not caches]:
-            del _packed_by[key]
-        _pruned_above[0] = 2 * max(len(_packed_by), 512)
+    with _packed_by_lock:
+        for key in cache.packed_ids:
+            caches = _packed_by.get(key)
+            if caches is not None:
+                caches.discard(cache)
+        cache.packed_ids = [id(tensor) for tensor in tensors if tensor is not None]
+        for key in cache.packed_ids:
+            _packed_by.setdefault(key, weakref.WeakSet()).add(cache)
+        if len(_packed_by) > _pruned_above[0]:
+            for key in [key for key, caches in _packed_by.items() if not caches]:
+                del _packed_by[key]
+            _pruned_above[0] = 2 * max(len(_packed_by), 512)
 
 
 def _after_optimizer_step(
@@ -249,7 +254,9 @@ def _after_optimizer_step(
         for param in group["params"]:
             if param.grad is None:
                 continue
-            for cache in _packed_by.get(id(param), ()):
+            with _packed_by_lock:
+                caches = list(_packed_by.get(id(param), ()))
+            for cache in caches:
                 cache.stepped = True
             if fused:
                 torch.autograd.graph.increment_version(param)
@@ -500,6 +507,25 @@ class ChainCache:
         usable = all(
             t is None or (t.is_cpu and t.dtype is dtype and t.layout is _STRIDED) for t in tensors
         ) and (dtype is not torch.float32 or self.post_ops_fit_float32())
+        # What is packed, taken before the memory is read: a write that ends during the packing
+        # (an optimizer step in another thread) then leaves a newer version, or the step hook's
+        # mark, and the next call packs again (taken after, such a chain kept the old weights).
+        counters = self.lowered.counters
+        try:
+            packed: list[_PackedTensor] | None = [
+                (owner, key, tensor, *((0, 0) if tensor is None else _state(tensor)))
+                for (owner, key), tensor in zip(
+                    (*self.slots, *counters), (*tensors, *(o[k] for o, k in counters)), strict=True
+                )
+            ]
+        except RuntimeError:  # inference tensors have no version counter: pack every time
+            packed = None
+        # Tensors in shared memory (`model.share_memory()`: Hogwild, an actor and a learner)
+        # change in other processes, whose writes bump no counter here: packed every time.
+        if any(t is not None and t.is_shared() for t in tensors):
+            packed = None
+        self.packed = None  # (until the chain is built: none if building it raises)
+        self.stepped = False
         # Holds the packed storages: no later tensor takes one's address while the chain is
         # current (the staleness check compares addresses). Also what the arrays read below.
         pinned = [None if t is None else t.detach() for t in tensors]
@@ -535,22 +561,8 @@ class ChainCache:
             ):
                 layouts = [None if t is None else (t.shape, t.stride()) for t in tensors]
                 self.sources = _Sources(weights, biases, layouts)
-        counters = self.lowered.counters
-        try:
-            self.packed = [
-                (owner, key, tensor, *((0, 0) if tensor is None else _state(tensor)))
-                for (owner, key), tensor in zip(
-                    (*self.slots, *counters), (*tensors, *(o[k] for o, k in counters)), strict=True
-                )
-            ]
-        except RuntimeError:  # inference tensors have no version counter: pack every time
-            self.packed = None
-        # Tensors in shared memory (`model.share_memory()`: Hogwild, an actor and a learner)
-        # change in other processes, whose writes bump no counter here: packed every time.
-        if any(t is not None and t.is_shared() for t in tensors):
-            self.packed = None
+        self.packed = packed
         self.dtype, self.tensors, self.pinned = dtype, tensors, pinned
-        self.stepped = False
         _register_packed(self, tensors)
         return self.chain
 
@@ -578,13 +590,16 @@ class ChainCache:
             for t, layout in zip(self.tensors, sources.layouts, strict=True)
         ):
             return self.pack(dtype)
-        self.chain = _native.Chain(sources.weights, sources.biases, self.native_post_ops)
         assert self.packed is not None  # the caller compared the tensors to it
-        self.packed = [
+        # The versions before the memory is read, as `pack` takes them.
+        packed = [
             (owner, key, tensor, version if tensor is None else tensor._version, address)
             for owner, key, tensor, version, address in self.packed
         ]
+        self.packed = None  # (until the chain is built)
         self.stepped = False
+        self.chain = _native.Chain(sources.weights, sources.biases, self.native_post_ops)
+        self.packed = packed
         return self.chain
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | None:
