@@ -26,14 +26,17 @@ pub enum Error {
     Threads(String),
     /// What was asked of the chain needs another precision than it was packed at.
     Precision(String),
+    /// A call's working memory could not be allocated.
+    Memory(String),
 }
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::Shape(message) | Error::Threads(message) | Error::Precision(message) => {
-                f.write_str(message)
-            }
+            Error::Shape(message)
+            | Error::Threads(message)
+            | Error::Precision(message)
+            | Error::Memory(message) => f.write_str(message),
             Error::Isa(error) => error.fmt(f),
         }
     }
@@ -324,8 +327,10 @@ impl<T: Float, W: Weights<T>> Mlp<T, W> {
         let rows = input.len() / in_features;
         let saved_width = self.info.saved_width;
         let Some((threads, chunk_rows)) = self.chunk_rows(rows, saved.is_some()) else {
-            return threads::run_caught(|| self.run_on_this_thread(input, output, saved))
-                .map_err(Error::Threads);
+            let mut ran = Ok(());
+            threads::run_caught(|| ran = self.run_on_this_thread(input, output, saved))
+                .map_err(Error::Threads)?;
+            return ran;
         };
         let inputs: Vec<&[T]> = input.chunks(chunk_rows * in_features).collect();
         // One lock per chunk hands each task its own part of `output` (and `saved`); none is
@@ -341,6 +346,7 @@ impl<T: Float, W: Weights<T>> Mlp<T, W> {
                 .collect(),
             _ => Vec::new(),
         };
+        let failed = Mutex::new(None);
         threads::run(threads, inputs.len(), &|chunk| {
             let mut output = outputs[chunk]
                 .lock()
@@ -348,13 +354,15 @@ impl<T: Float, W: Weights<T>> Mlp<T, W> {
             let mut saved = saved
                 .get(chunk)
                 .map(|s| s.lock().unwrap_or_else(PoisonError::into_inner));
-            self.run_on_this_thread(
+            let ran = self.run_on_this_thread(
                 inputs[chunk],
                 &mut output,
                 saved.as_deref_mut().map(|s| &mut **s),
             );
+            keep_first_error(&failed, ran);
         })
-        .map_err(Error::Threads)
+        .map_err(Error::Threads)?;
+        first_error(failed)
     }
 
     /// The chain's backward for the rows of a [`Mlp::forward_saving`] call: from its `input`,
@@ -453,6 +461,7 @@ impl<T: Float, W: Weights<T>> Mlp<T, W> {
                 .collect(),
             None => Vec::new(),
         };
+        let failed = Mutex::new(None);
         let partials = threads::run_reduce(
             threads,
             tasks,
@@ -472,7 +481,7 @@ impl<T: Float, W: Weights<T>> Mlp<T, W> {
                     .map(|g| g.lock().unwrap_or_else(PoisonError::into_inner));
                 let len = backward_scratch_len(&self.kernel.shape, layers, count);
                 sums.add_rows(count, |sums| {
-                    with_scratch(len, |scratch: &mut [T]| {
+                    let ran = with_scratch(len, |scratch: &mut [T]| {
                         // SAFETY: `Mlp::with_kernel` packed the layers with `self.kernel.shape`
                         // and checked through `dispatch::require` that this CPU supports
                         // `self.isa`, the kernel's ISA.
@@ -487,10 +496,12 @@ impl<T: Float, W: Weights<T>> Mlp<T, W> {
                             )
                         }
                     });
+                    keep_first_error(&failed, ran);
                 });
             },
         )
         .map_err(Error::Threads)?;
+        first_error(failed)?;
         // The threads' sums, in order, then each layer's rows without their padding.
         let mut partials = partials.into_iter().map(GradientSums::into_total);
         let mut total = partials.next().expect("one share at least");
@@ -598,7 +609,12 @@ impl<T: Float, W: Weights<T>> Mlp<T, W> {
         rows.saturating_mul(self.info.flops_per_row) < SMALL_CALL_FLOPS
     }
 
-    fn run_on_this_thread(&self, input: &[T], output: &mut [T], saved: Option<&mut [T]>) {
+    fn run_on_this_thread(
+        &self,
+        input: &[T],
+        output: &mut [T],
+        saved: Option<&mut [T]>,
+    ) -> Result<(), Error> {
         let rows = input.len() / self.in_features();
         let len = scratch_len(&self.kernel.shape, &self.packed.view(), rows);
         with_scratch(len, |scratch: &mut [T]| {
@@ -614,7 +630,7 @@ impl<T: Float, W: Weights<T>> Mlp<T, W> {
                     saved,
                 )
             }
-        });
+        })
     }
 }
 
@@ -815,24 +831,61 @@ thread_local! {
     static SCRATCH: RefCell<Vec<CacheLine>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Keeps `result`'s error in `failed` unless one is there: the first error of a call's tasks.
+fn keep_first_error(failed: &Mutex<Option<Error>>, result: Result<(), Error>) {
+    if let Err(error) = result {
+        failed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_or_insert(error);
+    }
+}
+
+/// The error [`keep_first_error`] kept, if any.
+fn first_error(failed: Mutex<Option<Error>>) -> Result<(), Error> {
+    match failed.into_inner().unwrap_or_else(PoisonError::into_inner) {
+        Some(error) => Err(error),
+        None => Ok(()),
+    }
+}
+
 /// Runs `run` on `len` elements of scratch: this thread's buffer, reused between calls (it saves
 /// an allocation, and for wide layers fresh pages faulted in, on every call), or a new one if
-/// it is in use (a re-entrant call) or would be oversized.
-fn with_scratch<T: Element>(len: usize, run: impl FnOnce(&mut [T])) {
+/// it is in use (a re-entrant call) or would be oversized. [`Error::Memory`] where it cannot be
+/// allocated (it grows with the widest layer: a 1 -> 6e7 -> 1 chain wanted 30 GB on 64 rows,
+/// and aborted the process before).
+fn with_scratch<T: Element>(len: usize, run: impl FnOnce(&mut [T])) -> Result<(), Error> {
     let lines = (len * std::mem::size_of::<T>()).div_ceil(LINE_BYTES);
-    let fresh = || vec![CacheLine::zeroed(); lines];
+    let grow = |buffer: &mut Vec<CacheLine>| -> Result<(), Error> {
+        let more = lines.saturating_sub(buffer.len());
+        buffer.try_reserve_exact(more).map_err(|_| {
+            Error::Memory(format!(
+                "could not allocate the call's {} MB of working memory",
+                (lines * LINE_BYTES).div_ceil(1 << 20)
+            ))
+        })?;
+        buffer.resize(buffer.len().max(lines), CacheLine::zeroed());
+        Ok(())
+    };
     if lines * LINE_BYTES > SCRATCH_KEEP_BYTES {
-        return run(&mut bytemuck::cast_slice_mut(&mut fresh())[..len]);
+        let mut fresh = Vec::new();
+        grow(&mut fresh)?;
+        run(&mut bytemuck::cast_slice_mut(&mut fresh)[..len]);
+        return Ok(());
     }
     SCRATCH.with(|cell| match cell.try_borrow_mut() {
         Ok(mut buffer) => {
-            if buffer.len() < lines {
-                buffer.resize(lines, CacheLine::zeroed());
-            }
+            grow(&mut buffer)?;
             run(&mut bytemuck::cast_slice_mut(&mut buffer[..lines])[..len]);
+            Ok(())
         }
-        Err(_) => run(&mut bytemuck::cast_slice_mut(&mut fresh())[..len]),
-    });
+        Err(_) => {
+            let mut fresh = Vec::new();
+            grow(&mut fresh)?;
+            run(&mut bytemuck::cast_slice_mut(&mut fresh)[..len]);
+            Ok(())
+        }
+    })
 }
 
 #[cfg(test)]

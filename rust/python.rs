@@ -6,10 +6,11 @@
 use numpy::{
     PyArray1, PyArray2, PyArrayDescr, PyArrayMethods, PyReadonlyArray2, PyUntypedArrayMethods,
 };
-use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyMemoryError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyCapsule, PySlice, PyString, PyTuple};
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyCapsule, PyString, PyTuple};
 
 use crate::dispatch::{self, Bf16Form, Float, Isa, IsaError, Weights};
 use crate::kernels::{Bf16, LINE_BYTES};
@@ -24,6 +25,7 @@ fn to_py_err(error: Error) -> PyErr {
         Error::Isa(error) => PyRuntimeError::new_err(error.to_string()),
         Error::Threads(message) => PyRuntimeError::new_err(message),
         Error::Precision(message) => PyValueError::new_err(message),
+        Error::Memory(message) => PyMemoryError::new_err(message),
     }
 }
 
@@ -249,6 +251,20 @@ fn run_kernel<T: Float, W: Weights<T>>(
 /// a panic; larger ones go through `numpy.empty`, where it is a MemoryError.
 const DIRECT_ALLOC_MAX_BYTES: usize = 1 << 20;
 
+static NUMPY_EMPTY: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+static BUILTIN_SLICE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
+/// `numpy.empty`, looked up once (the module's import does it: a call during interpreter
+/// shutdown, from a `__del__`, cannot import).
+fn numpy_empty(py: Python<'_>) -> PyResult<&Bound<'_, PyAny>> {
+    NUMPY_EMPTY.import(py, "numpy", "empty")
+}
+
+/// The built-in `slice`, looked up once.
+fn builtin_slice(py: Python<'_>) -> PyResult<&Bound<'_, PyAny>> {
+    BUILTIN_SLICE.import(py, "builtins", "slice")
+}
+
 /// A new uninitialised `(rows, width)` array for the kernel to fill.
 ///
 /// # Safety
@@ -273,14 +289,15 @@ unsafe fn new_array<'py, T: Float + numpy::Element>(
             // slower than into an aligned array. Allocate a little more and start at a line.
             let values = rows * width;
             let spare = LINE_BYTES / std::mem::size_of::<T>();
-            let empty = py.import("numpy")?.getattr("empty")?;
-            let block = empty
+            let block = numpy_empty(py)?
                 .call1((values + spare, T::NAME))?
                 .cast_into::<PyArray1<T>>()?;
             let address = block.data() as usize;
             let skip = (address.next_multiple_of(LINE_BYTES) - address) / std::mem::size_of::<T>();
+            // Not `PySlice::new`: PyO3 0.30's leaks its three ints (28 bytes a call here).
+            let slice = builtin_slice(py)?.call1((skip, skip + values))?;
             let out = block
-                .get_item(PySlice::new(py, skip as isize, (skip + values) as isize, 1))?
+                .get_item(slice)?
                 .call_method1(intern!(py, "reshape"), ((rows, width),))?;
             Ok(out.cast_into::<PyArray2<T>>()?)
         }
@@ -982,6 +999,8 @@ fn precision_support(isa: Option<&str>) -> PyResult<Vec<(&'static str, &'static 
 
 #[pymodule]
 fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
+    numpy_empty(module.py())?;
+    builtin_slice(module.py())?;
     module.add("__version__", env!("CARGO_PKG_VERSION"))?;
     module.add(
         "build_profile",

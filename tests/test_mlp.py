@@ -7,6 +7,7 @@ import itertools
 import multiprocessing
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -240,6 +241,67 @@ def test_four_python_threads_calling_at_once_get_their_own_results(rng):
         return all(relative_error(mlp(inputs[index]), wants[index]) <= 1e-5 for _ in range(5))
 
     assert run_at_once(check, len(inputs)) == []
+
+
+def test_outputs_past_a_mib_leak_nothing(rng):
+    """An output over 1 MiB comes from a line-aligned slice of a larger block: PyO3's
+    ``PySlice::new`` leaked an int on each such call (100,000 calls: 2.7 MiB)."""
+    mlp = fusedae.MLP(random_layers(rng, [16, 784]), ["identity"])
+    x = rng.standard_normal((512, 16)).astype(np.float32)  # 1.6 MB out
+    for _ in range(10):
+        mlp(x)
+    before = sys.getallocatedblocks()
+    for _ in range(2000):
+        mlp(x)
+    assert sys.getallocatedblocks() - before < 200
+
+
+CALLED_AT_SHUTDOWN = """
+import numpy as np, fusedae
+mlp = fusedae.MLP([(np.eye(64, dtype=np.float32), None)])
+x = np.ones((8192, 64), np.float32)  # 2 MiB out: the aligned block numpy.empty allocates
+class CalledAtShutdown:
+    def __del__(self):
+        y = mlp(x)  # (not `.sum()`: numpy imports its first call's code)
+        print("at shutdown:", y.shape, y[8191, 63], flush=True)
+held = CalledAtShutdown()
+"""
+
+
+def test_a_call_during_interpreter_shutdown():
+    """From a ``__del__`` run at exit, as numpy's own matmul works there: an output over 1 MiB
+    imported numpy on each call, which fails then ("sys.meta_path is None")."""
+    done = run_python(CALLED_AT_SHUTDOWN)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "at shutdown: (8192, 64) 1.0", done.stderr
+
+
+WORKING_MEMORY_BEYOND_THE_LIMIT = """
+import resource, numpy as np, fusedae
+fusedae.set_num_threads(1)
+width = 1_000_000  # 512 MB of working memory for 64 rows, 8 MB of weights
+mlp = fusedae.MLP([(np.full((width, 1), 0.5, np.float32), None),
+                   (np.full((1, width), 1e-6, np.float32), None)])
+x = np.ones((64, 1), np.float32)
+mlp(x[:1])
+used = int([l for l in open("/proc/self/status") if l.startswith("VmSize")][0].split()[1]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (used + (100 << 20), resource.RLIM_INFINITY))
+try:
+    mlp(x)
+except MemoryError as error:
+    print("MemoryError:", error)
+print(round(float(mlp(x[:1])[0, 0]), 2))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc, sets RLIMIT_AS")
+def test_working_memory_beyond_the_limit_is_a_memory_error():
+    """A call whose working memory (it grows with the widest layer) cannot be allocated raises
+    MemoryError, as numpy does, and the chain goes on working (it aborted the process)."""
+    done = run_python(WORKING_MEMORY_BEYOND_THE_LIMIT)
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"MemoryError: could not allocate the call's \d+ MB of working", done.stdout)
+    assert done.stdout.strip().endswith("\n0.5")
 
 
 class TestBadInput:
