@@ -694,6 +694,29 @@ def test_weights_computed_in_the_graph_reach_the_op():
         assert relative_error(got, scaled_steps(plain, x)) <= 1e-5
 
 
+class _HandWrittenSGD(torch.optim.Optimizer):
+    def __init__(self, params: object, lr: float) -> None:
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    param.add_(param.grad, alpha=-group["lr"])
+
+
+def test_an_optimizer_step_compiles_with_fullgraph():
+    """fusedae's step hook runs in every optimizer's step, compiled ones too: TorchDynamo must
+    trace it (a lock in it failed ``fullgraph=True``, fusedae's modules or not)."""
+    model, _ = accelerate(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)))
+    optimizer = _HandWrittenSGD(model.parameters(), 0.1)
+    model(torch.randn(2, 4)).sum().backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    torch.compile(optimizer.step, fullgraph=True, backend="eager")()
+    assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+
+
 def test_a_compiled_step_with_a_fused_optimizer_trains():
     """A whole training step compiled, with ``Adam(fused=True)``: the step writes the
     parameters inside the graph with no version bump, and the next step's forward packs them

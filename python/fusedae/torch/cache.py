@@ -135,9 +135,15 @@ SHARED_THREADS_TRAINING_MIN_ROWS, SHARED_THREADS_TRAINING_MIN_FLOPS = 128, 2_000
 # 256 rows (3.4e7), 1.06-1.10x at 512; digits as one chain, the MSE eager, 0.91-1.21x at 6144
 # rows (6.8e7) and 0.93-1.22x at 8192 over five rounds: the training gate stays. Other CPUs keep
 # Intel's gates. An exported program runs the op at every size.
-_COMPILED_INFERENCE_GATES = {"AuthenticAMD": 8_000_000}
-COMPILED_INFERENCE_MIN_FLOPS = _COMPILED_INFERENCE_GATES.get(_native.cpu_vendor(), 50_000_000)
-COMPILED_TRAINING_MIN_FLOPS = 200_000_000
+# Since the ops pack their chain on every call (custom_ops.py: 25-95 us a chain, 130-170 us
+# from the caches a 512-row call leaves), both gates moved up, on every CPU (Intel VM,
+# 2026-12-07, `--gates-off`, two rounds): inference, the seed's class 0.93x at 768 rows (5.2e7 a
+# chain), 0.97-1.03x at 1024 (6.9e7), 1.01x at 1280, 1.04x at 1536 (1.0e8), 1.31x at 2048; the
+# AE as one chain 0.89-0.92x at 512 (6.9e7), 1.09-1.17x at 1024 (1.4e8); training, the AE
+# 0.99-1.01x at 1024 (1.4e8), 0.99-1.07x at 1536 (2.1e8), 1.06-1.09x at 2048 (2.8e8). Zen 4's
+# lower inference gate was not measured again: it takes Intel's.
+COMPILED_INFERENCE_MIN_FLOPS = 120_000_000
+COMPILED_TRAINING_MIN_FLOPS = 250_000_000
 # The names of the size gates above, for the tests and tools that set them (0: the fused path,
 # or the custom op, at every size).
 TRAINING_GATES = (
@@ -219,8 +225,10 @@ if hasattr(torch.compiler, "assume_constant_result"):
 _packed_by: dict[int, weakref.WeakSet[ChainCache]] = {}
 # `_packed_by`'s size above which its entries of chains gone are dropped (doubled each time).
 _pruned_above = [1024]
-# Held to change or read `_packed_by`: threads that share no model pack at the same time (four
+# Held by the writers of `_packed_by`: threads that share no model pack at the same time (four
 # such threads raised "dictionary changed size during iteration" and KeyErrors from a forward).
+# Its sets are replaced, never changed in place, so the optimizer-step hook reads it without the
+# lock, which TorchDynamo cannot trace (a step compiled with fullgraph=True would fail).
 _packed_by_lock = threading.Lock()
 
 
@@ -230,11 +238,15 @@ def _register_packed(cache: ChainCache, tensors: list[torch.Tensor | None]) -> N
     with _packed_by_lock:
         for key in cache.packed_ids:
             caches = _packed_by.get(key)
-            if caches is not None:
-                caches.discard(cache)
+            if caches is not None and cache in caches:
+                rest = weakref.WeakSet(caches)
+                rest.discard(cache)
+                _packed_by[key] = rest
         cache.packed_ids = [id(tensor) for tensor in tensors if tensor is not None]
         for key in cache.packed_ids:
-            _packed_by.setdefault(key, weakref.WeakSet()).add(cache)
+            more = weakref.WeakSet(_packed_by.get(key, ()))
+            more.add(cache)
+            _packed_by[key] = more
         if len(_packed_by) > _pruned_above[0]:
             for key in [key for key, caches in _packed_by.items() if not caches]:
                 del _packed_by[key]
@@ -254,9 +266,7 @@ def _after_optimizer_step(
         for param in group["params"]:
             if param.grad is None:
                 continue
-            with _packed_by_lock:
-                caches = list(_packed_by.get(id(param), ()))
-            for cache in caches:
+            for cache in _packed_by.get(id(param), ()):
                 cache.stepped = True
             if fused:
                 torch.autograd.graph.increment_version(param)
@@ -504,9 +514,6 @@ class ChainCache:
             # This call plain: the caller checked the input against the old chain.
             return None
         tensors = self.lowered.tensors()
-        usable = all(
-            t is None or (t.is_cpu and t.dtype is dtype and t.layout is _STRIDED) for t in tensors
-        ) and (dtype is not torch.float32 or self.post_ops_fit_float32())
         # What is packed, taken before the memory is read: a write that ends during the packing
         # (an optimizer step in another thread) then leaves a newer version, or the step hook's
         # mark, and the next call packs again (taken after, such a chain kept the old weights).
@@ -524,8 +531,28 @@ class ChainCache:
         # change in other processes, whose writes bump no counter here: packed every time.
         if any(t is not None and t.is_shared() for t in tensors):
             packed = None
-        self.packed = None  # (until the chain is built: none if building it raises)
         self.stepped = False
+        # Registered before the read too: a step that writes `p.data` meanwhile marks this chain.
+        _register_packed(self, tensors)
+        try:
+            self._build(dtype, tensors, packed)
+        except BaseException:
+            self.packed = None  # packed again on the next call
+            raise
+        return self.chain
+
+    def _build(
+        self,
+        dtype: torch.dtype,
+        tensors: list[torch.Tensor | None],
+        packed: list[_PackedTensor] | None,
+    ) -> None:
+        """``pack``'s packing of ``tensors`` into ``self.chain``, then ``packed`` recorded as what
+        it packed."""
+        assert self.lowered is not None  # `pack` checked
+        usable = all(
+            t is None or (t.is_cpu and t.dtype is dtype and t.layout is _STRIDED) for t in tensors
+        ) and (dtype is not torch.float32 or self.post_ops_fit_float32())
         # Holds the packed storages: no later tensor takes one's address while the chain is
         # current (the staleness check compares addresses). Also what the arrays read below.
         pinned = [None if t is None else t.detach() for t in tensors]
@@ -563,8 +590,6 @@ class ChainCache:
                 self.sources = _Sources(weights, biases, layouts)
         self.packed = packed
         self.dtype, self.tensors, self.pinned = dtype, tensors, pinned
-        _register_packed(self, tensors)
-        return self.chain
 
     def post_ops_fit_float32(self) -> bool:
         """Whether every post-op parameter is within float32's range: PyTorch refuses one
@@ -577,29 +602,28 @@ class ChainCache:
             for param in op[1:]
         )
 
-    def repack(self, dtype: torch.dtype) -> _native.Chain | None:
+    def repack(self, dtype: torch.dtype, packed: list[_PackedTensor]) -> _native.Chain | None:
         """``pack`` where the packed tensors changed in place only (the same objects at the same
         addresses: an optimizer step): a new native chain from the arrays ``pack`` kept, which
         read the tensors' memory, while each tensor keeps its shape and strides. About 35 us a
         chain less than ``pack`` after an optimizer step (``pack``'s Python, from cold caches):
         the seed AE's training step 1.03x at 64 and 256 rows on Intel. The chain packed before
-        is left as it was, for a backward still to run on it."""
+        is left as it was, for a backward still to run on it. ``packed``: what the caller found
+        packed (``self.packed`` as it read it: another thread may pack meanwhile)."""
         sources = self.sources
         if sources is None or any(
             t is not None and (t.shape, t.stride()) != layout
             for t, layout in zip(self.tensors, sources.layouts, strict=True)
         ):
             return self.pack(dtype)
-        assert self.packed is not None  # the caller compared the tensors to it
         # The versions before the memory is read, as `pack` takes them.
-        packed = [
+        now = [
             (owner, key, tensor, version if tensor is None else tensor._version, address)
-            for owner, key, tensor, version, address in self.packed
+            for owner, key, tensor, version, address in packed
         ]
-        self.packed = None  # (until the chain is built)
         self.stepped = False
         self.chain = _native.Chain(sources.weights, sources.biases, self.native_post_ops)
-        self.packed = packed
+        self.packed = now
         return self.chain
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -680,7 +704,7 @@ class ChainCache:
                 return None
         if packed is not None:
             changed_in_place = changed_in_place or self.stepped
-            chain = self.repack(dtype) if changed_in_place else self.chain
+            chain = self.repack(dtype, packed) if changed_in_place else self.chain
         elif dtype in _FUSED_DTYPES:
             chain = self.pack(dtype)
         else:
