@@ -5,6 +5,7 @@ forward (``ChainCache.forward``)."""
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import types
 import weakref
@@ -230,6 +231,16 @@ _pruned_above = [1024]
 # Its sets are replaced, never changed in place, so the optimizer-step hook reads it without the
 # lock, which TorchDynamo cannot trace (a step compiled with fullgraph=True would fail).
 _packed_by_lock = threading.Lock()
+
+
+def _new_packed_by_lock() -> None:
+    """A forked child's own lock: a thread of the parent may have held it at the fork."""
+    global _packed_by_lock
+    _packed_by_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # (not on Windows)
+    os.register_at_fork(after_in_child=_new_packed_by_lock)
 
 
 def _register_packed(cache: ChainCache, tensors: list[torch.Tensor | None]) -> None:

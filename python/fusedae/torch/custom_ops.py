@@ -60,9 +60,9 @@ def decode_post_ops(text: str) -> tuple[PostOp, ...]:
 
 
 @functools.lru_cache(maxsize=256)
-def native_post_ops(text: str) -> list[str | tuple[str | float, ...]]:
-    """The post-ops ``encode_post_ops`` wrote, as ``_native.Chain`` takes them."""
-    return [op.native_argument for op in decode_post_ops(text)]
+def native_post_ops(text: str) -> tuple[str | tuple[str | float, ...], ...]:
+    """The post-ops ``encode_post_ops`` wrote, as ``_native.Chain`` takes them (in a list)."""
+    return tuple(op.native_argument for op in decode_post_ops(text))
 
 
 def native_chain(
