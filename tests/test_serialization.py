@@ -3,6 +3,7 @@ numpy alone (``MLP.load``), including in a process where torch cannot be importe
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import struct
@@ -124,6 +125,22 @@ def test_float64_and_missing_biases_round_trip(tmp_path: Path, rng: np.random.Ge
         assert (bias is None) == (bias_in is None)
     assert MLP.load(path, "encoder").out_features == 7
     assert MLP.load(path, dtype=np.float32).dtype == np.float32
+
+
+def test_a_loaded_chain_saved_again_keeps_its_encoder(
+    tmp_path: Path, rng: np.random.Generator
+) -> None:
+    """``MLP.load(path).save(copy)``: the file's encoder boundary, not the default guess (the
+    encoder 8-4-4 of an 8-4-4-8 AE came back as 8-4, and `encode` gave codes 0.95 off)."""
+    layers = [
+        (rng.standard_normal((out, fan_in)), rng.standard_normal(out))
+        for fan_in, out in itertools.pairwise((8, 4, 4, 8))
+    ]
+    original, copy = tmp_path / "ae.safetensors", tmp_path / "copy.safetensors"
+    MLP(layers, ["relu", "identity", "identity"]).save(original, encoder_layers=2)
+    MLP.load(original).save(copy)
+    for path in (original, copy):
+        assert MLP.load(path, "encoder").spec.widths == [8, 4, 4]
 
 
 @pytest.mark.parametrize(

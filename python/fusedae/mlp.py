@@ -19,7 +19,6 @@ from fusedae.chain import (
     Layer,
     Precision,
     PrecisionName,
-    default_encoder_layers,
     spec_precision,
 )
 
@@ -264,11 +263,12 @@ class MLP(_native.Chain):
 
     def save(self, path: str | os.PathLike[str], *, encoder_layers: int | None = None) -> None:
         """Writes the chain to a ``.safetensors`` file that ``MLP.load`` reads. ``encoder_layers``:
-        how many leading layers ``MLP.load(path, "encoder")`` gives (default: up to the
-        narrowest inner layer if the output is as wide as the input, else all of them). The
-        file holds the weights as given, not a precision: load a bf16 or int8 MLP with
-        ``MLP.load(path, precision=...)`` to run it so again."""
+        how many leading layers ``MLP.load(path, "encoder")`` gives (default: the chain's own,
+        as a file it was loaded from says, else up to the narrowest inner layer if the output
+        is as wide as the input, else all of them). The file holds the weights as given, not a
+        precision: load a bf16 or int8 MLP with ``MLP.load(path, precision=...)`` to run it so
+        again."""
         spec = self._spec
         if encoder_layers is None:
-            encoder_layers = default_encoder_layers(spec.widths)
+            encoder_layers = spec.encoder_layers
         serialization.write_spec(path, ChainSpec(spec.layers, encoder_layers, spec.precision))
