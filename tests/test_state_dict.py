@@ -95,6 +95,34 @@ def test_a_reordered_state_dict_is_refused() -> None:
     assert len(state_modules(nested)) == 24  # each parent's children in order
 
 
+def _asymmetric_ae() -> nn.Module:
+    """Encoder 8-4-4, decoder 4-8: the default guess of the boundary (the first narrowest
+    layer) is one layer short of it."""
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.encoder = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 4))
+    model.decoder = nn.Sequential(nn.Linear(4, 8))
+    return model
+
+
+@pytest.mark.parametrize("prefix", ["", "module.", "_orig_mod.", "model.net."])
+def test_the_encoder_under_a_prefix_all_keys_share(prefix: str) -> None:
+    """DataParallel's ``module.``, torch.compile's ``_orig_mod.`` or a wrapper's attribute
+    before ``encoder``/``decoder``: the encoder is still theirs (it fell back to the guess, 8-4,
+    and `encode` gave codes 0.95 off with status 0)."""
+    state = {prefix + key: value for key, value in numpy_state(_asymmetric_ae()).items()}
+    assert from_state_dict(state, "linear,relu,linear,linear").encoder_layers == 2
+
+
+def test_a_decoder_before_its_encoder_is_refused() -> None:
+    """Keys sorted as text put ``decoder`` first: the decoder ran first, status 0."""
+    state = numpy_state(_asymmetric_ae())
+    for prefix in ("", "module."):
+        ordered = {prefix + key: state[key] for key in sorted(state)}
+        with pytest.raises(ValueError, match="decoder comes before its encoder"):
+            from_state_dict(ordered, "linear,linear,relu,linear")
+
+
 @pytest.mark.parametrize(
     ("state", "message"),
     [

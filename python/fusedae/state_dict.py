@@ -395,16 +395,31 @@ def _normalization(item: Item, module: StateModule, position: Position) -> Norma
 
 def _encoder_layers(built: Sequence[_Building]) -> int | None:
     """How many layers the ``encoder`` modules hold, if the modules are those of ``encoder``
-    then ``decoder``, else None. A BatchNorm of one folded into a layer of the other (the
-    encoder ending in activation, BatchNorm) is a ValueError: no layer boundary is the
-    encoder's."""
-    names = [layer.module.path.split(".", 1)[0] for layer in built]
+    then ``decoder`` (under any prefix all of them share: ``module.`` of DataParallel,
+    ``_orig_mod.`` of torch.compile, a wrapper's attribute), else None. A BatchNorm of one
+    folded into a layer of the other (the encoder ending in activation, BatchNorm) is a
+    ValueError: no layer boundary is the encoder's; so is ``decoder`` before ``encoder``, which
+    would run the decoder first (keys sorted as text)."""
+    paths = [layer.module.path.split(".") for layer in built]
+    depth = 0  # the shared prefix's
+    while all(len(path) > depth + 1 and path[depth] == paths[0][depth] for path in paths) and (
+        paths[0][depth] not in ("encoder", "decoder")
+    ):
+        depth += 1
+    names = [path[depth] if len(path) > depth else "" for path in paths]
     encoder = names.count("encoder")
+    decoder = names.count("decoder")
+    if encoder and decoder and names == ["decoder"] * decoder + ["encoder"] * encoder:
+        raise ValueError(
+            "the state_dict's decoder comes before its encoder, so the decoder would run first "
+            "(were its keys sorted?); fusedae reads the order from it: save the state_dict as "
+            "model.state_dict() returns it"
+        )
     if names != ["encoder"] * encoder + ["decoder"] * (len(names) - encoder):
         return None
     for layer, name in zip(built, names, strict=True):
         for path in layer.paths[1:]:
-            if path.split(".", 1)[0] != name:
+            if path.split(".")[depth] != name:
                 raise ValueError(
                     f"{path} is folded into {layer.item}, {layer.module}, across the boundary "
                     "between encoder and decoder, so the encoder could not run alone"
