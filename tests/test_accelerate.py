@@ -263,6 +263,44 @@ def test_other_modules_left_alone() -> None:
     assert "kept 4 nn.Sequential unchanged" in str(report)
 
 
+def test_a_sequential_whose_calls_run_more_than_its_forward_is_kept() -> None:
+    """Compiled in place, or with a ``forward`` assigned: a FusedMLP took that over and kept
+    running the old Sequential (a child replaced afterwards was never run, a hook never fired),
+    while the report said it was fused. ``from_sequential`` refuses them, and hooks of its own
+    (it dropped them)."""
+    compiled = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16))
+    compiled.compile(backend="eager")
+    assigned = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16))
+    assigned.forward = lambda x: nn.Sequential.forward(assigned, x)
+    hooked = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16))
+    hooked.register_forward_hook(lambda module, args, out: out * 0)
+    model = nn.Module()
+    model.compiled, model.assigned = compiled, assigned
+    _, report = accelerate(model)
+    reasons = dict(report.kept)
+    assert reasons["compiled"].startswith("was compiled in place (.compile())")
+    assert reasons["assigned"].startswith("has a forward assigned to it")
+    assert type(model.compiled) is nn.Sequential
+    assert type(model.assigned) is nn.Sequential
+    model.compiled[2] = nn.Linear(32, 3)
+    assert model.compiled(torch.randn(8, 16)).shape == (8, 3)
+    for sequential in (compiled, assigned, hooked):
+        with pytest.raises(ValueError, match=r"FusedMLP\.from_sequential: the Sequential "):
+            FusedMLP.from_sequential(sequential)
+
+
+def test_a_none_child_is_left_as_it_is() -> None:
+    """``nn.Sequential`` holds None (and fails when called): accelerate and FusedMLP raised a
+    TypeError from ``vars(None)``."""
+    model = nn.Module()
+    model.layers = nn.Sequential(nn.Linear(4, 4), None, nn.Linear(4, 4))
+    _, report = accelerate(model)
+    assert ("layers.1", "None, not a module") in report.unfused
+    fused = FusedMLP(nn.Linear(4, 4), None)
+    with pytest.raises(TypeError, match="'NoneType' object is not callable"):
+        fused(torch.randn(2, 4))
+
+
 def test_shared_sequential_becomes_one_fused_module() -> None:
     shared = nn.Sequential(nn.Linear(6, 3), nn.ReLU(), nn.Linear(3, 6))
     model = nn.Module()

@@ -11,7 +11,7 @@ from torch import nn
 from fusedae.chain import PrecisionName, spec_precision
 from fusedae.torch.cache import has_hooks
 from fusedae.torch.lower import DROPOUTS, LoweredChain, describe, lower, split, why_not_fused
-from fusedae.torch.modules import AE, FusedMLP, chain_modules
+from fusedae.torch.modules import AE, FusedMLP, chain_modules, why_kept
 
 
 @dataclass
@@ -115,6 +115,8 @@ def accelerate(
                 report.kept.append((name, f"no Linear chain the kernels take ({kinds})"))
             elif has_hooks(module.modules()):
                 report.kept.append((name, "has hooks, which the fused call would skip"))
+            elif (reason := why_kept(module)) is not None:
+                report.kept.append((name, reason))
             else:
                 result = FusedMLP.from_sequential(cast(nn.Sequential, module), precision)
                 report.replaced.append((name, _describe_pieces(children, pieces)))

@@ -921,6 +921,8 @@ def hook_registries(modules: Iterable[nn.Module]) -> list[dict[int, Any]]:
         _torch_module._global_backward_pre_hooks,
     ]
     for m in modules:
+        if m is None:  # a Sequential may hold None (it fails when called)
+            continue
         registries += (
             m._forward_hooks,
             m._forward_pre_hooks,

@@ -273,8 +273,10 @@ def lower(modules: Iterable[nn.Module]) -> LoweredChain | None:
     flatten: nn.Flatten | None = None
     unflatten: nn.Unflatten | None = None
     for index, module in enumerate(modules):
-        if unflatten is not None or "forward" in vars(module):
-            return None  # only last; a `forward` assigned to the module, which PyTorch calls
+        if unflatten is not None or module is None or "forward" in vars(module):
+            # Only last; a `forward` assigned to the module, which PyTorch calls; a None child
+            # (a Sequential holds it, and fails when called).
+            return None
         kind = type(module)
         if kind is nn.Linear:
             layers.append((cast(nn.Linear, module), IDENTITY))
@@ -382,6 +384,8 @@ def split(modules: Sequence[nn.Module]) -> list[tuple[int, int, LoweredChain | N
 
 def why_not_fused(module: nn.Module) -> str:
     """Why ``split`` left ``module`` out of every run."""
+    if module is None:
+        return "None, not a module"
     kind = type(module)
     if kind is nn.BatchNorm1d and not _foldable(module):
         return "no running statistics: it normalizes each batch by its own"

@@ -117,6 +117,24 @@ COPIED_STATE = ("_parameters", "_buffers", "_non_persistent_buffers_set")
 FUSED_STATE = ("_fused", "_pieces")  # a FusedMLP's own
 
 
+# A module's own hook dicts (`nn.Module.__call__` runs them).
+_OWN_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def why_kept(sequential: nn.Module) -> str | None:
+    """Why a call of ``sequential`` does more than its class's ``forward`` on its children, or
+    None: hooks of its own (a FusedMLP would skip them), a ``.compile()`` in place or a
+    ``forward`` assigned to it (either runs the old module, with its old children)."""
+    own = vars(sequential)
+    if any(own[name] for name in _OWN_HOOKS):
+        return "has hooks, which the fused call would skip"
+    if own.get("_compiled_call_impl") is not None:
+        return "was compiled in place (.compile()): accelerate first, then compile"
+    if "forward" in own:
+        return "has a forward assigned to it, which PyTorch calls instead of its class's"
+    return None
+
+
 def take_state(module: nn.Module, source: nn.Module, leave: tuple[str, ...] = ()) -> None:
     """Gives ``module`` (with ``source``'s children) the rest of what ``source`` holds:
     ``SEQUENTIAL_STATE``, and the attributes ``module`` does not have, but those in
@@ -161,7 +179,10 @@ class FusedMLP(_FusedCall, nn.Sequential):
     ) -> FusedMLP:
         """A FusedMLP holding the same child modules (and so the same parameters), each in its
         own training mode; and whatever else the Sequential holds: its own parameters and
-        buffers, state-dict hooks, and attributes (which a parent's forward may read)."""
+        buffers, state-dict hooks, and attributes (which a parent's forward may read). A
+        ValueError where the Sequential's own calls do more than its class's (``why_kept``)."""
+        if (reason := why_kept(sequential)) is not None:
+            raise ValueError(f"FusedMLP.from_sequential: the Sequential {reason}")
         # An OrderedDict: a plain dict would be read as one module.
         fused = cls(OrderedDict(sequential._modules), precision=precision)
         take_state(fused, sequential)
