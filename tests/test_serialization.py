@@ -112,6 +112,25 @@ def test_save_refuses_other_modules_naming_them(tmp_path: Path) -> None:
     assert not list(tmp_path.iterdir())
 
 
+def test_save_refuses_a_class_whose_forward_adds_to_its_halves(tmp_path: Path) -> None:
+    """A class with children ``encoder`` and ``decoder`` whose ``forward`` scales (or squashes)
+    their result: saved as the two chains alone, it encoded 2.18 off, status 0."""
+
+    class ScaledAE(AE):
+        def __init__(self) -> None:
+            super().__init__(6, 2)
+            self.register_buffer("scale", torch.tensor(3.0))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) * self.scale
+
+    model = ScaledAE().train()
+    with pytest.raises(TypeError, match=r"ScaledAE's forward computes other than decoder\(enc"):
+        ft.save(model, tmp_path / "m.safetensors")
+    assert all(child.training for child in model.modules())  # its modes put back
+    ft.save(AE(6, 2), tmp_path / "m.safetensors")  # the seed's class: its forward is the halves
+
+
 def test_float64_and_missing_biases_round_trip(tmp_path: Path, rng: np.random.Generator) -> None:
     layers = [(rng.standard_normal((7, 5)), None), (rng.standard_normal((5, 7)), rng.random(5))]
     mlp = MLP(layers, ["relu", "identity"])
