@@ -894,6 +894,14 @@ def test_bench_runs() -> None:
     assert "\nPyTorch eager " in result.stdout
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asks for CUDA where there is none")
+def test_demo_on_cuda_without_it_is_a_clear_error(tmp_path: Path) -> None:
+    result = fusedae("demo", "--epochs", 1, "--out-dir", tmp_path / "out", "--device", "cuda")
+    assert result.returncode == 1
+    assert "--device cuda: this torch sees no CUDA device" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_demo_smoke(tmp_path: Path) -> None:
     result = fusedae("demo", "--epochs", 2, "--out-dir", tmp_path / "out", "--device", "cpu")
     assert result.returncode == 0, result.stderr

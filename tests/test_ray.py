@@ -195,6 +195,10 @@ def test_encoder_outside_ray_and_its_errors(model_path: Path) -> None:
         encoder({"features": x})
     with pytest.raises(ValueError, match=r"rows of \[11\] values, but the model takes rows of 12"):
         encoder({"x": np.array([row[:11] for row in x] + [None], dtype=object)[:-1]})
+    with_null = np.empty(2, dtype=object)
+    with_null[:] = [x[0], None]  # a list column's null, as Ray hands it (was a TypeError)
+    with pytest.raises(ValueError, match=r"column 'x' has no value \(null\) at row 1"):
+        encoder({"x": with_null})
     short = pa.table({"x": pa.array([[1.0] * WIDTH, [1.0] * (WIDTH - 1)], pa.list_(pa.float32()))})
     with pytest.raises(
         ValueError, match=r"row 1 of column 'x' holds 11 values, but the model takes rows of 12"

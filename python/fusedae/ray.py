@@ -66,6 +66,9 @@ def rows_of(column: np.ndarray, name: str, in_features: int) -> np.ndarray:
     if column.dtype == object:
         if len(column) == 0:
             return np.empty((0, in_features), np.float32)
+        missing = next((index for index, row in enumerate(column) if row is None), None)
+        if missing is not None:
+            raise ValueError(f"column {name!r} has no value (null) at row {missing} of the batch")
         lengths = {len(row) for row in column}
         if lengths != {in_features}:
             raise ValueError(

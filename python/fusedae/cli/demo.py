@@ -65,6 +65,10 @@ def run(args: argparse.Namespace) -> None:
     digits = load_digits()
     x = (digits.data / 16).astype(np.float32)  # (1797, 64), pixels in [0, 1]
     labels = digits.target
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise CommandError(
+            "--device cuda: this torch sees no CUDA device; leave it out to train on CPU"
+        )
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(args.seed)
     model = AE(x.shape[1], 2).to(device)
