@@ -438,6 +438,15 @@ CORRUPTIONS: dict[str, tuple[Callable[[bytes], bytes], str]] = {
         lambda d: with_header(d, set_metadata("encoder_layers", "3")),
         "encoder_layers must be between 0 and 2, got 3",
     ),
+    # Metadata values are strings, written as a count: `int` took the number 1.7 as 1.
+    "encoder_layers a float": (
+        lambda d: with_header(d, set_metadata("encoder_layers", 1.7)),  # type: ignore[arg-type]
+        "bad encoder_layers metadata 1.7: expected a count",
+    ),
+    "encoder_layers padded": (
+        lambda d: with_header(d, set_metadata("encoder_layers", " 1 ")),
+        "bad encoder_layers metadata ' 1 ': expected a count",
+    ),
     "float16": (
         lambda d: with_header(d, lambda h: h["layers.1.weight"].__setitem__("dtype", "F16")),
         "dtype must be F32 or F64, got 'F16'",
@@ -465,6 +474,32 @@ CORRUPTIONS: dict[str, tuple[Callable[[bytes], bytes], str]] = {
         "unexpected tensor 'embedding'",
     ),
 }
+
+
+def test_a_file_of_two_dtypes_is_refused(tmp_path: Path) -> None:
+    """A float64 layer after a float32 one (no fusedae wrote it) ran in float32, without a
+    word: a file holds one dtype."""
+    arrays = {"layers.0.weight": np.ones((4, 6), np.float32), "layers.1.weight": np.ones((6, 4))}
+    header: dict[str, object] = {
+        "__metadata__": {
+            "format": "fusedae.chain",
+            "format_version": "2",
+            "layers": json.dumps([{"post_op": "identity", "params": {}, "normalization": []}] * 2),
+            "encoder_layers": "1",
+        }
+    }
+    body = b""
+    for name, array in arrays.items():
+        dtype = {"float32": "F32", "float64": "F64"}[array.dtype.name]
+        span = [len(body), len(body) + array.nbytes]
+        header[name] = {"dtype": dtype, "shape": list(array.shape), "data_offsets": span}
+        body += array.tobytes()
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    path = tmp_path / "mixed.safetensors"
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + body)
+    with pytest.raises(ValueError, match=r"layers of \['float32', 'float64'\]: a model file holds"):
+        MLP.load(path)
 
 
 @pytest.mark.parametrize("name", CORRUPTIONS)

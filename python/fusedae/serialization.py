@@ -184,10 +184,11 @@ def _parse(data: bytes) -> ChainSpec:
             f"format_version {version!r} is not supported (this fusedae reads "
             f"{' and '.join(map(repr, READABLE_VERSIONS))}; a newer fusedae wrote it?)"
         )
-    try:
-        encoder_layers = int(metadata["encoder_layers"])
-    except (KeyError, TypeError, ValueError, OverflowError) as error:
-        raise ValueError(f"bad encoder_layers metadata ({error!r})") from None
+    written = metadata.get("encoder_layers")
+    # As `write` puts it: a string of digits (`int` took the number 1.7 as 1, and " 1 ").
+    if not (isinstance(written, str) and written.isascii() and written.isdigit()):
+        raise ValueError(f"bad encoder_layers metadata {written!r}: expected a count")
+    encoder_layers = int(written)
     described = _layers_v1(metadata) if version == "1" else _layers_v2(metadata)
     tensors = _tensors(header, memoryview(data)[8 + header_size :])
     layers: list[Layer] = []
@@ -206,6 +207,11 @@ def _parse(data: bytes) -> ChainSpec:
             raise ValueError(f"layer {index}: {error}") from None
     if tensors:
         raise ValueError(f"unexpected tensors {sorted(tensors)}")
+    dtypes = {
+        array.dtype for layer in layers for array in (layer.weight, layer.bias) if array is not None
+    }
+    if len(dtypes) > 1:  # (a float64 layer after float32 ones ran in float32)
+        raise ValueError(f"layers of {sorted(map(str, dtypes))}: a model file holds one dtype")
     spec = ChainSpec(tuple(layers), encoder_layers)
     spec.check_shapes()
     return spec
