@@ -131,6 +131,36 @@ def test_save_refuses_a_class_whose_forward_adds_to_its_halves(tmp_path: Path) -
     ft.save(AE(6, 2), tmp_path / "m.safetensors")  # the seed's class: its forward is the halves
 
 
+class _WithCodes(AE):
+    """The seed's class returning ``(reconstruction, codes)``, as many AEs do."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        codes = self.encoder(x)
+        return self.decoder(codes), codes
+
+
+class _WithNoise(AE):
+    """A forward of two arguments, which the probe cannot call."""
+
+    def forward(self, x: torch.Tensor, noise: float) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(x + noise)
+
+
+def test_the_forward_probe_takes_what_computes_the_chain(tmp_path: Path) -> None:
+    """Models whose forward is their halves, in another precision or returning their codes
+    too, save (the probe runs a float64 copy: a bf16 model was 0.002 off its float32 chain); a
+    forward the probe cannot call saves with a warning that it was not checked."""
+    torch.manual_seed(0)
+    path = tmp_path / "m.safetensors"
+    ft.save(AE(784, 16).to(torch.bfloat16), path)
+    ft.save(_WithCodes(6, 2), path)
+    accelerated, _ = ft.accelerate(AE(784, 16), precision="bf16")
+    ft.save(accelerated, path)
+    with pytest.warns(UserWarning, match=r"saves _WithNoise as decoder\(encoder\(x\)\), without"):
+        ft.save(_WithNoise(6, 2), path)
+    assert MLP.load(path).spec.widths == [6, 42, 2, 42, 6]
+
+
 def test_float64_and_missing_biases_round_trip(tmp_path: Path, rng: np.random.Generator) -> None:
     layers = [(rng.standard_normal((7, 5)), None), (rng.standard_normal((5, 7)), rng.random(5))]
     mlp = MLP(layers, ["relu", "identity"])

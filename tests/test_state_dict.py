@@ -114,6 +114,16 @@ def test_the_encoder_under_a_prefix_all_keys_share(prefix: str) -> None:
     assert from_state_dict(state, "linear,relu,linear,linear").encoder_layers == 2
 
 
+def test_a_batchnorm_outside_the_prefixed_halves_is_in_neither() -> None:
+    """A BatchNorm at the top level, folded into the last decoder layer of halves under a
+    prefix: the boundary error, as without the prefix (an IndexError before)."""
+    model = nn.Module()
+    model.body = _asymmetric_ae()
+    model.final_bn = nn.BatchNorm1d(8)
+    with pytest.raises(ValueError, match=r"final_bn is folded into .* across the boundary"):
+        from_state_dict(numpy_state(model), "linear,relu,linear,linear,batchnorm")
+
+
 def test_a_decoder_before_its_encoder_is_refused() -> None:
     """Keys sorted as text put ``decoder`` first: the decoder ran first, status 0."""
     state = numpy_state(_asymmetric_ae())

@@ -269,9 +269,9 @@ def from_state_dict(state: Mapping[str, np.ndarray], layers: str | Sequence[Item
     it. A ValueError names the item and the module that do not agree.
 
     A BatchNorm right after a Linear (before its activation) normalizes its output; one after an
-    activation, or first, normalizes the next Linear's input. If the modules' top-level names
-    are ``encoder`` then ``decoder``, the encoder is the layers of ``encoder``; otherwise
-    ``default_encoder_layers`` places it.
+    activation, or first, normalizes the next Linear's input. If the layers' modules are under
+    ``encoder`` then ``decoder`` (after any prefix all of them share), the encoder is the
+    layers of ``encoder``; otherwise ``default_encoder_layers`` places it.
     """
     items = parse_layers(layers) if isinstance(layers, str) else list(layers)
     modules = state_modules(state)
@@ -401,12 +401,13 @@ def _encoder_layers(built: Sequence[_Building]) -> int | None:
     ValueError: no layer boundary is the encoder's; so is ``decoder`` before ``encoder``, which
     would run the decoder first (keys sorted as text)."""
     paths = [layer.module.path.split(".") for layer in built]
-    depth = 0  # the shared prefix's
+    depth = 0  # how many leading parts every layer's path shares
     while all(len(path) > depth + 1 and path[depth] == paths[0][depth] for path in paths) and (
         paths[0][depth] not in ("encoder", "decoder")
     ):
         depth += 1
-    names = [path[depth] if len(path) > depth else "" for path in paths]
+    prefix = paths[0][:depth]
+    names = [path[depth] for path in paths]
     encoder = names.count("encoder")
     decoder = names.count("decoder")
     if encoder and decoder and names == ["decoder"] * decoder + ["encoder"] * encoder:
@@ -419,7 +420,8 @@ def _encoder_layers(built: Sequence[_Building]) -> int | None:
         return None
     for layer, name in zip(built, names, strict=True):
         for path in layer.paths[1:]:
-            if path.split(".")[depth] != name:
+            # (A BatchNorm outside both halves, the prefix's too, is in neither.)
+            if path.split(".")[: depth + 1] != [*prefix, name]:
                 raise ValueError(
                     f"{path} is folded into {layer.item}, {layer.module}, across the boundary "
                     "between encoder and decoder, so the encoder could not run alone"
