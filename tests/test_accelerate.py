@@ -284,6 +284,16 @@ def test_a_sequential_whose_calls_run_more_than_its_forward_is_kept() -> None:
     assert type(model.assigned) is nn.Sequential
     model.compiled[2] = nn.Linear(32, 3)
     assert model.compiled(torch.randn(8, 16)).shape == (8, 3)
+    # Inside an outer Sequential: not reported as part of one fused chain (it runs plain).
+    inner = nn.Sequential(nn.Linear(16, 8), nn.ReLU())
+    inner.forward = lambda x: nn.Sequential.forward(inner, x) * 2
+    plain = nn.Sequential(inner, nn.Sequential(nn.Linear(8, 16)))
+    x = torch.randn(3, 16)
+    want = plain(x)
+    outer, report = accelerate(plain)
+    assert dict(report.kept)["0"].startswith("has a forward assigned to it")
+    assert [name for name, _ in report.replaced] == ["1"]
+    torch.testing.assert_close(outer(x), want)
     for sequential in (compiled, assigned, hooked):
         with pytest.raises(ValueError, match=r"FusedMLP\.from_sequential: the Sequential "):
             FusedMLP.from_sequential(sequential)

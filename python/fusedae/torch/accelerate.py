@@ -10,7 +10,15 @@ from torch import nn
 
 from fusedae.chain import PrecisionName, spec_precision
 from fusedae.torch.cache import has_hooks
-from fusedae.torch.lower import DROPOUTS, LoweredChain, describe, lower, split, why_not_fused
+from fusedae.torch.lower import (
+    DROPOUTS,
+    LoweredChain,
+    describe,
+    forward_assigned,
+    lower,
+    split,
+    why_not_fused,
+)
 from fusedae.torch.modules import AE, FusedMLP, chain_modules, why_kept
 
 
@@ -105,8 +113,10 @@ def accelerate(
         if type(module) is nn.Sequential:
             children = tuple(cast(nn.Sequential, module))
             # Sequentials of Sequentials (an encoder and a decoder) whose modules form one chain.
-            leaves, _ = chain_modules(children)
-            whole = lower(leaves) if leaves != children else None
+            leaves, containers = chain_modules(children)
+            # (An inner Sequential's assigned `forward` runs instead: the fused call reads it.)
+            one_chain = leaves != children and not forward_assigned(map(vars, containers))
+            whole = lower(leaves) if one_chain else None
             pieces: list[tuple[int, int, LoweredChain | None]] = (
                 [(0, len(children), whole)] if whole is not None else split(children)
             )
