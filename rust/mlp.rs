@@ -160,9 +160,6 @@ impl<T: Float, W: Weights<T>> Mlp<T, W> {
             ))
         })?;
         check_storable::<T, W>(specs)?;
-        if W::CHANNEL_VALUES > 0 {
-            check_scalable(specs, W::PRECISION)?;
-        }
         check_summable::<T, W>(specs)?;
         Self::with_kernel(specs, isa, kernel)
     }
@@ -663,7 +660,7 @@ impl Mlp<f32> {
     /// ([`dispatch::multiplies_int8`](crate::dispatch::multiplies_int8)): inference only,
     /// within the int8 bound, of which it leaves out the inputs' rounding.
     pub fn rounded_to_int8(specs: &[LayerSpec<'_, f32>], isa: Isa) -> Result<Self, Error> {
-        check_scalable(specs, <i8 as Weights<f32>>::PRECISION)?;
+        check_storable::<f32, i8>(specs)?;
         // The same widths as the int8 kernel, so that a chain that runs on one CPU runs on all.
         check_summable::<f32, i8>(specs)?;
         Self::rounded_to::<i8>(specs, isa, |row| {
@@ -700,30 +697,18 @@ impl Mlp<f32> {
     }
 }
 
-/// Weights scaled per output (int8) need finite values: an infinity would scale its row to
-/// nothing, silently.
-fn check_scalable<T: Element>(specs: &[LayerSpec<'_, T>], precision: &str) -> Result<(), Error> {
-    for (index, spec) in specs.iter().enumerate() {
-        if let Some(at) = spec.weight.iter().position(|w| !w.is_finite()) {
-            return Err(Error::Precision(format!(
-                "layer {index}: weight [{}, {}] is {:?}; precision {precision} needs finite weights",
-                at / spec.in_features.max(1),
-                at % spec.in_features.max(1),
-                spec.weight[at]
-            )));
-        }
-    }
-    Ok(())
-}
-
-/// Weights `W` can hold: a finite one beyond its range (bf16's largest is 3.39e38) would be
-/// stored as an infinity, silently (a tester's weight of 3.4e38 gave inf for 1.7e38).
+/// Weights `W` can store faithfully ([`Storage::refuses`]: int8's finite ones, bf16's within
+/// its range).
 fn check_storable<T: Float, W: Weights<T>>(specs: &[LayerSpec<'_, T>]) -> Result<(), Error> {
     for (index, spec) in specs.iter().enumerate() {
-        if let Some(at) = spec.weight.iter().position(|&w| W::overflows(w)) {
+        let refused = spec
+            .weight
+            .iter()
+            .enumerate()
+            .find_map(|(at, &w)| W::refuses(w).map(|reason| (at, reason)));
+        if let Some((at, reason)) = refused {
             return Err(Error::Precision(format!(
-                "layer {index}: weight [{}, {}] is {:?}, beyond what precision {} holds: run \
-                 this chain at fp32",
+                "layer {index}: weight [{}, {}] is {:?}; precision {} {reason}",
                 at / spec.in_features.max(1),
                 at % spec.in_features.max(1),
                 spec.weight[at],
@@ -857,14 +842,16 @@ fn first_error(failed: Mutex<Option<Error>>) -> Result<(), Error> {
 fn with_scratch<T: Element>(len: usize, run: impl FnOnce(&mut [T])) -> Result<(), Error> {
     let lines = (len * std::mem::size_of::<T>()).div_ceil(LINE_BYTES);
     let grow = |buffer: &mut Vec<CacheLine>| -> Result<(), Error> {
-        let more = lines.saturating_sub(buffer.len());
+        let Some(more) = lines.checked_sub(buffer.len()).filter(|&more| more > 0) else {
+            return Ok(()); // (every call but a thread's first: its buffer is large enough)
+        };
         buffer.try_reserve_exact(more).map_err(|_| {
             Error::Memory(format!(
                 "could not allocate the call's {} MB of working memory",
                 (lines * LINE_BYTES).div_ceil(1 << 20)
             ))
         })?;
-        buffer.resize(buffer.len().max(lines), CacheLine::zeroed());
+        buffer.resize(lines, CacheLine::zeroed());
         Ok(())
     };
     if lines * LINE_BYTES > SCRATCH_KEEP_BYTES {

@@ -28,10 +28,11 @@ pub trait Storage<T: Copy>: bytemuck::Pod + Send + Sync + Debug + 'static {
     /// `value` rounded to this type.
     fn store(value: T) -> Self;
 
-    /// Whether a finite `value` is beyond this type's range (stored as an infinity).
-    fn overflows(value: T) -> bool {
+    /// Why this type cannot store the weight `value` faithfully, if it cannot: the end of
+    /// "precision P ...", for [`Mlp::new`](crate::mlp::Mlp::new)'s error.
+    fn refuses(value: T) -> Option<&'static str> {
         let _ = value;
-        false
+        None
     }
 
     /// `buffer` as values of `T`, where this type is `T` (packing then transposes a register
@@ -68,8 +69,11 @@ impl Storage<f32> for Bf16 {
         Bf16::round(value)
     }
 
-    fn overflows(value: f32) -> bool {
-        value.is_finite() && Bf16::round(value).widen().is_infinite()
+    /// A finite value beyond bf16's range would be stored as an infinity, silently (a tester's
+    /// weight of 3.4e38 gave inf for 1.7e38).
+    fn refuses(value: f32) -> Option<&'static str> {
+        (value.is_finite() && Bf16::round(value).widen().is_infinite())
+            .then_some("holds at most 3.39e38: run this chain at fp32")
     }
 }
 
@@ -83,6 +87,12 @@ impl Storage<f32> for i8 {
     #[inline(always)]
     fn store(value: f32) -> i8 {
         value.round_ties_even().clamp(-127.0, 127.0) as i8
+    }
+
+    /// Weights scaled per output need finite values: an infinity would scale its row to
+    /// nothing, silently.
+    fn refuses(value: f32) -> Option<&'static str> {
+        (!value.is_finite()).then_some("needs finite weights")
     }
 
     fn store_channel(row: &[f32], stored: &mut [i8], channel: &mut [f32]) {

@@ -19,7 +19,7 @@ from fusedae.torch.lower import (
     split,
     why_not_fused,
 )
-from fusedae.torch.modules import AE, FusedMLP, chain_modules, why_kept
+from fusedae.torch.modules import AE, HAS_HOOKS, FusedMLP, chain_modules, why_kept
 
 
 @dataclass
@@ -124,7 +124,7 @@ def accelerate(
             if not any(lowered for _, _, lowered in pieces):
                 report.kept.append((name, f"no Linear chain the kernels take ({kinds})"))
             elif has_hooks(module.modules()):
-                report.kept.append((name, "has hooks, which the fused call would skip"))
+                report.kept.append((name, HAS_HOOKS))
             elif (reason := why_kept(module)) is not None:
                 report.kept.append((name, reason))
             else:

@@ -921,15 +921,19 @@ def hook_registries(modules: Iterable[nn.Module]) -> list[dict[int, Any]]:
         _torch_module._global_backward_pre_hooks,
     ]
     for m in modules:
-        if m is None:  # a Sequential may hold None (it fails when called)
-            continue
-        registries += (
-            m._forward_hooks,
-            m._forward_pre_hooks,
-            m._backward_hooks,
-            m._backward_pre_hooks,
-        )
+        if m is not None:  # (a Sequential may hold None: it fails when called)
+            registries += own_hooks(m)
     return registries
+
+
+def own_hooks(module: nn.Module) -> tuple[dict[int, Any], ...]:
+    """``module``'s own hook dicts, which ``nn.Module.__call__`` runs."""
+    return (
+        module._forward_hooks,
+        module._forward_pre_hooks,
+        module._backward_hooks,
+        module._backward_pre_hooks,
+    )
 
 
 def has_hooks(modules: Iterable[nn.Module]) -> bool:

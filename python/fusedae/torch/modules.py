@@ -19,6 +19,7 @@ from fusedae.torch.cache import (
     _is_grad_enabled,
     _tracing_state,
     hook_registries,
+    own_hooks,
 )
 from fusedae.torch.lower import LoweredChain
 
@@ -117,17 +118,16 @@ COPIED_STATE = ("_parameters", "_buffers", "_non_persistent_buffers_set")
 FUSED_STATE = ("_fused", "_pieces")  # a FusedMLP's own
 
 
-# A module's own hook dicts (`nn.Module.__call__` runs them).
-_OWN_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+HAS_HOOKS = "has hooks, which the fused call would skip"
 
 
 def why_kept(sequential: nn.Module) -> str | None:
     """Why a call of ``sequential`` does more than its class's ``forward`` on its children, or
     None: hooks of its own (a FusedMLP would skip them), a ``.compile()`` in place or a
     ``forward`` assigned to it (either runs the old module, with its old children)."""
+    if any(own_hooks(sequential)):
+        return HAS_HOOKS
     own = vars(sequential)
-    if any(own[name] for name in _OWN_HOOKS):
-        return "has hooks, which the fused call would skip"
     if own.get("_compiled_call_impl") is not None:
         return "was compiled in place (.compile()): accelerate first, then compile"
     if "forward" in own:
