@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fusedae
+from _address_space import run_limited
 from _threads import run_at_once
 from fusedae import _native, _reference
 from fusedae._ops import RELU
@@ -277,21 +278,14 @@ def test_a_call_during_interpreter_shutdown():
 
 
 WORKING_MEMORY_BEYOND_THE_LIMIT = """
-import mmap, resource, numpy as np, fusedae
+import numpy as np, fusedae
 fusedae.set_num_threads(1)
 width = 1_000_000  # 512 MB of working memory for 64 rows, 8 MB of weights
 mlp = fusedae.MLP([(np.full((width, 1), 0.5, np.float32), None),
                    (np.full((1, width), 1e-6, np.float32), None)])
 x = np.ones((64, 1), np.float32)
 mlp(x[:1])
-used = int([l for l in open("/proc/self/status") if l.startswith("VmSize")][0].split()[1]) * 1024
-resource.setrlimit(resource.RLIMIT_AS, (used + (100 << 20), resource.RLIM_INFINITY))
-try:
-    mmap.mmap(-1, 400 << 20)
-    print("RLIMIT_AS is not enforced")
-    raise SystemExit
-except OSError:
-    pass
+limit_address_space(100)
 try:
     mlp(x)
 except MemoryError as error:
@@ -300,14 +294,11 @@ print(round(float(mlp(x[:1])[0, 0]), 2))
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc, sets RLIMIT_AS")
 def test_working_memory_beyond_the_limit_is_a_memory_error():
     """A call whose working memory (it grows with the widest layer) cannot be allocated raises
     MemoryError, as numpy does, and the chain goes on working (it aborted the process)."""
-    done = run_python(WORKING_MEMORY_BEYOND_THE_LIMIT)
+    done = run_limited(WORKING_MEMORY_BEYOND_THE_LIMIT)
     assert done.returncode == 0, done.stderr
-    if done.stdout.startswith("RLIMIT_AS is not enforced"):
-        pytest.skip("RLIMIT_AS is not enforced here (qemu-user ignores it)")
     assert re.search(r"MemoryError: could not allocate the call's \d+ MB of working", done.stdout)
     assert done.stdout.strip().endswith("\n0.5")
 
