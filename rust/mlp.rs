@@ -464,6 +464,9 @@ impl<T: Float, W: Weights<T>> Mlp<T, W> {
             tasks,
             &|| GradientSums::<T>::new(partial_len),
             &|sums, chunk| {
+                let Ok(sums) = sums else {
+                    return; // (the share's allocation error, returned below)
+                };
                 let first = chunk * chunk_rows;
                 let count = chunk_rows.min(rows - first);
                 let chunk_inputs = BackwardInputs {
@@ -477,8 +480,8 @@ impl<T: Float, W: Weights<T>> Mlp<T, W> {
                     .get(chunk)
                     .map(|g| g.lock().unwrap_or_else(PoisonError::into_inner));
                 let len = backward_scratch_len(&self.kernel.shape, layers, count);
-                sums.add_rows(count, |sums| {
-                    let ran = with_scratch(len, |scratch: &mut [T]| {
+                let ran = sums.add_rows(count, |sums| {
+                    with_scratch(len, |scratch: &mut [T]| {
                         // SAFETY: `Mlp::with_kernel` packed the layers with `self.kernel.shape`
                         // and checked through `dispatch::require` that this CPU supports
                         // `self.isa`, the kernel's ISA.
@@ -492,13 +495,14 @@ impl<T: Float, W: Weights<T>> Mlp<T, W> {
                                 scratch,
                             )
                         }
-                    });
-                    keep_first_error(&failed, ran);
+                    })
                 });
+                keep_first_error(&failed, ran);
             },
         )
         .map_err(Error::Threads)?;
         first_error(failed)?;
+        let partials = partials.into_iter().collect::<Result<Vec<_>, _>>()?;
         // The threads' sums, in order, then each layer's rows without their padding.
         let mut partials = partials.into_iter().map(GradientSums::into_total);
         let mut total = partials.next().expect("one share at least");
@@ -764,33 +768,54 @@ fn add_to<T: Element>(values: &mut [T], more: &[T]) {
     }
 }
 
+/// `len` zeros, or [`Error::Memory`] where they cannot be allocated: gradient sums are as large
+/// as the weights, once or twice a thread, and a wide chain under a memory limit aborted the
+/// process there.
+fn gradient_sums_zeros<T: Element>(len: usize) -> Result<Vec<T>, Error> {
+    let mut zeros = Vec::new();
+    zeros.try_reserve_exact(len).map_err(|_| {
+        Error::Memory(format!(
+            "could not allocate {} MB for a thread's weight gradient sums",
+            (len * std::mem::size_of::<T>()).div_ceil(1 << 20)
+        ))
+    })?;
+    zeros.resize(len, T::ZERO);
+    Ok(zeros)
+}
+
 impl<T: Element> GradientSums<T> {
     /// Zero sums of `len` values.
-    fn new(len: usize) -> Self {
-        GradientSums {
-            total: vec![T::ZERO; len],
+    fn new(len: usize) -> Result<Self, Error> {
+        Ok(GradientSums {
+            total: gradient_sums_zeros(len)?,
             total_rows: 0,
             block: Vec::new(),
             block_rows: 0,
-        }
+        })
     }
 
     /// Runs `backward(sums)` for `rows` more rows (at most [`SUMMED_ROWS`]), adding to the
-    /// sums whose turn it is.
-    fn add_rows(&mut self, rows: usize, backward: impl FnOnce(&mut [T])) {
+    /// sums whose turn it is; `backward`'s error, or [`Error::Memory`] where the second level
+    /// cannot be allocated.
+    fn add_rows(
+        &mut self,
+        rows: usize,
+        backward: impl FnOnce(&mut [T]) -> Result<(), Error>,
+    ) -> Result<(), Error> {
         if self.block.is_empty() && self.total_rows + rows <= SUMMED_ROWS {
-            backward(&mut self.total);
+            backward(&mut self.total)?;
             self.total_rows += rows;
-            return;
+            return Ok(());
         }
         if self.block_rows + rows > SUMMED_ROWS {
             self.flush();
         }
         if self.block.is_empty() {
-            self.block = vec![T::ZERO; self.total.len()];
+            self.block = gradient_sums_zeros(self.total.len())?;
         }
-        backward(&mut self.block);
+        backward(&mut self.block)?;
         self.block_rows += rows;
+        Ok(())
     }
 
     /// Adds the block's sums to the total, and zeros the block.

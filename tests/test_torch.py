@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import itertools
 import os
+import re
 import sys
 import threading
 import time
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 import fusedae
+from _address_space import run_limited
 from _seed import AE as SeedAE
 from _tensors import relative_error
 from _threads import run_at_once
@@ -1291,3 +1293,36 @@ def test_threads_sharing_no_model_pack_at_once():
         sys.setswitchinterval(interval)
         cache._pruned_above[0] = 1024
     assert errors == []
+
+
+GRADIENT_SUMS_BEYOND_THE_LIMIT = """
+import torch, fusedae
+from torch import nn
+from fusedae.torch import accelerate, cache
+torch.set_num_threads(1)
+fusedae.set_num_threads(1)
+cache.TRAINING_MIN_ROWS = cache.TRAINING_MIN_FLOPS = 0
+width = 4096  # 64 MB of weights: as much for the thread's gradient sums, 64 MB of gradients
+model, _ = accelerate(nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 1)))
+x = torch.ones(1, width)
+model(x).sum().backward()
+first = model[0].weight.grad.clone()
+limit_address_space(100)
+try:
+    model(x).sum().backward()
+except MemoryError as error:
+    print("MemoryError:", error)
+resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+model(x).sum().backward()
+print("accumulated twice:", torch.equal(model[0].weight.grad, 2 * first))
+"""
+
+
+def test_gradient_sums_beyond_the_limit_are_a_memory_error():
+    """A backward whose per-thread weight gradient sums (as large as the weights) cannot be
+    allocated raises MemoryError and adds nothing to ``.grad`` (it aborted the process)."""
+    done = run_limited(GRADIENT_SUMS_BEYOND_THE_LIMIT)
+    assert done.returncode == 0, done.stderr
+    allocation = r"MemoryError: could not allocate \d+ MB for a thread's weight gradient sums"
+    assert re.search(allocation, done.stdout), done.stdout
+    assert done.stdout.strip().endswith("accumulated twice: True"), done.stdout
