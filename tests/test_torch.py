@@ -869,8 +869,18 @@ class TestFusedMLP:
 
 
 class TestBadInput:
-    def test_feature_size_mismatch(self):
+    @pytest.fixture(params=["fused", "below the training gate"])
+    def gate(self, request, monkeypatch):
+        """Training calls fused, or below the gate, where they run plain PyTorch: which error
+        a wrong input gets does not depend on the batch size (below the gate it was PyTorch's
+        bare RuntimeError)."""
+        if request.param != "fused":
+            monkeypatch.setattr(cache, "TRAINING_MIN_ROWS", 10**6)
+
+    @pytest.mark.parametrize("grad", [False, True])
+    def test_feature_size_mismatch(self, gate, grad):
         _, fused = seed_and_fused(20, 3, 8)
+        fused.requires_grad_(grad)
         with pytest.raises(
             ValueError, match=r"expected input of shape \(\*, 20\), got shape \(4, 19\)"
         ):
@@ -880,9 +890,11 @@ class TestBadInput:
         with pytest.raises(RuntimeError):  # what code written for nn.Linear catches
             fused(torch.randn(4, 19))
 
+    @pytest.mark.parametrize("grad", [False, True])
     @pytest.mark.parametrize("dtype", [torch.int64, torch.float64, torch.float16, torch.bool])
-    def test_wrong_dtype(self, dtype):
+    def test_wrong_dtype(self, gate, grad, dtype):
         _, fused = seed_and_fused(20, 3, 8)
+        fused.requires_grad_(grad)
         with pytest.raises(TypeError, match=f"expected input of dtype torch.float32.*got {dtype}"):
             fused(torch.zeros(4, 20, dtype=dtype))
         with pytest.raises(RuntimeError):  # what code written for nn.Linear catches

@@ -500,10 +500,26 @@ class ChainCache:
         ):
             return False
         try:
-            return self.needs_gradients(x)
+            if not self.needs_gradients(x):
+                return False
         except KeyError:  # a tensor moved out of its slot: lowered again, this call plain
             self.relower()
             return True
+        shape = x.shape
+        if not shape or shape[-1] != self.in_features:
+            return False  # `forward` raises the shape error
+        self.check_dtype(x)
+        return True
+
+    def check_dtype(self, x: torch.Tensor) -> None:
+        """Raises ``InputDtypeError`` where ``x`` is not of the parameters' dtype, for a call
+        below the gate that runs plain (whose error from PyTorch is a bare RuntimeError: which
+        error a wrong input gets must not depend on the batch size)."""
+        weight = self.lowered.layers[0][0].weight  # type: ignore[union-attr]
+        if weight.dtype != x.dtype:
+            raise InputDtypeError(
+                f"expected input of dtype {weight.dtype} (the parameters' dtype), got {x.dtype}"
+            )
 
     def needs_gradients(self, x: torch.Tensor) -> bool:
         """Whether a call on ``x`` with grad mode on must record for autograd: ``x`` or one of
@@ -693,6 +709,7 @@ class ChainCache:
                     "train"
                 )
             if self.trains_faster_plain(x):
+                self.check_dtype(x)
                 return None  # before packing: a training step changes every parameter
         dtype = x.dtype
         # Still the packed chain if every tensor is the one packed, at the same address and
@@ -723,11 +740,7 @@ class ChainCache:
         if chain is None:  # parameters elsewhere or of another dtype, or a dtype we do not fuse
             if self.lowered is None:  # lowered again by `pack`: not a chain now
                 return None
-            weight = self.lowered.layers[0][0].weight
-            if weight.dtype != dtype:
-                raise InputDtypeError(
-                    f"expected input of dtype {weight.dtype} (the parameters' dtype), got {dtype}"
-                )
+            self.check_dtype(x)
             return None
         if self.normalized and len(shape) != 2:
             return None  # BatchNorm1d normalizes dimension 1, the features only in 2-D input
