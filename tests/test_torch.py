@@ -1338,3 +1338,27 @@ def test_gradient_sums_beyond_the_limit_are_a_memory_error():
     allocation = r"MemoryError: could not allocate \d+ MB for a thread's weight gradient sums"
     assert re.search(allocation, done.stdout), done.stdout
     assert done.stdout.strip().endswith("accumulated twice: True"), done.stdout
+
+
+@pytest.mark.parametrize(
+    "unpack",
+    [
+        lambda t: t.t().contiguous().t() if t.dim() == 2 else t,  # column-major
+        lambda t: torch._neg_view(-t),  # the same values, negated memory
+        lambda t: t.repeat_interleave(2, -1)[..., ::2] if t.dim() == 2 else t,  # strided
+    ],
+    ids=["column-major", "negated view", "strided"],
+)
+def test_saved_tensors_unpacked_in_another_layout_give_the_same_gradients(unpack):
+    """``saved_tensors_hooks`` (activation offloading, compression) may unpack what the forward
+    saved with other strides or as a negated view of the same values: the column-major one was
+    refused ("reads C-contiguous tensors"), the negated one gave gradients of the wrong sign."""
+    plain = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 6), nn.Tanh()).double()
+    fused, _ = accelerate(copy.deepcopy(plain))
+    x = torch.randn(9, 6, dtype=torch.float64)
+    for model in (plain, fused):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, unpack):
+            loss = ((model(x) - x) ** 2).mean()
+        loss.backward()
+    for want, got in zip(plain.parameters(), fused.parameters(), strict=True):
+        assert relative_error(got.grad, want.grad) <= 1e-12

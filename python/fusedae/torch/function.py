@@ -355,10 +355,13 @@ def native_gradients(
     (``kernel_input``: the Function saves it so): ``grads`` a 1-d numpy array, each layer's
     weight gradient then bias gradient (see ``Chain._backward_dlpack``). ``y`` None: the last
     post-op's gradient does not read the output (the Function kept none), and the kernel is
-    handed ``grad_output`` in its place, of the same shape, for the checks."""
+    handed ``grad_output`` in its place, of the same shape, for the checks. Each tensor is
+    read as the kernel reads it (``aligned``, ``resolved``): what the forward saved comes back
+    through ``saved_tensors_hooks``' unpack, which may hand over other strides or a negated view
+    of the same values."""
     grad = aligned(resolved(grad_output))
-    if y is None:
-        y = grad
+    x, saved = aligned(resolved(x)), aligned(resolved(saved))
+    y = grad if y is None else aligned(resolved(y))
     grad_x, grads = chain._backward_dlpack(
         to_dlpack(x), to_dlpack(saved), to_dlpack(y), to_dlpack(grad), list(needs_params), needs_x
     )
