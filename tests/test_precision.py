@@ -433,6 +433,24 @@ def test_torch_narrow_precision_refuses_to_train_and_float64(rng, precision):
 
 
 @pytest.mark.parametrize("precision", NARROW)
+def test_torch_compile_at_narrow_precision_refuses_to_train_and_infers_at_fp32(precision):
+    """Traced, a narrow-precision model runs PyTorch's own ops (the custom ops are fp32 and
+    fp64 only): inference at fp32, and a training call refused as in eager (it trained at
+    fp32)."""
+    torch._dynamo.reset()
+    model = AE(20, 3, 7, precision=precision)
+    compiled = torch.compile(model, backend="eager")
+    x = torch.rand(300, 20)
+    with torch.no_grad():
+        got = compiled(x)
+        want = model.set_precision("fp32")(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    model.set_precision(precision)
+    with pytest.raises(RuntimeError, match=f"precision '{precision}' is for inference"):
+        compiled(x)
+
+
+@pytest.mark.parametrize("precision", NARROW)
 def test_accelerate_at_narrow_precision(rng, precision):
     model = nn.Sequential(nn.Linear(30, 16), nn.Tanh(), nn.Linear(16, 4), nn.Sigmoid())
     plain = copy.deepcopy(model)

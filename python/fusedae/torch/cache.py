@@ -703,11 +703,7 @@ class ChainCache:
             return None
         if records:
             if self.precision != "full":
-                raise RuntimeError(
-                    f"precision {self.precision!r} is for inference: call under "
-                    "torch.no_grad() or torch.inference_mode(), or set_precision('fp32') to "
-                    "train"
-                )
+                raise self.narrow_training_error()
             if self.trains_faster_plain(x):
                 self.check_dtype(x)
                 return None  # before packing: a training step changes every parameter
@@ -761,6 +757,13 @@ class ChainCache:
                 pass  # `run` copies it, or raises what no copy mends
         return run(chain, x)
 
+    def narrow_training_error(self) -> RuntimeError:
+        """A call that needs gradients at a precision for inference."""
+        return RuntimeError(
+            f"precision {self.precision!r} is for inference: call under torch.no_grad() or "
+            "torch.inference_mode(), or set_precision('fp32') to train"
+        )
+
     def traced_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """``forward`` while ``torch.compile`` or ``torch.export`` traces: a call of the custom
         op (``fusedae::chain``, or ``fusedae::chain_saving`` where gradients are needed) on the
@@ -771,9 +774,11 @@ class ChainCache:
             return None
         lowered = self.lowered
         assert lowered is not None  # `set_modules` found a chain
+        if self.precision != "full" and _is_grad_enabled() and self.needs_gradients(x):
+            raise self.narrow_training_error()  # as eager: it would train at fp32
         if (
             _custom_ops is None
-            or self.precision != "full"  # the custom ops are fp32 / fp64 only
+            or self.precision != "full"  # the custom ops are fp32 / fp64 only: plain, at fp32
             or any(self.hook_registries)
             or lowered.normalized
             or _functorch_transforms_active()
