@@ -103,6 +103,18 @@ def test_info_and_console_script() -> None:
 
 
 @pytest.mark.parametrize(
+    "command", [["info"], ["encode", "model.safetensors", "x.npy", "-o", "y.npy"]]
+)
+def test_an_unknown_isa_forced_is_the_commands_error(command: list[str]) -> None:
+    """(It was a traceback from the first kernel call.)"""
+    result = fusedae(*command, env={"FUSEDAE_ISA": "bogus"})
+    assert result.returncode == 1
+    name = command[0]
+    assert result.stderr.startswith(f'fusedae {name}: error: unknown ISA "bogus"'), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
     ("flags", "part", "in_features"),
     [([], "encoder", 64), (["--decode"], "decoder", 2), (["--reconstruct"], "all", 64)],
     ids=["encode", "decode", "reconstruct"],

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 import fusedae
+from fusedae import _native
 from fusedae.cli import bench, demo, encode, info
 from fusedae.cli.common import CommandError
 
@@ -33,6 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
+        check_isa()
         args.run(args)
     except (CommandError, OSError) as error:
         report(f"fusedae {args.command}: error: {error}")
@@ -41,6 +43,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         report(f"fusedae {args.command}: interrupted")
         return 128 + signal.SIGINT
     return 0
+
+
+def check_isa() -> None:
+    """A ``FUSEDAE_ISA`` this CPU cannot run (or no ISA's name) is the command's error, not a
+    traceback from its first kernel call."""
+    try:
+        _native.selected_isa()
+    except ValueError as error:
+        raise CommandError(str(error)) from None
 
 
 def report(message: str) -> None:
