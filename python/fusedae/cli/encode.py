@@ -103,7 +103,7 @@ def encode_help() -> str:
 def add_parser(commands: Any) -> None:
     encode = commands.add_parser(
         "encode",
-        help="run a saved model over a .npy/.npz file",
+        help="run a saved model over a .npy/.npz file or Parquet shards",
         description=encode_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -125,7 +125,10 @@ def add_parser(commands: Any) -> None:
         help=f"rows per chunk (default: about {CHUNK_BYTES >> 20} MiB of input)",
     )
     encode.add_argument(
-        "--threads", type=thread_count, help="kernel threads (default: the CPUs available)"
+        "--threads",
+        type=thread_count,
+        help="kernel threads (default: the CPUs available; for Parquet, one fewer: the reader "
+        "decodes on the other)",
     )
     encode.add_argument(
         "--precision",
