@@ -31,9 +31,9 @@ __version__: str
 build_profile: Literal["debug", "release"]
 target_arch: str
 POST_OPS: tuple[str, ...]
+"""The post-ops the kernels apply to a layer's outputs, by name, in the Rust enum's order."""
 MAX_THREADS: int
 """The most threads ``set_num_threads`` accepts."""
-"""The post-ops the kernels apply to a layer's outputs, by name, in the Rust enum's order."""
 
 # A native class: Python cannot combine it with another native base (PEP 800).
 @disjoint_base

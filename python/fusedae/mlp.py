@@ -187,8 +187,9 @@ class MLP(_native.Chain):
             """``(*, in_features)`` -> ``(*, out_features)``, in the MLP's dtype."""
 
     def _call_general(self, x: npt.ArrayLike, out: FloatArray | None) -> FloatArray:
-        """What the native call refused: input converted if it can be (other float dtypes, any
-        leading shape, non-contiguous, lists), or an error that says what was wrong."""
+        """What the native call refused: input converted if it can be (the other byte order,
+        any leading shape, non-contiguous, lists; float64 into a bf16/int8 chain), or an error
+        that says what was wrong (another float dtype)."""
         if self._spec.precision != "full" and getattr(x, "dtype", None) == np.float64:
             x = np.asarray(x, np.float32)  # a bf16/int8 chain takes float32: float64 converted
         x2, lead = check_input(x, self._dtype, self.in_features, self.out_features)
