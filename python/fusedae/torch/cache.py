@@ -505,9 +505,10 @@ class ChainCache:
         except KeyError:  # a tensor moved out of its slot: lowered again, this call plain
             self.relower()
             return True
-        shape = x.shape
-        if not shape or shape[-1] != self.in_features:
-            return False  # `forward` raises the shape error
+        if not x.is_nested:  # (no one shape: nn.Linear takes a nested tensor row by row)
+            shape = x.shape
+            if not shape or shape[-1] != self.in_features:
+                return False  # `forward` raises the shape error
         self.check_dtype(x)
         return True
 
