@@ -47,7 +47,9 @@ from fusedae.torch.lower import (
 _custom_ops: types.ModuleType | None
 try:
     from fusedae.torch import custom_ops as _custom_ops
-except AttributeError:  # torch < 2.4 has no `torch.library.custom_op`: compiled, plain PyTorch
+except (AttributeError, ValueError):
+    # torch < 2.4 has no `torch.library.custom_op`, and one that cannot infer the ops' schemas
+    # refuses them with a ValueError: compiled, plain PyTorch
     _custom_ops = None
 
 _FUSED_DTYPES = (torch.float32, torch.float64)
@@ -162,9 +164,9 @@ COMPILED_GATES = ("COMPILED_INFERENCE_MIN_FLOPS", "COMPILED_TRAINING_MIN_FLOPS")
 # only the latter); non-strict export and AOTAutograd trace fake tensors, which the exact type
 # check turns away. Under autocast a Linear computes in its lower precision: any autocast
 # (torch 2.4+ has one flag for all devices; older ones, the CPU's) runs plain PyTorch.
-_is_dynamo_compiling = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)
 # True while TorchDynamo traces and while torch.export traces without it (non-strict).
-_is_compiling = torch.compiler.is_compiling
+_is_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
+_is_dynamo_compiling = getattr(torch.compiler, "is_dynamo_compiling", None) or _is_compiling
 _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
 _is_autocast_enabled = getattr(torch._C, "_is_any_autocast_enabled", torch.is_autocast_cpu_enabled)
 _tracing_state = torch._C._get_tracing_state

@@ -15,8 +15,6 @@ graph is traced (eager calls keep its direct path and its own packed chain, fast
 batches), and only for CPU float32/float64 chains without BatchNorm.
 """
 
-from __future__ import annotations
-
 import functools
 import math
 import typing
@@ -157,7 +155,8 @@ def _check_output(y: torch.Tensor | None, post_ops: str) -> None:
 
 
 # The ops' list arguments are `typing.Sequence`s: torch 2.4 and 2.5 infer a schema from `typing`'s
-# generics only, and refused `list[torch.Tensor]` with a ValueError on import.
+# generics only, and refused `list[torch.Tensor]` with a ValueError on import. No `from __future__
+# import annotations` here: torch 2.4 cannot read annotations that are strings.
 @torch.library.custom_op("fusedae::chain", mutates_args=(), device_types="cpu")
 def chain(
     x: torch.Tensor,

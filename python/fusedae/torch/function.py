@@ -134,8 +134,11 @@ DOUBLE_BACKWARD_ERROR = (
 )
 
 
-# (Private, and not in every torch this package takes: none batches the legacy way then.)
-_is_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda _: False)
+# (Private, and not in every torch this package takes: before it, a legacy batched tensor is the
+# one kind here without storage.)
+_is_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", None) or (
+    lambda tensor: not torch._C._has_storage(tensor)
+)
 BATCHED_BACKWARD_ERROR = (
     "fusedae's fused backward does not take batched gradients (torch.autograd.grad with "
     "is_grads_batched=True, torch.autograd.functional.jacobian with vectorize=True, a vmap "
