@@ -777,8 +777,14 @@ class ChainCache:
             return None
         lowered = self.lowered
         assert lowered is not None  # `set_modules` found a chain
-        if self.precision != "full" and _is_grad_enabled() and self.needs_gradients(x):
-            raise self.narrow_training_error()  # as eager: it would train at fp32
+        if self.precision != "full" and _is_grad_enabled():
+            linears = [linear for linear, _ in lowered.layers]
+            if x.requires_grad or any(
+                t is not None and t.requires_grad
+                for linear in linears
+                for t in (linear.weight, linear.bias)
+            ):
+                raise self.narrow_training_error()  # as eager: it would train at fp32
         if (
             _custom_ops is None
             or self.precision != "full"  # the custom ops are fp32 / fp64 only: plain, at fp32
