@@ -50,7 +50,7 @@ def check_isa() -> None:
     traceback from its first kernel call."""
     try:
         _native.selected_isa()
-    except ValueError as error:
+    except (ValueError, RuntimeError) as error:  # (an unknown name; one this CPU cannot run)
         raise CommandError(str(error)) from None
 
 
