@@ -22,6 +22,7 @@ from _seed import AE as SeedAE
 from fusedae import MLP, _reference
 from fusedae._ops import PostOp
 from fusedae.torch import AE, FusedMLP, accelerate
+from fusedae.torch import cache as torch_cache
 from fusedae.torch import save as torch_save
 
 # The issue's ceilings on the normwise relative error, and each precision's bound.
@@ -432,11 +433,17 @@ def test_torch_narrow_precision_refuses_to_train_and_float64(rng, precision):
         model.double()(x.double())
 
 
+@pytest.mark.parametrize("gates", ["off", "as shipped"])
 @pytest.mark.parametrize("precision", NARROW)
-def test_torch_compile_at_narrow_precision_refuses_to_train_and_infers_at_fp32(precision):
+def test_torch_compile_at_narrow_precision_refuses_to_train_and_infers_at_fp32(
+    precision, gates, monkeypatch
+):
     """Traced, a narrow-precision model runs PyTorch's own ops (the custom ops are fp32 and
     fp64 only): inference at fp32, and a training call refused as in eager (it trained at
-    fp32)."""
+    fp32), below the compiled gates too (these 300 rows are)."""
+    if gates == "as shipped":
+        monkeypatch.setattr(torch_cache, "COMPILED_INFERENCE_MIN_FLOPS", 120_000_000)
+        monkeypatch.setattr(torch_cache, "COMPILED_TRAINING_MIN_FLOPS", 250_000_000)
     torch._dynamo.reset()
     model = AE(20, 3, 7, precision=precision)
     compiled = torch.compile(model, backend="eager")

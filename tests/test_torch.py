@@ -1362,3 +1362,31 @@ def test_saved_tensors_unpacked_in_another_layout_give_the_same_gradients(unpack
         loss.backward()
     for want, got in zip(plain.parameters(), fused.parameters(), strict=True):
         assert relative_error(got.grad, want.grad) <= 1e-12
+
+
+class TestBelowTheTrainingGate:
+    """Where a training call runs plain PyTorch below the gate, an input plain PyTorch takes
+    is taken, and the shortcut past the fused path's checks holds for a Flatten chain."""
+
+    @pytest.fixture(autouse=True)
+    def _below_the_gate(self, monkeypatch):
+        monkeypatch.setattr(cache, "TRAINING_MIN_ROWS", 10**6)
+
+    def test_input_plain_pytorch_takes_under_autocast_or_through_a_hook(self):
+        """A bf16 input under CPU autocast, and a float64 one a pre-hook converts, were
+        refused with InputDtypeError below the gate (above it they ran plain)."""
+        plain = nn.Sequential(nn.Linear(20, 7), nn.ReLU(), nn.Linear(7, 3))
+        fused, _ = accelerate(copy.deepcopy(plain))
+        x = torch.randn(4, 20)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want, got = plain(x.bfloat16()), fused(x.bfloat16())
+        assert torch.equal(got, want)
+        for model in (plain, fused):
+            model[0].register_forward_pre_hook(lambda _, args: (args[0].float(),))
+        assert torch.equal(fused(x.double()), plain(x.double()))
+
+    def test_a_flatten_chain_takes_the_shortcut(self):
+        fused, _ = accelerate(nn.Sequential(nn.Flatten(), nn.Linear(12, 5), nn.ReLU()))
+        x = torch.randn(4, 3, 4)
+        assert fused._fused.trains_plain(x)
+        assert fused(x).shape == (4, 5)

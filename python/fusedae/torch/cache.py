@@ -507,12 +507,14 @@ class ChainCache:
         except KeyError:  # a tensor moved out of its slot: lowered again, this call plain
             self.relower()
             return True
-        if not x.is_nested:  # (no one shape: nn.Linear takes a nested tensor row by row)
+        # Where `forward` would raise for the input's width or dtype, it goes there: it raises,
+        # or runs plain PyTorch where that takes the input (autocast, a hook that converts it).
+        # A nested tensor has no one shape, nor a Flatten chain's input its width.
+        if not (x.is_nested or self.reshaped):
             shape = x.shape
             if not shape or shape[-1] != self.in_features:
-                return False  # `forward` raises the shape error
-        self.check_dtype(x)
-        return True
+                return False
+        return x.dtype == self.lowered.layers[0][0].weight.dtype  # type: ignore[union-attr]
 
     def check_dtype(self, x: torch.Tensor) -> None:
         """Raises ``InputDtypeError`` where ``x`` is not of the parameters' dtype, for a call
@@ -777,17 +779,29 @@ class ChainCache:
             return None
         lowered = self.lowered
         assert lowered is not None  # `set_modules` found a chain
-        if self.precision != "full" and _is_grad_enabled():
-            linears = [linear for linear, _ in lowered.layers]
-            if x.requires_grad or any(
-                t is not None and t.requires_grad
-                for linear in linears
-                for t in (linear.weight, linear.bias)
+        if self.precision != "full":
+            # The custom ops are fp32 / fp64 only: traced plain, at fp32. A call that would
+            # train is refused where `forward` refuses it (it trained at fp32).
+            if (
+                _is_grad_enabled()
+                and x.is_cpu
+                and x.layout is _STRIDED
+                and not x.is_nested
+                and not any(self.hook_registries)
+                and not _is_autocast_enabled()
+                and (
+                    x.requires_grad
+                    or any(
+                        t is not None and t.requires_grad
+                        for linear, _ in lowered.layers
+                        for t in (linear.weight, linear.bias)
+                    )
+                )
             ):
-                raise self.narrow_training_error()  # as eager: it would train at fp32
+                raise self.narrow_training_error()
+            return None
         if (
             _custom_ops is None
-            or self.precision != "full"  # the custom ops are fp32 / fp64 only: plain, at fp32
             or any(self.hook_registries)
             or lowered.normalized
             or _functorch_transforms_active()
@@ -840,7 +854,12 @@ class ChainCache:
         The chain is the one last lowered (construction, or the last call on the full path):
         children replaced since then only move the gate. A strict ``torch.export`` keeps the
         op at every size."""
-        if self.lowered is None or not isinstance(x, _Tensor) or _is_exporting():
+        if (
+            self.lowered is None
+            or not isinstance(x, _Tensor)
+            or _is_exporting()
+            or self.precision != "full"  # (`traced_forward` refuses to train it)
+        ):
             return False
         return self.compiles_faster_plain(x, COMPILED_INFERENCE_MIN_FLOPS) or (
             _is_grad_enabled()
