@@ -779,24 +779,21 @@ class ChainCache:
             return None
         lowered = self.lowered
         assert lowered is not None  # `set_modules` found a chain
+        weights = [linear.weight for linear, _ in lowered.layers]
+        biases = [linear.bias for linear, _ in lowered.layers if linear.bias is not None]
+        records = _is_grad_enabled() and (
+            x.requires_grad or any(t.requires_grad for t in (*weights, *biases))
+        )
         if self.precision != "full":
             # The custom ops are fp32 / fp64 only: traced plain, at fp32. A call that would
             # train is refused where `forward` refuses it (it trained at fp32).
             if (
-                _is_grad_enabled()
+                records
                 and x.is_cpu
                 and x.layout is _STRIDED
                 and not x.is_nested
                 and not any(self.hook_registries)
                 and not _is_autocast_enabled()
-                and (
-                    x.requires_grad
-                    or any(
-                        t is not None and t.requires_grad
-                        for linear, _ in lowered.layers
-                        for t in (linear.weight, linear.bias)
-                    )
-                )
             ):
                 raise self.narrow_training_error()
             return None
@@ -817,8 +814,6 @@ class ChainCache:
             )
         ):
             return None
-        weights = [linear.weight for linear, _ in lowered.layers]
-        biases = [linear.bias for linear, _ in lowered.layers if linear.bias is not None]
         if any(
             t.dtype != x.dtype or not t.is_cpu or t.layout is not _STRIDED
             for t in (*weights, *biases)
@@ -828,9 +823,7 @@ class ChainCache:
         if not x.shape or x.shape[-1] != in_features:
             raise shape_error(in_features, x.shape)
         compiling = not _is_exporting()  # an exported program runs the op at every size
-        if _is_grad_enabled() and (
-            x.requires_grad or any(t.requires_grad for t in (*weights, *biases))
-        ):
+        if records:
             if compiling and (
                 self.trains_faster_plain(x)
                 or self.compiles_faster_plain(x, COMPILED_TRAINING_MIN_FLOPS)
