@@ -768,18 +768,32 @@ fn add_to<T: Element>(values: &mut [T], more: &[T]) {
     }
 }
 
-/// `len` zeros, or [`Error::Memory`] where they cannot be allocated: gradient sums are as large
-/// as the weights, once or twice a thread, and a wide chain under a memory limit aborted the
-/// process there.
+/// Grows `buffer` with zeros to `len` elements (a no-op where it holds as many), or
+/// [`Error::Memory`] with `message(megabytes)` where they cannot be allocated: scratch grows with
+/// the widest layer and gradient sums are as large as the weights, and an infallible allocation
+/// of either under a memory limit aborted the process.
+fn grow_zeroed<E: Copy>(
+    buffer: &mut Vec<E>,
+    len: usize,
+    zero: E,
+    message: impl FnOnce(usize) -> String,
+) -> Result<(), Error> {
+    let Some(more) = len.checked_sub(buffer.len()).filter(|&more| more > 0) else {
+        return Ok(());
+    };
+    buffer
+        .try_reserve_exact(more)
+        .map_err(|_| Error::Memory(message((len * std::mem::size_of::<E>()).div_ceil(1 << 20))))?;
+    buffer.resize(len, zero);
+    Ok(())
+}
+
+/// `len` zeros for a thread's weight gradient sums ([`grow_zeroed`]).
 fn gradient_sums_zeros<T: Element>(len: usize) -> Result<Vec<T>, Error> {
     let mut zeros = Vec::new();
-    zeros.try_reserve_exact(len).map_err(|_| {
-        Error::Memory(format!(
-            "could not allocate {} MB for a thread's weight gradient sums",
-            (len * std::mem::size_of::<T>()).div_ceil(1 << 20)
-        ))
+    grow_zeroed(&mut zeros, len, T::ZERO, |megabytes| {
+        format!("could not allocate {megabytes} MB for a thread's weight gradient sums")
     })?;
-    zeros.resize(len, T::ZERO);
     Ok(zeros)
 }
 
@@ -866,18 +880,10 @@ fn first_error(failed: Mutex<Option<Error>>) -> Result<(), Error> {
 /// and aborted the process before).
 fn with_scratch<T: Element>(len: usize, run: impl FnOnce(&mut [T])) -> Result<(), Error> {
     let lines = (len * std::mem::size_of::<T>()).div_ceil(LINE_BYTES);
-    let grow = |buffer: &mut Vec<CacheLine>| -> Result<(), Error> {
-        let Some(more) = lines.checked_sub(buffer.len()).filter(|&more| more > 0) else {
-            return Ok(()); // (every call but a thread's first: its buffer is large enough)
-        };
-        buffer.try_reserve_exact(more).map_err(|_| {
-            Error::Memory(format!(
-                "could not allocate the call's {} MB of working memory",
-                (lines * LINE_BYTES).div_ceil(1 << 20)
-            ))
-        })?;
-        buffer.resize(lines, CacheLine::zeroed());
-        Ok(())
+    let grow = |buffer: &mut Vec<CacheLine>| {
+        grow_zeroed(buffer, lines, CacheLine::zeroed(), |megabytes| {
+            format!("could not allocate the call's {megabytes} MB of working memory")
+        })
     };
     if lines * LINE_BYTES > SCRATCH_KEEP_BYTES {
         let mut fresh = Vec::new();
