@@ -598,6 +598,50 @@ def test_a_progress_bar_that_cannot_be_written_stops_the_bar_not_the_job(
     )
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+@pytest.mark.parametrize("stdout", ["full", "closed pipe"])
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_summary_that_cannot_be_written_does_not_fail_the_job(
+    tmp_path: Path, model_path: Path, stdout: str, resume: bool
+) -> None:
+    """stdout on a full disk, or a pipe whose reader is gone (``| head``): the summary printed
+    after the output was in place failed the job, exit status 1 and "No space left on device"
+    or "Broken pipe" (also for --resume's "nothing to do")."""
+    x = np.random.default_rng(5).standard_normal((300, 64)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    output = tmp_path / "codes.npy"
+    if resume:
+        assert fusedae("encode", model_path, tmp_path / "x.npy", "-o", output).returncode == 0
+    command = [sys.executable, "-m", "fusedae", "encode", model_path, tmp_path / "x.npy"]
+    command += ["-o", output, *(["--resume"] if resume else [])]
+    if stdout == "full":
+        with open("/dev/full", "w") as full:
+            result = subprocess.run(
+                list(map(str, command)),
+                stdout=full,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+        returncode, stderr = result.returncode, result.stderr
+    else:
+        process = subprocess.Popen(
+            list(map(str, command)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        assert process.stdout is not None
+        assert process.stderr is not None
+        process.stdout.close()  # (the reader gone before the summary is written)
+        stderr = process.stderr.read()
+        returncode = process.wait(timeout=120)
+    assert returncode == 0, stderr
+    assert "error" not in stderr, stderr
+    assert "Exception" not in stderr, stderr
+    np.testing.assert_allclose(
+        np.load(output), MLP.load(model_path, "encoder")(x), rtol=1e-5, atol=1e-6
+    )
+
+
 FUZZ_FINDINGS = Path(__file__).parent / "data" / "fuzz_findings"
 
 

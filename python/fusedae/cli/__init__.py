@@ -7,15 +7,13 @@ matplotlib are imported inside the commands that use them, when they run.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import signal
-import sys
 from collections.abc import Sequence
 
 import fusedae
 from fusedae import _native
 from fusedae.cli import bench, demo, encode, info
-from fusedae.cli.common import CommandError
+from fusedae.cli.common import CommandError, report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,11 +50,3 @@ def check_isa() -> None:
         _native.selected_isa()
     except (ValueError, RuntimeError) as error:  # (an unknown name; one this CPU cannot run)
         raise CommandError(str(error)) from None
-
-
-def report(message: str) -> None:
-    """``message`` on stderr where it can be written: where it cannot, the exit status is all
-    that can tell (not a traceback about the failed write)."""
-    if sys.stderr is not None:
-        with contextlib.suppress(OSError, ValueError):
-            print(message, file=sys.stderr)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import os
 import statistics
 import sys
 import time
@@ -108,6 +110,28 @@ class BestEffortStream:
         if name == "stream":  # (not set yet: a copy being made)
             raise AttributeError(name)
         return getattr(self.stream, name)
+
+
+def report(message: str) -> None:
+    """``message`` on stderr where it can be written: where it cannot, the exit status is all
+    that can tell (not a traceback about the failed write)."""
+    if sys.stderr is not None:
+        with contextlib.suppress(OSError, ValueError):
+            print(message, file=sys.stderr)
+
+
+def say(message: str) -> None:
+    """``message``, the summary of work done (the output is written), on stdout where it can be
+    written: a full disk under it or a reader gone from the pipe (``| head``) does not make the
+    job a failure. Stdout then goes to the null device, so that Python's flush at exit does not
+    fail on what is still buffered either."""
+    try:
+        print(message, flush=True)
+    except (OSError, ValueError):  # (ValueError: stdout was closed)
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, sys.stdout.fileno())
+            os.close(null)
 
 
 def progress_bar(**options: Any) -> Any:

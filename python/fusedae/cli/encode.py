@@ -23,6 +23,7 @@ from fusedae.cli.common import (
     names_list,
     positive_int,
     rows_per_batch,
+    say,
     thread_count,
 )
 from fusedae.cli.inputs import NPY_HEADER_ERRORS, open_rows
@@ -251,11 +252,11 @@ def run(args: argparse.Namespace) -> None:
         out_shape = (*shape[:-1], mlp.out_features)
         if output.exists() and args.resume:
             check_finished(output, out_shape, mlp.dtype)
-            print(f"{output} exists (it is complete): nothing to do")
+            say(f"{output} exists (it is complete): nothing to do")
             return
         batch_size = rows_per_batch(args.batch_size, shape[-1] * source.dtype.itemsize)
         write_rows(mlp, source, output, batch_size)
-    print(f"wrote {output}: {out_shape} {mlp.dtype} from {shape}, {part} {widths}")
+    say(f"wrote {output}: {out_shape} {mlp.dtype} from {shape}, {part} {widths}")
 
 
 def refuse_given(flags: dict[str, object], reason: str) -> None:

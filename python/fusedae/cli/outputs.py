@@ -14,7 +14,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from fusedae.cli.common import CommandError, progress_bar
+from fusedae.cli.common import CommandError, progress_bar, report
 from fusedae.cli.inputs import Rows
 from fusedae.mlp import MLP
 
@@ -86,7 +86,7 @@ def staged_output(output: Path) -> Iterator[BinaryIO]:
     for ``output`` left behind. An ``OSError`` in the block becomes a ``CommandError`` naming
     ``output``."""
     for orphan in remove_orphaned_temporaries(output):
-        print(f"removed {orphan}, left by a run that was killed", file=sys.stderr)
+        report(f"removed {orphan}, left by a run that was killed")
     temporary = temporary_name(output)
     try:
         with open(temporary, "xb") as file:

@@ -24,7 +24,7 @@ import numpy as np
 import fusedae
 from fusedae import _native
 from fusedae._arrow import first_null, list_rows
-from fusedae.cli.common import CommandError, progress_bar, rows_per_batch
+from fusedae.cli.common import CommandError, progress_bar, rows_per_batch, say
 from fusedae.cli.outputs import staged_output
 from fusedae.mlp import MLP
 
@@ -511,6 +511,4 @@ def encode(args: argparse.Namespace, model_for: Callable[[np.dtype], MLP]) -> No
             bar.set_postfix_str(f"shard {index + 1}/{len(job.todo)}")
             job.encode(shard, bar)
     threads = fusedae.get_num_threads()
-    print(
-        job.summary(args.output, f"{threads} kernel thread{'s' * (threads > 1)} beside the reader")
-    )
+    say(job.summary(args.output, f"{threads} kernel thread{'s' * (threads > 1)} beside the reader"))

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from fusedae.cli.common import CommandError, progress_bar
+from fusedae.cli.common import CommandError, progress_bar, say
 from fusedae.cli.parquet import Job, plan
 from fusedae.mlp import MLP
 
@@ -98,7 +98,7 @@ def encode(args: argparse.Namespace, model_for: Callable[[np.dtype], MLP]) -> No
     job = plan(args, model_for)
     cpus_per_actor = args.cpus_per_actor or 1
     if not job.todo:
-        print(job.summary(args.output, "nothing to do on Ray"))
+        say(job.summary(args.output, "nothing to do on Ray"))
         return
     terminate = signal.getsignal(signal.SIGTERM)
     fusedae.ray.init()
@@ -137,7 +137,7 @@ def encode(args: argparse.Namespace, model_for: Callable[[np.dtype], MLP]) -> No
                 "fewer --actors or a smaller --batch-size need less); the shards finished "
                 "before are kept: --resume does the rest"
             ) from None
-    print(
+    say(
         job.summary(
             args.output,
             f"Ray: {actors} actor(s) x {cpus_per_actor} CPU(s), each running a reader thread "
