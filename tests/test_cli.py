@@ -537,6 +537,48 @@ def test_resume_checks_the_job_before_it_finds_nothing_to_do(
     assert output.read_text() == "not an array"
 
 
+def retrained(model_path: Path, path: Path, scale: float = 1e-2) -> Path:
+    """``model_path``'s model with every weight moved by about ``scale``, saved to ``path``: what
+    a few more training steps make."""
+    mlp = MLP.load(model_path)
+    rng = np.random.default_rng(11)
+    layers = [(w + scale * rng.standard_normal(w.shape), b) for w, b in mlp.layers]
+    MLP(layers, list(mlp.activations), dtype=np.float32).save(path, encoder_layers=2)
+    return path
+
+
+def test_resume_refuses_another_jobs_output_of_the_same_shape(
+    tmp_path: Path, model_path: Path
+) -> None:
+    """An OUTPUT of the job's shape and dtype written by a retrained model, at another
+    precision or from other INPUT rows: --resume said "nothing to do", status 0, and the stale
+    values stayed. Resumed on another ISA it is this job's output still."""
+    x = np.random.default_rng(6).standard_normal((300, 64)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    output = tmp_path / "codes.npy"
+    argv = ["encode", model_path, tmp_path / "x.npy", "-o", output, "--resume"]
+    stale = "exists with this job's shape, but not its values"
+    for other in (
+        ["encode", retrained(model_path, tmp_path / "next.safetensors"), *argv[2:]],
+        [*argv, "--precision", "int8"],
+    ):
+        output.unlink(missing_ok=True)
+        assert fusedae(*other).returncode == 0
+        written = output.read_bytes()
+        result = fusedae(*argv)
+        assert result.returncode == 1
+        assert stale in result.stderr, result.stderr
+        assert output.read_bytes() == written
+    x[-1] += 1.0  # the last row changed since (the probe's rows include the first and last)
+    np.save(tmp_path / "x.npy", x)
+    assert stale in fusedae(*argv).stderr
+    output.unlink()
+    assert fusedae(*argv, env={"FUSEDAE_ISA": "scalar"}).returncode == 0
+    result = fusedae(*argv)
+    assert result.returncode == 0, result.stderr
+    assert "nothing to do" in result.stdout
+
+
 def test_output_that_is_the_input(tmp_path: Path, model_path: Path) -> None:
     """The input of a width-preserving part has the shape a finished output would have:
     ``--resume`` must not take it for one (it said "nothing to do", the input left as it was)."""

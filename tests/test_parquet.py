@@ -295,6 +295,29 @@ def test_resume_skips_only_shards_this_job_finished(
     assert not (out / "part-1.parquet").exists()  # nothing done before the error
 
 
+def test_resume_refuses_shards_another_model_wrote(
+    tmp_path: Path, model_path: Path, lake: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Shards of the job's schema and rows written by a retrained model (or from other rows of
+    the input shard): --resume skipped them, status 0, their codes stale."""
+    mlp = MLP.load(model_path)
+    rng = np.random.default_rng(12)
+    layers = [(w + 1e-2 * rng.standard_normal(w.shape), b) for w, b in mlp.layers]
+    retrained = tmp_path / "next.safetensors"
+    MLP(layers, list(mlp.activations), dtype=np.float32).save(retrained, encoder_layers=2)
+    out = tmp_path / "out"
+    argv = [str(lake), "-o", str(out), "--keep", "id"]
+    assert main(["encode", str(retrained), *argv]) == 0
+    (out / "part-1.parquet").unlink()
+    before = (out / "part-0.parquet").read_bytes()
+    assert main(["encode", str(model_path), *argv, "--resume"]) == 1
+    assert "exists with this job's shape, but not its values" in capsys.readouterr().err
+    assert (out / "part-0.parquet").read_bytes() == before
+    assert not (out / "part-1.parquet").exists()  # nothing done before the error
+    assert main(["encode", str(retrained), *argv, "--resume"]) == 0
+    assert every_file(out) == sorted(SHARDS)
+
+
 def test_resume_finishes_the_missing_shards(tmp_path: Path, model_path: Path, lake: Path) -> None:
     out = tmp_path / "out"
     argv = ["encode", str(model_path), str(lake), "-o", str(out), "--keep", "id,label"]

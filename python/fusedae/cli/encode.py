@@ -26,9 +26,9 @@ from fusedae.cli.common import (
     say,
     thread_count,
 )
-from fusedae.cli.inputs import NPY_HEADER_ERRORS, open_rows
+from fusedae.cli.inputs import NPY_HEADER_ERRORS, Rows, open_rows
 from fusedae.cli.models import load_model
-from fusedae.cli.outputs import write_rows
+from fusedae.cli.outputs import check_written_rows, probe_rows, write_rows
 from fusedae.mlp import MLP
 
 OUTPUT_COLUMNS = {"encoder": "codes", "decoder": "decoded", "all": "reconstructed"}
@@ -82,7 +82,9 @@ OUTPUT), holding the --keep columns and then the results as a fixed-size list co
 Every output file is written to a temporary file in the same directory and renamed at the
 end: an interrupted run leaves nothing under an output name, and the next run for it removes
 what a killed run left (never the file of a run still going). --resume skips the outputs that
-exist, which are complete: after an interruption it does the rest.
+exist, which are complete: after an interruption it does the rest. Each must be this job's
+(its shape, and some rows computed again): one another model, other options or other input
+rows wrote is an error.
 
 --engine ray runs a Parquet job on Ray (pip install 'fusedae[ray]'): on the cluster at
 RAY_ADDRESS, else on a local one. Each input shard is one task for a pool of --actors actors
@@ -176,7 +178,9 @@ def add_parser(commands: Any) -> None:
     existing = encode.add_mutually_exclusive_group()
     existing.add_argument("--force", action="store_true", help="overwrite outputs that exist")
     existing.add_argument(
-        "--resume", action="store_true", help="skip outputs that exist (each is complete)"
+        "--resume",
+        action="store_true",
+        help="skip outputs that exist (each is complete), after checking they are this job's",
     )
     encode.set_defaults(run=run)
 
@@ -251,7 +255,7 @@ def run(args: argparse.Namespace) -> None:
             )
         out_shape = (*shape[:-1], mlp.out_features)
         if output.exists() and args.resume:
-            check_finished(output, out_shape, mlp.dtype)
+            check_finished(output, out_shape, mlp, source)
             say(f"{output} exists (it is complete): nothing to do")
             return
         batch_size = rows_per_batch(args.batch_size, shape[-1] * source.dtype.itemsize)
@@ -266,20 +270,25 @@ def refuse_given(flags: dict[str, object], reason: str) -> None:
         raise CommandError(f"{', '.join(given)}: {reason}")
 
 
-def check_finished(output: Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
+def check_finished(output: Path, shape: tuple[int, ...], mlp: MLP, source: Rows) -> None:
     """``--resume`` found ``output``: it must be what this job writes (a complete file, which
-    its name guarantees, of the job's shape and dtype), or the job is not the one it finished."""
+    its name guarantees, of the job's shape and dtype, holding ``mlp`` of ``source``'s rows where
+    some are computed again), or the job is not the one it finished."""
     try:
         existing = np.load(output, mmap_mode="r")
     except (OSError, EOFError, *NPY_HEADER_ERRORS) as error:
         raise CommandError(f"--resume: {output} exists but is no .npy ({error})") from None
     if not isinstance(existing, np.ndarray):
         raise CommandError(f"--resume: {output} exists but is an archive, not a .npy")
-    if existing.shape != shape or existing.dtype != dtype:
+    if existing.shape != shape or existing.dtype != mlp.dtype:
         raise CommandError(
             f"--resume: {output} exists with shape {existing.shape} {existing.dtype}, but this "
-            f"job writes {shape} {dtype}: it is not this job's output (--force overwrites it)"
+            f"job writes {shape} {mlp.dtype}: it is not this job's output (--force overwrites it)"
         )
+    rows = probe_rows(source.rows)
+    if len(rows):
+        inputs = np.stack([source.read(row, row + 1)[0].copy() for row in rows])
+        check_written_rows(mlp, inputs, existing.reshape(-1, mlp.out_features)[rows], output)
 
 
 def model_mlp(

@@ -1,5 +1,6 @@
 """Writing an ``encode`` OUTPUT: through a temporary file beside it, renamed once complete, and
-the temporary files of killed runs removed by the next."""
+the temporary files of killed runs removed by the next; and ``--resume``'s check that an OUTPUT
+there holds what this job computes."""
 
 from __future__ import annotations
 
@@ -23,6 +24,43 @@ if sys.platform != "win32":
 
 
 TEMPORARY_SUFFIX = ".tmp"
+# `--resume` recomputes this many rows of a finished output (spread over it where the rows can be
+# read in any order): one of the job's shape and dtype written by another model (retrained, say),
+# with other options or from other input rows differs there.
+PROBE_ROWS = 16
+# Their largest difference from what is written, relative to the largest value computed, that is
+# still this job's output: the ISAs round differently (a job resumed on another CPU), and a bf16 or
+# int8 row depends on its batch's size (docs/precision.md); another model's values differ by their
+# whole magnitude.
+PROBE_TOLERANCE = {"full": 1e-4, "bf16": 3e-2, "int8": 3e-2}
+
+
+def probe_rows(rows: int) -> np.ndarray:
+    """Which of ``rows`` rows ``--resume`` recomputes: up to ``PROBE_ROWS``, the first and the last
+    among them, evenly spread."""
+    if rows == 0:
+        return np.zeros(0, np.int64)
+    return np.unique(np.linspace(0, rows - 1, min(rows, PROBE_ROWS)).round().astype(np.int64))
+
+
+def check_written_rows(mlp: MLP, inputs: np.ndarray, written: np.ndarray, output: Path) -> None:
+    """``--resume`` skips ``output`` only where ``written``, some of its rows, are ``mlp`` of
+    ``inputs``, the input's rows there (to ``PROBE_TOLERANCE``, non-finite values where they
+    are computed): else another job wrote it."""
+    expected = mlp(np.ascontiguousarray(inputs))
+    finite = np.isfinite(expected)
+    scale = float(np.abs(expected[finite]).max(initial=0.0))
+    same_places = np.array_equal(finite, np.isfinite(written)) and np.array_equal(
+        expected[~finite], written[~finite], equal_nan=True
+    )
+    difference = float(np.abs(written[finite] - expected[finite]).max(initial=0.0))
+    if not same_places or difference > PROBE_TOLERANCE[mlp.spec.precision] * scale:
+        found = "non-finite values elsewhere" if not same_places else f"up to {difference:.3g} off"
+        raise CommandError(
+            f"--resume: {output} exists with this job's shape, but not its values: {len(inputs)} "
+            f"rows computed again are {found} (values up to {scale:.3g}); another model, other "
+            "options or another INPUT wrote it? Delete it, or pass --force to overwrite it"
+        )
 
 
 def temporary_name(output: Path) -> Path:

@@ -25,7 +25,7 @@ import fusedae
 from fusedae import _native
 from fusedae._arrow import first_null, list_rows
 from fusedae.cli.common import CommandError, progress_bar, rows_per_batch, say
-from fusedae.cli.outputs import staged_output
+from fusedae.cli.outputs import PROBE_ROWS, check_written_rows, staged_output
 from fusedae.mlp import MLP
 
 if TYPE_CHECKING:
@@ -336,7 +336,8 @@ def check_finished_shard(
     pa: Any, mlp: MLP, shard: Shard, columns: Columns, output_column: str
 ) -> None:
     """That the output ``--resume`` would skip is what this job writes for ``shard``: Parquet of
-    its schema and row count (not another job's, nor a file that only has the name)."""
+    its schema and row count whose first rows are ``mlp`` of the shard's (not another job's, nor
+    a file that only has the name)."""
     try:
         metadata = pa.parquet.ParquetFile(shard.output).metadata
         schema = metadata.schema.to_arrow_schema()
@@ -353,6 +354,20 @@ def check_finished_shard(
             f"{shard.rows} rows of {columns_text(expected)}): delete it, or pass --force to "
             "redo every shard"
         )
+    if shard.rows:  # its first rows (a Parquet file's rows are read in order), computed again
+        batch = first_batch(pa, shard.source, columns.read)
+        inputs = batch_rows(pa, batch, columns, mlp.in_features, shard.source, 0)
+        codes = first_batch(pa, shard.output, [output_column]).column(0)
+        written = codes.flatten().to_numpy().reshape(-1, mlp.out_features)
+        count = min(len(inputs), len(written))  # (batches end where row groups do)
+        check_written_rows(mlp, inputs[:count], written[:count], shard.output)
+
+
+def first_batch(pa: Any, path: Path, names: list[str]) -> Any:
+    """The first record batch, of at most ``PROBE_ROWS`` rows, of ``path``'s ``names`` (which
+    has rows)."""
+    with contextlib.closing(read_batches(pa, path, names, PROBE_ROWS)) as batches:
+        return next(batches)
 
 
 def encode_shard(
