@@ -14,7 +14,7 @@ import glob
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -262,7 +262,9 @@ def batch_rows(
         raise CommandError(f"{path}: {error}") from None
 
 
-def read_batches(pa: Any, path: Path, names: list[str], batch_size: int) -> Iterator[Any]:
+def read_batches(
+    pa: Any, path: Path, names: list[str], batch_size: int
+) -> Generator[Any, None, None]:
     """The record batches of ``path``'s ``names``; a read error names the file."""
     try:
         # pyarrow's default pre-buffers every row group it will read, which for one pass over
