@@ -740,15 +740,24 @@ print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 """
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize(
+    ("signum", "message"),
+    [
+        (signal.SIGINT, "interrupted"),
+        (signal.SIGTERM, "stopped by SIGTERM"),
+        (signal.SIGHUP, "stopped by SIGHUP"),  # (it left the temporary file, and said nothing)
+    ],
+    ids=["SIGINT", "SIGTERM", "SIGHUP"],
+)
 def test_interrupted_encode_leaves_no_output(
-    tmp_path: Path, model_path: Path, big_input: Path, signum: int
+    tmp_path: Path, model_path: Path, big_input: Path, signum: int, message: str
 ) -> None:
     process = start_encode(model_path, big_input, tmp_path / "codes.npy")
     process.send_signal(signum)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 128 + signum, stderr
     assert list(tmp_path.iterdir()) == []
+    assert stderr.strip().splitlines()[-1] == f"fusedae encode: {message}"
 
 
 def start_encode(model: Path, x: Path, output: Path) -> subprocess.Popen[str]:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import fusedae
 from fusedae import _native
 from fusedae.cli import bench, demo, encode, info
-from fusedae.cli.common import CommandError, report
+from fusedae.cli.common import CommandError, Terminated, report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +40,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         report(f"fusedae {args.command}: interrupted")
         return 128 + signal.SIGINT
+    except Terminated as stop:
+        report(f"fusedae {args.command}: stopped by {signal.Signals(stop.signum).name}")
+        return 128 + stop.signum
     return 0
 
 

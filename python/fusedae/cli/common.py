@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import math
 import os
+import signal
 import statistics
 import sys
 import time
@@ -17,6 +18,32 @@ from fusedae import _native
 
 class CommandError(Exception):
     """A failure reported on stderr after ``fusedae COMMAND: error:``, with exit status 1."""
+
+
+class Terminated(BaseException):
+    """A termination signal (``TERMINATION_SIGNALS``) as an exception, which unwinds like Ctrl-C
+    (the temporary file removed); ``main`` reports it, exit status 128 + the signal's number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+# SIGTERM (`kill`, a scheduler's cancel) and SIGHUP (the terminal closed, an SSH session lost),
+# where the platform has them.
+TERMINATION_SIGNALS = [
+    getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)
+]
+
+
+def terminate_on_signals() -> None:
+    """Termination signals raise ``Terminated`` in the main thread from now on."""
+
+    def terminate(signum: int, frame: object) -> None:
+        raise Terminated(signum)
+
+    for signum in TERMINATION_SIGNALS:
+        signal.signal(signum, terminate)
 
 
 CHUNK_BYTES = 16 << 20  # input bytes per batch when --batch-size is not given

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import signal
 import textwrap
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -24,6 +22,7 @@ from fusedae.cli.common import (
     positive_int,
     rows_per_batch,
     say,
+    terminate_on_signals,
     thread_count,
 )
 from fusedae.cli.inputs import NPY_HEADER_ERRORS, Rows, open_rows
@@ -185,17 +184,13 @@ def add_parser(commands: Any) -> None:
     encode.set_defaults(run=run)
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)  # unwinds like Ctrl-C, so the temporary file is removed
-
-
 def run(args: argparse.Namespace) -> None:
     part: serialization.Part = (
         "decoder" if args.decode else "all" if args.reconstruct else "encoder"
     )
     if args.threads:
         fusedae.set_num_threads(args.threads)
-    signal.signal(signal.SIGTERM, _terminate)
+    terminate_on_signals()
     ray_flags = {"--actors": args.actors, "--cpus-per-actor": args.cpus_per_actor}
     if parquet.is_parquet(args.input):
         if args.key is not None:

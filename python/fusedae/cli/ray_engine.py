@@ -13,13 +13,12 @@ its CPUs, as ``encode`` does here.
 from __future__ import annotations
 
 import argparse
-import signal
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from fusedae.cli.common import CommandError, progress_bar, say
+from fusedae.cli.common import CommandError, progress_bar, say, terminate_on_signals
 from fusedae.cli.parquet import Job, plan
 from fusedae.mlp import MLP
 
@@ -100,9 +99,8 @@ def encode(args: argparse.Namespace, model_for: Callable[[np.dtype], MLP]) -> No
     if not job.todo:
         say(job.summary(args.output, "nothing to do on Ray"))
         return
-    terminate = signal.getsignal(signal.SIGTERM)
     fusedae.ray.init()
-    signal.signal(signal.SIGTERM, terminate)  # ray.init installs its own
+    terminate_on_signals()  # ray.init installs its own
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # ours counts rows; Ray's would count shards
     actors = pool_size(ray, args.actors, cpus_per_actor, len(job.todo))
