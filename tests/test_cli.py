@@ -7,6 +7,7 @@ import copy
 import io
 import itertools
 import os
+import re
 import shutil
 import signal
 import socket
@@ -638,6 +639,21 @@ def test_a_progress_bar_that_cannot_be_written_stops_the_bar_not_the_job(
     np.testing.assert_allclose(
         np.load(tmp_path / "codes.npy"), MLP.load(model_path, "encoder")(x), rtol=1e-5, atol=1e-6
     )
+
+
+def test_a_progress_bar_in_a_log_is_a_line_per_redraw(tmp_path: Path, model_path: Path) -> None:
+    """stderr to a file or a pipe (a batch scheduler's log, Ray's): the bar's redraws were one
+    line, each begun with a carriage return, that a log shows whole."""
+    np.save(tmp_path / "x.npy", np.zeros((300, 64), np.float32))
+    result = fusedae(
+        "encode", model_path, tmp_path / "x.npy", "-o", tmp_path / "o.npy", "--batch-size", "7"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "\r" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) >= 2  # the bar at its start and at its end, at least
+    assert all(re.match(r"\s*\d+%\|", line) for line in lines), lines
+    assert lines[-1].startswith("100%|")
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")

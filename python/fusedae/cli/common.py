@@ -114,13 +114,33 @@ def time_interleaved(
 
 class BestEffortStream:
     """Standard error for a progress bar: a write that fails (a full disk under the log, a
-    reader gone from the pipe, a closed stderr) ends the bar's output, not the job."""
+    reader gone from the pipe, a closed stderr) ends the bar's output, not the job. Where stderr
+    is no terminal (a log file, a batch scheduler's, Ray's), each of the bar's redraws (``\\r``
+    then the bar) is a line of its own, not one line of every redraw that a log shows whole."""
 
     def __init__(self) -> None:
         self.stream: Any = sys.stderr  # None where the process started with stderr closed
+        self.lines = not is_terminal(self.stream)
+        self.line_started = False
 
     def write(self, text: str) -> None:
+        if self.lines:
+            text = self._as_lines(text)
         self._attempt(lambda stream: stream.write(text))
+
+    def _as_lines(self, text: str) -> str:
+        """``text`` with each redraw begun on a line of its own (the padding a redraw over a
+        longer bar needs left out)."""
+        out = []
+        for index, piece in enumerate(text.split("\r")):
+            if index and self.line_started:
+                out.append("\n")
+                self.line_started = False
+            piece = piece.rstrip(" ") if index else piece
+            if piece:
+                out.append(piece)
+                self.line_started = not piece.endswith("\n")
+        return "".join(out)
 
     def flush(self) -> None:
         self._attempt(lambda stream: stream.flush())
@@ -137,6 +157,18 @@ class BestEffortStream:
         if name == "stream":  # (not set yet: a copy being made)
             raise AttributeError(name)
         return getattr(self.stream, name)
+
+
+def is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, OSError, ValueError):  # (None, a closed stream, a stand-in)
+        return False
+
+
+# Seconds between a progress bar's redraws where each is a line of a log (a terminal redraws
+# in place ten times a second): an hour's job leaves 120 lines.
+LOG_REDRAW_SECONDS = 30
 
 
 def report(message: str) -> None:
@@ -162,10 +194,14 @@ def say(message: str) -> None:
 
 
 def progress_bar(**options: Any) -> Any:
-    """A tqdm progress bar on ``BestEffortStream``."""
+    """A tqdm progress bar on ``BestEffortStream``, redrawn every ``LOG_REDRAW_SECONDS`` at most
+    where stderr is no terminal."""
     from tqdm import tqdm
 
-    return tqdm(file=BestEffortStream(), **options)
+    stream = BestEffortStream()
+    if stream.lines:
+        options.setdefault("mininterval", LOG_REDRAW_SECONDS)
+    return tqdm(file=stream, **options)
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
