@@ -210,6 +210,11 @@ def test_encoder_outside_ray_and_its_errors(model_path: Path) -> None:
         encoder(pa.table({"x": pa.array([[1.0] * (WIDTH - 1) + [None]], pa.list_(pa.float32()))}))
     with pytest.raises(ValueError, match="column 'x' is string"):
         encoder(pa.table({"x": ["a"]}))
+    # One value a row: the model took the batch's WIDTH values for one row, and no error.
+    with pytest.raises(ValueError, match=r"column 'x' holds one value a row \(shape \(12,\)\)"):
+        encoder({"x": x[0].astype(np.float32), "key": np.arange(WIDTH)})
+    with pytest.raises(ValueError, match="column 'x' is float"):
+        encoder(pa.table({"x": x[0].astype(np.float32)}))
     with pytest.raises(ValueError, match="has a column 'codes' already"):
         encoder({"x": x, "codes": x})
     with pytest.raises(ValueError, match="has a column 'codes' already"):

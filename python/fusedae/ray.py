@@ -62,7 +62,8 @@ def threads_from_actor_cpus() -> None:
 
 def rows_of(column: np.ndarray, name: str, in_features: int) -> np.ndarray:
     """A Ray numpy batch column as a 2-D float array: a tensor column arrives 2-D already; a list
-    column arrives as a 1-D object array of 1-D arrays, stacked here."""
+    column arrives as a 1-D object array of 1-D arrays, stacked here. A column of one value a row
+    is refused, as the pyarrow batches' ``table_rows`` refuses it."""
     if column.dtype == object:
         if len(column) == 0:
             return np.empty((0, in_features), np.float32)
@@ -76,6 +77,11 @@ def rows_of(column: np.ndarray, name: str, in_features: int) -> np.ndarray:
                 f"rows of {in_features}"
             )
         return np.stack(list(column))
+    if column.ndim < 2:  # (the model would take the whole batch for one row)
+        raise ValueError(
+            f"column {name!r} holds one value a row (shape {column.shape}); the rows must be "
+            f"lists or arrays of {in_features} floats"
+        )
     return column
 
 
