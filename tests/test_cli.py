@@ -573,9 +573,43 @@ def test_resume_refuses_another_jobs_output_of_the_same_shape(
     x[-1] += 1.0  # the last row changed since (the probe's rows include the first and last)
     np.save(tmp_path / "x.npy", x)
     assert stale in fusedae(*argv).stderr
+    # One probe row of large values: it set the tolerance of every row, and a model whose code
+    # layer's bias had moved by 0.5 passed.
+    x[-1] = 1e4 * x[0]
+    np.save(tmp_path / "x.npy", x)
+    mlp = MLP.load(model_path)
+    layers = mlp.layers
+    layers[1] = (layers[1][0], layers[1][1] + 0.5)
+    shifted = tmp_path / "shifted.safetensors"
+    MLP(layers, list(mlp.activations), dtype=np.float32).save(shifted, encoder_layers=2)
+    output.unlink()
+    assert fusedae("encode", shifted, *argv[2:]).returncode == 0
+    assert stale in fusedae(*argv).stderr
     output.unlink()
     assert fusedae(*argv, env={"FUSEDAE_ISA": "scalar"}).returncode == 0
     result = fusedae(*argv)
+    assert result.returncode == 0, result.stderr
+    assert "nothing to do" in result.stdout
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+def test_resume_takes_this_jobs_output_from_any_isa_and_batch(tmp_path: Path, isa: str) -> None:
+    """A standardization folded into the first layer (inputs about 1000, a bias of -1000 times
+    the weights' sums): fp32's error is set by those magnitudes, not by the output's. A check
+    against the outputs' scale refused this job's own output written on another ISA or in
+    other batches (even on the same ISA)."""
+    if isa not in _native.available_isas():
+        pytest.skip(f"this CPU does not run {isa}")
+    rng = np.random.default_rng(13)
+    weight = (rng.standard_normal((64, 784)) / 28).astype(np.float32)
+    bias = -(weight.astype(np.float64) @ np.full(784, 1000.0)).astype(np.float32)
+    code = (rng.standard_normal((16, 64)) / 8).astype(np.float32)
+    model = tmp_path / "folded.safetensors"
+    MLP([(weight, bias), (code, None)], ["relu", "identity"]).save(model)
+    np.save(tmp_path / "x.npy", (1000 + rng.standard_normal((3000, 784))).astype(np.float32))
+    argv = ["encode", model, tmp_path / "x.npy", "-o", tmp_path / "codes.npy"]
+    assert fusedae(*argv, "--batch-size", "1000", env={"FUSEDAE_ISA": isa}).returncode == 0
+    result = fusedae(*argv, "--resume")
     assert result.returncode == 0, result.stderr
     assert "nothing to do" in result.stdout
 

@@ -316,6 +316,16 @@ def test_resume_refuses_shards_another_model_wrote(
     assert not (out / "part-1.parquet").exists()  # nothing done before the error
     assert main(["encode", str(retrained), *argv, "--resume"]) == 0
     assert every_file(out) == sorted(SHARDS)
+    # A null among the values of the job's own shard (a traceback from pyarrow's copy-free read).
+    shard = pq.read_table(out / "part-0.parquet")
+    codes = shard["codes"].combine_chunks()
+    values = codes.flatten().to_numpy().copy()
+    nulled = pa.array(values, mask=np.arange(values.size) == 1)
+    field = shard.schema.field("codes")
+    column = pa.FixedSizeListArray.from_arrays(nulled, codes.type.list_size).cast(field.type)
+    pq.write_table(shard.set_column(1, field, column), out / "part-0.parquet")
+    assert main(["encode", str(retrained), *argv, "--resume"]) == 1
+    assert "exists with this job's shape, but not its values" in capsys.readouterr().err
 
 
 def test_resume_finishes_the_missing_shards(tmp_path: Path, model_path: Path, lake: Path) -> None:

@@ -7,7 +7,7 @@ post-op's function and gradient come from the op table (``fusedae._ops``).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -121,17 +121,39 @@ def bf16_bound(
 
     layer by layer, ``L`` bounding the op's Lipschitz constant; plus, where the exact
     pre-activation is within ``pre_err`` of a point where the op jumps (``_jump``), the jump."""
+    return _rounding_bound(layers, activations, x, lambda k: 2 * BF16_UNIT + 2 * (k + 1) * F32_UNIT)
+
+
+def full_bound(
+    layers: Sequence[Layer],
+    activations: Sequence[str | PostOp],
+    x: npt.ArrayLike,
+    dtype: npt.DTypeLike,
+) -> np.ndarray:
+    """``bf16_bound`` for the full precision of ``dtype`` (float32 or float64): the sums'
+    rounding only, ``2 (k + 1) u`` of the magnitudes, whatever order an ISA sums in."""
+    unit = float(np.finfo(dtype).eps) / 2
+    return _rounding_bound(layers, activations, x, lambda k: 2 * (k + 1) * unit)
+
+
+def _rounding_bound(
+    layers: Sequence[Layer],
+    activations: Sequence[str | PostOp],
+    x: npt.ArrayLike,
+    relative: Callable[[int], float],
+) -> np.ndarray:
+    """The bound of ``bf16_bound``, with ``relative(k)`` in place of its factor of the
+    magnitudes for a layer of ``k`` inputs."""
     ops = post_ops(activations)
     x64 = np.asarray(x, dtype=np.float64)
     pres, posts = _pre_and_post(layers, activations, x64)
     below, error = np.abs(x64), np.zeros_like(x64)
     for (weight, bias), op, exact_pre, y in zip(layers, ops, pres, posts, strict=True):
         w = np.abs(np.asarray(weight, dtype=np.float64))
-        k = w.shape[1]
         magnitude = (below + error) @ w.T
         if bias is not None:
             magnitude = magnitude + np.abs(np.asarray(bias, dtype=np.float64))
-        pre = error @ w.T + (2 * BF16_UNIT + 2 * (k + 1) * F32_UNIT) * magnitude
+        pre = error @ w.T + relative(w.shape[1]) * magnitude
         at = SLOPE_PARAMETERS.get(op.name)
         slope = LIPSCHITZ if at is None else max(LIPSCHITZ, abs(op.params[at]))
         error = slope * pre + OP_RELATIVE * (np.abs(y) + slope * pre) + OP_ABSOLUTE

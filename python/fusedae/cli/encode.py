@@ -82,8 +82,8 @@ Every output file is written to a temporary file in the same directory and renam
 end: an interrupted run leaves nothing under an output name, and the next run for it removes
 what a killed run left (never the file of a run still going). --resume skips the outputs that
 exist, which are complete: after an interruption it does the rest. Each must be this job's
-(its shape, and some rows computed again): one another model, other options or other input
-rows wrote is an error.
+(its shape, and some rows within the precision's error bound of the exact values): one that
+another model, a coarser precision or other input rows wrote is an error.
 
 --engine ray runs a Parquet job on Ray (pip install 'fusedae[ray]'): on the cluster at
 RAY_ADDRESS, else on a local one. Each input shard is one task for a pool of --actors actors

@@ -360,7 +360,7 @@ def check_finished_shard(
         batch = first_batch(pa, shard.source, columns.read)
         inputs = batch_rows(pa, batch, columns, mlp.in_features, shard.source, 0)
         codes = first_batch(pa, shard.output, [output_column]).column(0)
-        written = codes.flatten().to_numpy().reshape(-1, mlp.out_features)
+        written = codes.flatten().to_numpy(zero_copy_only=False).reshape(-1, mlp.out_features)
         count = min(len(inputs), len(written))  # (batches end where row groups do)
         check_written_rows(mlp, inputs[:count], written[:count], shard.output)
 
