@@ -24,7 +24,7 @@ import torch
 
 from _seed import AE
 from fusedae import MLP, _native
-from fusedae.cli import CommandError, inputs, outputs
+from fusedae.cli import CommandError, inputs, main, outputs
 
 BIG_ROWS = 1_250_000  # x 64 float32 = 320 MB
 
@@ -808,6 +808,43 @@ def test_interrupted_encode_leaves_no_output(
     assert process.returncode == 128 + signum, stderr
     assert list(tmp_path.iterdir()) == []
     assert stderr.strip().splitlines()[-1] == f"fusedae encode: {message}"
+
+
+def test_nohup_keeps_encode_going(tmp_path: Path, model_path: Path) -> None:
+    """``nohup`` starts the job with SIGHUP ignored, so that it outlives the terminal: catching
+    SIGHUP regardless stopped it (status 129)."""
+    x = np.random.default_rng(7).standard_normal((20_000, 64)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    output = tmp_path / "codes.npy"
+    command = [sys.executable, "-m", "fusedae", "encode", model_path, tmp_path / "x.npy"]
+    process = subprocess.Popen(
+        [*map(str, command), "-o", str(output), "--batch-size", "8", "--threads", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
+    )
+    temporary = output.with_name(f".{output.name}.{socket.gethostname()}.{process.pid}.tmp")
+    deadline = time.monotonic() + 60
+    while not temporary.exists() and process.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    process.send_signal(signal.SIGHUP)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    np.testing.assert_allclose(
+        np.load(output), MLP.load(model_path, "encoder")(x), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_main_puts_the_signal_handlers_back(tmp_path: Path, model_path: Path) -> None:
+    """``main`` called in a process of its own (a test, a notebook) left SIGTERM and SIGHUP
+    raising its exception after it returned."""
+    np.save(tmp_path / "x.npy", np.zeros((3, 64), np.float32))
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    argv = ["encode", model_path, tmp_path / "x.npy", "-o", tmp_path / "o.npy"]
+    assert main(list(map(str, argv))) == 0
+    assert {signum: signal.getsignal(signum) for signum in before} == before
 
 
 def start_encode(model: Path, x: Path, output: Path) -> subprocess.Popen[str]:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import fusedae
 from fusedae import _native
 from fusedae.cli import bench, demo, encode, info
-from fusedae.cli.common import CommandError, Terminated, report
+from fusedae.cli.common import CommandError, Terminated, report, terminating_on_signals
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +33,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         check_isa()
-        args.run(args)
+        with terminating_on_signals():
+            args.run(args)
     except (CommandError, OSError) as error:
         report(f"fusedae {args.command}: error: {error}")
         return 1

@@ -9,8 +9,9 @@ import os
 import signal
 import statistics
 import sys
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from fusedae import _native
@@ -21,8 +22,9 @@ class CommandError(Exception):
 
 
 class Terminated(BaseException):
-    """A termination signal (``TERMINATION_SIGNALS``) as an exception, which unwinds like Ctrl-C
-    (the temporary file removed); ``main`` reports it, exit status 128 + the signal's number."""
+    """A termination signal (``terminating_on_signals``) as an exception, which unwinds like
+    Ctrl-C (the temporary file removed); ``main`` reports it, exit status 128 + the signal's
+    number."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
@@ -36,14 +38,30 @@ TERMINATION_SIGNALS = [
 ]
 
 
-def terminate_on_signals() -> None:
-    """Termination signals raise ``Terminated`` in the main thread from now on."""
+@contextlib.contextmanager
+def terminating_on_signals() -> Iterator[None]:
+    """Within the block, the termination signals raise ``Terminated`` (once: a second one while
+    the first unwinds is ignored, so that the cleanup runs to its end), but those ignored on
+    entry (``nohup`` ignores SIGHUP) and off the main thread (where Python runs no handler);
+    the handlers before are put back after it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = {signum: signal.getsignal(signum) for signum in TERMINATION_SIGNALS}
+    caught = [signum for signum, handler in before.items() if handler != signal.SIG_IGN]
 
     def terminate(signum: int, frame: object) -> None:
+        for other in caught:
+            signal.signal(other, signal.SIG_IGN)
         raise Terminated(signum)
 
-    for signum in TERMINATION_SIGNALS:
-        signal.signal(signum, terminate)
+    try:
+        for signum in caught:
+            signal.signal(signum, terminate)
+        yield
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
 
 
 CHUNK_BYTES = 16 << 20  # input bytes per batch when --batch-size is not given

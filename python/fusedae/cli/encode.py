@@ -22,7 +22,6 @@ from fusedae.cli.common import (
     positive_int,
     rows_per_batch,
     say,
-    terminate_on_signals,
     thread_count,
 )
 from fusedae.cli.inputs import NPY_HEADER_ERRORS, Rows, open_rows
@@ -190,7 +189,6 @@ def run(args: argparse.Namespace) -> None:
     )
     if args.threads:
         fusedae.set_num_threads(args.threads)
-    terminate_on_signals()
     ray_flags = {"--actors": args.actors, "--cpus-per-actor": args.cpus_per_actor}
     if parquet.is_parquet(args.input):
         if args.key is not None:

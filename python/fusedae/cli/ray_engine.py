@@ -13,12 +13,13 @@ its CPUs, as ``encode`` does here.
 from __future__ import annotations
 
 import argparse
+import signal
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from fusedae.cli.common import CommandError, progress_bar, say, terminate_on_signals
+from fusedae.cli.common import TERMINATION_SIGNALS, CommandError, progress_bar, say
 from fusedae.cli.parquet import Job, plan
 from fusedae.mlp import MLP
 
@@ -99,8 +100,10 @@ def encode(args: argparse.Namespace, model_for: Callable[[np.dtype], MLP]) -> No
     if not job.todo:
         say(job.summary(args.output, "nothing to do on Ray"))
         return
+    handlers = {signum: signal.getsignal(signum) for signum in TERMINATION_SIGNALS}
     fusedae.ray.init()
-    terminate_on_signals()  # ray.init installs its own
+    for signum, handler in handlers.items():  # ray.init installs its own
+        signal.signal(signum, handler)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # ours counts rows; Ray's would count shards
     actors = pool_size(ray, args.actors, cpus_per_actor, len(job.todo))
