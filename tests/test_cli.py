@@ -24,7 +24,7 @@ import torch
 
 from _seed import AE
 from fusedae import MLP, _native
-from fusedae.cli import CommandError, inputs, main, outputs
+from fusedae.cli import CommandError, common, inputs, main, outputs
 
 BIG_ROWS = 1_250_000  # x 64 float32 = 320 MB
 
@@ -675,6 +675,19 @@ def test_a_progress_bar_that_cannot_be_written_stops_the_bar_not_the_job(
     )
 
 
+def test_a_summary_stdout_cannot_encode_is_escaped(tmp_path: Path, model_path: Path) -> None:
+    """An OUTPUT name stdout's encoding lacks (``PYTHONIOENCODING=ascii``): the summary was
+    dropped, and stdout sent to the null device, as if stdout had been closed."""
+    np.save(tmp_path / "x.npy", np.zeros((3, 64), np.float32))
+    output = tmp_path / "codé.npy"
+    result = fusedae(
+        "encode", model_path, tmp_path / "x.npy", "-o", output, env={"PYTHONIOENCODING": "ascii"}
+    )
+    assert result.returncode == 0, result.stderr
+    assert "cod\\xe9.npy" in result.stdout
+    assert output.exists()
+
+
 def test_a_progress_bar_in_a_log_is_a_line_per_redraw(tmp_path: Path, model_path: Path) -> None:
     """stderr to a file or a pipe (a batch scheduler's log, Ray's): the bar's redraws were one
     line, each begun with a carriage return, that a log shows whole."""
@@ -688,6 +701,26 @@ def test_a_progress_bar_in_a_log_is_a_line_per_redraw(tmp_path: Path, model_path
     assert len(lines) >= 2  # the bar at its start and at its end, at least
     assert all(re.match(r"\s*\d+%\|", line) for line in lines), lines
     assert lines[-1].startswith("100%|")
+
+
+def test_a_progress_bar_in_a_log_redraws_every_30_seconds_on_lines_of_their_own(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """tqdm's monitor thread redrew every 10 s (``maxinterval``) and a postfix on each call (a
+    Parquet job of 40 small shards wrote 42 lines in a second); a bar's line was ended by the
+    next redraw, so a warning meanwhile went on the bar's line."""
+    bar = common.progress_bar(total=40, unit="row")
+    assert (bar.mininterval, bar.maxinterval) == (30, 30)
+    for shard in range(40):
+        bar.set_postfix_str(f"shard {shard + 1}/40", refresh=False)
+        bar.update(1)
+    print("a warning", file=sys.stderr)
+    bar.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 3, lines  # the bar at its start, the warning, the bar at its end
+    assert lines[1] == "a warning"
+    assert lines[2].startswith("100%|")
+    assert common.BestEffortStream._as_lines("\r 5%|a  \r10%|b   \n") == " 5%|a\n10%|b\n"
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")

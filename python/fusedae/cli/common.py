@@ -139,26 +139,19 @@ class BestEffortStream:
     def __init__(self) -> None:
         self.stream: Any = sys.stderr  # None where the process started with stderr closed
         self.lines = not is_terminal(self.stream)
-        self.line_started = False
 
     def write(self, text: str) -> None:
         if self.lines:
             text = self._as_lines(text)
         self._attempt(lambda stream: stream.write(text))
 
-    def _as_lines(self, text: str) -> str:
-        """``text`` with each redraw begun on a line of its own (the padding a redraw over a
-        longer bar needs left out)."""
-        out = []
-        for index, piece in enumerate(text.split("\r")):
-            if index and self.line_started:
-                out.append("\n")
-                self.line_started = False
-            piece = piece.rstrip(" ") if index else piece
-            if piece:
-                out.append(piece)
-                self.line_started = not piece.endswith("\n")
-        return "".join(out)
+    @staticmethod
+    def _as_lines(text: str) -> str:
+        """``text``, tqdm's redraws (each begun by ``\\r``, padded with spaces over a longer
+        bar, the last one ended by its ``\\n``), as lines ended at once: what else goes to
+        stderr meanwhile (a warning) starts a line of its own."""
+        bars = (piece.rstrip(" \n") for piece in text.split("\r"))
+        return "".join(f"{bar}\n" for bar in bars if bar)
 
     def flush(self) -> None:
         self._attempt(lambda stream: stream.flush())
@@ -204,6 +197,8 @@ def say(message: str) -> None:
     fail on what is still buffered either."""
     try:
         print(message, flush=True)
+    except UnicodeEncodeError:  # (a path stdout's encoding lacks: PYTHONIOENCODING=ascii)
+        say(message.encode("ascii", "backslashreplace").decode("ascii"))
     except (OSError, ValueError):  # (ValueError: stdout was closed)
         with contextlib.suppress(OSError, ValueError, AttributeError):
             null = os.open(os.devnull, os.O_WRONLY)
@@ -217,8 +212,9 @@ def progress_bar(**options: Any) -> Any:
     from tqdm import tqdm
 
     stream = BestEffortStream()
-    if stream.lines:
+    if stream.lines:  # (`maxinterval`: tqdm's monitor thread redraws a bar idle that long)
         options.setdefault("mininterval", LOG_REDRAW_SECONDS)
+        options.setdefault("maxinterval", LOG_REDRAW_SECONDS)
     return tqdm(file=stream, **options)
 
 

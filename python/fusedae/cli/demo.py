@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> None:
                 loss.backward()
                 optimizer.step()
                 total += loss.detach()
-            bar.set_postfix(mse=f"{total.item() / data.numel():.4f}")
+            bar.set_postfix(mse=f"{total.item() / data.numel():.4f}", refresh=False)
     model = model.cpu().eval()
 
     model_path = out_dir / "digits-ae.safetensors"

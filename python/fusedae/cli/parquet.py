@@ -525,7 +525,7 @@ def encode(args: argparse.Namespace, model_for: Callable[[np.dtype], MLP]) -> No
         leave_a_cpu_to_the_reader()
     with progress_bar(total=job.rows, unit="row", unit_scale=True) as bar:
         for index, shard in enumerate(job.todo):
-            bar.set_postfix_str(f"shard {index + 1}/{len(job.todo)}")
+            bar.set_postfix_str(f"shard {index + 1}/{len(job.todo)}", refresh=False)
             job.encode(shard, bar)
     threads = fusedae.get_num_threads()
     say(job.summary(args.output, f"{threads} kernel thread{'s' * (threads > 1)} beside the reader"))

@@ -130,8 +130,8 @@ def encode(args: argparse.Namespace, model_for: Callable[[np.dtype], MLP]) -> No
             for done, row in enumerate(results.iter_rows(), 1):
                 if row["error"]:
                     raise CommandError(row["error"])
+                bar.set_postfix_str(f"shards {done}/{len(job.todo)}", refresh=False)
                 bar.update(int(row["rows"]))
-                bar.set_postfix_str(f"shards {done}/{len(job.todo)}")
         except ray.exceptions.ActorDiedError:
             raise CommandError(
                 f"an actor died encoding a shard, {ACTOR_RETRIES + 1} times (out of memory? "
