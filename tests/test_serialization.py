@@ -213,6 +213,13 @@ def test_encoder_layers_is_checked(tmp_path: Path) -> None:
     mlp.save(tmp_path / "m.safetensors", encoder_layers=0)
     with pytest.raises(ValueError, match="no encoder"):
         MLP.load(tmp_path / "m.safetensors", "encoder")
+    # True and 1.5 passed the range check and wrote files `load` refuses ("1.5" is no count).
+    for count in (True, 1.5, np.float64(1.0), "1"):
+        with pytest.raises(TypeError, match=r"encoder_layers must be an int, got"):
+            mlp.save(tmp_path / "other.safetensors", encoder_layers=count)
+    assert not (tmp_path / "other.safetensors").exists()
+    mlp.save(tmp_path / "m.safetensors", encoder_layers=np.int64(1))
+    assert MLP.load(tmp_path / "m.safetensors", "encoder").out_features == 3
 
 
 def test_interoperates_with_the_safetensors_package(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ kernels or written to a file. numpy only.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -175,6 +176,10 @@ class ChainSpec:
         for index, layer in enumerate(self.layers):
             if not isinstance(layer.post_op, PostOp):
                 raise TypeError(f"layer {index}: post_op must be a PostOp, got {layer.post_op!r}")
+        if isinstance(self.encoder_layers, bool) or not isinstance(
+            self.encoder_layers, numbers.Integral
+        ):  # (True and 1.5 passed the range check: a file written so could not be read back)
+            raise TypeError(f"encoder_layers must be an int, got {self.encoder_layers!r}")
         if not 0 <= self.encoder_layers <= len(self.layers):
             raise ValueError(
                 f"encoder_layers must be between 0 and {len(self.layers)}, "
