@@ -614,6 +614,44 @@ def test_resume_takes_this_jobs_output_from_any_isa_and_batch(tmp_path: Path, is
     assert "nothing to do" in result.stdout
 
 
+def test_a_model_the_precision_cannot_hold_is_a_command_error(tmp_path: Path) -> None:
+    """A NaN weight at int8, a weight beyond bf16's range: the packer's ValueError came out as
+    a traceback. A zero-width layer in a file: a traceback from encode, and from MLP.load an
+    error without the file's name."""
+    np.save(tmp_path / "x.npy", np.ones((2, 4), np.float32))
+    for value, precision, message in (
+        (np.nan, "int8", "weight [0, 0] is NaN; precision int8 needs finite weights"),
+        (3.4e38, "bf16", "precision bf16 holds at most"),
+    ):
+        weight = np.ones((3, 4), np.float32)
+        weight[0, 0] = value
+        model = tmp_path / f"{precision}.safetensors"
+        MLP([(weight, None)], ["identity"]).save(model)
+        argv = ["encode", model, tmp_path / "x.npy", "-o", tmp_path / "o.npy", "--force"]
+        result = fusedae(*argv, "--precision", precision)
+        assert result.returncode == 1
+        (line,) = error_lines(result)
+        assert line.startswith(f"fusedae encode: error: {model}: layer 0: ")
+        assert message in line
+    safetensors = pytest.importorskip("safetensors.numpy")
+    metadata = {
+        "format": "fusedae.chain",
+        "format_version": "2",
+        "encoder_layers": "1",
+        "layers": '[{"post_op": "relu", "params": {}, "normalization": []}]',
+    }
+    model = tmp_path / "zero.safetensors"
+    safetensors.save_file(
+        {"layers.0.weight": np.zeros((3, 0), np.float32)}, str(model), metadata=metadata
+    )
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(model))}: .*widths must be at least 1"):
+        MLP.load(model)
+    result = fusedae("encode", model, tmp_path / "x.npy", "-o", tmp_path / "o.npy", "--force")
+    assert result.returncode == 1
+    assert len(error_lines(result)) == 1, result.stderr
+    assert "widths must be at least 1" in result.stderr
+
+
 def test_output_that_is_the_input(tmp_path: Path, model_path: Path) -> None:
     """The input of a width-preserving part has the shape a finished output would have:
     ``--resume`` must not take it for one (it said "nothing to do", the input left as it was)."""

@@ -270,6 +270,10 @@ class ChainSpec:
             weight, bias = layer.weight, layer.bias
             if weight.ndim != 2:
                 raise ValueError(f"layer {index}: weight must be 2-D, got shape {weight.shape}")
+            if 0 in weight.shape:
+                raise ValueError(
+                    f"layer {index}: widths must be at least 1, got weight shape {weight.shape}"
+                )
             if bias is not None and bias.shape != weight.shape[:1]:
                 raise ValueError(
                     f"layer {index}: bias must have shape ({weight.shape[0]},), got {bias.shape}"

@@ -295,6 +295,9 @@ def model_mlp(
     except ValueError as error:
         raise CommandError(f"{path}: {error}") from None
     narrow = spec_precision(precision)
-    if narrow != "full":
-        return MLP.from_spec(selected, precision=narrow)
-    return MLP.from_spec(selected, dtype=f"f{dtype.itemsize}")
+    try:  # (weights a precision cannot hold: NaN for int8, beyond bf16's range)
+        if narrow != "full":
+            return MLP.from_spec(selected, precision=narrow)
+        return MLP.from_spec(selected, dtype=f"f{dtype.itemsize}")
+    except ValueError as error:
+        raise CommandError(f"{path}: {error}") from None
