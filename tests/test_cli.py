@@ -884,22 +884,10 @@ def test_interrupted_encode_leaves_no_output(
 def test_nohup_keeps_encode_going(tmp_path: Path, model_path: Path) -> None:
     """``nohup`` starts the job with SIGHUP ignored, so that it outlives the terminal: catching
     SIGHUP regardless stopped it (status 129)."""
-    x = np.random.default_rng(7).standard_normal((20_000, 64)).astype(np.float32)
+    x = np.random.default_rng(7).standard_normal((100_000, 64)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
     output = tmp_path / "codes.npy"
-    command = [sys.executable, "-m", "fusedae", "encode", model_path, tmp_path / "x.npy"]
-    process = subprocess.Popen(
-        [*map(str, command), "-o", str(output), "--batch-size", "8", "--threads", "1"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
-    )
-    temporary = output.with_name(f".{output.name}.{socket.gethostname()}.{process.pid}.tmp")
-    deadline = time.monotonic() + 60
-    while not temporary.exists() and process.poll() is None:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    process = start_encode(model_path, tmp_path / "x.npy", output, ignored=signal.SIGHUP)
     process.send_signal(signal.SIGHUP)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr
@@ -918,16 +906,25 @@ def test_main_puts_the_signal_handlers_back(tmp_path: Path, model_path: Path) ->
     assert {signum: signal.getsignal(signum) for signum in before} == before
 
 
-def start_encode(model: Path, x: Path, output: Path) -> subprocess.Popen[str]:
-    """An encode of ``x`` in tiny chunks (it lasts seconds), once it has begun writing."""
+def start_encode(
+    model: Path, x: Path, output: Path, ignored: signal.Signals | None = None
+) -> subprocess.Popen[str]:
+    """An encode of ``x`` in tiny chunks (it lasts seconds), once it has begun writing; started
+    with the signal ``ignored`` ignored, as ``nohup`` starts a job with SIGHUP."""
+
+    def set_signals() -> None:
+        # A shell's background job starts with SIGINT ignored, and so would the child.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if ignored is not None:
+            signal.signal(ignored, signal.SIG_IGN)
+
     command = [sys.executable, "-m", "fusedae", "encode", model, x, "-o", output]
     process = subprocess.Popen(
         [*map(str, command), "--batch-size", "8", "--threads", "1"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        # A shell's background job starts with SIGINT ignored, and so would the child.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        preexec_fn=set_signals,
     )
     temporary = output.with_name(f".{output.name}.{socket.gethostname()}.{process.pid}.tmp")
     deadline = time.monotonic() + 60
