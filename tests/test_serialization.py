@@ -71,13 +71,6 @@ def test_seed_ae_round_trip(tmp_path: Path, rng: np.random.Generator) -> None:
             (30, 20, 5),
             id="ends in ReLU",
         ),
-        pytest.param(  # (its hidden layer was taken for the code, which `encode` wrote)
-            lambda: nn.Sequential(
-                nn.Sequential(nn.Linear(20, 8), nn.ReLU()), nn.Sequential(nn.Linear(8, 3))
-            ),
-            (20, 8, 3),
-            id="a classifier of two Sequentials",
-        ),
     ],
 )
 def test_save_modules(

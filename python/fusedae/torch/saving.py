@@ -36,8 +36,7 @@ def chain_spec(module: nn.Module, *, encoder_layers: int | None = None) -> Chain
     and whose forward is ``decoder(encoder(x))`` (the seed's ``AE``, ``fusedae.torch.AE``; for
     any class but the latter, checked: ``check_forward_is_the_chain``), or
     a Sequential of two such chains (``nn.Sequential(encoder, decoder)``): then the spec is one
-    chain whose ``encoder_layers`` is the first chain's length (for the Sequential, where the
-    chain's output is as wide as its input, an autoencoder's). Otherwise
+    chain whose ``encoder_layers`` is the first chain's length. Otherwise
     ``encoder_layers`` defaults to the narrowest inner layer if the chain's output is as wide
     as its input (an autoencoder), else to all layers. Arrays are float64 if the first weight
     is float64, else float32. The chain is what the modules compute in eval mode (BatchNorm
@@ -67,28 +66,19 @@ def chain_spec(module: nn.Module, *, encoder_layers: int | None = None) -> Chain
         )
     layers: list[Layer] = []
     dtype: torch.dtype | None = None
-    decoder_starts: int | None = None
     for name, chain in chains:
         lowered = lower(cast(nn.Sequential, chain)) if type(chain) in SEQUENTIALS else None
         if lowered is None:
             raise TypeError(why_not_a_chain(chain, name))
-        if len(chains) == 2 and name == chains[1][0]:
-            decoder_starts = len(layers)
+        if encoder_layers is None and len(chains) == 2 and name == chains[1][0]:
+            encoder_layers = len(layers)  # the decoder starts here
         if dtype is None:
             first = lowered.layers[0][0].weight.dtype
             dtype = torch.float64 if first == torch.float64 else torch.float32
         tensors = [None if t is None else t.detach().to("cpu", dtype) for t in lowered.tensors()]
         layers.extend(lowered.spec(tensors).layers)
-    widths = [layers[0].in_features, *(layer.out_features for layer in layers)]
-    # The second of two unnamed Sequentials is a decoder where the chain gives back its input's
-    # width, an autoencoder's (a classifier's two blocks, 20 -> 8 | 8 -> 3, made its hidden
-    # layer the "encoder" that `fusedae encode` wrote); children named so are one anyway.
-    is_decoder = decoder_starts is not None and (
-        chains[1][0] == "decoder" or widths[-1] == widths[0]
-    )
-    if encoder_layers is None and is_decoder:
-        encoder_layers = decoder_starts
     if encoder_layers is None:
+        widths = [layers[0].in_features, *(layer.out_features for layer in layers)]
         encoder_layers = default_encoder_layers(widths)
     spec = ChainSpec(tuple(layers), encoder_layers)
     if probe:
