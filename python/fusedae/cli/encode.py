@@ -60,9 +60,11 @@ against the module it takes, and each Linear against the one before it. A dropou
 none: Dropout holds no tensors) does nothing, as in eval mode.
 
 A model is one chain of layers with a mark where its encoder ends: after the modules named
-encoder (then decoder), or, for a single chain, at its narrowest layer if its output is as
-wide as its input, else at its end. By default the command runs the encoder (rows -> codes);
---decode runs the layers after the mark (codes -> outputs); --reconstruct runs them all.
+encoder (then decoder), or after the first of a pickled nn.Sequential of two Sequentials
+(nn.Sequential(encoder, decoder)), or, for a single chain, at its narrowest layer if its
+output is as wide as its input, else at its end. By default the command runs the encoder
+(rows -> codes); --decode runs the layers after the mark (codes -> outputs); --reconstruct
+runs them all; the line it prints names the layers it ran.
 
 INPUT is a .npy file (read a chunk at a time, so it may be larger than memory) or a .npz
 file (--key picks an array), of float32 or float64 rows, shape (..., in_features); OUTPUT has
