@@ -121,29 +121,17 @@ def bf16_bound(
 
     layer by layer, ``L`` bounding the op's Lipschitz constant; plus, where the exact
     pre-activation is within ``pre_err`` of a point where the op jumps (``_jump``), the jump."""
-    return _rounding_bound(layers, activations, x, lambda k: 2 * BF16_UNIT + 2 * (k + 1) * F32_UNIT)
+    return rounding_bound(layers, activations, x, lambda k: 2 * BF16_UNIT + 2 * (k + 1) * F32_UNIT)
 
 
-def full_bound(
-    layers: Sequence[Layer],
-    activations: Sequence[str | PostOp],
-    x: npt.ArrayLike,
-    dtype: npt.DTypeLike,
-) -> np.ndarray:
-    """``bf16_bound`` for the full precision of ``dtype`` (float32 or float64): the sums'
-    rounding only, ``2 (k + 1) u`` of the magnitudes, whatever order an ISA sums in."""
-    unit = float(np.finfo(dtype).eps) / 2
-    return _rounding_bound(layers, activations, x, lambda k: 2 * (k + 1) * unit)
-
-
-def _rounding_bound(
+def rounding_bound(
     layers: Sequence[Layer],
     activations: Sequence[str | PostOp],
     x: npt.ArrayLike,
     relative: Callable[[int], float],
 ) -> np.ndarray:
     """The bound of ``bf16_bound``, with ``relative(k)`` in place of its factor of the
-    magnitudes for a layer of ``k`` inputs."""
+    magnitudes for a layer of ``k`` inputs (``2 (k + 1) u`` for a float format's worst case)."""
     ops = post_ops(activations)
     x64 = np.asarray(x, dtype=np.float64)
     pres, posts = _pre_and_post(layers, activations, x64)

@@ -60,8 +60,15 @@ def terminating_on_signals() -> Iterator[None]:
             signal.signal(signum, terminate)
         yield
     finally:
+        # Held back while the handlers go back (one arriving midway raised from here, leaving
+        # the rest ignored), then delivered to the handlers before.
+        block = getattr(signal, "pthread_sigmask", None)  # (POSIX)
+        if block is not None:
+            block(signal.SIG_BLOCK, caught)
         for signum, handler in before.items():
             signal.signal(signum, handler)
+        if block is not None:
+            block(signal.SIG_UNBLOCK, caught)
 
 
 CHUNK_BYTES = 16 << 20  # input bytes per batch when --batch-size is not given

@@ -26,7 +26,7 @@ from fusedae.cli.common import (
 )
 from fusedae.cli.inputs import NPY_HEADER_ERRORS, Rows, open_rows
 from fusedae.cli.models import load_model
-from fusedae.cli.outputs import check_written_rows, probe_rows, write_rows
+from fusedae.cli.outputs import ResumeCheck, probe_rows, write_rows
 from fusedae.mlp import MLP
 
 OUTPUT_COLUMNS = {"encoder": "codes", "decoder": "decoded", "all": "reconstructed"}
@@ -83,8 +83,8 @@ Every output file is written to a temporary file in the same directory and renam
 end: an interrupted run leaves nothing under an output name, and the next run for it removes
 what a killed run left (never the file of a run still going). --resume skips the outputs that
 exist, which are complete: after an interruption it does the rest. Each must be this job's
-(its shape, and some rows within the precision's error bound of the exact values): one that
-another model, a coarser precision or other input rows wrote is an error.
+(its shape, and some rows as close to the exact values as the precision makes them): one that
+another model or other input rows wrote is an error.
 
 --engine ray runs a Parquet job on Ray (pip install 'fusedae[ray]'): on the cluster at
 RAY_ADDRESS, else on a local one. Each input shard is one task for a pool of --actors actors
@@ -283,7 +283,7 @@ def check_finished(output: Path, shape: tuple[int, ...], mlp: MLP, source: Rows)
     rows = probe_rows(source.rows)
     if len(rows):
         inputs = np.stack([source.read(row, row + 1)[0].copy() for row in rows])
-        check_written_rows(mlp, inputs, existing.reshape(-1, mlp.out_features)[rows], output)
+        ResumeCheck(mlp).check(inputs, existing.reshape(-1, mlp.out_features)[rows], output)
 
 
 def model_mlp(

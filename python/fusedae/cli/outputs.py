@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import math
 import os
 import socket
 import sys
@@ -27,12 +28,18 @@ if sys.platform != "win32":
 TEMPORARY_SUFFIX = ".tmp"
 # `--resume` checks this many rows of a finished output (spread over it where the rows can be
 # read in any order): one of the job's shape and dtype written by another model (retrained, say),
-# with other options or from other input rows differs there.
+# at a coarser precision or from other input rows differs there.
 PROBE_ROWS = 16
-# How far a written value may be from the exact one, in multiples of the job's precision's
-# first-order error bound (`fusedae._reference`): the bound holds on every ISA and batch size,
-# and the margin keeps a right output from being refused where the bound is tight.
-PROBE_MARGIN = 2.0
+# How far a value written at full precision (fp32, fp64) may be from the exact one: SPREAD
+# sqrt(k + 1) units of roundoff of the magnitudes (|W| |x| + |b|, layer by layer), the sums'
+# rounding errors taken as a random walk. Measured (Intel, scalar/avx2/avx512, batches of 1 to
+# 400): the job's own values within 0.003-0.022 of sqrt(k + 1) u |W| |x| at 64-4096 inputs a
+# layer, 1.0 in rows of 4096 equal products (errors that add up in one direction), 8.6 at 16384;
+# a bf16 job's 18-157, int8's 87-750, a model retrained by 0.1% 15-86 (4096 and 784 inputs). The
+# worst case, 2 (k + 1) units, let the last two pass at 784 inputs. bf16 and int8 jobs: MARGIN
+# times their first-order bounds (docs/precision.md), which hold on every ISA and batch size.
+FULL_PRECISION_SPREAD = 10.0
+NARROW_PRECISION_MARGIN = 2.0
 
 
 def probe_rows(rows: int) -> np.ndarray:
@@ -43,42 +50,59 @@ def probe_rows(rows: int) -> np.ndarray:
     return np.unique(np.linspace(0, rows - 1, min(rows, PROBE_ROWS)).round().astype(np.int64))
 
 
-def check_written_rows(mlp: MLP, inputs: np.ndarray, written: np.ndarray, output: Path) -> None:
-    """``--resume`` skips ``output`` only where ``written``, some of its rows, are what ``mlp``
-    computes from ``inputs``, the input's rows there: within ``PROBE_MARGIN`` times the
-    precision's error bound of the exact values, each value (rows of finite inputs), and not
-    finite where ``mlp`` is not (the others). Else another job wrote it."""
-    computed = mlp(np.ascontiguousarray(inputs))
-    written = np.asarray(written, dtype=computed.dtype)
-    finite = np.isfinite(computed)
-    same_places = np.array_equal(finite, np.isfinite(written)) and np.array_equal(
-        computed[~finite], written[~finite], equal_nan=True
-    )
-    rows = np.isfinite(inputs).all(axis=1)
-    spec = mlp.spec.folded()
-    layers = [(layer.weight, layer.bias) for layer in spec.layers]
-    ops = spec.post_ops
-    exact, _ = _reference.forward(layers, ops, inputs[rows])
-    if spec.precision == "bf16":
-        bound = _reference.bf16_bound(layers, ops, inputs[rows])
-    elif spec.precision == "int8":
-        bound = _reference.int8_bound(layers, ops, inputs[rows])
-    else:
-        bound = _reference.full_bound(layers, ops, inputs[rows], computed.dtype)
-    checked = finite[rows] & np.isfinite(exact)
-    off, allowed = np.abs(written[rows] - exact)[checked], PROBE_MARGIN * bound[checked]
-    if same_places and (off <= allowed).all():
-        return
-    if same_places:
-        worst = np.argmax(off / allowed)
-        found = f"up to {off[worst]:.3g} off, where {allowed[worst]:.3g} is allowed"
-    else:
-        found = "not finite where this job's are, or the other way round"
-    raise CommandError(
-        f"--resume: {output} exists with this job's shape, but not its values: of "
-        f"{len(inputs)} rows checked, values are {found}; another model, other options or "
-        "another INPUT wrote it? Delete it, or pass --force to overwrite it"
-    )
+class ResumeCheck:
+    """``--resume``'s check that a finished output holds what ``mlp`` computes: its chain in
+    float64, folded and converted once a job (a Parquet job checks every finished shard)."""
+
+    def __init__(self, mlp: MLP) -> None:
+        spec = mlp.spec.folded()
+        self.layers: list[tuple[np.ndarray, np.ndarray | None]] = [
+            (
+                np.asarray(layer.weight, np.float64),
+                None if layer.bias is None else np.asarray(layer.bias, np.float64),
+            )
+            for layer in spec.layers
+        ]
+        self.ops = spec.post_ops
+        self.precision = spec.precision
+        self.dtype = mlp.dtype
+
+    def allowed(self, inputs: np.ndarray) -> np.ndarray:
+        """How far each output of ``inputs`` (finite rows) may be from the exact value."""
+        if self.precision == "bf16":
+            return NARROW_PRECISION_MARGIN * _reference.bf16_bound(self.layers, self.ops, inputs)
+        if self.precision == "int8":
+            return NARROW_PRECISION_MARGIN * _reference.int8_bound(self.layers, self.ops, inputs)
+        unit = float(np.finfo(self.dtype).eps) / 2
+        return _reference.rounding_bound(
+            self.layers, self.ops, inputs, lambda k: FULL_PRECISION_SPREAD * math.sqrt(k + 1) * unit
+        )
+
+    def check(self, inputs: np.ndarray, written: np.ndarray, output: Path) -> None:
+        """``output`` is skipped only where ``written``, some of its rows, are within
+        ``allowed`` of the exact outputs of ``inputs``, the input's rows there; else another job
+        wrote it. Only rows of finite inputs, and values finite and short of the dtype's largest
+        by their allowance, are compared: where NaN and inf come out of the others depends on
+        the ISA and the batch."""
+        finite_rows = np.isfinite(inputs).all(axis=1)
+        inputs = inputs[finite_rows]
+        written = np.asarray(written[finite_rows], np.float64)
+        exact, _ = _reference.forward(self.layers, self.ops, inputs)
+        allowed = self.allowed(inputs)
+        with np.errstate(invalid="ignore", over="ignore"):
+            compared = np.isfinite(exact) & (np.abs(exact) + allowed < np.finfo(self.dtype).max)
+            off = np.where(compared, np.abs(written - np.where(compared, exact, 0.0)), 0.0)
+        beyond = compared & ~(off <= allowed)  # (NaN written where a value is due: beyond)
+        if not beyond.any():
+            return
+        worst = np.unravel_index(np.argmax(np.where(beyond, off / allowed, -1.0)), off.shape)
+        raise CommandError(
+            f"--resume: {output} exists with this job's shape, but not its values: of "
+            f"{int(finite_rows.sum())} rows checked, {int(beyond.any(axis=1).sum())} are off (one "
+            f"value by {off[worst]:.3g}, where {allowed[worst]:.3g} is allowed); another "
+            "model, another precision or another INPUT wrote it? Delete it, or pass --force to "
+            "overwrite it"
+        )
 
 
 def temporary_name(output: Path) -> Path:

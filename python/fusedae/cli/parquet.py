@@ -25,7 +25,7 @@ import fusedae
 from fusedae import _native
 from fusedae._arrow import first_null, list_rows
 from fusedae.cli.common import CommandError, progress_bar, rows_per_batch, say
-from fusedae.cli.outputs import PROBE_ROWS, check_written_rows, staged_output
+from fusedae.cli.outputs import PROBE_ROWS, ResumeCheck, staged_output
 from fusedae.mlp import MLP
 
 if TYPE_CHECKING:
@@ -335,7 +335,7 @@ def columns_text(schema: Any) -> str:
 
 
 def check_finished_shard(
-    pa: Any, mlp: MLP, shard: Shard, columns: Columns, output_column: str
+    pa: Any, mlp: MLP, shard: Shard, columns: Columns, output_column: str, check: ResumeCheck
 ) -> None:
     """That the output ``--resume`` would skip is what this job writes for ``shard``: Parquet of
     its schema and row count whose first rows are ``mlp`` of the shard's (not another job's, nor
@@ -362,7 +362,7 @@ def check_finished_shard(
         codes = first_batch(pa, shard.output, [output_column]).column(0)
         written = codes.flatten().to_numpy(zero_copy_only=False).reshape(-1, mlp.out_features)
         count = min(len(inputs), len(written))  # (batches end where row groups do)
-        check_written_rows(mlp, inputs[:count], written[:count], shard.output)
+        check.check(inputs[:count], written[:count], shard.output)
 
 
 def first_batch(pa: Any, path: Path, names: list[str]) -> Any:
@@ -511,8 +511,9 @@ def plan(args: argparse.Namespace, model_for: Callable[[np.dtype], MLP]) -> Job:
             )
     if args.resume:
         pa = import_pyarrow()
+        check = ResumeCheck(mlp)
         for shard in finished:
-            check_finished_shard(pa, mlp, shard, columns, args.output_column)
+            check_finished_shard(pa, mlp, shard, columns, args.output_column, check)
     batch_size = rows_per_batch(args.batch_size, mlp.in_features * mlp.dtype.itemsize)
     return Job(shards, todo, columns, mlp, args.output_column, batch_size)
 
