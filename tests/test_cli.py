@@ -657,6 +657,26 @@ def test_a_model_the_precision_cannot_hold_is_a_command_error(tmp_path: Path) ->
     assert "widths must be at least 1" in result.stderr
 
 
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_resume_takes_this_jobs_non_finite_values(
+    tmp_path: Path, model_path: Path, precision: str
+) -> None:
+    """Rows of NaN, of inf and of 3e38 (which overflows): where NaN and inf come out depends on
+    the ISA (an inf input at int8: inf on avx2, NaN on avx512) and on the batch (a 3e38 row
+    alone or among others); the check compared those places and refused the job's own output."""
+    x = np.random.default_rng(8).standard_normal((101, 64)).astype(np.float32)
+    x[0, 3], x[50, :] = np.nan, np.inf
+    x[100, :] = 3e38  # the probe's last row, a batch of its own below
+    np.save(tmp_path / "x.npy", x)
+    argv = ["encode", model_path, tmp_path / "x.npy", "-o", tmp_path / "o.npy"]
+    argv += ["--precision", precision]
+    written = fusedae(*argv, "--batch-size", "50", env={"FUSEDAE_ISA": "scalar"})
+    assert written.returncode == 0, written.stderr
+    result = fusedae(*argv, "--resume")
+    assert result.returncode == 0, result.stderr
+    assert "nothing to do" in result.stdout
+
+
 def test_output_that_is_the_input(tmp_path: Path, model_path: Path) -> None:
     """The input of a width-preserving part has the shape a finished output would have:
     ``--resume`` must not take it for one (it said "nothing to do", the input left as it was)."""

@@ -63,6 +63,7 @@ class ResumeCheck:
             )
             for layer in spec.layers
         ]
+        self.absolute = [np.abs(weight) for weight, _ in self.layers]
         self.ops = spec.post_ops
         self.precision = spec.precision
         self.dtype = mlp.dtype
@@ -78,30 +79,40 @@ class ResumeCheck:
             self.layers, self.ops, inputs, lambda k: FULL_PRECISION_SPREAD * math.sqrt(k + 1) * unit
         )
 
+    def without_overflow(self, inputs: np.ndarray, outputs: list[np.ndarray]) -> np.ndarray:
+        """Which rows of ``inputs`` (with every layer's exact ``outputs``) no sum can overflow
+        in: each layer's ``|W| |x| + |b|`` (what any order of its sum reaches at most) within
+        half the dtype's largest value."""
+        limit = float(np.finfo(self.dtype).max) / 2
+        rows = np.ones(len(inputs), bool)
+        below = np.abs(inputs)
+        for (_, bias), absolute, output in zip(self.layers, self.absolute, outputs, strict=True):
+            with np.errstate(over="ignore", invalid="ignore"):
+                magnitude = below @ absolute.T + (0.0 if bias is None else np.abs(bias))
+            rows &= (magnitude < limit).all(axis=1)
+            below = np.abs(output)
+        return rows
+
     def check(self, inputs: np.ndarray, written: np.ndarray, output: Path) -> None:
         """``output`` is skipped only where ``written``, some of its rows, are within
         ``allowed`` of the exact outputs of ``inputs``, the input's rows there; else another job
-        wrote it. Only rows of finite inputs, and values finite and short of the dtype's largest
-        by their allowance, are compared: where NaN and inf come out of the others depends on
-        the ISA and the batch."""
-        finite_rows = np.isfinite(inputs).all(axis=1)
-        inputs = inputs[finite_rows]
-        written = np.asarray(written[finite_rows], np.float64)
-        exact, _ = _reference.forward(self.layers, self.ops, inputs)
-        allowed = self.allowed(inputs)
-        with np.errstate(invalid="ignore", over="ignore"):
-            compared = np.isfinite(exact) & (np.abs(exact) + allowed < np.finfo(self.dtype).max)
-            off = np.where(compared, np.abs(written - np.where(compared, exact, 0.0)), 0.0)
-        beyond = compared & ~(off <= allowed)  # (NaN written where a value is due: beyond)
+        wrote it. Only rows of finite inputs that no sum overflows in are compared: where NaN
+        and inf come out of the others depends on the ISA and the batch."""
+        finite = np.isfinite(inputs).all(axis=1)
+        exact, outputs = _reference.forward(self.layers, self.ops, inputs[finite])
+        safe = self.without_overflow(inputs[finite], outputs)
+        rows, exact = np.flatnonzero(finite)[safe], exact[safe]
+        allowed = self.allowed(inputs[rows])
+        off = np.abs(np.asarray(written[rows], np.float64) - exact)
+        beyond = ~(off <= allowed)  # (NaN written where a value is due: beyond)
         if not beyond.any():
             return
         worst = np.unravel_index(np.argmax(np.where(beyond, off / allowed, -1.0)), off.shape)
         raise CommandError(
             f"--resume: {output} exists with this job's shape, but not its values: of "
-            f"{int(finite_rows.sum())} rows checked, {int(beyond.any(axis=1).sum())} are off (one "
-            f"value by {off[worst]:.3g}, where {allowed[worst]:.3g} is allowed); another "
-            "model, another precision or another INPUT wrote it? Delete it, or pass --force to "
-            "overwrite it"
+            f"{len(rows)} rows checked, {int(beyond.any(axis=1).sum())} are off (one value by "
+            f"{off[worst]:.3g}, where {allowed[worst]:.3g} is allowed); another model, another "
+            "precision or another INPUT wrote it? Delete it, or pass --force to overwrite it"
         )
 
 
