@@ -203,9 +203,12 @@ def write_rows(mlp: MLP, source: Rows, output: Path, batch_size: int) -> None:
         "fortran_order": False,
         "shape": (*shape[:-1], mlp.out_features),
     }
+    # The bar first: it imports tqdm, and a Ctrl-C during an import can be lost (raised in
+    # importlib's module-lock callback, whose exceptions Python ignores), so none is left once
+    # the temporary file is there.
     with (
-        staged_output(output) as file,
         progress_bar(total=rows, unit="row", unit_scale=True) as bar,
+        staged_output(output) as file,
     ):
         np.lib.format.write_array_header_1_0(file, header)
         for start in range(0, rows, batch_size):
