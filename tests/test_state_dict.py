@@ -114,6 +114,35 @@ def test_the_encoder_under_a_prefix_all_keys_share(prefix: str) -> None:
     assert from_state_dict(state, "linear,relu,linear,linear").encoder_layers == 2
 
 
+@pytest.mark.parametrize("prefix", ["", "module."])
+def test_two_blocks_of_a_sequential_are_encoder_and_decoder(prefix: str) -> None:
+    """``nn.Sequential(encoder, decoder)``'s state_dict (modules under ``0.`` then ``1.``) ends
+    the encoder where ``save`` and a pickled model do: after the first block. An autoencoder
+    whose output is wider than its input (a decoder giving a mean and a log-variance) ran all its
+    layers as the encoder before, and the symmetric one below was cut at its narrowest layer,
+    one layer short of its block."""
+    torch.manual_seed(0)
+    gaussian = nn.Sequential(
+        nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2)),
+        nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 16)),
+    )
+    asymmetric = _asymmetric_ae()
+    blocks = nn.Sequential(asymmetric.encoder, asymmetric.decoder)
+    for model, layers in ((gaussian, "linear,relu,linear,linear,relu,linear"), (blocks, None)):
+        state = {prefix + key: value for key, value in numpy_state(model).items()}
+        spec = from_state_dict(state, layers or "linear,relu,linear,linear")
+        assert spec.encoder_layers == 2 == chain_spec(model).encoder_layers
+    # Blocks that are single Linears are one flat chain: the narrowest layer, as before.
+    flat = nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 8))
+    assert from_state_dict(numpy_state(flat), "linear,linear").encoder_layers == 1
+    # A BatchNorm of the decoder's block folded into the encoder's last layer: no boundary.
+    folded = nn.Sequential(
+        nn.Sequential(nn.Linear(8, 4)), nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 8))
+    )
+    with pytest.raises(ValueError, match=r"1\.0 is folded into .* across the boundary"):
+        from_state_dict(numpy_state(folded), "linear,batchnorm,linear")
+
+
 def test_a_batchnorm_outside_the_prefixed_halves_is_in_neither() -> None:
     """A BatchNorm at the top level, folded into the last decoder layer of halves under a
     prefix: the boundary error, as without the prefix (an IndexError before)."""

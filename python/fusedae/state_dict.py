@@ -270,8 +270,9 @@ def from_state_dict(state: Mapping[str, np.ndarray], layers: str | Sequence[Item
 
     A BatchNorm right after a Linear (before its activation) normalizes its output; one after an
     activation, or first, normalizes the next Linear's input. If the layers' modules are under
-    ``encoder`` then ``decoder`` (after any prefix all of them share), the encoder is the
-    layers of ``encoder``; otherwise ``default_encoder_layers`` places it.
+    ``encoder`` then ``decoder``, or under ``0`` then ``1`` (``nn.Sequential(encoder,
+    decoder)``), after any prefix all of them share, the encoder is the layers of the first;
+    otherwise ``default_encoder_layers`` places it.
     """
     items = parse_layers(layers) if isinstance(layers, str) else list(layers)
     modules = state_modules(state)
@@ -394,12 +395,14 @@ def _normalization(item: Item, module: StateModule, position: Position) -> Norma
 
 
 def _encoder_layers(built: Sequence[_Building]) -> int | None:
-    """How many layers the ``encoder`` modules hold, if the modules are those of ``encoder``
-    then ``decoder`` (under any prefix all of them share: ``module.`` of DataParallel,
-    ``_orig_mod.`` of torch.compile, a wrapper's attribute), else None. A BatchNorm of one
-    folded into a layer of the other (the encoder ending in activation, BatchNorm) is a
-    ValueError: no layer boundary is the encoder's; so is ``decoder`` before ``encoder``, which
-    would run the decoder first (keys sorted as text)."""
+    """How many layers the first half holds, if the modules are those of ``encoder`` then
+    ``decoder``, or of the blocks ``0`` then ``1`` of ``nn.Sequential(encoder, decoder)`` (each
+    holding modules of its own, as ``save`` and a pickled model read that form), under any
+    prefix all of them share (``module.`` of DataParallel, ``_orig_mod.`` of torch.compile, a
+    wrapper's attribute); else None. A BatchNorm of one half folded into a layer of the other
+    (the encoder ending in activation, BatchNorm) is a ValueError: no layer boundary is the
+    encoder's; so is ``decoder`` before ``encoder``, which would run the decoder first (keys
+    sorted as text)."""
     paths = [layer.module.path.split(".") for layer in built]
     depth = 0  # how many leading parts every layer's path shares
     while all(len(path) > depth + 1 and path[depth] == paths[0][depth] for path in paths) and (
@@ -416,7 +419,14 @@ def _encoder_layers(built: Sequence[_Building]) -> int | None:
             "(were its keys sorted?); fusedae reads the order from it: save the state_dict as "
             "model.state_dict() returns it"
         )
-    if names != ["encoder"] * encoder + ["decoder"] * (len(names) - encoder):
+    blocks = names.count("0")
+    if (
+        0 < blocks < len(names)
+        and names == ["0"] * blocks + ["1"] * (len(names) - blocks)
+        and all(len(path) > depth + 1 for path in paths)
+    ):
+        encoder = blocks
+    elif names != ["encoder"] * encoder + ["decoder"] * (len(names) - encoder):
         return None
     for layer, name in zip(built, names, strict=True):
         for path in layer.paths[1:]:

@@ -60,8 +60,9 @@ against the module it takes, and each Linear against the one before it. A dropou
 none: Dropout holds no tensors) does nothing, as in eval mode.
 
 A model is one chain of layers with a mark where its encoder ends: after the modules named
-encoder (then decoder), or after the first of a pickled nn.Sequential of two Sequentials
-(nn.Sequential(encoder, decoder)), or, for a single chain, at its narrowest layer if its
+encoder (then decoder), or after the first of an nn.Sequential of two Sequentials
+(nn.Sequential(encoder, decoder), pickled or its state_dict: the modules under 0., then 1.),
+or, for a single chain, at its narrowest layer if its
 output is as wide as its input, else at its end. By default the command runs the encoder
 (rows -> codes); --decode runs the layers after the mark (codes -> outputs); --reconstruct
 runs them all; the line it prints names the layers it ran.
