@@ -120,6 +120,9 @@ class TestUnknownOpsAreErrors:
             post_op(3)  # type: ignore[arg-type]
         with pytest.raises(ValueError, match=r"relu takes 0 parameters \(none\), got \(0.1,\)"):
             PostOp("relu", (0.1,))
+        for params in (("0.5",), 0.5, [0.5], (None,)):
+            with pytest.raises(TypeError, match="'leaky_relu': params must be a tuple of numbers"):
+                PostOp("leaky_relu", params)  # type: ignore[arg-type]
 
     def test_chain_spec_and_mlp(self):
         with pytest.raises(ValueError, match=self.message):

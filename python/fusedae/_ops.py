@@ -13,6 +13,7 @@ torch functions, which only ``fusedae.torch`` calls.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -455,9 +456,10 @@ def _choices() -> str:
 @dataclass(frozen=True)
 class PostOp:
     """An op applied to a layer's outputs, with its parameter values (``params`` in the order of
-    ``Op.params``; empty for ops without). An unknown name, a wrong parameter count or values the
-    kernel does not take (as the native ``PostOp::parse`` refuses them: not finite, Hardtanh's
-    ``min_val >= max_val``, Softplus's ``beta <= 0``) is a ValueError."""
+    ``Op.params``; empty for ops without). Params other than a tuple of numbers are a TypeError;
+    an unknown name, a wrong parameter count or values the kernel does not take (as the native
+    ``PostOp::parse`` refuses them: not finite, Hardtanh's ``min_val >= max_val``, Softplus's
+    ``beta <= 0``) are a ValueError."""
 
     name: str
     params: Params = ()
@@ -466,6 +468,13 @@ class PostOp:
         op = OPS.get(self.name)
         if op is None:
             raise ValueError(f"activation must be {_choices()}, got {self.name!r}")
+        # (A string's comparison below failed as "'<' not supported between 'float' and 'str'".)
+        if not isinstance(self.params, tuple) or not all(
+            isinstance(value, numbers.Real) for value in self.params
+        ):
+            raise TypeError(
+                f"post-op {self.name!r}: params must be a tuple of numbers, got {self.params!r}"
+            )
         if len(self.params) != len(op.params):
             raise ValueError(
                 f"{self.name} takes {len(op.params)} parameters "
