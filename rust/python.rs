@@ -907,7 +907,7 @@ fn get_num_threads() -> usize {
 }
 
 /// Where the thread count came from: set_num_threads, FUSEDAE_NUM_THREADS, OMP_NUM_THREADS or
-/// the CPUs this process may use.
+/// the CPUs this process may use, and OMP_THREAD_LIMIT where it capped the last three.
 #[pyfunction]
 fn threads_source() -> String {
     threads::threads_source()

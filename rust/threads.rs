@@ -311,6 +311,7 @@ pub fn num_threads() -> usize {
             let (threads, source) = resolve_threads(
                 variable("FUSEDAE_NUM_THREADS"),
                 variable("OMP_NUM_THREADS"),
+                variable("OMP_THREAD_LIMIT"),
                 cpus,
             );
             let mut source_slot = THREADS_SOURCE
@@ -340,29 +341,47 @@ pub fn threads_source() -> String {
 
 /// The thread count, and where it came from, from `FUSEDAE_NUM_THREADS`, else
 /// `OMP_NUM_THREADS` (its first item: OpenMP's value may list one count per nesting level),
-/// else `cpus` (the CPUs this process may use: its affinity mask and cgroup quota).
-fn resolve_threads(fusedae: Option<String>, omp: Option<String>, cpus: usize) -> (usize, String) {
+/// else `cpus` (the CPUs this process may use: its affinity mask and cgroup quota); at most
+/// `OMP_THREAD_LIMIT` (`limit`), as the OpenMP runtime caps PyTorch's threads and fusedae's calls
+/// on them (a job limited to one thread ran two on fusedae's pool).
+fn resolve_threads(
+    fusedae: Option<String>,
+    omp: Option<String>,
+    limit: Option<String>,
+    cpus: usize,
+) -> (usize, String) {
     let mut ignored = Vec::new();
-    let mut chosen = None;
-    for (name, value) in [("FUSEDAE_NUM_THREADS", fusedae), ("OMP_NUM_THREADS", omp)] {
-        let Some(value) = value.filter(|value| !value.trim().is_empty()) else {
-            continue;
+    let mut count = |name: &str, value: Option<String>, first_item: bool| {
+        let value = value.filter(|value| !value.trim().is_empty())?;
+        let item = if first_item {
+            value.split(',').next().unwrap_or_default()
+        } else {
+            &value
         };
-        let first = value.split(',').next().unwrap_or_default().trim();
-        match first.parse::<usize>() {
+        match item.trim().parse::<usize>() {
             Ok(threads) if (1..=MAX_THREADS).contains(&threads) => {
-                chosen = Some((threads, format!("{name}={value}")));
-                break;
+                Some((threads, format!("{name}={value}")))
             }
-            _ => ignored.push(format!(
-                "{name}={value:?} ignored: not a count from 1 to {MAX_THREADS}"
-            )),
+            _ => {
+                ignored.push(format!(
+                    "{name}={value:?} ignored: not a count from 1 to {MAX_THREADS}"
+                ));
+                None
+            }
         }
-    }
-    let (threads, source) = chosen.unwrap_or_else(|| {
+    };
+    let chosen =
+        count("FUSEDAE_NUM_THREADS", fusedae, true).or_else(|| count("OMP_NUM_THREADS", omp, true));
+    let (mut threads, mut source) = chosen.unwrap_or_else(|| {
         let source = "the CPUs this process may use".to_string();
         (cpus.clamp(1, MAX_THREADS), source)
     });
+    if let Some((cap, cap_source)) = count("OMP_THREAD_LIMIT", limit, false) {
+        if cap < threads {
+            threads = cap;
+            source = format!("{source}, capped by {cap_source}");
+        }
+    }
     if ignored.is_empty() {
         (threads, source)
     } else {
@@ -858,9 +877,35 @@ mod tests {
             ),
         ];
         for (fusedae, omp, threads, source) in cases {
-            assert_eq!(resolve_threads(fusedae, omp, 6), (threads, source));
+            assert_eq!(resolve_threads(fusedae, omp, None, 6), (threads, source));
         }
-        assert_eq!(resolve_threads(None, None, 4096).0, MAX_THREADS);
+        assert_eq!(resolve_threads(None, None, None, 4096).0, MAX_THREADS);
+        // OMP_THREAD_LIMIT caps whatever the count came from; a limit above it changes nothing.
+        let limited = [
+            (
+                some("3"),
+                some("1"),
+                1,
+                "FUSEDAE_NUM_THREADS=3, capped by OMP_THREAD_LIMIT=1",
+            ),
+            (None, some("4"), 4, cpus),
+            (
+                None,
+                some(" 2 "),
+                2,
+                "the CPUs this process may use, capped by OMP_THREAD_LIMIT= 2 ",
+            ),
+        ];
+        for (fusedae, limit, threads, source) in limited {
+            assert_eq!(
+                resolve_threads(fusedae, None, limit, 4),
+                (threads, source.to_string())
+            );
+        }
+        assert_eq!(
+            resolve_threads(None, None, some("2,1"), 4),
+            (4, format!("{cpus} ({})", bad("OMP_THREAD_LIMIT", "2,1")))
+        );
     }
 
     #[test]

@@ -466,6 +466,12 @@ print(info["threads"], info["threads_from"], sep="|")
             'OMP_NUM_THREADS=1 (FUSEDAE_NUM_THREADS="lots" ignored: not a count from 1 to 1024)',
         ),
         (["ONE_CPU=1"], 1, "the CPUs this process may use"),
+        (
+            ["OMP_NUM_THREADS=4", "OMP_THREAD_LIMIT=1"],
+            1,
+            "OMP_NUM_THREADS=4, capped by OMP_THREAD_LIMIT=1",
+        ),
+        (["OMP_NUM_THREADS=2", "OMP_THREAD_LIMIT=8"], 2, "OMP_NUM_THREADS=2"),
     ],
 )
 def test_the_thread_count_follows_the_worker_it_runs_in(variables, threads, source):
@@ -474,7 +480,9 @@ def test_the_thread_count_follows_the_worker_it_runs_in(variables, threads, sour
     if "ONE_CPU=1" in variables and not hasattr(os, "sched_setaffinity"):
         pytest.skip("no affinity mask on this platform")
     result = run_python(
-        THREADS_IN_A_WORKER, *variables, unset=("FUSEDAE_NUM_THREADS", "OMP_NUM_THREADS")
+        THREADS_IN_A_WORKER,
+        *variables,
+        unset=("FUSEDAE_NUM_THREADS", "OMP_NUM_THREADS", "OMP_THREAD_LIMIT"),
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"{threads}|{source}"
