@@ -132,10 +132,21 @@ def test_two_blocks_of_a_sequential_are_encoder_and_decoder(prefix: str) -> None
         state = {prefix + key: value for key, value in numpy_state(model).items()}
         spec = from_state_dict(state, layers or "linear,relu,linear,linear")
         assert spec.encoder_layers == 2 == chain_spec(model).encoder_layers
-    # Blocks that are single Linears are one flat chain: the narrowest layer, as before.
+    # Not two Sequentials: the narrowest layer, as before. Blocks that are single Linears; a
+    # third module beside the blocks; blocks of named attributes (a class of its own, which
+    # `save` refuses).
     flat = nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 8))
     assert from_state_dict(numpy_state(flat), "linear,linear").encoder_layers == 1
-    # A BatchNorm of the decoder's block folded into the encoder's last layer: no boundary.
+    third = nn.Sequential(blocks[0], blocks[1], nn.BatchNorm1d(8))
+    spec = from_state_dict(numpy_state(third), "linear,relu,linear,linear,batchnorm")
+    assert spec.encoder_layers == 1
+    named = nn.Sequential(nn.Module(), nn.Module())
+    named[0].linear = nn.Linear(8, 2)
+    named[1].first, named[1].last = nn.Linear(2, 4), nn.Linear(4, 16)
+    assert from_state_dict(numpy_state(named), "linear,linear,linear").encoder_layers == 3
+    # A BatchNorm first in the decoder's block, after the encoder's last Linear, folds into that
+    # Linear's outputs: no layer boundary is the encoder's, as for halves named encoder and
+    # decoder.
     folded = nn.Sequential(
         nn.Sequential(nn.Linear(8, 4)), nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 8))
     )

@@ -420,10 +420,19 @@ def _encoder_layers(built: Sequence[_Building]) -> int | None:
             "model.state_dict() returns it"
         )
     blocks = names.count("0")
+    # Every module (folded BatchNorms too) inside block 0 or 1, each a Sequential's numbered
+    # child: nothing at the top level beside them, and no block of named attributes.
+    module_paths = [path.split(".") for layer in built for path in layer.paths]
     if (
         0 < blocks < len(names)
         and names == ["0"] * blocks + ["1"] * (len(names) - blocks)
-        and all(len(path) > depth + 1 for path in paths)
+        and all(
+            len(path) > depth + 1
+            and path[:depth] == prefix
+            and path[depth] in ("0", "1")
+            and path[depth + 1].isdigit()
+            for path in module_paths
+        )
     ):
         encoder = blocks
     elif names != ["encoder"] * encoder + ["decoder"] * (len(names) - encoder):

@@ -62,10 +62,10 @@ none: Dropout holds no tensors) does nothing, as in eval mode.
 A model is one chain of layers with a mark where its encoder ends: after the modules named
 encoder (then decoder), or after the first of an nn.Sequential of two Sequentials
 (nn.Sequential(encoder, decoder), pickled or its state_dict: the modules under 0., then 1.),
-or, for a single chain, at its narrowest layer if its
-output is as wide as its input, else at its end. By default the command runs the encoder
-(rows -> codes); --decode runs the layers after the mark (codes -> outputs); --reconstruct
-runs them all; the line it prints names the layers it ran.
+or, for a single chain, at its narrowest layer if its output is as wide as its input, else at
+its end. By default the command runs the encoder (rows -> codes); --decode runs the layers
+after the mark (codes -> outputs); --reconstruct runs them all; the line it prints names the
+layers it ran.
 
 INPUT is a .npy file (read a chunk at a time, so it may be larger than memory) or a .npz
 file (--key picks an array), of float32 or float64 rows, shape (..., in_features); OUTPUT has
