@@ -351,35 +351,36 @@ fn resolve_threads(
     cpus: usize,
 ) -> (usize, String) {
     let mut ignored = Vec::new();
-    let mut count = |name: &str, value: Option<String>, first_item: bool| {
+    // A count from 1 to `most` in `value` (its first item: OpenMP's may list one per nesting
+    // level), or None, noted in `ignored` where `value` is set but no such count.
+    let mut count = |name: &str, value: Option<String>, most: usize| {
         let value = value.filter(|value| !value.trim().is_empty())?;
-        let item = if first_item {
-            value.split(',').next().unwrap_or_default()
-        } else {
-            &value
-        };
-        match item.trim().parse::<usize>() {
-            Ok(threads) if (1..=MAX_THREADS).contains(&threads) => {
-                Some((threads, format!("{name}={value}")))
-            }
+        let first = value.split(',').next().unwrap_or_default().trim();
+        match first.parse::<usize>() {
+            Ok(threads) if (1..=most).contains(&threads) => Some((threads, value)),
             _ => {
                 ignored.push(format!(
-                    "{name}={value:?} ignored: not a count from 1 to {MAX_THREADS}"
+                    "{name}={value:?} ignored: not a count from 1 to {most}"
                 ));
                 None
             }
         }
     };
-    let chosen =
-        count("FUSEDAE_NUM_THREADS", fusedae, true).or_else(|| count("OMP_NUM_THREADS", omp, true));
+    let chosen = count("FUSEDAE_NUM_THREADS", fusedae, MAX_THREADS)
+        .map(|(threads, value)| (threads, format!("FUSEDAE_NUM_THREADS={value}")))
+        .or_else(|| {
+            count("OMP_NUM_THREADS", omp, MAX_THREADS)
+                .map(|(threads, value)| (threads, format!("OMP_NUM_THREADS={value}")))
+        });
     let (mut threads, mut source) = chosen.unwrap_or_else(|| {
         let source = "the CPUs this process may use".to_string();
         (cpus.clamp(1, MAX_THREADS), source)
     });
-    if let Some((cap, cap_source)) = count("OMP_THREAD_LIMIT", limit, false) {
-        if cap < threads {
-            threads = cap;
-            source = format!("{source}, capped by {cap_source}");
+    // (A limit above `MAX_THREADS` limits nothing here, but is no error.)
+    if let Some((limit, _)) = count("OMP_THREAD_LIMIT", limit, usize::MAX) {
+        if limit < threads {
+            threads = limit;
+            source = format!("{source}, capped by OMP_THREAD_LIMIT={limit}");
         }
     }
     if ignored.is_empty() {
@@ -889,11 +890,12 @@ mod tests {
                 "FUSEDAE_NUM_THREADS=3, capped by OMP_THREAD_LIMIT=1",
             ),
             (None, some("4"), 4, cpus),
+            (None, some("4096"), 4, cpus),
             (
                 None,
                 some(" 2 "),
                 2,
-                "the CPUs this process may use, capped by OMP_THREAD_LIMIT= 2 ",
+                "the CPUs this process may use, capped by OMP_THREAD_LIMIT=2",
             ),
         ];
         for (fusedae, limit, threads, source) in limited {
@@ -902,9 +904,13 @@ mod tests {
                 (threads, source.to_string())
             );
         }
+        let most = usize::MAX;
         assert_eq!(
-            resolve_threads(None, None, some("2,1"), 4),
-            (4, format!("{cpus} ({})", bad("OMP_THREAD_LIMIT", "2,1")))
+            resolve_threads(None, None, some("0"), 4),
+            (
+                4,
+                format!("{cpus} (OMP_THREAD_LIMIT=\"0\" ignored: not a count from 1 to {most})")
+            )
         );
     }
 

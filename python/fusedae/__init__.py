@@ -21,10 +21,11 @@ def info() -> dict[str, object]:
     ``threads``: what a large batch is split across, resolved at first use from
     ``set_num_threads()``, else ``FUSEDAE_NUM_THREADS``, else ``OMP_NUM_THREADS`` (as Ray, Dask
     and Spark set it for a worker), else the CPUs this process may use (affinity and cgroup
-    quota), the last three at most ``OMP_THREAD_LIMIT``; ``threads_from`` says which. ``threads_runtime``: the threads the calling thread's
-    are handed to, ``"fusedae"`` (its own pool) or ``"openmp:"`` and the library of PyTorch's
-    OpenMP runtime, whose threads ``fusedae.torch`` shares (``fusedae.torch.share_torch_threads``;
-    they run the calls while PyTorch runs more than one thread).
+    quota), the last three at most ``OMP_THREAD_LIMIT``; ``threads_from`` says which.
+    ``threads_runtime``: the threads the calling thread's are handed to, ``"fusedae"`` (its own
+    pool) or ``"openmp:"`` and the library of PyTorch's OpenMP runtime, whose threads
+    ``fusedae.torch`` shares (``fusedae.torch.share_torch_threads``; they run the calls while
+    PyTorch runs more than one thread).
 
     ``cpu_vendor``: CPUID's vendor string (``"AuthenticAMD"``, ``"GenuineIntel"``; ``""`` off
     x86-64), which some choices no instruction set tells apart are made from (bf16's form, the

@@ -444,9 +444,11 @@ def write_shard(
 def leave_a_cpu_to_the_reader() -> None:
     """Where the thread count was left to the machine, one CPU fewer for the kernel: the reader
     thread decodes Parquet (most of the work) meanwhile, and a kernel thread beside it on every
-    CPU slows both (on 2 CPUs, 2 kernel threads encoded 11% fewer rows/s than 1)."""
+    CPU slows both (on 2 CPUs, 2 kernel threads encoded 11% fewer rows/s than 1). Not where
+    ``OMP_THREAD_LIMIT`` capped the count: there they leave CPUs free."""
     threads = fusedae.get_num_threads()
-    if _native.threads_source().startswith("the CPUs") and threads > 1:
+    source = _native.threads_source()
+    if source.startswith("the CPUs") and "capped by" not in source and threads > 1:
         fusedae.set_num_threads(threads - 1)
 
 
