@@ -51,6 +51,11 @@ except (AttributeError, ValueError):
     # torch < 2.4 has no `torch.library.custom_op`, and one that cannot infer the ops' schemas
     # refuses them with a ValueError: compiled, plain PyTorch
     _custom_ops = None
+# Whether compiled code runs the fused modules as plain PyTorch (no custom ops): while TorchDynamo
+# traces, their calls go straight to `traced_forward` (plain, or the narrow precisions' refusal
+# to train), past checks torch 2.1's Dynamo refused under fullgraph=True (a module's `__dict__`,
+# `type()` of the input).
+_TRACED_PLAIN = _custom_ops is None
 
 _FUSED_DTYPES = (torch.float32, torch.float64)
 # Fewest rows, and floating-point operations (rows x `flops_per_row`), for which a call that
@@ -670,6 +675,8 @@ class ChainCache:
         width does not match or when packing) are lowered again (``relower``). While
         ``torch.compile`` or ``torch.export`` traces, ``traced_forward``. Every check here runs
         on each call, so they are ordered and written for speed."""
+        if _TRACED_PLAIN and _is_dynamo_compiling():
+            return self.traced_forward(x)
         if (self.settings and settings_changed(self.settings)) or forward_assigned(
             self.module_dicts
         ):

@@ -13,6 +13,7 @@ from torch import nn
 
 from fusedae.chain import PrecisionName, precision_name, spec_precision
 from fusedae.torch.cache import (
+    _TRACED_PLAIN,
     ChainCache,
     SplitCache,
     _is_dynamo_compiling,
@@ -49,6 +50,11 @@ class _FusedCall(nn.Module):
     _gated_forward: Any
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if _TRACED_PLAIN and _is_dynamo_compiling():
+            # Without the custom ops, compiled code is plain PyTorch: `nn.Module.__call__`'s
+            # route, which the TorchDynamo of those torches follows (it refused to trace
+            # `__dict__` below: torch 2.1, fullgraph=True).
+            return super().__call__(*args, **kwargs)
         attributes = self.__dict__
         cls = type(self)
         if (
