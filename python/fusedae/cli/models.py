@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import pickletools
+import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -111,7 +112,11 @@ def load_checkpoint(path: Path, trust_pickle: bool) -> object:
     import torch
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+        with warnings.catch_warnings():
+            # Older torch's own loader (2.1) warns of its storage class on every load: the command's
+            # first line of output, about nothing the user wrote.
+            warnings.filterwarnings("ignore", "TypedStorage is deprecated", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except (AttributeError, ModuleNotFoundError) as error:  # only unpickling in full gets here
         raise CommandError(
             f"{path}: unpickling it needs the code that defined its classes ({error}); convert "

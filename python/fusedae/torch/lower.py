@@ -411,9 +411,11 @@ def describe(lowered: LoweredChain) -> str:
         parts += [f"BatchNorm1d({norm.num_features})" for p, norm in norms if p == "after"]
         if post_op != IDENTITY:
             module = post_op_module(post_op)
-            default = type(module)()
-            # "GELU", "Softplus"; "LeakyReLU(negative_slope=0.1)" where a setting is not the default
-            parts.append(type(module).__name__ if repr(module) == repr(default) else repr(module))
+            # "GELU", "Softplus"; "LeakyReLU(negative_slope=0.1)" where a setting is not the
+            # default. (Compared as ops, not as reprs: torch 2.1's default Softplus prints
+            # beta=1, ours beta=1.0.)
+            default = _post_op(type(module)())
+            parts.append(type(module).__name__ if default == post_op else repr(module))
     if lowered.unflatten is not None:
         parts.append("Unflatten")
     return ", ".join(parts)
