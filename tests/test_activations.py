@@ -91,6 +91,15 @@ def exact(name: str, params: tuple[float, ...], x: float, dtype: type[np.floatin
     raise ValueError(name)
 
 
+def _elu(t, alpha: float = 1.0):
+    """PyTorch's ELU, its zeros as current torch gives them and the kernels keep them:
+    ``alpha * expm1(x)`` at ``x = -0`` (torch 2.1 gave ``+0`` there)."""
+    import torch
+    import torch.nn.functional as F
+
+    return torch.where(t == 0, alpha * t, F.elu(t, alpha))
+
+
 def torch_op(name: str, params: tuple[float, ...], x: npt.NDArray[np.floating]):
     import torch
     import torch.nn.functional as F
@@ -105,7 +114,7 @@ def torch_op(name: str, params: tuple[float, ...], x: npt.NDArray[np.floating]):
         "gelu": F.gelu,
         "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
         "silu": F.silu,
-        "elu": lambda t: F.elu(t, *params),
+        "elu": lambda t: _elu(t, *params),
         "hardtanh": lambda t: F.hardtanh(t, *params),
         "softplus": lambda t: F.softplus(t, *params),
     }
