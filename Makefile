@@ -126,7 +126,8 @@ sanitize-python: $(VENV)/.deps
 # ---- Release: wheels, sdist and their checks --------------------------------------------------
 # `make wheel`: manylinux2014 abi3 wheels for x86_64 and aarch64 and the sdist in dist/, checked.
 # `make test-wheel`: the x86_64 wheel installed from dist/ into fresh venvs and tested there (the
-# whole suite on the first Python, the smoke tests on the others), the kernel each CPU model
+# whole suite on the first Python with the oldest dependencies pyproject.toml allows, the smoke
+# tests on the others with the newest), the kernel each CPU model
 # selects under qemu, the stubs against the installed module.
 # `make check-targets`: the crate type-checks for Windows and macOS.
 

@@ -7,7 +7,9 @@
 # Usage: tools/test_wheel.sh UV PYTHON_VERSION...   (UV: the uv executable; the first version
 # runs the whole test suite and the qemu, stubtest and aarch64 checks, the others the smoke
 # tests: one abi3 wheel serves them all, and CI's 90 minutes on two cores do not hold a suite per
-# version)
+# version). The first version gets the oldest releases pyproject.toml allows (`--resolution
+# lowest-direct`: torch 2.1.0, numpy 1.24.0, pyarrow 15, ...), the others the newest, and `make
+# test` runs the suite on the newest: so both ends of the ranges users may have are tested.
 set -euo pipefail
 
 uv=$(realpath "$1")
@@ -34,7 +36,7 @@ project = tomllib.load(open("pyproject.toml", "rb"))["project"]
 groups = project["optional-dependencies"]
 print("\n".join(project["dependencies"] + groups["test"] + groups["demo"] + groups["bench"]
                 + groups["parquet"]))
-print("mypy")
+print("mypy>=1.10")  # (the oldest releases are installed below: an unpinned mypy, its first)
 EOF
 
 # The tests, away from python/: only the installed fusedae can be imported.
@@ -63,7 +65,10 @@ for version in "${versions[@]}"; do
     venv=$work/py$version
     step "Python $version: venv and install"
     "$uv" venv --quiet --python "$(interpreter "$version")" "$venv"
-    "$uv" pip install --quiet --python "$venv" --only-binary :all: -r "$work/requirements.txt"
+    resolution=highest
+    [ "$version" = "${versions[0]}" ] && resolution=lowest-direct
+    "$uv" pip install --quiet --python "$venv" --only-binary :all: --resolution "$resolution" \
+        -r "$work/requirements.txt"
     # --refresh-package: uv caches a find-links wheel by its directory and file name, which stay
     # the same from build to build (CI's clone sits at one path), so it would install an old one.
     "$uv" pip install --quiet --python "$venv" --only-binary :all: --no-index --find-links dist \
@@ -81,7 +86,8 @@ assert not stale, f'installed files differ from {sys.argv[1]}: {stale}'
 print('fusedae', fusedae.__version__, 'from', fusedae.__file__, fusedae.info()['isa'])" \
         "$x86_64_wheel"
     if [ "$version" = "${versions[0]}" ]; then
-        step "Python $version: test suite"
+        step "Python $version: test suite, with $(in_venv "$venv" python -c \
+            'import numpy, torch; print("torch", torch.__version__, "numpy", numpy.__version__)')"
         in_venv "$venv" python -m pytest -q -p no:cacheprovider tests
     else
         step "Python $version: smoke tests"
