@@ -351,36 +351,38 @@ fn resolve_threads(
     cpus: usize,
 ) -> (usize, String) {
     let mut ignored = Vec::new();
-    // A count from 1 to `most` in `value` (its first item: OpenMP's may list one per nesting
-    // level), or None, noted in `ignored` where `value` is set but no such count.
-    let mut count = |name: &str, value: Option<String>, most: usize| {
+    let mut count = |name: &str, value: Option<String>| {
         let value = value.filter(|value| !value.trim().is_empty())?;
         let first = value.split(',').next().unwrap_or_default().trim();
         match first.parse::<usize>() {
-            Ok(threads) if (1..=most).contains(&threads) => Some((threads, value)),
+            Ok(threads) if (1..=MAX_THREADS).contains(&threads) => {
+                Some((threads, format!("{name}={value}")))
+            }
             _ => {
                 ignored.push(format!(
-                    "{name}={value:?} ignored: not a count from 1 to {most}"
+                    "{name}={value:?} ignored: not a count from 1 to {MAX_THREADS}"
                 ));
                 None
             }
         }
     };
-    let chosen = count("FUSEDAE_NUM_THREADS", fusedae, MAX_THREADS)
-        .map(|(threads, value)| (threads, format!("FUSEDAE_NUM_THREADS={value}")))
-        .or_else(|| {
-            count("OMP_NUM_THREADS", omp, MAX_THREADS)
-                .map(|(threads, value)| (threads, format!("OMP_NUM_THREADS={value}")))
-        });
+    let chosen = count("FUSEDAE_NUM_THREADS", fusedae).or_else(|| count("OMP_NUM_THREADS", omp));
     let (mut threads, mut source) = chosen.unwrap_or_else(|| {
         let source = "the CPUs this process may use".to_string();
         (cpus.clamp(1, MAX_THREADS), source)
     });
-    // (A limit above `MAX_THREADS` limits nothing here, but is no error.)
-    if let Some((limit, _)) = count("OMP_THREAD_LIMIT", limit, usize::MAX) {
-        if limit < threads {
-            threads = limit;
-            source = format!("{source}, capped by OMP_THREAD_LIMIT={limit}");
+    // One count, as OpenMP reads it (no list); one above `MAX_THREADS` limits nothing here.
+    if let Some(value) = limit.filter(|value| !value.trim().is_empty()) {
+        match value.trim().parse::<usize>() {
+            Ok(limit) if limit >= 1 => {
+                if limit < threads {
+                    threads = limit;
+                    source = format!("{source}, capped by OMP_THREAD_LIMIT={limit}");
+                }
+            }
+            _ => ignored.push(format!(
+                "OMP_THREAD_LIMIT={value:?} ignored: not a count of 1 or more"
+            )),
         }
     }
     if ignored.is_empty() {
@@ -904,14 +906,17 @@ mod tests {
                 (threads, source.to_string())
             );
         }
-        let most = usize::MAX;
-        assert_eq!(
-            resolve_threads(None, None, some("0"), 4),
-            (
-                4,
-                format!("{cpus} (OMP_THREAD_LIMIT=\"0\" ignored: not a count from 1 to {most})")
-            )
-        );
+        for limit in ["0", "2,1"] {
+            assert_eq!(
+                resolve_threads(None, None, some(limit), 4),
+                (
+                    4,
+                    format!(
+                        "{cpus} (OMP_THREAD_LIMIT={limit:?} ignored: not a count of 1 or more)"
+                    )
+                )
+            );
+        }
     }
 
     #[test]

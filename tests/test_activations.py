@@ -92,12 +92,12 @@ def exact(name: str, params: tuple[float, ...], x: float, dtype: type[np.floatin
 
 
 def _elu(t, alpha: float = 1.0):
-    """PyTorch's ELU, its zeros as current torch gives them and the kernels keep them:
-    ``alpha * expm1(x)`` at ``x = -0`` (torch 2.1 gave ``+0`` there)."""
+    """PyTorch's ELU, its zeros as current torch gives them and the kernels keep them: ``x``
+    itself (torch 2.1 gave ``+0`` at ``-0``)."""
     import torch
     import torch.nn.functional as F
 
-    return torch.where(t == 0, alpha * t, F.elu(t, alpha))
+    return torch.where(t == 0, t, F.elu(t, alpha))
 
 
 def torch_op(name: str, params: tuple[float, ...], x: npt.NDArray[np.floating]):

@@ -25,8 +25,8 @@ step() {
 }
 
 # What the tests need besides fusedae, from pyproject.toml: its dependencies and the groups that
-# `make test` installs (the CLI's demo test needs the demo group, test_ops ONNX Runtime), and
-# mypy for stubtest.
+# `make test` installs (the CLI's demo test needs the demo group, test_ops ONNX Runtime); mypy for
+# stubtest is installed apart, its newest (older ones do not know the stubs' typing_extensions).
 rm -rf "$work"
 mkdir -p "$work"
 # uv sits beside the project venv's python (3.11 or newer: tomllib).
@@ -36,7 +36,6 @@ project = tomllib.load(open("pyproject.toml", "rb"))["project"]
 groups = project["optional-dependencies"]
 print("\n".join(project["dependencies"] + groups["test"] + groups["demo"] + groups["bench"]
                 + groups["parquet"]))
-print("mypy>=1.10")  # (the oldest releases are installed below: an unpinned mypy, its first)
 EOF
 
 # The tests, away from python/: only the installed fusedae can be imported.
@@ -69,6 +68,7 @@ for version in "${versions[@]}"; do
     [ "$version" = "${versions[0]}" ] && resolution=lowest-direct
     "$uv" pip install --quiet --python "$venv" --only-binary :all: --resolution "$resolution" \
         -r "$work/requirements.txt"
+    "$uv" pip install --quiet --python "$venv" --only-binary :all: mypy
     # --refresh-package: uv caches a find-links wheel by its directory and file name, which stay
     # the same from build to build (CI's clone sits at one path), so it would install an old one.
     "$uv" pip install --quiet --python "$venv" --only-binary :all: --no-index --find-links dist \
