@@ -116,6 +116,26 @@ def test_a_glob_of_shards_and_a_named_column(tmp_path: Path, model_path: Path, l
     assert pq.read_table(out / "part-3.parquet").schema.names == ["codes"]
 
 
+def test_a_pattern_reaching_into_output_leaves_its_shards_out(
+    tmp_path: Path, model_path: Path
+) -> None:
+    """``lake/**/*.parquet`` to ``lake/codes``: a rerun (``--resume``) matches the first run's
+    output shards too, which are not inputs (read as such, they nested ``codes/codes`` or failed
+    on a missing column)."""
+    lake = tmp_path / "lake"
+    (lake / "nested").mkdir(parents=True)
+    x = np.random.default_rng(3).standard_normal((5, WIDTH), dtype=np.float32)
+    for name in ("a.parquet", "nested/b.parquet"):
+        pq.write_table(pa.table({"id": np.arange(5), "x": list_column(x, "list")}), lake / name)
+    out = lake / "codes"
+    argv = ["encode", str(model_path), str(lake / "**" / "*.parquet"), "-o", str(out)]
+    for flags in (["--keep", "id"], ["--keep", "id", "--resume"]):
+        assert main([*argv, *flags]) == 0
+        assert every_file(out) == ["a.parquet", "nested/b.parquet"]
+    with pytest.raises(CommandError, match=r"no Parquet files in .* outside OUTPUT"):
+        parquet.plan_shards(out / "*.parquet", out)
+
+
 ROW = [1.0] * WIDTH
 
 

@@ -124,6 +124,10 @@ def parquet_files_under(root: Path) -> list[Path]:
     return sorted(path for path in found if path.is_file())
 
 
+def inside(path: Path, directory: Path) -> bool:
+    return path.resolve().is_relative_to(directory.resolve())
+
+
 def plan_shards(pattern: Path, output: Path) -> list[Shard]:
     """Each input shard with its output path: OUTPUT itself for one ``.parquet`` input and a
     ``.parquet`` OUTPUT, else the shard's path under INPUT's directory, placed under OUTPUT."""
@@ -139,8 +143,13 @@ def plan_shards(pattern: Path, output: Path) -> list[Shard]:
             )
         outputs = [output]
     else:
-        if output.resolve().is_relative_to(root.resolve()) and pattern.is_dir():
+        if inside(output, root) and pattern.is_dir():
             raise CommandError(f"OUTPUT {output} is inside INPUT {pattern}: choose another")
+        # A pattern reaching into OUTPUT (``lake/**/*.parquet`` to ``lake/codes``) matches the
+        # job's own output shards on a rerun: they are never its inputs.
+        sources = [source for source in sources if not inside(source, output)]
+        if not sources:
+            raise CommandError(f"no Parquet files in {pattern} outside OUTPUT {output}")
         outputs = [output / source.relative_to(root) for source in sources]
     shards = []
     for source, target in zip(sources, outputs, strict=True):
