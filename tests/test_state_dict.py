@@ -221,6 +221,13 @@ def test_batchnorm_positions_and_eps() -> None:
     assert first.post_op == PostOp("tanh")
 
 
+@pytest.mark.parametrize("eps", ["nan", "inf", "-1"])
+def test_an_eps_that_is_not_a_finite_number_at_least_zero_is_refused(eps: str) -> None:
+    state = numpy_state(nn.Sequential(nn.BatchNorm1d(6), nn.Linear(6, 5)))
+    with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
+        from_state_dict(state, f"batchnorm(eps={eps}),linear")
+
+
 def test_same_spec_as_lowering_the_module() -> None:
     model = nn.Sequential(
         nn.Linear(8, 6),
