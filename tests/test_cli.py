@@ -144,6 +144,20 @@ def test_encode_matches_mlp(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.npy", "x.npy"]
 
 
+@pytest.mark.parametrize("name", ["AE.SAFETENSORS", "ae.st"])
+def test_a_safetensors_model_under_another_name(
+    tmp_path: Path, model_path: Path, name: str
+) -> None:
+    """A ``.safetensors`` file is one by its first bytes too (it was read as a PyTorch
+    checkpoint, which it is not)."""
+    model = tmp_path / name
+    shutil.copyfile(model_path, model)
+    x = np.random.default_rng(3).standard_normal((10, 64), dtype=np.float32)
+    np.save(tmp_path / "x.npy", x)
+    assert main(["encode", str(model), str(tmp_path / "x.npy"), "-o", str(tmp_path / "o.npy")]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "o.npy"), MLP.load(model_path, "encoder")(x))
+
+
 def test_encode_npz_float64_3d(tmp_path: Path, model_path: Path) -> None:
     x = np.random.default_rng(4).standard_normal((4, 25, 64))
     np.savez(tmp_path / "data.npz", labels=np.arange(4), x=x)

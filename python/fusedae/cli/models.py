@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import pickletools
 import warnings
 import zipfile
@@ -18,11 +19,26 @@ from fusedae.cli.common import CommandError
 from fusedae.state_dict import StateModule, from_state_dict, state_modules
 
 
+def is_safetensors(path: Path) -> bool:
+    """Whether MODEL is a ``.safetensors`` file: by its name (in any case), or by its first
+    bytes whatever its name (``model.st``): a header length that fits the file, then the JSON
+    header's ``{`` (a torch.save zip has its compression method there, a pickle no ``{``)."""
+    if path.suffix.lower() == ".safetensors":
+        return True
+    try:
+        with path.open("rb") as file:
+            head = file.read(9)
+            size = os.fstat(file.fileno()).st_size
+    except OSError:
+        return False  # (reported as the checkpoint it is then read as)
+    return len(head) == 9 and head[8:] == b"{" and int.from_bytes(head[:8], "little") <= size - 8
+
+
 def load_model(path: Path, layers: str | None, trust_pickle: bool) -> ChainSpec:
     """The chain in MODEL: a ``.safetensors`` file; a PyTorch state_dict spelled by ``layers``
     (``fusedae.state_dict``); or, with ``trust_pickle``, a pickled ``nn.Module``. The last two
     import torch."""
-    if path.suffix == ".safetensors":
+    if is_safetensors(path):
         if layers is not None or trust_pickle:
             raise CommandError(
                 f"{path}: a .safetensors MODEL is one fusedae.torch.save or MLP.save wrote, "
