@@ -701,6 +701,16 @@ class ChainCache:
         ):
             return self.traced_forward(x) if _is_compiling() else None
         if self.mode_dependent and self.training_differs():
+            # Plain PyTorch's training-mode Dropout or BatchNorm, at fp32: a call that would
+            # train a narrow precision is refused here too, whatever the modes.
+            if self.precision != "full" and _is_grad_enabled():
+                try:
+                    records = self.needs_gradients(x)
+                except KeyError:  # a tensor moved out of its slot: lowered again, this call plain
+                    self.relower()
+                    return None
+                if records:
+                    raise self.narrow_training_error()
             return None
         in_features = self.in_features
         shape = x.shape
