@@ -94,6 +94,27 @@ def test_gradients_match_pytorch_for_every_op(name, bias, dtype):
             assert relative_error(g, w) <= bound, (rows, index)
 
 
+def test_bias_gradients_summed_over_many_rows_of_one_sign_keep_float32s_rounding():
+    """A constant gradient (``y.sum()``'s) over 20,000 rows: every column of the deltas has one
+    sign, so each rounding of a sum taken row by row adds up (the bias gradients were 4e-5 off
+    against PyTorch's 1e-7). The layers' inputs are whole registers on every ISA, so their bias
+    gradients are column sums of their deltas, not a column of ones in the weight gradient's."""
+    torch.manual_seed(7)
+    plain = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 16))
+    params = [t for layer in (plain[0], plain[2]) for t in (layer.weight, layer.bias)]
+    ops = [post_op("tanh"), post_op("identity")]
+    packed = pack_chain(params[0::2], params[1::2], ops)
+    x = torch.randn(20_000, 16)
+    grad_output = torch.full((len(x), 16), 0.1)
+    got = torch.autograd.grad(FusedMLPFunction.apply(x, packed, ops, *params), params, grad_output)
+    plain64 = copy.deepcopy(plain).double()
+    want = torch.autograd.grad(
+        plain64(x.double()), list(plain64.parameters()), grad_output.double()
+    )
+    for index, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert relative_error(g, w) <= 1e-5, index
+
+
 @pytest.mark.parametrize("last", ["identity", "gelu", "sigmoid"])
 def test_an_output_changed_in_place_stops_the_backward_only_where_pytorchs_would(last):
     """The modules keep the output for the backward only where the last op's gradient reads it
