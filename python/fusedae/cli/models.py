@@ -30,7 +30,7 @@ def is_safetensors(path: Path) -> bool:
             head = file.read(9)
             size = os.fstat(file.fileno()).st_size
     except OSError:
-        return False  # (reported as the checkpoint it is then read as)
+        return False  # (the checkpoint reader reports the error)
     return len(head) == 9 and head[8:] == b"{" and int.from_bytes(head[:8], "little") <= size - 8
 
 
