@@ -134,6 +134,12 @@ def test_a_pattern_reaching_into_output_leaves_its_shards_out(
         assert every_file(out) == ["a.parquet", "nested/b.parquet"]
     with pytest.raises(CommandError, match=r"no Parquet files in .* outside OUTPUT"):
         parquet.plan_shards(out / "*.parquet", out)
+    # An OUTPUT above the inputs holds them, but no rerun of the pattern reaches its shards.
+    for pattern in (lake / "nested", lake / "nested" / "*.parquet", lake / "nested" / "b.parquet"):
+        shards = parquet.plan_shards(pattern, lake)
+        assert [(s.source, s.output) for s in shards] == [
+            (lake / "nested/b.parquet", lake / "b.parquet")
+        ]
 
 
 ROW = [1.0] * WIDTH

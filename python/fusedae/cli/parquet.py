@@ -145,11 +145,12 @@ def plan_shards(pattern: Path, output: Path) -> list[Shard]:
     else:
         if inside(output, root) and pattern.is_dir():
             raise CommandError(f"OUTPUT {output} is inside INPUT {pattern}: choose another")
-        # A pattern reaching into OUTPUT (``lake/**/*.parquet`` to ``lake/codes``) matches the
-        # job's own output shards on a rerun: they are never its inputs.
-        sources = [source for source in sources if not inside(source, output)]
-        if not sources:
-            raise CommandError(f"no Parquet files in {pattern} outside OUTPUT {output}")
+        if inside(output, root):
+            # A pattern reaching into OUTPUT (``lake/**/*.parquet`` to ``lake/codes``) matches
+            # the job's own output shards on a rerun: they are never its inputs.
+            sources = [source for source in sources if not inside(source, output)]
+            if not sources:
+                raise CommandError(f"no Parquet files in {pattern} outside OUTPUT {output}")
         outputs = [output / source.relative_to(root) for source in sources]
     shards = []
     for source, target in zip(sources, outputs, strict=True):
