@@ -405,9 +405,9 @@ pub(super) unsafe fn backward_rows<V: LoadFrom<W>, W, const MR: usize, const NV_
     let (first_buffer, rest) = scratch.split_at_mut(block_rows * widest);
     let (second_buffer, rest) = rest.split_at_mut(block_rows * widest);
     // A block's bias gradient, summed apart, then added to the gradient: summed straight into
-    // it row by row, a call's 4,608 rows went through as many roundings (a bias gradient of one
-    // sign was 4e-5 off in float32, against PyTorch's 1e-7); so, a block's rows, then the
-    // blocks.
+    // it row by row, a call's rows (up to `SUMMED_ROWS`, 4,608) went through as many roundings
+    // (a bias gradient of one sign was 4e-5 off in float32, against PyTorch's 1e-7); so, a
+    // block's rows, then the blocks.
     let (block_bias_grad, rest) = rest.split_at_mut(widest);
     let buffers = [first_buffer.as_mut_ptr(), second_buffer.as_mut_ptr()];
     let other = |held: *const V::Elem| {
@@ -461,7 +461,8 @@ pub(super) unsafe fn backward_rows<V: LoadFrom<W>, W, const MR: usize, const NV_
             };
             // SAFETY: the buffers hold `block` rows at the strides given (checked above and by
             // `check_chain`); `delta`, `grad_below` and `pre` each hold `block` rows of `widest >=
-            // padded(width)` values for every width of the chain (a weight gradient's tile reads
+            // padded(width)` values for every width of the chain, as `bias_grad` (the block's, in
+            // scratch) holds `widest >= padded(out)` (a weight gradient's tile reads
             // `delta`'s columns `first..first + tile_rows`, `even_tiles` of `out`, of rows
             // `chunk_start..chunk_start + chunk`, `ld_delta >= out` apart), `packed` `chunk_rows x
             // padded(k)` values for every layer (`backward_scratch_len`); the weight panels are the
