@@ -3,8 +3,10 @@ numpy alone (``MLP.load``), including in a process where torch cannot be importe
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
+import math
 import re
 import struct
 import subprocess
@@ -290,6 +292,21 @@ def assert_same_spec(got: ChainSpec, want: ChainSpec) -> None:
             assert (norm.position, norm.eps) == (expected_norm.position, expected_norm.eps)
             for kind in ("mean", "var", "weight", "bias"):
                 same(getattr(norm, kind), getattr(expected_norm, kind))
+
+
+@pytest.mark.parametrize("eps", [math.nan, math.inf])
+def test_an_eps_the_reader_refuses_is_not_saved(tmp_path: Path, eps: float) -> None:
+    spec = every_op_spec(np.float32, np.random.default_rng(7))
+    norm = spec.layers[0].normalization[0]
+    layers = (
+        dataclasses.replace(spec.layers[0], normalization=(dataclasses.replace(norm, eps=eps),)),
+    )
+    spec = dataclasses.replace(spec, layers=layers + spec.layers[1:])
+    with pytest.raises(
+        ValueError, match=f"layer 0: a normalization's eps of {eps} cannot be saved"
+    ):
+        serialization.write_spec(tmp_path / "chain.safetensors", spec)
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

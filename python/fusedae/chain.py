@@ -5,7 +5,6 @@ kernels or written to a file. numpy only.
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -68,12 +67,6 @@ class Normalization:
     def __post_init__(self) -> None:
         if self.position not in POSITIONS:
             raise ValueError(f"position must be one of {POSITIONS}, got {self.position!r}")
-        # (A NaN or infinite eps made every output NaN or every row the same, and a file that
-        # `serialization.read` refuses.)
-        if not (isinstance(self.eps, numbers.Real) and 0 <= self.eps < math.inf):
-            raise ValueError(
-                f"{self.position} normalization: eps must be a finite number >= 0, got {self.eps!r}"
-            )
 
     def scale_and_shift(self) -> tuple[np.ndarray, np.ndarray]:
         """``(scale, shift)`` in float64 with ``y = x * scale + shift``."""

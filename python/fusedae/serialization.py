@@ -100,6 +100,12 @@ def write_spec(path: str | os.PathLike[str], spec: ChainSpec) -> None:
             tensors.append((name, np.ascontiguousarray(array, dtype=dtype)))
 
     for index, layer in enumerate(spec.layers):
+        for norm in layer.normalization:
+            if not math.isfinite(norm.eps):  # (JSON's NaN and Infinity, which `read` refuses)
+                raise ValueError(
+                    f"layer {index}: a normalization's eps of {norm.eps} cannot be saved: the "
+                    "file takes finite numbers"
+                )
         add(f"layers.{index}.weight", layer.weight)
         add(f"layers.{index}.bias", layer.bias)
         for position, norm in enumerate(layer.normalization):

@@ -27,6 +27,7 @@ Linear if its tensors are ``weight`` (2-D) and ``bias``, a BatchNorm if they inc
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -384,11 +385,16 @@ def _check_features(
 
 def _normalization(item: Item, module: StateModule, position: Position) -> Normalization:
     tensors = module.tensors
+    eps = item.arguments["eps"]
+    # (`batchnorm(eps=nan)`, `inf` or `-1` made every output NaN or every row the same, and a
+    # file that `MLP.load` refuses; NaN fails both comparisons.)
+    if not 0 <= eps < math.inf:
+        raise ValueError(f"{item}: eps must be a finite number >= 0, got {eps}")
     return Normalization(
         position,
         tensors["running_mean"],
         tensors["running_var"],
-        item.arguments["eps"],
+        eps,
         tensors.get("weight"),
         tensors.get("bias"),
     )
