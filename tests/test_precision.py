@@ -21,6 +21,7 @@ import fusedae
 from _seed import AE as SeedAE
 from fusedae import MLP, _reference
 from fusedae._ops import PostOp
+from fusedae.chain import ChainSpec
 from fusedae.torch import AE, FusedMLP, accelerate
 from fusedae.torch import cache as torch_cache
 from fusedae.torch import save as torch_save
@@ -181,6 +182,7 @@ def test_takes_any_input_fp32_takes(rng, isa, precision):
     assert got.dtype == np.float32
     assert got.shape == (3, 5, 16)
     np.testing.assert_array_equal(got, mlp(x64.astype(np.float32)))
+    np.testing.assert_array_equal(mlp(x64.astype(">f8")), got)  # either byte order
     out = np.empty((3, 5, 16), np.float32)
     assert mlp(x64.astype(np.float32), out=out) is out
     np.testing.assert_array_equal(out, got)
@@ -327,6 +329,9 @@ def test_precision_arguments_are_checked(rng):
     assert MLP(f64, precision="int8").precision == "int8"
     assert MLP(layers).precision == "fp32"
     assert MLP(f64).precision == "fp64"
+    big_endian = [(w.astype(">f8"), b.astype(">f8")) for w, b in layers]
+    assert MLP(big_endian).dtype == np.float64  # float64 in either byte order
+    assert MLP.from_spec(ChainSpec.from_pairs(big_endian, ["identity"])).dtype == np.float64
 
 
 @pytest.mark.parametrize("precision", NARROW)
@@ -421,6 +426,24 @@ def test_torch_modules_at_narrow_precision(rng, precision):
         # Back to fp32: PyTorch's numbers again.
         model.set_precision("fp32")
         torch.testing.assert_close(model(x), seed(x), rtol=1e-5, atol=1e-6)
+
+
+def test_torch_modules_refuse_fp64_for_their_dtype_is_the_parameters():
+    """fp64 names the numpy MLP's dtype; a module given it would have run its float32
+    parameters at fp32, not what was asked."""
+    refusal = "precision 'fp64' is fusedae.MLP's"
+    with pytest.raises(ValueError, match=refusal):
+        FusedMLP(nn.Linear(3, 2), precision="fp64")
+    with pytest.raises(ValueError, match=refusal):
+        AE(3, 2, precision="fp64")
+    with pytest.raises(ValueError, match=refusal):
+        FusedMLP(nn.Linear(3, 2)).set_precision("fp64")
+    model = nn.Sequential(nn.Sequential(nn.Linear(3, 2)), nn.LayerNorm(2))
+    with pytest.raises(ValueError, match=refusal):
+        accelerate(model, precision="fp64")
+    assert type(model[0]) is nn.Sequential  # refused before anything changed
+    accelerate(model)
+    assert type(model[0]) is FusedMLP
 
 
 @pytest.mark.parametrize("precision", NARROW)

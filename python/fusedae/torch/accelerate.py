@@ -8,7 +8,7 @@ from typing import cast
 
 from torch import nn
 
-from fusedae.chain import PrecisionName, spec_precision
+from fusedae.chain import PrecisionName
 from fusedae.torch.cache import has_hooks
 from fusedae.torch.lower import (
     DROPOUTS,
@@ -19,7 +19,14 @@ from fusedae.torch.lower import (
     split,
     why_not_fused,
 )
-from fusedae.torch.modules import AE, HAS_HOOKS, FusedMLP, chain_modules, why_kept
+from fusedae.torch.modules import (
+    AE,
+    HAS_HOOKS,
+    FusedMLP,
+    chain_modules,
+    module_precision,
+    why_kept,
+)
 
 
 @dataclass
@@ -102,7 +109,7 @@ def accelerate(
     Returns the model (a new ``FusedMLP`` if ``model`` is itself such a Sequential: use the
     returned one) and an ``AccelerateReport``; ``print`` it for a readable account.
     """
-    spec_precision(precision)  # an unknown precision is an error before anything changes
+    module_precision(precision)  # an unknown precision is an error before anything changes
     report = AccelerateReport()
     done: dict[int, nn.Module] = {}
 

@@ -11,7 +11,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from fusedae.chain import PrecisionName, precision_name, spec_precision
+from fusedae.chain import Precision, PrecisionName, precision_name, spec_precision
 from fusedae.torch.cache import (
     _TRACED_PLAIN,
     ChainCache,
@@ -151,6 +151,19 @@ def take_state(module: nn.Module, source: nn.Module, leave: tuple[str, ...] = ()
             own[name] = copy.copy(value) if name in COPIED_STATE else value
 
 
+def module_precision(name: str | None) -> Precision:
+    """The chain precision for a torch module's ``precision=``: ``"fp32"`` (or None) is full
+    precision, in the parameters' own dtype (float64 parameters compute in float64), and
+    ``"fp64"``, which the numpy ``MLP`` takes for its dtype, is refused here: a module's dtype
+    is its parameters'."""
+    if name == "fp64":
+        raise ValueError(
+            "precision 'fp64' is fusedae.MLP's: a torch module computes in its parameters' "
+            "dtype (model.double() for float64); pass 'fp32' (full precision), 'bf16' or 'int8'"
+        )
+    return spec_precision(name)
+
+
 class FusedMLP(_FusedCall, nn.Sequential):
     """An ``nn.Sequential`` whose runs of modules the kernels take (``lower.lower``: Linear
     layers with post-ops, BatchNorm1d, Dropout, Identity, a leading Flatten and a trailing
@@ -173,8 +186,8 @@ class FusedMLP(_FusedCall, nn.Sequential):
 
     def __init__(self, *args: Any, precision: PrecisionName | None = None) -> None:
         super().__init__(*args)
-        self._fused = ChainCache(spec_precision(precision))  # the whole Sequential, if a chain
-        self._pieces = SplitCache(spec_precision(precision))  # where it is not
+        self._fused = ChainCache(module_precision(precision))  # the whole Sequential, if a chain
+        self._pieces = SplitCache(module_precision(precision))  # where it is not
         # Lowered now, so that a first call traced by torch.compile or torch.export finds the
         # chain and changes no state (the calls look again: the children may change).
         self.read_children()
@@ -214,7 +227,8 @@ class FusedMLP(_FusedCall, nn.Sequential):
     def set_precision(self, precision: PrecisionName) -> FusedMLP:
         """Runs the fused calls at ``precision`` (``"fp32"``, ``"bf16"``, ``"int8"``) from the
         next call on (packing again), its inner FusedMLPs' too (``nn.Sequential(encoder,
-        decoder)``'s halves, called alone); returns the module."""
+        decoder)``'s halves, called alone; an inner one's own ``set_precision`` changes its calls
+        alone, not this module's); returns the module."""
         set_precision_below(self, precision)
         return self
 
@@ -337,7 +351,9 @@ class AE(_FusedCall):
     Linear(z, h), ReLU, Linear(h, x). Same constructor and ``state_dict`` keys as the seed's
     class, so its checkpoints load unchanged. On CPU, ``forward`` runs encoder and decoder as one
     fused call (identity at the bottleneck); ``encoder(x)`` alone gives the codes.
-    ``precision`` as for ``FusedMLP``, for the whole model and each half.
+    ``precision`` as for ``FusedMLP``, for the whole model and each half; a half's own
+    ``set_precision`` (``model.encoder.set_precision("int8")``) changes only that half's calls
+    (``model.encoder(x)``), not the whole model's fused call.
     """
 
     def __init__(
@@ -348,7 +364,7 @@ class AE(_FusedCall):
         self.encoder = FusedMLP(*layers, precision=precision)
         layers = (nn.Linear(z_dim, h_dim), nn.ReLU(), nn.Linear(h_dim, x_dim))
         self.decoder = FusedMLP(*layers, precision=precision)
-        self._fused = ChainCache(spec_precision(precision))
+        self._fused = ChainCache(module_precision(precision))
         self._read_children()
 
     def __prepare_scriptable__(self) -> nn.Module:
@@ -424,7 +440,7 @@ def invalidate(model: nn.Module) -> None:
 
 def set_precision_below(model: nn.Module, precision: PrecisionName) -> None:
     """``FusedMLP.set_precision`` on every FusedMLP and AE in ``model``."""
-    chain_precision = spec_precision(precision)
+    chain_precision = module_precision(precision)
     for module in fused_below(model):
         module._fused.set_precision(chain_precision)
         if isinstance(module, FusedMLP):
