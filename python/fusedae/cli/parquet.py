@@ -143,9 +143,9 @@ def plan_shards(pattern: Path, output: Path) -> list[Shard]:
             )
         outputs = [output]
     else:
-        if inside(output, root) and pattern.is_dir():
-            raise CommandError(f"OUTPUT {output} is inside INPUT {pattern}: choose another")
         if inside(output, root):
+            if pattern.is_dir():
+                raise CommandError(f"OUTPUT {output} is inside INPUT {pattern}: choose another")
             # A pattern reaching into OUTPUT (``lake/**/*.parquet`` to ``lake/codes``) matches
             # the job's own output shards on a rerun: they are never its inputs.
             sources = [source for source in sources if not inside(source, output)]

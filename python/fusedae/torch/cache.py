@@ -700,17 +700,16 @@ class ChainCache:
             or x.is_nested  # strided too, but without one shape: nn.Linear takes it row by row
         ):
             return self.traced_forward(x) if _is_compiling() else None
+        try:
+            records = _is_grad_enabled() and self.needs_gradients(x)
+        except KeyError:  # a tensor moved out of its slot: lowered again, this call plain
+            self.relower()
+            return None
         if self.mode_dependent and self.training_differs():
             # Plain PyTorch's training-mode Dropout or BatchNorm, at fp32: a call that would
             # train a narrow precision is refused here too, whatever the modes.
-            if self.precision != "full" and _is_grad_enabled():
-                try:
-                    records = self.needs_gradients(x)
-                except KeyError:  # a tensor moved out of its slot: lowered again, this call plain
-                    self.relower()
-                    return None
-                if records:
-                    raise self.narrow_training_error()
+            if records and self.precision != "full":
+                raise self.narrow_training_error()
             return None
         in_features = self.in_features
         shape = x.shape
@@ -718,11 +717,6 @@ class ChainCache:
             if self.stale_shapes():
                 return None
             raise shape_error(in_features, shape)
-        try:
-            records = _is_grad_enabled() and self.needs_gradients(x)
-        except KeyError:  # a tensor moved out of its slot: lowered again, this call plain
-            self.relower()
-            return None
         if records:
             if self.precision != "full":
                 raise self.narrow_training_error()
