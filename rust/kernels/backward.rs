@@ -454,15 +454,16 @@ pub(super) unsafe fn backward_rows<V: LoadFrom<W>, W, const MR: usize, const NV_
             let transposed = places[index].transposed;
             let sums_bias = needs_params && !ones_column && !transposed;
             let bias_grad = if sums_bias {
-                block_bias_grad.fill(Element::ZERO);
-                block_bias_grad.as_mut_ptr()
+                let sums = &mut block_bias_grad[..padded(out, V::LANES)];
+                sums.fill(Element::ZERO);
+                sums.as_mut_ptr()
             } else {
                 std::ptr::null_mut()
             };
             // SAFETY: the buffers hold `block` rows at the strides given (checked above and by
             // `check_chain`); `delta`, `grad_below` and `pre` each hold `block` rows of `widest >=
             // padded(width)` values for every width of the chain, as `bias_grad` (the block's, in
-            // scratch) holds `widest >= padded(out)` (a weight gradient's tile reads
+            // scratch) holds `padded(out)` (a weight gradient's tile reads
             // `delta`'s columns `first..first + tile_rows`, `even_tiles` of `out`, of rows
             // `chunk_start..chunk_start + chunk`, `ld_delta >= out` apart), `packed` `chunk_rows x
             // padded(k)` values for every layer (`backward_scratch_len`); the weight panels are the
