@@ -1165,12 +1165,27 @@ def test_a_file_system_that_refuses_the_output(
     assert result.stdout == ""  # nothing left on the file system
 
 
+@pytest.fixture(scope="module")
+def big_codes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 10 MB .npy of (BIG_ROWS, 2) float32 codes, whose decoding is 320 MB."""
+    path = tmp_path_factory.mktemp("codes") / "codes.npy"
+    codes = np.random.default_rng(3).standard_normal((BIG_ROWS, 2), dtype=np.float32)
+    np.save(path, codes)
+    return path
+
+
 @pytest.mark.parametrize(
-    ("flags", "out_features"), [([], 2), (["--reconstruct"], 64)], ids=["encode", "reconstruct"]
+    ("part", "out_features"),
+    [("encoder", 2), ("all", 64), ("decoder", 64)],
+    ids=["encode", "reconstruct", "decode"],
 )
-def test_memory_stays_bounded_on_a_large_input(
-    tmp_path: Path, model_path: Path, big_input: Path, flags: list[str], out_features: int
+def test_memory_stays_bounded_on_a_large_input_or_output(
+    request: pytest.FixtureRequest, tmp_path: Path, model_path: Path, part: str, out_features: int
 ) -> None:
+    """Chunks of about 16 MiB of input or output, whichever rows are wider: a decode's 2-value
+    input rows alone gave chunks of 2M rows, the whole 320 MB output at once."""
+    flags = {"encoder": [], "all": ["--reconstruct"], "decoder": ["--decode"]}[part]
+    big_input = request.getfixturevalue("big_codes" if part == "decoder" else "big_input")
     output = tmp_path / "out.npy"
     command = [sys.executable, "-m", "fusedae", "encode", model_path, big_input, "-o", output]
     # A child's peak RSS counts the memory of the process it was forked from, so the child is
@@ -1191,7 +1206,7 @@ def test_memory_stays_bounded_on_a_large_input(
     result = np.load(output, mmap_mode="r")
     assert result.shape == (BIG_ROWS, out_features)
     x = np.load(big_input, mmap_mode="r")
-    mlp = MLP.load(model_path, "all" if flags else "encoder")
+    mlp = MLP.load(model_path, part)
     for rows in (slice(0, 1000), slice(BIG_ROWS - 1000, BIG_ROWS)):
         np.testing.assert_allclose(result[rows], mlp(np.asarray(x[rows])), rtol=1e-6, atol=1e-6)
 

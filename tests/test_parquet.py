@@ -18,7 +18,8 @@ import pytest
 
 from _lake import assert_same_rows, every_file, list_column, output_shards, read_rows
 from fusedae import MLP
-from fusedae.cli import CommandError, main, parquet
+from fusedae.cli import CommandError, build_parser, main, parquet
+from fusedae.cli.common import CHUNK_BYTES
 
 pa = pytest.importorskip(
     "pyarrow", reason="Parquet needs the extra: pip install 'fusedae[parquet]'"
@@ -524,6 +525,20 @@ def test_memory_is_bounded_by_the_batch_and_row_group_not_the_file(tmp_path: Pat
     file_growth = (11 * group * width * 4) / 2**20
     message = f"peak RSS {peaks[1]:.0f} MiB on one row group, {peaks[12]:.0f} on 12"
     assert peaks[12] - peaks[1] < file_growth / 4, message
+
+
+def test_a_decodes_batches_are_sized_by_its_wider_output_rows(
+    tmp_path: Path, model_path: Path
+) -> None:
+    """About ``CHUNK_BYTES`` of input or output a batch, whichever rows are wider: sized by
+    the 3-value codes alone, a decode's batch held 3.3x as many bytes of output (2 -> 784: 98x,
+    6.6 GB a batch)."""
+    codes = tmp_path / "codes.parquet"
+    rows = np.random.default_rng(5).standard_normal((10, 3), dtype=np.float32)
+    pq.write_table(pa.table({"x": list_column(rows, "fixed_size_list")}), codes)
+    argv = ["encode", str(model_path), str(codes), "-o", str(tmp_path / "out"), "--decode"]
+    job = parquet.plan(build_parser().parse_args(argv), lambda _: MLP.load(model_path, "decoder"))
+    assert job.batch_size == CHUNK_BYTES // (WIDTH * 4)
 
 
 FUZZ_FINDINGS = Path(__file__).parent / "data" / "fuzz_findings" / "parquet"

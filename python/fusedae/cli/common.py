@@ -71,12 +71,14 @@ def terminating_on_signals() -> Iterator[None]:
             block(signal.SIG_UNBLOCK, caught)
 
 
-CHUNK_BYTES = 16 << 20  # input bytes per batch when --batch-size is not given
+# Bytes of a batch's input or output, whichever is wider, when --batch-size is not given.
+CHUNK_BYTES = 16 << 20
 
 
-def rows_per_batch(requested: int | None, row_bytes: int) -> int:
-    """``--batch-size`` if given, else the rows of about ``CHUNK_BYTES`` of input."""
-    return requested or max(1, CHUNK_BYTES // row_bytes)
+def rows_per_batch(requested: int | None, in_row_bytes: int, out_row_bytes: int) -> int:
+    """``--batch-size`` if given, else the rows of about ``CHUNK_BYTES`` of input or of output,
+    whichever rows are wider (a decoder's outputs are: 2 -> 784 values a row)."""
+    return requested or max(1, CHUNK_BYTES // max(in_row_bytes, out_row_bytes, 1))
 
 
 def positive_int(text: str) -> int:

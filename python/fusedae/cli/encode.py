@@ -126,7 +126,8 @@ def add_parser(commands: Any) -> None:
     encode.add_argument(
         "--batch-size",
         type=positive_int,
-        help=f"rows per chunk (default: about {CHUNK_BYTES >> 20} MiB of input)",
+        help=f"rows per chunk (default: about {CHUNK_BYTES >> 20} MiB of input or of output, "
+        "whichever rows are wider)",
     )
     encode.add_argument(
         "--threads",
@@ -254,7 +255,11 @@ def run(args: argparse.Namespace) -> None:
             check_finished(output, out_shape, mlp, source)
             say(f"{output} exists (it is complete): nothing to do")
             return
-        batch_size = rows_per_batch(args.batch_size, shape[-1] * source.dtype.itemsize)
+        batch_size = rows_per_batch(
+            args.batch_size,
+            shape[-1] * source.dtype.itemsize,
+            mlp.out_features * mlp.dtype.itemsize,
+        )
         write_rows(mlp, source, output, batch_size)
     say(f"wrote {output}: {out_shape} {mlp.dtype} from {shape}, {part} {widths}")
 
