@@ -266,6 +266,45 @@ class TestNeverStale:
             assert writes
             assert relative_error(fused(x), plain(x)) <= 1e-5
 
+    @pytest.mark.parametrize("path", ["pack", "repack"])
+    @pytest.mark.parametrize("change", ["data edit", "precision"])
+    def test_an_invalidate_while_the_chain_packs_is_seen_next_call(self, monkeypatch, path, change):
+        """Another thread's ``invalidate`` after a ``.data`` edit, or its ``set_precision``, while
+        a call packs: the packing recorded its chain as current, which then kept the old weights
+        or precision until the next change the versions see (3 to 29 of 100 racing trials; a
+        repack was spared: `invalidate` leaves no dtype to match)."""
+        plain = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+        fused = FusedMLP.from_sequential(copy.deepcopy(plain))
+        x = torch.randn(4, 6)
+        build, changes = cache._native.Chain, []
+
+        def build_then_change(*args: object) -> object:
+            chain = build(*args)
+            if not changes:
+                changes.append(1)
+                if change == "precision":
+                    fused.set_precision("bf16")
+                else:
+                    for model in (fused, plain):
+                        model[0].weight.data.mul_(0.5)  # no version counter sees it
+                    fused.invalidate()
+            return chain
+
+        with torch.no_grad():
+            if path == "repack":
+                fused(x)
+                for model in (fused, plain):
+                    model[0].weight.add_(1)  # in place: the next call packs again
+            monkeypatch.setattr(cache._native, "Chain", build_then_change)
+            fused(x)
+            monkeypatch.undo()
+            assert changes
+            if change == "precision":
+                at_bf16 = FusedMLP.from_sequential(copy.deepcopy(plain), precision="bf16")
+                assert torch.equal(fused(x), at_bf16(x))
+            else:
+                assert relative_error(fused(x), plain(x)) <= 1e-5
+
     def test_load_state_dict_and_in_place_edits(self):
         seed, fused = seed_and_fused(20, 3, 8)
         self.check(fused, seed)

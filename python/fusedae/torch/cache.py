@@ -363,6 +363,9 @@ class ChainCache:
         self.native_post_ops: list[str | tuple[str | float, ...]] = []
         # The ids under which `_packed_by` holds this chain.
         self.packed_ids: list[int] = []
+        # Counts `invalidate`'s calls: a packing that another thread's `invalidate` (or
+        # `set_precision`) overtook keeps its chain for its own call only (`_record_packed`).
+        self.generation = 0
         self.invalidate()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -385,6 +388,7 @@ class ChainCache:
             self.invalidate()
 
     def invalidate(self) -> None:
+        self.generation += 1  # first: a packing that ends meanwhile sees it (`_record_packed`)
         self.dtype: torch.dtype | None = None
         self.chain: _native.Chain | None = None
         # The tensors packed, one per slot, in the order `FusedMLPFunction` takes them.
@@ -547,6 +551,7 @@ class ChainCache:
         and returns the chain, or None if the tensors do not allow it (another
         device or dtype)."""
         assert self.lowered is not None  # `set_modules` found a chain
+        generation = self.generation
         if self.stale_shapes():
             # This call plain: the caller checked the input against the old chain.
             return None
@@ -572,20 +577,17 @@ class ChainCache:
         # Registered before the read too: a step that writes `p.data` meanwhile marks this chain.
         _register_packed(self, tensors)
         try:
-            self._build(dtype, tensors, packed)
+            chain = self._build(dtype, tensors)
         except BaseException:
             self.packed = None  # packed again on the next call
             raise
-        return self.chain
+        self._record_packed(generation, packed)
+        return chain
 
     def _build(
-        self,
-        dtype: torch.dtype,
-        tensors: list[torch.Tensor | None],
-        packed: list[_PackedTensor] | None,
-    ) -> None:
-        """``pack``'s packing of ``tensors`` into ``self.chain``, then ``packed`` recorded as what
-        it packed."""
+        self, dtype: torch.dtype, tensors: list[torch.Tensor | None]
+    ) -> _native.Chain | None:
+        """``pack``'s packing of ``tensors`` into ``self.chain``, which it returns."""
         assert self.lowered is not None  # `pack` checked
         usable = all(
             t is None or (t.is_cpu and t.dtype is dtype and t.layout is _STRIDED) for t in tensors
@@ -594,16 +596,18 @@ class ChainCache:
         # current (the staleness check compares addresses). Also what the arrays read below.
         pinned = [None if t is None else t.detach() for t in tensors]
         self.sources = None
+        precision = self.precision  # (read once: another thread may set it meanwhile)
+        chain: _native.Chain | None = None
         if not usable:
-            self.chain = None
-        elif self.precision != "full":
+            pass
+        elif precision != "full":
             if dtype != torch.float32:
                 raise TypeError(
-                    f"precision {self.precision!r} takes float32 input and parameters, got {dtype}"
+                    f"precision {precision!r} takes float32 input and parameters, got {dtype}"
                 )
-            self.chain = pack_spec(replace(self.lowered.spec(tensors), precision=self.precision))
+            chain = pack_spec(replace(self.lowered.spec(tensors), precision=precision))
         elif self.lowered.normalized:
-            self.chain = pack_spec(self.lowered.spec(tensors))
+            chain = pack_spec(self.lowered.spec(tensors))
         else:
             # Straight to the native chain, which checks the shapes itself: a training step
             # repacks every step, and the ChainSpec on the way cost twice the packing.
@@ -615,7 +619,7 @@ class ChainCache:
             ]
             weights = [array for array in arrays[0::2] if array is not None]
             biases = arrays[1::2]
-            self.chain = _native.Chain(weights, biases, self.native_post_ops)
+            chain = _native.Chain(weights, biases, self.native_post_ops)
             # Where every array is its tensor's own memory (no negative bit, contiguous and
             # aligned: no copy above), as a model's parameters are, a change in place shows
             # through them.
@@ -625,8 +629,19 @@ class ChainCache:
             ):
                 layouts = [None if t is None else (t.shape, t.stride()) for t in tensors]
                 self.sources = _Sources(weights, biases, layouts)
+        self.chain, self.dtype, self.tensors, self.pinned = chain, dtype, tensors, pinned
+        return chain
+
+    def _record_packed(self, generation: int, packed: list[_PackedTensor] | None) -> None:
+        """Records ``packed`` as what the chain was packed from, unless ``invalidate`` ran
+        since ``generation`` was read (another thread's ``set_precision``, or its
+        ``invalidate`` after a ``.data`` edit): then the next call packs again, where the
+        chain, recorded as current, would have kept the old precision or weights until the
+        next change the versions see. Checked again after the store: an ``invalidate``
+        between the check and the store bumped the generation first."""
         self.packed = packed
-        self.dtype, self.tensors, self.pinned = dtype, tensors, pinned
+        if self.generation != generation:
+            self.packed = None
 
     def post_ops_fit_float32(self) -> bool:
         """Whether every post-op parameter is within float32's range: PyTorch refuses one
@@ -660,7 +675,7 @@ class ChainCache:
         ]
         self.stepped = False
         self.chain = _native.Chain(sources.weights, sources.biases, self.native_post_ops)
-        self.packed = now
+        self.packed = now  # (an `invalidate` meanwhile left `dtype` None: the next call packs)
         return self.chain
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | None:
