@@ -516,6 +516,13 @@ def test_refuses_to_overwrite_without_force(tmp_path: Path, model_path: Path) ->
     result = fusedae("encode", model_path, tmp_path / "x.npy", "-o", output, "--force")
     assert result.returncode == 0, result.stderr
     assert np.load(output).shape == (5, 2)
+    directory = tmp_path / "d.npy"
+    directory.mkdir()
+    for flag in ("--force", "--resume"):  # refused before the work, not after it
+        result = fusedae("encode", model_path, tmp_path / "x.npy", "-o", directory, flag)
+        assert error_lines(result) == [
+            f"fusedae encode: error: OUTPUT {directory} is a directory; name a .npy file"
+        ]
 
 
 def test_resume_checks_the_job_before_it_finds_nothing_to_do(
@@ -722,6 +729,10 @@ def test_a_npy_named_like_a_pattern(tmp_path: Path, model_path: Path) -> None:
     for missing in ("missing[1].npy", "npy/*.npy"):  # (was "Parquet INPUT is written as Parquet")
         result = fusedae("encode", model_path, tmp_path / missing, "-o", output, "--force")
         assert "No such file or directory" in result.stderr
+    directory = tmp_path / "shards.npy"  # a directory is Parquet shards, whatever its name
+    directory.mkdir()
+    result = fusedae("encode", model_path, directory, "-o", output, "--force")
+    assert f"INPUT {directory} is read as Parquet (a .parquet file, a directory" in result.stderr
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")

@@ -199,8 +199,9 @@ def run(args: argparse.Namespace) -> None:
             raise CommandError("--key picks an array of a .npz INPUT; this INPUT is Parquet")
         if args.output.suffix in (".npy", ".npz"):
             raise CommandError(
-                f"OUTPUT {args.output}: Parquet INPUT is written as Parquet, to a .parquet "
-                "file or a directory"
+                f"OUTPUT {args.output}: INPUT {args.input} is read as Parquet (a .parquet file, "
+                "a directory or a pattern), and Parquet INPUT is written as Parquet, to a "
+                ".parquet file or a directory"
             )
         args.output_column = args.output_column or OUTPUT_COLUMNS[part]
         if args.engine == "ray":
@@ -236,6 +237,8 @@ def run(args: argparse.Namespace) -> None:
                 f"{output} is INPUT; name another OUTPUT, or pass --force to replace the input "
                 "with the result"
             )
+    if output.is_dir():  # (before any work: --force does not make it a file)
+        raise CommandError(f"OUTPUT {output} is a directory; name a .npy file")
     if output.exists() and not (args.force or args.resume):
         raise CommandError(f"{output} exists; pass --force to overwrite it, or --resume")
     if not output.parent.is_dir():
