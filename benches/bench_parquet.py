@@ -36,7 +36,7 @@ ROW_GROUP = 10_000
 # changes it (the 2M rows take 6.3 GB of disk).
 ROWS = int(os.environ.get("FUSEDAE_BENCH_PARQUET_ROWS", "200000"))
 SMOKE_ROWS = 2_500  # with benchmarks disabled
-BATCH = rows_per_batch(None, WIDTH * 4)  # encode's default batch
+BATCH = rows_per_batch(None, WIDTH * 4, CODE * 4)  # encode's default batch
 PEERS = ("pyarrow-read", "torch-loop", "fusedae-t1", "fusedae-t2")
 
 
