@@ -132,6 +132,18 @@ def test_save_refuses_a_class_whose_forward_adds_to_its_halves(tmp_path: Path) -
     assert all(child.training for child in model.modules())  # its modes put back
     ft.save(AE(6, 2), tmp_path / "m.safetensors")  # the seed's class: its forward is the halves
 
+    class CleanedAE(AE):  # an input clean-up rows of unit scale do not reach (it saved)
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(torch.nan_to_num(x).clamp(-5, 5))
+
+    class ClampedAE(AE):  # an output clamp (it saved)
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x).clamp(-3, 3)
+
+    for module in (CleanedAE(6, 2), ClampedAE(6, 2)):
+        with pytest.raises(TypeError, match="forward computes other than decoder"):
+            ft.save(module, tmp_path / "m.safetensors")
+
 
 class _WithCodes(AE):
     """The seed's class returning ``(reconstruction, codes)``, as many AEs do."""

@@ -86,16 +86,24 @@ def chain_spec(module: nn.Module, *, encoder_layers: int | None = None) -> Chain
     return spec
 
 
+# The scales of the probe's rows, four rows each.
+PROBE_SCALES = (1.0, 30.0, 1000.0)
+
+
 def check_forward_is_the_chain(module: nn.Module, spec: ChainSpec) -> None:
     """A TypeError where ``module``'s own ``forward`` (a class with children ``encoder`` and
     ``decoder``) computes other than ``decoder(encoder(x))``, as ``spec`` holds it: a scale, an
     activation or a buffer there is not in the chain (a tester's class scaling its output saved
-    and encoded 2.18 off, status 0). Run on four rows of a fixed draw through a float64 copy on
-    the CPU in eval mode, fused modules at full precision, without autocast (so a bf16 model,
-    TF32 or an accelerated one at bf16 is compared at float64's precision); a forward returning
-    a tuple is compared by its first item. Where the copy cannot run (a forward of other
-    arguments or input shapes, a module that does not copy), a warning says it was not checked."""
-    x = torch.randn(4, spec.in_features, generator=torch.Generator().manual_seed(0))
+    and encoded 2.18 off, status 0). Run on rows of a fixed draw at the scales of
+    ``PROBE_SCALES`` (a clamp or clean-up of the input or output that rows of unit scale do not
+    reach) through a float64 copy on the CPU in eval mode, fused modules at full precision,
+    without autocast (so a bf16 model, TF32 or an accelerated one at bf16 is compared at
+    float64's precision); a forward returning a tuple is compared by its first item. Where the
+    copy cannot run (a forward of other arguments or input shapes, a module that does not
+    copy), a warning says it was not checked."""
+    rows = 4 * len(PROBE_SCALES)
+    draw = torch.randn(rows, spec.in_features, generator=torch.Generator().manual_seed(0))
+    x = draw * torch.tensor(PROBE_SCALES, dtype=draw.dtype).repeat_interleave(4)[:, None]
     try:
         probe = copy.deepcopy(module).to("cpu", torch.float64).eval()
         set_precision_below(probe, "fp32")
@@ -103,7 +111,7 @@ def check_forward_is_the_chain(module: nn.Module, spec: ChainSpec) -> None:
             result = probe(x.double())
         if isinstance(result, tuple | list) and result:
             result = result[0]
-        got = cast(torch.Tensor, result).reshape(4, -1).numpy()
+        got = cast(torch.Tensor, result).reshape(rows, -1).numpy()
     except Exception as error:  # whatever stops the probe, the chain itself stands
         warnings.warn(
             f"fusedae saves {type(module).__name__} as decoder(encoder(x)), without checking "
@@ -113,8 +121,10 @@ def check_forward_is_the_chain(module: nn.Module, spec: ChainSpec) -> None:
         return
     folded = spec.folded().layers
     want, _ = forward([(layer.weight, layer.bias) for layer in folded], spec.post_ops, x.numpy())
-    # (The spec holds the weights rounded to float32, the probe float64: 1e-7 of them.)
-    scale = float(np.abs(want).max(initial=0.0)) or 1.0
+    # (The spec holds the weights rounded to float32, the probe float64: 1e-7 of them.) Each
+    # row against its own scale: the large rows' would pass anything on the small ones.
+    scale = np.abs(want).max(axis=1, keepdims=True, initial=0.0)
+    scale[scale == 0] = 1.0
     if got.shape != want.shape or not np.allclose(got, want, rtol=1e-4, atol=1e-5 * scale):
         off = (
             f"{float(np.abs(got - want).max()):.3g} off"
