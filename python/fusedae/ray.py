@@ -91,8 +91,10 @@ class Encoder:
     one row per input row), and passes the batch's other columns through (ids, keys). ``model``
     is a ``.safetensors`` file from ``fusedae.torch.save`` or ``MLP.save``; ``part`` is
     ``"encoder"``, ``"decoder"`` or ``"all"``; ``precision`` is ``"fp32"`` (rows of float64 are
-    computed in float64, any other dtype in float32), ``"bf16"`` or ``"int8"`` (weights stored
-    narrower, float32 out: see ``docs/precision.md``). ``keep_input``
+    computed in float64, any other dtype in float32, batch by batch), ``"bf16"`` or ``"int8"``
+    (weights stored narrower, float32 out: see ``docs/precision.md``). A null value inside a
+    row is an error from pyarrow batches; numpy batches hold it as NaN already (a NaN output
+    row): use pyarrow batches where a column may hold nulls. ``keep_input``
     keeps the input column (dropped by default: it is most of the bytes). The output column is
     Ray's tensor column from numpy batches, a fixed-size list column from pyarrow ones; one that
     the batch already has is an error."""
