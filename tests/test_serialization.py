@@ -400,7 +400,7 @@ def with_header(data: bytes, edit: Callable[[dict], None]) -> bytes:
     return struct.pack("<Q", len(encoded)) + encoded + data[8 + size :]
 
 
-def set_metadata(key: str, value: str) -> Callable[[dict], None]:
+def set_metadata(key: str, value: object) -> Callable[[dict], None]:
     return lambda header: header["__metadata__"].__setitem__(key, value)
 
 
@@ -445,6 +445,14 @@ CORRUPTIONS: dict[str, tuple[Callable[[bytes], bytes], str]] = {
     "future version": (
         lambda d: with_header(d, set_metadata("format_version", "3")),
         "format_version '3' is not supported",
+    ),
+    "no version": (
+        lambda d: with_header(d, lambda h: h["__metadata__"].pop("format_version")),
+        "bad format_version metadata None: expected a version number",
+    ),
+    "version as a number": (
+        lambda d: with_header(d, set_metadata("format_version", 2)),
+        "bad format_version metadata 2: expected a version number",
     ),
     "bad activation": (
         lambda d: with_header(d, edit_layer(1, post_op="swish")),

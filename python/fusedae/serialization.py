@@ -185,6 +185,8 @@ def _parse(data: bytes) -> ChainSpec:
             f"no {FORMAT!r} metadata (write the file with fusedae.torch.save or MLP.save)"
         )
     version = metadata.get("format_version")
+    if not (isinstance(version, str) and version.isascii() and version.isdigit()):
+        raise ValueError(f"bad format_version metadata {version!r}: expected a version number")
     if version not in READABLE_VERSIONS:
         raise ValueError(
             f"format_version {version!r} is not supported (this fusedae reads "
