@@ -168,6 +168,8 @@ def test_encoder_outside_ray_and_its_errors(model_path: Path) -> None:
     assert sorted(out) == ["key", "reconstructed", "x"]
     assert out["reconstructed"].dtype == np.float64  # float64 rows run in float64
     np.testing.assert_allclose(out["reconstructed"], MLP.load(model_path, dtype=np.float64)(x))
+    big_endian = reconstruct({"x": x.astype(">f8")})["reconstructed"]  # (either byte order)
+    np.testing.assert_array_equal(big_endian, out["reconstructed"])
     rows_as_objects = np.empty(5, dtype=object)
     rows_as_objects[:] = list(x.astype(np.float32))
     encoder = Encoder(model_path, input_column="x")

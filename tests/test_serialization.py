@@ -114,6 +114,17 @@ def test_save_refuses_other_modules_naming_them(tmp_path: Path) -> None:
     assert not list(tmp_path.iterdir())
 
 
+def test_big_endian_float64_layers_are_written_as_float64(tmp_path: Path) -> None:
+    """``write`` keeps float64 of either byte order (``>f8 == float64`` is False: written as
+    float32)."""
+    rng = np.random.default_rng(7)
+    layers = [(rng.standard_normal((3, 5)).astype(">f8"), rng.standard_normal(3).astype(">f8"))]
+    serialization.write(tmp_path / "m.safetensors", layers, ["identity"])
+    loaded = MLP.load(tmp_path / "m.safetensors")
+    assert loaded.dtype == np.float64
+    np.testing.assert_array_equal(loaded.spec.layers[0].weight, layers[0][0])
+
+
 def test_save_refuses_a_class_whose_forward_adds_to_its_halves(tmp_path: Path) -> None:
     """A class with children ``encoder`` and ``decoder`` whose ``forward`` scales (or squashes)
     their result: saved as the two chains alone, it encoded 2.18 off, status 0."""

@@ -28,6 +28,12 @@ PrecisionName = Literal["fp32", "fp64", "bf16", "int8"]
 PRECISION_NAMES: tuple[PrecisionName, ...] = ("fp32", "fp64", "bf16", "int8")
 
 
+def is_float64(dtype: object) -> bool:
+    """Whether ``dtype`` is a numpy float64 of either byte order (``">f8" == np.float64`` is
+    False)."""
+    return isinstance(dtype, np.dtype) and dtype.kind == "f" and dtype.itemsize == 8
+
+
 def spec_precision(name: str | None) -> Precision:
     """The ChainSpec precision for a public ``precision=`` value (None: the dtype's own)."""
     if name is not None and name not in PRECISION_NAMES:

@@ -19,6 +19,7 @@ from fusedae.chain import (
     Layer,
     Precision,
     PrecisionName,
+    is_float64,
     spec_precision,
 )
 
@@ -30,12 +31,6 @@ def _float_dtype(dtype: npt.DTypeLike) -> np.dtype:
     if resolved not in (np.dtype(np.float32), np.dtype(np.float64)):
         raise TypeError(f"dtype must be float32 or float64, got {resolved}")
     return resolved
-
-
-def _is_float64(dtype: object) -> bool:
-    """Whether ``dtype`` is a numpy float64 of either byte order (``">f8" == np.float64`` is
-    False)."""
-    return isinstance(dtype, np.dtype) and dtype.kind == "f" and dtype.itemsize == 8
 
 
 _FULL_DTYPES: dict[str, np.dtype] = {"fp32": np.dtype(np.float32), "fp64": np.dtype(np.float64)}
@@ -136,7 +131,7 @@ class MLP(_native.Chain):
         if not layers:
             raise ValueError("an MLP needs at least one layer, got 0")
         first = np.asarray(layers[0][0])
-        default = np.dtype(np.float64 if _is_float64(first.dtype) else np.float32)
+        default = np.dtype(np.float64 if is_float64(first.dtype) else np.float32)
         dtype, spec_precision = resolve_precision(precision, dtype, default)
         if activations is None:
             activations = [RELU] * (len(layers) - 1) + [IDENTITY]
@@ -165,7 +160,7 @@ class MLP(_native.Chain):
         first weight is float64, else float32) at ``precision`` (default: the spec's)."""
         if precision is None and spec.precision != "full":
             precision = spec.precision
-        default = np.dtype(np.float64 if _is_float64(spec.layers[0].weight.dtype) else np.float32)
+        default = np.dtype(np.float64 if is_float64(spec.layers[0].weight.dtype) else np.float32)
         dtype, spec_precision = resolve_precision(precision, dtype, default)
         layers = []
         for index, layer in enumerate(spec.layers):
@@ -196,7 +191,7 @@ class MLP(_native.Chain):
         """What the native call refused: input converted if it can be (the other byte order,
         any leading shape, non-contiguous, lists; float64 into a bf16/int8 chain), or an error
         that says what was wrong (another float dtype)."""
-        if self._spec.precision != "full" and _is_float64(getattr(x, "dtype", None)):
+        if self._spec.precision != "full" and is_float64(getattr(x, "dtype", None)):
             x = np.asarray(x, np.float32)  # a bf16/int8 chain takes float32: float64 converted
         x2, lead = check_input(x, self._dtype, self.in_features, self.out_features)
         if out is None:

@@ -32,7 +32,7 @@ import numpy as np
 import fusedae
 from fusedae import serialization
 from fusedae._arrow import list_rows
-from fusedae.chain import spec_precision
+from fusedae.chain import is_float64, spec_precision
 from fusedae.mlp import MLP
 
 # Precisions a model can be packed at: the rows' own dtype, or weights stored as bfloat16 or int8.
@@ -133,7 +133,7 @@ class Encoder:
     def encode(self, rows: np.ndarray) -> tuple[MLP, np.ndarray]:
         """The model for ``rows`` and its output on them: rows of float64 computed in float64 at
         fp32, of any other real dtype (float16, integers) in float32."""
-        float64 = rows.dtype == np.float64 and self.precision == "fp32"
+        float64 = is_float64(rows.dtype) and self.precision == "fp32"
         dtype = np.dtype(np.float64 if float64 else np.float32)
         if dtype not in self.models:
             self.models[dtype] = MLP.from_spec(self.spec, dtype=dtype)

@@ -45,6 +45,7 @@ from fusedae.chain import (
     Normalization,
     Part,
     default_encoder_layers,
+    is_float64,
 )
 
 __all__ = [
@@ -91,7 +92,7 @@ def write_spec(path: str | os.PathLike[str], spec: ChainSpec) -> None:
     spec: same post-ops and parameters, same normalizations, the same bits in every array of
     the file's dtype."""
     spec.check_shapes()
-    dtype = np.dtype("<f8" if spec.layers[0].weight.dtype == np.float64 else "<f4")
+    dtype = np.dtype("<f8" if is_float64(spec.layers[0].weight.dtype) else "<f4")
     tensors: list[tuple[str, np.ndarray]] = []
     described: list[dict[str, object]] = []
 
