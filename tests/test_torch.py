@@ -269,10 +269,11 @@ class TestNeverStale:
     @pytest.mark.parametrize("path", ["pack", "repack"])
     @pytest.mark.parametrize("change", ["data edit", "precision"])
     def test_an_invalidate_while_the_chain_packs_is_seen_next_call(self, monkeypatch, path, change):
-        """Another thread's ``invalidate`` after a ``.data`` edit, or its ``set_precision``, while
-        a call packs: the packing recorded its chain as current, which then kept the old weights
-        or precision until the next change the versions see (3 to 29 of 100 racing trials; a
-        repack was spared: `invalidate` leaves no dtype to match)."""
+        """Another thread's ``invalidate`` after a ``.data`` edit, or its ``set_precision``, and
+        its call, while a call packs: the packing recorded its chain as current, which then kept
+        the old weights or precision until the next change the versions see (3 to 29 of 100
+        racing trials; a review found the repack path still did, once the other thread's call
+        had packed after the change)."""
         plain = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
         fused = FusedMLP.from_sequential(copy.deepcopy(plain))
         x = torch.randn(4, 6)
@@ -288,6 +289,7 @@ class TestNeverStale:
                     for model in (fused, plain):
                         model[0].weight.data.mul_(0.5)  # no version counter sees it
                     fused.invalidate()
+                fused(x)  # the other thread's call, packing after the change
             return chain
 
         with torch.no_grad():
@@ -304,6 +306,29 @@ class TestNeverStale:
                 assert torch.equal(fused(x), at_bf16(x))
             else:
                 assert relative_error(fused(x), plain(x)) <= 1e-5
+
+    def test_a_set_precision_while_the_children_split_reaches_the_new_pieces(self, monkeypatch):
+        """Another thread's ``set_precision`` while a call split the children into pieces (a
+        LayerNorm between two runs) set the pieces of before: the new ones made before it kept
+        fp32 until the children changed again."""
+        fused = FusedMLP(nn.Linear(6, 5), nn.ReLU(), nn.LayerNorm(5), nn.Linear(5, 3))
+        x = torch.randn(4, 6)
+        set_modules, changes = cache.ChainCache.set_modules, []
+
+        def set_modules_then_set_precision(self, *args, **kwargs):
+            set_modules(self, *args, **kwargs)
+            if self is not fused._fused and not changes:  # a piece's, the first
+                changes.append(1)
+                fused.set_precision("bf16")
+
+        monkeypatch.setattr(cache.ChainCache, "set_modules", set_modules_then_set_precision)
+        fused[2] = nn.LayerNorm(5)  # new children: split again
+        with torch.no_grad():
+            fused(x)
+            monkeypatch.undo()
+            assert changes
+            at_bf16 = FusedMLP(*copy.deepcopy(list(fused)), precision="bf16")
+            assert torch.equal(fused(x), at_bf16(x))
 
     def test_load_state_dict_and_in_place_edits(self):
         seed, fused = seed_and_fused(20, 3, 8)

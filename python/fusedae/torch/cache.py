@@ -577,17 +577,20 @@ class ChainCache:
         # Registered before the read too: a step that writes `p.data` meanwhile marks this chain.
         _register_packed(self, tensors)
         try:
-            chain = self._build(dtype, tensors)
+            return self._build(generation, dtype, tensors, packed)
         except BaseException:
             self.packed = None  # packed again on the next call
             raise
-        self._record_packed(generation, packed)
-        return chain
 
     def _build(
-        self, dtype: torch.dtype, tensors: list[torch.Tensor | None]
+        self,
+        generation: int,
+        dtype: torch.dtype,
+        tensors: list[torch.Tensor | None],
+        packed: list[_PackedTensor] | None,
     ) -> _native.Chain | None:
-        """``pack``'s packing of ``tensors`` into ``self.chain``, which it returns."""
+        """``pack``'s packing of ``tensors`` into ``self.chain``, which it returns, then
+        ``packed`` recorded as what it packed (``_record_packed``)."""
         assert self.lowered is not None  # `pack` checked
         usable = all(
             t is None or (t.is_cpu and t.dtype is dtype and t.layout is _STRIDED) for t in tensors
@@ -595,7 +598,7 @@ class ChainCache:
         # Holds the packed storages: no later tensor takes one's address while the chain is
         # current (the staleness check compares addresses). Also what the arrays read below.
         pinned = [None if t is None else t.detach() for t in tensors]
-        self.sources = None
+        sources = None
         precision = self.precision  # (read once: another thread may set it meanwhile)
         chain: _native.Chain | None = None
         if not usable:
@@ -628,17 +631,21 @@ class ChainCache:
                 for t, value, view, array in zip(pinned, values, views, arrays, strict=True)
             ):
                 layouts = [None if t is None else (t.shape, t.stride()) for t in tensors]
-                self.sources = _Sources(weights, biases, layouts)
-        self.chain, self.dtype, self.tensors, self.pinned = chain, dtype, tensors, pinned
+                sources = _Sources(weights, biases, layouts)
+        self.packed = None  # first: a call between these stores packs for itself
+        self.chain, self.dtype, self.tensors = chain, dtype, tensors
+        self.pinned, self.sources = pinned, sources
+        self._record_packed(generation, packed)
         return chain
 
     def _record_packed(self, generation: int, packed: list[_PackedTensor] | None) -> None:
-        """Records ``packed`` as what the chain was packed from, unless ``invalidate`` ran
-        since ``generation`` was read (another thread's ``set_precision``, or its
-        ``invalidate`` after a ``.data`` edit): then the next call packs again, where the
-        chain, recorded as current, would have kept the old precision or weights until the
-        next change the versions see. Checked again after the store: an ``invalidate``
-        between the check and the store bumped the generation first."""
+        """Records ``packed`` as what the chain just stored was packed from, unless
+        ``invalidate`` ran since ``generation`` was read (another thread's ``set_precision``,
+        or its ``invalidate`` after a ``.data`` edit, and maybe its call packing after it):
+        then the next call packs again, where the chain, recorded as current, would have kept
+        the old precision or weights until the next change the versions see. The caller
+        cleared ``packed`` before storing the chain, so a call in between packed for itself;
+        checked after the store, as ``invalidate`` bumps the generation first."""
         self.packed = packed
         if self.generation != generation:
             self.packed = None
@@ -662,6 +669,7 @@ class ChainCache:
         the seed AE's training step 1.03x at 64 and 256 rows on Intel. The chain packed before
         is left as it was, for a backward still to run on it. ``packed``: what the caller found
         packed (``self.packed`` as it read it: another thread may pack meanwhile)."""
+        generation = self.generation
         sources = self.sources
         if sources is None or any(
             t is not None and (t.shape, t.stride()) != layout
@@ -674,9 +682,11 @@ class ChainCache:
             for owner, key, tensor, version, address in packed
         ]
         self.stepped = False
-        self.chain = _native.Chain(sources.weights, sources.biases, self.native_post_ops)
-        self.packed = now  # (an `invalidate` meanwhile left `dtype` None: the next call packs)
-        return self.chain
+        chain = _native.Chain(sources.weights, sources.biases, self.native_post_ops)
+        self.packed = None  # as in `_build`
+        self.chain = chain
+        self._record_packed(generation, now)
+        return chain
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """The fused forward of the chain (``set_modules`` found one) on ``x``, or None where only
@@ -958,14 +968,17 @@ class SplitCache:
         if modules != self.modules:
             if not ChainCache.can_relower():
                 return ((modules, None),)
+            precision = self.precision
             pieces = []
             for start, stop, lowered in split(modules):
                 cache = None
                 if lowered is not None:
-                    cache = ChainCache(self.precision)
+                    cache = ChainCache(precision)
                     cache.set_modules(modules[start:stop])
                 pieces.append((modules[start:stop], cache))
             self.modules, self.pieces = modules, tuple(pieces)
+            if self.precision != precision:  # another thread's `set_precision` set the old ones
+                self.set_precision(self.precision)
         return self.pieces
 
 
