@@ -527,18 +527,31 @@ def test_memory_is_bounded_by_the_batch_and_row_group_not_the_file(tmp_path: Pat
     assert peaks[12] - peaks[1] < file_growth / 4, message
 
 
-def test_a_decodes_batches_are_sized_by_its_wider_output_rows(
+def test_batches_are_sized_by_the_wider_rows_in_their_own_dtypes(
     tmp_path: Path, model_path: Path
 ) -> None:
     """About ``CHUNK_BYTES`` of input or output a batch, whichever rows are wider: sized by
     the 3-value codes alone, a decode's batch held 3.3x as many bytes of output (2 -> 784: 98x,
-    6.6 GB a batch)."""
-    codes = tmp_path / "codes.parquet"
-    rows = np.random.default_rng(5).standard_normal((10, 3), dtype=np.float32)
+    6.6 GB a batch); and the input's rows in their own dtype (float64 rows into a bf16 model
+    were counted at 4 bytes a value: 32 MiB a batch)."""
+    rng = np.random.default_rng(5)
+    codes, wide = tmp_path / "codes.parquet", tmp_path / "wide.parquet"
+    rows = rng.standard_normal((10, 3), dtype=np.float32)
     pq.write_table(pa.table({"x": list_column(rows, "fixed_size_list")}), codes)
-    argv = ["encode", str(model_path), str(codes), "-o", str(tmp_path / "out"), "--decode"]
-    job = parquet.plan(build_parser().parse_args(argv), lambda _: MLP.load(model_path, "decoder"))
-    assert job.batch_size == CHUNK_BYTES // (WIDTH * 4)
+    pq.write_table(pa.table({"x": list_column(rng.standard_normal((10, WIDTH)), "list")}), wide)
+    cases = [
+        (codes, ["--decode"], "decoder", None, WIDTH * 4),
+        (wide, ["--precision", "bf16"], "encoder", "bf16", WIDTH * 8),
+    ]
+    for source, flags, part, precision, row_bytes in cases:
+        argv = ["encode", str(model_path), str(source), "-o", str(tmp_path / "out"), *flags]
+        job = parquet.plan(
+            build_parser().parse_args(argv),
+            lambda _, part=part, precision=precision: MLP.load(
+                model_path, part, precision=precision
+            ),
+        )
+        assert job.batch_size == CHUNK_BYTES // row_bytes, flags
 
 
 FUZZ_FINDINGS = Path(__file__).parent / "data" / "fuzz_findings" / "parquet"

@@ -511,7 +511,7 @@ def test_accelerate_at_narrow_precision(rng, precision):
     assert again.precision == "fp32"
     with torch.no_grad():
         torch.testing.assert_close(again(x), want)
-    with pytest.raises(ValueError, match="precision must be one of"):
+    with pytest.raises(ValueError, match=r"precision must be one of \('fp32', 'bf16', 'int8'\)"):
         accelerate(plain, precision="int3")
 
 

@@ -526,9 +526,10 @@ def plan(args: argparse.Namespace, model_for: Callable[[np.dtype], MLP]) -> Job:
         check = ResumeCheck(mlp)
         for shard in finished:
             check_finished_shard(pa, mlp, shard, columns, args.output_column, check)
-    itemsize = mlp.dtype.itemsize
     batch_size = rows_per_batch(
-        args.batch_size, mlp.in_features * itemsize, mlp.out_features * itemsize
+        args.batch_size,
+        mlp.in_features * columns.dtype.itemsize,  # (float64 rows into a bf16 model: 8 bytes)
+        mlp.out_features * mlp.dtype.itemsize,
     )
     return Job(shards, todo, columns, mlp, args.output_column, batch_size)
 

@@ -151,6 +151,10 @@ def take_state(module: nn.Module, source: nn.Module, leave: tuple[str, ...] = ()
             own[name] = copy.copy(value) if name in COPIED_STATE else value
 
 
+# What a torch module's `precision=` takes (fusedae.MLP takes "fp64" too).
+MODULE_PRECISIONS = ("fp32", "bf16", "int8")
+
+
 def module_precision(name: str | None) -> Precision:
     """The chain precision for a torch module's ``precision=``: ``"fp32"`` (or None) is full
     precision, in the parameters' own dtype (float64 parameters compute in float64), and
@@ -161,6 +165,8 @@ def module_precision(name: str | None) -> Precision:
             "precision 'fp64' is fusedae.MLP's: a torch module computes in its parameters' "
             "dtype (model.double() for float64); pass 'fp32' (full precision), 'bf16' or 'int8'"
         )
+    if name is not None and name not in MODULE_PRECISIONS:
+        raise ValueError(f"precision must be one of {MODULE_PRECISIONS}, got {name!r}")
     return spec_precision(name)
 
 
