@@ -42,6 +42,12 @@ pub enum PostOp {
     },
 }
 
+/// The smallest Softplus `beta` the kernels take: they flush `exp(beta x)` to 0 below
+/// `exp(-87)` (float32; 1.6e-38 off at most) and divide it by `beta`, which keeps that within
+/// 1e-30 down to this `beta` (at 1e-20 the result was 0 where PyTorch gives 1e-18). PyTorch's
+/// Softplus takes smaller ones: the torch modules run such a layer as plain PyTorch.
+pub const SOFTPLUS_MIN_BETA: f64 = 1.0 / (1u64 << 24) as f64;
+
 impl PostOp {
     /// Every op's name, in declaration order: the names [`PostOp::parse`] takes.
     pub const NAMES: [&'static str; 11] = [
@@ -120,7 +126,7 @@ impl PostOp {
 
     /// The op `name`d with `params`: all of its parameters in order, or none for PyTorch's
     /// defaults. An unknown name, another number of parameters, a non-finite one, `min_val >=
-    /// max_val` or `beta <= 0` is an error that says what was expected.
+    /// max_val` or `beta` below [`SOFTPLUS_MIN_BETA`] is an error that says what was expected.
     pub fn parse(name: &str, params: &[f64]) -> Result<PostOp, String> {
         let default = Self::NAMES
             .iter()
@@ -169,6 +175,11 @@ impl PostOp {
             )),
             PostOp::Softplus { beta, .. } if beta <= 0.0 => Err(format!(
                 "post-op \"softplus\": beta must be positive, got {beta}"
+            )),
+            PostOp::Softplus { beta, .. } if beta < SOFTPLUS_MIN_BETA => Err(format!(
+                "post-op \"softplus\": beta must be at least 2^-24 ({SOFTPLUS_MIN_BETA:e}), \
+                 got {beta:e}: the kernels' exponential, 0 below exp(-87) in float32, is \
+                 divided by beta"
             )),
             op => Ok(op),
         }
@@ -258,5 +269,7 @@ mod tests {
         assert!(PostOp::parse("elu", &[f64::NAN]).is_err());
         assert!(PostOp::parse("hardtanh", &[1.0, 1.0]).is_err());
         assert!(PostOp::parse("softplus", &[0.0, 20.0]).is_err());
+        assert!(PostOp::parse("softplus", &[1e-20, 20.0]).is_err());
+        assert!(PostOp::parse("softplus", &[SOFTPLUS_MIN_BETA, 20.0]).is_ok());
     }
 }

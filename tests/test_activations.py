@@ -200,3 +200,22 @@ def test_op_is_as_close_as_pytorch_or_closer(op: tuple, dtype: type[np.floating]
     zeros = x == 0
     np.testing.assert_allclose(ours[zeros], reference64[zeros], rtol=RELATIVE[dtype])
     assert (np.signbit(ours[zeros]) == np.signbit(reference64[zeros])).all()
+
+
+def test_softplus_betas_below_the_kernels_floor_are_refused() -> None:
+    """Below ``beta = 2^-24`` the kernels' exponential, flushed to 0 under ``exp(-87)``, divided
+    by ``beta`` made whole results 0 (``beta = 1e-20``, ``beta x = -90``: 8e-20 exact), on every
+    ISA; the op table and the native chain both refuse such a beta (the torch modules run it as
+    plain PyTorch: ``test_activation_parameters_the_kernel_does_not_take_run_plain``)."""
+    from fusedae._ops import SOFTPLUS_MIN_BETA, PostOp
+
+    weight = np.ones((1, 1), np.float32)
+    for beta in (1e-20, SOFTPLUS_MIN_BETA / 2):
+        with pytest.raises(ValueError, match=r"beta must be at least 2\^-24"):
+            PostOp("softplus", (beta, 20.0))
+        with pytest.raises(ValueError, match=r"beta must be at least 2\^-24"):
+            _native.Chain([weight], [None], [("softplus", beta, 20.0)])
+    chain = _native.Chain([weight], [None], [("softplus", SOFTPLUS_MIN_BETA, 20.0)])
+    x = np.array([[-87.5 / SOFTPLUS_MIN_BETA]], np.float32)  # beta x = -87.5
+    exact = float(mp.exp(-87.5)) / SOFTPLUS_MIN_BETA  # 1.7e-31: flushed, within the 1e-30 floor
+    assert abs(float(chain(x)[0, 0]) - exact) <= 1e-30

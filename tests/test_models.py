@@ -355,6 +355,7 @@ def test_batch_norm_refolds_after_its_statistics_change():
     ("module", "refusal"),
     [
         (nn.Softplus(beta=-1.0), "beta must be positive"),
+        (nn.Softplus(beta=1e-9), r"beta must be at least 2\^-24"),
         (nn.Hardtanh(0.0, 0.5), r"min_val \(0.5\) must be below max_val \(0.5\)"),
     ],
 )

@@ -453,6 +453,10 @@ def _choices() -> str:
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
+# The smallest Softplus beta the kernels take (rust/ops.rs's SOFTPLUS_MIN_BETA says why).
+SOFTPLUS_MIN_BETA = 2.0**-24
+
+
 @dataclass(frozen=True)
 class PostOp:
     """An op applied to a layer's outputs, with its parameter values (``params`` in the order of
@@ -491,6 +495,12 @@ class PostOp:
             )
         if self.name == "softplus" and not values["beta"] > 0:
             raise ValueError(f"post-op 'softplus': beta must be positive, got {values['beta']}")
+        if self.name == "softplus" and values["beta"] < SOFTPLUS_MIN_BETA:
+            raise ValueError(
+                f"post-op 'softplus': beta must be at least 2^-24 ({SOFTPLUS_MIN_BETA:.3g}), got "
+                f"{values['beta']:.3g}: the kernels' exponential, 0 below exp(-87) in float32, "
+                "is divided by beta"
+            )
 
     @property
     def op(self) -> Op:
