@@ -302,10 +302,12 @@ _PackedTensor = tuple[dict[str, Any], str, torch.Tensor | None, int, int]
 
 class _Sources(NamedTuple):
     """What ``ChainCache.repack`` packs from: the arrays the native chain was packed from, each
-    its tensor's own memory, and each slot's shape and strides then."""
+    its tensor's own memory, the tensors, and each one's shape and strides then (kept together:
+    another thread's ``invalidate`` empties ``ChainCache.tensors`` while a repack reads them)."""
 
     weights: list[np.ndarray]
     biases: list[np.ndarray | None]
+    tensors: list[torch.Tensor | None]
     layouts: list[tuple[torch.Size, tuple[int, ...]] | None]
 
 
@@ -631,23 +633,28 @@ class ChainCache:
                 for t, value, view, array in zip(pinned, values, views, arrays, strict=True)
             ):
                 layouts = [None if t is None else (t.shape, t.stride()) for t in tensors]
-                sources = _Sources(weights, biases, layouts)
+                sources = _Sources(weights, biases, tensors, layouts)
         self.packed = None  # first: a call between these stores packs for itself
         self.chain, self.dtype, self.tensors = chain, dtype, tensors
         self.pinned, self.sources = pinned, sources
-        self._record_packed(generation, packed)
+        self._record_packed(generation, chain, packed)
         return chain
 
-    def _record_packed(self, generation: int, packed: list[_PackedTensor] | None) -> None:
-        """Records ``packed`` as what the chain just stored was packed from, unless
+    def _record_packed(
+        self, generation: int, chain: _native.Chain | None, packed: list[_PackedTensor] | None
+    ) -> None:
+        """Records ``packed`` as what ``chain``, just stored, was packed from, unless
         ``invalidate`` ran since ``generation`` was read (another thread's ``set_precision``,
-        or its ``invalidate`` after a ``.data`` edit, and maybe its call packing after it):
-        then the next call packs again, where the chain, recorded as current, would have kept
-        the old precision or weights until the next change the versions see. The caller
-        cleared ``packed`` before storing the chain, so a call in between packed for itself;
-        checked after the store, as ``invalidate`` bumps the generation first."""
+        or its ``invalidate`` after a ``.data`` edit, and maybe its call packing after it) or
+        another packing stored its chain over this one: then the next call packs again, where
+        a chain recorded as current would have kept the old precision or weights until the
+        next change the versions see. The caller cleared ``packed`` before storing the chain,
+        so a call in between packed for itself; checked before the store and again after it
+        (``invalidate`` bumps the generation first)."""
+        if self.generation != generation or self.chain is not chain:
+            return
         self.packed = packed
-        if self.generation != generation:
+        if self.generation != generation or self.chain is not chain:
             self.packed = None
 
     def post_ops_fit_float32(self) -> bool:
@@ -673,7 +680,7 @@ class ChainCache:
         sources = self.sources
         if sources is None or any(
             t is not None and (t.shape, t.stride()) != layout
-            for t, layout in zip(self.tensors, sources.layouts, strict=True)
+            for t, layout in zip(sources.tensors, sources.layouts, strict=True)
         ):
             return self.pack(dtype)
         # The versions before the memory is read, as `pack` takes them.
@@ -685,7 +692,7 @@ class ChainCache:
         chain = _native.Chain(sources.weights, sources.biases, self.native_post_ops)
         self.packed = None  # as in `_build`
         self.chain = chain
-        self._record_packed(generation, now)
+        self._record_packed(generation, chain, now)
         return chain
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | None:
