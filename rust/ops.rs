@@ -43,7 +43,7 @@ pub enum PostOp {
 }
 
 /// The smallest Softplus `beta` the kernels take: they flush `exp(beta x)` to 0 below
-/// `exp(-87)` (float32; 1.6e-38 off at most) and divide it by `beta`, which keeps that within
+/// `exp(-87)` (float32; 1.7e-38 off at most) and divide it by `beta`, which keeps that within
 /// 1e-30 down to this `beta` (at 1e-20 the result was 0 where PyTorch gives 1e-18). PyTorch's
 /// Softplus takes smaller ones: the torch modules run such a layer as plain PyTorch.
 pub const SOFTPLUS_MIN_BETA: f64 = 1.0 / (1u64 << 24) as f64;

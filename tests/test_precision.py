@@ -331,6 +331,7 @@ def test_precision_arguments_are_checked(rng):
     assert MLP(f64).precision == "fp64"
     big_endian = [(w.astype(">f8"), b.astype(">f8")) for w, b in layers]
     assert MLP(big_endian).dtype == np.float64  # float64 in either byte order
+    assert MLP(layers, dtype=">f8").dtype == np.float64
     assert MLP.from_spec(ChainSpec.from_pairs(big_endian, ["identity"])).dtype == np.float64
 
 

@@ -100,6 +100,9 @@ def test_save_refuses_other_modules_naming_them(tmp_path: Path) -> None:
         TypeError, match=r"the model is not one chain: fusedae cannot fuse 3 \(Softmax"
     ):
         ft.save(softmax, tmp_path / "m.safetensors")
+    tiny_beta = nn.Sequential(nn.Linear(3, 3), nn.Softplus(beta=1e-9))  # and says why
+    with pytest.raises(TypeError, match=r"1 \(Softplus\) into it: .* beta must be at least 2\^-24"):
+        ft.save(tiny_beta, tmp_path / "m.safetensors")
     ae = ft.AE(6, 2)
     ae.decoder.append(nn.Softmax(dim=1))
     with pytest.raises(TypeError, match=r"decoder is not one chain: .* fuse decoder.3 \(Softmax\)"):

@@ -463,7 +463,7 @@ class PostOp:
     ``Op.params``; empty for ops without). Params other than a tuple of numbers are a TypeError;
     an unknown name, a wrong parameter count or values the kernel does not take (as the native
     ``PostOp::parse`` refuses them: not finite, Hardtanh's ``min_val >= max_val``, Softplus's
-    ``beta <= 0``) are a ValueError."""
+    ``beta`` below ``SOFTPLUS_MIN_BETA``) are a ValueError."""
 
     name: str
     params: Params = ()

@@ -27,10 +27,11 @@ FloatArray = npt.NDArray[np.floating]
 
 
 def _float_dtype(dtype: npt.DTypeLike) -> np.dtype:
+    """``dtype`` as float32 or float64 in this machine's byte order (``">f8"`` too)."""
     resolved = np.dtype(dtype)
-    if resolved not in (np.dtype(np.float32), np.dtype(np.float64)):
+    if resolved.kind != "f" or resolved.itemsize not in (4, 8):
         raise TypeError(f"dtype must be float32 or float64, got {resolved}")
-    return resolved
+    return resolved.newbyteorder("=")
 
 
 _FULL_DTYPES: dict[str, np.dtype] = {"fp32": np.dtype(np.float32), "fp64": np.dtype(np.float64)}

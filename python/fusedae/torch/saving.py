@@ -14,7 +14,7 @@ from torch import nn
 from fusedae import serialization
 from fusedae._reference import forward
 from fusedae.chain import ChainSpec, Layer, default_encoder_layers
-from fusedae.torch.lower import lower, split
+from fusedae.torch.lower import lower, split, why_not_fused
 from fusedae.torch.modules import AE, SEQUENTIALS, set_precision_below
 
 
@@ -155,8 +155,12 @@ def why_not_a_chain(chain: nn.Module | None, name: str) -> str:
             f"{name}.{key} ({type(child).__name__})" if name else f"{key} ({type(child).__name__})"
         )
 
-    stuck = [where(start) for start, _, lowered in pieces if lowered is None]
+    stuck = [
+        f"{where(start)} into it: {why_not_fused(children[start][1])}"
+        for start, _, lowered in pieces
+        if lowered is None
+    ]
     if stuck:
-        return f"{label} is not one chain: fusedae cannot fuse {', '.join(stuck)} into it"
+        return f"{label} is not one chain: fusedae cannot fuse {'; '.join(stuck)}"
     starts = ", ".join(where(start) for start, _, _ in pieces[1:])
     return f"{label} is {len(pieces)} chains, not one: they split before {starts}"
